@@ -1,0 +1,37 @@
+//! What a backend provides: preparing, arming and disarming the breakpoint at an address.
+//!
+//! The registry calls these under its writer lock, in this order for one address:
+//! `prepare` (once, when the first handler arrives) → `arm` (when the first handler is
+//! enabled) → `disarm` (when none is left enabled, or the last leaves) → drop of the
+//! site data (after the grace period, when the last handler left). The site is visible
+//! to dispatch from before `arm` until after `disarm`, so a thread that traps at the
+//! breakpoint always finds it.
+
+use crate::dispatch::Dispatcher;
+use crate::error::Result;
+
+/// A place where breakpoints live: this process, another process, a simulator.
+pub trait Backend: Send + Sync + 'static {
+    /// Per-site data the backend needs at hit time (the out-of-line slot, the emulation
+    /// plan, the original bytes). Reached from dispatch through [`crate::Step::site`].
+    /// Dropped in thread context after the grace period of the site's removal.
+    type Site: Send + Sync + 'static;
+
+    /// Called once by [`crate::Registry::new`] with the handle the backend's trap path
+    /// calls into.
+    fn attach(&self, dispatcher: Dispatcher<Self::Site>) {
+        let _ = dispatcher;
+    }
+
+    /// Validate `addr` and build what a hit there needs. Nothing is changed in the
+    /// target yet; on error nothing must be left behind.
+    fn prepare(&self, addr: u64) -> Result<Self::Site>;
+
+    /// Insert the breakpoint. On error nothing must be left inserted.
+    fn arm(&self, addr: u64, site: &Self::Site) -> Result<()>;
+
+    /// Remove the breakpoint, restoring the original bytes exactly. An error other than
+    /// [`crate::Error::ProcessGone`] means the breakpoint may still be there: the
+    /// registry then keeps the site (so traps there stay transparent) and reports it.
+    fn disarm(&self, addr: u64, site: &Self::Site) -> Result<()>;
+}

@@ -1,0 +1,313 @@
+//! What a user attaches to an address: the [`Handler`] trait, the [`Hit`] it is given,
+//! and closure adapters.
+//!
+//! Handlers are `'static + Send + Sync` because the registry's snapshot owns them and
+//! any thread may hit the probe. With an in-process backend they run inside a signal
+//! handler: they must not allocate, lock or call anything that is not
+//! async-signal-safe there (see the backend's documentation). With the ptrace and
+//! simulator backends they run in ordinary thread context.
+
+use std::fmt;
+
+use crate::memory::{Memory, MemoryError};
+use crate::regs::Regs;
+use crate::HandlerId;
+
+/// What a pre-handler asks the dispatcher to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PreAction {
+    /// Go on: the next handler's pre, then the original instruction, then the posts.
+    #[default]
+    Continue,
+    /// The handler changed `rip` (or wants to skip the instruction): end the walk, do not
+    /// execute the original instruction, run no post-handler, resume at `regs.rip`.
+    /// A pre-handler that moves `rip` without saying so is treated the same way.
+    Redirect,
+}
+
+/// What a fault handler did about a fault in the displaced instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FaultAction {
+    /// Not mine: let the next fault handler look, and in the end deliver the fault to
+    /// the program as if it were not probed.
+    #[default]
+    NotHandled,
+    /// Fixed: the handler set up `regs` (typically `rip`) so the thread can resume; the
+    /// program never sees the fault.
+    Handled,
+}
+
+/// A fault raised by the displaced instruction while it executed out of line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The signal the fault raises (`SIGSEGV`, `SIGBUS`, `SIGFPE`, ...).
+    pub signal: i32,
+    /// The signal's `si_code`.
+    pub code: i32,
+    /// The faulting data address (`si_addr`), where the signal has one.
+    pub addr: u64,
+}
+
+/// One thread hitting one probe, as one handler sees it.
+pub struct Hit<'a> {
+    addr: u64,
+    tid: u32,
+    id: HandlerId,
+    regs: &'a mut Regs,
+    mem: &'a dyn Memory,
+}
+
+impl<'a> Hit<'a> {
+    pub(crate) fn new(
+        addr: u64,
+        tid: u32,
+        id: HandlerId,
+        regs: &'a mut Regs,
+        mem: &'a dyn Memory,
+    ) -> Self {
+        Hit {
+            addr,
+            tid,
+            id,
+            regs,
+            mem,
+        }
+    }
+
+    /// The probed address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The OS thread id (or simulated thread number) that hit the probe.
+    pub fn tid(&self) -> u32 {
+        self.tid
+    }
+
+    /// The id of the handler being called.
+    pub fn handler_id(&self) -> HandlerId {
+        self.id
+    }
+
+    /// The thread's registers.
+    pub fn regs(&self) -> &Regs {
+        self.regs
+    }
+
+    /// The thread's registers, for changing. Changes are written back to the thread.
+    pub fn regs_mut(&mut self) -> &mut Regs {
+        self.regs
+    }
+
+    /// The target's memory.
+    pub fn mem(&self) -> &dyn Memory {
+        self.mem
+    }
+
+    /// The `n`-th integer argument (0-based) under the System V AMD64 convention,
+    /// valid at a function's first instruction: registers for the first six, then the
+    /// stack above the return address.
+    pub fn arg(&self, n: usize) -> Result<u64, MemoryError> {
+        match self.regs.arg(n) {
+            Some(v) => Ok(v),
+            None => {
+                let slot = self.regs.rsp + 8 + 8 * (n as u64 - 6);
+                self.mem.read_u64(slot)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Hit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hit")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("tid", &self.tid)
+            .field("handler", &self.id)
+            .field("regs", &self.regs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A probe handler. Every method has a default that does nothing, so implement only
+/// what you need — but a type that implements [`Handler::post`] must also return
+/// `true` from [`Handler::has_post`]: that is what tells the backend to come back after
+/// the original instruction (otherwise a hit costs one trap, not two).
+pub trait Handler: Send + Sync + 'static {
+    /// Runs before the original instruction, with `regs.rip == hit.addr()`.
+    fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
+        let _ = hit;
+        PreAction::Continue
+    }
+
+    /// Runs after the original instruction executed, if this handler's `pre` ran for
+    /// the same hit and no pre-handler redirected. `regs.rip` is the next instruction.
+    fn post(&self, hit: &mut Hit<'_>) {
+        let _ = hit;
+    }
+
+    /// Runs when the original instruction faulted while executing out of line, with
+    /// `regs.rip` at the probed address.
+    fn fault(&self, hit: &mut Hit<'_>, fault: &Fault) -> FaultAction {
+        let _ = (hit, fault);
+        FaultAction::NotHandled
+    }
+
+    /// Whether [`Handler::post`] does anything. Read once, at registration.
+    fn has_post(&self) -> bool {
+        false
+    }
+}
+
+/// Any `Fn(&mut Hit)` is a pre-handler that never redirects.
+impl<F> Handler for F
+where
+    F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+{
+    fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
+        self(hit);
+        PreAction::Continue
+    }
+}
+
+/// The pre hook of an [`FnHandler`]: a closure returning [`PreAction`], or [`NoHook`].
+pub trait PreHook: Send + Sync + 'static {
+    #[doc(hidden)]
+    fn call(&self, hit: &mut Hit<'_>) -> PreAction;
+}
+/// The post hook of an [`FnHandler`]: a closure, or [`NoHook`].
+pub trait PostHook: Send + Sync + 'static {
+    #[doc(hidden)]
+    const PRESENT: bool;
+    #[doc(hidden)]
+    fn call(&self, hit: &mut Hit<'_>);
+}
+/// The fault hook of an [`FnHandler`]: a closure returning [`FaultAction`], or [`NoHook`].
+pub trait FaultHook: Send + Sync + 'static {
+    #[doc(hidden)]
+    fn call(&self, hit: &mut Hit<'_>, fault: &Fault) -> FaultAction;
+}
+
+/// An absent hook.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoHook;
+
+impl PreHook for NoHook {
+    fn call(&self, _: &mut Hit<'_>) -> PreAction {
+        PreAction::Continue
+    }
+}
+impl PostHook for NoHook {
+    const PRESENT: bool = false;
+    fn call(&self, _: &mut Hit<'_>) {}
+}
+impl FaultHook for NoHook {
+    fn call(&self, _: &mut Hit<'_>, _: &Fault) -> FaultAction {
+        FaultAction::NotHandled
+    }
+}
+impl<F: Fn(&mut Hit<'_>) -> PreAction + Send + Sync + 'static> PreHook for F {
+    fn call(&self, hit: &mut Hit<'_>) -> PreAction {
+        self(hit)
+    }
+}
+impl<F: Fn(&mut Hit<'_>) + Send + Sync + 'static> PostHook for F {
+    const PRESENT: bool = true;
+    fn call(&self, hit: &mut Hit<'_>) {
+        self(hit)
+    }
+}
+impl<F: Fn(&mut Hit<'_>, &Fault) -> FaultAction + Send + Sync + 'static> FaultHook for F {
+    fn call(&self, hit: &mut Hit<'_>, fault: &Fault) -> FaultAction {
+        self(hit, fault)
+    }
+}
+
+/// A handler assembled from closures, without a trait impl:
+///
+/// ```
+/// use multiprobe_core::{FnHandler, PreAction};
+/// let h = FnHandler::new()
+///     .pre(|hit| { let _ = hit.regs().rdi; PreAction::Continue })
+///     .post(|hit| { let _ = hit.regs().rax; });
+/// # let _ = h;
+/// ```
+///
+/// Each hook is a type parameter, so calling one costs a direct call, not a second
+/// dynamic dispatch.
+#[derive(Clone, Copy, Default)]
+pub struct FnHandler<P = NoHook, Q = NoHook, F = NoHook> {
+    pre: P,
+    post: Q,
+    fault: F,
+}
+
+impl FnHandler {
+    /// A handler with no hooks yet.
+    pub fn new() -> Self {
+        FnHandler {
+            pre: NoHook,
+            post: NoHook,
+            fault: NoHook,
+        }
+    }
+}
+
+impl<P, Q, F> FnHandler<P, Q, F> {
+    /// Set the pre hook.
+    pub fn pre<P2>(self, pre: P2) -> FnHandler<P2, Q, F>
+    where
+        P2: Fn(&mut Hit<'_>) -> PreAction + Send + Sync + 'static,
+    {
+        FnHandler {
+            pre,
+            post: self.post,
+            fault: self.fault,
+        }
+    }
+
+    /// Set the post hook.
+    pub fn post<Q2>(self, post: Q2) -> FnHandler<P, Q2, F>
+    where
+        Q2: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        FnHandler {
+            pre: self.pre,
+            post,
+            fault: self.fault,
+        }
+    }
+
+    /// Set the fault hook.
+    pub fn fault<F2>(self, fault: F2) -> FnHandler<P, Q, F2>
+    where
+        F2: Fn(&mut Hit<'_>, &Fault) -> FaultAction + Send + Sync + 'static,
+    {
+        FnHandler {
+            pre: self.pre,
+            post: self.post,
+            fault,
+        }
+    }
+}
+
+impl<P: PreHook, Q: PostHook, F: FaultHook> Handler for FnHandler<P, Q, F> {
+    fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
+        self.pre.call(hit)
+    }
+    fn post(&self, hit: &mut Hit<'_>) {
+        self.post.call(hit)
+    }
+    fn fault(&self, hit: &mut Hit<'_>, fault: &Fault) -> FaultAction {
+        self.fault.call(hit, fault)
+    }
+    fn has_post(&self) -> bool {
+        Q::PRESENT
+    }
+}
+
+impl<P, Q, F> fmt::Debug for FnHandler<P, Q, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnHandler").finish_non_exhaustive()
+    }
+}

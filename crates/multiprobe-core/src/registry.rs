@@ -1,0 +1,626 @@
+//! The registry: who is registered where, and keeping the backend's breakpoints in step.
+//!
+//! Invariants (all under the writer mutex):
+//! * The published table and `index` agree: a handler id is in `index` iff its entry is
+//!   in the current view of its address.
+//! * A site is armed iff some handler there is enabled — except a site whose `disarm`
+//!   failed, which stays published (maybe with no handler) and armed, so that traps there
+//!   remain transparent, until a later disarm succeeds.
+//! * A site is published before its breakpoint is armed and unpublished only after it
+//!   is disarmed, so every trap at one of our breakpoints finds its site.
+//! * Nothing the table unlinked is freed before its grace period (see [`crate::srcu`]).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::backend::Backend;
+use crate::dispatch::Dispatcher;
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+use crate::stats::{HandlerCounters, HandlerStats, SiteCounter, SiteStats};
+use crate::sync::index::Index;
+use crate::sync::{held, Mutex, MutexGuard};
+use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, Table, TableWriter};
+use crate::HandlerId;
+
+/// How to register a handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// No other handler may share the address (conflicts are errors both ways).
+    pub exclusive: bool,
+    /// Register it disabled: it runs nothing until enabled.
+    pub disabled: bool,
+}
+
+impl Options {
+    /// Ask for exclusivity.
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+    /// Register disabled.
+    pub fn disabled(mut self) -> Self {
+        self.disabled = true;
+        self
+    }
+}
+
+/// One item of [`Registry::register_batch`].
+pub struct Request {
+    addr: u64,
+    handler: Box<dyn Handler>,
+    options: Options,
+}
+
+impl Request {
+    /// A handler for `addr` with default options.
+    pub fn new(addr: u64, handler: impl Handler) -> Self {
+        Request {
+            addr,
+            handler: Box::new(handler),
+            options: Options::default(),
+        }
+    }
+    /// Set the options.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the registry knows of one handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandlerInfo {
+    /// Its id.
+    pub id: HandlerId,
+    /// Its address.
+    pub addr: u64,
+    /// Whether it is enabled.
+    pub enabled: bool,
+    /// Whether it was registered exclusive.
+    pub exclusive: bool,
+    /// Its statistics.
+    pub stats: HandlerStats,
+}
+
+/// Many handlers on each address, over one backend. Cheap to clone (shared).
+pub struct Registry<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for Registry<B> {
+    fn clone(&self) -> Self {
+        Registry {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B: Backend + std::fmt::Debug> std::fmt::Debug for Registry<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("backend", &self.inner.backend)
+            .field("handlers", &self.inner.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<B: Backend> {
+    table: Arc<Table<B::Site>>,
+    writer: Mutex<TableWriter<B::Site>>,
+    index: Index<HandlerId, Arc<HandlerEntry>>,
+    next_id: AtomicU64,
+    backend: B,
+}
+
+impl<B: Backend> Registry<B> {
+    /// A registry over `backend`; calls [`Backend::attach`].
+    pub fn new(backend: B) -> Self {
+        let table = Arc::new(Table::new());
+        backend.attach(Dispatcher::new(Arc::clone(&table)));
+        Registry {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(TableWriter::new(Arc::clone(&table))),
+                table,
+                index: Index::new(),
+                next_id: AtomicU64::new(1),
+                backend,
+            }),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// A dispatch handle on this registry's table (what [`Backend::attach`] received).
+    pub fn dispatcher(&self) -> Dispatcher<B::Site> {
+        Dispatcher::new(Arc::clone(&self.inner.table))
+    }
+
+    /// Register `handler` at `addr`. The first handler at an address arms the
+    /// backend's breakpoint; a hit that begins after this returns runs the handler.
+    pub fn register(&self, addr: u64, handler: impl Handler) -> Result<Registration<B>> {
+        self.register_with(addr, handler, Options::default())
+    }
+
+    /// [`Registry::register`] with options.
+    pub fn register_with(
+        &self,
+        addr: u64,
+        handler: impl Handler,
+        options: Options,
+    ) -> Result<Registration<B>> {
+        let req = Request::new(addr, handler).options(options);
+        let mut w = self.inner.lock();
+        let entry = self.inner.add(&mut w, req)?;
+        w.reclaim();
+        Ok(self.guard(&entry))
+    }
+
+    /// Register many handlers at once, all or nothing: on the first failure every one
+    /// already added is removed again and [`Error::Batch`] says which item failed.
+    /// Costs no grace period.
+    pub fn register_batch(
+        &self,
+        requests: impl IntoIterator<Item = Request>,
+    ) -> Result<Vec<Registration<B>>> {
+        let mut w = self.inner.lock();
+        let mut added: Vec<Arc<HandlerEntry>> = Vec::new();
+        for (index, req) in requests.into_iter().enumerate() {
+            match self.inner.add(&mut w, req) {
+                Ok(e) => added.push(e),
+                Err(source) => {
+                    for e in added.iter().rev() {
+                        // Undoing an add only disarms what this batch armed; a failure
+                        // leaves a transparent site behind (module invariants).
+                        let _ = self.inner.remove(&mut w, e.id);
+                    }
+                    w.reclaim();
+                    return Err(Error::Batch {
+                        index,
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        w.reclaim();
+        Ok(added.iter().map(|e| self.guard(e)).collect())
+    }
+
+    fn guard(&self, entry: &HandlerEntry) -> Registration<B> {
+        Registration {
+            registry: self.clone(),
+            id: entry.id,
+            addr: entry.addr,
+            owned: true,
+        }
+    }
+
+    /// Unregister handler `id` and wait until no hit can still be running it (rule 3);
+    /// returns its final statistics. The last handler at an address disarms the
+    /// breakpoint, restoring the original bytes.
+    ///
+    /// Called from inside a handler it unlinks without waiting and returns
+    /// [`Error::InsideDispatch`]. If the backend could not remove the breakpoint the
+    /// handler is still gone and the backend's error is returned.
+    pub fn unregister(&self, id: HandlerId) -> Result<HandlerStats> {
+        let mut w = self.inner.lock();
+        let (entry, disarmed) = self.inner.remove(&mut w, id)?;
+        let stamp = w.stamp();
+        drop(w);
+        self.inner.quiesce(stamp, id)?;
+        disarmed?;
+        Ok(entry.counters.read())
+    }
+
+    /// Unregister many handlers with one grace period. All ids are checked first: if one
+    /// is unknown (or repeated) nothing is removed.
+    pub fn unregister_batch(&self, ids: &[HandlerId]) -> Result<Vec<HandlerStats>> {
+        let mut w = self.inner.lock();
+        let mut seen = HashSet::with_capacity(ids.len());
+        for &id in ids {
+            if !seen.insert(id) || !self.inner.index.contains(&id) {
+                return Err(Error::UnknownHandler(id));
+            }
+        }
+        let mut entries = Vec::with_capacity(ids.len());
+        let mut first_err = None;
+        for &id in ids {
+            let (entry, disarmed) = self.inner.remove(&mut w, id)?;
+            if let (Err(e), None) = (disarmed, &first_err) {
+                first_err = Some(e);
+            }
+            entries.push(entry);
+        }
+        let stamp = w.stamp();
+        drop(w);
+        if let Some(&id) = ids.first() {
+            self.inner.quiesce(stamp, id)?;
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok(entries.iter().map(|e| e.counters.read()).collect())
+    }
+
+    /// Unregister the handlers behind these guards with one grace period.
+    pub fn unregister_all(&self, regs: Vec<Registration<B>>) -> Result<Vec<HandlerStats>> {
+        let ids: Vec<HandlerId> = regs.into_iter().map(Registration::into_id).collect();
+        self.unregister_batch(&ids)
+    }
+
+    /// Enable handler `id`. Arms the breakpoint if it is the only enabled one there.
+    pub fn enable(&self, id: HandlerId) -> Result<()> {
+        self.inner.set_enabled(id, true)
+    }
+
+    /// Disable handler `id`: hits that begin after this returns do not run it. Disarms
+    /// the breakpoint if no enabled handler is left there (a disabled probe costs nothing).
+    pub fn disable(&self, id: HandlerId) -> Result<()> {
+        self.inner.set_enabled(id, false)
+    }
+
+    /// Whether handler `id` is enabled.
+    pub fn is_enabled(&self, id: HandlerId) -> Result<bool> {
+        Ok(self.inner.entry(id)?.enabled.load(Relaxed))
+    }
+
+    /// Statistics of handler `id`, read without stopping anyone.
+    pub fn stats(&self, id: HandlerId) -> Result<HandlerStats> {
+        Ok(self.inner.entry(id)?.counters.read())
+    }
+
+    /// Everything about handler `id`.
+    pub fn handler(&self, id: HandlerId) -> Result<HandlerInfo> {
+        Ok(info(&*self.inner.entry(id)?))
+    }
+
+    /// Every registered handler, by id.
+    pub fn handlers(&self) -> Vec<HandlerInfo> {
+        let mut v: Vec<HandlerInfo> = self.inner.index.values().iter().map(|e| info(e)).collect();
+        v.sort_by_key(|i| i.id);
+        v
+    }
+
+    /// Number of registered handlers.
+    pub fn len(&self) -> usize {
+        self.inner.index.len()
+    }
+
+    /// Whether no handler is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Statistics of the site at `addr`, if one is registered.
+    pub fn site(&self, addr: u64) -> Option<SiteStats> {
+        self.inner.lock().get(addr).map(site_stats)
+    }
+
+    /// Every site, by address.
+    pub fn sites(&self) -> Vec<SiteStats> {
+        let w = self.inner.lock();
+        let mut v: Vec<SiteStats> = w.views().map(site_stats).collect();
+        v.sort_by_key(|s| s.addr);
+        v
+    }
+
+    /// Free what earlier removals unlinked, as far as possible without waiting.
+    pub fn reclaim(&self) {
+        self.inner.lock().reclaim();
+    }
+
+    /// Wait for the grace period of everything removed so far, then free it.
+    pub fn synchronize(&self) -> Result<()> {
+        let stamp = self.inner.lock().stamp();
+        self.inner.quiesce(stamp, HandlerId(0))
+    }
+}
+
+fn info(e: &HandlerEntry) -> HandlerInfo {
+    HandlerInfo {
+        id: e.id,
+        addr: e.addr,
+        enabled: e.enabled.load(Relaxed),
+        exclusive: e.exclusive,
+        stats: e.counters.read(),
+    }
+}
+
+fn site_stats<S>(v: &SiteView<S>) -> SiteStats {
+    SiteStats {
+        addr: v.addr(),
+        hits: v.shared.hits.read(),
+        handlers: v.handlers.len(),
+        enabled: v.handlers.iter().filter(|s| s.enabled).count(),
+        armed: v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+impl<B: Backend> Inner<B> {
+    fn lock(&self) -> MutexGuard<'_, TableWriter<B::Site>> {
+        // A panic under the lock (in a backend) leaves the table consistent: every
+        // published state is complete. Keep going.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry(&self, id: HandlerId) -> Result<Arc<HandlerEntry>> {
+        self.index.get(&id).ok_or(Error::UnknownHandler(id))
+    }
+
+    fn add(&self, w: &mut TableWriter<B::Site>, req: Request) -> Result<Arc<HandlerEntry>> {
+        let addr = req.addr;
+        if addr == 0 {
+            return Err(Error::InvalidAddress {
+                addr,
+                reason: "null address",
+            });
+        }
+        let old = w.get(addr).cloned();
+        if let Some(v) = &old {
+            if let Some(holder) = v.handlers.iter().find(|s| s.entry.exclusive) {
+                return Err(Error::ExclusiveConflict {
+                    addr,
+                    holder: holder.entry.id,
+                    holder_exclusive: true,
+                });
+            }
+            if let (true, Some(first)) = (req.options.exclusive, v.handlers.first()) {
+                return Err(Error::ExclusiveConflict {
+                    addr,
+                    holder: first.entry.id,
+                    holder_exclusive: false,
+                });
+            }
+        }
+        let (shared, mut handlers) = match &old {
+            Some(v) => (Arc::clone(&v.shared), v.handlers.clone()),
+            None => (
+                Arc::new(SiteShared {
+                    addr,
+                    data: self.backend.prepare(addr)?,
+                    hits: SiteCounter::new(),
+                    armed: crate::sync::atomic::AtomicBool::new(false),
+                }),
+                SmallVec::new(),
+            ),
+        };
+        let enabled = !req.options.disabled;
+        let has_post = req.handler.has_post();
+        let entry = Arc::new(HandlerEntry {
+            id: HandlerId(self.next_id.fetch_add(1, Relaxed)),
+            addr,
+            handler: req.handler,
+            has_post,
+            exclusive: req.options.exclusive,
+            enabled: std::sync::atomic::AtomicBool::new(enabled),
+            counters: HandlerCounters::new(),
+        });
+        handlers.push(Slot {
+            entry: Arc::clone(&entry),
+            enabled,
+        });
+        self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))?;
+        self.index.insert(entry.id, Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    /// Remove handler `id` from the table and the index. The removal itself cannot fail
+    /// once the id is known; the second value reports a failed disarm.
+    fn remove(
+        &self,
+        w: &mut TableWriter<B::Site>,
+        id: HandlerId,
+    ) -> Result<(Arc<HandlerEntry>, Result<()>)> {
+        let entry = self.entry(id)?;
+        let old = w
+            .get(entry.addr)
+            .cloned()
+            .expect("registry invariant: an indexed handler has a published site");
+        let handlers: SmallVec<[Slot; 4]> = old
+            .handlers
+            .iter()
+            .filter(|s| s.entry.id != id)
+            .cloned()
+            .collect();
+        let new = (!handlers.is_empty()).then(|| SiteView::new(Arc::clone(&old.shared), handlers));
+        self.index.remove(&id);
+        let disarmed = self.transition(w, entry.addr, Some(&old), new);
+        Ok((entry, disarmed))
+    }
+
+    fn set_enabled(&self, id: HandlerId, on: bool) -> Result<()> {
+        let mut w = self.lock();
+        let entry = self.entry(id)?;
+        let old = w
+            .get(entry.addr)
+            .cloned()
+            .expect("registry invariant: an indexed handler has a published site");
+        if old
+            .handlers
+            .iter()
+            .any(|s| s.entry.id == id && s.enabled == on)
+        {
+            return Ok(());
+        }
+        let handlers = old
+            .handlers
+            .iter()
+            .map(|s| Slot {
+                entry: Arc::clone(&s.entry),
+                enabled: if s.entry.id == id { on } else { s.enabled },
+            })
+            .collect();
+        let new = SiteView::new(Arc::clone(&old.shared), handlers);
+        self.transition(&mut w, entry.addr, Some(&old), Some(new))?;
+        entry.enabled.store(on, Relaxed);
+        w.reclaim();
+        Ok(())
+    }
+
+    /// Replace the view of `addr` (`old` → `new`) and bring the breakpoint in step:
+    /// publish-then-arm, disarm-then-unpublish. On an arm failure `old` is restored.
+    fn transition(
+        &self,
+        w: &mut TableWriter<B::Site>,
+        addr: u64,
+        old: Option<&SiteView<B::Site>>,
+        new: Option<SiteView<B::Site>>,
+    ) -> Result<()> {
+        use crate::sync::atomic::Ordering::Relaxed;
+        let shared = match (&new, old) {
+            (Some(v), _) | (None, Some(v)) => Arc::clone(&v.shared),
+            (None, None) => return Ok(()),
+        };
+        let armed = shared.armed.load(Relaxed);
+        let want = new.as_ref().is_some_and(|v| v.any_enabled);
+        if want && !armed {
+            w.set(addr, new);
+            if let Err(e) = self.backend.arm(addr, &shared.data) {
+                w.set(addr, old.cloned());
+                return Err(e);
+            }
+            shared.armed.store(true, Relaxed);
+        } else if !want && armed {
+            match self.backend.disarm(addr, &shared.data) {
+                Ok(()) | Err(Error::ProcessGone) => {
+                    shared.armed.store(false, Relaxed);
+                    w.set(addr, new);
+                }
+                Err(e) => {
+                    let keep = new.unwrap_or_else(|| SiteView::new(shared, SmallVec::new()));
+                    w.set(addr, Some(keep));
+                    return Err(e);
+                }
+            }
+        } else {
+            w.set(addr, new);
+        }
+        Ok(())
+    }
+
+    /// Wait for the grace period of what was unlinked up to `stamp`, then free it —
+    /// unless this thread is inside a dispatch, where waiting would wait for itself.
+    fn quiesce(&self, stamp: u64, id: HandlerId) -> Result<()> {
+        if held::any() {
+            return Err(Error::InsideDispatch(id));
+        }
+        self.table.domain.wait(stamp);
+        self.lock().reclaim();
+        Ok(())
+    }
+}
+
+impl<B: Backend> Drop for Inner<B> {
+    fn drop(&mut self) {
+        let w = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
+        let addrs: Vec<(u64, bool)> = w
+            .views()
+            .map(|v| {
+                (
+                    v.addr(),
+                    v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect();
+        for (addr, armed) in addrs {
+            if armed {
+                if let Some(v) = w.get(addr) {
+                    // Best effort: nothing is left to report an error to.
+                    let _ = self.backend.disarm(addr, &v.shared.data);
+                }
+            }
+            w.set(addr, None);
+        }
+        if !held::any() {
+            self.table.domain.wait(w.stamp());
+        }
+        // Whatever is still within its grace period is leaked by the writer's drop, never
+        // freed early.
+        w.reclaim();
+    }
+}
+
+/// A registered handler. Dropping it unregisters without waiting (destructors must not
+/// block); [`Registration::unregister`] waits and returns the final statistics.
+#[must_use = "dropping a Registration unregisters its handler"]
+pub struct Registration<B: Backend> {
+    registry: Registry<B>,
+    id: HandlerId,
+    addr: u64,
+    owned: bool,
+}
+
+impl<B: Backend> std::fmt::Debug for Registration<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .finish()
+    }
+}
+
+impl<B: Backend> Registration<B> {
+    /// The handler's id.
+    pub fn id(&self) -> HandlerId {
+        self.id
+    }
+    /// The probed address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// The handler's statistics.
+    pub fn stats(&self) -> Result<HandlerStats> {
+        self.registry.stats(self.id)
+    }
+    /// Enable the handler.
+    pub fn enable(&self) -> Result<()> {
+        self.registry.enable(self.id)
+    }
+    /// Disable the handler.
+    pub fn disable(&self) -> Result<()> {
+        self.registry.disable(self.id)
+    }
+    /// Whether the handler is enabled.
+    pub fn is_enabled(&self) -> Result<bool> {
+        self.registry.is_enabled(self.id)
+    }
+    /// Unregister and wait; see [`Registry::unregister`].
+    pub fn unregister(mut self) -> Result<HandlerStats> {
+        self.owned = false;
+        self.registry.unregister(self.id)
+    }
+    /// Give up the guard and keep the handler registered; manage it by id from now on.
+    pub fn into_id(mut self) -> HandlerId {
+        self.owned = false;
+        self.id
+    }
+}
+
+impl<B: Backend> Drop for Registration<B> {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        let inner = &self.registry.inner;
+        let mut w = inner.lock();
+        // Already unregistered by id: nothing to do. A failed disarm keeps the site
+        // transparent (module invariants); there is no one to report it to.
+        let _ = inner.remove(&mut w, self.id);
+        w.reclaim();
+    }
+}

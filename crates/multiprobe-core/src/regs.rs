@@ -1,0 +1,207 @@
+//! The x86-64 general-purpose register file a handler sees and may change.
+//!
+//! Backends fill a [`Regs`] from wherever the thread's state lives (a signal's
+//! `ucontext`, `PTRACE_GETREGS`, a simulated CPU) before dispatch and write it back
+//! after. During a pre-handler `rip` equals the probed address; a handler that moves
+//! it redirects the thread (contract rule 2).
+
+/// General-purpose registers, instruction pointer, flags and the segment bases.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+}
+
+/// A general-purpose register by its hardware number (the order of the ModRM/REX encoding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Gpr {
+    Rax = 0,
+    Rcx = 1,
+    Rdx = 2,
+    Rbx = 3,
+    Rsp = 4,
+    Rbp = 5,
+    Rsi = 6,
+    Rdi = 7,
+    R8 = 8,
+    R9 = 9,
+    R10 = 10,
+    R11 = 11,
+    R12 = 12,
+    R13 = 13,
+    R14 = 14,
+    R15 = 15,
+}
+
+impl Gpr {
+    /// All sixteen, in hardware order.
+    pub const ALL: [Gpr; 16] = [
+        Gpr::Rax,
+        Gpr::Rcx,
+        Gpr::Rdx,
+        Gpr::Rbx,
+        Gpr::Rsp,
+        Gpr::Rbp,
+        Gpr::Rsi,
+        Gpr::Rdi,
+        Gpr::R8,
+        Gpr::R9,
+        Gpr::R10,
+        Gpr::R11,
+        Gpr::R12,
+        Gpr::R13,
+        Gpr::R14,
+        Gpr::R15,
+    ];
+
+    /// The register with hardware number `n` (0..16).
+    pub fn from_number(n: u8) -> Option<Gpr> {
+        Self::ALL.get(usize::from(n)).copied()
+    }
+
+    /// Lower-case assembler name (`"rax"`).
+    pub fn name(self) -> &'static str {
+        [
+            "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15",
+        ][self as usize]
+    }
+}
+
+/// Integer argument registers of the System V AMD64 calling convention, in order.
+pub const SYSV_ARGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
+
+/// The `EFLAGS.TF` (trap, single-step) bit.
+pub const RFLAGS_TF: u64 = 1 << 8;
+
+impl Regs {
+    /// Read a general-purpose register.
+    pub fn gpr(&self, r: Gpr) -> u64 {
+        match r {
+            Gpr::Rax => self.rax,
+            Gpr::Rcx => self.rcx,
+            Gpr::Rdx => self.rdx,
+            Gpr::Rbx => self.rbx,
+            Gpr::Rsp => self.rsp,
+            Gpr::Rbp => self.rbp,
+            Gpr::Rsi => self.rsi,
+            Gpr::Rdi => self.rdi,
+            Gpr::R8 => self.r8,
+            Gpr::R9 => self.r9,
+            Gpr::R10 => self.r10,
+            Gpr::R11 => self.r11,
+            Gpr::R12 => self.r12,
+            Gpr::R13 => self.r13,
+            Gpr::R14 => self.r14,
+            Gpr::R15 => self.r15,
+        }
+    }
+
+    /// Mutable access to a general-purpose register.
+    pub fn gpr_mut(&mut self, r: Gpr) -> &mut u64 {
+        match r {
+            Gpr::Rax => &mut self.rax,
+            Gpr::Rcx => &mut self.rcx,
+            Gpr::Rdx => &mut self.rdx,
+            Gpr::Rbx => &mut self.rbx,
+            Gpr::Rsp => &mut self.rsp,
+            Gpr::Rbp => &mut self.rbp,
+            Gpr::Rsi => &mut self.rsi,
+            Gpr::Rdi => &mut self.rdi,
+            Gpr::R8 => &mut self.r8,
+            Gpr::R9 => &mut self.r9,
+            Gpr::R10 => &mut self.r10,
+            Gpr::R11 => &mut self.r11,
+            Gpr::R12 => &mut self.r12,
+            Gpr::R13 => &mut self.r13,
+            Gpr::R14 => &mut self.r14,
+            Gpr::R15 => &mut self.r15,
+        }
+    }
+
+    /// The `n`-th integer argument (0-based) of a function entered under the System V
+    /// AMD64 convention: the first six come from registers, the rest from the stack.
+    /// Stack arguments need memory, so this returns `None` for `n >= 6`; see
+    /// [`crate::Hit::arg`] for the full version.
+    pub fn arg(&self, n: usize) -> Option<u64> {
+        SYSV_ARGS.get(n).map(|&r| self.gpr(r))
+    }
+
+    /// Set the `n`-th register argument (`n < 6`); returns false for stack arguments.
+    pub fn set_arg(&mut self, n: usize, value: u64) -> bool {
+        match SYSV_ARGS.get(n) {
+            Some(&r) => {
+                *self.gpr_mut(r) = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The integer return value (`rax`).
+    pub fn ret(&self) -> u64 {
+        self.rax
+    }
+
+    /// Set the integer return value (`rax`).
+    pub fn set_ret(&mut self, value: u64) {
+        self.rax = value;
+    }
+
+    /// Instruction pointer.
+    pub fn ip(&self) -> u64 {
+        self.rip
+    }
+
+    /// Stack pointer.
+    pub fn sp(&self) -> u64 {
+        self.rsp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpr_numbering_round_trips_and_args_follow_sysv() {
+        let mut r = Regs::default();
+        for (i, g) in Gpr::ALL.iter().enumerate() {
+            assert_eq!(Gpr::from_number(i as u8), Some(*g));
+            *r.gpr_mut(*g) = 100 + i as u64;
+        }
+        assert_eq!(Gpr::from_number(16), None);
+        assert_eq!(r.rdi, 107);
+        assert_eq!(r.arg(0), Some(r.rdi));
+        assert_eq!(r.arg(3), Some(r.rcx));
+        assert_eq!(r.arg(5), Some(r.r9));
+        assert_eq!(r.arg(6), None);
+        assert!(r.set_arg(1, 7));
+        assert_eq!(r.rsi, 7);
+        assert!(!r.set_arg(6, 7));
+        r.set_ret(9);
+        assert_eq!(r.ret(), 9);
+        assert_eq!(Gpr::R12.name(), "r12");
+    }
+}

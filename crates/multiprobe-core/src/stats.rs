@@ -1,0 +1,130 @@
+//! Hit counters, sharded per dispatching thread (see [`crate::shard`]), and the plain
+//! values users read out of them.
+//!
+//! Invariant: a counter line of shard `i` is written with a plain load+store only by
+//! the `ThreadState` that owns shard `i` exclusively; everybody else uses `fetch_add`.
+//! Readers sum all shards with relaxed loads, so a total read while threads are hitting
+//! is a lower bound that is exact once they stop.
+
+use crossbeam_utils::CachePadded;
+
+use crate::shard::{Shard, SHARDS};
+use crate::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Statistics of one handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandlerStats {
+    /// Hits whose pre-handler walk reached this handler while it was enabled.
+    pub hits: u64,
+    /// Hits that ran no handler because the thread was already dispatching (rule 6),
+    /// or whose post-handler could not be scheduled.
+    pub missed: u64,
+    /// Calls into this handler that panicked (caught; rule 8).
+    pub panics: u64,
+}
+
+/// Statistics of one probed address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteStats {
+    /// The probed address.
+    pub addr: u64,
+    /// Hits at this address that dispatched (missed, reentrant hits excluded).
+    pub hits: u64,
+    /// Registered handlers.
+    pub handlers: usize,
+    /// Of which enabled.
+    pub enabled: usize,
+    /// Whether the breakpoint is in place.
+    pub armed: bool,
+}
+
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64, shard: Shard) {
+    if shard.exclusive {
+        // Only the owner of this shard writes it (module invariant), and nested
+        // dispatch on the owner's thread is LIFO, so load+store cannot lose an update.
+        counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
+    } else {
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// The counters of one shard of one handler, on a cache line of their own.
+#[derive(Debug)]
+struct HandlerLine {
+    hits: AtomicU64,
+    missed: AtomicU64,
+    panics: AtomicU64,
+}
+
+/// Per-handler counters.
+#[derive(Debug)]
+pub(crate) struct HandlerCounters {
+    lines: [CachePadded<HandlerLine>; SHARDS],
+}
+
+impl HandlerCounters {
+    pub(crate) fn new() -> Self {
+        HandlerCounters {
+            lines: std::array::from_fn(|_| {
+                CachePadded::new(HandlerLine {
+                    hits: AtomicU64::new(0),
+                    missed: AtomicU64::new(0),
+                    panics: AtomicU64::new(0),
+                })
+            }),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn hit(&self, shard: Shard) {
+        bump(&self.lines[usize::from(shard.index)].hits, shard);
+    }
+
+    /// Missed hits happen in nested dispatch, which may itself be interrupted by more
+    /// nested dispatch touching the same counter, so they are always atomic.
+    pub(crate) fn missed(&self, shard: Shard) {
+        self.lines[usize::from(shard.index)]
+            .missed
+            .fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn panicked(&self, shard: Shard) {
+        self.lines[usize::from(shard.index)]
+            .panics
+            .fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn read(&self) -> HandlerStats {
+        let mut s = HandlerStats::default();
+        for l in &self.lines {
+            s.hits += l.hits.load(Relaxed);
+            s.missed += l.missed.load(Relaxed);
+            s.panics += l.panics.load(Relaxed);
+        }
+        s
+    }
+}
+
+/// Per-site hit counter.
+#[derive(Debug)]
+pub(crate) struct SiteCounter {
+    lines: [CachePadded<AtomicU64>; SHARDS],
+}
+
+impl SiteCounter {
+    pub(crate) fn new() -> Self {
+        SiteCounter {
+            lines: std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn hit(&self, shard: Shard) {
+        bump(&self.lines[usize::from(shard.index)], shard);
+    }
+
+    pub(crate) fn read(&self) -> u64 {
+        self.lines.iter().map(|l| l.load(Relaxed)).sum()
+    }
+}

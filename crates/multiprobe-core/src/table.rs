@@ -1,0 +1,425 @@
+//! The published probe table: address → site view, read by dispatch without locks.
+//!
+//! Shape: a directory (power-of-two array of bucket pointers) → immutable buckets →
+//! site views. A writer changing one site builds a new bucket (copying the few other
+//! sites that hash there), publishes it with one pointer store and retires the old one,
+//! so an update costs O(sites per bucket), not O(sites). The directory doubles when the
+//! table holds more sites than buckets (amortized O(1) per update) and never shrinks.
+//!
+//! Invariants:
+//! * Only the holder of the writer lock (proved by `&mut TableWriter`) stores pointers
+//!   or retires objects; retired objects are freed only after the read domain's grace
+//!   period (see [`crate::srcu`]), and only under the writer lock, so a writer's own
+//!   borrows of current objects are never freed under it.
+//! * A published bucket is never mutated; it holds at most one view per address.
+//! * Readers must be inside a read section of `domain` while they use anything reached
+//!   through `dir`.
+
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::handler::Handler;
+use crate::srcu::Domain;
+use crate::stats::{HandlerCounters, SiteCounter};
+use crate::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use crate::HandlerId;
+
+/// One registered handler, shared by every view that lists it.
+pub(crate) struct HandlerEntry {
+    pub(crate) id: HandlerId,
+    pub(crate) addr: u64,
+    pub(crate) handler: Box<dyn Handler>,
+    pub(crate) has_post: bool,
+    pub(crate) exclusive: bool,
+    /// Mirror of the enabled flag in the current view, for thread-context queries.
+    pub(crate) enabled: std::sync::atomic::AtomicBool,
+    pub(crate) counters: HandlerCounters,
+}
+
+impl std::fmt::Debug for HandlerEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerEntry")
+            .field("id", &self.id)
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What outlives every copy of a site's view: the backend's data and the hit counter.
+#[derive(Debug)]
+pub(crate) struct SiteShared<S> {
+    pub(crate) addr: u64,
+    pub(crate) data: S,
+    pub(crate) hits: SiteCounter,
+    /// Whether the backend's breakpoint is in place. Writer-only.
+    pub(crate) armed: AtomicBool,
+}
+
+/// A handler's place in a site, with its enabled flag as of this snapshot.
+#[derive(Clone, Debug)]
+pub(crate) struct Slot {
+    pub(crate) entry: Arc<HandlerEntry>,
+    pub(crate) enabled: bool,
+}
+
+/// An immutable snapshot of one probed address: its handlers in registration order.
+#[derive(Debug)]
+pub(crate) struct SiteView<S> {
+    pub(crate) shared: Arc<SiteShared<S>>,
+    pub(crate) handlers: SmallVec<[Slot; 4]>,
+    /// Some handler is enabled (the breakpoint should be armed).
+    pub(crate) any_enabled: bool,
+    /// Some enabled handler has a post hook (the backend must come back after the step).
+    pub(crate) any_post: bool,
+}
+
+impl<S> Clone for SiteView<S> {
+    fn clone(&self) -> Self {
+        SiteView {
+            shared: Arc::clone(&self.shared),
+            handlers: self.handlers.clone(),
+            any_enabled: self.any_enabled,
+            any_post: self.any_post,
+        }
+    }
+}
+
+impl<S> SiteView<S> {
+    pub(crate) fn new(shared: Arc<SiteShared<S>>, handlers: SmallVec<[Slot; 4]>) -> Self {
+        let any_enabled = handlers.iter().any(|s| s.enabled);
+        let any_post = handlers.iter().any(|s| s.enabled && s.entry.has_post);
+        SiteView {
+            shared,
+            handlers,
+            any_enabled,
+            any_post,
+        }
+    }
+
+    pub(crate) fn addr(&self) -> u64 {
+        self.shared.addr
+    }
+}
+
+struct Bucket<S> {
+    sites: Box<[SiteView<S>]>,
+    /// Set when the bucket is retired and its grace period passed. Under loom retired
+    /// objects are poisoned and leaked instead of freed, so a reader that touches one
+    /// too late fails the model instead of reading freed memory.
+    #[cfg(loom)]
+    poisoned: AtomicBool,
+}
+
+impl<S> Bucket<S> {
+    fn boxed(sites: Vec<SiteView<S>>) -> *mut Bucket<S> {
+        Box::into_raw(Box::new(Bucket {
+            sites: sites.into_boxed_slice(),
+            #[cfg(loom)]
+            poisoned: AtomicBool::new(false),
+        }))
+    }
+}
+
+struct Directory<S> {
+    shift: u32,
+    buckets: Box<[AtomicPtr<Bucket<S>>]>,
+}
+
+const INITIAL_BUCKETS: usize = 64;
+const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl<S> Directory<S> {
+    fn with_len(len: usize) -> Self {
+        debug_assert!(len.is_power_of_two());
+        Directory {
+            shift: 64 - len.trailing_zeros(),
+            buckets: (0..len)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+        }
+    }
+
+    #[inline]
+    fn index(&self, addr: u64) -> usize {
+        (addr.wrapping_mul(FIB) >> self.shift) as usize
+    }
+}
+
+impl<S> Drop for Directory<S> {
+    fn drop(&mut self) {
+        for b in self.buckets.iter() {
+            let p = b.load(Ordering::Relaxed);
+            if !p.is_null() {
+                // SAFETY: a directory owns the buckets it points to (module invariant: a
+                // replaced bucket is retired separately and no longer pointed to), and a
+                // directory is dropped only after its grace period.
+                drop(unsafe { Box::from_raw(p) });
+            }
+        }
+    }
+}
+
+/// Something unlinked from the table, waiting for its grace period. Held only to be
+/// dropped (or, under loom, poisoned).
+#[cfg_attr(not(loom), allow(dead_code))]
+enum Retired<S> {
+    Bucket(Box<Bucket<S>>),
+    Directory(Box<Directory<S>>),
+}
+
+impl<S> Retired<S> {
+    /// Free it (or, under loom, poison and leak it).
+    fn reclaim(self) {
+        #[cfg(loom)]
+        {
+            match self {
+                Retired::Bucket(b) => {
+                    b.poisoned.store(true, Ordering::SeqCst);
+                    std::mem::forget(b);
+                }
+                Retired::Directory(d) => {
+                    for p in d.buckets.iter() {
+                        let p = p.load(Ordering::Relaxed);
+                        if !p.is_null() {
+                            // SAFETY: owned by the retired directory, past its grace period.
+                            unsafe { (*p).poisoned.store(true, Ordering::SeqCst) };
+                        }
+                    }
+                    std::mem::forget(d);
+                }
+            }
+        }
+        #[cfg(not(loom))]
+        drop(self);
+    }
+}
+
+/// The table readers see.
+pub(crate) struct Table<S> {
+    pub(crate) domain: Domain,
+    dir: AtomicPtr<Directory<S>>,
+}
+
+// SAFETY: the table hands out shared references to `SiteView<S>` across threads and
+// drops them on whichever thread reclaims; that needs `S: Send + Sync`, which the
+// bounds require. The raw pointers are owned (module invariants).
+unsafe impl<S: Send + Sync> Send for Table<S> {}
+// SAFETY: as above.
+unsafe impl<S: Send + Sync> Sync for Table<S> {}
+
+impl<S> std::fmt::Debug for Table<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").finish_non_exhaustive()
+    }
+}
+
+impl<S> Table<S> {
+    pub(crate) fn new() -> Self {
+        Table {
+            domain: Domain::new(),
+            dir: AtomicPtr::new(Box::into_raw(Box::new(Directory::with_len(
+                INITIAL_BUCKETS,
+            )))),
+        }
+    }
+
+    /// Find the view of `addr`.
+    ///
+    /// # Safety
+    /// The caller must hold a read section of `self.domain` (or the writer lock) for as
+    /// long as it uses the returned reference.
+    #[inline]
+    pub(crate) unsafe fn lookup<'a>(&'a self, addr: u64) -> Option<&'a SiteView<S>> {
+        // Sequentially consistent loads (plain moves on x86) so that a reader whose
+        // epoch check observed a flip also observes every pointer stored before it.
+        // SAFETY: the directory is published before it is reachable and freed only
+        // after a grace period that the caller's read section holds back.
+        let dir = unsafe { &*self.dir.load(Ordering::SeqCst) };
+        let bucket = dir.buckets[dir.index(addr)].load(Ordering::SeqCst);
+        if bucket.is_null() {
+            return None;
+        }
+        // SAFETY: as for the directory.
+        let bucket = unsafe { &*bucket };
+        #[cfg(loom)]
+        assert!(
+            !bucket.poisoned.load(Ordering::SeqCst),
+            "a reader used a bucket after its grace period"
+        );
+        bucket.sites.iter().find(|s| s.addr() == addr)
+    }
+}
+
+impl<S> Drop for Table<S> {
+    fn drop(&mut self) {
+        // A deferred step (see `ThreadState`) may still hold a read section of this
+        // domain. Its owner will close it; freeing first would make that a use after free.
+        if !self.domain.idle() {
+            if crate::sync::held::any() {
+                // This thread holds one and can never close it: freeing is unsound and
+                // waiting deadlocks.
+                eprintln!("multiprobe: a probe table was dropped inside one of its own hits");
+                std::process::abort();
+            }
+            self.domain.wait_idle();
+        }
+        // SAFETY: `&mut self` and no read section is open: nobody can reach the directory.
+        drop(unsafe { Box::from_raw(self.dir.load(Ordering::Relaxed)) });
+    }
+}
+
+/// Writer-side state of a table. Lives inside the registry's writer mutex, so holding
+/// `&mut TableWriter` proves exclusive write access.
+pub(crate) struct TableWriter<S> {
+    table: Arc<Table<S>>,
+    sites: usize,
+    retired: Vec<(u64, Retired<S>)>,
+}
+
+impl<S> std::fmt::Debug for TableWriter<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableWriter")
+            .field("sites", &self.sites)
+            .field("retired", &self.retired.len())
+            .finish()
+    }
+}
+
+impl<S> Drop for TableWriter<S> {
+    fn drop(&mut self) {
+        self.reclaim();
+        // What is left may still be read by a straggling reader: leaking it is safe,
+        // freeing it is not.
+        for r in self.retired.drain(..) {
+            std::mem::forget(r);
+        }
+    }
+}
+
+impl<S> TableWriter<S> {
+    pub(crate) fn new(table: Arc<Table<S>>) -> Self {
+        TableWriter {
+            table,
+            sites: 0,
+            retired: Vec::new(),
+        }
+    }
+
+    fn dir(&self) -> &Directory<S> {
+        // SAFETY: the writer lock is held (`&self` of the writer); only writers replace
+        // the directory and only reclaim frees it, both under that lock.
+        unsafe { &*self.table.dir.load(Ordering::Relaxed) }
+    }
+
+    /// The current view of `addr`.
+    pub(crate) fn get(&self, addr: u64) -> Option<&SiteView<S>> {
+        // SAFETY: holding the writer lock keeps current objects alive (module invariant).
+        unsafe { self.table.lookup(addr) }
+    }
+
+    /// Every current view, in no particular order.
+    pub(crate) fn views(&self) -> impl Iterator<Item = &SiteView<S>> {
+        self.dir().buckets.iter().flat_map(|b| {
+            let p = b.load(Ordering::Relaxed);
+            // SAFETY: current bucket, writer lock held.
+            let sites: &[SiteView<S>] = if p.is_null() {
+                &[]
+            } else {
+                unsafe { &(*p).sites }
+            };
+            sites.iter()
+        })
+    }
+
+    /// Publish `view` as the view of `addr` (`None` removes it).
+    pub(crate) fn set(&mut self, addr: u64, view: Option<SiteView<S>>) {
+        let dir = self.dir();
+        let slot = &dir.buckets[dir.index(addr)];
+        let old = slot.load(Ordering::Relaxed);
+        // SAFETY: current bucket, writer lock held.
+        let old_sites: &[SiteView<S>] = if old.is_null() {
+            &[]
+        } else {
+            unsafe { &(*old).sites }
+        };
+        let had = old_sites.iter().any(|s| s.addr() == addr);
+        let has = view.is_some();
+        let mut sites: Vec<SiteView<S>> = old_sites
+            .iter()
+            .filter(|s| s.addr() != addr)
+            .cloned()
+            .collect();
+        sites.extend(view);
+        let new = if sites.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            Bucket::boxed(sites)
+        };
+        slot.store(new, Ordering::SeqCst);
+        if !old.is_null() {
+            // SAFETY: `old` was the published bucket and is now unreachable for new
+            // readers; it is freed only after the grace period.
+            let old = unsafe { Box::from_raw(old) };
+            self.retire(Retired::Bucket(old));
+        }
+        self.sites = self.sites + usize::from(has) - usize::from(had);
+        if self.sites > self.dir().buckets.len() {
+            self.grow();
+        }
+    }
+
+    /// Queue an unlinked object for freeing. The stamp is read after the unlinking
+    /// store (both sequentially consistent), so a flip that raced with the unlink can
+    /// only make the stamp later, never earlier (see [`crate::srcu`]).
+    fn retire(&mut self, r: Retired<S>) {
+        let stamp = self.table.domain.now();
+        self.retired.push((stamp, r));
+    }
+
+    fn grow(&mut self) {
+        let old = self.dir();
+        let new = Directory::with_len(old.buckets.len() * 2);
+        let mut groups: Vec<Vec<SiteView<S>>> =
+            (0..new.buckets.len()).map(|_| Vec::new()).collect();
+        for v in self.views() {
+            groups[new.index(v.addr())].push(v.clone());
+        }
+        for (slot, g) in new.buckets.iter().zip(groups) {
+            if !g.is_empty() {
+                slot.store(Bucket::boxed(g), Ordering::Relaxed);
+            }
+        }
+        let old = self
+            .table
+            .dir
+            .swap(Box::into_raw(Box::new(new)), Ordering::SeqCst);
+        // SAFETY: `old` was the published directory; it is unreachable for new readers
+        // and freed (with the buckets it owns) only after the grace period.
+        let old = unsafe { Box::from_raw(old) };
+        self.retire(Retired::Directory(old));
+    }
+
+    /// The stamp a waiter must pass to [`Domain::wait`] to outlive everything retired so far.
+    pub(crate) fn stamp(&self) -> u64 {
+        self.table.domain.now()
+    }
+
+    /// Free what has passed its grace period, without waiting. Returns how many retired
+    /// objects remain.
+    pub(crate) fn reclaim(&mut self) -> usize {
+        if self.retired.is_empty() {
+            return 0;
+        }
+        let domain = &self.table.domain;
+        let flips = domain.poll();
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(stamp, _)| domain.completed(*stamp, flips));
+        self.retired = keep;
+        for (_, r) in done {
+            r.reclaim();
+        }
+        self.retired.len()
+    }
+}

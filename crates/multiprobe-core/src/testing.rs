@@ -1,0 +1,233 @@
+//! A backend for tests, examples and benchmarks: no real code, just a byte per address
+//! that turns into `int3` (0xCC) while armed, failure injection, a log of what the
+//! registry asked, and a [`TestBackend::hit`] that drives the dispatch protocol the way a
+//! real backend does (every probed instruction is a one-byte `nop`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use crate::backend::Backend;
+use crate::dispatch::{Dispatcher, PreOutcome, ThreadState};
+use crate::error::{Error, Result};
+use crate::handler::{Fault, FaultAction};
+use crate::memory::NoMemory;
+use crate::regs::Regs;
+use crate::sync::Mutex;
+
+/// The byte an unprobed test address holds (`nop`).
+pub const ORIGINAL: u8 = 0x90;
+/// The breakpoint byte.
+pub const INT3: u8 = 0xCC;
+
+/// What the registry asked the backend to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `prepare(addr)` succeeded.
+    Prepare(u64),
+    /// `arm(addr)` succeeded.
+    Arm(u64),
+    /// `disarm(addr)` succeeded.
+    Disarm(u64),
+    /// A site's data was dropped (after its grace period).
+    Release(u64),
+}
+
+/// How a [`TestBackend::hit`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HitResult {
+    /// No breakpoint here: nothing happened.
+    NotOurs,
+    /// The breakpoint was just removed: the restored instruction re-executes.
+    Reexecuted,
+    /// A pre-handler redirected to `regs.rip`.
+    Redirected,
+    /// The instruction executed; `post` says whether post-handlers were run.
+    Stepped {
+        /// Whether the post path ran.
+        post: bool,
+    },
+}
+
+/// Per-site data of the test backend.
+#[derive(Debug)]
+pub struct TestSite {
+    addr: u64,
+    log: std::sync::Arc<Mutex<Vec<Event>>>,
+}
+
+impl TestSite {
+    /// The site's address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+}
+
+impl Drop for TestSite {
+    fn drop(&mut self) {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Event::Release(self.addr));
+    }
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    prepare: HashSet<u64>,
+    arm: HashSet<u64>,
+    disarm: HashSet<u64>,
+}
+
+/// The test backend.
+#[derive(Debug, Default)]
+pub struct TestBackend {
+    dispatcher: OnceLock<Dispatcher<TestSite>>,
+    code: Mutex<HashMap<u64, u8>>,
+    log: std::sync::Arc<Mutex<Vec<Event>>>,
+    faults: Mutex<Faults>,
+}
+
+impl TestBackend {
+    /// A backend with every address holding [`ORIGINAL`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The byte at `addr` now: [`INT3`] while armed, [`ORIGINAL`] otherwise.
+    pub fn byte(&self, addr: u64) -> u8 {
+        *self.code.lock().unwrap().get(&addr).unwrap_or(&ORIGINAL)
+    }
+
+    /// Make `prepare(addr)` fail (as for an unsupported instruction).
+    pub fn fail_prepare_at(&self, addr: u64) {
+        self.faults.lock().unwrap().prepare.insert(addr);
+    }
+
+    /// Make `arm(addr)` fail (as for a permission error).
+    pub fn fail_arm_at(&self, addr: u64) {
+        self.faults.lock().unwrap().arm.insert(addr);
+    }
+
+    /// Make `disarm(addr)` fail, or succeed again.
+    pub fn set_fail_disarm_at(&self, addr: u64, fail: bool) {
+        let mut f = self.faults.lock().unwrap();
+        if fail {
+            f.disarm.insert(addr);
+        } else {
+            f.disarm.remove(&addr);
+        }
+    }
+
+    /// Everything the registry asked, in order.
+    pub fn events(&self) -> Vec<Event> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn dispatcher(&self) -> &Dispatcher<TestSite> {
+        self.dispatcher
+            .get()
+            .expect("TestBackend used before Registry::new attached it")
+    }
+
+    /// A thread `tid` executes the instruction at `addr`, as a real backend would handle
+    /// its trap: pre-handlers, the one-byte instruction (`rip` moves to `addr + 1`),
+    /// post-handlers.
+    pub fn hit(&self, ts: &ThreadState, tid: u32, addr: u64, regs: &mut Regs) -> HitResult {
+        regs.rip = addr;
+        let d = self.dispatcher();
+        let step = match d.pre(ts, addr, tid, regs, &NoMemory) {
+            PreOutcome::NotOurs => {
+                if self.byte(addr) == INT3 {
+                    return HitResult::NotOurs;
+                }
+                regs.rip = addr + 1;
+                return HitResult::Reexecuted;
+            }
+            PreOutcome::Redirect => return HitResult::Redirected,
+            PreOutcome::Step(step) => step,
+        };
+        let post = step.wants_post();
+        step.defer_post();
+        regs.rip = addr + 1;
+        if post {
+            let ran = d.post(ts, addr, tid, regs, &NoMemory);
+            assert!(ran, "a deferred step must find its post");
+        }
+        HitResult::Stepped { post }
+    }
+
+    /// Like [`TestBackend::hit`], but the displaced instruction faults with `fault`.
+    /// Returns `None` if nothing was probed there, else what the fault handlers decided;
+    /// on `NotHandled`, `regs.rip` is left at `addr`, as the program would see it.
+    pub fn hit_faulting(
+        &self,
+        ts: &ThreadState,
+        tid: u32,
+        addr: u64,
+        regs: &mut Regs,
+        fault: &Fault,
+    ) -> Option<FaultAction> {
+        regs.rip = addr;
+        let d = self.dispatcher();
+        match d.pre(ts, addr, tid, regs, &NoMemory) {
+            PreOutcome::Step(step) => step.defer_post(),
+            PreOutcome::NotOurs | PreOutcome::Redirect => return None,
+        }
+        regs.rip = addr;
+        Some(d.fault(ts, addr, tid, regs, &NoMemory, fault))
+    }
+}
+
+impl Backend for TestBackend {
+    type Site = TestSite;
+
+    fn attach(&self, dispatcher: Dispatcher<TestSite>) {
+        let _ = self.dispatcher.set(dispatcher);
+    }
+
+    fn prepare(&self, addr: u64) -> Result<TestSite> {
+        if self.faults.lock().unwrap().prepare.contains(&addr) {
+            return Err(Error::UnsupportedInstruction {
+                addr,
+                reason: "injected by the test".into(),
+            });
+        }
+        self.log.lock().unwrap().push(Event::Prepare(addr));
+        Ok(TestSite {
+            addr,
+            log: std::sync::Arc::clone(&self.log),
+        })
+    }
+
+    fn arm(&self, addr: u64, _site: &TestSite) -> Result<()> {
+        if self.faults.lock().unwrap().arm.contains(&addr) {
+            return Err(Error::PermissionDenied(format!(
+                "cannot write {addr:#x} (injected by the test)"
+            )));
+        }
+        let mut code = self.code.lock().unwrap();
+        assert_ne!(code.get(&addr), Some(&INT3), "armed twice at {addr:#x}");
+        code.insert(addr, INT3);
+        drop(code);
+        self.log.lock().unwrap().push(Event::Arm(addr));
+        Ok(())
+    }
+
+    fn disarm(&self, addr: u64, _site: &TestSite) -> Result<()> {
+        if self.faults.lock().unwrap().disarm.contains(&addr) {
+            return Err(Error::Backend(format!(
+                "cannot restore {addr:#x} (injected by the test)"
+            )));
+        }
+        let mut code = self.code.lock().unwrap();
+        assert_eq!(
+            code.get(&addr),
+            Some(&INT3),
+            "disarm of an unarmed {addr:#x}"
+        );
+        code.insert(addr, ORIGINAL);
+        drop(code);
+        self.log.lock().unwrap().push(Event::Disarm(addr));
+        Ok(())
+    }
+}
