@@ -466,10 +466,19 @@ impl<B: Backend> Inner<B> {
             })
             .collect();
         let new = SiteView::new(Arc::clone(&old.shared), handlers);
-        self.transition(&mut w, entry.addr, Some(&old), Some(new))?;
-        entry.enabled.store(on, Relaxed);
+        let result = self.transition(&mut w, entry.addr, Some(&old), Some(new));
+        // The mirror follows the published view: a failed arm restored the old view, but
+        // a failed disarm published the change (hits no longer run a disabled handler).
+        let published = w.get(entry.addr).is_some_and(|v| {
+            v.handlers
+                .iter()
+                .any(|s| s.entry.id == id && s.enabled == on)
+        });
+        if published {
+            entry.enabled.store(on, Relaxed);
+        }
         w.maybe_reclaim();
-        Ok(())
+        result
     }
 
     /// Replace the view of `addr` (`old` → `new`) and bring the breakpoint in step:
