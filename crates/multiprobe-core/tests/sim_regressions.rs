@@ -32,3 +32,39 @@ fn is_enabled_agrees_with_dispatch_after_a_failed_disarm() {
     );
     assert_eq!(r.handler(id).unwrap().enabled, ran);
 }
+
+/// Found by the `ops` model (a generated case registering a disabled handler at a site
+/// that an earlier failed disarm had kept armed, with the disarm still failing).
+///
+/// Adding a handler re-runs the site's arm/disarm step; with nothing enabled it retried
+/// the disarm, which failed, so `register` returned the backend's error — but the view
+/// with the new handler had already been published and the handler was never put in
+/// the index: a zombie that `sites()` counted and nothing could unregister, while the
+/// caller was told the registration failed.
+#[test]
+fn a_registration_is_not_half_applied_when_a_retried_disarm_fails() {
+    use multiprobe_core::Options;
+    let r = Registry::new(TestBackend::new());
+    let first = r.register(0x1000, |_: &mut Hit<'_>| {}).unwrap().into_id();
+    r.backend().set_fail_disarm_at(0x1000, true);
+    assert!(
+        r.unregister(first).is_err(),
+        "the injected disarm failure is reported"
+    );
+    assert_eq!(
+        r.site(0x1000).map(|s| (s.handlers, s.armed)),
+        Some((0, true))
+    );
+
+    let second = r.register_with(0x1000, |_: &mut Hit<'_>| {}, Options::default().disabled());
+    let listed = r.handlers().len();
+    let in_view = r.site(0x1000).map_or(0, |s| s.handlers);
+    assert_eq!(
+        listed, in_view,
+        "the registry lists {listed} handlers but the published view holds {in_view} ({second:?})"
+    );
+    if let Ok(g) = second {
+        assert!(r.unregister(g.into_id()).is_err(), "the disarm still fails");
+    }
+    assert_eq!(r.site(0x1000).map(|s| s.handlers), Some(0));
+}
