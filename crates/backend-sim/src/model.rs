@@ -219,6 +219,18 @@ impl Model {
         }
     }
 
+    /// The program's code bytes as the model predicts them (`BRK` where armed).
+    pub fn code(&self) -> Vec<u8> {
+        let mut code = self.program.code.clone();
+        let base = self.program.code_range().start;
+        for (&addr, s) in &self.sites {
+            if s.armed {
+                code[(addr - base) as usize] = BRK;
+            }
+        }
+        code
+    }
+
     /// Every handler, by id.
     pub fn handlers(&self) -> Vec<ModelHandler> {
         self.index

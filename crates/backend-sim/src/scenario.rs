@@ -482,6 +482,18 @@ impl Driver {
         if real != want {
             return Err(format!("handlers: core {real:?}\n  model {want:?}"));
         }
+        if r.len() != want.len() {
+            return Err(format!("len() = {}, model {}", r.len(), want.len()));
+        }
+        let live = self.model.ids();
+        for id in self.issued.iter().filter(|id| !live.contains(id)) {
+            if !matches!(r.stats(*id), Err(multiprobe_core::Error::UnknownHandler(_))) {
+                return Err(format!(
+                    "stats({id}) of an unregistered handler: {:?}",
+                    r.stats(*id)
+                ));
+            }
+        }
         for h in self.model.handlers() {
             let e = r.is_enabled(h.id).map_err(|e| e.to_string())?;
             if e != h.enabled {
@@ -502,15 +514,18 @@ impl Driver {
         if real != want {
             return Err(format!("sites: core {real:?}\n  model {want:?}"));
         }
-        let mem = self.sim.memory();
-        for a in CODE {
-            if mem.byte(a) != self.model.byte(a) {
-                return Err(format!(
-                    "code byte at {a:#x} is {:#04x}, model {:#04x}",
-                    mem.byte(a),
-                    self.model.byte(a)
-                ));
-            }
+        // The program's code; the rest of the region is checked at the end (no probe
+        // can be armed there: nothing starts an instruction).
+        let range = self.sim.program().code_range();
+        let real = self.sim.memory().snapshot(range.clone());
+        let want = self.model.code();
+        if let Some(i) = (0..real.len()).find(|&i| real[i] != want[i]) {
+            return Err(format!(
+                "code byte at {:#x} is {:#04x}, model {:#04x}",
+                range.start + i as u64,
+                real[i],
+                want[i]
+            ));
         }
         Ok(())
     }
