@@ -288,14 +288,16 @@ mod tests {
             args_line(7, "malloc", &[Ok(0x20), Err(())]),
             "[7] malloc(0x20, ?)"
         );
-        let mut r = Regs::default();
-        r.rdi = 5;
+        let r = Regs {
+            rdi: 5,
+            ..Regs::default()
+        };
         let l = regs_line(1, "f", &r);
         assert!(l.contains(" rdi=0x5") && l.contains(" r15=0x0"), "{l}");
         let m = mem_lines(1, "f", 0, 0x1000, Ok(b"hello, world\0\x01xyz!"));
         assert!(m.contains("0000000000001000  68 65 6c 6c 6f"), "{m}");
         assert!(m.contains("hello, world..xy\n"), "{m}");
-        assert!(m.contains("\n  0000000000001010  21 "), "{m}");
+        assert!(m.contains("\n  0000000000001010  7a 21 "), "{m}");
         assert!(mem_lines(1, "f", 1, 0, Err("unmapped".into())).ends_with(": unmapped"));
     }
 

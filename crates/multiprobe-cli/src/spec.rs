@@ -166,7 +166,7 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
     }
     // `::` belongs to Rust paths; a single `:` separates the library.
     let (library, rest) = match split_library(t) {
-        Some((l, _)) if l.is_empty() => return Err(err(spec, "empty library name before ':'")),
+        Some(("", _)) => return Err(err(spec, "empty library name before ':'")),
         Some((l, r)) => (Some(l.to_string()), r),
         None => (None, t),
     };
