@@ -162,7 +162,7 @@ impl SimHandler {
     fn maybe_panic(&self, hit: &Hit<'_>, hook: Hook) {
         let n = self.calls.fetch_add(1, Relaxed) + 1;
         let every = u32::from(self.behavior.panic_every);
-        if every != 0 && n % every == 0 {
+        if every != 0 && n.is_multiple_of(every) {
             ctx::record(Call::Exit {
                 id: hit.handler_id(),
                 hook,

@@ -274,7 +274,7 @@ impl Driver {
             panic_every: if s.panic >= 200 { 1 + s.panic % 4 } else { 0 },
             nested: (s.nested.0 >= 216).then(|| self.addr(s.nested.1)),
             unregister_inside: (s.unregister.0 >= 232).then(|| {
-                if s.unregister.1 .0 % 2 == 0 {
+                if s.unregister.1 .0.is_multiple_of(2) {
                     Target::Itself
                 } else {
                     Target::Other(self.id(s.unregister.1))
@@ -627,7 +627,10 @@ pub fn run_ops(case: &OpsCase) -> Result<Coverage, String> {
 /// Run a [`ProtocolCase`]; `Err` describes the first divergence.
 pub fn run_protocol(case: &ProtocolCase) -> Result<Coverage, String> {
     let mut spec = case.program.clone();
-    if spec.threads % crate::program::MAX_THREADS as u8 == 0 {
+    if spec
+        .threads
+        .is_multiple_of(crate::program::MAX_THREADS as u8)
+    {
         spec.threads = spec.threads.wrapping_add(1);
     }
     let program = Program::generate(&spec);
