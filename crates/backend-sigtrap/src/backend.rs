@@ -82,6 +82,14 @@ impl SigtrapBackend {
     }
 }
 
+impl SigtrapBackend {
+    /// How hits at `addr` are served, if a probe of this backend is there.
+    pub fn class_at(&self, addr: u64) -> Option<multiprobe_x86::Class> {
+        let i = *self.entry.get()?;
+        dispatchers::get(i)?.with_site(addr, |s| s.class())
+    }
+}
+
 /// Install the process-wide handlers and per-thread hooks (idempotent).
 pub(crate) fn install() {
     thread::setup();

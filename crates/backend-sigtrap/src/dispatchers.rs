@@ -42,6 +42,13 @@ pub(crate) fn detach(i: usize) {
     ENTRIES[i].store(std::ptr::null_mut(), Ordering::Release);
 }
 
+/// Entry `i`, if attached.
+pub(crate) fn get(i: usize) -> Option<&'static Dispatcher<Site>> {
+    let p = ENTRIES.get(i)?.load(Ordering::Acquire);
+    // SAFETY: non-null entries point to leaked, never-freed dispatchers.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
 /// Every attached dispatcher. Async-signal-safe.
 #[inline]
 pub(crate) fn each() -> impl Iterator<Item = &'static Dispatcher<Site>> {
