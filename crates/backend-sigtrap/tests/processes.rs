@@ -1,0 +1,232 @@
+//! Tests that need a process of their own: a probed instruction that faults (the process
+//! must see the fault at the original address, as if unprobed) and `fork` with probes
+//! armed. `harness = false`: `main` runs single-threaded, so forking is safe, and
+//! re-executes this binary for scenarios that end the process.
+
+mod asm;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use asm::*;
+use multiprobe_core::{Fault, FaultAction, FnHandler, Hit, PreAction};
+
+static PRE: AtomicU64 = AtomicU64::new(0);
+static FAULT_HOOK: AtomicU64 = AtomicU64::new(0);
+
+fn hex(mut v: u64, out: &mut [u8; 16]) {
+    for i in (0..16).rev() {
+        out[i] = b"0123456789abcdef"[(v & 15) as usize];
+        v >>= 4;
+    }
+}
+
+/// The program's own SIGSEGV handler: reports where the fault was seen, then exits.
+extern "C" fn report_segv(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: kernel-provided pointers of an SA_SIGINFO handler.
+    let (rip, addr) = unsafe {
+        let uc = &*ctx.cast::<libc::ucontext_t>();
+        (
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
+            (*info).si_addr() as u64,
+        )
+    };
+    let mut line =
+        *b"rip=................ addr=................ pre=................ hook=................\n";
+    let mut h = [0u8; 16];
+    for (v, at) in [
+        (rip, 4),
+        (addr, 26),
+        (PRE.load(Relaxed), 47),
+        (FAULT_HOOK.load(Relaxed), 69),
+    ] {
+        hex(v, &mut h);
+        line[at..at + 16].copy_from_slice(&h);
+    }
+    // SAFETY: async-signal-safe write and exit.
+    unsafe {
+        libc::write(1, line.as_ptr().cast(), line.len());
+        libc::_exit(42);
+    }
+}
+
+fn probe_load(
+    reg: &multiprobe_backend_sigtrap::SigtrapRegistry,
+) -> multiprobe_core::Registration<multiprobe_backend_sigtrap::SigtrapBackend> {
+    reg.register(
+        mp_t_load as *const () as u64,
+        FnHandler::new()
+            .pre(|_h: &mut Hit<'_>| {
+                PRE.fetch_add(1, Relaxed);
+                PreAction::Continue
+            })
+            .fault(|h: &mut Hit<'_>, f: &Fault| {
+                assert_eq!(
+                    h.regs().rip,
+                    h.addr(),
+                    "fault handlers see the original rip"
+                );
+                assert_eq!((f.signal, f.addr), (libc::SIGSEGV, 8));
+                FAULT_HOOK.fetch_add(1, Relaxed);
+                FaultAction::NotHandled
+            }),
+    )
+    .unwrap()
+}
+
+/// Child: the program has its own SIGSEGV handler (installed before the backend).
+fn child_segv_with_handler() {
+    // SAFETY: installing a plain SA_SIGINFO handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = report_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+    }
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = probe_load(&reg);
+    println!("probe={:016x}", mp_t_load as *const () as u64);
+    // SAFETY: deliberately faults; the handler above exits.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+/// Child: no handler of the program's (only Rust's default one): the process must die
+/// of SIGSEGV.
+fn child_segv_default() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = probe_load(&reg);
+    // SAFETY: deliberately faults.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+fn run_child(scenario: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .env("MP_SCENARIO", scenario)
+        .output()
+        .unwrap()
+}
+
+fn field(out: &str, name: &str) -> u64 {
+    let v = out
+        .split(|c: char| c.is_whitespace())
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in {out:?}"));
+    u64::from_str_radix(v, 16).unwrap()
+}
+
+fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
+    let out = run_child("segv_handler");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
+    assert_eq!(field(&text, "addr"), 8);
+    assert_eq!(field(&text, "pre"), 1);
+    assert_eq!(field(&text, "hook"), 1);
+}
+
+fn segv_under_the_default_action_kills_the_process_with_sigsegv() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("segv_default");
+    assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{:?}", out);
+}
+
+fn a_fault_handler_can_handle_the_fault() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_load as *const () as u64;
+    let g = reg
+        .register(
+            a,
+            FnHandler::new().fault(|h: &mut Hit<'_>, _f: &Fault| {
+                // Skip the 3-byte load, pretending it read 77.
+                let r = h.regs_mut();
+                r.rax = 77;
+                r.rip += 3;
+                FaultAction::Handled
+            }),
+        )
+        .unwrap();
+    // SAFETY: the fault is handled by the probe.
+    assert_eq!(unsafe { mp_t_load(8) }, 77);
+    let x = 1234u64;
+    // SAFETY: a valid pointer.
+    assert_eq!(unsafe { mp_t_load(&x as *const u64 as u64) }, 1234);
+    g.unregister().unwrap();
+}
+
+fn fork_with_probes_armed() {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg
+        .register(a, |_h: &mut Hit<'_>| {
+            HITS.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    // SAFETY: single-threaded here (harness = false), so the child may do anything.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // The child inherits the breakpoint, the slots and the handler.
+        // SAFETY: integer in, integer out.
+        let ok = (0..3).all(|x| unsafe { mp_t_imul(x) } == 7 * x) && HITS.load(Relaxed) == 3;
+        let unreg = g.unregister().is_ok_and(|s| s.hits == 3);
+        let restored = bytes(a, 1) != [0xcc];
+        // SAFETY: integer in, integer out.
+        let after = unsafe { mp_t_imul(5) } == 35 && HITS.load(Relaxed) == 3;
+        // SAFETY: leaving the child without running the parent's atexit machinery.
+        unsafe {
+            libc::_exit(if ok && unreg && restored && after {
+                0
+            } else {
+                1
+            })
+        };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    // The parent's probe is untouched by what the child did.
+    assert_eq!(bytes(a, 1), [0xcc]);
+    assert_eq!(HITS.load(Relaxed), 0);
+    // SAFETY: integer in, integer out.
+    assert_eq!(unsafe { mp_t_imul(2) }, 14);
+    assert_eq!(g.unregister().unwrap().hits, 1);
+}
+
+fn main() {
+    match std::env::var("MP_SCENARIO").as_deref() {
+        Ok("segv_handler") => return child_segv_with_handler(),
+        Ok("segv_default") => return child_segv_default(),
+        _ => {}
+    }
+    let tests: [(&str, fn()); 4] = [
+        (
+            "segv_is_seen_at_the_original_address_by_the_programs_handler",
+            segv_is_seen_at_the_original_address_by_the_programs_handler,
+        ),
+        (
+            "segv_under_the_default_action_kills_the_process_with_sigsegv",
+            segv_under_the_default_action_kills_the_process_with_sigsegv,
+        ),
+        (
+            "a_fault_handler_can_handle_the_fault",
+            a_fault_handler_can_handle_the_fault,
+        ),
+        ("fork_with_probes_armed", fork_with_probes_armed),
+    ];
+    for (name, t) in tests {
+        t();
+        println!("test {name} ... ok");
+    }
+    println!("\n{} passed, 0 failed", tests.len());
+}
