@@ -141,6 +141,12 @@ impl Backend for SigtrapBackend {
                 what: "the backend's signal handlers",
             });
         }
+        if symbols::reserved_entry(addr) {
+            return Err(Error::Reserved {
+                addr,
+                what: "libc function on the trap path",
+            });
+        }
         let sym = symbols::enclosing(addr);
         if let Some(what) = sym.as_ref().and_then(symbols::reserved) {
             return Err(Error::Reserved { addr, what });

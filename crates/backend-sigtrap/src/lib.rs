@@ -88,6 +88,13 @@ pub use backend::{SigtrapBackend, Site};
 pub use memory::LocalMemory;
 pub use ring::{HitRecord, HitRing};
 
+/// How many traps in this process hit a probe at the moment it was being removed (or
+/// re-armed) and were resolved by re-executing the instruction at the probed address —
+/// the race every breakpoint removal has with threads already trapping on it.
+pub fn reexecuted_traps() -> u64 {
+    trap::REEXECUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A registry of probes in this process.
 pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 

@@ -145,6 +145,26 @@ const RESERVED_C: [&str; 12] = [
     "__sigaction",
 ];
 
+/// Entry addresses of the C functions in [`RESERVED_C`] as this process resolved them
+/// (`dlsym` resolves an ifunc such as `memcpy` to the implementation actually called,
+/// whose local symbol a stripped libc does not name).
+pub(crate) fn reserved_entry(addr: u64) -> bool {
+    static ENTRIES: OnceLock<Vec<u64>> = OnceLock::new();
+    ENTRIES
+        .get_or_init(|| {
+            RESERVED_C
+                .iter()
+                .filter_map(|n| {
+                    let c = std::ffi::CString::new(*n).ok()?;
+                    // SAFETY: a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+                    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+                    (!p.is_null()).then_some(p as u64)
+                })
+                .collect()
+        })
+        .contains(&addr)
+}
+
 /// If `sym` is part of the probe machinery, which part.
 pub(crate) fn reserved(sym: &Symbol) -> Option<&'static str> {
     if let Some(c) = RESERVED_CRATES.iter().find(|c| sym.name.contains(*c)) {
@@ -194,5 +214,9 @@ mod tests {
         assert!(reserved(&named("_ZN15multiprobe_core8dispatch3pre17h0E")).is_some());
         assert_eq!(reserved(&named("my_memory_fn")), None);
         assert_eq!(enclosing(8), None);
+        // SAFETY: a NUL-terminated name.
+        let memcpy = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"memcpy".as_ptr()) } as u64;
+        assert!(reserved_entry(memcpy));
+        assert!(!reserved_entry(a));
     }
 }

@@ -45,6 +45,9 @@ std::thread_local! {
 
 static INSTALL: Once = Once::new();
 
+/// Traps that found their probe gone (or replaced) and re-executed the instruction.
+pub(crate) static REEXECUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Install the SIGTRAP handler (once per process).
 pub(crate) fn install() {
     INSTALL.call_once(|| {
@@ -176,6 +179,7 @@ fn not_ours(uc: &mut ucontext_t, a: u64) -> bool {
     }
     // The original byte is back (disarmed), or a probe was armed there again since.
     if b[0] != INT3 || dispatchers::each().any(|d| d.contains(a)) {
+        REEXECUTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         context::set_rip(uc, a);
         return true;
     }

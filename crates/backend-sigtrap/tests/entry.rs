@@ -12,14 +12,19 @@ fn add3(a: u64, b: u64, c: u64) -> u64 {
     std::hint::black_box(a) + b * 10 + c * 100
 }
 
+// A redirect changes what a call returns behind the compiler's back, so the results
+// must be opaque to it (it would otherwise infer `ret_one` returns 0 or 1 and fold the
+// comparison with 2).
 #[inline(never)]
 fn ret_one(x: u64) -> u64 {
-    u64::from(std::hint::black_box(x) != u64::MAX)
+    std::hint::black_box(x);
+    std::hint::black_box(1)
 }
 
 #[inline(never)]
 fn ret_two(x: u64) -> u64 {
-    2 * u64::from(std::hint::black_box(x) != u64::MAX)
+    std::hint::black_box(x);
+    std::hint::black_box(2)
 }
 
 #[inline(never)]
@@ -260,4 +265,71 @@ fn four_threads_hit_while_a_fifth_registers_and_unregisters() {
     // The handler registered throughout saw every call, exactly once.
     assert_eq!((s0.hits, s0.missed), (made, 0));
     assert_eq!(base.load(Relaxed), made);
+}
+
+#[inline(never)]
+fn churn_target(x: u64) -> u64 {
+    std::hint::black_box(x).wrapping_mul(0x9e37_79b9)
+}
+
+#[test]
+fn arming_and_disarming_while_threads_run_the_code_stays_transparent() {
+    // The only handler comes and goes, so the int3 is written and removed while two
+    // threads execute the function: a trap can find its probe already gone and must
+    // re-execute the restored instruction (or the process would die of SIGTRAP).
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = addr_of(churn_target);
+    let calls = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hitters: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (calls, stop) = (Arc::clone(&calls), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    assert_eq!(churn_target(t), t.wrapping_mul(0x9e37_79b9));
+                    calls.fetch_add(1, SeqCst);
+                }
+            })
+        })
+        .collect();
+    let mut hits = 0;
+    let c0 = calls.load(SeqCst);
+    for _ in 0..300 {
+        let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+        std::thread::yield_now();
+        hits += g.unregister().unwrap().hits;
+    }
+    let c1 = calls.load(SeqCst);
+    stop.store(true, Relaxed);
+    for h in hitters {
+        h.join().unwrap();
+    }
+    assert!(hits <= c1 - c0 + 2, "{hits} hits for {} calls", c1 - c0);
+    println!(
+        "{hits} hits, {} calls, {} re-executed traps so far in this process",
+        c1 - c0,
+        multiprobe_backend_sigtrap::reexecuted_traps()
+    );
+}
+
+#[test]
+fn short_lived_threads_give_their_state_back() {
+    // Each thread's dispatch state is created on its first hit, inside the signal
+    // handler, and dropped at thread exit by a pthread key destructor: many threads that
+    // hit once and exit must all be counted, and the grace period of the unregister
+    // below must end (no exiting thread may leave a read section behind).
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = addr_of(churn_target2);
+    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    for i in 0..40u64 {
+        std::thread::spawn(move || assert_eq!(churn_target2(i), i + 11))
+            .join()
+            .unwrap();
+    }
+    assert_eq!(g.unregister().unwrap().hits, 40);
+}
+
+#[inline(never)]
+fn churn_target2(x: u64) -> u64 {
+    std::hint::black_box(x) + 11
 }
