@@ -77,9 +77,11 @@ pub(crate) fn install(sig: c_int, handler: SigAction, on_stack: bool) -> io::Res
     // the install lock.
     unsafe { *slot.act.get() = Some(old) };
     slot.ready.store(true, Ordering::Release);
-    // SAFETY: valid pointers. Between the query and this call another thread could
-    // install a handler of its own; `old` is then refreshed so that one is chained.
-    if unsafe { libc::sigaction(sig, &new, &mut old) } != 0 {
+    // SAFETY: valid pointers. (A handler another thread installs between the query and
+    // this call would be replaced without being chained: the record above is final,
+    // because our handler may already be reading it. Installation happens once, when
+    // the first backend is created; install yours before that.)
+    if unsafe { libc::sigaction(sig, &new, std::ptr::null_mut()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -74,8 +74,7 @@ fn probe_load(
     .unwrap()
 }
 
-/// Child: the program has its own SIGSEGV handler (installed before the backend).
-fn child_segv_with_handler() {
+fn install_report_segv() {
     // SAFETY: installing a plain SA_SIGINFO handler.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -83,12 +82,70 @@ fn child_segv_with_handler() {
         sa.sa_flags = libc::SA_SIGINFO;
         libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
     }
+}
+
+/// Child: the program has its own SIGSEGV handler (installed before the backend).
+fn child_segv_with_handler() {
+    install_report_segv();
     let reg = multiprobe_backend_sigtrap::registry();
     let _g = probe_load(&reg);
     println!("probe={:016x}", mp_t_load as *const () as u64);
     // SAFETY: deliberately faults; the handler above exits.
     unsafe { mp_t_load(8) };
     unreachable!("the load faults");
+}
+
+/// Child: the program has its own SIGSEGV handler and faults in code that is not
+/// probed: the backend's fault handler must pass it on untouched.
+fn child_segv_unprobed() {
+    install_report_segv();
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .unwrap();
+    println!("probe={:016x}", mp_t_load as *const () as u64);
+    // SAFETY: deliberately faults; the handler exits.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+/// Child: an `int3` that is not a probe, under the default SIGTRAP action.
+fn child_foreign_int3() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .unwrap();
+    // SAFETY: deliberately traps.
+    unsafe { mp_t_int3() };
+    std::process::exit(0);
+}
+
+static FOREIGN_TRAPS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_trap(_sig: i32, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    FOREIGN_TRAPS.fetch_add(1, Relaxed);
+}
+
+/// Runs first, before this process has a backend: the program's own SIGTRAP handler
+/// keeps receiving its own `int3`s once the backend is installed over it.
+fn a_foreign_int3_reaches_the_programs_sigtrap_handler() {
+    // SAFETY: installing a plain SA_SIGINFO handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = count_trap as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut());
+    }
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    // SAFETY: `int3; ret`: the program's handler returns after the int3.
+    unsafe { mp_t_int3() };
+    assert_eq!(FOREIGN_TRAPS.load(Relaxed), 1);
+    // SAFETY: integer in, integer out. Our own probe is not handed on.
+    assert_eq!(unsafe { mp_t_imul(3) }, 21);
+    assert_eq!(FOREIGN_TRAPS.load(Relaxed), 1);
+    assert_eq!(g.unregister().unwrap().hits, 1);
 }
 
 /// Child: no handler of the program's (only Rust's default one): the process must die
@@ -129,6 +186,20 @@ fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
     assert_eq!(field(&text, "addr"), 8);
     assert_eq!(field(&text, "pre"), 1);
     assert_eq!(field(&text, "hook"), 1);
+}
+
+fn a_fault_outside_slots_reaches_the_programs_handler_untouched() {
+    let out = run_child("segv_unprobed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(42), "{text}");
+    assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
+    assert_eq!((field(&text, "addr"), field(&text, "pre")), (8, 0));
+}
+
+fn a_foreign_int3_under_the_default_action_kills_with_sigtrap() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("foreign_int3");
+    assert_eq!(out.status.signal(), Some(libc::SIGTRAP), "{:?}", out);
 }
 
 fn segv_under_the_default_action_kills_the_process_with_sigsegv() {
@@ -207,9 +278,24 @@ fn main() {
     match std::env::var("MP_SCENARIO").as_deref() {
         Ok("segv_handler") => return child_segv_with_handler(),
         Ok("segv_default") => return child_segv_default(),
+        Ok("segv_unprobed") => return child_segv_unprobed(),
+        Ok("foreign_int3") => return child_foreign_int3(),
         _ => {}
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 7] = [
+        // First: it must install its SIGTRAP handler before any backend exists.
+        (
+            "a_foreign_int3_reaches_the_programs_sigtrap_handler",
+            a_foreign_int3_reaches_the_programs_sigtrap_handler,
+        ),
+        (
+            "a_fault_outside_slots_reaches_the_programs_handler_untouched",
+            a_fault_outside_slots_reaches_the_programs_handler_untouched,
+        ),
+        (
+            "a_foreign_int3_under_the_default_action_kills_with_sigtrap",
+            a_foreign_int3_under_the_default_action_kills_with_sigtrap,
+        ),
         (
             "segv_is_seen_at_the_original_address_by_the_programs_handler",
             segv_is_seen_at_the_original_address_by_the_programs_handler,
