@@ -29,6 +29,7 @@ use crate::regs::Regs;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
 use crate::table::{SiteView, Table};
+use crate::HandlerId;
 
 /// How many deferred steps one thread can have at once (a step is interrupted by a
 /// signal whose handler hits another probe, and so on). Deeper nesting runs the
@@ -309,24 +310,24 @@ impl<S> Dispatcher<S> {
         };
         if ts.active.get() {
             // Rule 6: a handler hit a probe. Nobody runs; the instruction still does.
-            for slot in site.handlers.iter().filter(|s| s.enabled) {
-                slot.entry.counters.missed(shard);
+            for h in site.hot.iter() {
+                h.counters().missed(shard);
             }
             return step(false);
         }
         ts.active.set(true);
         site.shared.hits.hit(shard);
         let mut redirect = false;
-        for slot in site.handlers.iter().filter(|s| s.enabled) {
-            let e = &*slot.entry;
-            e.counters.hit(shard);
-            let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-            match catch_unwind(AssertUnwindSafe(|| e.handler.pre(&mut hit))) {
+        let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+        for h in site.hot.iter() {
+            h.counters().hit(shard);
+            hit.set_handler(h.id);
+            match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
                 Ok(PreAction::Continue) => {}
                 Ok(PreAction::Redirect) => redirect = true,
-                Err(payload) => report_panic(&e.counters, shard, payload),
+                Err(payload) => report_panic(h.counters(), shard, payload),
             }
-            if redirect || regs.rip != addr {
+            if redirect || hit.regs().rip != addr {
                 redirect = true;
                 break;
             }
@@ -339,12 +340,8 @@ impl<S> Dispatcher<S> {
         let mut post = site.any_post;
         if post && ts.pending() == MAX_PENDING {
             post = false;
-            for slot in site
-                .handlers
-                .iter()
-                .filter(|s| s.enabled && s.entry.has_post)
-            {
-                slot.entry.counters.missed(shard);
+            for h in site.hot.iter().filter(|h| h.has_post) {
+                h.counters().missed(shard);
             }
         }
         step(post)
@@ -371,15 +368,11 @@ impl<S> Dispatcher<S> {
         let was_active = ts.active.replace(true);
         // Enabled flags come from the same snapshot the pre walk used, so these are
         // exactly the handlers whose pre ran.
-        for slot in site
-            .handlers
-            .iter()
-            .filter(|s| s.enabled && s.entry.has_post)
-        {
-            let e = &*slot.entry;
-            let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| e.handler.post(&mut hit))) {
-                report_panic(&e.counters, shard, payload);
+        let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+        for h in site.hot.iter().filter(|h| h.has_post) {
+            hit.set_handler(h.id);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| h.handler().post(&mut hit))) {
+                report_panic(h.counters(), shard, payload);
             }
         }
         ts.active.set(was_active);
@@ -423,16 +416,16 @@ impl<S> Dispatcher<S> {
         let mut action = FaultAction::NotHandled;
         if !ts.active.get() {
             ts.active.set(true);
-            for slot in site.handlers.iter().filter(|s| s.enabled) {
-                let e = &*slot.entry;
-                let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-                match catch_unwind(AssertUnwindSafe(|| e.handler.fault(&mut hit, fault))) {
+            let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+            for h in site.hot.iter() {
+                hit.set_handler(h.id);
+                match catch_unwind(AssertUnwindSafe(|| h.handler().fault(&mut hit, fault))) {
                     Ok(FaultAction::Handled) => {
                         action = FaultAction::Handled;
                         break;
                     }
                     Ok(FaultAction::NotHandled) => {}
-                    Err(payload) => report_panic(&e.counters, shard, payload),
+                    Err(payload) => report_panic(h.counters(), shard, payload),
                 }
             }
             ts.active.set(false);

@@ -31,7 +31,7 @@ impl Rng {
             0x7fff_ffff,
         ];
         let r = self.next();
-        if r % 4 == 0 {
+        if r.is_multiple_of(4) {
             EDGES[(r >> 8) as usize % EDGES.len()]
         } else {
             self.next()
