@@ -15,7 +15,9 @@ use std::sync::{Mutex, OnceLock};
 use multiprobe_core::{Backend, Dispatcher, Error, Result};
 use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
 
-use crate::{dispatchers, fault, known, maps, memory, patch, slots, symbols, thread, trap};
+use multiprobe_symbols::Maps;
+
+use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
 
 const INT3: u8 = 0xcc;
 
@@ -122,9 +124,8 @@ impl Backend for SigtrapBackend {
         if addr >= 0x0000_8000_0000_0000 {
             return Err(bad(addr, "not a user-space address"));
         }
-        let map = maps::find(addr)
-            .map_err(|e| Error::io("reading /proc/self/maps", e))?
-            .ok_or(Error::Unmapped { addr })?;
+        let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
+        let map = maps.find(addr).ok_or(Error::Unmapped { addr })?;
         if !map.exec {
             return Err(Error::NotExecutable { addr });
         }
@@ -147,7 +148,7 @@ impl Backend for SigtrapBackend {
                 what: "libc function on the trap path",
             });
         }
-        let sym = symbols::enclosing(addr);
+        let sym = symbols::enclosing(addr, &maps);
         if let Some(what) = sym.as_ref().and_then(symbols::reserved) {
             return Err(Error::Reserved { addr, what });
         }

@@ -74,7 +74,6 @@ mod context;
 mod dispatchers;
 mod fault;
 mod known;
-mod maps;
 mod memory;
 mod patch;
 mod ring;

@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-use crate::maps;
+use multiprobe_symbols::{Maps, Region};
 
 struct Mem {
     pid: libc::pid_t,
@@ -111,9 +111,27 @@ pub(crate) fn write(addr: u64, bytes: &[u8]) -> io::Result<()> {
     r
 }
 
+/// `PROT_*` bits of a mapping.
+fn prot(r: &Region) -> libc::c_int {
+    let mut p = 0;
+    if r.read {
+        p |= libc::PROT_READ;
+    }
+    if r.write {
+        p |= libc::PROT_WRITE;
+    }
+    if r.exec {
+        p |= libc::PROT_EXEC;
+    }
+    p
+}
+
 /// The fallback: make the pages writable too, store, restore their permissions.
 fn write_mprotect(addr: u64, bytes: &[u8]) -> io::Result<()> {
-    let map = maps::find(addr)?.ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+    let maps = Maps::read(0)?;
+    let map = maps
+        .find(addr)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
     if addr + bytes.len() as u64 > map.end {
         return Err(io::Error::from_raw_os_error(libc::EFAULT));
     }
@@ -122,8 +140,7 @@ fn write_mprotect(addr: u64, bytes: &[u8]) -> io::Result<()> {
     let len = ((addr + bytes.len() as u64 + page - 1) & !(page - 1)) - start;
     // SAFETY: the range lies within one existing mapping; adding PROT_WRITE keeps it
     // readable and executable for every thread running there.
-    if unsafe { libc::mprotect(start as *mut _, len as usize, map.prot() | libc::PROT_WRITE) } != 0
-    {
+    if unsafe { libc::mprotect(start as *mut _, len as usize, prot(map) | libc::PROT_WRITE) } != 0 {
         return Err(io::Error::last_os_error());
     }
     for (i, b) in bytes.iter().enumerate() {
@@ -131,7 +148,7 @@ fn write_mprotect(addr: u64, bytes: &[u8]) -> io::Result<()> {
         unsafe { std::ptr::write_volatile((addr as *mut u8).add(i), *b) };
     }
     // SAFETY: restores the permissions read from /proc/self/maps.
-    if unsafe { libc::mprotect(start as *mut _, len as usize, map.prot()) } != 0 {
+    if unsafe { libc::mprotect(start as *mut _, len as usize, prot(map)) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -167,8 +184,10 @@ mod tests {
         // SAFETY: readable page.
         assert_eq!(unsafe { *(a as *const u8) }, 0x00);
         // Permissions are as before.
-        let m = maps::find(a).unwrap().unwrap();
+        let maps = Maps::read(0).unwrap();
+        let m = maps.find(a).unwrap();
         assert!(m.exec && !m.write);
+        assert_eq!(prot(m), libc::PROT_READ | libc::PROT_EXEC);
         // SAFETY: our mapping.
         unsafe { libc::munmap(p, 4096) };
         assert!(write(a, &[1]).is_err());

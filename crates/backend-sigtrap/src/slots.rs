@@ -25,7 +25,9 @@ use std::sync::Mutex;
 use multiprobe_x86::MAX_SLOT_LEN;
 
 use crate::backend::BlockInfo;
-use crate::{maps, patch};
+use multiprobe_symbols::Maps;
+
+use crate::patch;
 
 /// Size of one block: header, jump-back slot, trap-after slot, each 64-byte aligned.
 pub(crate) const BLOCK: u64 = 256;
@@ -170,42 +172,16 @@ pub(crate) fn publish(
     Ok(())
 }
 
-/// Map a region in the free gap closest to `addr` that keeps all of it within reach.
-fn map_region_near(addr: u64) -> io::Result<u64> {
-    let maps = maps::all()?;
-    let lo_limit = addr.saturating_sub(REACH).max(0x10000);
-    let hi_limit = addr.saturating_add(REACH).min(0x7fff_ffff_0000);
-    // Gaps between mappings, clipped to the window, as [start, end).
-    let mut candidates: Vec<u64> = Vec::new();
-    let mut prev_end = lo_limit;
-    for m in maps.iter().chain(std::iter::once(&maps::Mapping {
-        start: hi_limit,
-        end: hi_limit,
-        read: false,
-        write: false,
-        exec: false,
-        offset: 0,
-        path: String::new(),
-    })) {
-        let (gs, ge) = (prev_end.max(lo_limit), m.start.min(hi_limit));
-        // The region-aligned place in the gap nearest to `addr`.
-        let s = if gs >= addr {
-            (gs + REGION - 1) & !(REGION - 1)
-        } else {
-            ge.saturating_sub(REGION) & !(REGION - 1)
+/// Map a region in the free gap closest to `center` that keeps all of it within reach.
+fn map_region_near(center: u64) -> io::Result<u64> {
+    // Another thread may map something into the gap between reading the maps and our
+    // mmap: MAP_FIXED_NOREPLACE then fails, and we look again.
+    for _ in 0..8 {
+        let maps = Maps::read(0)?;
+        let Some(s) = maps.free_near(center, center + 1, REGION, REACH) else {
+            break;
         };
-        if ge > gs && s >= gs && s + REGION <= ge {
-            candidates.push(s);
-        }
-        prev_end = prev_end.max(m.end);
-    }
-    candidates.sort_by_key(|s| s.abs_diff(addr));
-    for s in candidates {
-        if !(near(s, addr) && near(s + REGION, addr)) {
-            continue;
-        }
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; it fails with
-        // EEXIST if something appeared there since maps was read.
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
         let p = unsafe {
             libc::mmap(
                 s as *mut libc::c_void,
@@ -220,15 +196,15 @@ fn map_region_near(addr: u64) -> io::Result<u64> {
             continue;
         }
         if p as u64 != s {
-            // An old kernel without MAP_FIXED_NOREPLACE treats it as a hint.
-            // SAFETY: the mapping just made, not used by anyone.
+            // An old kernel without MAP_FIXED_NOREPLACE treats the address as a hint.
+            // SAFETY: the mapping just made, unused.
             unsafe { libc::munmap(p, REGION as usize) };
-            continue;
+            break;
         }
         return Ok(s);
     }
     Err(io::Error::other(format!(
-        "no free address space for slots within 2 GiB of {addr:#x}"
+        "no free address space for slots within 2 GiB of {center:#x}"
     )))
 }
 

@@ -90,7 +90,7 @@ pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
             if key != u32::MAX {
                 // SAFETY: a key created by `setup`; a non-null value makes its
                 // destructor run at thread exit. Allocation-free for low keys.
-                unsafe { libc::pthread_setspecific(key, 1 as *const libc::c_void) };
+                unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<libc::c_void>()) };
             }
         }
     });
