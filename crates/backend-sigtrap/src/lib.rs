@@ -94,6 +94,13 @@ pub fn reexecuted_traps() -> u64 {
     trap::REEXECUTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// How many `int3` traps the calling thread has taken into the backend's SIGTRAP
+/// handler so far: what a hit costs, in traps (a boosted or emulated hit takes one, a hit
+/// with a post-handler on a relocated instruction two).
+pub fn traps_on_this_thread() -> u64 {
+    trap::traps_on_this_thread()
+}
+
 /// A registry of probes in this process.
 pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 

@@ -41,6 +41,13 @@ const SI_KERNEL: c_int = 0x80;
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).
     static IN_TRAP: Cell<u32> = const { Cell::new(0) };
+    /// `int3` traps this thread took into our handler (ours or not).
+    static TRAPS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// `int3` traps the calling thread has taken into the backend's handler.
+pub(crate) fn traps_on_this_thread() -> u64 {
+    TRAPS.with(Cell::get)
 }
 
 static INSTALL: Once = Once::new();
@@ -70,6 +77,7 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     // handler, exclusively ours for the duration of the call.
     let (si, uc) = unsafe { (&*info, &mut *ctx.cast::<ucontext_t>()) };
     let ours = si.si_code == SI_KERNEL && {
+        TRAPS.with(|t| t.set(t.get() + 1));
         let depth = IN_TRAP.with(|d| d.replace(d.get() + 1));
         let ours = thread::with_state(|ts| on_int3(ts, uc, depth > 0));
         IN_TRAP.with(|d| d.set(depth));

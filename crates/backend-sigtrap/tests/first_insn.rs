@@ -93,10 +93,18 @@ fn every_first_instruction_kind_runs_once_with_pre_and_post_handlers() {
             "{}: {class:?}",
             c.name
         );
+        let traps = multiprobe_backend_sigtrap::traps_on_this_thread();
         for x in 0..5u64 {
             // SAFETY: the test functions take and return integers.
             assert_eq!(unsafe { (c.f)(x) }, (c.expect)(x), "{} boosted", c.name);
         }
+        // One trap per hit without post-handlers, emulated or out of line.
+        assert_eq!(
+            multiprobe_backend_sigtrap::traps_on_this_thread() - traps,
+            5,
+            "{}",
+            c.name
+        );
         assert_eq!(pre.load(Relaxed), 5, "{}", c.name);
         assert_eq!(rdi_seen.load(Relaxed), 4, "{}", c.name);
         // Now a post-handler joins the same site: every hit must run it, and it sees the
@@ -113,10 +121,19 @@ fn every_first_instruction_kind_runs_once_with_pre_and_post_handlers() {
                     }),
             )
             .unwrap();
+        let traps = multiprobe_backend_sigtrap::traps_on_this_thread();
         for x in 10..15u64 {
             // SAFETY: as above.
             assert_eq!(unsafe { (c.f)(x) }, (c.expect)(x), "{} with post", c.name);
         }
+        // With a post-handler: emulation still needs one trap, a slot two.
+        let per_hit = if c.emulated { 1 } else { 2 };
+        assert_eq!(
+            multiprobe_backend_sigtrap::traps_on_this_thread() - traps,
+            5 * per_hit,
+            "{}",
+            c.name
+        );
         assert_eq!(pre.load(Relaxed), 10, "{}", c.name);
         assert_eq!(
             post.load(Relaxed),
