@@ -74,14 +74,34 @@ fn probe_load(
     .unwrap()
 }
 
-fn install_report_segv() {
+fn install_report(sig: i32) {
     // SAFETY: installing a plain SA_SIGINFO handler.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = report_segv as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
     }
+}
+
+fn install_report_segv() {
+    install_report(libc::SIGSEGV);
+}
+
+/// Child: a divide error in a relocated `div`: the program's SIGFPE handler sees `rip`
+/// and `si_addr` (the faulting instruction, for SIGFPE) at the original address.
+fn child_fpe_with_handler() {
+    install_report(libc::SIGFPE);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_div as *const () as u64, |_h: &mut Hit<'_>| {
+            PRE.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    println!("probe={:016x}", mp_t_div as *const () as u64);
+    // SAFETY: deliberately divides by zero; the handler exits.
+    unsafe { mp_t_div(1, 0) };
+    unreachable!("the division faults");
 }
 
 /// Child: the program has its own SIGSEGV handler (installed before the backend).
@@ -196,6 +216,24 @@ fn a_fault_outside_slots_reaches_the_programs_handler_untouched() {
     assert_eq!((field(&text, "addr"), field(&text, "pre")), (8, 0));
 }
 
+fn sigfpe_is_seen_at_the_original_address_with_its_si_addr() {
+    let out = run_child("fpe_handler");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe = field(&text, "probe");
+    assert_eq!(
+        (field(&text, "rip"), field(&text, "addr")),
+        (probe, probe),
+        "{text}"
+    );
+    assert_eq!(field(&text, "pre"), 1);
+}
+
 fn a_foreign_int3_under_the_default_action_kills_with_sigtrap() {
     use std::os::unix::process::ExitStatusExt;
     let out = run_child("foreign_int3");
@@ -280,9 +318,10 @@ fn main() {
         Ok("segv_default") => return child_segv_default(),
         Ok("segv_unprobed") => return child_segv_unprobed(),
         Ok("foreign_int3") => return child_foreign_int3(),
+        Ok("fpe_handler") => return child_fpe_with_handler(),
         _ => {}
     }
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         // First: it must install its SIGTRAP handler before any backend exists.
         (
             "a_foreign_int3_reaches_the_programs_sigtrap_handler",
@@ -291,6 +330,10 @@ fn main() {
         (
             "a_fault_outside_slots_reaches_the_programs_handler_untouched",
             a_fault_outside_slots_reaches_the_programs_handler_untouched,
+        ),
+        (
+            "sigfpe_is_seen_at_the_original_address_with_its_si_addr",
+            sigfpe_is_seen_at_the_original_address_with_its_si_addr,
         ),
         (
             "a_foreign_int3_under_the_default_action_kills_with_sigtrap",

@@ -45,6 +45,7 @@ core::arch::global_asm!(
     func!("mp_t_lea", "lea rax, [rip + mp_t_data]", "ret"),
     func!("mp_t_imul", "imul rax, rdi, 7", "ret"),
     func!("mp_t_load", "mov rax, qword ptr [rdi]", "ret"),
+    func!("mp_t_div", "div rsi", "ret"),
     func!("mp_t_mid", "mov eax, 0x12345678", "ret"),
     func!("mp_t_int80", "int 0x80", "ret"),
     func!("mp_t_int3", "int3", "ret"),
@@ -75,6 +76,8 @@ extern "C" {
     pub fn mp_t_imul(x: u64) -> u64;
     /// `mov rax, [rdi]` first: faults for a bad pointer.
     pub fn mp_t_load(p: u64) -> u64;
+    /// `div rsi` first (relocated): raises SIGFPE when `divisor` is 0.
+    pub fn mp_t_div(x: u64, divisor: u64) -> u64;
     /// A 5-byte `mov` first; returns `0x12345678`.
     pub fn mp_t_mid() -> u64;
     /// `int 0x80` first (never called).
