@@ -19,7 +19,11 @@
 //!
 //! A trap inside our own machinery (a probed libc function our code called, say) runs
 //! no handlers: the instruction is just executed, so dispatch can never recurse into
-//! itself. Handlers calling probed code are caught by the core (counted as missed).
+//! itself. It is told apart from a hit in another signal's handler that interrupted
+//! ours by the signal mask (see `on_sigtrap`); such a hit, which the mask cannot tell
+//! apart (an `SA_NODEFER` handler with an empty mask), is executed without running
+//! handlers and without being counted. Handlers calling probed code are caught by the
+//! core (counted as missed).
 //!
 //! Everything here is async-signal-safe: no lock, no allocation, no system call on the
 //! paths of a hit (only handing a foreign signal on makes system calls).
@@ -41,6 +45,8 @@ const SI_KERNEL: c_int = 0x80;
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).
     static IN_TRAP: Cell<u32> = const { Cell::new(0) };
+    /// Signal mask (signals 1-64) of the code the innermost trap of ours interrupted.
+    static TRAP_MASK: Cell<u64> = const { Cell::new(0) };
     /// `int3` traps this thread took into our handler (ours or not).
     static TRAPS: Cell<u64> = const { Cell::new(0) };
 }
@@ -78,8 +84,16 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     let (si, uc) = unsafe { (&*info, &mut *ctx.cast::<ucontext_t>()) };
     let ours = si.si_code == SI_KERNEL && {
         TRAPS.with(|t| t.set(t.get() + 1));
+        let mask = mask_word(uc);
         let depth = IN_TRAP.with(|d| d.replace(d.get() + 1));
-        let ours = thread::with_state(|ts| on_int3(ts, uc, depth > 0));
+        let outer_mask = TRAP_MASK.with(|m| m.replace(mask));
+        // Our handler changes no signal mask, so a trap raised by our own code runs
+        // under the mask of the trap it is nested in; a trap from another signal's
+        // handler that interrupted ours normally runs with that signal blocked, and is
+        // an ordinary hit (the core nests such dispatches).
+        let machinery = depth > 0 && mask == outer_mask;
+        let ours = thread::with_state(|ts| on_int3(ts, uc, machinery));
+        TRAP_MASK.with(|m| m.set(outer_mask));
         IN_TRAP.with(|d| d.set(depth));
         ours
     };
@@ -91,7 +105,7 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
 
 /// Handle an `int3` that stopped at `uc`'s `rip`. Returns false if it is not ours.
 #[inline]
-fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, nested: bool) -> bool {
+fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
     let rip = context::rip(uc);
     let a = rip.wrapping_sub(1);
     if let Some(info) = slots::lookup(a) {
@@ -100,7 +114,7 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, nested: bool) -> bool {
     let tid = thread::tid();
     let mut regs = context::load(uc);
     regs.rip = a;
-    if nested && !ts.in_handler() {
+    if machinery && !ts.in_handler() {
         // A trap inside our own trap path: execute the instruction, run nothing.
         return step_quietly(uc, a, &mut regs);
     }
@@ -159,6 +173,17 @@ fn after_slot(ts: &ThreadState, uc: &mut ucontext_t, info: &BlockInfo, rip: u64)
     }
     context::store(uc, &regs);
     true
+}
+
+/// The first word (signals 1-64) of the mask the interrupted code ran under.
+fn mask_word(uc: &ucontext_t) -> u64 {
+    // SAFETY: `sigset_t` is at least 8 bytes of plain data; the kernel's mask is its
+    // first word on x86-64.
+    unsafe {
+        (&uc.uc_sigmask as *const libc::sigset_t)
+            .cast::<u64>()
+            .read_unaligned()
+    }
 }
 
 /// Execute the instruction at `a` without dispatching (nested trap in our own code).
