@@ -63,6 +63,11 @@
 //! * Code of the probe machinery (this crate, `multiprobe-core`, `multiprobe-x86`,
 //!   libc's string functions, signal trampolines) is refused when symbols say so; a
 //!   trap in our own trap path is stepped without running handlers in any case.
+//! * A hit with a post-handler on a relocated instruction keeps a read section of the
+//!   core open while the thread runs the slot (until its trailing `int3`). A thread that
+//!   never gets there — a signal handler that `siglongjmp`s out of the slot — leaves it
+//!   open, and `unregister` at that address then waits forever. (A thread that exits
+//!   gives its state back.)
 //! * `fork` with probes armed: the child inherits the breakpoints and slots and keeps
 //!   working. A thread other than the forking one that was inside a two-trap hit at the
 //!   moment of the fork leaves a read section open in the child (the core's grace
