@@ -69,9 +69,9 @@
 //!   open, and `unregister` at that address then waits forever. (A thread that exits
 //!   gives its state back.)
 //! * `fork` with probes armed: the child inherits the breakpoints and slots and keeps
-//!   working. A thread other than the forking one that was inside a two-trap hit at the
-//!   moment of the fork leaves a read section open in the child (the core's grace
-//!   periods then never end there).
+//!   working; the read sections of the parent's other threads (a thread between a pre
+//!   and its post at the fork) are forgotten in the child. As with any mutex, a fork
+//!   while another thread is inside a registration leaves the child's registry locked.
 #![warn(missing_docs)]
 
 mod backend;

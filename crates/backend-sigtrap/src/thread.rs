@@ -78,6 +78,13 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
 
 extern "C" fn after_fork_child() {
     TID.with(|t| t.set(0));
+    // The parent's other threads do not exist here: forget their read sections, or a
+    // thread that was between a pre and its post at the fork would hold every grace
+    // period of the child open forever. (Refused, harmlessly, if this thread forked from
+    // inside a handler.)
+    for d in crate::dispatchers::each() {
+        d.reset_after_fork();
+    }
 }
 
 /// Run `f` with this thread's dispatch state. Async-signal-safe.

@@ -312,6 +312,68 @@ fn fork_with_probes_armed() {
     assert_eq!(g.unregister().unwrap().hits, 1);
 }
 
+/// A thread is inside a hit (its pre-handler is running) when the process forks. In the
+/// child that thread does not exist, but its read section was copied: the backend's fork
+/// hook must forget it, or unregistering in the child would wait forever.
+fn fork_while_another_thread_is_inside_a_hit() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    static INSIDE: AtomicBool = AtomicBool::new(false);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg
+        .register(a, |_h: &mut Hit<'_>| {
+            INSIDE.store(true, Relaxed);
+            while !RELEASE.load(Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = Arc::clone(&done);
+    // SAFETY: integer in, integer out.
+    let hitter = std::thread::spawn(move || {
+        let r = unsafe { mp_t_imul(3) };
+        d2.store(true, Relaxed);
+        r
+    });
+    while !INSIDE.load(Relaxed) {
+        std::hint::spin_loop();
+    }
+    // SAFETY: the child only unregisters (no allocation-sensitive locks are held by the
+    // spinning thread: it is inside a handler that touches atomics only) and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = g.unregister().is_ok();
+        // SAFETY: leaving the child without the parent's atexit machinery.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child, with a deadline so a hang fails the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: killing our own hung child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the child's unregister waited for a thread that does not exist there");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    RELEASE.store(true, Relaxed);
+    assert_eq!(hitter.join().unwrap(), 21);
+    assert!(done.load(Relaxed));
+    assert_eq!(g.unregister().unwrap().hits, 1);
+}
+
 fn main() {
     match std::env::var("MP_SCENARIO").as_deref() {
         Ok("segv_handler") => return child_segv_with_handler(),
@@ -321,7 +383,7 @@ fn main() {
         Ok("fpe_handler") => return child_fpe_with_handler(),
         _ => {}
     }
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
         // First: it must install its SIGTRAP handler before any backend exists.
         (
             "a_foreign_int3_reaches_the_programs_sigtrap_handler",
@@ -352,6 +414,11 @@ fn main() {
             a_fault_handler_can_handle_the_fault,
         ),
         ("fork_with_probes_armed", fork_with_probes_armed),
+        // Last: it leaves a thread behind until it releases it.
+        (
+            "fork_while_another_thread_is_inside_a_hit",
+            fork_while_another_thread_is_inside_a_hit,
+        ),
     ];
     for (name, t) in tests {
         t();
