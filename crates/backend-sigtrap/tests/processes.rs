@@ -332,8 +332,8 @@ fn fork_while_another_thread_is_inside_a_hit() {
         .unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let d2 = Arc::clone(&done);
-    // SAFETY: integer in, integer out.
     let hitter = std::thread::spawn(move || {
+        // SAFETY: integer in, integer out.
         let r = unsafe { mp_t_imul(3) };
         d2.store(true, Relaxed);
         r
@@ -350,9 +350,10 @@ fn fork_while_another_thread_is_inside_a_hit() {
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     let mut status = 0;
-    // SAFETY: waiting for our child, with a deadline so a hang fails the test.
+    // A deadline, so a hang fails the test instead of stalling it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
+        // SAFETY: waiting for our own child, without blocking.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         if r == pid {
             break;
