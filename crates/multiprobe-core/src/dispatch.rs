@@ -51,6 +51,12 @@ struct Pending {
 /// deferred steps waiting for their post-handlers. It is neither `Send` nor `Sync`:
 /// create and use it on one OS thread. `new` is `const`, so it can live in a
 /// `thread_local!` with a `const` initializer, which a signal handler may touch.
+///
+/// It has a `Drop` (ending deferred steps, giving back its shard). In a `thread_local!`
+/// that is touched first from a signal handler, wrap it in `ManuallyDrop`: the standard
+/// library registers a thread-local's destructor lazily, at first use, and that
+/// registration allocates. Call [`ThreadState::abandon`] and drop it at thread exit
+/// some other way (a `pthread_key_create` destructor, for example).
 pub struct ThreadState {
     shard: Cell<Option<Shard>>,
     active: Cell<bool>,
@@ -441,6 +447,41 @@ impl<S> Dispatcher<S> {
         }
         ts.pop();
         Some((top.site.cast(), top.token))
+    }
+
+    /// Count a hit at `addr` as missed by every enabled handler there, without running
+    /// any: for a backend that takes a trap it cannot dispatch (it interrupted the
+    /// backend's own trap path, say). Returns whether a probe is registered at `addr`.
+    pub fn miss(&self, ts: &ThreadState, addr: u64) -> bool {
+        let domain = &self.table.domain;
+        let shard = ts.shard();
+        let token = domain.enter(shard);
+        // SAFETY: inside the read section, closed below after the last use.
+        let found = match unsafe { self.table.lookup(addr) } {
+            Some(site) => {
+                for h in site.hot.iter() {
+                    h.counters().missed(shard);
+                }
+                true
+            }
+            None => false,
+        };
+        domain.exit(token);
+        found
+    }
+
+    /// In the child of a `fork`, forget the read sections of the parent's other threads,
+    /// which do not exist in the child and would otherwise hold every grace period open
+    /// forever. Call it from the child before anything else uses the registry (a
+    /// `pthread_atfork` child handler). Returns false, and forgets nothing, if the calling
+    /// thread itself holds a read section (it forked from inside a handler); then only
+    /// sections of this thread can be told apart, so none are.
+    pub fn reset_after_fork(&self) -> bool {
+        if crate::sync::held::any() {
+            return false;
+        }
+        self.table.domain.forget_readers();
+        true
     }
 
     /// Whether a probe is registered at `addr` right now. Thread context or signal

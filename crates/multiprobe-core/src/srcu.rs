@@ -158,6 +158,15 @@ impl Domain {
         }
     }
 
+    /// Zero every reader count: only valid when no thread of the process holds a read
+    /// section (the child of a fork, whose other threads are gone, when the forking
+    /// thread holds none).
+    pub(crate) fn forget_readers(&self) {
+        for c in &self.readers {
+            c.store(0, Release);
+        }
+    }
+
     /// Whether no read section is open in either epoch.
     pub(crate) fn idle(&self) -> bool {
         barrier::heavy();
