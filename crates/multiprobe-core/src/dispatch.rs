@@ -391,6 +391,12 @@ impl<S> Dispatcher<S> {
     /// have. Fault handlers run in registration order until one handles it. Ends the
     /// deferred step for `addr`, if there is one. `NotHandled`: deliver the fault to the
     /// program as if unprobed (rule 7).
+    ///
+    /// Which handlers are asked: for a deferred step (one waiting for its posts), those
+    /// enabled in the snapshot its pre walk used — exactly the ones whose pre ran. For a
+    /// step that ended with the pre walk (boosted), the read section is gone by the time
+    /// the instruction runs, so those enabled when the fault is dispatched: a handler
+    /// registered or enabled in between may see a fault of a hit whose pre it missed.
     pub fn fault(
         &self,
         ts: &ThreadState,

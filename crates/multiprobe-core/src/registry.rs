@@ -414,19 +414,11 @@ impl<B: Backend> Inner<B> {
             entry: Arc::clone(&entry),
             enabled,
         });
-        if let Err(e) =
-            self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))
-        {
-            // Only a failed arm (which restored the old view) fails the registration. A
-            // disarm retried on a site an earlier failure kept armed published the new
-            // view anyway: the handler is registered; the breakpoint just stays.
-            let published = w
-                .get(addr)
-                .is_some_and(|v| v.handlers.iter().any(|s| s.entry.id == entry.id));
-            if !published {
-                return Err(e);
-            }
-        }
+        // A failed arm fails the registration (nothing changed). A disarm retried on a
+        // site an earlier failure kept armed may fail again: the handler is registered
+        // all the same, and the breakpoint just stays.
+        let _stuck =
+            self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))?;
         self.index.insert(entry.id, Arc::clone(&entry));
         Ok(entry)
     }
@@ -451,7 +443,10 @@ impl<B: Backend> Inner<B> {
             .collect();
         let new = (!handlers.is_empty()).then(|| SiteView::new(Arc::clone(&old.shared), handlers));
         self.index.remove(&id);
-        let disarmed = self.transition(w, entry.addr, Some(&old), new);
+        let disarmed = match self.transition(w, entry.addr, Some(&old), new) {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) | Err(e) => Err(e),
+        };
         Ok((entry, disarmed))
     }
 
@@ -478,34 +473,33 @@ impl<B: Backend> Inner<B> {
             })
             .collect();
         let new = SiteView::new(Arc::clone(&old.shared), handlers);
-        let result = self.transition(&mut w, entry.addr, Some(&old), Some(new));
-        // The mirror follows the published view: a failed arm restored the old view, but
-        // a failed disarm published the change (hits no longer run a disabled handler).
-        let published = w.get(entry.addr).is_some_and(|v| {
-            v.handlers
-                .iter()
-                .any(|s| s.entry.id == id && s.enabled == on)
-        });
-        if published {
-            entry.enabled.store(on, Relaxed);
-        }
+        // An arm failure changed nothing; a disarm failure published the change (hits no
+        // longer run a disabled handler), so the mirror follows and the error is reported.
+        let stuck = self.transition(&mut w, entry.addr, Some(&old), Some(new))?;
+        entry.enabled.store(on, Relaxed);
         w.maybe_reclaim();
-        result
+        stuck.map_or(Ok(()), Err)
     }
 
     /// Replace the view of `addr` (`old` → `new`) and bring the breakpoint in step:
-    /// publish-then-arm, disarm-then-unpublish. On an arm failure `old` is restored.
+    /// publish-then-arm, disarm-then-unpublish.
+    ///
+    /// `Err`: the arm failed and `old` was published again — nothing changed.
+    /// `Ok(None)`: `new` is published and the breakpoint is in step.
+    /// `Ok(Some(e))`: `new` is published (the change took effect: hits run exactly its
+    /// handlers) but the backend could not remove the breakpoint, which stays, keeping the
+    /// site published even if it has no handler left (module invariants).
     fn transition(
         &self,
         w: &mut TableWriter<B::Site>,
         addr: u64,
         old: Option<&SiteView<B::Site>>,
         new: Option<SiteView<B::Site>>,
-    ) -> Result<()> {
+    ) -> Result<Option<Error>> {
         use crate::sync::atomic::Ordering::Relaxed;
         let shared = match (&new, old) {
             (Some(v), _) | (None, Some(v)) => Arc::clone(&v.shared),
-            (None, None) => return Ok(()),
+            (None, None) => return Ok(None),
         };
         let armed = shared.armed.load(Relaxed);
         let want = new.as_ref().is_some_and(|v| v.any_enabled());
@@ -525,13 +519,13 @@ impl<B: Backend> Inner<B> {
                 Err(e) => {
                     let keep = new.unwrap_or_else(|| SiteView::new(shared, SmallVec::new()));
                     w.set(addr, Some(keep));
-                    return Err(e);
+                    return Ok(Some(e));
                 }
             }
         } else {
             w.set(addr, new);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Wait for the grace period of what was unlinked up to `stamp`, then free it —
