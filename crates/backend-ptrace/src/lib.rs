@@ -1,0 +1,6 @@
+//! placeholder
+mod elf;
+mod error;
+mod maps;
+mod mem;
+mod sys;

@@ -1,0 +1,155 @@
+//! `/proc/PID/maps`: which address ranges exist, with what permissions and file.
+
+use multiprobe_core::Result;
+
+use crate::error;
+use crate::sys::Tid;
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The mapped file, or a pseudo name (`[vdso]`, `[stack]`), or empty.
+    pub path: String,
+}
+
+impl Region {
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+
+    /// Whether a real file is mapped here (not anonymous, not `[vdso]`, not deleted).
+    pub fn is_file(&self) -> bool {
+        self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
+    }
+}
+
+/// The address space of a process, in address order.
+#[derive(Clone, Debug, Default)]
+pub struct Maps {
+    pub regions: Vec<Region>,
+}
+
+impl Maps {
+    pub fn read(pid: Tid) -> Result<Maps> {
+        let path = format!("/proc/{pid}/maps");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| error::proc_io(e, format_args!("read {path}")))?;
+        Ok(Self::parse(&text))
+    }
+
+    pub fn parse(text: &str) -> Maps {
+        let regions = text.lines().filter_map(parse_line).collect();
+        Maps { regions }
+    }
+
+    pub fn find(&self, addr: u64) -> Option<&Region> {
+        self.regions.iter().find(|r| r.contains(addr))
+    }
+
+    /// A free, page-aligned range of `len` bytes whose every byte is within `reach` of
+    /// every byte of `[lo, hi)`, as close to it as possible; `None` if there is none.
+    /// Used to place out-of-line pages where a rel32 jump reaches the probed code.
+    pub fn free_near(&self, lo: u64, hi: u64, len: u64, reach: u64) -> Option<u64> {
+        const PAGE: u64 = 4096;
+        const MIN: u64 = 0x10000; // stay clear of mmap_min_addr
+        const TOP: u64 = 0x7fff_ffff_f000; // user space ends here on x86-64 (4 levels)
+        let want_lo = hi.saturating_sub(reach).max(MIN);
+        let want_hi = lo.saturating_add(reach).min(TOP);
+        let mut best: Option<(u64, u64)> = None; // (distance, address)
+        let mut gap_lo = MIN;
+        let bounds = self.regions.iter().map(|r| (r.start, r.end));
+        for (gap_hi, next_lo) in bounds.chain(std::iter::once((TOP, TOP))) {
+            let a = gap_lo.max(want_lo).next_multiple_of(PAGE);
+            let b = gap_hi.min(want_hi) & !(PAGE - 1);
+            gap_lo = gap_lo.max(next_lo);
+            if b < a || b - a < len {
+                continue;
+            }
+            // The closest place in this gap: its top if it lies below the code, else its
+            // bottom.
+            let cand = if b <= lo { b - len } else { a };
+            let dist = if cand + len <= lo {
+                lo - (cand + len)
+            } else {
+                cand.saturating_sub(hi)
+            };
+            if best.is_none_or(|(d, _)| dist < d) {
+                best = Some((dist, cand));
+            }
+        }
+        best.map(|(_, a)| a)
+    }
+}
+
+fn parse_line(line: &str) -> Option<Region> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+    let _dev = it.next()?;
+    let _inode = it.next()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-')?;
+    Some(Region {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        read: perms.first() == Some(&b'r'),
+        write: perms.get(1) == Some(&b'w'),
+        exec: perms.get(2) == Some(&b'x'),
+        offset,
+        path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+555555554000-555555556000 r--p 00000000 fd:01 1234 /usr/bin/prog
+555555556000-55555555a000 r-xp 00002000 fd:01 1234 /usr/bin/prog
+7ffff7dd0000-7ffff7df0000 r-xp 00000000 00:00 0 [vdso]
+7ffffffde000-7ffffffff000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn parses_lines() {
+        let m = Maps::parse(SAMPLE);
+        assert_eq!(m.regions.len(), 4);
+        let r = m.find(0x555555557000).unwrap();
+        assert!(r.exec && r.read && !r.write);
+        assert_eq!(r.offset, 0x2000);
+        assert_eq!(r.path, "/usr/bin/prog");
+        assert!(r.is_file());
+        assert_eq!(m.regions[3].path, "[stack]");
+        assert!(!m.regions[2].is_file());
+        assert!(m.find(0x1000).is_none());
+    }
+
+    #[test]
+    fn free_near_stays_in_reach_and_avoids_mappings() {
+        let m = Maps::parse(SAMPLE);
+        let reach = 0x7fff_0000;
+        let a = m
+            .free_near(0x555555556000, 0x55555555a000, 4096, reach)
+            .unwrap();
+        assert_eq!(a % 4096, 0);
+        assert!(m.regions.iter().all(|r| a + 4096 <= r.start || a >= r.end));
+        assert!(0x55555555a000 - a <= reach && a + 4096 - 0x555555556000 <= reach);
+        // The closest free page is right above the code (below it, the read-only part
+        // of the program is in the way).
+        assert_eq!(a, 0x55555555a000);
+        let below = m.free_near(0x555555554000, 0x555555556000, 4096, reach);
+        assert_eq!(below, Some(0x555555553000));
+        // Nothing fits when the reach is smaller than any gap's distance.
+        let full = Maps::parse("10000-7ffffffff000 r-xp 00000000 00:00 0\n");
+        assert_eq!(full.free_near(0x20000, 0x30000, 4096, reach), None);
+    }
+}
