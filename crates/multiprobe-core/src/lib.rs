@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod barrier;
 mod dispatch;
 mod error;
 mod handler;

@@ -167,7 +167,7 @@ impl<B: Backend> Registry<B> {
         let req = Request::new(addr, handler).options(options);
         let mut w = self.inner.lock();
         let entry = self.inner.add(&mut w, req)?;
-        w.reclaim();
+        w.maybe_reclaim();
         Ok(self.guard(&entry))
     }
 
@@ -189,7 +189,7 @@ impl<B: Backend> Registry<B> {
                         // leaves a transparent site behind (module invariants).
                         let _ = self.inner.remove(&mut w, e.id);
                     }
-                    w.reclaim();
+                    w.maybe_reclaim();
                     return Err(Error::Batch {
                         index,
                         source: Box::new(source),
@@ -197,7 +197,7 @@ impl<B: Backend> Registry<B> {
                 }
             }
         }
-        w.reclaim();
+        w.maybe_reclaim();
         Ok(added.iter().map(|e| self.guard(e)).collect())
     }
 
@@ -468,7 +468,7 @@ impl<B: Backend> Inner<B> {
         let new = SiteView::new(Arc::clone(&old.shared), handlers);
         self.transition(&mut w, entry.addr, Some(&old), Some(new))?;
         entry.enabled.store(on, Relaxed);
-        w.reclaim();
+        w.maybe_reclaim();
         Ok(())
     }
 
@@ -621,6 +621,6 @@ impl<B: Backend> Drop for Registration<B> {
         // Already unregistered by id: nothing to do. A failed disarm keeps the site
         // transparent (module invariants); there is no one to report it to.
         let _ = inner.remove(&mut w, self.id);
-        w.reclaim();
+        w.maybe_reclaim();
     }
 }

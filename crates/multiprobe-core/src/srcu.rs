@@ -6,32 +6,35 @@
 //! reader that could have seen them has left, and only then free them, in thread
 //! context.
 //!
-//! Design (SRCU with two epochs and sharded counters):
+//! Design (SRCU with two epochs, sharded counters and asymmetric barriers):
 //! * `flips` counts epoch changes; its low bit is the current epoch.
 //! * `readers[e][s]` counts readers of shard `s` inside epoch `e`.
-//! * `enter`: read the epoch `e`, increment `readers[e][s]`, re-read the epoch; if it
-//!   changed, undo and retry. A reader that passes has therefore observed epoch `e` *after*
-//!   its increment (both sequentially consistent), so a writer either sees the
-//!   increment, or flipped before the re-read and the reader sees everything the writer
-//!   published before that flip.
-//! * Invariant: `flips` moves from `f` to `f + 1` only after `readers[(f + 1) & 1]`
-//!   summed to zero while `flips == f` (a CAS on the exact value enforces it).
-//! * Consequence: an object unlinked while `flips == k` can be freed once `flips >= k + 2`.
-//!   Readers that could see it entered during epoch `k & 1` or earlier; the flip to
-//!   `k + 1` required epoch `(k + 1) & 1` drained (readers from before `k`), and the flip
-//!   to `k + 2` required epoch `k & 1` drained.
+//! * `enter`: read the epoch `e`, increment `readers[e][s]`, light barrier, re-read the
+//!   epoch; if it changed, undo and retry. Then read the table.
+//! * `poll` (writer side, serialized by the `grace` mutex): heavy barrier, then if the
+//!   non-current epoch has no readers, flip to it.
+//! * The barriers pair up (the store-buffering pattern, see [`crate::barrier`]): for a
+//!   reader's increment and a writer's check of that counter that follows an unlink, either
+//!   the check sees the increment, or the reader's table reads see the unlink. Likewise
+//!   for the reader's epoch re-read against a flip, so a reader never settles in an
+//!   epoch that a check has already passed.
+//! * An object unlinked before the stamp [`Domain::stamp`] returned `k` (read under the
+//!   `grace` mutex, so later flips happen after the unlink) may be freed once
+//!   `flips >= k + 2`: the flip to `k + 1` checked one epoch and the flip to `k + 2` the
+//!   other, both after the unlink.
 //!
-//! Waiting never needs the writer lock, so a slow reader delays only the writer that
-//! waits for it, not registration in general.
+//! Waiting never needs the registry's writer lock, so a slow reader delays only the
+//! writer that waits for it.
 
 use crossbeam_utils::CachePadded;
 
+use crate::barrier;
 use crate::shard::{Shard, SHARDS};
 use crate::sync::atomic::{
     AtomicU64, AtomicUsize,
-    Ordering::{Relaxed, Release, SeqCst},
+    Ordering::{Acquire, Relaxed, Release},
 };
-use crate::sync::{backoff, held};
+use crate::sync::{backoff, held, Mutex};
 
 /// Proof of an open read section: which counter to decrement on exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,15 +48,19 @@ pub(crate) struct ReadToken {
 pub(crate) struct Domain {
     flips: AtomicU64,
     readers: [[CachePadded<AtomicUsize>; SHARDS]; 2],
+    /// Serializes flips and stamps (writer side only).
+    grace: Mutex<()>,
 }
 
 impl Domain {
     pub(crate) fn new() -> Self {
+        barrier::init();
         Domain {
             flips: AtomicU64::new(0),
             readers: std::array::from_fn(|_| {
                 std::array::from_fn(|_| CachePadded::new(AtomicUsize::new(0)))
             }),
+            grace: Mutex::new(()),
         }
     }
 
@@ -62,14 +69,21 @@ impl Domain {
     #[inline]
     pub(crate) fn enter(&self, shard: Shard) -> ReadToken {
         loop {
-            let epoch = (self.flips.load(SeqCst) & 1) as u8;
+            let epoch = (self.flips.load(Relaxed) & 1) as u8;
             let counter = &self.readers[usize::from(epoch)][usize::from(shard.index)];
-            counter.fetch_add(1, SeqCst);
-            if (self.flips.load(SeqCst) & 1) as u8 == epoch {
+            if shard.exclusive {
+                // Only this shard's owner writes the counter; nested sections on its
+                // thread are LIFO and restore what they found.
+                counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
+            } else {
+                counter.fetch_add(1, Relaxed);
+            }
+            barrier::light();
+            if (self.flips.load(Relaxed) & 1) as u8 == epoch {
                 held::inc();
                 return ReadToken { epoch, shard };
             }
-            counter.fetch_sub(1, Release);
+            Self::release(counter, shard);
         }
     }
 
@@ -78,46 +92,67 @@ impl Domain {
     pub(crate) fn exit(&self, token: ReadToken) {
         held::dec();
         let counter = &self.readers[usize::from(token.epoch)][usize::from(token.shard.index)];
-        if token.shard.exclusive {
-            // Only this shard's owner writes the counter; nested sections on its thread
-            // are LIFO and have restored the value they found.
+        Self::release(counter, token.shard);
+    }
+
+    /// Decrement with release ordering, so everything the reader did happens before a
+    /// writer's acquire load that sees the count drop.
+    #[inline]
+    fn release(counter: &AtomicUsize, shard: Shard) {
+        if shard.exclusive {
             counter.store(counter.load(Relaxed).wrapping_sub(1), Release);
         } else {
             counter.fetch_sub(1, Release);
         }
     }
 
-    /// The current flip count. Objects unlinked now may be freed once
-    /// [`Domain::completed`] reports `now + 2`.
-    pub(crate) fn now(&self) -> u64 {
-        self.flips.load(SeqCst)
+    fn lock(&self) -> crate::sync::MutexGuard<'_, ()> {
+        self.grace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stamp of objects unlinked before this call: they may be freed once
+    /// [`Domain::completed`] says so for it.
+    pub(crate) fn stamp(&self) -> u64 {
+        let _g = self.lock();
+        self.flips.load(Relaxed)
     }
 
     fn drained(&self, epoch: usize) -> bool {
-        self.readers[epoch].iter().all(|c| c.load(SeqCst) == 0)
+        self.readers[epoch].iter().all(|c| c.load(Acquire) == 0)
     }
 
     /// Advance the epoch as far as possible without waiting (at most two flips) and
     /// return the flip count reached.
     pub(crate) fn poll(&self) -> u64 {
+        let _g = self.lock();
         for _ in 0..2 {
-            let f = self.flips.load(SeqCst);
+            barrier::heavy();
+            let f = self.flips.load(Relaxed);
             if !self.drained(((f + 1) & 1) as usize) {
                 break;
             }
-            // A concurrent flipper may win; then the count moved anyway.
-            let _ = self.flips.compare_exchange(f, f + 1, SeqCst, SeqCst);
+            self.flips.store(f + 1, Relaxed);
         }
-        self.flips.load(SeqCst)
+        self.flips.load(Relaxed)
     }
 
-    /// Whether objects unlinked when [`Domain::now`] returned `stamp` may be freed.
+    /// Whether objects stamped `stamp` may be freed, given `flips` from [`Domain::poll`].
     pub(crate) fn completed(&self, stamp: u64, flips: u64) -> bool {
         flips >= stamp + 2
     }
 
+    /// Wait until objects stamped `stamp` may be freed. Must not be called with a read
+    /// section open on this thread (it would wait for itself).
+    pub(crate) fn wait(&self, stamp: u64) {
+        let mut spins = 0;
+        while !self.completed(stamp, self.poll()) {
+            backoff(&mut spins);
+        }
+    }
+
     /// Whether no read section is open in either epoch.
     pub(crate) fn idle(&self) -> bool {
+        barrier::heavy();
         self.drained(0) && self.drained(1)
     }
 
@@ -125,15 +160,6 @@ impl Domain {
     pub(crate) fn wait_idle(&self) {
         let mut spins = 0;
         while !self.idle() {
-            backoff(&mut spins);
-        }
-    }
-
-    /// Wait until objects unlinked at `stamp` may be freed. Must not be called with a
-    /// read section open on this thread (it would wait for itself).
-    pub(crate) fn wait(&self, stamp: u64) {
-        let mut spins = 0;
-        while !self.completed(stamp, self.poll()) {
             backoff(&mut spins);
         }
     }
@@ -148,7 +174,7 @@ mod tests {
     fn poll_advances_only_past_drained_epochs() {
         let d = Domain::new();
         let s = shard::claim();
-        let stamp = d.now();
+        let stamp = d.stamp();
         let t = d.enter(s);
         // The reader holds the current epoch: at most one flip (away from it) is possible.
         let f = d.poll();
@@ -158,7 +184,7 @@ mod tests {
         );
         d.exit(t);
         assert!(d.completed(stamp, d.poll()));
-        d.wait(d.now());
+        d.wait(d.stamp());
         shard::release(s);
     }
 }

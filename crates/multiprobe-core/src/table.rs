@@ -127,6 +127,8 @@ struct Directory<S> {
 }
 
 const INITIAL_BUCKETS: usize = 64;
+/// Retired objects that trigger a non-blocking reclaim on the next update.
+const RECLAIM_BATCH: usize = 64;
 const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl<S> Directory<S> {
@@ -230,13 +232,11 @@ impl<S> Table<S> {
     /// The caller must hold a read section of `self.domain` (or the writer lock) for as
     /// long as it uses the returned reference.
     #[inline]
-    pub(crate) unsafe fn lookup<'a>(&'a self, addr: u64) -> Option<&'a SiteView<S>> {
-        // Sequentially consistent loads (plain moves on x86) so that a reader whose
-        // epoch check observed a flip also observes every pointer stored before it.
-        // SAFETY: the directory is published before it is reachable and freed only
+    pub(crate) unsafe fn lookup(&self, addr: u64) -> Option<&SiteView<S>> {
+        // SAFETY: the directory is published (release) after it is built, and freed only
         // after a grace period that the caller's read section holds back.
-        let dir = unsafe { &*self.dir.load(Ordering::SeqCst) };
-        let bucket = dir.buckets[dir.index(addr)].load(Ordering::SeqCst);
+        let dir = unsafe { &*self.dir.load(Ordering::Acquire) };
+        let bucket = dir.buckets[dir.index(addr)].load(Ordering::Acquire);
         if bucket.is_null() {
             return None;
         }
@@ -320,16 +320,20 @@ impl<S> TableWriter<S> {
 
     /// Every current view, in no particular order.
     pub(crate) fn views(&self) -> impl Iterator<Item = &SiteView<S>> {
-        self.dir().buckets.iter().flat_map(|b| {
-            let p = b.load(Ordering::Relaxed);
-            // SAFETY: current bucket, writer lock held.
-            let sites: &[SiteView<S>] = if p.is_null() {
-                &[]
-            } else {
-                unsafe { &(*p).sites }
-            };
-            sites.iter()
-        })
+        self.dir()
+            .buckets
+            .iter()
+            .flat_map(|b| self.current_sites(b.load(Ordering::Relaxed)).iter())
+    }
+
+    /// The sites of a bucket pointer read from the current directory.
+    fn current_sites(&self, bucket: *mut Bucket<S>) -> &[SiteView<S>] {
+        if bucket.is_null() {
+            return &[];
+        }
+        // SAFETY: `bucket` is published in the current directory, and with the writer
+        // lock held (`&self`) nothing current is freed.
+        unsafe { &(*bucket).sites }
     }
 
     /// Publish `view` as the view of `addr` (`None` removes it).
@@ -337,12 +341,7 @@ impl<S> TableWriter<S> {
         let dir = self.dir();
         let slot = &dir.buckets[dir.index(addr)];
         let old = slot.load(Ordering::Relaxed);
-        // SAFETY: current bucket, writer lock held.
-        let old_sites: &[SiteView<S>] = if old.is_null() {
-            &[]
-        } else {
-            unsafe { &(*old).sites }
-        };
+        let old_sites = self.current_sites(old);
         let had = old_sites.iter().any(|s| s.addr() == addr);
         let has = view.is_some();
         let mut sites: Vec<SiteView<S>> = old_sites
@@ -356,7 +355,7 @@ impl<S> TableWriter<S> {
         } else {
             Bucket::boxed(sites)
         };
-        slot.store(new, Ordering::SeqCst);
+        slot.store(new, Ordering::Release);
         if !old.is_null() {
             // SAFETY: `old` was the published bucket and is now unreachable for new
             // readers; it is freed only after the grace period.
@@ -369,11 +368,10 @@ impl<S> TableWriter<S> {
         }
     }
 
-    /// Queue an unlinked object for freeing. The stamp is read after the unlinking
-    /// store (both sequentially consistent), so a flip that raced with the unlink can
-    /// only make the stamp later, never earlier (see [`crate::srcu`]).
+    /// Queue an unlinked object for freeing, stamped after the unlink (see
+    /// [`crate::srcu`] for why that makes the stamp safe).
     fn retire(&mut self, r: Retired<S>) {
-        let stamp = self.table.domain.now();
+        let stamp = self.table.domain.stamp();
         self.retired.push((stamp, r));
     }
 
@@ -393,7 +391,7 @@ impl<S> TableWriter<S> {
         let old = self
             .table
             .dir
-            .swap(Box::into_raw(Box::new(new)), Ordering::SeqCst);
+            .swap(Box::into_raw(Box::new(new)), Ordering::AcqRel);
         // SAFETY: `old` was the published directory; it is unreachable for new readers
         // and freed (with the buckets it owns) only after the grace period.
         let old = unsafe { Box::from_raw(old) };
@@ -402,7 +400,15 @@ impl<S> TableWriter<S> {
 
     /// The stamp a waiter must pass to [`Domain::wait`] to outlive everything retired so far.
     pub(crate) fn stamp(&self) -> u64 {
-        self.table.domain.now()
+        self.table.domain.stamp()
+    }
+
+    /// [`TableWriter::reclaim`] once enough has piled up: polling costs a heavy barrier
+    /// (a system call), which single registrations should not pay every time.
+    pub(crate) fn maybe_reclaim(&mut self) {
+        if self.retired.len() >= RECLAIM_BATCH {
+            self.reclaim();
+        }
     }
 
     /// Free what has passed its grace period, without waiting. Returns how many retired

@@ -35,7 +35,9 @@ pub enum Event {
 /// How a [`TestBackend::hit`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HitResult {
-    /// No breakpoint here: nothing happened.
+    /// No breakpoint at the address: the instruction ran without a trap.
+    NoTrap,
+    /// A breakpoint that is not ours trapped (a real backend would chain the signal).
     NotOurs,
     /// The breakpoint was just removed: the restored instruction re-executes.
     Reexecuted,
@@ -129,10 +131,21 @@ impl TestBackend {
             .expect("TestBackend used before Registry::new attached it")
     }
 
-    /// A thread `tid` executes the instruction at `addr`, as a real backend would handle
-    /// its trap: pre-handlers, the one-byte instruction (`rip` moves to `addr + 1`),
-    /// post-handlers.
+    /// Thread `tid` executes the instruction at `addr`: if the breakpoint is there it
+    /// traps and is handled as [`TestBackend::trap`] does; otherwise the one-byte
+    /// instruction just runs (`rip` moves to `addr + 1`).
     pub fn hit(&self, ts: &ThreadState, tid: u32, addr: u64, regs: &mut Regs) -> HitResult {
+        if self.byte(addr) != INT3 {
+            regs.rip = addr + 1;
+            return HitResult::NoTrap;
+        }
+        self.trap(ts, tid, addr, regs)
+    }
+
+    /// Thread `tid` took a breakpoint trap at `addr` (the byte may have been restored since,
+    /// which is the race a real backend must handle), handled as a real backend would:
+    /// pre-handlers, the one-byte instruction (`rip` moves to `addr + 1`), post-handlers.
+    pub fn trap(&self, ts: &ThreadState, tid: u32, addr: u64, regs: &mut Regs) -> HitResult {
         regs.rip = addr;
         let d = self.dispatcher();
         let step = match d.pre(ts, addr, tid, regs, &NoMemory) {

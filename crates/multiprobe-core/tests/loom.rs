@@ -1,0 +1,222 @@
+//! loom models of the core's concurrency protocol, run on the real code: under
+//! `--cfg loom` the crate's atomics, mutexes and thread-locals come from loom (see the
+//! `sync` facade), and retired table buckets are poisoned and leaked instead of freed,
+//! so a reader that touches one after its grace period fails the model.
+//!
+//! loom cannot deliver a signal, so a signal handler is modelled as another reader
+//! thread: dispatch is the same code either way.
+//!
+//! Run: `RUSTFLAGS="--cfg loom" cargo test -p multiprobe-core --release --test loom`
+
+#![cfg(loom)]
+
+use std::sync::Arc;
+
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use loom::thread;
+
+use multiprobe_core::testing::{HitResult, TestBackend};
+use multiprobe_core::{FnHandler, Hit, PreAction, PreOutcome, Registry, Regs, ThreadState};
+
+const A: u64 = 0x1000;
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(3);
+    }
+    b.check(f);
+}
+
+fn counting(calls: &Arc<AtomicUsize>, gone: &Arc<AtomicBool>) -> impl Fn(&mut Hit<'_>) {
+    let (c, g) = (Arc::clone(calls), Arc::clone(gone));
+    move |_: &mut Hit<'_>| {
+        assert!(
+            !g.load(SeqCst),
+            "rule 3: a handler ran after unregister returned"
+        );
+        c.fetch_add(1, SeqCst);
+    }
+}
+
+/// Rule 3 against a hit: once `unregister` returns the handler never runs, its stats are
+/// final, and the hit never touches a freed (poisoned) bucket.
+#[test]
+fn dispatch_racing_unregister() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gone = Arc::new(AtomicBool::new(false));
+        let g = r.register(A, counting(&calls, &gone)).unwrap();
+        let r2 = r.clone();
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            r2.backend().hit(&ts, 1, A, &mut regs)
+        });
+        let stats = g.unregister().unwrap();
+        gone.store(true, SeqCst);
+        let res = t.join().unwrap();
+        assert_eq!(stats.hits as usize, calls.load(SeqCst));
+        match res {
+            HitResult::Stepped { .. } => assert_eq!(calls.load(SeqCst), 1),
+            HitResult::NoTrap | HitResult::Reexecuted => assert_eq!(calls.load(SeqCst), 0),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+/// Two readers and a writer on the RCU domain: the writer replaces the bucket the
+/// readers are using (a second handler at the same address), then removes it again,
+/// waiting for the grace period and reclaiming. The readers must never see a reclaimed
+/// bucket, and the permanent handler runs on every trap.
+#[test]
+fn two_readers_and_a_writer() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let never = Arc::new(AtomicBool::new(false));
+        let _keep = r.register(A, counting(&calls, &never)).unwrap();
+        let readers: Vec<_> = (0..2u32)
+            .map(|tid| {
+                let r = r.clone();
+                thread::spawn(move || {
+                    let ts = ThreadState::new();
+                    let mut regs = Regs::default();
+                    r.backend().trap(&ts, tid, A, &mut regs)
+                })
+            })
+            .collect();
+        let extra_calls = Arc::new(AtomicUsize::new(0));
+        let extra_gone = Arc::new(AtomicBool::new(false));
+        let extra = r.register(A, counting(&extra_calls, &extra_gone)).unwrap();
+        let s = extra.unregister().unwrap();
+        extra_gone.store(true, SeqCst);
+        for t in readers {
+            assert_eq!(t.join().unwrap(), HitResult::Stepped { post: false });
+        }
+        assert_eq!(calls.load(SeqCst), 2);
+        assert_eq!(s.hits as usize, extra_calls.load(SeqCst));
+    });
+}
+
+/// Enable/disable racing a hit: a handler's post runs if and only if its pre ran in the
+/// same hit, whatever the interleaving, and disabling the only handler disarms.
+#[test]
+fn enable_disable_racing_a_hit() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let pres = Arc::new(AtomicUsize::new(0));
+        let posts = Arc::new(AtomicUsize::new(0));
+        let (p1, p2) = (Arc::clone(&pres), Arc::clone(&posts));
+        let g = r
+            .register(
+                A,
+                FnHandler::new()
+                    .pre(move |_: &mut Hit<'_>| {
+                        p1.fetch_add(1, SeqCst);
+                        PreAction::Continue
+                    })
+                    .post(move |_: &mut Hit<'_>| {
+                        p2.fetch_add(1, SeqCst);
+                    }),
+            )
+            .unwrap();
+        let r2 = r.clone();
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            r2.backend().hit(&ts, 1, A, &mut regs)
+        });
+        g.disable().unwrap();
+        g.enable().unwrap();
+        let res = t.join().unwrap();
+        assert_eq!(pres.load(SeqCst), posts.load(SeqCst), "{res:?}");
+        match res {
+            HitResult::Stepped { post: true } => assert_eq!(pres.load(SeqCst), 1),
+            // Trapped while disabled: the instruction ran, no handler did.
+            HitResult::Stepped { post: false } | HitResult::NoTrap | HitResult::Reexecuted => {
+                assert_eq!(pres.load(SeqCst), 0)
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(g);
+    });
+}
+
+/// Rule 4: a hit that begins after `register` returned (ordered by a flag) runs it.
+#[test]
+fn visibility_after_register_returns() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let never = Arc::new(AtomicBool::new(false));
+        let registered = Arc::new(AtomicBool::new(false));
+        let (r2, reg2, c2) = (r.clone(), Arc::clone(&registered), Arc::clone(&calls));
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            let before = c2.load(SeqCst);
+            if reg2.load(SeqCst) {
+                assert_eq!(
+                    r2.backend().hit(&ts, 1, A, &mut regs),
+                    HitResult::Stepped { post: false }
+                );
+                assert_eq!(c2.load(SeqCst), before + 1);
+            }
+        });
+        let g = r.register(A, counting(&calls, &never)).unwrap();
+        registered.store(true, SeqCst);
+        t.join().unwrap();
+        drop(g);
+    });
+}
+
+/// Rule 3 against a deferred step: unregister waits until the thread that is between
+/// its pre and its post has finished the post.
+#[test]
+fn unregister_waits_for_a_deferred_step() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let post_done = Arc::new(AtomicBool::new(false));
+        let pd = Arc::clone(&post_done);
+        let g = r
+            .register(
+                A,
+                FnHandler::new().post(move |_: &mut Hit<'_>| pd.store(true, SeqCst)),
+            )
+            .unwrap();
+        let d = r.dispatcher();
+        let entered = Arc::new(AtomicBool::new(false));
+        let e2 = Arc::clone(&entered);
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs {
+                rip: A,
+                ..Regs::default()
+            };
+            match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory) {
+                PreOutcome::Step(s) => {
+                    assert!(s.wants_post());
+                    s.defer_post();
+                    e2.store(true, SeqCst);
+                    regs.rip = A + 1;
+                    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory));
+                }
+                PreOutcome::NotOurs => {}
+                PreOutcome::Redirect => panic!("nobody redirects"),
+            };
+        });
+        // Wait until the hitter is between pre and post (or never found the site).
+        let _ = entered.load(SeqCst);
+        let was_pending = entered.load(SeqCst);
+        g.unregister().unwrap();
+        if was_pending {
+            assert!(
+                post_done.load(SeqCst),
+                "unregister returned before the pending post ran"
+            );
+        }
+        t.join().unwrap();
+    });
+}

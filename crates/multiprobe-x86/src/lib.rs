@@ -1,0 +1,96 @@
+//! x86-64 instruction knowledge shared by multiprobe's real backends: is this address
+//! an instruction boundary, can the instruction there be probed, and how is it
+//! executed once the breakpoint displaced it — by emulation, or out of line from a
+//! slot. A pure library: no signals, no ptrace, no `/proc`.
+//!
+//! # Use from a backend
+//!
+//! ```
+//! use multiprobe_x86::{analyze, Code, SlotKind};
+//! # use multiprobe_core::{Memory, MemoryError, Regs};
+//! # struct Stack(std::cell::RefCell<[u8; 64]>);
+//! # impl Memory for Stack {
+//! #     fn read(&self, a: u64, b: &mut [u8]) -> Result<(), MemoryError> {
+//! #         let s = self.0.borrow(); b.copy_from_slice(&s[a as usize..a as usize + b.len()]); Ok(()) }
+//! #     fn write(&self, a: u64, d: &[u8]) -> Result<(), MemoryError> {
+//! #         self.0.borrow_mut()[a as usize..a as usize + d.len()].copy_from_slice(d); Ok(()) }
+//! # }
+//! // At prepare time (thread context): the function `f` at 0x1000 starts with
+//! // `push rbp; mov rbp, rsp`.
+//! let func = [0x55, 0x48, 0x89, 0xe5, 0xc3];
+//! let plan = analyze(0x1000, Code { addr: 0x1000, bytes: &func }, Some(0x1000..0x1005))?;
+//! let jump_back = plan.build_slot(SlotKind::JumpBack, 0x7000_0000)?; // copy its bytes()
+//! let trap_after = plan.build_slot(SlotKind::TrapAfter, 0x7000_0040)?;
+//!
+//! // At hit time (maybe in a signal handler): emulate when possible, else run a slot.
+//! # let mem = Stack(std::cell::RefCell::new([0; 64]));
+//! let mut regs = Regs { rip: 0x1000, rsp: 32, rbp: 7, ..Regs::default() };
+//! if plan.emulate(&mut regs, &mem).is_ok() {
+//!     assert_eq!((regs.rip, regs.rsp), (0x1001, 24)); // pushed, moved on
+//! } else {
+//!     regs.rip = jump_back.addr();
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The protocol:
+//! 1. `prepare`: read the original bytes (from the enclosing function's start, when
+//!    its bounds are known) and call [`analyze`]. Refusals and bad input come back as
+//!    distinct [`AnalyzeError`]s ([`AnalyzeError::into_core`] converts). Place the slots
+//!    within [`Plan::slot_window`] (if any) and build both variants with
+//!    [`Plan::build_slot`]; a slot is at most [`MAX_SLOT_LEN`] bytes.
+//! 2. A hit without post-handlers: if [`Plan::is_emulated`], [`Plan::emulate`]; if that
+//!    fails (a memory access failed; nothing was changed), or the plan is not
+//!    emulated, resume at the [`SlotKind::JumpBack`] slot.
+//! 3. A hit with post-handlers: emulate as above and run the posts at once (no second
+//!    trap); otherwise resume at the [`SlotKind::TrapAfter`] slot, and when its `int3`
+//!    traps call [`Slot::fixup_trap`] and run the posts. Plans without a trap-after
+//!    variant ([`Plan::has_trap_after_slot`]: `ret`, `jmp [mem]`, `call [mem]`) are
+//!    emulated; if their emulation fails, the jump-back slot raises the real fault.
+//! 4. A fault (or any stop) with `rip` inside a slot: [`Slot::fixup_ip`] gives the
+//!    equivalent state in the original code (`rip` = the probed address for a fault
+//!    in the relocated instruction).
+//!
+//! # What is emulated, relocated, refused
+//!
+//! Emulated ([`EmulatedKind`]): `nop`/multi-byte `nop`/`endbr64`/`pause`; `push` reg
+//! and imm; `pop` reg; `jmp` rel/reg/mem; `jcc`, `loop*`, `jrcxz`; `call` rel/reg/mem
+//! (always pushing the original return address); `ret [imm16]`; `mov` reg,reg and
+//! reg,imm; `lea`; `add`/`sub`/`and`/`or`/`xor`/`cmp`/`test` on 32/64-bit registers and
+//! immediates, with exact RFLAGS.
+//!
+//! Relocated ([`RelocatedKind`]): everything else that does not depend on its own
+//! address, RIP-relative memory operands re-targeted for the slot, and `syscall`
+//! (whose `rcx` is set to the original return address after it). The emulated
+//! instructions have slots too, as the fallback.
+//!
+//! Refused ([`Refusal`]): `int3` already present; `int n`/`int1`; `iret`/`sysret`/
+//! `sysexit`; privileged and I/O-privileged instructions; far transfers; `mov ss`;
+//! `xbegin`; `sysenter`; `call rsp` and `call [rsp]` without a displacement byte (the
+//! slot's push would move their operand), EIP-relative operands.
+//!
+//! Known limits: emulated and relocated `call`/`ret` do not update a CET shadow stack
+//! (Linux user shadow stacks are opt-in; a backend should refuse to run when one is
+//! enabled). An x87 instruction run from a slot records the slot's address as the FPU
+//! instruction pointer (visible only through `fnstenv`/`fxsave`).
+//!
+//! # Coverage report
+//!
+//! `cargo run --release -p multiprobe-x86 --example coverage` analyzes every function
+//! entry and every instruction boundary of `libc.so.6`, `libstdc++.so.6` and the
+//! workspace's release binaries (or of the ELF files given as arguments) and prints the
+//! share emulated / relocated / refused by reason.
+
+#![warn(missing_docs)]
+
+mod analyze;
+mod emulate;
+mod error;
+mod flags;
+mod plan;
+mod slot;
+
+pub use analyze::{analyze, Code};
+pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
+pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
+pub use slot::{Slot, SlotKind, MAX_SLOT_LEN};
