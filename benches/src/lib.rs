@@ -1,10 +1,83 @@
-//! Shared helpers of the benchmarks: each bench measures multiprobe and its baseline in
-//! the same run and prints the ratio, because these machines are shared and noisy.
+//! Shared helpers of the benchmarks.
+//!
+//! Every benchmark measures multiprobe and its baseline in the same run and prints the
+//! ratio, because these machines are shared and noisy: an absolute time alone means
+//! little. [`Ratios`] records, next to what criterion reports, the mean time per
+//! iteration of every measured routine, so the bench can print `RATIO` lines at the end.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
-/// Print `name: ratio` of two criterion-measured mean times, for BENCHMARKS.md.
-pub fn report_ratio(name: &str, ours: Duration, baseline: Duration) {
-    let r = ours.as_secs_f64() / baseline.as_secs_f64();
-    println!("RATIO {name}: {r:.3} (ours {ours:?} / baseline {baseline:?})");
+use criterion::measurement::WallTime;
+use criterion::Bencher;
+
+/// Mean time per iteration of named routines, accumulated over criterion's samples.
+#[derive(Debug, Default)]
+pub struct Ratios {
+    totals: Mutex<BTreeMap<String, (Duration, u64)>>,
+}
+
+impl Ratios {
+    /// A fresh recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Measure `routine(iters) -> elapsed` with criterion and record it under `name`.
+    pub fn measure(
+        &self,
+        b: &mut Bencher<'_, WallTime>,
+        name: &str,
+        mut routine: impl FnMut(u64) -> Duration,
+    ) {
+        b.iter_custom(|iters| {
+            let d = routine(iters);
+            let mut t = self.totals.lock().unwrap();
+            let e = t.entry(name.to_string()).or_default();
+            e.0 += d;
+            e.1 += iters;
+            d
+        });
+    }
+
+    /// Mean nanoseconds per iteration of `name`, if it was measured.
+    pub fn mean_ns(&self, name: &str) -> Option<f64> {
+        let t = self.totals.lock().unwrap();
+        let &(d, n) = t.get(name)?;
+        (n > 0).then(|| d.as_secs_f64() * 1e9 / n as f64)
+    }
+
+    /// Print `RATIO label: ours/baseline` and return the ratio.
+    pub fn ratio(&self, label: &str, ours: &str, baseline: &str) -> Option<f64> {
+        let (o, b) = (self.mean_ns(ours)?, self.mean_ns(baseline)?);
+        let r = o / b;
+        println!(
+            "RATIO {label}: {r:.3}  ({ours} {} / {baseline} {})",
+            fmt_ns(o),
+            fmt_ns(b)
+        );
+        Some(r)
+    }
+
+    /// Print every recorded mean.
+    pub fn print_means(&self) {
+        let names: Vec<String> = self.totals.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            if let Some(ns) = self.mean_ns(&name) {
+                println!("MEAN {name}: {} per iteration", fmt_ns(ns));
+            }
+        }
+    }
+}
+
+/// `12.34 ns`, `5.67 µs` or `8.90 ms`.
+pub fn fmt_ns(ns: f64) -> String {
+    if ns < 1e3 {
+        format!("{ns:.2} ns")
+    } else if ns < 1e6 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
 }

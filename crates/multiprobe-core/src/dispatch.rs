@@ -85,7 +85,7 @@ impl ThreadState {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn shard(&self) -> Shard {
         match self.shard.get() {
             Some(s) => s,

@@ -117,9 +117,11 @@ pub(crate) mod held {
         static HELD: Cell<u32> = Cell::new(0);
     }
 
+    #[inline]
     pub(crate) fn inc() {
         HELD.with(|h| h.set(h.get().wrapping_add(1)));
     }
+    #[inline]
     pub(crate) fn dec() {
         HELD.with(|h| h.set(h.get().wrapping_sub(1)));
     }

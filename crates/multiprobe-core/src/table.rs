@@ -66,6 +66,8 @@ pub(crate) struct Slot {
 /// An immutable snapshot of one probed address: its handlers in registration order.
 #[derive(Debug)]
 pub(crate) struct SiteView<S> {
+    /// Copy of `shared.addr`, so a bucket scan touches no other cache line.
+    addr: u64,
     pub(crate) shared: Arc<SiteShared<S>>,
     pub(crate) handlers: SmallVec<[Slot; 4]>,
     /// Some handler is enabled (the breakpoint should be armed).
@@ -77,6 +79,7 @@ pub(crate) struct SiteView<S> {
 impl<S> Clone for SiteView<S> {
     fn clone(&self) -> Self {
         SiteView {
+            addr: self.addr,
             shared: Arc::clone(&self.shared),
             handlers: self.handlers.clone(),
             any_enabled: self.any_enabled,
@@ -90,6 +93,7 @@ impl<S> SiteView<S> {
         let any_enabled = handlers.iter().any(|s| s.enabled);
         let any_post = handlers.iter().any(|s| s.enabled && s.entry.has_post);
         SiteView {
+            addr: shared.addr,
             shared,
             handlers,
             any_enabled,
@@ -97,13 +101,15 @@ impl<S> SiteView<S> {
         }
     }
 
+    #[inline]
     pub(crate) fn addr(&self) -> u64 {
-        self.shared.addr
+        self.addr
     }
 }
 
 struct Bucket<S> {
-    sites: Box<[SiteView<S>]>,
+    /// Most buckets hold one site: keep it inline, one pointer hop fewer per lookup.
+    sites: SmallVec<[SiteView<S>; 1]>,
     /// Set when the bucket is retired and its grace period passed. Under loom retired
     /// objects are poisoned and leaked instead of freed, so a reader that touches one
     /// too late fails the model instead of reading freed memory.
@@ -114,7 +120,7 @@ struct Bucket<S> {
 impl<S> Bucket<S> {
     fn boxed(sites: Vec<SiteView<S>>) -> *mut Bucket<S> {
         Box::into_raw(Box::new(Bucket {
-            sites: sites.into_boxed_slice(),
+            sites: SmallVec::from_vec(sites),
             #[cfg(loom)]
             poisoned: AtomicBool::new(false),
         }))

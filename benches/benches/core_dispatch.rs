@@ -1,0 +1,213 @@
+//! Dispatch cost of the core, against the 2005 design measured in the same run.
+//!
+//! * `ours/N`: one hit (pre walk, boosted step) at a site with N handlers, among 10,000
+//!   armed sites, through `Dispatcher::pre`.
+//! * `rwlock/N`: the same with the 2005 kprobes design — a global reader-writer lock over
+//!   a map of handler lists — and the same handlers and per-handler hit counters.
+//! * `direct/N`: calling the N handlers directly: the floor.
+//! * `*-2threads`: two threads hitting the same site at once; time per hit.
+//!
+//! Run: `cargo bench -p multiprobe-benches --bench core_dispatch`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier, RwLock};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use multiprobe_benches::Ratios;
+use multiprobe_core::testing::TestBackend;
+use multiprobe_core::{Dispatcher, Hit, NoMemory, PreOutcome, Registry, Regs, ThreadState};
+
+const SITES: u64 = 10_000;
+const BASE: u64 = 0x10_0000;
+const TARGET: u64 = BASE + 5_000 * 16;
+const COUNTS: [usize; 3] = [1, 4, 16];
+
+fn handler(h: &mut Hit<'_>) {
+    black_box(h.regs().rdi);
+}
+
+fn our_hits(
+    d: &Dispatcher<multiprobe_core::testing::TestSite>,
+    ts: &ThreadState,
+    n: u64,
+) -> Duration {
+    let mut regs = Regs::default();
+    let t = Instant::now();
+    for _ in 0..n {
+        regs.rip = TARGET;
+        match d.pre(ts, black_box(TARGET), 1, &mut regs, &NoMemory) {
+            PreOutcome::Step(s) => drop(black_box(s)),
+            _ => unreachable!(),
+        }
+    }
+    t.elapsed()
+}
+
+type Legacy = RwLock<HashMap<u64, Vec<(Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64)>>>;
+
+fn legacy_table(handlers_at_target: usize) -> Legacy {
+    let mut m: HashMap<u64, Vec<(Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64)>> =
+        HashMap::new();
+    for i in 0..SITES {
+        let addr = BASE + i * 16;
+        let n = if addr == TARGET {
+            handlers_at_target
+        } else {
+            1
+        };
+        let v = (0..n)
+            .map(|_| {
+                let f: Box<dyn Fn(&mut Regs) + Send + Sync> = Box::new(|r: &mut Regs| {
+                    black_box(r.rdi);
+                });
+                (f, AtomicU64::new(0))
+            })
+            .collect();
+        m.insert(addr, v);
+    }
+    RwLock::new(m)
+}
+
+fn legacy_hits(t: &Legacy, n: u64) -> Duration {
+    let mut regs = Regs::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        let g = t.read().unwrap();
+        if let Some(v) = g.get(&black_box(TARGET)) {
+            for (f, hits) in v {
+                hits.fetch_add(1, Relaxed);
+                f(&mut regs);
+            }
+        }
+    }
+    start.elapsed()
+}
+
+/// Run `f` on this thread and a helper thread at once; return this thread's time.
+fn two_threads(n: u64, f: impl Fn(u64) -> Duration + Send + Sync + Clone + 'static) -> Duration {
+    let barrier = Arc::new(Barrier::new(2));
+    let (b2, f2) = (Arc::clone(&barrier), f.clone());
+    let other = std::thread::spawn(move || {
+        b2.wait();
+        f2(n)
+    });
+    barrier.wait();
+    let d = f(n);
+    other.join().unwrap();
+    d
+}
+
+fn registry_with(handlers_at_target: usize) -> Registry<TestBackend> {
+    let r = Registry::new(TestBackend::new());
+    for i in 0..SITES {
+        let addr = BASE + i * 16;
+        let n = if addr == TARGET {
+            handlers_at_target
+        } else {
+            1
+        };
+        for _ in 0..n {
+            let _ = r.register(addr, handler).unwrap().into_id();
+        }
+    }
+    r
+}
+
+thread_local! {
+    static TS: ThreadState = const { ThreadState::new() };
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    let ratios = Ratios::new();
+
+    let mut g = c.benchmark_group("dispatch");
+    for &n in &COUNTS {
+        let r = registry_with(n);
+        let d = r.dispatcher();
+        let ts = ThreadState::new();
+        g.bench_function(format!("ours/{n}"), |b| {
+            ratios.measure(b, &format!("ours/{n}"), |iters| our_hits(&d, &ts, iters))
+        });
+        let legacy = legacy_table(n);
+        g.bench_function(format!("rwlock/{n}"), |b| {
+            ratios.measure(b, &format!("rwlock/{n}"), |iters| {
+                legacy_hits(&legacy, iters)
+            })
+        });
+        let direct: Vec<Box<dyn Fn(&mut Regs)>> = (0..n)
+            .map(|_| {
+                Box::new(|r: &mut Regs| {
+                    black_box(r.rdi);
+                }) as Box<dyn Fn(&mut Regs)>
+            })
+            .collect();
+        g.bench_function(format!("direct/{n}"), |b| {
+            ratios.measure(b, &format!("direct/{n}"), |iters| {
+                let mut regs = Regs::default();
+                let t = Instant::now();
+                for _ in 0..iters {
+                    for f in black_box(&direct) {
+                        f(&mut regs);
+                    }
+                }
+                t.elapsed()
+            })
+        });
+    }
+    {
+        let r = registry_with(1);
+        let d = r.dispatcher();
+        g.bench_function("ours-2threads/1", |b| {
+            ratios.measure(b, "ours-2threads/1", |iters| {
+                let d = d.clone();
+                two_threads(iters, move |n| TS.with(|ts| our_hits(&d, ts, n)))
+            })
+        });
+        let legacy = Arc::new(legacy_table(1));
+        g.bench_function("rwlock-2threads/1", |b| {
+            ratios.measure(b, "rwlock-2threads/1", |iters| {
+                let l = Arc::clone(&legacy);
+                two_threads(iters, move |n| legacy_hits(&l, n))
+            })
+        });
+    }
+    g.finish();
+    c.final_summary();
+
+    ratios.print_means();
+    for &n in &COUNTS {
+        ratios.ratio(
+            &format!("ours/rwlock, {n} handler(s)"),
+            &format!("ours/{n}"),
+            &format!("rwlock/{n}"),
+        );
+        ratios.ratio(
+            &format!("ours/direct, {n} handler(s)"),
+            &format!("ours/{n}"),
+            &format!("direct/{n}"),
+        );
+    }
+    ratios.ratio(
+        "ours/rwlock, 2 threads hitting",
+        "ours-2threads/1",
+        "rwlock-2threads/1",
+    );
+    if let (Some(one), Some(sixteen)) = (ratios.mean_ns("ours/1"), ratios.mean_ns("ours/16")) {
+        let extra = (sixteen - one) / 15.0;
+        println!("EXTRA per additional handler: {extra:.2} ns (target <= 2 ns)");
+        println!("ONE handler among 10k sites: {one:.2} ns (target <= 15 ns)");
+    }
+    if let (Some(one), Some(sixteen)) = (ratios.mean_ns("direct/1"), ratios.mean_ns("direct/16")) {
+        println!(
+            "DIRECT per additional handler call: {:.2} ns",
+            (sixteen - one) / 15.0
+        );
+    }
+}
