@@ -80,7 +80,7 @@ impl Maps {
             } else {
                 cand.saturating_sub(hi)
             };
-            if best.is_none_or(|(d, _)| dist < d) {
+            if best.map_or(true, |(d, _)| dist < d) {
                 best = Some((dist, cand));
             }
         }

@@ -18,13 +18,14 @@ impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     pub const ESRCH: Errno = Errno(libc::ESRCH);
     pub const EINTR: Errno = Errno(libc::EINTR);
-    pub const EIO: Errno = Errno(libc::EIO);
-    pub const EFAULT: Errno = Errno(libc::EFAULT);
     pub const ECHILD: Errno = Errno(libc::ECHILD);
-    pub const EEXIST: Errno = Errno(libc::EEXIST);
 
     fn last() -> Errno {
-        Errno(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 
     /// As a standard I/O error.
@@ -181,15 +182,18 @@ pub fn sig_info(tid: Tid) -> SysResult<SigInfo> {
     Ok(SigInfo {
         signo: si.si_signo,
         code: si.si_code,
-        // SAFETY: the union fields read are those the kernel fills for this kind of
-        // signal: si_addr for kernel-raised fault signals, si_pid for sent ones.
         addr: if is_fault && !sent {
+            // SAFETY: the kernel fills si_addr for the fault signals it raises itself.
             unsafe { si.si_addr() as u64 }
         } else {
             0
         },
-        // SAFETY: as above.
-        pid: if sent { unsafe { si.si_pid() } } else { 0 },
+        pid: if sent {
+            // SAFETY: signals sent by a process (si_code <= 0) carry si_pid.
+            unsafe { si.si_pid() }
+        } else {
+            0
+        },
     })
 }
 
@@ -217,10 +221,8 @@ impl Wait {
 /// children (`__WALL | __WNOTHREAD`: never another thread's children). `WUNTRACED`
 /// also reports stops of untraced children (the doorbell). Retries `EINTR`.
 pub fn wait(tid: Tid, nohang: bool) -> SysResult<Option<Wait>> {
-    let flags = libc::__WALL
-        | libc::__WNOTHREAD
-        | libc::WUNTRACED
-        | if nohang { libc::WNOHANG } else { 0 };
+    let flags =
+        libc::__WALL | libc::__WNOTHREAD | libc::WUNTRACED | if nohang { libc::WNOHANG } else { 0 };
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes one int to the valid pointer it is given.
@@ -252,22 +254,10 @@ pub fn wait(tid: Tid, nohang: bool) -> SysResult<Option<Wait>> {
     }
 }
 
-/// Send `sig` to one thread.
-pub fn tgkill(tgid: Tid, tid: Tid, sig: i32) -> SysResult<()> {
-    // SAFETY: tgkill takes plain integers.
-    check(unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) }).map(drop)
-}
-
 /// Send `sig` to a process.
 pub fn kill(pid: Tid, sig: i32) -> SysResult<()> {
     // SAFETY: kill takes plain integers.
     check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
-}
-
-/// The calling thread's id.
-pub fn gettid() -> Tid {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    unsafe { libc::gettid() }
 }
 
 /// Read `buf.len()` bytes of `pid`'s memory at `addr`, with the target's own page
@@ -321,6 +311,42 @@ pub unsafe fn fork(child: impl FnOnce()) -> SysResult<Tid> {
                 libc::_exit(127)
             }
             p => Ok(p),
+        }
+    }
+}
+
+/// A pipe, both ends close-on-exec: `(read, write)`.
+pub fn pipe() -> SysResult<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the valid two-element array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// `write(2)` of a few bytes; async-signal-safe.
+pub fn write_fd(fd: std::os::fd::BorrowedFd<'_>, data: &[u8]) -> SysResult<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the buffer is valid for `data.len()` bytes; the fd is borrowed, so open.
+    let r = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    check(r as libc::c_long).map(|n| n as usize)
+}
+
+/// `read(2)`, retrying `EINTR`.
+pub fn read_fd(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: the buffer is valid and writable for its length; the fd is open.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match check(r as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            r => return r.map(|n| n as usize),
         }
     }
 }

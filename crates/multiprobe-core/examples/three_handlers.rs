@@ -66,7 +66,10 @@ fn main() -> Result<(), multiprobe_core::Error> {
     }
 
     let site = registry.site(ADDR).expect("site is registered");
-    println!("site {ADDR:#x}: {} hits, {} handlers", site.hits, site.handlers);
+    println!(
+        "site {ADDR:#x}: {} hits, {} handlers",
+        site.hits, site.handlers
+    );
     for info in registry.handlers() {
         println!(
             "  handler {}: hits {} missed {} panics {}",

@@ -56,7 +56,10 @@ fn build() -> PathBuf {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo to build the test programs");
-    assert!(status.success(), "building the test programs failed: {status}");
+    assert!(
+        status.success(),
+        "building the test programs failed: {status}"
+    );
     profile_dir
 }
 

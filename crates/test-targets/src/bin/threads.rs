@@ -9,7 +9,9 @@ use std::sync::{Arc, Barrier};
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn mp_work(t: u64, j: u64) -> u64 {
-    black_box(t).wrapping_mul(1_000_003).wrapping_add(black_box(j))
+    black_box(t)
+        .wrapping_mul(1_000_003)
+        .wrapping_add(black_box(j))
 }
 
 fn run(t: u64, calls: u64) -> (i32, u64) {

@@ -1,0 +1,585 @@
+//! The tracer: owns the traced process's threads and runs the event loop that serves
+//! hits, on the one thread that may make ptrace requests for them.
+//!
+//! Invariants:
+//! * Every thread of the tracee (and every vfork child, which shares its memory) has
+//!   a [`Thread`] here from its first reported stop on, and loses it at its exit.
+//! * `held` is `Some` exactly while a thread sits in a ptrace-stop that the loop has
+//!   not resumed; it says which signal to deliver when it is resumed or detached.
+//! * `slot` is `Some` while a thread may be inside a site's out-of-line slot (sent
+//!   there and not seen stopped outside since). Its reference keeps the slot's bytes
+//!   from being reused.
+//! * Handlers run here, with the thread stopped: a hit is one stop — pre-handlers, then
+//!   the instruction emulated or run from the jump-back slot — and a second stop only
+//!   for post-handlers of a relocated instruction (the trap-after slot).
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use multiprobe_core::{
+    Dispatcher, Error, Fault, FaultAction, HandlerInfo, Registry, Result, ThreadState,
+};
+use multiprobe_x86::SlotKind;
+
+use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status, INT3};
+use crate::doorbell::{DetachHandle, Doorbell};
+use crate::error;
+use crate::inject::{self, Aside};
+use crate::maps::Maps;
+use crate::mem::{CodeMemory, TraceeMemory};
+use crate::regs::{from_core, to_core};
+use crate::sys::{self, Errno, Tid, UserRegs, Wait};
+use crate::xol::PAGE;
+
+/// How the traced process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// Why [`Tracer::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The process is gone.
+    Exited(ExitStatus),
+    /// The process executed a new program. Its probes went with the old image: they
+    /// were unregistered (their last statistics are here). The process is held stopped
+    /// at the new program's first instruction until the next `run`, so probes can be
+    /// registered on the new image first.
+    Exec {
+        /// The handlers that were registered on the old image.
+        unregistered: Vec<HandlerInfo>,
+    },
+    /// A [`DetachHandle`] asked the loop to detach, and it did.
+    Detached,
+}
+
+const PTRACE_EVENT_STOP: i32 = 128;
+
+#[derive(Debug)]
+pub(crate) struct Thread {
+    pub(crate) ts: ThreadState,
+    pub(crate) slot: Option<Arc<SiteInner>>,
+    pub(crate) held: Option<i32>,
+    /// Held in group-stop (resume with `PTRACE_LISTEN`).
+    pub(crate) group_stop: bool,
+    /// A vfork child: another process sharing the tracee's memory, followed until it
+    /// execs or exits.
+    pub(crate) vfork_child: bool,
+}
+
+impl Thread {
+    pub(crate) fn new(held: Option<i32>) -> Thread {
+        Thread {
+            ts: ThreadState::new(),
+            slot: None,
+            held,
+            group_stop: false,
+            vfork_child: false,
+        }
+    }
+}
+
+/// A traced process and the registry of its probes.
+///
+/// Create one with [`Tracer::spawn`] or [`Tracer::attach`] on the thread that will run
+/// its loop: ptrace accepts requests only from the thread that attached, so a
+/// `Tracer` is neither `Send` nor `Sync`. Probes are registered through
+/// [`Tracer::registry`] (from any thread; the registry is `Send + Sync`), and hits are
+/// served — handlers run — inside [`Tracer::run`] on this thread.
+///
+/// Dropping a `Tracer` detaches: every breakpoint is removed and the process runs on
+/// as if it had never been traced.
+pub struct Tracer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) registry: Registry<PtraceBackend>,
+    pub(crate) dispatcher: Dispatcher<Site>,
+    pub(crate) mem: TraceeMemory,
+    pub(crate) threads: HashMap<Tid, Thread>,
+    /// Stops of new processes reported before their parent's fork event.
+    pub(crate) orphans: HashMap<Tid, Wait>,
+    pub(crate) aside: Aside,
+    pub(crate) doorbell: Option<Doorbell>,
+    pub(crate) detach_flag: Arc<AtomicBool>,
+    pub(crate) child: Option<std::process::Child>,
+    pub(crate) syscall_insn: Option<u64>,
+    pub(crate) exit: Option<ExitStatus>,
+    pub(crate) _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("pid", &self.shared.pid)
+            .field("threads", &self.threads.len())
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_stop_signal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
+}
+
+impl Tracer {
+    /// A tracer for `pid`, whose threads are already seized (`held`: those stopped).
+    pub(crate) fn new(pid: Tid, held: &[(Tid, Option<i32>)]) -> Result<Tracer> {
+        let shared = Shared::new(pid, CodeMemory::open(pid)?);
+        let registry = Registry::new(PtraceBackend {
+            shared: Arc::clone(&shared),
+        });
+        let dispatcher = registry.dispatcher();
+        let threads = held.iter().map(|&(t, h)| (t, Thread::new(h))).collect();
+        Ok(Tracer {
+            shared,
+            registry,
+            dispatcher,
+            mem: TraceeMemory::new(pid),
+            threads,
+            orphans: HashMap::new(),
+            aside: Aside::default(),
+            doorbell: None,
+            detach_flag: Arc::new(AtomicBool::new(false)),
+            child: None,
+            syscall_insn: None,
+            exit: None,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// The traced process's id.
+    pub fn pid(&self) -> i32 {
+        self.shared.pid
+    }
+
+    /// The registry of this process's probes. Clone it to register from other threads.
+    pub fn registry(&self) -> &Registry<PtraceBackend> {
+        &self.registry
+    }
+
+    /// The process's memory, as handlers see it.
+    pub fn memory(&self) -> TraceeMemory {
+        self.mem
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
+    /// Thread ids currently traced.
+    pub fn threads(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.threads.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The address of a function in the tracee: `symbol` (the main program first, then
+    /// every mapped file) or `file:symbol` (`libc:write`).
+    pub fn resolve(&self, spec: &str) -> Result<u64> {
+        let maps = Maps::read(self.pid())?;
+        crate::elf::resolve(&self.shared.symbols, &maps, spec)
+            .ok_or_else(|| Error::Backend(format!("no function {spec} in process {}", self.pid())))
+    }
+
+    /// Base addresses of the out-of-line pages mapped into the tracee.
+    pub fn xol_pages(&self) -> Vec<u64> {
+        self.shared.lock().xol.pages()
+    }
+
+    /// The spawned child's `std::process::Child` (for its stdin/stdout/stderr pipes).
+    /// Do not `wait` on it: the tracer reaps the process and reports its exit status.
+    pub fn take_child(&mut self) -> Option<std::process::Child> {
+        self.child.take()
+    }
+
+    /// A handle that asks [`Tracer::run`] to detach, usable from any thread or from a
+    /// signal handler (a Ctrl-C handler). Forks the small doorbell process the first
+    /// time (see the `doorbell` module).
+    pub fn detach_handle(&mut self) -> Result<DetachHandle> {
+        if self.doorbell.is_none() {
+            self.doorbell = Some(Doorbell::new()?);
+        }
+        let bell = self.doorbell.as_ref().expect("just created");
+        Ok(bell.handle(&self.detach_flag))
+    }
+
+    /// Serve hits until the process exits, execs, or a detach is requested.
+    pub fn run(&mut self) -> Result<Stop> {
+        loop {
+            if let Some(stop) = self.run_until(|| false)? {
+                return Ok(stop);
+            }
+        }
+    }
+
+    /// Like [`Tracer::run`], but also return `Ok(None)` as soon as `done()` is true;
+    /// it is checked before waiting for each event. The process keeps running.
+    pub fn run_until(&mut self, mut done: impl FnMut() -> bool) -> Result<Option<Stop>> {
+        if let Some(status) = self.exit {
+            return Ok(Some(Stop::Exited(status)));
+        }
+        if self.shared.lock().status == Status::Detached {
+            return Ok(Some(Stop::Detached));
+        }
+        self.resume_held()?;
+        loop {
+            if self.detach_flag.load(Ordering::SeqCst) {
+                self.detach_now()?;
+                return Ok(Some(Stop::Detached));
+            }
+            if done() {
+                return Ok(None);
+            }
+            let w = match self.aside.waits.pop_front() {
+                Some(w) => w,
+                None => match sys::wait(-1, false) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(Errno::ECHILD) => {
+                        // Nothing left to wait for: the process went without a report
+                        // (reaped elsewhere).
+                        return Ok(Some(Stop::Exited(self.gone(ExitStatus::Signal(0)))));
+                    }
+                    Err(e) => return Err(error::sys(e, "wait for the tracee")),
+                },
+            };
+            if let Some(stop) = self.handle(w)? {
+                return Ok(Some(stop));
+            }
+        }
+    }
+
+    fn resume_held(&mut self) -> Result<()> {
+        let tids: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.held.is_some())
+            .map(|(&t, _)| t)
+            .collect();
+        for tid in tids {
+            let th = self.threads.get_mut(&tid).expect("listed");
+            let sig = th.held.take().unwrap_or(0);
+            let r = if th.group_stop {
+                sys::listen(tid)
+            } else {
+                sys::cont(tid, sig)
+            };
+            // A thread killed meanwhile reports its exit to the loop.
+            if let Err(e) = r.filter_gone() {
+                return Err(error::sys(e, format_args!("resume thread {tid}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume `tid` from a stop, delivering `sig` or a signal held back during an
+    /// injection.
+    fn resume(&mut self, tid: Tid, sig: i32) -> Result<()> {
+        let mut sig = sig;
+        if sig == 0 {
+            if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
+                sig = self.aside.signals.remove(i).1;
+            }
+        }
+        sys::cont(tid, sig)
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("resume thread {tid}")))
+    }
+
+    /// The process is gone: forget its threads, stop patching.
+    pub(crate) fn gone(&mut self, status: ExitStatus) -> ExitStatus {
+        for (_, th) in self.threads.drain() {
+            th.ts.abandon();
+        }
+        let mut st = self.shared.lock();
+        st.status = Status::Gone;
+        st.code = None;
+        st.armed.clear();
+        st.xol.clear();
+        drop(st);
+        self.exit = Some(status);
+        status
+    }
+
+    pub(crate) fn handle(&mut self, w: Wait) -> Result<Option<Stop>> {
+        let pid = self.pid();
+        let (tid, sig, event) = match w {
+            Wait::Exited(tid, _) | Wait::Signaled(tid, _) => {
+                if self.doorbell.as_ref().is_some_and(|d| d.pid == tid) {
+                    self.doorbell = None;
+                    return Ok(None);
+                }
+                if let Some(th) = self.threads.remove(&tid) {
+                    th.ts.abandon();
+                }
+                self.orphans.remove(&tid);
+                if tid == pid {
+                    let status = match w {
+                        Wait::Exited(_, c) => ExitStatus::Code(c),
+                        Wait::Signaled(_, s) => ExitStatus::Signal(s),
+                        Wait::Stopped { .. } => unreachable!(),
+                    };
+                    return Ok(Some(Stop::Exited(self.gone(status))));
+                }
+                return Ok(None);
+            }
+            Wait::Stopped { tid, sig, event } => (tid, sig, event),
+        };
+        if let Some(bell) = &self.doorbell {
+            if bell.pid == tid {
+                bell.rearm();
+                return Ok(None);
+            }
+        }
+        if !self.threads.contains_key(&tid) && !self.adopt(tid, w)? {
+            return Ok(None);
+        }
+        match event {
+            0 if sig == libc::SIGTRAP => self.on_trap(tid)?,
+            0 if sig == libc::SIGTRAP | 0x80 => self.resume(tid, 0)?,
+            0 => self.on_signal(tid, sig)?,
+            PTRACE_EVENT_STOP if is_stop_signal(sig) => {
+                // Group-stop: stay stopped, but report the SIGCONT that ends it.
+                sys::listen(tid)
+                    .filter_gone()
+                    .map_err(|e| error::sys(e, "listen"))?;
+            }
+            libc::PTRACE_EVENT_CLONE => {
+                if let Ok(new) = sys::event_msg(tid) {
+                    self.threads
+                        .entry(new as Tid)
+                        .or_insert_with(|| Thread::new(None));
+                }
+                self.resume(tid, 0)?;
+            }
+            libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
+                if let Ok(child) = sys::event_msg(tid) {
+                    self.new_child(child as Tid, event == libc::PTRACE_EVENT_VFORK)?;
+                }
+                self.resume(tid, 0)?;
+            }
+            libc::PTRACE_EVENT_EXEC => return self.on_exec(tid),
+            _ => self.resume(tid, 0)?,
+        }
+        Ok(None)
+    }
+
+    /// A stop from a thread not seen before. A new thread of the tracee is adopted
+    /// (true); a new process is parked until its parent's fork event (false).
+    pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> Result<bool> {
+        let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse::<i32>()))
+            })
+            .and_then(|r| r.ok());
+        if tgid == Some(self.pid()) {
+            self.threads.insert(tid, Thread::new(None));
+            Ok(true)
+        } else {
+            self.orphans.insert(tid, w);
+            Ok(false)
+        }
+    }
+
+    /// The first stop of a new process `child`, forked or vforked by a tracee thread.
+    fn child_first_stop(&mut self, child: Tid) -> Result<bool> {
+        if self.orphans.remove(&child).is_some() {
+            return Ok(true);
+        }
+        Ok(matches!(
+            sys::wait(child, false),
+            Ok(Some(Wait::Stopped { .. }))
+        ))
+    }
+
+    /// A fork child gets its own copy of memory, breakpoints included: take them out
+    /// and let it go. A vfork child shares the memory: follow it like a thread until it
+    /// execs or exits.
+    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool) -> Result<()> {
+        if !self.child_first_stop(child)? {
+            return Ok(());
+        }
+        if vfork {
+            let mut th = Thread::new(None);
+            th.vfork_child = true;
+            self.threads.insert(child, th);
+            return self.resume(child, 0);
+        }
+        self.free_child(child);
+        Ok(())
+    }
+
+    /// Restore every byte we ever armed in `child`'s copy of memory, unmap its copy of
+    /// the XOL pages, and detach it. Best effort: a child that died meanwhile needs
+    /// nothing.
+    pub(crate) fn free_child(&mut self, child: Tid) {
+        let st = self.shared.lock();
+        let history: Vec<(u64, u8)> = st.history.iter().map(|(&a, &b)| (a, b)).collect();
+        let pages = st.xol.pages();
+        drop(st);
+        if let Ok(code) = CodeMemory::open(child) {
+            for (addr, orig) in history {
+                let mut now = [0u8];
+                if code.read(addr, &mut now).is_ok() && now[0] == INT3 && orig != INT3 {
+                    let _ = code.write(addr, &[orig]);
+                }
+            }
+        }
+        if let (Some(&gadget), Ok(saved)) = (pages.first(), sys::get_regs(child)) {
+            // The gadget's own page goes last.
+            for &page in pages.iter().rev() {
+                let args = [page, PAGE, 0, 0, 0, 0];
+                let r = inject::syscall(
+                    child,
+                    &saved,
+                    gadget,
+                    libc::SYS_munmap,
+                    args,
+                    &mut self.aside,
+                );
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+        let sig = self
+            .aside
+            .signals
+            .iter()
+            .position(|&(t, _)| t == child)
+            .map_or(0, |i| self.aside.signals.remove(i).1);
+        let _ = sys::detach(child, sig);
+    }
+
+    fn on_exec(&mut self, tid: Tid) -> Result<Option<Stop>> {
+        if self.threads.get(&tid).is_some_and(|t| t.vfork_child) {
+            // A vfork child started its own program: nothing of ours is in it.
+            if let Some(th) = self.threads.remove(&tid) {
+                th.ts.abandon();
+            }
+            let _ = sys::detach(tid, 0);
+            return Ok(None);
+        }
+        // The main process: every other thread is gone, and so is the old image with
+        // our breakpoints and XOL pages.
+        for (_, th) in self.threads.drain() {
+            th.ts.abandon();
+        }
+        let pid = self.pid();
+        self.threads.insert(pid, Thread::new(Some(0)));
+        {
+            let mut st = self.shared.lock();
+            self.shared.gen.fetch_add(1, Ordering::AcqRel);
+            st.armed.clear();
+            st.history.clear();
+            st.xol.clear();
+            st.code = Some(CodeMemory::open(pid)?);
+        }
+        self.syscall_insn = None;
+        let unregistered = self.registry.handlers();
+        let ids: Vec<_> = unregistered.iter().map(|h| h.id).collect();
+        if !ids.is_empty() {
+            // Their disarm finds a stale image and writes nothing.
+            let _ = self.registry.unregister_batch(&ids);
+        }
+        Ok(Some(Stop::Exec { unregistered }))
+    }
+
+    fn on_signal(&mut self, tid: Tid, sig: i32) -> Result<()> {
+        let in_slot = self.threads.get(&tid).and_then(|t| t.slot.clone());
+        if let Some(site) = in_slot {
+            let ur = match sys::get_regs(tid) {
+                Ok(r) => r,
+                Err(_) => return Ok(()), // gone; its exit will be reported
+            };
+            if let Some(slots) = site.slots.get().filter(|s| s.contains(ur.rip)) {
+                let si = sys::sig_info(tid).ok();
+                let fault = matches!(
+                    sig,
+                    libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE
+                ) && si.is_some_and(|s| s.code > 0);
+                if fault {
+                    let si = si.expect("checked");
+                    return self.fault_in_slot(tid, &site, slots, ur, sig, si);
+                }
+                // An asynchronous signal caught the thread inside the slot. Past the
+                // relocated instruction, move it to the equivalent original place;
+                // before it, leave it there (moving it back would run the handlers a
+                // second time) — the signal handler then returns into the slot.
+                let mut regs = to_core(&ur);
+                if ur.rip != slots.slot_of(ur.rip).map_or(0, |s| s.addr()) {
+                    if let Some(slot) = slots.slot_of(ur.rip) {
+                        if slot.kind() == SlotKind::JumpBack && slot.fixup_ip(&mut regs) {
+                            let _ = sys::set_regs(tid, &from_core(&ur, &regs));
+                            self.threads.get_mut(&tid).expect("known").slot = None;
+                        }
+                    }
+                }
+            } else {
+                self.threads.get_mut(&tid).expect("known").slot = None;
+            }
+        }
+        self.resume(tid, sig)
+    }
+
+    /// The displaced instruction faulted in its slot: the fault handlers run with
+    /// `rip` at the probed address, and unless one handles it the signal is delivered
+    /// there, as if the program had never been probed.
+    fn fault_in_slot(
+        &mut self,
+        tid: Tid,
+        site: &Arc<SiteInner>,
+        slots: &Slots,
+        ur: UserRegs,
+        sig: i32,
+        si: sys::SigInfo,
+    ) -> Result<()> {
+        let mut regs = to_core(&ur);
+        if let Some(slot) = slots.slot_of(ur.rip) {
+            slot.fixup_ip(&mut regs);
+        }
+        let fault = Fault {
+            signal: sig,
+            code: si.code,
+            addr: si.addr,
+        };
+        let th = self.threads.get_mut(&tid).expect("known");
+        th.slot = None;
+        let action = self
+            .dispatcher
+            .fault(&th.ts, site.addr, tid as u32, &mut regs, &self.mem, &fault);
+        sys::set_regs(tid, &from_core(&ur, &regs))
+            .filter_gone()
+            .map_err(|e| error::sys(e, "set registers"))?;
+        match action {
+            FaultAction::NotHandled => self.resume(tid, sig),
+            FaultAction::Handled => self.resume(tid, 0),
+        }
+    }
+}
+
+/// `ESRCH` from a request on a thread that was just killed is not an error for the
+/// loop: the thread's exit is reported next.
+pub(crate) trait FilterGone {
+    fn filter_gone(self) -> std::result::Result<(), Errno>;
+}
+
+impl FilterGone for std::result::Result<(), Errno> {
+    fn filter_gone(self) -> std::result::Result<(), Errno> {
+        match self {
+            Err(Errno::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+}
