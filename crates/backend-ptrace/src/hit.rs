@@ -234,7 +234,8 @@ impl Tracer {
         let want = maps.free_near(addr, addr + 1, PAGE, REACH).ok_or_else(|| {
             multiprobe_core::Error::Backend(format!("no free page within reach of {addr:#x}"))
         })?;
-        let insn = match self.shared.lock().xol.gadget().or(self.syscall_insn) {
+        let known = self.shared.lock().xol.gadget().or(self.syscall_insn);
+        let insn = match known {
             Some(i) => i,
             None => {
                 let st = self.shared.lock();

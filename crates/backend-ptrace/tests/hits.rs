@@ -100,3 +100,81 @@ fn several_handlers_run_in_order_with_posts_and_can_change_registers() {
         assert_eq!(g.stats().unwrap().hits, n);
     }
 }
+
+#[test]
+fn relocated_instructions_run_out_of_line_with_correct_results() {
+    let n = 200u64;
+    let (expected, _) = common::unprobed("mp-single", &["--iters", "200"]);
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "200"])).unwrap();
+    let load = t.resolve("mp_load").unwrap();
+    let riprel = t.resolve("mp_riprel").unwrap();
+    // mp_load: pre reads the pointed-to value through tracee memory; post (after the
+    // out-of-line `mov rax, [rdi]`, a trap-after slot) sees it in rax.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s1, s2) = (Arc::clone(&seen), Arc::clone(&seen));
+    let h = FnHandler::new()
+        .pre(move |hit: &mut Hit<'_>| {
+            let v = hit.mem().read_u64(hit.regs().rdi).unwrap();
+            s1.lock().unwrap().push(('p', v));
+            PreAction::Continue
+        })
+        .post(move |hit: &mut Hit<'_>| {
+            assert_eq!(
+                hit.regs().rip,
+                hit.addr() + 3,
+                "rip is back in the original code"
+            );
+            s2.lock().unwrap().push(('q', hit.regs().rax));
+        });
+    let g1 = t.registry().register(load, h).unwrap();
+    // mp_riprel: pre only, so the jump-back slot: one stop per hit.
+    let c = Arc::new(AtomicU64::new(0));
+    let cc = Arc::clone(&c);
+    let g2 = t
+        .registry()
+        .register(riprel, move |_: &mut Hit<'_>| {
+            cc.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(common::read_all(&mut child), expected);
+    let seen = seen.lock().unwrap();
+    let want: Vec<(char, u64)> = (0..n).flat_map(|i| [('p', i), ('q', i)]).collect();
+    assert_eq!(*seen, want);
+    assert_eq!(c.load(Relaxed), n);
+    assert_eq!(g1.stats().unwrap().hits, n);
+    assert_eq!(g2.stats().unwrap().hits, n);
+    assert_eq!(
+        t.xol_pages().len(),
+        0,
+        "the process is gone, and its pages with it"
+    );
+}
+
+#[test]
+fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "400"])).unwrap();
+    let load = t.resolve("mp_load").unwrap();
+    let mut orig = [0u8; 1];
+    multiprobe_core::Memory::read(&t.memory(), load, &mut orig).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let g = t
+        .registry()
+        .register(load, move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    let mut now = [0u8; 1];
+    multiprobe_core::Memory::read(&t.memory(), load, &mut now).unwrap();
+    assert_eq!(now[0], 0xcc);
+    assert_eq!(t.run_until(|| hits.load(Relaxed) >= 100).unwrap(), None);
+    let stats = g.unregister().unwrap();
+    multiprobe_core::Memory::read(&t.memory(), load, &mut now).unwrap();
+    assert_eq!(now, orig);
+    let at_unregister = hits.load(Relaxed);
+    assert_eq!(stats.hits, at_unregister);
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(hits.load(Relaxed), at_unregister);
+}

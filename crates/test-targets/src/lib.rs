@@ -89,8 +89,8 @@ pub mod util {
         std::env::args().any(|a| a == name)
     }
 
-    /// With `--wait`: print `ready` and block until a line arrives on stdin, so a test
-    /// can attach first.
+    /// With `--wait`: print `ready PID` and block until a line arrives on stdin, so a
+    /// test can attach first. The program calls [`maybe_wait_end`] before it exits.
     pub fn maybe_wait() {
         use std::io::{BufRead, Write};
         if flag("--wait") {
@@ -98,6 +98,17 @@ pub mod util {
             std::io::stdout().flush().expect("flush");
             let mut line = String::new();
             std::io::stdin().lock().read_line(&mut line).expect("stdin");
+        }
+    }
+
+    /// With `--wait`: flush stdout and block until stdin is closed (or a line arrives),
+    /// so a test can look at the process after its work and before it exits.
+    pub fn maybe_wait_end() {
+        use std::io::{BufRead, Write};
+        if flag("--wait") {
+            std::io::stdout().flush().expect("flush");
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
         }
     }
 }

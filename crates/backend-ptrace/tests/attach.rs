@@ -1,0 +1,175 @@
+//! Attaching to running programs, detaching, and the errors of attach.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use multiprobe_backend_ptrace::{Stop, Tracer};
+use multiprobe_core::{Error, FnHandler, Hit, PreAction};
+
+/// Start `name --wait args` untraced and wait until it says it is ready.
+fn start_waiting(name: &str, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut cmd = common::command(name, args);
+    cmd.arg("--wait").stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("ready {}", child.id()));
+    (child, out)
+}
+
+fn go(child: &mut Child) {
+    child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+}
+
+/// Read the program's report (it then waits for stdin to close before exiting).
+fn report(out: &mut BufReader<std::process::ChildStdout>, lines: usize) -> String {
+    let mut s = String::new();
+    for _ in 0..lines {
+        out.read_line(&mut s).unwrap();
+    }
+    s
+}
+
+/// Let the program exit.
+fn bye(child: &mut Child) {
+    drop(child.stdin.take());
+}
+
+fn rest(mut out: BufReader<std::process::ChildStdout>) -> String {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut out, &mut s).unwrap();
+    s
+}
+
+#[test]
+fn attach_probe_detach_then_the_program_finishes_normally_with_identical_text() {
+    let iters = 3000u64;
+    let args = ["--iters", "3000", "--exit", "5"];
+    let (mut child, out) = start_waiting("mp-single", &args);
+    let pid = child.id() as i32;
+    let before = common::text(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let post = Arc::new(AtomicU64::new(0));
+    let p = Arc::clone(&post);
+    let handler = FnHandler::new()
+        .pre(move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+            PreAction::Continue
+        })
+        .post(move |_: &mut Hit<'_>| {
+            p.fetch_add(1, Relaxed);
+        });
+    let g1 = t
+        .registry()
+        .register(t.resolve("mp_add").unwrap(), handler)
+        .unwrap();
+    // Relocated first instructions: these run from slots in an XOL page.
+    let g2 = t
+        .registry()
+        .register(t.resolve("mp_load").unwrap(), |_: &mut Hit<'_>| {})
+        .unwrap();
+    let g3 = t
+        .registry()
+        .register(t.resolve("mp_riprel").unwrap(), |_: &mut Hit<'_>| {})
+        .unwrap();
+    assert!(common::text(pid) != before, "breakpoints are in");
+    go(&mut child);
+    let r = t.run_until(|| hits.load(Relaxed) >= 500).unwrap();
+    assert_eq!(r, None);
+    assert!(!t.xol_pages().is_empty());
+    t.detach().unwrap();
+    let mut out = out;
+    let report = report(&mut out, 3);
+    // The program's code is exactly as before: breakpoints and the XOL page are gone.
+    assert!(common::text(pid) == before, "text differs after detach");
+    bye(&mut child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5));
+    assert_eq!(rest(out), "");
+    let out = report;
+    let sum: u64 = (0..iters).map(|i| 4 * i).sum();
+    assert!(
+        out.starts_with(&format!("mp_add calls={iters} sum={sum}\n")),
+        "{out}"
+    );
+    let n = hits.load(Relaxed);
+    assert!((500..iters).contains(&n), "{n}");
+    // Every pre that ran before the detach had its post, or the detach ended it.
+    assert!(post.load(Relaxed) <= n && post.load(Relaxed) + 1 >= n);
+    drop((g1, g2, g3));
+}
+
+#[test]
+fn detach_handle_from_another_thread_while_many_threads_hit() {
+    let (mut child, out) = start_waiting("mp-threads", &["--threads", "3", "--base", "20000"]);
+    let pid = child.id() as i32;
+    let before = common::text(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    // A post-handler sends threads through trap-after slots, so some are inside one
+    // when the detach comes.
+    let handler = FnHandler::new()
+        .pre(move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+            PreAction::Continue
+        })
+        .post(|_: &mut Hit<'_>| {});
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_work").unwrap(), handler)
+        .unwrap();
+    let handle = t.detach_handle().unwrap();
+    let hits2 = Arc::clone(&hits);
+    let requester = std::thread::spawn(move || {
+        while hits2.load(Relaxed) < 2000 {
+            std::thread::yield_now();
+        }
+        handle.request();
+    });
+    go(&mut child);
+    assert_eq!(t.run().unwrap(), Stop::Detached);
+    requester.join().unwrap();
+    let mut out = out;
+    let report = report(&mut out, 4);
+    assert!(common::text(pid) == before, "text differs after detach");
+    bye(&mut child);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(rest(out), "");
+    let out = report;
+    assert_eq!(out.lines().count(), 4, "{out}");
+    for (i, line) in out.lines().enumerate() {
+        let calls = if i == 0 { 20000 } else { 20000 * i };
+        assert!(line.contains(&format!(" calls={calls} ")), "{line}");
+    }
+}
+
+#[test]
+fn attach_errors_say_what_is_wrong() {
+    // No such process.
+    assert!(matches!(Tracer::attach(i32::MAX), Err(Error::ProcessGone)));
+    // Ourselves.
+    assert!(matches!(
+        Tracer::attach(std::process::id() as i32),
+        Err(Error::PermissionDenied(_))
+    ));
+    // Already traced (by us).
+    let (mut child, _out) = start_waiting("mp-single", &["--iters", "1"]);
+    let pid = child.id() as i32;
+    let t = Tracer::attach(pid).unwrap();
+    match Tracer::attach(pid) {
+        Err(Error::PermissionDenied(m)) => assert!(m.contains("already traced"), "{m}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    drop(t);
+    go(&mut child);
+    bye(&mut child);
+    assert!(child.wait().unwrap().success());
+}

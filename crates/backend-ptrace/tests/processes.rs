@@ -1,0 +1,251 @@
+//! Threads, forks, vforks, execs, signals and faults of traced programs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+use multiprobe_core::{FaultAction, FnHandler, Hit, PreAction};
+
+fn counter() -> (
+    Arc<AtomicU64>,
+    impl Fn(&mut Hit<'_>) + Send + Sync + 'static,
+) {
+    let c = Arc::new(AtomicU64::new(0));
+    let c2 = Arc::clone(&c);
+    (c, move |_: &mut Hit<'_>| {
+        c2.fetch_add(1, Relaxed);
+    })
+}
+
+#[test]
+fn per_thread_counts_match_what_each_thread_reports() {
+    let mut cmd = common::command("mp-threads", &["--threads", "4", "--base", "150"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let work = t.resolve("mp_work").unwrap();
+    // tid -> (calls, the thread index seen in the first argument)
+    let seen: Arc<Mutex<HashMap<u32, (u64, u64)>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let g = t
+        .registry()
+        .register(work, move |hit: &mut Hit<'_>| {
+            let arg = hit.arg(0).unwrap();
+            let mut m = s.lock().unwrap();
+            let e = m.entry(hit.tid()).or_insert((0, arg));
+            e.0 += 1;
+            assert_eq!(e.1, arg, "a thread's first argument never changes");
+        })
+        .unwrap();
+    // And a relocated one with a post-handler: threads pass through trap-after slots.
+    let posts: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
+    let p = Arc::clone(&posts);
+    let tload = FnHandler::new().post(move |hit: &mut Hit<'_>| {
+        *p.lock().unwrap().entry(hit.tid()).or_default() += 1;
+    });
+    let g2 = t
+        .registry()
+        .register(t.resolve("mp_tload").unwrap(), tload)
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let seen = seen.lock().unwrap();
+    let posts = posts.lock().unwrap();
+    let mut total = 0;
+    for line in out.lines() {
+        // thread T tid=TID calls=C acc=A
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let idx: u64 = f[1].parse().unwrap();
+        let tid: u32 = f[2].strip_prefix("tid=").unwrap().parse().unwrap();
+        let calls: u64 = f[3].strip_prefix("calls=").unwrap().parse().unwrap();
+        assert_eq!(
+            seen.get(&tid),
+            Some(&(calls, idx)),
+            "thread {idx} (tid {tid})"
+        );
+        assert_eq!(posts.get(&tid), Some(&calls), "posts of thread {idx}");
+        total += calls;
+    }
+    assert_eq!(out.lines().count(), 5);
+    assert_eq!(seen.len(), 5);
+    assert_eq!(g.stats().unwrap().hits, total);
+    assert_eq!(g2.stats().unwrap().hits, total);
+}
+
+#[test]
+fn fork_children_are_freed_vfork_children_followed_and_output_unchanged() {
+    let (expected, code) = common::unprobed("mp-forker", &[]);
+    assert_eq!(code, Some(0));
+    let mut t = Tracer::spawn(&mut common::command("mp-forker", &[])).unwrap();
+    let add = t.resolve("mp_add").unwrap();
+    let (hits, h) = counter();
+    let _g = t.registry().register(add, h).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert_eq!(out, expected);
+    assert!(out.contains("child=exit 0"), "{out}");
+    // Only the traced parent's own calls: the fork child was let go before its calls.
+    assert_eq!(hits.load(Relaxed), 20);
+}
+
+#[test]
+fn exec_ends_old_probes_and_new_ones_work_on_the_new_image() {
+    let args = ["--iters", "40", "--then-exec"];
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &args)).unwrap();
+    let (hits, h) = counter();
+    let g = t
+        .registry()
+        .register(t.resolve("mp_add").unwrap(), h)
+        .unwrap();
+    let id = g.id();
+    let Stop::Exec { unregistered } = t.run().unwrap() else {
+        panic!("expected an exec");
+    };
+    assert_eq!(unregistered.len(), 1);
+    assert_eq!(unregistered[0].id, id);
+    assert_eq!(unregistered[0].stats.hits, 40);
+    assert!(t.registry().is_empty());
+    assert_eq!(hits.load(Relaxed), 40);
+    drop(g); // already gone: dropping is harmless
+    let (hits2, h2) = counter();
+    let _g2 = t
+        .registry()
+        .register(t.resolve("mp_add").unwrap(), h2)
+        .unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(hits2.load(Relaxed), 40);
+    assert_eq!(hits.load(Relaxed), 40);
+}
+
+#[test]
+fn the_programs_own_sigtrap_and_signals_are_delivered_unchanged() {
+    let (expected, _) = common::unprobed("mp-signals", &["--rounds", "25"]);
+    assert!(
+        expected.contains("sigtrap=50 sigtrap_kernel=25 sigusr1=25"),
+        "{expected}"
+    );
+    let mut t = Tracer::spawn(&mut common::command("mp-signals", &["--rounds", "25"])).unwrap();
+    let (hits, h) = counter();
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_add").unwrap(), h)
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(common::read_all(&mut child), expected);
+    assert_eq!(hits.load(Relaxed), 50);
+}
+
+#[test]
+fn a_fault_in_the_displaced_instruction_reaches_the_program_at_the_original_address() {
+    let (expected, code) = common::unprobed("mp-fault", &[]);
+    assert_eq!(code, Some(42));
+    let mut t = Tracer::spawn(&mut common::command("mp-fault", &[])).unwrap();
+    let f = t.resolve("mp_fault_load").unwrap();
+    let faults = Arc::new(Mutex::new(Vec::new()));
+    let fl = Arc::clone(&faults);
+    let (pres, p) = counter();
+    let h = FnHandler::new()
+        .pre(move |hit: &mut Hit<'_>| {
+            p(hit);
+            PreAction::Continue
+        })
+        .fault(move |hit: &mut Hit<'_>, fault: &multiprobe_core::Fault| {
+            fl.lock().unwrap().push((hit.regs().rip, *fault));
+            FaultAction::NotHandled
+        });
+    let _g = t.registry().register(f, h).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(42)));
+    let out = common::read_all(&mut child);
+    // Same fault address and code as unprobed, and the handler saw rip == the
+    // function's address (load addresses differ between runs: compare fields).
+    let fields = |s: &str| -> Vec<String> {
+        let line = s.lines().last().unwrap_or_default();
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    let (got, want) = (fields(&out), fields(&expected));
+    assert_eq!(got.len(), 5, "{out}");
+    assert_eq!(got[..3], want[..3], "{out}");
+    assert_eq!(got[3]["rip=".len()..], got[4]["fn=".len()..], "{out}");
+    assert_eq!(want[3]["rip=".len()..], want[4]["fn=".len()..]);
+    assert_eq!(got[4], format!("fn={f:016x}"));
+    assert_eq!(pres.load(Relaxed), 1);
+    let faults = faults.lock().unwrap();
+    assert_eq!(faults.len(), 1);
+    let (rip, fault) = faults[0];
+    assert_eq!(rip, f);
+    assert_eq!((fault.signal, fault.addr), (libc::SIGSEGV, 0x10));
+}
+
+#[test]
+fn killing_the_tracee_while_it_is_stopped_at_a_breakpoint() {
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "100"])).unwrap();
+    let pid = t.pid();
+    let (hits, h) = counter();
+    let g = t
+        .registry()
+        .register(t.resolve("mp_add").unwrap(), move |hit: &mut Hit<'_>| {
+            h(hit);
+            // The thread is stopped at the breakpoint right now.
+            // SAFETY: plain kill of the traced child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+        .unwrap();
+    assert_eq!(
+        t.run().unwrap(),
+        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+    );
+    assert_eq!(hits.load(Relaxed), 1);
+    // Nothing is left to restore; unregistering is fine.
+    g.unregister().unwrap();
+    assert_eq!(
+        t.run().unwrap(),
+        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+    );
+}
+
+#[test]
+fn group_stop_and_continue_of_a_traced_program() {
+    let iters = 3000u64;
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "3000"])).unwrap();
+    let pid = t.pid();
+    let (hits, h) = counter();
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_load").unwrap(), h)
+        .unwrap();
+    let hits2 = Arc::clone(&hits);
+    // Stop the whole program with SIGSTOP in the middle, wait until the kernel shows it
+    // stopped, then continue it: the tracer must keep it stopped meanwhile (LISTEN)
+    // and pick up again after SIGCONT.
+    let stopper = std::thread::spawn(move || {
+        while hits2.load(Relaxed) < 100 {
+            std::thread::yield_now();
+        }
+        // SAFETY: signals to the traced child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let state = stat.rsplit(") ").next().unwrap().chars().next().unwrap();
+            if state == 't' || state == 'T' {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let at_stop = hits2.load(Relaxed);
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        at_stop
+    });
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let at_stop = stopper.join().unwrap();
+    assert!(at_stop >= 100 && at_stop < iters, "{at_stop}");
+    assert_eq!(hits.load(Relaxed), iters);
+    let out = common::read_all(&mut child);
+    assert!(out.contains(&format!("mp_load calls={iters}")), "{out}");
+}
