@@ -18,7 +18,7 @@ use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
 use crate::maps::Maps;
-use crate::regs::{from_core, to_core};
+use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
 use crate::tracer::{FilterGone, Tracer};
 use crate::xol::{GADGET, PAGE, UNIT};
@@ -128,10 +128,17 @@ impl Tracer {
         regs: &multiprobe_core::Regs,
         sig: i32,
     ) -> Result<()> {
-        if to_core(ur) != *regs {
-            sys::set_regs(tid, &from_core(ur, regs))
-                .filter_gone()
-                .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
+        let new = from_core(ur, regs);
+        let e = |e| error::sys(e, format_args!("set registers of thread {tid}"));
+        match regs::changes(ur, &new) {
+            Some(fields) => {
+                for (offset, value) in fields.iter() {
+                    sys::poke_user(tid, offset, value)
+                        .filter_gone()
+                        .map_err(e)?;
+                }
+            }
+            None => sys::set_regs(tid, &new).filter_gone().map_err(e)?,
         }
         self.resume_sig(tid, sig)
     }

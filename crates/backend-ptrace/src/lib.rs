@@ -62,6 +62,8 @@
 #![warn(missing_docs)]
 
 mod backend;
+#[doc(hidden)]
+pub mod baseline;
 mod detach;
 mod doorbell;
 mod elf;

@@ -60,6 +60,47 @@ pub(crate) fn from_core(base: &UserRegs, c: &Regs) -> UserRegs {
     r
 }
 
+/// The fields of a `user_regs_struct`, in memory order (their index times 8 is the
+/// offset `PTRACE_POKEUSER` takes).
+fn fields(r: &UserRegs) -> [u64; 27] {
+    [
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
+        r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds,
+        r.es, r.fs, r.gs,
+    ]
+}
+
+/// How to write `new` over a thread whose registers are `old`: the `(offset, value)`
+/// of each changed field, or `None` when more than two changed (one `PTRACE_SETREGS`
+/// is then cheaper than three `PTRACE_POKEUSER`s).
+pub(crate) fn changes(old: &UserRegs, new: &UserRegs) -> Option<Changes> {
+    let (a, b) = (fields(old), fields(new));
+    let mut out = Changes::default();
+    for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+        if x != y {
+            if out.len == out.items.len() {
+                return None;
+            }
+            out.items[out.len] = (i * 8, *y);
+            out.len += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Up to two changed register fields, without allocating (this is the hot path).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    items: [(usize, u64); 2],
+    len: usize,
+}
+
+impl Changes {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.items[..self.len].iter().copied()
+    }
+}
+
 const ERESTARTSYS: i64 = 512;
 const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
@@ -121,6 +162,23 @@ mod tests {
             (back.orig_rax, back.cs, back.rdi, back.eflags),
             (99, 0x33, 6, 0x246)
         );
+    }
+
+    #[test]
+    fn changes_name_the_kernel_offsets_of_changed_fields() {
+        let mut a = zero();
+        a.rip = 1;
+        a.rsp = 2;
+        let mut b = a;
+        let list = |c: Option<Changes>| c.map(|c| c.iter().collect::<Vec<_>>());
+        assert_eq!(list(changes(&a, &b)), Some(vec![]));
+        b.rip = 5;
+        assert_eq!(list(changes(&a, &b)), Some(vec![(16 * 8, 5)]));
+        b.rsp = 7;
+        assert_eq!(list(changes(&a, &b)), Some(vec![(16 * 8, 5), (19 * 8, 7)]));
+        b.rax = 1;
+        assert_eq!(changes(&a, &b), None);
+        assert_eq!(std::mem::size_of::<UserRegs>(), 27 * 8);
     }
 
     #[test]

@@ -137,6 +137,13 @@ pub fn set_regs(tid: Tid, regs: &UserRegs) -> SysResult<()> {
     .map(drop)
 }
 
+/// Set one register: `offset` is the byte offset of a field in [`UserRegs`]
+/// (`PTRACE_POKEUSER`). A third of the cost of `PTRACE_SETREGS` here, which is what
+/// makes the common write-back — only `rip` moved — cheap.
+pub fn poke_user(tid: Tid, offset: usize, value: u64) -> SysResult<()> {
+    ptrace(libc::PTRACE_POKEUSER, tid, offset, value as usize).map(drop)
+}
+
 /// The extra word of the last `PTRACE_EVENT_*` stop (a new thread's id, the former id
 /// of a thread that exec'd, ...).
 pub fn event_msg(tid: Tid) -> SysResult<u64> {
