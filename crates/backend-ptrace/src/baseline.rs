@@ -87,6 +87,17 @@ impl RawTarget {
         Ok(())
     }
 
+    /// Like [`RawTarget::one_stop`], plus `PTRACE_GETREGS` at every stop: the least a
+    /// hit costs when handlers get the registers.
+    pub fn one_stop_regs(&self, n: u64) -> Result<()> {
+        for _ in 0..n {
+            self.wait_trap()?;
+            std::hint::black_box(sys::get_regs(self.pid).map_err(|e| error::sys(e, "regs"))?);
+            sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
+        }
+        Ok(())
+    }
+
     /// `n` hits of the classic scheme at `addr` (original byte `orig`).
     pub fn two_stop(&self, addr: u64, orig: u8, n: u64) -> Result<()> {
         let e = |e| error::sys(e, "two-stop");

@@ -258,6 +258,37 @@ impl Tracer {
         }
     }
 
+    /// Serve events until no thread is inside a trap-after slot waiting for its
+    /// post-handlers, then return `Ok(None)` (or the stop that came first).
+    ///
+    /// A thread waiting for its post holds a read section of the registry on this
+    /// thread, so [`multiprobe_core::Registry::unregister`] called here would return
+    /// `InsideDispatch` instead of waiting for it: settle first. (Threads get there
+    /// quickly: one instruction and a trap; a thread that sits in a signal handler
+    /// meanwhile is waited for.)
+    pub fn settle(&mut self) -> Result<Option<Stop>> {
+        if self.threads.values().all(|t| t.ts.pending() == 0) {
+            return Ok(None);
+        }
+        self.resume_held()?;
+        loop {
+            if self.threads.values().all(|t| t.ts.pending() == 0) {
+                return Ok(None);
+            }
+            let w = match self.aside.waits.pop_front() {
+                Some(w) => w,
+                None => match sys::wait(-1, false) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(e) => return Err(error::sys(e, "wait for the tracee")),
+                },
+            };
+            if let Some(stop) = self.handle(w)? {
+                return Ok(Some(stop));
+            }
+        }
+    }
+
     fn resume_held(&mut self) -> Result<()> {
         let tids: Vec<Tid> = self
             .threads

@@ -178,3 +178,31 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     assert_eq!(hits.load(Relaxed), at_unregister);
 }
+
+#[test]
+fn settle_then_unregister_a_post_handler_on_the_tracer_thread() {
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "300"])).unwrap();
+    let load = t.resolve("mp_load").unwrap();
+    let (pre, post) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (p1, p2) = (Arc::clone(&pre), Arc::clone(&post));
+    let h = FnHandler::new()
+        .pre(move |_: &mut Hit<'_>| {
+            p1.fetch_add(1, Relaxed);
+            PreAction::Continue
+        })
+        .post(move |_: &mut Hit<'_>| {
+            p2.fetch_add(1, Relaxed);
+        });
+    let g = t.registry().register(load, h).unwrap();
+    // Stop serving right after a pre: the thread is then inside the trap-after slot.
+    assert_eq!(t.run_until(|| pre.load(Relaxed) >= 50).unwrap(), None);
+    assert_eq!(post.load(Relaxed) + 1, pre.load(Relaxed));
+    assert_eq!(t.settle().unwrap(), None);
+    assert_eq!(pre.load(Relaxed), post.load(Relaxed));
+    let stats = g
+        .unregister()
+        .expect("no thread is waiting for a post any more");
+    assert_eq!(stats.hits, pre.load(Relaxed));
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(pre.load(Relaxed), post.load(Relaxed));
+}
