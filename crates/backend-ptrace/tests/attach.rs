@@ -173,3 +173,40 @@ fn attach_errors_say_what_is_wrong() {
     bye(&mut child);
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_panic_on_the_tracer_thread_leaves_the_program_running_unprobed() {
+    let iters = 2000u64;
+    let (mut child, out) = start_waiting("mp-threads", &["--threads", "2", "--base", "1000"]);
+    let pid = child.id() as i32;
+    let before = common::text(pid);
+    let hits = Arc::new(AtomicU64::new(0));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut t = Tracer::attach(pid).unwrap();
+        let h = Arc::clone(&hits);
+        let post = FnHandler::new()
+            .pre(move |_: &mut Hit<'_>| {
+                h.fetch_add(1, Relaxed);
+                PreAction::Continue
+            })
+            .post(|_: &mut Hit<'_>| {});
+        let _g = t
+            .registry()
+            .register(t.resolve("mp_tload").unwrap(), post)
+            .unwrap();
+        go(&mut child);
+        // Threads are stopped, in slots, or running when the tracer's own code panics.
+        let _ = t.run_until(|| {
+            assert!(hits.load(Relaxed) < 300, "the tracer's code panics");
+            false
+        });
+    }));
+    assert!(r.is_err());
+    let mut out = out;
+    let report = report(&mut out, 3);
+    assert!(common::text(pid) == before, "text differs after the panic");
+    bye(&mut child);
+    assert!(child.wait().unwrap().success());
+    assert!(report.contains("thread 2 tid="), "{report}");
+    assert!(report.contains(&format!(" calls={iters} ")), "{report}");
+}
