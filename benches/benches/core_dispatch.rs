@@ -39,18 +39,20 @@ fn our_hits(
     for _ in 0..n {
         regs.rip = TARGET;
         match d.pre(ts, black_box(TARGET), 1, &mut regs, &NoMemory) {
-            PreOutcome::Step(s) => drop(black_box(s)),
+            PreOutcome::Step(s) => drop(s),
             _ => unreachable!(),
         }
     }
     t.elapsed()
 }
 
-type Legacy = RwLock<HashMap<u64, Vec<(Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64)>>>;
+/// A handler of the legacy design, with its hit counter.
+type LegacyHandler = (Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64);
+type Legacy = RwLock<HashMap<u64, Vec<LegacyHandler>>>;
+type DirectCall = Box<dyn Fn(&mut Regs)>;
 
 fn legacy_table(handlers_at_target: usize) -> Legacy {
-    let mut m: HashMap<u64, Vec<(Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64)>> =
-        HashMap::new();
+    let mut m: HashMap<u64, Vec<LegacyHandler>> = HashMap::new();
     for i in 0..SITES {
         let addr = BASE + i * 16;
         let n = if addr == TARGET {
@@ -141,11 +143,11 @@ fn main() {
                 legacy_hits(&legacy, iters)
             })
         });
-        let direct: Vec<Box<dyn Fn(&mut Regs)>> = (0..n)
+        let direct: Vec<DirectCall> = (0..n)
             .map(|_| {
                 Box::new(|r: &mut Regs| {
                     black_box(r.rdi);
-                }) as Box<dyn Fn(&mut Regs)>
+                }) as DirectCall
             })
             .collect();
         g.bench_function(format!("direct/{n}"), |b| {

@@ -65,9 +65,9 @@ struct Raw {
 
 impl Raw {
     fn new() -> Raw {
-        let (t, resolve) = RawTarget::spawn(&mut command()).unwrap();
-        let nop = resolve("mp_bench_nop").unwrap();
-        let imul = resolve("mp_bench_fn").unwrap();
+        let (t, addrs) =
+            RawTarget::spawn(&mut command(), &["mp_bench_nop", "mp_bench_fn"]).unwrap();
+        let (nop, imul) = (addrs[0], addrs[1]);
         let nop = (nop, t.insert(nop).unwrap());
         let imul = (imul, t.insert(imul).unwrap());
         Raw { t, nop, imul }

@@ -23,11 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use multiprobe_core::{Backend, Dispatcher, Error, Result};
 use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
 
-use crate::elf::{self, SymbolCache};
-use crate::maps::Maps;
 use crate::mem::CodeMemory;
 use crate::sys::Tid;
 use crate::xol::Xol;
+use multiprobe_symbols::{ProcessSymbols, SymbolCache};
 
 pub(crate) const INT3: u8 = 0xcc;
 
@@ -56,7 +55,7 @@ pub(crate) struct Shared {
     /// Image generation: moves on at every exec.
     pub(crate) gen: AtomicU64,
     pub(crate) state: Mutex<State>,
-    pub(crate) symbols: SymbolCache,
+    pub(crate) symbols: Arc<SymbolCache>,
     pub(crate) dispatcher: OnceLock<Dispatcher<Site>>,
 }
 
@@ -72,7 +71,7 @@ impl Shared {
                 history: HashMap::new(),
                 xol: Xol::default(),
             }),
-            symbols: SymbolCache::default(),
+            symbols: Arc::default(),
             dispatcher: OnceLock::new(),
         })
     }
@@ -194,8 +193,8 @@ impl Backend for PtraceBackend {
     fn prepare(&self, addr: u64) -> Result<Site> {
         let sh = &self.shared;
         let gen = sh.gen();
-        let maps = Maps::read(sh.pid)?;
-        let region = maps.find(addr).ok_or(Error::Unmapped { addr })?;
+        let maps = crate::error::maps(sh.pid)?;
+        let region = maps.find(addr).ok_or(Error::Unmapped { addr })?.clone();
         let st = sh.lock();
         st.usable()?;
         if st.xol.contains(addr) {
@@ -209,7 +208,9 @@ impl Backend for PtraceBackend {
         }
         // Decode from the function start when the symbols say where it is (the boundary
         // check), else just the instruction.
-        let func = elf::locate(&sh.symbols, &maps, addr).filter(|f| f.start >= region.start);
+        let func = ProcessSymbols::from_maps(maps, Arc::clone(&sh.symbols))
+            .locate(addr)
+            .filter(|f| f.start >= region.start);
         let start = func.as_ref().map_or(addr, |f| f.start);
         let end = (addr + MAX_INSN_LEN as u64).min(region.end);
         let mut bytes = vec![0; (end - start) as usize];

@@ -23,20 +23,18 @@ pub struct RawTarget {
 }
 
 impl RawTarget {
-    /// Spawn `cmd` under trace (as [`Tracer::spawn`] does) and let it run; `resolve`
-    /// symbols with the returned addresses.
-    pub fn spawn(cmd: &mut Command) -> Result<(RawTarget, impl Fn(&str) -> Result<u64>)> {
+    /// Spawn `cmd` under trace (as [`Tracer::spawn`] does), resolve `symbols` in it,
+    /// and let it run.
+    pub fn spawn(cmd: &mut Command, symbols: &[&str]) -> Result<(RawTarget, Vec<u64>)> {
         let mut t = Tracer::spawn(cmd)?;
         let pid = t.pid();
         let child = t.take_child();
         // From here on the raw loops own the tracee: the tracer must not detach it.
         t.shared.lock().status = Status::Detached;
-        let maps = crate::maps::Maps::read(pid)?;
-        let symbols = crate::elf::SymbolCache::default();
-        let resolve = move |s: &str| {
-            crate::elf::resolve(&symbols, &maps, s)
-                .ok_or_else(|| Error::Backend(format!("no symbol {s}")))
-        };
+        let addrs = symbols
+            .iter()
+            .map(|s| t.resolve(s))
+            .collect::<Result<Vec<u64>>>()?;
         drop(t);
         sys::cont(pid, 0).map_err(|e| error::sys(e, "resume"))?;
         Ok((
@@ -45,7 +43,7 @@ impl RawTarget {
                 code: CodeMemory::open(pid)?,
                 child,
             },
-            resolve,
+            addrs,
         ))
     }
 

@@ -31,3 +31,9 @@ pub(crate) fn mem(e: Errno, addr: u64, write: bool) -> MemoryError {
         _ => MemoryError::Unmapped(addr),
     }
 }
+
+/// `/proc/PID/maps` of the tracee.
+pub(crate) fn maps(pid: i32) -> multiprobe_core::Result<multiprobe_symbols::Maps> {
+    multiprobe_symbols::Maps::read(pid as u32)
+        .map_err(|e| proc_io(e, format_args!("read /proc/{pid}/maps")))
+}

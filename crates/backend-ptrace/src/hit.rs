@@ -17,7 +17,6 @@ use multiprobe_x86::SlotKind;
 use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
-use crate::maps::Maps;
 use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
 use crate::tracer::{FilterGone, Tracer};
@@ -186,7 +185,7 @@ impl Tracer {
             a.abs_diff(addr) < REACH
                 && window
                     .as_ref()
-                    .map_or(true, |w| w.contains(&a) && w.contains(&(a + UNIT / 2)))
+                    .is_none_or(|w| w.contains(&a) && w.contains(&(a + UNIT / 2)))
         };
         let mut unit = self.shared.lock().xol.alloc(&ok);
         if unit.is_none() {
@@ -237,7 +236,7 @@ impl Tracer {
 
     /// Map a new XOL page within reach of `addr` with an injected `mmap`.
     fn map_page_near(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
-        let maps = Maps::read(self.pid())?;
+        let maps = error::maps(self.pid())?;
         let want = maps.free_near(addr, addr + 1, PAGE, REACH).ok_or_else(|| {
             multiprobe_core::Error::Backend(format!("no free page within reach of {addr:#x}"))
         })?;

@@ -95,7 +95,7 @@ fn wait_syscall_stop(tid: Tid, aside: &mut Aside) -> Result<()> {
 /// Find the bytes of a `syscall` instruction in the tracee's executable memory,
 /// preferring the vDSO (small, always there). `read` reads tracee memory.
 pub(crate) fn find_syscall_insn(
-    maps: &crate::maps::Maps,
+    maps: &multiprobe_symbols::Maps,
     read: impl Fn(u64, &mut [u8]) -> Result<()>,
 ) -> Option<u64> {
     let mut regions: Vec<_> = maps.regions.iter().filter(|r| r.exec && r.read).collect();

@@ -21,13 +21,13 @@ use std::sync::Arc;
 use multiprobe_core::{
     Dispatcher, Error, Fault, FaultAction, HandlerInfo, Registry, Result, ThreadState,
 };
+use multiprobe_symbols::ProcessSymbols;
 use multiprobe_x86::SlotKind;
 
 use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status, INT3};
 use crate::doorbell::{DetachHandle, Doorbell};
 use crate::error;
 use crate::inject::{self, Aside};
-use crate::maps::Maps;
 use crate::mem::{CodeMemory, TraceeMemory};
 use crate::regs::{from_core, to_core};
 use crate::sys::{self, Errno, Tid, UserRegs, Wait};
@@ -185,9 +185,15 @@ impl Tracer {
     /// The address of a function in the tracee: `symbol` (the main program first, then
     /// every mapped file) or `file:symbol` (`libc:write`).
     pub fn resolve(&self, spec: &str) -> Result<u64> {
-        let maps = Maps::read(self.pid())?;
-        crate::elf::resolve(&self.shared.symbols, &maps, spec)
-            .ok_or_else(|| Error::Backend(format!("no function {spec} in process {}", self.pid())))
+        let maps = error::maps(self.pid())?;
+        let syms = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols));
+        let (library, name) = match spec.rsplit_once(':') {
+            Some((l, n)) => (Some(l), n),
+            None => (None, spec),
+        };
+        syms.resolve(library, name)
+            .map(|l| l.start)
+            .map_err(|e| Error::Backend(format!("process {}: {e}", self.pid())))
     }
 
     /// Base addresses of the out-of-line pages mapped into the tracee.

@@ -29,6 +29,7 @@ use crate::regs::Regs;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
 use crate::table::{SiteView, Table};
+use crate::HandlerId;
 
 /// How many deferred steps one thread can have at once (a step is interrupted by a
 /// signal whose handler hits another probe, and so on). Deeper nesting runs the
@@ -50,6 +51,12 @@ struct Pending {
 /// deferred steps waiting for their post-handlers. It is neither `Send` nor `Sync`:
 /// create and use it on one OS thread. `new` is `const`, so it can live in a
 /// `thread_local!` with a `const` initializer, which a signal handler may touch.
+///
+/// It has a `Drop` (ending deferred steps, giving back its shard). In a `thread_local!`
+/// that is touched first from a signal handler, wrap it in `ManuallyDrop`: the standard
+/// library registers a thread-local's destructor lazily, at first use, and that
+/// registration allocates. Call [`ThreadState::abandon`] and drop it at thread exit
+/// some other way (a `pthread_key_create` destructor, for example).
 pub struct ThreadState {
     shard: Cell<Option<Shard>>,
     active: Cell<bool>,
@@ -309,24 +316,24 @@ impl<S> Dispatcher<S> {
         };
         if ts.active.get() {
             // Rule 6: a handler hit a probe. Nobody runs; the instruction still does.
-            for slot in site.handlers.iter().filter(|s| s.enabled) {
-                slot.entry.counters.missed(shard);
+            for h in site.hot.iter() {
+                h.counters().missed(shard);
             }
             return step(false);
         }
         ts.active.set(true);
         site.shared.hits.hit(shard);
         let mut redirect = false;
-        for slot in site.handlers.iter().filter(|s| s.enabled) {
-            let e = &*slot.entry;
-            e.counters.hit(shard);
-            let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-            match catch_unwind(AssertUnwindSafe(|| e.handler.pre(&mut hit))) {
+        let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+        for h in site.hot.iter() {
+            h.counters().hit(shard);
+            hit.set_handler(h.id);
+            match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
                 Ok(PreAction::Continue) => {}
                 Ok(PreAction::Redirect) => redirect = true,
-                Err(payload) => report_panic(&e.counters, shard, payload),
+                Err(payload) => report_panic(h.counters(), shard, payload),
             }
-            if redirect || regs.rip != addr {
+            if redirect || hit.regs().rip != addr {
                 redirect = true;
                 break;
             }
@@ -339,12 +346,8 @@ impl<S> Dispatcher<S> {
         let mut post = site.any_post;
         if post && ts.pending() == MAX_PENDING {
             post = false;
-            for slot in site
-                .handlers
-                .iter()
-                .filter(|s| s.enabled && s.entry.has_post)
-            {
-                slot.entry.counters.missed(shard);
+            for h in site.hot.iter().filter(|h| h.has_post) {
+                h.counters().missed(shard);
             }
         }
         step(post)
@@ -371,15 +374,11 @@ impl<S> Dispatcher<S> {
         let was_active = ts.active.replace(true);
         // Enabled flags come from the same snapshot the pre walk used, so these are
         // exactly the handlers whose pre ran.
-        for slot in site
-            .handlers
-            .iter()
-            .filter(|s| s.enabled && s.entry.has_post)
-        {
-            let e = &*slot.entry;
-            let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| e.handler.post(&mut hit))) {
-                report_panic(&e.counters, shard, payload);
+        let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+        for h in site.hot.iter().filter(|h| h.has_post) {
+            hit.set_handler(h.id);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| h.handler().post(&mut hit))) {
+                report_panic(h.counters(), shard, payload);
             }
         }
         ts.active.set(was_active);
@@ -423,16 +422,16 @@ impl<S> Dispatcher<S> {
         let mut action = FaultAction::NotHandled;
         if !ts.active.get() {
             ts.active.set(true);
-            for slot in site.handlers.iter().filter(|s| s.enabled) {
-                let e = &*slot.entry;
-                let mut hit = Hit::new(addr, tid, e.id, regs, mem);
-                match catch_unwind(AssertUnwindSafe(|| e.handler.fault(&mut hit, fault))) {
+            let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
+            for h in site.hot.iter() {
+                hit.set_handler(h.id);
+                match catch_unwind(AssertUnwindSafe(|| h.handler().fault(&mut hit, fault))) {
                     Ok(FaultAction::Handled) => {
                         action = FaultAction::Handled;
                         break;
                     }
                     Ok(FaultAction::NotHandled) => {}
-                    Err(payload) => report_panic(&e.counters, shard, payload),
+                    Err(payload) => report_panic(h.counters(), shard, payload),
                 }
             }
             ts.active.set(false);
@@ -448,6 +447,41 @@ impl<S> Dispatcher<S> {
         }
         ts.pop();
         Some((top.site.cast(), top.token))
+    }
+
+    /// Count a hit at `addr` as missed by every enabled handler there, without running
+    /// any: for a backend that takes a trap it cannot dispatch (it interrupted the
+    /// backend's own trap path, say). Returns whether a probe is registered at `addr`.
+    pub fn miss(&self, ts: &ThreadState, addr: u64) -> bool {
+        let domain = &self.table.domain;
+        let shard = ts.shard();
+        let token = domain.enter(shard);
+        // SAFETY: inside the read section, closed below after the last use.
+        let found = match unsafe { self.table.lookup(addr) } {
+            Some(site) => {
+                for h in site.hot.iter() {
+                    h.counters().missed(shard);
+                }
+                true
+            }
+            None => false,
+        };
+        domain.exit(token);
+        found
+    }
+
+    /// In the child of a `fork`, forget the read sections of the parent's other threads,
+    /// which do not exist in the child and would otherwise hold every grace period open
+    /// forever. Call it from the child before anything else uses the registry (a
+    /// `pthread_atfork` child handler). Returns false, and forgets nothing, if the calling
+    /// thread itself holds a read section (it forked from inside a handler); then only
+    /// sections of this thread can be told apart, so none are.
+    pub fn reset_after_fork(&self) -> bool {
+        if crate::sync::held::any() {
+            return false;
+        }
+        self.table.domain.forget_readers();
+        true
     }
 
     /// Whether a probe is registered at `addr` right now. Thread context or signal

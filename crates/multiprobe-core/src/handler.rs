@@ -74,6 +74,12 @@ impl<'a> Hit<'a> {
         }
     }
 
+    /// Point the same hit at the next handler of the walk.
+    #[inline]
+    pub(crate) fn set_handler(&mut self, id: HandlerId) {
+        self.id = id;
+    }
+
     /// The probed address.
     pub fn addr(&self) -> u64 {
         self.addr

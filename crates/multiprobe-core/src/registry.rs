@@ -487,7 +487,7 @@ impl<B: Backend> Inner<B> {
             (None, None) => return Ok(()),
         };
         let armed = shared.armed.load(Relaxed);
-        let want = new.as_ref().is_some_and(|v| v.any_enabled);
+        let want = new.as_ref().is_some_and(|v| v.any_enabled());
         if want && !armed {
             w.set(addr, new);
             if let Err(e) = self.backend.arm(addr, &shared.data) {

@@ -47,7 +47,9 @@ pub(crate) struct ReadToken {
 #[derive(Debug)]
 pub(crate) struct Domain {
     flips: AtomicU64,
-    readers: [[CachePadded<AtomicUsize>; SHARDS]; 2],
+    /// `readers[epoch * SHARDS + shard]`; flat and a power of two long, so indexing with
+    /// a mask needs no bounds check on the hot path.
+    readers: [CachePadded<AtomicUsize>; 2 * SHARDS],
     /// Serializes flips and stamps (writer side only).
     grace: Mutex<()>,
 }
@@ -57,9 +59,7 @@ impl Domain {
         barrier::init();
         Domain {
             flips: AtomicU64::new(0),
-            readers: std::array::from_fn(|_| {
-                std::array::from_fn(|_| CachePadded::new(AtomicUsize::new(0)))
-            }),
+            readers: std::array::from_fn(|_| CachePadded::new(AtomicUsize::new(0))),
             grace: Mutex::new(()),
         }
     }
@@ -70,7 +70,7 @@ impl Domain {
     pub(crate) fn enter(&self, shard: Shard) -> ReadToken {
         loop {
             let epoch = (self.flips.load(Relaxed) & 1) as u8;
-            let counter = &self.readers[usize::from(epoch)][usize::from(shard.index)];
+            let counter = self.counter(epoch, shard);
             if shard.exclusive {
                 // Only this shard's owner writes the counter; nested sections on its
                 // thread are LIFO and restore what they found.
@@ -91,8 +91,14 @@ impl Domain {
     #[inline]
     pub(crate) fn exit(&self, token: ReadToken) {
         held::dec();
-        let counter = &self.readers[usize::from(token.epoch)][usize::from(token.shard.index)];
-        Self::release(counter, token.shard);
+        Self::release(self.counter(token.epoch, token.shard), token.shard);
+    }
+
+    #[inline(always)]
+    fn counter(&self, epoch: u8, shard: Shard) -> &AtomicUsize {
+        const _: () = assert!(SHARDS.is_power_of_two());
+        let i = (usize::from(epoch) * SHARDS + usize::from(shard.index)) & (2 * SHARDS - 1);
+        &self.readers[i]
     }
 
     /// Decrement with release ordering, so everything the reader did happens before a
@@ -118,7 +124,9 @@ impl Domain {
     }
 
     fn drained(&self, epoch: usize) -> bool {
-        self.readers[epoch].iter().all(|c| c.load(Acquire) == 0)
+        self.readers[epoch * SHARDS..(epoch + 1) * SHARDS]
+            .iter()
+            .all(|c| c.load(Acquire) == 0)
     }
 
     /// Advance the epoch as far as possible without waiting (at most two flips) and
@@ -147,6 +155,15 @@ impl Domain {
         let mut spins = 0;
         while !self.completed(stamp, self.poll()) {
             backoff(&mut spins);
+        }
+    }
+
+    /// Zero every reader count: only valid when no thread of the process holds a read
+    /// section (the child of a fork, whose other threads are gone, when the forking
+    /// thread holds none).
+    pub(crate) fn forget_readers(&self) {
+        for c in &self.readers {
+            c.store(0, Release);
         }
     }
 

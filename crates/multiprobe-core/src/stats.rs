@@ -78,7 +78,10 @@ impl HandlerCounters {
 
     #[inline]
     pub(crate) fn hit(&self, shard: Shard) {
-        bump(&self.lines[usize::from(shard.index)].hits, shard);
+        bump(
+            &self.lines[usize::from(shard.index) & (SHARDS - 1)].hits,
+            shard,
+        );
     }
 
     /// Missed hits happen in nested dispatch, which may itself be interrupted by more
@@ -121,7 +124,7 @@ impl SiteCounter {
 
     #[inline]
     pub(crate) fn hit(&self, shard: Shard) {
-        bump(&self.lines[usize::from(shard.index)], shard);
+        bump(&self.lines[usize::from(shard.index) & (SHARDS - 1)], shard);
     }
 
     pub(crate) fn read(&self) -> u64 {

@@ -63,40 +63,89 @@ pub(crate) struct Slot {
     pub(crate) enabled: bool,
 }
 
+/// What dispatch needs of one enabled handler, copied out of its entry so a hit does
+/// not chase the entry pointer first.
+///
+/// Invariant: a `Hot` lives only inside the `SiteView` whose `handlers` hold an `Arc` of
+/// the same entry, so its pointers are valid for as long as the view is.
+pub(crate) struct Hot {
+    handler: *const dyn Handler,
+    counters: *const HandlerCounters,
+    pub(crate) id: HandlerId,
+    pub(crate) has_post: bool,
+}
+
+impl Hot {
+    fn new(e: &HandlerEntry) -> Self {
+        Hot {
+            handler: &*e.handler,
+            counters: &e.counters,
+            id: e.id,
+            has_post: e.has_post,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn handler(&self) -> &dyn Handler {
+        // SAFETY: module invariant — the enclosing view keeps the entry alive, and the
+        // caller reaches `self` only through that view.
+        unsafe { &*self.handler }
+    }
+
+    #[inline]
+    pub(crate) fn counters(&self) -> &HandlerCounters {
+        // SAFETY: as for `handler`.
+        unsafe { &*self.counters }
+    }
+}
+
+// SAFETY: `Hot` points at a `dyn Handler` (which is `Send + Sync`) and at atomic
+// counters, both owned by an `Arc<HandlerEntry>` that outlives it (module invariant).
+unsafe impl Send for Hot {}
+// SAFETY: as above; shared access only reads through the pointers.
+unsafe impl Sync for Hot {}
+
+impl std::fmt::Debug for Hot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hot")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An immutable snapshot of one probed address: its handlers in registration order.
 #[derive(Debug)]
 pub(crate) struct SiteView<S> {
     /// Copy of `shared.addr`, so a bucket scan touches no other cache line.
     addr: u64,
     pub(crate) shared: Arc<SiteShared<S>>,
+    /// Every handler, enabled or not (the writer's view).
     pub(crate) handlers: SmallVec<[Slot; 4]>,
-    /// Some handler is enabled (the breakpoint should be armed).
-    pub(crate) any_enabled: bool,
+    /// The enabled ones, in order (the hot path's view).
+    pub(crate) hot: Box<[Hot]>,
     /// Some enabled handler has a post hook (the backend must come back after the step).
     pub(crate) any_post: bool,
 }
 
 impl<S> Clone for SiteView<S> {
     fn clone(&self) -> Self {
-        SiteView {
-            addr: self.addr,
-            shared: Arc::clone(&self.shared),
-            handlers: self.handlers.clone(),
-            any_enabled: self.any_enabled,
-            any_post: self.any_post,
-        }
+        SiteView::new(Arc::clone(&self.shared), self.handlers.clone())
     }
 }
 
 impl<S> SiteView<S> {
     pub(crate) fn new(shared: Arc<SiteShared<S>>, handlers: SmallVec<[Slot; 4]>) -> Self {
-        let any_enabled = handlers.iter().any(|s| s.enabled);
-        let any_post = handlers.iter().any(|s| s.enabled && s.entry.has_post);
+        let hot: Box<[Hot]> = handlers
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| Hot::new(&s.entry))
+            .collect();
+        let any_post = hot.iter().any(|h| h.has_post);
         SiteView {
             addr: shared.addr,
             shared,
             handlers,
-            any_enabled,
+            hot,
             any_post,
         }
     }
@@ -105,11 +154,17 @@ impl<S> SiteView<S> {
     pub(crate) fn addr(&self) -> u64 {
         self.addr
     }
+
+    /// Some handler is enabled (the breakpoint should be armed).
+    pub(crate) fn any_enabled(&self) -> bool {
+        !self.hot.is_empty()
+    }
 }
 
 struct Bucket<S> {
     /// Most buckets hold one site: keep it inline, one pointer hop fewer per lookup.
-    sites: SmallVec<[SiteView<S>; 1]>,
+    first: SiteView<S>,
+    rest: Box<[SiteView<S>]>,
     /// Set when the bucket is retired and its grace period passed. Under loom retired
     /// objects are poisoned and leaked instead of freed, so a reader that touches one
     /// too late fails the model instead of reading freed memory.
@@ -118,9 +173,19 @@ struct Bucket<S> {
 }
 
 impl<S> Bucket<S> {
-    fn boxed(sites: Vec<SiteView<S>>) -> *mut Bucket<S> {
+    fn sites(&self) -> impl Iterator<Item = &SiteView<S>> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+
+    /// A bucket of `sites`, or null if there are none.
+    fn boxed(mut sites: Vec<SiteView<S>>) -> *mut Bucket<S> {
+        if sites.is_empty() {
+            return std::ptr::null_mut();
+        }
+        let first = sites.remove(0);
         Box::into_raw(Box::new(Bucket {
-            sites: SmallVec::from_vec(sites),
+            first,
+            rest: sites.into_boxed_slice(),
             #[cfg(loom)]
             poisoned: AtomicBool::new(false),
         }))
@@ -253,7 +318,10 @@ impl<S> Table<S> {
             !bucket.poisoned.load(Ordering::SeqCst),
             "a reader used a bucket after its grace period"
         );
-        bucket.sites.iter().find(|s| s.addr() == addr)
+        if bucket.first.addr() == addr {
+            return Some(&bucket.first);
+        }
+        bucket.rest.iter().find(|s| s.addr() == addr)
     }
 }
 
@@ -329,17 +397,15 @@ impl<S> TableWriter<S> {
         self.dir()
             .buckets
             .iter()
-            .flat_map(|b| self.current_sites(b.load(Ordering::Relaxed)).iter())
+            .filter_map(|b| self.current(b.load(Ordering::Relaxed)))
+            .flat_map(Bucket::sites)
     }
 
-    /// The sites of a bucket pointer read from the current directory.
-    fn current_sites(&self, bucket: *mut Bucket<S>) -> &[SiteView<S>] {
-        if bucket.is_null() {
-            return &[];
-        }
-        // SAFETY: `bucket` is published in the current directory, and with the writer
-        // lock held (`&self`) nothing current is freed.
-        unsafe { &(*bucket).sites }
+    /// The bucket behind a pointer read from the current directory.
+    fn current(&self, bucket: *mut Bucket<S>) -> Option<&Bucket<S>> {
+        // SAFETY: `bucket` is null or published in the current directory, and with the
+        // writer lock held (`&self`) nothing current is freed.
+        unsafe { bucket.as_ref() }
     }
 
     /// Publish `view` as the view of `addr` (`None` removes it).
@@ -347,20 +413,20 @@ impl<S> TableWriter<S> {
         let dir = self.dir();
         let slot = &dir.buckets[dir.index(addr)];
         let old = slot.load(Ordering::Relaxed);
-        let old_sites = self.current_sites(old);
+        let old_sites: Vec<&SiteView<S>> = self
+            .current(old)
+            .into_iter()
+            .flat_map(Bucket::sites)
+            .collect();
         let had = old_sites.iter().any(|s| s.addr() == addr);
         let has = view.is_some();
         let mut sites: Vec<SiteView<S>> = old_sites
-            .iter()
+            .into_iter()
             .filter(|s| s.addr() != addr)
             .cloned()
             .collect();
         sites.extend(view);
-        let new = if sites.is_empty() {
-            std::ptr::null_mut()
-        } else {
-            Bucket::boxed(sites)
-        };
+        let new = Bucket::boxed(sites);
         slot.store(new, Ordering::Release);
         if !old.is_null() {
             // SAFETY: `old` was the published bucket and is now unreachable for new
@@ -390,9 +456,7 @@ impl<S> TableWriter<S> {
             groups[new.index(v.addr())].push(v.clone());
         }
         for (slot, g) in new.buckets.iter().zip(groups) {
-            if !g.is_empty() {
-                slot.store(Bucket::boxed(g), Ordering::Relaxed);
-            }
+            slot.store(Bucket::boxed(g), Ordering::Relaxed);
         }
         let old = self
             .table

@@ -818,3 +818,50 @@ fn the_table_grows_and_finds_every_site() {
         assert_eq!(r.backend().byte(0x10_0000 + i * 7), ORIGINAL);
     }
 }
+
+// Backend helpers.
+
+#[test]
+fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
+    let (r, ts) = setup();
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    let g = r
+        .register(
+            A,
+            FnHandler::new().post(move |_: &mut Hit<'_>| {
+                c.fetch_add(1, SeqCst);
+            }),
+        )
+        .unwrap();
+    let d = r.dispatcher();
+    assert!(d.miss(&ts, A));
+    assert!(!d.miss(&ts, B));
+    assert_eq!(g.stats().unwrap().missed, 1);
+    assert_eq!(calls.load(SeqCst), 0);
+
+    // A "thread" that vanished between pre and post (as the parent's other threads do in
+    // a fork child): its state is leaked, so its read section stays open.
+    let gone = ThreadState::new();
+    let mut regs = Regs {
+        rip: A,
+        ..Regs::default()
+    };
+    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::NoMemory) {
+        PreOutcome::Step(s) => s.defer_post(),
+        other => panic!("{other:?}"),
+    }
+    std::mem::forget(gone);
+    // This thread holds nothing itself once the held count from that leaked section is
+    // gone; in a real fork child the vanished thread's count went with it. Here the same
+    // thread opened it, so the reset refuses — the documented conservative answer.
+    assert!(!d.reset_after_fork());
+    std::thread::spawn(move || {
+        // A thread that holds nothing: the reset forgets the leaked section, and an
+        // unregister that would otherwise wait forever returns.
+        assert!(d.reset_after_fork());
+        g.unregister().unwrap();
+    })
+    .join()
+    .unwrap();
+}

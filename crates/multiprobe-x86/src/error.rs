@@ -80,16 +80,17 @@ pub enum Refusal {
     /// Far `call`/`jmp`/`ret`: they change the code segment.
     #[error("far control transfer")]
     FarTransfer,
-    /// `mov ss` / `pop ss` delay traps to after the next instruction, which would run
-    /// the instruction after the slot's jump back unprobed.
+    /// `mov ss` inhibits interrupts and debug traps until after the next instruction
+    /// (the root of CVE-2018-8897 when that instruction is `int3` or `syscall`); no
+    /// 64-bit user code needs it probed. (`pop ss` is invalid in 64-bit mode.)
     #[error("mov/pop ss (inhibits traps for one instruction)")]
     TrapShadow,
     /// `xbegin`: its abort target is IP-relative and is not re-encoded here (RTM is
     /// disabled on most current CPUs, and code only reaches it after a feature check).
     #[error("xbegin (IP-relative abort target)")]
     Transactional,
-    /// `sysenter`: its return address is taken from user registers set up by the vDSO,
-    /// not from the instruction's position; meaningless in 64-bit user code.
+    /// `sysenter`: Linux returns from it to the 32-bit vDSO, not to the next
+    /// instruction; meaningless in 64-bit user code.
     #[error("sysenter")]
     Sysenter,
     /// An instruction whose effect depends on its own address in a way this crate does

@@ -55,7 +55,7 @@ pub(crate) fn alu(op: AluOp, a: u64, b: u64, size: u8) -> (u64, u64) {
     if res & sign != 0 {
         f |= SF;
     }
-    if (res as u8).count_ones() % 2 == 0 {
+    if (res as u8).count_ones().is_multiple_of(2) {
         f |= PF;
     }
     (res, f)

@@ -51,6 +51,15 @@
 //!    equivalent state in the original code (`rip` = the probed address for a fault
 //!    in the relocated instruction).
 //!
+//! Emulation touches memory only where the instruction itself does, and only through
+//! the backend's [`multiprobe_core::Memory`]: `push`/`call` write the 8 bytes below
+//! `rsp`; `pop`/`ret` read `[rsp]`; `jmp [mem]`/`call [mem]` read their target. For
+//! the emulation to be transparent, `Memory` must fail where the CPU would fault
+//! (`process_vm_readv`/`writev` and guarded direct access do; writes through
+//! `/proc/pid/mem` or `PTRACE_POKEDATA` ignore page protections, so a backend using them
+//! should check the mapping first). General loads and stores (`mov [mem], reg`) are
+//! deliberately relocated, not emulated: the CPU then enforces the protections.
+//!
 //! # What is emulated, relocated, refused
 //!
 //! Emulated ([`EmulatedKind`]): `nop`/multi-byte `nop`/`endbr64`/`pause`; `push` reg

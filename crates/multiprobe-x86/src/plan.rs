@@ -132,7 +132,7 @@ pub(crate) enum Reloc {
     Jmp(u64),
     Jcc(Cond, u64),
     /// `loop*`/`jrcxz`: rel8 only; the slot keeps the original opcode and prefixes
-    /// (`prefix_len` bytes before the opcode) and retargets the rel8 inside the slot.
+    /// (every byte but the last) and points the rel8 inside the slot.
     Loop {
         target: u64,
     },

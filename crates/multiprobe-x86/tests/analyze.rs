@@ -252,3 +252,84 @@ fn core_error_conversion_keeps_the_kind() {
         multiprobe_core::Error::UnsupportedInstruction { .. }
     ));
 }
+
+#[test]
+fn fixups_map_every_slot_boundary_and_reject_other_addresses() {
+    use multiprobe_core::Regs;
+    let slot_addr = 0x7000_0000;
+    // call [rdi]: `push [rip+lit]` at 0, then `jmp [rdi]` at 6.
+    let p = plan(&[0xff, 0x17]).unwrap();
+    let s = p.build_slot(SlotKind::JumpBack, slot_addr).unwrap();
+    let mut r = Regs {
+        rip: slot_addr,
+        rsp: 0x1000,
+        ..Regs::default()
+    };
+    assert!(s.fixup_ip(&mut r));
+    assert_eq!(
+        (r.rip, r.rsp),
+        (BASE, 0x1000),
+        "before the push: nothing to undo"
+    );
+    let mut r = Regs {
+        rip: slot_addr + 6,
+        rsp: 0xff8,
+        ..Regs::default()
+    };
+    assert!(s.fixup_ip(&mut r));
+    assert_eq!((r.rip, r.rsp), (BASE, 0x1000), "after the push: undone");
+    let mut r = Regs {
+        rip: slot_addr + 3,
+        ..Regs::default()
+    };
+    assert!(!s.fixup_ip(&mut r), "inside an instruction");
+    assert_eq!(r.rip, slot_addr + 3, "unchanged on failure");
+
+    // syscall: stopped after it, before the slot's `mov rcx`: rcx must be fixed.
+    let p = plan(&[0x0f, 0x05]).unwrap();
+    let s = p.build_slot(SlotKind::JumpBack, slot_addr).unwrap();
+    let mut r = Regs {
+        rip: slot_addr + 2,
+        rcx: slot_addr + 2,
+        ..Regs::default()
+    };
+    assert!(s.fixup_ip(&mut r));
+    assert_eq!((r.rip, r.rcx), (BASE + 2, BASE + 2));
+
+    // jcc trap-after: `jcc +1; int3 (fall through); int3 (taken)`.
+    let p = plan(&[0x74, 0x10]).unwrap();
+    let s = p.build_slot(SlotKind::TrapAfter, slot_addr).unwrap();
+    assert_eq!(s.bytes(), &[0x74, 0x01, 0xcc, 0xcc]);
+    let mut r = Regs::default();
+    assert!(s.fixup_trap(slot_addr + 3, &mut r));
+    assert_eq!(r.rip, BASE + 2);
+    assert!(s.fixup_trap(slot_addr + 4, &mut r));
+    assert_eq!(r.rip, BASE + 2 + 0x10);
+    assert!(!s.fixup_trap(slot_addr + 1, &mut r), "not after an int3");
+    assert!(
+        !s.fixup_trap(slot_addr + 2, &mut r),
+        "after the jcc, not an int3"
+    );
+
+    // call r11 trap-after resumes at the register's value.
+    let p = plan(&[0x41, 0xff, 0xd3]).unwrap();
+    let s = p.build_slot(SlotKind::TrapAfter, slot_addr).unwrap();
+    let mut r = Regs {
+        r11: 0x1234,
+        ..Regs::default()
+    };
+    assert!(s.fixup_trap(slot_addr + 7, &mut r));
+    assert_eq!(r.rip, 0x1234);
+
+    // A far slot gets an absolute jump back, and still fits the bound.
+    let p = plan(&[0x74, 0x10]).unwrap();
+    let far = BASE + (1 << 40);
+    let s = p.build_slot(SlotKind::JumpBack, far).unwrap();
+    assert!(s.bytes().len() <= MAX_SLOT_LEN);
+    assert!(
+        s.bytes().windows(2).any(|w| w == [0xff, 0x25]),
+        "{:02x?}",
+        s.bytes()
+    );
+    assert!(s.contains(far) && !s.contains(far + s.bytes().len() as u64));
+}

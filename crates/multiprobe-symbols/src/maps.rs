@@ -1,17 +1,18 @@
 //! `/proc/PID/maps`: which address ranges exist, with what permissions and file.
-
-use multiprobe_core::Result;
-
-use crate::error;
-use crate::sys::Tid;
+//! Parsing is lenient: a line that does not parse is skipped, never an error.
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
+    /// First address.
     pub start: u64,
+    /// One past the last address.
     pub end: u64,
+    /// Readable.
     pub read: bool,
+    /// Writable.
     pub write: bool,
+    /// Executable.
     pub exec: bool,
     /// File offset of `start`.
     pub offset: u64,
@@ -20,6 +21,7 @@ pub struct Region {
 }
 
 impl Region {
+    /// Whether `addr` is inside.
     pub fn contains(&self, addr: u64) -> bool {
         (self.start..self.end).contains(&addr)
     }
@@ -33,22 +35,28 @@ impl Region {
 /// The address space of a process, in address order.
 #[derive(Clone, Debug, Default)]
 pub struct Maps {
+    /// The regions, in address order.
     pub regions: Vec<Region>,
 }
 
 impl Maps {
-    pub fn read(pid: Tid) -> Result<Maps> {
-        let path = format!("/proc/{pid}/maps");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| error::proc_io(e, format_args!("read {path}")))?;
-        Ok(Self::parse(&text))
+    /// Read `/proc/PID/maps` (`pid` 0 means this process, `/proc/self/maps`).
+    pub fn read(pid: u32) -> std::io::Result<Maps> {
+        let path = if pid == 0 {
+            "/proc/self/maps".to_string()
+        } else {
+            format!("/proc/{pid}/maps")
+        };
+        Ok(Self::parse(&std::fs::read_to_string(path)?))
     }
 
+    /// Parse the text of a maps file.
     pub fn parse(text: &str) -> Maps {
         let regions = text.lines().filter_map(parse_line).collect();
         Maps { regions }
     }
 
+    /// The region holding `addr`.
     pub fn find(&self, addr: u64) -> Option<&Region> {
         self.regions.iter().find(|r| r.contains(addr))
     }
@@ -80,7 +88,7 @@ impl Maps {
             } else {
                 cand.saturating_sub(hi)
             };
-            if best.map_or(true, |(d, _)| dist < d) {
+            if best.is_none_or(|(d, _)| dist < d) {
                 best = Some((dist, cand));
             }
         }
@@ -92,6 +100,9 @@ fn parse_line(line: &str) -> Option<Region> {
     let mut it = line.splitn(6, ' ');
     let range = it.next()?;
     let perms = it.next()?.as_bytes();
+    if perms.len() < 4 {
+        return None;
+    }
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
     let _dev = it.next()?;
     let _inode = it.next()?;
@@ -131,6 +142,10 @@ mod tests {
         assert_eq!(m.regions[3].path, "[stack]");
         assert!(!m.regions[2].is_file());
         assert!(m.find(0x1000).is_none());
+        assert!(Maps::parse("garbage\n").regions.is_empty());
+        let own = Maps::read(0).unwrap();
+        let here = parses_lines as *const () as u64;
+        assert!(own.find(here).is_some_and(|r| r.exec && !r.write));
     }
 
     #[test]

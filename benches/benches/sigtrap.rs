@@ -1,0 +1,311 @@
+//! One hit of the in-process backend, against the floor and the naive scheme, measured
+//! in the same run.
+//!
+//! * `raw-int3`: a function starting with `int3`, with an empty `SA_SIGINFO` SIGTRAP
+//!   handler: one trap and `sigreturn`, nothing else. The floor for any trap-based probe.
+//! * `naive/3`: the classic scheme — at the `int3`, run 3 handlers (with the registers
+//!   loaded from the ucontext, as ours get them), put the original byte back, set TF;
+//!   at the single-step trap, re-insert `int3` and clear TF. Two traps per hit. Its code
+//!   sits in a writable page, so restoring and re-inserting are plain stores: the
+//!   cheapest the naive scheme can be.
+//! * `boosted/N`: multiprobe, N pre-handlers on `imul rax, rdi, 7` (relocated into a
+//!   jump-back slot): one trap.
+//! * `post/N`: the same site with N handlers of which one has a post-handler: the
+//!   trap-after slot, two traps.
+//! * `emulated/N`, `emulated-post/1`: on `push rbx` (emulated: one trap, post-handlers
+//!   run right after emulation).
+//!
+//! Each iteration calls the probed function once; handlers bump an atomic counter.
+//! Every sample of a routine is immediately preceded by a sample of its baseline with
+//! the same iteration count, and ratios are taken over those paired samples (see
+//! `Paired`). Run: `cargo bench -p multiprobe-benches --bench sigtrap`
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use multiprobe_benches::Ratios;
+use multiprobe_core::{FnHandler, Hit, PreAction, Regs};
+
+core::arch::global_asm!(
+    ".pushsection .text.mp_bench,\"ax\",@progbits",
+    ".globl mp_b_raw",
+    ".type mp_b_raw,@function",
+    ".p2align 4",
+    "mp_b_raw:",
+    "int3",
+    "ret",
+    ".size mp_b_raw, . - mp_b_raw",
+    ".globl mp_b_imul",
+    ".type mp_b_imul,@function",
+    ".p2align 4",
+    "mp_b_imul:",
+    "imul rax, rdi, 7",
+    "ret",
+    ".size mp_b_imul, . - mp_b_imul",
+    ".globl mp_b_push",
+    ".type mp_b_push,@function",
+    ".p2align 4",
+    "mp_b_push:",
+    "push rbx",
+    "mov rax, rdi",
+    "pop rbx",
+    "ret",
+    ".size mp_b_push, . - mp_b_push",
+    ".popsection",
+);
+
+extern "C" {
+    fn mp_b_raw(x: u64) -> u64;
+    fn mp_b_imul(x: u64) -> u64;
+    fn mp_b_push(x: u64) -> u64;
+}
+
+/// `imul rax, rdi, 7; ret`, for the naive scheme's writable copy.
+const IMUL_RET: [u8; 5] = [0x48, 0x6b, 0xc7, 0x07, 0xc3];
+const SI_KERNEL: i32 = 0x80;
+const TF: i64 = 1 << 8;
+
+static NAIVE_PAGE: AtomicU64 = AtomicU64::new(0);
+static NAIVE_COUNTERS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+extern "C" fn empty_handler(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn regs_of(uc: &libc::ucontext_t) -> Regs {
+    let g = &uc.uc_mcontext.gregs;
+    let r = |i: i32| g[i as usize] as u64;
+    Regs {
+        rax: r(libc::REG_RAX),
+        rbx: r(libc::REG_RBX),
+        rcx: r(libc::REG_RCX),
+        rdx: r(libc::REG_RDX),
+        rsi: r(libc::REG_RSI),
+        rdi: r(libc::REG_RDI),
+        rbp: r(libc::REG_RBP),
+        rsp: r(libc::REG_RSP),
+        r8: r(libc::REG_R8),
+        r9: r(libc::REG_R9),
+        r10: r(libc::REG_R10),
+        r11: r(libc::REG_R11),
+        r12: r(libc::REG_R12),
+        r13: r(libc::REG_R13),
+        r14: r(libc::REG_R14),
+        r15: r(libc::REG_R15),
+        rip: r(libc::REG_RIP),
+        rflags: r(libc::REG_EFL),
+        fs_base: 0,
+        gs_base: 0,
+    }
+}
+
+extern "C" fn naive_handler(_: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: kernel-provided pointers of an SA_SIGINFO handler.
+    let (si, uc) = unsafe { (&*info, &mut *ctx.cast::<libc::ucontext_t>()) };
+    let page = NAIVE_PAGE.load(Relaxed) as *mut u8;
+    let g = &mut uc.uc_mcontext.gregs;
+    if si.si_code == SI_KERNEL {
+        let mut regs = regs_of(uc);
+        regs.rip -= 1;
+        for c in &NAIVE_COUNTERS {
+            black_box(&mut regs);
+            c.fetch_add(1, Relaxed);
+        }
+        // SAFETY: the bench's own writable code page.
+        unsafe { page.write_volatile(IMUL_RET[0]) };
+        let g = &mut uc.uc_mcontext.gregs;
+        g[libc::REG_RIP as usize] -= 1;
+        g[libc::REG_EFL as usize] |= TF;
+    } else {
+        // The single step after the restored instruction.
+        // SAFETY: as above.
+        unsafe { page.write_volatile(0xcc) };
+        g[libc::REG_EFL as usize] &= !TF;
+    }
+}
+
+/// Run `f` with `handler` as the SIGTRAP action, then put the previous one back.
+fn with_sigtrap<R>(
+    handler: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void),
+    f: impl FnOnce() -> R,
+) -> R {
+    // SAFETY: installing and restoring a signal action with valid structures.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGTRAP, &sa, &mut old);
+        let r = f();
+        libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+fn calls(f: unsafe extern "C" fn(u64) -> u64, iters: u64) -> Duration {
+    let f = black_box(f);
+    let t = Instant::now();
+    for i in 0..iters {
+        // SAFETY: the bench functions take and return integers.
+        black_box(unsafe { f(black_box(i)) });
+    }
+    t.elapsed()
+}
+
+fn naive_page() -> unsafe extern "C" fn(u64) -> u64 {
+    // SAFETY: a fresh anonymous RWX mapping holding a copy of the function.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        let p = p.cast::<u8>();
+        std::ptr::copy_nonoverlapping(IMUL_RET.as_ptr(), p, IMUL_RET.len());
+        p.write(0xcc);
+        NAIVE_PAGE.store(p as u64, Relaxed);
+        std::mem::transmute::<*mut u8, unsafe extern "C" fn(u64) -> u64>(p)
+    }
+}
+
+fn counter(c: &Arc<AtomicU64>) -> impl Fn(&mut Hit<'_>) + Send + Sync + 'static {
+    let c = Arc::clone(c);
+    move |h: &mut Hit<'_>| {
+        black_box(h.regs().rdi);
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
+    let (a, b) = (Arc::clone(c), Arc::clone(c));
+    FnHandler::new()
+        .pre(move |_h: &mut Hit<'_>| {
+            a.fetch_add(1, Relaxed);
+            PreAction::Continue
+        })
+        .post(move |h: &mut Hit<'_>| {
+            black_box(h.regs().rax);
+            b.fetch_add(1, Relaxed);
+        })
+}
+
+/// Baseline times measured right next to each sample of a routine (same iteration
+/// count, immediately before it), so a ratio compares runs under the same load: these
+/// machines are shared, and load shifts between two separately measured benchmarks
+/// easily exceed the effects measured here.
+#[derive(Default)]
+struct Paired(std::sync::Mutex<std::collections::BTreeMap<String, (Duration, u64)>>);
+
+impl Paired {
+    fn add(&self, name: &str, d: Duration, n: u64) {
+        let mut m = self.0.lock().unwrap();
+        let e = m.entry(name.to_string()).or_default();
+        e.0 += d;
+        e.1 += n;
+    }
+
+    fn mean_ns(&self, name: &str) -> Option<f64> {
+        let m = self.0.lock().unwrap();
+        let &(d, n) = m.get(name)?;
+        (n > 0).then(|| d.as_secs_f64() * 1e9 / n as f64)
+    }
+}
+
+type Target = unsafe extern "C" fn(u64) -> u64;
+
+fn raw(n: u64) -> Duration {
+    with_sigtrap(empty_handler, || calls(mp_b_raw, n))
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    let ratios = Ratios::new();
+    let paired = Paired::default();
+    let reg = multiprobe_backend_sigtrap::registry();
+    let naive = naive_page();
+    let imul = mp_b_imul as *const () as u64;
+    let push = mp_b_push as *const () as u64;
+    let hits = Arc::new(AtomicU64::new(0));
+
+    let mut g = c.benchmark_group("sigtrap");
+    // Measure `name` = `ours(n)`, each sample preceded by `base(n)`, recorded as
+    // `name` + " vs " + `base_name`.
+    let mut bench = |name: &str,
+                     base_name: &str,
+                     base: &dyn Fn(u64) -> Duration,
+                     ours: &dyn Fn(u64) -> Duration| {
+        let key = format!("{name} vs {base_name}");
+        g.bench_function(name, |b| {
+            ratios.measure(b, name, |n| {
+                paired.add(&key, base(n), n);
+                ours(n)
+            })
+        });
+    };
+    bench("raw-int3", "unprobed", &|n| calls(mp_b_imul, n), &raw);
+    for (name, addr, f, handlers, post) in [
+        ("boosted/1", imul, mp_b_imul as Target, 1, false),
+        ("boosted/3", imul, mp_b_imul, 3, false),
+        ("post/1", imul, mp_b_imul, 1, true),
+        ("post/3", imul, mp_b_imul, 3, true),
+        ("emulated/1", push, mp_b_push, 1, false),
+        ("emulated/3", push, mp_b_push, 3, false),
+        ("emulated-post/1", push, mp_b_push, 1, true),
+    ] {
+        let mut guards = Vec::new();
+        for k in 0..handlers {
+            guards.push(if post && k == 0 {
+                reg.register(addr, with_post(&hits)).unwrap()
+            } else {
+                reg.register(addr, counter(&hits)).unwrap()
+            });
+        }
+        bench(name, "raw-int3", &raw, &|n| calls(f, n));
+        if name == "boosted/3" {
+            // The naive scheme with the same three handlers, paired with boosted/3.
+            bench("naive/3", "boosted/3", &|n| calls(f, n), &|n| {
+                with_sigtrap(naive_handler, || calls(naive, n))
+            });
+        }
+        for gd in guards {
+            assert!(gd.unregister().unwrap().hits > 0);
+        }
+    }
+    g.finish();
+    c.final_summary();
+    assert!(NAIVE_COUNTERS.iter().all(|c| c.load(Relaxed) > 0));
+    ratios.print_means();
+    let ratio = |ours: &str, base: &str| -> Option<f64> {
+        let o = ratios.mean_ns(ours)?;
+        let b = paired.mean_ns(&format!("{ours} vs {base}"))?;
+        let r = o / b;
+        println!("RATIO {ours} / {base}: {r:.3}  ({o:.0} ns / {b:.0} ns, paired samples)");
+        Some(r)
+    };
+    let check = |ours: &str, base: &str, target: f64, at_most: bool| {
+        if let Some(r) = ratio(ours, base) {
+            let ok = if at_most { r <= target } else { r >= target };
+            println!(
+                "TARGET {ours} / {base} {} {target}: {}",
+                if at_most { "<=" } else { ">=" },
+                if ok { "met" } else { "MISSED" }
+            );
+        }
+    };
+    check("boosted/3", "raw-int3", 1.15, true);
+    check("naive/3", "boosted/3", 2.5, false);
+    check("post/1", "raw-int3", 2.3, true);
+    check("post/3", "raw-int3", 2.3, true);
+    ratio("raw-int3", "unprobed");
+    for name in ["boosted/1", "emulated/1", "emulated/3", "emulated-post/1"] {
+        ratio(name, "raw-int3");
+    }
+}

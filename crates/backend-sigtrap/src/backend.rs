@@ -1,0 +1,261 @@
+//! The [`Backend`] implementation: validating an address, preparing its slots, and
+//! inserting and removing the `int3`.
+//!
+//! Invariants:
+//! * `ARMED` maps every address where some backend of this process has its `int3` to
+//!   the original byte; it is changed only together with the code (under its lock), so
+//!   a copy of code read under the lock can have its original bytes put back exactly.
+//! * A site's [`BlockInfo`] is leaked and never changes once its block is published
+//!   (slots are never reused: see [`crate::slots`]); the signal path reaches it either
+//!   through the site or through the block header.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+
+use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
+
+use multiprobe_symbols::Maps;
+
+use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
+
+const INT3: u8 = 0xcc;
+
+/// Addresses armed by any backend in this process → original first byte.
+static ARMED: Mutex<BTreeMap<u64, u8>> = Mutex::new(BTreeMap::new());
+
+fn armed() -> std::sync::MutexGuard<'static, BTreeMap<u64, u8>> {
+    ARMED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Everything a hit at one address needs, at fixed addresses for the process lifetime.
+#[derive(Debug)]
+pub(crate) struct BlockInfo {
+    pub(crate) addr: u64,
+    pub(crate) plan: Plan,
+    /// The jump-back slot: every hit without post-handlers that is not emulated.
+    pub(crate) boost: Slot,
+    /// The trailing-`int3` slot, when the instruction has one (`ret`, `jmp [mem]` and
+    /// `call [mem]` do not: they are always emulated).
+    pub(crate) post: Option<Slot>,
+}
+
+impl BlockInfo {
+    /// The slot of this block that contains `ip`, if any.
+    pub(crate) fn slot_at(&self, ip: u64) -> Option<&Slot> {
+        [Some(&self.boost), self.post.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.contains(ip))
+    }
+}
+
+/// Per-site data of the sigtrap backend.
+#[derive(Debug)]
+pub struct Site {
+    pub(crate) info: &'static BlockInfo,
+}
+
+impl Site {
+    /// How hits at this site are served (emulated, or which kind of relocation).
+    pub fn class(&self) -> multiprobe_x86::Class {
+        self.info.plan.class()
+    }
+
+    /// The probed instruction, disassembled.
+    pub fn instruction(&self) -> String {
+        self.info.plan.disassemble()
+    }
+}
+
+/// Probes in the current process. See the crate documentation.
+#[derive(Debug, Default)]
+pub struct SigtrapBackend {
+    entry: OnceLock<usize>,
+}
+
+impl SigtrapBackend {
+    /// A backend for this process. Installs the process-wide SIGTRAP and fault handlers
+    /// the first time one is created (install your own fault handlers before that, so
+    /// ours can hand faults on to them).
+    pub fn new() -> Self {
+        install();
+        SigtrapBackend::default()
+    }
+}
+
+impl SigtrapBackend {
+    /// How hits at `addr` are served, if a probe of this backend is there.
+    pub fn class_at(&self, addr: u64) -> Option<multiprobe_x86::Class> {
+        let i = *self.entry.get()?;
+        dispatchers::get(i)?.with_site(addr, |s| s.class())
+    }
+}
+
+/// Install the process-wide handlers and per-thread hooks (idempotent).
+pub(crate) fn install() {
+    thread::setup();
+    fault::install();
+    trap::install();
+}
+
+impl Drop for SigtrapBackend {
+    fn drop(&mut self) {
+        if let Some(&i) = self.entry.get() {
+            dispatchers::detach(i);
+        }
+    }
+}
+
+fn bad(addr: u64, reason: &'static str) -> Error {
+    Error::InvalidAddress { addr, reason }
+}
+
+impl Backend for SigtrapBackend {
+    type Site = Site;
+
+    fn attach(&self, dispatcher: Dispatcher<Site>) {
+        let i = dispatchers::attach(dispatcher)
+            .expect("more than 64 sigtrap registries alive in one process");
+        let _ = self.entry.set(i);
+    }
+
+    fn prepare(&self, addr: u64) -> Result<Site> {
+        if addr >= 0x0000_8000_0000_0000 {
+            return Err(bad(addr, "not a user-space address"));
+        }
+        let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
+        let map = maps.find(addr).ok_or(Error::Unmapped { addr })?;
+        if !map.exec {
+            return Err(Error::NotExecutable { addr });
+        }
+        if slots::contains(addr) {
+            return Err(Error::Reserved {
+                addr,
+                what: "out-of-line slot memory",
+            });
+        }
+        let (cs, ce) = memory::copy_routine();
+        if (cs..ce).contains(&addr) || trap::is_handler_entry(addr) {
+            return Err(Error::Reserved {
+                addr,
+                what: "the backend's signal handlers",
+            });
+        }
+        if symbols::reserved_entry(addr) {
+            return Err(Error::Reserved {
+                addr,
+                what: "libc function on the trap path",
+            });
+        }
+        let sym = symbols::enclosing(addr, &maps);
+        if let Some(what) = sym.as_ref().and_then(symbols::reserved) {
+            return Err(Error::Reserved { addr, what });
+        }
+        let armed = armed();
+        if armed.contains_key(&addr) {
+            return Err(Error::AlreadyBreakpoint { addr });
+        }
+        // The enclosing function (for the boundary check) plus room for the instruction.
+        let (start, func) = match &sym {
+            Some(s) => (s.start, Some(s.start..s.start + s.size)),
+            None => (addr, None),
+        };
+        let end = (addr + MAX_INSN_LEN as u64)
+            .max(func.as_ref().map_or(0, |f| f.end))
+            .min(map.end);
+        let start = start.max(map.start);
+        let mut code = vec![0u8; (end - start) as usize];
+        patch::read(start, &mut code).map_err(|e| Error::io("reading code", e))?;
+        if code[(addr - start) as usize] == INT3 {
+            return Err(Error::AlreadyBreakpoint { addr });
+        }
+        // Our own breakpoints in the function are not its code (multiprobe-x86 docs).
+        for (&a, &b) in armed.range(start..end) {
+            code[(a - start) as usize] = b;
+        }
+        drop(armed);
+        let func = func.filter(|f| f.start >= start);
+        let plan = multiprobe_x86::analyze(
+            addr,
+            Code {
+                addr: start,
+                bytes: &code,
+            },
+            func,
+        )
+        .map_err(|e| e.into_core(addr))?;
+        let info = block_info(addr, plan)?;
+        known::insert(addr);
+        Ok(Site { info })
+    }
+
+    fn arm(&self, addr: u64, site: &Site) -> Result<()> {
+        let mut armed = armed();
+        let mut now = [0u8];
+        patch::read(addr, &mut now).map_err(|e| Error::io("reading code", e))?;
+        let orig = site.info.plan.bytes()[0];
+        if now[0] != orig {
+            return Err(if now[0] == INT3 {
+                Error::AlreadyBreakpoint { addr }
+            } else {
+                Error::Backend(format!(
+                    "the code at {addr:#x} changed since it was analyzed"
+                ))
+            });
+        }
+        patch::write(addr, &[INT3])
+            .map_err(|e| Error::io(format!("writing int3 at {addr:#x}"), e))?;
+        armed.insert(addr, orig);
+        Ok(())
+    }
+
+    fn disarm(&self, addr: u64, site: &Site) -> Result<()> {
+        let mut armed = armed();
+        let orig = site.info.plan.bytes()[0];
+        patch::write(addr, &[orig])
+            .map_err(|e| Error::io(format!("restoring the byte at {addr:#x}"), e))?;
+        armed.remove(&addr);
+        Ok(())
+    }
+}
+
+/// Build (or find again) the slot block of `plan` and its leaked description.
+fn block_info(addr: u64, plan: Plan) -> Result<&'static BlockInfo> {
+    let center = plan
+        .slot_window()
+        .map_or(addr, |w| w.start() / 2 + w.end() / 2);
+    let slot_err = |e: multiprobe_x86::SlotError| {
+        Error::Backend(format!("building a slot for {addr:#x}: {e}"))
+    };
+    let (block, existing) = slots::block_for(addr, center, plan.bytes())
+        .map_err(|e| Error::io("allocating slot memory", e))?;
+    if let Some(info) = existing {
+        return Ok(info);
+    }
+    let boost = plan
+        .build_slot(SlotKind::JumpBack, slots::boost_at(block))
+        .map_err(slot_err)?;
+    let post = if plan.has_trap_after_slot() {
+        Some(
+            plan.build_slot(SlotKind::TrapAfter, slots::post_at(block))
+                .map_err(slot_err)?,
+        )
+    } else {
+        None
+    };
+    let info: &'static BlockInfo = Box::leak(Box::new(BlockInfo {
+        addr,
+        plan,
+        boost,
+        post,
+    }));
+    let mut code = [0xccu8; 2 * MAX_SLOT_LEN];
+    code[..boost.bytes().len()].copy_from_slice(boost.bytes());
+    if let Some(p) = &post {
+        code[MAX_SLOT_LEN..MAX_SLOT_LEN + p.bytes().len()].copy_from_slice(p.bytes());
+    }
+    slots::publish(block, info, &code, plan.bytes())
+        .map_err(|e| Error::io("writing slot memory", e))?;
+    Ok(info)
+}

@@ -1,0 +1,115 @@
+//! In-process probes for [`multiprobe_core`]: `int3` breakpoints in this process's own
+//! code, a SIGTRAP handler, and out-of-line (XOL) slots, so a hit costs one trap.
+//!
+//! ```no_run
+//! use multiprobe_backend_sigtrap::{HitRecord, HitRing, SigtrapBackend};
+//! use multiprobe_core::Registry;
+//! use std::sync::Arc;
+//!
+//! #[inline(never)]
+//! fn work(x: u64) -> u64 { x * 2 }
+//!
+//! let reg = Registry::new(SigtrapBackend::new());
+//! let ring = Arc::new(HitRing::<HitRecord>::new(1024));
+//! let r = Arc::clone(&ring);
+//! let probe = reg
+//!     .register(work as *const () as u64, move |hit: &mut multiprobe_core::Hit<'_>| {
+//!         r.push(HitRecord::of(hit)); // signal-safe hand-out
+//!     })
+//!     .unwrap();
+//! work(21);
+//! assert_eq!(ring.pop().unwrap().args[0], 21);
+//! probe.unregister().unwrap();
+//! ```
+//!
+//! # How a hit works
+//!
+//! Arming writes `int3` over the instruction's first byte (through `/proc/self/mem`, so
+//! the code never becomes writable; one byte, so concurrent threads see the old or the
+//! new instruction, never a mix). A thread that executes it gets SIGTRAP; the handler
+//! runs the pre-handlers, then executes the displaced instruction once: emulated on the
+//! registers when `multiprobe-x86` can (nops, `endbr64`, `push`, `jmp`, `jcc`, `call`,
+//! `ret`, ...), else from a slot within ±2 GiB that jumps back — one trap per hit. When
+//! a post-handler is registered, the hit uses the slot variant that ends in `int3`
+//! instead (two traps), or runs the post-handlers right after emulation (one trap). A
+//! displaced instruction that faults in its slot is reported to the fault handlers and,
+//! if none handles it, delivered to the program as if it had faulted at its original
+//! address.
+//!
+//! # What handlers may do
+//!
+//! Handlers run **inside a signal handler**, on the thread that hit the probe, at an
+//! arbitrary point of its execution — possibly inside `malloc`, or holding a lock.
+//! So a handler must be async-signal-safe:
+//! * no allocation or freeing (`Box`, `Vec` growth, `String`, `format!`, `println!`);
+//! * no locks (`Mutex`, `RwLock`, `std::io::stdout()`); atomics are fine;
+//! * only async-signal-safe system calls (`write(2)` to a raw fd is fine);
+//! * read and write the interrupted thread's registers through [`multiprobe_core::Hit`];
+//!   read memory through `Hit::mem()` (a [`LocalMemory`]: fault-guarded, no system call);
+//! * to hand data to the rest of the program, push `Copy` records into a preallocated
+//!   [`HitRing`] and read them from a normal thread (or bump atomic counters).
+//!
+//! Panics in handlers are caught (rule 8 of the core's contract), but a panic allocates
+//! its payload, so catching is best effort in signal context: a panic while the
+//! interrupted code held the allocator's lock deadlocks. Don't panic.
+//!
+//! # Limits
+//! * A probed instruction executed while SIGTRAP is blocked (e.g. inside a signal
+//!   handler installed with a full mask) kills the process: the kernel forces the
+//!   default action for a blocked synchronous trap. Install such handlers with
+//!   `SIGTRAP` unblocked.
+//! * Install your own SIGSEGV/SIGBUS/SIGFPE/SIGILL/SIGTRAP handlers *before* creating
+//!   the first backend; ours chain to them. A handler installed later replaces ours.
+//! * Code of the probe machinery (this crate, `multiprobe-core`, `multiprobe-x86`,
+//!   libc's string functions, signal trampolines) is refused when symbols say so; a
+//!   trap in our own trap path is stepped without running handlers in any case.
+//! * A hit with a post-handler on a relocated instruction keeps a read section of the
+//!   core open while the thread runs the slot (until its trailing `int3`). A thread that
+//!   never gets there — a signal handler that `siglongjmp`s out of the slot — leaves it
+//!   open, and `unregister` at that address then waits forever. (A thread that exits
+//!   gives its state back.)
+//! * `fork` with probes armed: the child inherits the breakpoints and slots and keeps
+//!   working; the read sections of the parent's other threads (a thread between a pre
+//!   and its post at the fork) are forgotten in the child. As with any mutex, a fork
+//!   while another thread is inside a registration leaves the child's registry locked.
+#![warn(missing_docs)]
+
+mod backend;
+mod context;
+mod dispatchers;
+mod fault;
+mod known;
+mod memory;
+mod patch;
+mod ring;
+mod signals;
+mod slots;
+mod symbols;
+mod thread;
+mod trap;
+
+pub use backend::{SigtrapBackend, Site};
+pub use memory::LocalMemory;
+pub use ring::{HitRecord, HitRing};
+
+/// How many traps in this process hit a probe at the moment it was being removed (or
+/// re-armed) and were resolved by re-executing the instruction at the probed address —
+/// the race every breakpoint removal has with threads already trapping on it.
+pub fn reexecuted_traps() -> u64 {
+    trap::REEXECUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many `int3` traps the calling thread has taken into the backend's SIGTRAP
+/// handler so far: what a hit costs, in traps (a boosted or emulated hit takes one, a hit
+/// with a post-handler on a relocated instruction two).
+pub fn traps_on_this_thread() -> u64 {
+    trap::traps_on_this_thread()
+}
+
+/// A registry of probes in this process.
+pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
+
+/// A new registry over a new [`SigtrapBackend`].
+pub fn registry() -> SigtrapRegistry {
+    multiprobe_core::Registry::new(SigtrapBackend::new())
+}

@@ -1,0 +1,138 @@
+//! Per-thread state the signal path needs: the core's [`ThreadState`] and the thread id.
+//!
+//! Both live in `thread_local!`s with `const` initializers and *no* destructor, so the
+//! first access — which may well happen inside the SIGTRAP handler — is a plain read of
+//! static TLS: Rust registers a TLS destructor lazily on first access for types that
+//! need drop, and that registration allocates, which a signal handler must not do.
+//!
+//! The `ThreadState` still has to be dropped when its thread exits (it gives back the
+//! thread's counter shard and ends any deferred step, which would otherwise hold a grace
+//! period open forever). That is done by a pthread key created once, in thread context,
+//! when the backend is set up; its destructor runs at thread exit. The signal path
+//! attaches the key to a thread on its first hit with `pthread_setspecific`, which for
+//! the first 32 keys stores into the thread descriptor without allocating (glibc's
+//! `specific_1stblock`, musl's `tsd` array); a key number beyond that is not used.
+//!
+//! After `fork` the child's only thread inherits the forking thread's TLS; its cached
+//! thread id is reset by an `atfork` child handler.
+
+use std::cell::{Cell, UnsafeCell};
+use std::mem::ManuallyDrop;
+use std::sync::Once;
+
+use multiprobe_core::ThreadState;
+
+std::thread_local! {
+    static STATE: UnsafeCell<ManuallyDrop<ThreadState>> =
+        const { UnsafeCell::new(ManuallyDrop::new(ThreadState::new())) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static TID: Cell<u32> = const { Cell::new(0) };
+}
+
+static SETUP: Once = Once::new();
+/// The pthread key whose destructor drops a thread's state; `u32::MAX` if unavailable.
+static KEY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Create the exit hook and the fork hook. Thread context; idempotent.
+pub(crate) fn setup() {
+    SETUP.call_once(|| {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: valid out-pointer and an `extern "C"` destructor.
+        let r = unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) };
+        // Only low keys are stored without allocation (module docs).
+        if r == 0 && key < 32 {
+            KEY.store(key, std::sync::atomic::Ordering::Release);
+        }
+        // SAFETY: registering a plain function as the child hook.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    });
+}
+
+extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
+    // Static TLS is still in place while pthread key destructors run. Drop the state
+    // (ends deferred steps, gives back the shard) and put a fresh one in its place, in
+    // case a later destructor of this thread hits a probe; that one re-attaches the key,
+    // and glibc runs key destructors again for keys set during destruction.
+    // SAFETY: blocking every signal (and restoring the mask) around the swap, with
+    // valid local sigsets, so no handler can look at a half-replaced state.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
+    let _ = STATE.try_with(|s| {
+        // SAFETY: thread context with signals blocked, not inside a dispatch (this is
+        // the thread's exit path), so no reference into the state is live; the old
+        // value is dropped exactly once and replaced.
+        unsafe {
+            ManuallyDrop::drop(&mut *s.get());
+            s.get().write(ManuallyDrop::new(ThreadState::new()));
+        }
+    });
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    let _ = REGISTERED.try_with(|r| r.set(false));
+}
+
+extern "C" fn after_fork_child() {
+    TID.with(|t| t.set(0));
+    // The parent's other threads do not exist here: forget their read sections, or a
+    // thread that was between a pre and its post at the fork would hold every grace
+    // period of the child open forever. (Refused, harmlessly, if this thread forked from
+    // inside a handler.)
+    for d in crate::dispatchers::each() {
+        d.reset_after_fork();
+    }
+}
+
+/// Run `f` with this thread's dispatch state. Async-signal-safe.
+#[inline]
+pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
+    REGISTERED.with(|r| {
+        if !r.get() {
+            r.set(true);
+            let key = KEY.load(std::sync::atomic::Ordering::Acquire);
+            if key != u32::MAX {
+                // SAFETY: a key created by `setup`; a non-null value makes its
+                // destructor run at thread exit. Allocation-free for low keys.
+                unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<libc::c_void>()) };
+            }
+        }
+    });
+    // SAFETY: the state is only replaced by `on_thread_exit`, in thread context at
+    // thread exit, never while a `with_state` call is running on this thread.
+    STATE.with(|s| f(unsafe { &*s.get() }))
+}
+
+/// This thread's kernel id, cached. Async-signal-safe.
+#[inline]
+pub(crate) fn tid() -> u32 {
+    TID.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        // SAFETY: gettid has no preconditions.
+        let v = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        t.set(v);
+        v
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tid_is_the_kernel_thread_id_per_thread() {
+        setup();
+        // SAFETY: no preconditions.
+        let real = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        assert_eq!(tid(), real);
+        let other = std::thread::spawn(tid).join().unwrap();
+        assert_ne!(other, real);
+        assert_eq!(with_state(|s| s.pending()), 0);
+    }
+}

@@ -1,0 +1,102 @@
+//! Test functions whose first instruction is known, written in assembly, with ELF
+//! symbol types and sizes so the backend can check instruction boundaries.
+#![allow(dead_code)]
+
+macro_rules! func {
+    ($name:literal, $($body:literal),+ $(,)?) => {
+        concat!(
+            ".globl ", $name, "\n",
+            ".type ", $name, ",@function\n",
+            ".p2align 4\n",
+            $name, ":\n",
+            $($body, "\n",)+
+            ".size ", $name, ", . - ", $name, "\n",
+        )
+    };
+}
+
+core::arch::global_asm!(
+    ".pushsection .text.mp_test_funcs,\"ax\",@progbits",
+    func!("mp_t_endbr", "endbr64", "lea rax, [rdi + 1]", "ret"),
+    func!(
+        "mp_t_push",
+        "push rbx",
+        "mov rbx, rdi",
+        "lea rax, [rbx + 2]",
+        "pop rbx",
+        "ret"
+    ),
+    func!("mp_t_helper", "mov rax, rdi", "ret"),
+    func!("mp_t_call", "call mp_t_helper", "add rax, 3", "ret"),
+    func!(
+        "mp_t_jmp",
+        "jmp 2f",
+        "ud2",
+        "2:",
+        "lea rax, [rdi + 4]",
+        "ret"
+    ),
+    func!(
+        "mp_t_riprel",
+        "mov rax, qword ptr [rip + mp_t_data]",
+        "add rax, rdi",
+        "ret"
+    ),
+    func!("mp_t_lea", "lea rax, [rip + mp_t_data]", "ret"),
+    func!("mp_t_imul", "imul rax, rdi, 7", "ret"),
+    func!("mp_t_load", "mov rax, qword ptr [rdi]", "ret"),
+    func!("mp_t_div", "div rsi", "ret"),
+    func!("mp_t_mid", "mov eax, 0x12345678", "ret"),
+    func!("mp_t_int80", "int 0x80", "ret"),
+    func!("mp_t_int3", "int3", "ret"),
+    func!("mp_t_alt", "lea rax, [rdi + 100]", "ret"),
+    ".popsection",
+    ".pushsection .data.mp_test_data,\"aw\",@progbits",
+    ".p2align 3",
+    ".globl mp_t_data",
+    "mp_t_data:",
+    ".quad 5",
+    ".popsection",
+);
+
+extern "C" {
+    /// `endbr64` first; returns `x + 1`.
+    pub fn mp_t_endbr(x: u64) -> u64;
+    /// `push rbx` first; returns `x + 2`.
+    pub fn mp_t_push(x: u64) -> u64;
+    /// `call` first; returns `x + 3`.
+    pub fn mp_t_call(x: u64) -> u64;
+    /// `jmp` first; returns `x + 4`.
+    pub fn mp_t_jmp(x: u64) -> u64;
+    /// RIP-relative load first; returns `x + 5`.
+    pub fn mp_t_riprel(x: u64) -> u64;
+    /// RIP-relative `lea` first; returns `&mp_t_data`.
+    pub fn mp_t_lea() -> u64;
+    /// `imul rax, rdi, 7` first (relocated as is); returns `7 * x`.
+    pub fn mp_t_imul(x: u64) -> u64;
+    /// `mov rax, [rdi]` first: faults for a bad pointer.
+    pub fn mp_t_load(p: u64) -> u64;
+    /// `div rsi` first (relocated): raises SIGFPE when `divisor` is 0.
+    pub fn mp_t_div(x: u64, divisor: u64) -> u64;
+    /// A 5-byte `mov` first; returns `0x12345678`.
+    pub fn mp_t_mid() -> u64;
+    /// `int 0x80` first (never called).
+    pub fn mp_t_int80();
+    /// `int3` first (never called).
+    pub fn mp_t_int3();
+    /// Returns `x + 100` (a redirection target).
+    pub fn mp_t_alt(x: u64) -> u64;
+    /// The quadword (5) the RIP-relative functions read.
+    pub static mp_t_data: u64;
+}
+
+/// Address of a function.
+pub fn addr(f: *const ()) -> u64 {
+    f as u64
+}
+
+/// `n` bytes of code at `a`.
+pub fn bytes(a: u64, n: usize) -> Vec<u8> {
+    // SAFETY: test functions' code is mapped readable.
+    unsafe { std::slice::from_raw_parts(a as *const u8, n).to_vec() }
+}

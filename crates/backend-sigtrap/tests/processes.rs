@@ -1,0 +1,429 @@
+//! Tests that need a process of their own: a probed instruction that faults (the process
+//! must see the fault at the original address, as if unprobed) and `fork` with probes
+//! armed. `harness = false`: `main` runs single-threaded, so forking is safe, and
+//! re-executes this binary for scenarios that end the process.
+
+mod asm;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use asm::*;
+use multiprobe_core::{Fault, FaultAction, FnHandler, Hit, PreAction};
+
+static PRE: AtomicU64 = AtomicU64::new(0);
+static FAULT_HOOK: AtomicU64 = AtomicU64::new(0);
+
+fn hex(mut v: u64, out: &mut [u8; 16]) {
+    for i in (0..16).rev() {
+        out[i] = b"0123456789abcdef"[(v & 15) as usize];
+        v >>= 4;
+    }
+}
+
+/// The program's own SIGSEGV handler: reports where the fault was seen, then exits.
+extern "C" fn report_segv(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: kernel-provided pointers of an SA_SIGINFO handler.
+    let (rip, addr) = unsafe {
+        let uc = &*ctx.cast::<libc::ucontext_t>();
+        (
+            uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
+            (*info).si_addr() as u64,
+        )
+    };
+    let mut line =
+        *b"rip=................ addr=................ pre=................ hook=................\n";
+    let mut h = [0u8; 16];
+    for (v, at) in [
+        (rip, 4),
+        (addr, 26),
+        (PRE.load(Relaxed), 47),
+        (FAULT_HOOK.load(Relaxed), 69),
+    ] {
+        hex(v, &mut h);
+        line[at..at + 16].copy_from_slice(&h);
+    }
+    // SAFETY: async-signal-safe write and exit.
+    unsafe {
+        libc::write(1, line.as_ptr().cast(), line.len());
+        libc::_exit(42);
+    }
+}
+
+fn probe_load(
+    reg: &multiprobe_backend_sigtrap::SigtrapRegistry,
+) -> multiprobe_core::Registration<multiprobe_backend_sigtrap::SigtrapBackend> {
+    reg.register(
+        mp_t_load as *const () as u64,
+        FnHandler::new()
+            .pre(|_h: &mut Hit<'_>| {
+                PRE.fetch_add(1, Relaxed);
+                PreAction::Continue
+            })
+            .fault(|h: &mut Hit<'_>, f: &Fault| {
+                assert_eq!(
+                    h.regs().rip,
+                    h.addr(),
+                    "fault handlers see the original rip"
+                );
+                assert_eq!((f.signal, f.addr), (libc::SIGSEGV, 8));
+                FAULT_HOOK.fetch_add(1, Relaxed);
+                FaultAction::NotHandled
+            }),
+    )
+    .unwrap()
+}
+
+fn install_report(sig: i32) {
+    // SAFETY: installing a plain SA_SIGINFO handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = report_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
+    }
+}
+
+fn install_report_segv() {
+    install_report(libc::SIGSEGV);
+}
+
+/// Child: a divide error in a relocated `div`: the program's SIGFPE handler sees `rip`
+/// and `si_addr` (the faulting instruction, for SIGFPE) at the original address.
+fn child_fpe_with_handler() {
+    install_report(libc::SIGFPE);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_div as *const () as u64, |_h: &mut Hit<'_>| {
+            PRE.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    println!("probe={:016x}", mp_t_div as *const () as u64);
+    // SAFETY: deliberately divides by zero; the handler exits.
+    unsafe { mp_t_div(1, 0) };
+    unreachable!("the division faults");
+}
+
+/// Child: the program has its own SIGSEGV handler (installed before the backend).
+fn child_segv_with_handler() {
+    install_report_segv();
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = probe_load(&reg);
+    println!("probe={:016x}", mp_t_load as *const () as u64);
+    // SAFETY: deliberately faults; the handler above exits.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+/// Child: the program has its own SIGSEGV handler and faults in code that is not
+/// probed: the backend's fault handler must pass it on untouched.
+fn child_segv_unprobed() {
+    install_report_segv();
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .unwrap();
+    println!("probe={:016x}", mp_t_load as *const () as u64);
+    // SAFETY: deliberately faults; the handler exits.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+/// Child: an `int3` that is not a probe, under the default SIGTRAP action.
+fn child_foreign_int3() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg
+        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .unwrap();
+    // SAFETY: deliberately traps.
+    unsafe { mp_t_int3() };
+    std::process::exit(0);
+}
+
+static FOREIGN_TRAPS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_trap(_sig: i32, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    FOREIGN_TRAPS.fetch_add(1, Relaxed);
+}
+
+/// Runs first, before this process has a backend: the program's own SIGTRAP handler
+/// keeps receiving its own `int3`s once the backend is installed over it.
+fn a_foreign_int3_reaches_the_programs_sigtrap_handler() {
+    // SAFETY: installing a plain SA_SIGINFO handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = count_trap as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut());
+    }
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    // SAFETY: `int3; ret`: the program's handler returns after the int3.
+    unsafe { mp_t_int3() };
+    assert_eq!(FOREIGN_TRAPS.load(Relaxed), 1);
+    // SAFETY: integer in, integer out. Our own probe is not handed on.
+    assert_eq!(unsafe { mp_t_imul(3) }, 21);
+    assert_eq!(FOREIGN_TRAPS.load(Relaxed), 1);
+    assert_eq!(g.unregister().unwrap().hits, 1);
+}
+
+/// Child: no handler of the program's (only Rust's default one): the process must die
+/// of SIGSEGV.
+fn child_segv_default() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = probe_load(&reg);
+    // SAFETY: deliberately faults.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
+fn run_child(scenario: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .env("MP_SCENARIO", scenario)
+        .output()
+        .unwrap()
+}
+
+fn field(out: &str, name: &str) -> u64 {
+    let v = out
+        .split(|c: char| c.is_whitespace())
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in {out:?}"));
+    u64::from_str_radix(v, 16).unwrap()
+}
+
+fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
+    let out = run_child("segv_handler");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
+    assert_eq!(field(&text, "addr"), 8);
+    assert_eq!(field(&text, "pre"), 1);
+    assert_eq!(field(&text, "hook"), 1);
+}
+
+fn a_fault_outside_slots_reaches_the_programs_handler_untouched() {
+    let out = run_child("segv_unprobed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(42), "{text}");
+    assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
+    assert_eq!((field(&text, "addr"), field(&text, "pre")), (8, 0));
+}
+
+fn sigfpe_is_seen_at_the_original_address_with_its_si_addr() {
+    let out = run_child("fpe_handler");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe = field(&text, "probe");
+    assert_eq!(
+        (field(&text, "rip"), field(&text, "addr")),
+        (probe, probe),
+        "{text}"
+    );
+    assert_eq!(field(&text, "pre"), 1);
+}
+
+fn a_foreign_int3_under_the_default_action_kills_with_sigtrap() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("foreign_int3");
+    assert_eq!(out.status.signal(), Some(libc::SIGTRAP), "{:?}", out);
+}
+
+fn segv_under_the_default_action_kills_the_process_with_sigsegv() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("segv_default");
+    assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{:?}", out);
+}
+
+fn a_fault_handler_can_handle_the_fault() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_load as *const () as u64;
+    let g = reg
+        .register(
+            a,
+            FnHandler::new().fault(|h: &mut Hit<'_>, _f: &Fault| {
+                // Skip the 3-byte load, pretending it read 77.
+                let r = h.regs_mut();
+                r.rax = 77;
+                r.rip += 3;
+                FaultAction::Handled
+            }),
+        )
+        .unwrap();
+    // SAFETY: the fault is handled by the probe.
+    assert_eq!(unsafe { mp_t_load(8) }, 77);
+    let x = 1234u64;
+    // SAFETY: a valid pointer.
+    assert_eq!(unsafe { mp_t_load(&x as *const u64 as u64) }, 1234);
+    g.unregister().unwrap();
+}
+
+fn fork_with_probes_armed() {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg
+        .register(a, |_h: &mut Hit<'_>| {
+            HITS.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    // SAFETY: single-threaded here (harness = false), so the child may do anything.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // The child inherits the breakpoint, the slots and the handler.
+        // SAFETY: integer in, integer out.
+        let ok = (0..3).all(|x| unsafe { mp_t_imul(x) } == 7 * x) && HITS.load(Relaxed) == 3;
+        let unreg = g.unregister().is_ok_and(|s| s.hits == 3);
+        let restored = bytes(a, 1) != [0xcc];
+        // SAFETY: integer in, integer out.
+        let after = unsafe { mp_t_imul(5) } == 35 && HITS.load(Relaxed) == 3;
+        // SAFETY: leaving the child without running the parent's atexit machinery.
+        unsafe {
+            libc::_exit(if ok && unreg && restored && after {
+                0
+            } else {
+                1
+            })
+        };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    // The parent's probe is untouched by what the child did.
+    assert_eq!(bytes(a, 1), [0xcc]);
+    assert_eq!(HITS.load(Relaxed), 0);
+    // SAFETY: integer in, integer out.
+    assert_eq!(unsafe { mp_t_imul(2) }, 14);
+    assert_eq!(g.unregister().unwrap().hits, 1);
+}
+
+/// A thread is inside a hit (its pre-handler is running) when the process forks. In the
+/// child that thread does not exist, but its read section was copied: the backend's fork
+/// hook must forget it, or unregistering in the child would wait forever.
+fn fork_while_another_thread_is_inside_a_hit() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    static INSIDE: AtomicBool = AtomicBool::new(false);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let a = mp_t_imul as *const () as u64;
+    let g = reg
+        .register(a, |_h: &mut Hit<'_>| {
+            INSIDE.store(true, Relaxed);
+            while !RELEASE.load(Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = Arc::clone(&done);
+    let hitter = std::thread::spawn(move || {
+        // SAFETY: integer in, integer out.
+        let r = unsafe { mp_t_imul(3) };
+        d2.store(true, Relaxed);
+        r
+    });
+    while !INSIDE.load(Relaxed) {
+        std::hint::spin_loop();
+    }
+    // SAFETY: the child only unregisters (no allocation-sensitive locks are held by the
+    // spinning thread: it is inside a handler that touches atomics only) and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = g.unregister().is_ok();
+        // SAFETY: leaving the child without the parent's atexit machinery.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // A deadline, so a hang fails the test instead of stalling it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        // SAFETY: waiting for our own child, without blocking.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: killing our own hung child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the child's unregister waited for a thread that does not exist there");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+    RELEASE.store(true, Relaxed);
+    assert_eq!(hitter.join().unwrap(), 21);
+    assert!(done.load(Relaxed));
+    assert_eq!(g.unregister().unwrap().hits, 1);
+}
+
+fn main() {
+    match std::env::var("MP_SCENARIO").as_deref() {
+        Ok("segv_handler") => return child_segv_with_handler(),
+        Ok("segv_default") => return child_segv_default(),
+        Ok("segv_unprobed") => return child_segv_unprobed(),
+        Ok("foreign_int3") => return child_foreign_int3(),
+        Ok("fpe_handler") => return child_fpe_with_handler(),
+        _ => {}
+    }
+    let tests: [(&str, fn()); 9] = [
+        // First: it must install its SIGTRAP handler before any backend exists.
+        (
+            "a_foreign_int3_reaches_the_programs_sigtrap_handler",
+            a_foreign_int3_reaches_the_programs_sigtrap_handler,
+        ),
+        (
+            "a_fault_outside_slots_reaches_the_programs_handler_untouched",
+            a_fault_outside_slots_reaches_the_programs_handler_untouched,
+        ),
+        (
+            "sigfpe_is_seen_at_the_original_address_with_its_si_addr",
+            sigfpe_is_seen_at_the_original_address_with_its_si_addr,
+        ),
+        (
+            "a_foreign_int3_under_the_default_action_kills_with_sigtrap",
+            a_foreign_int3_under_the_default_action_kills_with_sigtrap,
+        ),
+        (
+            "segv_is_seen_at_the_original_address_by_the_programs_handler",
+            segv_is_seen_at_the_original_address_by_the_programs_handler,
+        ),
+        (
+            "segv_under_the_default_action_kills_the_process_with_sigsegv",
+            segv_under_the_default_action_kills_the_process_with_sigsegv,
+        ),
+        (
+            "a_fault_handler_can_handle_the_fault",
+            a_fault_handler_can_handle_the_fault,
+        ),
+        ("fork_with_probes_armed", fork_with_probes_armed),
+        // Last: it leaves a thread behind until it releases it.
+        (
+            "fork_while_another_thread_is_inside_a_hit",
+            fork_while_another_thread_is_inside_a_hit,
+        ),
+    ];
+    for (name, t) in tests {
+        t();
+        println!("test {name} ... ok");
+    }
+    println!("\n{} passed, 0 failed", tests.len());
+}

@@ -1,0 +1,17 @@
+//! Where functions are in a process: `/proc/PID/maps` plus the ELF symbol tables of the
+//! mapped files, shared by the backends (validating a probe address: which function,
+//! where it starts, so the instruction boundary can be checked; where free address
+//! space lies near code, for out-of-line pages) and by the `multiprobe` command
+//! (resolving `symbol` and `library:symbol`, suggesting near matches).
+//!
+//! Thread context only: everything here reads files and allocates.
+
+#![warn(missing_docs)]
+
+pub mod elf;
+pub mod maps;
+pub mod process;
+
+pub use elf::{ElfSymbols, Func};
+pub use maps::{Maps, Region};
+pub use process::{file_name, library_matches, Located, ProcessSymbols, ResolveError, SymbolCache};

@@ -1,0 +1,359 @@
+//! A process's functions: its maps plus the symbols of every mapped ELF file, in the
+//! process's addresses. Resolves `symbol` and `library:symbol`, locates the function
+//! holding an address, and suggests near matches for names that do not exist.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::elf::{ElfSymbols, Func};
+use crate::maps::{Maps, Region};
+
+/// Symbols of files by path, parsed once and shared.
+#[derive(Debug, Default)]
+pub struct SymbolCache {
+    files: Mutex<HashMap<String, Arc<ElfSymbols>>>,
+}
+
+impl SymbolCache {
+    /// The symbols of `path`: an empty table if it cannot be read or parsed (probing then
+    /// goes on without symbol checks there).
+    pub fn get(&self, path: &str) -> Arc<ElfSymbols> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = files.get(path) {
+            return Arc::clone(s);
+        }
+        let syms = Arc::new(ElfSymbols::load(path).unwrap_or_default());
+        files.insert(path.to_string(), Arc::clone(&syms));
+        syms
+    }
+}
+
+/// A function in a process: its name and extent in the process's addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// Display name (demangled when possible).
+    pub name: String,
+    /// First byte.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file it comes from.
+    pub file: String,
+}
+
+/// Why a name did not resolve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// No mapped file matches the library part of `library:symbol`.
+    #[error("no loaded library matches {library:?} (loaded: {})", loaded.join(", "))]
+    UnknownLibrary {
+        /// What was asked.
+        library: String,
+        /// File names of what is mapped.
+        loaded: Vec<String>,
+    },
+    /// No function has this name.
+    #[error("no function named {name:?}{}", suggest(near))]
+    UnknownSymbol {
+        /// What was asked.
+        name: String,
+        /// Similar names that exist.
+        near: Vec<String>,
+    },
+    /// Several functions at different addresses have this name.
+    #[error("{name:?} is ambiguous: {}; qualify it (library:symbol or the full path)", candidates.join(", "))]
+    Ambiguous {
+        /// What was asked.
+        name: String,
+        /// `file:name@address` of each.
+        candidates: Vec<String>,
+    },
+}
+
+fn suggest(near: &[String]) -> String {
+    if near.is_empty() {
+        String::new()
+    } else {
+        format!("; did you mean {}?", near.join(", "))
+    }
+}
+
+/// The file name of a path (`libc.so.6` of `/usr/lib/x86_64-linux-gnu/libc.so.6`).
+pub fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Whether `library` (as a user writes it) names the file at `path`: the full path, its
+/// file name, or a prefix of the file name up to a `.` or `-` (`libc` matches
+/// `libc.so.6` but not `libcrypt.so.1`; `libstdc++` matches `libstdc++.so.6`).
+pub fn library_matches(library: &str, path: &str) -> bool {
+    let base = file_name(path);
+    path == library
+        || base == library
+        || (base.starts_with(library)
+            && matches!(base.as_bytes().get(library.len()), Some(b'.' | b'-')))
+}
+
+/// A process's address space with symbols.
+#[derive(Debug)]
+pub struct ProcessSymbols {
+    maps: Maps,
+    cache: Arc<SymbolCache>,
+}
+
+impl ProcessSymbols {
+    /// Read process `pid`'s maps (0 = this process), sharing `cache` for symbol tables.
+    pub fn read(pid: u32, cache: Arc<SymbolCache>) -> std::io::Result<Self> {
+        Ok(Self::from_maps(Maps::read(pid)?, cache))
+    }
+
+    /// Over maps already read.
+    pub fn from_maps(maps: Maps, cache: Arc<SymbolCache>) -> Self {
+        ProcessSymbols { maps, cache }
+    }
+
+    /// The maps.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Distinct mapped files, in address order (the main program first, normally).
+    pub fn files(&self) -> Vec<&str> {
+        let mut seen: Vec<&str> = Vec::new();
+        for r in self.maps.regions.iter().filter(|r| r.is_file()) {
+            if !seen.contains(&r.path.as_str()) {
+                seen.push(&r.path);
+            }
+        }
+        seen
+    }
+
+    fn bias_of(&self, path: &str, syms: &ElfSymbols) -> Option<u64> {
+        self.maps
+            .regions
+            .iter()
+            .filter(|r| r.path == path)
+            .find_map(|r| syms.bias(r.start, r.offset))
+    }
+
+    fn region_bias(&self, region: &Region, syms: &ElfSymbols) -> Option<u64> {
+        syms.bias(region.start, region.offset)
+    }
+
+    /// The function holding `addr`, if its file has a symbol for it.
+    pub fn locate(&self, addr: u64) -> Option<Located> {
+        let region = self.maps.find(addr)?;
+        if !region.is_file() {
+            return None;
+        }
+        let syms = self.cache.get(&region.path);
+        let bias = self.region_bias(region, &syms)?;
+        let f = syms.containing(addr.wrapping_sub(bias))?;
+        Some(Located {
+            name: f.display_name().to_string(),
+            start: f.addr.wrapping_add(bias),
+            size: f.size,
+            file: region.path.clone(),
+        })
+    }
+
+    /// The process address of `library`'s entry point... of the main program when
+    /// `library` is `None` (the first mapped file).
+    pub fn entry(&self, library: Option<&str>) -> Option<u64> {
+        let path = self
+            .files()
+            .into_iter()
+            .find(|p| library.is_none_or(|l| library_matches(l, p)))?;
+        let syms = self.cache.get(path);
+        Some(syms.entry().wrapping_add(self.bias_of(path, &syms)?))
+    }
+
+    /// Resolve `name` in `library` (or in every mapped file, the main program first) to
+    /// the function's extent in the process.
+    pub fn resolve(&self, library: Option<&str>, name: &str) -> Result<Located, ResolveError> {
+        let files: Vec<&str> = self
+            .files()
+            .into_iter()
+            .filter(|p| library.is_none_or(|l| library_matches(l, p)))
+            .collect();
+        if let (Some(l), true) = (library, files.is_empty()) {
+            return Err(ResolveError::UnknownLibrary {
+                library: l.to_string(),
+                loaded: self
+                    .files()
+                    .iter()
+                    .map(|p| file_name(p).to_string())
+                    .collect(),
+            });
+        }
+        for path in &files {
+            let syms = self.cache.get(path);
+            let found = syms.by_name(name);
+            let Some(first) = found.first() else {
+                continue;
+            };
+            let Some(bias) = self.bias_of(path, &syms) else {
+                continue;
+            };
+            let distinct: Vec<&&Func> = {
+                let mut v: Vec<&&Func> = found.iter().collect();
+                v.dedup_by_key(|f| f.addr);
+                v
+            };
+            if distinct.len() > 1 {
+                return Err(ResolveError::Ambiguous {
+                    name: name.to_string(),
+                    candidates: distinct
+                        .iter()
+                        .map(|f| {
+                            format!(
+                                "{}:{}@{:#x}",
+                                file_name(path),
+                                f.display_name(),
+                                f.addr.wrapping_add(bias)
+                            )
+                        })
+                        .collect(),
+                });
+            }
+            return Ok(Located {
+                name: first.display_name().to_string(),
+                start: first.addr.wrapping_add(bias),
+                size: first.size,
+                file: path.to_string(),
+            });
+        }
+        Err(ResolveError::UnknownSymbol {
+            name: name.to_string(),
+            near: self.near(&files, name),
+        })
+    }
+
+    /// Up to five names in `files` close to `name`: containing it, or within a small
+    /// edit distance.
+    fn near(&self, files: &[&str], name: &str) -> Vec<String> {
+        let max = (name.len() / 4).clamp(1, 3);
+        let mut scored: Vec<(usize, String)> = Vec::new();
+        for path in files {
+            for f in self.cache.get(path).funcs() {
+                let shown = f.display_name();
+                let short = shown.rsplit("::").next().unwrap_or(shown);
+                let d = if short.contains(name) && short != name {
+                    0
+                } else {
+                    edit_distance(short, name)
+                };
+                if d <= max || (d == 0) {
+                    scored.push((d * 1000 + shown.len(), shown.to_string()));
+                }
+            }
+        }
+        scored.sort();
+        scored.dedup_by(|a, b| a.1 == b.1);
+        scored.into_iter().take(5).map(|(_, n)| n).collect()
+    }
+}
+
+/// Levenshtein distance, with an early exit once both strings differ too much in length.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 3 {
+        return usize::MAX / 2;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        cur[0] = i;
+        for j in 1..=b.len() {
+            let sub = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    #[no_mangle]
+    extern "C" fn mp_symbols_test_marker(x: u64) -> u64 {
+        std::hint::black_box(x) + 1
+    }
+
+    #[inline(never)]
+    fn rust_marker_function(x: u64) -> u64 {
+        std::hint::black_box(x) * 3
+    }
+
+    fn own() -> ProcessSymbols {
+        ProcessSymbols::read(0, Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn resolves_c_and_rust_names_and_locates_addresses() {
+        let f = mp_symbols_test_marker as *const () as u64;
+        assert_eq!(mp_symbols_test_marker(1), 2);
+        assert_eq!(rust_marker_function(2), 6);
+        let p = own();
+        let r = p.resolve(None, "mp_symbols_test_marker").unwrap();
+        assert_eq!(r.start, f);
+        assert!(r.size > 1);
+        let l = p.locate(f + 1).unwrap();
+        assert_eq!((l.start, l.name.as_str()), (f, "mp_symbols_test_marker"));
+        // A Rust function by its demangled path, and by its last component.
+        let g = rust_marker_function as *const () as u64;
+        let by_path = p
+            .resolve(
+                None,
+                "multiprobe_symbols::process::tests::rust_marker_function",
+            )
+            .unwrap();
+        assert_eq!(by_path.start, g);
+        assert_eq!(p.resolve(None, "rust_marker_function").unwrap().start, g);
+        assert_eq!(p.locate(g).unwrap().name, by_path.name);
+    }
+
+    #[test]
+    fn library_qualified_names_and_clear_errors() {
+        let p = own();
+        let w = p.resolve(Some("libc"), "write").unwrap();
+        assert_eq!(w.start, libc_write());
+        assert!(library_matches(
+            "libc",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6"
+        ));
+        assert!(!library_matches("libc", "/usr/lib/libcrypt.so.1"));
+        assert!(library_matches("libc.so.6", "/lib/libc.so.6"));
+        match p.resolve(Some("libnothere"), "write") {
+            Err(ResolveError::UnknownLibrary { loaded, .. }) => {
+                assert!(
+                    loaded.iter().any(|l| l.starts_with("libc.so")),
+                    "{loaded:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match p.resolve(Some("libc"), "mallok") {
+            Err(e @ ResolveError::UnknownSymbol { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("did you mean") && msg.contains("malloc"),
+                    "{msg}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(p.entry(None).is_some());
+        assert_eq!(edit_distance("malloc", "mallok"), 1);
+    }
+
+    fn libc_write() -> u64 {
+        extern "C" {
+            fn write(fd: i32, buf: *const u8, n: usize) -> isize;
+        }
+        write as *const () as u64
+    }
+}
