@@ -188,6 +188,10 @@ impl Tracer {
         drop(st);
         let kernel = sys::sig_info(tid).is_ok_and(|s| s.code == sys::SI_KERNEL);
         if ours && kernel {
+            // A hit that comes too late to be served: counted as missed.
+            if let Some(th) = self.threads.get(&tid) {
+                self.dispatcher.miss(&th.ts, addr);
+            }
             let mut r = ur;
             r.rip = addr;
             let _ = sys::set_regs(tid, &r);

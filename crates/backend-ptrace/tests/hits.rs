@@ -206,3 +206,46 @@ fn settle_then_unregister_a_post_handler_on_the_tracer_thread() {
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     assert_eq!(pre.load(Relaxed), post.load(Relaxed));
 }
+
+#[test]
+fn bad_probe_addresses_are_refused_and_change_nothing() {
+    use multiprobe_core::Error;
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "5"])).unwrap();
+    let before = common::text(t.pid());
+    let load = t.resolve("mp_load").unwrap(); // mov rax, [rdi]: 3 bytes
+    let reg = t.registry();
+    let noop = |_: &mut Hit<'_>| {};
+    match reg.register(load + 1, noop) {
+        Err(Error::NotInstructionBoundary { addr, context }) => {
+            assert_eq!(addr, load + 1);
+            assert!(context.contains("mp_load+0x1"), "{context}");
+        }
+        other => panic!("expected NotInstructionBoundary, got {other:?}"),
+    }
+    assert!(matches!(
+        reg.register(0x10, noop),
+        Err(Error::Unmapped { addr: 0x10 })
+    ));
+    // The stack is mapped but not executable.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
+    let stack = maps.lines().find(|l| l.ends_with("[stack]")).unwrap();
+    let stack = u64::from_str_radix(stack.split('-').next().unwrap(), 16).unwrap();
+    assert!(matches!(
+        reg.register(stack + 8, noop),
+        Err(Error::NotExecutable { .. })
+    ));
+    assert!(reg.is_empty());
+    assert!(
+        common::text(t.pid()) == before,
+        "a refused probe wrote to the program"
+    );
+    // An address inside the out-of-line page is the machinery's own.
+    let g = reg.register(load, noop).unwrap();
+    assert_eq!(t.run_until(|| g.stats().unwrap().hits >= 1).unwrap(), None);
+    let page = t.xol_pages()[0];
+    assert!(matches!(
+        t.registry().register(page + 64, noop),
+        Err(Error::Reserved { .. })
+    ));
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+}
