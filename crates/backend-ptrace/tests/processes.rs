@@ -82,11 +82,20 @@ fn fork_children_are_freed_vfork_children_followed_and_output_unchanged() {
     let add = t.resolve("mp_add").unwrap();
     let (hits, h) = counter();
     let _g = t.registry().register(add, h).unwrap();
+    // A relocated site too: the XOL page exists when the program forks, and the child
+    // must get rid of it (the program prints how many such mappings its child has).
+    let (loads, l) = counter();
+    let _g2 = t
+        .registry()
+        .register(t.resolve("mp_fload").unwrap(), l)
+        .unwrap();
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     let out = common::read_all(&mut child);
     assert_eq!(out, expected);
+    assert!(out.contains("anon_exec=0"), "{out}");
     assert!(out.contains("child=exit 0"), "{out}");
+    assert_eq!(loads.load(Relaxed), 2);
     // Only the traced parent's own calls: the fork child was let go before its calls.
     assert_eq!(hits.load(Relaxed), 20);
 }

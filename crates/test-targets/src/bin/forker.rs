@@ -2,10 +2,43 @@
 //! times and then execs this program again (`exec-child`, 7 calls), waits for it, runs
 //! this program once more through `std::process::Command` (`spawned`, 3 calls: the C
 //! library starts it with a vfork-style clone), then calls `mp_add` 10 more times and
-//! prints what everyone reported.
+//! prints what everyone reported. Parent and forked child also call `mp_fload` (a load
+//! in assembly: probed, it runs out of line), and the child reports how many anonymous
+//! executable mappings it has (an unprobed run has none).
 
 use std::hint::black_box;
 use std::io::Write;
+
+std::arch::global_asm!(
+    ".globl mp_fload",
+    ".type mp_fload, @function",
+    "mp_fload:",
+    "mov rax, qword ptr [rdi]",
+    "ret",
+    ".size mp_fload, . - mp_fload",
+);
+
+extern "C" {
+    fn mp_fload(p: *const u64) -> u64;
+}
+
+fn fload(v: u64) -> u64 {
+    // SAFETY: mp_fload reads the u64 it is given.
+    unsafe { mp_fload(&v) }
+}
+
+/// Executable mappings without a file or pseudo name: what a tracer's out-of-line page
+/// would look like.
+fn anon_exec() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("maps")
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].contains('x') && f.len() < 6
+        })
+        .count()
+}
 
 #[no_mangle]
 #[inline(never)]
@@ -33,13 +66,14 @@ fn main() {
         _ => {}
     }
     calls(10);
+    let f = fload(5);
     std::io::stdout().flush().expect("flush");
     // SAFETY: this program is single-threaded here, so the child may do anything.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         calls(5);
-        println!("child calls=5");
+        println!("child calls=5 fload={} anon_exec={}", fload(6), anon_exec());
         std::io::stdout().flush().expect("flush");
         let err = std::os::unix::process::CommandExt::exec(
             std::process::Command::new(&me).arg("exec-child"),
@@ -60,5 +94,8 @@ fn main() {
         .status()
         .expect("spawn");
     calls(10);
-    println!("parent calls=20 child={child} spawned={spawned}");
+    println!(
+        "parent calls=20 fload={} child={child} spawned={spawned}",
+        f + fload(7)
+    );
 }
