@@ -13,6 +13,10 @@
 //!
 //! `orig_rax` is set to -1 for the injection, so the kernel's own restart logic, which
 //! runs when the thread leaves its current stop, leaves the loaded registers alone.
+//! Applying the restart rule ourselves afterwards is needed when the thread is then
+//! resumed with `PTRACE_CONT`; `PTRACE_DETACH` wakes it with a signal check, and the
+//! kernel would apply the rule itself — harmless after ours, since `rax` then holds a
+//! system call number, not an `-ERESTART*` code.
 
 use std::collections::VecDeque;
 

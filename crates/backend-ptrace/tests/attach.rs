@@ -210,3 +210,46 @@ fn a_panic_on_the_tracer_thread_leaves_the_program_running_unprobed() {
     assert!(report.contains("thread 2 tid="), "{report}");
     assert!(report.contains(&format!(" calls={iters} ")), "{report}");
 }
+
+#[test]
+fn detach_while_the_only_thread_is_blocked_in_a_system_call() {
+    // The program finishes its loop under the tracer, then blocks reading stdin. The
+    // detach then has to run its munmap on that thread, in the middle of an interrupted
+    // read, which must carry on afterwards as if nothing happened.
+    let iters = 200u64;
+    let (mut child, out) = start_waiting("mp-single", &["--iters", "200", "--exit", "7"]);
+    let pid = child.id() as i32;
+    let before = common::text(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_load").unwrap(), move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    go(&mut child);
+    assert_eq!(t.run_until(|| hits.load(Relaxed) == iters).unwrap(), None);
+    let mut out = out;
+    let report = report(&mut out, 3);
+    assert!(report.contains("mp_load calls=200"), "{report}");
+    // Wait until the thread sleeps in its read.
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        if stat.rsplit(") ").next().unwrap().starts_with('S') {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    assert_eq!(t.xol_pages().len(), 1);
+    t.detach().unwrap();
+    assert!(common::text(pid) == before, "text differs after detach");
+    bye(&mut child);
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(7),
+        "the read was not restarted"
+    );
+    assert_eq!(hits.load(Relaxed), iters);
+}

@@ -102,13 +102,17 @@ pub mod util {
     }
 
     /// With `--wait`: flush stdout and block until stdin is closed (or a line arrives),
-    /// so a test can look at the process after its work and before it exits.
+    /// so a test can look at the process after its work and before it exits. Exits with
+    /// 99 if that read fails (a tracer that broke the blocked system call, say).
     pub fn maybe_wait_end() {
         use std::io::{BufRead, Write};
         if flag("--wait") {
             std::io::stdout().flush().expect("flush");
             let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
+            if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+                eprintln!("the final read failed: {e}");
+                std::process::exit(99);
+            }
         }
     }
 }
