@@ -9,8 +9,11 @@
 //!    too, fork children are freed as usual.
 //! 2. Move every thread that is inside a slot to the equivalent original address
 //!    ([`multiprobe_x86::Slot::fixup_ip`], single-stepping to the next boundary when
-//!    it is in the middle of the slot's code) and end its deferred steps.
-//! 3. Restore every original byte; unmap the XOL pages with an injected `munmap`.
+//!    it is in the middle of the slot's code) and end its deferred steps. A thread that
+//!    a signal handler took out of a slot will return into it: its slot is made to work
+//!    without the tracer, and the XOL pages stay mapped.
+//! 3. Restore every original byte; unmap the XOL pages with an injected `munmap`
+//!    (unless step 2 keeps them).
 //! 4. `PTRACE_DETACH` every thread with its pending signal; the kernel puts threads
 //!    of a group-stopped process back into group-stop.
 //!
@@ -18,8 +21,10 @@
 //! (or a panic unwinding through the tracer's drop) leaves no breakpoint behind.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use multiprobe_core::{Error, Result};
+use multiprobe_x86::SlotKind;
 
 use crate::backend::{Status, INT3};
 use crate::inject;
@@ -47,8 +52,11 @@ impl Tracer {
             return Ok(());
         }
         let moved = self.move_out_of_slots();
+        let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
-        self.unmap_xol();
+        if !keep_pages {
+            self.unmap_xol();
+        }
         {
             let mut st = self.shared.lock();
             st.status = Status::Detached;
@@ -64,7 +72,7 @@ impl Tracer {
             self.free_child(child);
         }
         self.detach_flag.store(false, Ordering::SeqCst);
-        stopped.and(moved).and(restored)
+        stopped.and(moved.map(drop)).and(restored)
     }
 
     /// Interrupt every running thread and wait until all are held.
@@ -166,22 +174,19 @@ impl Tracer {
             return true;
         };
         let th = self.threads.get_mut(&tid).expect("adopted");
-        if let Some(site) = &th.slot {
-            if let Some(trap) = site
-                .slots
-                .get()
-                .and_then(|s| s.trap_after)
-                .filter(|s| s.contains(ur.rip - 1))
+        if let Some(top) = th.slots.last() {
+            let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
+            let mut regs = to_core(&ur);
+            if top.kind == SlotKind::TrapAfter
+                && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
             {
-                let mut regs = to_core(&ur);
-                if trap.fixup_trap(ur.rip, &mut regs) {
-                    th.slot = None;
-                    th.ts.abandon();
-                    let _ = sys::set_regs(tid, &from_core(&ur, &regs));
-                    return true;
-                }
+                // The post-handlers are not run any more (the step is abandoned below).
+                th.slots.pop();
+                let _ = sys::set_regs(tid, &from_core(&ur, &regs));
+                return true;
             }
         }
+        th.prune(ur.rip);
         let addr = ur.rip.wrapping_sub(1);
         let st = self.shared.lock();
         let ours = st.armed.contains_key(&addr) || st.history.contains_key(&addr);
@@ -200,59 +205,92 @@ impl Tracer {
         false
     }
 
-    /// Step 2: no thread may stay inside a slot.
-    fn move_out_of_slots(&mut self) -> Result<()> {
+    /// Step 2: no thread may stay inside a slot. Returns whether the XOL pages must stay
+    /// mapped: a thread interrupted inside a slot by a signal whose handler is still
+    /// running will return into it. Such a trap-after slot is rewritten as a jump-back
+    /// one at the same address (same relocated instruction, then a jump instead of the
+    /// `int3` nobody would handle).
+    fn move_out_of_slots(&mut self) -> Result<bool> {
         let mut result = Ok(());
+        let mut keep_pages = false;
         let tids: Vec<Tid> = self.threads.keys().copied().collect();
         for tid in tids {
+            let Ok(ur) = sys::get_regs(tid) else {
+                continue;
+            };
             let th = self.threads.get_mut(&tid).expect("listed");
             th.ts.abandon();
-            let Some(site) = th.slot.take() else {
-                continue;
-            };
-            let Some(slots) = site.slots.get() else {
-                continue;
-            };
-            for _ in 0..16 {
-                let Ok(ur) = sys::get_regs(tid) else {
-                    break;
-                };
-                let Some(slot) = slots.slot_of(ur.rip) else {
-                    break; // out already
-                };
-                let mut regs = to_core(&ur);
-                if slot.fixup_ip(&mut regs) {
-                    let _ = sys::set_regs(tid, &from_core(&ur, &regs));
-                    break;
-                }
-                // Between two of the slot's instructions: one step further.
-                if sys::single_step(tid, 0).is_err() {
-                    break;
-                }
-                match sys::wait(tid, false) {
-                    Ok(Some(Wait::Stopped { sig, event: 0, .. })) if sig != libc::SIGTRAP => {
-                        if let Some(th) = self.threads.get_mut(&tid) {
-                            th.held = Some(sig);
-                        }
-                    }
-                    Ok(Some(Wait::Stopped { .. })) => {}
-                    Ok(Some(w)) => {
-                        self.aside.waits.push_back(w);
-                        break;
-                    }
-                    _ => break,
+            th.prune(ur.rip);
+            let inside = th
+                .slots
+                .last()
+                .filter(|t| !t.suspended && t.slots().contains(ur.rip))
+                .map(|t| Arc::clone(&t.site));
+            if let Some(site) = inside {
+                th.slots.pop();
+                if let Err(e) = self.step_out(tid, &site) {
+                    result = result.and(Err(e));
                 }
             }
-            if let Ok(ur) = sys::get_regs(tid) {
-                if slots.contains(ur.rip) {
-                    result = Err(Error::Backend(format!(
-                        "thread {tid} could not be moved out of an out-of-line slot at {:#x}",
-                        ur.rip
-                    )));
+            let th = self.threads.get_mut(&tid).expect("listed");
+            for s in std::mem::take(&mut th.slots) {
+                keep_pages = true;
+                if s.kind == SlotKind::TrapAfter {
+                    let st = self.shared.lock();
+                    let trap = s.slots().trap_after.expect("entered");
+                    let plan = &s.site.plan;
+                    if let (Ok(code), Ok(jump)) = (
+                        st.usable(),
+                        plan.build_slot(SlotKind::JumpBack, trap.addr()),
+                    ) {
+                        let _ = code.write(jump.addr(), jump.bytes());
+                    }
                 }
             }
         }
-        result
+        result.map(|()| keep_pages)
+    }
+
+    /// Move `tid`, stopped inside a slot of `site`, to the equivalent original place.
+    fn step_out(&mut self, tid: Tid, site: &Arc<crate::backend::SiteInner>) -> Result<()> {
+        let slots = site.slots.get().expect("entered");
+        for _ in 0..16 {
+            let Ok(ur) = sys::get_regs(tid) else {
+                return Ok(());
+            };
+            let Some(slot) = slots.slot_of(ur.rip) else {
+                return Ok(()); // out already
+            };
+            let mut regs = to_core(&ur);
+            if slot.fixup_ip(&mut regs) {
+                let _ = sys::set_regs(tid, &from_core(&ur, &regs));
+                return Ok(());
+            }
+            // Between two of the slot's instructions: one step further.
+            if sys::single_step(tid, 0).is_err() {
+                break;
+            }
+            match sys::wait(tid, false) {
+                Ok(Some(Wait::Stopped { sig, event: 0, .. })) if sig != libc::SIGTRAP => {
+                    if let Some(th) = self.threads.get_mut(&tid) {
+                        th.held = Some(sig);
+                    }
+                }
+                Ok(Some(Wait::Stopped { .. })) => {}
+                Ok(Some(w)) => {
+                    self.aside.waits.push_back(w);
+                    return Ok(());
+                }
+                _ => break,
+            }
+        }
+        match sys::get_regs(tid) {
+            Ok(ur) if slots.contains(ur.rip) => Err(Error::Backend(format!(
+                "thread {tid} could not be moved out of an out-of-line slot at {:#x}",
+                ur.rip
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Step 3a: every original byte back.

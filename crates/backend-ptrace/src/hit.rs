@@ -19,7 +19,7 @@ use crate::error;
 use crate::inject;
 use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
-use crate::tracer::{FilterGone, Tracer};
+use crate::tracer::{FilterGone, InSlot, Tracer};
 use crate::xol::{GADGET, PAGE, UNIT};
 
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
@@ -41,21 +41,20 @@ impl Tracer {
             return Ok(()); // killed meanwhile: its exit comes next
         };
         let th = self.threads.get_mut(&tid).expect("adopted");
-        if let Some(site) = th.slot.take() {
-            if let Some(slots) = site.slots.get() {
-                if let Some(trap) = slots.trap_after.filter(|s| s.contains(ur.rip - 1)) {
-                    let mut regs = to_core(&ur);
-                    if trap.fixup_trap(ur.rip, &mut regs) {
-                        let d = &self.dispatcher;
-                        d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
-                        return self.finish(tid, &ur, &regs, 0);
-                    }
-                }
-                if slots.contains(ur.rip) {
-                    th.slot = Some(Arc::clone(&site));
-                }
+        // The trailing int3 of the trap-after slot the thread was sent to last?
+        if let Some(top) = th.slots.last() {
+            let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
+            let mut regs = to_core(&ur);
+            if top.kind == SlotKind::TrapAfter
+                && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
+            {
+                let top = th.slots.pop().expect("just seen");
+                let d = &self.dispatcher;
+                d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
+                return self.finish(tid, &ur, &regs, 0);
             }
         }
+        th.prune(ur.rip);
         let addr = ur.rip.wrapping_sub(1);
         let site = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0));
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
@@ -112,7 +111,12 @@ impl Tracer {
                     SlotKind::TrapAfter => slots.trap_after.expect("has one").addr(),
                     SlotKind::JumpBack => slots.jump_back.addr(),
                 };
-                self.threads.get_mut(&tid).expect("adopted").slot = Some(site);
+                let th = self.threads.get_mut(&tid).expect("adopted");
+                th.slots.push(InSlot {
+                    site,
+                    kind,
+                    suspended: false,
+                });
                 self.finish(tid, &ur, &regs, 0)
             }
             Next::InPlace { post } => self.step_in_place(tid, &ur, regs, &site, post),

@@ -6,9 +6,10 @@
 //!   a [`Thread`] here from its first reported stop on, and loses it at its exit.
 //! * `held` is `Some` exactly while a thread sits in a ptrace-stop that the loop has
 //!   not resumed; it says which signal to deliver when it is resumed or detached.
-//! * `slot` is `Some` while a thread may be inside a site's out-of-line slot (sent
-//!   there and not seen stopped outside since). Its reference keeps the slot's bytes
-//!   from being reused.
+//! * `slots` lists the out-of-line slots a thread may be inside, innermost last: one
+//!   it was sent to and has not been seen stopped outside of since, and below it any
+//!   it will return to when a signal handler that interrupted it there returns
+//!   (`suspended`). Their references keep the slots' bytes from being reused.
 //! * Handlers run here, with the thread stopped: a hit is one stop — pre-handlers, then
 //!   the instruction emulated or run from the jump-back slot — and a second stop only
 //!   for post-handlers of a relocated instruction (the trap-after slot).
@@ -61,10 +62,28 @@ pub enum Stop {
 
 const PTRACE_EVENT_STOP: i32 = 128;
 
+/// A slot a thread may be inside.
+#[derive(Debug)]
+pub(crate) struct InSlot {
+    pub(crate) site: Arc<SiteInner>,
+    pub(crate) kind: SlotKind,
+    /// A signal handler interrupted the thread here; it comes back on return.
+    pub(crate) suspended: bool,
+}
+
+impl InSlot {
+    pub(crate) fn slots(&self) -> &Slots {
+        self.site
+            .slots
+            .get()
+            .expect("a thread is only sent to placed slots")
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Thread {
     pub(crate) ts: ThreadState,
-    pub(crate) slot: Option<Arc<SiteInner>>,
+    pub(crate) slots: Vec<InSlot>,
     pub(crate) held: Option<i32>,
     /// Held in group-stop (resume with `PTRACE_LISTEN`).
     pub(crate) group_stop: bool,
@@ -77,10 +96,25 @@ impl Thread {
     pub(crate) fn new(held: Option<i32>) -> Thread {
         Thread {
             ts: ThreadState::new(),
-            slot: None,
+            slots: Vec::new(),
             held,
             group_stop: false,
             vfork_child: false,
+        }
+    }
+
+    /// The thread stopped at `rip`: forget the slots it has provably left. The
+    /// innermost one is left unless `rip` is in it; a suspended one only on its return.
+    pub(crate) fn prune(&mut self, rip: u64) {
+        while let Some(top) = self.slots.last_mut() {
+            if top.slots().contains(rip) {
+                top.suspended = false;
+                return;
+            }
+            if top.suspended {
+                return;
+            }
+            self.slots.pop();
         }
     }
 }
@@ -534,38 +568,40 @@ impl Tracer {
     }
 
     fn on_signal(&mut self, tid: Tid, sig: i32) -> Result<()> {
-        let in_slot = self.threads.get(&tid).and_then(|t| t.slot.clone());
-        if let Some(site) = in_slot {
-            let ur = match sys::get_regs(tid) {
-                Ok(r) => r,
-                Err(_) => return Ok(()), // gone; its exit will be reported
-            };
-            if let Some(slots) = site.slots.get().filter(|s| s.contains(ur.rip)) {
-                let si = sys::sig_info(tid).ok();
-                let fault = matches!(
-                    sig,
-                    libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE
-                ) && si.is_some_and(|s| s.code > 0);
-                if fault {
-                    let si = si.expect("checked");
-                    return self.fault_in_slot(tid, &site, slots, ur, sig, si);
-                }
-                // An asynchronous signal caught the thread inside the slot. Past the
-                // relocated instruction, move it to the equivalent original place;
-                // before it, leave it there (moving it back would run the handlers a
-                // second time) — the signal handler then returns into the slot.
-                let mut regs = to_core(&ur);
-                if ur.rip != slots.slot_of(ur.rip).map_or(0, |s| s.addr()) {
-                    if let Some(slot) = slots.slot_of(ur.rip) {
-                        if slot.kind() == SlotKind::JumpBack && slot.fixup_ip(&mut regs) {
-                            let _ = sys::set_regs(tid, &from_core(&ur, &regs));
-                            self.threads.get_mut(&tid).expect("known").slot = None;
-                        }
-                    }
-                }
-            } else {
-                self.threads.get_mut(&tid).expect("known").slot = None;
-            }
+        let th = self.threads.get_mut(&tid).expect("adopted");
+        if th.slots.is_empty() {
+            return self.resume(tid, sig);
+        }
+        let Ok(ur) = sys::get_regs(tid) else {
+            return Ok(()); // gone; its exit will be reported
+        };
+        th.prune(ur.rip);
+        let Some(top) = th.slots.last_mut().filter(|t| t.slots().contains(ur.rip)) else {
+            return self.resume(tid, sig);
+        };
+        let si = sys::sig_info(tid).ok();
+        let fault = matches!(
+            sig,
+            libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE
+        ) && si.is_some_and(|s| s.code > 0);
+        if fault {
+            let top = th.slots.pop().expect("just seen");
+            return self.fault_in_slot(tid, &top, ur, sig, si.expect("checked"));
+        }
+        // An asynchronous signal caught the thread inside the slot. Past the relocated
+        // instruction of a jump-back slot, move it to the equivalent original place.
+        // Otherwise leave it there (moving it back to the probed address would run the
+        // pre-handlers a second time; past the instruction of a trap-after slot, the
+        // post-handlers are still to come): the signal handler returns into the slot.
+        let slot = *top.slots().slot_of(ur.rip).expect("contained");
+        let mut regs = to_core(&ur);
+        if ur.rip != slot.addr() && slot.kind() == SlotKind::JumpBack && slot.fixup_ip(&mut regs) {
+            th.slots.pop();
+            sys::set_regs(tid, &from_core(&ur, &regs))
+                .filter_gone()
+                .map_err(|e| error::sys(e, "set registers"))?;
+        } else {
+            top.suspended = true;
         }
         self.resume(tid, sig)
     }
@@ -576,14 +612,13 @@ impl Tracer {
     fn fault_in_slot(
         &mut self,
         tid: Tid,
-        site: &Arc<SiteInner>,
-        slots: &Slots,
+        top: &InSlot,
         ur: UserRegs,
         sig: i32,
         si: sys::SigInfo,
     ) -> Result<()> {
         let mut regs = to_core(&ur);
-        if let Some(slot) = slots.slot_of(ur.rip) {
+        if let Some(slot) = top.slots().slot_of(ur.rip) {
             slot.fixup_ip(&mut regs);
         }
         let fault = Fault {
@@ -592,10 +627,14 @@ impl Tracer {
             addr: si.addr,
         };
         let th = self.threads.get_mut(&tid).expect("known");
-        th.slot = None;
-        let action = self
-            .dispatcher
-            .fault(&th.ts, site.addr, tid as u32, &mut regs, &self.mem, &fault);
+        let action = self.dispatcher.fault(
+            &th.ts,
+            top.site.addr,
+            tid as u32,
+            &mut regs,
+            &self.mem,
+            &fault,
+        );
         sys::set_regs(tid, &from_core(&ur, &regs))
             .filter_gone()
             .map_err(|e| error::sys(e, "set registers"))?;

@@ -258,3 +258,70 @@ fn group_stop_and_continue_of_a_traced_program() {
     let out = common::read_all(&mut child);
     assert!(out.contains(&format!("mp_load calls={iters}")), "{out}");
 }
+
+#[test]
+fn a_signal_handler_that_interrupts_a_slot_and_hits_the_probe_again() {
+    // The pre-handler of the main loop's call sends the thread a SIGUSR1 while it is
+    // stopped at the breakpoint; the signal arrives as the thread enters the trap-after
+    // slot, the program's handler calls the probed function again (a nested hit), returns
+    // into the slot, and the outer post-handler runs after it.
+    let rounds = 20u64;
+    let args = ["--rounds", "20"];
+    let (expected, _) = common::unprobed("mp-signals", &args);
+    let mut t = Tracer::spawn(&mut common::command("mp-signals", &args)).unwrap();
+    let pid = t.pid();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let depth = Arc::new(AtomicU64::new(0));
+    let (l1, l2, d1, d2) = (
+        Arc::clone(&log),
+        Arc::clone(&log),
+        Arc::clone(&depth),
+        Arc::clone(&depth),
+    );
+    let h = FnHandler::new()
+        .pre(move |hit: &mut Hit<'_>| {
+            let v = hit.mem().read_u64(hit.regs().rdi).unwrap();
+            l1.lock().unwrap().push(('p', v));
+            // Only from the main loop's calls (the handler's pass 1000), or every
+            // handler run would send the next SIGUSR1.
+            if d1.fetch_add(1, Relaxed) == 0 && v != 1000 {
+                // SAFETY: a signal to the traced thread, which handles SIGUSR1.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, hit.tid(), libc::SIGUSR1) };
+            }
+            PreAction::Continue
+        })
+        .post(move |hit: &mut Hit<'_>| {
+            d2.fetch_sub(1, Relaxed);
+            l2.lock().unwrap().push(('q', hit.regs().rax));
+        });
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_sload").unwrap(), h)
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    // The program saw 2 SIGUSR1 per round: its own and the handler-sent one.
+    let want = expected.replace(
+        &format!(
+            "sigusr1={rounds} sloads={}",
+            (0..rounds).sum::<u64>() + 1000 * rounds
+        ),
+        &format!(
+            "sigusr1={} sloads={}",
+            2 * rounds,
+            (0..rounds).sum::<u64>() + 2000 * rounds
+        ),
+    );
+    assert_ne!(want, expected, "{expected}");
+    assert_eq!(out, want);
+    let log = log.lock().unwrap();
+    let mut events = Vec::new();
+    for i in 0..rounds {
+        // Outer pre, nested pre and post (from the handler), outer post; then the
+        // program's own SIGUSR1 later in the round: one more hit, not nested.
+        events.extend([('p', i), ('p', 1000), ('q', 1000), ('q', i)]);
+        events.extend([('p', 1000), ('q', 1000)]);
+    }
+    assert_eq!(*log, events);
+}

@@ -1,6 +1,9 @@
 //! Raises its own SIGTRAP (with `raise` and with an `int3` instruction of its own) and
 //! sends itself SIGUSR1, with handlers for both, between calls of `mp_add`. Prints what
-//! its handlers saw; a probed run must print the same as an unprobed one.
+//! its handlers saw; a probed run must print the same as an unprobed one. The main loop
+//! and the SIGUSR1 handler both call `mp_sload` (a load, in assembly: run out of line
+//! when probed), so a SIGUSR1 that interrupts the main loop's call inside its slot nests
+//! a second hit.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
@@ -9,6 +12,25 @@ static TRAPS: AtomicU64 = AtomicU64::new(0);
 static TRAP_KERNEL: AtomicU64 = AtomicU64::new(0);
 static USR1: AtomicU64 = AtomicU64::new(0);
 static LAST_CODE: AtomicI32 = AtomicI32::new(0);
+static SLOADS: AtomicU64 = AtomicU64::new(0);
+
+std::arch::global_asm!(
+    ".globl mp_sload",
+    ".type mp_sload, @function",
+    "mp_sload:",
+    "mov rax, qword ptr [rdi]",
+    "ret",
+    ".size mp_sload, . - mp_sload",
+);
+
+extern "C" {
+    fn mp_sload(p: *const u64) -> u64;
+}
+
+fn sload(v: u64) {
+    // SAFETY: mp_sload reads the u64 it is given; atomics are signal-safe.
+    SLOADS.fetch_add(unsafe { mp_sload(&v) }, Relaxed);
+}
 
 #[no_mangle]
 #[inline(never)]
@@ -28,6 +50,7 @@ extern "C" fn on_trap(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_
 
 extern "C" fn on_usr1(_sig: i32) {
     USR1.fetch_add(1, Relaxed);
+    sload(1000);
 }
 
 fn install(sig: i32, handler: usize, siginfo: bool) {
@@ -49,6 +72,7 @@ fn main() {
     let mut sum = 0u64;
     for i in 0..rounds {
         sum = sum.wrapping_add(mp_add(i, 1));
+        sload(i);
         // SAFETY: raising a signal we handle.
         unsafe { libc::raise(libc::SIGTRAP) };
         sum = sum.wrapping_add(mp_add(i, 2));
@@ -58,9 +82,10 @@ fn main() {
         unsafe { std::arch::asm!("int3") };
     }
     println!(
-        "rounds={rounds} sum={sum} sigtrap={} sigtrap_kernel={} sigusr1={}",
+        "rounds={rounds} sum={sum} sigtrap={} sigtrap_kernel={} sigusr1={} sloads={}",
         TRAPS.load(Relaxed),
         TRAP_KERNEL.load(Relaxed),
-        USR1.load(Relaxed)
+        USR1.load(Relaxed),
+        SLOADS.load(Relaxed)
     );
 }
