@@ -249,3 +249,49 @@ fn bad_probe_addresses_are_refused_and_change_nothing() {
     ));
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
 }
+
+#[test]
+fn handlers_write_tracee_memory_within_its_protections() {
+    use multiprobe_core::MemoryError;
+    let n = 100u64;
+    let (expected, _) = common::unprobed("mp-single", &["--iters", "100"]);
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "100"])).unwrap();
+    let riprel = t.resolve("mp_riprel").unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let r = Arc::clone(&refused);
+    // mp_load(&i): add one to `i` before the load reads it.
+    let g1 = t
+        .registry()
+        .register(t.resolve("mp_load").unwrap(), |hit: &mut Hit<'_>| {
+            let p = hit.regs().rdi;
+            let v = hit.mem().read_u64(p).unwrap();
+            hit.mem().write_u64(p, v + 1).unwrap();
+        })
+        .unwrap();
+    // The code itself is not writable for handlers (the backend patches code its own
+    // way; handlers get the program's own view of protections).
+    let g2 = t
+        .registry()
+        .register(riprel, move |hit: &mut Hit<'_>| {
+            match hit.mem().write(hit.addr() + 7, &[0x90]) {
+                Err(MemoryError::NotWritable(_)) => {
+                    r.fetch_add(1, Relaxed);
+                }
+                other => panic!("writing code from a handler: {other:?}"),
+            }
+        })
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let loaded = |s: &str| -> u64 {
+        let line = s.lines().find(|l| l.starts_with("mp_load")).unwrap();
+        line.rsplit("loaded=").next().unwrap().parse().unwrap()
+    };
+    // `i` itself was raised by one, so both mp_load(&i) and the mp_riprel(i) after it
+    // return one more each round.
+    assert_eq!(loaded(&out), loaded(&expected) + 2 * n);
+    assert!(out.contains(&format!("mp_load calls={n}")), "{out}");
+    assert_eq!(refused.load(Relaxed), n);
+    assert_eq!(g1.stats().unwrap().panics + g2.stats().unwrap().panics, 0);
+}
