@@ -3,7 +3,8 @@
 //! * `ours/N`: one hit (pre walk, boosted step) at a site with N handlers, among 10,000
 //!   armed sites, through `Dispatcher::pre`.
 //! * `rwlock/N`: the same with the 2005 kprobes design — a global reader-writer lock over
-//!   a map of handler lists — and the same handlers and per-handler hit counters.
+//!   a map of handler lists — and the same handlers and per-handler hit counters;
+//!   each sample paired with one of `ours/N` (see `Ratios::measure_paired`).
 //! * `direct/N`: calling the N handlers directly: the floor.
 //! * `*-2threads`: two threads hitting the same site at once; time per hit.
 //!
@@ -134,15 +135,7 @@ fn main() {
         let r = registry_with(n);
         let d = r.dispatcher();
         let ts = ThreadState::new();
-        g.bench_function(format!("ours/{n}"), |b| {
-            ratios.measure(b, &format!("ours/{n}"), |iters| our_hits(&d, &ts, iters))
-        });
         let legacy = legacy_table(n);
-        g.bench_function(format!("rwlock/{n}"), |b| {
-            ratios.measure(b, &format!("rwlock/{n}"), |iters| {
-                legacy_hits(&legacy, iters)
-            })
-        });
         let direct: Vec<DirectCall> = (0..n)
             .map(|_| {
                 Box::new(|r: &mut Regs| {
@@ -150,34 +143,47 @@ fn main() {
                 }) as DirectCall
             })
             .collect();
-        g.bench_function(format!("direct/{n}"), |b| {
-            ratios.measure(b, &format!("direct/{n}"), |iters| {
-                let mut regs = Regs::default();
-                let t = Instant::now();
-                for _ in 0..iters {
-                    for f in black_box(&direct) {
-                        f(&mut regs);
-                    }
+        let direct_calls = |iters: u64| {
+            let mut regs = Regs::default();
+            let t = Instant::now();
+            for _ in 0..iters {
+                for f in black_box(&direct) {
+                    f(&mut regs);
                 }
-                t.elapsed()
-            })
+            }
+            t.elapsed()
+        };
+        g.bench_function(format!("ours/{n}"), |b| {
+            ratios.measure_paired(
+                b,
+                &format!("ours/{n}"),
+                &format!("rwlock/{n}"),
+                |iters| our_hits(&d, &ts, iters),
+                |iters| legacy_hits(&legacy, iters),
+            )
+        });
+        g.bench_function(format!("direct/{n}"), |b| {
+            ratios.measure(b, &format!("direct/{n}"), direct_calls)
         });
     }
     {
         let r = registry_with(1);
         let d = r.dispatcher();
-        g.bench_function("ours-2threads/1", |b| {
-            ratios.measure(b, "ours-2threads/1", |iters| {
-                let d = d.clone();
-                two_threads(iters, move |n| TS.with(|ts| our_hits(&d, ts, n)))
-            })
-        });
         let legacy = Arc::new(legacy_table(1));
-        g.bench_function("rwlock-2threads/1", |b| {
-            ratios.measure(b, "rwlock-2threads/1", |iters| {
-                let l = Arc::clone(&legacy);
-                two_threads(iters, move |n| legacy_hits(&l, n))
-            })
+        g.bench_function("ours-2threads/1", |b| {
+            ratios.measure_paired(
+                b,
+                "ours-2threads/1",
+                "rwlock-2threads/1",
+                |iters| {
+                    let d = d.clone();
+                    two_threads(iters, move |n| TS.with(|ts| our_hits(&d, ts, n)))
+                },
+                |iters| {
+                    let l = Arc::clone(&legacy);
+                    two_threads(iters, move |n| legacy_hits(&l, n))
+                },
+            )
         });
     }
     g.finish();
@@ -185,30 +191,30 @@ fn main() {
 
     ratios.print_means();
     for &n in &COUNTS {
-        ratios.ratio(
-            &format!("ours/rwlock, {n} handler(s)"),
-            &format!("ours/{n}"),
-            &format!("rwlock/{n}"),
-        );
-        ratios.ratio(
-            &format!("ours/direct, {n} handler(s)"),
-            &format!("ours/{n}"),
-            &format!("direct/{n}"),
+        ratios.paired_ratio(&format!("ours/{n}"), &format!("rwlock/{n}"));
+    }
+    ratios.check("rwlock-2threads/1", "ours-2threads/1", 1.0, false);
+    if let Some(r) = ratios.paired_ratio("ours-2threads/1", "rwlock-2threads/1") {
+        let speedup = 1.0 / r;
+        println!(
+            "TARGET rwlock / ours with 2 threads hitting >= 5: {speedup:.2}x {}",
+            if speedup >= 5.0 { "met" } else { "MISSED" }
         );
     }
-    ratios.ratio(
-        "ours/rwlock, 2 threads hitting",
-        "ours-2threads/1",
-        "rwlock-2threads/1",
-    );
     if let (Some(one), Some(sixteen)) = (ratios.mean_ns("ours/1"), ratios.mean_ns("ours/16")) {
         let extra = (sixteen - one) / 15.0;
-        println!("EXTRA per additional handler: {extra:.2} ns (target <= 2 ns)");
-        println!("ONE handler among 10k sites: {one:.2} ns (target <= 15 ns)");
+        println!(
+            "TARGET one handler among 10k sites <= 15 ns: {one:.2} ns {}",
+            if one <= 15.0 { "met" } else { "MISSED" }
+        );
+        println!(
+            "TARGET each extra handler <= 2 ns: {extra:.2} ns {}",
+            if extra <= 2.0 { "met" } else { "MISSED" }
+        );
     }
     if let (Some(one), Some(sixteen)) = (ratios.mean_ns("direct/1"), ratios.mean_ns("direct/16")) {
         println!(
-            "DIRECT per additional handler call: {:.2} ns",
+            "FLOOR a direct call per extra handler: {:.2} ns",
             (sixteen - one) / 15.0
         );
     }

@@ -18,7 +18,7 @@
 //! Each iteration calls the probed function once; handlers bump an atomic counter.
 //! Every sample of a routine is immediately preceded by a sample of its baseline with
 //! the same iteration count, and ratios are taken over those paired samples (see
-//! `Paired`). Run: `cargo bench -p multiprobe-benches --bench sigtrap`
+//! `Ratios::measure_paired`). Run: `cargo bench -p multiprobe-benches --bench sigtrap`
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -194,28 +194,6 @@ fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
         })
 }
 
-/// Baseline times measured right next to each sample of a routine (same iteration
-/// count, immediately before it), so a ratio compares runs under the same load: these
-/// machines are shared, and load shifts between two separately measured benchmarks
-/// easily exceed the effects measured here.
-#[derive(Default)]
-struct Paired(std::sync::Mutex<std::collections::BTreeMap<String, (Duration, u64)>>);
-
-impl Paired {
-    fn add(&self, name: &str, d: Duration, n: u64) {
-        let mut m = self.0.lock().unwrap();
-        let e = m.entry(name.to_string()).or_default();
-        e.0 += d;
-        e.1 += n;
-    }
-
-    fn mean_ns(&self, name: &str) -> Option<f64> {
-        let m = self.0.lock().unwrap();
-        let &(d, n) = m.get(name)?;
-        (n > 0).then(|| d.as_secs_f64() * 1e9 / n as f64)
-    }
-}
-
 type Target = unsafe extern "C" fn(u64) -> u64;
 
 fn raw(n: u64) -> Duration {
@@ -228,7 +206,6 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
     let ratios = Ratios::new();
-    let paired = Paired::default();
     let reg = multiprobe_backend_sigtrap::registry();
     let naive = naive_page();
     let imul = mp_b_imul as *const () as u64;
@@ -242,12 +219,8 @@ fn main() {
                      base_name: &str,
                      base: &dyn Fn(u64) -> Duration,
                      ours: &dyn Fn(u64) -> Duration| {
-        let key = format!("{name} vs {base_name}");
         g.bench_function(name, |b| {
-            ratios.measure(b, name, |n| {
-                paired.add(&key, base(n), n);
-                ours(n)
-            })
+            ratios.measure_paired(b, name, base_name, ours, base)
         });
     };
     bench("raw-int3", "unprobed", &|n| calls(mp_b_imul, n), &raw);
@@ -283,29 +256,12 @@ fn main() {
     c.final_summary();
     assert!(NAIVE_COUNTERS.iter().all(|c| c.load(Relaxed) > 0));
     ratios.print_means();
-    let ratio = |ours: &str, base: &str| -> Option<f64> {
-        let o = ratios.mean_ns(ours)?;
-        let b = paired.mean_ns(&format!("{ours} vs {base}"))?;
-        let r = o / b;
-        println!("RATIO {ours} / {base}: {r:.3}  ({o:.0} ns / {b:.0} ns, paired samples)");
-        Some(r)
-    };
-    let check = |ours: &str, base: &str, target: f64, at_most: bool| {
-        if let Some(r) = ratio(ours, base) {
-            let ok = if at_most { r <= target } else { r >= target };
-            println!(
-                "TARGET {ours} / {base} {} {target}: {}",
-                if at_most { "<=" } else { ">=" },
-                if ok { "met" } else { "MISSED" }
-            );
-        }
-    };
-    check("boosted/3", "raw-int3", 1.15, true);
-    check("naive/3", "boosted/3", 2.5, false);
-    check("post/1", "raw-int3", 2.3, true);
-    check("post/3", "raw-int3", 2.3, true);
-    ratio("raw-int3", "unprobed");
+    ratios.check("boosted/3", "raw-int3", 1.15, true);
+    ratios.check("naive/3", "boosted/3", 2.5, false);
+    ratios.check("post/1", "raw-int3", 2.3, true);
+    ratios.check("post/3", "raw-int3", 2.3, true);
+    ratios.paired_ratio("raw-int3", "unprobed");
     for name in ["boosted/1", "emulated/1", "emulated/3", "emulated-post/1"] {
-        ratio(name, "raw-int3");
+        ratios.paired_ratio(name, "raw-int3");
     }
 }
