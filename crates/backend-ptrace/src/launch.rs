@@ -12,7 +12,7 @@ use multiprobe_core::{Error, Result};
 
 use crate::error;
 use crate::sys::{self, Errno, Tid, Wait};
-use crate::tracer::Tracer;
+use crate::tracer::{ThreadClaim, Tracer};
 
 impl Tracer {
     /// Start `cmd` under trace. Returns with the new program loaded (its executable
@@ -26,6 +26,7 @@ impl Tracer {
     /// the exec as the first event. `cmd.spawn()` itself runs on a helper thread because
     /// it returns only after the exec.
     pub fn spawn(cmd: &mut Command) -> Result<Tracer> {
+        let claim = ThreadClaim::take()?;
         let e = |e| error::sys(e, "create a pipe");
         let (pid_r, pid_w) = sys::pipe().map_err(e)?;
         let (go_r, go_w) = sys::pipe().map_err(e)?;
@@ -80,7 +81,7 @@ impl Tracer {
             }
             let child = child.map_err(|e| Error::io("spawn", e))?;
             wait_exec(pid)?;
-            let mut t = Tracer::new(pid, &[(pid, Some(0))])?;
+            let mut t = Tracer::new(pid, &[(pid, Some(0))], claim)?;
             t.child = Some(child);
             Ok(t)
         })
@@ -94,6 +95,7 @@ impl Tracer {
         if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(Error::ProcessGone);
         }
+        let claim = ThreadClaim::take()?;
         if pid == std::process::id() as i32 {
             return Err(Error::PermissionDenied(
                 "a process cannot trace itself".into(),
@@ -130,7 +132,7 @@ impl Tracer {
             }
         }
         let held: Vec<(Tid, Option<i32>)> = seized.iter().map(|&t| (t, None)).collect();
-        Tracer::new(pid, &held)
+        Tracer::new(pid, &held, claim)
     }
 }
 

@@ -123,7 +123,9 @@ impl Thread {
 ///
 /// Create one with [`Tracer::spawn`] or [`Tracer::attach`] on the thread that will run
 /// its loop: ptrace accepts requests only from the thread that attached, so a
-/// `Tracer` is neither `Send` nor `Sync`. Probes are registered through
+/// `Tracer` is neither `Send` nor `Sync`, and a thread has at most one at a time (its
+/// loop waits for every tracee and child of the thread: do not start other child
+/// processes from that thread while it traces). Probes are registered through
 /// [`Tracer::registry`] (from any thread; the registry is `Send + Sync`), and hits are
 /// served — handlers run — inside [`Tracer::run`] on this thread.
 ///
@@ -143,7 +145,39 @@ pub struct Tracer {
     pub(crate) child: Option<std::process::Child>,
     pub(crate) syscall_insn: Option<u64>,
     pub(crate) exit: Option<ExitStatus>,
-    pub(crate) _not_send: PhantomData<*const ()>,
+    /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`).
+    pub(crate) _claim: ThreadClaim,
+}
+
+std::thread_local! {
+    static CLAIMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The right to trace from this thread. The loop waits for any tracee of its thread
+/// (`waitpid(-1, __WNOTHREAD)`: ptrace has no "wait for one of these"), so two tracers on
+/// one thread would take each other's events; one claim per thread prevents it.
+#[derive(Debug)]
+pub(crate) struct ThreadClaim(PhantomData<*const ()>);
+
+impl ThreadClaim {
+    pub(crate) fn take() -> Result<ThreadClaim> {
+        CLAIMED.with(|c| {
+            if c.replace(true) {
+                Err(Error::Backend(
+                    "this thread already has a live Tracer; use one thread per traced process"
+                        .into(),
+                ))
+            } else {
+                Ok(ThreadClaim(PhantomData))
+            }
+        })
+    }
+}
+
+impl Drop for ThreadClaim {
+    fn drop(&mut self) {
+        CLAIMED.with(|c| c.set(false));
+    }
 }
 
 impl std::fmt::Debug for Tracer {
@@ -165,7 +199,7 @@ fn is_stop_signal(sig: i32) -> bool {
 
 impl Tracer {
     /// A tracer for `pid`, whose threads are already seized (`held`: those stopped).
-    pub(crate) fn new(pid: Tid, held: &[(Tid, Option<i32>)]) -> Result<Tracer> {
+    pub(crate) fn new(pid: Tid, held: &[(Tid, Option<i32>)], claim: ThreadClaim) -> Result<Tracer> {
         let shared = Shared::new(pid, CodeMemory::open(pid)?);
         let registry = Registry::new(PtraceBackend {
             shared: Arc::clone(&shared),
@@ -185,7 +219,7 @@ impl Tracer {
             child: None,
             syscall_insn: None,
             exit: None,
-            _not_send: PhantomData,
+            _claim: claim,
         })
     }
 

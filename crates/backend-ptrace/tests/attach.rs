@@ -164,9 +164,18 @@ fn attach_errors_say_what_is_wrong() {
     let (mut child, _out) = start_waiting("mp-single", &["--iters", "1"]);
     let pid = child.id() as i32;
     let t = Tracer::attach(pid).unwrap();
-    match Tracer::attach(pid) {
+    // From another thread (one thread has one tracer at most).
+    let again = std::thread::spawn(move || Tracer::attach(pid).map(|_| ()))
+        .join()
+        .unwrap();
+    match again {
         Err(Error::PermissionDenied(m)) => assert!(m.contains("already traced"), "{m}"),
         other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    // The same thread cannot start a second tracer while the first lives.
+    match Tracer::attach(pid) {
+        Err(Error::Backend(m)) => assert!(m.contains("one thread per traced process"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
     drop(t);
     go(&mut child);
