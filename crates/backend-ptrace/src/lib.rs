@@ -50,14 +50,31 @@
 //! of slots, unmaps the XOL pages and lets the process run on, its code byte-identical
 //! to before.
 //!
+//! # Threads of the tracer
+//!
+//! ptrace takes requests only from the thread that attached: a [`Tracer`] stays on the
+//! thread that created it (it is neither `Send` nor `Sync`), handlers run there, and a
+//! thread has one tracer at a time. Its loop waits for every tracee and child of that
+//! thread, so do not start other processes from it. The registry is `Send + Sync`:
+//! registering, enabling and unregistering work from any thread (arming writes through
+//! `/proc/PID/mem`, which needs no ptrace request). On the tracer thread itself, call
+//! [`Tracer::settle`] before unregistering while threads may wait for post-handlers.
+//!
 //! # Limits
 //!
 //! * A signal that arrives while a thread is being used for an injected system call (or
 //!   a fallback single-step) is delivered afterwards with a synthetic `siginfo`.
 //! * A signal handler interrupting a thread at the very start of a slot sees the slot's
-//!   address in its `ucontext` (moving it back would run the pre-handlers twice).
+//!   address in its `ucontext` (moving it back would run the pre-handlers twice). If the
+//!   tracer detaches while such a handler runs, the XOL pages stay mapped (the thread
+//!   returns into its slot, made to work without the tracer).
 //! * Where no XOL page can be mapped within reach, hits fall back to the classic
 //!   two-stop scheme, during which other threads may pass the site unprobed.
+//! * A hit at a one-byte instruction costs one more request (`PTRACE_GETSIGINFO`): a
+//!   thread standing right after such an instruction could also be stopped by a
+//!   SIGTRAP sent to it, which must reach the program.
+//! * After an exec, every probe of the old image is unregistered ([`Stop::Exec`]);
+//!   probes are not carried over to the new program.
 
 #![warn(missing_docs)]
 
