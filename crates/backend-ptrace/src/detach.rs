@@ -34,6 +34,8 @@ use crate::tracer::{Thread, Tracer};
 use crate::xol::PAGE;
 
 const PTRACE_EVENT_STOP: i32 = 128;
+/// Offset of `rip` in `user_regs_struct`, for `PTRACE_POKEUSER`.
+const RIP: usize = 16 * 8;
 
 impl Tracer {
     /// Detach now: remove every breakpoint and let the process run on untraced.
@@ -47,7 +49,7 @@ impl Tracer {
         if self.shared.lock().status != Status::Attached {
             return Ok(());
         }
-        let stopped = self.stop_all();
+        let stopped = self.stop_all(true);
         if self.exit.is_some() {
             return Ok(());
         }
@@ -75,8 +77,16 @@ impl Tracer {
         stopped.and(moved.map(drop)).and(restored)
     }
 
-    /// Interrupt every running thread and wait until all are held.
-    fn stop_all(&mut self) -> Result<()> {
+    /// Stop every thread and keep it stopped until the next run (handlers are not run
+    /// meanwhile: a thread that trapped on a breakpoint is rewound to it and counted
+    /// as missed, and hits it again when resumed).
+    pub(crate) fn hold_all(&mut self) -> Result<()> {
+        self.stop_all(false)
+    }
+
+    /// Interrupt every running thread and wait until all are held. `detaching`: traps
+    /// are undone for good (see `rewind_trap`).
+    fn stop_all(&mut self, detaching: bool) -> Result<()> {
         let running: Vec<Tid> = self
             .threads
             .iter()
@@ -101,7 +111,7 @@ impl Tracer {
                     Err(e) => return Err(crate::error::sys(e, "wait while detaching")),
                 },
             };
-            self.hold(w)?;
+            self.hold(w, detaching)?;
             if self.exit.is_some() {
                 return Ok(());
             }
@@ -110,7 +120,7 @@ impl Tracer {
     }
 
     /// Take one report while stopping: never run handlers, just hold the thread.
-    fn hold(&mut self, w: Wait) -> Result<()> {
+    fn hold(&mut self, w: Wait, detaching: bool) -> Result<()> {
         let (tid, sig, event) = match w {
             Wait::Stopped { tid, sig, event } => (tid, sig, event),
             // Exits go through the normal path (which also notices the process's end).
@@ -131,7 +141,9 @@ impl Tracer {
         let mut deliver = 0;
         let mut group = false;
         match event {
-            0 if sig == libc::SIGTRAP && !self.rewind_trap(tid) => deliver = libc::SIGTRAP,
+            0 if sig == libc::SIGTRAP && !self.rewind_trap(tid, detaching) => {
+                deliver = libc::SIGTRAP
+            }
             0 if sig == libc::SIGTRAP => {}
             0 if sig == libc::SIGTRAP | 0x80 => {}
             0 => deliver = sig,
@@ -167,9 +179,11 @@ impl Tracer {
         Ok(())
     }
 
-    /// A thread stopped with SIGTRAP while stopping: if it is one of our traps, put it
-    /// where it would be without the probe and return true.
-    fn rewind_trap(&mut self, tid: Tid) -> bool {
+    /// A thread stopped with SIGTRAP while stopping: if it is one of our traps, undo it
+    /// and return true. Detaching, the thread is put where it would be without the
+    /// probe (a hit counted as missed; a post-handler not run). Otherwise it is put back
+    /// on the `int3`, to trap again — and be served — when resumed.
+    fn rewind_trap(&mut self, tid: Tid, detaching: bool) -> bool {
         let Ok(ur) = sys::get_regs(tid) else {
             return true;
         };
@@ -180,9 +194,13 @@ impl Tracer {
             if top.kind == SlotKind::TrapAfter
                 && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
             {
-                // The post-handlers are not run any more (the step is abandoned below).
-                th.slots.pop();
-                let _ = sys::set_regs(tid, &from_core(&ur, &regs));
+                if detaching {
+                    // The post-handlers are not run any more (the step is abandoned).
+                    th.slots.pop();
+                    let _ = sys::set_regs(tid, &from_core(&ur, &regs));
+                } else {
+                    let _ = sys::poke_user(tid, RIP, ur.rip - 1);
+                }
                 return true;
             }
         }
@@ -193,13 +211,13 @@ impl Tracer {
         drop(st);
         let kernel = sys::sig_info(tid).is_ok_and(|s| s.code == sys::SI_KERNEL);
         if ours && kernel {
-            // A hit that comes too late to be served: counted as missed.
-            if let Some(th) = self.threads.get(&tid) {
-                self.dispatcher.miss(&th.ts, addr);
+            if detaching {
+                // A hit that comes too late to be served: counted as missed.
+                if let Some(th) = self.threads.get(&tid) {
+                    self.dispatcher.miss(&th.ts, addr);
+                }
             }
-            let mut r = ur;
-            r.rip = addr;
-            let _ = sys::set_regs(tid, &r);
+            let _ = sys::poke_user(tid, RIP, addr);
             return true;
         }
         false

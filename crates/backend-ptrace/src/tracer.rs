@@ -264,6 +264,35 @@ impl Tracer {
             .map_err(|e| Error::Backend(format!("process {}: {e}", self.pid())))
     }
 
+    /// Run a just-spawned (or just exec'd) program to its entry point, where the dynamic
+    /// loader has mapped its libraries: then `library:symbol` resolves. Returns
+    /// `Ok(None)` there (the program stopped, held until the next run), or the stop that
+    /// came first. Uses a temporary probe at the entry address.
+    pub fn run_to_entry(&mut self) -> Result<Option<Stop>> {
+        let maps = error::maps(self.pid())?;
+        let entry = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols))
+            .entry(None)
+            .ok_or_else(|| Error::Backend("the program's entry point is unknown".into()))?;
+        let reached = Arc::new(AtomicBool::new(false));
+        let r = Arc::clone(&reached);
+        let probe = self
+            .registry
+            .register(entry, move |_: &mut multiprobe_core::Hit<'_>| {
+                r.store(true, Ordering::Relaxed);
+            })?;
+        let stop = self.run_until(|| reached.load(Ordering::Relaxed))?;
+        if stop.is_none() {
+            // Hold the program right there: interrupt and wait for the stop.
+            self.hold_all()?;
+        }
+        if let Err(e) = probe.unregister() {
+            if !matches!(e, Error::ProcessGone) {
+                return Err(e);
+            }
+        }
+        Ok(stop)
+    }
+
     /// Base addresses of the out-of-line pages mapped into the tracee.
     pub fn xol_pages(&self) -> Vec<u64> {
         self.shared.lock().xol.pages()

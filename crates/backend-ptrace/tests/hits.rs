@@ -295,3 +295,28 @@ fn handlers_write_tracee_memory_within_its_protections() {
     assert_eq!(refused.load(Relaxed), n);
     assert_eq!(g1.stats().unwrap().panics + g2.stats().unwrap().panics, 0);
 }
+
+#[test]
+fn run_to_entry_then_probe_a_library_function() {
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "10"])).unwrap();
+    // At the exec stop only the program and the dynamic loader are mapped.
+    assert!(t.resolve("libc:write").is_err());
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let write = t.resolve("libc:write").unwrap();
+    let writes = Arc::new(AtomicU64::new(0));
+    let ww = Arc::clone(&writes);
+    let _g = t
+        .registry()
+        .register(write, move |hit: &mut Hit<'_>| {
+            if hit.arg(0).unwrap() == 1 {
+                ww.fetch_add(1, Relaxed);
+            }
+        })
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.contains("mp_add calls=10"), "{out}");
+    // Rust's stdout writes its lines (line-buffered to a pipe: at least once).
+    assert!(writes.load(Relaxed) >= 1);
+}
