@@ -30,7 +30,7 @@ use crate::backend::{Status, INT3};
 use crate::inject;
 use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Errno, Tid, Wait};
-use crate::tracer::{Thread, Tracer};
+use crate::tracer::{Stop, Thread, Tracer};
 use crate::xol::PAGE;
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -77,11 +77,16 @@ impl Tracer {
         stopped.and(moved.map(drop)).and(restored)
     }
 
-    /// Stop every thread and keep it stopped until the next run (handlers are not run
-    /// meanwhile: a thread that trapped on a breakpoint is rewound to it and counted
-    /// as missed, and hits it again when resumed).
-    pub(crate) fn hold_all(&mut self) -> Result<()> {
-        self.stop_all(false)
+    /// Stop every thread and keep it stopped until the next run; returns the stop that
+    /// came first if the process ended meanwhile. Handlers are not run while stopping:
+    /// a thread that trapped on a breakpoint (or a slot's trailing `int3`) is put back on
+    /// it, to trap again — and be served — when resumed.
+    pub fn pause(&mut self) -> Result<Option<Stop>> {
+        if let Some(status) = self.exit {
+            return Ok(Some(Stop::Exited(status)));
+        }
+        self.stop_all(false)?;
+        Ok(self.exit.map(Stop::Exited))
     }
 
     /// Interrupt every running thread and wait until all are held. `detaching`: traps

@@ -24,6 +24,8 @@ use crate::sys::{self, Tid};
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     pub(crate) pid: Tid,
+    /// The loop reaped it already (its pid may belong to another process now).
+    pub(crate) reaped: bool,
     bell: Arc<OwnedFd>,
 }
 
@@ -59,6 +61,7 @@ impl Doorbell {
         drop(r);
         Ok(Doorbell {
             pid,
+            reaped: false,
             bell: Arc::new(w),
         })
     }
@@ -78,6 +81,9 @@ impl Doorbell {
 
 impl Drop for Doorbell {
     fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
         let _ = sys::kill(self.pid, libc::SIGKILL);
         while let Ok(Some(w)) = sys::wait(self.pid, false) {
             if !matches!(w, sys::Wait::Stopped { .. }) {

@@ -60,6 +60,16 @@ impl Tracer {
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
             return self.not_ours(tid, &ur, addr);
         };
+        if let Some((_, reached)) = self.hold_at.as_ref().filter(|(a, _)| *a == addr) {
+            // Not served: held on the breakpoint, to execute its instruction once the
+            // probe is gone.
+            reached.store(true, std::sync::atomic::Ordering::Relaxed);
+            let th = self.threads.get_mut(&tid).expect("adopted");
+            th.held = Some(0);
+            return sys::poke_user(tid, 16 * 8, addr)
+                .filter_gone()
+                .map_err(|e| error::sys(e, "set rip"));
+        }
         if site.plan.len() == 1 && !from_int3(tid) {
             return self.resume_sig(tid, libc::SIGTRAP);
         }

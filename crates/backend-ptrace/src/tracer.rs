@@ -145,6 +145,9 @@ pub struct Tracer {
     pub(crate) child: Option<std::process::Child>,
     pub(crate) syscall_insn: Option<u64>,
     pub(crate) exit: Option<ExitStatus>,
+    /// A breakpoint address whose hit holds the thread instead of serving it (see
+    /// [`Tracer::run_to_entry`]), and the flag raised when that happens.
+    pub(crate) hold_at: Option<(u64, Arc<AtomicBool>)>,
     /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`).
     pub(crate) _claim: ThreadClaim,
 }
@@ -219,6 +222,7 @@ impl Tracer {
             child: None,
             syscall_insn: None,
             exit: None,
+            hold_at: None,
             _claim: claim,
         })
     }
@@ -266,31 +270,25 @@ impl Tracer {
 
     /// Run a just-spawned (or just exec'd) program to its entry point, where the dynamic
     /// loader has mapped its libraries: then `library:symbol` resolves. Returns
-    /// `Ok(None)` there (the program stopped, held until the next run), or the stop that
-    /// came first. Uses a temporary probe at the entry address.
+    /// `Ok(None)` with the program stopped there (held until the next run), or the stop
+    /// that came first. Uses a temporary probe at the entry address, whose hit is not
+    /// served but held: the thread executes the entry instruction when resumed.
     pub fn run_to_entry(&mut self) -> Result<Option<Stop>> {
         let maps = error::maps(self.pid())?;
         let entry = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols))
             .entry(None)
             .ok_or_else(|| Error::Backend("the program's entry point is unknown".into()))?;
         let reached = Arc::new(AtomicBool::new(false));
-        let r = Arc::clone(&reached);
         let probe = self
             .registry
-            .register(entry, move |_: &mut multiprobe_core::Hit<'_>| {
-                r.store(true, Ordering::Relaxed);
-            })?;
-        let stop = self.run_until(|| reached.load(Ordering::Relaxed))?;
-        if stop.is_none() {
-            // Hold the program right there: interrupt and wait for the stop.
-            self.hold_all()?;
-        }
-        if let Err(e) = probe.unregister() {
-            if !matches!(e, Error::ProcessGone) {
-                return Err(e);
-            }
-        }
-        Ok(stop)
+            .register(entry, |_: &mut multiprobe_core::Hit<'_>| {})?;
+        self.hold_at = Some((entry, Arc::clone(&reached)));
+        let stop = self.run_until(|| reached.load(Ordering::Relaxed));
+        self.hold_at = None;
+        // Unregisters at once (no hit can be running it: the thread is held), which puts
+        // the entry instruction back.
+        drop(probe);
+        stop
     }
 
     /// Base addresses of the out-of-line pages mapped into the tracee.
@@ -449,7 +447,10 @@ impl Tracer {
         let (tid, sig, event) = match w {
             Wait::Exited(tid, _) | Wait::Signaled(tid, _) => {
                 if self.doorbell.as_ref().is_some_and(|d| d.pid == tid) {
-                    self.doorbell = None;
+                    // Reaped: its pid may be reused at once, never signal it again.
+                    if let Some(mut d) = self.doorbell.take() {
+                        d.reaped = true;
+                    }
                     return Ok(None);
                 }
                 if let Some(th) = self.threads.remove(&tid) {

@@ -302,6 +302,9 @@ fn run_to_entry_then_probe_a_library_function() {
     // At the exec stop only the program and the dynamic loader are mapped.
     assert!(t.resolve("libc:write").is_err());
     assert_eq!(t.run_to_entry().unwrap(), None);
+    // Held at the entry: nothing of the program ran yet.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid())).unwrap();
+    assert!(stat.rsplit(") ").next().unwrap().starts_with('t'), "{stat}");
     let write = t.resolve("libc:write").unwrap();
     let writes = Arc::new(AtomicU64::new(0));
     let ww = Arc::clone(&writes);
@@ -319,4 +322,36 @@ fn run_to_entry_then_probe_a_library_function() {
     assert!(out.contains("mp_add calls=10"), "{out}");
     // Rust's stdout writes its lines (line-buffered to a pipe: at least once).
     assert!(writes.load(Relaxed) >= 1);
+}
+
+#[test]
+fn pause_holds_every_thread_and_run_goes_on_with_exact_counts() {
+    let mut t = Tracer::spawn(&mut common::command("mp-threads", &["--base", "300"])).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let post = FnHandler::new()
+        .pre(move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+            PreAction::Continue
+        })
+        .post(|_: &mut Hit<'_>| {});
+    let g = t
+        .registry()
+        .register(t.resolve("mp_tload").unwrap(), post)
+        .unwrap();
+    assert_eq!(t.run_until(|| hits.load(Relaxed) >= 200).unwrap(), None);
+    assert_eq!(t.pause().unwrap(), None);
+    for tid in t.threads() {
+        let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", t.pid())).unwrap();
+        assert!(
+            stat.rsplit(") ").next().unwrap().starts_with('t'),
+            "{tid}: {stat}"
+        );
+    }
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let total: u64 = (0..5).map(|t| if t == 0 { 300 } else { 300 * t }).sum();
+    assert_eq!(hits.load(Relaxed), total, "{out}");
+    assert_eq!(g.stats().unwrap().hits, total);
 }
