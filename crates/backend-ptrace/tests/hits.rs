@@ -166,6 +166,11 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
             h.fetch_add(1, Relaxed);
         })
         .unwrap();
+    // Another probe, on a function called every round, keeps the program from running
+    // to its end while the loop does not serve it.
+    let _keep = t
+        .registry()
+        .register(t.resolve("mp_args8").unwrap(), |_: &mut Hit<'_>| {});
     let mut now = [0u8; 1];
     multiprobe_core::Memory::read(&t.memory(), load, &mut now).unwrap();
     assert_eq!(now[0], 0xcc);
@@ -239,7 +244,9 @@ fn bad_probe_addresses_are_refused_and_change_nothing() {
         common::text(t.pid()) == before,
         "a refused probe wrote to the program"
     );
-    // An address inside the out-of-line page is the machinery's own.
+    // An address inside the out-of-line page is the machinery's own. (The probe on
+    // mp_args8, called every round, keeps the program from ending meanwhile.)
+    let _keep = reg.register(t.resolve("mp_args8").unwrap(), noop).unwrap();
     let g = reg.register(load, noop).unwrap();
     assert_eq!(t.run_until(|| g.stats().unwrap().hits >= 1).unwrap(), None);
     let page = t.xol_pages()[0];
