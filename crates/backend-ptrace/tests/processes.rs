@@ -325,3 +325,46 @@ fn a_signal_handler_that_interrupts_a_slot_and_hits_the_probe_again() {
     }
     assert_eq!(*log, events);
 }
+
+#[test]
+fn a_vfork_child_is_followed_until_it_execs() {
+    // The program runs itself through std::process::Command, whose child side runs in
+    // the parent's memory (clone with CLONE_VM | CLONE_VFORK) until it calls execve:
+    // that child is traced like a thread and its hit served. The forked child (a copy
+    // of memory, freed of breakpoints and let go) makes no hit, nor do the new programs.
+    let (expected, _) = common::unprobed("mp-forker", &[]);
+    let mut t = Tracer::spawn(&mut common::command("mp-forker", &[])).unwrap();
+    let pid = t.pid();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let tids = Arc::new(Mutex::new(Vec::new()));
+    let tt = Arc::clone(&tids);
+    let _g = t
+        .registry()
+        .register(
+            t.resolve("libc:execve").unwrap(),
+            move |hit: &mut Hit<'_>| {
+                tt.lock().unwrap().push(hit.tid());
+            },
+        )
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    assert_eq!(common::read_all(&mut child), expected);
+    let tids = tids.lock().unwrap();
+    assert_eq!(tids.len(), 1, "{tids:?}");
+    assert_ne!(tids[0], pid as u32);
+}
+
+#[test]
+fn spawning_a_missing_program_is_an_error() {
+    let err = Tracer::spawn(&mut std::process::Command::new("/nonexistent/program")).unwrap_err();
+    match err {
+        multiprobe_core::Error::Io { source, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    // The thread can trace again afterwards.
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "1"])).unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+}
