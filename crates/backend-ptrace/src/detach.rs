@@ -34,8 +34,7 @@ use crate::tracer::{Stop, Thread, Tracer};
 use crate::xol::PAGE;
 
 const PTRACE_EVENT_STOP: i32 = 128;
-/// Offset of `rip` in `user_regs_struct`, for `PTRACE_POKEUSER`.
-const RIP: usize = 16 * 8;
+use crate::tracer::RIP;
 
 impl Tracer {
     /// Detach now: remove every breakpoint and let the process run on untraced.
@@ -66,9 +65,14 @@ impl Tracer {
             st.armed.clear();
             st.xol.clear();
         }
+        let pid = self.pid();
         for (tid, th) in self.threads.drain() {
             th.ts.abandon();
             let _ = sys::detach(tid, th.held.unwrap_or(0));
+        }
+        // Signals that could not ride on a signal-delivery-stop: sent again.
+        for (tid, sig) in std::mem::take(&mut self.resend) {
+            let _ = sys::tgkill(pid, tid, sig);
         }
         for (child, _) in std::mem::take(&mut self.orphans) {
             self.free_child(child);
@@ -201,7 +205,9 @@ impl Tracer {
             {
                 if detaching {
                     // The post-handlers are not run any more (the step is abandoned).
-                    th.slots.pop();
+                    if let Some(info) = th.slots.pop().and_then(|t| t.deferred) {
+                        self.resend.push((tid, info.signo()));
+                    }
                     let _ = sys::set_regs(tid, &from_core(&ur, &regs));
                 } else {
                     let _ = sys::poke_user(tid, RIP, ur.rip - 1);
@@ -250,7 +256,9 @@ impl Tracer {
                 .filter(|t| !t.suspended && t.slots().contains(ur.rip))
                 .map(|t| Arc::clone(&t.site));
             if let Some(site) = inside {
-                th.slots.pop();
+                if let Some(info) = th.slots.pop().and_then(|t| t.deferred) {
+                    self.resend.push((tid, info.signo()));
+                }
                 if let Err(e) = self.step_out(tid, &site) {
                     result = result.and(Err(e));
                 }
@@ -258,6 +266,9 @@ impl Tracer {
             let th = self.threads.get_mut(&tid).expect("listed");
             for s in std::mem::take(&mut th.slots) {
                 keep_pages = true;
+                if let Some(info) = s.deferred {
+                    self.resend.push((tid, info.signo()));
+                }
                 if s.kind == SlotKind::TrapAfter {
                     let st = self.shared.lock();
                     let trap = s.slots().trap_after.expect("entered");
@@ -369,15 +380,12 @@ impl Tracer {
                 break;
             }
         }
-        // A signal that arrived during the injection is delivered at detach.
-        if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
-            let sig = self.aside.signals.remove(i).1;
-            if let Some(th) = self.threads.get_mut(&tid) {
-                if th.held == Some(0) {
-                    th.held = Some(sig);
-                }
-            }
-        }
+        // A signal that arrived during the injection is sent again after the detach (the
+        // thread now sits in a system-call stop, which cannot deliver one).
+        let (mine, others): (Vec<_>, Vec<_>) =
+            self.aside.signals.drain(..).partition(|&(t, _)| t == tid);
+        self.aside.signals = others;
+        self.resend.extend(mine);
     }
 }
 

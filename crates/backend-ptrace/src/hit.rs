@@ -50,8 +50,17 @@ impl Tracer {
             {
                 let top = th.slots.pop().expect("just seen");
                 let d = &self.dispatcher;
+                // No deferred step when the thread was switched here only to hold back
+                // a signal: then no post-handler runs.
                 d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
-                return self.finish(tid, &ur, &regs, 0);
+                let mut sig = 0;
+                if let Some(info) = top.deferred {
+                    sys::set_sig_info(tid, &info)
+                        .filter_gone()
+                        .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
+                    sig = info.signo();
+                }
+                return self.finish(tid, &ur, &regs, sig);
             }
         }
         th.prune(ur.rip);
@@ -66,7 +75,7 @@ impl Tracer {
             reached.store(true, std::sync::atomic::Ordering::Relaxed);
             let th = self.threads.get_mut(&tid).expect("adopted");
             th.held = Some(0);
-            return sys::poke_user(tid, 16 * 8, addr)
+            return sys::poke_user(tid, crate::tracer::RIP, addr)
                 .filter_gone()
                 .map_err(|e| error::sys(e, "set rip"));
         }
@@ -126,6 +135,7 @@ impl Tracer {
                     site,
                     kind,
                     suspended: false,
+                    deferred: None,
                 });
                 self.finish(tid, &ur, &regs, 0)
             }

@@ -204,6 +204,51 @@ pub fn sig_info(tid: Tid) -> SysResult<SigInfo> {
     })
 }
 
+/// The complete siginfo of a signal-delivery-stop, kept to deliver the signal later
+/// exactly as it was.
+#[derive(Clone, Copy)]
+pub struct RawSigInfo(pub libc::siginfo_t);
+
+impl RawSigInfo {
+    pub fn signo(&self) -> i32 {
+        self.0.si_signo
+    }
+}
+
+impl std::fmt::Debug for RawSigInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSigInfo")
+            .field("signo", &self.0.si_signo)
+            .field("code", &self.0.si_code)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The siginfo of the signal `tid` is stopped for, whole.
+pub fn sig_info_raw(tid: Tid) -> SysResult<RawSigInfo> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    ptrace(
+        libc::PTRACE_GETSIGINFO,
+        tid,
+        0,
+        &mut si as *mut libc::siginfo_t as usize,
+    )?;
+    Ok(RawSigInfo(si))
+}
+
+/// Replace the siginfo of the signal `tid` is stopped for (at a signal-delivery-stop,
+/// the signal then delivered with `cont(tid, info.signo())` carries exactly `info`).
+pub fn set_sig_info(tid: Tid, info: &RawSigInfo) -> SysResult<()> {
+    ptrace(
+        libc::PTRACE_SETSIGINFO,
+        tid,
+        0,
+        &info.0 as *const libc::siginfo_t as usize,
+    )
+    .map(drop)
+}
+
 /// How a waited-for thread changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -259,6 +304,12 @@ pub fn wait(tid: Tid, nohang: bool) -> SysResult<Option<Wait>> {
         };
         return Ok(Some(w));
     }
+}
+
+/// Send `sig` to one thread of process `tgid`.
+pub fn tgkill(tgid: Tid, tid: Tid, sig: i32) -> SysResult<()> {
+    // SAFETY: tgkill takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) }).map(drop)
 }
 
 /// Send `sig` to a process.

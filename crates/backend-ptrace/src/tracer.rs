@@ -23,7 +23,7 @@ use multiprobe_core::{
     Dispatcher, Error, Fault, FaultAction, HandlerInfo, Registry, Result, ThreadState,
 };
 use multiprobe_symbols::ProcessSymbols;
-use multiprobe_x86::SlotKind;
+use multiprobe_x86::{Class, RelocatedKind, SlotKind};
 
 use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status, INT3};
 use crate::doorbell::{DetachHandle, Doorbell};
@@ -61,6 +61,8 @@ pub enum Stop {
 }
 
 const PTRACE_EVENT_STOP: i32 = 128;
+/// Offset of `rip` in `user_regs_struct`, for `PTRACE_POKEUSER`.
+pub(crate) const RIP: usize = 16 * 8;
 
 /// A slot a thread may be inside.
 #[derive(Debug)]
@@ -69,6 +71,9 @@ pub(crate) struct InSlot {
     pub(crate) kind: SlotKind,
     /// A signal handler interrupted the thread here; it comes back on return.
     pub(crate) suspended: bool,
+    /// An asynchronous signal that arrived as the thread entered the slot, held back
+    /// until the instruction has run (delivered at the slot's trailing `int3`).
+    pub(crate) deferred: Option<sys::RawSigInfo>,
 }
 
 impl InSlot {
@@ -148,6 +153,9 @@ pub struct Tracer {
     /// A breakpoint address whose hit holds the thread instead of serving it (see
     /// [`Tracer::run_to_entry`]), and the flag raised when that happens.
     pub(crate) hold_at: Option<(u64, Arc<AtomicBool>)>,
+    /// Signals to send again with `tgkill` after detaching (they were held back and
+    /// the thread's stop at detach cannot deliver them).
+    pub(crate) resend: Vec<(Tid, i32)>,
     /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`).
     pub(crate) _claim: ThreadClaim,
 }
@@ -223,6 +231,7 @@ impl Tracer {
             syscall_insn: None,
             exit: None,
             hold_at: None,
+            resend: Vec::new(),
             _claim: claim,
         })
     }
@@ -652,12 +661,35 @@ impl Tracer {
             let top = th.slots.pop().expect("just seen");
             return self.fault_in_slot(tid, &top, ur, sig, si.expect("checked"));
         }
-        // An asynchronous signal caught the thread inside the slot. Past the relocated
-        // instruction of a jump-back slot, move it to the equivalent original place.
-        // Otherwise leave it there (moving it back to the probed address would run the
-        // pre-handlers a second time; past the instruction of a trap-after slot, the
-        // post-handlers are still to come): the signal handler returns into the slot.
+        // An asynchronous signal caught the thread inside the slot.
         let slot = *top.slots().slot_of(ur.rip).expect("contained");
+        let plan = &top.site.plan;
+        // At its start, nothing ran yet: let the instruction run in the trap-after
+        // slot first and deliver the signal, exactly as it came, at its trailing `int3`
+        // with `rip` back in the original code — so the program's handler never sees a
+        // slot address. Not for a `syscall`, which may block: the signal must be able
+        // to interrupt it.
+        let deferrable = ur.rip == slot.addr()
+            && top.deferred.is_none()
+            && plan.has_trap_after_slot()
+            && plan.class() != Class::Relocated(RelocatedKind::Syscall);
+        if deferrable {
+            if let (Ok(info), Some(trap)) = (sys::sig_info_raw(tid), top.slots().trap_after) {
+                let e = |e| error::sys(e, format_args!("defer a signal of thread {tid}"));
+                if slot.kind() == SlotKind::JumpBack {
+                    sys::poke_user(tid, RIP, trap.addr())
+                        .filter_gone()
+                        .map_err(e)?;
+                    top.kind = SlotKind::TrapAfter;
+                }
+                top.deferred = Some(info);
+                return sys::cont(tid, 0).filter_gone().map_err(e);
+            }
+        }
+        // Past the relocated instruction of a jump-back slot, move the thread to the
+        // equivalent original place. Otherwise leave it there (past the instruction of
+        // a trap-after slot, the post-handlers are still to come): the signal handler
+        // returns into the slot.
         let mut regs = to_core(&ur);
         if ur.rip != slot.addr() && slot.kind() == SlotKind::JumpBack && slot.fixup_ip(&mut regs) {
             th.slots.pop();

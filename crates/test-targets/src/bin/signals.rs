@@ -1,7 +1,8 @@
 //! Raises its own SIGTRAP (with `raise` and with an `int3` instruction of its own) and
-//! sends itself SIGUSR1, with handlers for both, between calls of `mp_add`. Prints what
+//! sends itself SIGUSR1, with handlers for both (and one for SIGUSR2, which only a test
+//! sends), between calls of `mp_add`. Prints what
 //! its handlers saw; a probed run must print the same as an unprobed one. The main loop
-//! and the SIGUSR1 handler both call `mp_sload` (a load, in assembly: run out of line
+//! and the SIGUSR handlers all call `mp_sload` (a load, in assembly: run out of line
 //! when probed), so a SIGUSR1 that interrupts the main loop's call inside its slot nests
 //! a second hit.
 
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
 static TRAPS: AtomicU64 = AtomicU64::new(0);
 static TRAP_KERNEL: AtomicU64 = AtomicU64::new(0);
 static USR1: AtomicU64 = AtomicU64::new(0);
+static USR2: AtomicU64 = AtomicU64::new(0);
 static LAST_CODE: AtomicI32 = AtomicI32::new(0);
 static SLOADS: AtomicU64 = AtomicU64::new(0);
 
@@ -53,6 +55,11 @@ extern "C" fn on_usr1(_sig: i32) {
     sload(1000);
 }
 
+extern "C" fn on_usr2(_sig: i32) {
+    USR2.fetch_add(1, Relaxed);
+    sload(2000);
+}
+
 fn install(sig: i32, handler: usize, siginfo: bool) {
     // SAFETY: a zeroed sigaction is valid; the handler is an extern "C" fn of the
     // matching signature and only touches atomics (async-signal-safe).
@@ -68,6 +75,7 @@ fn install(sig: i32, handler: usize, siginfo: bool) {
 fn main() {
     install(libc::SIGTRAP, on_trap as *const () as usize, true);
     install(libc::SIGUSR1, on_usr1 as *const () as usize, false);
+    install(libc::SIGUSR2, on_usr2 as *const () as usize, false);
     let rounds: u64 = multiprobe_test_targets::util::arg("--rounds", 20);
     let mut sum = 0u64;
     for i in 0..rounds {
@@ -82,10 +90,11 @@ fn main() {
         unsafe { std::arch::asm!("int3") };
     }
     println!(
-        "rounds={rounds} sum={sum} sigtrap={} sigtrap_kernel={} sigusr1={} sloads={}",
+        "rounds={rounds} sum={sum} sigtrap={} sigtrap_kernel={} sigusr1={} sigusr2={} sloads={}",
         TRAPS.load(Relaxed),
         TRAP_KERNEL.load(Relaxed),
         USR1.load(Relaxed),
+        USR2.load(Relaxed),
         SLOADS.load(Relaxed)
     );
 }
