@@ -64,10 +64,13 @@
 //!
 //! * A signal that arrives while a thread is being used for an injected system call (or
 //!   a fallback single-step) is delivered afterwards with a synthetic `siginfo`.
-//! * A signal handler interrupting a thread at the very start of a slot sees the slot's
-//!   address in its `ucontext` (moving it back would run the pre-handlers twice). If the
-//!   tracer detaches while such a handler runs, the XOL pages stay mapped (the thread
-//!   returns into its slot, made to work without the tracer).
+//! * An asynchronous signal that catches a thread entering a slot is held back until the
+//!   displaced instruction has run, then delivered with its exact `siginfo` and `rip`
+//!   back in the original code. Two cases are delivered inside the slot instead (the
+//!   handler then sees the slot's address in its `ucontext`, and returns into the slot):
+//!   a second signal while one is held, and any signal at a relocated `syscall`, which
+//!   may block and must stay interruptible. If the tracer detaches while such a handler
+//!   runs, the XOL pages stay mapped and the slot is made to work without the tracer.
 //! * Where no XOL page can be mapped within reach, hits fall back to the classic
 //!   two-stop scheme, during which other threads may pass the site unprobed.
 //! * A hit at a one-byte instruction costs one more request (`PTRACE_GETSIGINFO`): a
