@@ -262,3 +262,42 @@ fn detach_while_the_only_thread_is_blocked_in_a_system_call() {
     );
     assert_eq!(hits.load(Relaxed), iters);
 }
+
+#[test]
+fn attach_to_a_stopped_program_keeps_it_stopped_until_sigcont() {
+    let (mut child, out) = start_waiting("mp-single", &["--iters", "300"]);
+    let pid = child.id() as i32;
+    let state = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit(") ").next().unwrap().chars().next().unwrap()
+    };
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    while state() != 'T' {
+        std::thread::yield_now();
+    }
+    let mut t = Tracer::attach(pid).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_load").unwrap(), move |_: &mut Hit<'_>| {
+            h.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    go(&mut child);
+    // The group-stop is reported and left in place: no hit while it lasts. Serve events
+    // until the program sits in the group-stop under the tracer ('t').
+    let r = t.run_until(|| state() == 't').unwrap();
+    assert_eq!(r, None);
+    assert_eq!(hits.load(Relaxed), 0);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(t.run_until(|| hits.load(Relaxed) == 300).unwrap(), None);
+    t.detach().unwrap();
+    let mut out = out;
+    let report = report(&mut out, 3);
+    assert!(report.contains("mp_load calls=300"), "{report}");
+    bye(&mut child);
+    assert!(child.wait().unwrap().success());
+}
