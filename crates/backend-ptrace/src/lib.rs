@@ -84,6 +84,7 @@
 mod backend;
 #[doc(hidden)]
 pub mod baseline;
+mod children;
 mod detach;
 mod doorbell;
 mod error;
@@ -92,6 +93,7 @@ mod inject;
 mod launch;
 mod mem;
 mod regs;
+mod signals;
 mod sys;
 mod tracer;
 mod xol;

@@ -19,20 +19,16 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use multiprobe_core::{
-    Dispatcher, Error, Fault, FaultAction, HandlerInfo, Registry, Result, ThreadState,
-};
+use multiprobe_core::{Dispatcher, Error, HandlerInfo, Registry, Result, ThreadState};
 use multiprobe_symbols::ProcessSymbols;
-use multiprobe_x86::{Class, RelocatedKind, SlotKind};
+use multiprobe_x86::SlotKind;
 
-use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status, INT3};
+use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status};
 use crate::doorbell::{DetachHandle, Doorbell};
 use crate::error;
-use crate::inject::{self, Aside};
+use crate::inject::Aside;
 use crate::mem::{CodeMemory, TraceeMemory};
-use crate::regs::{from_core, to_core};
-use crate::sys::{self, Errno, Tid, UserRegs, Wait};
-use crate::xol::PAGE;
+use crate::sys::{self, Errno, Tid, Wait};
 
 /// How the traced process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -424,7 +420,7 @@ impl Tracer {
 
     /// Resume `tid` from a stop, delivering `sig` or a signal held back during an
     /// injection.
-    fn resume(&mut self, tid: Tid, sig: i32) -> Result<()> {
+    pub(crate) fn resume(&mut self, tid: Tid, sig: i32) -> Result<()> {
         let mut sig = sig;
         if sig == 0 {
             if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
@@ -515,229 +511,6 @@ impl Tracer {
             _ => self.resume(tid, 0)?,
         }
         Ok(None)
-    }
-
-    /// A stop from a thread not seen before. A new thread of the tracee is adopted
-    /// (true); a new process is parked until its parent's fork event (false).
-    pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> Result<bool> {
-        let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse::<i32>()))
-            })
-            .and_then(|r| r.ok());
-        if tgid == Some(self.pid()) {
-            self.threads.insert(tid, Thread::new(None));
-            Ok(true)
-        } else {
-            self.orphans.insert(tid, w);
-            Ok(false)
-        }
-    }
-
-    /// The first stop of a new process `child`, forked or vforked by a tracee thread.
-    fn child_first_stop(&mut self, child: Tid) -> Result<bool> {
-        if self.orphans.remove(&child).is_some() {
-            return Ok(true);
-        }
-        Ok(matches!(
-            sys::wait(child, false),
-            Ok(Some(Wait::Stopped { .. }))
-        ))
-    }
-
-    /// A fork child gets its own copy of memory, breakpoints included: take them out
-    /// and let it go. A vfork child shares the memory: follow it like a thread until it
-    /// execs or exits.
-    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool) -> Result<()> {
-        if !self.child_first_stop(child)? {
-            return Ok(());
-        }
-        if vfork {
-            let mut th = Thread::new(None);
-            th.vfork_child = true;
-            self.threads.insert(child, th);
-            return self.resume(child, 0);
-        }
-        self.free_child(child);
-        Ok(())
-    }
-
-    /// Restore every byte we ever armed in `child`'s copy of memory, unmap its copy of
-    /// the XOL pages, and detach it. Best effort: a child that died meanwhile needs
-    /// nothing.
-    pub(crate) fn free_child(&mut self, child: Tid) {
-        let st = self.shared.lock();
-        let history: Vec<(u64, u8)> = st.history.iter().map(|(&a, &b)| (a, b)).collect();
-        let pages = st.xol.pages();
-        drop(st);
-        if let Ok(code) = CodeMemory::open(child) {
-            for (addr, orig) in history {
-                let mut now = [0u8];
-                if code.read(addr, &mut now).is_ok() && now[0] == INT3 && orig != INT3 {
-                    let _ = code.write(addr, &[orig]);
-                }
-            }
-        }
-        if let (Some(&gadget), Ok(saved)) = (pages.first(), sys::get_regs(child)) {
-            // The gadget's own page goes last.
-            for &page in pages.iter().rev() {
-                let args = [page, PAGE, 0, 0, 0, 0];
-                let r = inject::syscall(
-                    child,
-                    &saved,
-                    gadget,
-                    libc::SYS_munmap,
-                    args,
-                    &mut self.aside,
-                );
-                if r.is_err() {
-                    break;
-                }
-            }
-        }
-        let sig = self
-            .aside
-            .signals
-            .iter()
-            .position(|&(t, _)| t == child)
-            .map_or(0, |i| self.aside.signals.remove(i).1);
-        let _ = sys::detach(child, sig);
-    }
-
-    fn on_exec(&mut self, tid: Tid) -> Result<Option<Stop>> {
-        if self.threads.get(&tid).is_some_and(|t| t.vfork_child) {
-            // A vfork child started its own program: nothing of ours is in it.
-            if let Some(th) = self.threads.remove(&tid) {
-                th.ts.abandon();
-            }
-            let _ = sys::detach(tid, 0);
-            return Ok(None);
-        }
-        // The main process: every other thread is gone, and so is the old image with
-        // our breakpoints and XOL pages.
-        for (_, th) in self.threads.drain() {
-            th.ts.abandon();
-        }
-        let pid = self.pid();
-        self.threads.insert(pid, Thread::new(Some(0)));
-        {
-            let mut st = self.shared.lock();
-            self.shared.gen.fetch_add(1, Ordering::AcqRel);
-            st.armed.clear();
-            st.history.clear();
-            st.xol.clear();
-            st.code = Some(CodeMemory::open(pid)?);
-        }
-        self.syscall_insn = None;
-        let unregistered = self.registry.handlers();
-        let ids: Vec<_> = unregistered.iter().map(|h| h.id).collect();
-        if !ids.is_empty() {
-            // Their disarm finds a stale image and writes nothing.
-            let _ = self.registry.unregister_batch(&ids);
-        }
-        Ok(Some(Stop::Exec { unregistered }))
-    }
-
-    fn on_signal(&mut self, tid: Tid, sig: i32) -> Result<()> {
-        let th = self.threads.get_mut(&tid).expect("adopted");
-        if th.slots.is_empty() {
-            return self.resume(tid, sig);
-        }
-        let Ok(ur) = sys::get_regs(tid) else {
-            return Ok(()); // gone; its exit will be reported
-        };
-        th.prune(ur.rip);
-        let Some(top) = th.slots.last_mut().filter(|t| t.slots().contains(ur.rip)) else {
-            return self.resume(tid, sig);
-        };
-        let si = sys::sig_info(tid).ok();
-        let fault = matches!(
-            sig,
-            libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE
-        ) && si.is_some_and(|s| s.code > 0);
-        if fault {
-            let top = th.slots.pop().expect("just seen");
-            return self.fault_in_slot(tid, &top, ur, sig, si.expect("checked"));
-        }
-        // An asynchronous signal caught the thread inside the slot.
-        let slot = *top.slots().slot_of(ur.rip).expect("contained");
-        let plan = &top.site.plan;
-        // At its start, nothing ran yet: let the instruction run in the trap-after
-        // slot first and deliver the signal, exactly as it came, at its trailing `int3`
-        // with `rip` back in the original code — so the program's handler never sees a
-        // slot address. Not for a `syscall`, which may block: the signal must be able
-        // to interrupt it.
-        let deferrable = ur.rip == slot.addr()
-            && top.deferred.is_none()
-            && plan.has_trap_after_slot()
-            && plan.class() != Class::Relocated(RelocatedKind::Syscall);
-        if deferrable {
-            if let (Ok(info), Some(trap)) = (sys::sig_info_raw(tid), top.slots().trap_after) {
-                let e = |e| error::sys(e, format_args!("defer a signal of thread {tid}"));
-                if slot.kind() == SlotKind::JumpBack {
-                    sys::poke_user(tid, RIP, trap.addr())
-                        .filter_gone()
-                        .map_err(e)?;
-                    top.kind = SlotKind::TrapAfter;
-                }
-                top.deferred = Some(info);
-                return sys::cont(tid, 0).filter_gone().map_err(e);
-            }
-        }
-        // Past the relocated instruction of a jump-back slot, move the thread to the
-        // equivalent original place. Otherwise leave it there (past the instruction of
-        // a trap-after slot, the post-handlers are still to come): the signal handler
-        // returns into the slot.
-        let mut regs = to_core(&ur);
-        if ur.rip != slot.addr() && slot.kind() == SlotKind::JumpBack && slot.fixup_ip(&mut regs) {
-            th.slots.pop();
-            sys::set_regs(tid, &from_core(&ur, &regs))
-                .filter_gone()
-                .map_err(|e| error::sys(e, "set registers"))?;
-        } else {
-            top.suspended = true;
-        }
-        self.resume(tid, sig)
-    }
-
-    /// The displaced instruction faulted in its slot: the fault handlers run with
-    /// `rip` at the probed address, and unless one handles it the signal is delivered
-    /// there, as if the program had never been probed.
-    fn fault_in_slot(
-        &mut self,
-        tid: Tid,
-        top: &InSlot,
-        ur: UserRegs,
-        sig: i32,
-        si: sys::SigInfo,
-    ) -> Result<()> {
-        let mut regs = to_core(&ur);
-        if let Some(slot) = top.slots().slot_of(ur.rip) {
-            slot.fixup_ip(&mut regs);
-        }
-        let fault = Fault {
-            signal: sig,
-            code: si.code,
-            addr: si.addr,
-        };
-        let th = self.threads.get_mut(&tid).expect("known");
-        let action = self.dispatcher.fault(
-            &th.ts,
-            top.site.addr,
-            tid as u32,
-            &mut regs,
-            &self.mem,
-            &fault,
-        );
-        sys::set_regs(tid, &from_core(&ur, &regs))
-            .filter_gone()
-            .map_err(|e| error::sys(e, "set registers"))?;
-        match action {
-            FaultAction::NotHandled => self.resume(tid, sig),
-            FaultAction::Handled => self.resume(tid, 0),
-        }
     }
 }
 
