@@ -414,7 +414,19 @@ impl<B: Backend> Inner<B> {
             entry: Arc::clone(&entry),
             enabled,
         });
-        self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))?;
+        if let Err(e) =
+            self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))
+        {
+            // Only a failed arm (which restored the old view) fails the registration. A
+            // disarm retried on a site an earlier failure kept armed published the new
+            // view anyway: the handler is registered; the breakpoint just stays.
+            let published = w
+                .get(addr)
+                .is_some_and(|v| v.handlers.iter().any(|s| s.entry.id == entry.id));
+            if !published {
+                return Err(e);
+            }
+        }
         self.index.insert(entry.id, Arc::clone(&entry));
         Ok(entry)
     }
@@ -466,10 +478,19 @@ impl<B: Backend> Inner<B> {
             })
             .collect();
         let new = SiteView::new(Arc::clone(&old.shared), handlers);
-        self.transition(&mut w, entry.addr, Some(&old), Some(new))?;
-        entry.enabled.store(on, Relaxed);
+        let result = self.transition(&mut w, entry.addr, Some(&old), Some(new));
+        // The mirror follows the published view: a failed arm restored the old view, but
+        // a failed disarm published the change (hits no longer run a disabled handler).
+        let published = w.get(entry.addr).is_some_and(|v| {
+            v.handlers
+                .iter()
+                .any(|s| s.entry.id == id && s.enabled == on)
+        });
+        if published {
+            entry.enabled.store(on, Relaxed);
+        }
         w.maybe_reclaim();
-        Ok(())
+        result
     }
 
     /// Replace the view of `addr` (`old` → `new`) and bring the breakpoint in step:
