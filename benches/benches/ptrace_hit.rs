@@ -1,0 +1,281 @@
+//! Cost of one hit with the ptrace backend, against raw ptrace loops measured in the
+//! same run on the same kind of tracee (`mp-bench`, which calls a site N times per
+//! command and answers when done).
+//!
+//! * `floor`: an `int3` over a one-byte `nop`, and per hit only `waitpid` +
+//!   `PTRACE_CONT` — the least any ptrace breakpoint can cost.
+//! * `floor+regs`: the floor plus `PTRACE_GETREGS` at each stop — the least a hit can
+//!   cost when handlers are given the registers, as multiprobe's are.
+//! * `two-stop/{nop,imul}`: the classic scheme (restore the byte, back up `rip`,
+//!   single-step, re-insert, continue) at each site.
+//! * `multiprobe/{1,3}h/{nop,imul}`: a registered probe with 1 or 3 counting
+//!   handlers. The `nop` site is emulated (and, being one byte long, needs the
+//!   signal's `si_code` to tell our trap from a sent SIGTRAP); the `imul` site runs from
+//!   the jump-back slot of the XOL page. Both are one stop per hit.
+//!
+//! Criterion measures each routine on its own. The `RATIO` lines come from a second
+//! phase that interleaves the routines round by round (each round: every routine,
+//! `HITS` hits) and takes the median of the per-round ratios, so that load from other
+//! users of the machine, which comes and goes, hits both sides of a ratio alike.
+//!
+//! Run: `cargo bench -p multiprobe-benches --bench ptrace_hit`
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use multiprobe_backend_ptrace::baseline::RawTarget;
+use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
+use multiprobe_benches::{fmt_ns, Ratios};
+use multiprobe_core::{Hit, Registration};
+
+const NOP: u8 = 0;
+const IMUL: u8 = 1;
+const HITS: u64 = 2000;
+const ROUNDS: usize = 31;
+
+fn command() -> Command {
+    let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    c
+}
+
+/// Ask the tracee for `n` calls of `site`.
+fn ask(child: &mut Child, site: u8, n: u64) {
+    let mut cmd = [0u8; 9];
+    cmd[0] = site;
+    cmd[1..].copy_from_slice(&n.to_le_bytes());
+    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
+}
+
+fn done(child: &mut Child) {
+    let mut b = [0u8];
+    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+}
+
+/// The raw loops, on their own tracee.
+struct Raw {
+    t: RawTarget,
+    nop: (u64, u8),
+    imul: (u64, u8),
+}
+
+impl Raw {
+    fn new() -> Raw {
+        let (t, addrs) =
+            RawTarget::spawn(&mut command(), &["mp_bench_nop", "mp_bench_fn"]).unwrap();
+        let (nop, imul) = (addrs[0], addrs[1]);
+        let nop = (nop, t.insert(nop).unwrap());
+        let imul = (imul, t.insert(imul).unwrap());
+        Raw { t, nop, imul }
+    }
+
+    fn floor(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        ask(self.t.child(), NOP, n);
+        self.t.one_stop(n).unwrap();
+        done(self.t.child());
+        start.elapsed()
+    }
+
+    fn floor_regs(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        ask(self.t.child(), NOP, n);
+        self.t.one_stop_regs(n).unwrap();
+        done(self.t.child());
+        start.elapsed()
+    }
+
+    fn two_stop(&mut self, site: u8, n: u64) -> Duration {
+        let (addr, orig) = if site == NOP { self.nop } else { self.imul };
+        let start = Instant::now();
+        ask(self.t.child(), site, n);
+        self.t.two_stop(addr, orig, n).unwrap();
+        done(self.t.child());
+        start.elapsed()
+    }
+}
+
+/// multiprobe on its own tracee: three counting handlers on each site, of which the
+/// last two are enabled only for the 3-handler runs.
+struct Multi {
+    t: Tracer,
+    child: Child,
+    first: [Arc<AtomicU64>; 2],
+    extra: [Vec<Registration<PtraceBackend>>; 2],
+    _first: Vec<Registration<PtraceBackend>>,
+}
+
+impl Multi {
+    fn new() -> Multi {
+        let mut t = Tracer::spawn(&mut command()).unwrap();
+        let child = t.take_child().unwrap();
+        let mut first = Vec::new();
+        let mut firsts = Vec::new();
+        let mut extra = Vec::new();
+        for sym in ["mp_bench_nop", "mp_bench_fn"] {
+            let addr = t.resolve(sym).unwrap();
+            let mut regs = Vec::new();
+            let mut counts = Vec::new();
+            for _ in 0..3 {
+                let c = Arc::new(AtomicU64::new(0));
+                let c2 = Arc::clone(&c);
+                let h = move |h: &mut Hit<'_>| {
+                    std::hint::black_box(h.regs().rdi);
+                    c2.fetch_add(1, Relaxed);
+                };
+                regs.push(t.registry().register(addr, h).unwrap());
+                counts.push(c);
+            }
+            first.push(Arc::clone(&counts[0]));
+            firsts.push(regs.remove(0));
+            extra.push(regs);
+        }
+        Multi {
+            t,
+            child,
+            first: [Arc::clone(&first[0]), Arc::clone(&first[1])],
+            extra: [extra.remove(0), extra.remove(0)],
+            _first: firsts,
+        }
+    }
+
+    fn handlers(&self, site: u8, n: usize) {
+        for r in &self.extra[usize::from(site)] {
+            if n == 3 { r.enable() } else { r.disable() }.unwrap();
+        }
+    }
+
+    fn hits(&mut self, site: u8, n: u64) -> Duration {
+        let count = &self.first[usize::from(site)];
+        let target = count.load(Relaxed) + n;
+        let start = Instant::now();
+        ask(&mut self.child, site, n);
+        let stop = self.t.run_until(|| count.load(Relaxed) >= target).unwrap();
+        assert!(stop.is_none(), "the tracee stopped: {stop:?}");
+        done(&mut self.child);
+        start.elapsed()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Routine {
+    Floor,
+    FloorRegs,
+    TwoStop(u8),
+    Multi(usize, u8),
+}
+
+impl Routine {
+    const ALL: [Routine; 8] = [
+        Routine::Floor,
+        Routine::FloorRegs,
+        Routine::TwoStop(NOP),
+        Routine::TwoStop(IMUL),
+        Routine::Multi(1, NOP),
+        Routine::Multi(3, NOP),
+        Routine::Multi(1, IMUL),
+        Routine::Multi(3, IMUL),
+    ];
+
+    fn name(self) -> String {
+        let site = |s| if s == NOP { "nop" } else { "imul" };
+        match self {
+            Routine::Floor => "floor".into(),
+            Routine::FloorRegs => "floor+regs".into(),
+            Routine::TwoStop(s) => format!("two-stop/{}", site(s)),
+            Routine::Multi(h, s) => format!("multiprobe/{h}h/{}", site(s)),
+        }
+    }
+
+    fn run(self, raw: &mut Raw, multi: &mut Multi, n: u64) -> Duration {
+        match self {
+            Routine::Floor => raw.floor(n),
+            Routine::FloorRegs => raw.floor_regs(n),
+            Routine::TwoStop(s) => raw.two_stop(s, n),
+            Routine::Multi(h, s) => {
+                multi.handlers(s, h);
+                multi.hits(s, n)
+            }
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    let r = Ratios::new();
+    let mut raw = Raw::new();
+    let mut multi = Multi::new();
+    {
+        let mut g = c.benchmark_group("ptrace");
+        for routine in Routine::ALL {
+            let name = routine.name();
+            g.bench_function(&name, |b| {
+                r.measure(b, &name, |n| routine.run(&mut raw, &mut multi, n))
+            });
+        }
+        g.finish();
+    }
+    c.final_summary();
+    r.print_means();
+
+    // Interleaved rounds: per-hit times of every routine, round by round.
+    let mut per_hit: Vec<Vec<f64>> = vec![Vec::new(); Routine::ALL.len()];
+    for _ in 0..ROUNDS {
+        for (i, routine) in Routine::ALL.iter().enumerate() {
+            let d = routine.run(&mut raw, &mut multi, HITS);
+            per_hit[i].push(d.as_secs_f64() * 1e9 / HITS as f64);
+        }
+    }
+    let idx = |r: Routine| Routine::ALL.iter().position(|&x| x == r).unwrap();
+    for (i, routine) in Routine::ALL.iter().enumerate() {
+        println!(
+            "INTERLEAVED {}: median {} per hit over {ROUNDS} rounds of {HITS}",
+            routine.name(),
+            fmt_ns(median(per_hit[i].clone()))
+        );
+    }
+    let ratio = |a: Routine, b: Routine| {
+        let v = per_hit[idx(a)]
+            .iter()
+            .zip(&per_hit[idx(b)])
+            .map(|(x, y)| x / y)
+            .collect();
+        median(v)
+    };
+    for s in [NOP, IMUL] {
+        for h in [1, 3] {
+            let m = Routine::Multi(h, s);
+            println!(
+                "RATIO {} / floor (target <= 1.15): {:.3}",
+                m.name(),
+                ratio(m, Routine::Floor)
+            );
+        }
+    }
+    println!(
+        "RATIO floor+regs / floor (the registers alone): {:.3}",
+        ratio(Routine::FloorRegs, Routine::Floor)
+    );
+    for s in [NOP, IMUL] {
+        let (two, m) = (Routine::TwoStop(s), Routine::Multi(1, s));
+        println!(
+            "RATIO {} / {} (target >= 2.3): {:.3}",
+            two.name(),
+            m.name(),
+            ratio(two, m)
+        );
+    }
+}

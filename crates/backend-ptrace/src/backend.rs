@@ -1,0 +1,294 @@
+//! The core's [`Backend`] for a traced process: validating, arming and disarming
+//! probes, and the state the tracer loop shares with it.
+//!
+//! `prepare`, `arm` and `disarm` make no ptrace request, so the registry may call
+//! them from any thread, also while the tracer loop runs: they read `/proc/PID/maps`
+//! and the mapped ELF files and patch code through `/proc/PID/mem` (see
+//! [`crate::mem`]). Everything that needs ptrace — placing the out-of-line slots,
+//! which may map a page into the tracee — happens on the tracer thread, at a site's
+//! first hit.
+//!
+//! Invariants (under [`Shared::state`]):
+//! * `armed` holds exactly the addresses where this image has our `int3`, with the
+//!   original byte; `history` every address armed in this image since it was loaded
+//!   (a forked child may still carry any of them).
+//! * After an exec the generation moves on: sites of the old image are stale, their
+//!   disarm reports [`Error::ProcessGone`] and writes nothing.
+//! * Once detached or gone, nothing is written to the tracee any more.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
+
+use crate::mem::CodeMemory;
+use crate::sys::Tid;
+use crate::xol::Xol;
+use multiprobe_symbols::{ProcessSymbols, SymbolCache};
+
+pub(crate) const INT3: u8 = 0xcc;
+
+/// Where the tracee stands, as far as patching its code goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    Attached,
+    Detached,
+    Gone,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) status: Status,
+    /// `/proc/PID/mem` of the current image; `None` unless attached.
+    pub(crate) code: Option<CodeMemory>,
+    pub(crate) armed: HashMap<u64, u8>,
+    pub(crate) history: HashMap<u64, u8>,
+    pub(crate) xol: Xol,
+}
+
+/// What the backend and the tracer loop share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) pid: Tid,
+    /// Image generation: moves on at every exec.
+    pub(crate) gen: AtomicU64,
+    pub(crate) state: Mutex<State>,
+    pub(crate) symbols: Arc<SymbolCache>,
+    pub(crate) dispatcher: OnceLock<Dispatcher<Site>>,
+}
+
+impl Shared {
+    pub(crate) fn new(pid: Tid, code: CodeMemory) -> Arc<Shared> {
+        Arc::new(Shared {
+            pid,
+            gen: AtomicU64::new(1),
+            state: Mutex::new(State {
+                status: Status::Attached,
+                code: Some(code),
+                armed: HashMap::new(),
+                history: HashMap::new(),
+                xol: Xol::default(),
+            }),
+            symbols: Arc::default(),
+            dispatcher: OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent; a panic in one (a bug)
+        // must not stop detach from restoring the tracee.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn gen(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
+    }
+}
+
+impl State {
+    pub(crate) fn usable(&self) -> Result<&CodeMemory> {
+        match (self.status, &self.code) {
+            (Status::Attached, Some(c)) => Ok(c),
+            (Status::Detached, _) => Err(Error::Backend("the tracer has detached".into())),
+            _ => Err(Error::ProcessGone),
+        }
+    }
+
+    /// Copy `buf.len()` bytes of code at `addr` with our breakpoints taken out.
+    pub(crate) fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.usable()?.read(addr, buf)?;
+        for (&a, &orig) in &self.armed {
+            if let Some(i) = a.checked_sub(addr).filter(|&i| i < buf.len() as u64) {
+                buf[i as usize] = orig;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The two out-of-line slots of a site, placed in an XOL page of the tracee.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    /// Start of the allocation (both slots) in the XOL area.
+    pub(crate) base: u64,
+    pub(crate) jump_back: Slot,
+    /// `None` for plans that have no trap-after variant (always emulated).
+    pub(crate) trap_after: Option<Slot>,
+}
+
+impl Slots {
+    pub(crate) fn contains(&self, ip: u64) -> bool {
+        self.jump_back.contains(ip) || self.trap_after.is_some_and(|s| s.contains(ip))
+    }
+
+    /// The slot holding `ip`, if any.
+    pub(crate) fn slot_of(&self, ip: u64) -> Option<&Slot> {
+        if self.jump_back.contains(ip) {
+            Some(&self.jump_back)
+        } else {
+            self.trap_after.as_ref().filter(|s| s.contains(ip))
+        }
+    }
+}
+
+/// The backend's data for one probed address.
+#[derive(Debug)]
+pub(crate) struct SiteInner {
+    pub(crate) addr: u64,
+    pub(crate) gen: u64,
+    pub(crate) plan: Plan,
+    /// Placed at the first hit that needs them (on the tracer thread, the only writer).
+    pub(crate) slots: OnceLock<Slots>,
+    owner: Weak<Shared>,
+}
+
+impl Drop for SiteInner {
+    fn drop(&mut self) {
+        // Reached only when no thread can be inside the slots: every thread sent
+        // through them holds a reference until it is seen stopped outside.
+        if let (Some(slots), Some(owner)) = (self.slots.get(), self.owner.upgrade()) {
+            let mut st = owner.lock();
+            if owner.gen() == self.gen {
+                st.xol.free(slots.base);
+            }
+        }
+    }
+}
+
+/// Per-site data of [`PtraceBackend`] (the core's `Backend::Site`). Cheap to clone:
+/// the tracer keeps a clone for every thread that is inside one of its slots.
+#[derive(Clone, Debug)]
+pub struct Site(pub(crate) Arc<SiteInner>);
+
+impl Site {
+    /// The analysis of the probed instruction.
+    pub fn plan(&self) -> &Plan {
+        &self.0.plan
+    }
+}
+
+/// The [`Backend`] of a traced process. Created by [`crate::Tracer`]; reach it through
+/// the tracer's registry.
+#[derive(Debug)]
+pub struct PtraceBackend {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl PtraceBackend {
+    /// The traced process.
+    pub fn pid(&self) -> i32 {
+        self.shared.pid
+    }
+}
+
+impl Backend for PtraceBackend {
+    type Site = Site;
+
+    fn attach(&self, dispatcher: Dispatcher<Site>) {
+        let _ = self.shared.dispatcher.set(dispatcher);
+    }
+
+    fn prepare(&self, addr: u64) -> Result<Site> {
+        let sh = &self.shared;
+        let gen = sh.gen();
+        let maps = crate::error::maps(sh.pid)?;
+        let region = maps.find(addr).ok_or(Error::Unmapped { addr })?.clone();
+        let st = sh.lock();
+        st.usable()?;
+        if st.xol.contains(addr) {
+            return Err(Error::Reserved {
+                addr,
+                what: "out-of-line slot page",
+            });
+        }
+        if !region.exec {
+            return Err(Error::NotExecutable { addr });
+        }
+        // Decode from the function start when the symbols say where it is (the boundary
+        // check), else just the instruction.
+        let func = ProcessSymbols::from_maps(maps, Arc::clone(&sh.symbols))
+            .locate(addr)
+            .filter(|f| f.start >= region.start);
+        let start = func.as_ref().map_or(addr, |f| f.start);
+        let end = (addr + MAX_INSN_LEN as u64).min(region.end);
+        let mut bytes = vec![0; (end - start) as usize];
+        st.read_original(start, &mut bytes)?;
+        drop(st);
+        let range = func.as_ref().map(|f| f.start..f.start + f.size);
+        let plan = analyze(
+            addr,
+            Code {
+                addr: start,
+                bytes: &bytes,
+            },
+            range,
+        )
+        .map_err(|e| {
+            let mut err = e.into_core(addr);
+            if let (Error::NotInstructionBoundary { context, .. }, Some(f)) = (&mut err, &func) {
+                context.push_str(&format!(" in {}+{:#x}", f.name, addr - f.start));
+            }
+            err
+        })?;
+        Ok(Site(Arc::new(SiteInner {
+            addr,
+            gen,
+            plan,
+            slots: OnceLock::new(),
+            owner: Arc::downgrade(sh),
+        })))
+    }
+
+    fn arm(&self, addr: u64, site: &Site) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let code = st.usable()?;
+        if site.0.gen != sh.gen() {
+            return Err(Error::Backend(format!(
+                "{addr:#x} was prepared for a program image that has since been replaced (exec)"
+            )));
+        }
+        let orig = site.0.plan.bytes()[0];
+        let mut now = [0u8];
+        code.read(addr, &mut now)?;
+        if now[0] != orig {
+            return Err(Error::Backend(format!(
+                "the code at {addr:#x} changed since it was analyzed ({:#04x}, expected {orig:#04x})",
+                now[0]
+            )));
+        }
+        code.write(addr, &[INT3])?;
+        st.armed.insert(addr, orig);
+        st.history.insert(addr, orig);
+        Ok(())
+    }
+
+    fn disarm(&self, addr: u64, site: &Site) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        if site.0.gen != sh.gen() {
+            // That image is gone, and the breakpoint with it.
+            return Err(Error::ProcessGone);
+        }
+        let code = match st.usable() {
+            Ok(c) => c,
+            // Detached: every breakpoint was removed then.
+            Err(Error::Backend(_)) => return Err(Error::ProcessGone),
+            Err(e) => return Err(e),
+        };
+        let orig = site.0.plan.bytes()[0];
+        match code.write(addr, &[orig]) {
+            Ok(()) => {
+                st.armed.remove(&addr);
+                Ok(())
+            }
+            Err(Error::ProcessGone) => {
+                st.status = Status::Gone;
+                Err(Error::ProcessGone)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

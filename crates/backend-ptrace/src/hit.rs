@@ -1,0 +1,375 @@
+//! The hot path: a thread stopped with SIGTRAP. One of our breakpoints (run the
+//! pre-handlers, then emulate the instruction or send the thread through its slot),
+//! the trailing `int3` of a trap-after slot (run the post-handlers), a breakpoint
+//! that was just removed (re-execute the restored instruction), or the tracee's own
+//! SIGTRAP (deliver it unchanged).
+//!
+//! Cost of a hit, in system calls besides the stop itself: `PTRACE_GETREGS`, then
+//! `PTRACE_SETREGS` unless the registers are already right (an emulated `nop`), then
+//! `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also be
+//! a signal sent to a thread standing there: after a one-byte instruction.
+
+use std::sync::Arc;
+
+use multiprobe_core::{PreOutcome, Result};
+use multiprobe_x86::SlotKind;
+
+use crate::backend::{SiteInner, Slots, INT3};
+use crate::error;
+use crate::inject;
+use crate::regs::{self, from_core, to_core};
+use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
+use crate::tracer::{FilterGone, InSlot, Tracer};
+use crate::xol::{GADGET, PAGE, UNIT};
+
+/// How far an XOL page may be from the code it serves, so rel32 jumps reach.
+const REACH: u64 = (1 << 31) - 2 * PAGE;
+
+/// What to do with a thread after its pre-handlers.
+enum Next {
+    /// Resume with the registers as they are (emulated, redirected, or re-execute).
+    Resume,
+    /// Resume at this slot.
+    Slot(SlotKind),
+    /// No slot could be placed: execute the original instruction in place.
+    InPlace { post: bool },
+}
+
+impl Tracer {
+    pub(crate) fn on_trap(&mut self, tid: Tid) -> Result<()> {
+        let Ok(ur) = sys::get_regs(tid) else {
+            return Ok(()); // killed meanwhile: its exit comes next
+        };
+        let th = self.threads.get_mut(&tid).expect("adopted");
+        // The trailing int3 of the trap-after slot the thread was sent to last?
+        if let Some(top) = th.slots.last() {
+            let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
+            let mut regs = to_core(&ur);
+            if top.kind == SlotKind::TrapAfter
+                && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
+            {
+                let top = th.slots.pop().expect("just seen");
+                let d = &self.dispatcher;
+                // No deferred step when the thread was switched here only to hold back
+                // a signal: then no post-handler runs.
+                d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
+                let mut sig = 0;
+                if let Some(info) = top.deferred {
+                    sys::set_sig_info(tid, &info)
+                        .filter_gone()
+                        .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
+                    sig = info.signo();
+                }
+                return self.finish(tid, &ur, &regs, sig);
+            }
+        }
+        th.prune(ur.rip);
+        let addr = ur.rip.wrapping_sub(1);
+        let site = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0));
+        let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
+            return self.not_ours(tid, &ur, addr);
+        };
+        if let Some((_, reached)) = self.hold_at.as_ref().filter(|(a, _)| *a == addr) {
+            // Not served: held on the breakpoint, to execute its instruction once the
+            // probe is gone.
+            reached.store(true, std::sync::atomic::Ordering::Relaxed);
+            let th = self.threads.get_mut(&tid).expect("adopted");
+            th.held = Some(0);
+            return sys::poke_user(tid, crate::tracer::RIP, addr)
+                .filter_gone()
+                .map_err(|e| error::sys(e, "set rip"));
+        }
+        if site.plan.len() == 1 && !from_int3(tid) {
+            return self.resume_sig(tid, libc::SIGTRAP);
+        }
+        self.hit(tid, ur, site)
+    }
+
+    fn hit(&mut self, tid: Tid, ur: UserRegs, site: Arc<SiteInner>) -> Result<()> {
+        let mut have_slots = site.slots.get().is_some();
+        if !have_slots && !site.plan.is_emulated() {
+            have_slots = self.place_slots(tid, &ur, &site).is_ok();
+        }
+        let mut regs = to_core(&ur);
+        regs.rip = site.addr;
+        let th = self.threads.get_mut(&tid).expect("adopted");
+        let d = &self.dispatcher;
+        let next = match d.pre(&th.ts, site.addr, tid as u32, &mut regs, &self.mem) {
+            // Unregistered since the lookup: its byte is back, run it.
+            PreOutcome::NotOurs | PreOutcome::Redirect => Next::Resume,
+            PreOutcome::Step(step) => {
+                let post = step.wants_post();
+                let plan = &site.plan;
+                if plan.is_emulated() && plan.emulate(&mut regs, &self.mem).is_ok() {
+                    if post {
+                        step.defer_post();
+                        d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
+                    }
+                    Next::Resume
+                } else if !have_slots {
+                    if post {
+                        step.defer_post();
+                    }
+                    Next::InPlace { post }
+                } else if post && plan.has_trap_after_slot() {
+                    step.defer_post();
+                    Next::Slot(SlotKind::TrapAfter)
+                } else {
+                    // A post that cannot be had (the instruction leaves through a
+                    // computed target and its emulation failed: it is about to fault).
+                    drop(step);
+                    Next::Slot(SlotKind::JumpBack)
+                }
+            }
+        };
+        match next {
+            Next::Resume => self.finish(tid, &ur, &regs, 0),
+            Next::Slot(kind) => {
+                let slots = site.slots.get().expect("placed");
+                regs.rip = match kind {
+                    SlotKind::TrapAfter => slots.trap_after.expect("has one").addr(),
+                    SlotKind::JumpBack => slots.jump_back.addr(),
+                };
+                let th = self.threads.get_mut(&tid).expect("adopted");
+                th.slots.push(InSlot {
+                    site,
+                    kind,
+                    suspended: false,
+                    deferred: None,
+                });
+                self.finish(tid, &ur, &regs, 0)
+            }
+            Next::InPlace { post } => self.step_in_place(tid, &ur, regs, &site, post),
+        }
+    }
+
+    /// Write back what changed, and resume.
+    fn finish(
+        &mut self,
+        tid: Tid,
+        ur: &UserRegs,
+        regs: &multiprobe_core::Regs,
+        sig: i32,
+    ) -> Result<()> {
+        let new = from_core(ur, regs);
+        let e = |e| error::sys(e, format_args!("set registers of thread {tid}"));
+        match regs::changes(ur, &new) {
+            Some(fields) => {
+                for (offset, value) in fields.iter() {
+                    sys::poke_user(tid, offset, value)
+                        .filter_gone()
+                        .map_err(e)?;
+                }
+            }
+            None => sys::set_regs(tid, &new).filter_gone().map_err(e)?,
+        }
+        self.resume_sig(tid, sig)
+    }
+
+    fn resume_sig(&mut self, tid: Tid, sig: i32) -> Result<()> {
+        let mut sig = sig;
+        if sig == 0 {
+            if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
+                sig = self.aside.signals.remove(i).1;
+            }
+        }
+        sys::cont(tid, sig)
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("resume thread {tid}")))
+    }
+
+    /// A SIGTRAP at `addr + 1` where no probe is registered now.
+    fn not_ours(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
+        let st = self.shared.lock();
+        let ours_once = st.history.contains_key(&addr);
+        let mut now = [INT3];
+        if let Ok(code) = st.usable() {
+            let _ = code.read(addr, &mut now);
+        }
+        drop(st);
+        if ours_once && now[0] != INT3 && from_int3(tid) {
+            // Our breakpoint, removed after the thread trapped on it: run the restored
+            // instruction.
+            let mut r = *ur;
+            r.rip = addr;
+            sys::set_regs(tid, &r)
+                .filter_gone()
+                .map_err(|e| error::sys(e, "set registers"))?;
+            return self.resume_sig(tid, 0);
+        }
+        self.resume_sig(tid, libc::SIGTRAP)
+    }
+
+    /// Map (if needed) and fill the slots of `site`, using the stopped thread `tid`
+    /// (registers `ur`) for any injected system call.
+    fn place_slots(&mut self, tid: Tid, ur: &UserRegs, site: &Arc<SiteInner>) -> Result<()> {
+        let window = site.plan.slot_window();
+        let addr = site.addr;
+        let ok = move |a: u64| {
+            a.abs_diff(addr) < REACH
+                && window
+                    .as_ref()
+                    .is_none_or(|w| w.contains(&a) && w.contains(&(a + UNIT / 2)))
+        };
+        let mut unit = self.shared.lock().xol.alloc(&ok);
+        if unit.is_none() {
+            self.map_page_near(tid, ur, addr)?;
+            unit = self.shared.lock().xol.alloc(&ok);
+        }
+        let unit = unit.ok_or_else(|| {
+            multiprobe_core::Error::Backend(format!(
+                "no out-of-line slot within reach of {addr:#x}"
+            ))
+        })?;
+        let build = || -> Result<Slots> {
+            let plan = &site.plan;
+            let jump_back = plan
+                .build_slot(SlotKind::JumpBack, unit)
+                .map_err(|e| multiprobe_core::Error::Backend(e.to_string()))?;
+            let trap_after = if plan.has_trap_after_slot() {
+                let s = plan
+                    .build_slot(SlotKind::TrapAfter, unit + UNIT / 2)
+                    .map_err(|e| multiprobe_core::Error::Backend(e.to_string()))?;
+                Some(s)
+            } else {
+                None
+            };
+            let st = self.shared.lock();
+            let code = st.usable()?;
+            code.write(jump_back.addr(), jump_back.bytes())?;
+            if let Some(t) = &trap_after {
+                code.write(t.addr(), t.bytes())?;
+            }
+            Ok(Slots {
+                base: unit,
+                jump_back,
+                trap_after,
+            })
+        };
+        match build() {
+            Ok(slots) => {
+                let _ = site.slots.set(slots);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.lock().xol.free(unit);
+                Err(e)
+            }
+        }
+    }
+
+    /// Map a new XOL page within reach of `addr` with an injected `mmap`.
+    fn map_page_near(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
+        let maps = error::maps(self.pid())?;
+        let want = maps.free_near(addr, addr + 1, PAGE, REACH).ok_or_else(|| {
+            multiprobe_core::Error::Backend(format!("no free page within reach of {addr:#x}"))
+        })?;
+        let known = self.shared.lock().xol.gadget().or(self.syscall_insn);
+        let insn = match known {
+            Some(i) => i,
+            None => {
+                let st = self.shared.lock();
+                let code = st.usable()?;
+                let found = inject::find_syscall_insn(&maps, |a, b| code.read(a, b));
+                drop(st);
+                self.syscall_insn = found;
+                found.ok_or_else(|| {
+                    multiprobe_core::Error::Backend("no syscall instruction in the tracee".into())
+                })?
+            }
+        };
+        let args = [
+            want,
+            PAGE,
+            (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ];
+        let got = inject::syscall(tid, ur, insn, libc::SYS_mmap, args, &mut self.aside)?
+            .map_err(|e| error::sys(e, format_args!("map an out-of-line page at {want:#x}")))?;
+        if got != want {
+            // A kernel without MAP_FIXED_NOREPLACE put it elsewhere: give it back.
+            let _ = inject::syscall(
+                tid,
+                ur,
+                insn,
+                libc::SYS_munmap,
+                [got, PAGE, 0, 0, 0, 0],
+                &mut self.aside,
+            );
+            return Err(multiprobe_core::Error::Backend(format!(
+                "the out-of-line page landed at {got:#x}, not {want:#x}"
+            )));
+        }
+        let mut st = self.shared.lock();
+        st.usable()?.write(got, &GADGET)?;
+        st.xol.add_page(got);
+        Ok(())
+    }
+
+    /// The fallback when no slot can be had: put the original byte back, single-step
+    /// the thread over the instruction, re-insert the breakpoint (the classic two-stop
+    /// scheme; other threads may run through the site unprobed meanwhile).
+    fn step_in_place(
+        &mut self,
+        tid: Tid,
+        ur: &UserRegs,
+        mut regs: multiprobe_core::Regs,
+        site: &Arc<SiteInner>,
+        post: bool,
+    ) -> Result<()> {
+        let addr = site.addr;
+        regs.rip = addr;
+        let orig = site.plan.bytes()[0];
+        let e = |e| error::sys(e, format_args!("single-step thread {tid}"));
+        {
+            let st = self.shared.lock();
+            if st.armed.contains_key(&addr) {
+                st.usable()?.write(addr, &[orig])?;
+            }
+        }
+        sys::set_regs(tid, &from_core(ur, &regs)).map_err(e)?;
+        sys::single_step(tid, 0).map_err(e)?;
+        let after = loop {
+            match sys::wait(tid, false).map_err(e)? {
+                Some(Wait::Stopped { sig, event: 0, .. }) if sig == libc::SIGTRAP => {
+                    break sys::get_regs(tid).map_err(e)?;
+                }
+                Some(Wait::Stopped { sig, event: 0, .. }) => {
+                    self.aside.signals.push((tid, sig));
+                    sys::single_step(tid, 0).map_err(e)?;
+                }
+                Some(w @ (Wait::Exited(..) | Wait::Signaled(..))) => {
+                    self.aside.waits.push_back(w);
+                    break *ur;
+                }
+                _ => sys::single_step(tid, 0).map_err(e)?,
+            }
+        };
+        {
+            let st = self.shared.lock();
+            if st.armed.contains_key(&addr) {
+                if let Ok(code) = st.usable() {
+                    code.write(addr, &[INT3])?;
+                }
+            }
+        }
+        if self.aside.waits.iter().any(|w| w.tid() == tid) {
+            return Ok(());
+        }
+        let mut regs = to_core(&after);
+        if post {
+            let th = self.threads.get(&tid).expect("adopted");
+            self.dispatcher
+                .post(&th.ts, addr, tid as u32, &mut regs, &self.mem);
+        }
+        self.finish(tid, &after, &regs, 0)
+    }
+}
+
+/// Whether the SIGTRAP `tid` stopped for came from an `int3` (the kernel's `SI_KERNEL`)
+/// rather than from `kill`/`raise`.
+fn from_int3(tid: Tid) -> bool {
+    sys::sig_info(tid).is_ok_and(|s| s.code == SI_KERNEL)
+}

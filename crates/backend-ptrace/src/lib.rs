@@ -1,0 +1,104 @@
+//! multiprobe's backend for another process: many handlers on one address of a traced
+//! program, one real `int3` underneath, and **one ptrace stop per hit**.
+//!
+//! ```no_run
+//! use std::process::Command;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use multiprobe_backend_ptrace::{Stop, Tracer};
+//!
+//! let mut tracer = Tracer::spawn(&mut Command::new("/usr/bin/true"))?;
+//! let addr = tracer.resolve("main")?;
+//! let hits = Arc::new(AtomicU64::new(0));
+//! let h = Arc::clone(&hits);
+//! let _guard = tracer.registry().register(addr, move |hit: &mut multiprobe_core::Hit<'_>| {
+//!     let _first_arg = hit.regs().rdi;
+//!     h.fetch_add(1, Ordering::Relaxed);
+//! })?;
+//! let stop = tracer.run()?; // until it exits, execs, or a DetachHandle asks
+//! assert!(matches!(stop, Stop::Exited(_)));
+//! # Ok::<(), multiprobe_core::Error>(())
+//! ```
+//!
+//! # How a hit works
+//!
+//! Arming writes `int3` over the instruction's first byte (through `/proc/PID/mem`,
+//! from any thread). At the first hit of a site the tracer maps an out-of-line (XOL)
+//! page near the code with an `mmap` system call it makes the stopped thread execute,
+//! and writes the site's two slots there (built by `multiprobe-x86`): the relocated
+//! instruction followed by a jump back, and the same followed by `int3`. A hit is then
+//! one stop: the pre-handlers run in the tracer with the thread's registers (changes
+//! are written back) and memory (`process_vm_readv`/`writev`), then the instruction is
+//! emulated or the thread resumes in the jump-back slot. Only when post-handlers want
+//! to run after an instruction that is not emulated does the thread take the
+//! trap-after slot, a second stop.
+//!
+//! # Processes, threads, signals
+//!
+//! New threads are traced automatically. A fork child is freed of every breakpoint and
+//! XOL page and let go; a vfork child, which shares the memory, is followed until it
+//! execs or exits. An exec ends every probe of the old image ([`Stop::Exec`]). The
+//! tracee's own signals are delivered unchanged, its own SIGTRAP too (ours come from an
+//! `int3` at one of our addresses); group-stop is honoured with `PTRACE_LISTEN`. A
+//! displaced instruction that faults in its slot is delivered to the program with `rip`
+//! at the probed address, after the fault handlers.
+//!
+//! # Detach
+//!
+//! [`Tracer::detach`], dropping the tracer, or [`DetachHandle::request`] (from any
+//! thread or a signal handler, e.g. Ctrl-C) removes every breakpoint, moves threads out
+//! of slots, unmaps the XOL pages and lets the process run on, its code byte-identical
+//! to before.
+//!
+//! # Threads of the tracer
+//!
+//! ptrace takes requests only from the thread that attached: a [`Tracer`] stays on the
+//! thread that created it (it is neither `Send` nor `Sync`), handlers run there, and a
+//! thread has one tracer at a time. Its loop waits for every tracee and child of that
+//! thread, so do not start other processes from it. The registry is `Send + Sync`:
+//! registering, enabling and unregistering work from any thread (arming writes through
+//! `/proc/PID/mem`, which needs no ptrace request). On the tracer thread itself, call
+//! [`Tracer::settle`] before unregistering while threads may wait for post-handlers.
+//!
+//! # Limits
+//!
+//! * A signal that arrives while a thread is being used for an injected system call (or
+//!   a fallback single-step) is delivered afterwards with a synthetic `siginfo`.
+//! * An asynchronous signal that catches a thread entering a slot is held back until the
+//!   displaced instruction has run, then delivered with its exact `siginfo` and `rip`
+//!   back in the original code. Two cases are delivered inside the slot instead (the
+//!   handler then sees the slot's address in its `ucontext`, and returns into the slot):
+//!   a second signal while one is held, and any signal at a relocated `syscall`, which
+//!   may block and must stay interruptible. If the tracer detaches while such a handler
+//!   runs, the XOL pages stay mapped and the slot is made to work without the tracer.
+//! * Where no XOL page can be mapped within reach, hits fall back to the classic
+//!   two-stop scheme, during which other threads may pass the site unprobed.
+//! * A hit at a one-byte instruction costs one more request (`PTRACE_GETSIGINFO`): a
+//!   thread standing right after such an instruction could also be stopped by a
+//!   SIGTRAP sent to it, which must reach the program.
+//! * After an exec, every probe of the old image is unregistered ([`Stop::Exec`]);
+//!   probes are not carried over to the new program.
+
+#![warn(missing_docs)]
+
+mod backend;
+#[doc(hidden)]
+pub mod baseline;
+mod children;
+mod detach;
+mod doorbell;
+mod error;
+mod hit;
+mod inject;
+mod launch;
+mod mem;
+mod regs;
+mod signals;
+mod sys;
+mod tracer;
+mod xol;
+
+pub use backend::{PtraceBackend, Site};
+pub use doorbell::DetachHandle;
+pub use mem::TraceeMemory;
+pub use tracer::{ExitStatus, Stop, Tracer};

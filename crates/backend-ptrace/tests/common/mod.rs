@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+pub use multiprobe_test_targets::bin;
+
+/// A command for test program `name` with `args`, stdout piped.
+pub fn command(name: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin(name));
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    c
+}
+
+/// What an unprobed run of the program prints, and its exit code.
+pub fn unprobed(name: &str, args: &[&str]) -> (String, Option<i32>) {
+    let out = command(name, args).output().expect("run test program");
+    (String::from_utf8(out.stdout).unwrap(), out.status.code())
+}
+
+/// Read everything from the child's stdout.
+pub fn read_all(child: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout piped")
+        .read_to_string(&mut s)
+        .expect("read stdout");
+    s
+}
+
+/// The executable, read-only mappings of `pid` and their bytes: the program's code.
+pub fn text(pid: i32) -> Vec<(String, u64, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if !f[1].contains('x') || f.get(5).is_some_and(|p| p.starts_with("[v")) {
+            continue;
+        }
+        let (s, e) = f[0].split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        let mut buf = vec![0; (e - s) as usize];
+        mem.read_exact_at(&mut buf, s).unwrap();
+        out.push((f.get(5).unwrap_or(&"").to_string(), s, buf));
+    }
+    out
+}

@@ -1,0 +1,118 @@
+//! Small programs that multiprobe's process backends and command are tested against,
+//! and [`bin`], which finds (building them on first use) their executables.
+//!
+//! Every program prints what it did — its own call counts, per thread where it has
+//! threads — so a test can compare a probe's hit counts with the program's own account,
+//! and a probed run's output with an unprobed one. The functions meant to be probed are
+//! `#[no_mangle] extern "C"` and `#[inline(never)]`, so they have a symbol and a
+//! System V argument layout.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Names of the programs, as built.
+pub const PROGRAMS: [&str; 6] = [
+    "mp-single",
+    "mp-threads",
+    "mp-forker",
+    "mp-signals",
+    "mp-fault",
+    "mp-bench",
+];
+
+/// Path of the test program `name` (one of [`PROGRAMS`]).
+///
+/// Cargo builds the binaries of a package only for that package's own tests, so tests
+/// elsewhere in the workspace call this: the first call in a process runs
+/// `cargo build -p multiprobe-test-targets --bins` into the target directory and profile
+/// of the running test or bench executable (cargo's own locking makes concurrent callers
+/// safe), later calls just return the path.
+///
+/// # Panics
+/// If the build fails, or `name` is not a known program.
+pub fn bin(name: &str) -> PathBuf {
+    assert!(PROGRAMS.contains(&name), "unknown test program {name}");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(build).join(name)
+}
+
+fn build() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // <target>/<profile>/deps/<exe>, or <target>/<profile>/<exe> for a plain binary.
+    let mut profile_dir = exe.parent().expect("exe has a parent").to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let target_dir = profile_dir.parent().unwrap_or(Path::new("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo to build the test programs");
+    assert!(
+        status.success(),
+        "building the test programs failed: {status}"
+    );
+    profile_dir
+}
+
+/// Helpers the programs share.
+pub mod util {
+    /// The calling thread's kernel thread id.
+    pub fn gettid() -> i32 {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        unsafe { libc::gettid() }
+    }
+
+    /// Parse `--name value` from the arguments, or `default`.
+    pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("bad value for {name}: {v}"))
+            })
+            .unwrap_or(default)
+    }
+
+    /// Whether the flag `name` is present.
+    pub fn flag(name: &str) -> bool {
+        std::env::args().any(|a| a == name)
+    }
+
+    /// With `--wait`: print `ready PID` and block until a line arrives on stdin, so a
+    /// test can attach first. The program calls [`maybe_wait_end`] before it exits.
+    pub fn maybe_wait() {
+        use std::io::{BufRead, Write};
+        if flag("--wait") {
+            println!("ready {}", std::process::id());
+            std::io::stdout().flush().expect("flush");
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).expect("stdin");
+        }
+    }
+
+    /// With `--wait`: flush stdout and block until stdin is closed (or a line arrives),
+    /// so a test can look at the process after its work and before it exits. Exits with
+    /// 99 if that read fails (a tracer that broke the blocked system call, say).
+    pub fn maybe_wait_end() {
+        use std::io::{BufRead, Write};
+        if flag("--wait") {
+            std::io::stdout().flush().expect("flush");
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().lock().read_line(&mut line) {
+                eprintln!("the final read failed: {e}");
+                std::process::exit(99);
+            }
+        }
+    }
+}
