@@ -14,4 +14,6 @@ pub mod process;
 
 pub use elf::{ElfSymbols, Func};
 pub use maps::{Maps, Region};
-pub use process::{file_name, library_matches, Located, ProcessSymbols, ResolveError, SymbolCache};
+pub use process::{
+    file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,
+};

@@ -229,29 +229,33 @@ impl ProcessSymbols {
         })
     }
 
-    /// Up to five names in `files` close to `name`: containing it, or within a small
-    /// edit distance.
+    /// Up to five names in `files` close to `name`.
     fn near(&self, files: &[&str], name: &str) -> Vec<String> {
-        let max = (name.len() / 4).clamp(1, 3);
-        let mut scored: Vec<(usize, String)> = Vec::new();
-        for path in files {
-            for f in self.cache.get(path).funcs() {
-                let shown = f.display_name();
-                let short = shown.rsplit("::").next().unwrap_or(shown);
-                let d = if short.contains(name) && short != name {
-                    0
-                } else {
-                    edit_distance(short, name)
-                };
-                if d <= max || (d == 0) {
-                    scored.push((d * 1000 + shown.len(), shown.to_string()));
-                }
-            }
-        }
-        scored.sort();
-        scored.dedup_by(|a, b| a.1 == b.1);
-        scored.into_iter().take(5).map(|(_, n)| n).collect()
+        let tables: Vec<Arc<ElfSymbols>> = files.iter().map(|p| self.cache.get(p)).collect();
+        near_names(tables.iter().flat_map(|t| t.funcs()), name)
     }
+}
+
+/// Up to five function names close to `name`: containing it, or within a small edit
+/// distance of it (of their last path component, for Rust names).
+pub fn near_names<'a>(funcs: impl IntoIterator<Item = &'a Func>, name: &str) -> Vec<String> {
+    let max = (name.len() / 4).clamp(1, 3);
+    let mut scored: Vec<(usize, String)> = Vec::new();
+    for f in funcs {
+        let shown = f.display_name();
+        let short = shown.rsplit("::").next().unwrap_or(shown);
+        let d = if short.contains(name) && short != name {
+            0
+        } else {
+            edit_distance(short, name)
+        };
+        if d <= max {
+            scored.push((d * 1000 + shown.len(), shown.to_string()));
+        }
+    }
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(5).map(|(_, n)| n).collect()
 }
 
 /// Levenshtein distance, with an early exit once both strings differ too much in length.

@@ -12,13 +12,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Names of the programs, as built.
-pub const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 7] = [
     "mp-single",
     "mp-threads",
     "mp-forker",
     "mp-signals",
     "mp-fault",
     "mp-bench",
+    "mp-dlopen",
 ];
 
 /// Path of the test program `name` (one of [`PROGRAMS`]).

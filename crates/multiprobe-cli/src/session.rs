@@ -1,0 +1,428 @@
+//! Placing the probes of a command line in a traced process, and keeping account of them.
+//!
+//! A spec becomes one handler per action on its site. Placement happens when the
+//! program's own code is about to run: for `run`, at the program's entry point (an
+//! internal probe there; the dynamic loader has mapped every startup library by then);
+//! for `attach`, at once. A spec on a library that is not mapped then, but exists on
+//! disk, is *pending*: an internal probe on the loader's `_dl_debug_state` (which
+//! `dlopen` calls after mapping) tries again. At the first placement any spec that does
+//! not resolve is fatal — the caller kills a spawned program before it ran its code, or
+//! detaches from an attached one — so a typo never leaves a half-probed program behind.
+//!
+//! Invariants (under the `State` mutex): every row belongs to one (spec, action); a row
+//! with a handler id is registered in the registry; `carried` holds the statistics of
+//! registrations that ended (an exec replaced the image).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use multiprobe_backend_ptrace::PtraceBackend;
+use multiprobe_core::{HandlerId, HandlerInfo, Hit, PreAction, Registry};
+use multiprobe_symbols::{
+    file_name, library_matches, near_names, ElfSymbols, ProcessSymbols, SymbolCache,
+};
+
+use crate::actions::{ActionHandler, Sink};
+use crate::output::Row;
+use crate::spec::{Action, ProbeSpec, Target};
+
+/// The dynamic loader's hook that `dlopen` and `dlclose` call after changing the maps.
+const LOADER: &str = "ld-linux-x86-64.so.2";
+const LOADER_HOOK: &str = "_dl_debug_state";
+
+#[derive(Debug)]
+struct RowState {
+    spec: usize,
+    action: Action,
+    site: Option<u64>,
+    symbol: String,
+    id: Option<HandlerId>,
+    carried_hits: u64,
+    carried_missed: u64,
+    state: String,
+}
+
+/// Everything the placement hooks and the command share.
+#[derive(Debug)]
+pub struct State {
+    specs: Vec<ProbeSpec>,
+    rows: Vec<RowState>,
+    registry: Registry<PtraceBackend>,
+    pid: i32,
+    cache: Arc<SymbolCache>,
+    sink: Arc<Sink>,
+    ld_library_path: Option<String>,
+    /// The first error of the first placement: the run must end.
+    fatal: Option<String>,
+    /// Internal handlers (entry point, loader hook), not shown in the summary.
+    hooks: Vec<HandlerId>,
+    loader_hooked: bool,
+}
+
+/// Shared handle on the [`State`].
+pub type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Shared) -> MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a spec resolved (or why not yet).
+enum Resolved {
+    At {
+        addr: u64,
+        label: String,
+    },
+    /// Its library is not mapped (yet).
+    NotLoaded(String),
+}
+
+impl State {
+    /// A placement plan for `specs` in process `pid`.
+    pub fn new(
+        specs: Vec<ProbeSpec>,
+        registry: Registry<PtraceBackend>,
+        pid: i32,
+        sink: Arc<Sink>,
+        ld_library_path: Option<String>,
+    ) -> Shared {
+        let rows = specs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.actions.iter().map(move |&action| RowState {
+                    spec: i,
+                    action,
+                    site: None,
+                    symbol: s.target.to_string(),
+                    id: None,
+                    carried_hits: 0,
+                    carried_missed: 0,
+                    state: "pending".into(),
+                })
+            })
+            .collect();
+        Arc::new(Mutex::new(State {
+            specs,
+            rows,
+            registry,
+            pid,
+            cache: Arc::new(SymbolCache::default()),
+            sink,
+            ld_library_path,
+            fatal: None,
+            hooks: Vec::new(),
+            loader_hooked: false,
+        }))
+    }
+
+    fn resolve(&self, syms: &ProcessSymbols, spec: &ProbeSpec) -> Result<Resolved, String> {
+        match &spec.target {
+            Target::Address(a) => {
+                let label = match syms.locate(*a) {
+                    Some(l) if l.start == *a => format!("{}:{}", file_name(&l.file), l.name),
+                    Some(l) => format!("{}:{}+{:#x}", file_name(&l.file), l.name, a - l.start),
+                    None => format!("{a:#x}"),
+                };
+                Ok(Resolved::At { addr: *a, label })
+            }
+            Target::Symbol {
+                library,
+                name,
+                offset,
+            } => {
+                if let Some(l) = library {
+                    if !syms.files().iter().any(|p| library_matches(l, p)) {
+                        return Ok(Resolved::NotLoaded(l.clone()));
+                    }
+                }
+                let loc = syms
+                    .resolve(library.as_deref(), name)
+                    .map_err(|e| e.to_string())?;
+                if *offset != 0 && loc.size != 0 && *offset >= loc.size {
+                    return Err(format!(
+                        "offset {offset:#x} is past the end of {} ({} bytes)",
+                        loc.name, loc.size
+                    ));
+                }
+                let mut label = format!("{}:{}", file_name(&loc.file), loc.name);
+                if *offset != 0 {
+                    label.push_str(&format!("+{offset:#x}"));
+                }
+                Ok(Resolved::At {
+                    addr: loc.start + offset,
+                    label,
+                })
+            }
+        }
+    }
+
+    /// A spec whose library is not mapped: at the first placement, check that the
+    /// library exists on disk and has the function, so that a typo fails now.
+    fn check_pending(&self, spec: &ProbeSpec, library: &str) -> Result<(), String> {
+        let Some(path) = crate::libs::find(library, self.ld_library_path.as_deref()) else {
+            return Err(format!(
+                "no library {library:?} is loaded or installed (searched LD_LIBRARY_PATH, \
+                 /etc/ld.so.conf and the default directories)"
+            ));
+        };
+        let Target::Symbol { name, .. } = &spec.target else {
+            return Ok(());
+        };
+        let elf = ElfSymbols::load(&path.to_string_lossy())
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if elf.by_name(name).is_empty() {
+            let near = near_names(elf.funcs(), name);
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!("; did you mean {}?", near.join(", "))
+            };
+            return Err(format!(
+                "no function named {name:?} in {}{hint}",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Place every spec that is not placed yet. With `first`, anything that cannot be
+    /// placed now and never could be is fatal; later, such specs are reported once and
+    /// left out.
+    fn place(&mut self, first: bool) {
+        let syms = match ProcessSymbols::read(self.pid as u32, Arc::clone(&self.cache)) {
+            Ok(s) => s,
+            Err(e) => {
+                if first {
+                    self.fatal = Some(format!("cannot read the maps of process {}: {e}", self.pid));
+                }
+                return;
+            }
+        };
+        for i in 0..self.specs.len() {
+            if self
+                .rows
+                .iter()
+                .any(|r| r.spec == i && (r.id.is_some() || r.state.starts_with("failed")))
+            {
+                continue;
+            }
+            let spec = self.specs[i].clone();
+            let fail = |why: String| format!("probe {:?}: {why}", spec.text);
+            match self.resolve(&syms, &spec) {
+                Ok(Resolved::NotLoaded(library)) => {
+                    if first {
+                        if let Err(e) = self.check_pending(&spec, &library) {
+                            self.fatal = Some(fail(e));
+                            return;
+                        }
+                    }
+                }
+                Ok(Resolved::At { addr, label }) => {
+                    if let Err(e) = self.register(i, addr, &label) {
+                        let msg = fail(e);
+                        if first {
+                            self.fatal = Some(msg);
+                            return;
+                        }
+                        self.sink.write(&format!("multiprobe: {msg}"));
+                        self.mark_failed(i, "failed");
+                    }
+                }
+                Err(e) => {
+                    let msg = fail(e);
+                    if first {
+                        self.fatal = Some(msg);
+                        return;
+                    }
+                    self.sink.write(&format!("multiprobe: {msg}"));
+                    self.mark_failed(i, "failed: no such function");
+                }
+            }
+        }
+    }
+
+    fn mark_failed(&mut self, spec: usize, state: &str) {
+        for r in self.rows.iter_mut().filter(|r| r.spec == spec) {
+            r.state = state.into();
+        }
+    }
+
+    fn register(&mut self, spec: usize, addr: u64, label: &str) -> Result<(), String> {
+        let label: Arc<str> = Arc::from(label);
+        let mut ids = Vec::new();
+        let rows: Vec<usize> = (0..self.rows.len())
+            .filter(|&r| self.rows[r].spec == spec)
+            .collect();
+        for &r in &rows {
+            let h = ActionHandler::new(
+                self.rows[r].action,
+                Arc::clone(&label),
+                Arc::clone(&self.sink),
+            );
+            match self.registry.register(addr, h) {
+                Ok(g) => ids.push(g.into_id()),
+                Err(e) => {
+                    // All of a spec's actions or none.
+                    let _ = self.registry.unregister_batch(&ids);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        for (&r, id) in rows.iter().zip(ids) {
+            let row = &mut self.rows[r];
+            row.site = Some(addr);
+            row.symbol = label.to_string();
+            row.id = Some(id);
+            row.state = "armed".into();
+        }
+        Ok(())
+    }
+
+    fn any_pending(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.id.is_none() && r.state == "pending")
+    }
+
+    /// The first error of the first placement, if any.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// The process executed a new program: the old image's probes are gone. Carry their
+    /// statistics and place them again in the new image.
+    pub fn exec(&mut self, unregistered: &[HandlerInfo]) {
+        for info in unregistered {
+            if let Some(row) = self.rows.iter_mut().find(|r| r.id == Some(info.id)) {
+                row.carried_hits += info.stats.hits;
+                row.carried_missed += info.stats.missed;
+            }
+        }
+        for row in &mut self.rows {
+            row.id = None;
+            row.site = None;
+            if !row.state.starts_with("failed") {
+                row.state = "pending".into();
+            }
+        }
+        self.hooks.clear();
+        self.loader_hooked = false;
+    }
+
+    /// The summary rows, with live statistics.
+    pub fn rows(&self) -> Vec<Row> {
+        let mut rows: Vec<Row> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let live = r.id.and_then(|id| self.registry.handler(id).ok());
+                let (hits, missed) = live.map_or((0, 0), |i| (i.stats.hits, i.stats.missed));
+                let state = match live {
+                    Some(i) if !i.enabled => "disabled".into(),
+                    _ => r.state.clone(),
+                };
+                Row {
+                    site: r.site,
+                    symbol: r.symbol.clone(),
+                    action: r.action.to_string(),
+                    hits: r.carried_hits + hits,
+                    missed: r.carried_missed + missed,
+                    state,
+                }
+            })
+            .collect();
+        rows.sort_by_key(|r| r.site.unwrap_or(u64::MAX));
+        rows
+    }
+}
+
+/// Place everything now (for `attach`, or the hook's own use); then watch the loader
+/// for pending libraries.
+pub fn place_now(shared: &Shared, first: bool) {
+    let mut s = lock(shared);
+    s.place(first);
+    if s.fatal.is_none() && s.any_pending() && !s.loader_hooked {
+        s.loader_hooked = true;
+        drop(s);
+        hook_loader(shared);
+    }
+}
+
+/// An internal probe that places the probes the first time it is hit.
+struct PlaceHook {
+    shared: Shared,
+    done: AtomicBool,
+    /// At the program's entry point: the first placement (fatal errors kill the program).
+    first: bool,
+}
+
+impl multiprobe_core::Handler for PlaceHook {
+    fn pre(&self, _hit: &mut Hit<'_>) -> PreAction {
+        if self.first && self.done.swap(true, Ordering::Relaxed) {
+            return PreAction::Continue;
+        }
+        place_now(&self.shared, self.first);
+        let s = lock(&self.shared);
+        if s.fatal.is_some() {
+            // The program has not run any of its own code yet: end it here, before it
+            // does, rather than let it run half-probed.
+            // SAFETY: sending a signal to the traced child; no memory is involved.
+            unsafe { libc::kill(s.pid, libc::SIGKILL) };
+        }
+        PreAction::Continue
+    }
+}
+
+/// For a spawned program: place the probes when it reaches its entry point.
+pub fn hook_entry(shared: &Shared) -> Result<(), String> {
+    let (registry, pid, cache) = {
+        let s = lock(shared);
+        (s.registry.clone(), s.pid, Arc::clone(&s.cache))
+    };
+    let syms = ProcessSymbols::read(pid as u32, cache).map_err(|e| e.to_string())?;
+    let entry = syms
+        .entry(None)
+        .ok_or_else(|| "cannot find the program's entry point".to_string())?;
+    let hook = PlaceHook {
+        shared: Arc::clone(shared),
+        done: AtomicBool::new(false),
+        first: true,
+    };
+    let id = registry
+        .register(entry, hook)
+        .map_err(|e| format!("cannot probe the entry point {entry:#x}: {e}"))?
+        .into_id();
+    lock(shared).hooks.push(id);
+    Ok(())
+}
+
+fn hook_loader(shared: &Shared) {
+    let (registry, pid, cache, sink) = {
+        let s = lock(shared);
+        (
+            s.registry.clone(),
+            s.pid,
+            Arc::clone(&s.cache),
+            Arc::clone(&s.sink),
+        )
+    };
+    let addr = ProcessSymbols::read(pid as u32, cache)
+        .ok()
+        .and_then(|syms| syms.resolve(Some(LOADER), LOADER_HOOK).ok())
+        .map(|l| l.start);
+    let Some(addr) = addr else {
+        sink.write("multiprobe: no dynamic loader hook found; pending probes stay pending");
+        return;
+    };
+    let hook = PlaceHook {
+        shared: Arc::clone(shared),
+        done: AtomicBool::new(false),
+        first: false,
+    };
+    match registry.register(addr, hook) {
+        Ok(g) => lock(shared).hooks.push(g.into_id()),
+        Err(e) => sink.write(&format!(
+            "multiprobe: cannot watch the dynamic loader ({e}); pending probes stay pending"
+        )),
+    }
+}

@@ -1,0 +1,74 @@
+//! Ctrl-C, and dying of the same signal as the traced program.
+//!
+//! `attach`: SIGINT or SIGTERM asks the tracer loop to detach (through the backend's
+//! signal-safe `DetachHandle`); the process runs on and the summary is printed.
+//! `run`: the terminal sends SIGINT to the whole foreground group, so the program gets
+//! it too and decides what to do; we keep serving it. A second SIGINT (a program that
+//! ignores the first) detaches, leaving the program running, and prints the summary.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use multiprobe_backend_ptrace::{DetachHandle, Tracer};
+
+static HANDLE: OnceLock<DetachHandle> = OnceLock::new();
+static PRESSES: AtomicU32 = AtomicU32::new(0);
+static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let presses = PRESSES.fetch_add(1, Ordering::SeqCst) + 1;
+    let detach = ATTACHED.load(Ordering::SeqCst) || sig == libc::SIGTERM || presses >= 2;
+    if detach {
+        if let Some(h) = HANDLE.get() {
+            // Async-signal-safe by the backend's contract.
+            h.request();
+        }
+    }
+}
+
+/// Route SIGINT/SIGTERM to `tracer`'s detach. `attached`: the first signal detaches.
+pub fn install(tracer: &mut Tracer, attached: bool) {
+    ATTACHED.store(attached, Ordering::SeqCst);
+    match tracer.detach_handle() {
+        Ok(h) => {
+            let _ = HANDLE.set(h);
+        }
+        Err(e) => {
+            eprintln!("multiprobe: Ctrl-C will not detach cleanly: {e}");
+            return;
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing a handler that only touches atomics and the backend's
+        // async-signal-safe detach request.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// End this process the way the traced program ended: killed by `sig` (so a shell sees
+/// exactly what it would have seen unprobed). Falls back to 128 + `sig`.
+pub fn die_like(sig: i32) -> ExitCode {
+    // SAFETY: restoring the default action, unblocking and raising the signal on
+    // ourselves; a core dump of multiprobe is not what the user asked for, so turn it off.
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &lim);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+    ExitCode::from((128 + sig).clamp(0, 255) as u8)
+}

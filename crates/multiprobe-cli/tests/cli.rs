@@ -1,0 +1,447 @@
+//! The `multiprobe` command, driven as a user drives it: on the workspace's test programs
+//! (which report their own call counts) and on programs installed everywhere.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use multiprobe_test_targets::bin;
+
+fn multiprobe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_multiprobe"))
+}
+
+fn run(args: &[&str]) -> Output {
+    multiprobe().args(args).output().expect("run multiprobe")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `name calls=N` from a test program's own report.
+fn calls(stdout: &str, name: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} calls=")))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} count in {stdout:?}"))
+}
+
+/// The summary rows for `symbol_suffix`: (action, hits, missed, site).
+fn rows(summary: &str, symbol_suffix: &str) -> Vec<(String, u64, u64, String)> {
+    summary
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[1].ends_with(symbol_suffix)).then(|| {
+                (
+                    f[2].to_string(),
+                    f[3].parse().unwrap(),
+                    f[4].parse().unwrap(),
+                    f[0].to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn counts_match_what_the_program_reports_and_actions_share_one_site() {
+    let single = bin("mp-single");
+    let out = run(&[
+        "run",
+        "-p",
+        "mp_add",
+        "-p",
+        "mp_add=args:2",
+        "-p",
+        "mp_load",
+        "-p",
+        "mp_riprel,",
+        "--",
+        single.to_str().unwrap(),
+        "--iters",
+        "777",
+    ]);
+    // A symbol that does not exist (`mp_riprel,`) fails the whole run before it starts.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+
+    let out = run(&[
+        "run",
+        "-p",
+        "mp_add",
+        "-p",
+        "mp_add=args:2",
+        "-p",
+        "mp_load",
+        "-p",
+        "mp_riprel",
+        "--max-lines",
+        "0",
+        "--",
+        single.to_str().unwrap(),
+        "--iters",
+        "777",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let n = calls(&stdout, "mp_add");
+    assert_eq!(n, 777);
+    let add = rows(&stderr, ":mp_add");
+    assert_eq!(add.len(), 2, "{stderr}");
+    assert_eq!(add[0].3, add[1].3, "two actions, one site");
+    for (_, hits, missed, _) in &add {
+        assert_eq!((*hits, *missed), (n, 0));
+    }
+    assert_eq!(rows(&stderr, ":mp_load")[0].1, 777);
+    assert_eq!(rows(&stderr, ":mp_riprel")[0].1, 777);
+    // Every hit printed its arguments: mp_add(i, 3i).
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(":mp_add(")).collect();
+    assert_eq!(lines.len(), 777);
+    assert!(
+        lines.iter().any(|l| l.ends_with(":mp_add(0x5, 0xf)")),
+        "{:?}",
+        &lines[..3]
+    );
+}
+
+#[test]
+fn threads_are_all_counted() {
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "mp_work",
+        "--",
+        bin("mp-threads").to_str().unwrap(),
+        "--threads",
+        "3",
+        "--base",
+        "150",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let total: u64 = text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("calls=").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(total, 150 * (1 + 1 + 2 + 3));
+    let summary: serde_json::Value =
+        serde_json::from_str(text(&out.stderr).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["outcome"]["exited"], 0);
+    assert_eq!(summary["probes"][0]["hits"], total);
+    assert_eq!(summary["probes"][0]["action"], "count");
+}
+
+#[test]
+fn ls_runs_unchanged_with_malloc_and_free_probed() {
+    let plain = Command::new("ls").arg("-la").arg("/usr").output().unwrap();
+    let out = run(&[
+        "run",
+        "-p",
+        "libc:malloc",
+        "-p",
+        "libc:free",
+        "-p",
+        "libc:malloc=args:1",
+        "--",
+        "ls",
+        "-la",
+        "/usr",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), plain.status.code());
+    assert_eq!(
+        out.stdout, plain.stdout,
+        "the program's output passes through unchanged"
+    );
+    let malloc = rows(&stderr, ":malloc");
+    assert_eq!(malloc.len(), 2, "{stderr}");
+    assert!(malloc[0].1 > 10, "{stderr}");
+    assert_eq!(malloc[0].1, malloc[1].1);
+    assert!(rows(&stderr, ":free")[0].1 > 0);
+    // One line per malloc from the args action.
+    let lines = stderr.lines().filter(|l| l.contains(":malloc(0x")).count() as u64;
+    assert_eq!(lines, malloc[0].1);
+
+    // env, with a failing command: its exit status comes through.
+    let out = run(&["run", "-p", "libc:getenv", "--", "/usr/bin/env", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+}
+
+#[test]
+fn exit_codes_and_deaths_by_signal_are_the_programs() {
+    let out = run(&[
+        "run",
+        "-p",
+        "mp_add",
+        "--",
+        bin("mp-single").to_str().unwrap(),
+        "--iters",
+        "3",
+        "--exit",
+        "7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    use std::os::unix::process::ExitStatusExt;
+    let out = run(&["run", "-p", "libc:kill", "--", "sh", "-c", "kill -SEGV $$"]);
+    assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{:?}", out.status);
+    // A program that handles its own fault in a probed instruction still does.
+    let fault = bin("mp-fault");
+    let plain = Command::new(&fault).output().unwrap();
+    let out = run(&["run", "-p", "mp_fault_load", "--", fault.to_str().unwrap()]);
+    assert_eq!(out.status.code(), plain.status.code());
+    assert_eq!(
+        text(&out.stdout).lines().next(),
+        text(&plain.stdout).lines().next()
+    );
+}
+
+#[test]
+fn probes_follow_exec_and_dlopen() {
+    let out = run(&[
+        "run",
+        "-p",
+        "mp_add",
+        "--",
+        bin("mp-single").to_str().unwrap(),
+        "--iters",
+        "10",
+        "--then-exec",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        rows(&text(&out.stderr), ":mp_add")[0].1,
+        20,
+        "both images count"
+    );
+
+    let out = run(&[
+        "run",
+        "-p",
+        "libz:zlibVersion",
+        "--",
+        bin("mp-dlopen").to_str().unwrap(),
+        "--iters",
+        "42",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 42);
+    let r = rows(&stderr, ":zlibVersion");
+    assert_eq!((r[0].1, r[0].0.as_str()), (42, "count"), "{stderr}");
+}
+
+#[test]
+fn live_view_prints_while_the_program_runs() {
+    let out = run(&[
+        "run",
+        "--interval",
+        "0.1",
+        "-p",
+        "libc:nanosleep",
+        "-p",
+        "libc:clock_nanosleep",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6; do sleep 0.1; done",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let tables = stderr.lines().filter(|l| l.starts_with("SITE")).count();
+    assert!(tables >= 4, "live tables and the summary: {stderr}");
+}
+
+/// Start `mp-single --wait`, return it with its pid once it is ready.
+fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(bin("mp-single"))
+        .args(["--wait", "--iters", iters])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    (child, pid, out)
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap()
+}
+
+fn code_at(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = vec![0; len];
+    f.read_exact_at(&mut b, addr).unwrap();
+    b
+}
+
+fn function_bytes(pid: i32, name: &str) -> Vec<u8> {
+    let syms = multiprobe_symbols::ProcessSymbols::read(pid as u32, Default::default()).unwrap();
+    let f = syms.resolve(None, name).unwrap();
+    code_at(pid, f.start, f.size as usize)
+}
+
+#[test]
+fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
+    let (mut target, pid, mut out) = waiting_target("300");
+    let mut mp = multiprobe()
+        .args([
+            "attach",
+            &pid.to_string(),
+            "-p",
+            "mp_add",
+            "-p",
+            "mp_add=args:2",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("attached to process {pid}")),
+        "{line}"
+    );
+    // Let the program run its loop, and wait for its report.
+    target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut report = String::new();
+    for _ in 0..3 {
+        out.read_line(&mut report).unwrap();
+    }
+    assert_eq!(calls(&report, "mp_add"), 300);
+    // Ctrl-C detaches; multiprobe prints the summary and exits 0.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
+    let status = mp.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{rest}");
+    let add = rows(&rest, ":mp_add");
+    assert_eq!(add.len(), 2, "{rest}");
+    assert!(add.iter().all(|r| r.1 == 300), "{rest}");
+    assert_eq!(rest.lines().filter(|l| l.contains(":mp_add(")).count(), 300);
+    // The program is no longer traced or stopped, and its code is what an unprobed copy
+    // of the same program has.
+    assert_eq!(status_field(pid, "TracerPid:"), "0");
+    assert!(!status_field(pid, "State:").starts_with('t'));
+    let (mut fresh, fresh_pid, _o) = waiting_target("1");
+    assert_eq!(
+        function_bytes(pid, "mp_add"),
+        function_bytes(fresh_pid, "mp_add")
+    );
+    fresh.kill().unwrap();
+    fresh.wait().unwrap();
+    // It finishes normally.
+    drop(target.stdin.take());
+    assert!(target.wait().unwrap().success());
+}
+
+/// Bad input: one line on stderr, exit status 2, and the program is left as it was: a
+/// spawned one never ran its own code, an attached one runs on, untraced, unpatched.
+#[test]
+fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
+    let single = bin("mp-single");
+    let single = single.to_str().unwrap();
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["run", "-p", "mp_adx", "--", single],
+            "did you mean mp_add",
+        ),
+        (
+            &["run", "-p", "libnotthere:f", "--", single],
+            "no library \"libnotthere\"",
+        ),
+        (
+            &["run", "-p", "libc:no_such_function_xyz", "--", single],
+            "no function named",
+        ),
+        (
+            &["run", "-p", "mp_add=args:x", "--", single],
+            "bad probe spec",
+        ),
+        (&["run", "-p", "mp_add"], "<CMD>"),
+        (
+            &["run", "-p", "mp_add+0x1", "--", single],
+            "instruction boundary",
+        ),
+        (
+            &["run", "-p", "mp_add", "--", "/nonexistent/program"],
+            "cannot run",
+        ),
+        (&["attach", "999999", "-p", "mp_add"], "no process 999999"),
+    ];
+    for (args, why) in cases {
+        let out = run(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("multiprobe: error: "), "{stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?}: the program ran: {}",
+            text(&out.stdout)
+        );
+    }
+
+    // Attach: an unknown symbol, a process already traced, a process we may not trace.
+    let (mut target, pid, _out) = waiting_target("5");
+    let before = function_bytes(pid, "mp_add");
+    let out = run(&["attach", &pid.to_string(), "-p", "mp_add", "-p", "nope_xyz"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nope_xyz"));
+    let mut holder = multiprobe()
+        .args(["attach", &pid.to_string(), "-p", "mp_add"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(holder.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let out = run(&["attach", &pid.to_string(), "-p", "mp_add"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already traced"), "{stderr}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
+    assert!(holder.wait().unwrap().success());
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_multiprobe"))
+        .args(["attach", &pid.to_string(), "-p", "mp_add"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot attach") || stderr.contains("permission"),
+        "{stderr}"
+    );
+    assert_eq!(status_field(pid, "TracerPid:"), "0");
+    assert_eq!(function_bytes(pid, "mp_add"), before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_field(pid, "State:").starts_with('t') && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !status_field(pid, "State:").starts_with('t'),
+        "left stopped"
+    );
+    target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    drop(target.stdin.take());
+    assert!(target.wait().unwrap().success());
+}
