@@ -139,14 +139,31 @@ fn run(common: Common, cmd: Vec<String>) -> ExitCode {
         Arc::clone(&sink),
         std::env::var("LD_LIBRARY_PATH").ok(),
     );
-    if let Err(e) = session::hook_entry(&state) {
-        // Dropping the tracer detaches; the program would run unprobed, so end it.
-        kill(tracer.pid());
-        drop(tracer);
-        return fail(e);
+    // Run the loader to the program's entry point and place the probes there, before any
+    // of the program's own code runs. A probe that cannot be placed ends the program
+    // there: it never runs half-probed.
+    match tracer.run_to_entry() {
+        Ok(None) => {
+            session::place_now(&state, true);
+            if let Some(e) = lock(&state).fatal().map(str::to_string) {
+                kill(tracer.pid());
+                drop(tracer);
+                return fail(e);
+            }
+        }
+        // The program ended (or was taken away) before reaching its entry point.
+        Ok(Some(stop)) => {
+            let outcome = Ok(outcome_of(stop));
+            return finish(outcome, &state, &sink, &common, tracer.pid(), started);
+        }
+        Err(e) => {
+            kill(tracer.pid());
+            drop(tracer);
+            return fail(format!("cannot run {:?} to its entry point: {e}", cmd[0]));
+        }
     }
     signals::install(&mut tracer, false);
-    let outcome = serve(&mut tracer, &state, &common, &sink);
+    let outcome = serve(&mut tracer, &state, &common, &sink, started);
     finish(outcome, &state, &sink, &common, tracer.pid(), started)
 }
 
@@ -183,7 +200,7 @@ fn attach(pid: i32, common: Common) -> ExitCode {
     sink.write(&format!(
         "multiprobe: attached to process {pid}; {placed} handler(s) placed; Ctrl-C detaches"
     ));
-    let outcome = serve(&mut tracer, &state, &common, &sink);
+    let outcome = serve(&mut tracer, &state, &common, &sink, started);
     finish(outcome, &state, &sink, &common, pid, started)
 }
 
@@ -202,6 +219,7 @@ fn serve(
     state: &session::Shared,
     common: &Common,
     sink: &Sink,
+    started: Instant,
 ) -> Result<Outcome, String> {
     let mut next_tick = common.interval.map(|i| Instant::now() + i);
     loop {
@@ -216,21 +234,37 @@ fn serve(
                     if common.json {
                         sink.write(&serde_json::json!({ "live": rows }).to_string());
                     } else {
-                        sink.write(
-                            &format!("--- {:?} ---\n{}", Instant::now().elapsed(), table(&rows))
-                                .replace("--- 0ns ---", "---"),
-                        );
+                        let secs = started.elapsed().as_secs_f64();
+                        sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows)));
                     }
                 }
             }
             Some(Stop::Exec { unregistered }) => {
                 lock(state).exec(&unregistered);
-                session::hook_entry(state)?;
+                // The new program's probes go in at its entry point, as at the start.
+                loop {
+                    match tracer
+                        .run_to_entry()
+                        .map_err(|e| format!("tracing process {}: {e}", tracer.pid()))?
+                    {
+                        None => break session::place_now(state, false),
+                        Some(Stop::Exec { unregistered }) => lock(state).exec(&unregistered),
+                        Some(stop) => return Ok(outcome_of(stop)),
+                    }
+                }
             }
-            Some(Stop::Exited(ExitStatus::Code(c))) => return Ok(Outcome::Exited(c)),
-            Some(Stop::Exited(ExitStatus::Signal(s))) => return Ok(Outcome::Killed(s)),
-            Some(Stop::Detached) => return Ok(Outcome::Detached),
+            Some(stop) => return Ok(outcome_of(stop)),
         }
+    }
+}
+
+/// The outcome of a stop that ends the session. (An exec does not end it; the callers
+/// handle it before asking.)
+fn outcome_of(stop: Stop) -> Outcome {
+    match stop {
+        Stop::Exited(ExitStatus::Code(c)) => Outcome::Exited(c),
+        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s),
+        Stop::Detached | Stop::Exec { .. } => Outcome::Detached,
     }
 }
 

@@ -1,9 +1,9 @@
 //! Placing the probes of a command line in a traced process, and keeping account of them.
 //!
 //! A spec becomes one handler per action on its site. Placement happens when the
-//! program's own code is about to run: for `run`, at the program's entry point (an
-//! internal probe there; the dynamic loader has mapped every startup library by then);
-//! for `attach`, at once. A spec on a library that is not mapped then, but exists on
+//! program's own code is about to run: for `run`, with the program held at its entry
+//! point (the dynamic loader has mapped every startup library by then); for `attach`, at
+//! once. A spec on a library that is not mapped then, but exists on
 //! disk, is *pending*: an internal probe on the loader's `_dl_debug_state` (which
 //! `dlopen` calls after mapping) tries again. At the first placement any spec that does
 //! not resolve is fatal — the caller kills a spawned program before it ran its code, or
@@ -13,7 +13,6 @@
 //! with a handler id is registered in the registry; `carried` holds the statistics of
 //! registrations that ended (an exec replaced the image).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use multiprobe_backend_ptrace::PtraceBackend;
@@ -54,7 +53,7 @@ pub struct State {
     ld_library_path: Option<String>,
     /// The first error of the first placement: the run must end.
     fatal: Option<String>,
-    /// Internal handlers (entry point, loader hook), not shown in the summary.
+    /// Internal handlers (the loader hook), not shown in the summary.
     hooks: Vec<HandlerId>,
     loader_hooked: bool,
 }
@@ -348,52 +347,17 @@ pub fn place_now(shared: &Shared, first: bool) {
     }
 }
 
-/// An internal probe that places the probes the first time it is hit.
+/// An internal probe on the dynamic loader's hook: places pending probes when a library
+/// appears.
 struct PlaceHook {
     shared: Shared,
-    done: AtomicBool,
-    /// At the program's entry point: the first placement (fatal errors kill the program).
-    first: bool,
 }
 
 impl multiprobe_core::Handler for PlaceHook {
     fn pre(&self, _hit: &mut Hit<'_>) -> PreAction {
-        if self.first && self.done.swap(true, Ordering::Relaxed) {
-            return PreAction::Continue;
-        }
-        place_now(&self.shared, self.first);
-        let s = lock(&self.shared);
-        if s.fatal.is_some() {
-            // The program has not run any of its own code yet: end it here, before it
-            // does, rather than let it run half-probed.
-            // SAFETY: sending a signal to the traced child; no memory is involved.
-            unsafe { libc::kill(s.pid, libc::SIGKILL) };
-        }
+        place_now(&self.shared, false);
         PreAction::Continue
     }
-}
-
-/// For a spawned program: place the probes when it reaches its entry point.
-pub fn hook_entry(shared: &Shared) -> Result<(), String> {
-    let (registry, pid, cache) = {
-        let s = lock(shared);
-        (s.registry.clone(), s.pid, Arc::clone(&s.cache))
-    };
-    let syms = ProcessSymbols::read(pid as u32, cache).map_err(|e| e.to_string())?;
-    let entry = syms
-        .entry(None)
-        .ok_or_else(|| "cannot find the program's entry point".to_string())?;
-    let hook = PlaceHook {
-        shared: Arc::clone(shared),
-        done: AtomicBool::new(false),
-        first: true,
-    };
-    let id = registry
-        .register(entry, hook)
-        .map_err(|e| format!("cannot probe the entry point {entry:#x}: {e}"))?
-        .into_id();
-    lock(shared).hooks.push(id);
-    Ok(())
 }
 
 fn hook_loader(shared: &Shared) {
@@ -416,8 +380,6 @@ fn hook_loader(shared: &Shared) {
     };
     let hook = PlaceHook {
         shared: Arc::clone(shared),
-        done: AtomicBool::new(false),
-        first: false,
     };
     match registry.register(addr, hook) {
         Ok(g) => lock(shared).hooks.push(g.into_id()),
