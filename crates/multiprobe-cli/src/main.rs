@@ -235,7 +235,7 @@ fn serve(
                         sink.write(&serde_json::json!({ "live": rows }).to_string());
                     } else {
                         let secs = started.elapsed().as_secs_f64();
-                        sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows)));
+                        sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows).trim_end()));
                     }
                 }
             }
@@ -294,7 +294,7 @@ fn finish(
             probes: &rows,
         }));
     } else {
-        sink.write(&table(&rows));
+        sink.write(table(&rows).trim_end());
     }
     match outcome {
         Outcome::Exited(c) => ExitCode::from(c as u8),
