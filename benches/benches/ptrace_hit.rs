@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::RawTarget;
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
-use multiprobe_benches::{fmt_ns, Ratios};
+use multiprobe_benches::{fmt_ns, median, Ratios};
 use multiprobe_core::{Hit, Registration};
 
 const NOP: u8 = 0;
@@ -202,11 +202,6 @@ impl Routine {
             }
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -138,3 +138,33 @@ pub fn fmt_ns(ns: f64) -> String {
         format!("{:.2} ms", ns / 1e6)
     }
 }
+
+/// The release executable `bin` of workspace package `package`, built on first use into
+/// the target directory of the running bench (benches of one package cannot name another
+/// package's binaries).
+pub fn workspace_bin(package: &str, bin: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe has a parent").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let target = dir
+        .parent()
+        .expect("profile dir has a parent")
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--release", "-p", package, "--bin", bin])
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building {package}/{bin} failed");
+    target.join("release").join(bin)
+}
+
+/// The median of `v` (which must not be empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
