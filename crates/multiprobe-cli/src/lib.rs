@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod actions;
+pub mod affinity;
 pub mod libs;
 pub mod output;
 pub mod session;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
 use multiprobe_cli::actions::Sink;
+use multiprobe_cli::affinity;
 use multiprobe_cli::output::{json, table, Outcome, Summary};
 use multiprobe_cli::session::{self, State};
 use multiprobe_cli::signals;
@@ -75,6 +76,11 @@ struct Common {
     /// At most N per-hit lines a second; the rest are counted (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_lines: u64,
+    /// Run the program and multiprobe on one CPU: each hit is then a context switch
+    /// rather than two cross-CPU wake-ups (much cheaper on virtual machines), but the
+    /// program's threads share that CPU. `attach` restores the masks on detach.
+    #[arg(long)]
+    pin: bool,
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -163,6 +169,7 @@ fn run(common: Common, cmd: Vec<String>) -> ExitCode {
         }
     }
     signals::install(&mut tracer, false);
+    let _pinned = pin(&common, tracer.pid());
     let outcome = serve(&mut tracer, &state, &common, &sink, started);
     finish(outcome, &state, &sink, &common, tracer.pid(), started)
 }
@@ -192,6 +199,7 @@ fn attach(pid: i32, common: Common) -> ExitCode {
         return fail(e);
     }
     signals::install(&mut tracer, true);
+    let pinned = pin(&common, pid);
     let placed = lock(&state)
         .rows()
         .iter()
@@ -201,7 +209,24 @@ fn attach(pid: i32, common: Common) -> ExitCode {
         "multiprobe: attached to process {pid}; {placed} handler(s) placed; Ctrl-C detaches"
     ));
     let outcome = serve(&mut tracer, &state, &common, &sink, started);
+    if let Some(p) = pinned {
+        p.restore(pid);
+    }
     finish(outcome, &state, &sink, &common, pid, started)
+}
+
+/// `--pin`, if asked; a failure only costs speed, so it is reported and ignored.
+fn pin(common: &Common, pid: i32) -> Option<affinity::Pinned> {
+    if !common.pin {
+        return None;
+    }
+    match affinity::pin_together(pid) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("multiprobe: --pin: {e}; going on unpinned");
+            None
+        }
+    }
 }
 
 fn lock(s: &session::Shared) -> std::sync::MutexGuard<'_, State> {

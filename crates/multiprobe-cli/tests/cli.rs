@@ -445,3 +445,52 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     drop(target.stdin.take());
     assert!(target.wait().unwrap().success());
 }
+
+#[test]
+fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
+    let out = run(&[
+        "run",
+        "--pin",
+        "-p",
+        "mp_work",
+        "--",
+        bin("mp-threads").to_str().unwrap(),
+        "--threads",
+        "2",
+        "--base",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(rows(&text(&out.stderr), ":mp_work")[0].1, 100 * (1 + 1 + 2));
+
+    let (mut target, pid, mut out) = waiting_target("50");
+    let before = status_field(pid, "Cpus_allowed_list:");
+    let mut mp = multiprobe()
+        .args(["attach", "--pin", &pid.to_string(), "-p", "mp_add"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("attached"), "{line}");
+    let pinned = status_field(pid, "Cpus_allowed_list:");
+    assert!(
+        !pinned.contains(['-', ',']),
+        "one CPU while attached: {pinned}"
+    );
+    target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut report = String::new();
+    for _ in 0..3 {
+        out.read_line(&mut report).unwrap();
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
+    assert!(mp.wait().unwrap().success());
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert_eq!(rows(&rest, ":mp_add")[0].1, 50, "{rest}");
+    assert_eq!(status_field(pid, "Cpus_allowed_list:"), before);
+    drop(target.stdin.take());
+    assert!(target.wait().unwrap().success());
+}
