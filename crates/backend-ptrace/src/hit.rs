@@ -80,7 +80,7 @@ impl Tracer {
                 .map_err(|e| error::sys(e, "set rip"));
         }
         if site.plan.len() == 1 && !from_int3(tid) {
-            return self.resume_sig(tid, libc::SIGTRAP);
+            return self.resume(tid, libc::SIGTRAP);
         }
         self.hit(tid, ur, site)
     }
@@ -163,19 +163,7 @@ impl Tracer {
             }
             None => sys::set_regs(tid, &new).filter_gone().map_err(e)?,
         }
-        self.resume_sig(tid, sig)
-    }
-
-    fn resume_sig(&mut self, tid: Tid, sig: i32) -> Result<()> {
-        let mut sig = sig;
-        if sig == 0 {
-            if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
-                sig = self.aside.signals.remove(i).1;
-            }
-        }
-        sys::cont(tid, sig)
-            .filter_gone()
-            .map_err(|e| error::sys(e, format_args!("resume thread {tid}")))
+        self.resume(tid, sig)
     }
 
     /// A SIGTRAP at `addr + 1` where no probe is registered now.
@@ -195,9 +183,9 @@ impl Tracer {
             sys::set_regs(tid, &r)
                 .filter_gone()
                 .map_err(|e| error::sys(e, "set registers"))?;
-            return self.resume_sig(tid, 0);
+            return self.resume(tid, 0);
         }
-        self.resume_sig(tid, libc::SIGTRAP)
+        self.resume(tid, libc::SIGTRAP)
     }
 
     /// Map (if needed) and fill the slots of `site`, using the stopped thread `tid`
