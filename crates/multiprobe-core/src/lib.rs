@@ -33,10 +33,12 @@
 //! # How the table is published
 //!
 //! `arc-swap`'s `load` is not async-signal-safe (thread-local debt slots are allocated
-//! lazily and dropping a guard can free), so dispatch does not use it. The table is a
-//! directory of immutable buckets published through `AtomicPtr`s; readers bracket their
-//! use with an SRCU-style read section ([`srcu`](crate) module docs) that writers wait
-//! for before freeing anything. A change copies one bucket, so its cost does not grow
+//! lazily and dropping a guard can free), and a single swapped snapshot would make every
+//! change copy the whole table; so the crate does not use it. The table is a directory of
+//! immutable buckets published through `AtomicPtr`s; readers bracket their use with an
+//! SRCU-style read section (two epochs of sharded counters, the module `srcu`) that
+//! writers wait for before freeing anything, with asymmetric barriers (`membarrier`) so
+//! the read side costs no fence. A change copies one bucket, so its cost does not grow
 //! with the number of probes, and a batch of removals waits for one grace period.
 
 #![warn(missing_docs)]
