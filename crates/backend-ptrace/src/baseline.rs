@@ -1,8 +1,9 @@
 //! Raw ptrace loops the benchmarks compare a hit with, measured in the same run: the
 //! one-stop floor (an `int3` over a one-byte `nop`: stop, `PTRACE_CONT`, no handler,
 //! nothing else) and the classic two-stop scheme of debuggers (put the original byte
-//! back, back up `rip`, single-step, re-insert the `int3`, continue). Not part of the
-//! supported API.
+//! back, back up `rip`, single-step, re-insert the `int3`, continue). Also the count
+//! of ptrace requests a tracer made, which tests and benchmarks use to tell what a
+//! hit costs. Not part of the supported API.
 
 use std::process::{Child, Command};
 
@@ -13,6 +14,14 @@ use crate::error;
 use crate::mem::CodeMemory;
 use crate::sys::{self, Tid, Wait};
 use crate::tracer::Tracer;
+
+pub use crate::sys::Requests;
+
+/// The ptrace requests the calling thread made so far, by kind: a [`Tracer`]'s, on
+/// the thread that runs it. Subtract two readings to count what happened in between.
+pub fn requests() -> Requests {
+    sys::requests()
+}
 
 /// A process traced by raw loops instead of the tracer.
 #[derive(Debug)]

@@ -4,22 +4,25 @@
 //! that was just removed (re-execute the restored instruction), or the tracee's own
 //! SIGTRAP (deliver it unchanged).
 //!
-//! Cost of a hit, in system calls besides the stop itself: `PTRACE_GETREGS`, then
-//! `PTRACE_SETREGS` unless the registers are already right (an emulated `nop`), then
-//! `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also be
-//! a signal sent to a thread standing there: after a one-byte instruction.
+//! Cost of a hit, in system calls besides the stop itself: `PTRACE_PEEKUSER` of `rip`
+//! (where did it stop?), `PTRACE_GETREGS` only if a handler or the emulation needs the
+//! registers ([`ThreadRegs`]), then the write-back of what changed — nothing after an
+//! emulated `nop` (the kernel's `rip` is already past it), one `PTRACE_POKEUSER` of
+//! `rip` to enter a slot or skip a longer `nop`, more only for what handlers changed —
+//! and `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also
+//! be a signal sent to a thread standing there: after a one-byte instruction.
 
 use std::sync::Arc;
 
-use multiprobe_core::{PreOutcome, Result};
-use multiprobe_x86::SlotKind;
+use multiprobe_core::{Memory, PreOutcome, RegisterFile, Result};
+use multiprobe_x86::{Class, EmulatedKind, Plan, SlotKind};
 
 use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
-use crate::regs::{self, from_core, to_core};
+use crate::regs::{self, to_core, ThreadRegs};
 use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
-use crate::tracer::{FilterGone, InSlot, Tracer};
+use crate::tracer::{FilterGone, InSlot, Tracer, RIP};
 use crate::xol::{GADGET, PAGE, UNIT};
 
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
@@ -37,37 +40,45 @@ enum Next {
 
 impl Tracer {
     pub(crate) fn on_trap(&mut self, tid: Tid) -> Result<()> {
-        let Ok(ur) = sys::get_regs(tid) else {
+        let Ok(rip) = sys::peek_user(tid, RIP) else {
             return Ok(()); // killed meanwhile: its exit comes next
         };
         let th = self.threads.get_mut(&tid).expect("adopted");
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {
-            let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
-            let mut regs = to_core(&ur);
-            if top.kind == SlotKind::TrapAfter
-                && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
-            {
-                let top = th.slots.pop().expect("just seen");
-                let d = &self.dispatcher;
-                // No deferred step when the thread was switched here only to hold back
-                // a signal: then no post-handler runs.
-                d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
-                let mut sig = 0;
-                if let Some(info) = top.deferred {
-                    sys::set_sig_info(tid, &info)
+            let trap = top.slots().trap_after.filter(|s| s.contains(rip - 1));
+            if let (SlotKind::TrapAfter, Some(trap)) = (top.kind, trap) {
+                let Ok(ur) = sys::get_regs(tid) else {
+                    return Ok(());
+                };
+                let mut regs = to_core(&ur);
+                if trap.fixup_trap(ur.rip, &mut regs) {
+                    let top = th.slots.pop().expect("just seen");
+                    let d = &self.dispatcher;
+                    // No deferred step when the thread was switched here only to hold
+                    // back a signal: then no post-handler runs.
+                    d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
+                    let mut sig = 0;
+                    if let Some(info) = top.deferred {
+                        sys::set_sig_info(tid, &info)
+                            .filter_gone()
+                            .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
+                        sig = info.signo();
+                    }
+                    regs::write_back(tid, &ur, &regs)
                         .filter_gone()
-                        .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
-                    sig = info.signo();
+                        .map_err(|e| {
+                            error::sys(e, format_args!("set registers of thread {tid}"))
+                        })?;
+                    return self.resume_sig(tid, sig);
                 }
-                return self.finish(tid, &ur, &regs, sig);
             }
         }
-        th.prune(ur.rip);
-        let addr = ur.rip.wrapping_sub(1);
+        th.prune(rip);
+        let addr = rip.wrapping_sub(1);
         let site = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0));
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
-            return self.not_ours(tid, &ur, addr);
+            return self.not_ours(tid, addr);
         };
         if let Some((_, reached)) = self.hold_at.as_ref().filter(|(a, _)| *a == addr) {
             // Not served: held on the breakpoint, to execute its instruction once the
@@ -75,23 +86,28 @@ impl Tracer {
             reached.store(true, std::sync::atomic::Ordering::Relaxed);
             let th = self.threads.get_mut(&tid).expect("adopted");
             th.held = Some(0);
-            return sys::poke_user(tid, crate::tracer::RIP, addr)
+            return sys::poke_user(tid, RIP, addr)
                 .filter_gone()
                 .map_err(|e| error::sys(e, "set rip"));
         }
         if site.plan.len() == 1 && !from_int3(tid) {
             return self.resume_sig(tid, libc::SIGTRAP);
         }
-        self.hit(tid, ur, site)
+        self.hit(tid, rip, site)
     }
 
-    fn hit(&mut self, tid: Tid, ur: UserRegs, site: Arc<SiteInner>) -> Result<()> {
+    /// Serve a hit of `site`: the thread stopped with `rip` (the kernel's, just past
+    /// the `int3`). Registers are fetched only if a handler or the emulation asks.
+    fn hit(&mut self, tid: Tid, rip: u64, site: Arc<SiteInner>) -> Result<()> {
+        let mut regs = ThreadRegs::new(tid, rip, site.addr);
         let mut have_slots = site.slots.get().is_some();
         if !have_slots && !site.plan.is_emulated() {
-            have_slots = self.place_slots(tid, &ur, &site).is_ok();
+            // Injecting the `mmap` needs the registers (to restore them after).
+            have_slots = match regs.kernel() {
+                Some(ur) => self.place_slots(tid, &ur, &site).is_ok(),
+                None => return Ok(()), // gone
+            };
         }
-        let mut regs = to_core(&ur);
-        regs.rip = site.addr;
         let th = self.threads.get_mut(&tid).expect("adopted");
         let d = &self.dispatcher;
         let next = match d.pre(&th.ts, site.addr, tid as u32, &mut regs, &self.mem) {
@@ -100,7 +116,7 @@ impl Tracer {
             PreOutcome::Step(step) => {
                 let post = step.wants_post();
                 let plan = &site.plan;
-                if plan.is_emulated() && plan.emulate(&mut regs, &self.mem).is_ok() {
+                if plan.is_emulated() && emulate(plan, &mut regs, &self.mem) {
                     if post {
                         step.defer_post();
                         d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
@@ -123,13 +139,13 @@ impl Tracer {
             }
         };
         match next {
-            Next::Resume => self.finish(tid, &ur, &regs, 0),
+            Next::Resume => self.finish(tid, &regs, 0),
             Next::Slot(kind) => {
                 let slots = site.slots.get().expect("placed");
-                regs.rip = match kind {
+                regs.set_rip(match kind {
                     SlotKind::TrapAfter => slots.trap_after.expect("has one").addr(),
                     SlotKind::JumpBack => slots.jump_back.addr(),
-                };
+                });
                 let th = self.threads.get_mut(&tid).expect("adopted");
                 th.slots.push(InSlot {
                     site,
@@ -137,32 +153,17 @@ impl Tracer {
                     suspended: false,
                     deferred: None,
                 });
-                self.finish(tid, &ur, &regs, 0)
+                self.finish(tid, &regs, 0)
             }
-            Next::InPlace { post } => self.step_in_place(tid, &ur, regs, &site, post),
+            Next::InPlace { post } => self.step_in_place(tid, regs, &site, post),
         }
     }
 
     /// Write back what changed, and resume.
-    fn finish(
-        &mut self,
-        tid: Tid,
-        ur: &UserRegs,
-        regs: &multiprobe_core::Regs,
-        sig: i32,
-    ) -> Result<()> {
-        let new = from_core(ur, regs);
-        let e = |e| error::sys(e, format_args!("set registers of thread {tid}"));
-        match regs::changes(ur, &new) {
-            Some(fields) => {
-                for (offset, value) in fields.iter() {
-                    sys::poke_user(tid, offset, value)
-                        .filter_gone()
-                        .map_err(e)?;
-                }
-            }
-            None => sys::set_regs(tid, &new).filter_gone().map_err(e)?,
-        }
+    fn finish(&mut self, tid: Tid, regs: &ThreadRegs, sig: i32) -> Result<()> {
+        regs.write_back()
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
         self.resume_sig(tid, sig)
     }
 
@@ -179,7 +180,7 @@ impl Tracer {
     }
 
     /// A SIGTRAP at `addr + 1` where no probe is registered now.
-    fn not_ours(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
+    fn not_ours(&mut self, tid: Tid, addr: u64) -> Result<()> {
         let st = self.shared.lock();
         let ours_once = st.history.contains_key(&addr);
         let mut now = [INT3];
@@ -190,11 +191,9 @@ impl Tracer {
         if ours_once && now[0] != INT3 && from_int3(tid) {
             // Our breakpoint, removed after the thread trapped on it: run the restored
             // instruction.
-            let mut r = *ur;
-            r.rip = addr;
-            sys::set_regs(tid, &r)
+            sys::poke_user(tid, RIP, addr)
                 .filter_gone()
-                .map_err(|e| error::sys(e, "set registers"))?;
+                .map_err(|e| error::sys(e, "set rip"))?;
             return self.resume_sig(tid, 0);
         }
         self.resume_sig(tid, libc::SIGTRAP)
@@ -314,13 +313,15 @@ impl Tracer {
     fn step_in_place(
         &mut self,
         tid: Tid,
-        ur: &UserRegs,
-        mut regs: multiprobe_core::Regs,
+        mut regs: ThreadRegs,
         site: &Arc<SiteInner>,
         post: bool,
     ) -> Result<()> {
         let addr = site.addr;
-        regs.rip = addr;
+        regs.set_rip(addr);
+        let Some(ur) = regs.kernel() else {
+            return Ok(()); // gone
+        };
         let orig = site.plan.bytes()[0];
         let e = |e| error::sys(e, format_args!("single-step thread {tid}"));
         {
@@ -329,7 +330,7 @@ impl Tracer {
                 st.usable()?.write(addr, &[orig])?;
             }
         }
-        sys::set_regs(tid, &from_core(ur, &regs)).map_err(e)?;
+        regs::write_back(tid, &ur, regs.regs()).map_err(e)?;
         sys::single_step(tid, 0).map_err(e)?;
         let after = loop {
             match sys::wait(tid, false).map_err(e)? {
@@ -342,7 +343,7 @@ impl Tracer {
                 }
                 Some(w @ (Wait::Exited(..) | Wait::Signaled(..))) => {
                     self.aside.waits.push_back(w);
-                    break *ur;
+                    break ur;
                 }
                 _ => sys::single_step(tid, 0).map_err(e)?,
             }
@@ -364,8 +365,22 @@ impl Tracer {
             self.dispatcher
                 .post(&th.ts, addr, tid as u32, &mut regs, &self.mem);
         }
-        self.finish(tid, &after, &regs, 0)
+        regs::write_back(tid, &after, &regs)
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
+        self.resume_sig(tid, 0)
     }
+}
+
+/// Execute the displaced instruction of `plan` by emulation; false if it cannot be
+/// (a memory access failed: the slot will raise the real fault). A `nop`-like
+/// instruction only moves `rip`, so it fetches no register.
+fn emulate(plan: &Plan, regs: &mut ThreadRegs, mem: &dyn Memory) -> bool {
+    if plan.class() == Class::Emulated(EmulatedKind::Nop) && regs.fetched().is_none() {
+        regs.set_rip(plan.next());
+        return true;
+    }
+    plan.emulate(regs.regs_mut(), mem).is_ok()
 }
 
 /// Whether the SIGTRAP `tid` stopped for came from an `int3` (the kernel's `SI_KERNEL`)

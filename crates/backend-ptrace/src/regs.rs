@@ -1,12 +1,132 @@
-//! Converting between the kernel's `user_regs_struct` and the core's [`Regs`].
+//! A stopped thread's registers as handlers get them ([`ThreadRegs`]: fetched with
+//! `PTRACE_GETREGS` only when a handler or the emulation asks), and converting between
+//! the kernel's `user_regs_struct` and the core's [`Regs`].
 //!
 //! The kernel's struct has more than handlers see (`orig_rax`, the segment selectors);
 //! writing back always starts from the struct that was read, so those stay exactly as
 //! the kernel reported them.
 
-use multiprobe_core::Regs;
+use std::cell::OnceCell;
 
-use crate::sys::UserRegs;
+use multiprobe_core::{RegisterFile, Regs};
+
+use crate::sys::{self, SysResult, Tid, UserRegs};
+use crate::tracer::RIP;
+
+/// The registers of a thread stopped at a trap, fetched on first use.
+///
+/// Until something asks for them, the tracer knows only `rip` (one `PTRACE_PEEKUSER`
+/// told it where the thread stopped), and tracks where the thread is to resume: then
+/// writing back is at most one `PTRACE_POKEUSER` of `rip`. Once fetched
+/// (`PTRACE_GETREGS`), writing back sets exactly the fields that differ from what was
+/// read.
+///
+/// If the fetch fails, the thread was killed while stopped (`ESRCH`: it never runs
+/// again): handlers then see zeros in every register but `rip`, and nothing is
+/// written back.
+#[derive(Debug)]
+pub(crate) struct ThreadRegs {
+    tid: Tid,
+    /// `rip` as the kernel has it now.
+    kernel_rip: u64,
+    /// `rip` as handlers see it and the thread resumes, while not fetched.
+    rip: u64,
+    full: OnceCell<Fetched>,
+}
+
+#[derive(Debug)]
+struct Fetched {
+    /// As read; `None` if the fetch failed.
+    read: Option<UserRegs>,
+    /// What handlers see and change.
+    view: Regs,
+}
+
+impl ThreadRegs {
+    /// Thread `tid`, stopped with `rip == kernel_rip`; handlers are to see `rip`.
+    pub(crate) fn new(tid: Tid, kernel_rip: u64, rip: u64) -> ThreadRegs {
+        ThreadRegs {
+            tid,
+            kernel_rip,
+            rip,
+            full: OnceCell::new(),
+        }
+    }
+
+    fn fetch(&self) -> &Fetched {
+        self.full.get_or_init(|| match sys::get_regs(self.tid) {
+            Ok(read) => {
+                let mut view = to_core(&read);
+                view.rip = self.rip;
+                Fetched {
+                    read: Some(read),
+                    view,
+                }
+            }
+            Err(_) => Fetched {
+                read: None,
+                view: Regs {
+                    rip: self.rip,
+                    ..Regs::default()
+                },
+            },
+        })
+    }
+
+    /// The registers as the kernel has them (fetched if not yet), for an injected
+    /// system call or a single-step; `None` if the thread is gone.
+    pub(crate) fn kernel(&self) -> Option<UserRegs> {
+        self.fetch().read
+    }
+
+    /// Resume the thread at `rip`, without fetching the other registers.
+    pub(crate) fn set_rip(&mut self, rip: u64) {
+        match self.full.get_mut() {
+            Some(f) => f.view.rip = rip,
+            None => self.rip = rip,
+        }
+    }
+
+    /// Write back what changed: nothing, `rip` alone, or the changed fields.
+    pub(crate) fn write_back(&self) -> SysResult<()> {
+        match self.full.get() {
+            None if self.rip == self.kernel_rip => Ok(()),
+            None => sys::poke_user(self.tid, RIP, self.rip),
+            Some(Fetched { read: None, .. }) => Ok(()),
+            Some(Fetched {
+                read: Some(read),
+                view,
+            }) => write_back(self.tid, read, view),
+        }
+    }
+}
+
+impl RegisterFile for ThreadRegs {
+    fn regs(&self) -> &Regs {
+        &self.fetch().view
+    }
+
+    fn regs_mut(&mut self) -> &mut Regs {
+        self.fetch();
+        &mut self.full.get_mut().expect("just fetched").view
+    }
+
+    fn fetched(&self) -> Option<&Regs> {
+        self.full.get().map(|f| &f.view)
+    }
+}
+
+/// Write `regs` over a thread whose registers were `read`: only the fields that
+/// differ, with `PTRACE_POKEUSER` when at most two do, else one `PTRACE_SETREGS`.
+pub(crate) fn write_back(tid: Tid, read: &UserRegs, regs: &Regs) -> SysResult<()> {
+    let new = from_core(read, regs);
+    match changes(read, &new) {
+        Some(fields) => fields
+            .iter()
+            .try_for_each(|(offset, value)| sys::poke_user(tid, offset, value)),
+        None => sys::set_regs(tid, &new),
+    }
+}
 
 /// What a handler sees of `r`.
 pub(crate) fn to_core(r: &UserRegs) -> Regs {

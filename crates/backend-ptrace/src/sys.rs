@@ -68,14 +68,89 @@ pub const OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD
 
 /// Raw ptrace with an address and data argument.
 ///
-/// Every request this module makes goes through here. The kernel validates `tid` and
-/// the request; the pointers passed in `addr`/`data` are the caller's concern, which is
-/// why the wrappers below are the only users.
+/// Every request this module makes goes through here, and is counted (see
+/// [`Requests`]). The kernel validates `tid` and the request; the pointers passed in
+/// `addr`/`data` are the caller's concern, which is why the wrappers below are the only
+/// users.
 fn ptrace(req: libc::c_uint, tid: Tid, addr: usize, data: usize) -> SysResult<libc::c_long> {
+    count(req);
     // SAFETY: ptrace with these requests reads or writes at most the buffer `data`
     // points to, which each caller below provides with the right size (or passes an
     // integer where the request takes one).
     check(unsafe { libc::ptrace(req, tid, addr, data) })
+}
+
+/// How many ptrace requests of each kind the calling thread made (ptrace takes
+/// requests only from the tracer's own thread, so these are its tracer's). What a hit
+/// costs besides its stop is these requests; tests and benchmarks read them through
+/// `multiprobe_backend_ptrace::baseline::requests`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// `PTRACE_GETREGS`: all registers.
+    pub get_regs: u64,
+    /// `PTRACE_SETREGS`.
+    pub set_regs: u64,
+    /// `PTRACE_PEEKUSER`: one register (`rip`, at a trap).
+    pub peek_user: u64,
+    /// `PTRACE_POKEUSER`: one register.
+    pub poke_user: u64,
+    /// `PTRACE_GETSIGINFO`.
+    pub get_sig_info: u64,
+    /// `PTRACE_CONT`.
+    pub cont: u64,
+    /// Every other request.
+    pub other: u64,
+}
+
+impl std::ops::Sub for Requests {
+    type Output = Requests;
+    fn sub(self, o: Requests) -> Requests {
+        Requests {
+            get_regs: self.get_regs - o.get_regs,
+            set_regs: self.set_regs - o.set_regs,
+            peek_user: self.peek_user - o.peek_user,
+            poke_user: self.poke_user - o.poke_user,
+            get_sig_info: self.get_sig_info - o.get_sig_info,
+            cont: self.cont - o.cont,
+            other: self.other - o.other,
+        }
+    }
+}
+
+std::thread_local! {
+    static REQUESTS: std::cell::Cell<Requests> = const {
+        std::cell::Cell::new(Requests {
+            get_regs: 0,
+            set_regs: 0,
+            peek_user: 0,
+            poke_user: 0,
+            get_sig_info: 0,
+            cont: 0,
+            other: 0,
+        })
+    };
+}
+
+fn count(req: libc::c_uint) {
+    REQUESTS.with(|c| {
+        let mut r = c.get();
+        let n = match req {
+            libc::PTRACE_GETREGS => &mut r.get_regs,
+            libc::PTRACE_SETREGS => &mut r.set_regs,
+            libc::PTRACE_PEEKUSER => &mut r.peek_user,
+            libc::PTRACE_POKEUSER => &mut r.poke_user,
+            libc::PTRACE_GETSIGINFO => &mut r.get_sig_info,
+            libc::PTRACE_CONT => &mut r.cont,
+            _ => &mut r.other,
+        };
+        *n += 1;
+        c.set(r);
+    });
+}
+
+/// The requests the calling thread made so far.
+pub fn requests() -> Requests {
+    REQUESTS.with(|c| c.get())
 }
 
 /// Attach to `tid` without stopping it (`PTRACE_SEIZE`), with [`OPTIONS`].
@@ -135,6 +210,27 @@ pub fn set_regs(tid: Tid, regs: &UserRegs) -> SysResult<()> {
         regs as *const UserRegs as usize,
     )
     .map(drop)
+}
+
+/// Read one register: `offset` is the byte offset of a field in [`UserRegs`]
+/// (`PTRACE_PEEKUSER`). Two thirds of the cost of `PTRACE_GETREGS` here: what a hit
+/// reads when no handler wants the registers (only `rip`, to know where it is).
+pub fn peek_user(tid: Tid, offset: usize) -> SysResult<u64> {
+    count(libc::PTRACE_PEEKUSER);
+    let mut word: u64 = 0;
+    // SAFETY: the raw system call (not glibc's wrapper, whose return value cannot tell
+    // a word of all ones from an error) stores the word at `data`, which points to a
+    // u64 that lives across the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_ptrace,
+            libc::PTRACE_PEEKUSER,
+            tid,
+            offset,
+            &mut word as *mut u64,
+        )
+    })?;
+    Ok(word)
 }
 
 /// Set one register: `offset` is the byte offset of a field in [`UserRegs`]
