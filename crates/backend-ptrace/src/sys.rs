@@ -102,6 +102,21 @@ pub struct Requests {
     pub other: u64,
 }
 
+impl std::ops::Add for Requests {
+    type Output = Requests;
+    fn add(self, o: Requests) -> Requests {
+        Requests {
+            get_regs: self.get_regs + o.get_regs,
+            set_regs: self.set_regs + o.set_regs,
+            peek_user: self.peek_user + o.peek_user,
+            poke_user: self.poke_user + o.poke_user,
+            get_sig_info: self.get_sig_info + o.get_sig_info,
+            cont: self.cont + o.cont,
+            other: self.other + o.other,
+        }
+    }
+}
+
 impl std::ops::Sub for Requests {
     type Output = Requests;
     fn sub(self, o: Requests) -> Requests {
