@@ -6,7 +6,8 @@
 //!
 //! Cost of a hit, in system calls besides the stop itself: `PTRACE_PEEKUSER` of `rip`
 //! (where did it stop?), `PTRACE_GETREGS` only if a handler or the emulation needs the
-//! registers ([`ThreadRegs`]), then the write-back of what changed — nothing after an
+//! registers ([`ThreadRegs`]) — at once, instead of the `PTRACE_PEEKUSER`, when the
+//! thread's last hit needed them — then the write-back of what changed — nothing after an
 //! emulated `nop` (the kernel's `rip` is already past it), one `PTRACE_POKEUSER` of
 //! `rip` to enter a slot or skip a longer `nop`, more only for what handlers changed —
 //! and `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also
@@ -40,15 +41,30 @@ enum Next {
 
 impl Tracer {
     pub(crate) fn on_trap(&mut self, tid: Tid) -> Result<()> {
-        let Ok(rip) = sys::peek_user(tid, RIP) else {
-            return Ok(()); // killed meanwhile: its exit comes next
-        };
         let th = self.threads.get_mut(&tid).expect("adopted");
+        // Where did it stop? Read all the registers right away if they will be needed:
+        // at the end of a trap-after slot (to find the way back), or when the last hit
+        // of this thread needed them (a guess: its handlers probably do again).
+        let in_trap_after = th
+            .slots
+            .last()
+            .is_some_and(|s| s.kind == SlotKind::TrapAfter);
+        let (rip, read) = if th.wants_regs || in_trap_after {
+            match sys::get_regs(tid) {
+                Ok(ur) => (ur.rip, Some(ur)),
+                Err(_) => return Ok(()), // killed meanwhile: its exit comes next
+            }
+        } else {
+            match sys::peek_user(tid, RIP) {
+                Ok(rip) => (rip, None),
+                Err(_) => return Ok(()),
+            }
+        };
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {
             let trap = top.slots().trap_after.filter(|s| s.contains(rip - 1));
             if let (SlotKind::TrapAfter, Some(trap)) = (top.kind, trap) {
-                let Ok(ur) = sys::get_regs(tid) else {
+                let Some(ur) = read.or_else(|| sys::get_regs(tid).ok()) else {
                     return Ok(());
                 };
                 let mut regs = to_core(&ur);
@@ -93,13 +109,20 @@ impl Tracer {
         if site.plan.len() == 1 && !from_int3(tid) {
             return self.resume_sig(tid, libc::SIGTRAP);
         }
-        self.hit(tid, rip, site)
+        self.hit(tid, rip, read, site)
     }
 
     /// Serve a hit of `site`: the thread stopped with `rip` (the kernel's, just past
-    /// the `int3`). Registers are fetched only if a handler or the emulation asks.
-    fn hit(&mut self, tid: Tid, rip: u64, site: Arc<SiteInner>) -> Result<()> {
-        let mut regs = ThreadRegs::new(tid, rip, site.addr);
+    /// the `int3`), and its registers `read` if they were. Registers are fetched only
+    /// if a handler or the emulation asks.
+    fn hit(
+        &mut self,
+        tid: Tid,
+        rip: u64,
+        read: Option<UserRegs>,
+        site: Arc<SiteInner>,
+    ) -> Result<()> {
+        let mut regs = ThreadRegs::new(tid, rip, site.addr, read);
         let mut have_slots = site.slots.get().is_some();
         if !have_slots && !site.plan.is_emulated() {
             // Injecting the `mmap` needs the registers (to restore them after).
@@ -138,6 +161,7 @@ impl Tracer {
                 }
             }
         };
+        th.wants_regs = regs.fetched().is_some();
         match next {
             Next::Resume => self.finish(tid, &regs, 0),
             Next::Slot(kind) => {

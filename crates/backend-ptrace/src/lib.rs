@@ -42,7 +42,11 @@
 //! `ret`, jumps, ...); a handler that only counts costs none. Per hit, besides the stop
 //! and the final `PTRACE_CONT`:
 //!
-//! * always `PTRACE_PEEKUSER` of `rip`, to know which probe the thread stopped at;
+//! * `PTRACE_PEEKUSER` of `rip`, to know which probe the thread stopped at — or, when
+//!   the thread's previous hit needed the registers (a guess that its handlers will
+//!   again), `PTRACE_GETREGS` right away, which tells `rip` too: handlers that read
+//!   registers then cost one request, not two, and a wrong guess costs what reading
+//!   them would have;
 //! * an emulated one-byte instruction (`nop`): also `PTRACE_GETSIGINFO` (see Limits),
 //!   and nothing to write back: the kernel's `rip` is already past it;
 //! * a relocated instruction (jump-back slot) or a longer `nop`/`endbr64`:

@@ -6,7 +6,7 @@
 //! writing back always starts from the struct that was read, so those stay exactly as
 //! the kernel reported them.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 
 use multiprobe_core::{RegisterFile, Regs};
 
@@ -21,6 +21,11 @@ use crate::tracer::RIP;
 /// (`PTRACE_GETREGS`), writing back sets exactly the fields that differ from what was
 /// read.
 ///
+/// The tracer may also have read them already, when it expected a handler to ask (see
+/// `Thread::wants_regs`); then asking costs nothing more. Either way
+/// [`RegisterFile::fetched`] says whether anyone asked — which is what the tracer
+/// learns from for the thread's next hit.
+///
 /// If the fetch fails, the thread was killed while stopped (`ESRCH`: it never runs
 /// again): handlers then see zeros in every register but `rip`, and nothing is
 /// written back.
@@ -29,8 +34,11 @@ pub(crate) struct ThreadRegs {
     tid: Tid,
     /// `rip` as the kernel has it now.
     kernel_rip: u64,
-    /// `rip` as handlers see it and the thread resumes, while not fetched.
+    /// `rip` as handlers see it and the thread resumes, while nobody asked.
     rip: u64,
+    /// The registers as the kernel has them, if read already (asked or not).
+    read: Cell<Option<UserRegs>>,
+    /// What handlers see, once one asked.
     full: OnceCell<Fetched>,
 }
 
@@ -44,18 +52,20 @@ struct Fetched {
 
 impl ThreadRegs {
     /// Thread `tid`, stopped with `rip == kernel_rip`; handlers are to see `rip`.
-    pub(crate) fn new(tid: Tid, kernel_rip: u64, rip: u64) -> ThreadRegs {
+    /// `read`: its registers, if the tracer read them already.
+    pub(crate) fn new(tid: Tid, kernel_rip: u64, rip: u64, read: Option<UserRegs>) -> ThreadRegs {
         ThreadRegs {
             tid,
             kernel_rip,
             rip,
+            read: Cell::new(read),
             full: OnceCell::new(),
         }
     }
 
     fn fetch(&self) -> &Fetched {
-        self.full.get_or_init(|| match sys::get_regs(self.tid) {
-            Ok(read) => {
+        self.full.get_or_init(|| match self.kernel() {
+            Some(read) => {
                 let mut view = to_core(&read);
                 view.rip = self.rip;
                 Fetched {
@@ -63,7 +73,7 @@ impl ThreadRegs {
                     view,
                 }
             }
-            Err(_) => Fetched {
+            None => Fetched {
                 read: None,
                 view: Regs {
                     rip: self.rip,
@@ -73,10 +83,16 @@ impl ThreadRegs {
         })
     }
 
-    /// The registers as the kernel has them (fetched if not yet), for an injected
-    /// system call or a single-step; `None` if the thread is gone.
+    /// The registers as the kernel has them, read if not yet (for an injected system
+    /// call or a single-step), without counting as asked; `None` if the thread is gone.
     pub(crate) fn kernel(&self) -> Option<UserRegs> {
-        self.fetch().read
+        if let Some(f) = self.full.get() {
+            return f.read;
+        }
+        if self.read.get().is_none() {
+            self.read.set(sys::get_regs(self.tid).ok());
+        }
+        self.read.get()
     }
 
     /// Resume the thread at `rip`, without fetching the other registers.

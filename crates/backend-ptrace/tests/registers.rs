@@ -1,5 +1,6 @@
 //! Registers on demand: a hit costs `PTRACE_GETREGS` only when a handler (or the
-//! emulation) needs the registers. Counted through the ptrace requests the tracer
+//! emulation) needs the registers, and reads them at once (not `rip` first) when the
+//! thread's last hit needed them. Counted through the ptrace requests the tracer
 //! thread makes (`baseline::requests`), so these tests say exactly what a hit costs.
 
 mod common;
@@ -134,7 +135,7 @@ fn handlers_reading_rdi_see_it_for_one_getregs_per_hit() {
                 c.fetch_add(1, Relaxed);
             })
             .unwrap();
-    let _readers: Vec<_> = sums
+    let readers: Vec<_> = sums
         .iter()
         .map(|s| {
             let s = Arc::clone(s);
@@ -146,15 +147,42 @@ fn handlers_reading_rdi_see_it_for_one_getregs_per_hit() {
         })
         .collect();
     b.calls(IMUL, 1, &count); // places the slots
-    let sum_before = [sums[0].load(Relaxed), sums[1].load(Relaxed)];
     let n = 100;
-    let spent = b.calls(IMUL, n, &count);
-    // The registers once per hit for both readers; nothing but rip written back.
-    assert_eq!(spent, per_hit(n, 1, 1, 1, 0));
     // mp_bench_fn(i) for i in 0..n.
     let want = n * (n - 1) / 2;
-    assert_eq!(sums[0].load(Relaxed) - sum_before[0], want);
-    assert_eq!(sums[1].load(Relaxed) - sum_before[1], want);
+    let sums_now = || [sums[0].load(Relaxed), sums[1].load(Relaxed)];
+
+    let before = sums_now();
+    let spent = b.calls(IMUL, n, &count);
+    // The last hit read the registers, so every hit reads them at once, without
+    // reading rip first; once for both readers; nothing but rip written back.
+    assert_eq!(spent, per_hit(n, 1, 0, 1, 0));
+    assert_eq!(sums_now(), [before[0] + want, before[1] + want]);
+
+    // Only counting: the first hit still guesses that the registers are wanted.
+    for r in &readers {
+        r.disable().unwrap();
+    }
+    let spent = b.calls(IMUL, n, &count);
+    let guess = Requests {
+        get_regs: 1,
+        peek_user: n - 1,
+        ..per_hit(n, 0, 0, 1, 0)
+    };
+    assert_eq!(spent, guess);
+
+    // Reading again: the first hit reads rip, then the registers.
+    for r in &readers {
+        r.enable().unwrap();
+    }
+    let before = sums_now();
+    let spent = b.calls(IMUL, n, &count);
+    let guess = Requests {
+        peek_user: 1,
+        ..per_hit(n, 1, 0, 1, 0)
+    };
+    assert_eq!(spent, guess);
+    assert_eq!(sums_now(), [before[0] + want, before[1] + want]);
     b.end();
 }
 
