@@ -133,39 +133,34 @@ impl std::ops::Sub for Requests {
 }
 
 std::thread_local! {
-    static REQUESTS: std::cell::Cell<Requests> = const {
-        std::cell::Cell::new(Requests {
-            get_regs: 0,
-            set_regs: 0,
-            peek_user: 0,
-            poke_user: 0,
-            get_sig_info: 0,
-            cont: 0,
-            other: 0,
-        })
-    };
+    /// Per kind, in the order of [`Requests`]' fields.
+    static REQUESTS: [std::cell::Cell<u64>; 7] = const { [const { std::cell::Cell::new(0) }; 7] };
 }
 
 fn count(req: libc::c_uint) {
-    REQUESTS.with(|c| {
-        let mut r = c.get();
-        let n = match req {
-            libc::PTRACE_GETREGS => &mut r.get_regs,
-            libc::PTRACE_SETREGS => &mut r.set_regs,
-            libc::PTRACE_PEEKUSER => &mut r.peek_user,
-            libc::PTRACE_POKEUSER => &mut r.poke_user,
-            libc::PTRACE_GETSIGINFO => &mut r.get_sig_info,
-            libc::PTRACE_CONT => &mut r.cont,
-            _ => &mut r.other,
-        };
-        *n += 1;
-        c.set(r);
-    });
+    let i = match req {
+        libc::PTRACE_GETREGS => 0,
+        libc::PTRACE_SETREGS => 1,
+        libc::PTRACE_PEEKUSER => 2,
+        libc::PTRACE_POKEUSER => 3,
+        libc::PTRACE_GETSIGINFO => 4,
+        libc::PTRACE_CONT => 5,
+        _ => 6,
+    };
+    REQUESTS.with(|c| c[i].set(c[i].get() + 1));
 }
 
 /// The requests the calling thread made so far.
 pub fn requests() -> Requests {
-    REQUESTS.with(|c| c.get())
+    REQUESTS.with(|c| Requests {
+        get_regs: c[0].get(),
+        set_regs: c[1].get(),
+        peek_user: c[2].get(),
+        poke_user: c[3].get(),
+        get_sig_info: c[4].get(),
+        cont: c[5].get(),
+        other: c[6].get(),
+    })
 }
 
 /// Attach to `tid` without stopping it (`PTRACE_SEIZE`), with [`OPTIONS`].
