@@ -25,6 +25,12 @@
 //! `HITS` hits) and takes the median of the per-round ratios, so that load from other
 //! users of the machine, which comes and goes, hits both sides of a ratio alike.
 //!
+//! The bench pins itself, and so the tracees it spawns, to the CPU it starts on. On an
+//! otherwise idle VM a tracer and its tracee on two vCPUs wake each other through a
+//! halted vCPU at every stop, and a round trip costs ~70 µs instead of ~4 µs (measured:
+//! every routine then takes 67–77 µs and the ratios mean nothing); on one CPU a stop is
+//! two context switches, as when the other vCPU is busy.
+//!
 //! Run: `cargo bench -p multiprobe-benches --bench ptrace_hit`
 
 use std::io::{Read, Write};
@@ -251,7 +257,27 @@ impl Routine {
     }
 }
 
+/// Pin the calling thread — the tracer — and so the tracees it spawns later (a child
+/// inherits its parent's affinity) to the CPU it runs on now. Returns that CPU.
+fn pin_to_this_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no argument and only returns a number.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET only sets bit `cpu` of `set`, with a checked index (a CPU number
+    // from the kernel is below CPU_SETSIZE in any case).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t and the size passed is its own; pid 0 is the
+    // calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    (r == 0).then_some(cpu)
+}
+
 fn main() {
+    match pin_to_this_cpu() {
+        Some(cpu) => println!("PINNED tracer and tracees to CPU {cpu}"),
+        None => println!("NOT PINNED: sched_setaffinity failed; expect noisy ratios"),
+    }
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
