@@ -6,7 +6,9 @@
 //!    the breakpoint's address (it will execute the restored instruction), one at a
 //!    slot's trailing `int3` is moved to where the original code continues, a signal
 //!    is kept to be delivered at detach, new threads and vfork children are stopped
-//!    too, fork children are freed as usual.
+//!    too, fork children are freed as usual. A thread whose interrupt stop came right
+//!    after it executed an `int3` (its SIGTRAP still pending) is let report the SIGTRAP
+//!    first, to be undone like any other trap.
 //! 2. Move every thread that is inside a slot to the equivalent original address
 //!    ([`multiprobe_x86::Slot::fixup_ip`], single-stepping to the next boundary when
 //!    it is in the middle of the slot's code) and end its deferred steps. A thread that
