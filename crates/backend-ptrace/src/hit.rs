@@ -4,14 +4,17 @@
 //! that was just removed (re-execute the restored instruction), or the tracee's own
 //! SIGTRAP (deliver it unchanged).
 //!
-//! Cost of a hit, in system calls besides the stop itself: `PTRACE_PEEKUSER` of `rip`
-//! (where did it stop?), `PTRACE_GETREGS` only if a handler or the emulation needs the
-//! registers ([`ThreadRegs`]) — at once, instead of the `PTRACE_PEEKUSER`, when the
-//! thread's last hit needed them — then the write-back of what changed — nothing after an
-//! emulated `nop` (the kernel's `rip` is already past it), one `PTRACE_POKEUSER` of
-//! `rip` to enter a slot or skip a longer `nop`, more only for what handlers changed —
-//! and `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also
-//! be a signal sent to a thread standing there: after a one-byte instruction.
+//! Cost of a hit, in system calls besides the stop itself:
+//! * one request to learn where the thread stopped: `PTRACE_PEEKUSER` of `rip`, or
+//!   `PTRACE_GETREGS` when the thread's last hit needed the registers (a guess that this
+//!   one will too; then they cost nothing more);
+//! * otherwise `PTRACE_GETREGS` only if a handler or the emulation asks ([`ThreadRegs`]);
+//! * the write-back of what changed: nothing after an emulated `nop` (the kernel's `rip`
+//!   is already past it), one `PTRACE_POKEUSER` of `rip` to enter a slot or skip a
+//!   longer `nop`, more only for what handlers changed;
+//! * `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also be a signal sent
+//!   to a thread standing there: after a one-byte instruction;
+//! * `PTRACE_CONT`.
 
 use std::sync::Arc;
 
