@@ -4,19 +4,32 @@
 //!
 //! * `floor`: an `int3` over a one-byte `nop`, and per hit only `waitpid` +
 //!   `PTRACE_CONT` — the least any ptrace breakpoint can cost.
+//! * `floor+rip`: the floor plus `PTRACE_PEEKUSER` of `rip` at each stop — the least a
+//!   hit costs when the tracer must learn which probe the thread stopped at.
 //! * `floor+regs`: the floor plus `PTRACE_GETREGS` at each stop — the least a hit can
-//!   cost when handlers are given the registers, as multiprobe's are.
+//!   cost when handlers read the registers.
 //! * `two-stop/{nop,imul}`: the classic scheme (restore the byte, back up `rip`,
 //!   single-step, re-insert, continue) at each site.
-//! * `multiprobe/{1,3}h/{nop,imul}`: a registered probe with 1 or 3 counting
-//!   handlers. The `nop` site is emulated (and, being one byte long, needs the
-//!   signal's `si_code` to tell our trap from a sent SIGTRAP); the `imul` site runs from
-//!   the jump-back slot of the XOL page. Both are one stop per hit.
+//! * `multiprobe/rdi/{1,3}h/{nop,imul}`: a registered probe with 1 or 3 handlers that
+//!   each read `rdi` (so the registers are fetched, once per hit) and count.
+//! * `multiprobe/count/{1,3}h/{nop,imul}`: the same with handlers that only count (no
+//!   register is fetched).
+//!
+//! The `nop` site is emulated (and, being one byte long, needs the signal's `si_code`
+//! to tell our trap from a sent SIGTRAP); the `imul` site runs from the jump-back slot
+//! of the XOL page. Both are one stop per hit. The `REQUESTS` lines give the ptrace
+//! requests each variant made per hit in the interleaved phase.
 //!
 //! Criterion measures each routine on its own. The `RATIO` lines come from a second
 //! phase that interleaves the routines round by round (each round: every routine,
 //! `HITS` hits) and takes the median of the per-round ratios, so that load from other
 //! users of the machine, which comes and goes, hits both sides of a ratio alike.
+//!
+//! The bench pins itself, and so the tracees it spawns, to the CPU it starts on. On an
+//! otherwise idle VM a tracer and its tracee on two vCPUs wake each other through a
+//! halted vCPU at every stop, and a round trip costs ~70 µs instead of ~4 µs (measured:
+//! every routine then takes 67–77 µs and the ratios mean nothing); on one CPU a stop is
+//! two context switches, as when the other vCPU is busy.
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench ptrace_hit`
 
@@ -27,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use multiprobe_backend_ptrace::baseline::RawTarget;
+use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
 use multiprobe_benches::{fmt_ns, median, Ratios};
 use multiprobe_core::{Hit, Registration};
@@ -81,6 +94,14 @@ impl Raw {
         start.elapsed()
     }
 
+    fn floor_rip(&mut self, n: u64) -> Duration {
+        let start = Instant::now();
+        ask(self.t.child(), NOP, n);
+        self.t.one_stop_rip(n).unwrap();
+        done(self.t.child());
+        start.elapsed()
+    }
+
     fn floor_regs(&mut self, n: u64) -> Duration {
         let start = Instant::now();
         ask(self.t.child(), NOP, n);
@@ -99,58 +120,79 @@ impl Raw {
     }
 }
 
-/// multiprobe on its own tracee: three counting handlers on each site, of which the
-/// last two are enabled only for the 3-handler runs.
+/// What a handler does besides counting its hits.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Reads `rdi`: the registers are fetched.
+    Rdi,
+    /// Nothing: no register is fetched.
+    Count,
+}
+
+const KINDS: [Kind; 2] = [Kind::Rdi, Kind::Count];
+
+/// multiprobe on its own tracee: on each site, three handlers of each kind, of which
+/// only those of the routine's kind are enabled (the first one, or all three).
 struct Multi {
     t: Tracer,
     child: Child,
-    first: [Arc<AtomicU64>; 2],
-    extra: [Vec<Registration<PtraceBackend>>; 2],
-    _first: Vec<Registration<PtraceBackend>>,
+    /// Per site and kind: the hits of the first handler.
+    first: [[Arc<AtomicU64>; 2]; 2],
+    /// Per site and kind: the three registrations.
+    regs: [[Vec<Registration<PtraceBackend>>; 2]; 2],
 }
 
 impl Multi {
     fn new() -> Multi {
         let mut t = Tracer::spawn(&mut command()).unwrap();
         let child = t.take_child().unwrap();
-        let mut first = Vec::new();
-        let mut firsts = Vec::new();
-        let mut extra = Vec::new();
-        for sym in ["mp_bench_nop", "mp_bench_fn"] {
+        let mut first: [[Arc<AtomicU64>; 2]; 2] = Default::default();
+        let mut regs: [[Vec<Registration<PtraceBackend>>; 2]; 2] = Default::default();
+        for (site, sym) in ["mp_bench_nop", "mp_bench_fn"].into_iter().enumerate() {
             let addr = t.resolve(sym).unwrap();
-            let mut regs = Vec::new();
-            let mut counts = Vec::new();
-            for _ in 0..3 {
-                let c = Arc::new(AtomicU64::new(0));
-                let c2 = Arc::clone(&c);
-                let h = move |h: &mut Hit<'_>| {
-                    std::hint::black_box(h.regs().rdi);
-                    c2.fetch_add(1, Relaxed);
-                };
-                regs.push(t.registry().register(addr, h).unwrap());
-                counts.push(c);
+            for (k, kind) in KINDS.into_iter().enumerate() {
+                for i in 0..3 {
+                    let c = Arc::new(AtomicU64::new(0));
+                    if i == 0 {
+                        first[site][k] = Arc::clone(&c);
+                    }
+                    let r = match kind {
+                        Kind::Rdi => t.registry().register(addr, move |h: &mut Hit<'_>| {
+                            std::hint::black_box(h.regs().rdi);
+                            c.fetch_add(1, Relaxed);
+                        }),
+                        Kind::Count => t.registry().register(addr, move |_: &mut Hit<'_>| {
+                            c.fetch_add(1, Relaxed);
+                        }),
+                    };
+                    regs[site][k].push(r.unwrap());
+                }
             }
-            first.push(Arc::clone(&counts[0]));
-            firsts.push(regs.remove(0));
-            extra.push(regs);
         }
         Multi {
             t,
             child,
-            first: [Arc::clone(&first[0]), Arc::clone(&first[1])],
-            extra: [extra.remove(0), extra.remove(0)],
-            _first: firsts,
+            first,
+            regs,
         }
     }
 
-    fn handlers(&self, site: u8, n: usize) {
-        for r in &self.extra[usize::from(site)] {
-            if n == 3 { r.enable() } else { r.disable() }.unwrap();
+    /// Enable the first `n` handlers of `kind` at `site`, and no other there.
+    fn handlers(&self, site: u8, kind: Kind, n: usize) {
+        for (k, rs) in KINDS.iter().zip(&self.regs[usize::from(site)]) {
+            for (i, r) in rs.iter().enumerate() {
+                if *k == kind && i < n {
+                    r.enable()
+                } else {
+                    r.disable()
+                }
+                .unwrap();
+            }
         }
     }
 
-    fn hits(&mut self, site: u8, n: u64) -> Duration {
-        let count = &self.first[usize::from(site)];
+    fn hits(&mut self, site: u8, kind: Kind, n: u64) -> Duration {
+        let count = &self.first[usize::from(site)][kind as usize];
         let target = count.load(Relaxed) + n;
         let start = Instant::now();
         ask(&mut self.child, site, n);
@@ -164,47 +206,78 @@ impl Multi {
 #[derive(Clone, Copy, PartialEq)]
 enum Routine {
     Floor,
+    FloorRip,
     FloorRegs,
     TwoStop(u8),
-    Multi(usize, u8),
+    Multi(Kind, usize, u8),
 }
 
 impl Routine {
-    const ALL: [Routine; 8] = [
+    const ALL: [Routine; 13] = [
         Routine::Floor,
+        Routine::FloorRip,
         Routine::FloorRegs,
         Routine::TwoStop(NOP),
         Routine::TwoStop(IMUL),
-        Routine::Multi(1, NOP),
-        Routine::Multi(3, NOP),
-        Routine::Multi(1, IMUL),
-        Routine::Multi(3, IMUL),
+        Routine::Multi(Kind::Rdi, 1, NOP),
+        Routine::Multi(Kind::Rdi, 3, NOP),
+        Routine::Multi(Kind::Rdi, 1, IMUL),
+        Routine::Multi(Kind::Rdi, 3, IMUL),
+        Routine::Multi(Kind::Count, 1, NOP),
+        Routine::Multi(Kind::Count, 3, NOP),
+        Routine::Multi(Kind::Count, 1, IMUL),
+        Routine::Multi(Kind::Count, 3, IMUL),
     ];
 
     fn name(self) -> String {
         let site = |s| if s == NOP { "nop" } else { "imul" };
         match self {
             Routine::Floor => "floor".into(),
+            Routine::FloorRip => "floor+rip".into(),
             Routine::FloorRegs => "floor+regs".into(),
             Routine::TwoStop(s) => format!("two-stop/{}", site(s)),
-            Routine::Multi(h, s) => format!("multiprobe/{h}h/{}", site(s)),
+            Routine::Multi(k, h, s) => {
+                let k = if k == Kind::Rdi { "rdi" } else { "count" };
+                format!("multiprobe/{k}/{h}h/{}", site(s))
+            }
         }
     }
 
     fn run(self, raw: &mut Raw, multi: &mut Multi, n: u64) -> Duration {
         match self {
             Routine::Floor => raw.floor(n),
+            Routine::FloorRip => raw.floor_rip(n),
             Routine::FloorRegs => raw.floor_regs(n),
             Routine::TwoStop(s) => raw.two_stop(s, n),
-            Routine::Multi(h, s) => {
-                multi.handlers(s, h);
-                multi.hits(s, n)
+            Routine::Multi(k, h, s) => {
+                multi.handlers(s, k, h);
+                multi.hits(s, k, n)
             }
         }
     }
 }
 
+/// Pin the calling thread — the tracer — and so the tracees it spawns later (a child
+/// inherits its parent's affinity) to the CPU it runs on now. Returns that CPU.
+fn pin_to_this_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no argument and only returns a number.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET only sets bit `cpu` of `set`, with a checked index (a CPU number
+    // from the kernel is below CPU_SETSIZE in any case).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t and the size passed is its own; pid 0 is the
+    // calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    (r == 0).then_some(cpu)
+}
+
 fn main() {
+    match pin_to_this_cpu() {
+        Some(cpu) => println!("PINNED tracer and tracees to CPU {cpu}"),
+        None => println!("NOT PINNED: sched_setaffinity failed; expect noisy ratios"),
+    }
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
@@ -226,11 +299,15 @@ fn main() {
     c.final_summary();
     r.print_means();
 
-    // Interleaved rounds: per-hit times of every routine, round by round.
+    // Interleaved rounds: per-hit times of every routine, round by round, and the
+    // ptrace requests of multiprobe's.
     let mut per_hit: Vec<Vec<f64>> = vec![Vec::new(); Routine::ALL.len()];
+    let mut spent = vec![Requests::default(); Routine::ALL.len()];
     for _ in 0..ROUNDS {
         for (i, routine) in Routine::ALL.iter().enumerate() {
+            let before = requests();
             let d = routine.run(&mut raw, &mut multi, HITS);
+            spent[i] = spent[i] + (requests() - before);
             per_hit[i].push(d.as_secs_f64() * 1e9 / HITS as f64);
         }
     }
@@ -242,6 +319,24 @@ fn main() {
             fmt_ns(median(per_hit[i].clone()))
         );
     }
+    let n = (ROUNDS as u64 * HITS) as f64;
+    for (i, routine) in Routine::ALL.iter().enumerate() {
+        if let Routine::Multi(..) = routine {
+            let r = spent[i];
+            println!(
+                "REQUESTS {} per hit: GETREGS {:.2}, PEEKUSER {:.2}, POKEUSER {:.2}, \
+                 SETREGS {:.2}, GETSIGINFO {:.2}, CONT {:.2}, other {:.2}",
+                routine.name(),
+                r.get_regs as f64 / n,
+                r.peek_user as f64 / n,
+                r.poke_user as f64 / n,
+                r.set_regs as f64 / n,
+                r.get_sig_info as f64 / n,
+                r.cont as f64 / n,
+                r.other as f64 / n,
+            );
+        }
+    }
     let ratio = |a: Routine, b: Routine| {
         let v = per_hit[idx(a)]
             .iter()
@@ -250,22 +345,29 @@ fn main() {
             .collect();
         median(v)
     };
-    for s in [NOP, IMUL] {
-        for h in [1, 3] {
-            let m = Routine::Multi(h, s);
-            println!(
-                "RATIO {} / floor (target <= 1.15): {:.3}",
-                m.name(),
-                ratio(m, Routine::Floor)
-            );
+    for kind in KINDS {
+        for s in [NOP, IMUL] {
+            for h in [1, 3] {
+                let m = Routine::Multi(kind, h, s);
+                let r = ratio(m, Routine::Floor);
+                println!(
+                    "RATIO {} / floor (target <= 1.15): {r:.3} {}",
+                    m.name(),
+                    if r <= 1.15 { "met" } else { "MISSED" }
+                );
+            }
         }
     }
+    println!(
+        "RATIO floor+rip / floor (where a hit is, alone): {:.3}",
+        ratio(Routine::FloorRip, Routine::Floor)
+    );
     println!(
         "RATIO floor+regs / floor (the registers alone): {:.3}",
         ratio(Routine::FloorRegs, Routine::Floor)
     );
     for s in [NOP, IMUL] {
-        let (two, m) = (Routine::TwoStop(s), Routine::Multi(1, s));
+        let (two, m) = (Routine::TwoStop(s), Routine::Multi(Kind::Rdi, 1, s));
         println!(
             "RATIO {} / {} (target >= 2.3): {:.3}",
             two.name(),

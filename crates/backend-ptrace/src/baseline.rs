@@ -1,8 +1,10 @@
 //! Raw ptrace loops the benchmarks compare a hit with, measured in the same run: the
 //! one-stop floor (an `int3` over a one-byte `nop`: stop, `PTRACE_CONT`, no handler,
-//! nothing else) and the classic two-stop scheme of debuggers (put the original byte
-//! back, back up `rip`, single-step, re-insert the `int3`, continue). Not part of the
-//! supported API.
+//! nothing else), the floor plus one request (`rip`, or all registers), and the
+//! classic two-stop scheme of debuggers (put the original byte back, back up `rip`,
+//! single-step, re-insert the `int3`, continue). Also the count of ptrace requests a
+//! tracer made, which tests and benchmarks use to tell what a hit costs. Not part of
+//! the supported API.
 
 use std::process::{Child, Command};
 
@@ -13,6 +15,14 @@ use crate::error;
 use crate::mem::CodeMemory;
 use crate::sys::{self, Tid, Wait};
 use crate::tracer::Tracer;
+
+pub use crate::sys::Requests;
+
+/// The ptrace requests the calling thread made so far, by kind: a [`Tracer`]'s, on
+/// the thread that runs it. Subtract two readings to count what happened in between.
+pub fn requests() -> Requests {
+    sys::requests()
+}
 
 /// A process traced by raw loops instead of the tracer.
 #[derive(Debug)]
@@ -91,6 +101,19 @@ impl RawTarget {
         for _ in 0..n {
             self.wait_trap()?;
             std::hint::black_box(sys::get_regs(self.pid).map_err(|e| error::sys(e, "regs"))?);
+            sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
+        }
+        Ok(())
+    }
+
+    /// Like [`RawTarget::one_stop`], plus `PTRACE_PEEKUSER` of `rip` at every stop: the
+    /// least a hit costs when the tracer must learn where the thread stopped, as
+    /// multiprobe's must (several probes, one `int3` each).
+    pub fn one_stop_rip(&self, n: u64) -> Result<()> {
+        for _ in 0..n {
+            self.wait_trap()?;
+            let rip = sys::peek_user(self.pid, crate::tracer::RIP);
+            std::hint::black_box(rip.map_err(|e| error::sys(e, "rip"))?);
             sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
         }
         Ok(())

@@ -6,7 +6,9 @@
 //!    the breakpoint's address (it will execute the restored instruction), one at a
 //!    slot's trailing `int3` is moved to where the original code continues, a signal
 //!    is kept to be delivered at detach, new threads and vfork children are stopped
-//!    too, fork children are freed as usual.
+//!    too, fork children are freed as usual. A thread whose interrupt stop came right
+//!    after it executed an `int3` (its SIGTRAP still pending) is let report the SIGTRAP
+//!    first, to be undone like any other trap.
 //! 2. Move every thread that is inside a slot to the equivalent original address
 //!    ([`multiprobe_x86::Slot::fixup_ip`], single-stepping to the next boundary when
 //!    it is in the middle of the slot's code) and end its deferred steps. A thread that
@@ -30,7 +32,7 @@ use crate::backend::{Status, INT3};
 use crate::inject;
 use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Errno, Tid, Wait};
-use crate::tracer::{Stop, Thread, Tracer};
+use crate::tracer::{FilterGone, Stop, Thread, Tracer};
 use crate::xol::PAGE;
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -156,7 +158,19 @@ impl Tracer {
             0 if sig == libc::SIGTRAP => {}
             0 if sig == libc::SIGTRAP | 0x80 => {}
             0 => deliver = sig,
-            PTRACE_EVENT_STOP => group = is_stop(sig),
+            PTRACE_EVENT_STOP => {
+                group = is_stop(sig);
+                if detaching && !group && sigtrap_pending(self.pid(), tid) {
+                    // It executed an `int3` (ours, most likely) just before the
+                    // interrupt stopped it: the interrupt is reported before the signal
+                    // is, and once detached the pending SIGTRAP would kill the program.
+                    // Let it report the signal (it runs no instruction before that);
+                    // that stop is handled as any trap while stopping.
+                    return sys::cont(tid, 0)
+                        .filter_gone()
+                        .map_err(|e| crate::error::sys(e, "let a pending trap be reported"));
+                }
+            }
             libc::PTRACE_EVENT_CLONE => {
                 if let Ok(new) = sys::event_msg(tid) {
                     let new = new as Tid;
@@ -387,6 +401,23 @@ impl Tracer {
         self.aside.signals = others;
         self.resend.extend(mine);
     }
+}
+
+/// Whether thread `tid` of `pid` has a SIGTRAP pending that it does not block (read
+/// from `/proc`; false if that cannot be read).
+fn sigtrap_pending(pid: Tid, tid: Tid) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+        return false;
+    };
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = 1u64 << (libc::SIGTRAP - 1);
+    mask("SigPnd:") & bit != 0 && mask("SigBlk:") & bit == 0
 }
 
 fn is_stop(sig: i32) -> bool {

@@ -4,22 +4,29 @@
 //! that was just removed (re-execute the restored instruction), or the tracee's own
 //! SIGTRAP (deliver it unchanged).
 //!
-//! Cost of a hit, in system calls besides the stop itself: `PTRACE_GETREGS`, then
-//! `PTRACE_SETREGS` unless the registers are already right (an emulated `nop`), then
-//! `PTRACE_CONT`. `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also be
-//! a signal sent to a thread standing there: after a one-byte instruction.
+//! Cost of a hit, in system calls besides the stop itself:
+//! * one request to learn where the thread stopped: `PTRACE_PEEKUSER` of `rip`, or
+//!   `PTRACE_GETREGS` when the thread's last hit needed the registers (a guess that this
+//!   one will too; then they cost nothing more);
+//! * otherwise `PTRACE_GETREGS` only if a handler or the emulation asks ([`ThreadRegs`]);
+//! * the write-back of what changed: nothing after an emulated `nop` (the kernel's `rip`
+//!   is already past it), one `PTRACE_POKEUSER` of `rip` to enter a slot or skip a
+//!   longer `nop`, more only for what handlers changed;
+//! * `PTRACE_GETSIGINFO` only where a SIGTRAP at `addr + 1` could also be a signal sent
+//!   to a thread standing there: after a one-byte instruction;
+//! * `PTRACE_CONT`.
 
 use std::sync::Arc;
 
-use multiprobe_core::{PreOutcome, Result};
-use multiprobe_x86::SlotKind;
+use multiprobe_core::{Memory, PreOutcome, RegisterFile, Result};
+use multiprobe_x86::{Class, EmulatedKind, Plan, SlotKind};
 
 use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
-use crate::regs::{self, from_core, to_core};
+use crate::regs::{self, to_core, ThreadRegs};
 use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
-use crate::tracer::{FilterGone, InSlot, Tracer};
+use crate::tracer::{FilterGone, InSlot, Tracer, RIP};
 use crate::xol::{GADGET, PAGE, UNIT};
 
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
@@ -37,37 +44,60 @@ enum Next {
 
 impl Tracer {
     pub(crate) fn on_trap(&mut self, tid: Tid) -> Result<()> {
-        let Ok(ur) = sys::get_regs(tid) else {
-            return Ok(()); // killed meanwhile: its exit comes next
-        };
         let th = self.threads.get_mut(&tid).expect("adopted");
+        // Where did it stop? Read all the registers right away if they will be needed:
+        // at the end of a trap-after slot (to find the way back), or when the last hit
+        // of this thread needed them (a guess: its handlers probably do again).
+        let in_trap_after = th
+            .slots
+            .last()
+            .is_some_and(|s| s.kind == SlotKind::TrapAfter);
+        let (rip, read) = if th.wants_regs || in_trap_after {
+            match sys::get_regs(tid) {
+                Ok(ur) => (ur.rip, Some(ur)),
+                Err(_) => return Ok(()), // killed meanwhile: its exit comes next
+            }
+        } else {
+            match sys::peek_user(tid, RIP) {
+                Ok(rip) => (rip, None),
+                Err(_) => return Ok(()),
+            }
+        };
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {
-            let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
-            let mut regs = to_core(&ur);
-            if top.kind == SlotKind::TrapAfter
-                && trap.is_some_and(|t| t.fixup_trap(ur.rip, &mut regs))
-            {
-                let top = th.slots.pop().expect("just seen");
-                let d = &self.dispatcher;
-                // No deferred step when the thread was switched here only to hold back
-                // a signal: then no post-handler runs.
-                d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
-                let mut sig = 0;
-                if let Some(info) = top.deferred {
-                    sys::set_sig_info(tid, &info)
+            let trap = top.slots().trap_after.filter(|s| s.contains(rip - 1));
+            if let (SlotKind::TrapAfter, Some(trap)) = (top.kind, trap) {
+                let Some(ur) = read.or_else(|| sys::get_regs(tid).ok()) else {
+                    return Ok(());
+                };
+                let mut regs = to_core(&ur);
+                if trap.fixup_trap(ur.rip, &mut regs) {
+                    let top = th.slots.pop().expect("just seen");
+                    let d = &self.dispatcher;
+                    // No deferred step when the thread was switched here only to hold
+                    // back a signal: then no post-handler runs.
+                    d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
+                    let mut sig = 0;
+                    if let Some(info) = top.deferred {
+                        sys::set_sig_info(tid, &info)
+                            .filter_gone()
+                            .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
+                        sig = info.signo();
+                    }
+                    regs::write_back(tid, &ur, &regs)
                         .filter_gone()
-                        .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
-                    sig = info.signo();
+                        .map_err(|e| {
+                            error::sys(e, format_args!("set registers of thread {tid}"))
+                        })?;
+                    return self.resume(tid, sig);
                 }
-                return self.finish(tid, &ur, &regs, sig);
             }
         }
-        th.prune(ur.rip);
-        let addr = ur.rip.wrapping_sub(1);
+        th.prune(rip);
+        let addr = rip.wrapping_sub(1);
         let site = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0));
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
-            return self.not_ours(tid, &ur, addr);
+            return self.not_ours(tid, addr);
         };
         if let Some((_, reached)) = self.hold_at.as_ref().filter(|(a, _)| *a == addr) {
             // Not served: held on the breakpoint, to execute its instruction once the
@@ -75,23 +105,35 @@ impl Tracer {
             reached.store(true, std::sync::atomic::Ordering::Relaxed);
             let th = self.threads.get_mut(&tid).expect("adopted");
             th.held = Some(0);
-            return sys::poke_user(tid, crate::tracer::RIP, addr)
+            return sys::poke_user(tid, RIP, addr)
                 .filter_gone()
                 .map_err(|e| error::sys(e, "set rip"));
         }
         if site.plan.len() == 1 && !from_int3(tid) {
             return self.resume(tid, libc::SIGTRAP);
         }
-        self.hit(tid, ur, site)
+        self.hit(tid, rip, read, site)
     }
 
-    fn hit(&mut self, tid: Tid, ur: UserRegs, site: Arc<SiteInner>) -> Result<()> {
+    /// Serve a hit of `site`: the thread stopped with `rip` (the kernel's, just past
+    /// the `int3`), and its registers `read` if they were. Registers are fetched only
+    /// if a handler or the emulation asks.
+    fn hit(
+        &mut self,
+        tid: Tid,
+        rip: u64,
+        read: Option<UserRegs>,
+        site: Arc<SiteInner>,
+    ) -> Result<()> {
+        let mut regs = ThreadRegs::new(tid, rip, site.addr, read);
         let mut have_slots = site.slots.get().is_some();
         if !have_slots && !site.plan.is_emulated() {
-            have_slots = self.place_slots(tid, &ur, &site).is_ok();
+            // Injecting the `mmap` needs the registers (to restore them after).
+            have_slots = match regs.kernel() {
+                Some(ur) => self.place_slots(tid, &ur, &site).is_ok(),
+                None => return Ok(()), // gone
+            };
         }
-        let mut regs = to_core(&ur);
-        regs.rip = site.addr;
         let th = self.threads.get_mut(&tid).expect("adopted");
         let d = &self.dispatcher;
         let next = match d.pre(&th.ts, site.addr, tid as u32, &mut regs, &self.mem) {
@@ -100,7 +142,7 @@ impl Tracer {
             PreOutcome::Step(step) => {
                 let post = step.wants_post();
                 let plan = &site.plan;
-                if plan.is_emulated() && plan.emulate(&mut regs, &self.mem).is_ok() {
+                if plan.is_emulated() && emulate(plan, &mut regs, &self.mem) {
                     if post {
                         step.defer_post();
                         d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
@@ -122,14 +164,15 @@ impl Tracer {
                 }
             }
         };
+        th.wants_regs = regs.fetched().is_some();
         match next {
-            Next::Resume => self.finish(tid, &ur, &regs, 0),
+            Next::Resume => self.finish(tid, &regs, 0),
             Next::Slot(kind) => {
                 let slots = site.slots.get().expect("placed");
-                regs.rip = match kind {
+                regs.set_rip(match kind {
                     SlotKind::TrapAfter => slots.trap_after.expect("has one").addr(),
                     SlotKind::JumpBack => slots.jump_back.addr(),
-                };
+                });
                 let th = self.threads.get_mut(&tid).expect("adopted");
                 th.slots.push(InSlot {
                     site,
@@ -137,37 +180,22 @@ impl Tracer {
                     suspended: false,
                     deferred: None,
                 });
-                self.finish(tid, &ur, &regs, 0)
+                self.finish(tid, &regs, 0)
             }
-            Next::InPlace { post } => self.step_in_place(tid, &ur, regs, &site, post),
+            Next::InPlace { post } => self.step_in_place(tid, regs, &site, post),
         }
     }
 
     /// Write back what changed, and resume.
-    fn finish(
-        &mut self,
-        tid: Tid,
-        ur: &UserRegs,
-        regs: &multiprobe_core::Regs,
-        sig: i32,
-    ) -> Result<()> {
-        let new = from_core(ur, regs);
-        let e = |e| error::sys(e, format_args!("set registers of thread {tid}"));
-        match regs::changes(ur, &new) {
-            Some(fields) => {
-                for (offset, value) in fields.iter() {
-                    sys::poke_user(tid, offset, value)
-                        .filter_gone()
-                        .map_err(e)?;
-                }
-            }
-            None => sys::set_regs(tid, &new).filter_gone().map_err(e)?,
-        }
+    fn finish(&mut self, tid: Tid, regs: &ThreadRegs, sig: i32) -> Result<()> {
+        regs.write_back()
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
         self.resume(tid, sig)
     }
 
     /// A SIGTRAP at `addr + 1` where no probe is registered now.
-    fn not_ours(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
+    fn not_ours(&mut self, tid: Tid, addr: u64) -> Result<()> {
         let st = self.shared.lock();
         let ours_once = st.history.contains_key(&addr);
         let mut now = [INT3];
@@ -178,11 +206,9 @@ impl Tracer {
         if ours_once && now[0] != INT3 && from_int3(tid) {
             // Our breakpoint, removed after the thread trapped on it: run the restored
             // instruction.
-            let mut r = *ur;
-            r.rip = addr;
-            sys::set_regs(tid, &r)
+            sys::poke_user(tid, RIP, addr)
                 .filter_gone()
-                .map_err(|e| error::sys(e, "set registers"))?;
+                .map_err(|e| error::sys(e, "set rip"))?;
             return self.resume(tid, 0);
         }
         self.resume(tid, libc::SIGTRAP)
@@ -302,13 +328,15 @@ impl Tracer {
     fn step_in_place(
         &mut self,
         tid: Tid,
-        ur: &UserRegs,
-        mut regs: multiprobe_core::Regs,
+        mut regs: ThreadRegs,
         site: &Arc<SiteInner>,
         post: bool,
     ) -> Result<()> {
         let addr = site.addr;
-        regs.rip = addr;
+        regs.set_rip(addr);
+        let Some(ur) = regs.kernel() else {
+            return Ok(()); // gone
+        };
         let orig = site.plan.bytes()[0];
         let e = |e| error::sys(e, format_args!("single-step thread {tid}"));
         {
@@ -317,7 +345,7 @@ impl Tracer {
                 st.usable()?.write(addr, &[orig])?;
             }
         }
-        sys::set_regs(tid, &from_core(ur, &regs)).map_err(e)?;
+        regs::write_back(tid, &ur, regs.regs()).map_err(e)?;
         sys::single_step(tid, 0).map_err(e)?;
         let after = loop {
             match sys::wait(tid, false).map_err(e)? {
@@ -330,7 +358,7 @@ impl Tracer {
                 }
                 Some(w @ (Wait::Exited(..) | Wait::Signaled(..))) => {
                     self.aside.waits.push_back(w);
-                    break *ur;
+                    break ur;
                 }
                 _ => sys::single_step(tid, 0).map_err(e)?,
             }
@@ -352,8 +380,22 @@ impl Tracer {
             self.dispatcher
                 .post(&th.ts, addr, tid as u32, &mut regs, &self.mem);
         }
-        self.finish(tid, &after, &regs, 0)
+        regs::write_back(tid, &after, &regs)
+            .filter_gone()
+            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
+        self.resume(tid, 0)
     }
+}
+
+/// Execute the displaced instruction of `plan` by emulation; false if it cannot be
+/// (a memory access failed: the slot will raise the real fault). A `nop`-like
+/// instruction only moves `rip`, so it fetches no register.
+fn emulate(plan: &Plan, regs: &mut ThreadRegs, mem: &dyn Memory) -> bool {
+    if plan.class() == Class::Emulated(EmulatedKind::Nop) && regs.fetched().is_none() {
+        regs.set_rip(plan.next());
+        return true;
+    }
+    plan.emulate(regs.regs_mut(), mem).is_ok()
 }
 
 /// Whether the SIGTRAP `tid` stopped for came from an `int3` (the kernel's `SI_KERNEL`)

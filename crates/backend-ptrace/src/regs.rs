@@ -1,12 +1,148 @@
-//! Converting between the kernel's `user_regs_struct` and the core's [`Regs`].
+//! A stopped thread's registers as handlers get them ([`ThreadRegs`]: fetched with
+//! `PTRACE_GETREGS` only when a handler or the emulation asks), and converting between
+//! the kernel's `user_regs_struct` and the core's [`Regs`].
 //!
 //! The kernel's struct has more than handlers see (`orig_rax`, the segment selectors);
 //! writing back always starts from the struct that was read, so those stay exactly as
 //! the kernel reported them.
 
-use multiprobe_core::Regs;
+use std::cell::{Cell, OnceCell};
 
-use crate::sys::UserRegs;
+use multiprobe_core::{RegisterFile, Regs};
+
+use crate::sys::{self, SysResult, Tid, UserRegs};
+use crate::tracer::RIP;
+
+/// The registers of a thread stopped at a trap, fetched on first use.
+///
+/// Until something asks for them, the tracer knows only `rip` (one `PTRACE_PEEKUSER`
+/// told it where the thread stopped), and tracks where the thread is to resume: then
+/// writing back is at most one `PTRACE_POKEUSER` of `rip`. Once fetched
+/// (`PTRACE_GETREGS`), writing back sets exactly the fields that differ from what was
+/// read.
+///
+/// The tracer may also have read them already, when it expected a handler to ask (see
+/// `Thread::wants_regs`); then asking costs nothing more. Either way
+/// [`RegisterFile::fetched`] says whether anyone asked — which is what the tracer
+/// learns from for the thread's next hit.
+///
+/// If the fetch fails, the thread was killed while stopped (`ESRCH`: it never runs
+/// again): handlers then see zeros in every register but `rip`, and nothing is
+/// written back.
+#[derive(Debug)]
+pub(crate) struct ThreadRegs {
+    tid: Tid,
+    /// `rip` as the kernel has it now.
+    kernel_rip: u64,
+    /// `rip` as handlers see it and the thread resumes, while nobody asked.
+    rip: u64,
+    /// The registers as the kernel has them, if read already (asked or not).
+    read: Cell<Option<UserRegs>>,
+    /// What handlers see, once one asked.
+    full: OnceCell<Fetched>,
+}
+
+#[derive(Debug)]
+struct Fetched {
+    /// As read; `None` if the fetch failed.
+    read: Option<UserRegs>,
+    /// What handlers see and change.
+    view: Regs,
+}
+
+impl ThreadRegs {
+    /// Thread `tid`, stopped with `rip == kernel_rip`; handlers are to see `rip`.
+    /// `read`: its registers, if the tracer read them already.
+    pub(crate) fn new(tid: Tid, kernel_rip: u64, rip: u64, read: Option<UserRegs>) -> ThreadRegs {
+        ThreadRegs {
+            tid,
+            kernel_rip,
+            rip,
+            read: Cell::new(read),
+            full: OnceCell::new(),
+        }
+    }
+
+    fn fetch(&self) -> &Fetched {
+        self.full.get_or_init(|| match self.kernel() {
+            Some(read) => {
+                let mut view = to_core(&read);
+                view.rip = self.rip;
+                Fetched {
+                    read: Some(read),
+                    view,
+                }
+            }
+            None => Fetched {
+                read: None,
+                view: Regs {
+                    rip: self.rip,
+                    ..Regs::default()
+                },
+            },
+        })
+    }
+
+    /// The registers as the kernel has them, read if not yet (for an injected system
+    /// call or a single-step), without counting as asked; `None` if the thread is gone.
+    pub(crate) fn kernel(&self) -> Option<UserRegs> {
+        if let Some(f) = self.full.get() {
+            return f.read;
+        }
+        if self.read.get().is_none() {
+            self.read.set(sys::get_regs(self.tid).ok());
+        }
+        self.read.get()
+    }
+
+    /// Resume the thread at `rip`, without fetching the other registers.
+    pub(crate) fn set_rip(&mut self, rip: u64) {
+        match self.full.get_mut() {
+            Some(f) => f.view.rip = rip,
+            None => self.rip = rip,
+        }
+    }
+
+    /// Write back what changed: nothing, `rip` alone, or the changed fields.
+    pub(crate) fn write_back(&self) -> SysResult<()> {
+        match self.full.get() {
+            None if self.rip == self.kernel_rip => Ok(()),
+            None => sys::poke_user(self.tid, RIP, self.rip),
+            Some(Fetched { read: None, .. }) => Ok(()),
+            Some(Fetched {
+                read: Some(read),
+                view,
+            }) => write_back(self.tid, read, view),
+        }
+    }
+}
+
+impl RegisterFile for ThreadRegs {
+    fn regs(&self) -> &Regs {
+        &self.fetch().view
+    }
+
+    fn regs_mut(&mut self) -> &mut Regs {
+        self.fetch();
+        &mut self.full.get_mut().expect("just fetched").view
+    }
+
+    fn fetched(&self) -> Option<&Regs> {
+        self.full.get().map(|f| &f.view)
+    }
+}
+
+/// Write `regs` over a thread whose registers were `read`: only the fields that
+/// differ, with `PTRACE_POKEUSER` when at most two do, else one `PTRACE_SETREGS`.
+pub(crate) fn write_back(tid: Tid, read: &UserRegs, regs: &Regs) -> SysResult<()> {
+    let new = from_core(read, regs);
+    match changes(read, &new) {
+        Some(fields) => fields
+            .iter()
+            .try_for_each(|(offset, value)| sys::poke_user(tid, offset, value)),
+        None => sys::set_regs(tid, &new),
+    }
+}
 
 /// What a handler sees of `r`.
 pub(crate) fn to_core(r: &UserRegs) -> Regs {

@@ -68,14 +68,99 @@ pub const OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD
 
 /// Raw ptrace with an address and data argument.
 ///
-/// Every request this module makes goes through here. The kernel validates `tid` and
-/// the request; the pointers passed in `addr`/`data` are the caller's concern, which is
-/// why the wrappers below are the only users.
+/// Every request this module makes goes through here, and is counted (see
+/// [`Requests`]). The kernel validates `tid` and the request; the pointers passed in
+/// `addr`/`data` are the caller's concern, which is why the wrappers below are the only
+/// users.
 fn ptrace(req: libc::c_uint, tid: Tid, addr: usize, data: usize) -> SysResult<libc::c_long> {
+    count(req);
     // SAFETY: ptrace with these requests reads or writes at most the buffer `data`
     // points to, which each caller below provides with the right size (or passes an
     // integer where the request takes one).
     check(unsafe { libc::ptrace(req, tid, addr, data) })
+}
+
+/// How many ptrace requests of each kind the calling thread made (ptrace takes
+/// requests only from the tracer's own thread, so these are its tracer's). What a hit
+/// costs besides its stop is these requests; tests and benchmarks read them through
+/// `multiprobe_backend_ptrace::baseline::requests`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// `PTRACE_GETREGS`: all registers.
+    pub get_regs: u64,
+    /// `PTRACE_SETREGS`.
+    pub set_regs: u64,
+    /// `PTRACE_PEEKUSER`: one register (`rip`, at a trap).
+    pub peek_user: u64,
+    /// `PTRACE_POKEUSER`: one register.
+    pub poke_user: u64,
+    /// `PTRACE_GETSIGINFO`.
+    pub get_sig_info: u64,
+    /// `PTRACE_CONT`.
+    pub cont: u64,
+    /// Every other request.
+    pub other: u64,
+}
+
+impl std::ops::Add for Requests {
+    type Output = Requests;
+    fn add(self, o: Requests) -> Requests {
+        Requests {
+            get_regs: self.get_regs + o.get_regs,
+            set_regs: self.set_regs + o.set_regs,
+            peek_user: self.peek_user + o.peek_user,
+            poke_user: self.poke_user + o.poke_user,
+            get_sig_info: self.get_sig_info + o.get_sig_info,
+            cont: self.cont + o.cont,
+            other: self.other + o.other,
+        }
+    }
+}
+
+impl std::ops::Sub for Requests {
+    type Output = Requests;
+    fn sub(self, o: Requests) -> Requests {
+        Requests {
+            get_regs: self.get_regs - o.get_regs,
+            set_regs: self.set_regs - o.set_regs,
+            peek_user: self.peek_user - o.peek_user,
+            poke_user: self.poke_user - o.poke_user,
+            get_sig_info: self.get_sig_info - o.get_sig_info,
+            cont: self.cont - o.cont,
+            other: self.other - o.other,
+        }
+    }
+}
+
+std::thread_local! {
+    /// Per kind, in the order of [`Requests`]' fields.
+    static REQUESTS: [std::cell::Cell<u64>; 7] = const { [const { std::cell::Cell::new(0) }; 7] };
+}
+
+fn count(req: libc::c_uint) {
+    let i = match req {
+        libc::PTRACE_GETREGS => 0,
+        libc::PTRACE_SETREGS => 1,
+        libc::PTRACE_PEEKUSER => 2,
+        libc::PTRACE_POKEUSER => 3,
+        libc::PTRACE_GETSIGINFO => 4,
+        libc::PTRACE_CONT => 5,
+        _ => 6,
+    };
+    REQUESTS.with(|c| c[i].set(c[i].get() + 1));
+}
+
+/// The requests the calling thread made so far.
+pub fn requests() -> Requests {
+    REQUESTS.with(|c| Requests {
+        get_regs: c[0].get(),
+        set_regs: c[1].get(),
+        peek_user: c[2].get(),
+        poke_user: c[3].get(),
+        get_sig_info: c[4].get(),
+        cont: c[5].get(),
+        other: c[6].get(),
+    })
 }
 
 /// Attach to `tid` without stopping it (`PTRACE_SEIZE`), with [`OPTIONS`].
@@ -135,6 +220,27 @@ pub fn set_regs(tid: Tid, regs: &UserRegs) -> SysResult<()> {
         regs as *const UserRegs as usize,
     )
     .map(drop)
+}
+
+/// Read one register: `offset` is the byte offset of a field in [`UserRegs`]
+/// (`PTRACE_PEEKUSER`). Two thirds of the cost of `PTRACE_GETREGS` here: what a hit
+/// reads when no handler wants the registers (only `rip`, to know where it is).
+pub fn peek_user(tid: Tid, offset: usize) -> SysResult<u64> {
+    count(libc::PTRACE_PEEKUSER);
+    let mut word: u64 = 0;
+    // SAFETY: the raw system call (not glibc's wrapper, whose return value cannot tell
+    // a word of all ones from an error) stores the word at `data`, which points to a
+    // u64 that lives across the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_ptrace,
+            libc::PTRACE_PEEKUSER,
+            tid,
+            offset,
+            &mut word as *mut u64,
+        )
+    })?;
+    Ok(word)
 }
 
 /// Set one register: `offset` is the byte offset of a field in [`UserRegs`]

@@ -91,6 +91,10 @@ pub(crate) struct Thread {
     /// A vfork child: another process sharing the tracee's memory, followed until it
     /// execs or exits.
     pub(crate) vfork_child: bool,
+    /// Whether the last hit of this thread needed its registers: then the next one
+    /// probably does too, and reads them all at once (`PTRACE_GETREGS`) instead of
+    /// reading `rip` first and the rest when asked (which would be two requests).
+    pub(crate) wants_regs: bool,
 }
 
 impl Thread {
@@ -101,6 +105,7 @@ impl Thread {
             held,
             group_stop: false,
             vfork_child: false,
+            wants_regs: false,
         }
     }
 

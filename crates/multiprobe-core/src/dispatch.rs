@@ -17,6 +17,13 @@
 //!
 //! A deferred step keeps its read section open in the [`ThreadState`] until `post`,
 //! `fault` or [`ThreadState::abandon`] ends it; unregistering waits for it.
+//!
+//! Registers: each entry point takes a `&mut impl` [`RegisterFile`] (pass `&mut regs`
+//! for a plain [`crate::Regs`]; it is generic, so registers at hand cost no dynamic
+//! call). Dispatch itself never fetches them: only handlers do,
+//! through [`Hit`]. After a call, a backend whose file was never fetched
+//! ([`RegisterFile::fetched`] is `None`) knows that no handler read or changed a
+//! register, `rip` included, and can skip both the fetch and the write-back.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -25,7 +32,7 @@ use std::sync::Arc;
 
 use crate::handler::{Fault, FaultAction, Hit, PreAction};
 use crate::memory::Memory;
-use crate::regs::Regs;
+use crate::regs::RegisterFile;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
 use crate::table::{SiteView, Table};
@@ -287,13 +294,16 @@ impl<S> Dispatcher<S> {
 
     /// A thread hit the breakpoint at `addr`. Runs the enabled pre-handlers in
     /// registration order (or counts a miss if the thread is already dispatching).
+    /// `regs` shows `rip == addr` to them; a handler that moves it (seen only if
+    /// registers were fetched: otherwise nothing moved) redirects, as
+    /// [`crate::PreAction::Redirect`] does.
     #[inline]
     pub fn pre<'t>(
         &'t self,
         ts: &'t ThreadState,
         addr: u64,
         tid: u32,
-        regs: &mut Regs,
+        regs: &mut impl RegisterFile,
         mem: &dyn Memory,
     ) -> PreOutcome<'t, S> {
         let domain = &self.table.domain;
@@ -333,7 +343,7 @@ impl<S> Dispatcher<S> {
                 Ok(PreAction::Redirect) => redirect = true,
                 Err(payload) => report_panic(h.counters(), shard, payload),
             }
-            if redirect || hit.regs().rip != addr {
+            if redirect || hit.rip_moved(addr) {
                 redirect = true;
                 break;
             }
@@ -361,7 +371,7 @@ impl<S> Dispatcher<S> {
         ts: &ThreadState,
         addr: u64,
         tid: u32,
-        regs: &mut Regs,
+        regs: &mut impl RegisterFile,
         mem: &dyn Memory,
     ) -> bool {
         let Some((site, token)) = self.take_pending(ts, addr) else {
@@ -402,7 +412,7 @@ impl<S> Dispatcher<S> {
         ts: &ThreadState,
         addr: u64,
         tid: u32,
-        regs: &mut Regs,
+        regs: &mut impl RegisterFile,
         mem: &dyn Memory,
         fault: &Fault,
     ) -> FaultAction {

@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::memory::{Memory, MemoryError};
-use crate::regs::Regs;
+use crate::regs::{RegisterFile, Regs};
 use crate::HandlerId;
 
 /// What a pre-handler asks the dispatcher to do next.
@@ -49,22 +49,43 @@ pub struct Fault {
 }
 
 /// One thread hitting one probe, as one handler sees it.
+///
+/// The registers come from the backend's [`RegisterFile`] and are fetched the first
+/// time a handler of the hit asks ([`Hit::regs`], [`Hit::regs_mut`], [`Hit::arg`]);
+/// later handlers of the same hit get the same copy. A handler that never asks costs
+/// no fetch: with the ptrace backend that saves a `PTRACE_GETREGS` per hit, so a
+/// counting handler should not touch them.
 pub struct Hit<'a> {
     addr: u64,
     tid: u32,
     id: HandlerId,
-    regs: &'a mut Regs,
+    regs: Source<'a>,
     mem: &'a dyn Memory,
 }
 
+/// A hit's registers: already at hand (a plain [`Regs`], or a file fetched before the
+/// walk), read directly; or still to fetch, through the file.
+enum Source<'a> {
+    Ready(&'a mut Regs),
+    Lazy(&'a mut dyn RegisterFile),
+}
+
 impl<'a> Hit<'a> {
+    #[inline]
     pub(crate) fn new(
         addr: u64,
         tid: u32,
         id: HandlerId,
-        regs: &'a mut Regs,
+        regs: &'a mut impl RegisterFile,
         mem: &'a dyn Memory,
     ) -> Self {
+        // Registers at hand are read without a dynamic call per access: what makes a
+        // plain `Regs` cost what it did before register files existed.
+        let regs = if regs.fetched().is_some() {
+            Source::Ready(regs.regs_mut())
+        } else {
+            Source::Lazy(regs)
+        };
         Hit {
             addr,
             tid,
@@ -78,6 +99,24 @@ impl<'a> Hit<'a> {
     #[inline]
     pub(crate) fn set_handler(&mut self, id: HandlerId) {
         self.id = id;
+    }
+
+    /// Whether a handler moved `rip` away from `addr`. Never fetches: registers nobody
+    /// fetched cannot have changed.
+    #[inline]
+    pub(crate) fn rip_moved(&self, addr: u64) -> bool {
+        match &self.regs {
+            Source::Ready(r) => r.rip != addr,
+            Source::Lazy(f) => f.fetched().is_some_and(|r| r.rip != addr),
+        }
+    }
+
+    #[inline]
+    fn fetched(&self) -> Option<&Regs> {
+        match &self.regs {
+            Source::Ready(r) => Some(r),
+            Source::Lazy(f) => f.fetched(),
+        }
     }
 
     /// The probed address.
@@ -95,14 +134,23 @@ impl<'a> Hit<'a> {
         self.id
     }
 
-    /// The thread's registers.
+    /// The thread's registers, fetched on first use (see [`Hit`]).
+    #[inline]
     pub fn regs(&self) -> &Regs {
-        self.regs
+        match &self.regs {
+            Source::Ready(r) => r,
+            Source::Lazy(f) => f.regs(),
+        }
     }
 
-    /// The thread's registers, for changing. Changes are written back to the thread.
+    /// The thread's registers, for changing (fetched on first use). Changes are written
+    /// back to the thread.
+    #[inline]
     pub fn regs_mut(&mut self) -> &mut Regs {
-        self.regs
+        match &mut self.regs {
+            Source::Ready(r) => r,
+            Source::Lazy(f) => f.regs_mut(),
+        }
     }
 
     /// The target's memory.
@@ -112,12 +160,14 @@ impl<'a> Hit<'a> {
 
     /// The `n`-th integer argument (0-based) under the System V AMD64 convention,
     /// valid at a function's first instruction: registers for the first six, then the
-    /// stack above the return address.
+    /// stack above the return address. Fetches the registers (see [`Hit`]).
+    #[inline]
     pub fn arg(&self, n: usize) -> Result<u64, MemoryError> {
-        match self.regs.arg(n) {
+        let regs = self.regs();
+        match regs.arg(n) {
             Some(v) => Ok(v),
             None => {
-                let slot = self.regs.rsp + 8 + 8 * (n as u64 - 6);
+                let slot = regs.rsp + 8 + 8 * (n as u64 - 6);
                 self.mem.read_u64(slot)
             }
         }
@@ -125,13 +175,18 @@ impl<'a> Hit<'a> {
 }
 
 impl fmt::Debug for Hit<'_> {
+    /// Shows the registers only if they were fetched already: formatting a hit does
+    /// not fetch them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hit")
-            .field("addr", &format_args!("{:#x}", self.addr))
+        let mut d = f.debug_struct("Hit");
+        d.field("addr", &format_args!("{:#x}", self.addr))
             .field("tid", &self.tid)
-            .field("handler", &self.id)
-            .field("regs", &self.regs)
-            .finish_non_exhaustive()
+            .field("handler", &self.id);
+        match self.fetched() {
+            Some(r) => d.field("regs", r),
+            None => d.field("regs", &format_args!("(not fetched)")),
+        };
+        d.finish_non_exhaustive()
     }
 }
 

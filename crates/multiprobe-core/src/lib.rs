@@ -30,6 +30,14 @@
 //! 8. **Handlers are untrusted.** Panics are caught and counted.
 //! 9. **Stats.** Per handler hits/missed/panics, per address hits, readable any time.
 //!
+//! # Registers are fetched on demand
+//!
+//! A hit's registers come from the backend's [`RegisterFile`]; the [`Hit`] a handler
+//! gets fetches them the first time [`Hit::regs`], [`Hit::regs_mut`] or [`Hit::arg`]
+//! is called. Where fetching costs a system call (ptrace), a hit whose handlers only
+//! count costs none, and only what changed is written back. Backends that have the
+//! registers anyway pass a plain [`Regs`].
+//!
 //! # How the table is published
 //!
 //! `arc-swap`'s `load` is not async-signal-safe (thread-local debt slots are allocated
@@ -66,7 +74,7 @@ pub use handler::{
 };
 pub use memory::{Memory, MemoryError, NoMemory};
 pub use registry::{HandlerInfo, Options, Registration, Registry, Request};
-pub use regs::{Gpr, Regs, RFLAGS_TF, SYSV_ARGS};
+pub use regs::{Gpr, RegisterFile, Regs, RFLAGS_TF, SYSV_ARGS};
 pub use stats::{HandlerStats, SiteStats};
 
 /// Identifies one registered handler. Never reused within a registry.

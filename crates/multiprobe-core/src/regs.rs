@@ -1,9 +1,11 @@
 //! The x86-64 general-purpose register file a handler sees and may change.
 //!
-//! Backends fill a [`Regs`] from wherever the thread's state lives (a signal's
-//! `ucontext`, `PTRACE_GETREGS`, a simulated CPU) before dispatch and write it back
-//! after. During a pre-handler `rip` equals the probed address; a handler that moves
-//! it redirects the thread (contract rule 2).
+//! Backends give dispatch a [`RegisterFile`]: where the thread's registers come from (a
+//! signal's `ucontext`, `PTRACE_GETREGS`, a simulated CPU). It may fetch them only when a
+//! handler first asks ([`crate::Hit::regs`]), so a hit whose handlers never look costs no
+//! fetch; a plain [`Regs`], filled before dispatch, is the trivial case. The backend writes
+//! back what changed. During a pre-handler `rip` equals the probed address; a handler that
+//! moves it redirects the thread (contract rule 2).
 
 /// General-purpose registers, instruction pointer, flags and the segment bases.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -30,6 +32,83 @@ pub struct Regs {
     pub rflags: u64,
     pub fs_base: u64,
     pub gs_base: u64,
+}
+
+/// Where the registers of a hit come from, as dispatch sees them: fetched from the
+/// thread on first use, or already at hand.
+///
+/// [`crate::Dispatcher::pre`], [`post`](crate::Dispatcher::post) and
+/// [`fault`](crate::Dispatcher::fault) take a `&mut impl RegisterFile`, and every
+/// [`crate::Hit`] method that needs registers goes through it. A backend for which
+/// fetching costs something (ptrace: a system call) implements it lazily and, after
+/// dispatch, writes back only if [`RegisterFile::fetched`] is `Some` (and only what
+/// changed); a backend that has them anyway passes `&mut regs`, a plain [`Regs`].
+///
+/// The contract:
+/// * [`regs`](RegisterFile::regs) and [`regs_mut`](RegisterFile::regs_mut) fetch on
+///   first use and then return the same registers every time; what is changed through
+///   `regs_mut` is what later calls see and what the backend writes back.
+/// * [`fetched`](RegisterFile::fetched) never fetches. `None` means nobody asked, so
+///   nothing (not `rip` either) can have changed: dispatch relies on that to tell
+///   that a pre-handler did not move `rip` without forcing a fetch.
+/// * All three run on the hot path, inside a signal handler for in-process backends:
+///   they must not allocate or lock. They cannot fail; a backend that cannot fetch
+///   (the thread was killed meanwhile) returns some value and says in its docs what.
+///
+/// A lazy file, in the shape the ptrace backend uses (`fetch` stands for the system
+/// call):
+///
+/// ```
+/// use std::cell::OnceCell;
+/// use multiprobe_core::{RegisterFile, Regs};
+///
+/// struct Lazy<F: Fn() -> Regs> {
+///     fetch: F,
+///     regs: OnceCell<Regs>,
+/// }
+///
+/// impl<F: Fn() -> Regs> RegisterFile for Lazy<F> {
+///     fn regs(&self) -> &Regs {
+///         self.regs.get_or_init(&self.fetch)
+///     }
+///     fn regs_mut(&mut self) -> &mut Regs {
+///         self.regs();
+///         self.regs.get_mut().expect("just fetched")
+///     }
+///     fn fetched(&self) -> Option<&Regs> {
+///         self.regs.get()
+///     }
+/// }
+///
+/// let mut file = Lazy { fetch: || Regs { rdi: 7, ..Regs::default() }, regs: OnceCell::new() };
+/// assert!(file.fetched().is_none());
+/// file.regs_mut().rdi += 1;
+/// assert_eq!(file.fetched().map(|r| r.rdi), Some(8)); // write this back
+/// ```
+pub trait RegisterFile {
+    /// The registers, fetched on first use.
+    fn regs(&self) -> &Regs;
+    /// The registers for changing, fetched on first use. The backend writes changes
+    /// back to the thread after dispatch.
+    fn regs_mut(&mut self) -> &mut Regs;
+    /// The registers if something fetched them already; `None` (and no fetch) if not.
+    fn fetched(&self) -> Option<&Regs>;
+}
+
+/// Registers that are already at hand: nothing to fetch.
+impl RegisterFile for Regs {
+    #[inline]
+    fn regs(&self) -> &Regs {
+        self
+    }
+    #[inline]
+    fn regs_mut(&mut self) -> &mut Regs {
+        self
+    }
+    #[inline]
+    fn fetched(&self) -> Option<&Regs> {
+        Some(self)
+    }
 }
 
 /// A general-purpose register by its hardware number (the order of the ModRM/REX encoding).
