@@ -127,7 +127,12 @@ impl Tracer {
     ) -> Result<()> {
         let mut regs = ThreadRegs::new(tid, rip, site.addr, read);
         let mut have_slots = site.slots.get().is_some();
-        if !have_slots && !site.plan.is_emulated() {
+        // Every site but a nop-like one gets its slots at the first hit, emulated ones
+        // too: a hit without post-handlers is cheapest through the jump-back slot (one
+        // write of `rip`), where emulating would read the registers and write some of them
+        // and maybe the stack. Only a nop needs nothing but `rip` either way.
+        let nop_like = site.plan.class() == Class::Emulated(EmulatedKind::Nop);
+        if !have_slots && !nop_like {
             // Injecting the `mmap` needs the registers (to restore them after).
             have_slots = match regs.kernel() {
                 Some(ur) => self.place_slots(tid, &ur, &site).is_ok(),
@@ -142,7 +147,10 @@ impl Tracer {
             PreOutcome::Step(step) => {
                 let post = step.wants_post();
                 let plan = &site.plan;
-                if plan.is_emulated() && emulate(plan, &mut regs, &self.mem) {
+                // Emulate when that is a stop cheaper: with post-handlers (they run
+                // right after, no second stop), for a nop, or when there is no slot.
+                let emulate_it = post || nop_like || !have_slots;
+                if plan.is_emulated() && emulate_it && emulate(plan, &mut regs, &self.mem) {
                     if post {
                         step.defer_post();
                         d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
