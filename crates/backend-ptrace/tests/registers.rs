@@ -16,6 +16,7 @@ use multiprobe_core::{FnHandler, Hit, PreAction};
 
 const NOP: u8 = 0;
 const IMUL: u8 = 1;
+const PUSH: u8 = 2;
 
 /// `mp-bench` under the tracer, driven through its pipes.
 struct Bench {
@@ -33,10 +34,10 @@ impl Bench {
     }
 
     fn addr(&self, site: u8) -> u64 {
-        let sym = if site == NOP {
-            "mp_bench_nop"
-        } else {
-            "mp_bench_fn"
+        let sym = match site {
+            NOP => "mp_bench_nop",
+            PUSH => "mp_bench_push",
+            _ => "mp_bench_fn",
         };
         self.t.resolve(sym).unwrap()
     }
@@ -119,6 +120,45 @@ fn a_counting_hit_fetches_no_registers() {
         assert_eq!(g.stats().unwrap().hits, want);
     }
     drop(guards);
+    b.end();
+}
+
+/// An instruction that could be emulated (`push rbx`) but whose hit has no post-handler
+/// goes through its jump-back slot: emulating would read the registers and write `rsp`,
+/// `rip` and the stack; the slot needs one write of `rip`. With a post-handler it is
+/// emulated, so the posts run in the same stop.
+#[test]
+fn an_emulable_instruction_without_posts_goes_through_its_slot() {
+    let mut b = Bench::new();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let g =
+        b.t.registry()
+            .register(b.addr(PUSH), move |_: &mut Hit<'_>| {
+                h.fetch_add(1, Relaxed);
+            })
+            .unwrap();
+    b.calls(PUSH, 1, &hits); // maps the out-of-line page
+    let n = 100;
+    // `push rbx` is one byte long, so the SIGTRAP's origin is asked too (see the nop).
+    assert_eq!(b.calls(PUSH, n, &hits), per_hit(n, 0, 1, 1, 1));
+    // With a post-handler: emulated, the post runs at once, one stop per hit.
+    let posts = Arc::new(AtomicU64::new(0));
+    let p = Arc::clone(&posts);
+    let with_post =
+        b.t.registry()
+            .register(
+                b.addr(PUSH),
+                FnHandler::new().post(move |_: &mut Hit<'_>| {
+                    p.fetch_add(1, Relaxed);
+                }),
+            )
+            .unwrap();
+    let spent = b.calls(PUSH, n, &hits);
+    assert_eq!(spent.cont, n, "one stop per hit");
+    assert_eq!(posts.load(Relaxed), n);
+    assert_eq!(g.stats().unwrap().hits, 2 * n + 1);
+    drop((g, with_post));
     b.end();
 }
 
