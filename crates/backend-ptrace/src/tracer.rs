@@ -60,6 +60,15 @@ const PTRACE_EVENT_STOP: i32 = 128;
 /// Offset of `rip` in `user_regs_struct`, for `PTRACE_POKEUSER`.
 pub(crate) const RIP: usize = 16 * 8;
 
+/// What waiting for the next tracee event gave.
+enum Next {
+    Event(Wait),
+    /// Interrupted or nothing reported: wait again.
+    Again,
+    /// No tracee is left.
+    Gone(Stop),
+}
+
 /// A slot a thread may be inside.
 #[derive(Debug)]
 pub(crate) struct InSlot {
@@ -350,18 +359,10 @@ impl Tracer {
             if done() {
                 return Ok(None);
             }
-            let w = match self.aside.waits.pop_front() {
-                Some(w) => w,
-                None => match sys::wait(-1, false) {
-                    Ok(Some(w)) => w,
-                    Ok(None) => continue,
-                    Err(Errno::ECHILD) => {
-                        // Nothing left to wait for: the process went without a report
-                        // (reaped elsewhere).
-                        return Ok(Some(Stop::Exited(self.gone(ExitStatus::Signal(0)))));
-                    }
-                    Err(e) => return Err(error::sys(e, "wait for the tracee")),
-                },
+            let w = match self.next_event()? {
+                Next::Event(w) => w,
+                Next::Again => continue,
+                Next::Gone(stop) => return Ok(Some(stop)),
             };
             if let Some(stop) = self.handle(w)? {
                 return Ok(Some(stop));
@@ -386,17 +387,30 @@ impl Tracer {
             if self.threads.values().all(|t| t.ts.pending() == 0) {
                 return Ok(None);
             }
-            let w = match self.aside.waits.pop_front() {
-                Some(w) => w,
-                None => match sys::wait(-1, false) {
-                    Ok(Some(w)) => w,
-                    Ok(None) => continue,
-                    Err(e) => return Err(error::sys(e, "wait for the tracee")),
-                },
+            let w = match self.next_event()? {
+                Next::Event(w) => w,
+                Next::Again => continue,
+                Next::Gone(stop) => return Ok(Some(stop)),
             };
             if let Some(stop) = self.handle(w)? {
                 return Ok(Some(stop));
             }
+        }
+    }
+
+    /// The next event: one set aside earlier (during an injection), else the next
+    /// `waitpid` report of any tracee of this thread.
+    fn next_event(&mut self) -> Result<Next> {
+        if let Some(w) = self.aside.waits.pop_front() {
+            return Ok(Next::Event(w));
+        }
+        match sys::wait(-1, false) {
+            Ok(Some(w)) => Ok(Next::Event(w)),
+            Ok(None) => Ok(Next::Again),
+            // Nothing left to wait for: the process went without a report (reaped
+            // elsewhere).
+            Err(Errno::ECHILD) => Ok(Next::Gone(Stop::Exited(self.gone(ExitStatus::Signal(0))))),
+            Err(e) => Err(error::sys(e, "wait for the tracee")),
         }
     }
 
