@@ -10,8 +10,12 @@
 //!
 //! Invariants (under [`Shared::state`]):
 //! * `armed` holds exactly the addresses where this image has our `int3`, with the
-//!   original byte; `history` every address armed in this image since it was loaded
-//!   (a forked child may still carry any of them).
+//!   original byte and what was mapped there ([`Armed`]); `history` every address
+//!   armed in this image since it was loaded (a forked child may still carry any of
+//!   them).
+//! * A byte is restored only where the same mapping still is: code unloaded by
+//!   `dlclose` (and maybe replaced by another library at the same address) takes its
+//!   breakpoint with it, and disarm reports [`Error::CodeGone`] without writing.
 //! * After an exec the generation moves on: sites of the old image are stale, their
 //!   disarm reports [`Error::ProcessGone`] and writes nothing.
 //! * Once detached or gone, nothing is written to the tracee any more.
@@ -26,7 +30,7 @@ use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
 use crate::mem::CodeMemory;
 use crate::sys::Tid;
 use crate::xol::Xol;
-use multiprobe_symbols::{ProcessSymbols, SymbolCache};
+use multiprobe_symbols::{MappedAt, Maps, ProcessSymbols, SymbolCache};
 
 pub(crate) const INT3: u8 = 0xcc;
 
@@ -43,9 +47,25 @@ pub(crate) struct State {
     pub(crate) status: Status,
     /// `/proc/PID/mem` of the current image; `None` unless attached.
     pub(crate) code: Option<CodeMemory>,
-    pub(crate) armed: HashMap<u64, u8>,
-    pub(crate) history: HashMap<u64, u8>,
+    pub(crate) armed: HashMap<u64, Armed>,
+    pub(crate) history: HashMap<u64, Armed>,
     pub(crate) xol: Xol,
+}
+
+/// One of our breakpoints: the byte it replaced, in which mapping.
+#[derive(Clone, Debug)]
+pub(crate) struct Armed {
+    pub(crate) orig: u8,
+    pub(crate) at: MappedAt,
+}
+
+impl Armed {
+    /// Whether `maps` (of the process holding the breakpoint) still have the same
+    /// mapping at `addr`, so the byte there is still ours to restore.
+    pub(crate) fn still_mapped(&self, maps: &Maps, addr: u64) -> bool {
+        maps.find(addr)
+            .is_some_and(|r| r.mapped_at(addr) == self.at)
+    }
 }
 
 /// What the backend and the tracer loop share.
@@ -99,9 +119,9 @@ impl State {
     /// Copy `buf.len()` bytes of code at `addr` with our breakpoints taken out.
     pub(crate) fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.usable()?.read(addr, buf)?;
-        for (&a, &orig) in &self.armed {
+        for (&a, armed) in &self.armed {
             if let Some(i) = a.checked_sub(addr).filter(|&i| i < buf.len() as u64) {
-                buf[i as usize] = orig;
+                buf[i as usize] = armed.orig;
             }
         }
         Ok(())
@@ -139,6 +159,8 @@ pub(crate) struct SiteInner {
     pub(crate) addr: u64,
     pub(crate) gen: u64,
     pub(crate) plan: Plan,
+    /// What was mapped at `addr` when it was prepared.
+    pub(crate) mapped: MappedAt,
     /// Placed at the first hit that needs them (on the tracer thread, the only writer).
     pub(crate) slots: OnceLock<Slots>,
     owner: Weak<Shared>,
@@ -236,6 +258,7 @@ impl Backend for PtraceBackend {
             addr,
             gen,
             plan,
+            mapped: region.mapped_at(addr),
             slots: OnceLock::new(),
             owner: Arc::downgrade(sh),
         })))
@@ -260,8 +283,12 @@ impl Backend for PtraceBackend {
             )));
         }
         code.write(addr, &[INT3])?;
-        st.armed.insert(addr, orig);
-        st.history.insert(addr, orig);
+        let armed = Armed {
+            orig,
+            at: site.0.mapped.clone(),
+        };
+        st.armed.insert(addr, armed.clone());
+        st.history.insert(addr, armed);
         Ok(())
     }
 
@@ -279,6 +306,38 @@ impl Backend for PtraceBackend {
             Err(e) => return Err(e),
         };
         let orig = site.0.plan.bytes()[0];
+        // Only where the code it was put in still is (not unloaded, not replaced by other
+        // code), and still holds our `int3`.
+        let maps = match crate::error::maps(sh.pid) {
+            Ok(m) => m,
+            Err(Error::ProcessGone) => {
+                st.status = Status::Gone;
+                return Err(Error::ProcessGone);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut now = [0u8];
+        let same_mapping = maps
+            .find(addr)
+            .is_some_and(|r| r.mapped_at(addr) == site.0.mapped);
+        let gone = !same_mapping
+            || match code.read(addr, &mut now) {
+                Ok(()) => now[0] != INT3 && now[0] != orig,
+                Err(Error::ProcessGone) => {
+                    st.status = Status::Gone;
+                    return Err(Error::ProcessGone);
+                }
+                Err(_) => true, // unmapped since the maps were read
+            };
+        if gone {
+            st.armed.remove(&addr);
+            return Err(Error::CodeGone { addr });
+        }
+        if now[0] == orig {
+            // Already restored (the thread stepping over it in place put it back).
+            st.armed.remove(&addr);
+            return Ok(());
+        }
         match code.write(addr, &[orig]) {
             Ok(()) => {
                 st.armed.remove(&addr);

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use multiprobe_core::Result;
 
-use crate::backend::INT3;
+use crate::backend::{Armed, INT3};
 use crate::inject;
 use crate::mem::CodeMemory;
 use crate::sys::{self, Tid, Wait};
@@ -70,14 +70,19 @@ impl Tracer {
     /// nothing.
     pub(crate) fn free_child(&mut self, child: Tid) {
         let st = self.shared.lock();
-        let history: Vec<(u64, u8)> = st.history.iter().map(|(&a, &b)| (a, b)).collect();
+        let history: Vec<(u64, Armed)> = st.history.iter().map(|(&a, b)| (a, b.clone())).collect();
         let pages = st.xol.pages();
         drop(st);
-        if let Ok(code) = CodeMemory::open(child) {
-            for (addr, orig) in history {
+        let maps = crate::error::maps(child);
+        if let (Ok(code), Ok(maps)) = (CodeMemory::open(child), maps) {
+            for (addr, armed) in history {
                 let mut now = [0u8];
-                if code.read(addr, &mut now).is_ok() && now[0] == INT3 && orig != INT3 {
-                    let _ = code.write(addr, &[orig]);
+                if armed.still_mapped(&maps, addr)
+                    && code.read(addr, &mut now).is_ok()
+                    && now[0] == INT3
+                    && armed.orig != INT3
+                {
+                    let _ = code.write(addr, &[armed.orig]);
                 }
             }
         }

@@ -347,13 +347,17 @@ impl Tracer {
         let Ok(code) = st.usable() else {
             return Ok(());
         };
+        // A breakpoint whose code was unloaded (or replaced) went with it.
+        let maps = crate::error::maps(self.pid())?;
         let mut result = Ok(());
-        for (&addr, &orig) in &st.armed {
+        for (&addr, armed) in &st.armed {
             let mut now = [0u8];
-            if code.read(addr, &mut now).is_ok() && now[0] != INT3 {
+            if !armed.still_mapped(&maps, addr)
+                || (code.read(addr, &mut now).is_ok() && now[0] != INT3)
+            {
                 continue;
             }
-            if let Err(e) = code.write(addr, &[orig]) {
+            if let Err(e) = code.write(addr, &[armed.orig]) {
                 result = result.and(Err(e));
             }
         }

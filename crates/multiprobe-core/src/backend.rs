@@ -30,8 +30,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Insert the breakpoint. On error nothing must be left inserted.
     fn arm(&self, addr: u64, site: &Self::Site) -> Result<()>;
 
-    /// Remove the breakpoint, restoring the original bytes exactly. An error other than
-    /// [`crate::Error::ProcessGone`] means the breakpoint may still be there: the
-    /// registry then keeps the site (so traps there stay transparent) and reports it.
+    /// Remove the breakpoint, restoring the original bytes exactly. If the code is no
+    /// longer there — the process is gone ([`crate::Error::ProcessGone`]), or the
+    /// memory was unmapped or replaced ([`crate::Error::CodeGone`]) — write nothing and
+    /// say so: the registry takes either as the breakpoint being gone. Any other error
+    /// means the breakpoint may still be there: the registry then keeps the site (so
+    /// traps there stay transparent) and reports it.
     fn disarm(&self, addr: u64, site: &Self::Site) -> Result<()>;
 }

@@ -94,6 +94,13 @@ pub enum Error {
     /// The target process does not exist (any more).
     #[error("the target process is gone")]
     ProcessGone,
+    /// The code at `addr` was unmapped (a library unloaded) or replaced since the
+    /// breakpoint was inserted: the breakpoint went with it, and nothing was written.
+    #[error("the code at {addr:#x} was unmapped or replaced; its breakpoint went with it")]
+    CodeGone {
+        /// The probed address.
+        addr: u64,
+    },
     /// An I/O or system call error, with what was being done.
     #[error("{what}: {source}")]
     Io {

@@ -512,7 +512,7 @@ impl<B: Backend> Inner<B> {
             shared.armed.store(true, Relaxed);
         } else if !want && armed {
             match self.backend.disarm(addr, &shared.data) {
-                Ok(()) | Err(Error::ProcessGone) => {
+                Ok(()) | Err(Error::ProcessGone | Error::CodeGone { .. }) => {
                     shared.armed.store(false, Relaxed);
                     w.set(addr, new);
                 }

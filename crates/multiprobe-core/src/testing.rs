@@ -78,6 +78,8 @@ struct Faults {
     prepare: HashSet<u64>,
     arm: HashSet<u64>,
     disarm: HashSet<u64>,
+    /// Unmapped since armed: disarm finds its code gone.
+    gone: HashSet<u64>,
 }
 
 /// The test backend.
@@ -118,6 +120,19 @@ impl TestBackend {
         } else {
             f.disarm.remove(&addr);
         }
+    }
+
+    /// The code at `addr` goes away with its breakpoint (a library unloaded): a later
+    /// disarm writes nothing and reports [`Error::CodeGone`]. Mapping code there again
+    /// (`remap`) puts [`ORIGINAL`] back.
+    pub fn unmap(&self, addr: u64) {
+        self.faults.lock().unwrap().gone.insert(addr);
+    }
+
+    /// New code at `addr` after [`TestBackend::unmap`]: [`ORIGINAL`], unarmed.
+    pub fn remap(&self, addr: u64) {
+        self.faults.lock().unwrap().gone.remove(&addr);
+        self.code.lock().unwrap().insert(addr, ORIGINAL);
     }
 
     /// Everything the registry asked, in order.
@@ -231,6 +246,9 @@ impl Backend for TestBackend {
             return Err(Error::Backend(format!(
                 "cannot restore {addr:#x} (injected by the test)"
             )));
+        }
+        if self.faults.lock().unwrap().gone.contains(&addr) {
+            return Err(Error::CodeGone { addr });
         }
         let mut code = self.code.lock().unwrap();
         assert_eq!(

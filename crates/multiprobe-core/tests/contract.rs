@@ -745,6 +745,37 @@ fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
 }
 
 #[test]
+fn code_that_went_away_ends_its_probes_without_a_write() {
+    let (r, ts) = setup();
+    let g1 = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let g2 = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: false });
+    // The library holding A is unloaded: its breakpoint goes with it.
+    r.backend().unmap(A);
+    assert_eq!(g1.unregister().unwrap().hits, 1);
+    let before = r.backend().events().len();
+    assert_eq!(
+        g2.unregister().unwrap().hits,
+        1,
+        "the last one leaves cleanly"
+    );
+    assert!(r.sites().is_empty(), "the site is gone, not kept armed");
+    assert!(
+        !r.backend().events()[before..]
+            .iter()
+            .any(|e| matches!(e, Event::Disarm(_))),
+        "nothing was written where the code was"
+    );
+    // Other code mapped there later is probed afresh.
+    r.backend().remap(A);
+    let g = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    assert_eq!(r.backend().byte(A), INT3);
+    assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: false });
+    assert_eq!(g.unregister().unwrap().hits, 1);
+    assert_eq!(r.backend().byte(A), ORIGINAL);
+}
+
+#[test]
 fn dropping_the_registry_restores_every_byte() {
     let backend = Arc::new(TestBackend::new());
     {

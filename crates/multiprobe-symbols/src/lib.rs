@@ -13,7 +13,7 @@ pub mod maps;
 pub mod process;
 
 pub use elf::{ElfSymbols, Func};
-pub use maps::{Maps, Region};
+pub use maps::{MappedAt, Maps, Region};
 pub use process::{
     file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,
 };

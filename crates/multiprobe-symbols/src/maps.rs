@@ -16,6 +16,11 @@ pub struct Region {
     pub exec: bool,
     /// File offset of `start`.
     pub offset: u64,
+    /// Device of the mapped file (`major:minor` as the kernel prints it); `00:00` for
+    /// anonymous memory.
+    pub dev: String,
+    /// Inode of the mapped file; 0 for anonymous memory.
+    pub inode: u64,
     /// The mapped file, or a pseudo name (`[vdso]`, `[stack]`), or empty.
     pub path: String,
 }
@@ -30,6 +35,43 @@ impl Region {
     pub fn is_file(&self) -> bool {
         self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
     }
+
+    /// What is mapped at `addr` (inside this region), in terms that survive a re-read of
+    /// the maps but not an unmapping: see [`MappedAt`].
+    pub fn mapped_at(&self, addr: u64) -> MappedAt {
+        if self.inode != 0 {
+            MappedAt::File {
+                dev: self.dev.clone(),
+                inode: self.inode,
+                offset: self.offset + (addr - self.start),
+            }
+        } else {
+            MappedAt::Anonymous { start: self.start }
+        }
+    }
+}
+
+/// The identity of the memory at one address, to tell later whether it is still the
+/// same code: a library unloaded by `dlclose` and another loaded at the same address,
+/// or an anonymous region unmapped and mapped again, compare unequal. (An anonymous
+/// region is known only by where it starts; code rewritten in place is not detected
+/// here.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MappedAt {
+    /// A file mapping: the device and inode of the file and the file offset of the address.
+    File {
+        /// `major:minor`.
+        dev: String,
+        /// Inode number.
+        inode: u64,
+        /// File offset of the address.
+        offset: u64,
+    },
+    /// Anonymous memory (or a pseudo file such as `[vdso]`), by the start of its region.
+    Anonymous {
+        /// Start of the region.
+        start: u64,
+    },
 }
 
 /// The address space of a process, in address order.
@@ -104,8 +146,8 @@ fn parse_line(line: &str) -> Option<Region> {
         return None;
     }
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let _dev = it.next()?;
-    let _inode = it.next()?;
+    let dev = it.next()?.to_string();
+    let inode = it.next()?.parse().ok()?;
     let path = it.next().unwrap_or("").trim_start().to_string();
     let (s, e) = range.split_once('-')?;
     Some(Region {
@@ -115,6 +157,8 @@ fn parse_line(line: &str) -> Option<Region> {
         write: perms.get(1) == Some(&b'w'),
         exec: perms.get(2) == Some(&b'x'),
         offset,
+        dev,
+        inode,
         path,
     })
 }
@@ -143,9 +187,42 @@ mod tests {
         assert!(!m.regions[2].is_file());
         assert!(m.find(0x1000).is_none());
         assert!(Maps::parse("garbage\n").regions.is_empty());
+        assert_eq!((r.dev.as_str(), r.inode), ("fd:01", 1234));
         let own = Maps::read(0).unwrap();
         let here = parses_lines as *const () as u64;
         assert!(own.find(here).is_some_and(|r| r.exec && !r.write));
+    }
+
+    #[test]
+    fn mapped_at_tells_a_replaced_mapping_apart() {
+        let m = Maps::parse(SAMPLE);
+        let code = m.find(0x555555557000).unwrap();
+        let here = code.mapped_at(0x555555557010);
+        assert_eq!(
+            here,
+            MappedAt::File {
+                dev: "fd:01".into(),
+                inode: 1234,
+                offset: 0x3010
+            }
+        );
+        // Another library at the same address, or the same file mapped elsewhere.
+        let other = SAMPLE.replace(" 1234 /usr/bin/prog", " 99 /usr/lib/other.so");
+        let moved = SAMPLE.replace("00002000 fd:01", "00003000 fd:01");
+        for text in [other, moved] {
+            let r = Maps::parse(&text);
+            assert_ne!(
+                r.find(0x555555557010).unwrap().mapped_at(0x555555557010),
+                here
+            );
+        }
+        let vdso = m.find(0x7ffff7dd0010).unwrap();
+        assert_eq!(
+            vdso.mapped_at(0x7ffff7dd0010),
+            MappedAt::Anonymous {
+                start: 0x7ffff7dd0000
+            }
+        );
     }
 
     #[test]
