@@ -8,17 +8,21 @@
 //! `dlopen` calls after mapping) tries again. At the first placement any spec that does
 //! not resolve is fatal — the caller kills a spawned program before it ran its code, or
 //! detaches from an attached one — so a typo never leaves a half-probed program behind.
+//! The same hook sees `dlclose`: the probes of a library that is no longer mapped are
+//! unregistered (their counts carried) and pending again, so they come back if the
+//! library is loaded again, as gdb's breakpoints do.
 //!
 //! Invariants (under the `State` mutex): every row belongs to one (spec, action); a row
-//! with a handler id is registered in the registry; `carried` holds the statistics of
-//! registrations that ended (an exec replaced the image).
+//! with a handler id is registered in the registry, at `site`, where `mapped` was mapped
+//! when it was placed; `carried` holds the statistics of registrations that ended (an
+//! exec replaced the image, or the library was unloaded).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use multiprobe_backend_ptrace::PtraceBackend;
 use multiprobe_core::{HandlerId, HandlerInfo, Hit, PreAction, Registry};
 use multiprobe_symbols::{
-    file_name, library_matches, near_names, ElfSymbols, ProcessSymbols, SymbolCache,
+    file_name, library_matches, near_names, ElfSymbols, MappedAt, Maps, ProcessSymbols, SymbolCache,
 };
 
 use crate::actions::{ActionHandler, Sink};
@@ -34,6 +38,7 @@ struct RowState {
     spec: usize,
     action: Action,
     site: Option<u64>,
+    mapped: Option<MappedAt>,
     symbol: String,
     id: Option<HandlerId>,
     carried_hits: u64,
@@ -56,6 +61,8 @@ pub struct State {
     /// Internal handlers (the loader hook), not shown in the summary.
     hooks: Vec<HandlerId>,
     loader_hooked: bool,
+    /// Specs whose library was unloaded once (said once, not at every `dlclose`).
+    unload_noted: Vec<usize>,
 }
 
 /// Shared handle on the [`State`].
@@ -92,6 +99,7 @@ impl State {
                     spec: i,
                     action,
                     site: None,
+                    mapped: None,
                     symbol: s.target.to_string(),
                     id: None,
                     carried_hits: 0,
@@ -111,6 +119,7 @@ impl State {
             fatal: None,
             hooks: Vec::new(),
             loader_hooked: false,
+            unload_noted: Vec::new(),
         }))
     }
 
@@ -217,7 +226,8 @@ impl State {
                     }
                 }
                 Ok(Resolved::At { addr, label }) => {
-                    if let Err(e) = self.register(i, addr, &label) {
+                    let mapped = syms.maps().find(addr).map(|r| r.mapped_at(addr));
+                    if let Err(e) = self.register(i, addr, mapped, &label) {
                         let msg = fail(e);
                         if first {
                             self.fatal = Some(msg);
@@ -246,7 +256,13 @@ impl State {
         }
     }
 
-    fn register(&mut self, spec: usize, addr: u64, label: &str) -> Result<(), String> {
+    fn register(
+        &mut self,
+        spec: usize,
+        addr: u64,
+        mapped: Option<MappedAt>,
+        label: &str,
+    ) -> Result<(), String> {
         let label: Arc<str> = Arc::from(label);
         let mut ids = Vec::new();
         let rows: Vec<usize> = (0..self.rows.len())
@@ -270,11 +286,64 @@ impl State {
         for (&r, id) in rows.iter().zip(ids) {
             let row = &mut self.rows[r];
             row.site = Some(addr);
+            row.mapped = mapped.clone();
             row.symbol = label.to_string();
             row.id = Some(id);
             row.state = "armed".into();
         }
         Ok(())
+    }
+
+    /// Unregister the probes whose code is no longer mapped where it was (`dlclose`),
+    /// carrying their counts, and make them pending again. Called from the loader hook,
+    /// inside dispatch: the handlers are unlinked at once (the grace period is not waited
+    /// for, and nothing else runs them: hits are served on this thread).
+    fn forget_unloaded(&mut self, maps: &Maps) {
+        let mut gone = Vec::new();
+        for row in &mut self.rows {
+            let (Some(id), Some(site)) = (row.id, row.site) else {
+                continue;
+            };
+            let now = maps.find(site).map(|r| r.mapped_at(site));
+            if row.mapped.is_none() || now == row.mapped {
+                continue;
+            }
+            if let Ok(info) = self.registry.handler(id) {
+                row.carried_hits += info.stats.hits;
+                row.carried_missed += info.stats.missed;
+            }
+            // `InsideDispatch` means unlinked, not waited for; the breakpoint went with
+            // the code (the backend writes nothing there).
+            let _ = self.registry.unregister(id);
+            row.id = None;
+            row.site = None;
+            row.mapped = None;
+            row.state = "pending".into();
+            if !gone.contains(&row.spec) {
+                gone.push(row.spec);
+            }
+        }
+        for spec in gone {
+            if self.unload_noted.contains(&spec) {
+                continue;
+            }
+            self.unload_noted.push(spec);
+            let text = &self.specs[spec].text;
+            self.sink.write(&format!(
+                "multiprobe: probe {text:?}: its code was unloaded; pending until it is loaded again"
+            ));
+        }
+    }
+
+    /// Whether some probe sits in a shared library (which `dlclose` could unload).
+    fn any_in_library(&self, maps: &Maps) -> bool {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        let main = exe.as_ref().map(|p| p.to_string_lossy());
+        self.rows.iter().any(|r| {
+            r.site.and_then(|a| maps.find(a)).is_some_and(|reg| {
+                reg.is_file() && main.as_deref().is_none_or(|m| m != reg.path.as_str())
+            })
+        })
     }
 
     fn any_pending(&self) -> bool {
@@ -300,6 +369,7 @@ impl State {
         for row in &mut self.rows {
             row.id = None;
             row.site = None;
+            row.mapped = None;
             if !row.state.starts_with("failed") {
                 row.state = "pending".into();
             }
@@ -336,19 +406,29 @@ impl State {
 }
 
 /// Place everything now (for `attach`, or the hook's own use); then watch the loader
-/// for pending libraries.
+/// for pending libraries, and for libraries with probes being unloaded.
 pub fn place_now(shared: &Shared, first: bool) {
     let mut s = lock(shared);
+    if !first {
+        match Maps::read(s.pid as u32) {
+            Ok(maps) => s.forget_unloaded(&maps),
+            Err(_) => return, // gone: its exit comes next
+        }
+    }
     s.place(first);
-    if s.fatal.is_none() && s.any_pending() && !s.loader_hooked {
+    if s.fatal.is_some() || s.loader_hooked {
+        return;
+    }
+    let in_library = Maps::read(s.pid as u32).is_ok_and(|m| s.any_in_library(&m));
+    if s.any_pending() || in_library {
         s.loader_hooked = true;
         drop(s);
         hook_loader(shared);
     }
 }
 
-/// An internal probe on the dynamic loader's hook: places pending probes when a library
-/// appears.
+/// An internal probe on the dynamic loader's hook (`dlopen` and `dlclose` call it): places
+/// pending probes when a library appears, and sets aside those of a library that went.
 struct PlaceHook {
     shared: Shared,
 }

@@ -233,6 +233,38 @@ fn probes_follow_exec_and_dlopen() {
     assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 42);
     let r = rows(&stderr, ":zlibVersion");
     assert_eq!((r[0].1, r[0].0.as_str()), (42, "count"), "{stderr}");
+
+    // Unloaded and loaded again (at the same address or not): the probes follow it out
+    // and back in, nothing is written where the library was, and every call counts.
+    let out = run(&[
+        "run",
+        "-p",
+        "libz:zlibVersion",
+        "-p",
+        "libz:zlibVersion=args:1",
+        "--",
+        bin("mp-dlopen").to_str().unwrap(),
+        "--iters",
+        "5",
+        "--reloads",
+        "3",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("unloaded=yes"),
+        "dlclose unmapped it: {stdout}"
+    );
+    assert_eq!(calls(&stdout, "zlibVersion"), 20);
+    let r = rows(&stderr, ":zlibVersion");
+    assert_eq!(r.len(), 2, "{stderr}");
+    assert!(r.iter().all(|(_, hits, ..)| *hits == 20), "{stderr}");
+    assert_eq!(stderr.matches("zlibVersion(0x").count(), 20, "{stderr}");
+    assert_eq!(
+        stderr.matches("its code was unloaded").count(),
+        2,
+        "said once per probe: {stderr}"
+    );
 }
 
 #[test]
