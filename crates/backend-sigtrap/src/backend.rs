@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use multiprobe_core::{Backend, Dispatcher, Error, Result};
 use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
 
-use multiprobe_symbols::Maps;
+use multiprobe_symbols::{MappedAt, Maps};
 
 use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
 
@@ -54,6 +54,9 @@ impl BlockInfo {
 #[derive(Debug)]
 pub struct Site {
     pub(crate) info: &'static BlockInfo,
+    /// What was mapped at the address when it was prepared: disarm writes the byte back
+    /// only into the same mapping (not into a library loaded where an unloaded one was).
+    mapped: MappedAt,
 }
 
 impl Site {
@@ -185,9 +188,10 @@ impl Backend for SigtrapBackend {
             func,
         )
         .map_err(|e| e.into_core(addr))?;
+        let mapped = map.mapped_at(addr);
         let info = block_info(addr, plan)?;
         known::insert(addr);
-        Ok(Site { info })
+        Ok(Site { info, mapped })
     }
 
     fn arm(&self, addr: u64, site: &Site) -> Result<()> {
@@ -213,6 +217,16 @@ impl Backend for SigtrapBackend {
     fn disarm(&self, addr: u64, site: &Site) -> Result<()> {
         let mut armed = armed();
         let orig = site.info.plan.bytes()[0];
+        // The code may have been unloaded (`dlclose`), and other code loaded there.
+        let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
+        let mut now = [0u8];
+        let same = maps
+            .find(addr)
+            .is_some_and(|r| r.mapped_at(addr) == site.mapped);
+        if !same || patch::read(addr, &mut now).is_err() || now[0] != INT3 {
+            armed.remove(&addr);
+            return Err(Error::CodeGone { addr });
+        }
         patch::write(addr, &[orig])
             .map_err(|e| Error::io(format!("restoring the byte at {addr:#x}"), e))?;
         armed.remove(&addr);

@@ -115,3 +115,54 @@ fn removing_all_probes_leaves_every_probed_byte_as_before() {
         assert_eq!(bytes(a, 32), b, "{a:#x}");
     }
 }
+
+/// `dlopen("libz.so.1")` and its `zlibVersion`.
+fn load_libz() -> (*mut libc::c_void, extern "C" fn() -> *const libc::c_char) {
+    // SAFETY: a NUL-terminated name; the handle is checked.
+    let lib = unsafe { libc::dlopen(c"libz.so.1".as_ptr(), libc::RTLD_NOW) };
+    assert!(!lib.is_null(), "libz.so.1 is part of every Debian system");
+    // SAFETY: a symbol lookup in a valid handle.
+    let sym = unsafe { libc::dlsym(lib, c"zlibVersion".as_ptr()) };
+    assert!(!sym.is_null());
+    // SAFETY: zlibVersion is `const char *zlibVersion(void)`.
+    let f = unsafe {
+        std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> *const libc::c_char>(sym)
+    };
+    (lib, f)
+}
+
+fn libz_mapped() -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .contains("libz.so")
+}
+
+#[test]
+fn a_probe_in_an_unloaded_library_ends_without_writing_there() {
+    let reg = multiprobe_backend_sigtrap::registry();
+    let (lib, f) = load_libz();
+    let addr = f as *const () as u64;
+    let g = reg.register(addr, |_h: &mut Hit<'_>| {}).unwrap();
+    f();
+    // SAFETY: a handle from dlopen; `f` is not called after this.
+    assert_eq!(unsafe { libc::dlclose(lib) }, 0);
+    if libz_mapped() {
+        // Something else in this process holds libz: nothing to test here.
+        g.unregister().unwrap();
+        return;
+    }
+    // The breakpoint went with the library: unregistering writes nothing (the address is
+    // unmapped, or holds whatever was loaded there since) and ends the probe cleanly.
+    assert_eq!(g.unregister().unwrap().hits, 1);
+    assert!(reg.sites().is_empty(), "no site is kept armed");
+    // Loaded again (often at the same address): its code is intact and probes work.
+    let (lib, f) = load_libz();
+    let addr2 = f as *const () as u64;
+    assert_ne!(bytes(addr2, 1), [0xcc]);
+    let g = reg.register(addr2, |_h: &mut Hit<'_>| {}).unwrap();
+    f();
+    assert_eq!(g.unregister().unwrap().hits, 1);
+    assert_ne!(bytes(addr2, 1), [0xcc]);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::dlclose(lib) }, 0);
+}
