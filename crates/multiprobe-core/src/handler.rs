@@ -60,6 +60,9 @@ pub struct Hit<'a> {
     tid: u32,
     id: HandlerId,
     regs: Source<'a>,
+    /// Some handler of this hit took the registers for changing ([`Hit::regs_mut`]):
+    /// only then can `rip` have moved, so only then is it compared after each handler.
+    written: bool,
     mem: &'a dyn Memory,
 }
 
@@ -91,6 +94,7 @@ impl<'a> Hit<'a> {
             tid,
             id,
             regs,
+            written: false,
             mem,
         }
     }
@@ -102,13 +106,11 @@ impl<'a> Hit<'a> {
     }
 
     /// Whether a handler moved `rip` away from `addr`. Never fetches: registers nobody
-    /// fetched cannot have changed.
+    /// took for changing cannot have changed (one flag test per handler of the walk,
+    /// not a load through the register file).
     #[inline]
     pub(crate) fn rip_moved(&self, addr: u64) -> bool {
-        match &self.regs {
-            Source::Ready(r) => r.rip != addr,
-            Source::Lazy(f) => f.fetched().is_some_and(|r| r.rip != addr),
-        }
+        self.written && self.fetched().is_some_and(|r| r.rip != addr)
     }
 
     #[inline]
@@ -147,6 +149,7 @@ impl<'a> Hit<'a> {
     /// back to the thread.
     #[inline]
     pub fn regs_mut(&mut self) -> &mut Regs {
+        self.written = true;
         match &mut self.regs {
             Source::Ready(r) => r,
             Source::Lazy(f) => f.regs_mut(),
