@@ -332,11 +332,13 @@ impl<S> Dispatcher<S> {
             return step(false);
         }
         ts.active.set(true);
-        site.shared.hits.hit(shard);
+        // One count for the whole walk: each handler's hits are derived from it
+        // (`crate::tally`), so a handler costs its call and little more.
+        site.walk_counter.hit(shard);
         let mut redirect = false;
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-        for h in site.hot.iter() {
-            h.counters().hit(shard);
+        let mut walk = site.hot.iter();
+        while let Some(h) = walk.next() {
             hit.set_handler(h.id);
             match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
                 Ok(PreAction::Continue) => {}
@@ -345,6 +347,9 @@ impl<S> Dispatcher<S> {
             }
             if redirect || hit.rip_moved(addr) {
                 redirect = true;
+                for later in walk {
+                    later.counters().skipped(shard);
+                }
                 break;
             }
         }

@@ -64,6 +64,7 @@ mod srcu;
 mod stats;
 mod sync;
 mod table;
+mod tally;
 pub mod testing;
 
 pub use backend::Backend;

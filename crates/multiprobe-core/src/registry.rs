@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
-use crate::stats::{HandlerCounters, HandlerStats, SiteCounter, SiteStats};
+use crate::stats::{HandlerCounters, HandlerStats, SiteStats};
 use crate::sync::index::Index;
 use crate::sync::{held, Mutex, MutexGuard};
 use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, Table, TableWriter};
@@ -224,7 +224,7 @@ impl<B: Backend> Registry<B> {
         drop(w);
         self.inner.quiesce(stamp, id)?;
         disarmed?;
-        Ok(entry.counters.read())
+        Ok(entry.stats())
     }
 
     /// Unregister many handlers with one grace period. All ids are checked first: if one
@@ -254,7 +254,7 @@ impl<B: Backend> Registry<B> {
         if let Some(e) = first_err {
             return Err(e);
         }
-        Ok(entries.iter().map(|e| e.counters.read()).collect())
+        Ok(entries.iter().map(|e| e.stats()).collect())
     }
 
     /// Unregister the handlers behind these guards with one grace period.
@@ -281,7 +281,7 @@ impl<B: Backend> Registry<B> {
 
     /// Statistics of handler `id`, read without stopping anyone.
     pub fn stats(&self, id: HandlerId) -> Result<HandlerStats> {
-        Ok(self.inner.entry(id)?.counters.read())
+        Ok(self.inner.entry(id)?.stats())
     }
 
     /// Everything about handler `id`.
@@ -337,7 +337,7 @@ fn info(e: &HandlerEntry) -> HandlerInfo {
         addr: e.addr,
         enabled: e.enabled.load(Relaxed),
         exclusive: e.exclusive,
-        stats: e.counters.read(),
+        stats: e.stats(),
     }
 }
 
@@ -393,7 +393,7 @@ impl<B: Backend> Inner<B> {
                 Arc::new(SiteShared {
                     addr,
                     data: self.backend.prepare(addr)?,
-                    hits: SiteCounter::new(),
+                    hits: Arc::default(),
                     armed: crate::sync::atomic::AtomicBool::new(false),
                 }),
                 SmallVec::new(),
@@ -409,6 +409,7 @@ impl<B: Backend> Inner<B> {
             exclusive: req.options.exclusive,
             enabled: std::sync::atomic::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
+            tally: Arc::default(),
         });
         handlers.push(Slot {
             entry: Arc::clone(&entry),

@@ -1,5 +1,7 @@
 //! Hit counters, sharded per dispatching thread (see [`crate::shard`]), and the plain
-//! values users read out of them.
+//! values users read out of them. A handler's hits are not counted per handler but
+//! derived from its site's walks ([`crate::tally`]); what is counted per handler is
+//! what sets it apart from the walk: skips, misses and panics.
 //!
 //! Invariant: a counter line of shard `i` is written with a plain load+store only by
 //! the `ThreadState` that owns shard `i` exclusively; everybody else uses `fetch_add`.
@@ -65,7 +67,8 @@ impl<T> std::ops::Deref for Line<T> {
 /// The counters of one shard of one handler, on a cache line of their own.
 #[derive(Debug)]
 struct HandlerLine {
-    hits: AtomicU64,
+    /// Walks that listed this handler but ended before it (a redirect).
+    skipped: AtomicU64,
     missed: AtomicU64,
     panics: AtomicU64,
 }
@@ -81,7 +84,7 @@ impl HandlerCounters {
         HandlerCounters {
             lines: std::array::from_fn(|_| {
                 Line(HandlerLine {
-                    hits: AtomicU64::new(0),
+                    skipped: AtomicU64::new(0),
                     missed: AtomicU64::new(0),
                     panics: AtomicU64::new(0),
                 })
@@ -89,10 +92,11 @@ impl HandlerCounters {
         }
     }
 
-    #[inline]
-    pub(crate) fn hit(&self, shard: Shard) {
+    /// The walk ended before this handler: bumped inside the walk (so the plain store
+    /// of an exclusive shard is safe, as for the walk counter).
+    pub(crate) fn skipped(&self, shard: Shard) {
         bump(
-            &self.lines[usize::from(shard.index) & (SHARDS - 1)].hits,
+            &self.lines[usize::from(shard.index) & (SHARDS - 1)].skipped,
             shard,
         );
     }
@@ -111,18 +115,23 @@ impl HandlerCounters {
             .fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn read(&self) -> HandlerStats {
+    /// The statistics, given a way to read the walks that listed the handler. Skips are
+    /// read first: a skip is counted after its walk, so the difference never counts a
+    /// skip whose walk it missed.
+    pub(crate) fn read(&self, walks: impl FnOnce() -> u64) -> HandlerStats {
         let mut s = HandlerStats::default();
+        let mut skipped = 0;
         for l in &self.lines {
-            s.hits += l.hits.load(Relaxed);
+            skipped += l.skipped.load(Relaxed);
             s.missed += l.missed.load(Relaxed);
             s.panics += l.panics.load(Relaxed);
         }
+        s.hits = walks().saturating_sub(skipped);
         s
     }
 }
 
-/// Per-site hit counter.
+/// A sharded counter: the walks of one site view.
 #[derive(Debug)]
 pub(crate) struct SiteCounter {
     lines: [Line<AtomicU64>; SHARDS],

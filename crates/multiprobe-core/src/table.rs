@@ -21,8 +21,9 @@ use smallvec::SmallVec;
 
 use crate::handler::Handler;
 use crate::srcu::Domain;
-use crate::stats::{HandlerCounters, SiteCounter};
+use crate::stats::{HandlerCounters, HandlerStats, SiteCounter};
 use crate::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use crate::tally::{Tally, Walks};
 use crate::HandlerId;
 
 /// One registered handler, shared by every view that lists it.
@@ -35,6 +36,15 @@ pub(crate) struct HandlerEntry {
     /// Mirror of the enabled flag in the current view, for thread-context queries.
     pub(crate) enabled: std::sync::atomic::AtomicBool,
     pub(crate) counters: HandlerCounters,
+    /// The walks of the views that listed it enabled ([`crate::tally`]).
+    pub(crate) tally: Arc<Tally>,
+}
+
+impl HandlerEntry {
+    /// Its statistics so far (exact once no hit is in progress).
+    pub(crate) fn stats(&self) -> HandlerStats {
+        self.counters.read(|| self.tally.read())
+    }
 }
 
 impl std::fmt::Debug for HandlerEntry {
@@ -46,12 +56,13 @@ impl std::fmt::Debug for HandlerEntry {
     }
 }
 
-/// What outlives every copy of a site's view: the backend's data and the hit counter.
+/// What outlives every copy of a site's view: the backend's data and the hit tally.
 #[derive(Debug)]
 pub(crate) struct SiteShared<S> {
     pub(crate) addr: u64,
     pub(crate) data: S,
-    pub(crate) hits: SiteCounter,
+    /// The walks of all its views.
+    pub(crate) hits: Arc<Tally>,
     /// Whether the backend's breakpoint is in place. Writer-only.
     pub(crate) armed: AtomicBool,
 }
@@ -125,28 +136,59 @@ pub(crate) struct SiteView<S> {
     pub(crate) hot: Box<[Hot]>,
     /// Some enabled handler has a post hook (the backend must come back after the step).
     pub(crate) any_post: bool,
+    /// Bumped once per hit dispatched through this view (`walks.counter()`, kept here
+    /// too to save a pointer hop).
+    pub(crate) walk_counter: Arc<SiteCounter>,
+    walks: Arc<Walks>,
 }
 
 impl<S> Clone for SiteView<S> {
+    /// The same view in another bucket: same handlers, same walk counter.
     fn clone(&self) -> Self {
-        SiteView::new(Arc::clone(&self.shared), self.handlers.clone())
+        let handlers = self.handlers.clone();
+        SiteView {
+            addr: self.addr,
+            shared: Arc::clone(&self.shared),
+            hot: hot_of(&handlers),
+            handlers,
+            any_post: self.any_post,
+            walk_counter: Arc::clone(&self.walk_counter),
+            walks: Arc::clone(&self.walks),
+        }
     }
 }
 
+fn hot_of(handlers: &[Slot]) -> Box<[Hot]> {
+    handlers
+        .iter()
+        .filter(|s| s.enabled)
+        .map(|s| Hot::new(&s.entry))
+        .collect()
+}
+
 impl<S> SiteView<S> {
+    /// A new view of `handlers`, with a fresh walk counter crediting the site and the
+    /// enabled handlers.
     pub(crate) fn new(shared: Arc<SiteShared<S>>, handlers: SmallVec<[Slot; 4]>) -> Self {
-        let hot: Box<[Hot]> = handlers
-            .iter()
-            .filter(|s| s.enabled)
-            .map(|s| Hot::new(&s.entry))
-            .collect();
+        let hot = hot_of(&handlers);
         let any_post = hot.iter().any(|h| h.has_post);
+        let credits = std::iter::once(Arc::clone(&shared.hits))
+            .chain(
+                handlers
+                    .iter()
+                    .filter(|s| s.enabled)
+                    .map(|s| Arc::clone(&s.entry.tally)),
+            )
+            .collect();
+        let walks = Walks::new(credits);
         SiteView {
             addr: shared.addr,
             shared,
             handlers,
             hot,
             any_post,
+            walk_counter: Arc::clone(walks.counter()),
+            walks,
         }
     }
 

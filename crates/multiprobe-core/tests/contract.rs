@@ -183,6 +183,13 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
         "the thread resumes where the handler said"
     );
     assert_eq!(taken(&l), vec!["pre a", "pre b (moves rip)"]);
+    // Hits count the handlers the walk reached: not c.
+    let hits: Vec<u64> = [&_a, &_b, &_c]
+        .iter()
+        .map(|g| g.stats().unwrap().hits)
+        .collect();
+    assert_eq!(hits, [1, 1, 0]);
+    assert_eq!(r.site(A).unwrap().hits, 1);
 
     // Returning Redirect without moving rip also ends the walk (the instruction is skipped).
     let (r, ts) = setup();
@@ -197,6 +204,35 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
     assert_eq!(r.backend().hit(&ts, 1, A, &mut regs), HitResult::Redirected);
     assert_eq!(regs.rip, A);
     assert!(taken(&l).is_empty());
+}
+
+#[test]
+fn hit_counts_follow_every_view_a_handler_was_in() {
+    let (r, ts) = setup();
+    let a = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    hit(&r, &ts, A);
+    hit(&r, &ts, A);
+    let b = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    hit(&r, &ts, A);
+    a.disable().unwrap();
+    hit(&r, &ts, A); // b only
+    a.enable().unwrap();
+    // Another site in the table changes too (its bucket may hold A's view).
+    let _other = r.register(A + 0x40, |_: &mut Hit<'_>| {}).unwrap();
+    hit(&r, &ts, A);
+    // Live reads, before any retired view is reclaimed, and after.
+    assert_eq!((a.stats().unwrap().hits, b.stats().unwrap().hits), (4, 3));
+    assert_eq!(r.site(A).unwrap().hits, 5);
+    r.synchronize().unwrap();
+    assert_eq!((a.stats().unwrap().hits, b.stats().unwrap().hits), (4, 3));
+    assert_eq!(b.unregister().unwrap().hits, 3);
+    hit(&r, &ts, A);
+    assert_eq!(
+        r.site(A).unwrap().hits,
+        6,
+        "a site's hits outlive its handlers"
+    );
+    assert_eq!(a.unregister().unwrap().hits, 5);
 }
 
 #[test]

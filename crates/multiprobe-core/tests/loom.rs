@@ -220,3 +220,32 @@ fn unregister_waits_for_a_deferred_step() {
         t.join().unwrap();
     });
 }
+
+/// Derived hit counts (one walk counter per view, `tally`) against a hit racing a new
+/// view: every handler's count is the calls it got — a lower bound while the hit runs,
+/// exact once it is over — whichever view the hit walked.
+#[test]
+fn hit_counts_while_views_change() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let (a_calls, b_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let never = Arc::new(AtomicBool::new(false));
+        let a = r.register(A, counting(&a_calls, &never)).unwrap();
+        let r2 = r.clone();
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            r2.backend().hit(&ts, 1, A, &mut regs)
+        });
+        let b = r.register(A, counting(&b_calls, &never)).unwrap();
+        let during = a.stats().unwrap().hits;
+        assert!(during <= 1, "{during}");
+        assert!(matches!(t.join().unwrap(), HitResult::Stepped { .. }));
+        assert_eq!(a.stats().unwrap().hits, 1);
+        assert_eq!(a_calls.load(SeqCst), 1);
+        assert_eq!(b.stats().unwrap().hits as usize, b_calls.load(SeqCst));
+        assert_eq!(r.site(A).unwrap().hits, 1);
+        assert_eq!(b.unregister().unwrap().hits as usize, b_calls.load(SeqCst));
+        assert_eq!(a.unregister().unwrap().hits, 1);
+    });
+}
