@@ -9,6 +9,11 @@
 //! `ADDRESS` and `OFFSET` are hexadecimal with `0x` or decimal. Each action becomes its
 //! own handler on the probed site, so `-p malloc -p malloc=args:1` puts two handlers on
 //! one breakpoint — the point of the project.
+//!
+//! `SYMBOL` is a C name, a mangled name, a Rust path (`crate::module::function`) or a
+//! C++ name, with or without its parameters as the demangler prints them
+//! (`ns::Shape::area`, `'operator new(unsigned long)'`); an `=` or `+` that belongs to
+//! a C++ operator's name (`operator==`, `operator+`) is not taken as a separator.
 
 use std::fmt;
 
@@ -120,15 +125,37 @@ pub fn parse_number(s: &str) -> Option<u64> {
 }
 
 fn is_symbol_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '$' | '@' | '<' | '>' | ',' | ' ')
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '_' | '.' | '$' | '@' | '<' | '>' | ',' | ' ' | '(' | ')' | '*' | '&' | '~' | '[' | ']'
+        )
+}
+
+/// Characters that may spell a C++ operator (`operator+=`, `operator!`, ...).
+fn is_operator_char(c: char) -> bool {
+    matches!(c, '=' | '!' | '+' | '-' | '/' | '%' | '^' | '|')
+}
+
+/// The `=` that starts the actions: the last one that is not part of a C++ operator's
+/// name (`operator=`, `operator==`, `operator<=`, ...).
+fn actions_split(text: &str) -> Option<usize> {
+    text.char_indices().rev().find_map(|(i, c)| {
+        let before = &text[..i];
+        let in_operator = before.ends_with("operator")
+            || before
+                .ends_with(|p: char| is_operator_char(p) || matches!(p, '<' | '>' | '*' | '&'))
+                && before.contains("operator");
+        (c == '=' && !in_operator).then_some(i)
+    })
 }
 
 impl std::str::FromStr for ProbeSpec {
     type Err = SpecError;
 
     fn from_str(text: &str) -> Result<Self, SpecError> {
-        let (target_text, actions_text) = match text.split_once('=') {
-            Some((t, a)) => (t, Some(a)),
+        let (target_text, actions_text) = match actions_split(text) {
+            Some(i) => (&text[..i], Some(&text[i + 1..])),
             None => (text, None),
         };
         let target = parse_target(text, target_text.trim())?;
@@ -170,7 +197,10 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
         Some((l, r)) => (Some(l.to_string()), r),
         None => (None, t),
     };
+    let operator = rest.contains("operator");
     let (name, offset) = match rest.rsplit_once('+') {
+        // `operator+`, `operator++`, `operator+=(...)`: the `+` is the name's.
+        Some((_, o)) if operator && parse_number(o).is_none() => (rest, 0),
         Some((n, o)) => {
             let off = parse_number(o)
                 .ok_or_else(|| err(spec, format!("{o:?} is not an offset (use +0x10 or +16)")))?;
@@ -181,7 +211,8 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
     if name.is_empty() {
         return Err(err(spec, "empty symbol name"));
     }
-    if let Some(c) = name.chars().find(|&c| !(is_symbol_char(c) || c == ':')) {
+    let allowed = |c: char| is_symbol_char(c) || c == ':' || (operator && is_operator_char(c));
+    if let Some(c) = name.chars().find(|&c| !allowed(c)) {
         return Err(err(
             spec,
             format!("unexpected character {c:?} in symbol name"),
@@ -290,6 +321,38 @@ mod tests {
             sym(Some("single"), "single::work", 4)
         );
         assert_eq!(p("libc:malloc").unwrap().actions, vec![Action::Count]);
+        // C++ names, with parameters and operators.
+        let s = p("libstdc++:operator new(unsigned long)=args:1").unwrap();
+        assert_eq!(
+            s.target,
+            sym(Some("libstdc++"), "operator new(unsigned long)", 0)
+        );
+        assert_eq!(s.actions, vec![Action::Args(1)]);
+        for (text, name, actions) in [
+            ("ns::A::operator=", "ns::A::operator=", 1),
+            (
+                "ns::A::operator==(ns::A const&)=count,regs",
+                "ns::A::operator==(ns::A const&)",
+                2,
+            ),
+            ("ns::A::operator<=>", "ns::A::operator<=>", 1),
+            ("ns::A::operator+=", "ns::A::operator+=", 1),
+            ("ns::A::operator+", "ns::A::operator+", 1),
+            (
+                "ns::A::operator!=(ns::A const&) const=regs",
+                "ns::A::operator!=(ns::A const&) const",
+                1,
+            ),
+            ("ns::Shape::~Shape()", "ns::Shape::~Shape()", 1),
+        ] {
+            let s = p(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(s.target, sym(None, name, 0), "{text}");
+            assert_eq!(s.actions.len(), actions, "{text}");
+        }
+        assert_eq!(
+            p("ns::A::operator+=+0x8").unwrap().target,
+            sym(None, "ns::A::operator+=", 8)
+        );
         assert_eq!(
             p("libc:malloc+0x4").unwrap().target.to_string(),
             "libc:malloc+0x4"

@@ -267,6 +267,63 @@ fn probes_follow_exec_and_dlopen() {
     );
 }
 
+/// C++ functions by their demangled names, in a C++ program every Debian system has
+/// (`apt`, linked with libstdc++): with parameters, without, or ambiguous.
+#[test]
+fn cpp_functions_by_demangled_name() {
+    let plain = Command::new("apt").arg("--version").output().unwrap();
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "libstdc++:operator new(unsigned long)",
+        "-p",
+        "libstdc++:operator new(unsigned long)=args:1",
+        "-p",
+        "std::__throw_bad_alloc",
+        "--",
+        "apt",
+        "--version",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, plain.stdout, "apt's output unchanged");
+    assert!(
+        stderr.contains(r#""action":"args:1","args":["0x"#),
+        "per-hit lines: {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    let probes = summary["probes"].as_array().unwrap();
+    let hits = |symbol_end: &str| -> Vec<u64> {
+        probes
+            .iter()
+            .filter(|p| p["symbol"].as_str().unwrap().ends_with(symbol_end))
+            .map(|p| p["hits"].as_u64().unwrap())
+            .collect()
+    };
+    let news = hits(":operator new(unsigned long)");
+    assert_eq!(news.len(), 2, "{stderr}");
+    assert!(news[0] > 0 && news[0] == news[1], "{stderr}");
+    assert_eq!(hits(":std::__throw_bad_alloc()"), [0], "{stderr}");
+
+    // Every overload answers to the name without parameters: say which there are.
+    let out = run(&[
+        "run",
+        "-p",
+        "libstdc++:operator new",
+        "--",
+        "apt",
+        "--version",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is ambiguous")
+            && stderr.contains("operator new(unsigned long, std::nothrow_t const&)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn live_view_prints_while_the_program_runs() {
     let out = run(&[

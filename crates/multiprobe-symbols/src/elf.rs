@@ -5,6 +5,9 @@
 //! dropped; a function known under several names (an alias, or the same name in both
 //! tables) keeps every distinct name.
 
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
 /// A function symbol.
@@ -13,7 +16,8 @@ pub struct Func {
     /// The symbol's name as in the file (mangled, for Rust and C++).
     pub name: String,
     /// The demangled name without the Rust hash (`crate::module::function`), when the
-    /// name is a mangled Rust name; otherwise `None`.
+    /// name is a mangled Rust name; otherwise `None`. (C++ names are demangled when
+    /// needed: see [`Func::display_name`] and [`ElfSymbols::by_name`].)
     pub demangled: Option<String>,
     /// File virtual address.
     pub addr: u64,
@@ -22,9 +26,14 @@ pub struct Func {
 }
 
 impl Func {
-    /// The name to show a person: demangled if there is one.
-    pub fn display_name(&self) -> &str {
-        self.demangled.as_deref().unwrap_or(&self.name)
+    /// The name to show a person: the demangled Rust path, the demangled C++ name with
+    /// its parameters (`ns::Shape::area() const`), or the name as it is.
+    pub fn display_name(&self) -> Cow<'_, str> {
+        match (&self.demangled, cpp_names(&self.name)) {
+            (Some(d), _) => Cow::Borrowed(d),
+            (None, Some((full, _))) => Cow::Owned(full),
+            (None, None) => Cow::Borrowed(&self.name),
+        }
     }
 }
 
@@ -32,14 +41,33 @@ impl Func {
 #[derive(Debug, Default)]
 pub struct ElfSymbols {
     funcs: Vec<Func>,
+    /// The C++ names of `funcs` (same order), demangled with and without parameters;
+    /// filled the first time a name lookup needs them (a C++ library has thousands,
+    /// and most lookups are of C names found at once).
+    cpp: OnceLock<Vec<Option<(String, String)>>>,
     /// `(vaddr, file offset, file size)` of every `PT_LOAD`.
     segments: Vec<(u64, u64, u64)>,
     entry: u64,
 }
 
+/// A Rust name demangled, without its hash.
 fn demangle(name: &str) -> Option<String> {
     let d = rustc_demangle::try_demangle(name).ok()?;
     Some(format!("{d:#}"))
+}
+
+/// A C++ name demangled: with its parameters, and without (what people type).
+fn cpp_names(name: &str) -> Option<(String, String)> {
+    if !name.starts_with("_Z") || rustc_demangle::try_demangle(name).is_ok() {
+        return None;
+    }
+    let sym = cpp_demangle::Symbol::new(name).ok()?;
+    let full = sym.demangle().ok()?;
+    let opts = cpp_demangle::DemangleOptions::new()
+        .no_params()
+        .no_return_type();
+    let base = sym.demangle_with_options(&opts).ok()?;
+    Some((full, base))
 }
 
 impl ElfSymbols {
@@ -71,6 +99,7 @@ impl ElfSymbols {
             .collect();
         Ok(ElfSymbols {
             funcs,
+            cpp: OnceLock::new(),
             segments,
             entry: file.entry(),
         })
@@ -106,27 +135,43 @@ impl ElfSymbols {
             .min_by_key(|f| f.size)
     }
 
-    /// Functions named `name`: by exact symbol name if any matches; else by demangled
-    /// name (`crate::module::function`); else by a demangled path ending in `::name`.
-    /// Several results with distinct addresses mean the name is ambiguous.
+    /// Functions named `name`, trying in turn: the exact symbol name; the demangled
+    /// name (`crate::module::function`, or a C++ name with its parameters as the
+    /// demangler prints them, `ns::f(int)`); a C++ name without parameters (`ns::f`,
+    /// every overload); and last a path ending in `::name`. Several results with
+    /// distinct addresses mean the name is ambiguous.
     pub fn by_name(&self, name: &str) -> Vec<&Func> {
-        let exact: Vec<&Func> = self.funcs.iter().filter(|f| f.name == name).collect();
-        if !exact.is_empty() {
-            return exact;
+        let matching = |test: &dyn Fn(usize, &Func) -> bool| -> Vec<&Func> {
+            let found = self.funcs.iter().enumerate().filter(|(i, f)| test(*i, f));
+            found.map(|(_, f)| f).collect()
+        };
+        let found = matching(&|_, f| f.name == name);
+        if !found.is_empty() {
+            return found;
         }
-        let demangled: Vec<&Func> = self
-            .funcs
-            .iter()
-            .filter(|f| f.demangled.as_deref() == Some(name))
-            .collect();
-        if !demangled.is_empty() {
-            return demangled;
+        let found = matching(&|_, f| f.demangled.as_deref() == Some(name));
+        if !found.is_empty() {
+            return found;
+        }
+        let cpp = self
+            .cpp
+            .get_or_init(|| self.funcs.iter().map(|f| cpp_names(&f.name)).collect());
+        let full = |i: usize| cpp[i].as_ref().map(|(f, _)| f.as_str());
+        let base = |i: usize| cpp[i].as_ref().map(|(_, b)| b.as_str());
+        let found = matching(&|i, _| full(i) == Some(name));
+        if !found.is_empty() {
+            return found;
+        }
+        let found = matching(&|i, _| base(i) == Some(name));
+        if !found.is_empty() {
+            return found;
         }
         let suffix = format!("::{name}");
-        self.funcs
-            .iter()
-            .filter(|f| f.demangled.as_deref().is_some_and(|d| d.ends_with(&suffix)))
-            .collect()
+        matching(&|i, f| {
+            base(i)
+                .or(f.demangled.as_deref())
+                .is_some_and(|d| d.ends_with(&suffix))
+        })
     }
 
     /// What to add to a file address to get the process's address, for the file mapped
@@ -154,5 +199,60 @@ impl ElfSymbols {
                     .wrapping_sub(vaddr),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn func(name: &str, addr: u64) -> Func {
+        Func {
+            name: name.into(),
+            demangled: demangle(name),
+            addr,
+            size: 16,
+        }
+    }
+
+    #[test]
+    fn rust_and_cpp_names_demangle() {
+        let r = func("_ZN9mp_single4work17h0123456789abcdefE", 0);
+        assert_eq!(r.display_name(), "mp_single::work");
+        assert_eq!(cpp_names(&r.name), None, "a Rust name is not C++");
+        let c = func("_ZNK2ns5Shape4areaEv", 0);
+        assert_eq!(c.display_name(), "ns::Shape::area() const");
+        assert_eq!(
+            cpp_names(&c.name).unwrap().1,
+            "ns::Shape::area",
+            "without parameters"
+        );
+        assert_eq!(cpp_names("_Znwm").unwrap().1, "operator new");
+        assert_eq!(func("malloc", 0).display_name(), "malloc");
+        assert_eq!(func("_Zgarbage", 0).display_name(), "_Zgarbage");
+    }
+
+    #[test]
+    fn names_resolve_mangled_demangled_or_without_parameters() {
+        let syms = ElfSymbols {
+            funcs: vec![
+                func("_ZN2ns4drawEi", 0x100),   // ns::draw(int)
+                func("_ZN2ns4drawEPKc", 0x200), // ns::draw(char const*)
+                func("_ZNK2ns5Shape4areaEv", 0x300),
+                func("_ZN9mp_single4work17h0123456789abcdefE", 0x400),
+                func("area", 0x500),
+            ],
+            ..ElfSymbols::default()
+        };
+        let at = |n: &str| -> Vec<u64> { syms.by_name(n).iter().map(|f| f.addr).collect() };
+        assert_eq!(at("_ZN2ns4drawEi"), [0x100]);
+        assert_eq!(at("ns::draw(int)"), [0x100]);
+        assert_eq!(at("ns::draw"), [0x100, 0x200], "every overload: ambiguous");
+        assert_eq!(at("draw"), [0x100, 0x200]);
+        assert_eq!(at("ns::Shape::area"), [0x300]);
+        assert_eq!(at("Shape::area"), [0x300]);
+        assert_eq!(at("area"), [0x500], "an exact symbol name wins");
+        assert_eq!(at("work"), [0x400]);
+        assert!(at("ns::paint").is_empty());
     }
 }

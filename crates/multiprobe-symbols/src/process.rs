@@ -61,7 +61,7 @@ pub enum ResolveError {
         near: Vec<String>,
     },
     /// Several functions at different addresses have this name.
-    #[error("{name:?} is ambiguous: {}; qualify it (library:symbol or the full path)", candidates.join(", "))]
+    #[error("{name:?} is ambiguous: {}; qualify it (library:symbol, the full path, or with its parameters as listed)", candidates.join(", "))]
     Ambiguous {
         /// What was asked.
         name: String,
@@ -243,7 +243,9 @@ pub fn near_names<'a>(funcs: impl IntoIterator<Item = &'a Func>, name: &str) -> 
     let mut scored: Vec<(usize, String)> = Vec::new();
     for f in funcs {
         let shown = f.display_name();
-        let short = shown.rsplit("::").next().unwrap_or(shown);
+        // The last path component, without C++ parameters (which may hold `::` too).
+        let path = shown.split('(').next().unwrap_or(&shown);
+        let short = path.rsplit("::").next().unwrap_or(path);
         let d = if short.contains(name) && short != name {
             0
         } else {
