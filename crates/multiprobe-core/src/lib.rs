@@ -48,6 +48,13 @@
 //! writers wait for before freeing anything, with asymmetric barriers (`membarrier`) so
 //! the read side costs no fence. A change copies one bucket, so its cost does not grow
 //! with the number of probes, and a batch of removals waits for one grace period.
+//!
+//! # How hits are counted
+//!
+//! A hit bumps one counter, that of the site view it walked (on its thread's shard
+//! line), whatever the number of handlers; a handler's hits are derived from the walks
+//! of the views that listed it, minus the walks a redirect ended before it (the module
+//! `tally`). So each extra handler costs its call and a few instructions.
 
 #![warn(missing_docs)]
 
