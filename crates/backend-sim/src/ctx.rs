@@ -93,6 +93,15 @@ pub enum Call {
         /// The outcome, as a comparable value.
         result: Result<HandlerStats, crate::model::ErrKind>,
     },
+    /// A hook enabled or disabled `target` from inside.
+    SetEnabled {
+        /// The handler.
+        target: HandlerId,
+        /// Enabled (`true`) or disabled.
+        on: bool,
+        /// The outcome, as a comparable value.
+        result: Result<(), crate::model::ErrKind>,
+    },
     /// A hook ended.
     Exit {
         /// The handler.
@@ -177,4 +186,15 @@ pub fn nested_hit(addr: u64) -> Option<Nested> {
 pub fn unregister(id: HandlerId) -> Option<multiprobe_core::Result<HandlerStats>> {
     let registry = CTX.with(|c| c.borrow().as_ref()?.registry.clone())?;
     Some(registry.unregister(id))
+}
+
+/// From inside a handler: enable or disable `id` through the CPU's registry. `None`
+/// outside a dispatch or when the CPU has no registry handle.
+pub fn set_enabled(id: HandlerId, on: bool) -> Option<multiprobe_core::Result<()>> {
+    let registry = CTX.with(|c| c.borrow().as_ref()?.registry.clone())?;
+    Some(if on {
+        registry.enable(id)
+    } else {
+        registry.disable(id)
+    })
 }

@@ -62,6 +62,16 @@ pub enum Target {
     Other(HandlerId),
 }
 
+/// What a handler's first `pre` does to the registry from inside the dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inside {
+    /// Unregister a handler (rule 3: `InsideDispatch`, no deadlock).
+    Unregister(Target),
+    /// Enable (`true`) or disable a handler (or an id never issued): takes effect for
+    /// hits that begin afterwards, and may arm or disarm the site being hit.
+    SetEnabled(HandlerId, bool),
+}
+
 /// A [`SimHandler`]'s configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Behavior {
@@ -75,8 +85,8 @@ pub struct Behavior {
     pub panic_every: u8,
     /// Every call hits the probe at this address from inside (rule 6).
     pub nested: Option<u64>,
-    /// The first `pre` unregisters a handler (rule 3, from inside a dispatch).
-    pub unregister_inside: Option<Target>,
+    /// What the first `pre` does to the registry from inside the dispatch.
+    pub inside: Option<Inside>,
 }
 
 impl Behavior {
@@ -87,7 +97,7 @@ impl Behavior {
         handle_faults: false,
         panic_every: 0,
         nested: None,
-        unregister_inside: None,
+        inside: None,
     };
 
     /// Whether a handler with this behaviour may change the program's state.
@@ -113,7 +123,7 @@ pub struct SimHandler {
     behavior: Behavior,
     insn: Option<Insn>,
     calls: AtomicU32,
-    unregistered: AtomicBool,
+    acted_inside: AtomicBool,
     watch: Option<Arc<Watch>>,
 }
 
@@ -124,7 +134,7 @@ impl SimHandler {
             behavior,
             insn,
             calls: AtomicU32::new(0),
-            unregistered: AtomicBool::new(false),
+            acted_inside: AtomicBool::new(false),
             watch: None,
         }
     }
@@ -201,12 +211,13 @@ impl SimHandler {
 impl Handler for SimHandler {
     fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
         self.enter(hit, Hook::Pre);
-        if let Some(target) = self.behavior.unregister_inside {
-            let target = match target {
-                Target::Itself => hit.handler_id(),
-                Target::Other(id) => id,
-            };
-            if !self.unregistered.swap(true, Relaxed) {
+        match self.behavior.inside {
+            Some(_) if self.acted_inside.swap(true, Relaxed) => {}
+            Some(Inside::Unregister(target)) => {
+                let target = match target {
+                    Target::Itself => hit.handler_id(),
+                    Target::Other(id) => id,
+                };
                 if let Some(result) = ctx::unregister(target) {
                     ctx::record(Call::Unregistered {
                         target,
@@ -214,6 +225,16 @@ impl Handler for SimHandler {
                     });
                 }
             }
+            Some(Inside::SetEnabled(target, on)) => {
+                if let Some(result) = ctx::set_enabled(target, on) {
+                    ctx::record(Call::SetEnabled {
+                        target,
+                        on,
+                        result: result.map_err(|e| crate::model::ErrKind::of(&e)),
+                    });
+                }
+            }
+            None => {}
         }
         self.maybe_panic(hit, Hook::Pre);
         let (action, ended) = match self.behavior.pre {

@@ -48,7 +48,7 @@ fn behavior(rng: &mut Rng, cpus_nested: Option<u64>) -> Behavior {
             0
         },
         nested: cpus_nested.filter(|_| rng.below(4) == 0),
-        unregister_inside: None,
+        inside: None,
     }
 }
 

@@ -321,3 +321,77 @@ fn the_model_rejects_a_wrong_trace_and_a_wrong_answer() {
         .unwrap();
     assert_eq!(m.code(), program.code);
 }
+
+/// Enabling or disabling from inside a pre-handler changes later hits, not the walk in
+/// progress (it walks the view it started with), and answers at once (no grace period
+/// is waited for).
+#[test]
+fn enable_and_disable_from_inside_a_handler_take_effect_after_the_walk() {
+    use multiprobe_backend_sim::handlers::Inside;
+    use multiprobe_core::Options;
+    let toggler = |target, on| {
+        SimHandler::new(
+            Behavior {
+                inside: Some(Inside::SetEnabled(target, on)),
+                ..Behavior::OBSERVE
+            },
+            None,
+        )
+    };
+    // `late` is disabled; `x`, walking before it, enables it: not in this walk.
+    let mut sim = Sim::new(program(3), 0);
+    let r = sim.registry().clone();
+    let early = r.register(A, observe(false)).unwrap().into_id();
+    let late = r
+        .register_with(A, observe(false), Options::default().disabled())
+        .unwrap()
+        .into_id();
+    let x = r.register(A, toggler(late, true)).unwrap().into_id();
+    let _ = ctx::take();
+    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
+    assert!(matches!(step(&mut sim), Event::Dispatch { .. }));
+    let calls = ctx::take();
+    assert!(
+        calls.contains(&Call::SetEnabled {
+            target: late,
+            on: true,
+            result: Ok(())
+        }),
+        "{calls:?}"
+    );
+    let ran: Vec<HandlerId> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Enter { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ran, [early, x], "the walk in progress is not changed");
+    assert!(r.is_enabled(late).unwrap());
+    assert_eq!(
+        [early, late, x].map(|id| r.stats(id).unwrap().hits),
+        [1, 0, 1]
+    );
+    while sim.step(0).is_some() {}
+    assert_eq!(sim.cpus()[0].regs().rax, program(3).threads[0].rax + 3);
+
+    // Disabling a handler whose pre already ran in this hit: its post still comes (the
+    // step keeps the view it started with), and the instruction executes once.
+    let mut sim = Sim::new(program(3), 0);
+    let r = sim.registry().clone();
+    let other = r.register(A, observe(true)).unwrap().into_id();
+    let _x = r.register(A, toggler(other, false)).unwrap().into_id();
+    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
+    assert_eq!(
+        step(&mut sim),
+        Event::Dispatch {
+            addr: A,
+            outcome: Dispatched::Step { post: true }
+        },
+        "the walk keeps its view: `other`'s post still comes"
+    );
+    assert!(!r.is_enabled(other).unwrap());
+    while sim.step(0).is_some() {}
+    assert_eq!(r.stats(other).unwrap().hits, 1);
+    assert_eq!(sim.cpus()[0].regs().rax, program(3).threads[0].rax + 3);
+}

@@ -194,6 +194,12 @@ impl Model {
                         return Err(format!("unregister({target}) inside {id}: core said {result:?}, model {expected:?}"));
                     }
                 }
+                Some(Call::SetEnabled { target, on, result }) => {
+                    let expected = self.set_enabled(*target, *on);
+                    if expected != *result {
+                        return Err(format!("set_enabled({target}, {on}) inside {id}: core said {result:?}, model {expected:?}"));
+                    }
+                }
                 Some(Call::Exit {
                     id: i,
                     hook: h,

@@ -10,7 +10,7 @@ use super::input::*;
 use crate::backend::SimBackend;
 use crate::cpu::Event;
 use crate::ctx;
-use crate::handlers::{Behavior, PreMode, SimHandler, Target};
+use crate::handlers::{Behavior, Inside, PreMode, SimHandler, Target};
 use crate::machine::{replay_unprobed, Sim};
 use crate::memory::{CODE, DATA};
 use crate::model::{ErrKind, Model};
@@ -80,13 +80,17 @@ impl Driver {
             handle_faults: s.flags & 0x0e == 0x0e,
             panic_every: if s.panic >= 200 { 1 + s.panic % 4 } else { 0 },
             nested: (s.nested.0 >= 216).then(|| self.addr(s.nested.1)),
-            unregister_inside: (s.unregister.0 >= 232).then(|| {
-                if s.unregister.1 .0.is_multiple_of(2) {
-                    Target::Itself
-                } else {
-                    Target::Other(self.id(s.unregister.1))
+            inside: match s.unregister.0 {
+                232..=243 if s.unregister.1 .0.is_multiple_of(2) => {
+                    Some(Inside::Unregister(Target::Itself))
                 }
-            }),
+                232..=243 => Some(Inside::Unregister(Target::Other(self.id(s.unregister.1)))),
+                244..=255 => Some(Inside::SetEnabled(
+                    self.id(s.unregister.1),
+                    s.unregister.0 >= 250,
+                )),
+                _ => None,
+            },
         };
         let insn = self.sim.program().insn_at(addr);
         (addr, behavior, SimHandler::new(behavior, insn))
@@ -266,6 +270,10 @@ impl Driver {
                     }
                 )
             })
+            .count() as u32;
+        self.cov.set_enabled_inside += calls
+            .iter()
+            .filter(|c| matches!(c, ctx::Call::SetEnabled { result: Ok(()), .. }))
             .count() as u32;
         self.model
             .on_event(cpu, e, &calls)

@@ -154,6 +154,8 @@ pub struct Coverage {
     pub redirects: u32,
     /// `InsideDispatch` answers (driver or handler).
     pub inside_dispatch: u32,
+    /// Handlers enabled or disabled from inside a dispatch.
+    pub set_enabled_inside: u32,
     /// Ticks where some CPU held a deferred step across a registry change.
     pub changed_while_pending: u32,
     /// Whether the transparency oracle compared states.
@@ -172,6 +174,7 @@ impl Coverage {
             self.slot_faults,
             self.redirects,
             self.inside_dispatch,
+            self.set_enabled_inside,
             self.changed_while_pending,
         ]
         .iter()
