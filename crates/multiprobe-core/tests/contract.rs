@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use multiprobe_core::testing::{Event, HitResult, TestBackend, INT3, ORIGINAL};
 use multiprobe_core::{
     Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, PreOutcome, Registry,
-    Regs, Request, ThreadState,
+    Regs, Request, ThreadState, MAX_PENDING,
 };
 
 const A: u64 = 0x40_1000;
@@ -233,6 +233,70 @@ fn hit_counts_follow_every_view_a_handler_was_in() {
         "a site's hits outlive its handlers"
     );
     assert_eq!(a.unregister().unwrap().hits, 5);
+}
+
+/// Steps deferred on one thread nest (a signal handler interrupting a step hits another
+/// probe, and so on) up to `MAX_PENDING`; deeper, the pre-handlers still run but the
+/// post-handlers are skipped and counted as missed. Posts come back innermost first.
+#[test]
+fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
+    let (r, ts) = setup();
+    let l = log();
+    let names = ["s0", "s1", "s2", "s3", "s4", "s5"];
+    let sites: Vec<u64> = (0..=MAX_PENDING as u64).map(|i| A + 0x10 * i).collect();
+    let ids: Vec<HandlerId> = sites
+        .iter()
+        .zip(names)
+        .map(|(&a, n)| {
+            r.register(a, Boxed(recorder(&l, n, true)))
+                .unwrap()
+                .into_id()
+        })
+        .collect();
+    let d = r.dispatcher();
+    let mut regs = Regs::default();
+    for (k, &a) in sites.iter().enumerate() {
+        regs.rip = a;
+        match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory) {
+            PreOutcome::Step(s) => {
+                assert_eq!(s.wants_post(), k < MAX_PENDING, "step {k}");
+                if s.wants_post() {
+                    s.defer_post();
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ts.pending(), MAX_PENDING);
+    let deepest = *sites.last().unwrap();
+    assert!(!d.post(&ts, deepest, 1, &mut regs, &multiprobe_core::NoMemory));
+    for &a in sites[..MAX_PENDING].iter().rev() {
+        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory));
+    }
+    assert_eq!(ts.pending(), 0);
+    let mut want: Vec<String> = names[..=MAX_PENDING]
+        .iter()
+        .map(|n| format!("pre {n}"))
+        .collect();
+    want.extend(
+        names[..MAX_PENDING]
+            .iter()
+            .rev()
+            .map(|n| format!("post {n}")),
+    );
+    assert_eq!(taken(&l), want);
+    let last = r.stats(*ids.last().unwrap()).unwrap();
+    assert_eq!(
+        (last.hits, last.missed),
+        (1, 1),
+        "its pre ran, its post was missed"
+    );
+    assert!(ids[..MAX_PENDING].iter().all(|&id| r.stats(id).unwrap()
+        == multiprobe_core::HandlerStats {
+            hits: 1,
+            missed: 0,
+            panics: 0
+        }));
 }
 
 #[test]
