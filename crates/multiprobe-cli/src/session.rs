@@ -12,7 +12,14 @@
 //! unregistered (their counts carried) and pending again, so they come back if the
 //! library is loaded again, as gdb's breakpoints do.
 //!
-//! Invariants (under the `State` mutex): every row belongs to one (spec, action); a row
+//! A spec whose symbol is a wildcard pattern (`libc:str*`) becomes one site per matching
+//! function, each with the spec's actions; every placement (start, `dlopen`, `exec`)
+//! probes the matches that are not probed yet. At the first placement a pattern that
+//! matches nothing is fatal; functions that cannot be probed are left out with one line
+//! saying how many and why (unless none could be).
+//!
+//! Invariants (under the `State` mutex): every row belongs to one (spec, action) — for a
+//! pattern, to one (spec, action, function) once the pattern matched something; a row
 //! with a handler id is registered in the registry, at `site`, where `mapped` was mapped
 //! when it was placed; `carried` holds the statistics of registrations that ended (an
 //! exec replaced the image, or the library was unloaded).
@@ -27,7 +34,7 @@ use multiprobe_symbols::{
 
 use crate::actions::{ActionHandler, Sink};
 use crate::output::Row;
-use crate::spec::{Action, ProbeSpec, Target};
+use crate::spec::{is_wildcard, Action, ProbeSpec, Target};
 
 /// The dynamic loader's hook that `dlopen` and `dlclose` call after changing the maps.
 const LOADER: &str = "ld-linux-x86-64.so.2";
@@ -165,7 +172,8 @@ impl State {
     }
 
     /// A spec whose library is not mapped: at the first placement, check that the
-    /// library exists on disk and has the function, so that a typo fails now.
+    /// library exists on disk and has the function (or, for a pattern, some function
+    /// that matches), so that a typo fails now.
     fn check_pending(&self, spec: &ProbeSpec, library: &str) -> Result<(), String> {
         let Some(path) = crate::libs::find(library, self.ld_library_path.as_deref()) else {
             return Err(format!(
@@ -178,7 +186,14 @@ impl State {
         };
         let elf = ElfSymbols::load(&path.to_string_lossy())
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if elf.by_name(name).is_empty() {
+        if is_wildcard(name) {
+            if elf.matching(name).is_empty() {
+                return Err(format!(
+                    "no function in {} matches {name:?}",
+                    path.display()
+                ));
+            }
+        } else if elf.by_name(name).is_empty() {
             let near = near_names(elf.funcs(), name);
             let hint = if near.is_empty() {
                 String::new()
@@ -207,6 +222,17 @@ impl State {
             }
         };
         for i in 0..self.specs.len() {
+            let spec = self.specs[i].clone();
+            if let Target::Symbol { library, name, .. } = &spec.target {
+                if is_wildcard(name) {
+                    let library = library.clone();
+                    self.place_pattern(i, &syms, library.as_deref(), name, first);
+                    if self.fatal.is_some() {
+                        return;
+                    }
+                    continue;
+                }
+            }
             if self
                 .rows
                 .iter()
@@ -214,7 +240,6 @@ impl State {
             {
                 continue;
             }
-            let spec = self.specs[i].clone();
             let fail = |why: String| format!("probe {:?}: {why}", spec.text);
             match self.resolve(&syms, &spec) {
                 Ok(Resolved::NotLoaded(library)) => {
@@ -250,6 +275,117 @@ impl State {
         }
     }
 
+    /// Probe every function matching `pattern` that is not probed yet (see the module
+    /// docs).
+    fn place_pattern(
+        &mut self,
+        i: usize,
+        syms: &ProcessSymbols,
+        library: Option<&str>,
+        pattern: &str,
+        first: bool,
+    ) {
+        let text = self.specs[i].text.clone();
+        let fail = |why: String| format!("probe {text:?}: {why}");
+        if let Some(l) = library {
+            if !syms.files().iter().any(|p| library_matches(l, p)) {
+                if first {
+                    let spec = self.specs[i].clone();
+                    if let Err(e) = self.check_pending(&spec, l) {
+                        self.fatal = Some(fail(e));
+                    }
+                }
+                return;
+            }
+        }
+        let found = match syms.resolve_pattern(library, pattern) {
+            Ok(f) => f,
+            Err(e) => {
+                if first {
+                    self.fatal = Some(fail(e.to_string()));
+                }
+                return;
+            }
+        };
+        if found.is_empty() {
+            if first {
+                self.fatal = Some(fail(format!("no function matches {pattern:?}")));
+            }
+            return;
+        }
+        let mut placed = 0;
+        let mut failed: Vec<(String, String)> = Vec::new();
+        for loc in found {
+            let here = |r: &RowState| r.spec == i && r.id.is_some() && r.site == Some(loc.start);
+            if self.rows.iter().any(here) {
+                placed += 1;
+                continue;
+            }
+            let label = format!("{}:{}", file_name(&loc.file), loc.name);
+            let rows = self.pattern_rows(i, &label);
+            let mapped = syms.maps().find(loc.start).map(|r| r.mapped_at(loc.start));
+            match self.register_rows(&rows, loc.start, mapped, &label) {
+                Ok(()) => placed += 1,
+                Err(e) => failed.push((label, e)),
+            }
+        }
+        // The placeholders of a pattern that now has sites, if they counted nothing.
+        let spec_text = self.specs[i].target.to_string();
+        self.rows.retain(|r| {
+            !(placed > 0
+                && r.spec == i
+                && r.id.is_none()
+                && r.site.is_none()
+                && r.symbol == spec_text
+                && r.carried_hits == 0
+                && r.carried_missed == 0)
+        });
+        if let Some((label, e)) = failed.first() {
+            let msg = fail(format!(
+                "{} of {} matching functions could not be probed (first: {label}: {e})",
+                failed.len(),
+                failed.len() + placed
+            ));
+            if first && placed == 0 {
+                self.fatal = Some(msg);
+            } else {
+                self.sink.write(&format!("multiprobe: {msg}"));
+            }
+        }
+    }
+
+    /// The rows of pattern spec `i` for the function `label`, one per action: those left
+    /// from an earlier placement (an `exec` or `dlclose` made them pending), else new.
+    fn pattern_rows(&mut self, i: usize, label: &str) -> Vec<usize> {
+        let old: Vec<usize> = (0..self.rows.len())
+            .filter(|&r| {
+                let row = &self.rows[r];
+                row.spec == i && row.id.is_none() && row.symbol == label
+            })
+            .collect();
+        if !old.is_empty() {
+            return old;
+        }
+        let actions = self.specs[i].actions.clone();
+        actions
+            .into_iter()
+            .map(|action| {
+                self.rows.push(RowState {
+                    spec: i,
+                    action,
+                    site: None,
+                    mapped: None,
+                    symbol: label.to_string(),
+                    id: None,
+                    carried_hits: 0,
+                    carried_missed: 0,
+                    state: "pending".into(),
+                });
+                self.rows.len() - 1
+            })
+            .collect()
+    }
+
     fn mark_failed(&mut self, spec: usize, state: &str) {
         for r in self.rows.iter_mut().filter(|r| r.spec == spec) {
             r.state = state.into();
@@ -263,12 +399,23 @@ impl State {
         mapped: Option<MappedAt>,
         label: &str,
     ) -> Result<(), String> {
-        let label: Arc<str> = Arc::from(label);
-        let mut ids = Vec::new();
         let rows: Vec<usize> = (0..self.rows.len())
             .filter(|&r| self.rows[r].spec == spec)
             .collect();
-        for &r in &rows {
+        self.register_rows(&rows, addr, mapped, label)
+    }
+
+    /// One handler per row (its action) at `addr`: all of them or none.
+    fn register_rows(
+        &mut self,
+        rows: &[usize],
+        addr: u64,
+        mapped: Option<MappedAt>,
+        label: &str,
+    ) -> Result<(), String> {
+        let label: Arc<str> = Arc::from(label);
+        let mut ids = Vec::new();
+        for &r in rows {
             let h = ActionHandler::new(
                 self.rows[r].action,
                 Arc::clone(&label),

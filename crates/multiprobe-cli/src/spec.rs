@@ -13,7 +13,9 @@
 //! `SYMBOL` is a C name, a mangled name, a Rust path (`crate::module::function`) or a
 //! C++ name, with or without its parameters as the demangler prints them
 //! (`ns::Shape::area`, `'operator new(unsigned long)'`); an `=` or `+` that belongs to
-//! a C++ operator's name (`operator==`, `operator+`) is not taken as a separator.
+//! a C++ operator's name (`operator==`, `operator+`) is not taken as a separator. It may
+//! be a wildcard pattern (`str*cmp`, `mall?c`): every function that matches gets the
+//! actions (no `+OFFSET` then).
 
 use std::fmt;
 
@@ -128,8 +130,29 @@ fn is_symbol_char(c: char) -> bool {
     c.is_ascii_alphanumeric()
         || matches!(
             c,
-            '_' | '.' | '$' | '@' | '<' | '>' | ',' | ' ' | '(' | ')' | '*' | '&' | '~' | '[' | ']'
+            '_' | '.'
+                | '$'
+                | '@'
+                | '<'
+                | '>'
+                | ','
+                | ' '
+                | '('
+                | ')'
+                | '*'
+                | '&'
+                | '~'
+                | '['
+                | ']'
+                | '?'
         )
+}
+
+/// Whether a symbol name is a wildcard pattern: it has `*` or `?` and is not a C++ name
+/// with parameters (`f(char const*)`) or an operator (`operator*`), where they are
+/// literal.
+pub fn is_wildcard(name: &str) -> bool {
+    multiprobe_symbols::is_pattern(name) && !name.contains('(') && !name.contains("operator")
 }
 
 /// Characters that may spell a C++ operator (`operator+=`, `operator!`, ...).
@@ -217,6 +240,9 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
             spec,
             format!("unexpected character {c:?} in symbol name"),
         ));
+    }
+    if offset != 0 && is_wildcard(name) {
+        return Err(err(spec, "an offset needs one function, not a pattern"));
     }
     Ok(Target::Symbol {
         library,
@@ -350,6 +376,14 @@ mod tests {
             assert_eq!(s.actions.len(), actions, "{text}");
         }
         assert_eq!(
+            p("libc:str*cmp=args:2").unwrap().target,
+            sym(Some("libc"), "str*cmp", 0)
+        );
+        assert_eq!(p("mall?c").unwrap().target, sym(None, "mall?c", 0));
+        assert!(is_wildcard("str*") && is_wildcard("mall?c"));
+        assert!(!is_wildcard("ns::draw(char const*)") && !is_wildcard("ns::A::operator*"));
+        assert!(!is_wildcard("malloc"));
+        assert_eq!(
             p("ns::A::operator+=+0x8").unwrap().target,
             sym(None, "ns::A::operator+=", 8)
         );
@@ -392,6 +426,7 @@ mod tests {
             ("f=mem:0", "needs a length"),
             ("f=mem:0:99999", "at most 4096"),
             ("f=regs:1", "too many"),
+            ("str*+0x4", "not a pattern"),
         ] {
             let e = p(s).expect_err(s).to_string();
             assert!(e.contains(why), "{s:?} gave {e:?}, expected {why:?}");

@@ -324,6 +324,53 @@ fn cpp_functions_by_demangled_name() {
     );
 }
 
+/// A wildcard pattern probes every function that matches, each its own site with the
+/// spec's actions — also in a library loaded later, and again after it is reloaded.
+#[test]
+fn patterns_probe_every_matching_function() {
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "libz:zlib*",
+        "-p",
+        "libz:zlibVers?on=args:1",
+        "--",
+        bin("mp-dlopen").to_str().unwrap(),
+        "--iters",
+        "7",
+        "--reloads",
+        "1",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 14);
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    let probes = summary["probes"].as_array().unwrap();
+    let symbols: Vec<&str> = probes
+        .iter()
+        .map(|p| p["symbol"].as_str().unwrap())
+        .collect();
+    assert!(
+        symbols.iter().any(|s| s.ends_with(":zlibCompileFlags")),
+        "every match is probed: {symbols:?}"
+    );
+    let version: Vec<(&str, u64)> = probes
+        .iter()
+        .filter(|p| p["symbol"].as_str().unwrap().ends_with(":zlibVersion"))
+        .map(|p| (p["action"].as_str().unwrap(), p["hits"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(version, [("count", 14), ("args:1", 14)], "{stderr}");
+    assert_eq!(
+        symbols
+            .iter()
+            .filter(|s| s.ends_with(":zlibVersion"))
+            .count(),
+        2,
+        "one row per action, kept across the reload: {symbols:?}"
+    );
+}
+
 #[test]
 fn live_view_prints_while_the_program_runs() {
     let out = run(&[
@@ -444,7 +491,15 @@ fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
 fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     let single = bin("mp-single");
     let single = single.to_str().unwrap();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
+        (
+            &["run", "-p", "libc:zzz_nothing*", "--", single],
+            "no function matches",
+        ),
+        (
+            &["run", "-p", "libz:zzz_nothing*", "--", single],
+            "matches \"zzz_nothing*\"",
+        ),
         (
             &["run", "-p", "mp_adx", "--", single],
             "did you mean mp_add",

@@ -174,6 +174,30 @@ impl ElfSymbols {
         })
     }
 
+    /// Functions any of whose names — as in the file, demangled Rust path, or C++ name
+    /// without parameters — match the wildcard `pattern` ([`crate::glob`]), one per
+    /// address, by address.
+    pub fn matching(&self, pattern: &str) -> Vec<&Func> {
+        let cpp = self
+            .cpp
+            .get_or_init(|| self.funcs.iter().map(|f| cpp_names(&f.name)).collect());
+        let mut found: Vec<&Func> = self
+            .funcs
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| {
+                let base = cpp[*i].as_ref().map(|(_, b)| b.as_str());
+                [Some(f.name.as_str()), f.demangled.as_deref(), base]
+                    .into_iter()
+                    .flatten()
+                    .any(|n| crate::glob::glob_match(pattern, n))
+            })
+            .map(|(_, f)| f)
+            .collect();
+        found.dedup_by_key(|f| f.addr);
+        found
+    }
+
     /// What to add to a file address to get the process's address, for the file mapped
     /// at a region starting at `start` with file offset `offset`.
     pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
@@ -254,5 +278,16 @@ mod tests {
         assert_eq!(at("area"), [0x500], "an exact symbol name wins");
         assert_eq!(at("work"), [0x400]);
         assert!(at("ns::paint").is_empty());
+
+        let like = |p: &str| -> Vec<u64> { syms.matching(p).iter().map(|f| f.addr).collect() };
+        assert_eq!(
+            like("ns::dr*"),
+            [0x100, 0x200],
+            "C++ names without parameters"
+        );
+        assert_eq!(like("*area"), [0x300, 0x500]);
+        assert_eq!(like("mp_single::w?rk"), [0x400], "Rust paths");
+        assert_eq!(like("_ZN2ns4draw*"), [0x100, 0x200], "names as in the file");
+        assert!(like("nothing*").is_empty());
     }
 }

@@ -2,17 +2,19 @@
 //! mapped files, shared by the backends (validating a probe address: which function,
 //! where it starts, so the instruction boundary can be checked; where free address
 //! space lies near code, for out-of-line pages) and by the `multiprobe` command
-//! (resolving `symbol` and `library:symbol`, suggesting near matches).
+//! (resolving `symbol`, `library:symbol` and wildcard patterns, suggesting near matches).
 //!
 //! Thread context only: everything here reads files and allocates.
 
 #![warn(missing_docs)]
 
 pub mod elf;
+pub mod glob;
 pub mod maps;
 pub mod process;
 
 pub use elf::{ElfSymbols, Func};
+pub use glob::{glob_match, is_pattern};
 pub use maps::{MappedAt, Maps, Region};
 pub use process::{
     file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,

@@ -229,6 +229,45 @@ impl ProcessSymbols {
         })
     }
 
+    /// Every function matching the wildcard `pattern` ([`crate::glob`]) in `library` (or
+    /// in every mapped file), one per address, in file order then address order. Empty if
+    /// nothing matches.
+    pub fn resolve_pattern(
+        &self,
+        library: Option<&str>,
+        pattern: &str,
+    ) -> Result<Vec<Located>, ResolveError> {
+        let files: Vec<&str> = self
+            .files()
+            .into_iter()
+            .filter(|p| library.is_none_or(|l| library_matches(l, p)))
+            .collect();
+        if let (Some(l), true) = (library, files.is_empty()) {
+            return Err(ResolveError::UnknownLibrary {
+                library: l.to_string(),
+                loaded: self
+                    .files()
+                    .iter()
+                    .map(|p| file_name(p).to_string())
+                    .collect(),
+            });
+        }
+        let mut out = Vec::new();
+        for path in files {
+            let syms = self.cache.get(path);
+            let Some(bias) = self.bias_of(path, &syms) else {
+                continue;
+            };
+            out.extend(syms.matching(pattern).into_iter().map(|f| Located {
+                name: f.display_name().to_string(),
+                start: f.addr.wrapping_add(bias),
+                size: f.size,
+                file: path.to_string(),
+            }));
+        }
+        Ok(out)
+    }
+
     /// Up to five names in `files` close to `name`.
     fn near(&self, files: &[&str], name: &str) -> Vec<String> {
         let tables: Vec<Arc<ElfSymbols>> = files.iter().map(|p| self.cache.get(p)).collect();
