@@ -193,6 +193,12 @@ impl State {
                     path.display()
                 ));
             }
+        } else if elf.by_name(name).is_empty() && elf.is_ifunc(name) {
+            return Err(format!(
+                "{name:?} in {} is a GNU indirect function (its implementation is chosen \
+                 when the library is loaded); probing one by name is not supported",
+                path.display()
+            ));
         } else if elf.by_name(name).is_empty() {
             let near = near_names(elf.funcs(), name);
             let hint = if near.is_empty() {

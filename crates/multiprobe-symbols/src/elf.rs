@@ -41,6 +41,10 @@ impl Func {
 #[derive(Debug, Default)]
 pub struct ElfSymbols {
     funcs: Vec<Func>,
+    /// Names of GNU indirect functions (`STT_GNU_IFUNC`: `strcmp`, `memcpy`, ... in libc).
+    /// Their symbol is the resolver that picks an implementation at load time, not the
+    /// function, so they are not in `funcs`; kept to say so when someone asks for one.
+    ifuncs: Vec<String>,
     /// The C++ names of `funcs` (same order), demangled with and without parameters;
     /// filled the first time a name lookup needs them (a C++ library has thousands,
     /// and most lookups are of C names found at once).
@@ -74,6 +78,15 @@ impl ElfSymbols {
     /// Parse an ELF image.
     pub fn parse(data: &[u8]) -> Result<ElfSymbols, object::Error> {
         let file = object::File::parse(data)?;
+        let ifuncs: Vec<String> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|s| {
+                matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. }
+                    if st_info.st_type() == object::elf::STT_GNU_IFUNC)
+            })
+            .filter_map(|s| Some(s.name().ok()?.to_string()))
+            .collect();
         let mut funcs: Vec<Func> = file
             .symbols()
             .chain(file.dynamic_symbols())
@@ -99,6 +112,7 @@ impl ElfSymbols {
             .collect();
         Ok(ElfSymbols {
             funcs,
+            ifuncs,
             cpp: OnceLock::new(),
             segments,
             entry: file.entry(),
@@ -109,6 +123,11 @@ impl ElfSymbols {
     pub fn load(path: &str) -> std::io::Result<ElfSymbols> {
         let data = std::fs::read(path)?;
         Self::parse(&data).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// Whether `name` is a GNU indirect function here (see the field's docs).
+    pub fn is_ifunc(&self, name: &str) -> bool {
+        self.ifuncs.iter().any(|n| n == name)
     }
 
     /// Every function, by address.

@@ -60,6 +60,15 @@ pub enum ResolveError {
         /// Similar names that exist.
         near: Vec<String>,
     },
+    /// The name is a GNU indirect function: its symbol is a resolver that picks the
+    /// implementation when the library is loaded.
+    #[error("{name:?} in {file} is a GNU indirect function (its implementation is chosen when the library is loaded); probing one by name is not supported: probe its implementation by address")]
+    IndirectFunction {
+        /// What was asked.
+        name: String,
+        /// The file name of the library that has it.
+        file: String,
+    },
     /// Several functions at different addresses have this name.
     #[error("{name:?} is ambiguous: {}; qualify it (library:symbol, the full path, or with its parameters as listed)", candidates.join(", "))]
     Ambiguous {
@@ -223,6 +232,12 @@ impl ProcessSymbols {
                 file: path.to_string(),
             });
         }
+        if let Some(path) = files.iter().find(|p| self.cache.get(p).is_ifunc(name)) {
+            return Err(ResolveError::IndirectFunction {
+                name: name.to_string(),
+                file: file_name(path).to_string(),
+            });
+        }
         Err(ResolveError::UnknownSymbol {
             name: name.to_string(),
             near: self.near(&files, name),
@@ -381,6 +396,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // libc's `strcmp` is an IFUNC on x86-64 (chosen by CPU features at load time).
+        assert!(matches!(
+            p.resolve(Some("libc"), "strcmp"),
+            Err(ResolveError::IndirectFunction { .. })
+        ));
         match p.resolve(Some("libc"), "mallok") {
             Err(e @ ResolveError::UnknownSymbol { .. }) => {
                 let msg = e.to_string();
