@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use multiprobe_backend_ptrace::PtraceBackend;
 use multiprobe_core::{HandlerId, HandlerInfo, Hit, PreAction, Registry};
 use multiprobe_symbols::{
-    file_name, library_matches, near_names, ElfSymbols, MappedAt, Maps, ProcessSymbols, SymbolCache,
+    file_name, library_matches, near_names, ElfSymbols, MappedAt, Maps, ProcessSymbols,
+    ResolveError, SymbolCache,
 };
 
 use crate::actions::{ActionHandler, Sink};
@@ -150,9 +151,35 @@ impl State {
                         return Ok(Resolved::NotLoaded(l.clone()));
                     }
                 }
-                let loc = syms
-                    .resolve(library.as_deref(), name)
-                    .map_err(|e| e.to_string())?;
+                let loc = match syms.resolve(library.as_deref(), name) {
+                    Ok(loc) => loc,
+                    Err(ResolveError::IndirectFunction {
+                        name: n,
+                        file,
+                        slot: Some(slot),
+                    }) if *offset == 0 => {
+                        // The implementation the loader chose, from its GOT slot.
+                        return match self.chosen_implementation(syms, &file, slot) {
+                            Some(addr) => Ok(Resolved::At {
+                                addr,
+                                label: format!("{}:{n}", file_name(&file)),
+                            }),
+                            None => Err(ResolveError::IndirectFunction {
+                                name: n,
+                                file,
+                                slot: Some(slot),
+                            }
+                            .to_string()),
+                        };
+                    }
+                    Err(ResolveError::IndirectFunction { name: n, .. }) if *offset != 0 => {
+                        return Err(format!(
+                            "{n:?} is a GNU indirect function: an offset into it is not \
+                             supported (probe its implementation by address)"
+                        ));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
                 if *offset != 0 && loc.size != 0 && *offset >= loc.size {
                     return Err(format!(
                         "offset {offset:#x} is past the end of {} ({} bytes)",
@@ -169,6 +196,19 @@ impl State {
                 })
             }
         }
+    }
+
+    /// The implementation an indirect function of `file` resolved to, read from its GOT
+    /// `slot` in the process: `None` unless it is code of the same file (not relocated
+    /// yet, or something else).
+    fn chosen_implementation(&self, syms: &ProcessSymbols, file: &str, slot: u64) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let mut buf = [0u8; 8];
+        mem.read_exact_at(&mut buf, slot).ok()?;
+        let addr = u64::from_le_bytes(buf);
+        let region = syms.maps().find(addr)?;
+        (region.exec && region.path == file).then_some(addr)
     }
 
     /// A spec whose library is not mapped: at the first placement, check that the
@@ -194,11 +234,14 @@ impl State {
                 ));
             }
         } else if elf.by_name(name).is_empty() && elf.is_ifunc(name) {
-            return Err(format!(
-                "{name:?} in {} is a GNU indirect function (its implementation is chosen \
-                 when the library is loaded); probing one by name is not supported",
-                path.display()
-            ));
+            if elf.ifunc_slot(name).is_none() {
+                return Err(format!(
+                    "{name:?} in {} is a GNU indirect function (its implementation is \
+                     chosen when the library is loaded) and the library does not say which \
+                     it chose: probe it by address",
+                    path.display()
+                ));
+            }
         } else if elf.by_name(name).is_empty() {
             let near = near_names(elf.funcs(), name);
             let hint = if near.is_empty() {

@@ -324,6 +324,37 @@ fn cpp_functions_by_demangled_name() {
     );
 }
 
+/// libc's `strlen` and `memcpy` are GNU indirect functions: their symbols are resolvers
+/// that run once, at load time. By name, the probe goes on the implementation the loader
+/// chose (read from the library's GOT), so calls count; on the resolver they would not.
+#[test]
+fn indirect_functions_probe_the_chosen_implementation() {
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "libc:strlen",
+        "-p",
+        "memcpy",
+        "--",
+        "ls",
+        "/usr",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    for p in summary["probes"].as_array().unwrap() {
+        assert!(p["hits"].as_u64().unwrap() > 0, "{p}");
+    }
+    let out = run(&["run", "-p", "libc:strlen+0x4", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("GNU indirect function"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// A wildcard pattern probes every function that matches, each its own site with the
 /// spec's actions — also in a library loaded later, and again after it is reloaded.
 #[test]

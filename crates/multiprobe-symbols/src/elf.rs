@@ -41,10 +41,13 @@ impl Func {
 #[derive(Debug, Default)]
 pub struct ElfSymbols {
     funcs: Vec<Func>,
-    /// Names of GNU indirect functions (`STT_GNU_IFUNC`: `strcmp`, `memcpy`, ... in libc).
-    /// Their symbol is the resolver that picks an implementation at load time, not the
-    /// function, so they are not in `funcs`; kept to say so when someone asks for one.
-    ifuncs: Vec<String>,
+    /// GNU indirect functions (`STT_GNU_IFUNC`: `strcmp`, `memcpy`, ... in libc) by name,
+    /// with their resolver's address. The symbol is the resolver that picks an
+    /// implementation at load time, not the function, so they are not in `funcs`.
+    ifuncs: Vec<(String, u64)>,
+    /// `(resolver, GOT slot)` of each `R_X86_64_IRELATIVE` relocation: once the loader
+    /// has relocated the file, the slot holds the implementation the resolver chose.
+    irelative: Vec<(u64, u64)>,
     /// The C++ names of `funcs` (same order), demangled with and without parameters;
     /// filled the first time a name lookup needs them (a C++ library has thousands,
     /// and most lookups are of C names found at once).
@@ -78,14 +81,24 @@ impl ElfSymbols {
     /// Parse an ELF image.
     pub fn parse(data: &[u8]) -> Result<ElfSymbols, object::Error> {
         let file = object::File::parse(data)?;
-        let ifuncs: Vec<String> = file
+        let ifuncs: Vec<(String, u64)> = file
             .symbols()
             .chain(file.dynamic_symbols())
             .filter(|s| {
                 matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. }
                     if st_info.st_type() == object::elf::STT_GNU_IFUNC)
             })
-            .filter_map(|s| Some(s.name().ok()?.to_string()))
+            .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+            .collect();
+        let irelative = file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| {
+                matches!(r.flags(), object::RelocationFlags::Elf { r_type }
+                    if r_type == object::elf::R_X86_64_IRELATIVE)
+            })
+            .map(|(slot, r)| (r.addend() as u64, slot))
             .collect();
         let mut funcs: Vec<Func> = file
             .symbols()
@@ -113,6 +126,7 @@ impl ElfSymbols {
         Ok(ElfSymbols {
             funcs,
             ifuncs,
+            irelative,
             cpp: OnceLock::new(),
             segments,
             entry: file.entry(),
@@ -127,7 +141,18 @@ impl ElfSymbols {
 
     /// Whether `name` is a GNU indirect function here (see the field's docs).
     pub fn is_ifunc(&self, name: &str) -> bool {
-        self.ifuncs.iter().any(|n| n == name)
+        self.ifuncs.iter().any(|(n, _)| n == name)
+    }
+
+    /// For the indirect function `name`: the file address of the GOT slot where the
+    /// loader stores the implementation it chose, if the file has one (an
+    /// `R_X86_64_IRELATIVE` relocation of its resolver).
+    pub fn ifunc_slot(&self, name: &str) -> Option<u64> {
+        let resolver = self.ifuncs.iter().find(|(n, _)| n == name)?.1;
+        self.irelative
+            .iter()
+            .find(|&&(r, _)| r == resolver)
+            .map(|&(_, slot)| slot)
     }
 
     /// Every function, by address.

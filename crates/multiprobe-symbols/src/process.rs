@@ -62,12 +62,15 @@ pub enum ResolveError {
     },
     /// The name is a GNU indirect function: its symbol is a resolver that picks the
     /// implementation when the library is loaded.
-    #[error("{name:?} in {file} is a GNU indirect function (its implementation is chosen when the library is loaded); probing one by name is not supported: probe its implementation by address")]
+    #[error("{name:?} in {} is a GNU indirect function (its implementation is chosen when the library is loaded){}", file_name(file), if slot.is_some() { "; its implementation could not be read from the process" } else { "; this library does not say which implementation it chose: probe it by address" })]
     IndirectFunction {
         /// What was asked.
         name: String,
-        /// The file name of the library that has it.
+        /// The library that has it.
         file: String,
+        /// Where in the process the loader stores the chosen implementation (a GOT
+        /// slot), if the library has such a slot: read it to probe the implementation.
+        slot: Option<u64>,
     },
     /// Several functions at different addresses have this name.
     #[error("{name:?} is ambiguous: {}; qualify it (library:symbol, the full path, or with its parameters as listed)", candidates.join(", "))]
@@ -197,6 +200,12 @@ impl ProcessSymbols {
         }
         for path in &files {
             let syms = self.cache.get(path);
+            if syms.is_ifunc(name) {
+                // Also a plain function of that name here is an old version kept for
+                // compatibility (glibc's `memcpy@GLIBC_2.2.5` beside the indirect
+                // `memcpy@@GLIBC_2.14`): what programs call is the indirect one.
+                return Err(self.indirect(path, &syms, name));
+            }
             let found = syms.by_name(name);
             let Some(first) = found.first() else {
                 continue;
@@ -232,16 +241,22 @@ impl ProcessSymbols {
                 file: path.to_string(),
             });
         }
-        if let Some(path) = files.iter().find(|p| self.cache.get(p).is_ifunc(name)) {
-            return Err(ResolveError::IndirectFunction {
-                name: name.to_string(),
-                file: file_name(path).to_string(),
-            });
-        }
         Err(ResolveError::UnknownSymbol {
             name: name.to_string(),
             near: self.near(&files, name),
         })
+    }
+
+    fn indirect(&self, path: &str, syms: &ElfSymbols, name: &str) -> ResolveError {
+        let slot = syms
+            .ifunc_slot(name)
+            .zip(self.bias_of(path, syms))
+            .map(|(s, bias)| s.wrapping_add(bias));
+        ResolveError::IndirectFunction {
+            name: name.to_string(),
+            file: path.to_string(),
+            slot,
+        }
     }
 
     /// Every function matching the wildcard `pattern` ([`crate::glob`]) in `library` (or
