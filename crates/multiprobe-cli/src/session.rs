@@ -347,7 +347,7 @@ impl State {
                 return;
             }
         }
-        let found = match syms.resolve_pattern(library, pattern) {
+        let mut found = match syms.resolve_pattern(library, pattern) {
             Ok(f) => f,
             Err(e) => {
                 if first {
@@ -356,6 +356,24 @@ impl State {
                 return;
             }
         };
+        // Indirect functions, at the implementation the loader chose (if it did yet).
+        for e in syms.indirect_matching(library, pattern) {
+            if let ResolveError::IndirectFunction {
+                name,
+                file,
+                slot: Some(slot),
+            } = e
+            {
+                if let Some(start) = self.chosen_implementation(syms, &file, slot) {
+                    found.push(multiprobe_symbols::Located {
+                        name,
+                        start,
+                        size: 0,
+                        file,
+                    });
+                }
+            }
+        }
         if found.is_empty() {
             if first {
                 self.fatal = Some(fail(format!("no function matches {pattern:?}")));

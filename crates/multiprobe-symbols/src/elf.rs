@@ -139,6 +139,19 @@ impl ElfSymbols {
         Self::parse(&data).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
+    /// Names of the indirect functions matching the wildcard `pattern`.
+    pub fn ifuncs_matching(&self, pattern: &str) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .ifuncs
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| crate::glob::glob_match(pattern, n))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// Whether `name` is a GNU indirect function here (see the field's docs).
     pub fn is_ifunc(&self, name: &str) -> bool {
         self.ifuncs.iter().any(|(n, _)| n == name)
@@ -220,7 +233,9 @@ impl ElfSymbols {
 
     /// Functions any of whose names — as in the file, demangled Rust path, or C++ name
     /// without parameters — match the wildcard `pattern` ([`crate::glob`]), one per
-    /// address, by address.
+    /// address, by address. A plain function that shares its name with an indirect one
+    /// (a compatibility version) is left out, as [`ElfSymbols::by_name`]'s callers do;
+    /// the indirect functions that match are [`ElfSymbols::ifuncs_matching`].
     pub fn matching(&self, pattern: &str) -> Vec<&Func> {
         let cpp = self
             .cpp
@@ -230,6 +245,9 @@ impl ElfSymbols {
             .iter()
             .enumerate()
             .filter(|(i, f)| {
+                if self.is_ifunc(&f.name) {
+                    return false;
+                }
                 let base = cpp[*i].as_ref().map(|(_, b)| b.as_str());
                 [Some(f.name.as_str()), f.demangled.as_deref(), base]
                     .into_iter()

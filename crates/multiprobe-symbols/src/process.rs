@@ -247,6 +247,25 @@ impl ProcessSymbols {
         })
     }
 
+    /// The indirect functions matching the wildcard `pattern` in `library` (or in every
+    /// mapped file), each as the [`ResolveError::IndirectFunction`] that says where its
+    /// implementation is to be read.
+    pub fn indirect_matching(&self, library: Option<&str>, pattern: &str) -> Vec<ResolveError> {
+        let files: Vec<&str> = self
+            .files()
+            .into_iter()
+            .filter(|p| library.is_none_or(|l| library_matches(l, p)))
+            .collect();
+        let mut out = Vec::new();
+        for path in files {
+            let syms = self.cache.get(path);
+            for name in syms.ifuncs_matching(pattern) {
+                out.push(self.indirect(path, &syms, name));
+            }
+        }
+        out
+    }
+
     fn indirect(&self, path: &str, syms: &ElfSymbols, name: &str) -> ResolveError {
         let slot = syms
             .ifunc_slot(name)
