@@ -336,6 +336,8 @@ fn indirect_functions_probe_the_chosen_implementation() {
         "libc:strlen",
         "-p",
         "memcpy",
+        "-p",
+        "libc:strle?",
         "--",
         "ls",
         "/usr",
@@ -343,9 +345,18 @@ fn indirect_functions_probe_the_chosen_implementation() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
-    for p in summary["probes"].as_array().unwrap() {
+    let probes = summary["probes"].as_array().unwrap();
+    // `strle?` is a pattern that matches only the indirect `strlen`: the same site.
+    assert_eq!(probes.len(), 3, "{stderr}");
+    for p in probes {
         assert!(p["hits"].as_u64().unwrap() > 0, "{p}");
     }
+    let strlen: Vec<&serde_json::Value> = probes
+        .iter()
+        .filter(|p| p["symbol"].as_str().unwrap().ends_with(":strlen"))
+        .collect();
+    assert_eq!(strlen.len(), 2, "{stderr}");
+    assert_eq!(strlen[0]["site"], strlen[1]["site"], "{stderr}");
     let out = run(&["run", "-p", "libc:strlen+0x4", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
