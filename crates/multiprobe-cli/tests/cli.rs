@@ -19,6 +19,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The `probes` of the `--json` summary (the last line of stderr).
+fn json_probes(stderr: &str) -> Vec<serde_json::Value> {
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}): {stderr}"));
+    summary["probes"].as_array().unwrap().clone()
+}
+
 /// `name calls=N` from a test program's own report.
 fn calls(stdout: &str, name: &str) -> u64 {
     stdout
@@ -292,8 +299,7 @@ fn cpp_functions_by_demangled_name() {
         stderr.contains(r#""action":"args:1","args":["0x"#),
         "per-hit lines: {stderr}"
     );
-    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
-    let probes = summary["probes"].as_array().unwrap();
+    let probes = json_probes(&stderr);
     let hits = |symbol_end: &str| -> Vec<u64> {
         probes
             .iter()
@@ -344,11 +350,10 @@ fn indirect_functions_probe_the_chosen_implementation() {
     ]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
-    let probes = summary["probes"].as_array().unwrap();
+    let probes = json_probes(&stderr);
     // `strle?` is a pattern that matches only the indirect `strlen`: the same site.
     assert_eq!(probes.len(), 3, "{stderr}");
-    for p in probes {
+    for p in &probes {
         assert!(p["hits"].as_u64().unwrap() > 0, "{p}");
     }
     let strlen: Vec<&serde_json::Value> = probes
@@ -387,8 +392,7 @@ fn patterns_probe_every_matching_function() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 14);
-    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
-    let probes = summary["probes"].as_array().unwrap();
+    let probes = json_probes(&stderr);
     let symbols: Vec<&str> = probes
         .iter()
         .map(|p| p["symbol"].as_str().unwrap())

@@ -180,24 +180,31 @@ impl ProcessSymbols {
         Some(syms.entry().wrapping_add(self.bias_of(path, &syms)?))
     }
 
-    /// Resolve `name` in `library` (or in every mapped file, the main program first) to
-    /// the function's extent in the process.
-    pub fn resolve(&self, library: Option<&str>, name: &str) -> Result<Located, ResolveError> {
+    /// The mapped files `library` names (every mapped file without one), in address
+    /// order; an error if it names none.
+    fn files_of(&self, library: Option<&str>) -> Result<Vec<&str>, ResolveError> {
         let files: Vec<&str> = self
             .files()
             .into_iter()
             .filter(|p| library.is_none_or(|l| library_matches(l, p)))
             .collect();
-        if let (Some(l), true) = (library, files.is_empty()) {
-            return Err(ResolveError::UnknownLibrary {
+        match library {
+            Some(l) if files.is_empty() => Err(ResolveError::UnknownLibrary {
                 library: l.to_string(),
                 loaded: self
                     .files()
                     .iter()
                     .map(|p| file_name(p).to_string())
                     .collect(),
-            });
+            }),
+            _ => Ok(files),
         }
+    }
+
+    /// Resolve `name` in `library` (or in every mapped file, the main program first) to
+    /// the function's extent in the process.
+    pub fn resolve(&self, library: Option<&str>, name: &str) -> Result<Located, ResolveError> {
+        let files = self.files_of(library)?;
         for path in &files {
             let syms = self.cache.get(path);
             if syms.is_ifunc(name) {
@@ -251,11 +258,7 @@ impl ProcessSymbols {
     /// mapped file), each as the [`ResolveError::IndirectFunction`] that says where its
     /// implementation is to be read.
     pub fn indirect_matching(&self, library: Option<&str>, pattern: &str) -> Vec<ResolveError> {
-        let files: Vec<&str> = self
-            .files()
-            .into_iter()
-            .filter(|p| library.is_none_or(|l| library_matches(l, p)))
-            .collect();
+        let files = self.files_of(library).unwrap_or_default();
         let mut out = Vec::new();
         for path in files {
             let syms = self.cache.get(path);
@@ -286,21 +289,7 @@ impl ProcessSymbols {
         library: Option<&str>,
         pattern: &str,
     ) -> Result<Vec<Located>, ResolveError> {
-        let files: Vec<&str> = self
-            .files()
-            .into_iter()
-            .filter(|p| library.is_none_or(|l| library_matches(l, p)))
-            .collect();
-        if let (Some(l), true) = (library, files.is_empty()) {
-            return Err(ResolveError::UnknownLibrary {
-                library: l.to_string(),
-                loaded: self
-                    .files()
-                    .iter()
-                    .map(|p| file_name(p).to_string())
-                    .collect(),
-            });
-        }
+        let files = self.files_of(library)?;
         let mut out = Vec::new();
         for path in files {
             let syms = self.cache.get(path);
