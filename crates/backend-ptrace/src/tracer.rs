@@ -359,12 +359,7 @@ impl Tracer {
             if done() {
                 return Ok(None);
             }
-            let w = match self.next_event()? {
-                Next::Event(w) => w,
-                Next::Again => continue,
-                Next::Gone(stop) => return Ok(Some(stop)),
-            };
-            if let Some(stop) = self.handle(w)? {
+            if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
         }
@@ -387,14 +382,19 @@ impl Tracer {
             if self.threads.values().all(|t| t.ts.pending() == 0) {
                 return Ok(None);
             }
-            let w = match self.next_event()? {
-                Next::Event(w) => w,
-                Next::Again => continue,
-                Next::Gone(stop) => return Ok(Some(stop)),
-            };
-            if let Some(stop) = self.handle(w)? {
+            if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
+        }
+    }
+
+    /// Wait for the next event and serve it; `Some` if it ended the run (the process is
+    /// gone, or a stop the caller must see).
+    fn serve_one(&mut self) -> Result<Option<Stop>> {
+        match self.next_event()? {
+            Next::Event(w) => self.handle(w),
+            Next::Again => Ok(None),
+            Next::Gone(stop) => Ok(Some(stop)),
         }
     }
 
