@@ -63,8 +63,7 @@ impl Armed {
     /// Whether `maps` (of the process holding the breakpoint) still have the same
     /// mapping at `addr`, so the byte there is still ours to restore.
     pub(crate) fn still_mapped(&self, maps: &Maps, addr: u64) -> bool {
-        maps.find(addr)
-            .is_some_and(|r| r.mapped_at(addr) == self.at)
+        maps.mapped_at(addr).as_ref() == Some(&self.at)
     }
 }
 
@@ -317,9 +316,7 @@ impl Backend for PtraceBackend {
             Err(e) => return Err(e),
         };
         let mut now = [0u8];
-        let same_mapping = maps
-            .find(addr)
-            .is_some_and(|r| r.mapped_at(addr) == site.0.mapped);
+        let same_mapping = maps.mapped_at(addr).as_ref() == Some(&site.0.mapped);
         let gone = !same_mapping
             || match code.read(addr, &mut now) {
                 Ok(()) => now[0] != INT3 && now[0] != orig,

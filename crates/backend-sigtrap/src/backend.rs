@@ -220,9 +220,7 @@ impl Backend for SigtrapBackend {
         // The code may have been unloaded (`dlclose`), and other code loaded there.
         let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
         let mut now = [0u8];
-        let same = maps
-            .find(addr)
-            .is_some_and(|r| r.mapped_at(addr) == site.mapped);
+        let same = maps.mapped_at(addr).as_ref() == Some(&site.mapped);
         if !same || patch::read(addr, &mut now).is_err() || now[0] != INT3 {
             armed.remove(&addr);
             return Err(Error::CodeGone { addr });

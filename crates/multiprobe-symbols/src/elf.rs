@@ -41,8 +41,8 @@ impl Func {
 #[derive(Debug, Default)]
 pub struct ElfSymbols {
     funcs: Vec<Func>,
-    /// GNU indirect functions (`STT_GNU_IFUNC`: `strcmp`, `memcpy`, ... in libc) by name,
-    /// with their resolver's address. The symbol is the resolver that picks an
+    /// GNU indirect functions (`STT_GNU_IFUNC`: `strcmp`, `memcpy`, ... in libc), sorted
+    /// by name, with their resolver's address. The symbol is the resolver that picks an
     /// implementation at load time, not the function, so they are not in `funcs`.
     ifuncs: Vec<(String, u64)>,
     /// `(resolver, GOT slot)` of each `R_X86_64_IRELATIVE` relocation: once the loader
@@ -81,7 +81,7 @@ impl ElfSymbols {
     /// Parse an ELF image.
     pub fn parse(data: &[u8]) -> Result<ElfSymbols, object::Error> {
         let file = object::File::parse(data)?;
-        let ifuncs: Vec<(String, u64)> = file
+        let mut ifuncs: Vec<(String, u64)> = file
             .symbols()
             .chain(file.dynamic_symbols())
             .filter(|s| {
@@ -90,6 +90,9 @@ impl ElfSymbols {
             })
             .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
             .collect();
+        // By name, once each (`.symtab` and `.dynsym` may both list one).
+        ifuncs.sort_unstable();
+        ifuncs.dedup();
         let irelative = file
             .dynamic_relocations()
             .into_iter()
@@ -139,29 +142,40 @@ impl ElfSymbols {
         Self::parse(&data).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
+    /// The C++ names of `funcs`, demangled the first time they are needed.
+    fn cpp(&self) -> &[Option<(String, String)>] {
+        self.cpp
+            .get_or_init(|| self.funcs.iter().map(|f| cpp_names(&f.name)).collect())
+    }
+
     /// Names of the indirect functions matching the wildcard `pattern`.
     pub fn ifuncs_matching(&self, pattern: &str) -> Vec<&str> {
-        let mut names: Vec<&str> = self
-            .ifuncs
+        self.ifuncs
             .iter()
             .map(|(n, _)| n.as_str())
             .filter(|n| crate::glob::glob_match(pattern, n))
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        names
+            .collect()
+    }
+
+    /// The indirect function `name` and its resolver's address, if it is one here.
+    fn ifunc(&self, name: &str) -> Option<&(String, u64)> {
+        let i = self
+            .ifuncs
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()?;
+        self.ifuncs.get(i)
     }
 
     /// Whether `name` is a GNU indirect function here (see the field's docs).
     pub fn is_ifunc(&self, name: &str) -> bool {
-        self.ifuncs.iter().any(|(n, _)| n == name)
+        self.ifunc(name).is_some()
     }
 
     /// For the indirect function `name`: the file address of the GOT slot where the
     /// loader stores the implementation it chose, if the file has one (an
     /// `R_X86_64_IRELATIVE` relocation of its resolver).
     pub fn ifunc_slot(&self, name: &str) -> Option<u64> {
-        let resolver = self.ifuncs.iter().find(|(n, _)| n == name)?.1;
+        let resolver = self.ifunc(name)?.1;
         self.irelative
             .iter()
             .find(|&&(r, _)| r == resolver)
@@ -210,9 +224,7 @@ impl ElfSymbols {
         if !found.is_empty() {
             return found;
         }
-        let cpp = self
-            .cpp
-            .get_or_init(|| self.funcs.iter().map(|f| cpp_names(&f.name)).collect());
+        let cpp = self.cpp();
         let full = |i: usize| cpp[i].as_ref().map(|(f, _)| f.as_str());
         let base = |i: usize| cpp[i].as_ref().map(|(_, b)| b.as_str());
         let found = matching(&|i, _| full(i) == Some(name));
@@ -237,9 +249,7 @@ impl ElfSymbols {
     /// (a compatibility version) is left out, as [`ElfSymbols::by_name`]'s callers do;
     /// the indirect functions that match are [`ElfSymbols::ifuncs_matching`].
     pub fn matching(&self, pattern: &str) -> Vec<&Func> {
-        let cpp = self
-            .cpp
-            .get_or_init(|| self.funcs.iter().map(|f| cpp_names(&f.name)).collect());
+        let cpp = self.cpp();
         let mut found: Vec<&Func> = self
             .funcs
             .iter()

@@ -103,6 +103,12 @@ impl Maps {
         self.regions.iter().find(|r| r.contains(addr))
     }
 
+    /// What is mapped at `addr` ([`Region::mapped_at`]), if anything. Compare it with
+    /// what was there before to tell whether the same code still is.
+    pub fn mapped_at(&self, addr: u64) -> Option<MappedAt> {
+        self.find(addr).map(|r| r.mapped_at(addr))
+    }
+
     /// A free, page-aligned range of `len` bytes whose every byte is within `reach` of
     /// every byte of `[lo, hi)`, as close to it as possible; `None` if there is none.
     /// Used to place out-of-line pages where a rel32 jump reaches the probed code.
