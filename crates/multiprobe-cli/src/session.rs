@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use multiprobe_backend_ptrace::PtraceBackend;
 use multiprobe_core::{HandlerId, HandlerInfo, Hit, PreAction, Registry};
 use multiprobe_symbols::{
-    file_name, library_matches, near_names, ElfSymbols, MappedAt, Maps, ProcessSymbols,
+    file_name, library_matches, near_names, ElfSymbols, Located, MappedAt, Maps, ProcessSymbols,
     ResolveError, SymbolCache,
 };
 
@@ -153,31 +153,15 @@ impl State {
                 }
                 let loc = match syms.resolve(library.as_deref(), name) {
                     Ok(loc) => loc,
-                    Err(ResolveError::IndirectFunction {
-                        name: n,
-                        file,
-                        slot: Some(slot),
-                    }) if *offset == 0 => {
-                        // The implementation the loader chose, from its GOT slot.
-                        return match self.chosen_implementation(syms, &file, slot) {
-                            Some(addr) => Ok(Resolved::At {
-                                addr,
-                                label: format!("{}:{n}", file_name(&file)),
-                            }),
-                            None => Err(ResolveError::IndirectFunction {
-                                name: n,
-                                file,
-                                slot: Some(slot),
-                            }
-                            .to_string()),
-                        };
-                    }
                     Err(ResolveError::IndirectFunction { name: n, .. }) if *offset != 0 => {
                         return Err(format!(
                             "{n:?} is a GNU indirect function: an offset into it is not \
                              supported (probe its implementation by address)"
                         ));
                     }
+                    Err(e @ ResolveError::IndirectFunction { .. }) => self
+                        .chosen_implementation(syms, &e)
+                        .ok_or_else(|| e.to_string())?,
                     Err(e) => return Err(e.to_string()),
                 };
                 if *offset != 0 && loc.size != 0 && *offset >= loc.size {
@@ -198,17 +182,35 @@ impl State {
         }
     }
 
-    /// The implementation an indirect function of `file` resolved to, read from its GOT
-    /// `slot` in the process: `None` unless it is code of the same file (not relocated
+    /// Where the indirect function of `indirect` ([`ResolveError::IndirectFunction`])
+    /// is implemented in the process, read from the GOT slot the loader filled: `None`
+    /// without a slot, or unless the slot holds code of the same file (not relocated
     /// yet, or something else).
-    fn chosen_implementation(&self, syms: &ProcessSymbols, file: &str, slot: u64) -> Option<u64> {
+    fn chosen_implementation(
+        &self,
+        syms: &ProcessSymbols,
+        indirect: &ResolveError,
+    ) -> Option<Located> {
         use std::os::unix::fs::FileExt;
+        let ResolveError::IndirectFunction {
+            name,
+            file,
+            slot: Some(slot),
+        } = indirect
+        else {
+            return None;
+        };
         let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).ok()?;
         let mut buf = [0u8; 8];
-        mem.read_exact_at(&mut buf, slot).ok()?;
-        let addr = u64::from_le_bytes(buf);
-        let region = syms.maps().find(addr)?;
-        (region.exec && region.path == file).then_some(addr)
+        mem.read_exact_at(&mut buf, *slot).ok()?;
+        let start = u64::from_le_bytes(buf);
+        let region = syms.maps().find(start)?;
+        (region.exec && region.path == *file).then(|| Located {
+            name: name.clone(),
+            start,
+            size: 0,
+            file: file.clone(),
+        })
     }
 
     /// A spec whose library is not mapped: at the first placement, check that the
@@ -233,7 +235,8 @@ impl State {
                     path.display()
                 ));
             }
-        } else if elf.by_name(name).is_empty() && elf.is_ifunc(name) {
+        } else if elf.is_ifunc(name) {
+            // As `ProcessSymbols::resolve`: the indirect function wins over a plain one.
             if elf.ifunc_slot(name).is_none() {
                 return Err(format!(
                     "{name:?} in {} is a GNU indirect function (its implementation is \
@@ -260,22 +263,13 @@ impl State {
     /// Place every spec that is not placed yet. With `first`, anything that cannot be
     /// placed now and never could be is fatal; later, such specs are reported once and
     /// left out.
-    fn place(&mut self, first: bool) {
-        let syms = match ProcessSymbols::read(self.pid as u32, Arc::clone(&self.cache)) {
-            Ok(s) => s,
-            Err(e) => {
-                if first {
-                    self.fatal = Some(format!("cannot read the maps of process {}: {e}", self.pid));
-                }
-                return;
-            }
-        };
+    fn place(&mut self, first: bool, syms: &ProcessSymbols) {
         for i in 0..self.specs.len() {
             let spec = self.specs[i].clone();
             if let Target::Symbol { library, name, .. } = &spec.target {
                 if is_wildcard(name) {
                     let library = library.clone();
-                    self.place_pattern(i, &syms, library.as_deref(), name, first);
+                    self.place_pattern(i, syms, library.as_deref(), name, first);
                     if self.fatal.is_some() {
                         return;
                     }
@@ -290,7 +284,7 @@ impl State {
                 continue;
             }
             let fail = |why: String| format!("probe {:?}: {why}", spec.text);
-            match self.resolve(&syms, &spec) {
+            match self.resolve(syms, &spec) {
                 Ok(Resolved::NotLoaded(library)) => {
                     if first {
                         if let Err(e) = self.check_pending(&spec, &library) {
@@ -300,25 +294,17 @@ impl State {
                     }
                 }
                 Ok(Resolved::At { addr, label }) => {
-                    let mapped = syms.maps().find(addr).map(|r| r.mapped_at(addr));
+                    let mapped = syms.maps().mapped_at(addr);
                     if let Err(e) = self.register(i, addr, mapped, &label) {
-                        let msg = fail(e);
-                        if first {
-                            self.fatal = Some(msg);
+                        if self.give_up(i, first, fail(e), "failed") {
                             return;
                         }
-                        self.sink.write(&format!("multiprobe: {msg}"));
-                        self.mark_failed(i, "failed");
                     }
                 }
                 Err(e) => {
-                    let msg = fail(e);
-                    if first {
-                        self.fatal = Some(msg);
+                    if self.give_up(i, first, fail(e), "failed: no such function") {
                         return;
                     }
-                    self.sink.write(&format!("multiprobe: {msg}"));
-                    self.mark_failed(i, "failed: no such function");
                 }
             }
         }
@@ -336,19 +322,18 @@ impl State {
     ) {
         let text = self.specs[i].text.clone();
         let fail = |why: String| format!("probe {text:?}: {why}");
-        if let Some(l) = library {
-            if !syms.files().iter().any(|p| library_matches(l, p)) {
+        let mut found = match syms.resolve_pattern(library, pattern) {
+            Ok(f) => f,
+            // The library is not loaded (yet): pending, if it exists and has a match.
+            Err(ResolveError::UnknownLibrary { library: l, .. }) => {
                 if first {
                     let spec = self.specs[i].clone();
-                    if let Err(e) = self.check_pending(&spec, l) {
+                    if let Err(e) = self.check_pending(&spec, &l) {
                         self.fatal = Some(fail(e));
                     }
                 }
                 return;
             }
-        }
-        let mut found = match syms.resolve_pattern(library, pattern) {
-            Ok(f) => f,
             Err(e) => {
                 if first {
                     self.fatal = Some(fail(e.to_string()));
@@ -357,23 +342,12 @@ impl State {
             }
         };
         // Indirect functions, at the implementation the loader chose (if it did yet).
-        for e in syms.indirect_matching(library, pattern) {
-            if let ResolveError::IndirectFunction {
-                name,
-                file,
-                slot: Some(slot),
-            } = e
-            {
-                if let Some(start) = self.chosen_implementation(syms, &file, slot) {
-                    found.push(multiprobe_symbols::Located {
-                        name,
-                        start,
-                        size: 0,
-                        file,
-                    });
-                }
-            }
-        }
+        let indirect = syms.indirect_matching(library, pattern);
+        found.extend(
+            indirect
+                .iter()
+                .filter_map(|e| self.chosen_implementation(syms, e)),
+        );
         if found.is_empty() {
             if first {
                 self.fatal = Some(fail(format!("no function matches {pattern:?}")));
@@ -390,7 +364,7 @@ impl State {
             }
             let label = format!("{}:{}", file_name(&loc.file), loc.name);
             let rows = self.pattern_rows(i, &label);
-            let mapped = syms.maps().find(loc.start).map(|r| r.mapped_at(loc.start));
+            let mapped = syms.maps().mapped_at(loc.start);
             match self.register_rows(&rows, loc.start, mapped, &label) {
                 Ok(()) => placed += 1,
                 Err(e) => failed.push((label, e)),
@@ -453,10 +427,18 @@ impl State {
             .collect()
     }
 
-    fn mark_failed(&mut self, spec: usize, state: &str) {
+    /// Spec `spec` cannot be placed: at the first placement that is fatal (returns true:
+    /// stop placing); later it is said once and its rows marked with `state`.
+    fn give_up(&mut self, spec: usize, first: bool, msg: String, state: &str) -> bool {
+        if first {
+            self.fatal = Some(msg);
+            return true;
+        }
+        self.sink.write(&format!("multiprobe: {msg}"));
         for r in self.rows.iter_mut().filter(|r| r.spec == spec) {
             r.state = state.into();
         }
+        false
     }
 
     fn register(
@@ -518,7 +500,7 @@ impl State {
             let (Some(id), Some(site)) = (row.id, row.site) else {
                 continue;
             };
-            let now = maps.find(site).map(|r| r.mapped_at(site));
+            let now = maps.mapped_at(site);
             if row.mapped.is_none() || now == row.mapped {
                 continue;
             }
@@ -623,18 +605,25 @@ impl State {
 /// for pending libraries, and for libraries with probes being unloaded.
 pub fn place_now(shared: &Shared, first: bool) {
     let mut s = lock(shared);
-    if !first {
-        match Maps::read(s.pid as u32) {
-            Ok(maps) => s.forget_unloaded(&maps),
-            Err(_) => return, // gone: its exit comes next
+    // One read of the maps serves the whole placement: what went, what came, and where
+    // the probes are.
+    let syms = match ProcessSymbols::read(s.pid as u32, Arc::clone(&s.cache)) {
+        Ok(syms) => syms,
+        Err(e) => {
+            if first {
+                s.fatal = Some(format!("cannot read the maps of process {}: {e}", s.pid));
+            }
+            return; // later: gone, its exit comes next
         }
+    };
+    if !first {
+        s.forget_unloaded(syms.maps());
     }
-    s.place(first);
+    s.place(first, &syms);
     if s.fatal.is_some() || s.loader_hooked {
         return;
     }
-    let in_library = Maps::read(s.pid as u32).is_ok_and(|m| s.any_in_library(&m));
-    if s.any_pending() || in_library {
+    if s.any_pending() || s.any_in_library(syms.maps()) {
         s.loader_hooked = true;
         drop(s);
         hook_loader(shared);
