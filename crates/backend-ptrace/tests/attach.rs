@@ -113,15 +113,9 @@ fn detach_handle_from_another_thread_while_many_threads_hit() {
     let before = common::text(pid);
     let mut t = Tracer::attach(pid).unwrap();
     let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
     // A post-handler sends threads through trap-after slots, so some are inside one
     // when the detach comes.
-    let handler = FnHandler::new()
-        .pre(move |_: &mut Hit<'_>| {
-            h.fetch_add(1, Relaxed);
-            PreAction::Continue
-        })
-        .post(|_: &mut Hit<'_>| {});
+    let handler = common::counting_with_post(&hits);
     let _g = t
         .registry()
         .register(t.resolve("mp_work").unwrap(), handler)
@@ -192,13 +186,7 @@ fn a_panic_on_the_tracer_thread_leaves_the_program_running_unprobed() {
     let hits = Arc::new(AtomicU64::new(0));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut t = Tracer::attach(pid).unwrap();
-        let h = Arc::clone(&hits);
-        let post = FnHandler::new()
-            .pre(move |_: &mut Hit<'_>| {
-                h.fetch_add(1, Relaxed);
-                PreAction::Continue
-            })
-            .post(|_: &mut Hit<'_>| {});
+        let post = common::counting_with_post(&hits);
         let _g = t
             .registry()
             .register(t.resolve("mp_tload").unwrap(), post)

@@ -335,13 +335,7 @@ fn run_to_entry_then_probe_a_library_function() {
 fn pause_holds_every_thread_and_run_goes_on_with_exact_counts() {
     let mut t = Tracer::spawn(&mut common::command("mp-threads", &["--base", "300"])).unwrap();
     let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
-    let post = FnHandler::new()
-        .pre(move |_: &mut Hit<'_>| {
-            h.fetch_add(1, Relaxed);
-            PreAction::Continue
-        })
-        .post(|_: &mut Hit<'_>| {});
+    let post = common::counting_with_post(&hits);
     let g = t
         .registry()
         .register(t.resolve("mp_tload").unwrap(), post)

@@ -53,3 +53,17 @@ pub fn text(pid: i32) -> Vec<(String, u64, Vec<u8>)> {
     }
     out
 }
+
+/// A handler that counts its pre calls into `hits` and has an (empty) post-handler, so
+/// every hit sends the thread through a trap-after slot.
+pub fn counting_with_post(
+    hits: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> impl multiprobe_core::Handler {
+    let h = std::sync::Arc::clone(hits);
+    multiprobe_core::FnHandler::new()
+        .pre(move |_: &mut multiprobe_core::Hit<'_>| {
+            h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            multiprobe_core::PreAction::Continue
+        })
+        .post(|_: &mut multiprobe_core::Hit<'_>| {})
+}
