@@ -1,13 +1,24 @@
 //! The `multiprobe` command: probe specs, the handlers behind their actions, placing
-//! them in a traced process (pending libraries included), and output. The binary
-//! (`src/main.rs`) runs them on the ptrace backend.
+//! them in a traced process (pending libraries included), signals, output and exit
+//! status. The binary (`src/main.rs`) parses the command line and runs [`command`].
+//!
+//! One job per module: [`spec`] (what users write), [`command`] (the order of a
+//! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
+//! (the handlers), [`signals`] (Ctrl-C), [`sink`] (where output goes), [`report`] and
+//! [`lines`] (what it says), [`exit`] (the exit status), [`libs`] (libraries on disk),
+//! [`affinity`] (`--pin`), [`error`].
 
 #![warn(missing_docs)]
 
 pub mod actions;
 pub mod affinity;
+pub mod command;
+pub mod error;
+pub mod exit;
 pub mod libs;
-pub mod output;
+pub mod lines;
+pub mod report;
 pub mod session;
 pub mod signals;
+pub mod sink;
 pub mod spec;

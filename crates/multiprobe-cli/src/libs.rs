@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use multiprobe_symbols::library_matches;
 
+use crate::error::ProbeError;
+
 const DEFAULT_DIRS: [&str; 7] = [
     "/lib/x86_64-linux-gnu",
     "/usr/lib/x86_64-linux-gnu",
@@ -68,11 +70,16 @@ pub fn search_dirs(ld_library_path: Option<&str>) -> Vec<PathBuf> {
 }
 
 /// The file a user means by `library` (a path, a file name, or a prefix of one such as
-/// `libc` or `libstdc++`), if one exists in the search directories.
-pub fn find(library: &str, ld_library_path: Option<&str>) -> Option<PathBuf> {
+/// `libc` or `libstdc++`): the first match in the search directories, by the
+/// shortest matching name (`libc.so.6` over `libc.so.6.bak`).
+pub fn find(library: &str, ld_library_path: Option<&str>) -> Result<PathBuf, ProbeError> {
     if library.contains('/') {
         let p = PathBuf::from(library);
-        return p.is_file().then_some(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ProbeError::NoLibrary(library.to_string()))
+        };
     }
     for dir in search_dirs(ld_library_path) {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -87,13 +94,12 @@ pub fn find(library: &str, ld_library_path: Option<&str>) -> Option<PathBuf> {
                 p.is_file() && name.contains(".so") && library_matches(library, &name)
             })
             .collect();
-        // Prefer the shortest name: `libc.so.6` over `libc.so.6.bak`.
         names.sort_by_key(|p| p.as_os_str().len());
         if let Some(p) = names.into_iter().next() {
-            return Some(p);
+            return Ok(p);
         }
     }
-    None
+    Err(ProbeError::NoLibrary(library.to_string()))
 }
 
 #[cfg(test)]
@@ -110,9 +116,15 @@ mod tests {
                 .starts_with("libc.so"),
             "{libc:?}"
         );
-        assert_eq!(find(&libc.to_string_lossy(), None), Some(libc.clone()));
-        assert_eq!(find("libdefinitely-not-a-library-xyz", None), None);
-        assert_eq!(find("/nonexistent/libc.so.6", None), None);
+        assert_eq!(find(&libc.to_string_lossy(), None).unwrap(), libc);
+        assert!(matches!(
+            find("libdefinitely-not-a-library-xyz", None),
+            Err(ProbeError::NoLibrary(_))
+        ));
+        assert!(matches!(
+            find("/nonexistent/libc.so.6", None),
+            Err(ProbeError::NoLibrary(_))
+        ));
         let dirs = search_dirs(Some("/opt/a:/opt/b"));
         assert_eq!(dirs[0], PathBuf::from("/opt/a"));
         assert!(dirs.contains(&PathBuf::from("/usr/lib")));

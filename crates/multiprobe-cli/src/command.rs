@@ -1,0 +1,235 @@
+//! The two commands, `run` and `attach`, step by step.
+//!
+//! Every probe is resolved and placed before the program runs its own code (`run`: held
+//! at its entry point); a failure up to there kills the spawned program or detaches
+//! from the attached one, and is one line with exit status 2; from there on the tracer
+//! loop serves hits until the program ends or Ctrl-C asks to detach; the summary comes
+//! last, and the exit status is decided by [`crate::exit::decide`].
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+
+use crate::affinity;
+use crate::error::Error;
+use crate::exit::{self, Exit};
+use crate::report::{json, table, Outcome, Summary};
+use crate::session::{self, lock, Session, Shared};
+use crate::signals;
+use crate::sink::Sink;
+use crate::spec::ProbeSpec;
+
+/// What `run` and `attach` share.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The probes (at least one).
+    pub probes: Vec<ProbeSpec>,
+    /// Summary and per-hit lines as JSON.
+    pub json: bool,
+    /// The live table's interval.
+    pub interval: Option<Duration>,
+    /// `-o FILE`.
+    pub output: Option<PathBuf>,
+    /// Per-hit lines a second (0: no limit).
+    pub max_lines: u64,
+    /// `--pin`.
+    pub pin: bool,
+}
+
+/// `run`: start `cmd` under the probes.
+pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
+    let sink = open_sink(opts)?;
+    let program = cmd.first().cloned().unwrap_or_default();
+    let mut command = Command::new(&program);
+    command.args(cmd.iter().skip(1));
+    let started = Instant::now();
+    let mut tracer = Tracer::spawn(&mut command).map_err(|source| Error::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = tracer.pid();
+    let session = Session::new(
+        opts.probes.clone(),
+        tracer.registry().clone(),
+        pid,
+        Arc::clone(&sink),
+        std::env::var("LD_LIBRARY_PATH").ok(),
+    );
+    // Run the loader to the program's entry point and place the probes there, before any
+    // of the program's own code runs. A probe that cannot be placed ends the program
+    // there: it never runs half-probed.
+    let outcome = match tracer.run_to_entry() {
+        Ok(None) => {
+            if let Err(e) = place_first(&session) {
+                kill(pid);
+                drop(tracer);
+                return Err(e);
+            }
+            signals::install(&mut tracer, false);
+            let _pinned = pin(opts, pid);
+            serve(&mut tracer, &session, opts, &sink, started)?
+        }
+        // The program ended (or was taken away) before reaching its entry point.
+        Ok(Some(stop)) => outcome_of(stop),
+        Err(source) => {
+            kill(pid);
+            drop(tracer);
+            return Err(Error::Entry { program, source });
+        }
+    };
+    Ok(finish(&outcome, &session, &sink, opts, pid, started))
+}
+
+/// `attach`: probe the running process `pid`.
+pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
+    let sink = open_sink(opts)?;
+    let started = Instant::now();
+    let mut tracer = Tracer::attach(pid).map_err(|e| match e {
+        multiprobe_core::Error::ProcessGone => Error::NoProcess(pid),
+        source => Error::Attach { pid, source },
+    })?;
+    let session = Session::new(
+        opts.probes.clone(),
+        tracer.registry().clone(),
+        pid,
+        Arc::clone(&sink),
+        None,
+    );
+    if let Err(e) = place_first(&session) {
+        // Nothing of ours stays in the process: detaching removes what was placed.
+        let _ = tracer.detach();
+        return Err(e);
+    }
+    signals::install(&mut tracer, true);
+    let pinned = pin(opts, pid);
+    let placed = lock(&session).armed();
+    sink.note(&format!(
+        "attached to process {pid}; {placed} handler(s) placed; Ctrl-C detaches"
+    ));
+    let outcome = serve(&mut tracer, &session, opts, &sink, started);
+    if let Some(p) = pinned {
+        p.restore(pid);
+    }
+    Ok(finish(&outcome?, &session, &sink, opts, pid, started))
+}
+
+fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
+    let out: Box<dyn std::io::Write + Send> = match &opts.output {
+        Some(p) => Box::new(std::fs::File::create(p).map_err(|source| Error::Output {
+            path: p.clone(),
+            source,
+        })?),
+        None => Box::new(std::io::stderr()),
+    };
+    Ok(Arc::new(Sink::new(out, opts.max_lines, opts.json)))
+}
+
+/// The first placement.
+fn place_first(session: &Shared) -> Result<(), Error> {
+    session::place_now(session, true);
+    match lock(session).take_fatal() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `--pin`, if asked; a failure only costs speed, so it is reported and ignored.
+fn pin(opts: &Options, pid: i32) -> Option<affinity::Pinned> {
+    if !opts.pin {
+        return None;
+    }
+    match affinity::pin_together(pid) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("multiprobe: --pin: {e}; going on unpinned");
+            None
+        }
+    }
+}
+
+fn kill(pid: i32) {
+    // SAFETY: sending a signal to our traced child; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Serve hits until the program ends or we detach; print the live table on the way.
+fn serve(
+    tracer: &mut Tracer,
+    session: &Shared,
+    opts: &Options,
+    sink: &Sink,
+    started: Instant,
+) -> Result<Outcome, Error> {
+    let pid = tracer.pid();
+    let trace = |source| Error::Trace { pid, source };
+    let mut next_tick = opts.interval.map(|i| Instant::now() + i);
+    loop {
+        let stop = tracer
+            .run_until(|| next_tick.is_some_and(|t| Instant::now() >= t))
+            .map_err(trace)?;
+        match stop {
+            None => {
+                if let (Some(t), Some(i)) = (&mut next_tick, opts.interval) {
+                    *t += i;
+                    let rows = lock(session).rows();
+                    if opts.json {
+                        sink.write(&serde_json::json!({ "live": rows }).to_string());
+                    } else {
+                        let secs = started.elapsed().as_secs_f64();
+                        sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows).trim_end()));
+                    }
+                }
+            }
+            Some(Stop::Exec { unregistered }) => {
+                lock(session).exec(&unregistered);
+                // The new program's probes go in at its entry point, as at the start.
+                loop {
+                    match tracer.run_to_entry().map_err(trace)? {
+                        None => break session::place_now(session, false),
+                        Some(Stop::Exec { unregistered }) => lock(session).exec(&unregistered),
+                        Some(stop) => return Ok(outcome_of(stop)),
+                    }
+                }
+            }
+            Some(stop) => return Ok(outcome_of(stop)),
+        }
+    }
+}
+
+/// The outcome of a stop that ends the session. (An exec does not end it; the callers
+/// handle it before asking.)
+fn outcome_of(stop: Stop) -> Outcome {
+    match stop {
+        Stop::Exited(ExitStatus::Code(c)) => Outcome::Exited(c),
+        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s),
+        Stop::Detached | Stop::Exec { .. } => Outcome::Detached,
+    }
+}
+
+/// The end: print the summary, and decide the exit status.
+fn finish(
+    outcome: &Outcome,
+    session: &Shared,
+    sink: &Sink,
+    opts: &Options,
+    pid: i32,
+    started: Instant,
+) -> Exit {
+    let dropped = sink.finish_lines();
+    let rows = lock(session).rows();
+    if opts.json {
+        sink.write(&json(&Summary {
+            pid: pid as u32,
+            outcome,
+            duration_ms: started.elapsed().as_millis() as u64,
+            dropped_lines: dropped,
+            probes: &rows,
+        }));
+    } else {
+        sink.write(table(&rows).trim_end());
+    }
+    exit::decide(outcome)
+}
