@@ -1,19 +1,20 @@
 //! The two commands, `run` and `attach`, step by step.
 //!
-//! Every probe is resolved and placed before the program runs its own code (`run`: held
-//! at its entry point); a failure up to there kills the spawned program or detaches
-//! from the attached one, and is one line with exit status 2; from there on the tracer
-//! loop serves hits until the program ends or Ctrl-C asks to detach; the summary comes
-//! last, and the exit status is decided by [`crate::exit::decide`].
+//! The order is what keeps the promises: signals are handled before anything is
+//! written into the program ([`crate::signals`]); every probe is resolved and placed
+//! before the program runs its own code (`run`: held at its entry point); a failure up
+//! to there kills the spawned program or detaches from the attached one, and is one
+//! line with exit status 2; from there on the tracer loop serves hits until the
+//! program ends or a signal asks to detach; the summary comes last, and the exit status
+//! is decided by [`crate::exit::decide`].
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+use multiprobe_backend_ptrace::{DetachHandle, ExitStatus, Stop, Tracer};
 
-use crate::affinity;
 use crate::error::Error;
 use crate::exit::{self, Exit};
 use crate::report::{json, table, Outcome, Summary};
@@ -21,6 +22,7 @@ use crate::session::{self, lock, Session, Shared};
 use crate::signals;
 use crate::sink::Sink;
 use crate::spec::ProbeSpec;
+use crate::{affinity, Mode};
 
 /// What `run` and `attach` share.
 #[derive(Clone, Debug)]
@@ -41,7 +43,11 @@ pub struct Options {
 
 /// `run`: start `cmd` under the probes.
 pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
+    signals::install(Mode::Run);
     let sink = open_sink(opts)?;
+    if let Some(e) = signals::ending() {
+        return Ok(exit::decide(Mode::Run, &Outcome::Detached, Some(e)));
+    }
     let program = cmd.first().cloned().unwrap_or_default();
     let mut command = Command::new(&program);
     command.args(cmd.iter().skip(1));
@@ -51,12 +57,14 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
         source,
     })?;
     let pid = tracer.pid();
+    let handle = detach_handle(&mut tracer, Some(pid));
     let session = Session::new(
         opts.probes.clone(),
         tracer.registry().clone(),
         pid,
         Arc::clone(&sink),
         std::env::var("LD_LIBRARY_PATH").ok(),
+        handle,
     );
     // Run the loader to the program's entry point and place the probes there, before any
     // of the program's own code runs. A probe that cannot be placed ends the program
@@ -68,11 +76,10 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
                 drop(tracer);
                 return Err(e);
             }
-            signals::install(&mut tracer, false);
             let _pinned = pin(opts, pid);
             serve(&mut tracer, &session, opts, &sink, started)?
         }
-        // The program ended (or was taken away) before reaching its entry point.
+        // The program ended (or a signal had us detach) before its entry point.
         Ok(Some(stop)) => outcome_of(stop),
         Err(source) => {
             kill(pid);
@@ -80,30 +87,43 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
             return Err(Error::Entry { program, source });
         }
     };
-    Ok(finish(&outcome, &session, &sink, opts, pid, started))
+    Ok(finish(
+        Mode::Run,
+        &outcome,
+        &session,
+        &sink,
+        opts,
+        pid,
+        started,
+    ))
 }
 
 /// `attach`: probe the running process `pid`.
 pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
+    signals::install(Mode::Attach);
     let sink = open_sink(opts)?;
+    if let Some(e) = signals::ending() {
+        return Ok(exit::decide(Mode::Attach, &Outcome::Detached, Some(e)));
+    }
     let started = Instant::now();
     let mut tracer = Tracer::attach(pid).map_err(|e| match e {
         multiprobe_core::Error::ProcessGone => Error::NoProcess(pid),
         source => Error::Attach { pid, source },
     })?;
+    let handle = detach_handle(&mut tracer, None);
     let session = Session::new(
         opts.probes.clone(),
         tracer.registry().clone(),
         pid,
         Arc::clone(&sink),
         None,
+        handle,
     );
     if let Err(e) = place_first(&session) {
         // Nothing of ours stays in the process: detaching removes what was placed.
         let _ = tracer.detach();
         return Err(e);
     }
-    signals::install(&mut tracer, true);
     let pinned = pin(opts, pid);
     let placed = lock(&session).armed();
     sink.note(&format!(
@@ -113,7 +133,15 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
     if let Some(p) = pinned {
         p.restore(pid);
     }
-    Ok(finish(&outcome?, &session, &sink, opts, pid, started))
+    Ok(finish(
+        Mode::Attach,
+        &outcome?,
+        &session,
+        &sink,
+        opts,
+        pid,
+        started,
+    ))
 }
 
 fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
@@ -125,6 +153,20 @@ fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
         None => Box::new(std::io::stderr()),
     };
     Ok(Arc::new(Sink::new(out, opts.max_lines, opts.json)))
+}
+
+/// The handle signals detach through, armed for them.
+fn detach_handle(tracer: &mut Tracer, program: Option<i32>) -> Option<DetachHandle> {
+    match tracer.detach_handle() {
+        Ok(h) => {
+            signals::arm(h.clone(), program);
+            Some(h)
+        }
+        Err(e) => {
+            eprintln!("multiprobe: signals will not detach cleanly: {e}");
+            None
+        }
+    }
 }
 
 /// The first placement.
@@ -209,8 +251,9 @@ fn outcome_of(stop: Stop) -> Outcome {
     }
 }
 
-/// The end: print the summary, and decide the exit status.
+/// The end: pass a signal on (`run`), print the summary, and decide the exit status.
 fn finish(
+    mode: Mode,
     outcome: &Outcome,
     session: &Shared,
     sink: &Sink,
@@ -218,6 +261,10 @@ fn finish(
     pid: i32,
     started: Instant,
 ) -> Exit {
+    let ending = signals::ending();
+    if let (Mode::Run, Outcome::Detached, Some(e)) = (mode, outcome, ending) {
+        signals::pass_on(pid, e);
+    }
     let dropped = sink.finish_lines();
     let rows = lock(session).rows();
     if opts.json {
@@ -231,5 +278,5 @@ fn finish(
     } else {
         sink.write(table(&rows).trim_end());
     }
-    exit::decide(outcome)
+    exit::decide(mode, outcome, ending)
 }

@@ -1,16 +1,21 @@
 //! The exit status, decided in one place.
 //!
-//! | how the session ended | status |
-//! |---|---|
-//! | the program exited with code N | N |
-//! | the program was killed by signal S | multiprobe dies of S (as a shell would see the program die unprobed) |
-//! | detached (Ctrl-C) | 0 |
-//! | bad input (nothing was left probed or stopped) | 2 |
+//! | how the session ended | `run` | `attach` |
+//! |---|---|---|
+//! | the program exited with code N | N | N |
+//! | the program was killed by signal S | multiprobe dies of S (as a shell would see the program die unprobed) | same |
+//! | SIGINT or SIGTERM to multiprobe: detached | see [`crate::signals`] | 0 (the process runs on) |
+//! | another signal S to multiprobe: detached | dies of S | dies of S |
+//! | bad input (nothing was left probed or stopped) | 2 | 2 |
+//!
+//! A signal that ended the session wins over the rest: multiprobe was asked to end by
+//! it, and its caller (a shell, a supervisor) should see that.
 
 use std::process::ExitCode;
 
 use crate::report::Outcome;
-use crate::signals::{self, Signal};
+use crate::signals::{self, Ending, Signal};
+use crate::Mode;
 
 /// How multiprobe ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +39,15 @@ impl Exit {
     }
 }
 
-/// The exit of a session that ended with `outcome`.
-pub fn decide(outcome: &Outcome) -> Exit {
+/// The exit of a session of `mode` that ended with `outcome`; `ending` is the signal
+/// that asked it to end, if one did.
+pub fn decide(mode: Mode, outcome: &Outcome, ending: Option<Ending>) -> Exit {
+    let polite = |e: &Ending| e.signal == Signal::INT || e.signal == Signal::TERM;
+    match (mode, ending) {
+        (Mode::Attach, Some(e)) if polite(&e) => {}
+        (_, Some(e)) => return Exit::Signal(e.signal),
+        (_, None) => {}
+    }
     match outcome {
         Outcome::Exited(c) => Exit::Code(*c as u8),
         Outcome::Killed(s) => match Signal::new(*s) {
@@ -43,5 +55,47 @@ pub fn decide(outcome: &Outcome) -> Exit {
             None => Exit::Code(1),
         },
         Outcome::Detached => Exit::Code(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ending(n: i32) -> Option<Ending> {
+        Some(Ending {
+            signal: Signal::new(n).unwrap(),
+            from_terminal: false,
+        })
+    }
+
+    #[test]
+    fn every_row_of_the_table() {
+        use Mode::{Attach, Run};
+        use Outcome::{Detached, Exited, Killed};
+        let sig = |n| Exit::Signal(Signal::new(n).unwrap());
+        assert_eq!(decide(Run, &Exited(7), None), Exit::Code(7));
+        assert_eq!(decide(Attach, &Exited(7), None), Exit::Code(7));
+        assert_eq!(decide(Run, &Killed(9), None), sig(9));
+        assert_eq!(
+            decide(Attach, &Detached, ending(libc::SIGINT)),
+            Exit::Code(0)
+        );
+        assert_eq!(
+            decide(Attach, &Detached, ending(libc::SIGTERM)),
+            Exit::Code(0)
+        );
+        assert_eq!(
+            decide(Run, &Detached, ending(libc::SIGINT)),
+            sig(libc::SIGINT)
+        );
+        assert_eq!(
+            decide(Run, &Detached, ending(libc::SIGTERM)),
+            sig(libc::SIGTERM)
+        );
+        for s in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGALRM] {
+            assert_eq!(decide(Attach, &Detached, ending(s)), sig(s));
+            assert_eq!(decide(Run, &Detached, ending(s)), sig(s));
+        }
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! One job per module: [`spec`] (what users write), [`command`] (the order of a
 //! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
-//! (the handlers), [`signals`] (Ctrl-C), [`sink`] (where output goes), [`report`] and
+//! (the handlers), [`signals`] (detaching on every signal that would end us), [`sink`] (where output goes), [`report`] and
 //! [`lines`] (what it says), [`exit`] (the exit status), [`libs`] (libraries on disk),
 //! [`affinity`] (`--pin`), [`error`].
 
@@ -22,3 +22,12 @@ pub mod session;
 pub mod signals;
 pub mod sink;
 pub mod spec;
+
+/// Which command runs: what signals and the exit status mean depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `run`: multiprobe started the program (and stands in for it).
+    Run,
+    /// `attach`: the program was running already and runs on after.
+    Attach,
+}

@@ -33,7 +33,7 @@ mod rows;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use multiprobe_backend_ptrace::PtraceBackend;
+use multiprobe_backend_ptrace::{DetachHandle, PtraceBackend};
 use multiprobe_core::{HandlerId, HandlerInfo, Registry};
 use multiprobe_symbols::{ProcessSymbols, SymbolCache};
 
@@ -54,6 +54,8 @@ pub struct Session {
     cache: Arc<SymbolCache>,
     sink: Arc<Sink>,
     ld_library_path: Option<String>,
+    /// A requested detach (a signal) stops placing.
+    cancel: Option<DetachHandle>,
     /// The error of the first placement: the run must end.
     fatal: Option<Error>,
     /// Internal handlers (the loader hook), not shown in the summary.
@@ -73,13 +75,15 @@ pub fn lock(s: &Shared) -> MutexGuard<'_, Session> {
 }
 
 impl Session {
-    /// A placement plan for `specs` in process `pid`.
+    /// A placement plan for `specs` in process `pid`. `cancel`: the detach handle whose
+    /// request stops placing.
     pub fn new(
         specs: Vec<ProbeSpec>,
         registry: Registry<PtraceBackend>,
         pid: i32,
         sink: Arc<Sink>,
         ld_library_path: Option<String>,
+        cancel: Option<DetachHandle>,
     ) -> Shared {
         let rows = Rows::new(&specs);
         Arc::new(Mutex::new(Session {
@@ -90,11 +94,16 @@ impl Session {
             cache: Arc::new(SymbolCache::default()),
             sink,
             ld_library_path,
+            cancel,
             fatal: None,
             hooks: Vec::new(),
             loader_watched: false,
             unload_noted: HashSet::new(),
         }))
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(DetachHandle::requested)
     }
 
     /// The error of the first placement, if any (taken: the caller ends the run).
@@ -142,7 +151,7 @@ pub fn place_now(shared: &Shared, first: bool) {
         s.forget_unloaded(syms.maps());
     }
     s.place(first, &syms);
-    if s.fatal.is_some() || s.loader_watched {
+    if s.fatal.is_some() || s.loader_watched || s.cancelled() {
         return;
     }
     if s.rows.any_pending() || s.any_in_library(syms.maps()) {

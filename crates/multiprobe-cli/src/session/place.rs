@@ -2,7 +2,8 @@
 //! of each spec (or pattern match) in one batch, all or none.
 //!
 //! Resolving everything first means a name that does not resolve fails the first
-//! placement before anything is armed.
+//! placement before anything is armed. A detach requested meanwhile (a signal) stops
+//! the placement between two registrations.
 
 use std::sync::Arc;
 
@@ -45,6 +46,9 @@ impl Session {
         let mut wants = Vec::new();
         let mut patterns: Vec<Option<Matches>> = (0..self.specs.len()).map(|_| None).collect();
         for (i, matches) in patterns.iter_mut().enumerate() {
+            if self.cancelled() {
+                return;
+            }
             let fatal = if self.specs[i].is_pattern() {
                 let m = matches.insert(Matches::default());
                 self.plan_pattern(&resolver, i, first, &mut wants, m)
@@ -157,6 +161,9 @@ impl Session {
         patterns: &mut [Option<Matches>],
     ) -> bool {
         for w in wants {
+            if self.cancelled() {
+                return false;
+            }
             let label: Arc<str> = Arc::from(w.label.as_str());
             let requests: Vec<_> = w
                 .rows
