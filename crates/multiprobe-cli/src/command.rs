@@ -1,10 +1,12 @@
 //! The two commands, `run` and `attach`, step by step.
 //!
 //! The order is what keeps the promises: signals are handled before anything is
-//! written into the program ([`crate::signals`]); every probe is resolved and placed
-//! before the program runs its own code (`run`: held at its entry point); a failure up
-//! to there kills the spawned program or detaches from the attached one, and is one
-//! line with exit status 2; from there on the tracer loop serves hits until the
+//! written into the program ([`crate::signals`]); `-o FILE` is opened (checked, not
+//! truncated) before the program is started or attached to ([`crate::outfile`]); every
+//! probe is resolved and placed before the program runs its own code (`run`: held at
+//! its entry point) and the output file is taken only then; a failure up to there
+//! kills the spawned program or detaches from the attached one, and is one line with
+//! exit status 2; from there on the tracer loop serves hits until the
 //! program ends or a signal asks to detach; the summary comes last, and the exit status
 //! is decided by [`crate::exit::decide`].
 
@@ -17,10 +19,11 @@ use multiprobe_backend_ptrace::{DetachHandle, ExitStatus, Stop, Tracer};
 
 use crate::error::Error;
 use crate::exit::{self, Exit};
+use crate::outfile::OutputFile;
 use crate::report::{json, table, Outcome, Summary};
 use crate::session::{self, lock, Session, Shared};
 use crate::signals;
-use crate::sink::Sink;
+use crate::sink::{Dest, Sink};
 use crate::spec::ProbeSpec;
 use crate::{affinity, Mode};
 
@@ -46,7 +49,7 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
     signals::install(Mode::Run);
     let sink = open_sink(opts)?;
     if let Some(e) = signals::ending() {
-        return Ok(exit::decide(Mode::Run, &Outcome::Detached, Some(e)));
+        return Ok(exit::decide(Mode::Run, &Outcome::Detached, Some(e), false));
     }
     let program = cmd.first().cloned().unwrap_or_default();
     let mut command = Command::new(&program);
@@ -71,7 +74,7 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
     // there: it never runs half-probed.
     let outcome = match tracer.run_to_entry() {
         Ok(None) => {
-            if let Err(e) = place_first(&session) {
+            if let Err(e) = place_first(&session, &sink, pid) {
                 kill(pid);
                 drop(tracer);
                 return Err(e);
@@ -80,7 +83,10 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
             serve(&mut tracer, &session, opts, &sink, started)?
         }
         // The program ended (or a signal had us detach) before its entry point.
-        Ok(Some(stop)) => outcome_of(stop),
+        Ok(Some(stop)) => {
+            sink.claim(pid)?;
+            outcome_of(stop)
+        }
         Err(source) => {
             kill(pid);
             drop(tracer);
@@ -103,7 +109,12 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
     signals::install(Mode::Attach);
     let sink = open_sink(opts)?;
     if let Some(e) = signals::ending() {
-        return Ok(exit::decide(Mode::Attach, &Outcome::Detached, Some(e)));
+        return Ok(exit::decide(
+            Mode::Attach,
+            &Outcome::Detached,
+            Some(e),
+            false,
+        ));
     }
     let started = Instant::now();
     let mut tracer = Tracer::attach(pid).map_err(|e| match e {
@@ -119,7 +130,7 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
         None,
         handle,
     );
-    if let Err(e) = place_first(&session) {
+    if let Err(e) = place_first(&session, &sink, pid) {
         // Nothing of ours stays in the process: detaching removes what was placed.
         let _ = tracer.detach();
         return Err(e);
@@ -145,14 +156,11 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
 }
 
 fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
-    let out: Box<dyn std::io::Write + Send> = match &opts.output {
-        Some(p) => Box::new(std::fs::File::create(p).map_err(|source| Error::Output {
-            path: p.clone(),
-            source,
-        })?),
-        None => Box::new(std::io::stderr()),
+    let dest = match &opts.output {
+        Some(p) => Dest::File(OutputFile::open(p)?),
+        None => Dest::Stderr,
     };
-    Ok(Arc::new(Sink::new(out, opts.max_lines, opts.json)))
+    Ok(Arc::new(Sink::new(dest, opts.max_lines, opts.json)))
 }
 
 /// The handle signals detach through, armed for them.
@@ -169,13 +177,13 @@ fn detach_handle(tracer: &mut Tracer, program: Option<i32>) -> Option<DetachHand
     }
 }
 
-/// The first placement.
-fn place_first(session: &Shared) -> Result<(), Error> {
+/// The first placement, then the output file is ours.
+fn place_first(session: &Shared, sink: &Sink, pid: i32) -> Result<(), Error> {
     session::place_now(session, true);
-    match lock(session).take_fatal() {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = lock(session).take_fatal() {
+        return Err(e);
     }
+    Ok(sink.claim(pid)?)
 }
 
 /// `--pin`, if asked; a failure only costs speed, so it is reported and ignored.
@@ -252,6 +260,8 @@ fn outcome_of(stop: Stop) -> Outcome {
 }
 
 /// The end: pass a signal on (`run`), print the summary, and decide the exit status.
+/// If the output could not be written, the error goes to stderr — with the summary,
+/// when the output was a file.
 fn finish(
     mode: Mode,
     outcome: &Outcome,
@@ -267,16 +277,24 @@ fn finish(
     }
     let dropped = sink.finish_lines();
     let rows = lock(session).rows();
-    if opts.json {
-        sink.write(&json(&Summary {
+    let summary = if opts.json {
+        json(&Summary {
             pid: pid as u32,
             outcome,
             duration_ms: started.elapsed().as_millis() as u64,
             dropped_lines: dropped,
             probes: &rows,
-        }));
+        })
     } else {
-        sink.write(table(&rows).trim_end());
+        table(&rows).trim_end().to_string()
+    };
+    sink.write(&summary);
+    let closed = sink.close();
+    if let Err(e) = &closed {
+        if sink.is_file() {
+            eprintln!("{summary}");
+        }
+        eprintln!("multiprobe: error: {e}");
     }
-    exit::decide(mode, outcome, ending)
+    exit::decide(mode, outcome, ending, closed.is_err())
 }

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use multiprobe_symbols::ResolveError;
 
+use crate::outfile::OutputError;
+
 /// Why one probe spec cannot be placed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -164,12 +166,7 @@ pub enum Error {
         /// Why.
         source: multiprobe_core::Error,
     },
-    /// `-o FILE` cannot be created.
-    #[error("cannot create {}: {source}", path.display())]
-    Output {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// `-o FILE`: refused, or cannot be opened or written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }

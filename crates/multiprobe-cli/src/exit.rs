@@ -7,6 +7,7 @@
 //! | SIGINT or SIGTERM to multiprobe: detached | see [`crate::signals`] | 0 (the process runs on) |
 //! | another signal S to multiprobe: detached | dies of S | dies of S |
 //! | bad input (nothing was left probed or stopped) | 2 | 2 |
+//! | the output could not be written (`-o` to a full disk, `/dev/full`, `ulimit -f`, a closed pipe) | 2, unless a signal ended the session | same |
 //!
 //! A signal that ended the session wins over the rest: multiprobe was asked to end by
 //! it, and its caller (a shell, a supervisor) should see that.
@@ -26,7 +27,7 @@ pub enum Exit {
     Signal(Signal),
 }
 
-/// Multiprobe's own errors: bad input.
+/// Multiprobe's own errors: bad input, or output that could not be written.
 pub const ERROR: u8 = 2;
 
 impl Exit {
@@ -40,13 +41,16 @@ impl Exit {
 }
 
 /// The exit of a session of `mode` that ended with `outcome`; `ending` is the signal
-/// that asked it to end, if one did.
-pub fn decide(mode: Mode, outcome: &Outcome, ending: Option<Ending>) -> Exit {
+/// that asked it to end, if one did; `output_failed`: something could not be written.
+pub fn decide(mode: Mode, outcome: &Outcome, ending: Option<Ending>, output_failed: bool) -> Exit {
     let polite = |e: &Ending| e.signal == Signal::INT || e.signal == Signal::TERM;
     match (mode, ending) {
         (Mode::Attach, Some(e)) if polite(&e) => {}
         (_, Some(e)) => return Exit::Signal(e.signal),
         (_, None) => {}
+    }
+    if output_failed {
+        return Exit::Code(ERROR);
     }
     match outcome {
         Outcome::Exited(c) => Exit::Code(*c as u8),
@@ -74,28 +78,33 @@ mod tests {
         use Mode::{Attach, Run};
         use Outcome::{Detached, Exited, Killed};
         let sig = |n| Exit::Signal(Signal::new(n).unwrap());
-        assert_eq!(decide(Run, &Exited(7), None), Exit::Code(7));
-        assert_eq!(decide(Attach, &Exited(7), None), Exit::Code(7));
-        assert_eq!(decide(Run, &Killed(9), None), sig(9));
+        assert_eq!(decide(Run, &Exited(7), None, false), Exit::Code(7));
+        assert_eq!(decide(Attach, &Exited(7), None, false), Exit::Code(7));
+        assert_eq!(decide(Run, &Killed(9), None, false), sig(9));
         assert_eq!(
-            decide(Attach, &Detached, ending(libc::SIGINT)),
+            decide(Attach, &Detached, ending(libc::SIGINT), false),
             Exit::Code(0)
         );
         assert_eq!(
-            decide(Attach, &Detached, ending(libc::SIGTERM)),
+            decide(Attach, &Detached, ending(libc::SIGTERM), false),
             Exit::Code(0)
         );
         assert_eq!(
-            decide(Run, &Detached, ending(libc::SIGINT)),
+            decide(Run, &Detached, ending(libc::SIGINT), false),
             sig(libc::SIGINT)
         );
         assert_eq!(
-            decide(Run, &Detached, ending(libc::SIGTERM)),
+            decide(Run, &Detached, ending(libc::SIGTERM), false),
             sig(libc::SIGTERM)
         );
         for s in [libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGALRM] {
-            assert_eq!(decide(Attach, &Detached, ending(s)), sig(s));
-            assert_eq!(decide(Run, &Detached, ending(s)), sig(s));
+            assert_eq!(decide(Attach, &Detached, ending(s), false), sig(s));
+            assert_eq!(decide(Run, &Detached, ending(s), true), sig(s));
         }
+        assert_eq!(decide(Run, &Exited(0), None, true), Exit::Code(ERROR));
+        assert_eq!(
+            decide(Attach, &Detached, ending(libc::SIGINT), true),
+            Exit::Code(ERROR)
+        );
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! One job per module: [`spec`] (what users write), [`command`] (the order of a
 //! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
-//! (the handlers), [`signals`] (detaching on every signal that would end us), [`sink`] (where output goes), [`report`] and
+//! (the handlers), [`signals`] (detaching on every signal that would end us), [`sink`] and [`outfile`] (where output goes, failing
+//! loudly), [`report`] and
 //! [`lines`] (what it says), [`exit`] (the exit status), [`libs`] (libraries on disk),
 //! [`affinity`] (`--pin`), [`error`].
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod exit;
 pub mod libs;
 pub mod lines;
+pub mod outfile;
 pub mod report;
 pub mod session;
 pub mod signals;

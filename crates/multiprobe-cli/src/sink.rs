@@ -1,35 +1,89 @@
-//! Where multiprobe's own output goes (stderr, or `-o FILE`), with the rate limit on
-//! per-hit lines. Lines are written whole (one `write` each), so concurrent writers
-//! never interleave within one. Notes ([`Sink::note`]) are multiprobe's messages about
-//! the session, as opposed to per-hit lines and tables; they all go through one place.
+//! Where multiprobe's own output goes (stderr, or `-o FILE`): whole lines, a rate limit
+//! on per-hit lines, and write failures remembered instead of ignored.
+//!
+//! * Lines are written whole (one `write` each), so concurrent writers never
+//!   interleave within one.
+//! * Into a file, nothing is written until [`Sink::claim`] (the probes are placed): lines
+//!   before that are held, so a run that fails on bad input leaves the file as it was.
+//! * The first failed write (a full disk, `/dev/full`, `ulimit -f`, a closed pipe) is
+//!   kept and nothing more is written; the traced program never notices. Lines after it
+//!   are counted as lost, and [`Sink::close`] returns the failure, which the command
+//!   reports and exits non-zero for.
+//! * Notes ([`Sink::note`]) are multiprobe's messages about the session, as opposed to
+//!   per-hit lines and tables; they all go through one place.
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::outfile::{OutputError, OutputFile};
+
+/// The destination of a [`Sink`].
+#[derive(Debug)]
+pub enum Dest {
+    /// multiprobe's stderr.
+    Stderr,
+    /// `-o FILE`.
+    File(OutputFile),
+}
+
+#[derive(Debug)]
+struct Out {
+    dest: Dest,
+    /// Lines held until the file is claimed (`None` once it is, or for stderr).
+    held: Option<Vec<String>>,
+    failed: Option<std::io::Error>,
+    lost: u64,
+}
+
+impl Out {
+    fn put(&mut self, line: &str) {
+        if let Some(held) = &mut self.held {
+            held.push(line.to_string());
+            return;
+        }
+        if self.failed.is_some() {
+            self.lost += 1;
+            return;
+        }
+        let r = match &mut self.dest {
+            Dest::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+            Dest::File(f) => f.write_all(line.as_bytes()),
+        };
+        if let Err(e) = r {
+            self.failed = Some(e);
+            self.lost += 1;
+        }
+    }
+}
+
 /// multiprobe's output, shared by the handlers and the command.
+#[derive(Debug)]
 pub struct Sink {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Out>,
     limit: Mutex<RateLimit>,
     json: bool,
 }
 
-impl std::fmt::Debug for Sink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sink")
-            .field("json", &self.json)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Sink {
-    /// A sink writing to `out`, at most `max_lines` per-hit lines a second (0: no limit).
-    pub fn new(out: Box<dyn Write + Send>, max_lines: u64, json: bool) -> Self {
+    /// A sink writing to `dest`, at most `max_lines` per-hit lines a second (0: no
+    /// limit); a file is held until [`Sink::claim`].
+    pub fn new(dest: Dest, max_lines: u64, json: bool) -> Self {
+        let held = matches!(dest, Dest::File(_)).then(Vec::new);
         Sink {
-            out: Mutex::new(out),
+            out: Mutex::new(Out {
+                dest,
+                held,
+                failed: None,
+                lost: 0,
+            }),
             limit: Mutex::new(RateLimit::new(max_lines)),
             json,
         }
+    }
+
+    fn out(&self) -> std::sync::MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether output is JSON lines.
@@ -37,14 +91,25 @@ impl Sink {
         self.json
     }
 
+    /// The probes are placed in process `pid`: take the file (see
+    /// [`OutputFile::claim`]) and write what was held.
+    pub fn claim(&self, pid: i32) -> Result<(), OutputError> {
+        let mut out = self.out();
+        if let Dest::File(f) = &mut out.dest {
+            f.claim(pid)?;
+        }
+        for line in out.held.take().unwrap_or_default() {
+            out.put(&line);
+        }
+        Ok(())
+    }
+
     /// Write `text` (one or more whole lines; the newline is added).
     pub fn write(&self, text: &str) {
         let mut line = String::with_capacity(text.len() + 1);
         line.push_str(text);
         line.push('\n');
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        // Output errors (a closed pipe) must not disturb the traced program.
-        let _ = out.write_all(line.as_bytes());
+        self.out().put(&line);
     }
 
     /// A note about the session (`multiprobe: ...`).
@@ -78,6 +143,35 @@ impl Sink {
             self.note(&n);
         }
         dropped
+    }
+
+    /// The end: sync a file, and return the first write failure, if any. (Lines held
+    /// for a file that was never claimed are dropped with it.)
+    pub fn close(&self) -> Result<(), OutputError> {
+        let mut out = self.out();
+        if out.held.is_none() && out.failed.is_none() {
+            if let Dest::File(f) = &out.dest {
+                if let Err(e) = f.sync() {
+                    out.failed = Some(e);
+                }
+            }
+        }
+        match out.failed.take() {
+            None => Ok(()),
+            Some(source) => Err(OutputError::Write {
+                what: match &out.dest {
+                    Dest::Stderr => "to stderr".to_string(),
+                    Dest::File(f) => f.path().display().to_string(),
+                },
+                source,
+                lost: out.lost,
+            }),
+        }
+    }
+
+    /// Whether the output is a file (so stderr is still there to report on).
+    pub fn is_file(&self) -> bool {
+        matches!(self.out().dest, Dest::File(_))
     }
 }
 
@@ -158,5 +252,24 @@ mod tests {
         assert!(rl.flush().is_none());
         let mut unlimited = RateLimit::new(0);
         assert!((0..1000).all(|_| unlimited.allow(t0, &mut None)));
+    }
+
+    #[test]
+    fn a_failed_write_is_kept_and_counts_what_is_lost() {
+        let full = OutputFile::open(std::path::Path::new("/dev/full")).unwrap();
+        let sink = Sink::new(Dest::File(full), 0, false);
+        sink.write("held until claimed");
+        sink.claim(std::process::id() as i32).unwrap();
+        sink.write("a");
+        sink.note("b");
+        let e = sink.close().unwrap_err();
+        match &e {
+            OutputError::Write { lost, source, .. } => {
+                assert_eq!(*lost, 3, "{e}");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().starts_with("writing /dev/full failed"), "{e}");
     }
 }
