@@ -25,6 +25,7 @@ use crate::session::{self, lock, Session, Shared};
 use crate::signals;
 use crate::sink::{Dest, Sink};
 use crate::spec::ProbeSpec;
+use crate::ticker::Ticker;
 use crate::{affinity, Mode};
 
 /// What `run` and `attach` share.
@@ -215,15 +216,14 @@ fn serve(
 ) -> Result<Outcome, Error> {
     let pid = tracer.pid();
     let trace = |source| Error::Trace { pid, source };
-    let mut next_tick = opts.interval.map(|i| Instant::now() + i);
+    let mut ticker = opts.interval.map(|i| Ticker::new(i, Instant::now()));
     loop {
         let stop = tracer
-            .run_until(|| next_tick.is_some_and(|t| Instant::now() >= t))
+            .run_until(|| ticker.is_some_and(|t| t.due(Instant::now())))
             .map_err(trace)?;
         match stop {
             None => {
-                if let (Some(t), Some(i)) = (&mut next_tick, opts.interval) {
-                    *t += i;
+                if let Some(t) = &mut ticker {
                     let rows = lock(session).rows();
                     if opts.json {
                         sink.write(&serde_json::json!({ "live": rows }).to_string());
@@ -231,6 +231,7 @@ fn serve(
                         let secs = started.elapsed().as_secs_f64();
                         sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows).trim_end()));
                     }
+                    t.advance(Instant::now());
                 }
             }
             Some(Stop::Exec { unregistered }) => {

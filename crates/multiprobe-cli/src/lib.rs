@@ -6,7 +6,7 @@
 //! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
 //! (the handlers), [`signals`] (detaching on every signal that would end us), [`sink`] and [`outfile`] (where output goes, failing
 //! loudly), [`report`] and
-//! [`lines`] (what it says), [`exit`] (the exit status), [`libs`] (libraries on disk),
+//! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status), [`libs`] (libraries on disk),
 //! [`affinity`] (`--pin`), [`error`].
 
 #![warn(missing_docs)]
@@ -24,6 +24,7 @@ pub mod session;
 pub mod signals;
 pub mod sink;
 pub mod spec;
+pub mod ticker;
 
 /// Which command runs: what signals and the exit status mean depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

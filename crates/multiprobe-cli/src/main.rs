@@ -19,6 +19,7 @@ use multiprobe_cli::command::{self, Options};
 use multiprobe_cli::error::Error;
 use multiprobe_cli::exit;
 use multiprobe_cli::spec::ProbeSpec;
+use multiprobe_cli::ticker::parse_interval;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -62,7 +63,8 @@ struct Common {
     /// Print the summary (and per-hit lines) as JSON.
     #[arg(long)]
     json: bool,
-    /// Print the live count table every SECS seconds.
+    /// Print the live count table every SECS seconds (at least 0.01; a tick that
+    /// comes late is skipped, not made up).
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     interval: Option<Duration>,
     /// Write multiprobe's output to FILE instead of stderr.
@@ -76,13 +78,6 @@ struct Common {
     /// program's threads share that CPU. `attach` restores the masks on detach.
     #[arg(long)]
     pin: bool,
-}
-
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
 }
 
 /// clap's message without its `error:` prefix, usage block and hint, on one line.
