@@ -40,6 +40,9 @@ pub enum ProbeError {
          and the default directories)"
     )]
     NoLibrary(String),
+    /// A library named by path that is not an ELF shared object (a `-dev` linker script).
+    #[error("{} is not an ELF shared object (a linker script?): name the library it loads", .0.display())]
+    NotSharedObject(PathBuf),
     /// A library on disk whose symbols cannot be read.
     #[error("cannot read {}: {why}", path.display())]
     Unreadable {

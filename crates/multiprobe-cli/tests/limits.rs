@@ -1,4 +1,5 @@
-//! Hostile and extreme input to the command: intervals too short to serve the program.
+//! Hostile and extreme input to the command: intervals too short to serve the program,
+//! libraries that are linker scripts.
 
 mod common;
 
@@ -75,4 +76,40 @@ fn a_slow_live_table_never_starves_the_program() {
         tables <= elapsed.as_millis() / 10 + 1,
         "{tables} live tables in {elapsed:?}"
     );
+}
+
+/// `libm.so` in a -dev package is a linker script, not a library: a pending probe on
+/// `libm` must find `libm.so.6`, not fail on the script.
+#[test]
+fn library_prefixes_skip_linker_scripts() {
+    let script = std::path::Path::new("/usr/lib/x86_64-linux-gnu/libm.so");
+    let is_script = std::fs::read(script).is_ok_and(|b| !b.starts_with(b"\x7fELF"));
+    if !is_script {
+        eprintln!(
+            "skipped: {} is not a linker script here (libc6-dev not installed)",
+            script.display()
+        );
+        return;
+    }
+    // `true` does not load libm: the probe is pending, checked on disk.
+    let out = run(&["run", "-p", "libm:cbrt", "--", "true"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r = rows(&stderr, "libm:cbrt");
+    assert_eq!(r.len(), 1, "{stderr}");
+    assert!(
+        stderr.lines().last().unwrap().ends_with("pending"),
+        "{stderr}"
+    );
+    // Named by path, the script is refused with a reason.
+    let out = run(&[
+        "run",
+        "-p",
+        "/usr/lib/x86_64-linux-gnu/libm.so:cbrt",
+        "--",
+        "true",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not an ELF shared object"), "{stderr}");
 }
