@@ -22,7 +22,7 @@ use crate::exit::{self, Exit};
 use crate::outfile::OutputFile;
 use crate::report::{json, table, Outcome, Summary};
 use crate::session::{self, lock, Session, Shared};
-use crate::signals;
+use crate::signals::{self, Signal};
 use crate::sink::{Dest, Sink};
 use crate::spec::ProbeSpec;
 use crate::ticker::Ticker;
@@ -260,7 +260,8 @@ fn outcome_of(stop: Stop) -> Outcome {
     }
 }
 
-/// The end: pass a signal on (`run`), print the summary, and decide the exit status.
+/// The end: pass a signal on (`run`), say how an attached process ended, print the
+/// summary, and decide the exit status.
 /// If the output could not be written, the error goes to stderr — with the summary,
 /// when the output was a file.
 fn finish(
@@ -275,6 +276,16 @@ fn finish(
     let ending = signals::ending();
     if let (Mode::Run, Outcome::Detached, Some(e)) = (mode, outcome, ending) {
         signals::pass_on(pid, e);
+    }
+    if mode == Mode::Attach {
+        match outcome {
+            Outcome::Exited(c) => sink.note(&format!("process {pid} exited with status {c}")),
+            Outcome::Killed(s) => {
+                let s = Signal::new(*s).map_or_else(|| format!("signal {s}"), |s| s.to_string());
+                sink.note(&format!("process {pid} was killed by {s}"));
+            }
+            Outcome::Detached => {}
+        }
     }
     let dropped = sink.finish_lines();
     let rows = lock(session).rows();

@@ -3,7 +3,7 @@
 //! | how the session ended | `run` | `attach` |
 //! |---|---|---|
 //! | the program exited with code N | N | N |
-//! | the program was killed by signal S | multiprobe dies of S (as a shell would see the program die unprobed) | same |
+//! | the program was killed by signal S | multiprobe dies of S (as a shell would see the program die unprobed) | 1, with `multiprobe: process PID was killed by S`: never 128+S, which would look as if multiprobe itself had been killed |
 //! | SIGINT or SIGTERM to multiprobe: detached | see [`crate::signals`] | 0 (the process runs on) |
 //! | another signal S to multiprobe: detached | dies of S | dies of S |
 //! | bad input (nothing was left probed or stopped) | 2 | 2 |
@@ -52,13 +52,14 @@ pub fn decide(mode: Mode, outcome: &Outcome, ending: Option<Ending>, output_fail
     if output_failed {
         return Exit::Code(ERROR);
     }
-    match outcome {
-        Outcome::Exited(c) => Exit::Code(*c as u8),
-        Outcome::Killed(s) => match Signal::new(*s) {
+    match (mode, outcome) {
+        (_, Outcome::Exited(c)) => Exit::Code(*c as u8),
+        (Mode::Run, Outcome::Killed(s)) => match Signal::new(*s) {
             Some(s) => Exit::Signal(s),
             None => Exit::Code(1),
         },
-        Outcome::Detached => Exit::Code(0),
+        (Mode::Attach, Outcome::Killed(_)) => Exit::Code(1),
+        (_, Outcome::Detached) => Exit::Code(0),
     }
 }
 
@@ -81,6 +82,7 @@ mod tests {
         assert_eq!(decide(Run, &Exited(7), None, false), Exit::Code(7));
         assert_eq!(decide(Attach, &Exited(7), None, false), Exit::Code(7));
         assert_eq!(decide(Run, &Killed(9), None, false), sig(9));
+        assert_eq!(decide(Attach, &Killed(9), None, false), Exit::Code(1));
         assert_eq!(
             decide(Attach, &Detached, ending(libc::SIGINT), false),
             Exit::Code(0)

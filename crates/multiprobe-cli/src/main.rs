@@ -6,9 +6,13 @@
 //! multiprobe attach [OPTIONS] PID -p SPEC [-p SPEC]...
 //! ```
 //!
-//! Exit status: for `run`, the program's own (a program killed by a signal kills
-//! multiprobe with the same signal, as a shell would see it unprobed); for `attach`, 0
-//! after a clean detach; 2 for bad input (nothing is left probed or stopped).
+//! Exit status (details in the `exit` module): for `run`, the program's own (a program
+//! killed by a signal kills multiprobe with the same signal, as a shell would see it
+//! unprobed); for `attach`, 0 after a clean detach, the process's exit code if it exited
+//! while attached, 1 if it was killed by a signal (named on the output); 2 for bad input
+//! (nothing is left probed or stopped) and for output that could not be written; and a
+//! signal that ended multiprobe (after detaching) ends it as it would have — except
+//! SIGINT and SIGTERM for `attach`, which exit 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

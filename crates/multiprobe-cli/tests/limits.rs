@@ -1,9 +1,9 @@
 //! Hostile and extreme input to the command: intervals too short to serve the program,
-//! libraries that are linker scripts.
+//! libraries that are linker scripts, an attached process killed under us.
 
 mod common;
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -112,4 +112,31 @@ fn library_prefixes_skip_linker_scripts() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not an ELF shared object"), "{stderr}");
+}
+
+/// An attached process killed by SIGKILL: multiprobe says so and exits 1, a status
+/// that cannot be taken for multiprobe's own death by a signal (137).
+#[test]
+fn attach_says_when_the_process_was_killed() {
+    let (mut target, pid, _out) = waiting_target("5");
+    let _target = KillOnDrop(pid);
+    let mut mp = multiprobe()
+        .args(["attach", &pid.to_string(), "-p", "mp_add"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("attached"), "{line}");
+    signal(pid, libc::SIGKILL);
+    let status = wait_for(&mut mp, Duration::from_secs(30)).expect("multiprobe ends");
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {rest}");
+    assert!(
+        rest.contains(&format!("multiprobe: process {pid} was killed by SIGKILL")),
+        "{rest}"
+    );
+    let _ = target.wait();
 }
