@@ -34,8 +34,9 @@ use crate::HandlerId;
 /// One site's list as the batch has it so far.
 struct Staged<S> {
     addr: u64,
-    /// What was published before the batch (put back if the batch fails).
-    before: Option<SiteView<S>>,
+    /// What was published before the batch, taken when the batch first publishes here
+    /// (`None` until then): put back if the batch fails.
+    before: Option<Option<SiteView<S>>>,
     shared: Arc<SiteShared<S>>,
     handlers: SmallVec<[Slot; 4]>,
     /// The exclusive handler there, if any.
@@ -44,8 +45,6 @@ struct Staged<S> {
     any_enabled: bool,
     /// `handlers` has more than the published view.
     dirty: bool,
-    /// The batch published a view here (so a failure must put `before` back).
-    published: bool,
 }
 
 impl<B: Backend> Inner<B> {
@@ -93,8 +92,7 @@ impl<B: Backend> Inner<B> {
         let i = match by_addr.get(&addr) {
             Some(&i) => i,
             None => {
-                let before = w.get(addr).cloned();
-                let (shared, handlers) = match &before {
+                let (shared, handlers) = match w.get(addr) {
                     Some(v) => (Arc::clone(&v.shared), v.handlers.clone()),
                     None => (
                         Arc::new(SiteShared {
@@ -113,11 +111,10 @@ impl<B: Backend> Inner<B> {
                         .find(|s| s.entry.exclusive)
                         .map(|s| s.entry.id),
                     any_enabled: handlers.iter().any(|s| s.enabled),
-                    before,
+                    before: None,
                     shared,
                     handlers,
                     dirty: false,
-                    published: false,
                 });
                 by_addr.insert(addr, sites.len() - 1);
                 sites.len() - 1
@@ -167,8 +164,8 @@ impl<B: Backend> Inner<B> {
                 s.any_enabled = was_enabled;
                 return Err(e);
             }
+            s.before.get_or_insert(old);
             s.dirty = false;
-            s.published = true;
         } else {
             s.dirty = true;
         }
@@ -191,11 +188,12 @@ impl<B: Backend> Inner<B> {
         for e in added {
             self.index.remove(&e.id);
         }
-        for s in sites.into_iter().rev().filter(|s| s.published) {
+        for s in sites.into_iter().rev() {
+            let Some(before) = s.before else {
+                continue;
+            };
             let now = w.get(s.addr).cloned();
-            let before = s
-                .before
-                .map(|v| SiteView::new(Arc::clone(&v.shared), v.handlers.clone()));
+            let before = before.map(|v| SiteView::new(Arc::clone(&v.shared), v.handlers.clone()));
             let _ = self.transition(w, s.addr, now.as_ref(), before);
         }
     }
