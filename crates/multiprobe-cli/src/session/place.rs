@@ -1,10 +1,15 @@
 //! One placement: resolve every spec that is not placed yet, then register the handlers
-//! of each spec (or pattern match) in one batch, all or none.
+//! of each site in one batch.
 //!
 //! Resolving everything first means a name that does not resolve fails the first
-//! placement before anything is armed. A detach requested meanwhile (a signal) stops
-//! the placement between two registrations.
+//! placement before anything is armed. Registering per site (all the specs and actions
+//! that landed on one address, in command-line order) costs time linear in the number
+//! of handlers, however many share a site ([`multiprobe_core::Registry::register_batch`]
+//! publishes each site's list once); a site that cannot be probed fails every spec on
+//! it, with the backend's reason. A detach requested meanwhile (a signal) stops the
+//! placement between two sites.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use multiprobe_core::Error as CoreError;
@@ -152,43 +157,63 @@ impl Session {
         false
     }
 
-    /// Register what was planned, one batch per spec or match. Returns true if that
-    /// was fatal.
+    /// Register what was planned, one batch per site. Returns true if that was fatal.
     fn register(
         &mut self,
         wants: Vec<Want>,
         first: bool,
         patterns: &mut [Option<Matches>],
     ) -> bool {
+        let mut order: Vec<u64> = Vec::new();
+        let mut sites: HashMap<u64, Vec<Want>> = HashMap::new();
         for w in wants {
+            sites
+                .entry(w.addr)
+                .or_insert_with(|| {
+                    order.push(w.addr);
+                    Vec::new()
+                })
+                .push(w);
+        }
+        for addr in order {
             if self.cancelled() {
                 return false;
             }
-            let label: Arc<str> = Arc::from(w.label.as_str());
-            let requests: Vec<_> = w
-                .rows
-                .iter()
-                .map(|&r| actions::request(w.addr, self.rows.action(r), &label, &self.sink))
-                .collect();
+            let group = sites.remove(&addr).unwrap_or_default();
+            let mut requests = Vec::new();
+            for w in &group {
+                let label: Arc<str> = Arc::from(w.label.as_str());
+                requests.extend(
+                    w.rows
+                        .iter()
+                        .map(|&r| actions::request(addr, self.rows.action(r), &label, &self.sink)),
+                );
+            }
             let why = match self.registry.register_batch(requests) {
                 Ok(guards) => {
-                    let ids = guards.into_iter().map(|g| g.into_id());
-                    self.rows.armed(&w.rows, ids, w.addr, w.mapped, &w.label);
-                    if w.pattern {
-                        matches_of(patterns, w.spec).placed += 1;
+                    let mut ids = guards.into_iter().map(|g| g.into_id());
+                    for w in group {
+                        let n = w.rows.len();
+                        self.rows
+                            .armed(&w.rows, ids.by_ref().take(n), addr, w.mapped, &w.label);
+                        if w.pattern {
+                            matches_of(patterns, w.spec).placed += 1;
+                        }
                     }
                     continue;
                 }
                 Err(CoreError::Batch { source, .. }) => Arc::new(*source),
                 Err(e) => Arc::new(e),
             };
-            let e = ProbeError::Register(why);
-            if w.pattern {
-                matches_of(patterns, w.spec)
-                    .failed
-                    .push((w.label, w.rows, e));
-            } else if self.give_up(w.spec, first, e, Failure::CannotProbe) {
-                return true;
+            for w in group {
+                let e = ProbeError::Register(Arc::clone(&why));
+                if w.pattern {
+                    matches_of(patterns, w.spec)
+                        .failed
+                        .push((w.label, w.rows, e));
+                } else if self.give_up(w.spec, first, e, Failure::CannotProbe) {
+                    return true;
+                }
             }
         }
         false
