@@ -6,9 +6,9 @@
 //! probe is resolved and placed before the program runs its own code (`run`: held at
 //! its entry point) and the output file is taken only then; a failure up to there
 //! kills the spawned program or detaches from the attached one, and is one line with
-//! exit status 2; from there on the tracer loop serves hits until the
-//! program ends or a signal asks to detach; the summary comes last, and the exit status
-//! is decided by [`crate::exit::decide`].
+//! exit status 2; from there on the tracer loop serves hits until the program ends or a
+//! signal asks to detach; the summary comes last, and the exit status is decided by
+//! [`crate::exit::decide`].
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -261,9 +261,8 @@ fn outcome_of(stop: Stop) -> Outcome {
 }
 
 /// The end: pass a signal on (`run`), say how an attached process ended, print the
-/// summary, and decide the exit status.
-/// If the output could not be written, the error goes to stderr — with the summary,
-/// when the output was a file.
+/// summary, and decide the exit status. If the output could not be written, the error
+/// goes to stderr — with the summary, when the output was a file.
 fn finish(
     mode: Mode,
     outcome: &Outcome,

@@ -4,10 +4,10 @@
 //!
 //! One job per module: [`spec`] (what users write), [`command`] (the order of a
 //! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
-//! (the handlers), [`signals`] (detaching on every signal that would end us), [`sink`] and [`outfile`] (where output goes, failing
-//! loudly), [`report`] and
-//! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status), [`libs`] (libraries on disk),
-//! [`affinity`] (`--pin`), [`error`].
+//! (the handlers), [`signals`] (detaching on every signal that would end us),
+//! [`sink`] and [`outfile`] (where output goes, failing loudly), [`report`] and
+//! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status),
+//! [`libs`] (libraries on disk), [`affinity`] (`--pin`), [`error`].
 
 #![warn(missing_docs)]
 
