@@ -108,10 +108,20 @@ impl Bell {
 fn start(listen: &OwnedFd) -> Result<Pid> {
     let parent = std::process::id() as i32;
     let rfd = listen.as_raw_fd();
+    // Every signal stays blocked from before the fork until the child ignores them all,
+    // so none can kill it in between; the parent's mask is put back right after.
+    // SAFETY: sigfillset and pthread_sigmask on local sets, valid pointers.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
     // SAFETY: the child only makes async-signal-safe system calls (prctl, getppid,
-    // setsid, sigaction, dup2, close_range, read, kill) and returns, which `sys::fork`
-    // turns into `_exit`.
-    unsafe {
+    // setsid, sigaction, sigprocmask, dup2, close_range, read, kill) and returns, which
+    // `sys::fork` turns into `_exit`.
+    let pid = unsafe {
         sys::fork(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != parent {
@@ -124,6 +134,9 @@ fn start(listen: &OwnedFd) -> Result<Pid> {
                     libc::signal(sig, libc::SIG_IGN);
                 }
             }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             if libc::dup2(rfd, 0) != 0 {
                 return;
             }
@@ -139,8 +152,10 @@ fn start(listen: &OwnedFd) -> Result<Pid> {
                 }
             }
         })
-    }
-    .map_err(|e| error::sys(e, "fork the doorbell"))
+    };
+    // SAFETY: restoring this thread's mask from a set pthread_sigmask filled.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    pid.map_err(|e| error::sys(e, "fork the doorbell"))
 }
 
 impl Drop for Bell {

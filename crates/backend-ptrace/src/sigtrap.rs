@@ -13,10 +13,13 @@
 //!
 //! What the program had is read from `/proc` (`SigBlk` per thread, `SigIgn` for the
 //! process) when the tracer starts, at every exec, for each new thread (whose mask is
-//! its creator's), and each time [`Tracer::run`] or [`Tracer::run_until`] starts (all
+//! its creator's: see [`TrapGuard::new_thread`]), and each time [`Tracer::run`] or [`Tracer::run_until`] starts (all
 //! threads are then running or held, none half-way through a trap). A fork child
 //! inherits the action and masks of the moment it was forked, which the guard restores
-//! before a trapped thread runs on. A program that starts to block
+//! before a trapped thread runs on. So a program that starts with SIGTRAP blocked or
+//! ignored (inherited through exec, as from a launcher that ignores it), or that had
+//! set it so before it was attached to, keeps it so exactly. A program that starts to
+//! block
 //! or ignore SIGTRAP between two of these moments is not seen until the next; a thread
 //! that blocks it *and* has a handler for it loses the handler at a hit (the kernel
 //! resets it, and its address cannot be read back): its mask is restored, the handler
@@ -30,6 +33,9 @@ use crate::thread::Threads;
 use crate::tracer::Tracer;
 
 const TRAP_BIT: u64 = 1 << (libc::SIGTRAP - 1);
+/// Every standard signal but `SIGKILL` and `SIGSTOP` (which cannot be blocked): the mask
+/// of a thread in the middle of `pthread_create`.
+const TRANSIENT: u64 = 0x7fff_ffff & !(1 << (libc::SIGKILL - 1)) & !(1 << (libc::SIGSTOP - 1));
 
 /// What the program had set for SIGTRAP, as last read.
 #[derive(Debug, Default)]
@@ -73,17 +79,26 @@ impl TrapGuard {
         }
     }
 
-    /// Thread `new` was created by `parent`: read its mask (it has not run yet), and the
-    /// process's disposition again.
+    /// Thread `new` was created by `parent` (which is stopped at the clone event).
+    /// C libraries block every signal around `clone` and the new thread restores the
+    /// creator's mask when it starts, so what `/proc` shows now is that transient
+    /// everything-blocked set for both: then the new thread gets the creator's entry as
+    /// last read; any other mask is the new thread's own.
     pub(crate) fn new_thread(&mut self, pid: Pid, parent: Tid, new: Tid) {
-        let _ = parent;
-        if let Some(s) = task_status(pid, new) {
-            self.ignored = status_mask(&s, "SigIgn:") & TRAP_BIT != 0;
-            if status_mask(&s, "SigBlk:") & TRAP_BIT != 0 {
-                self.blocked.insert(new);
-            } else {
-                self.blocked.remove(&new);
-            }
+        let Some(s) = task_status(pid, new) else {
+            return;
+        };
+        self.ignored = status_mask(&s, "SigIgn:") & TRAP_BIT != 0;
+        let mask = status_mask(&s, "SigBlk:");
+        let blocked = if mask & TRANSIENT == TRANSIENT {
+            self.blocked.contains(&parent)
+        } else {
+            mask & TRAP_BIT != 0
+        };
+        if blocked {
+            self.blocked.insert(new);
+        } else {
+            self.blocked.remove(&new);
         }
     }
 
