@@ -24,7 +24,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
 use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
 
 use crate::mem::CodeMemory;

@@ -19,7 +19,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use multiprobe_core::{Dispatcher, Error, HandlerInfo, Registry, Result, ThreadState};
+use multiprobe_core::backend::{Dispatcher, ThreadState};
+use multiprobe_core::{Error, HandlerInfo, Registry, Result};
 use multiprobe_symbols::ProcessSymbols;
 use multiprobe_x86::SlotKind;
 

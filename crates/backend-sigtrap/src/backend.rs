@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
 use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};

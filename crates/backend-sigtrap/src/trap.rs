@@ -32,7 +32,8 @@ use std::cell::Cell;
 use std::sync::Once;
 
 use libc::{c_int, c_void, siginfo_t, ucontext_t};
-use multiprobe_core::{PreOutcome, Regs, ThreadState};
+use multiprobe_core::backend::{PreOutcome, ThreadState};
+use multiprobe_core::Regs;
 
 use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;

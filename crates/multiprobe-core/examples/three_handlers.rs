@@ -7,8 +7,9 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::{TestBackend, INT3};
-use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs};
 
 const ADDR: u64 = 0x40_1000;
 

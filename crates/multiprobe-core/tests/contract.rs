@@ -6,10 +6,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use multiprobe_core::backend::{PreOutcome, ThreadState, MAX_PENDING};
 use multiprobe_core::testing::{Event, HitResult, TestBackend, INT3, ORIGINAL};
 use multiprobe_core::{
-    Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, PreOutcome, Registry,
-    Regs, Request, ThreadState, MAX_PENDING,
+    Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, Registry, Regs,
+    Request,
 };
 
 const A: u64 = 0x40_1000;
@@ -257,7 +258,7 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
     let mut regs = Regs::default();
     for (k, &a) in sites.iter().enumerate() {
         regs.rip = a;
-        match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory) {
+        match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
             PreOutcome::Step(s) => {
                 assert_eq!(s.wants_post(), k < MAX_PENDING, "step {k}");
                 if s.wants_post() {
@@ -269,9 +270,15 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
     }
     assert_eq!(ts.pending(), MAX_PENDING);
     let deepest = *sites.last().unwrap();
-    assert!(!d.post(&ts, deepest, 1, &mut regs, &multiprobe_core::NoMemory));
+    assert!(!d.post(
+        &ts,
+        deepest,
+        1,
+        &mut regs,
+        &multiprobe_core::backend::NoMemory
+    ));
     for &a in sites[..MAX_PENDING].iter().rev() {
-        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory));
+        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::backend::NoMemory));
     }
     assert_eq!(ts.pending(), 0);
     let mut want: Vec<String> = names[..=MAX_PENDING]
@@ -316,7 +323,7 @@ fn a_handler_enabled_between_pre_and_post_gets_no_post() {
         rip: A,
         ..Regs::default()
     };
-    match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory) {
+    match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
         PreOutcome::Step(s) => {
             assert!(s.wants_post());
             s.defer_post();
@@ -325,7 +332,7 @@ fn a_handler_enabled_between_pre_and_post_gets_no_post() {
     }
     // Enabling does not wait for the pending step.
     late.enable().unwrap();
-    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory));
+    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory));
     assert_eq!(taken(&l), vec!["pre a", "post a"]);
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     assert_eq!(taken(&l), vec!["pre a", "pre late", "post a", "post late"]);
@@ -397,13 +404,13 @@ fn unregister_waits_for_a_hit_in_flight_on_another_thread() {
             rip: A,
             ..Regs::default()
         };
-        match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::NoMemory) {
+        match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory) {
             PreOutcome::Step(s) => s.defer_post(),
             other => panic!("{other:?}"),
         }
         to_main.send(()).unwrap();
         from_main.recv().unwrap();
-        assert!(d.post(&ts, A, 2, &mut regs, &multiprobe_core::NoMemory));
+        assert!(d.post(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory));
     });
     from_hitter.recv().unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -904,9 +911,9 @@ fn dropping_the_registry_restores_every_byte() {
 
 /// A backend shared with the test, so it can be inspected after the registry is gone.
 struct Shared(Arc<TestBackend>);
-impl multiprobe_core::Backend for Shared {
-    type Site = <TestBackend as multiprobe_core::Backend>::Site;
-    fn attach(&self, d: multiprobe_core::Dispatcher<Self::Site>) {
+impl multiprobe_core::backend::Backend for Shared {
+    type Site = <TestBackend as multiprobe_core::backend::Backend>::Site;
+    fn attach(&self, d: multiprobe_core::backend::Dispatcher<Self::Site>) {
         self.0.attach(d)
     }
     fn prepare(&self, addr: u64) -> multiprobe_core::Result<Self::Site> {
@@ -978,7 +985,7 @@ fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
         rip: A,
         ..Regs::default()
     };
-    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::NoMemory) {
+    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::backend::NoMemory) {
         PreOutcome::Step(s) => s.defer_post(),
         other => panic!("{other:?}"),
     }

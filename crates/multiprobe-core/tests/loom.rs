@@ -15,8 +15,9 @@ use std::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
+use multiprobe_core::backend::{PreOutcome, ThreadState};
 use multiprobe_core::testing::{HitResult, TestBackend};
-use multiprobe_core::{FnHandler, Hit, PreAction, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs};
 
 const A: u64 = 0x1000;
 
@@ -195,13 +196,13 @@ fn unregister_waits_for_a_deferred_step() {
                 rip: A,
                 ..Regs::default()
             };
-            match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory) {
+            match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
                 PreOutcome::Step(s) => {
                     assert!(s.wants_post());
                     s.defer_post();
                     e2.store(true, SeqCst);
                     regs.rip = A + 1;
-                    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory));
+                    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory));
                 }
                 PreOutcome::NotOurs => {}
                 PreOutcome::Redirect => panic!("nobody redirects"),

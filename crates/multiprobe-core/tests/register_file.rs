@@ -8,11 +8,9 @@ use std::cell::{Cell, OnceCell};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use multiprobe_core::backend::{NoMemory, PreOutcome, RegisterFile, ThreadState};
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{
-    Fault, FaultAction, FnHandler, Hit, NoMemory, PreOutcome, RegisterFile, Registry, Regs,
-    ThreadState,
-};
+use multiprobe_core::{Fault, FaultAction, FnHandler, Hit, Registry, Regs};
 
 const A: u64 = 0x40_1000;
 

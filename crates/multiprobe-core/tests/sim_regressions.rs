@@ -2,8 +2,9 @@
 //! (crates/backend-sim)
 //! found, each reduced to a minimal test on the core's own `TestBackend`.
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{Hit, Registry, Regs, ThreadState};
+use multiprobe_core::{Hit, Registry, Regs};
 
 /// Found by the `ops` model (generated case: disable while `disarm` is made to fail).
 ///

@@ -9,8 +9,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::{HitResult, TestBackend};
-use multiprobe_core::{FnHandler, Hit, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, Hit, Registry, Regs};
 
 const SHARED: u64 = 0x7000_0000;
 const CHURN: u64 = 0x7000_1000;
