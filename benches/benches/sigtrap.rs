@@ -184,11 +184,11 @@ fn counter(c: &Arc<AtomicU64>) -> impl Fn(&mut Hit<'_>) + Send + Sync + 'static 
 fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
     let (a, b) = (Arc::clone(c), Arc::clone(c));
     FnHandler::new()
-        .pre(move |_h: &mut Hit<'_>| {
+        .pre(move |_h| {
             a.fetch_add(1, Relaxed);
             PreAction::Continue
         })
-        .post(move |h: &mut Hit<'_>| {
+        .post(move |h| {
             black_box(h.regs().rax);
             b.fetch_add(1, Relaxed);
         })
@@ -236,7 +236,7 @@ fn main() {
         let mut guards = Vec::new();
         for k in 0..handlers {
             guards.push(if post && k == 0 {
-                reg.register(addr, with_post(&hits)).unwrap()
+                reg.register_handler(addr, with_post(&hits)).unwrap()
             } else {
                 reg.register(addr, counter(&hits)).unwrap()
             });

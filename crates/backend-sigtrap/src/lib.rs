@@ -13,7 +13,7 @@
 //! let ring = Arc::new(HitRing::<HitRecord>::new(1024));
 //! let r = Arc::clone(&ring);
 //! let probe = reg
-//!     .register(work as *const () as u64, move |hit: &mut multiprobe_core::Hit<'_>| {
+//!     .register(work as *const () as u64, move |hit| {
 //!         r.push(HitRecord::of(hit)); // signal-safe hand-out
 //!     })
 //!     .unwrap();

@@ -114,11 +114,11 @@ fn enable_disable_racing_a_hit() {
             .register(
                 A,
                 FnHandler::new()
-                    .pre(move |_: &mut Hit<'_>| {
+                    .pre(move |_| {
                         p1.fetch_add(1, SeqCst);
                         PreAction::Continue
                     })
-                    .post(move |_: &mut Hit<'_>| {
+                    .post(move |_| {
                         p2.fetch_add(1, SeqCst);
                     }),
             )
@@ -182,10 +182,7 @@ fn unregister_waits_for_a_deferred_step() {
         let post_done = Arc::new(AtomicBool::new(false));
         let pd = Arc::clone(&post_done);
         let g = r
-            .register(
-                A,
-                FnHandler::new().post(move |_: &mut Hit<'_>| pd.store(true, SeqCst)),
-            )
+            .register(A, FnHandler::new().post(move |_| pd.store(true, SeqCst)))
             .unwrap();
         let d = r.dispatcher();
         let entered = Arc::new(AtomicBool::new(false));
