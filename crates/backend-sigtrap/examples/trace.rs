@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use multiprobe_backend_sigtrap::{HitRecord, HitRing};
+use multiprobe_backend_sigtrap::{fn_addr, HitRecord, HitRing};
 use multiprobe_core::{FnHandler, PreAction};
 
 #[inline(never)]
@@ -19,7 +19,7 @@ fn checksum(data: &[u8], seed: u64) -> u64 {
 
 fn main() {
     let reg = multiprobe_backend_sigtrap::registry();
-    let addr = checksum as *const () as u64;
+    let addr = fn_addr(checksum as fn(&'static [u8], u64) -> u64);
 
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);

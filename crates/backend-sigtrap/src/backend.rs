@@ -60,10 +60,25 @@ pub struct Site {
     mapped: MappedAt,
 }
 
+/// How a hit at a site executes the instruction the `int3` displaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Class {
+    /// Emulated on the interrupted registers (`nop`, `endbr64`, `push`, `jmp`, `jcc`,
+    /// `call`, `ret`, ...): no slot, one trap even with post-handlers.
+    Emulated,
+    /// Executed from an out-of-line slot within ±2 GiB of the code: a slot that jumps
+    /// back (one trap), or, with post-handlers, one that ends in `int3` (two).
+    OutOfLine,
+}
+
 impl Site {
-    /// How hits at this site are served (emulated, or which kind of relocation).
-    pub fn class(&self) -> multiprobe_x86::Class {
-        self.info.plan.class()
+    /// How hits at this site execute the probed instruction.
+    pub fn class(&self) -> Class {
+        match self.info.plan.class() {
+            multiprobe_x86::Class::Emulated(_) => Class::Emulated,
+            multiprobe_x86::Class::Relocated(_) => Class::OutOfLine,
+        }
     }
 
     /// The probed instruction, disassembled.
@@ -90,7 +105,7 @@ impl SigtrapBackend {
 
 impl SigtrapBackend {
     /// How hits at `addr` are served, if a probe of this backend is there.
-    pub fn class_at(&self, addr: u64) -> Option<multiprobe_x86::Class> {
+    pub fn class_at(&self, addr: u64) -> Option<Class> {
         let i = *self.entry.get()?;
         dispatchers::get(i)?.with_site(addr, |s| s.class())
     }

@@ -47,13 +47,13 @@ fn panic_target(x: u64) -> u64 {
 }
 
 fn addr_of(f: fn(u64) -> u64) -> u64 {
-    f as *const () as u64
+    multiprobe_backend_sigtrap::fn_addr(f)
 }
 
 #[test]
 fn three_handlers_at_a_function_entry_count_capture_arguments_and_run_in_order() {
     let reg = multiprobe_backend_sigtrap::registry();
-    let a = add3 as *const () as u64;
+    let a = multiprobe_backend_sigtrap::fn_addr(add3 as fn(u64, u64, u64) -> u64);
     let ring = Arc::new(HitRing::<(u8, HitRecord)>::new(256));
     let guards: Vec<_> = (0..3u8)
         .map(|k| {
