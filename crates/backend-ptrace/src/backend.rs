@@ -33,7 +33,7 @@ use crate::sys::Tid;
 use crate::xol::Xol;
 use multiprobe_symbols::{MappedAt, Maps, ProcessSymbols, SymbolCache};
 
-pub(crate) const INT3: u8 = 0xcc;
+pub(crate) use multiprobe_x86::INT3;
 
 /// Where the tracee stands, as far as patching its code goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,7 +31,7 @@ use crate::tracer::{FilterGone, InSlot, Tracer, RIP};
 use crate::xol::{GADGET, PAGE, UNIT};
 
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
-const REACH: u64 = (1 << 31) - 2 * PAGE;
+const REACH: u64 = multiprobe_x86::slot_reach(PAGE);
 
 /// What to do with a thread after its pre-handlers.
 enum Next {

@@ -14,13 +14,11 @@ use std::sync::{Mutex, OnceLock};
 
 use multiprobe_core::backend::{Backend, Dispatcher};
 use multiprobe_core::{Error, Result};
-use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
+use multiprobe_x86::{Code, Plan, Slot, SlotKind, INT3, MAX_INSN_LEN, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};
 
 use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
-
-const INT3: u8 = 0xcc;
 
 /// Addresses armed by any backend in this process → original first byte.
 static ARMED: Mutex<BTreeMap<u64, u8>> = Mutex::new(BTreeMap::new());
@@ -278,7 +276,7 @@ fn block_info(addr: u64, plan: Plan) -> Result<&'static BlockInfo> {
         boost,
         post,
     }));
-    let mut code = [0xccu8; 2 * MAX_SLOT_LEN];
+    let mut code = [INT3; 2 * MAX_SLOT_LEN];
     code[..boost.bytes().len()].copy_from_slice(boost.bytes());
     if let Some(p) = &post {
         code[MAX_SLOT_LEN..MAX_SLOT_LEN + p.bytes().len()].copy_from_slice(p.bytes());
