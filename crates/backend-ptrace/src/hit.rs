@@ -18,7 +18,8 @@
 
 use std::sync::Arc;
 
-use multiprobe_core::{Memory, PreOutcome, RegisterFile, Result};
+use multiprobe_core::backend::{PreOutcome, RegisterFile};
+use multiprobe_core::{Memory, Result};
 use multiprobe_x86::{Class, EmulatedKind, Plan, SlotKind};
 
 use crate::backend::{SiteInner, Slots, INT3};

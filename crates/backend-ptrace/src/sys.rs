@@ -420,7 +420,7 @@ pub(crate) struct SigInfo {
 }
 
 /// `si_code` of signals the kernel raises itself (an `int3`, a general protection fault).
-pub(crate) const SI_KERNEL: i32 = 0x80;
+pub(crate) use libc::SI_KERNEL;
 
 /// The siginfo of the signal a thread is stopped for. `EINVAL` in group-stop.
 pub(crate) fn sig_info(tid: Tid) -> SysResult<SigInfo> {

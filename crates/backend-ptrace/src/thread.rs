@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use multiprobe_core::ThreadState;
+use multiprobe_core::backend::ThreadState;
 use multiprobe_x86::SlotKind;
 
 use crate::backend::{SiteInner, Slots};

@@ -16,7 +16,7 @@ use multiprobe_x86::MAX_SLOT_LEN;
 
 pub(crate) const PAGE: u64 = 4096;
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
-pub(crate) const REACH: u64 = (1 << 31) - 2 * PAGE;
+pub(crate) const REACH: u64 = multiprobe_x86::slot_reach(PAGE);
 /// Bytes of one site's allocation: both slot variants.
 pub(crate) const UNIT: u64 = 2 * MAX_SLOT_LEN as u64;
 const UNITS: u64 = PAGE / UNIT;
