@@ -53,6 +53,9 @@ impl Tracer {
             .and_then(|r| r.ok());
         if tgid == Some(self.pid()) {
             self.threads.add(tid, Thread::running(Kind::Thread));
+            // Seen before its creator's clone event (which tells the creator): the
+            // leader stands in for the creator until then.
+            self.trap.new_thread(self.shared.pid, self.shared.pid, tid);
             true
         } else {
             self.children.early.insert(tid, w);
