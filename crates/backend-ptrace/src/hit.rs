@@ -26,7 +26,7 @@ use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
 use crate::regs::{self, to_core, ThreadRegs};
-use crate::sys::{self, Signal, Tid, UserOffset, UserRegs, Wait, SI_KERNEL};
+use crate::sys::{self, Event, Signal, Tid, UserOffset, UserRegs, Wait, SI_KERNEL};
 use crate::thread::{gone_is_ok, InSlot};
 use crate::tracer::Tracer;
 use crate::xol::{PAGE, REACH, UNIT};
@@ -409,6 +409,13 @@ impl Tracer {
                     return sys::get_regs(tid).map(Some).or(Ok(None));
                 }
                 Some(Wait::Signal(_, sig)) => self.aside.push_signal(tid, sig),
+                // The instruction is a `syscall` that created a thread: it may be held
+                // waiting for this event (see `sigtrap.rs`).
+                Some(Wait::Event(_, Event::Clone)) => {
+                    if let Ok(new) = sys::event_pid(tid) {
+                        self.claim_thread(tid, new)?;
+                    }
+                }
                 Some(w) if w.is_end() => {
                     self.aside.push_wait(w);
                     return Ok(None);

@@ -1,9 +1,12 @@
-/* A program that blocks or ignores SIGTRAP (argv[1]: "block" or "ignore"; "keep" leaves
- * what it inherited through exec) before it starts a worker thread (which inherits the
- * mask). The worker calls mp_tm_work
- * argv[2] times, then raises SIGTRAP itself: blocked, it stays pending; ignored, it is
- * dropped — either way the program lives on. It then reports what it sees of SIGTRAP's
- * disposition and mask, which a probed run must report the same. */
+/* A program that sets SIGTRAP up (argv[1]: "block" blocks it, "ignore" ignores it,
+ * "handle" installs a handler and keeps the mask it inherited, "keep" keeps what it
+ * inherited through exec) before it starts argv[3] worker threads (default 1), one
+ * after the other, or all at once with argv[4] "together" (each inherits the mask). Each worker calls mp_tm_work argv[2] times,
+ * then raises SIGTRAP itself: blocked, it stays pending; ignored, it is dropped —
+ * either way the program lives on. With a handler, the thread then unblocks SIGTRAP,
+ * so the pending one reaches the handler. Then the main thread does the same. Each
+ * reports what it sees of SIGTRAP's disposition and mask and how many SIGTRAPs the
+ * handler took, which a probed run must report the same. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
@@ -17,6 +20,13 @@ __attribute__((noinline)) unsigned long mp_tm_work(unsigned long x) {
 }
 
 static long calls;
+static int handling;
+static volatile sig_atomic_t handled;
+
+static void on_trap(int sig) {
+    (void)sig;
+    handled++;
+}
 
 static void describe(const char *who) {
     struct sigaction sa;
@@ -24,8 +34,28 @@ static void describe(const char *who) {
     sigset_t cur, pend;
     pthread_sigmask(SIG_BLOCK, NULL, &cur);
     sigpending(&pend);
-    printf("%s ignored=%d blocked=%d pending=%d\n", who, sa.sa_handler == SIG_IGN,
-           sigismember(&cur, SIGTRAP), sigismember(&pend, SIGTRAP));
+    printf("%s ignored=%d caught=%d blocked=%d pending=%d handled=%d\n", who,
+           sa.sa_handler == SIG_IGN, sa.sa_handler == on_trap, sigismember(&cur, SIGTRAP),
+           sigismember(&pend, SIGTRAP), (int)handled);
+}
+
+/* Raise SIGTRAP at this thread; with a handler, let it through, then block it again. */
+static void raise_own(const char *who) {
+    char name[64];
+    snprintf(name, sizeof name, "%s-before-raise", who);
+    describe(name);
+    raise(SIGTRAP);
+    snprintf(name, sizeof name, "%s-after-raise", who);
+    describe(name);
+    if (handling) {
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, SIGTRAP);
+        pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+        pthread_sigmask(SIG_BLOCK, &s, NULL);
+        snprintf(name, sizeof name, "%s-after-unblock", who);
+        describe(name);
+    }
 }
 
 static void *worker(void *arg) {
@@ -33,9 +63,7 @@ static void *worker(void *arg) {
     unsigned long s = 0;
     for (long i = 0; i < calls; i++)
         s += mp_tm_work((unsigned long)i);
-    describe("worker-before-raise");
-    raise(SIGTRAP);
-    describe("worker-after-raise");
+    raise_own("worker");
     printf("worker sum=%lu\n", s);
     return NULL;
 }
@@ -43,26 +71,39 @@ static void *worker(void *arg) {
 int mp_trapmask_main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "block";
     calls = argc > 2 ? atol(argv[2]) : 10;
+    long workers = argc > 3 ? atol(argv[3]) : 1;
     if (strcmp(mode, "keep") == 0) {
         /* as inherited */
     } else if (strcmp(mode, "ignore") == 0) {
         signal(SIGTRAP, SIG_IGN);
+    } else if (strcmp(mode, "handle") == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_trap;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGTRAP, &sa, NULL);
+        handling = 1;
     } else {
         sigset_t s;
         sigemptyset(&s);
         sigaddset(&s, SIGTRAP);
         pthread_sigmask(SIG_BLOCK, &s, NULL);
     }
-    pthread_t t;
-    if (pthread_create(&t, NULL, worker, NULL) != 0)
-        return 2;
-    pthread_join(t, NULL);
+    int together = argc > 4 && strcmp(argv[4], "together") == 0;
+    pthread_t *t = calloc((size_t)workers + 1, sizeof *t);
+    for (long w = 0; w < workers; w++) {
+        if (pthread_create(&t[w], NULL, worker, NULL) != 0)
+            return 2;
+        if (!together)
+            pthread_join(t[w], NULL);
+    }
+    for (long w = 0; together && w < workers; w++)
+        pthread_join(t[w], NULL);
+    free(t);
     unsigned long s = 0;
     for (long i = 0; i < calls; i++)
         s += mp_tm_work((unsigned long)i);
-    describe("main");
-    raise(SIGTRAP);
-    describe("main-after-raise");
+    raise_own("main");
     printf("main sum=%lu\n", s);
     return 0;
 }
