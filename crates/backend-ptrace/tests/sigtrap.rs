@@ -174,3 +174,51 @@ fn a_hit_in_a_thread_that_blocks_sigtrap_costs_two_requests_more() {
         }
     );
 }
+
+/// Attached to a process that already catches SIGTRAP and blocks it: the handler must
+/// be learned before any probe can hit — the only thread to hit here blocks it.
+#[test]
+fn attached_to_a_process_that_blocks_its_handled_sigtrap_the_handler_survives() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let cmd = || {
+        let mut c = trapmask_with(Inherit::Blocked, &["handle", "30", "0", "wait"]);
+        c.stdin(std::process::Stdio::piped());
+        c
+    };
+    let start = || {
+        let mut child = cmd().spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        (child, out)
+    };
+    // Its output; the exit status comes from whoever reaps it (the tracer's thread
+    // waits for every child of its thread).
+    let finish = |mut child: std::process::Child, mut out: BufReader<_>| {
+        child.stdin.take().unwrap().write_all(b"g").unwrap();
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        (s, child)
+    };
+    let (child, out) = start();
+    let (expected, mut child) = finish(child, out);
+    assert!(child.wait().unwrap().success(), "{expected}");
+
+    let (child, out) = start();
+    let mut t = Tracer::attach(child.id() as i32).unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let _g = t
+        .registry()
+        .register(t.resolve("mp_tm_work").unwrap(), move |_| {
+            h.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    let waiter = std::thread::spawn(move || finish(child, out));
+    let stop = t.run().unwrap();
+    let (got, _reaped_by_the_tracer) = waiter.join().unwrap();
+    assert_eq!(stop, Stop::Exited(ExitStatus::Code(0)), "{got}");
+    assert_eq!(got, expected);
+    assert_eq!(hits.load(Relaxed), 30);
+}

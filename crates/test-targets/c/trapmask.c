@@ -1,7 +1,9 @@
 /* A program that sets SIGTRAP up (argv[1]: "block" blocks it, "ignore" ignores it,
  * "handle" installs a handler and keeps the mask it inherited, "keep" keeps what it
  * inherited through exec) before it starts argv[3] worker threads (default 1), one
- * after the other, or all at once with argv[4] "together" (each inherits the mask). Each worker calls mp_tm_work argv[2] times,
+ * after the other, or all at once if argv[4] has "together" (each inherits the mask).
+ * If argv[4] has "wait", it first prints "ready" and waits for a byte on stdin (for a
+ * tracer to attach). Each worker calls mp_tm_work argv[2] times,
  * then raises SIGTRAP itself: blocked, it stays pending; ignored, it is dropped —
  * either way the program lives on. With a handler, the thread then unblocks SIGTRAP,
  * so the pending one reaches the handler. Then the main thread does the same. Each
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 __attribute__((noinline)) unsigned long mp_tm_work(unsigned long x) {
     __asm__ volatile("" : "+r"(x));
@@ -89,7 +92,15 @@ int mp_trapmask_main(int argc, char **argv) {
         sigaddset(&s, SIGTRAP);
         pthread_sigmask(SIG_BLOCK, &s, NULL);
     }
-    int together = argc > 4 && strcmp(argv[4], "together") == 0;
+    const char *how = argc > 4 ? argv[4] : "";
+    if (strstr(how, "wait")) {
+        char go;
+        printf("ready\n");
+        fflush(stdout);
+        if (read(0, &go, 1) != 1)
+            return 3;
+    }
+    int together = strstr(how, "together") != NULL;
     pthread_t *t = calloc((size_t)workers + 1, sizeof *t);
     for (long w = 0; w < workers; w++) {
         if (pthread_create(&t[w], NULL, worker, NULL) != 0)
