@@ -38,15 +38,22 @@
 //! also returns the one it replaces: an action the program set since (a handler where
 //! the reset left `SIG_DFL`, other flags) is kept, not overwritten.
 //!
+//! A handler without `SA_NODEFER` blocks SIGTRAP while it runs: the program's own
+//! SIGTRAP is delivered so that the tracer sees the handler's mask and action as it
+//! starts (`sigtrap/deliver.rs`), and that thread's hits check whether the handler
+//! survived them until one shows it did (it returned).
+//!
 //! What remains (also in the crate docs): a program that starts or stops blocking
-//! SIGTRAP in a thread, or changes its action, between two readings is not seen until
-//! the next — a hit meanwhile restores what was known; a handler installed and then
-//! lost to a blocking thread's hit before any reading cannot be put back; a thread
-//! inside a signal handler whose mask blocks SIGTRAP (a SIGTRAP handler without
-//! `SA_NODEFER`) is not known to block it; nothing is injected into a thread under
+//! SIGTRAP in a thread (`sigprocmask`), or changes its action, between two readings is
+//! not seen until the next — a hit meanwhile restores what was known; a handler
+//! installed and lost to a blocking thread's hit before any reading cannot be put back;
+//! a handler of another signal whose mask holds SIGTRAP is not known to block it; two
+//! threads hitting at once, one inside the SIGTRAP handler, may leave that one's mask
+//! unblocked for the rest of the handler; nothing is injected into a thread under
 //! seccomp, so the action is not restored there.
 
 mod action;
+mod deliver;
 mod reading;
 
 use std::collections::HashSet;
@@ -75,6 +82,9 @@ pub(crate) struct TrapGuard {
     /// New threads announced by their creator's clone event whose first stop has not
     /// been seen yet.
     fresh: HashSet<Tid>,
+    /// Threads that entered the program's SIGTRAP handler with SIGTRAP blocked and have
+    /// not been seen out of it (see `sigtrap/deliver.rs`).
+    in_handler: HashSet<Tid>,
 }
 
 impl TrapGuard {
@@ -114,7 +124,7 @@ impl TrapGuard {
                 d => self.learned(d),
             }
         }
-        if shows_default && self.disposition != Disposition::Default && quiet(pid, threads) {
+        if shows_default && self.disposition != Disposition::Default && quiet(pid, threads, None) {
             self.learned(Disposition::Default);
         }
     }
@@ -180,6 +190,7 @@ impl TrapGuard {
         self.blocked.remove(&tid);
         self.unclaimed.remove(&tid);
         self.fresh.remove(&tid);
+        self.in_handler.remove(&tid);
     }
 
     fn set_blocked(&mut self, tid: Tid, blocks: bool) {
@@ -207,9 +218,13 @@ impl TrapGuard {
         self.action = Some(a);
     }
 
-    /// Whether a trap of `tid` changes anything to put back.
+    /// Whether a trap of `tid` may change anything to put back.
     fn wanted(&self, tid: Tid) -> bool {
-        self.disposition == Disposition::Ignored || self.blocked.contains(&tid)
+        match self.disposition {
+            Disposition::Ignored => true,
+            Disposition::Caught => self.blocked.contains(&tid) || self.in_handler.contains(&tid),
+            Disposition::Default => self.blocked.contains(&tid),
+        }
     }
 
     /// Whether a hit could reset a handler whose address is what the guard would need
@@ -231,11 +246,13 @@ impl TrapGuard {
     }
 }
 
-/// Whether no trap of ours can be in flight in any thread of `threads` now: none has
-/// a SIGTRAP pending, and every one the tracer has resumed is out of ptrace stops.
-fn quiet(pid: Pid, threads: &Threads) -> bool {
+/// Whether no trap of ours can be in flight in any thread of `threads` (but `except`)
+/// now: none has a SIGTRAP pending, and every one the tracer has resumed is out of
+/// ptrace stops.
+fn quiet(pid: Pid, threads: &Threads, except: Option<Tid>) -> bool {
     threads.iter().all(|(tid, th)| {
         th.kind() != Kind::Thread
+            || Some(tid) == except
             || Reading::of(pid, tid)
                 .is_none_or(|r| !r.trap_pending() && (th.is_held() || settled(pid, tid)))
     })
@@ -249,7 +266,7 @@ impl Tracer {
         if !self.trap.wanted(tid) {
             return;
         }
-        let blocks = self.trap.blocked.contains(&tid);
+        let blocks = self.trap.blocked.contains(&tid) || self.still_in_handler(tid);
         if blocks {
             if let Ok(mask) = sys::get_sigmask(tid) {
                 let _ = sys::set_sigmask(tid, mask | TRAP_BIT);
@@ -263,6 +280,31 @@ impl Tracer {
         };
         if let Some(handler) = handler {
             let _ = self.put_back_action(tid, handler);
+        }
+    }
+
+    /// Thread `tid`, last seen entering the SIGTRAP handler with SIGTRAP blocked, is
+    /// stopped by a trap of ours: did it block SIGTRAP still? Then the trap reset the
+    /// handler; otherwise it left it (the thread returned from the handler).
+    fn still_in_handler(&mut self, tid: Tid) -> bool {
+        if !self.trap.in_handler.contains(&tid) {
+            return false;
+        }
+        let pid = self.shared.pid;
+        match Reading::of(pid, tid).map(|r| r.disposition) {
+            Some(Disposition::Default) => {
+                // Reset: by this trap, or by one of another thread not served yet — then
+                // that thread's restore puts the handler back, and this one's mask stays
+                // as the kernel left it.
+                quiet(pid, &self.threads, Some(tid))
+            }
+            d => {
+                self.trap.in_handler.remove(&tid);
+                if let Some(d) = d {
+                    self.trap.learned(d);
+                }
+                false
+            }
         }
     }
 
@@ -299,9 +341,14 @@ impl Tracer {
     /// can be injected without losing a signal (a trap, an interrupt or the first stop
     /// of a new thread; not a system call's event stop).
     pub(crate) fn learn_action(&mut self, tid: Tid) {
-        if !self.trap.needs_action() {
-            return;
+        if self.trap.needs_action() {
+            self.read_action(tid);
         }
+    }
+
+    /// Read the whole action with the stopped thread `tid` (see
+    /// [`Tracer::learn_action`] for the stops that serve).
+    pub(crate) fn read_action(&mut self, tid: Tid) {
         if let Ok(by) = self.caller(tid) {
             if let Ok(a) = self.sigaction(&by, None) {
                 self.trap.learned_action(a);

@@ -1,12 +1,15 @@
 /* A program that sets SIGTRAP up (argv[1]: "block" blocks it, "ignore" ignores it,
- * "handle" installs a handler and keeps the mask it inherited, "keep" keeps what it
- * inherited through exec) before it starts argv[3] worker threads (default 1), one
+ * "handle" installs a handler and keeps the mask it inherited, "handle-calls" installs
+ * one that calls mp_tm_work, "keep" keeps what it inherited through exec) before it
+ * starts argv[3] worker threads (default 1), one
  * after the other, or all at once if argv[4] has "together" (each inherits the mask).
  * If argv[4] has "wait", it first prints "ready" and waits for a byte on stdin (for a
  * tracer to attach). Each worker calls mp_tm_work argv[2] times,
  * then raises SIGTRAP itself: blocked, it stays pending; ignored, it is dropped —
  * either way the program lives on. With a handler, the thread then unblocks SIGTRAP,
- * so the pending one reaches the handler. Then the main thread does the same. Each
+ * so the pending one reaches the handler; with "handle-calls" it raises SIGTRAP twice
+ * more, each running the handler, which calls mp_tm_work once (with SIGTRAP blocked,
+ * as in any handler without SA_NODEFER). Then the main thread does the same. Each
  * reports what it sees of SIGTRAP's disposition and mask and how many SIGTRAPs the
  * handler took, which a probed run must report the same. */
 #define _GNU_SOURCE
@@ -29,6 +32,8 @@ static volatile sig_atomic_t handled;
 static void on_trap(int sig) {
     (void)sig;
     handled++;
+    if (handling == 2)
+        mp_tm_work((unsigned long)handled);
 }
 
 static void describe(const char *who) {
@@ -59,6 +64,16 @@ static void raise_own(const char *who) {
         snprintf(name, sizeof name, "%s-after-unblock", who);
         describe(name);
     }
+    for (int i = 0; handling == 2 && i < 2; i++) {
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, SIGTRAP);
+        pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+        raise(SIGTRAP);
+        pthread_sigmask(SIG_BLOCK, &s, NULL);
+        snprintf(name, sizeof name, "%s-after-handler-%d", who, i);
+        describe(name);
+    }
 }
 
 static void *worker(void *arg) {
@@ -79,13 +94,13 @@ int mp_trapmask_main(int argc, char **argv) {
         /* as inherited */
     } else if (strcmp(mode, "ignore") == 0) {
         signal(SIGTRAP, SIG_IGN);
-    } else if (strcmp(mode, "handle") == 0) {
+    } else if (strncmp(mode, "handle", 6) == 0) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_trap;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGTRAP, &sa, NULL);
-        handling = 1;
+        handling = strcmp(mode, "handle-calls") == 0 ? 2 : 1;
     } else {
         sigset_t s;
         sigemptyset(&s);
