@@ -201,13 +201,13 @@ impl TrapGuard {
         }
     }
 
-    /// The process's action is now `d`: a handler learned anew has its address read
-    /// again.
+    /// The process's action is now `d`: a handler learned anew (maybe another one than
+    /// before) has its address read again.
     fn learned(&mut self, d: Disposition) {
         if d != self.disposition {
             self.disposition = d;
             if d == Disposition::Caught {
-                self.action = self.action.filter(|a| a.disposition() == d);
+                self.action = None;
             }
         }
     }

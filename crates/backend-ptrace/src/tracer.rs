@@ -384,7 +384,7 @@ impl Tracer {
         }
     }
 
-    pub(crate) fn resume_held(&mut self) -> Result<()> {
+    fn resume_held(&mut self) -> Result<()> {
         self.threads
             .resume_held()
             .map_err(|e| error::sys(e, "resume the traced threads"))

@@ -16,17 +16,27 @@ use multiprobe_core::Result;
 
 use super::reading::{Disposition, Reading, TRAP_BIT};
 use crate::sys::{self, Signal, Tid, SI_KERNEL};
+use crate::thread::Kind;
 use crate::tracer::Tracer;
 
 impl Tracer {
     /// Deliver the SIGTRAP thread `tid` is stopped for, which is the program's own.
     pub(crate) fn deliver_own_trap(&mut self, tid: Tid) -> Result<()> {
+        // (`None` for a vfork child: not a task of the process.)
         if let Some(r) = Reading::of(self.shared.pid, tid) {
             if r.disposition != Disposition::Default {
                 self.trap.learned(r.disposition);
             }
         }
-        if self.trap.disposition != Disposition::Caught || self.trap.blocked.contains(&tid) {
+        let thread = self
+            .threads
+            .get(tid)
+            .is_some_and(|t| t.kind() == Kind::Thread);
+        if !thread
+            || self.trap.disposition != Disposition::Caught
+            || self.trap.blocked.contains(&tid)
+        {
+            // A vfork child is another process, with its own copy of the actions.
             return self.resume(tid, Some(Signal::TRAP));
         }
         let Some(_at_entry) = self.step_once(tid, Some(Signal::TRAP))? else {
