@@ -24,11 +24,15 @@
 //! Readings are taken:
 //! * when the tracer starts and at an exec ([`TrapGuard::start`]): no probe can have
 //!   hit yet, every reading is believed;
-//! * for each new thread, before it has run an instruction (its first stop is held
-//!   until its creator's clone event names the creator, [`TrapGuard::new_thread`]);
-//!   its mask is the one it inherited, or — inherited from a creator in the middle of
-//!   `pthread_create`, everything blocked — the creator's as known;
-//! * each time [`Tracer::run`] or [`Tracer::run_until`] starts ([`TrapGuard::refresh`]).
+//! * for each new thread, before it has run an instruction: its mask is the one it
+//!   inherited, or — inherited from a creator in the middle of `pthread_create`,
+//!   everything blocked — the creator's as known; such a thread's first stop, when it
+//!   comes before the clone event that names the creator, is held until that event
+//!   ([`TrapGuard::adopted`], [`TrapGuard::new_thread`]), and it is never read again
+//!   while it runs;
+//! * each time [`Tracer::run`] or [`Tracer::run_until`] starts ([`TrapGuard::refresh`]);
+//! * the action, in a process that catches SIGTRAP, at each of the program's own
+//!   SIGTRAPs (`sigtrap/deliver.rs`).
 //!
 //! A handler's address cannot be read from `/proc`, and once a blocking thread's trap
 //! has reset it, from nowhere. So when the process catches SIGTRAP and some thread
