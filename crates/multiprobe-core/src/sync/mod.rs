@@ -1,6 +1,6 @@
 //! The one place that decides which synchronization primitives the crate uses, as
-//! tokio's `src/loom` does: the real ones ([`real`](self)), or under `--cfg loom` the
-//! [loom] models of them, so the real code (not a copy of it) is model-checked.
+//! tokio's `src/loom` does: the real ones (`real.rs`), or under `--cfg loom` the [loom]
+//! models of them (`model.rs`), so the real code (not a copy of it) is model-checked.
 //! Everything else in the crate imports these names from here, never from `std::sync`,
 //! `std::thread_local!` or `loom` directly; `clippy.toml` makes that an error (checked
 //! on the model build, where the names here are loom's).
