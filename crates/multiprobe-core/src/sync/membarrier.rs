@@ -21,11 +21,34 @@ const SYMMETRIC: u8 = 2;
 /// Decided once, before the first read domain exists; never goes back.
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
-fn membarrier(cmd: libc::c_int) -> bool {
-    // SAFETY: membarrier takes two integer arguments (and a cpu id for some
-    // commands, unused here) and touches no memory of ours.
-    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
+/// The `membarrier(2)` commands used, and the system call; elsewhere than Linux every
+/// call fails, so both sides use `SeqCst` fences.
+#[cfg(target_os = "linux")]
+mod cmd {
+    pub(super) use libc::{
+        MEMBARRIER_CMD_GLOBAL as GLOBAL, MEMBARRIER_CMD_PRIVATE_EXPEDITED as PRIVATE_EXPEDITED,
+        MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED as REGISTER_PRIVATE_EXPEDITED,
+    };
+
+    pub(super) fn membarrier(cmd: libc::c_int) -> bool {
+        // SAFETY: membarrier takes two integer arguments (and a cpu id for some
+        // commands, unused here) and touches no memory of ours.
+        unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
+    }
 }
+
+#[cfg(not(target_os = "linux"))]
+mod cmd {
+    pub(super) const GLOBAL: i32 = 0;
+    pub(super) const PRIVATE_EXPEDITED: i32 = 0;
+    pub(super) const REGISTER_PRIVATE_EXPEDITED: i32 = 0;
+
+    pub(super) fn membarrier(_cmd: i32) -> bool {
+        false
+    }
+}
+
+use cmd::membarrier;
 
 /// Register for expedited barriers. Called from thread context (a domain's
 /// creation) before any reader of that domain can exist.
@@ -33,7 +56,7 @@ pub(crate) fn init() {
     if MODE.load(Ordering::Acquire) != UNKNOWN {
         return;
     }
-    let mode = if membarrier(libc::MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) {
+    let mode = if membarrier(cmd::REGISTER_PRIVATE_EXPEDITED) {
         ASYMMETRIC
     } else {
         SYMMETRIC
@@ -57,17 +80,15 @@ pub(crate) fn heavy() {
     if MODE.load(Ordering::Relaxed) != ASYMMETRIC {
         return;
     }
-    if membarrier(libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
+    if membarrier(cmd::PRIVATE_EXPEDITED) {
         return;
     }
     // Registration is per address space; a forked child starts unregistered.
-    if membarrier(libc::MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
-        && membarrier(libc::MEMBARRIER_CMD_PRIVATE_EXPEDITED)
-    {
+    if membarrier(cmd::REGISTER_PRIVATE_EXPEDITED) && membarrier(cmd::PRIVATE_EXPEDITED) {
         return;
     }
     // The global barrier needs no registration (it waits for an RCU grace period).
-    if membarrier(libc::MEMBARRIER_CMD_GLOBAL) {
+    if membarrier(cmd::GLOBAL) {
         return;
     }
     // Readers rely on this barrier for correctness; going on would be unsound.
