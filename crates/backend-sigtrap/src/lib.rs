@@ -86,6 +86,9 @@
 //!   while another thread is inside a registration leaves the child's registry locked.
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-backend-sigtrap supports x86-64 Linux only");
+
 mod backend;
 mod context;
 mod dispatchers;
@@ -121,6 +124,11 @@ pub fn traps_on_this_thread() -> u64 {
     trap::traps_on_this_thread()
 }
 
+/// The workspace README's library example, run as a doctest here.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct WorkspaceReadme;
+
 /// A registry of probes in this process.
 pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 
@@ -128,3 +136,8 @@ pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 pub fn registry() -> SigtrapRegistry {
     multiprobe_core::Registry::new(SigtrapBackend::new())
 }
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

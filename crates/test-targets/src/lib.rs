@@ -7,6 +7,9 @@
 //! `#[no_mangle] extern "C"` and `#[inline(never)]`, so they have a symbol and a
 //! System V argument layout.
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-test-targets supports x86-64 Linux only");
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
