@@ -106,8 +106,7 @@ mod trap;
 
 pub use backend::{Class, SigtrapBackend, Site};
 pub use memory::LocalMemory;
-pub use multiprobe_symbols::ResolveError;
-pub use place::{fn_addr, resolve, FnPtr, SymbolError};
+pub use place::{fn_addr, resolve, FnPtr, ResolveError};
 pub use ring::{HitRecord, HitRing};
 
 /// How many traps in this process hit a probe at the moment it was being removed (or
