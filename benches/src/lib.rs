@@ -182,3 +182,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// The workspace README's library example, run as a doctest here: this package depends
+/// on the backends and is never published, so the README outside any crate's directory
+/// is always at hand.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadme;

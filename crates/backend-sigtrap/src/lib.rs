@@ -123,11 +123,6 @@ pub fn traps_on_this_thread() -> u64 {
     trap::traps_on_this_thread()
 }
 
-/// The workspace README's library example, run as a doctest here.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct WorkspaceReadme;
-
 /// A registry of probes in this process.
 pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 
