@@ -20,3 +20,8 @@ pub use process::{
     file_name, library_matches, near_names, split_library, Located, ProcessSymbols, ResolveError,
     SymbolCache,
 };
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
