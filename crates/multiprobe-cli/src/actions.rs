@@ -18,7 +18,7 @@ use crate::spec::Action;
 
 /// The registration of `action` at `addr`, shown as `label` in its lines.
 pub fn request(addr: u64, action: Action, label: &Arc<str>, sink: &Arc<Sink>) -> Request {
-    Request::new(
+    Request::handler(
         addr,
         ActionHandler::new(action, Arc::clone(label), Arc::clone(sink)),
     )

@@ -255,7 +255,9 @@ fn serve(
 fn outcome_of(stop: Stop) -> Outcome {
     match stop {
         Stop::Exited(ExitStatus::Code(c)) => Outcome::Exited(c),
-        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s),
+        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s.as_raw()),
+        // Reaped by someone else: how it ended is unknown.
+        Stop::Exited(ExitStatus::Unknown) => Outcome::Killed(0),
         Stop::Detached | Stop::Exec { .. } => Outcome::Detached,
     }
 }
@@ -279,10 +281,10 @@ fn finish(
     if mode == Mode::Attach {
         match outcome {
             Outcome::Exited(c) => sink.note(&format!("process {pid} exited with status {c}")),
-            Outcome::Killed(s) => {
-                let s = Signal::new(*s).map_or_else(|| format!("signal {s}"), |s| s.to_string());
-                sink.note(&format!("process {pid} was killed by {s}"));
-            }
+            Outcome::Killed(s) => match Signal::from_raw(*s) {
+                Some(s) => sink.note(&format!("process {pid} was killed by {}", signals::name(s))),
+                None => sink.note(&format!("process {pid} is gone (how it ended is unknown)")),
+            },
             Outcome::Detached => {}
         }
     }

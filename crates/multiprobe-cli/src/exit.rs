@@ -54,7 +54,7 @@ pub fn decide(mode: Mode, outcome: &Outcome, ending: Option<Ending>, output_fail
     }
     match (mode, outcome) {
         (_, Outcome::Exited(c)) => Exit::Code(*c as u8),
-        (Mode::Run, Outcome::Killed(s)) => match Signal::new(*s) {
+        (Mode::Run, Outcome::Killed(s)) => match Signal::from_raw(*s) {
             Some(s) => Exit::Signal(s),
             None => Exit::Code(1),
         },
@@ -69,7 +69,7 @@ mod tests {
 
     fn ending(n: i32) -> Option<Ending> {
         Some(Ending {
-            signal: Signal::new(n).unwrap(),
+            signal: Signal::from_raw(n).unwrap(),
             from_terminal: false,
         })
     }
@@ -78,7 +78,7 @@ mod tests {
     fn every_row_of_the_table() {
         use Mode::{Attach, Run};
         use Outcome::{Detached, Exited, Killed};
-        let sig = |n| Exit::Signal(Signal::new(n).unwrap());
+        let sig = |n| Exit::Signal(Signal::from_raw(n).unwrap());
         assert_eq!(decide(Run, &Exited(7), None, false), Exit::Code(7));
         assert_eq!(decide(Attach, &Exited(7), None, false), Exit::Code(7));
         assert_eq!(decide(Run, &Killed(9), None, false), sig(9));

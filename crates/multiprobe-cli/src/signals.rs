@@ -37,50 +37,28 @@
 //! SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS) is a crash where nothing can be trusted to
 //! detach.
 
-use std::fmt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering::SeqCst};
 use std::sync::OnceLock;
 
 use multiprobe_backend_ptrace::DetachHandle;
+pub use multiprobe_backend_ptrace::Signal;
 
 use crate::Mode;
 
-/// A signal number, shown by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Signal(i32);
-
-impl Signal {
-    /// SIGINT.
-    pub const INT: Signal = Signal(libc::SIGINT);
-    /// SIGTERM.
-    pub const TERM: Signal = Signal(libc::SIGTERM);
-
-    /// The signal numbered `n`, if there is one.
-    pub fn new(n: i32) -> Option<Signal> {
-        (1..=libc::SIGRTMAX()).contains(&n).then_some(Signal(n))
-    }
-
-    /// Its number.
-    pub fn number(self) -> i32 {
-        self.0
-    }
-}
-
-impl fmt::Display for Signal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [&str; 31] = [
-            "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV",
-            "USR2", "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN",
-            "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
-        ];
-        match NAMES.get((self.0 - 1) as usize) {
-            Some(n) => write!(f, "SIG{n}"),
-            None if self.0 >= libc::SIGRTMIN() => {
-                write!(f, "SIGRTMIN+{}", self.0 - libc::SIGRTMIN())
-            }
-            None => write!(f, "signal {}", self.0),
-        }
+/// A signal by its name, `SIGKILL`, `SIGRTMIN+2` (the backend's [`Signal`] says
+/// `signal 9 (Killed)`; people who send signals know them by these names).
+pub fn name(sig: Signal) -> String {
+    const NAMES: [&str; 31] = [
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    ];
+    let n = sig.as_raw();
+    match NAMES.get((n - 1) as usize) {
+        Some(name) => format!("SIG{name}"),
+        None if n >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", n - libc::SIGRTMIN()),
+        None => format!("signal {n}"),
     }
 }
 
@@ -218,7 +196,7 @@ pub fn arm(handle: DetachHandle, program: Option<i32>) {
 /// The signal that ended the session, if one did.
 pub fn ending() -> Option<Ending> {
     let code = ENDING.load(SeqCst);
-    Signal::new(code & !FROM_TERMINAL).map(|signal| Ending {
+    Signal::from_raw(code & !FROM_TERMINAL).map(|signal| Ending {
         signal,
         from_terminal: code & FROM_TERMINAL != 0,
     })
@@ -231,7 +209,7 @@ pub fn pass_on(program: i32, ending: Ending) {
     }
     // SAFETY: `program` is our child and not reaped (the session ended by detaching), so
     // the pid is still its own; kill touches no memory.
-    unsafe { libc::kill(program, ending.signal.number()) };
+    unsafe { libc::kill(program, ending.signal.as_raw()) };
 }
 
 /// End this process killed by `sig`, as the traced program was (a shell then sees
@@ -246,14 +224,14 @@ pub fn die_of(sig: Signal) -> ExitCode {
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &lim);
-        libc::signal(sig.0, libc::SIG_DFL);
+        libc::signal(sig.as_raw(), libc::SIG_DFL);
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig.0);
+        libc::sigaddset(&mut set, sig.as_raw());
         libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::raise(sig.0);
+        libc::raise(sig.as_raw());
     }
-    ExitCode::from((128 + sig.0).clamp(0, 255) as u8)
+    ExitCode::from((128 + sig.as_raw()).clamp(0, 255) as u8)
 }
 
 #[cfg(test)]
@@ -262,12 +240,10 @@ mod tests {
 
     #[test]
     fn signals_are_named() {
-        assert_eq!(Signal::new(9).unwrap().to_string(), "SIGKILL");
-        assert_eq!(Signal::new(libc::SIGHUP).unwrap().to_string(), "SIGHUP");
-        assert_eq!(Signal::new(libc::SIGSYS).unwrap().to_string(), "SIGSYS");
-        let rt = Signal::new(libc::SIGRTMIN() + 2).unwrap();
-        assert_eq!(rt.to_string(), "SIGRTMIN+2");
-        assert_eq!(Signal::new(0), None);
-        assert_eq!(Signal::new(libc::SIGRTMAX() + 1), None);
+        let named = |n| name(Signal::from_raw(n).unwrap());
+        assert_eq!(named(9), "SIGKILL");
+        assert_eq!(named(libc::SIGHUP), "SIGHUP");
+        assert_eq!(named(libc::SIGSYS), "SIGSYS");
+        assert_eq!(named(libc::SIGRTMIN() + 2), "SIGRTMIN+2");
     }
 }

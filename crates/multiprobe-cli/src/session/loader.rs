@@ -48,7 +48,7 @@ pub(super) fn watch(shared: &Shared) {
     let hook = PlaceHook {
         shared: Arc::clone(shared),
     };
-    match registry.register(addr, hook) {
+    match registry.register_handler(addr, hook) {
         Ok(g) => lock(shared).hooks.push(g.into_id()),
         Err(e) => sink.note(&format!(
             "cannot watch the dynamic loader ({e}); pending probes stay pending"

@@ -19,8 +19,6 @@
 //! published yet; the registry's invariants hold again when the lock is released.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -28,6 +26,9 @@ use super::{Inner, Request};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::stats::HandlerCounters;
+use crate::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use crate::sync::unmodelled;
+use crate::sync::Arc;
 use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, TableWriter};
 use crate::HandlerId;
 
@@ -99,7 +100,7 @@ impl<B: Backend> Inner<B> {
                             addr,
                             data: self.backend.prepare(addr)?,
                             hits: Arc::default(),
-                            armed: crate::sync::atomic::AtomicBool::new(false),
+                            armed: AtomicBool::new(false),
                         }),
                         SmallVec::new(),
                     ),
@@ -143,7 +144,7 @@ impl<B: Backend> Inner<B> {
             handler: req.handler,
             has_post,
             exclusive: req.options.exclusive,
-            enabled: std::sync::atomic::AtomicBool::new(enabled),
+            enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
             tally: Arc::default(),
         });
