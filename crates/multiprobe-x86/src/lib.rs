@@ -93,13 +93,29 @@
 #![warn(missing_docs)]
 
 mod analyze;
+mod cpu;
 mod emulate;
 mod error;
 mod flags;
+mod frame;
 mod plan;
+mod region;
 mod slot;
+mod trampoline;
 
 pub use analyze::{analyze, Code};
+pub use cpu::CpuState;
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
+pub use frame::{
+    Entry, Frame, EVENT_POST, EVENT_PRE, EXIT_POST, EXIT_REGION, EXIT_RESUME, EXIT_RESUME_STACK,
+    EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
+};
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
+pub use region::{
+    analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
+};
 pub use slot::{Slot, SlotKind, MAX_SLOT_LEN};
+pub use trampoline::{
+    build_common, build_trampoline, Built, CommonStub, Location, StateSave, Trampoline,
+    TrampolineError, TrampolineSpec, COMMON_LEN, TRAMPOLINE_LEN,
+};
