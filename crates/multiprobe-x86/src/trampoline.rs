@@ -496,6 +496,16 @@ fn falls_through(insn: &Instruction) -> bool {
     insn.flow_control() == iced_x86::FlowControl::Next
 }
 
+/// Whether control can reach the end of `insn`'s relocated copy: everything but an
+/// unconditional `jmp`, a `ret` and a `call` (whose copy ends in a `jmp`). A `jcc` or
+/// `loop` falls through when not taken, a `syscall` returns to the next instruction.
+fn can_fall_out(insn: &Instruction) -> bool {
+    !matches!(
+        insn.mnemonic(),
+        iced_x86::Mnemonic::Jmp | iced_x86::Mnemonic::Ret | iced_x86::Mnemonic::Call
+    )
+}
+
 fn reach(from: u64, to: u64) -> bool {
     i32::try_from(to.wrapping_sub(from) as i64).is_ok()
 }
@@ -546,7 +556,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         plain.push(points.len());
         emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
     }
-    if falls_through(last) {
+    if can_fall_out(last) {
         let back = mark(&mut a)?;
         points.push(PendingPoint {
             label: back,
