@@ -12,6 +12,7 @@ pub mod elf;
 pub mod glob;
 pub mod maps;
 pub mod process;
+pub mod unwind;
 
 pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
@@ -19,3 +20,4 @@ pub use maps::{MappedAt, Maps, Region};
 pub use process::{
     file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,
 };
+pub use unwind::LandingPads;
