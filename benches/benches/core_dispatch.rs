@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use multiprobe_benches::Ratios;
+use multiprobe_core::backend::{Dispatcher, NoMemory, PreOutcome, ThreadState};
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{Dispatcher, Hit, NoMemory, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::{Hit, Registry, Regs};
 
 const SITES: u64 = 10_000;
 const BASE: u64 = 0x10_0000;

@@ -24,7 +24,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
 use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
 
 use crate::mem::CodeMemory;
@@ -32,7 +33,7 @@ use crate::sys::Tid;
 use crate::xol::Xol;
 use multiprobe_symbols::{MappedAt, Maps, ProcessSymbols, SymbolCache};
 
-pub(crate) const INT3: u8 = 0xcc;
+pub(crate) use multiprobe_x86::INT3;
 
 /// Where the tracee stands, as far as patching its code goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,7 +18,8 @@
 
 use std::sync::Arc;
 
-use multiprobe_core::{Memory, PreOutcome, RegisterFile, Result};
+use multiprobe_core::backend::{PreOutcome, RegisterFile};
+use multiprobe_core::{Memory, Result};
 use multiprobe_x86::{Class, EmulatedKind, Plan, SlotKind};
 
 use crate::backend::{SiteInner, Slots, INT3};
@@ -30,7 +31,7 @@ use crate::tracer::{FilterGone, InSlot, Tracer, RIP};
 use crate::xol::{GADGET, PAGE, UNIT};
 
 /// How far an XOL page may be from the code it serves, so rel32 jumps reach.
-const REACH: u64 = (1 << 31) - 2 * PAGE;
+const REACH: u64 = multiprobe_x86::slot_reach(PAGE);
 
 /// What to do with a thread after its pre-handlers.
 enum Next {

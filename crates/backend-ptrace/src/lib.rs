@@ -11,7 +11,7 @@
 //! let addr = tracer.resolve("main")?;
 //! let hits = Arc::new(AtomicU64::new(0));
 //! let h = Arc::clone(&hits);
-//! let _guard = tracer.registry().register(addr, move |hit: &mut multiprobe_core::Hit<'_>| {
+//! let _guard = tracer.registry().register(addr, move |hit| {
 //!     let _first_arg = hit.regs().rdi;
 //!     h.fetch_add(1, Ordering::Relaxed);
 //! })?;

@@ -8,7 +8,8 @@
 
 use std::cell::{Cell, OnceCell};
 
-use multiprobe_core::{RegisterFile, Regs};
+use multiprobe_core::backend::RegisterFile;
+use multiprobe_core::Regs;
 
 use crate::sys::{self, SysResult, Tid, UserRegs};
 use crate::tracer::RIP;

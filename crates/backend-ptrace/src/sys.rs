@@ -275,7 +275,7 @@ pub struct SigInfo {
 }
 
 /// `si_code` of signals the kernel raises itself (an `int3`, a general protection fault).
-pub const SI_KERNEL: i32 = 0x80;
+pub use libc::SI_KERNEL;
 
 /// The siginfo of the signal a thread is stopped for. `EINVAL` in group-stop.
 pub fn sig_info(tid: Tid) -> SysResult<SigInfo> {

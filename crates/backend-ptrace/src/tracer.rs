@@ -19,7 +19,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use multiprobe_core::{Dispatcher, Error, HandlerInfo, Registry, Result, ThreadState};
+use multiprobe_core::backend::{Dispatcher, ThreadState};
+use multiprobe_core::{Error, HandlerInfo, Registry, Result};
 use multiprobe_symbols::ProcessSymbols;
 use multiprobe_x86::SlotKind;
 
@@ -298,9 +299,7 @@ impl Tracer {
             .entry(None)
             .ok_or_else(|| Error::Backend("the program's entry point is unknown".into()))?;
         let reached = Arc::new(AtomicBool::new(false));
-        let probe = self
-            .registry
-            .register(entry, |_: &mut multiprobe_core::Hit<'_>| {})?;
+        let probe = self.registry.register(entry, |_| {})?;
         self.hold_at = Some((entry, Arc::clone(&reached)));
         let stop = self.run_until(|| reached.load(Ordering::Relaxed));
         self.hold_at = None;

@@ -20,7 +20,7 @@ const UNITS: u64 = PAGE / UNIT;
 const _: () = assert!(UNITS >= 2 && UNITS <= 64);
 
 /// `syscall; int3`, at the start of every page.
-pub(crate) const GADGET: [u8; 3] = [0x0f, 0x05, 0xcc];
+pub(crate) const GADGET: [u8; 3] = [0x0f, 0x05, multiprobe_x86::INT3];
 
 #[derive(Debug)]
 struct Page {

@@ -238,7 +238,7 @@ impl<S> Step<'_, S> {
         self.view().addr()
     }
 
-    /// The backend's data for this site (what [`crate::Backend::prepare`] returned).
+    /// The backend's data for this site (what [`crate::backend::Backend::prepare`] returned).
     pub fn site(&self) -> &S {
         &self.view().shared.data
     }

@@ -58,7 +58,7 @@
 
 #![warn(missing_docs)]
 
-mod backend;
+pub mod backend;
 mod barrier;
 mod dispatch;
 mod error;
@@ -74,15 +74,13 @@ mod table;
 mod tally;
 pub mod testing;
 
-pub use backend::Backend;
-pub use dispatch::{Dispatcher, PreOutcome, Step, ThreadState, MAX_PENDING};
 pub use error::{Error, Result};
 pub use handler::{
     Fault, FaultAction, FaultHook, FnHandler, Handler, Hit, NoHook, PostHook, PreAction, PreHook,
 };
-pub use memory::{Memory, MemoryError, NoMemory};
+pub use memory::{Memory, MemoryError};
 pub use registry::{HandlerInfo, Options, Registration, Registry, Request};
-pub use regs::{Gpr, RegisterFile, Regs, RFLAGS_TF, SYSV_ARGS};
+pub use regs::{Gpr, Regs, SYSV_ARGS};
 pub use stats::{HandlerStats, SiteStats};
 
 /// Identifies one registered handler. Never reused within a registry.

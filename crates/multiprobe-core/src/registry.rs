@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use crate::backend::Backend;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
-use crate::handler::Handler;
+use crate::handler::{Handler, Hit};
 use crate::stats::{HandlerCounters, HandlerStats, SiteStats};
 use crate::sync::index::Index;
 use crate::sync::{held, Mutex, MutexGuard};
@@ -56,8 +56,18 @@ pub struct Request {
 }
 
 impl Request {
-    /// A handler for `addr` with default options.
-    pub fn new(addr: u64, handler: impl Handler) -> Self {
+    /// A pre-handler closure for `addr` with default options (as
+    /// [`Registry::register`]).
+    pub fn new<F>(addr: u64, pre: F) -> Self
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        Self::handler(addr, pre)
+    }
+
+    /// Any [`Handler`] for `addr` with default options (as
+    /// [`Registry::register_handler`]).
+    pub fn handler(addr: u64, handler: impl Handler) -> Self {
         Request {
             addr,
             handler: Box::new(handler),
@@ -151,20 +161,43 @@ impl<B: Backend> Registry<B> {
         Dispatcher::new(Arc::clone(&self.inner.table))
     }
 
-    /// Register `handler` at `addr`. The first handler at an address arms the
+    /// Register the closure `pre` as a pre-handler at `addr`: it runs before the
+    /// instruction at `addr` on every hit, and redirects the thread if it moves `rip`
+    /// (as [`Hit::return_now`] does). The first handler at an address arms the
     /// backend's breakpoint; a hit that begins after this returns runs the handler.
-    pub fn register(&self, addr: u64, handler: impl Handler) -> Result<Registration<B>> {
-        self.register_with(addr, handler, Options::default())
+    ///
+    /// For post- and fault handlers, or a type of your own, use
+    /// [`Registry::register_handler`] with an [`FnHandler`](crate::FnHandler) or a
+    /// [`Handler`] impl.
+    pub fn register<F>(&self, addr: u64, pre: F) -> Result<Registration<B>>
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        self.register_handler_with(addr, pre, Options::default())
     }
 
     /// [`Registry::register`] with options.
-    pub fn register_with(
+    pub fn register_with<F>(&self, addr: u64, pre: F, options: Options) -> Result<Registration<B>>
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        self.register_handler_with(addr, pre, options)
+    }
+
+    /// Register any [`Handler`] at `addr`: an [`FnHandler`](crate::FnHandler) assembled
+    /// from closures, or a type of your own. Otherwise as [`Registry::register`].
+    pub fn register_handler(&self, addr: u64, handler: impl Handler) -> Result<Registration<B>> {
+        self.register_handler_with(addr, handler, Options::default())
+    }
+
+    /// [`Registry::register_handler`] with options.
+    pub fn register_handler_with(
         &self,
         addr: u64,
         handler: impl Handler,
         options: Options,
     ) -> Result<Registration<B>> {
-        let req = Request::new(addr, handler).options(options);
+        let req = Request::handler(addr, handler).options(options);
         let mut w = self.inner.lock();
         let entry = self.inner.add(&mut w, req)?;
         w.maybe_reclaim();

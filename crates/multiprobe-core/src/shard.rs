@@ -1,7 +1,7 @@
 //! Shards: how dispatching threads avoid writing to each other's cache lines.
 //!
 //! Every per-hit write (read-section counters, hit counters) goes to the line of the
-//! hitting thread's shard. A [`crate::ThreadState`] claims a shard the first time it
+//! hitting thread's shard. A [`crate::backend::ThreadState`] claims a shard the first time it
 //! dispatches. If a shard is still free it claims it *exclusively*: no other thread
 //! writes that shard's lines, so its counters can be bumped with a plain load and store
 //! instead of a locked read-modify-write. Nested dispatch on the same thread (a signal

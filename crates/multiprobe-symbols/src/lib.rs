@@ -18,6 +18,7 @@ pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
 pub use maps::{MappedAt, Maps, Region};
 pub use process::{
-    file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,
+    file_name, library_matches, near_names, split_library, Located, ProcessSymbols, ResolveError,
+    SymbolCache,
 };
 pub use unwind::LandingPads;

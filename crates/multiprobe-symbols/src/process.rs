@@ -106,6 +106,24 @@ pub fn library_matches(library: &str, path: &str) -> bool {
             && matches!(base.as_bytes().get(library.len()), Some(b'.' | b'-')))
 }
 
+/// Split `library:symbol` at the first single `:` (a `::` belongs to Rust and C++
+/// paths): `Some(("libc", "malloc"))` for `libc:malloc`, `None` for `std::mem::drop`.
+pub fn split_library(t: &str) -> Option<(&str, &str)> {
+    let b = t.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b':' {
+            if b.get(i + 1) == Some(&b':') {
+                i += 2;
+                continue;
+            }
+            return Some((&t[..i], &t[i + 1..]));
+        }
+        i += 1;
+    }
+    None
+}
+
 /// A process's address space with symbols.
 #[derive(Debug)]
 pub struct ProcessSymbols {
@@ -379,6 +397,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_library_is_split_off_at_a_single_colon_only() {
+        assert_eq!(split_library("libc:malloc"), Some(("libc", "malloc")));
+        assert_eq!(split_library("libfoo:ns::f"), Some(("libfoo", "ns::f")));
+        assert_eq!(split_library("std::mem::drop"), None);
+        assert_eq!(split_library("a::b:c"), Some(("a::b", "c")));
+        assert_eq!(split_library(":f"), Some(("", "f")));
+    }
 
     #[inline(never)]
     #[no_mangle]

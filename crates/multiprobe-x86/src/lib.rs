@@ -114,7 +114,7 @@ pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
 pub use region::{
     analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
 };
-pub use slot::{Slot, SlotKind, MAX_SLOT_LEN};
+pub use slot::{slot_reach, Slot, SlotKind, INT3, MAX_SLOT_LEN};
 pub use trampoline::{
     build_common, build_trampoline, Built, CommonStub, Location, StateSave, Trampoline,
     TrampolineError, TrampolineSpec, COMMON_LEN, TRAMPOLINE_LEN,
