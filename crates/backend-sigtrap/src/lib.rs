@@ -97,6 +97,7 @@ mod place;
 mod ring;
 mod signals;
 mod slots;
+mod source;
 mod symbols;
 mod thread;
 mod trap;

@@ -93,17 +93,20 @@
 #![warn(missing_docs)]
 
 mod analyze;
+mod continuation;
 mod cpu;
 mod emulate;
 mod error;
 mod flags;
 mod frame;
 mod plan;
+mod prepare;
 mod region;
 mod slot;
 mod trampoline;
 
 pub use analyze::{analyze, Code};
+pub use continuation::{continue_hit, Continue, Emulate, Via, Ways};
 pub use cpu::CpuState;
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
 pub use frame::{
@@ -111,6 +114,7 @@ pub use frame::{
     EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
 };
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
+pub use prepare::{prepare, CodeSource, Function, Mapping, Prepared, USER_END};
 pub use region::{
     analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
 };

@@ -229,7 +229,7 @@ impl Region {
     /// reach, see [`crate::Trampoline`]), the rest of the region filled with `int3`.
     pub fn jump_bytes(&self, target: u64) -> Option<([u8; MAX_REGION_LEN], usize)> {
         let d = i32::try_from(target.wrapping_sub(self.addr + JMP_LEN as u64) as i64).ok()?;
-        let mut b = [0xcc; MAX_REGION_LEN];
+        let mut b = [crate::slot::INT3; MAX_REGION_LEN];
         b[0] = 0xe9;
         b[1..5].copy_from_slice(&d.to_le_bytes());
         Some((b, self.len()))
