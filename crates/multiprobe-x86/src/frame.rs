@@ -121,6 +121,17 @@ impl Frame {
         self.continue_at(target, mem)
     }
 
+    /// The exit code for a post stub (the frame's `rip` was `continuation`, where the
+    /// original code goes on after the first instruction): [`EXIT_REGION`] continues
+    /// there when the post-handlers moved neither `rip` nor `rsp`.
+    pub fn leave_after(&mut self, t: &Trampoline, continuation: u64, mem: &dyn Memory) -> u64 {
+        if self.regs.rip == continuation && self.regs.rsp == self.entry_rsp() {
+            return EXIT_REGION;
+        }
+        let target = t.resume_target(self.regs.rip);
+        self.continue_at(target, mem)
+    }
+
     /// The exit code that resumes at `rip` (already mapped out of the region's interior)
     /// with `regs.rsp`.
     pub fn continue_at(&mut self, rip: u64, mem: &dyn Memory) -> u64 {

@@ -1,7 +1,22 @@
 //! x86-64 instruction knowledge shared by multiprobe's real backends: is this address
 //! an instruction boundary, can the instruction there be probed, and how is it
 //! executed once the breakpoint displaced it — by emulation, or out of line from a
-//! slot. A pure library: no signals, no ptrace, no `/proc`.
+//! slot; and, for trap-free probes, whether the instructions under a `jmp rel32` may be
+//! replaced (the region checks) and the trampoline the jump leads to. A pure library:
+//! no signals, no ptrace, no `/proc`.
+//!
+//! # The pieces every backend shares
+//!
+//! * [`prepare`] behind [`CodeSource`]: one pipeline from an address to its [`Plan`]
+//!   and its [`Region`] (or the [`RegionRefusal`] that keeps it an `int3` site).
+//! * [`continue_hit`]: the one decision of how a hit continues (emulation, a slot, a
+//!   trampoline copy, in place), given what the site has ([`Ways`]) and what emulating
+//!   costs the backend ([`Emulate`]).
+//! * [`analyze_region`], [`build_trampoline`] and [`build_common`]: the optprobes-style
+//!   checks, and the trampoline (red-zone skip, frame of [`multiprobe_core::Regs`],
+//!   vector state, the backend's [`Entry`] points, the relocated region, the post stub,
+//!   the exits: see the `frame` and `trampoline` module docs), with its address map
+//!   ([`Trampoline::locate`], [`Trampoline::fixup`], [`Trampoline::resume_target`]).
 //!
 //! # Use from a backend
 //!

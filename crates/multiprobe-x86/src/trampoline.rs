@@ -245,6 +245,15 @@ impl Trampoline {
         self.addr + u64::from(self.post)
     }
 
+    /// Where the original code continues after the region's first instruction (the
+    /// `rip` a post stub's frame holds).
+    pub fn continuation(&self) -> u64 {
+        match self.region.count() {
+            1 => self.region.end(),
+            _ => self.region.insn(1).0,
+        }
+    }
+
     /// The plain copy of region instruction `i`.
     pub fn copy_of(&self, i: usize) -> u64 {
         self.addr + u64::from(self.plain[i])

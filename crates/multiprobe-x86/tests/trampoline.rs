@@ -142,7 +142,8 @@ unsafe extern "C" fn post(frame: *mut Frame, _ctx: u64, event: u64) -> u64 {
     if *ACTION.lock().unwrap() == Action::ClobberPost {
         clobber();
     }
-    f.leave(map(), false, &Raw)
+    let t = map();
+    f.leave_after(t, t.continuation(), &Raw)
 }
 
 /// A region under test at CODE: its code (assembled at CODE's address), exit stubs at
