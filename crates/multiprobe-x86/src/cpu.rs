@@ -14,7 +14,7 @@ const NEVER_SAVED: u64 = (1 << 17) | (1 << 18);
 /// The register state of this CPU, as far as a trampoline cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuState {
-    /// XCR0 without [`NEVER_SAVED`]: the XSAVE mask trampolines use (0 without XSAVE).
+    /// XCR0 without the AMX tile components: the XSAVE mask trampolines use (0 without XSAVE).
     pub xsave_mask: u64,
     /// `XSAVEC` (compacted format, init optimization only) is available.
     pub xsavec: bool,
