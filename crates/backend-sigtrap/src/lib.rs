@@ -89,17 +89,21 @@
 mod backend;
 mod context;
 mod dispatchers;
+mod entry;
 mod fault;
 mod known;
 mod memory;
 mod patch;
 mod place;
+mod promote;
 mod ring;
 mod signals;
 mod slots;
 mod source;
 mod symbols;
 mod thread;
+mod threads;
+mod tramps;
 mod trap;
 
 pub use backend::{Class, SigtrapBackend, Site};
