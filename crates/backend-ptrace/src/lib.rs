@@ -60,8 +60,16 @@
 //!
 //! # Processes, threads, signals
 //!
+//! A spawned program dies with the tracer if the tracer is killed outright
+//! (`PTRACE_O_EXITKILL`); an attached one is left alone. Only x86-64 programs are
+//! traced: a 32-bit (i386 or x32) program is refused at spawn, at attach and after an
+//! exec, before anything is written to it. Symbols are read from the file that is
+//! really mapped (`/proc/PID/map_files`, checked by device and inode), so a program in
+//! a container or another mount namespace gets its own symbols.
+//!
 //! New threads are traced automatically. A fork child is freed of every breakpoint and
-//! XOL page and let go; a vfork child, which shares the memory, is followed until it
+//! of the XOL pages it has (read from its own maps: a child forked while the page was
+//! being mapped has none) and let go; a vfork child, which shares the memory, is followed until it
 //! execs or exits. An exec ends every probe of the old image ([`Stop::Exec`]). The
 //! tracee's own signals are delivered unchanged, its own SIGTRAP too (ours come from an
 //! `int3` at one of our addresses); group-stop is honoured with `PTRACE_LISTEN`. A
@@ -85,8 +93,31 @@
 //! `/proc/PID/mem`, which needs no ptrace request). On the tracer thread itself, call
 //! [`Tracer::settle`] before unregistering while threads may wait for post-handlers.
 //!
+//! # The program never pays
+//!
+//! * Injected system calls (the `mmap` of an XOL page, `munmap` at detach and in fork
+//!   children) execute a `syscall` instruction of the program's own memory, checked
+//!   before each use; they are never made in a thread under seccomp (a filter could
+//!   kill the program for it: its hits then take the classic two-stop path, which needs
+//!   none), give up on a fault at the injected instruction, and never loop.
+//! * A program that unmaps an XOL page never sees the fault: the page is mapped again
+//!   at the same address with the same bytes, or its sites step in place from then on.
+//! * A trap of ours resets a blocked or ignored SIGTRAP (the kernel's rule for forced
+//!   signals); the tracer puts the program's mask and ignored action back before the
+//!   thread runs on (see Limits for what it cannot know).
+//! * The doorbell child (see [`DetachHandle`]) is out of the terminal's reach and
+//!   ignores stray signals; if it is killed anyway, a new one is started.
+//!
 //! # Limits
 //!
+//! * What the program set for SIGTRAP is read from `/proc` at the start of each run,
+//!   at execs and for new threads; a program that starts to block or ignore SIGTRAP in
+//!   between is not seen until then (its next own SIGTRAP may then be delivered as
+//!   if it had not), and a thread that both blocks SIGTRAP and has a handler for it
+//!   gets its mask back but not the handler (the kernel resets it; its address cannot
+//!   be read back).
+//! * Under seccomp every hit at a relocated instruction takes two stops, during which
+//!   other threads may pass the site unprobed.
 //! * A signal that arrives while a thread is being used for an injected system call (or
 //!   a fallback single-step) is delivered afterwards with a synthetic `siginfo`.
 //! * An asynchronous signal that catches a thread entering a slot is held back until the
@@ -111,6 +142,7 @@ mod backend;
 pub mod baseline;
 mod children;
 mod detach;
+mod diagnose;
 mod doorbell;
 mod error;
 mod hit;
@@ -119,11 +151,14 @@ mod launch;
 mod mem;
 mod regs;
 mod signals;
+mod sigtrap;
 mod sys;
+mod thread;
 mod tracer;
 mod xol;
 
 pub use backend::{PtraceBackend, Site};
 pub use doorbell::DetachHandle;
 pub use mem::TraceeMemory;
-pub use tracer::{ExitStatus, Stop, Tracer};
+pub use sys::Signal;
+pub use tracer::{ExitStatus, ResolveError, Stop, Tracer};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+use multiprobe_backend_ptrace::{ExitStatus, Signal, Stop, Tracer};
 use multiprobe_core::{FaultAction, FnHandler, Hit, PreAction};
 
 fn counter() -> (
@@ -206,14 +206,14 @@ fn killing_the_tracee_while_it_is_stopped_at_a_breakpoint() {
         .unwrap();
     assert_eq!(
         t.run().unwrap(),
-        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+        Stop::Exited(ExitStatus::Signal(Signal::KILL))
     );
     assert_eq!(hits.load(Relaxed), 1);
     // Nothing is left to restore; unregistering is fine.
     g.unregister().unwrap();
     assert_eq!(
         t.run().unwrap(),
-        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+        Stop::Exited(ExitStatus::Signal(Signal::KILL))
     );
 }
 
