@@ -227,7 +227,7 @@ impl ProcessSymbols {
         let Some(region) = self.maps.find(start).filter(|r| r.is_file()) else {
             return LandingPads::Unknown;
         };
-        let syms = self.cache.get(&region.path);
+        let syms = self.cache.mapped(&self.maps, region);
         let Some(bias) = self.region_bias(region, &syms) else {
             return LandingPads::Unknown;
         };
