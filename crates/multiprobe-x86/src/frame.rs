@@ -19,6 +19,10 @@
 //!
 //! * nothing moved: [`EXIT_REGION`] (run the relocated region, jump back) or
 //!   [`EXIT_POST`] (the relocated first instruction, then the post stub);
+//! * `rip` at the first instruction's continuation (it was emulated in the entry, with
+//!   its post-handlers right after): [`EXIT_NEXT`], `rsp` loaded from the frame's field
+//!   (above `rsp` at that moment) and a direct `jmp` — no `ret`, so the return stack
+//!   predictor stays in step with the program's calls;
 //! * `rip` moved, `rsp` not: `resume = rip`, [`EXIT_RESUME`]. After restoring, the
 //!   trampoline's `rsp` is `R - 136`, and `ret 128` reads the resume slot *at* `rsp`
 //!   (never below it, so a signal arriving meanwhile cannot clobber it) and leaves
@@ -63,6 +67,10 @@ pub const EXIT_RESUME: u64 = 2;
 pub const EXIT_RESUME_STACK: u64 = 3;
 /// `int3` with `rsp` at the frame: the backend loads every register from it.
 pub const EXIT_TRAP: u64 = 4;
+/// Continue where the original code goes on after the first instruction
+/// ([`Trampoline::continuation`]), with `rsp` from the frame (any value): a direct
+/// `jmp`. For a first instruction emulated with its post-handlers run in the entry.
+pub const EXIT_NEXT: u64 = 5;
 
 /// The event an entry point is called for (its third argument).
 pub const EVENT_PRE: u64 = 0;
@@ -109,12 +117,11 @@ impl Frame {
                 EXIT_REGION
             };
         }
-        let target = if at_start {
-            if post && t.has_post() {
-                t.post_copy()
-            } else {
-                t.resume_target(rip)
-            }
+        if rip == t.continuation() {
+            return EXIT_NEXT;
+        }
+        let target = if at_start && post && t.has_post() {
+            t.post_copy()
         } else {
             t.resume_target(rip)
         };
@@ -125,8 +132,12 @@ impl Frame {
     /// original code goes on after the first instruction): [`EXIT_REGION`] continues
     /// there when the post-handlers moved neither `rip` nor `rsp`.
     pub fn leave_after(&mut self, t: &Trampoline, continuation: u64, mem: &dyn Memory) -> u64 {
-        if self.regs.rip == continuation && self.regs.rsp == self.entry_rsp() {
-            return EXIT_REGION;
+        if self.regs.rip == continuation {
+            return if self.regs.rsp == self.entry_rsp() {
+                EXIT_REGION
+            } else {
+                EXIT_NEXT
+            };
         }
         let target = t.resume_target(self.regs.rip);
         self.continue_at(target, mem)

@@ -125,8 +125,8 @@ pub use continuation::{continue_hit, Continue, Emulate, Via, Ways};
 pub use cpu::CpuState;
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
 pub use frame::{
-    Entry, Frame, EVENT_POST, EVENT_PRE, EXIT_POST, EXIT_REGION, EXIT_RESUME, EXIT_RESUME_STACK,
-    EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
+    Entry, Frame, EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_REGION, EXIT_RESUME,
+    EXIT_RESUME_STACK, EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
 };
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
 pub use prepare::{prepare, CodeSource, Function, Mapping, Prepared, USER_END};

@@ -73,7 +73,8 @@ use multiprobe_core::Regs;
 
 use crate::cpu::CpuState;
 use crate::frame::{
-    EVENT_POST, EVENT_PRE, EXIT_POST, EXIT_RESUME, EXIT_RESUME_STACK, FRAME_TO_RSP, RED_ZONE,
+    EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_RESUME, EXIT_RESUME_STACK, FRAME_TO_RSP,
+    RED_ZONE,
 };
 use crate::region::{Region, MAX_REGION_INSNS};
 
@@ -81,6 +82,8 @@ use crate::region::{Region, MAX_REGION_INSNS};
 pub const TRAMPOLINE_LEN: usize = 1024;
 /// Upper bound on the common stub's length.
 pub const COMMON_LEN: usize = 2048;
+/// Where the shared restore routine starts in the common stub.
+const RESTORE_OFF: u16 = 1792;
 
 const MAX_POINTS: usize = 16;
 
@@ -324,6 +327,7 @@ struct Lits {
     pre: CodeLabel,
     post: CodeLabel,
     common: CodeLabel,
+    restore: CodeLabel,
 }
 
 fn emit_save(
@@ -350,55 +354,115 @@ fn emit_save(
     Ok(())
 }
 
-fn emit_restore(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    for r in PUSH_LOW.iter().rev() {
-        a.pop(*r)?;
+/// Flags a fast restore cannot set (`sahf` and the OF trick set only the arithmetic
+/// ones): TF, DF, NT, AC, ID. A frame with any of them set takes `popfq`.
+const SLOW_FLAGS: u32 = 0x0024_4500;
+
+/// The shared restore routine (in the common stub's unit), called with the frame at
+/// `rsp + 8`: every GPR but `rsp` and rflags back from the frame, `rsp` unchanged.
+/// `popfq` is slow (~15 cycles), so when the frame's flags differ from the current ones
+/// at most in the arithmetic flags (DF is clear: the common stub cleared it, and TF, AC,
+/// NT, ID are not set by handler code), they are set with `sahf` (SF ZF AF PF CF) and
+/// `add al, 0x7f` (OF) instead; `rax` is loaded last, by a `mov`.
+fn emit_restore_routine(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    const F: i32 = 8;
+    let offs: [(AsmRegister64, i32); 14] = [
+        (rbx, 8),
+        (rcx, 16),
+        (rdx, 24),
+        (rsi, 32),
+        (rdi, 40),
+        (rbp, 48),
+        (r8, 64),
+        (r9, 72),
+        (r10, 80),
+        (r11, 88),
+        (r12, 96),
+        (r13, 104),
+        (r14, 112),
+        (r15, 120),
+    ];
+    for (r, o) in offs {
+        a.mov(r, qword_ptr(rsp + F + o))?;
     }
-    a.lea(rsp, ptr(rsp + 8))?; // the rsp field
-    for r in PUSH_HIGH.iter().rev() {
-        a.pop(*r)?;
-    }
-    a.lea(rsp, ptr(rsp + 8))?; // the rip field
+    let mut slow = a.create_label();
+    a.test(dword_ptr(rsp + F + 136), SLOW_FLAGS)?;
+    a.jnz(slow)?;
+    a.mov(ah, byte_ptr(rsp + F + 136))?;
+    a.mov(al, byte_ptr(rsp + F + 137))?;
+    a.shr(al, 3)?;
+    a.and(al, 1)?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    a.mov(rax, qword_ptr(rsp + F))?;
+    a.ret()?;
+    a.set_label(&mut slow)?;
+    a.mov(rax, qword_ptr(rsp + F))?;
+    a.push(qword_ptr(rsp + F + 136))?;
     a.popfq()?;
+    a.ret()?;
     Ok(())
 }
 
+/// Where a dispatch goes on with the original code after the first instruction.
+#[derive(Clone, Copy)]
+enum Next {
+    Label(CodeLabel),
+    Addr(u64),
+}
+
 /// The exit dispatch after the common stub returned (`eax` = exit code, `rsp` = frame).
-/// Ends with the "continue" case restored and `rsp` back at the thread's own, falling
-/// through. Returns the label of the exit-by-trap `int3`.
-fn emit_dispatch(a: &mut CodeAssembler, post: Option<CodeLabel>) -> Result<CodeLabel, IcedError> {
+/// Every exit calls the shared restore routine, then sets `rsp` and leaves its way (see
+/// the frame module); the "region" exit comes last and falls through into what follows.
+/// Returns the label of the exit-by-trap `int3`.
+fn emit_dispatch(
+    a: &mut CodeAssembler,
+    lits: &Lits,
+    post: Option<CodeLabel>,
+    next: Next,
+) -> Result<CodeLabel, IcedError> {
     let mut region = a.create_label();
-    let mut not_post = a.create_label();
-    let mut not_resume = a.create_label();
     let mut trap = a.create_label();
+    let mut resume = a.create_label();
+    let mut stack = a.create_label();
+    let mut cont = a.create_label();
     a.test(eax, eax)?;
     a.jz(region)?;
+    a.cmp(eax, EXIT_NEXT as u32)?;
+    a.je(cont)?;
+    a.cmp(eax, EXIT_RESUME as u32)?;
+    a.je(resume)?;
+    a.cmp(eax, EXIT_RESUME_STACK as u32)?;
+    a.je(stack)?;
     if let Some(p) = post {
         a.cmp(eax, EXIT_POST as u32)?;
-        a.jne(not_post)?;
-        emit_restore(a)?;
-        a.lea(rsp, ptr(rsp + SKIP))?;
+        a.jne(trap)?;
+        a.call(qword_ptr(lits.restore))?;
+        a.lea(rsp, ptr(rsp + FRAME_TO_RSP as i32))?;
         a.jmp(p)?;
     }
-    a.set_label(&mut not_post)?;
-    a.cmp(eax, EXIT_RESUME as u32)?;
-    a.jne(not_resume)?;
-    emit_restore(a)?;
-    a.lea(rsp, ptr(rsp + 16))?;
-    a.ret_1(RED_ZONE as u32)?;
-    a.set_label(&mut not_resume)?;
-    a.cmp(eax, EXIT_RESUME_STACK as u32)?;
-    a.jne(trap)?;
-    emit_restore(a)?;
-    a.lea(rsp, ptr(rsp + 16))?;
-    a.pop(rsp)?;
-    a.ret_1(RED_ZONE as u32)?;
     a.set_label(&mut trap)?;
     a.int3()?;
     a.ud2()?;
+    a.set_label(&mut cont)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.mov(rsp, qword_ptr(rsp + 56))?; // Frame::regs.rsp
+    match next {
+        Next::Label(l) => a.jmp(l)?,
+        Next::Addr(t) => a.jmp(t)?,
+    }
+    a.set_label(&mut resume)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + 160))?; // the resume slot
+    a.ret_1(RED_ZONE as u32)?;
+    a.set_label(&mut stack)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + 160))?;
+    a.pop(rsp)?;
+    a.ret_1(RED_ZONE as u32)?;
     a.set_label(&mut region)?;
-    emit_restore(a)?;
-    a.lea(rsp, ptr(rsp + SKIP))?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + FRAME_TO_RSP as i32))?;
     Ok(trap)
 }
 
@@ -549,6 +613,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         pre: a.create_label(),
         post: a.create_label(),
         common: a.create_label(),
+        restore: a.create_label(),
     };
     let mut lit_addr = a.create_label();
     let mut lit_next = a.create_label();
@@ -557,11 +622,23 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     let mut points = Vec::new();
 
     // Entry.
+    // Where the original code goes on after the first instruction: the plain copy of
+    // the second one, or the region's end.
+    let mut second = a.create_label();
+    let next = if insns.len() > 1 {
+        Next::Label(second)
+    } else {
+        Next::Addr(region.end())
+    };
     emit_save(&mut a, &lits, lit_addr, EVENT_PRE, lits.pre)?;
-    let trap0 = emit_dispatch(&mut a, first_falls.then_some(post_label))?;
+    let trap0 = emit_dispatch(&mut a, &lits, first_falls.then_some(post_label), next)?;
     // Plain copy.
     let mut plain = Vec::new();
     for (i, insn) in insns.iter().enumerate() {
+        if i == 1 {
+            a.set_label(&mut second)?;
+            a.zero_bytes()?;
+        }
         plain.push(points.len());
         emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
     }
@@ -583,13 +660,11 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         a.zero_bytes()?;
         emit_relocated(&mut a, &insns[0], true, lit_ret, &mut points)?;
         emit_save(&mut a, &lits, lit_next, EVENT_POST, lits.post)?;
-        trap1 = Some(emit_dispatch(&mut a, None)?);
-        // "Continue": where the original code goes on after the first instruction.
-        if insns.len() > 1 {
-            let target = points[plain[1]].label;
-            a.jmp(target)?;
-        } else {
-            a.jmp(region.end())?;
+        trap1 = Some(emit_dispatch(&mut a, &lits, None, next)?);
+        // "Continue" (rsp unchanged): where the original code goes on.
+        match next {
+            Next::Label(l) => a.jmp(l)?,
+            Next::Addr(t) => a.jmp(t)?,
         }
     }
     // Literals.
@@ -608,6 +683,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         (lits.pre, spec.pre),
         (lits.post, spec.post),
         (lits.common, spec.common),
+        (lits.restore, spec.common + u64::from(RESTORE_OFF)),
     ] {
         a.set_label(&mut label)?;
         a.dq(&[value])?;
@@ -842,7 +918,17 @@ pub fn build_common(
     a.mov(rax, r12)?;
     a.mov(rsp, rbx)?;
     a.ret()?;
-    let bytes = a.assemble(at)?;
+    let mut bytes = a.assemble(at)?;
+    if bytes.len() > RESTORE_OFF as usize {
+        return Err(TrampolineError::TooLong {
+            len: bytes.len(),
+            max: RESTORE_OFF as usize,
+        });
+    }
+    bytes.resize(RESTORE_OFF as usize, 0xcc);
+    let mut r = CodeAssembler::new(64)?;
+    emit_restore_routine(&mut r)?;
+    bytes.extend(r.assemble(at + u64::from(RESTORE_OFF))?);
     if bytes.len() > COMMON_LEN {
         return Err(TrampolineError::TooLong {
             len: bytes.len(),

@@ -32,6 +32,9 @@ enum Action {
     Region,
     /// Ask for the post stub.
     Post,
+    /// Emulate the first instruction in the entry (as a backend does when the post
+    /// handlers run right after), then leave: the exit straight to the continuation.
+    Emulate,
     /// Send the thread to `to` with rax = `value`.
     Redirect { to: u64, value: u64 },
     /// Return from the function: rip = [rsp], rsp += 8, rax = 7.
@@ -106,6 +109,13 @@ unsafe extern "C" fn pre(frame: *mut Frame, _ctx: u64, event: u64) -> u64 {
     match *ACTION.lock().unwrap() {
         Action::Region => EXIT_REGION,
         Action::Post => f.leave(t, true, &Raw),
+        Action::Emulate => {
+            let r = t.region();
+            let (at, bytes) = r.insn(0);
+            let plan = multiprobe_x86::analyze(at, Code { addr: at, bytes }, None).unwrap();
+            plan.emulate(&mut f.regs, &Raw).unwrap();
+            f.leave(t, false, &Raw)
+        }
         Action::Redirect { to, value } => {
             f.regs.rip = to;
             f.regs.rax = value;
@@ -250,7 +260,23 @@ impl Case<'_> {
                     .map(|i| (i, after[i]))
                     .collect();
 
-                for action in [Action::Region, Action::Post] {
+                let (a0, b0) = p.region.insn(0);
+                let emulated = multiprobe_x86::analyze(
+                    a0,
+                    Code {
+                        addr: a0,
+                        bytes: b0,
+                    },
+                    None,
+                )
+                .unwrap()
+                .is_emulated();
+                let actions: &[Action] = if emulated {
+                    &[Action::Region, Action::Post, Action::Emulate]
+                } else {
+                    &[Action::Region, Action::Post]
+                };
+                for &action in actions {
                     *ACTION.lock().unwrap() = action;
                     SEEN.lock().unwrap().clear();
                     promote(m, &p);
