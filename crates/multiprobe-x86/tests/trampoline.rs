@@ -43,6 +43,8 @@ enum Action {
     StackDown { to: u64 },
     /// Clobber every vector, opmask and x87 register and MXCSR, and memcpy 1 MiB.
     Clobber,
+    /// Set DF and CF in the frame's rflags (the slow, `popfq` restore).
+    SetFlags,
     /// The same in the pre and the post entry, through the post stub.
     ClobberPost,
 }
@@ -134,6 +136,10 @@ unsafe extern "C" fn pre(frame: *mut Frame, _ctx: u64, event: u64) -> u64 {
         }
         Action::Clobber => {
             clobber();
+            EXIT_REGION
+        }
+        Action::SetFlags => {
+            f.regs.rflags |= 0x401;
             EXIT_REGION
         }
         Action::ClobberPost => {
@@ -595,6 +601,12 @@ fn handlers_redirect_return_and_move_the_stack() {
                     ..arith(&input)
                 }
             );
+            // A handler's flags: the arithmetic ones by the fast restore (checked by every
+            // run above), DF by popfq.
+            let (_, id) = promoted_run(m, &p, Action::SetFlags, &input);
+            assert_eq!(id, 0);
+            // (The region's `sub` sets CF anew; DF survives it.)
+            assert_eq!(m.last_rflags() & 0x400, 0x400, "DF as the handler set it");
             // The stack moved down: only the trap exit can do it.
             let (got, id) = promoted_run(m, &p, Action::StackDown { to: stub }, &input);
             assert_eq!(id, 1);

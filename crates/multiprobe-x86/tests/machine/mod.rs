@@ -118,6 +118,8 @@ static FAULT_EXIT: AtomicU64 = AtomicU64::new(0);
 /// atomics because a handler must not take locks.
 static FAULT: [AtomicU64; 19] = [const { AtomicU64::new(0) }; 19];
 static FAULT_SEEN: AtomicU64 = AtomicU64::new(0);
+/// All of rflags at the last exit (`run` returns the arithmetic flags only).
+static LAST_RFLAGS: AtomicU64 = AtomicU64::new(0);
 /// The trampoline whose exits by trap and faults the signal handlers serve (null: none).
 static TRAMP_FOR_SIGNALS: AtomicPtr<Trampoline> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -251,6 +253,7 @@ impl Machine {
         TRAMP_FOR_SIGNALS.store(std::ptr::null_mut(), Ordering::SeqCst);
         FAULT_EXIT.store(0, Ordering::SeqCst);
         let mut r = from_array(a);
+        LAST_RFLAGS.store(r.rflags, Ordering::SeqCst);
         r.rflags &= 0x8d5; // compare the arithmetic flags only
         (r, id)
     }
@@ -272,6 +275,11 @@ impl Machine {
         TRAMP_FOR_SIGNALS.store(t as *const Trampoline as *mut Trampoline, Ordering::SeqCst);
         FAULT_EXIT.store(fault_exit, Ordering::SeqCst);
         FAULT_SEEN.store(0, Ordering::SeqCst);
+    }
+
+    /// Every bit of rflags at the last run's exit (before the exit code's `cld`).
+    pub fn last_rflags(&self) -> u64 {
+        LAST_RFLAGS.load(Ordering::SeqCst)
     }
 
     /// After a run that faulted: the registers (after any slot fix-up), the faulting
