@@ -1,22 +1,32 @@
 //! multiprobe's backend for another process: many handlers on one address of a traced
 //! program, one real `int3` underneath, and **one ptrace stop per hit**.
 //!
-//! ```no_run
-//! use std::process::Command;
-//! use std::sync::atomic::{AtomicU64, Ordering};
+//! ```
+//! use std::process::{Command, Stdio};
+//! use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 //! use std::sync::Arc;
-//! use multiprobe_backend_ptrace::{Stop, Tracer};
 //!
-//! let mut tracer = Tracer::spawn(&mut Command::new("/usr/bin/true"))?;
-//! let addr = tracer.resolve("main")?;
-//! let hits = Arc::new(AtomicU64::new(0));
-//! let h = Arc::clone(&hits);
-//! let _guard = tracer.registry().register(addr, move |hit| {
-//!     let _first_arg = hit.regs().rdi;
-//!     h.fetch_add(1, Ordering::Relaxed);
+//! use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+//!
+//! // A program that calls libc's `write` (the shell's `echo`), spawned traced.
+//! let mut cmd = Command::new("/bin/sh");
+//! cmd.args(["-c", "echo hello"]).stdout(Stdio::null());
+//! let mut tracer = Tracer::spawn(&mut cmd)?;
+//! tracer.run_to_entry()?; // the dynamic loader has mapped libc: `libc:` names resolve
+//! let write = tracer.resolve("libc:write")?;
+//!
+//! let to_stdout = Arc::new(AtomicU64::new(0));
+//! let n = Arc::clone(&to_stdout);
+//! let probe = tracer.registry().register(write, move |hit| {
+//!     // Handlers run in the tracer, with the tracee's registers and memory.
+//!     if hit.arg(0) == Ok(1) {
+//!         n.fetch_add(1, Relaxed);
+//!     }
 //! })?;
 //! let stop = tracer.run()?; // until it exits, execs, or a DetachHandle asks
-//! assert!(matches!(stop, Stop::Exited(_)));
+//! assert_eq!(stop, Stop::Exited(ExitStatus::Code(0)));
+//! assert!(to_stdout.load(Relaxed) >= 1);
+//! assert!(probe.stats()?.hits >= to_stdout.load(Relaxed));
 //! # Ok::<(), multiprobe_core::Error>(())
 //! ```
 //!
@@ -137,6 +147,9 @@
 
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-backend-ptrace supports x86-64 Linux only");
+
 mod backend;
 #[doc(hidden)]
 pub mod baseline;
@@ -162,3 +175,8 @@ pub use doorbell::DetachHandle;
 pub use mem::TraceeMemory;
 pub use sys::Signal;
 pub use tracer::{ExitStatus, ResolveError, Stop, Tracer};
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -86,6 +86,9 @@
 //!   while another thread is inside a registration leaves the child's registry locked.
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-backend-sigtrap supports x86-64 Linux only");
+
 mod backend;
 mod context;
 mod dispatchers;
@@ -108,8 +111,7 @@ mod trap;
 
 pub use backend::{Class, SigtrapBackend, Site};
 pub use memory::LocalMemory;
-pub use multiprobe_symbols::ResolveError;
-pub use place::{fn_addr, resolve, FnPtr, SymbolError};
+pub use place::{fn_addr, resolve, FnPtr, ResolveError};
 pub use ring::{HitRecord, HitRing};
 
 /// How many traps in this process hit a probe at the moment it was being removed (or
@@ -133,3 +135,8 @@ pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 pub fn registry() -> SigtrapRegistry {
     multiprobe_core::Registry::new(SigtrapBackend::new())
 }
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

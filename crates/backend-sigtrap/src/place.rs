@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 
-use multiprobe_symbols::{split_library, ProcessSymbols, ResolveError};
+use multiprobe_symbols::{split_library, ProcessSymbols};
 
 /// A function pointer type whose value is the address of code in this process: `fn`,
 /// `unsafe fn`, `extern "C" fn` and `unsafe extern "C" fn` of up to eight arguments.
@@ -62,16 +62,29 @@ pub fn fn_addr(f: impl FnPtr) -> u64 {
     f.addr()
 }
 
-/// Why [`resolve`] found no address.
+/// Why [`resolve`] found no address (the same shape as the ptrace backend's
+/// `Tracer::resolve` error).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SymbolError {
+pub enum ResolveError {
+    /// The name does not resolve in this process (the reason, with what exists: no
+    /// such library or function, ambiguous, ...).
+    #[error("{0}")]
+    Symbol(#[from] multiprobe_symbols::ResolveError),
     /// This process's maps could not be read.
     #[error("reading /proc/self/maps: {0}")]
     Maps(#[source] std::io::Error),
-    /// The name does not resolve (no such library or function, ambiguous, ...).
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
+}
+
+/// For `?` in code that reports the core's errors; the structured reason is in the
+/// message.
+impl From<ResolveError> for multiprobe_core::Error {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Maps(e) => multiprobe_core::Error::io("reading /proc/self/maps", e),
+            ResolveError::Symbol(e) => multiprobe_core::Error::Backend(e.to_string()),
+        }
+    }
 }
 
 /// The entry address of the function `spec` names in this process: `name` (searched in
@@ -82,9 +95,9 @@ pub enum SymbolError {
 ///
 /// A GNU indirect function (`libc:strlen`) resolves to the implementation the dynamic
 /// loader chose for this process.
-pub fn resolve(spec: &str) -> Result<u64, SymbolError> {
+pub fn resolve(spec: &str) -> Result<u64, ResolveError> {
     let syms = ProcessSymbols::from_maps(
-        multiprobe_symbols::Maps::read(0).map_err(SymbolError::Maps)?,
+        multiprobe_symbols::Maps::read(0).map_err(ResolveError::Maps)?,
         crate::symbols::cache(),
     );
     let (library, name) = match split_library(spec) {
@@ -93,15 +106,17 @@ pub fn resolve(spec: &str) -> Result<u64, SymbolError> {
     };
     match syms.resolve(library, name) {
         Ok(found) => Ok(found.start),
-        Err(e @ ResolveError::IndirectFunction { .. }) => chosen(&e).ok_or(e.into()),
+        Err(e @ multiprobe_symbols::ResolveError::IndirectFunction { .. }) => {
+            chosen(&e).ok_or(e.into())
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 /// The implementation the loader chose for the indirect function `e` names: `dlsym` in
 /// that library runs the same selection (and returns what calls reach).
-fn chosen(e: &ResolveError) -> Option<u64> {
-    let ResolveError::IndirectFunction { name, file, .. } = e else {
+fn chosen(e: &multiprobe_symbols::ResolveError) -> Option<u64> {
+    let multiprobe_symbols::ResolveError::IndirectFunction { name, file, .. } = e else {
         return None;
     };
     let (path, symbol) = (

@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use multiprobe_backend_sigtrap::{fn_addr, resolve, ResolveError, SymbolError};
+use multiprobe_backend_sigtrap::{fn_addr, resolve, ResolveError};
+use multiprobe_symbols::ResolveError as Why;
 
 #[inline(never)]
 fn answer(x: u64) -> u64 {
@@ -87,13 +88,13 @@ fn an_indirect_libc_function_resolves_to_the_implementation_calls_reach() {
 #[test]
 fn names_that_do_not_resolve_say_why() {
     match resolve("libc:mp_no_such_function") {
-        Err(SymbolError::Resolve(ResolveError::UnknownSymbol { name, .. })) => {
+        Err(ResolveError::Symbol(Why::UnknownSymbol { name, .. })) => {
             assert_eq!(name, "mp_no_such_function")
         }
         other => panic!("{other:?}"),
     }
     match resolve("libmp_not_loaded:f") {
-        Err(SymbolError::Resolve(ResolveError::UnknownLibrary { library, .. })) => {
+        Err(ResolveError::Symbol(Why::UnknownLibrary { library, .. })) => {
             assert_eq!(library, "libmp_not_loaded")
         }
         other => panic!("{other:?}"),

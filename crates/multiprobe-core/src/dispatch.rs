@@ -28,13 +28,13 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
 use crate::handler::{Fault, FaultAction, Hit, PreAction};
 use crate::memory::Memory;
 use crate::regs::RegisterFile;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
+use crate::sync::Arc;
 use crate::table::{SiteView, Table};
 use crate::HandlerId;
 

@@ -11,8 +11,6 @@
 //! * Nothing the table unlinked is freed before its grace period (see [`crate::srcu`]).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -21,8 +19,10 @@ use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Hit};
 use crate::stats::{HandlerCounters, HandlerStats, SiteStats};
+use crate::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crate::sync::index::Index;
-use crate::sync::{held, Mutex, MutexGuard};
+use crate::sync::unmodelled::{self, AtomicU64};
+use crate::sync::{held, Arc, Mutex, MutexGuard};
 use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, Table, TableWriter};
 use crate::HandlerId;
 
@@ -380,7 +380,7 @@ fn site_stats<S>(v: &SiteView<S>) -> SiteStats {
         hits: v.shared.hits.read(),
         handlers: v.handlers.len(),
         enabled: v.handlers.iter().filter(|s| s.enabled).count(),
-        armed: v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
+        armed: v.shared.armed.load(Relaxed),
     }
 }
 
@@ -427,7 +427,7 @@ impl<B: Backend> Inner<B> {
                     addr,
                     data: self.backend.prepare(addr)?,
                     hits: Arc::default(),
-                    armed: crate::sync::atomic::AtomicBool::new(false),
+                    armed: AtomicBool::new(false),
                 }),
                 SmallVec::new(),
             ),
@@ -440,7 +440,7 @@ impl<B: Backend> Inner<B> {
             handler: req.handler,
             has_post,
             exclusive: req.options.exclusive,
-            enabled: std::sync::atomic::AtomicBool::new(enabled),
+            enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
             tally: Arc::default(),
         });
@@ -530,7 +530,6 @@ impl<B: Backend> Inner<B> {
         old: Option<&SiteView<B::Site>>,
         new: Option<SiteView<B::Site>>,
     ) -> Result<Option<Error>> {
-        use crate::sync::atomic::Ordering::Relaxed;
         let shared = match (&new, old) {
             (Some(v), _) | (None, Some(v)) => Arc::clone(&v.shared),
             (None, None) => return Ok(None),
@@ -579,12 +578,7 @@ impl<B: Backend> Drop for Inner<B> {
         let w = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
         let addrs: Vec<(u64, bool)> = w
             .views()
-            .map(|v| {
-                (
-                    v.addr(),
-                    v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
-                )
-            })
+            .map(|v| (v.addr(), v.shared.armed.load(Relaxed)))
             .collect();
         for (addr, armed) in addrs {
             if armed {

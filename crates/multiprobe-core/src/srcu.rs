@@ -13,7 +13,7 @@
 //!   epoch; if it changed, undo and retry. Then read the table.
 //! * `poll` (writer side, serialized by the `grace` mutex): heavy barrier, then if the
 //!   non-current epoch has no readers, flip to it.
-//! * The barriers pair up (the store-buffering pattern, see [`crate::barrier`]): for a
+//! * The barriers pair up (the store-buffering pattern, see `sync::membarrier`): for a
 //!   reader's increment and a writer's check of that counter that follows an unlink, either
 //!   the check sees the increment, or the reader's table reads see the unlink. Likewise
 //!   for the reader's epoch re-read against a flip, so a reader never settles in an
@@ -28,13 +28,12 @@
 
 use crossbeam_utils::CachePadded;
 
-use crate::barrier;
 use crate::shard::{Shard, SHARDS};
 use crate::sync::atomic::{
     AtomicU64, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
-use crate::sync::{backoff, held, Mutex};
+use crate::sync::{backoff, barrier, held, Mutex};
 
 /// Proof of an open read section: which counter to decrement on exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

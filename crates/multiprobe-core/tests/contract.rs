@@ -27,13 +27,13 @@ fn taken(l: &Log) -> Vec<String> {
 }
 
 /// A handler that records `pre NAME` and, with `post`, `post NAME`.
-fn recorder(l: &Log, name: &'static str, post: bool) -> Box<dyn multiprobe_core::Handler> {
+fn recorder(l: &Log, name: &'static str, post: bool) -> Boxed {
     let (l1, l2) = (Arc::clone(l), Arc::clone(l));
     let pre = move |_: &mut Hit<'_>| {
         l1.lock().unwrap().push(format!("pre {name}"));
         PreAction::Continue
     };
-    if post {
+    Boxed(if post {
         Box::new(
             FnHandler::new()
                 .pre(pre)
@@ -41,7 +41,7 @@ fn recorder(l: &Log, name: &'static str, post: bool) -> Box<dyn multiprobe_core:
         )
     } else {
         Box::new(FnHandler::new().pre(pre))
-    }
+    })
 }
 
 struct Boxed(Box<dyn multiprobe_core::Handler>);
@@ -75,16 +75,10 @@ fn hit(r: &Registry<TestBackend>, ts: &ThreadState, addr: u64) -> HitResult {
 fn first_handler_arms_last_disarms_and_bytes_are_restored() {
     let (r, ts) = setup();
     let l = log();
-    let h1 = r
-        .register_handler(A, Boxed(recorder(&l, "a", false)))
-        .unwrap();
+    let h1 = r.register_handler(A, recorder(&l, "a", false)).unwrap();
     assert_eq!(r.backend().byte(A), INT3);
-    let h2 = r
-        .register_handler(A, Boxed(recorder(&l, "b", false)))
-        .unwrap();
-    let h3 = r
-        .register_handler(A, Boxed(recorder(&l, "c", false)))
-        .unwrap();
+    let h2 = r.register_handler(A, recorder(&l, "b", false)).unwrap();
+    let h3 = r.register_handler(A, recorder(&l, "c", false)).unwrap();
     assert_eq!(
         r.backend().events(),
         vec![Event::Prepare(A), Event::Arm(A)],
@@ -155,18 +149,10 @@ fn exclusive_conflicts_both_ways_and_leave_the_registry_unchanged() {
 fn pre_in_registration_order_then_posts_of_those_whose_pre_ran() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r
-        .register_handler(A, Boxed(recorder(&l, "a", true)))
-        .unwrap();
-    let _b = r
-        .register_handler(A, Boxed(recorder(&l, "b", false)))
-        .unwrap();
-    let c = r
-        .register_handler(A, Boxed(recorder(&l, "c", true)))
-        .unwrap();
-    let _d = r
-        .register_handler(A, Boxed(recorder(&l, "d", true)))
-        .unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
+    let _b = r.register_handler(A, recorder(&l, "b", false)).unwrap();
+    let c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
+    let _d = r.register_handler(A, recorder(&l, "d", true)).unwrap();
     c.disable().unwrap();
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     assert_eq!(
@@ -179,9 +165,7 @@ fn pre_in_registration_order_then_posts_of_those_whose_pre_ran() {
 fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r
-        .register_handler(A, Boxed(recorder(&l, "a", true)))
-        .unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let l2 = Arc::clone(&l);
     let _b = r
         .register(A, move |h| {
@@ -189,9 +173,7 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
             h.regs_mut().rip = 0x5000;
         })
         .unwrap();
-    let _c = r
-        .register_handler(A, Boxed(recorder(&l, "c", true)))
-        .unwrap();
+    let _c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
     let mut regs = Regs::default();
     assert_eq!(r.backend().hit(&ts, 1, A, &mut regs), HitResult::Redirected);
     assert_eq!(
@@ -212,9 +194,7 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
     let _x = r
         .register_handler(A, FnHandler::new().pre(|_| PreAction::Redirect))
         .unwrap();
-    let _y = r
-        .register_handler(A, Boxed(recorder(&l, "y", true)))
-        .unwrap();
+    let _y = r.register_handler(A, recorder(&l, "y", true)).unwrap();
     let mut regs = Regs::default();
     assert_eq!(r.backend().hit(&ts, 1, A, &mut regs), HitResult::Redirected);
     assert_eq!(regs.rip, A);
@@ -263,7 +243,7 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
         .iter()
         .zip(names)
         .map(|(&a, n)| {
-            r.register_handler(a, Boxed(recorder(&l, n, true)))
+            r.register_handler(a, recorder(&l, n, true))
                 .unwrap()
                 .into_id()
         })
@@ -324,15 +304,9 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
 fn a_handler_enabled_between_pre_and_post_gets_no_post() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r
-        .register_handler(A, Boxed(recorder(&l, "a", true)))
-        .unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let late = r
-        .register_handler_with(
-            A,
-            Boxed(recorder(&l, "late", true)),
-            Options::default().disabled(),
-        )
+        .register_handler_with(A, recorder(&l, "late", true), Options::default().disabled())
         .unwrap();
     let d = r.dispatcher();
     let mut regs = Regs {
@@ -667,9 +641,7 @@ fn fault_in_a_step_with_post_ends_the_pending_step() {
 fn a_panicking_handler_is_caught_counted_and_the_others_run() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r
-        .register_handler(A, Boxed(recorder(&l, "a", true)))
-        .unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let bad = r
         .register_handler(
             A,
@@ -678,9 +650,7 @@ fn a_panicking_handler_is_caught_counted_and_the_others_run() {
                 .post(|_| panic!("post bug too")),
         )
         .unwrap();
-    let _c = r
-        .register_handler(A, Boxed(recorder(&l, "c", true)))
-        .unwrap();
+    let _c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
     for _ in 0..2 {
         assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     }
@@ -806,9 +776,9 @@ fn a_batch_is_all_or_nothing() {
     let l = log();
     let err = r
         .register_batch(vec![
-            Request::handler(A, Boxed(recorder(&l, "a", false))),
-            Request::handler(B, Boxed(recorder(&l, "b", false))),
-            Request::handler(0x9000, Boxed(recorder(&l, "c", false))),
+            Request::handler(A, recorder(&l, "a", false)),
+            Request::handler(B, recorder(&l, "b", false)),
+            Request::handler(0x9000, recorder(&l, "c", false)),
         ])
         .unwrap_err();
     match err {
@@ -821,9 +791,9 @@ fn a_batch_is_all_or_nothing() {
 
     let gs = r
         .register_batch(vec![
-            Request::handler(A, Boxed(recorder(&l, "a", false))),
-            Request::handler(A, Boxed(recorder(&l, "a2", false))),
-            Request::handler(B, Boxed(recorder(&l, "b", false))),
+            Request::handler(A, recorder(&l, "a", false)),
+            Request::handler(A, recorder(&l, "a2", false)),
+            Request::handler(B, recorder(&l, "b", false)),
         ])
         .unwrap();
     hit(&r, &ts, A);

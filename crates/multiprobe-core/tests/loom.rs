@@ -111,7 +111,7 @@ fn enable_disable_racing_a_hit() {
         let posts = Arc::new(AtomicUsize::new(0));
         let (p1, p2) = (Arc::clone(&pres), Arc::clone(&posts));
         let g = r
-            .register(
+            .register_handler(
                 A,
                 FnHandler::new()
                     .pre(move |_| {
@@ -182,7 +182,7 @@ fn unregister_waits_for_a_deferred_step() {
         let post_done = Arc::new(AtomicBool::new(false));
         let pd = Arc::clone(&post_done);
         let g = r
-            .register(A, FnHandler::new().post(move |_| pd.store(true, SeqCst)))
+            .register_handler(A, FnHandler::new().post(move |_| pd.store(true, SeqCst)))
             .unwrap();
         let d = r.dispatcher();
         let entered = Arc::new(AtomicBool::new(false));

@@ -22,3 +22,8 @@ pub use process::{
     SymbolCache,
 };
 pub use unwind::LandingPads;
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

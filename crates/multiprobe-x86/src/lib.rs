@@ -138,3 +138,8 @@ pub use trampoline::{
     build_common, build_trampoline, Built, CommonStub, Location, StateSave, Trampoline,
     TrampolineError, TrampolineSpec, COMMON_LEN, TRAMPOLINE_LEN,
 };
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

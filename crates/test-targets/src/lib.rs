@@ -9,6 +9,9 @@
 //! the cc crate into a static library that a small Rust `main` calls), where a fault
 //! scenario needs what C does plainly (fork storms, seccomp filters, signal masks).
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-test-targets supports x86-64 Linux only");
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
