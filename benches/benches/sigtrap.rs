@@ -304,7 +304,9 @@ fn main() {
             Some(multiprobe_backend_sigtrap::Mode::Jump),
             "{name}: the site must be promoted"
         );
-        bench(name, "unprobed", &|n| calls(mp_b_twin, n), &|n| calls(mp_b_jump, n));
+        bench(name, "unprobed", &|n| calls(mp_b_twin, n), &|n| {
+            calls(mp_b_jump, n)
+        });
         if name == "promoted/3" {
             {
                 let boosted_again = |n| {
@@ -315,24 +317,37 @@ fn main() {
                     drop(gs);
                     d
                 };
-                bench("boosted/3 again", "promoted/3", &|n| calls(mp_b_jump, n), &boosted_again);
+                bench(
+                    "boosted/3 again",
+                    "promoted/3",
+                    &|n| calls(mp_b_jump, n),
+                    &boosted_again,
+                );
                 match KernelUprobe::new("twin", mp_b_twin as *const () as u64) {
                     Ok(u) => {
-                        bench("kernel-uprobe", "promoted/3", &|n| calls(mp_b_jump, n), &|n| {
-                            calls(mp_b_twin, n)
-                        });
+                        bench(
+                            "kernel-uprobe",
+                            "promoted/3",
+                            &|n| calls(mp_b_jump, n),
+                            &|n| calls(mp_b_twin, n),
+                        );
                         drop(u);
                     }
                     Err(e) => println!("NOTE kernel uprobe not measured: {e}"),
                 }
                 // Two threads on the one site: time per hit on this thread while another
                 // hits it as often.
-                bench("promoted/3-2threads", "promoted/3", &|n| calls(mp_b_jump, n), &|n| {
-                    let other = std::thread::spawn(move || calls(mp_b_jump, n));
-                    let d = calls(mp_b_jump, n);
-                    other.join().unwrap();
-                    d
-                });
+                bench(
+                    "promoted/3-2threads",
+                    "promoted/3",
+                    &|n| calls(mp_b_jump, n),
+                    &|n| {
+                        let other = std::thread::spawn(move || calls(mp_b_jump, n));
+                        let d = calls(mp_b_jump, n);
+                        other.join().unwrap();
+                        d
+                    },
+                );
             }
         }
     }

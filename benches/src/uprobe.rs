@@ -39,7 +39,10 @@ fn file_offset(addr: u64) -> Option<(String, u64)> {
         let (range, _perms, off) = (it.next()?, it.next()?, it.next()?);
         let path = it.nth(2).unwrap_or("");
         let (lo, hi) = range.split_once('-')?;
-        let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).ok()?,
+            u64::from_str_radix(hi, 16).ok()?,
+        );
         if (lo..hi).contains(&addr) && path.starts_with('/') {
             let off = u64::from_str_radix(off, 16).ok()?;
             return Some((path.to_string(), addr - lo + off));
@@ -58,7 +61,9 @@ impl KernelUprobe {
                 .status();
         }
         if !mounted() {
-            return Err(format!("tracefs is not mounted at {TRACEFS} and could not be"));
+            return Err(format!(
+                "tracefs is not mounted at {TRACEFS} and could not be"
+            ));
         }
         let (file, off) =
             file_offset(addr).ok_or_else(|| format!("{addr:#x} is not in a mapped file"))?;

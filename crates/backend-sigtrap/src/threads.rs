@@ -4,14 +4,21 @@
 //! the relocated copy in the trampoline.
 //!
 //! How (thread context, one check at a time):
-//! 1. Every other thread of the process (`/proc/self/task`) gets a SIGTRAP queued with
+//! 1. Every other thread of the process (`/proc/self/task`) gets a SIGSEGV queued with
 //!    `rt_tgsigqueueinfo`, `si_code == SI_QUEUE` and a value carrying [`MAGIC`] and the
-//!    check's generation: our SIGTRAP handler recognises it ([`on_check`]), so no new
+//!    check's generation: our fault handler recognises it ([`on_check`]), so no new
 //!    signal number is taken. The handler records its `ucontext` and waits (a futex)
 //!    until the promoter releases it; a stale request (a check that gave up on this
 //!    thread) is recognised by its generation and ignored.
+//!
+//!    Why SIGSEGV and not SIGTRAP: a classic signal is pending at most once, and the
+//!    kernel drops a second one sent meanwhile. A thread that executes a probe's `int3`
+//!    while our request is pending would lose its breakpoint trap (SIGTRAP) and resume
+//!    after the `int3`, in the middle of the instruction. A real fault dropped the same
+//!    way costs nothing: a fault's `rip` is the faulting instruction itself, which
+//!    faults again when the thread resumes.
 //! 2. The promoter waits a bounded time for every thread to arrive. A thread that does
-//!    not (it blocks SIGTRAP, or is stopped) means: not promoted, and why.
+//!    not (it blocks SIGSEGV, or is stopped) means: not promoted, and why.
 //! 3. For each parked thread, the interrupted `rip` of its context, and those of every
 //!    signal frame further up its stack: a thread held in a signal handler has its
 //!    interrupted context in an `rt_sigframe` on its stack, not in the context our
@@ -58,6 +65,9 @@ const SI_QUEUE: c_int = -1;
 
 struct Parked {
     tid: AtomicU32,
+    /// The generation the thread answered (a late answer to an abandoned check can land
+    /// in the next check's slots: it is told apart by this).
+    gen: AtomicU64,
     uc: AtomicPtr<ucontext_t>,
 }
 
@@ -78,6 +88,7 @@ static CHECK: Check = Check {
     parked: [const {
         Parked {
             tid: AtomicU32::new(0),
+            gen: AtomicU64::new(0),
             uc: AtomicPtr::new(std::ptr::null_mut()),
         }
     }; MAX_THREADS],
@@ -89,7 +100,7 @@ static ONE_AT_A_TIME: Mutex<u64> = Mutex::new(0);
 /// Why a promotion cannot go ahead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum CheckFailure {
-    /// A thread did not answer the check signal in time (SIGTRAP blocked, stopped).
+    /// A thread did not answer the check signal in time (SIGSEGV blocked, stopped).
     NoAnswer { tid: u32 },
     /// A thread's context stands inside the region where it cannot be moved.
     Stuck { tid: u32, rip: u64 },
@@ -102,7 +113,7 @@ impl std::fmt::Display for CheckFailure {
         match self {
             CheckFailure::NoAnswer { tid } => write!(
                 f,
-                "thread {tid} did not answer the check signal (SIGTRAP blocked or the thread stopped)"
+                "thread {tid} did not answer the check signal (SIGSEGV blocked or the thread stopped)"
             ),
             CheckFailure::Stuck { tid, rip } => write!(
                 f,
@@ -127,7 +138,7 @@ fn futex(word: &AtomicU32, op: c_int, val: u32, timeout: *const libc::timespec) 
     }
 }
 
-/// Our SIGTRAP handler's hook: if `si` is a check request, park this thread until the
+/// Our SIGSEGV handler's hook: if `si` is a check request, park this thread until the
 /// promoter is done with its context and return true. Async-signal-safe: atomics and the
 /// futex system call.
 pub(crate) fn on_check(si: &siginfo_t, uc: *mut ucontext_t) -> bool {
@@ -150,6 +161,7 @@ pub(crate) fn on_check(si: &siginfo_t, uc: *mut ucontext_t) -> bool {
         return true;
     }
     CHECK.parked[slot].uc.store(uc, Ordering::Relaxed);
+    CHECK.parked[slot].gen.store(gen, Ordering::Relaxed);
     CHECK.parked[slot]
         .tid
         .store(thread::tid(), Ordering::Release);
@@ -188,7 +200,7 @@ fn alive(tid: u32) -> bool {
 fn send(tid: u32, value: u64) -> io::Result<()> {
     // SAFETY: a zeroed siginfo filled as the kernel expects for SI_QUEUE.
     let mut si: siginfo_t = unsafe { std::mem::zeroed() };
-    si.si_signo = libc::SIGTRAP;
+    si.si_signo = libc::SIGSEGV;
     si.si_code = SI_QUEUE;
     // SAFETY: the `_rt` member of the union: pid, uid, value, after the three ints.
     unsafe {
@@ -203,7 +215,7 @@ fn send(tid: u32, value: u64) -> io::Result<()> {
             libc::SYS_rt_tgsigqueueinfo,
             libc::getpid(),
             tid,
-            libc::SIGTRAP,
+            libc::SIGSEGV,
             &si as *const siginfo_t,
         )
     };
@@ -358,6 +370,7 @@ pub(crate) fn check_all(region: &Region, map: &Trampoline) -> Result<(), CheckFa
     CHECK.overflow.store(false, Ordering::Relaxed);
     for p in &CHECK.parked {
         p.tid.store(0, Ordering::Relaxed);
+        p.gen.store(0, Ordering::Relaxed);
     }
     CHECK.gen.store(gen, Ordering::Release);
     let mut expected = Vec::new();
@@ -371,25 +384,32 @@ pub(crate) fn check_all(region: &Region, map: &Trampoline) -> Result<(), CheckFa
             }
         }
     }
-    let result = wait_and_fix(&fixer, &maps, &expected);
+    let result = wait_and_fix(&fixer, &maps, &expected, gen);
     finish(gen);
     result
 }
 
-fn parked_tids() -> Vec<(u32, *mut ucontext_t)> {
+fn parked_tids(gen: u64) -> Vec<(u32, *mut ucontext_t)> {
     let n = (CHECK.arrived.load(Ordering::Acquire) as usize).min(MAX_THREADS);
     (0..n)
         .filter_map(|i| {
-            let t = CHECK.parked[i].tid.load(Ordering::Acquire);
-            (t != 0).then(|| (t, CHECK.parked[i].uc.load(Ordering::Relaxed)))
+            let p = &CHECK.parked[i];
+            let t = p.tid.load(Ordering::Acquire);
+            (t != 0 && p.gen.load(Ordering::Relaxed) == gen)
+                .then(|| (t, p.uc.load(Ordering::Relaxed)))
         })
         .collect()
 }
 
-fn wait_and_fix(fixer: &Fixer<'_>, maps: &Maps, expected: &[u32]) -> Result<(), CheckFailure> {
+fn wait_and_fix(
+    fixer: &Fixer<'_>,
+    maps: &Maps,
+    expected: &[u32],
+    gen: u64,
+) -> Result<(), CheckFailure> {
     let start = Instant::now();
     let missing = loop {
-        let parked = parked_tids();
+        let parked = parked_tids(gen);
         let missing: Vec<u32> = expected
             .iter()
             .copied()
@@ -409,7 +429,7 @@ fn wait_and_fix(fixer: &Fixer<'_>, maps: &Maps, expected: &[u32]) -> Result<(), 
         ));
     }
     let restorer = restorer();
-    for (tid, uc) in parked_tids() {
+    for (tid, uc) in parked_tids(gen) {
         // SAFETY: the thread is parked in our handler, which keeps its ucontext alive
         // and does not touch it until released.
         let uc = unsafe { &mut *uc };

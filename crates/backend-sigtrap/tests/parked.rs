@@ -54,7 +54,11 @@ fn a_thread_parked_at_the_regions_second_instruction_resumes_in_the_relocated_co
     while !PARKED.load(SeqCst) {
         std::thread::yield_now();
     }
-    assert_eq!(FAULT_RIP.load(SeqCst), a + 1, "parked at the second instruction");
+    assert_eq!(
+        FAULT_RIP.load(SeqCst),
+        a + 1,
+        "parked at the second instruction"
+    );
     let reg = Registry::new(SigtrapBackend::new());
     let hits = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&hits);
@@ -67,7 +71,11 @@ fn a_thread_parked_at_the_regions_second_instruction_resumes_in_the_relocated_co
     assert_eq!(bytes(a, 1)[0], 0xe9);
     RELEASE.store(true, SeqCst);
     assert_eq!(t.join().unwrap(), 42, "finished from the relocated copy");
-    assert_eq!(hits.load(SeqCst), 0, "it had passed the probe before it was placed");
+    assert_eq!(
+        hits.load(SeqCst),
+        0,
+        "it had passed the probe before it was placed"
+    );
     // SAFETY: a good pointer.
     assert_eq!(unsafe { mp_r_load(GOOD.as_ptr()) }, 42);
     assert_eq!(hits.load(SeqCst), 1);

@@ -35,7 +35,11 @@ fn promotion_and_demotion_ten_thousand_times_under_two_calling_threads_keep_exac
     let hits = Arc::new(AtomicU64::new(0));
     let g = reg.register(a, counter(&hits)).unwrap();
     assert_eq!(reg.backend().mode_at(a), Some(Mode::Jump));
-    assert_eq!(bytes(a, 1)[0], 0xe9, "a promoted site starts with jmp rel32");
+    assert_eq!(
+        bytes(a, 1)[0],
+        0xe9,
+        "a promoted site starts with jmp rel32"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let calls: Vec<_> = (0..2)
         .map(|_| {
@@ -55,8 +59,15 @@ fn promotion_and_demotion_ten_thousand_times_under_two_calling_threads_keep_exac
         reg.backend().demote(a).unwrap();
         let now = bytes(a, 16);
         assert_eq!(now[0], 0xcc, "round {i}: an int3 site after demotion");
-        assert_eq!(&now[1..], &orig[1..], "round {i}: original bytes after the int3");
-        assert!(matches!(reg.backend().mode_at(a), Some(Mode::Trap(TrapReason::Kept))));
+        assert_eq!(
+            &now[1..],
+            &orig[1..],
+            "round {i}: original bytes after the int3"
+        );
+        assert!(matches!(
+            reg.backend().mode_at(a),
+            Some(Mode::Trap(TrapReason::Kept))
+        ));
         assert_eq!(reg.backend().promote(a).unwrap(), Mode::Jump, "round {i}");
     }
     stop.store(true, Relaxed);
@@ -112,7 +123,10 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     backend.keep_as_trap(a);
     let reg2 = Registry::new(backend);
     let g = reg2.register(a, counter(&hits)).unwrap();
-    assert_eq!(reg2.backend().mode_at(a), Some(Mode::Trap(TrapReason::Kept)));
+    assert_eq!(
+        reg2.backend().mode_at(a),
+        Some(Mode::Trap(TrapReason::Kept))
+    );
     // SAFETY: as above.
     assert_eq!(unsafe { mp_r_plain(1) }, 2);
     assert_eq!(g.unregister().unwrap().hits, 1);
@@ -189,7 +203,10 @@ fn vector_and_x87_values_live_across_the_probe_survive_a_clobbering_handler() {
     for _ in 0..3 {
         let got = run_vec(&input);
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            assert_eq!(w, g, "byte {i} of the vector/x87 state changed across the probe");
+            assert_eq!(
+                w, g,
+                "byte {i} of the vector/x87 state changed across the probe"
+            );
         }
     }
     assert_eq!(calls.load(SeqCst), 3);
@@ -205,16 +222,16 @@ fn a_thread_that_does_not_answer_the_check_leaves_a_working_int3_site() {
     let reg = Registry::new(SigtrapBackend::new());
     let a = addr(mp_r_plain as *const ());
     let orig = bytes(a, 16);
-    // A thread with SIGTRAP blocked, asleep.
+    // A thread with SIGSEGV blocked (the check signal), asleep.
     let (tx, rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
     let t = std::thread::spawn(move || {
-        // SAFETY: blocking SIGTRAP on this thread with a valid set.
+        // SAFETY: blocking SIGSEGV on this thread with a valid set.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTRAP);
+            libc::sigaddset(&mut set, libc::SIGSEGV);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         }
         tx.send(()).unwrap();
