@@ -33,9 +33,11 @@ std::thread_local! {
 
 /// This thread is inside the backend's machinery (a trampoline entry); a probe hit there
 /// must run no handlers. Async-signal-safe.
+#[allow(dead_code)] // wired in on x86-trapfree-wire
 #[derive(Debug)]
 pub(crate) struct Machinery(());
 
+#[allow(dead_code)]
 impl Machinery {
     /// Enter, unless this thread is inside already (then `None`: a nested hit).
     pub(crate) fn enter() -> Option<Machinery> {
