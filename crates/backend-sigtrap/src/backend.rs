@@ -14,11 +14,11 @@ use std::sync::{Mutex, OnceLock};
 
 use multiprobe_core::backend::{Backend, Dispatcher};
 use multiprobe_core::{Error, Result};
-use multiprobe_x86::{Code, Plan, Slot, SlotKind, INT3, MAX_INSN_LEN, MAX_SLOT_LEN};
+use multiprobe_x86::{Plan, Slot, SlotKind, INT3, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};
 
-use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
+use crate::{dispatchers, fault, known, memory, patch, slots, source, symbols, thread, trap};
 
 /// Addresses armed by any backend in this process → original first byte.
 static ARMED: Mutex<BTreeMap<u64, u8>> = Mutex::new(BTreeMap::new());
@@ -40,6 +40,16 @@ pub(crate) struct BlockInfo {
 }
 
 impl BlockInfo {
+    /// What the site has for continuing a hit (the shared decision's input).
+    pub(crate) fn ways(&self) -> multiprobe_x86::Ways<'_> {
+        multiprobe_x86::Ways {
+            plan: &self.plan,
+            jump_back: Some(&self.boost),
+            trap_after: self.post.as_ref(),
+            trampoline: None,
+        }
+    }
+
     /// The slot of this block that contains `ip`, if any.
     pub(crate) fn slot_at(&self, ip: u64) -> Option<&Slot> {
         [Some(&self.boost), self.post.as_ref()]
@@ -138,14 +148,10 @@ impl Backend for SigtrapBackend {
     }
 
     fn prepare(&self, addr: u64) -> Result<Site> {
-        if addr >= 0x0000_8000_0000_0000 {
+        if addr >= multiprobe_x86::USER_END {
             return Err(bad(addr, "not a user-space address"));
         }
         let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
-        let map = maps.find(addr).ok_or(Error::Unmapped { addr })?;
-        if !map.exec {
-            return Err(Error::NotExecutable { addr });
-        }
         if slots::contains(addr) {
             return Err(Error::Reserved {
                 addr,
@@ -169,41 +175,23 @@ impl Backend for SigtrapBackend {
         if let Some(what) = sym.as_ref().and_then(symbols::reserved) {
             return Err(Error::Reserved { addr, what });
         }
+        // Under the arm lock, so the code read has exactly our breakpoints to put back.
         let armed = armed();
         if armed.contains_key(&addr) {
             return Err(Error::AlreadyBreakpoint { addr });
         }
-        // The enclosing function (for the boundary check) plus room for the instruction.
-        let (start, func) = match &sym {
-            Some(s) => (s.start, Some(s.start..s.start + s.size)),
-            None => (addr, None),
+        let src = source::Local {
+            maps: &maps,
+            armed: &armed,
+            sym: sym.as_ref(),
         };
-        let end = (addr + MAX_INSN_LEN as u64)
-            .max(func.as_ref().map_or(0, |f| f.end))
-            .min(map.end);
-        let start = start.max(map.start);
-        let mut code = vec![0u8; (end - start) as usize];
-        patch::read(start, &mut code).map_err(|e| Error::io("reading code", e))?;
-        if code[(addr - start) as usize] == INT3 {
-            return Err(Error::AlreadyBreakpoint { addr });
-        }
-        // Our own breakpoints in the function are not its code (multiprobe-x86 docs).
-        for (&a, &b) in armed.range(start..end) {
-            code[(a - start) as usize] = b;
-        }
+        let prepared = multiprobe_x86::prepare(addr, &src)?;
         drop(armed);
-        let func = func.filter(|f| f.start >= start);
-        let plan = multiprobe_x86::analyze(
-            addr,
-            Code {
-                addr: start,
-                bytes: &code,
-            },
-            func,
-        )
-        .map_err(|e| e.into_core(addr))?;
-        let mapped = map.mapped_at(addr);
-        let info = block_info(addr, plan)?;
+        let mapped = maps
+            .find(addr)
+            .map(|m| m.mapped_at(addr))
+            .ok_or(Error::Unmapped { addr })?;
+        let info = block_info(addr, prepared.plan)?;
         known::insert(addr);
         Ok(Site { info, mapped })
     }

@@ -86,7 +86,7 @@ pub(crate) fn set_rip(uc: &mut ucontext_t, rip: u64) {
 }
 
 /// This thread's `fs` base, without a system call.
-fn fs_base() -> u64 {
+pub(crate) fn fs_base() -> u64 {
     let v: u64;
     // SAFETY: `%fs:0` holds the thread pointer on x86-64 Linux (TLS variant II; glibc
     // and musl both set it up before any Rust code runs); reading it has no side effect.

@@ -27,6 +27,38 @@ std::thread_local! {
         const { UnsafeCell::new(ManuallyDrop::new(ThreadState::new())) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     static TID: Cell<u32> = const { Cell::new(0) };
+    /// Depth of our own machinery (the trampoline entry) on this thread.
+    static MACHINERY: Cell<u32> = const { Cell::new(0) };
+}
+
+/// This thread is inside the backend's machinery (a trampoline entry); a probe hit there
+/// must run no handlers. Async-signal-safe.
+#[allow(dead_code)] // wired in on x86-trapfree-wire
+#[derive(Debug)]
+pub(crate) struct Machinery(());
+
+#[allow(dead_code)]
+impl Machinery {
+    /// Enter, unless this thread is inside already (then `None`: a nested hit).
+    pub(crate) fn enter() -> Option<Machinery> {
+        MACHINERY.with(|m| {
+            (m.get() == 0).then(|| {
+                m.set(1);
+                Machinery(())
+            })
+        })
+    }
+
+    /// Whether this thread is inside.
+    pub(crate) fn inside() -> bool {
+        MACHINERY.with(|m| m.get() > 0)
+    }
+}
+
+impl Drop for Machinery {
+    fn drop(&mut self) {
+        MACHINERY.with(|m| m.set(0));
+    }
 }
 
 static SETUP: Once = Once::new();

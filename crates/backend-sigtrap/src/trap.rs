@@ -34,7 +34,7 @@ use std::sync::Once;
 use libc::{c_int, c_void, siginfo_t, ucontext_t, SI_KERNEL};
 use multiprobe_core::backend::{PreOutcome, ThreadState};
 use multiprobe_core::Regs;
-use multiprobe_x86::INT3;
+use multiprobe_x86::{Continue, Emulate, INT3};
 
 use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;
@@ -126,29 +126,28 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
             PreOutcome::Step(step) => step,
         };
         let info = step.site().info;
-        let plan = &info.plan;
-        if plan.is_emulated() {
-            let before = regs;
-            if plan.emulate(&mut regs, &MEM).is_ok() {
-                if step.wants_post() {
+        match multiprobe_x86::continue_hit(
+            &info.ways(),
+            step.wants_post(),
+            Emulate::First,
+            &mut regs,
+            &MEM,
+        ) {
+            Continue::Emulated { post } => {
+                if post {
                     step.defer_post();
                     d.post(ts, a, tid, &mut regs, &MEM);
                 }
-                context::store(uc, &regs);
-                return true;
             }
-            // The emulated access would fault: run the slot so the CPU raises it.
-            regs = before;
+            Continue::OutOfLine { at, post, .. } => {
+                if post {
+                    step.defer_post();
+                }
+                regs.rip = at;
+            }
+            // Every site has its slots (built at prepare).
+            Continue::InPlace { .. } => regs.rip = info.boost.addr(),
         }
-        regs.rip = match (&info.post, step.wants_post()) {
-            (Some(post), true) => {
-                step.defer_post();
-                post.addr()
-            }
-            // No trap-after variant: the post-handlers of this hit are lost, which only
-            // happens when emulating `ret`/`jmp [mem]`/`call [mem]` failed (it faults).
-            _ => info.boost.addr(),
-        };
         context::store(uc, &regs);
         return true;
     }
@@ -190,8 +189,10 @@ fn step_quietly(uc: &mut ucontext_t, a: u64, regs: &mut Regs) -> bool {
         let Some(info) = d.with_site(a, |s| s.info) else {
             continue;
         };
-        if !(info.plan.is_emulated() && info.plan.emulate(regs, &MEM).is_ok()) {
-            regs.rip = info.boost.addr();
+        match multiprobe_x86::continue_hit(&info.ways(), false, Emulate::First, regs, &MEM) {
+            Continue::OutOfLine { at, .. } => regs.rip = at,
+            Continue::InPlace { .. } => regs.rip = info.boost.addr(),
+            Continue::Emulated { .. } => {}
         }
         context::store(uc, regs);
         return true;

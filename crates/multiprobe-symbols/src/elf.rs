@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::unwind::{LandingPads, Section, UnwindSections};
 
 /// A function symbol.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +57,8 @@ pub struct ElfSymbols {
     /// `(vaddr, file offset, file size)` of every `PT_LOAD`.
     segments: Vec<(u64, u64, u64)>,
     entry: u64,
+    /// `.eh_frame`, `.eh_frame_hdr`, `.gcc_except_table`, for landing pads.
+    unwind: UnwindSections,
 }
 
 /// A Rust name demangled, without its hash.
@@ -126,6 +130,18 @@ impl ElfSymbols {
                 (s.address(), off, size)
             })
             .collect();
+        let section = |name: &str| {
+            let s = file.section_by_name(name)?;
+            Some(Section {
+                addr: s.address(),
+                data: s.data().ok()?.to_vec(),
+            })
+        };
+        let unwind = UnwindSections {
+            eh_frame: section(".eh_frame"),
+            eh_frame_hdr: section(".eh_frame_hdr"),
+            except_table: section(".gcc_except_table"),
+        };
         Ok(ElfSymbols {
             funcs,
             ifuncs,
@@ -133,6 +149,7 @@ impl ElfSymbols {
             cpp: OnceLock::new(),
             segments,
             entry: file.entry(),
+            unwind,
         })
     }
 
@@ -185,6 +202,12 @@ impl ElfSymbols {
     /// Every function, by address.
     pub fn funcs(&self) -> &[Func] {
         &self.funcs
+    }
+
+    /// The exception landing pads of the function starting at file address `start`
+    /// (see [`crate::unwind`]).
+    pub fn landing_pads(&self, start: u64) -> LandingPads {
+        self.unwind.landing_pads(start)
     }
 
     /// The entry point (file address).

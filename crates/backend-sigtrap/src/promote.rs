@@ -1,0 +1,90 @@
+//! Promotion of an armed `int3` site to a `jmp rel32` into its trampoline, and demotion
+//! back, with the int3-first protocol of the kernel's `text_poke_bp`. Thread context,
+//! under the backend's arm lock.
+//!
+//! Promote (the `int3` is on the first byte already, every core serialized since):
+//! 1. the trampoline, built (or found again) within reach;
+//! 2. the every-thread check ([`crate::threads`]): nobody in the interior, nobody about
+//!    to return there;
+//! 3. bytes 1.. of the region: the jump's displacement, `int3` over the rest; every
+//!    core serialized (`membarrier` SYNC_CORE, in [`crate::patch::write`]);
+//! 4. byte 0: the jump's opcode; serialized again.
+//!
+//! Until step 4 every thread that arrives takes the `int3` and the trap path, whatever
+//! bytes 1.. hold (nobody executes them: step 2). A failure at step 3 or 4 puts the
+//! original bytes 1.. back: a working `int3` site and the original code remain.
+//!
+//! Demote, in reverse: `int3` on byte 0 (serialized: from now on arrivals trap), then
+//! the original bytes 1.. (serialized). No thread can be executing bytes 1.. (they were
+//! the jump's displacement), and threads inside the trampoline finish there: it is
+//! never reused.
+
+use multiprobe_x86::{Region, INT3};
+
+use crate::patch;
+use crate::threads::{self, CheckFailure};
+use crate::tramps::{self, TrampFailure, TrampInfo};
+
+/// Why a promotion did not happen (the site stays an `int3` site).
+#[derive(Debug)]
+pub(crate) enum PromoteFailure {
+    /// No trampoline.
+    Trampoline(TrampFailure),
+    /// The thread check refused.
+    Threads(CheckFailure),
+    /// Writing the jump failed (the original bytes were put back).
+    Write(std::io::Error),
+}
+
+impl std::fmt::Display for PromoteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PromoteFailure::Trampoline(e) => write!(f, "{e}"),
+            PromoteFailure::Threads(e) => write!(f, "{e}"),
+            PromoteFailure::Write(e) => write!(f, "writing the jump failed: {e}"),
+        }
+    }
+}
+
+/// Replace `region` (whose first byte holds our `int3`) by the jump to `block`'s
+/// trampoline (module docs).
+pub(crate) fn promote(
+    region: &Region,
+    block: &'static crate::backend::BlockInfo,
+) -> Result<&'static TrampInfo, PromoteFailure> {
+    let info = tramps::trampoline_for(region, block).map_err(PromoteFailure::Trampoline)?;
+    let map = info.map();
+    let Some((bytes, n)) = region.jump_bytes(map.addr()) else {
+        return Err(PromoteFailure::Trampoline(TrampFailure::Build(
+            multiprobe_x86::TrampolineError::OutOfReach {
+                at: map.addr(),
+                target: region.addr(),
+            },
+        )));
+    };
+    threads::check_all(region, map).map_err(PromoteFailure::Threads)?;
+    let addr = region.addr();
+    let restore = || {
+        // Best effort: the same write that just failed may fail again; the int3 on
+        // byte 0 keeps the site working either way.
+        let _ = patch::write(addr + 1, &region.bytes()[1..]);
+    };
+    if let Err(e) = patch::write(addr + 1, &bytes[1..n]) {
+        restore();
+        return Err(PromoteFailure::Write(e));
+    }
+    if let Err(e) = patch::write(addr, &bytes[..1]) {
+        restore();
+        return Err(PromoteFailure::Write(e));
+    }
+    Ok(info)
+}
+
+/// Put the `int3` site back: `int3` on byte 0, then the original bytes 1.. (module
+/// docs). On error the site may be left promoted (if byte 0 failed) or as an `int3`
+/// site with bytes 1.. of the jump (harmless: nobody executes them).
+pub(crate) fn demote(region: &Region) -> std::io::Result<()> {
+    let addr = region.addr();
+    patch::write(addr, &[INT3])?;
+    patch::write(addr + 1, &region.bytes()[1..])
+}
