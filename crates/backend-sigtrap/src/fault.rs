@@ -85,7 +85,7 @@ extern "C" fn on_fault(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         }
     }
     // SAFETY: our handler's own arguments.
-    unsafe { signals::chain(sig, info, ctx) };
+    let _ = unsafe { signals::chain(sig, info, ctx) };
 }
 
 /// Overwrite `si_addr` (the first field of the fault union, right after the header).

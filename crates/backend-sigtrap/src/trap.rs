@@ -99,7 +99,7 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     };
     if !ours {
         // SAFETY: our handler's own arguments.
-        unsafe { signals::chain(sig, info, ctx) };
+        let _ = unsafe { signals::chain(sig, info, ctx) };
     }
 }
 
