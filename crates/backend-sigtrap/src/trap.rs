@@ -132,8 +132,9 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
         if plan.is_emulated() {
             let before = regs;
             if plan.emulate(&mut regs, &MEM).is_ok() {
-                if step.wants_post() {
-                    step.defer_post();
+                // Post-handlers right after the emulated instruction (if they run at
+                // all: `defer_post` says).
+                if step.defer_post() {
                     d.post(ts, a, tid, &mut regs, &MEM);
                 }
                 context::store(uc, &regs);
@@ -142,10 +143,15 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
             // The emulated access would fault: run the slot so the CPU raises it.
             regs = before;
         }
-        regs.rip = match (&info.post, step.wants_post()) {
-            (Some(post), true) => {
-                step.defer_post();
-                post.addr()
+        regs.rip = match &info.post {
+            // The trap-after slot, if the step was deferred (no room left on this thread
+            // for it: its posts are counted missed, and it takes the jump-back slot).
+            Some(post) if step.wants_post() => {
+                if step.defer_post() {
+                    post.addr()
+                } else {
+                    info.boost.addr()
+                }
             }
             // No trap-after variant: the post-handlers of this hit are lost, which only
             // happens when emulating `ret`/`jmp [mem]`/`call [mem]` failed (it faults).

@@ -289,8 +289,7 @@ impl Cpu {
             }
             PreOutcome::Step(step) => {
                 let slot = Arc::clone(&step.site().slot);
-                let post = step.wants_post();
-                step.defer_post();
+                let post = step.defer_post();
                 self.regs = regs;
                 self.phase = Phase::InSlot { slot, post };
                 Dispatched::Step { post }

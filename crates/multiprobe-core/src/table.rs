@@ -369,17 +369,8 @@ impl<S> Table<S> {
 
 impl<S> Drop for Table<S> {
     fn drop(&mut self) {
-        // A deferred step (see `ThreadState`) may still hold a read section of this
-        // domain. Its owner will close it; freeing first would make that a use after free.
-        if !self.domain.idle() {
-            if crate::sync::held::any() {
-                // This thread holds one and can never close it: freeing is unsound and
-                // waiting deadlocks.
-                eprintln!("multiprobe: a probe table was dropped inside one of its own hits");
-                std::process::abort();
-            }
-            self.domain.wait_idle();
-        }
+        // No reader may still be inside when the directory goes.
+        self.domain.close();
         // SAFETY: `&mut self` and no read section is open: nobody can reach the directory.
         drop(unsafe { Box::from_raw(self.dir.load(Ordering::Relaxed)) });
     }

@@ -174,8 +174,7 @@ impl TestBackend {
             PreOutcome::Redirect => return HitResult::Redirected,
             PreOutcome::Step(step) => step,
         };
-        let post = step.wants_post();
-        step.defer_post();
+        let post = step.defer_post();
         regs.rip = addr + 1;
         if post {
             let ran = d.post(ts, addr, tid, regs, &NoMemory);
@@ -198,7 +197,9 @@ impl TestBackend {
         regs.rip = addr;
         let d = self.dispatcher();
         match d.pre(ts, addr, tid, regs, &NoMemory) {
-            PreOutcome::Step(step) => step.defer_post(),
+            PreOutcome::Step(step) => {
+                step.defer_post();
+            }
             PreOutcome::NotOurs | PreOutcome::Redirect => return None,
         }
         regs.rip = addr;
