@@ -55,8 +55,34 @@ impl BlockInfo {
 pub struct Site {
     pub(crate) info: &'static BlockInfo,
     /// What was mapped at the address when it was prepared: disarm writes the byte back
-    /// only into the same mapping (not into a library loaded where an unloaded one was).
+    /// only into the same code (not into a library loaded where an unloaded one was).
     mapped: MappedAt,
+}
+
+impl Site {
+    /// Whether the code this site was prepared on is still at `addr`, with our `int3`
+    /// on it (`now` holds the bytes there, as long as the instruction).
+    ///
+    /// A file mapping is known by its file and offset. Anonymous memory has no name that
+    /// survives the kernel splitting or merging its mapping — which happens to a JIT's
+    /// region when it changes the protection of some of its pages, to neighbours mapped
+    /// with the same flags (slot memory, another JIT buffer), and briefly to any code
+    /// `patch`'s `mprotect` fallback writes — so its region's start cannot tell: it is
+    /// the same code while it is anonymous and the instruction's bytes after the first
+    /// are unchanged.
+    fn still_there(&self, maps: &Maps, addr: u64, now: &[u8]) -> bool {
+        let orig = self.info.plan.bytes();
+        if now.first() != Some(&INT3) {
+            return false;
+        }
+        match (maps.mapped_at(addr), &self.mapped) {
+            (Some(MappedAt::Anonymous { .. }), MappedAt::Anonymous { .. }) => {
+                now.get(1..) == orig.get(1..)
+            }
+            (Some(m), _) => m == self.mapped,
+            (None, _) => false,
+        }
+    }
 }
 
 impl Site {
@@ -219,9 +245,9 @@ impl Backend for SigtrapBackend {
         let orig = site.info.plan.bytes()[0];
         // The code may have been unloaded (`dlclose`), and other code loaded there.
         let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
-        let mut now = [0u8];
-        let same = maps.mapped_at(addr).as_ref() == Some(&site.mapped);
-        if !same || patch::read(addr, &mut now).is_err() || now[0] != INT3 {
+        let mut now = [0u8; MAX_INSN_LEN];
+        let now = &mut now[..site.info.plan.bytes().len()];
+        if patch::read(addr, now).is_err() || !site.still_there(&maps, addr, now) {
             armed.remove(&addr);
             return Err(Error::CodeGone { addr });
         }
