@@ -17,7 +17,7 @@ use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};
 
-use crate::{dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
+use crate::{collect, dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
 
 const INT3: u8 = 0xcc;
 
@@ -126,6 +126,25 @@ pub(crate) fn install() {
     thread::setup();
     fault::install();
     trap::install();
+    quiet_panics_in_handlers();
+    collect::start();
+}
+
+/// Wrap the panic hook installed now so that it stays silent for a panic of a handler:
+/// the core catches and counts it, and the default hook would lock stderr, allocate and
+/// maybe walk the stack for a backtrace — inside a signal handler. Panics anywhere else
+/// go to the previous hook as before. (A hook installed later replaces this one; it can
+/// call [`crate::in_handler`] to do the same.)
+fn quiet_panics_in_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !thread::in_handler() {
+                prev(info);
+            }
+        }));
+    });
 }
 
 impl Drop for SigtrapBackend {
@@ -147,6 +166,12 @@ impl Backend for SigtrapBackend {
         let i = dispatchers::attach(dispatcher)
             .expect("more than 64 sigtrap registries alive in one process");
         let _ = self.entry.set(i);
+    }
+
+    /// Handlers run in the SIGTRAP handler: registry calls from there neither lock nor
+    /// allocate (the core's rules for that case).
+    fn dispatches_in_signal_handlers(&self) -> bool {
+        true
     }
 
     fn prepare(&self, addr: u64) -> Result<Site> {

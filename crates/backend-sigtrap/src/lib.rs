@@ -75,6 +75,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod collect;
 mod context;
 mod dispatchers;
 mod fault;
@@ -104,6 +105,23 @@ pub fn reexecuted_traps() -> u64 {
 /// with a post-handler on a relocated instruction two).
 pub fn traps_on_this_thread() -> u64 {
     trap::traps_on_this_thread()
+}
+
+/// Whether a probe handler is running on the calling thread right now: for a panic hook
+/// installed after the first backend, which replaces the backend's quiet one, to stay
+/// silent too for the panics of handlers (caught and counted; printing them would lock
+/// and allocate in a signal handler). Async-signal-safe.
+pub fn in_handler() -> bool {
+    thread::in_handler()
+}
+
+/// Do now, in thread context, what the calling thread's first hit would otherwise do in
+/// the signal handler: learn its thread id (one `gettid` system call) and attach its
+/// dispatch state to the thread-exit hook. Optional — both are async-signal-safe — for
+/// a thread that must make no system call when it first hits a probe.
+pub fn prepare_thread() {
+    thread::tid();
+    thread::with_state(|_| ());
 }
 
 /// A registry of probes in this process.

@@ -36,7 +36,7 @@ use multiprobe_core::{PreOutcome, Regs, ThreadState};
 
 use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;
-use crate::{context, dispatchers, known, signals, slots, thread};
+use crate::{collect, context, dispatchers, known, signals, slots, thread};
 
 const INT3: u8 = 0xcc;
 /// `si_code` of a SIGTRAP raised by `int3` (the kernel's `SI_KERNEL`).
@@ -97,7 +97,10 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         IN_TRAP.with(|d| d.set(depth));
         ours
     };
-    if !ours {
+    if ours {
+        // A handler may have asked for a removal, which only thread context finishes.
+        collect::ring_if_pending();
+    } else {
         // SAFETY: our handler's own arguments.
         let _ = unsafe { signals::chain(sig, info, ctx) };
     }

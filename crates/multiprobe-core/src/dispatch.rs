@@ -63,7 +63,7 @@ use crate::memory::Memory;
 use crate::regs::RegisterFile;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
-use crate::table::{SiteView, Table};
+use crate::table::{Hot, SiteView, Table};
 use crate::HandlerId;
 
 /// How many deferred steps one thread can have at once (a step is interrupted by a
@@ -303,11 +303,11 @@ pub enum PreOutcome<'t, S> {
 /// keeps the site's backend data alive; dropping it ends the section.
 pub struct Step<'t, S> {
     ts: &'t ThreadState,
+    table: &'t Table<S>,
     /// The read section: dropping the step leaves it, `defer_post` moves it into `ts`.
     token: ReadToken,
     site: *const SiteView<S>,
     post: bool,
-    _domain: PhantomData<&'t Domain>,
 }
 
 impl<S> std::fmt::Debug for Step<'_, S> {
@@ -358,7 +358,11 @@ impl<S> Step<'_, S> {
             addr: self.addr(),
         };
         let Step {
-            ts, token, site, ..
+            ts,
+            table,
+            token,
+            site,
+            ..
         } = self;
         match ts.push(key, token) {
             Ok(()) => true,
@@ -367,7 +371,7 @@ impl<S> Step<'_, S> {
                 // is dropped (the section left) only after the last use below.
                 let view = unsafe { &*site };
                 let shard = ts.shard();
-                for h in view.hot.iter().filter(|h| h.has_post) {
+                for h in view.hot.iter().filter(|h| h.has_post && live(table, h)) {
                     h.counters().missed(shard);
                 }
                 drop(token);
@@ -375,6 +379,13 @@ impl<S> Step<'_, S> {
             }
         }
     }
+}
+
+/// Whether `h` may still be called or counted: its removal was not requested
+/// (`crate::removal`). For the walks off the hot path; the pre walk loads the gate once.
+#[inline]
+fn live<S>(table: &Table<S>, h: &Hot) -> bool {
+    !(table.removals.gate_open() && h.removal_requested())
 }
 
 fn report_panic(
@@ -415,23 +426,28 @@ impl<S> Dispatcher<S> {
             drop(token);
             return PreOutcome::NotOurs;
         };
+        let table = &*self.table;
         let step = |token, post| {
             PreOutcome::Step(Step {
                 ts,
+                table,
                 token,
                 site,
                 post,
-                _domain: PhantomData,
             })
         };
         if ts.active.load(Relaxed) {
             // Rule 6: a handler hit a probe. Nobody runs; the instruction still does.
             // (Atomic counts only: we may have interrupted the walk's plain bumps.)
-            for h in site.hot.iter() {
+            for h in site.hot.iter().filter(|h| live(table, h)) {
                 h.counters().missed(shard);
             }
             return step(token, false);
         }
+        // Handlers whose removal was requested are skipped (`crate::removal`); their flags
+        // are looked at only while some request is in flight in this table. A request
+        // made during this walk by another handler takes effect from the next hit.
+        let gate = table.removals.gate_open();
         ts.active.store(true, Relaxed);
         // `active` is set before the walk's plain bumps of this thread's shard (the walk
         // counter, skips) and cleared after the last. A signal landing between a bump's
@@ -446,10 +462,19 @@ impl<S> Dispatcher<S> {
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
         let mut walk = site.hot.iter();
         while let Some(h) = walk.next() {
+            if gate && h.removal_requested() {
+                // Gone but for the bookkeeping: not called, not a hit of it.
+                h.counters().skipped(shard);
+                continue;
+            }
             hit.set_handler(h.id);
             match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
                 Ok(PreAction::Continue) => {}
                 Ok(PreAction::Redirect) => redirect = true,
+                Ok(PreAction::Remove) => {
+                    // SAFETY: the view, reached inside our read section, holds the entry.
+                    unsafe { table.removals.request(h.entry()) };
+                }
                 Err(payload) => report_panic(h.counters(), shard, payload),
             }
             if redirect || hit.rip_moved(addr) {
@@ -470,7 +495,7 @@ impl<S> Dispatcher<S> {
         let mut post = site.any_post;
         if post && ts.pending() == MAX_PENDING {
             post = false;
-            for h in site.hot.iter().filter(|h| h.has_post) {
+            for h in site.hot.iter().filter(|h| h.has_post && live(table, h)) {
                 h.counters().missed(shard);
             }
         }
@@ -502,7 +527,8 @@ impl<S> Dispatcher<S> {
         // Enabled flags come from the same snapshot the pre walk used, so these are
         // exactly the handlers whose pre ran.
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-        for h in site.hot.iter().filter(|h| h.has_post) {
+        let table = &*self.table;
+        for h in site.hot.iter().filter(|h| h.has_post && live(table, h)) {
             hit.set_handler(h.id);
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| h.handler().post(&mut hit))) {
                 report_panic(h.counters(), shard, payload);
@@ -555,7 +581,8 @@ impl<S> Dispatcher<S> {
             // Handlers run with `active` set (rule 6 for the probes they hit).
             compiler_fence(SeqCst);
             let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-            for h in site.hot.iter() {
+            let table = &*self.table;
+            for h in site.hot.iter().filter(|h| live(table, h)) {
                 hit.set_handler(h.id);
                 match catch_unwind(AssertUnwindSafe(|| h.handler().fault(&mut hit, fault))) {
                     Ok(FaultAction::Handled) => {
@@ -587,7 +614,7 @@ impl<S> Dispatcher<S> {
         // SAFETY: inside the read section, left below after the last use.
         let found = match unsafe { self.table.lookup(addr) } {
             Some(site) => {
-                for h in site.hot.iter() {
+                for h in site.hot.iter().filter(|h| live(&self.table, h)) {
                     h.counters().missed(shard);
                 }
                 true
@@ -596,6 +623,37 @@ impl<S> Dispatcher<S> {
         };
         drop(token);
         found
+    }
+
+    /// Whether handlers asked to be removed ([`PreAction::Remove`], or an unregister from
+    /// inside a handler of a backend that dispatches in signal handlers) and the
+    /// bookkeeping waits for [`Dispatcher::collect`] or the next registry operation.
+    /// Async-signal-safe (one load): a backend that dispatches in signal handlers checks
+    /// it after a hit to wake whatever collects in thread context.
+    pub fn removals_pending(&self) -> bool {
+        self.table.removals.pending()
+    }
+
+    /// Finish the bookkeeping of the removals requested so far, as the next registry
+    /// operation would: the registry forgets those handlers, and a site left without an
+    /// enabled handler is disarmed (rule 1). **Thread context only** (it takes the
+    /// registry's lock and frees); a no-op if the registry is gone. Unless this thread
+    /// holds a read section itself, it then waits for the grace period of what it
+    /// unlinked, after which hits no longer even look at the removed handlers. Returns
+    /// whether there was anything to do.
+    pub fn collect(&self) -> bool {
+        if !self.removals_pending() {
+            return false;
+        }
+        let Some(stamp) = self.table.collector.collect() else {
+            return false;
+        };
+        if !crate::sync::held::any() {
+            // The table lives (our `Arc`) even if the registry goes meanwhile.
+            self.table.domain.wait(stamp);
+            self.table.collector.reclaim();
+        }
+        true
     }
 
     /// In the child of a `fork`, forget the read sections of the parent's other threads,

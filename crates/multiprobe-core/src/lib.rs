@@ -66,6 +66,7 @@ mod handler;
 mod memory;
 mod registry;
 mod regs;
+mod removal;
 mod shard;
 mod srcu;
 mod stats;

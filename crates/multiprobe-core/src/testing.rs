@@ -89,12 +89,23 @@ pub struct TestBackend {
     code: Mutex<HashMap<u64, u8>>,
     log: std::sync::Arc<Mutex<Vec<Event>>>,
     faults: Mutex<Faults>,
+    in_signal_handlers: bool,
 }
 
 impl TestBackend {
     /// A backend with every address holding [`ORIGINAL`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same, claiming to dispatch in signal handlers
+    /// ([`Backend::dispatches_in_signal_handlers`]): the registry then treats calls from
+    /// inside its handlers as a signal handler's.
+    pub fn in_signal_handlers() -> Self {
+        TestBackend {
+            in_signal_handlers: true,
+            ..Self::default()
+        }
     }
 
     /// The byte at `addr` now: [`INT3`] while armed, [`ORIGINAL`] otherwise.
@@ -212,6 +223,10 @@ impl Backend for TestBackend {
 
     fn attach(&self, dispatcher: Dispatcher<TestSite>) {
         let _ = self.dispatcher.set(dispatcher);
+    }
+
+    fn dispatches_in_signal_handlers(&self) -> bool {
+        self.in_signal_handlers
     }
 
     fn prepare(&self, addr: u64) -> Result<TestSite> {
