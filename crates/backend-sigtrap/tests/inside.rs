@@ -74,8 +74,9 @@ static HOOK_CALLS: AtomicU64 = AtomicU64::new(0);
 /// of the program, but not those of handlers (caught and counted by the core; printing
 /// them would lock and allocate inside the signal handler).
 fn a_handlers_panic_reaches_no_panic_hook_but_the_programs_do() {
-    std::panic::set_hook(Box::new(|_| {
+    std::panic::set_hook(Box::new(|info| {
         HOOK_CALLS.fetch_add(1, SeqCst);
+        eprintln!("the program's panic hook: {info}");
     }));
     let reg = multiprobe_backend_sigtrap::registry();
     let g = reg
