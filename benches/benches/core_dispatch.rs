@@ -5,6 +5,11 @@
 //! * `rwlock/N`: the same with the 2005 kprobes design — a global reader-writer lock over
 //!   a map of handler lists — and the same handlers and per-handler hit counters;
 //!   each sample paired with one of `ours/N` (see `Ratios::measure_paired`).
+//! * `arcswap/N`: the same map published through `arc_swap::ArcSwap` (writers would
+//!   swap in a new map), `load` on every hit: the design card's snapshot without the
+//!   core's SRCU read side. Also paired with `ours/N`. The core cannot use it on the
+//!   hot path: `load` takes a thread-local debt slot allocated on a thread's first use,
+//!   and dropping its guard may free, so it is not async-signal-safe.
 //! * `direct/N`: calling the N handlers directly: the floor.
 //! * `*-2threads`: two threads hitting the same site at once; time per hit.
 //!
@@ -16,10 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use criterion::Criterion;
 use multiprobe_benches::Ratios;
+use multiprobe_core::backend::{Dispatcher, NoMemory, PreOutcome, ThreadState};
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{Dispatcher, Hit, NoMemory, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::{Hit, Registry, Regs};
 
 const SITES: u64 = 10_000;
 const BASE: u64 = 0x10_0000;
@@ -52,8 +59,19 @@ type LegacyHandler = (Box<dyn Fn(&mut Regs) + Send + Sync>, AtomicU64);
 type Legacy = RwLock<HashMap<u64, Vec<LegacyHandler>>>;
 type DirectCall = Box<dyn Fn(&mut Regs)>;
 
+type Handlers = HashMap<u64, Vec<LegacyHandler>>;
+
 fn legacy_table(handlers_at_target: usize) -> Legacy {
-    let mut m: HashMap<u64, Vec<LegacyHandler>> = HashMap::new();
+    RwLock::new(handler_map(handlers_at_target))
+}
+
+fn arcswap_table(handlers_at_target: usize) -> ArcSwap<Handlers> {
+    ArcSwap::from_pointee(handler_map(handlers_at_target))
+}
+
+/// Every site with one handler, `TARGET` with `handlers_at_target`, each with its counter.
+fn handler_map(handlers_at_target: usize) -> Handlers {
+    let mut m: Handlers = HashMap::new();
     for i in 0..SITES {
         let addr = BASE + i * 16;
         let n = if addr == TARGET {
@@ -71,7 +89,16 @@ fn legacy_table(handlers_at_target: usize) -> Legacy {
             .collect();
         m.insert(addr, v);
     }
-    RwLock::new(m)
+    m
+}
+
+/// Run a site's handlers as the baselines do: count, call.
+#[inline(always)]
+fn run_legacy(handlers: &[LegacyHandler], regs: &mut Regs) {
+    for (f, hits) in handlers {
+        hits.fetch_add(1, Relaxed);
+        f(regs);
+    }
 }
 
 fn legacy_hits(t: &Legacy, n: u64) -> Duration {
@@ -80,10 +107,19 @@ fn legacy_hits(t: &Legacy, n: u64) -> Duration {
     for _ in 0..n {
         let g = t.read().unwrap();
         if let Some(v) = g.get(&black_box(TARGET)) {
-            for (f, hits) in v {
-                hits.fetch_add(1, Relaxed);
-                f(&mut regs);
-            }
+            run_legacy(v, &mut regs);
+        }
+    }
+    start.elapsed()
+}
+
+fn arcswap_hits(t: &ArcSwap<Handlers>, n: u64) -> Duration {
+    let mut regs = Regs::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        let g = t.load();
+        if let Some(v) = g.get(&black_box(TARGET)) {
+            run_legacy(v, &mut regs);
         }
     }
     start.elapsed()
@@ -136,6 +172,7 @@ fn main() {
         let d = r.dispatcher();
         let ts = ThreadState::new();
         let legacy = legacy_table(n);
+        let arcswap = arcswap_table(n);
         let direct: Vec<DirectCall> = (0..n)
             .map(|_| {
                 Box::new(|r: &mut Regs| {
@@ -153,13 +190,16 @@ fn main() {
             }
             t.elapsed()
         };
+        let (rw, sw) = (format!("rwlock/{n}"), format!("arcswap/{n}"));
         g.bench_function(format!("ours/{n}"), |b| {
-            ratios.measure_paired(
+            ratios.measure_paired_with(
                 b,
                 &format!("ours/{n}"),
-                &format!("rwlock/{n}"),
+                &mut [
+                    (&rw, &mut |iters| legacy_hits(&legacy, iters)),
+                    (&sw, &mut |iters| arcswap_hits(&arcswap, iters)),
+                ],
                 |iters| our_hits(&d, &ts, iters),
-                |iters| legacy_hits(&legacy, iters),
             )
         });
         g.bench_function(format!("direct/{n}"), |b| {
@@ -170,18 +210,24 @@ fn main() {
         let r = registry_with(1);
         let d = r.dispatcher();
         let legacy = Arc::new(legacy_table(1));
+        let arcswap = Arc::new(arcswap_table(1));
         g.bench_function("ours-2threads/1", |b| {
-            ratios.measure_paired(
+            ratios.measure_paired_with(
                 b,
                 "ours-2threads/1",
-                "rwlock-2threads/1",
+                &mut [
+                    ("rwlock-2threads/1", &mut |iters| {
+                        let l = Arc::clone(&legacy);
+                        two_threads(iters, move |n| legacy_hits(&l, n))
+                    }),
+                    ("arcswap-2threads/1", &mut |iters| {
+                        let s = Arc::clone(&arcswap);
+                        two_threads(iters, move |n| arcswap_hits(&s, n))
+                    }),
+                ],
                 |iters| {
                     let d = d.clone();
                     two_threads(iters, move |n| TS.with(|ts| our_hits(&d, ts, n)))
-                },
-                |iters| {
-                    let l = Arc::clone(&legacy);
-                    two_threads(iters, move |n| legacy_hits(&l, n))
                 },
             )
         });
@@ -192,7 +238,9 @@ fn main() {
     ratios.print_means();
     for &n in &COUNTS {
         ratios.paired_ratio(&format!("ours/{n}"), &format!("rwlock/{n}"));
+        ratios.paired_ratio(&format!("ours/{n}"), &format!("arcswap/{n}"));
     }
+    ratios.paired_ratio("ours-2threads/1", "arcswap-2threads/1");
     ratios.check("rwlock-2threads/1", "ours-2threads/1", 1.0, false);
     if let Some(r) = ratios.paired_ratio("ours-2threads/1", "rwlock-2threads/1") {
         let speedup = 1.0 / r;

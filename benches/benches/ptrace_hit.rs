@@ -43,7 +43,7 @@ use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
 use multiprobe_benches::{fmt_ns, median, Ratios};
-use multiprobe_core::{Hit, Registration};
+use multiprobe_core::Registration;
 
 const NOP: u8 = 0;
 const IMUL: u8 = 1;
@@ -157,11 +157,11 @@ impl Multi {
                         first[site][k] = Arc::clone(&c);
                     }
                     let r = match kind {
-                        Kind::Rdi => t.registry().register(addr, move |h: &mut Hit<'_>| {
+                        Kind::Rdi => t.registry().register(addr, move |h| {
                             std::hint::black_box(h.regs().rdi);
                             c.fetch_add(1, Relaxed);
                         }),
-                        Kind::Count => t.registry().register(addr, move |_: &mut Hit<'_>| {
+                        Kind::Count => t.registry().register(addr, move |_| {
                             c.fetch_add(1, Relaxed);
                         }),
                     };

@@ -65,8 +65,8 @@ extern "C" {
 
 /// `imul rax, rdi, 7; ret`, for the naive scheme's writable copy.
 const IMUL_RET: [u8; 5] = [0x48, 0x6b, 0xc7, 0x07, 0xc3];
-const SI_KERNEL: i32 = 0x80;
-const TF: i64 = 1 << 8;
+/// `EFLAGS.TF` as the ucontext's signed register word holds it.
+const TF: i64 = multiprobe_core::backend::RFLAGS_TF as i64;
 
 static NAIVE_PAGE: AtomicU64 = AtomicU64::new(0);
 static NAIVE_COUNTERS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
@@ -105,7 +105,7 @@ extern "C" fn naive_handler(_: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     let (si, uc) = unsafe { (&*info, &mut *ctx.cast::<libc::ucontext_t>()) };
     let page = NAIVE_PAGE.load(Relaxed) as *mut u8;
     let g = &mut uc.uc_mcontext.gregs;
-    if si.si_code == SI_KERNEL {
+    if si.si_code == libc::SI_KERNEL {
         let mut regs = regs_of(uc);
         regs.rip -= 1;
         for c in &NAIVE_COUNTERS {
@@ -184,11 +184,11 @@ fn counter(c: &Arc<AtomicU64>) -> impl Fn(&mut Hit<'_>) + Send + Sync + 'static 
 fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
     let (a, b) = (Arc::clone(c), Arc::clone(c));
     FnHandler::new()
-        .pre(move |_h: &mut Hit<'_>| {
+        .pre(move |_h| {
             a.fetch_add(1, Relaxed);
             PreAction::Continue
         })
-        .post(move |h: &mut Hit<'_>| {
+        .post(move |h| {
             black_box(h.regs().rax);
             b.fetch_add(1, Relaxed);
         })
@@ -236,7 +236,7 @@ fn main() {
         let mut guards = Vec::new();
         for k in 0..handlers {
             guards.push(if post && k == 0 {
-                reg.register(addr, with_post(&hits)).unwrap()
+                reg.register_handler(addr, with_post(&hits)).unwrap()
             } else {
                 reg.register(addr, counter(&hits)).unwrap()
             });

@@ -55,13 +55,27 @@ impl Ratios {
         b: &mut Bencher<'_, WallTime>,
         name: &str,
         base_name: &str,
-        mut ours: impl FnMut(u64) -> Duration,
+        ours: impl FnMut(u64) -> Duration,
         mut base: impl FnMut(u64) -> Duration,
     ) {
-        let key = paired_key(name, base_name);
+        self.measure_paired_with(b, name, &mut [(base_name, &mut base)], ours);
+    }
+
+    /// [`Ratios::measure_paired`] against several baselines: each sample of `ours` is
+    /// preceded by one sample of every baseline, in order, with the same iteration count.
+    pub fn measure_paired_with(
+        &self,
+        b: &mut Bencher<'_, WallTime>,
+        name: &str,
+        bases: &mut [(&str, &mut dyn FnMut(u64) -> Duration)],
+        mut ours: impl FnMut(u64) -> Duration,
+    ) {
+        let keys: Vec<String> = bases.iter().map(|(n, _)| paired_key(name, n)).collect();
         self.measure(b, name, |iters| {
-            let d = base(iters);
-            self.add(&key, d, iters);
+            for ((_, base), key) in bases.iter_mut().zip(&keys) {
+                let d = base(iters);
+                self.add(key, d, iters);
+            }
             ours(iters)
         });
     }
@@ -168,3 +182,10 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// The workspace README's library example, run as a doctest here: this package depends
+/// on the backends and is never published, so the README outside any crate's directory
+/// is always at hand.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadme;

@@ -24,15 +24,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
 use multiprobe_x86::{analyze, Code, Plan, Slot, MAX_INSN_LEN};
 
+use crate::launch::Image;
 use crate::mem::CodeMemory;
 use crate::sys::Tid;
 use crate::xol::Xol;
 use multiprobe_symbols::{MappedAt, Maps, ProcessSymbols, SymbolCache};
 
-pub(crate) const INT3: u8 = 0xcc;
+pub(crate) use multiprobe_x86::INT3;
 
 /// Where the tracee stands, as far as patching its code goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub(crate) struct State {
     pub(crate) armed: HashMap<u64, Armed>,
     pub(crate) history: HashMap<u64, Armed>,
     pub(crate) xol: Xol,
+    /// What kind of program the current image is: probes go only into x86-64 code.
+    pub(crate) image: Image,
 }
 
 /// One of our breakpoints: the byte it replaced, in which mapping.
@@ -79,7 +83,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(pid: Tid, code: CodeMemory) -> Arc<Shared> {
+    pub(crate) fn new(pid: Tid, code: CodeMemory, image: Image) -> Arc<Shared> {
         Arc::new(Shared {
             pid,
             gen: AtomicU64::new(1),
@@ -89,6 +93,7 @@ impl Shared {
                 armed: HashMap::new(),
                 history: HashMap::new(),
                 xol: Xol::default(),
+                image,
             }),
             symbols: Arc::default(),
             dispatcher: OnceLock::new(),
@@ -113,6 +118,13 @@ impl State {
             (Status::Detached, _) => Err(Error::Backend("the tracer has detached".into())),
             _ => Err(Error::ProcessGone),
         }
+    }
+
+    /// Write a slot's bytes into an XOL page, remembering them with the page.
+    pub(crate) fn write_slot(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+        self.usable()?.write(addr, data)?;
+        self.xol.record(addr, data);
+        Ok(())
     }
 
     /// Copy `buf.len()` bytes of code at `addr` with our breakpoints taken out.
@@ -200,7 +212,7 @@ pub struct PtraceBackend {
 impl PtraceBackend {
     /// The traced process.
     pub fn pid(&self) -> i32 {
-        self.shared.pid
+        self.shared.pid.as_raw_pid()
     }
 }
 
@@ -214,10 +226,11 @@ impl Backend for PtraceBackend {
     fn prepare(&self, addr: u64) -> Result<Site> {
         let sh = &self.shared;
         let gen = sh.gen();
-        let maps = crate::error::maps(sh.pid)?;
+        let maps = crate::error::maps(sh.pid.as_raw_pid())?;
         let region = maps.find(addr).ok_or(Error::Unmapped { addr })?.clone();
         let st = sh.lock();
         st.usable()?;
+        st.image.check(sh.pid)?;
         if st.xol.contains(addr) {
             return Err(Error::Reserved {
                 addr,
@@ -307,7 +320,7 @@ impl Backend for PtraceBackend {
         let orig = site.0.plan.bytes()[0];
         // Only where the code it was put in still is (not unloaded, not replaced by other
         // code), and still holds our `int3`.
-        let maps = match crate::error::maps(sh.pid) {
+        let maps = match crate::error::maps(sh.pid.as_raw_pid()) {
             Ok(m) => m,
             Err(Error::ProcessGone) => {
                 st.status = Status::Gone;

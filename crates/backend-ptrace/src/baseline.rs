@@ -13,7 +13,7 @@ use multiprobe_core::{Error, Result};
 use crate::backend::{Status, INT3};
 use crate::error;
 use crate::mem::CodeMemory;
-use crate::sys::{self, Tid, Wait};
+use crate::sys::{self, Signal, Tid, UserOffset, Wait};
 use crate::tracer::Tracer;
 
 pub use crate::sys::Requests;
@@ -43,10 +43,11 @@ impl RawTarget {
         t.shared.lock().status = Status::Detached;
         let addrs = symbols
             .iter()
-            .map(|s| t.resolve(s))
+            .map(|s| t.resolve(s).map_err(Error::from))
             .collect::<Result<Vec<u64>>>()?;
         drop(t);
-        sys::cont(pid, 0).map_err(|e| error::sys(e, "resume"))?;
+        let pid = sys::pid(pid).ok_or(Error::ProcessGone)?;
+        sys::cont(pid, None).map_err(|e| error::sys(e, "resume"))?;
         Ok((
             RawTarget {
                 pid,
@@ -76,12 +77,8 @@ impl RawTarget {
     }
 
     fn wait_trap(&self) -> Result<()> {
-        match sys::wait(self.pid, false).map_err(|e| error::sys(e, "wait"))? {
-            Some(Wait::Stopped {
-                sig: libc::SIGTRAP,
-                event: 0,
-                ..
-            }) => Ok(()),
+        match sys::wait(Some(self.pid), false).map_err(|e| error::sys(e, "wait"))? {
+            Some(Wait::Signal(_, Signal::TRAP)) => Ok(()),
             other => Err(Error::Backend(format!("unexpected stop {other:?}"))),
         }
     }
@@ -90,7 +87,7 @@ impl RawTarget {
     pub fn one_stop(&self, n: u64) -> Result<()> {
         for _ in 0..n {
             self.wait_trap()?;
-            sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
+            sys::cont(self.pid, None).map_err(|e| error::sys(e, "cont"))?;
         }
         Ok(())
     }
@@ -101,7 +98,7 @@ impl RawTarget {
         for _ in 0..n {
             self.wait_trap()?;
             std::hint::black_box(sys::get_regs(self.pid).map_err(|e| error::sys(e, "regs"))?);
-            sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
+            sys::cont(self.pid, None).map_err(|e| error::sys(e, "cont"))?;
         }
         Ok(())
     }
@@ -112,9 +109,9 @@ impl RawTarget {
     pub fn one_stop_rip(&self, n: u64) -> Result<()> {
         for _ in 0..n {
             self.wait_trap()?;
-            let rip = sys::peek_user(self.pid, crate::tracer::RIP);
+            let rip = sys::peek_user(self.pid, UserOffset::RIP);
             std::hint::black_box(rip.map_err(|e| error::sys(e, "rip"))?);
-            sys::cont(self.pid, 0).map_err(|e| error::sys(e, "cont"))?;
+            sys::cont(self.pid, None).map_err(|e| error::sys(e, "cont"))?;
         }
         Ok(())
     }
@@ -128,10 +125,10 @@ impl RawTarget {
             self.code.write(addr, &[orig])?;
             r.rip = addr;
             sys::set_regs(self.pid, &r).map_err(e)?;
-            sys::single_step(self.pid, 0).map_err(e)?;
+            sys::single_step(self.pid, None).map_err(e)?;
             self.wait_trap()?;
             self.code.write(addr, &[INT3])?;
-            sys::cont(self.pid, 0).map_err(e)?;
+            sys::cont(self.pid, None).map_err(e)?;
         }
         Ok(())
     }
@@ -139,9 +136,9 @@ impl RawTarget {
 
 impl Drop for RawTarget {
     fn drop(&mut self) {
-        let _ = sys::kill(self.pid, libc::SIGKILL);
-        while let Ok(Some(w)) = sys::wait(self.pid, false) {
-            if !matches!(w, Wait::Stopped { .. }) {
+        let _ = sys::kill(self.pid, Signal::KILL);
+        while let Ok(Some(w)) = sys::wait(Some(self.pid), false) {
+            if w.is_end() {
                 break;
             }
         }

@@ -4,24 +4,47 @@
 //!
 //! Invariant: a fork child never runs with one of our `int3`s in it — it is held at its
 //! first stop until every byte we ever armed in this image is restored in its copy of
-//! memory (and its copy of the XOL pages unmapped), and only then let go.
+//! memory (and its copy of the XOL pages unmapped), and only then let go. What the child
+//! has is read from the child itself: a child forked while another thread was mapping
+//! a page has no copy of that page, and nothing of ours is executed in it.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use multiprobe_core::Result;
+use multiprobe_symbols::Maps;
 
 use crate::backend::{Armed, INT3};
-use crate::inject;
+use crate::inject::{self, Injector};
 use crate::mem::CodeMemory;
 use crate::sys::{self, Tid, Wait};
-use crate::tracer::{Stop, Thread, Tracer};
+use crate::thread::{Kind, Thread};
+use crate::tracer::{Stop, Tracer};
 use crate::xol::PAGE;
+
+/// Stops of new processes reported before their parent's fork event.
+#[derive(Debug, Default)]
+pub(crate) struct Children {
+    early: HashMap<Tid, Wait>,
+}
+
+impl Children {
+    /// `tid` is gone: forget an early stop of it.
+    pub(crate) fn forget(&mut self, tid: Tid) {
+        self.early.remove(&tid);
+    }
+
+    /// The ones never claimed by a fork event, taken out.
+    pub(crate) fn take_all(&mut self) -> Vec<Tid> {
+        self.early.drain().map(|(t, _)| t).collect()
+    }
+}
 
 impl Tracer {
     /// A stop from a thread not seen before. A new thread of the tracee is adopted
     /// (true); a new process is parked until its parent's fork event (false).
-    pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> Result<bool> {
-        let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+    pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> bool {
+        let tgid = std::fs::read_to_string(format!("/proc/{}/status", tid.as_raw_pid()))
             .ok()
             .and_then(|s| {
                 s.lines()
@@ -29,51 +52,49 @@ impl Tracer {
             })
             .and_then(|r| r.ok());
         if tgid == Some(self.pid()) {
-            self.threads.insert(tid, Thread::new(None));
-            Ok(true)
+            self.threads.add(tid, Thread::running(Kind::Thread));
+            // Seen before its creator's clone event (which tells the creator): the
+            // leader stands in for the creator until then.
+            self.trap.new_thread(self.shared.pid, self.shared.pid, tid);
+            true
         } else {
-            self.orphans.insert(tid, w);
-            Ok(false)
+            self.children.early.insert(tid, w);
+            false
         }
     }
 
     /// The first stop of a new process `child`, forked or vforked by a tracee thread.
-    pub(crate) fn child_first_stop(&mut self, child: Tid) -> Result<bool> {
-        if self.orphans.remove(&child).is_some() {
-            return Ok(true);
+    fn child_first_stop(&mut self, child: Tid) -> bool {
+        if self.children.early.remove(&child).is_some() {
+            return true;
         }
-        Ok(matches!(
-            sys::wait(child, false),
-            Ok(Some(Wait::Stopped { .. }))
-        ))
+        matches!(sys::wait(Some(child), false), Ok(Some(w)) if !w.is_end())
     }
 
     /// A fork child gets its own copy of memory, breakpoints included: take them out
     /// and let it go. A vfork child shares the memory: follow it like a thread until it
     /// execs or exits.
     pub(crate) fn new_child(&mut self, child: Tid, vfork: bool) -> Result<()> {
-        if !self.child_first_stop(child)? {
+        if !self.child_first_stop(child) {
             return Ok(());
         }
         if vfork {
-            let mut th = Thread::new(None);
-            th.vfork_child = true;
-            self.threads.insert(child, th);
-            return self.resume(child, 0);
+            self.threads.add(child, Thread::running(Kind::VforkChild));
+            return self.resume(child, None);
         }
         self.free_child(child);
         Ok(())
     }
 
-    /// Restore every byte we ever armed in `child`'s copy of memory, unmap its copy of
-    /// the XOL pages, and detach it. Best effort: a child that died meanwhile needs
-    /// nothing.
+    /// Restore every byte we ever armed in `child`'s copy of memory, unmap the XOL
+    /// pages it has a copy of, and detach it. Best effort: a child that died meanwhile
+    /// needs nothing.
     pub(crate) fn free_child(&mut self, child: Tid) {
         let st = self.shared.lock();
         let history: Vec<(u64, Armed)> = st.history.iter().map(|(&a, b)| (a, b.clone())).collect();
         let pages = st.xol.pages();
         drop(st);
-        let maps = crate::error::maps(child);
+        let maps = crate::error::maps(child.as_raw_pid());
         if let (Ok(code), Ok(maps)) = (CodeMemory::open(child), maps) {
             for (addr, armed) in history {
                 let mut now = [0u8];
@@ -85,49 +106,60 @@ impl Tracer {
                     let _ = code.write(addr, &[armed.orig]);
                 }
             }
-        }
-        if let (Some(&gadget), Ok(saved)) = (pages.first(), sys::get_regs(child)) {
-            // The gadget's own page goes last.
-            for &page in pages.iter().rev() {
-                let args = [page, PAGE, 0, 0, 0, 0];
-                let r = inject::syscall(
-                    child,
-                    &saved,
-                    gadget,
-                    libc::SYS_munmap,
-                    args,
-                    &mut self.aside,
-                );
-                if r.is_err() {
-                    break;
-                }
+            let copies: Vec<u64> = pages
+                .into_iter()
+                .filter(|&p| is_xol_copy(&maps, p))
+                .collect();
+            if !copies.is_empty() {
+                self.unmap_in_child(child, &code, &copies);
             }
         }
-        let sig = self
-            .aside
-            .signals
-            .iter()
-            .position(|&(t, _)| t == child)
-            .map_or(0, |i| self.aside.signals.remove(i).1);
+        let sig = self.aside.take_signal(child);
         let _ = sys::detach(child, sig);
     }
 
-    pub(crate) fn on_exec(&mut self, tid: Tid) -> Result<Option<Stop>> {
-        if self.threads.get(&tid).is_some_and(|t| t.vfork_child) {
-            // A vfork child started its own program: nothing of ours is in it.
-            if let Some(th) = self.threads.remove(&tid) {
-                th.ts.abandon();
+    /// Unmap `pages` in the fork child, with a system call executed by the child at a
+    /// `syscall` instruction of its own memory.
+    fn unmap_in_child(&mut self, child: Tid, code: &CodeMemory, pages: &[u64]) {
+        let Ok(saved) = sys::get_regs(child) else {
+            return;
+        };
+        let Ok(insn) = Injector::default().insn(child, code) else {
+            return;
+        };
+        for &page in pages {
+            let args = [page, PAGE, 0, 0, 0, 0];
+            let r = inject::syscall(
+                child,
+                child,
+                &saved,
+                insn,
+                libc::SYS_munmap,
+                args,
+                &mut self.aside,
+            );
+            if r.is_err() {
+                break;
             }
-            let _ = sys::detach(tid, 0);
+        }
+    }
+
+    pub(crate) fn on_exec(&mut self, tid: Tid) -> Result<Option<Stop>> {
+        if self
+            .threads
+            .get(tid)
+            .is_some_and(|t| t.kind() == Kind::VforkChild)
+        {
+            // A vfork child started its own program: nothing of ours is in it.
+            self.threads.remove(tid);
+            let _ = sys::detach(tid, None);
             return Ok(None);
         }
         // The main process: every other thread is gone, and so is the old image with
         // our breakpoints and XOL pages.
-        for (_, th) in self.threads.drain() {
-            th.ts.abandon();
-        }
-        let pid = self.pid();
-        self.threads.insert(pid, Thread::new(Some(0)));
+        self.threads.clear();
+        let pid = self.tid();
+        self.threads.replace(pid, Thread::held(None));
         {
             let mut st = self.shared.lock();
             self.shared.gen.fetch_add(1, Ordering::AcqRel);
@@ -135,8 +167,10 @@ impl Tracer {
             st.history.clear();
             st.xol.clear();
             st.code = Some(CodeMemory::open(pid)?);
+            st.image = crate::launch::image_of(pid);
         }
-        self.syscall_insn = None;
+        self.injector.forget();
+        self.trap.refresh(pid, &[pid]);
         let unregistered = self.registry.handlers();
         let ids: Vec<_> = unregistered.iter().map(|h| h.id).collect();
         if !ids.is_empty() {
@@ -145,4 +179,11 @@ impl Tracer {
         }
         Ok(Some(Stop::Exec { unregistered }))
     }
+}
+
+/// Whether `maps` (of a fork child) have an anonymous executable page at `page`: the
+/// child's copy of one of our XOL pages.
+fn is_xol_copy(maps: &Maps, page: u64) -> bool {
+    maps.find(page)
+        .is_some_and(|r| r.exec && r.inode == 0 && r.path.is_empty() && r.start <= page)
 }

@@ -22,21 +22,25 @@
 //! Steps 3 and 4 are attempted even when an earlier step failed, so a tracer error
 //! (or a panic unwinding through the tracer's drop) leaves no breakpoint behind.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use multiprobe_core::{Error, Result};
 use multiprobe_x86::SlotKind;
 
 use crate::backend::{Status, INT3};
+use crate::error;
 use crate::inject;
 use crate::regs::{self, from_core, to_core};
-use crate::sys::{self, Errno, Tid, Wait};
-use crate::tracer::{FilterGone, Stop, Thread, Tracer};
+use crate::sys::{self, Errno, Event, Signal, Tid, UserOffset, Wait, SI_KERNEL};
+use crate::thread::{Kind, Thread};
+use crate::tracer::{ExitStatus, Stop, Tracer};
 use crate::xol::PAGE;
 
-const PTRACE_EVENT_STOP: i32 = 128;
-use crate::tracer::RIP;
+/// How long stopping every thread may take before the threads that have not reported
+/// are checked (are they still there, still ours?), and before giving up.
+const CHECK_AFTER: Duration = Duration::from_secs(2);
+const GIVE_UP_AFTER: Duration = Duration::from_secs(20);
 
 impl Tracer {
     /// Detach now: remove every breakpoint and let the process run on untraced.
@@ -51,12 +55,13 @@ impl Tracer {
             return Ok(());
         }
         let stopped = self.stop_all(true);
-        if self.exit.is_some() {
+        if self.is_gone() {
             return Ok(());
         }
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
+        self.trap.restore_at_detach(self.shared.pid, &self.threads);
         if !keep_pages {
             self.unmap_xol();
         }
@@ -67,20 +72,24 @@ impl Tracer {
             st.armed.clear();
             st.xol.clear();
         }
-        let pid = self.pid();
-        for (tid, th) in self.threads.drain() {
-            th.ts.abandon();
-            let _ = sys::detach(tid, th.held.unwrap_or(0));
+        let pid = self.shared.pid;
+        let mut detached = Ok(());
+        for (tid, th) in self.threads.take_all() {
+            if th.is_held() {
+                if let Err(e) = th.detach(tid) {
+                    detached = detached.and(Err(error::sys(e, "detach a thread")));
+                }
+            }
         }
         // Signals that could not ride on a signal-delivery-stop: sent again.
         for (tid, sig) in std::mem::take(&mut self.resend) {
             let _ = sys::tgkill(pid, tid, sig);
         }
-        for (child, _) in std::mem::take(&mut self.orphans) {
+        for child in self.children.take_all() {
             self.free_child(child);
         }
-        self.detach_flag.store(false, Ordering::SeqCst);
-        stopped.and(moved.map(drop)).and(restored)
+        self.bell.clear();
+        stopped.and(moved.map(drop)).and(restored).and(detached)
     }
 
     /// Stop every thread and keep it stopped until the next run; returns the stop that
@@ -88,116 +97,159 @@ impl Tracer {
     /// a thread that trapped on a breakpoint (or a slot's trailing `int3`) is put back on
     /// it, to trap again — and be served — when resumed.
     pub fn pause(&mut self) -> Result<Option<Stop>> {
-        if let Some(status) = self.exit {
+        if let Some(status) = self.exit_status() {
             return Ok(Some(Stop::Exited(status)));
         }
         self.stop_all(false)?;
-        Ok(self.exit.map(Stop::Exited))
+        Ok(self.exit_status().map(Stop::Exited))
     }
 
     /// Interrupt every running thread and wait until all are held. `detaching`: traps
     /// are undone for good (see `rewind_trap`).
+    ///
+    /// Bounded: a thread that cannot be interrupted is checked at once (gone, or no
+    /// longer ours: forgotten; anything else is an error); threads that have not
+    /// reported after [`CHECK_AFTER`] are checked the same way, and after
+    /// [`GIVE_UP_AFTER`] the ones still missing are an error (they stay traced and
+    /// running; the rest is detached as usual).
     fn stop_all(&mut self, detaching: bool) -> Result<()> {
-        let running: Vec<Tid> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.held.is_none())
-            .map(|(&t, _)| t)
-            .collect();
-        for tid in running {
-            if sys::interrupt(tid) == Err(Errno::ESRCH) {
-                // Exiting: its report comes below.
+        let mut result = Ok(());
+        for tid in self.threads.running() {
+            match sys::interrupt(tid) {
+                Ok(()) => {}
+                // Gone or exiting: its exit report comes, unless it is not ours at all.
+                Err(Errno::SRCH) => self.forget_if_lost(tid),
+                Err(e) => {
+                    result = Err(error::sys(e, format_args!("stop thread {tid:?}")));
+                    self.forget_if_lost(tid);
+                }
             }
         }
-        while self.threads.values().any(|t| t.held.is_none()) {
-            let w = match self.aside.waits.pop_front() {
+        let start = Instant::now();
+        let mut checked = false;
+        while !self.threads.all_held() {
+            let w = match self.aside.pop_wait() {
                 Some(w) => w,
-                None => match sys::wait(-1, false) {
+                None => match sys::wait(None, true) {
                     Ok(Some(w)) => w,
-                    Ok(None) => continue,
-                    Err(Errno::ECHILD) => {
-                        self.gone(crate::ExitStatus::Signal(0));
+                    Ok(None) => {
+                        let waited = start.elapsed();
+                        if waited > GIVE_UP_AFTER {
+                            let missing = self.threads.running();
+                            return Err(Error::Backend(format!(
+                                "threads {missing:?} of process {} did not stop within {} s",
+                                self.pid(),
+                                GIVE_UP_AFTER.as_secs()
+                            )));
+                        }
+                        if waited > CHECK_AFTER && !checked {
+                            checked = true;
+                            for tid in self.threads.running() {
+                                self.forget_if_lost(tid);
+                            }
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    Err(Errno::CHILD) => {
+                        self.gone(ExitStatus::Unknown);
                         return Ok(());
                     }
-                    Err(e) => return Err(crate::error::sys(e, "wait while detaching")),
+                    Err(e) => return Err(error::sys(e, "wait while stopping the threads")),
                 },
             };
             self.hold(w, detaching)?;
-            if self.exit.is_some() {
+            if self.is_gone() {
                 return Ok(());
             }
         }
-        Ok(())
+        result
+    }
+
+    /// `tid` could not be interrupted or did not report: forget it if it no longer
+    /// exists or is not traced by this thread any more (then it never reports).
+    fn forget_if_lost(&mut self, tid: Tid) {
+        let status = format!("/proc/{}/task/{}/status", self.pid(), tid.as_raw_pid());
+        let ours = std::fs::read_to_string(status).ok().is_some_and(|s| {
+            let tracer = s
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok());
+            let zombie = s
+                .lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']));
+            tracer == Some(std::process::id() as i32) && !zombie
+        });
+        if !ours {
+            self.threads.remove(tid);
+        }
     }
 
     /// Take one report while stopping: never run handlers, just hold the thread.
     fn hold(&mut self, w: Wait, detaching: bool) -> Result<()> {
-        let (tid, sig, event) = match w {
-            Wait::Stopped { tid, sig, event } => (tid, sig, event),
-            // Exits go through the normal path (which also notices the process's end).
-            _ => {
-                self.handle(w)?;
-                return Ok(());
-            }
-        };
-        if let Some(bell) = &self.doorbell {
-            if bell.pid == tid {
-                bell.rearm();
-                return Ok(());
-            }
-        }
-        if !self.threads.contains_key(&tid) && !self.adopt(tid, w)? {
+        if w.is_end() || matches!(w, Wait::Event(_, Event::Exec)) {
+            // Exits go through the normal path (which also notices the process's end);
+            // the main process's new image is held by the exec handling (nothing of ours
+            // is in it), an exec'ing vfork child is let go.
+            self.handle(w)?;
             return Ok(());
         }
-        let mut deliver = 0;
+        let tid = w.tid();
+        if self.bell.on_stop(tid) {
+            return Ok(());
+        }
+        if !self.threads.contains(tid) && !self.adopt(tid, w) {
+            return Ok(());
+        }
+        let mut deliver = None;
         let mut group = false;
-        match event {
-            0 if sig == libc::SIGTRAP && !self.rewind_trap(tid, detaching) => {
-                deliver = libc::SIGTRAP
+        match w {
+            Wait::Signal(_, Signal::TRAP) => {
+                if !self.rewind_trap(tid, detaching) {
+                    deliver = Some(Signal::TRAP);
+                }
             }
-            0 if sig == libc::SIGTRAP => {}
-            0 if sig == libc::SIGTRAP | 0x80 => {}
-            0 => deliver = sig,
-            PTRACE_EVENT_STOP => {
-                group = is_stop(sig);
+            Wait::Signal(_, sig) => deliver = Some(sig),
+            Wait::Syscall(_) => {}
+            Wait::Event(_, Event::Stop(sig)) => {
+                group = sig.is_stop();
                 if detaching && !group && sigtrap_pending(self.pid(), tid) {
                     // It executed an `int3` (ours, most likely) just before the
                     // interrupt stopped it: the interrupt is reported before the signal
                     // is, and once detached the pending SIGTRAP would kill the program.
                     // Let it report the signal (it runs no instruction before that);
                     // that stop is handled as any trap while stopping.
-                    return sys::cont(tid, 0)
-                        .filter_gone()
-                        .map_err(|e| crate::error::sys(e, "let a pending trap be reported"));
+                    return self.resume(tid, None);
                 }
             }
-            libc::PTRACE_EVENT_CLONE => {
-                if let Ok(new) = sys::event_msg(tid) {
-                    let new = new as Tid;
-                    self.threads.entry(new).or_insert_with(|| Thread::new(None));
+            Wait::Event(_, Event::Clone) => {
+                if let Ok(new) = sys::event_pid(tid) {
+                    self.threads.add(new, Thread::running(Kind::Thread));
+                    self.trap.new_thread(self.shared.pid, tid, new);
                 }
             }
-            libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Ok(child) = sys::event_msg(tid) {
-                    let vfork = event == libc::PTRACE_EVENT_VFORK;
-                    self.new_child(child as Tid, vfork)?;
+            Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
+                if let Ok(child) = sys::event_pid(tid) {
+                    let vfork = ev == Event::Vfork;
+                    self.new_child(child, vfork)?;
                     if vfork {
                         // It was resumed by new_child; stop it again to detach it.
-                        let _ = sys::interrupt(child as Tid);
+                        if sys::interrupt(child).is_err() {
+                            self.forget_if_lost(child);
+                        }
                     }
                 }
             }
-            libc::PTRACE_EVENT_EXEC => {
-                // The main process's new image is held by the exec handling (nothing of
-                // ours is in it); an exec'ing vfork child is let go.
-                self.handle(w)?;
-                return Ok(());
-            }
-            _ => {}
+            Wait::Event(..) => {}
+            Wait::Exited(..) | Wait::Killed(..) => unreachable!("handled above"),
         }
-        if let Some(th) = self.threads.get_mut(&tid) {
-            th.held = Some(deliver);
-            th.group_stop = group;
+        if let Some(th) = self.threads.get_mut(tid) {
+            if group {
+                th.hold_group_stop();
+            } else {
+                th.hold(deliver);
+            }
         }
         Ok(())
     }
@@ -210,7 +262,7 @@ impl Tracer {
         let Ok(ur) = sys::get_regs(tid) else {
             return true;
         };
-        let th = self.threads.get_mut(&tid).expect("adopted");
+        let th = self.threads.known(tid);
         if let Some(top) = th.slots.last() {
             let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));
             let mut regs = to_core(&ur);
@@ -219,13 +271,19 @@ impl Tracer {
             {
                 if detaching {
                     // The post-handlers are not run any more (the step is abandoned).
-                    if let Some(info) = th.slots.pop().and_then(|t| t.deferred) {
-                        self.resend.push((tid, info.signo()));
+                    if let Some(sig) = th
+                        .slots
+                        .pop()
+                        .and_then(|t| t.deferred)
+                        .and_then(|i| i.signal())
+                    {
+                        self.resend.push((tid, sig));
                     }
                     let _ = sys::set_regs(tid, &from_core(&ur, &regs));
                 } else {
-                    let _ = sys::poke_user(tid, RIP, ur.rip - 1);
+                    let _ = sys::poke_user(tid, UserOffset::RIP, ur.rip - 1);
                 }
+                self.restore_trap(tid);
                 return true;
             }
         }
@@ -234,15 +292,16 @@ impl Tracer {
         let st = self.shared.lock();
         let ours = st.armed.contains_key(&addr) || st.history.contains_key(&addr);
         drop(st);
-        let kernel = sys::sig_info(tid).is_ok_and(|s| s.code == sys::SI_KERNEL);
+        let kernel = sys::sig_info(tid).is_ok_and(|s| s.code == SI_KERNEL);
         if ours && kernel {
             if detaching {
                 // A hit that comes too late to be served: counted as missed.
-                if let Some(th) = self.threads.get(&tid) {
+                if let Some(th) = self.threads.get(tid) {
                     self.dispatcher.miss(&th.ts, addr);
                 }
             }
-            let _ = sys::poke_user(tid, RIP, addr);
+            let _ = sys::poke_user(tid, UserOffset::RIP, addr);
+            self.restore_trap(tid);
             return true;
         }
         false
@@ -256,12 +315,11 @@ impl Tracer {
     fn move_out_of_slots(&mut self) -> Result<bool> {
         let mut result = Ok(());
         let mut keep_pages = false;
-        let tids: Vec<Tid> = self.threads.keys().copied().collect();
-        for tid in tids {
+        for tid in self.threads.tids() {
             let Ok(ur) = sys::get_regs(tid) else {
                 continue;
             };
-            let th = self.threads.get_mut(&tid).expect("listed");
+            let th = self.threads.known(tid);
             th.ts.abandon();
             th.prune(ur.rip);
             let inside = th
@@ -270,28 +328,28 @@ impl Tracer {
                 .filter(|t| !t.suspended && t.slots().contains(ur.rip))
                 .map(|t| Arc::clone(&t.site));
             if let Some(site) = inside {
-                if let Some(info) = th.slots.pop().and_then(|t| t.deferred) {
-                    self.resend.push((tid, info.signo()));
+                let deferred = th.slots.pop().and_then(|t| t.deferred);
+                if let Some(sig) = deferred.and_then(|i| i.signal()) {
+                    self.resend.push((tid, sig));
                 }
                 if let Err(e) = self.step_out(tid, &site) {
                     result = result.and(Err(e));
                 }
             }
-            let th = self.threads.get_mut(&tid).expect("listed");
+            let Some(th) = self.threads.get_mut(tid) else {
+                continue;
+            };
             for s in std::mem::take(&mut th.slots) {
                 keep_pages = true;
-                if let Some(info) = s.deferred {
-                    self.resend.push((tid, info.signo()));
+                if let Some(sig) = s.deferred.and_then(|i| i.signal()) {
+                    self.resend.push((tid, sig));
                 }
                 if s.kind == SlotKind::TrapAfter {
-                    let st = self.shared.lock();
+                    let mut st = self.shared.lock();
                     let trap = s.slots().trap_after.expect("entered");
                     let plan = &s.site.plan;
-                    if let (Ok(code), Ok(jump)) = (
-                        st.usable(),
-                        plan.build_slot(SlotKind::JumpBack, trap.addr()),
-                    ) {
-                        let _ = code.write(jump.addr(), jump.bytes());
+                    if let Ok(jump) = plan.build_slot(SlotKind::JumpBack, trap.addr()) {
+                        let _ = st.write_slot(jump.addr(), jump.bytes());
                     }
                 }
             }
@@ -315,26 +373,27 @@ impl Tracer {
                 return Ok(());
             }
             // Between two of the slot's instructions: one step further.
-            if sys::single_step(tid, 0).is_err() {
+            if sys::single_step(tid, None).is_err() {
                 break;
             }
-            match sys::wait(tid, false) {
-                Ok(Some(Wait::Stopped { sig, event: 0, .. })) if sig != libc::SIGTRAP => {
-                    if let Some(th) = self.threads.get_mut(&tid) {
-                        th.held = Some(sig);
+            match sys::wait(Some(tid), false) {
+                Ok(Some(Wait::Signal(_, Signal::TRAP))) => {}
+                Ok(Some(Wait::Signal(_, sig))) => {
+                    if let Some(th) = self.threads.get_mut(tid) {
+                        th.hold(Some(sig));
                     }
                 }
-                Ok(Some(Wait::Stopped { .. })) => {}
-                Ok(Some(w)) => {
-                    self.aside.waits.push_back(w);
+                Ok(Some(w)) if w.is_end() => {
+                    self.aside.push_wait(w);
                     return Ok(());
                 }
+                Ok(Some(_)) => {}
                 _ => break,
             }
         }
         match sys::get_regs(tid) {
             Ok(ur) if slots.contains(ur.rip) => Err(Error::Backend(format!(
-                "thread {tid} could not be moved out of an out-of-line slot at {:#x}",
+                "thread {tid:?} could not be moved out of an out-of-line slot at {:#x}",
                 ur.rip
             ))),
             _ => Ok(()),
@@ -348,7 +407,7 @@ impl Tracer {
             return Ok(());
         };
         // A breakpoint whose code was unloaded (or replaced) went with it.
-        let maps = crate::error::maps(self.pid())?;
+        let maps = error::maps(self.pid())?;
         let mut result = Ok(());
         for (&addr, armed) in &st.armed {
             let mut now = [0u8];
@@ -365,16 +424,23 @@ impl Tracer {
     }
 
     /// Step 3b: take the XOL pages away (best effort: a page left behind is only an
-    /// unused mapping).
+    /// unused mapping). Pages the program unmapped itself are not there to unmap.
     fn unmap_xol(&mut self) {
         let pages = self.shared.lock().xol.pages();
-        let Some(&gadget) = pages.first() else {
+        if pages.is_empty() {
+            return;
+        }
+        let Ok(maps) = error::maps(self.pid()) else {
             return;
         };
+        let pages: Vec<u64> = pages
+            .into_iter()
+            .filter(|&p| maps.find(p).is_some_and(|r| r.exec && r.inode == 0))
+            .collect();
         // Prefer a thread that is not inside an interrupted system call.
         let mut best = None;
-        for (&tid, th) in &self.threads {
-            if th.held.is_none() {
+        for (tid, th) in self.threads.iter() {
+            if !th.is_held() {
                 continue;
             }
             if let Ok(r) = sys::get_regs(tid) {
@@ -390,51 +456,56 @@ impl Tracer {
         let Some((tid, saved)) = best else {
             return;
         };
-        for &page in pages.iter().rev() {
+        let insn = {
+            let st = self.shared.lock();
+            match st.usable() {
+                Ok(code) => self.injector.insn(self.shared.pid, code),
+                Err(e) => Err(e),
+            }
+        };
+        let Ok(insn) = insn else {
+            return;
+        };
+        let pid = self.shared.pid;
+        for page in pages {
             let args = [page, PAGE, 0, 0, 0, 0];
-            if inject::syscall(tid, &saved, gadget, libc::SYS_munmap, args, &mut self.aside)
-                .is_err()
+            if inject::syscall(
+                pid,
+                tid,
+                &saved,
+                insn,
+                libc::SYS_munmap,
+                args,
+                &mut self.aside,
+            )
+            .is_err()
             {
                 break;
             }
         }
         // A signal that arrived during the injection is sent again after the detach (the
         // thread now sits in a system-call stop, which cannot deliver one).
-        let (mine, others): (Vec<_>, Vec<_>) =
-            self.aside.signals.drain(..).partition(|&(t, _)| t == tid);
-        self.aside.signals = others;
-        self.resend.extend(mine);
+        for sig in self.aside.take_signals(tid) {
+            self.resend.push((tid, sig));
+        }
     }
 }
 
 /// Whether thread `tid` of `pid` has a SIGTRAP pending that it does not block (read
 /// from `/proc`; false if that cannot be read).
-fn sigtrap_pending(pid: Tid, tid: Tid) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+fn sigtrap_pending(pid: i32, tid: Tid) -> bool {
+    let path = format!("/proc/{pid}/task/{}/status", tid.as_raw_pid());
+    let Ok(status) = std::fs::read_to_string(path) else {
         return false;
     };
-    let mask = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .unwrap_or(0)
-    };
     let bit = 1u64 << (libc::SIGTRAP - 1);
+    let mask = |key| crate::sigtrap::status_mask(&status, key);
     mask("SigPnd:") & bit != 0 && mask("SigBlk:") & bit == 0
-}
-
-fn is_stop(sig: i32) -> bool {
-    matches!(
-        sig,
-        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-    )
 }
 
 impl Drop for Tracer {
     fn drop(&mut self) {
         // Never leave the process stopped or with a breakpoint in it.
         let _ = self.detach_now();
-        self.doorbell = None;
     }
 }

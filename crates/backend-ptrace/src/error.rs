@@ -8,9 +8,9 @@ use crate::sys::Errno;
 /// [`Error::PermissionDenied`], anything else [`Error::Io`] with `what`.
 pub(crate) fn sys(e: Errno, what: impl std::fmt::Display) -> Error {
     match e {
-        Errno::ESRCH => Error::ProcessGone,
-        Errno::EPERM => Error::PermissionDenied(format!("{what}: {e}")),
-        _ => Error::io(what.to_string(), e.io()),
+        Errno::SRCH => Error::ProcessGone,
+        Errno::PERM => Error::PermissionDenied(format!("{what}: {e}")),
+        _ => Error::io(what.to_string(), e.into()),
     }
 }
 
@@ -26,7 +26,7 @@ pub(crate) fn proc_io(e: std::io::Error, what: impl std::fmt::Display) -> Error 
 /// A remote memory access failure as a handler sees it.
 pub(crate) fn mem(e: Errno, addr: u64, write: bool) -> MemoryError {
     match e {
-        Errno::ESRCH => MemoryError::ProcessGone,
+        Errno::SRCH => MemoryError::ProcessGone,
         _ if write => MemoryError::NotWritable(addr),
         _ => MemoryError::Unmapped(addr),
     }

@@ -18,19 +18,22 @@
 
 use std::sync::Arc;
 
-use multiprobe_core::{Memory, PreOutcome, RegisterFile, Result};
+use multiprobe_core::backend::{PreOutcome, RegisterFile};
+use multiprobe_core::{Memory, Result};
 use multiprobe_x86::{Class, EmulatedKind, Plan, SlotKind};
 
 use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
 use crate::regs::{self, to_core, ThreadRegs};
-use crate::sys::{self, Tid, UserRegs, Wait, SI_KERNEL};
-use crate::tracer::{FilterGone, InSlot, Tracer, RIP};
-use crate::xol::{GADGET, PAGE, UNIT};
+use crate::sys::{self, Signal, Tid, UserOffset, UserRegs, Wait, SI_KERNEL};
+use crate::thread::{gone_is_ok, InSlot};
+use crate::tracer::Tracer;
+use crate::xol::{PAGE, REACH, UNIT};
 
-/// How far an XOL page may be from the code it serves, so rel32 jumps reach.
-const REACH: u64 = (1 << 31) - 2 * PAGE;
+/// The most stops a fallback single-step takes (signals arriving meanwhile are held
+/// back) before it gives up and lets the thread run on at the probed address.
+const MAX_STEP_STOPS: usize = 64;
 
 /// What to do with a thread after its pre-handlers.
 enum Next {
@@ -44,7 +47,7 @@ enum Next {
 
 impl Tracer {
     pub(crate) fn on_trap(&mut self, tid: Tid) -> Result<()> {
-        let th = self.threads.get_mut(&tid).expect("adopted");
+        let th = self.threads.known(tid);
         // Where did it stop? Read all the registers right away if they will be needed:
         // at the end of a trap-after slot (to find the way back), or when the last hit
         // of this thread needed them (a guess: its handlers probably do again).
@@ -58,7 +61,7 @@ impl Tracer {
                 Err(_) => return Ok(()), // killed meanwhile: its exit comes next
             }
         } else {
-            match sys::peek_user(tid, RIP) {
+            match sys::peek_user(tid, UserOffset::RIP) {
                 Ok(rip) => (rip, None),
                 Err(_) => return Ok(()),
             }
@@ -76,19 +79,22 @@ impl Tracer {
                     let d = &self.dispatcher;
                     // No deferred step when the thread was switched here only to hold
                     // back a signal: then no post-handler runs.
-                    d.post(&th.ts, top.site.addr, tid as u32, &mut regs, &self.mem);
-                    let mut sig = 0;
+                    d.post(
+                        &th.ts,
+                        top.site.addr,
+                        tid.as_raw_pid() as u32,
+                        &mut regs,
+                        &self.mem,
+                    );
+                    let mut sig = None;
                     if let Some(info) = top.deferred {
-                        sys::set_sig_info(tid, &info)
-                            .filter_gone()
+                        gone_is_ok(sys::set_sig_info(tid, &info))
                             .map_err(|e| error::sys(e, "deliver a held-back signal"))?;
-                        sig = info.signo();
+                        sig = info.signal();
                     }
-                    regs::write_back(tid, &ur, &regs)
-                        .filter_gone()
-                        .map_err(|e| {
-                            error::sys(e, format_args!("set registers of thread {tid}"))
-                        })?;
+                    gone_is_ok(regs::write_back(tid, &ur, &regs))
+                        .map_err(|e| error::sys(e, "set registers"))?;
+                    self.restore_trap(tid);
                     return self.resume(tid, sig);
                 }
             }
@@ -99,18 +105,16 @@ impl Tracer {
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
             return self.not_ours(tid, addr);
         };
-        if let Some((_, reached)) = self.hold_at.as_ref().filter(|(a, _)| *a == addr) {
+        if self.reached_entry_hold(addr) {
             // Not served: held on the breakpoint, to execute its instruction once the
             // probe is gone.
-            reached.store(true, std::sync::atomic::Ordering::Relaxed);
-            let th = self.threads.get_mut(&tid).expect("adopted");
-            th.held = Some(0);
-            return sys::poke_user(tid, RIP, addr)
-                .filter_gone()
+            self.restore_trap(tid);
+            self.threads.known(tid).hold(None);
+            return gone_is_ok(sys::poke_user(tid, UserOffset::RIP, addr))
                 .map_err(|e| error::sys(e, "set rip"));
         }
         if site.plan.len() == 1 && !from_int3(tid) {
-            return self.resume(tid, libc::SIGTRAP);
+            return self.resume(tid, Some(Signal::TRAP));
         }
         self.hit(tid, rip, read, site)
     }
@@ -125,23 +129,33 @@ impl Tracer {
         read: Option<UserRegs>,
         site: Arc<SiteInner>,
     ) -> Result<()> {
+        self.restore_trap(tid);
         let mut regs = ThreadRegs::new(tid, rip, site.addr, read);
-        let mut have_slots = site.slots.get().is_some();
+        let placed = site.slots.get().map(|s| s.base);
+        // Slots in a page the program unmapped, which could not be mapped again, are
+        // no use: such a site steps in place from now on.
+        let mut have_slots = placed.is_some_and(|b| self.shared.lock().xol.is_live(b));
         // Every site but a nop-like one gets its slots at the first hit, emulated ones
         // too: a hit without post-handlers is cheapest through the jump-back slot (one
         // write of `rip`), where emulating would read the registers and write some of them
         // and maybe the stack. Only a nop needs nothing but `rip` either way.
         let nop_like = site.plan.class() == Class::Emulated(EmulatedKind::Nop);
-        if !have_slots && !nop_like {
+        if placed.is_none() && !nop_like {
             // Injecting the `mmap` needs the registers (to restore them after).
             have_slots = match regs.kernel() {
                 Some(ur) => self.place_slots(tid, &ur, &site).is_ok(),
                 None => return Ok(()), // gone
             };
         }
-        let th = self.threads.get_mut(&tid).expect("adopted");
+        let th = self.threads.known(tid);
         let d = &self.dispatcher;
-        let next = match d.pre(&th.ts, site.addr, tid as u32, &mut regs, &self.mem) {
+        let next = match d.pre(
+            &th.ts,
+            site.addr,
+            tid.as_raw_pid() as u32,
+            &mut regs,
+            &self.mem,
+        ) {
             // Unregistered since the lookup: its byte is back, run it.
             PreOutcome::NotOurs | PreOutcome::Redirect => Next::Resume,
             PreOutcome::Step(step) => {
@@ -153,7 +167,13 @@ impl Tracer {
                 if plan.is_emulated() && emulate_it && emulate(plan, &mut regs, &self.mem) {
                     if post {
                         step.defer_post();
-                        d.post(&th.ts, site.addr, tid as u32, &mut regs, &self.mem);
+                        d.post(
+                            &th.ts,
+                            site.addr,
+                            tid.as_raw_pid() as u32,
+                            &mut regs,
+                            &self.mem,
+                        );
                     }
                     Next::Resume
                 } else if !have_slots {
@@ -174,32 +194,25 @@ impl Tracer {
         };
         th.wants_regs = regs.fetched().is_some();
         match next {
-            Next::Resume => self.finish(tid, &regs, 0),
+            Next::Resume => self.finish(tid, &regs),
             Next::Slot(kind) => {
                 let slots = site.slots.get().expect("placed");
                 regs.set_rip(match kind {
                     SlotKind::TrapAfter => slots.trap_after.expect("has one").addr(),
                     SlotKind::JumpBack => slots.jump_back.addr(),
                 });
-                let th = self.threads.get_mut(&tid).expect("adopted");
-                th.slots.push(InSlot {
-                    site,
-                    kind,
-                    suspended: false,
-                    deferred: None,
-                });
-                self.finish(tid, &regs, 0)
+                let th = self.threads.known(tid);
+                th.slots.push(InSlot::new(site, kind));
+                self.finish(tid, &regs)
             }
             Next::InPlace { post } => self.step_in_place(tid, regs, &site, post),
         }
     }
 
     /// Write back what changed, and resume.
-    fn finish(&mut self, tid: Tid, regs: &ThreadRegs, sig: i32) -> Result<()> {
-        regs.write_back()
-            .filter_gone()
-            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
-        self.resume(tid, sig)
+    fn finish(&mut self, tid: Tid, regs: &ThreadRegs) -> Result<()> {
+        gone_is_ok(regs.write_back()).map_err(|e| error::sys(e, "set registers"))?;
+        self.resume(tid, None)
     }
 
     /// A SIGTRAP at `addr + 1` where no probe is registered now.
@@ -214,12 +227,12 @@ impl Tracer {
         if ours_once && now[0] != INT3 && from_int3(tid) {
             // Our breakpoint, removed after the thread trapped on it: run the restored
             // instruction.
-            sys::poke_user(tid, RIP, addr)
-                .filter_gone()
+            self.restore_trap(tid);
+            gone_is_ok(sys::poke_user(tid, UserOffset::RIP, addr))
                 .map_err(|e| error::sys(e, "set rip"))?;
-            return self.resume(tid, 0);
+            return self.resume(tid, None);
         }
-        self.resume(tid, libc::SIGTRAP)
+        self.resume(tid, Some(Signal::TRAP))
     }
 
     /// Map (if needed) and fill the slots of `site`, using the stopped thread `tid`
@@ -256,11 +269,10 @@ impl Tracer {
             } else {
                 None
             };
-            let st = self.shared.lock();
-            let code = st.usable()?;
-            code.write(jump_back.addr(), jump_back.bytes())?;
+            let mut st = self.shared.lock();
+            st.write_slot(jump_back.addr(), jump_back.bytes())?;
             if let Some(t) = &trap_after {
-                code.write(t.addr(), t.bytes())?;
+                st.write_slot(t.addr(), t.bytes())?;
             }
             Ok(Slots {
                 base: unit,
@@ -286,19 +298,18 @@ impl Tracer {
         let want = maps.free_near(addr, addr + 1, PAGE, REACH).ok_or_else(|| {
             multiprobe_core::Error::Backend(format!("no free page within reach of {addr:#x}"))
         })?;
-        let known = self.shared.lock().xol.gadget().or(self.syscall_insn);
-        let insn = match known {
-            Some(i) => i,
-            None => {
-                let st = self.shared.lock();
-                let code = st.usable()?;
-                let found = inject::find_syscall_insn(&maps, |a, b| code.read(a, b));
-                drop(st);
-                self.syscall_insn = found;
-                found.ok_or_else(|| {
-                    multiprobe_core::Error::Backend("no syscall instruction in the tracee".into())
-                })?
-            }
+        let got = self.map_page(tid, ur, want)?;
+        self.shared.lock().xol.add_page(got);
+        Ok(())
+    }
+
+    /// Map one read+execute page at exactly `want` with an injected `mmap` on the
+    /// stopped thread `tid` (registers `ur`).
+    pub(crate) fn map_page(&mut self, tid: Tid, ur: &UserRegs, want: u64) -> Result<u64> {
+        let insn = {
+            let st = self.shared.lock();
+            let code = st.usable()?;
+            self.injector.insn(self.shared.pid, code)?
         };
         let args = [
             want,
@@ -308,31 +319,24 @@ impl Tracer {
             u64::MAX,
             0,
         ];
-        let got = inject::syscall(tid, ur, insn, libc::SYS_mmap, args, &mut self.aside)?
+        let pid = self.shared.pid;
+        let got = inject::syscall(pid, tid, ur, insn, libc::SYS_mmap, args, &mut self.aside)?
             .map_err(|e| error::sys(e, format_args!("map an out-of-line page at {want:#x}")))?;
         if got != want {
             // A kernel without MAP_FIXED_NOREPLACE put it elsewhere: give it back.
-            let _ = inject::syscall(
-                tid,
-                ur,
-                insn,
-                libc::SYS_munmap,
-                [got, PAGE, 0, 0, 0, 0],
-                &mut self.aside,
-            );
+            let undo = [got, PAGE, 0, 0, 0, 0];
+            let _ = inject::syscall(pid, tid, ur, insn, libc::SYS_munmap, undo, &mut self.aside);
             return Err(multiprobe_core::Error::Backend(format!(
                 "the out-of-line page landed at {got:#x}, not {want:#x}"
             )));
         }
-        let mut st = self.shared.lock();
-        st.usable()?.write(got, &GADGET)?;
-        st.xol.add_page(got);
-        Ok(())
+        Ok(got)
     }
 
     /// The fallback when no slot can be had: put the original byte back, single-step
     /// the thread over the instruction, re-insert the breakpoint (the classic two-stop
-    /// scheme; other threads may run through the site unprobed meanwhile).
+    /// scheme; other threads may run through the site unprobed meanwhile). Needs no
+    /// system call in the tracee, so it also serves programs under seccomp.
     fn step_in_place(
         &mut self,
         tid: Tid,
@@ -340,37 +344,33 @@ impl Tracer {
         site: &Arc<SiteInner>,
         post: bool,
     ) -> Result<()> {
-        let addr = site.addr;
-        regs.set_rip(addr);
+        regs.set_rip(site.addr);
         let Some(ur) = regs.kernel() else {
             return Ok(()); // gone
         };
+        gone_is_ok(regs::write_back(tid, &ur, regs.regs()))
+            .map_err(|e| error::sys(e, "set registers"))?;
+        self.step_over_original(tid, site, post)
+    }
+
+    /// The thread `tid` stands at `site`'s address: execute the original instruction
+    /// there (its byte put back for one single-step), run the deferred post-handlers
+    /// if `post`, and resume it.
+    pub(crate) fn step_over_original(
+        &mut self,
+        tid: Tid,
+        site: &Arc<SiteInner>,
+        post: bool,
+    ) -> Result<()> {
+        let addr = site.addr;
         let orig = site.plan.bytes()[0];
-        let e = |e| error::sys(e, format_args!("single-step thread {tid}"));
         {
             let st = self.shared.lock();
             if st.armed.contains_key(&addr) {
                 st.usable()?.write(addr, &[orig])?;
             }
         }
-        regs::write_back(tid, &ur, regs.regs()).map_err(e)?;
-        sys::single_step(tid, 0).map_err(e)?;
-        let after = loop {
-            match sys::wait(tid, false).map_err(e)? {
-                Some(Wait::Stopped { sig, event: 0, .. }) if sig == libc::SIGTRAP => {
-                    break sys::get_regs(tid).map_err(e)?;
-                }
-                Some(Wait::Stopped { sig, event: 0, .. }) => {
-                    self.aside.signals.push((tid, sig));
-                    sys::single_step(tid, 0).map_err(e)?;
-                }
-                Some(w @ (Wait::Exited(..) | Wait::Signaled(..))) => {
-                    self.aside.waits.push_back(w);
-                    break ur;
-                }
-                _ => sys::single_step(tid, 0).map_err(e)?,
-            }
-        };
+        let stepped = self.step_once(tid);
         {
             let st = self.shared.lock();
             if st.armed.contains_key(&addr) {
@@ -379,19 +379,44 @@ impl Tracer {
                 }
             }
         }
-        if self.aside.waits.iter().any(|w| w.tid() == tid) {
+        let Some(after) = stepped? else {
+            // Gone, or it would not step: it runs on from the probed address (a hit
+            // not completed is better than a thread left stopped).
+            return self.resume(tid, None);
+        };
+        if self.aside.has_end_of(tid) {
             return Ok(());
         }
         let mut regs = to_core(&after);
         if post {
-            let th = self.threads.get(&tid).expect("adopted");
+            let th = self.threads.known(tid);
             self.dispatcher
-                .post(&th.ts, addr, tid as u32, &mut regs, &self.mem);
+                .post(&th.ts, addr, tid.as_raw_pid() as u32, &mut regs, &self.mem);
         }
-        regs::write_back(tid, &after, &regs)
-            .filter_gone()
-            .map_err(|e| error::sys(e, format_args!("set registers of thread {tid}")))?;
-        self.resume(tid, 0)
+        gone_is_ok(regs::write_back(tid, &after, &regs))
+            .map_err(|e| error::sys(e, "set registers"))?;
+        self.resume(tid, None)
+    }
+
+    /// Execute one instruction of the stopped thread `tid`; its registers afterwards, or
+    /// `None` if it is gone or did not complete the step within [`MAX_STEP_STOPS`].
+    fn step_once(&mut self, tid: Tid) -> Result<Option<UserRegs>> {
+        let e = |e| error::sys(e, "single-step a thread");
+        for _ in 0..MAX_STEP_STOPS {
+            gone_is_ok(sys::single_step(tid, None)).map_err(e)?;
+            match sys::wait(Some(tid), false).map_err(e)? {
+                Some(Wait::Signal(_, Signal::TRAP)) => {
+                    return sys::get_regs(tid).map(Some).or(Ok(None));
+                }
+                Some(Wait::Signal(_, sig)) => self.aside.push_signal(tid, sig),
+                Some(w) if w.is_end() => {
+                    self.aside.push_wait(w);
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -4,15 +4,57 @@
 //! group-stop reports later) with the same options, so new threads, forks, vforks and
 //! execs are reported the same way whichever way the process was found.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use multiprobe_core::{Error, Result};
 
 use crate::error;
-use crate::sys::{self, Errno, Tid, Wait};
+use crate::sys::{self, Errno, Event, Pid, Signal, Tid, Wait};
 use crate::tracer::{ThreadClaim, Tracer};
+
+/// What program an address space runs, as far as probing goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Image {
+    /// An x86-64 program: what this backend's instruction analysis is for.
+    X86_64,
+    /// Anything else (a 32-bit i386 or x32 program, another architecture's), named.
+    Other(&'static str),
+}
+
+impl Image {
+    /// An error unless probes can go into this image.
+    pub(crate) fn check(self, pid: Pid) -> Result<()> {
+        match self {
+            Image::X86_64 => Ok(()),
+            Image::Other(what) => Err(Error::Backend(format!(
+                "process {} runs {what}: multiprobe probes x86-64 programs only",
+                pid.as_raw_pid()
+            ))),
+        }
+    }
+}
+
+/// The kind of program `pid` runs, from the ELF header of its executable
+/// (`/proc/PID/exe`, which opens the very file it runs, whatever namespace it is in).
+/// Unreadable: taken as x86-64 (the probes' own checks apply).
+pub(crate) fn image_of(pid: Pid) -> Image {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    let read = std::fs::File::open(format!("/proc/{}/exe", pid.as_raw_pid()))
+        .and_then(|mut f| f.read_exact(&mut head));
+    if read.is_err() || head[..4] != *b"\x7fELF" {
+        return Image::X86_64;
+    }
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    match (head[4], machine) {
+        (2, 62) => Image::X86_64,
+        (1, 3) => Image::Other("a 32-bit (i386) program"),
+        (1, 62) => Image::Other("an x32 (32-bit pointer) program"),
+        _ => Image::Other("a program that is not x86-64"),
+    }
+}
 
 impl Tracer {
     /// Start `cmd` under trace. Returns with the new program loaded (its executable
@@ -20,6 +62,11 @@ impl Tracer {
     /// first instruction, so probes can be registered before it runs; [`Tracer::run`]
     /// starts it. Its stdio is what `cmd` configured; [`Tracer::take_child`] gives the
     /// pipes.
+    ///
+    /// The program dies with the tracer if the tracer is killed outright
+    /// (`PTRACE_O_EXITKILL`): it never runs on with breakpoints in it and nobody to
+    /// serve them. A program that is not x86-64 (a 32-bit one) is refused — killed
+    /// before it ran an instruction — with an error that says so.
     ///
     /// How: the child, between fork and exec, sends its pid through a pipe and waits for
     /// a byte on another; the tracer seizes it meanwhile, then lets it exec, and sees
@@ -50,9 +97,13 @@ impl Tracer {
         std::thread::scope(|s| {
             let spawner = s.spawn(|| cmd.spawn());
             let mut buf = [0u8; 4];
-            let got = sys::read_fd(pid_r.as_fd(), &mut buf);
+            let got = sys::read_fd(&pid_r, &mut buf);
             drop(pid_w);
-            if got != Ok(4) {
+            let pid = match got {
+                Ok(4) => sys::pid(i32::from_ne_bytes(buf)),
+                _ => None,
+            };
+            let Some(pid) = pid else {
                 // The fork failed: spawn reports why.
                 drop(go_w);
                 return match spawner.join().expect("spawn does not panic") {
@@ -63,13 +114,12 @@ impl Tracer {
                     }
                     Err(e) => Err(Error::io("spawn", e)),
                 };
-            }
-            let pid = i32::from_ne_bytes(buf);
-            let seized = sys::seize(pid);
+            };
+            let seized = sys::seize(pid, sys::OPTIONS | libc::PTRACE_O_EXITKILL);
             if seized.is_err() {
-                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::kill(pid, Signal::KILL);
             }
-            let _ = sys::write_fd(go_w.as_fd(), &[1]);
+            let _ = sys::write_fd(&go_w, &[1]);
             drop(go_w);
             // Returns once exec succeeded (or failed, and std reaped the child).
             let child = spawner.join().expect("spawn does not panic");
@@ -77,31 +127,51 @@ impl Tracer {
                 if let Ok(mut c) = child {
                     let _ = c.wait();
                 }
-                return Err(error::sys(e, format_args!("trace the new process {pid}")));
+                return Err(error::sys(
+                    e,
+                    format_args!("trace the new process {}", pid.as_raw_pid()),
+                ));
             }
             let child = child.map_err(|e| Error::io("spawn", e))?;
             wait_exec(pid)?;
-            let mut t = Tracer::new(pid, &[(pid, Some(0))], claim)?;
-            t.child = Some(child);
-            Ok(t)
+            if let Err(e) = image_of(pid).check(pid) {
+                // Never run: killed at its first instruction, reaped here.
+                let _ = sys::kill(pid, Signal::KILL);
+                while let Ok(Some(w)) = sys::wait(Some(pid), false) {
+                    if w.is_end() {
+                        break;
+                    }
+                }
+                return Err(e);
+            }
+            Tracer::new(pid, &[pid], &[], claim, Some(child))
         })
     }
 
     /// Attach to the running process `pid` and all its threads. The process is not
     /// stopped. Errors: [`Error::ProcessGone`] for no such process,
-    /// [`Error::PermissionDenied`] when the system refuses — saying so when another
-    /// tracer (a debugger) already has it.
+    /// [`Error::PermissionDenied`] when the system refuses, saying why as far as it can
+    /// be told (a zombie, a kernel thread, already traced, another user's or a more
+    /// privileged process, `ptrace_scope`); a program that is not x86-64 (a 32-bit one)
+    /// is refused before anything is done to it.
     pub fn attach(pid: i32) -> Result<Tracer> {
-        if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let Some(pid) = sys::pid(pid) else {
+            return Err(Error::ProcessGone);
+        };
+        if !std::path::Path::new(&format!("/proc/{}", pid.as_raw_pid())).exists() {
             return Err(Error::ProcessGone);
         }
         let claim = ThreadClaim::take()?;
-        if pid == std::process::id() as i32 {
+        if pid.as_raw_pid() == std::process::id() as i32 {
             return Err(Error::PermissionDenied(
                 "a process cannot trace itself".into(),
             ));
         }
-        if let Err(e) = sys::seize(pid) {
+        if let Some(why) = crate::diagnose::untraceable(pid) {
+            return Err(Error::PermissionDenied(why));
+        }
+        image_of(pid).check(pid)?;
+        if let Err(e) = sys::seize(pid, sys::OPTIONS) {
             return Err(attach_error(pid, e));
         }
         let mut seized = vec![pid];
@@ -109,20 +179,25 @@ impl Tracer {
         // Threads created by an already seized thread are attached by the kernel.
         loop {
             let mut new = false;
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map_err(|e| error::proc_io(e, format_args!("list threads of {pid}")))?;
+            let tasks = std::fs::read_dir(format!("/proc/{}/task", pid.as_raw_pid()))
+                .map_err(|e| error::proc_io(e, format_args!("list threads of {pid:?}")))?;
             for t in tasks.flatten() {
-                let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<Tid>().ok()) else {
+                let Some(tid) = t
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .and_then(sys::pid)
+                else {
                     continue;
                 };
                 if seized.contains(&tid) {
                     continue;
                 }
-                match sys::seize(tid) {
+                match sys::seize(tid, sys::OPTIONS) {
                     Ok(()) => {}
                     // Gone, or already ours (auto-attached as a child of a seized one).
-                    Err(Errno::ESRCH) | Err(Errno::EPERM) => {}
-                    Err(e) => return Err(error::sys(e, format_args!("trace thread {tid}"))),
+                    Err(Errno::SRCH) | Err(Errno::PERM) => {}
+                    Err(e) => return Err(error::sys(e, format_args!("trace thread {tid:?}"))),
                 }
                 seized.push(tid);
                 new = true;
@@ -131,51 +206,29 @@ impl Tracer {
                 break;
             }
         }
-        let held: Vec<(Tid, Option<i32>)> = seized.iter().map(|&t| (t, None)).collect();
-        Tracer::new(pid, &held, claim)
+        Tracer::new(pid, &[], &seized, claim, None)
     }
-}
-
-fn tracer_of(pid: Tid) -> Option<Tid> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&t| t != 0)
 }
 
 fn attach_error(pid: Tid, e: Errno) -> Error {
     match e {
-        Errno::ESRCH => Error::ProcessGone,
-        Errno::EPERM => match tracer_of(pid) {
-            Some(t) => Error::PermissionDenied(format!(
-                "process {pid} is already traced by process {t} (a debugger?)"
-            )),
-            None => Error::PermissionDenied(format!(
-                "not allowed to trace process {pid} (another user's process, or \
-                 kernel.yama.ptrace_scope forbids it)"
-            )),
-        },
-        e => error::sys(e, format_args!("trace process {pid}")),
+        Errno::SRCH => Error::ProcessGone,
+        Errno::PERM => Error::PermissionDenied(crate::diagnose::refused(pid)),
+        e => error::sys(e, format_args!("trace process {}", pid.as_raw_pid())),
     }
 }
 
 /// Wait for the seized child's exec event, delivering any signal it gets before.
 fn wait_exec(pid: Tid) -> Result<()> {
     loop {
-        match sys::wait(pid, false).map_err(|e| error::sys(e, "wait for the new process"))? {
-            Some(Wait::Stopped {
-                event: libc::PTRACE_EVENT_EXEC,
-                ..
-            }) => return Ok(()),
-            Some(Wait::Stopped { sig, event, .. }) => {
-                let sig = if event == 0 { sig } else { 0 };
-                sys::cont(pid, sig).map_err(|e| error::sys(e, "resume the new process"))?;
-            }
+        let w =
+            sys::wait(Some(pid), false).map_err(|e| error::sys(e, "wait for the new process"))?;
+        match w {
+            Some(Wait::Event(_, Event::Exec)) => return Ok(()),
+            Some(Wait::Signal(_, sig)) => sys::cont(pid, Some(sig)),
+            Some(w) if !w.is_end() => sys::cont(pid, None),
             Some(_) | None => return Err(Error::ProcessGone),
         }
+        .map_err(|e| error::sys(e, "resume the new process"))?;
     }
 }

@@ -1,22 +1,32 @@
 //! multiprobe's backend for another process: many handlers on one address of a traced
 //! program, one real `int3` underneath, and **one ptrace stop per hit**.
 //!
-//! ```no_run
-//! use std::process::Command;
-//! use std::sync::atomic::{AtomicU64, Ordering};
+//! ```
+//! use std::process::{Command, Stdio};
+//! use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 //! use std::sync::Arc;
-//! use multiprobe_backend_ptrace::{Stop, Tracer};
 //!
-//! let mut tracer = Tracer::spawn(&mut Command::new("/usr/bin/true"))?;
-//! let addr = tracer.resolve("main")?;
-//! let hits = Arc::new(AtomicU64::new(0));
-//! let h = Arc::clone(&hits);
-//! let _guard = tracer.registry().register(addr, move |hit: &mut multiprobe_core::Hit<'_>| {
-//!     let _first_arg = hit.regs().rdi;
-//!     h.fetch_add(1, Ordering::Relaxed);
+//! use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+//!
+//! // A program that calls libc's `write` (the shell's `echo`), spawned traced.
+//! let mut cmd = Command::new("/bin/sh");
+//! cmd.args(["-c", "echo hello"]).stdout(Stdio::null());
+//! let mut tracer = Tracer::spawn(&mut cmd)?;
+//! tracer.run_to_entry()?; // the dynamic loader has mapped libc: `libc:` names resolve
+//! let write = tracer.resolve("libc:write")?;
+//!
+//! let to_stdout = Arc::new(AtomicU64::new(0));
+//! let n = Arc::clone(&to_stdout);
+//! let probe = tracer.registry().register(write, move |hit| {
+//!     // Handlers run in the tracer, with the tracee's registers and memory.
+//!     if hit.arg(0) == Ok(1) {
+//!         n.fetch_add(1, Relaxed);
+//!     }
 //! })?;
 //! let stop = tracer.run()?; // until it exits, execs, or a DetachHandle asks
-//! assert!(matches!(stop, Stop::Exited(_)));
+//! assert_eq!(stop, Stop::Exited(ExitStatus::Code(0)));
+//! assert!(to_stdout.load(Relaxed) >= 1);
+//! assert!(probe.stats()?.hits >= to_stdout.load(Relaxed));
 //! # Ok::<(), multiprobe_core::Error>(())
 //! ```
 //!
@@ -60,8 +70,16 @@
 //!
 //! # Processes, threads, signals
 //!
+//! A spawned program dies with the tracer if the tracer is killed outright
+//! (`PTRACE_O_EXITKILL`); an attached one is left alone. Only x86-64 programs are
+//! traced: a 32-bit (i386 or x32) program is refused at spawn, at attach and after an
+//! exec, before anything is written to it. Symbols are read from the file that is
+//! really mapped (`/proc/PID/map_files`, checked by device and inode), so a program in
+//! a container or another mount namespace gets its own symbols.
+//!
 //! New threads are traced automatically. A fork child is freed of every breakpoint and
-//! XOL page and let go; a vfork child, which shares the memory, is followed until it
+//! of the XOL pages it has (read from its own maps: a child forked while the page was
+//! being mapped has none) and let go; a vfork child, which shares the memory, is followed until it
 //! execs or exits. An exec ends every probe of the old image ([`Stop::Exec`]). The
 //! tracee's own signals are delivered unchanged, its own SIGTRAP too (ours come from an
 //! `int3` at one of our addresses); group-stop is honoured with `PTRACE_LISTEN`. A
@@ -85,8 +103,31 @@
 //! `/proc/PID/mem`, which needs no ptrace request). On the tracer thread itself, call
 //! [`Tracer::settle`] before unregistering while threads may wait for post-handlers.
 //!
+//! # The program never pays
+//!
+//! * Injected system calls (the `mmap` of an XOL page, `munmap` at detach and in fork
+//!   children) execute a `syscall` instruction of the program's own memory, checked
+//!   before each use; they are never made in a thread under seccomp (a filter could
+//!   kill the program for it: its hits then take the classic two-stop path, which needs
+//!   none), give up on a fault at the injected instruction, and never loop.
+//! * A program that unmaps an XOL page never sees the fault: the page is mapped again
+//!   at the same address with the same bytes, or its sites step in place from then on.
+//! * A trap of ours resets a blocked or ignored SIGTRAP (the kernel's rule for forced
+//!   signals); the tracer puts the program's mask and ignored action back before the
+//!   thread runs on (see Limits for what it cannot know).
+//! * The doorbell child (see [`DetachHandle`]) is out of the terminal's reach and
+//!   ignores stray signals; if it is killed anyway, a new one is started.
+//!
 //! # Limits
 //!
+//! * What the program set for SIGTRAP is read from `/proc` at the start of each run,
+//!   at execs and for new threads; a program that starts to block or ignore SIGTRAP in
+//!   between is not seen until then (its next own SIGTRAP may then be delivered as
+//!   if it had not), and a thread that both blocks SIGTRAP and has a handler for it
+//!   gets its mask back but not the handler (the kernel resets it; its address cannot
+//!   be read back).
+//! * Under seccomp every hit at a relocated instruction takes two stops, during which
+//!   other threads may pass the site unprobed.
 //! * A signal that arrives while a thread is being used for an injected system call (or
 //!   a fallback single-step) is delivered afterwards with a synthetic `siginfo`.
 //! * An asynchronous signal that catches a thread entering a slot is held back until the
@@ -106,11 +147,15 @@
 
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-backend-ptrace supports x86-64 Linux only");
+
 mod backend;
 #[doc(hidden)]
 pub mod baseline;
 mod children;
 mod detach;
+mod diagnose;
 mod doorbell;
 mod error;
 mod hit;
@@ -119,11 +164,19 @@ mod launch;
 mod mem;
 mod regs;
 mod signals;
+mod sigtrap;
 mod sys;
+mod thread;
 mod tracer;
 mod xol;
 
 pub use backend::{PtraceBackend, Site};
 pub use doorbell::DetachHandle;
 pub use mem::TraceeMemory;
-pub use tracer::{ExitStatus, Stop, Tracer};
+pub use sys::Signal;
+pub use tracer::{ExitStatus, ResolveError, Stop, Tracer};
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

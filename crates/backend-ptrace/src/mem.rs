@@ -56,7 +56,7 @@ pub(crate) struct CodeMemory {
 
 impl CodeMemory {
     pub(crate) fn open(pid: Tid) -> Result<Self> {
-        let path = format!("/proc/{pid}/mem");
+        let path = format!("/proc/{}/mem", pid.as_raw_pid());
         let file = OpenOptions::new()
             .read(true)
             .write(true)

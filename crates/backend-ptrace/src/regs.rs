@@ -8,10 +8,10 @@
 
 use std::cell::{Cell, OnceCell};
 
-use multiprobe_core::{RegisterFile, Regs};
+use multiprobe_core::backend::RegisterFile;
+use multiprobe_core::Regs;
 
-use crate::sys::{self, SysResult, Tid, UserRegs};
-use crate::tracer::RIP;
+use crate::sys::{self, SysResult, Tid, UserOffset, UserRegs};
 
 /// The registers of a thread stopped at a trap, fetched on first use.
 ///
@@ -107,7 +107,7 @@ impl ThreadRegs {
     pub(crate) fn write_back(&self) -> SysResult<()> {
         match self.full.get() {
             None if self.rip == self.kernel_rip => Ok(()),
-            None => sys::poke_user(self.tid, RIP, self.rip),
+            None => sys::poke_user(self.tid, UserOffset::RIP, self.rip),
             Some(Fetched { read: None, .. }) => Ok(()),
             Some(Fetched {
                 read: Some(read),
@@ -139,7 +139,7 @@ pub(crate) fn write_back(tid: Tid, read: &UserRegs, regs: &Regs) -> SysResult<()
     match changes(read, &new) {
         Some(fields) => fields
             .iter()
-            .try_for_each(|(offset, value)| sys::poke_user(tid, offset, value)),
+            .try_for_each(|(field, value)| sys::poke_user(tid, UserOffset::field(field), value)),
         None => sys::set_regs(tid, &new),
     }
 }
@@ -206,8 +206,8 @@ fn fields(r: &UserRegs) -> [u64; 27] {
     ]
 }
 
-/// How to write `new` over a thread whose registers are `old`: the `(offset, value)`
-/// of each changed field, or `None` when more than two changed (one `PTRACE_SETREGS`
+/// How to write `new` over a thread whose registers are `old`: the `(field index,
+/// value)` of each changed field, or `None` when more than two changed (one `PTRACE_SETREGS`
 /// is then cheaper than three `PTRACE_POKEUSER`s).
 pub(crate) fn changes(old: &UserRegs, new: &UserRegs) -> Option<Changes> {
     let (a, b) = (fields(old), fields(new));
@@ -217,7 +217,7 @@ pub(crate) fn changes(old: &UserRegs, new: &UserRegs) -> Option<Changes> {
             if out.len == out.items.len() {
                 return None;
             }
-            out.items[out.len] = (i * 8, *y);
+            out.items[out.len] = (i, *y);
             out.len += 1;
         }
     }
@@ -301,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn changes_name_the_kernel_offsets_of_changed_fields() {
+    fn changes_name_the_kernel_fields_that_changed() {
         let mut a = zero();
         a.rip = 1;
         a.rsp = 2;
@@ -309,9 +309,9 @@ mod tests {
         let list = |c: Option<Changes>| c.map(|c| c.iter().collect::<Vec<_>>());
         assert_eq!(list(changes(&a, &b)), Some(vec![]));
         b.rip = 5;
-        assert_eq!(list(changes(&a, &b)), Some(vec![(16 * 8, 5)]));
+        assert_eq!(list(changes(&a, &b)), Some(vec![(16, 5)]));
         b.rsp = 7;
-        assert_eq!(list(changes(&a, &b)), Some(vec![(16 * 8, 5), (19 * 8, 7)]));
+        assert_eq!(list(changes(&a, &b)), Some(vec![(16, 5), (19, 7)]));
         b.rax = 1;
         assert_eq!(changes(&a, &b), None);
         assert_eq!(std::mem::size_of::<UserRegs>(), 27 * 8);

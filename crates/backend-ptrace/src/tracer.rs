@@ -3,40 +3,46 @@
 //!
 //! Invariants:
 //! * Every thread of the tracee (and every vfork child, which shares its memory) has
-//!   a [`Thread`] here from its first reported stop on, and loses it at its exit.
-//! * `held` is `Some` exactly while a thread sits in a ptrace-stop that the loop has
-//!   not resumed; it says which signal to deliver when it is resumed or detached.
-//! * `slots` lists the out-of-line slots a thread may be inside, innermost last: one
-//!   it was sent to and has not been seen stopped outside of since, and below it any
-//!   it will return to when a signal handler that interrupted it there returns
-//!   (`suspended`). Their references keep the slots' bytes from being reused.
+//!   a [`Thread`] in `threads` from its first reported stop on, and loses it at its
+//!   exit; its state machine (`thread.rs`) says whether the loop holds it stopped.
 //! * Handlers run here, with the thread stopped: a hit is one stop — pre-handlers, then
 //!   the instruction emulated or run from the jump-back slot — and a second stop only
 //!   for post-handlers of a relocated instruction (the trap-after slot).
+//!
+//! Each part of the tracer's state is owned by the module that changes it: `threads`
+//! by `thread.rs`, `children` (new processes not yet claimed) by `children.rs`,
+//! `aside` and `injector` by `inject.rs`, `bell` by `doorbell.rs`, `resend` by
+//! `detach.rs`, `trap` by `sigtrap.rs`; this module keeps the process's end and the
+//! entry hold.
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use multiprobe_core::{Dispatcher, Error, HandlerInfo, Registry, Result, ThreadState};
+use multiprobe_core::backend::Dispatcher;
+use multiprobe_core::{Error, HandlerInfo, Registry, Result};
 use multiprobe_symbols::ProcessSymbols;
-use multiprobe_x86::SlotKind;
 
-use crate::backend::{PtraceBackend, Shared, Site, SiteInner, Slots, Status};
-use crate::doorbell::{DetachHandle, Doorbell};
+use crate::backend::{PtraceBackend, Shared, Site, Status};
+use crate::children::Children;
+use crate::doorbell::{Bell, DetachHandle};
 use crate::error;
-use crate::inject::Aside;
+use crate::inject::{Aside, Injector};
 use crate::mem::{CodeMemory, TraceeMemory};
-use crate::sys::{self, Errno, Tid, Wait};
+use crate::sigtrap::TrapGuard;
+use crate::sys::{self, Errno, Event, Signal, Tid, Wait};
+use crate::thread::{Kind, Thread, Threads};
 
 /// How the traced process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
-    /// A signal killed it.
-    Signal(i32),
+    /// A signal killed it (`SIGKILL` from someone else included: the program did not
+    /// end on its own).
+    Signal(Signal),
+    /// It went without a report the tracer could read (reaped by someone else).
+    Unknown,
 }
 
 /// Why [`Tracer::run`] returned.
@@ -56,82 +62,11 @@ pub enum Stop {
     Detached,
 }
 
-const PTRACE_EVENT_STOP: i32 = 128;
-/// Offset of `rip` in `user_regs_struct`, for `PTRACE_POKEUSER`.
-pub(crate) const RIP: usize = 16 * 8;
-
 /// What waiting for the next tracee event gave.
 enum Next {
     Event(Wait),
-    /// Interrupted or nothing reported: wait again.
-    Again,
     /// No tracee is left.
     Gone(Stop),
-}
-
-/// A slot a thread may be inside.
-#[derive(Debug)]
-pub(crate) struct InSlot {
-    pub(crate) site: Arc<SiteInner>,
-    pub(crate) kind: SlotKind,
-    /// A signal handler interrupted the thread here; it comes back on return.
-    pub(crate) suspended: bool,
-    /// An asynchronous signal that arrived as the thread entered the slot, held back
-    /// until the instruction has run (delivered at the slot's trailing `int3`).
-    pub(crate) deferred: Option<sys::RawSigInfo>,
-}
-
-impl InSlot {
-    pub(crate) fn slots(&self) -> &Slots {
-        self.site
-            .slots
-            .get()
-            .expect("a thread is only sent to placed slots")
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct Thread {
-    pub(crate) ts: ThreadState,
-    pub(crate) slots: Vec<InSlot>,
-    pub(crate) held: Option<i32>,
-    /// Held in group-stop (resume with `PTRACE_LISTEN`).
-    pub(crate) group_stop: bool,
-    /// A vfork child: another process sharing the tracee's memory, followed until it
-    /// execs or exits.
-    pub(crate) vfork_child: bool,
-    /// Whether the last hit of this thread needed its registers: then the next one
-    /// probably does too, and reads them all at once (`PTRACE_GETREGS`) instead of
-    /// reading `rip` first and the rest when asked (which would be two requests).
-    pub(crate) wants_regs: bool,
-}
-
-impl Thread {
-    pub(crate) fn new(held: Option<i32>) -> Thread {
-        Thread {
-            ts: ThreadState::new(),
-            slots: Vec::new(),
-            held,
-            group_stop: false,
-            vfork_child: false,
-            wants_regs: false,
-        }
-    }
-
-    /// The thread stopped at `rip`: forget the slots it has provably left. The
-    /// innermost one is left unless `rip` is in it; a suspended one only on its return.
-    pub(crate) fn prune(&mut self, rip: u64) {
-        while let Some(top) = self.slots.last_mut() {
-            if top.slots().contains(rip) {
-                top.suspended = false;
-                return;
-            }
-            if top.suspended {
-                return;
-            }
-            self.slots.pop();
-        }
-    }
 }
 
 /// A traced process and the registry of its probes.
@@ -151,23 +86,22 @@ pub struct Tracer {
     pub(crate) registry: Registry<PtraceBackend>,
     pub(crate) dispatcher: Dispatcher<Site>,
     pub(crate) mem: TraceeMemory,
-    pub(crate) threads: HashMap<Tid, Thread>,
-    /// Stops of new processes reported before their parent's fork event.
-    pub(crate) orphans: HashMap<Tid, Wait>,
+    pub(crate) threads: Threads,
+    pub(crate) children: Children,
     pub(crate) aside: Aside,
-    pub(crate) doorbell: Option<Doorbell>,
-    pub(crate) detach_flag: Arc<AtomicBool>,
-    pub(crate) child: Option<std::process::Child>,
-    pub(crate) syscall_insn: Option<u64>,
-    pub(crate) exit: Option<ExitStatus>,
-    /// A breakpoint address whose hit holds the thread instead of serving it (see
-    /// [`Tracer::run_to_entry`]), and the flag raised when that happens.
-    pub(crate) hold_at: Option<(u64, Arc<AtomicBool>)>,
+    pub(crate) injector: Injector,
+    pub(crate) bell: Bell,
+    pub(crate) trap: TrapGuard,
     /// Signals to send again with `tgkill` after detaching (they were held back and
     /// the thread's stop at detach cannot deliver them).
-    pub(crate) resend: Vec<(Tid, i32)>,
+    pub(crate) resend: Vec<(Tid, Signal)>,
+    child: Option<std::process::Child>,
+    exit: Option<ExitStatus>,
+    /// A breakpoint address whose hit holds the thread instead of serving it (see
+    /// [`Tracer::run_to_entry`]), and the flag raised when that happens.
+    hold_at: Option<(u64, Arc<AtomicBool>)>,
     /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`).
-    pub(crate) _claim: ThreadClaim,
+    _claim: ThreadClaim,
 }
 
 std::thread_local! {
@@ -211,44 +145,54 @@ impl std::fmt::Debug for Tracer {
     }
 }
 
-fn is_stop_signal(sig: i32) -> bool {
-    matches!(
-        sig,
-        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-    )
-}
-
 impl Tracer {
-    /// A tracer for `pid`, whose threads are already seized (`held`: those stopped).
-    pub(crate) fn new(pid: Tid, held: &[(Tid, Option<i32>)], claim: ThreadClaim) -> Result<Tracer> {
-        let shared = Shared::new(pid, CodeMemory::open(pid)?);
+    /// A tracer for `pid`, whose threads are already seized: `held` ones are stopped
+    /// (and stay so until the first run), `running` ones run.
+    pub(crate) fn new(
+        pid: Tid,
+        held: &[Tid],
+        running: &[Tid],
+        claim: ThreadClaim,
+        child: Option<std::process::Child>,
+    ) -> Result<Tracer> {
+        let shared = Shared::new(pid, CodeMemory::open(pid)?, crate::launch::image_of(pid));
         let registry = Registry::new(PtraceBackend {
             shared: Arc::clone(&shared),
         });
         let dispatcher = registry.dispatcher();
-        let threads = held.iter().map(|&(t, h)| (t, Thread::new(h))).collect();
-        Ok(Tracer {
+        let threads = Threads::new(
+            held.iter()
+                .map(|&t| (t, Thread::held(None)))
+                .chain(running.iter().map(|&t| (t, Thread::running(Kind::Thread)))),
+        );
+        let mut tracer = Tracer {
             shared,
             registry,
             dispatcher,
             mem: TraceeMemory::new(pid),
             threads,
-            orphans: HashMap::new(),
+            children: Children::default(),
             aside: Aside::default(),
-            doorbell: None,
-            detach_flag: Arc::new(AtomicBool::new(false)),
-            child: None,
-            syscall_insn: None,
+            injector: Injector::default(),
+            bell: Bell::default(),
+            trap: TrapGuard::default(),
+            resend: Vec::new(),
+            child,
             exit: None,
             hold_at: None,
-            resend: Vec::new(),
             _claim: claim,
-        })
+        };
+        tracer.trap.refresh(pid, &tracer.threads.tids());
+        Ok(tracer)
+    }
+
+    pub(crate) fn tid(&self) -> Tid {
+        self.shared.pid
     }
 
     /// The traced process's id.
     pub fn pid(&self) -> i32 {
-        self.shared.pid
+        self.shared.pid.as_raw_pid()
     }
 
     /// The registry of this process's probes. Clone it to register from other threads.
@@ -266,17 +210,24 @@ impl Tracer {
         self.exit
     }
 
+    pub(crate) fn is_gone(&self) -> bool {
+        self.exit.is_some()
+    }
+
     /// Thread ids currently traced.
     pub fn threads(&self) -> Vec<i32> {
-        let mut v: Vec<i32> = self.threads.keys().copied().collect();
+        let mut v: Vec<i32> = self.threads.tids().iter().map(|t| t.as_raw_pid()).collect();
         v.sort_unstable();
         v
     }
 
     /// The address of a function in the tracee: `symbol` (the main program first, then
-    /// every mapped file) or `file:symbol` (`libc:write`).
-    pub fn resolve(&self, spec: &str) -> Result<u64> {
-        let maps = error::maps(self.pid())?;
+    /// every mapped file) or `file:symbol` (`libc:write`). A name that does not resolve
+    /// is a [`ResolveError::Symbol`] with the reason as structured data (no such
+    /// library, no such function and the names close to it, an indirect function, an
+    /// ambiguous name); it converts into the core's error with `?`.
+    pub fn resolve(&self, spec: &str) -> std::result::Result<u64, ResolveError> {
+        let maps = error::maps(self.pid()).map_err(ResolveError::Process)?;
         let syms = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols));
         let (library, name) = match spec.rsplit_once(':') {
             Some((l, n)) => (Some(l), n),
@@ -284,7 +235,7 @@ impl Tracer {
         };
         syms.resolve(library, name)
             .map(|l| l.start)
-            .map_err(|e| Error::Backend(format!("process {}: {e}", self.pid())))
+            .map_err(ResolveError::Symbol)
     }
 
     /// Run a just-spawned (or just exec'd) program to its entry point, where the dynamic
@@ -298,9 +249,7 @@ impl Tracer {
             .entry(None)
             .ok_or_else(|| Error::Backend("the program's entry point is unknown".into()))?;
         let reached = Arc::new(AtomicBool::new(false));
-        let probe = self
-            .registry
-            .register(entry, |_: &mut multiprobe_core::Hit<'_>| {})?;
+        let probe = self.registry.register(entry, |_| {})?;
         self.hold_at = Some((entry, Arc::clone(&reached)));
         let stop = self.run_until(|| reached.load(Ordering::Relaxed));
         self.hold_at = None;
@@ -308,6 +257,18 @@ impl Tracer {
         // the entry instruction back.
         drop(probe);
         stop
+    }
+
+    /// Whether a trap at `addr` is the entry hold's (see [`Tracer::run_to_entry`]):
+    /// then it is marked reached, and the caller holds the thread there.
+    pub(crate) fn reached_entry_hold(&self, addr: u64) -> bool {
+        match &self.hold_at {
+            Some((a, reached)) if *a == addr => {
+                reached.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Base addresses of the out-of-line pages mapped into the tracee.
@@ -325,11 +286,7 @@ impl Tracer {
     /// signal handler (a Ctrl-C handler). Forks the small doorbell process the first
     /// time (see the `doorbell` module).
     pub fn detach_handle(&mut self) -> Result<DetachHandle> {
-        if self.doorbell.is_none() {
-            self.doorbell = Some(Doorbell::new()?);
-        }
-        let bell = self.doorbell.as_ref().expect("just created");
-        Ok(bell.handle(&self.detach_flag))
+        self.bell.handle()
     }
 
     /// Serve hits until the process exits, execs, or a detach is requested.
@@ -350,9 +307,10 @@ impl Tracer {
         if self.shared.lock().status == Status::Detached {
             return Ok(Some(Stop::Detached));
         }
+        self.trap.refresh(self.shared.pid, &self.threads.tids());
         self.resume_held()?;
         loop {
-            if self.detach_flag.load(Ordering::SeqCst) {
+            if self.bell.requested() {
                 self.detach_now()?;
                 return Ok(Some(Stop::Detached));
             }
@@ -374,18 +332,16 @@ impl Tracer {
     /// quickly: one instruction and a trap; a thread that sits in a signal handler
     /// meanwhile is waited for.)
     pub fn settle(&mut self) -> Result<Option<Stop>> {
-        if self.threads.values().all(|t| t.ts.pending() == 0) {
+        if !self.threads.any_pending_post() {
             return Ok(None);
         }
         self.resume_held()?;
-        loop {
-            if self.threads.values().all(|t| t.ts.pending() == 0) {
-                return Ok(None);
-            }
+        while self.threads.any_pending_post() {
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
         }
+        Ok(None)
     }
 
     /// Wait for the next event and serve it; `Some` if it ended the run (the process is
@@ -393,7 +349,6 @@ impl Tracer {
     fn serve_one(&mut self) -> Result<Option<Stop>> {
         match self.next_event()? {
             Next::Event(w) => self.handle(w),
-            Next::Again => Ok(None),
             Next::Gone(stop) => Ok(Some(stop)),
         }
     }
@@ -401,61 +356,43 @@ impl Tracer {
     /// The next event: one set aside earlier (during an injection), else the next
     /// `waitpid` report of any tracee of this thread.
     fn next_event(&mut self) -> Result<Next> {
-        if let Some(w) = self.aside.waits.pop_front() {
+        if let Some(w) = self.aside.pop_wait() {
             return Ok(Next::Event(w));
         }
-        match sys::wait(-1, false) {
-            Ok(Some(w)) => Ok(Next::Event(w)),
-            Ok(None) => Ok(Next::Again),
-            // Nothing left to wait for: the process went without a report (reaped
-            // elsewhere).
-            Err(Errno::ECHILD) => Ok(Next::Gone(Stop::Exited(self.gone(ExitStatus::Signal(0))))),
-            Err(e) => Err(error::sys(e, "wait for the tracee")),
+        loop {
+            match sys::wait(None, false) {
+                Ok(Some(w)) => return Ok(Next::Event(w)),
+                Ok(None) => continue,
+                // Nothing left to wait for: the process went without a report (reaped
+                // elsewhere).
+                Err(Errno::CHILD) => {
+                    return Ok(Next::Gone(Stop::Exited(self.gone(ExitStatus::Unknown))))
+                }
+                Err(e) => return Err(error::sys(e, "wait for the tracee")),
+            }
         }
     }
 
     fn resume_held(&mut self) -> Result<()> {
-        let tids: Vec<Tid> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.held.is_some())
-            .map(|(&t, _)| t)
-            .collect();
-        for tid in tids {
-            let th = self.threads.get_mut(&tid).expect("listed");
-            let sig = th.held.take().unwrap_or(0);
-            let r = if th.group_stop {
-                sys::listen(tid)
-            } else {
-                sys::cont(tid, sig)
-            };
-            // A thread killed meanwhile reports its exit to the loop.
-            if let Err(e) = r.filter_gone() {
-                return Err(error::sys(e, format_args!("resume thread {tid}")));
-            }
-        }
-        Ok(())
+        self.threads
+            .resume_held()
+            .map_err(|e| error::sys(e, "resume the traced threads"))
     }
 
-    /// Resume `tid` from a stop, delivering `sig` or a signal held back during an
-    /// injection.
-    pub(crate) fn resume(&mut self, tid: Tid, sig: i32) -> Result<()> {
-        let mut sig = sig;
-        if sig == 0 {
-            if let Some(i) = self.aside.signals.iter().position(|&(t, _)| t == tid) {
-                sig = self.aside.signals.remove(i).1;
-            }
-        }
-        sys::cont(tid, sig)
-            .filter_gone()
-            .map_err(|e| error::sys(e, format_args!("resume thread {tid}")))
+    /// Resume `tid` from the stop being served, delivering `sig` — or, with none, a
+    /// signal held back for it during an injection.
+    pub(crate) fn resume(&mut self, tid: Tid, sig: Option<Signal>) -> Result<()> {
+        let sig = sig.or_else(|| self.aside.take_signal(tid));
+        let Some(th) = self.threads.get_mut(tid) else {
+            return Ok(()); // gone meanwhile
+        };
+        th.resume_now(tid, sig)
+            .map_err(|e| error::sys(e, format_args!("resume thread {tid:?}")))
     }
 
     /// The process is gone: forget its threads, stop patching.
     pub(crate) fn gone(&mut self, status: ExitStatus) -> ExitStatus {
-        for (_, th) in self.threads.drain() {
-            th.ts.abandon();
-        }
+        self.threads.clear();
         let mut st = self.shared.lock();
         st.status = Status::Gone;
         st.code = None;
@@ -466,84 +403,83 @@ impl Tracer {
         status
     }
 
-    pub(crate) fn handle(&mut self, w: Wait) -> Result<Option<Stop>> {
-        let pid = self.pid();
-        let (tid, sig, event) = match w {
-            Wait::Exited(tid, _) | Wait::Signaled(tid, _) => {
-                if self.doorbell.as_ref().is_some_and(|d| d.pid == tid) {
-                    // Reaped: its pid may be reused at once, never signal it again.
-                    if let Some(mut d) = self.doorbell.take() {
-                        d.reaped = true;
-                    }
-                    return Ok(None);
-                }
-                if let Some(th) = self.threads.remove(&tid) {
-                    th.ts.abandon();
-                }
-                self.orphans.remove(&tid);
-                if tid == pid {
-                    let status = match w {
-                        Wait::Exited(_, c) => ExitStatus::Code(c),
-                        Wait::Signaled(_, s) => ExitStatus::Signal(s),
-                        Wait::Stopped { .. } => unreachable!(),
-                    };
-                    return Ok(Some(Stop::Exited(self.gone(status))));
-                }
-                return Ok(None);
-            }
-            Wait::Stopped { tid, sig, event } => (tid, sig, event),
-        };
-        if let Some(bell) = &self.doorbell {
-            if bell.pid == tid {
-                bell.rearm();
-                return Ok(None);
-            }
-        }
-        if !self.threads.contains_key(&tid) && !self.adopt(tid, w)? {
+    /// An exit report: of the doorbell, a thread, a vfork child or the process.
+    fn on_end(&mut self, w: Wait) -> Result<Option<Stop>> {
+        let tid = w.tid();
+        if self.bell.on_exit(tid) {
             return Ok(None);
         }
-        match event {
-            0 if sig == libc::SIGTRAP => self.on_trap(tid)?,
-            0 if sig == libc::SIGTRAP | 0x80 => self.resume(tid, 0)?,
-            0 => self.on_signal(tid, sig)?,
-            PTRACE_EVENT_STOP if is_stop_signal(sig) => {
+        self.threads.remove(tid);
+        self.children.forget(tid);
+        if tid != self.tid() {
+            return Ok(None);
+        }
+        let status = match w {
+            Wait::Exited(_, c) => ExitStatus::Code(c),
+            Wait::Killed(_, s) => ExitStatus::Signal(s),
+            _ => unreachable!("only ends come here"),
+        };
+        Ok(Some(Stop::Exited(self.gone(status))))
+    }
+
+    pub(crate) fn handle(&mut self, w: Wait) -> Result<Option<Stop>> {
+        if w.is_end() {
+            return self.on_end(w);
+        }
+        let tid = w.tid();
+        if self.bell.on_stop(tid) {
+            return Ok(None);
+        }
+        if !self.threads.contains(tid) && !self.adopt(tid, w) {
+            return Ok(None);
+        }
+        match w {
+            Wait::Signal(_, Signal::TRAP) => self.on_trap(tid)?,
+            Wait::Signal(_, sig) => self.on_signal(tid, sig)?,
+            Wait::Syscall(_) => self.resume(tid, None)?,
+            Wait::Event(_, Event::Stop(sig)) if sig.is_stop() => {
                 // Group-stop: stay stopped, but report the SIGCONT that ends it.
-                sys::listen(tid)
-                    .filter_gone()
-                    .map_err(|e| error::sys(e, "listen"))?;
+                let th = self.threads.known(tid);
+                th.hold_group_stop();
+                th.resume(tid).map_err(|e| error::sys(e, "listen"))?;
             }
-            libc::PTRACE_EVENT_CLONE => {
-                if let Ok(new) = sys::event_msg(tid) {
-                    self.threads
-                        .entry(new as Tid)
-                        .or_insert_with(|| Thread::new(None));
+            Wait::Event(_, Event::Clone) => {
+                if let Ok(new) = sys::event_pid(tid) {
+                    self.threads.add(new, Thread::running(Kind::Thread));
+                    self.trap.new_thread(self.shared.pid, tid, new);
                 }
-                self.resume(tid, 0)?;
+                self.resume(tid, None)?;
             }
-            libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
-                if let Ok(child) = sys::event_msg(tid) {
-                    self.new_child(child as Tid, event == libc::PTRACE_EVENT_VFORK)?;
+            Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
+                if let Ok(child) = sys::event_pid(tid) {
+                    self.new_child(child, ev == Event::Vfork)?;
                 }
-                self.resume(tid, 0)?;
+                self.resume(tid, None)?;
             }
-            libc::PTRACE_EVENT_EXEC => return self.on_exec(tid),
-            _ => self.resume(tid, 0)?,
+            Wait::Event(_, Event::Exec) => return self.on_exec(tid),
+            Wait::Event(..) => self.resume(tid, None)?,
+            Wait::Exited(..) | Wait::Killed(..) => unreachable!("handled above"),
         }
         Ok(None)
     }
 }
 
-/// `ESRCH` from a request on a thread that was just killed is not an error for the
-/// loop: the thread's exit is reported next.
-pub(crate) trait FilterGone {
-    fn filter_gone(self) -> std::result::Result<(), Errno>;
+/// Why [`Tracer::resolve`] gave no address.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The name does not resolve in the process (the reason, with what exists).
+    #[error("{0}")]
+    Symbol(#[from] multiprobe_symbols::ResolveError),
+    /// The process's address space could not be read (it is gone, or not ours).
+    #[error(transparent)]
+    Process(Error),
 }
 
-impl FilterGone for std::result::Result<(), Errno> {
-    fn filter_gone(self) -> std::result::Result<(), Errno> {
-        match self {
-            Err(Errno::ESRCH) => Ok(()),
-            r => r,
+impl From<ResolveError> for Error {
+    fn from(e: ResolveError) -> Error {
+        match e {
+            ResolveError::Process(e) => e,
+            ResolveError::Symbol(e) => Error::Backend(e.to_string()),
         }
     }
 }

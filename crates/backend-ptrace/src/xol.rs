@@ -3,9 +3,10 @@
 //!
 //! A page is split into units of [`UNIT`] bytes, each holding one site's two slots
 //! (jump-back at the unit's start, trap-after [`multiprobe_x86::MAX_SLOT_LEN`] bytes
-//! later). Unit 0 of every page holds a `syscall; int3` gadget, which later injected
-//! system calls execute. Pages are mapped read+execute only; the tracer writes them
-//! through `/proc/PID/mem`.
+//! later). Pages are mapped read+execute only; the tracer writes them through
+//! `/proc/PID/mem`. Injected system calls never execute code of these pages (see
+//! [`crate::inject`]): a process may not have them (a fork child copied before the page
+//! was mapped, a program that unmapped it).
 //!
 //! Invariant: a unit is free only when its site was dropped, which happens only when
 //! no thread can be inside its slots (see `SiteInner`'s drop), so a unit's bytes are
@@ -14,19 +15,24 @@
 use multiprobe_x86::MAX_SLOT_LEN;
 
 pub(crate) const PAGE: u64 = 4096;
+/// How far an XOL page may be from the code it serves, so rel32 jumps reach.
+pub(crate) const REACH: u64 = multiprobe_x86::slot_reach(PAGE);
 /// Bytes of one site's allocation: both slot variants.
 pub(crate) const UNIT: u64 = 2 * MAX_SLOT_LEN as u64;
 const UNITS: u64 = PAGE / UNIT;
-const _: () = assert!(UNITS >= 2 && UNITS <= 64);
-
-/// `syscall; int3`, at the start of every page.
-pub(crate) const GADGET: [u8; 3] = [0x0f, 0x05, 0xcc];
+const _: () = assert!(UNITS >= 1 && UNITS <= 64);
 
 #[derive(Debug)]
 struct Page {
     base: u64,
-    /// Bit `i`: unit `i` is taken. Unit 0 is the gadget.
+    /// Bit `i`: unit `i` is taken.
     used: u64,
+    /// What the tracer wrote into the page: to write it again if the program unmaps
+    /// the page and it is mapped anew at the same address.
+    bytes: Vec<u8>,
+    /// The program unmapped it and it could not be mapped again: its slots are not
+    /// used any more (its units stay taken: sites keep their addresses).
+    dead: bool,
 }
 
 /// The XOL pages of the current image.
@@ -43,20 +49,15 @@ impl Xol {
             .any(|p| (p.base..p.base + PAGE).contains(&addr))
     }
 
-    /// Base addresses of the pages.
+    /// Base addresses of the pages (dead ones too: a fork child may have a copy).
     pub(crate) fn pages(&self) -> Vec<u64> {
         self.pages.iter().map(|p| p.base).collect()
     }
 
-    /// Address of a `syscall; int3` gadget, once a page exists.
-    pub(crate) fn gadget(&self) -> Option<u64> {
-        self.pages.first().map(|p| p.base)
-    }
-
     /// Take a free unit whose address satisfies `ok` (reach constraints).
     pub(crate) fn alloc(&mut self, ok: impl Fn(u64) -> bool) -> Option<u64> {
-        for p in &mut self.pages {
-            for i in 1..UNITS {
+        for p in self.pages.iter_mut().filter(|p| !p.dead) {
+            for i in 0..UNITS {
                 let at = p.base + i * UNIT;
                 if p.used & (1 << i) == 0 && ok(at) {
                     p.used |= 1 << i;
@@ -67,9 +68,51 @@ impl Xol {
         None
     }
 
-    /// A page mapped at `base` (its gadget already written).
+    /// A page mapped at `base`.
     pub(crate) fn add_page(&mut self, base: u64) {
-        self.pages.push(Page { base, used: 1 });
+        self.pages.push(Page {
+            base,
+            used: 0,
+            bytes: vec![0; PAGE as usize],
+            dead: false,
+        });
+    }
+
+    fn page_of(&mut self, addr: u64) -> Option<&mut Page> {
+        self.pages
+            .iter_mut()
+            .find(|p| (p.base..p.base + PAGE).contains(&addr))
+    }
+
+    /// Remember that `data` was written at `addr` (inside a page).
+    pub(crate) fn record(&mut self, addr: u64, data: &[u8]) {
+        if let Some(p) = self.page_of(addr) {
+            let at = (addr - p.base) as usize;
+            let end = (at + data.len()).min(PAGE as usize);
+            p.bytes[at..end].copy_from_slice(&data[..end - at]);
+        }
+    }
+
+    /// The page holding `addr` (base and everything written into it), if one does.
+    pub(crate) fn page_holding(&self, addr: u64) -> Option<(u64, Vec<u8>)> {
+        self.pages
+            .iter()
+            .find(|p| (p.base..p.base + PAGE).contains(&addr))
+            .map(|p| (p.base, p.bytes.clone()))
+    }
+
+    /// Whether the page holding `addr` is still in use.
+    pub(crate) fn is_live(&self, addr: u64) -> bool {
+        self.pages
+            .iter()
+            .any(|p| (p.base..p.base + PAGE).contains(&addr) && !p.dead)
+    }
+
+    /// The page holding `addr` is gone for good.
+    pub(crate) fn mark_dead(&mut self, addr: u64) {
+        if let Some(p) = self.page_of(addr) {
+            p.dead = true;
+        }
     }
 
     /// Give back the unit at `at`.
@@ -98,10 +141,9 @@ mod tests {
         let mut x = Xol::default();
         assert_eq!(x.alloc(|_| true), None);
         x.add_page(0x10000);
-        assert_eq!(x.gadget(), Some(0x10000));
         let all: Vec<u64> = std::iter::from_fn(|| x.alloc(|_| true)).collect();
-        assert_eq!(all.len() as u64, UNITS - 1);
-        assert_eq!(all[0], 0x10000 + UNIT);
+        assert_eq!(all.len() as u64, UNITS);
+        assert_eq!(all[0], 0x10000);
         assert!(all.iter().all(|a| x.contains(*a) && a % UNIT == 0));
         x.free(all[3]);
         assert_eq!(x.alloc(|a| a != all[3]), None);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use multiprobe_backend_ptrace::{Stop, Tracer};
-use multiprobe_core::{Error, FnHandler, Hit, PreAction};
+use multiprobe_core::{Error, FnHandler, PreAction};
 
 /// Start `name --wait args` untraced and wait until it says it is ready.
 fn start_waiting(name: &str, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
@@ -59,25 +59,25 @@ fn attach_probe_detach_then_the_program_finishes_normally_with_identical_text() 
     let post = Arc::new(AtomicU64::new(0));
     let p = Arc::clone(&post);
     let handler = FnHandler::new()
-        .pre(move |_: &mut Hit<'_>| {
+        .pre(move |_| {
             h.fetch_add(1, Relaxed);
             PreAction::Continue
         })
-        .post(move |_: &mut Hit<'_>| {
+        .post(move |_| {
             p.fetch_add(1, Relaxed);
         });
     let g1 = t
         .registry()
-        .register(t.resolve("mp_add").unwrap(), handler)
+        .register_handler(t.resolve("mp_add").unwrap(), handler)
         .unwrap();
     // Relocated first instructions: these run from slots in an XOL page.
     let g2 = t
         .registry()
-        .register(t.resolve("mp_load").unwrap(), |_: &mut Hit<'_>| {})
+        .register(t.resolve("mp_load").unwrap(), |_| {})
         .unwrap();
     let g3 = t
         .registry()
-        .register(t.resolve("mp_riprel").unwrap(), |_: &mut Hit<'_>| {})
+        .register(t.resolve("mp_riprel").unwrap(), |_| {})
         .unwrap();
     assert!(common::text(pid) != before, "breakpoints are in");
     go(&mut child);
@@ -118,7 +118,7 @@ fn detach_handle_from_another_thread_while_many_threads_hit() {
     let handler = common::counting_with_post(&hits);
     let _g = t
         .registry()
-        .register(t.resolve("mp_work").unwrap(), handler)
+        .register_handler(t.resolve("mp_work").unwrap(), handler)
         .unwrap();
     let handle = t.detach_handle().unwrap();
     let hits2 = Arc::clone(&hits);
@@ -189,7 +189,7 @@ fn a_panic_on_the_tracer_thread_leaves_the_program_running_unprobed() {
         let post = common::counting_with_post(&hits);
         let _g = t
             .registry()
-            .register(t.resolve("mp_tload").unwrap(), post)
+            .register_handler(t.resolve("mp_tload").unwrap(), post)
             .unwrap();
         go(&mut child);
         // Threads are stopped, in slots, or running when the tracer's own code panics.
@@ -222,7 +222,7 @@ fn detach_while_the_only_thread_is_blocked_in_a_system_call() {
     let h = Arc::clone(&hits);
     let _g = t
         .registry()
-        .register(t.resolve("mp_load").unwrap(), move |_: &mut Hit<'_>| {
+        .register(t.resolve("mp_load").unwrap(), move |_| {
             h.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -269,7 +269,7 @@ fn attach_to_a_stopped_program_keeps_it_stopped_until_sigcont() {
     let h = Arc::clone(&hits);
     let _g = t
         .registry()
-        .register(t.resolve("mp_load").unwrap(), move |_: &mut Hit<'_>| {
+        .register(t.resolve("mp_load").unwrap(), move |_| {
             h.fetch_add(1, Relaxed);
         })
         .unwrap();

@@ -21,7 +21,7 @@ fn counts_and_arguments_are_exact_and_output_is_unchanged() {
     let (a, b) = (Arc::clone(&sum_a), Arc::clone(&sum_b));
     let g1 = t
         .registry()
-        .register(add, move |hit: &mut Hit<'_>| {
+        .register(add, move |hit| {
             a.fetch_add(hit.arg(0).unwrap(), Relaxed);
             b.fetch_add(hit.arg(1).unwrap(), Relaxed);
         })
@@ -31,7 +31,7 @@ fn counts_and_arguments_are_exact_and_output_is_unchanged() {
     let l = Arc::clone(&last);
     let g2 = t
         .registry()
-        .register(args8, move |hit: &mut Hit<'_>| {
+        .register(args8, move |hit| {
             let v: Vec<u64> = (0..8).map(|n| hit.arg(n).unwrap()).collect();
             l.lock().unwrap().push(v);
         })
@@ -64,7 +64,7 @@ fn several_handlers_run_in_order_with_posts_and_can_change_registers() {
     for k in 0..3u64 {
         let (o1, o2) = (Arc::clone(&order), Arc::clone(&order));
         let h = FnHandler::new()
-            .pre(move |hit: &mut Hit<'_>| {
+            .pre(move |hit| {
                 o1.lock().unwrap().push(('p', k));
                 assert_eq!(hit.regs().rip, hit.addr());
                 if k == 2 {
@@ -73,11 +73,11 @@ fn several_handlers_run_in_order_with_posts_and_can_change_registers() {
                 }
                 PreAction::Continue
             })
-            .post(move |hit: &mut Hit<'_>| {
+            .post(move |hit| {
                 o2.lock().unwrap().push(('q', k));
                 assert_ne!(hit.regs().rip, hit.addr());
             });
-        guards.push(t.registry().register(add, h).unwrap());
+        guards.push(t.registry().register_handler(add, h).unwrap());
     }
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
@@ -113,12 +113,12 @@ fn relocated_instructions_run_out_of_line_with_correct_results() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (s1, s2) = (Arc::clone(&seen), Arc::clone(&seen));
     let h = FnHandler::new()
-        .pre(move |hit: &mut Hit<'_>| {
+        .pre(move |hit| {
             let v = hit.mem().read_u64(hit.regs().rdi).unwrap();
             s1.lock().unwrap().push(('p', v));
             PreAction::Continue
         })
-        .post(move |hit: &mut Hit<'_>| {
+        .post(move |hit| {
             assert_eq!(
                 hit.regs().rip,
                 hit.addr() + 3,
@@ -126,13 +126,13 @@ fn relocated_instructions_run_out_of_line_with_correct_results() {
             );
             s2.lock().unwrap().push(('q', hit.regs().rax));
         });
-    let g1 = t.registry().register(load, h).unwrap();
+    let g1 = t.registry().register_handler(load, h).unwrap();
     // mp_riprel: pre only, so the jump-back slot: one stop per hit.
     let c = Arc::new(AtomicU64::new(0));
     let cc = Arc::clone(&c);
     let g2 = t
         .registry()
-        .register(riprel, move |_: &mut Hit<'_>| {
+        .register(riprel, move |_| {
             cc.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -162,7 +162,7 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
     let h = Arc::clone(&hits);
     let g = t
         .registry()
-        .register(load, move |_: &mut Hit<'_>| {
+        .register(load, move |_| {
             h.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -170,7 +170,7 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
     // to its end while the loop does not serve it.
     let _keep = t
         .registry()
-        .register(t.resolve("mp_args8").unwrap(), |_: &mut Hit<'_>| {});
+        .register(t.resolve("mp_args8").unwrap(), |_| {});
     let mut now = [0u8; 1];
     multiprobe_core::Memory::read(&t.memory(), load, &mut now).unwrap();
     assert_eq!(now[0], 0xcc);
@@ -191,14 +191,14 @@ fn settle_then_unregister_a_post_handler_on_the_tracer_thread() {
     let (pre, post) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (p1, p2) = (Arc::clone(&pre), Arc::clone(&post));
     let h = FnHandler::new()
-        .pre(move |_: &mut Hit<'_>| {
+        .pre(move |_| {
             p1.fetch_add(1, Relaxed);
             PreAction::Continue
         })
-        .post(move |_: &mut Hit<'_>| {
+        .post(move |_| {
             p2.fetch_add(1, Relaxed);
         });
-    let g = t.registry().register(load, h).unwrap();
+    let g = t.registry().register_handler(load, h).unwrap();
     // Stop serving right after a pre: the thread is then inside the trap-after slot.
     assert_eq!(t.run_until(|| pre.load(Relaxed) >= 50).unwrap(), None);
     assert_eq!(post.load(Relaxed) + 1, pre.load(Relaxed));
@@ -269,7 +269,7 @@ fn handlers_write_tracee_memory_within_its_protections() {
     // mp_load(&i): add one to `i` before the load reads it.
     let g1 = t
         .registry()
-        .register(t.resolve("mp_load").unwrap(), |hit: &mut Hit<'_>| {
+        .register(t.resolve("mp_load").unwrap(), |hit| {
             let p = hit.regs().rdi;
             let v = hit.mem().read_u64(p).unwrap();
             hit.mem().write_u64(p, v + 1).unwrap();
@@ -279,7 +279,7 @@ fn handlers_write_tracee_memory_within_its_protections() {
     // way; handlers get the program's own view of protections).
     let g2 = t
         .registry()
-        .register(riprel, move |hit: &mut Hit<'_>| {
+        .register(riprel, move |hit| {
             match hit.mem().write(hit.addr() + 7, &[0x90]) {
                 Err(MemoryError::NotWritable(_)) => {
                     r.fetch_add(1, Relaxed);
@@ -317,7 +317,7 @@ fn run_to_entry_then_probe_a_library_function() {
     let ww = Arc::clone(&writes);
     let _g = t
         .registry()
-        .register(write, move |hit: &mut Hit<'_>| {
+        .register(write, move |hit| {
             if hit.arg(0).unwrap() == 1 {
                 ww.fetch_add(1, Relaxed);
             }
@@ -338,7 +338,7 @@ fn pause_holds_every_thread_and_run_goes_on_with_exact_counts() {
     let post = common::counting_with_post(&hits);
     let g = t
         .registry()
-        .register(t.resolve("mp_tload").unwrap(), post)
+        .register_handler(t.resolve("mp_tload").unwrap(), post)
         .unwrap();
     assert_eq!(t.run_until(|| hits.load(Relaxed) >= 200).unwrap(), None);
     assert_eq!(t.pause().unwrap(), None);
@@ -355,4 +355,32 @@ fn pause_holds_every_thread_and_run_goes_on_with_exact_counts() {
     let total: u64 = (0..5).map(|t| if t == 0 { 300 } else { 300 * t }).sum();
     assert_eq!(hits.load(Relaxed), total, "{out}");
     assert_eq!(g.stats().unwrap().hits, total);
+}
+
+#[test]
+fn return_now_at_a_function_entry_ends_each_call_in_the_tracee_with_the_value() {
+    let n = 40u64;
+    let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "40"])).unwrap();
+    let add = t.resolve("mp_add").unwrap();
+    // mp_add(i, 3i) returns 1000 + i instead of 4i, without running its body.
+    let probe = t
+        .registry()
+        .register(add, |hit| {
+            let i = hit.arg(0).unwrap();
+            hit.return_now(1000 + i).unwrap();
+        })
+        .unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let sum: u64 = (0..n).map(|i| 1000 + i).sum();
+    assert!(
+        out.contains(&format!("mp_add calls={n} sum={sum}\n")),
+        "{out}"
+    );
+    // The rest of the program ran as unprobed (the caller's stack was intact).
+    let (unprobed, _) = common::unprobed("mp-single", &["--iters", "40"]);
+    let rest = |s: &str| s.lines().skip(1).map(String::from).collect::<Vec<_>>();
+    assert_eq!(rest(&out), rest(&unprobed));
+    assert_eq!(probe.stats().unwrap().hits, n);
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+use multiprobe_backend_ptrace::{ExitStatus, Signal, Stop, Tracer};
 use multiprobe_core::{FaultAction, FnHandler, Hit, PreAction};
 
 fn counter() -> (
@@ -30,7 +30,7 @@ fn per_thread_counts_match_what_each_thread_reports() {
     let s = Arc::clone(&seen);
     let g = t
         .registry()
-        .register(work, move |hit: &mut Hit<'_>| {
+        .register(work, move |hit| {
             let arg = hit.arg(0).unwrap();
             let mut m = s.lock().unwrap();
             let e = m.entry(hit.tid()).or_insert((0, arg));
@@ -41,12 +41,12 @@ fn per_thread_counts_match_what_each_thread_reports() {
     // And a relocated one with a post-handler: threads pass through trap-after slots.
     let posts: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
     let p = Arc::clone(&posts);
-    let tload = FnHandler::new().post(move |hit: &mut Hit<'_>| {
+    let tload = FnHandler::new().post(move |hit| {
         *p.lock().unwrap().entry(hit.tid()).or_default() += 1;
     });
     let g2 = t
         .registry()
-        .register(t.resolve("mp_tload").unwrap(), tload)
+        .register_handler(t.resolve("mp_tload").unwrap(), tload)
         .unwrap();
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
@@ -158,15 +158,15 @@ fn a_fault_in_the_displaced_instruction_reaches_the_program_at_the_original_addr
     let fl = Arc::clone(&faults);
     let (pres, p) = counter();
     let h = FnHandler::new()
-        .pre(move |hit: &mut Hit<'_>| {
+        .pre(move |hit| {
             p(hit);
             PreAction::Continue
         })
-        .fault(move |hit: &mut Hit<'_>, fault: &multiprobe_core::Fault| {
+        .fault(move |hit, fault| {
             fl.lock().unwrap().push((hit.regs().rip, *fault));
             FaultAction::NotHandled
         });
-    let _g = t.registry().register(f, h).unwrap();
+    let _g = t.registry().register_handler(f, h).unwrap();
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(42)));
     let out = common::read_all(&mut child);
@@ -197,7 +197,7 @@ fn killing_the_tracee_while_it_is_stopped_at_a_breakpoint() {
     let (hits, h) = counter();
     let g = t
         .registry()
-        .register(t.resolve("mp_add").unwrap(), move |hit: &mut Hit<'_>| {
+        .register(t.resolve("mp_add").unwrap(), move |hit| {
             h(hit);
             // The thread is stopped at the breakpoint right now.
             // SAFETY: plain kill of the traced child.
@@ -206,14 +206,14 @@ fn killing_the_tracee_while_it_is_stopped_at_a_breakpoint() {
         .unwrap();
     assert_eq!(
         t.run().unwrap(),
-        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+        Stop::Exited(ExitStatus::Signal(Signal::KILL))
     );
     assert_eq!(hits.load(Relaxed), 1);
     // Nothing is left to restore; unregistering is fine.
     g.unregister().unwrap();
     assert_eq!(
         t.run().unwrap(),
-        Stop::Exited(ExitStatus::Signal(libc::SIGKILL))
+        Stop::Exited(ExitStatus::Signal(Signal::KILL))
     );
 }
 
@@ -285,7 +285,7 @@ fn signals_that_catch_a_thread_entering_a_slot() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let (l1, l2) = (Arc::clone(&log), Arc::clone(&log));
     let h = FnHandler::new()
-        .pre(move |hit: &mut Hit<'_>| {
+        .pre(move |hit| {
             let v = hit.mem().read_u64(hit.regs().rdi).unwrap();
             l1.lock().unwrap().push(('p', v));
             // Only from the main loop's calls (the handlers pass 1000 and 2000).
@@ -297,12 +297,12 @@ fn signals_that_catch_a_thread_entering_a_slot() {
             }
             PreAction::Continue
         })
-        .post(move |hit: &mut Hit<'_>| {
+        .post(move |hit| {
             l2.lock().unwrap().push(('q', hit.regs().rax));
         });
     let _g = t
         .registry()
-        .register(t.resolve("mp_sload").unwrap(), h)
+        .register_handler(t.resolve("mp_sload").unwrap(), h)
         .unwrap();
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));

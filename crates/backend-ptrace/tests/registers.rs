@@ -134,7 +134,7 @@ fn an_emulable_instruction_without_posts_goes_through_its_slot() {
     let h = Arc::clone(&hits);
     let g =
         b.t.registry()
-            .register(b.addr(PUSH), move |_: &mut Hit<'_>| {
+            .register(b.addr(PUSH), move |_| {
                 h.fetch_add(1, Relaxed);
             })
             .unwrap();
@@ -147,9 +147,9 @@ fn an_emulable_instruction_without_posts_goes_through_its_slot() {
     let p = Arc::clone(&posts);
     let with_post =
         b.t.registry()
-            .register(
+            .register_handler(
                 b.addr(PUSH),
-                FnHandler::new().post(move |_: &mut Hit<'_>| {
+                FnHandler::new().post(move |_| {
                     p.fetch_add(1, Relaxed);
                 }),
             )
@@ -171,7 +171,7 @@ fn handlers_reading_rdi_see_it_for_one_getregs_per_hit() {
     let c = Arc::clone(&count);
     let _counting =
         b.t.registry()
-            .register(addr, move |_: &mut Hit<'_>| {
+            .register(addr, move |_| {
                 c.fetch_add(1, Relaxed);
             })
             .unwrap();
@@ -237,15 +237,15 @@ fn a_handler_that_returns_early_redirects_through_fetched_registers() {
     let b = Arc::clone(&before);
     let _counting = t
         .registry()
-        .register(add, move |_: &mut Hit<'_>| {
+        .register(add, move |_| {
             b.fetch_add(1, Relaxed);
         })
         .unwrap();
     let _returns = t
         .registry()
-        .register(
+        .register_handler(
             add,
-            FnHandler::new().pre(|hit: &mut Hit<'_>| {
+            FnHandler::new().pre(|hit| {
                 let ret = hit.mem().read_u64(hit.regs().rsp).unwrap();
                 let r = hit.regs_mut();
                 r.rax = 7;
@@ -258,7 +258,7 @@ fn a_handler_that_returns_early_redirects_through_fetched_registers() {
     let a = Arc::clone(&after);
     let _never = t
         .registry()
-        .register(add, move |_: &mut Hit<'_>| {
+        .register(add, move |_| {
             a.fetch_add(1, Relaxed);
         })
         .unwrap();

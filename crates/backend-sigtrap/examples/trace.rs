@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use multiprobe_backend_sigtrap::{HitRecord, HitRing};
-use multiprobe_core::{FnHandler, Hit, PreAction};
+use multiprobe_backend_sigtrap::{fn_addr, HitRecord, HitRing};
+use multiprobe_core::{FnHandler, PreAction};
 
 #[inline(never)]
 fn checksum(data: &[u8], seed: u64) -> u64 {
@@ -19,12 +19,12 @@ fn checksum(data: &[u8], seed: u64) -> u64 {
 
 fn main() {
     let reg = multiprobe_backend_sigtrap::registry();
-    let addr = checksum as *const () as u64;
+    let addr = fn_addr(checksum as fn(&'static [u8], u64) -> u64);
 
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
     let counter = reg
-        .register(addr, move |_h: &mut Hit<'_>| {
+        .register(addr, move |_h| {
             c.fetch_add(1, Relaxed);
         })
         .expect("probe checksum");
@@ -32,7 +32,7 @@ fn main() {
     let ring = Arc::new(HitRing::<HitRecord>::new(1024));
     let r = Arc::clone(&ring);
     let tracer = reg
-        .register(addr, move |h: &mut Hit<'_>| {
+        .register(addr, move |h| {
             r.push(HitRecord::of(h));
         })
         .expect("second handler, same address");
@@ -40,11 +40,11 @@ fn main() {
     let results = Arc::new(HitRing::<u64>::new(1024));
     let out = Arc::clone(&results);
     let post = reg
-        .register(
+        .register_handler(
             addr,
             FnHandler::new()
-                .pre(|_h: &mut Hit<'_>| PreAction::Continue)
-                .post(move |h: &mut Hit<'_>| {
+                .pre(|_h| PreAction::Continue)
+                .post(move |h| {
                     // After the first instruction only: the function has not returned
                     // yet. Record where the thread is.
                     out.push(h.regs().rip);

@@ -12,14 +12,13 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
-use multiprobe_x86::{Code, Plan, Slot, SlotKind, MAX_INSN_LEN, MAX_SLOT_LEN};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
+use multiprobe_x86::{Code, Plan, Slot, SlotKind, INT3, MAX_INSN_LEN, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};
 
 use crate::{collect, dispatchers, fault, known, memory, patch, slots, symbols, thread, trap};
-
-const INT3: u8 = 0xcc;
 
 /// Addresses armed by any backend in this process → original first byte.
 static ARMED: Mutex<BTreeMap<u64, u8>> = Mutex::new(BTreeMap::new());
@@ -59,6 +58,18 @@ pub struct Site {
     mapped: MappedAt,
 }
 
+/// How a hit at a site executes the instruction the `int3` displaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Class {
+    /// Emulated on the interrupted registers (`nop`, `endbr64`, `push`, `jmp`, `jcc`,
+    /// `call`, `ret`, ...): no slot, one trap even with post-handlers.
+    Emulated,
+    /// Executed from an out-of-line slot within ±2 GiB of the code: a slot that jumps
+    /// back (one trap), or, with post-handlers, one that ends in `int3` (two).
+    OutOfLine,
+}
+
 impl Site {
     /// Whether the code this site was prepared on is still at `addr`, with our `int3`
     /// on it (`now` holds the bytes there, as long as the instruction).
@@ -83,12 +94,13 @@ impl Site {
             (None, _) => false,
         }
     }
-}
 
-impl Site {
-    /// How hits at this site are served (emulated, or which kind of relocation).
-    pub fn class(&self) -> multiprobe_x86::Class {
-        self.info.plan.class()
+    /// How hits at this site execute the probed instruction.
+    pub fn class(&self) -> Class {
+        match self.info.plan.class() {
+            multiprobe_x86::Class::Emulated(_) => Class::Emulated,
+            multiprobe_x86::Class::Relocated(_) => Class::OutOfLine,
+        }
     }
 
     /// The probed instruction, disassembled.
@@ -115,7 +127,7 @@ impl SigtrapBackend {
 
 impl SigtrapBackend {
     /// How hits at `addr` are served, if a probe of this backend is there.
-    pub fn class_at(&self, addr: u64) -> Option<multiprobe_x86::Class> {
+    pub fn class_at(&self, addr: u64) -> Option<Class> {
         let i = *self.entry.get()?;
         dispatchers::get(i)?.with_site(addr, |s| s.class())
     }
@@ -313,7 +325,7 @@ fn block_info(addr: u64, plan: Plan) -> Result<&'static BlockInfo> {
         boost,
         post,
     }));
-    let mut code = [0xccu8; 2 * MAX_SLOT_LEN];
+    let mut code = [INT3; 2 * MAX_SLOT_LEN];
     code[..boost.bytes().len()].copy_from_slice(boost.bytes());
     if let Some(p) = &post {
         code[MAX_SLOT_LEN..MAX_SLOT_LEN + p.bytes().len()].copy_from_slice(p.bytes());

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use multiprobe_core::Dispatcher;
+use multiprobe_core::backend::Dispatcher;
 
 use crate::backend::Site;
 

@@ -9,7 +9,7 @@
 //! handler, or, under the default action, re-raised so that it takes effect when the
 //! thread resumes at the probed address (the core dump shows `rip` there).
 //!
-//! [`Dispatcher::fault`]: multiprobe_core::Dispatcher::fault
+//! [`Dispatcher::fault`]: multiprobe_core::backend::Dispatcher::fault
 
 use std::sync::Once;
 

@@ -1,25 +1,37 @@
 //! In-process probes for [`multiprobe_core`]: `int3` breakpoints in this process's own
 //! code, a SIGTRAP handler, and out-of-line (XOL) slots, so a hit costs one trap.
 //!
-//! ```no_run
-//! use multiprobe_backend_sigtrap::{HitRecord, HitRing, SigtrapBackend};
-//! use multiprobe_core::Registry;
+//! ```
+//! use std::hint::black_box;
 //! use std::sync::Arc;
 //!
-//! #[inline(never)]
-//! fn work(x: u64) -> u64 { x * 2 }
+//! use multiprobe_backend_sigtrap::{fn_addr, HitRecord, HitRing};
 //!
-//! let reg = Registry::new(SigtrapBackend::new());
+//! #[inline(never)]
+//! fn work(x: u64) -> u64 {
+//!     black_box(x) * 2
+//! }
+//!
+//! let reg = multiprobe_backend_sigtrap::registry();
 //! let ring = Arc::new(HitRing::<HitRecord>::new(1024));
 //! let r = Arc::clone(&ring);
-//! let probe = reg
-//!     .register(work as *const () as u64, move |hit: &mut multiprobe_core::Hit<'_>| {
-//!         r.push(HitRecord::of(hit)); // signal-safe hand-out
-//!     })
-//!     .unwrap();
-//! work(21);
+//! let probe = reg.register(fn_addr(work as fn(u64) -> u64), move |hit| {
+//!     r.push(HitRecord::of(hit)); // signal-safe hand-out
+//! })?;
+//! // An opaque argument: the optimizer may not compute `work(21)` without calling it.
+//! assert_eq!(work(black_box(21)), 42);
 //! assert_eq!(ring.pop().unwrap().args[0], 21);
-//! probe.unregister().unwrap();
+//! probe.unregister()?;
+//!
+//! // By name: `library:symbol` (or a symbol of the program), resolved in this process.
+//! // A handler may also end the call with a value of its own.
+//! let getppid = reg.register(multiprobe_backend_sigtrap::resolve("libc:getppid")?, |hit| {
+//!     let _ = hit.return_now(4242);
+//! })?;
+//! // SAFETY: getppid has no preconditions.
+//! assert_eq!(unsafe { libc::getppid() }, 4242);
+//! getppid.unregister()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! # How a hit works
@@ -74,6 +86,9 @@
 //!   while another thread is inside a registration leaves the child's registry locked.
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-backend-sigtrap supports x86-64 Linux only");
+
 mod backend;
 mod collect;
 mod context;
@@ -82,6 +97,7 @@ mod fault;
 mod known;
 mod memory;
 mod patch;
+mod place;
 mod ring;
 mod signals;
 mod slots;
@@ -89,8 +105,9 @@ mod symbols;
 mod thread;
 mod trap;
 
-pub use backend::{SigtrapBackend, Site};
+pub use backend::{Class, SigtrapBackend, Site};
 pub use memory::LocalMemory;
+pub use place::{fn_addr, resolve, FnPtr, ResolveError};
 pub use ring::{HitRecord, HitRing};
 
 /// How many traps in this process hit a probe at the moment it was being removed (or
@@ -131,3 +148,8 @@ pub type SigtrapRegistry = multiprobe_core::Registry<SigtrapBackend>;
 pub fn registry() -> SigtrapRegistry {
     multiprobe_core::Registry::new(SigtrapBackend::new())
 }
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -37,7 +37,7 @@ const _: () = assert!(POST_OFF + MAX_SLOT_LEN as u64 <= BLOCK);
 const REGION: u64 = 64 * 1024;
 const MAX_REGIONS: usize = 256;
 /// Keep blocks this far inside the ±2 GiB window around their center.
-const REACH: u64 = (1 << 31) - 2 * REGION;
+const REACH: u64 = multiprobe_x86::slot_reach(REGION);
 /// Marks a written header (the second word of a block).
 const MAGIC: u64 = 0x6d70_726f_6265_5854; // "TXebormp"
 

@@ -9,11 +9,15 @@ use std::sync::{Arc, OnceLock};
 
 use multiprobe_symbols::{Located, Maps, ProcessSymbols, SymbolCache};
 
+/// The symbol tables of this process's files, parsed once.
+pub(crate) fn cache() -> Arc<SymbolCache> {
+    static CACHE: OnceLock<Arc<SymbolCache>> = OnceLock::new();
+    Arc::clone(CACHE.get_or_init(Default::default))
+}
+
 /// The function symbol containing `addr` in this process, if its file says.
 pub(crate) fn enclosing(addr: u64, maps: &Maps) -> Option<Located> {
-    static CACHE: OnceLock<Arc<SymbolCache>> = OnceLock::new();
-    let cache = Arc::clone(CACHE.get_or_init(Default::default));
-    ProcessSymbols::from_maps(maps.clone(), cache).locate(addr)
+    ProcessSymbols::from_maps(maps.clone(), cache()).locate(addr)
 }
 
 /// Crates whose code runs on the trap path: probing it would trap inside dispatch.

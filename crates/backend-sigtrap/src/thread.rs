@@ -20,7 +20,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::mem::ManuallyDrop;
 use std::sync::Once;
 
-use multiprobe_core::ThreadState;
+use multiprobe_core::backend::ThreadState;
 
 std::thread_local! {
     static STATE: UnsafeCell<ManuallyDrop<ThreadState>> =

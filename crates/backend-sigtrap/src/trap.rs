@@ -31,16 +31,14 @@
 use std::cell::Cell;
 use std::sync::Once;
 
-use libc::{c_int, c_void, siginfo_t, ucontext_t};
-use multiprobe_core::{PreOutcome, Regs, ThreadState};
+use libc::{c_int, c_void, siginfo_t, ucontext_t, SI_KERNEL};
+use multiprobe_core::backend::{PreOutcome, ThreadState};
+use multiprobe_core::Regs;
+use multiprobe_x86::INT3;
 
 use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;
 use crate::{collect, context, dispatchers, known, signals, slots, thread};
-
-const INT3: u8 = 0xcc;
-/// `si_code` of a SIGTRAP raised by `int3` (the kernel's `SI_KERNEL`).
-const SI_KERNEL: c_int = 0x80;
 
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::Arc;
 
 use multiprobe_backend_sigtrap::{HitRecord, HitRing};
-use multiprobe_core::{FnHandler, Hit, PreAction};
+use multiprobe_core::{FnHandler, PreAction};
 
 #[inline(never)]
 fn add3(a: u64, b: u64, c: u64) -> u64 {
@@ -47,18 +47,18 @@ fn panic_target(x: u64) -> u64 {
 }
 
 fn addr_of(f: fn(u64) -> u64) -> u64 {
-    f as *const () as u64
+    multiprobe_backend_sigtrap::fn_addr(f)
 }
 
 #[test]
 fn three_handlers_at_a_function_entry_count_capture_arguments_and_run_in_order() {
     let reg = multiprobe_backend_sigtrap::registry();
-    let a = add3 as *const () as u64;
+    let a = multiprobe_backend_sigtrap::fn_addr(add3 as fn(u64, u64, u64) -> u64);
     let ring = Arc::new(HitRing::<(u8, HitRecord)>::new(256));
     let guards: Vec<_> = (0..3u8)
         .map(|k| {
             let r = Arc::clone(&ring);
-            reg.register(a, move |h: &mut Hit<'_>| {
+            reg.register(a, move |h| {
                 assert!(r.push((k, HitRecord::of(h))));
             })
             .unwrap()
@@ -96,20 +96,20 @@ fn a_pre_handler_that_redirects_skips_the_function_and_later_handlers() {
     let posts = Arc::new(AtomicU64::new(0));
     let (l, p) = (Arc::clone(&later), Arc::clone(&posts));
     let g1 = reg
-        .register(
+        .register_handler(
             a,
             FnHandler::new()
-                .pre(move |h: &mut Hit<'_>| {
+                .pre(move |h| {
                     h.regs_mut().rip = alt;
                     PreAction::Redirect
                 })
-                .post(move |_h: &mut Hit<'_>| {
+                .post(move |_h| {
                     p.fetch_add(1, Relaxed);
                 }),
         )
         .unwrap();
     let g2 = reg
-        .register(a, move |_h: &mut Hit<'_>| {
+        .register(a, move |_h| {
             l.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -129,7 +129,7 @@ fn a_handler_calling_the_probed_function_is_missed_not_recursive() {
     let inner = Arc::new(AtomicU64::new(0));
     let i2 = Arc::clone(&inner);
     let g = reg
-        .register(a, move |h: &mut Hit<'_>| {
+        .register(a, move |h| {
             // Calls the probed function from inside the handler: every nested hit is a
             // miss, and the nested calls still compute.
             if h.regs().rdi == 10 {
@@ -153,11 +153,9 @@ fn a_panicking_handler_is_caught_counted_and_the_others_still_run() {
     let prev = std::panic::take_hook();
     // The default hook prints (locks stderr, allocates); keep the output quiet.
     std::panic::set_hook(Box::new(|_| {}));
-    let g1 = reg
-        .register(a, |_h: &mut Hit<'_>| panic!("handler bug"))
-        .unwrap();
+    let g1 = reg.register(a, |_h| panic!("handler bug")).unwrap();
     let g2 = reg
-        .register(a, move |_h: &mut Hit<'_>| {
+        .register(a, move |_h| {
             o.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -178,7 +176,7 @@ fn four_threads_hit_while_a_fifth_registers_and_unregisters() {
     let base = Arc::new(AtomicU64::new(0));
     let b = Arc::clone(&base);
     let g0 = reg
-        .register(a, move |_h: &mut Hit<'_>| {
+        .register(a, move |_h| {
             b.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -205,19 +203,19 @@ fn four_threads_hit_while_a_fifth_registers_and_unregisters() {
         let c0 = calls.load(SeqCst);
         let g = if post {
             let s2 = Arc::clone(&seen);
-            reg.register(
+            reg.register_handler(
                 a,
                 FnHandler::new()
-                    .pre(move |_h: &mut Hit<'_>| {
+                    .pre(move |_h| {
                         s.fetch_add(1, Relaxed);
                         PreAction::Continue
                     })
-                    .post(move |_h: &mut Hit<'_>| {
+                    .post(move |_h| {
                         s2.fetch_add(1 << 32, Relaxed);
                     }),
             )
         } else {
-            reg.register(a, move |_h: &mut Hit<'_>| {
+            reg.register(a, move |_h| {
                 s.fetch_add(1, Relaxed);
             })
         }
@@ -295,7 +293,7 @@ fn arming_and_disarming_while_threads_run_the_code_stays_transparent() {
     let mut hits = 0;
     let c0 = calls.load(SeqCst);
     for _ in 0..300 {
-        let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+        let g = reg.register(a, |_h| {}).unwrap();
         std::thread::yield_now();
         hits += g.unregister().unwrap().hits;
     }
@@ -320,7 +318,7 @@ fn short_lived_threads_give_their_state_back() {
     // below must end (no exiting thread may leave a read section behind).
     let reg = multiprobe_backend_sigtrap::registry();
     let a = addr_of(churn_target2);
-    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    let g = reg.register(a, |_h| {}).unwrap();
     for i in 0..40u64 {
         std::thread::spawn(move || assert_eq!(churn_target2(i), i + 11))
             .join()

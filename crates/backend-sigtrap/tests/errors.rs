@@ -4,7 +4,7 @@
 mod asm;
 
 use asm::*;
-use multiprobe_core::{Error, Hit};
+use multiprobe_core::Error;
 
 #[inline(never)]
 fn rust_target(x: u64) -> u64 {
@@ -15,7 +15,7 @@ static DATA: [u8; 64] = [0; 64];
 
 fn refused(addr: u64) -> Error {
     let reg = multiprobe_backend_sigtrap::registry();
-    let e = reg.register(addr, |_h: &mut Hit<'_>| {}).unwrap_err();
+    let e = reg.register(addr, |_h| {}).unwrap_err();
     assert!(reg.is_empty(), "nothing registered after {e}");
     e
 }
@@ -65,8 +65,8 @@ fn a_second_registry_cannot_arm_an_address_the_first_armed() {
     let r1 = multiprobe_backend_sigtrap::registry();
     let r2 = multiprobe_backend_sigtrap::registry();
     let a = mp_t_alt as *const () as u64;
-    let g = r1.register(a, |_h: &mut Hit<'_>| {}).unwrap();
-    let e = r2.register(a, |_h: &mut Hit<'_>| {}).unwrap_err();
+    let g = r1.register(a, |_h| {}).unwrap();
+    let e = r2.register(a, |_h| {}).unwrap_err();
     assert!(matches!(e, Error::AlreadyBreakpoint { .. }), "{e}");
     // SAFETY: integer in, integer out.
     assert_eq!(unsafe { mp_t_alt(1) }, 101);
@@ -88,11 +88,11 @@ fn removing_all_probes_leaves_every_probed_byte_as_before() {
     let mut guards = Vec::new();
     for &a in &sites {
         for _ in 0..3 {
-            guards.push(reg.register(a, |_h: &mut Hit<'_>| {}).unwrap());
+            guards.push(reg.register(a, |_h| {}).unwrap());
         }
     }
     for a in candidates {
-        match reg.register(a, |_h: &mut Hit<'_>| {}) {
+        match reg.register(a, |_h| {}) {
             Ok(g) => {
                 sites.push(a);
                 guards.push(g);
@@ -142,7 +142,7 @@ fn a_probe_in_an_unloaded_library_ends_without_writing_there() {
     let reg = multiprobe_backend_sigtrap::registry();
     let (lib, f) = load_libz();
     let addr = f as *const () as u64;
-    let g = reg.register(addr, |_h: &mut Hit<'_>| {}).unwrap();
+    let g = reg.register(addr, |_h| {}).unwrap();
     f();
     // SAFETY: a handle from dlopen; `f` is not called after this.
     assert_eq!(unsafe { libc::dlclose(lib) }, 0);
@@ -159,7 +159,7 @@ fn a_probe_in_an_unloaded_library_ends_without_writing_there() {
     let (lib, f) = load_libz();
     let addr2 = f as *const () as u64;
     assert_ne!(bytes(addr2, 1), [0xcc]);
-    let g = reg.register(addr2, |_h: &mut Hit<'_>| {}).unwrap();
+    let g = reg.register(addr2, |_h| {}).unwrap();
     f();
     assert_eq!(g.unregister().unwrap().hits, 1);
     assert_ne!(bytes(addr2, 1), [0xcc]);

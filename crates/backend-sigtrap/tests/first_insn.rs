@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use asm::*;
-use multiprobe_core::{FnHandler, Hit, PreAction};
+use multiprobe_core::{FnHandler, PreAction};
 
 /// These tests probe the same functions; one at a time (a second registry probing an
 /// armed address gets `AlreadyBreakpoint`, by design).
@@ -80,7 +80,7 @@ fn every_first_instruction_kind_runs_once_with_pre_and_post_handlers() {
         let (p1, s1) = (Arc::clone(&pre), Arc::clone(&rdi_seen));
         // Pre-handlers only: the boosted (one-trap) path.
         let g1 = reg
-            .register(a, move |h: &mut Hit<'_>| {
+            .register(a, move |h| {
                 p1.fetch_add(1, Relaxed);
                 s1.store(h.regs().rdi, Relaxed);
             })
@@ -88,7 +88,7 @@ fn every_first_instruction_kind_runs_once_with_pre_and_post_handlers() {
         assert_eq!(bytes(a, 1), [0xcc], "{}: armed", c.name);
         let class = reg.backend().class_at(a).unwrap();
         assert_eq!(
-            matches!(class, multiprobe_x86::Class::Emulated(_)),
+            class == multiprobe_backend_sigtrap::Class::Emulated,
             c.emulated,
             "{}: {class:?}",
             c.name
@@ -111,11 +111,11 @@ fn every_first_instruction_kind_runs_once_with_pre_and_post_handlers() {
         // state after the instruction (rip at the next instruction or the branch target).
         let p2 = Arc::clone(&post);
         let g2 = reg
-            .register(
+            .register_handler(
                 a,
                 FnHandler::new()
-                    .pre(|_h: &mut Hit<'_>| PreAction::Continue)
-                    .post(move |h: &mut Hit<'_>| {
+                    .pre(|_h| PreAction::Continue)
+                    .post(move |h| {
                         assert_ne!(h.regs().rip, h.addr());
                         p2.fetch_add(1, Relaxed);
                     }),
@@ -158,11 +158,11 @@ fn post_handlers_see_the_instructions_effect() {
     let seen = Arc::new(AtomicU64::new(0));
     let s = Arc::clone(&seen);
     let g = reg
-        .register(
+        .register_handler(
             a,
             FnHandler::new()
-                .pre(|_h: &mut Hit<'_>| PreAction::Continue)
-                .post(move |h: &mut Hit<'_>| {
+                .pre(|_h| PreAction::Continue)
+                .post(move |h| {
                     s.store(h.regs().rax, Relaxed);
                     assert_eq!(h.regs().rip, h.addr() + 4, "imul is 4 bytes");
                 }),
@@ -178,14 +178,14 @@ fn post_handlers_see_the_instructions_effect() {
     let delta = Arc::new(AtomicU64::new(0));
     let (d1, d2) = (Arc::clone(&delta), Arc::clone(&delta));
     let g = reg
-        .register(
+        .register_handler(
             a,
             FnHandler::new()
-                .pre(move |h: &mut Hit<'_>| {
+                .pre(move |h| {
                     d1.store(h.regs().rsp, Relaxed);
                     PreAction::Continue
                 })
-                .post(move |h: &mut Hit<'_>| {
+                .post(move |h| {
                     let top = h.mem().read_u64(h.regs().rsp).unwrap();
                     assert_eq!(top, h.regs().rbx);
                     d2.store(d2.load(Relaxed) - h.regs().rsp, Relaxed);
@@ -203,7 +203,7 @@ fn rip_relative_lea_is_computed_for_the_original_address() {
     let _s = serial();
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_lea as *const () as u64;
-    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    let g = reg.register(a, |_h| {}).unwrap();
     // SAFETY: returns an address; reading the static is fine.
     unsafe {
         assert_eq!(mp_t_lea(), std::ptr::addr_of!(mp_t_data) as u64);

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use asm::*;
 use multiprobe_backend_sigtrap::{SigtrapBackend, Site};
-use multiprobe_core::{Backend, Dispatcher, Error, FnHandler, HandlerId, Hit, PreAction, Registry};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, FnHandler, HandlerId, Hit, PreAction, Registry};
 
 /// Counts the allocations and frees of threads that asked it to.
 struct Counting;
@@ -162,7 +163,7 @@ fn a_handler_that_removes_itself_stops_trapping_without_a_registry_call() {
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
     let id = reg
-        .register(
+        .register_handler(
             push,
             FnHandler::new()
                 .pre(move |_h: &mut Hit<'_>| {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use asm::*;
-use multiprobe_core::{Fault, FaultAction, FnHandler, Hit, PreAction};
+use multiprobe_core::{FaultAction, FnHandler, PreAction};
 
 static PRE: AtomicU64 = AtomicU64::new(0);
 static FAULT_HOOK: AtomicU64 = AtomicU64::new(0);
@@ -54,14 +54,14 @@ extern "C" fn report_segv(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc:
 fn probe_load(
     reg: &multiprobe_backend_sigtrap::SigtrapRegistry,
 ) -> multiprobe_core::Registration<multiprobe_backend_sigtrap::SigtrapBackend> {
-    reg.register(
+    reg.register_handler(
         mp_t_load as *const () as u64,
         FnHandler::new()
-            .pre(|_h: &mut Hit<'_>| {
+            .pre(|_h| {
                 PRE.fetch_add(1, Relaxed);
                 PreAction::Continue
             })
-            .fault(|h: &mut Hit<'_>, f: &Fault| {
+            .fault(|h, f| {
                 assert_eq!(
                     h.regs().rip,
                     h.addr(),
@@ -95,7 +95,7 @@ fn child_fpe_with_handler() {
     install_report(libc::SIGFPE);
     let reg = multiprobe_backend_sigtrap::registry();
     let _g = reg
-        .register(mp_t_div as *const () as u64, |_h: &mut Hit<'_>| {
+        .register(mp_t_div as *const () as u64, |_h| {
             PRE.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -122,7 +122,7 @@ fn child_segv_unprobed() {
     install_report_segv();
     let reg = multiprobe_backend_sigtrap::registry();
     let _g = reg
-        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .register(mp_t_imul as *const () as u64, |_h| {})
         .unwrap();
     println!("probe={:016x}", mp_t_load as *const () as u64);
     // SAFETY: deliberately faults; the handler exits.
@@ -134,7 +134,7 @@ fn child_segv_unprobed() {
 fn child_foreign_int3() {
     let reg = multiprobe_backend_sigtrap::registry();
     let _g = reg
-        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .register(mp_t_imul as *const () as u64, |_h| {})
         .unwrap();
     // SAFETY: deliberately traps.
     unsafe { mp_t_int3() };
@@ -159,7 +159,7 @@ fn a_foreign_int3_reaches_the_programs_sigtrap_handler() {
     }
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_imul as *const () as u64;
-    let g = reg.register(a, |_h: &mut Hit<'_>| {}).unwrap();
+    let g = reg.register(a, |_h| {}).unwrap();
     // SAFETY: `int3; ret`: the program's handler returns after the int3.
     unsafe { mp_t_int3() };
     assert_eq!(FOREIGN_TRAPS.load(Relaxed), 1);
@@ -187,7 +187,7 @@ fn child_ignores_sent(sig: i32) {
     unsafe { libc::signal(sig, libc::SIG_IGN) };
     let reg = multiprobe_backend_sigtrap::registry();
     let g = reg
-        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {
+        .register(mp_t_imul as *const () as u64, |_| {
             PRE.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -206,7 +206,7 @@ fn child_ignored_foreign_int3() {
     unsafe { libc::signal(libc::SIGTRAP, libc::SIG_IGN) };
     let reg = multiprobe_backend_sigtrap::registry();
     let _g = reg
-        .register(mp_t_imul as *const () as u64, |_h: &mut Hit<'_>| {})
+        .register(mp_t_imul as *const () as u64, |_| {})
         .unwrap();
     // SAFETY: deliberately traps.
     unsafe { mp_t_int3() };
@@ -298,9 +298,9 @@ fn a_fault_handler_can_handle_the_fault() {
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_load as *const () as u64;
     let g = reg
-        .register(
+        .register_handler(
             a,
-            FnHandler::new().fault(|h: &mut Hit<'_>, _f: &Fault| {
+            FnHandler::new().fault(|h, _f| {
                 // Skip the 3-byte load, pretending it read 77.
                 let r = h.regs_mut();
                 r.rax = 77;
@@ -322,7 +322,7 @@ fn fork_with_probes_armed() {
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_imul as *const () as u64;
     let g = reg
-        .register(a, |_h: &mut Hit<'_>| {
+        .register(a, |_h| {
             HITS.fetch_add(1, Relaxed);
         })
         .unwrap();
@@ -371,7 +371,7 @@ fn fork_while_another_thread_is_inside_a_hit() {
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_imul as *const () as u64;
     let g = reg
-        .register(a, |_h: &mut Hit<'_>| {
+        .register(a, |_h| {
             INSIDE.store(true, Relaxed);
             while !RELEASE.load(Relaxed) {
                 std::hint::spin_loop();

@@ -50,7 +50,7 @@ fn one_registry(
             .pre(|_h: &mut Hit<'_>| PreAction::Continue)
             .post(|_h: &mut Hit<'_>| {});
         let g = if k % 2 == 0 {
-            reg.register(a, h)
+            reg.register_handler(a, h)
         } else {
             reg.register(a, |_h: &mut Hit<'_>| {})
         }

@@ -91,7 +91,7 @@ fn asynchronous_signals_nest_dispatches_on_the_same_thread_with_exact_counts() {
     // `imul` is relocated: with a post-handler, each hit takes two traps with a deferred
     // step in between, while the thread runs the slot.
     let imul = reg
-        .register(
+        .register_handler(
             mp_t_imul as *const () as u64,
             FnHandler::new()
                 .pre(move |_h: &mut Hit<'_>| {

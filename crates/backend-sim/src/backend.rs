@@ -14,7 +14,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use multiprobe_core::{Backend, Dispatcher, Error, Result};
+use multiprobe_core::backend::{Backend, Dispatcher};
+use multiprobe_core::{Error, Result};
 
 use crate::isa::{decode, Insn, BRK};
 use crate::memory::{region, Region, SimMemory};

@@ -31,7 +31,8 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use multiprobe_core::{Fault, FaultAction, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::backend::{PreOutcome, ThreadState};
+use multiprobe_core::{Fault, FaultAction, Registry, Regs};
 
 use crate::backend::{SimBackend, Slot};
 use crate::ctx::{Ctx, CtxGuard};
@@ -64,7 +65,7 @@ enum Phase {
     PostTrap { addr: u64 },
 }
 
-/// What [`Dispatcher::pre`](multiprobe_core::Dispatcher::pre) decided, as the thread saw it.
+/// What [`Dispatcher::pre`](multiprobe_core::backend::Dispatcher::pre) decided, as the thread saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dispatched {
     /// No probe; `reexecute`: the byte was restored, so the original runs again;

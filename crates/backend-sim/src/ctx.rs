@@ -15,9 +15,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use multiprobe_core::{
-    Dispatcher, HandlerId, HandlerStats, PreOutcome, Registry, Regs, ThreadState,
-};
+use multiprobe_core::backend::{Dispatcher, PreOutcome, ThreadState};
+use multiprobe_core::{HandlerId, HandlerStats, Registry, Regs};
 
 use crate::backend::{SimBackend, SimSite};
 use crate::memory::SimMemory;

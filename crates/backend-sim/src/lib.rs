@@ -36,3 +36,8 @@ pub use backend::{Injection, SimBackend, SimSite, Slot};
 pub use cpu::{Cpu, Dispatched, Event, Status};
 pub use machine::{replay_unprobed, MachineState, Sim};
 pub use program::Program;
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -80,7 +80,11 @@ fn cpus_on_os_threads_match_an_unprobed_run_and_never_see_a_retired_handler() {
                 program.insn_at(addr),
                 Arc::clone(&w),
             );
-            let id = machine.registry().register(addr, h).unwrap().into_id();
+            let id = machine
+                .registry()
+                .register_handler(addr, h)
+                .unwrap()
+                .into_id();
             live.push(id);
             watch_of.insert(id, w);
         }
@@ -108,7 +112,7 @@ fn cpus_on_os_threads_match_an_unprobed_run_and_never_see_a_retired_handler() {
                                 exclusive: rng.below(20) == 0,
                                 disabled: rng.below(6) == 0,
                             };
-                            reqs.push(Request::new(addr, h).options(opts));
+                            reqs.push(Request::handler(addr, h).options(opts));
                             watches.push(w);
                         }
                         // Exclusive conflicts are legitimate failures here.

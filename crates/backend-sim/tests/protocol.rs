@@ -48,7 +48,7 @@ fn a_trap_at_a_just_removed_breakpoint_reexecutes_the_restored_instruction() {
     let mut sim = Sim::new(program(3), 0);
     let id = sim
         .registry()
-        .register(A, observe(false))
+        .register_handler(A, observe(false))
         .unwrap()
         .into_id();
     assert_eq!(sim.memory().byte(A), BRK);
@@ -88,7 +88,7 @@ fn a_faulting_displaced_instruction_faults_as_if_unprobed_after_the_fault_handle
     let mut sim = Sim::new(program(0), 0);
     let id = sim
         .registry()
-        .register(div, observe(true))
+        .register_handler(div, observe(true))
         .unwrap()
         .into_id();
     let _ = ctx::take();
@@ -128,7 +128,7 @@ fn a_faulting_displaced_instruction_faults_as_if_unprobed_after_the_fault_handle
 fn a_failed_arm_fails_the_registration_and_leaves_memory_alone() {
     let sim = Sim::new(program(3), 0);
     sim.backend().inject(Injection::Arm, A, true);
-    let r = sim.registry().register(A, observe(false));
+    let r = sim.registry().register_handler(A, observe(false));
     assert!(matches!(r, Err(Error::PermissionDenied(_))), "{r:?}");
     assert_eq!(sim.memory().byte(A), program(3).code[0]);
     assert!(sim.registry().sites().is_empty() && sim.registry().is_empty());
@@ -145,10 +145,10 @@ fn a_panicking_handler_is_counted_and_the_others_still_run() {
         },
         None,
     );
-    let a = sim.registry().register(A, loud).unwrap().into_id();
+    let a = sim.registry().register_handler(A, loud).unwrap().into_id();
     let b = sim
         .registry()
-        .register(A, observe(false))
+        .register_handler(A, observe(false))
         .unwrap()
         .into_id();
     while sim.step(0).is_some() {}
@@ -167,7 +167,11 @@ fn a_panicking_handler_is_counted_and_the_others_still_run() {
 #[test]
 fn a_pending_post_makes_unregister_on_its_thread_return_inside_dispatch_and_still_runs() {
     let mut sim = Sim::new(program(3), 0);
-    let id = sim.registry().register(A, observe(true)).unwrap().into_id();
+    let id = sim
+        .registry()
+        .register_handler(A, observe(true))
+        .unwrap()
+        .into_id();
     let _ = ctx::take();
     assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
     assert_eq!(
@@ -247,7 +251,7 @@ fn a_handler_that_removes_itself_loses_its_post_and_its_breakpoint() {
         },
         None,
     );
-    let id = sim.registry().register(A, once).unwrap().into_id();
+    let id = sim.registry().register_handler(A, once).unwrap().into_id();
     let _ = ctx::take();
     assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
     assert_eq!(
@@ -298,7 +302,7 @@ fn the_oracle_sees_a_handler_that_changes_the_program() {
         },
         Some(Insn::Addi(Gpr::Rax, 1)),
     );
-    sim.registry().register(A, skip).unwrap().into_id();
+    sim.registry().register_handler(A, skip).unwrap().into_id();
     while sim.step(0).is_some() {}
     let unprobed = replay_unprobed(sim.program(), sim.retirements()).unwrap();
     assert_ne!(sim.state(), unprobed, "skipping `addi rax, 1` must show");
@@ -311,7 +315,10 @@ fn the_oracle_sees_a_handler_that_changes_the_program() {
         },
         Some(Insn::Addi(Gpr::Rax, 1)),
     );
-    sim.registry().register(A, emulate).unwrap().into_id();
+    sim.registry()
+        .register_handler(A, emulate)
+        .unwrap()
+        .into_id();
     while sim.step(0).is_some() {}
     assert_eq!(
         sim.state(),
@@ -409,12 +416,15 @@ fn enable_and_disable_from_inside_a_handler_take_effect_after_the_walk() {
     // `late` is disabled; `x`, walking before it, enables it: not in this walk.
     let mut sim = Sim::new(program(3), 0);
     let r = sim.registry().clone();
-    let early = r.register(A, observe(false)).unwrap().into_id();
+    let early = r.register_handler(A, observe(false)).unwrap().into_id();
     let late = r
-        .register_with(A, observe(false), Options::default().disabled())
+        .register_handler_with(A, observe(false), Options::default().disabled())
         .unwrap()
         .into_id();
-    let x = r.register(A, toggler(late, true)).unwrap().into_id();
+    let x = r
+        .register_handler(A, toggler(late, true))
+        .unwrap()
+        .into_id();
     let _ = ctx::take();
     assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
     assert!(matches!(step(&mut sim), Event::Dispatch { .. }));
@@ -447,8 +457,11 @@ fn enable_and_disable_from_inside_a_handler_take_effect_after_the_walk() {
     // step keeps the view it started with), and the instruction executes once.
     let mut sim = Sim::new(program(3), 0);
     let r = sim.registry().clone();
-    let other = r.register(A, observe(true)).unwrap().into_id();
-    let _x = r.register(A, toggler(other, false)).unwrap().into_id();
+    let other = r.register_handler(A, observe(true)).unwrap().into_id();
+    let _x = r
+        .register_handler(A, toggler(other, false))
+        .unwrap()
+        .into_id();
     assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
     assert_eq!(
         step(&mut sim),

@@ -4,6 +4,9 @@
 
 #![warn(missing_docs)]
 
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-cli supports x86-64 Linux only");
+
 pub mod actions;
 pub mod affinity;
 pub mod libs;

@@ -288,7 +288,9 @@ fn serve(
 fn outcome_of(stop: Stop) -> Outcome {
     match stop {
         Stop::Exited(ExitStatus::Code(c)) => Outcome::Exited(c),
-        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s),
+        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s.as_raw()),
+        // As before the backend named this case: reaped by someone else.
+        Stop::Exited(ExitStatus::Unknown) => Outcome::Killed(0),
         Stop::Detached | Stop::Exec { .. } => Outcome::Detached,
     }
 }

@@ -470,7 +470,7 @@ impl State {
                 Arc::clone(&label),
                 Arc::clone(&self.sink),
             );
-            match self.registry.register(addr, h) {
+            match self.registry.register_handler(addr, h) {
                 Ok(g) => ids.push(g.into_id()),
                 Err(e) => {
                     // All of a spec's actions or none.
@@ -664,7 +664,7 @@ fn hook_loader(shared: &Shared) {
     let hook = PlaceHook {
         shared: Arc::clone(shared),
     };
-    match registry.register(addr, hook) {
+    match registry.register_handler(addr, hook) {
         Ok(g) => lock(shared).hooks.push(g.into_id()),
         Err(e) => sink.write(&format!(
             "multiprobe: cannot watch the dynamic loader ({e}); pending probes stay pending"

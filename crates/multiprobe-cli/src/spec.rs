@@ -19,6 +19,8 @@
 
 use std::fmt;
 
+use multiprobe_symbols::split_library;
+
 /// Where to probe.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -249,23 +251,6 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
         name: name.to_string(),
         offset,
     })
-}
-
-/// Split `lib:sym` at the first single `:` (not part of a `::`).
-fn split_library(t: &str) -> Option<(&str, &str)> {
-    let b = t.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b':' {
-            if b.get(i + 1) == Some(&b':') {
-                i += 2;
-                continue;
-            }
-            return Some((&t[..i], &t[i + 1..]));
-        }
-        i += 1;
-    }
-    None
 }
 
 fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {

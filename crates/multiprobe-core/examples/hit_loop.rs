@@ -3,8 +3,9 @@
 
 use std::hint::black_box;
 
+use multiprobe_core::backend::{NoMemory, PreOutcome, ThreadState};
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{Hit, NoMemory, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::{Hit, Registry, Regs};
 
 fn handler(h: &mut Hit<'_>) {
     black_box(h.regs().rdi);

@@ -7,8 +7,9 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::{TestBackend, INT3};
-use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, PreAction, Registry, Regs};
 
 const ADDR: u64 = 0x40_1000;
 
@@ -18,7 +19,7 @@ fn main() -> Result<(), multiprobe_core::Error> {
     // 1: counts hits per thread parity.
     let odd = Arc::new(AtomicU64::new(0));
     let o = Arc::clone(&odd);
-    let counter = registry.register(ADDR, move |hit: &mut Hit<'_>| {
+    let counter = registry.register(ADDR, move |hit| {
         if hit.tid() % 2 == 1 {
             o.fetch_add(1, Relaxed);
         }
@@ -26,17 +27,17 @@ fn main() -> Result<(), multiprobe_core::Error> {
     // 2: sums the first argument (rdi).
     let sum = Arc::new(AtomicU64::new(0));
     let s = Arc::clone(&sum);
-    let args = registry.register(ADDR, move |hit: &mut Hit<'_>| {
+    let args = registry.register(ADDR, move |hit| {
         s.fetch_add(hit.regs().rdi, Relaxed);
     })?;
     // 3: a pre and a post: runs after the instruction, sees rip moved past it.
     let posts = Arc::new(AtomicU64::new(0));
     let p = Arc::clone(&posts);
-    let around = registry.register(
+    let around = registry.register_handler(
         ADDR,
         FnHandler::new()
-            .pre(|_: &mut Hit<'_>| PreAction::Continue)
-            .post(move |hit: &mut Hit<'_>| {
+            .pre(|_| PreAction::Continue)
+            .post(move |hit| {
                 assert_eq!(hit.regs().rip, ADDR + 1);
                 p.fetch_add(1, Relaxed);
             }),

@@ -1,19 +1,37 @@
-//! What a backend provides: preparing, arming and disarming the breakpoint at an address.
+//! For backend authors: what a backend implements ([`Backend`]) and the dispatch
+//! machinery its trap path calls ([`Dispatcher`], [`ThreadState`], [`Step`], ...).
+//! Users of a backend need none of this: they see the [`crate::Registry`], the
+//! [`crate::Handler`] API and the [`crate::Hit`] a handler gets.
 //!
-//! The registry calls these under its writer lock, in this order for one address:
+//! The registry calls a backend under its writer lock, in this order for one address:
 //! `prepare` (once, when the first handler arrives) → `arm` (when the first handler is
 //! enabled) → `disarm` (when none is left enabled, or the last leaves) → drop of the
 //! site data (after the grace period, when the last handler left). The site is visible
 //! to dispatch from before `arm` until after `disarm`, so a thread that traps at the
 //! breakpoint always finds it.
+//!
+//! The trap path, per hit:
+//! 1. [`Dispatcher::pre`] with `rip` at the probed address. [`PreOutcome::NotOurs`]: no
+//!    probe here (never was, or just disarmed). [`PreOutcome::Redirect`]: resume at the
+//!    (changed) `rip`, skipping the instruction. [`PreOutcome::Step`]: execute the
+//!    displaced instruction once; if [`Step::wants_post`], [`Step::defer_post`] and, after
+//!    the instruction, [`Dispatcher::post`].
+//! 2. If the displaced instruction faults: [`Dispatcher::fault`].
+//!
+//! Each thread that hits probes has its own [`ThreadState`]. Registers come through a
+//! [`RegisterFile`] (a plain [`crate::Regs`] is one); memory through a
+//! [`crate::Memory`] ([`NoMemory`] if the backend has none to offer).
 
-use crate::dispatch::Dispatcher;
+pub use crate::dispatch::{Dispatcher, PreOutcome, Step, ThreadState, MAX_PENDING};
+pub use crate::memory::NoMemory;
+pub use crate::regs::{RegisterFile, RFLAGS_TF};
+
 use crate::error::Result;
 
 /// A place where breakpoints live: this process, another process, a simulator.
 pub trait Backend: Send + Sync + 'static {
     /// Per-site data the backend needs at hit time (the out-of-line slot, the emulation
-    /// plan, the original bytes). Reached from dispatch through [`crate::Step::site`].
+    /// plan, the original bytes). Reached from dispatch through [`Step::site`].
     /// Dropped in thread context after the grace period of the site's removal.
     type Site: Send + Sync + 'static;
 

@@ -38,7 +38,8 @@
 //!   interrupting the first) keep one shard and give the other back.
 //!
 //! The cells an inner dispatch reads are atomics (relaxed: plain moves on x86-64), and
-//! `compiler_fence` orders them against the rest as a signal handler on the same thread
+//! a compiler-only fence (`signal_fence`) orders them against the rest as a signal
+//! handler on the same thread
 //! sees it; they are never shared with another thread (`ThreadState` is neither `Send`
 //! nor `Sync`), so no hardware fence is needed, and loom, which cannot deliver a signal,
 //! does not model them.
@@ -53,16 +54,15 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{
-    compiler_fence, AtomicBool, AtomicU8, Ordering::Relaxed, Ordering::SeqCst,
-};
-use std::sync::Arc;
 
 use crate::handler::{Fault, FaultAction, Hit, PreAction};
 use crate::memory::Memory;
 use crate::regs::RegisterFile;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
+use crate::sync::atomic::Ordering::Relaxed;
+use crate::sync::same_thread::{signal_fence, AtomicBool, AtomicU8};
+use crate::sync::Arc;
 use crate::table::{Hot, SiteView, Table};
 use crate::HandlerId;
 
@@ -201,7 +201,7 @@ impl ThreadState {
             return None;
         }
         // The frame was complete before `ready` was set (`push`).
-        compiler_fence(SeqCst);
+        signal_fence();
         Some(f)
     }
 
@@ -213,12 +213,12 @@ impl ThreadState {
         }
         // Reserve the frame before writing it: a signal from here on pushes above it.
         self.depth.store(d as u8 + 1, Relaxed);
-        compiler_fence(SeqCst);
+        signal_fence();
         let f = &self.frames[d];
         f.key.set(Some(key));
         // Empty (frames at `depth` and above are), so `set` drops nothing.
         f.token.set(Some(token));
-        compiler_fence(SeqCst);
+        signal_fence();
         f.ready.store(true, Relaxed);
         Ok(())
     }
@@ -238,10 +238,10 @@ impl ThreadState {
         // Not ready before it is touched: a signal from here on ignores it, and pushes
         // above it until `depth` is lowered.
         f.ready.store(false, Relaxed);
-        compiler_fence(SeqCst);
+        signal_fence();
         let token = f.token.take();
         f.key.set(None);
-        compiler_fence(SeqCst);
+        signal_fence();
         self.depth.store(self.depth.load(Relaxed) - 1, Relaxed);
         token
     }
@@ -330,7 +330,7 @@ impl<S> Step<'_, S> {
         self.view().addr()
     }
 
-    /// The backend's data for this site (what [`crate::Backend::prepare`] returned).
+    /// The backend's data for this site (what [`crate::backend::Backend::prepare`] returned).
     pub fn site(&self) -> &S {
         &self.view().shared.data
     }
@@ -454,7 +454,7 @@ impl<S> Dispatcher<S> {
         // load and its store finds it set and counts nothing with a plain store, so the
         // store loses no bump of its; a signal landing anywhere else finds no bump of
         // ours half done. The fence keeps the compiler from moving a bump across the flag.
-        compiler_fence(SeqCst);
+        signal_fence();
         // One count for the whole walk: each handler's hits are derived from it
         // (`crate::tally`), so a handler costs its call and little more.
         site.walk_counter.hit(shard);
@@ -486,7 +486,7 @@ impl<S> Dispatcher<S> {
             }
         }
         // The other half of the fence above: every plain bump of the walk is done.
-        compiler_fence(SeqCst);
+        signal_fence();
         ts.active.store(false, Relaxed);
         if redirect {
             drop(token);
@@ -523,7 +523,7 @@ impl<S> Dispatcher<S> {
         let was_active = ts.active.load(Relaxed);
         ts.active.store(true, Relaxed);
         // Handlers run with `active` set (rule 6 for the probes they hit).
-        compiler_fence(SeqCst);
+        signal_fence();
         // Enabled flags come from the same snapshot the pre walk used, so these are
         // exactly the handlers whose pre ran.
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
@@ -534,7 +534,7 @@ impl<S> Dispatcher<S> {
                 report_panic(h.counters(), shard, payload);
             }
         }
-        compiler_fence(SeqCst);
+        signal_fence();
         ts.active.store(was_active, Relaxed);
         drop(token);
         true
@@ -579,7 +579,7 @@ impl<S> Dispatcher<S> {
         if !ts.active.load(Relaxed) {
             ts.active.store(true, Relaxed);
             // Handlers run with `active` set (rule 6 for the probes they hit).
-            compiler_fence(SeqCst);
+            signal_fence();
             let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
             let table = &*self.table;
             for h in site.hot.iter().filter(|h| live(table, h)) {
@@ -593,7 +593,7 @@ impl<S> Dispatcher<S> {
                     Err(payload) => report_panic(h.counters(), shard, payload),
                 }
             }
-            compiler_fence(SeqCst);
+            signal_fence();
             ts.active.store(false, Relaxed);
         }
         drop(token);

@@ -171,6 +171,39 @@ impl<'a> Hit<'a> {
         self.mem
     }
 
+    /// End the probed call now, returning `value` to its caller: sets `rax` to `value`,
+    /// pops the return address from the stack (read through [`Hit::mem`]) into `rip`,
+    /// and returns [`PreAction::Redirect`] (for an [`FnHandler`] pre hook or a
+    /// [`Handler::pre`] to return; a closure may drop it, since moving `rip` redirects
+    /// anyway). So the function's body, the displaced instruction and the post-handlers
+    /// are skipped and the thread continues at the caller as if the function had
+    /// returned; the pre-handlers registered after this one do not run.
+    ///
+    /// Valid in a pre-handler at a function's first instruction, where `[rsp]` is the
+    /// return address (System V AMD64: an integer or pointer result in `rax`). Anywhere
+    /// else `[rsp]` is whatever the function pushed, and the thread jumps there. If the
+    /// stack cannot be read, nothing is changed and the error is returned.
+    ///
+    /// ```
+    /// # use multiprobe_core::{Registry, testing::TestBackend};
+    /// # let registry = Registry::new(TestBackend::new());
+    /// # let addr = 0x1000;
+    /// // `getuid` says root, whatever the truth.
+    /// let _probe = registry.register(addr, |hit| {
+    ///     let _ = hit.return_now(0);
+    /// })?;
+    /// # Ok::<(), multiprobe_core::Error>(())
+    /// ```
+    pub fn return_now(&mut self, value: u64) -> Result<PreAction, MemoryError> {
+        let rsp = self.regs().rsp;
+        let ret = self.mem.read_u64(rsp)?;
+        let regs = self.regs_mut();
+        regs.rax = value;
+        regs.rip = ret;
+        regs.rsp = rsp.wrapping_add(8);
+        Ok(PreAction::Redirect)
+    }
+
     /// The `n`-th integer argument (0-based) under the System V AMD64 convention,
     /// valid at a function's first instruction: registers for the first six, then the
     /// stack above the return address. Fetches the registers (see [`Hit`]).
@@ -233,11 +266,13 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Any `Fn(&mut Hit)` is a pre-handler that never redirects.
+/// Any `Fn(&mut Hit)` is a pre-handler (what [`crate::Registry::register`] takes). It
+/// redirects by moving `rip` ([`Hit::return_now`] does); otherwise the walk goes on.
 impl<F> Handler for F
 where
     F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
 {
+    #[inline]
     fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
         self(hit);
         PreAction::Continue

@@ -1,10 +1,68 @@
 //! Many independent handlers on one machine-code address, with one real breakpoint
 //! underneath: armed when the first handler arrives, removed when the last one leaves.
 //!
+//! # Quick start
+//!
+//! A [`Registry`] over a backend (which puts the breakpoints in: this process, another
+//! one, a simulator) takes handlers per address. Here the crate's own
+//! [`testing::TestBackend`] stands in for a real one, so the example runs anywhere:
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+//! use std::sync::Arc;
+//!
+//! use multiprobe_core::{FnHandler, PreAction, Registry, Regs};
+//!
+//! let registry = Registry::new(multiprobe_core::testing::TestBackend::new());
+//! let addr = 0x40_1000; // with a real backend: a function's entry, say
+//!
+//! // A closure is a pre-handler: it runs before the instruction at `addr`.
+//! let calls = Arc::new(AtomicU64::new(0));
+//! let c = Arc::clone(&calls);
+//! let counter = registry.register(addr, move |_hit| {
+//!     c.fetch_add(1, Relaxed);
+//! })?;
+//!
+//! // A second, independent handler on the same breakpoint, with a post-handler too
+//! // (it runs after the probed instruction executed).
+//! let first_args = Arc::new(AtomicU64::new(0));
+//! let a = Arc::clone(&first_args);
+//! let args = registry.register_handler(
+//!     addr,
+//!     FnHandler::new()
+//!         .pre(move |hit| {
+//!             a.fetch_add(hit.arg(0).unwrap_or(0), Relaxed);
+//!             PreAction::Continue
+//!         })
+//!         .post(|hit| assert_ne!(hit.regs().rip, hit.addr())),
+//! )?;
+//! assert_eq!(registry.site(addr).unwrap().handlers, 2);
+//!
+//! // A thread hits the breakpoint with 7 in its first argument register (what a real
+//! // backend's trap handler does; the test backend lets us do it by hand).
+//! let thread = multiprobe_core::backend::ThreadState::new();
+//! let mut regs = Regs { rdi: 7, ..Regs::default() };
+//! registry.backend().hit(&thread, 1, addr, &mut regs);
+//! assert_eq!(calls.load(Relaxed), 1);
+//! assert_eq!(first_args.load(Relaxed), 7);
+//! assert_eq!(counter.stats()?.hits, 1);
+//!
+//! args.unregister()?; // waits until no hit can still be running it
+//! drop(counter); // unregisters without waiting; the last one out disarms
+//! assert!(registry.is_empty());
+//! # Ok::<(), multiprobe_core::Error>(())
+//! ```
+//!
+//! With a real backend only the registry and the address change: in this process,
+//! `multiprobe_backend_sigtrap::registry()` and an address from its `fn_addr(f)` or
+//! `resolve("libc:getppid")`; in another process, `multiprobe_backend_ptrace::Tracer`
+//! (`tracer.registry()`, `tracer.resolve("main")`). A handler may also end the probed
+//! call with a value of its own ([`Hit::return_now`]).
+//!
 //! This crate is the backend-independent core: the [`Registry`], the lock-free,
-//! async-signal-safe [`Dispatcher`] backends call when a thread hits a breakpoint, the
-//! [`Handler`] API and statistics. Backends (in-process `int3`, ptrace, a simulator)
-//! implement [`Backend`].
+//! async-signal-safe dispatch backends call when a thread hits a breakpoint, the
+//! [`Handler`] API and statistics. Backends implement [`backend::Backend`]; what they
+//! need is in [`backend`], out of a user's way.
 //!
 //! # The contract
 //!
@@ -32,7 +90,7 @@
 //!
 //! # Registers are fetched on demand
 //!
-//! A hit's registers come from the backend's [`RegisterFile`]; the [`Hit`] a handler
+//! A hit's registers come from the backend's [`backend::RegisterFile`]; the [`Hit`] a handler
 //! gets fetches them the first time [`Hit::regs`], [`Hit::regs_mut`] or [`Hit::arg`]
 //! is called. Where fetching costs a system call (ptrace), a hit whose handlers only
 //! count costs none, and only what changed is written back. Backends that have the
@@ -57,9 +115,18 @@
 //! `tally`). So each extra handler costs its call and a few instructions.
 
 #![warn(missing_docs)]
+// The loom facade is the only module that names synchronization primitives (see
+// `clippy.toml`): checked on the model build, where the facade's names are loom's.
+#![cfg_attr(
+    loom,
+    deny(
+        clippy::disallowed_types,
+        clippy::disallowed_methods,
+        clippy::disallowed_macros
+    )
+)]
 
-mod backend;
-mod barrier;
+pub mod backend;
 mod dispatch;
 mod error;
 mod handler;
@@ -75,15 +142,13 @@ mod table;
 mod tally;
 pub mod testing;
 
-pub use backend::Backend;
-pub use dispatch::{Dispatcher, PreOutcome, Step, ThreadState, MAX_PENDING};
 pub use error::{Error, Result};
 pub use handler::{
     Fault, FaultAction, FaultHook, FnHandler, Handler, Hit, NoHook, PostHook, PreAction, PreHook,
 };
-pub use memory::{Memory, MemoryError, NoMemory};
+pub use memory::{Memory, MemoryError};
 pub use registry::{HandlerInfo, Options, Registration, Registry, Request};
-pub use regs::{Gpr, RegisterFile, Regs, RFLAGS_TF, SYSV_ARGS};
+pub use regs::{Gpr, Regs, SYSV_ARGS};
 pub use stats::{HandlerStats, SiteStats};
 
 /// Identifies one registered handler. Never reused within a registry.
@@ -95,3 +160,8 @@ impl std::fmt::Display for HandlerId {
         write!(f, "#{}", self.0)
     }
 }
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -21,19 +21,19 @@
 //! must not be called there at all.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 
 use smallvec::SmallVec;
 
 use crate::backend::Backend;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
-use crate::handler::Handler;
+use crate::handler::{Handler, Hit};
 use crate::removal::{Hooks, Mark};
 use crate::stats::{HandlerCounters, HandlerStats, SiteStats};
+use crate::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crate::sync::index::Index;
-use crate::sync::{held, Mutex, MutexGuard};
+use crate::sync::unmodelled::{self, AtomicU64};
+use crate::sync::{held, Arc, Mutex, MutexGuard};
 use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, Table, TableWriter};
 use crate::HandlerId;
 
@@ -67,8 +67,18 @@ pub struct Request {
 }
 
 impl Request {
-    /// A handler for `addr` with default options.
-    pub fn new(addr: u64, handler: impl Handler) -> Self {
+    /// A pre-handler closure for `addr` with default options (as
+    /// [`Registry::register`]).
+    pub fn new<F>(addr: u64, pre: F) -> Self
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        Self::handler(addr, pre)
+    }
+
+    /// Any [`Handler`] for `addr` with default options (as
+    /// [`Registry::register_handler`]).
+    pub fn handler(addr: u64, handler: impl Handler) -> Self {
         Request {
             addr,
             handler: Box::new(handler),
@@ -199,14 +209,37 @@ impl<B: Backend> Registry<B> {
         Dispatcher::new(Arc::clone(&self.inner.table))
     }
 
-    /// Register `handler` at `addr`. The first handler at an address arms the
+    /// Register the closure `pre` as a pre-handler at `addr`: it runs before the
+    /// instruction at `addr` on every hit, and redirects the thread if it moves `rip`
+    /// (as [`Hit::return_now`] does). The first handler at an address arms the
     /// backend's breakpoint; a hit that begins after this returns runs the handler.
-    pub fn register(&self, addr: u64, handler: impl Handler) -> Result<Registration<B>> {
-        self.register_with(addr, handler, Options::default())
+    ///
+    /// For post- and fault handlers, or a type of your own, use
+    /// [`Registry::register_handler`] with an [`FnHandler`](crate::FnHandler) or a
+    /// [`Handler`] impl.
+    pub fn register<F>(&self, addr: u64, pre: F) -> Result<Registration<B>>
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        self.register_handler_with(addr, pre, Options::default())
     }
 
     /// [`Registry::register`] with options.
-    pub fn register_with(
+    pub fn register_with<F>(&self, addr: u64, pre: F, options: Options) -> Result<Registration<B>>
+    where
+        F: Fn(&mut Hit<'_>) + Send + Sync + 'static,
+    {
+        self.register_handler_with(addr, pre, options)
+    }
+
+    /// Register any [`Handler`] at `addr`: an [`FnHandler`](crate::FnHandler) assembled
+    /// from closures, or a type of your own. Otherwise as [`Registry::register`].
+    pub fn register_handler(&self, addr: u64, handler: impl Handler) -> Result<Registration<B>> {
+        self.register_handler_with(addr, handler, Options::default())
+    }
+
+    /// [`Registry::register_handler`] with options.
+    pub fn register_handler_with(
         &self,
         addr: u64,
         handler: impl Handler,
@@ -215,7 +248,7 @@ impl<B: Backend> Registry<B> {
         // (The handler was built by the caller and is dropped here: from a signal handler
         // that may free. Don't register from there.)
         self.refuse_in_signal_handler("register")?;
-        let req = Request::new(addr, handler).options(options);
+        let req = Request::handler(addr, handler).options(options);
         let mut w = self.inner.write();
         let entry = self.inner.add(&mut w, req)?;
         w.maybe_reclaim();
@@ -436,7 +469,7 @@ fn site_stats<S>(v: &SiteView<S>) -> SiteStats {
         hits: v.shared.hits.read(),
         handlers: v.handlers.len(),
         enabled: v.handlers.iter().filter(|s| s.enabled).count(),
-        armed: v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
+        armed: v.shared.armed.load(Relaxed),
     }
 }
 
@@ -556,7 +589,7 @@ impl<B: Backend> Inner<B> {
                     addr,
                     data: self.backend.prepare(addr)?,
                     hits: Arc::default(),
-                    armed: crate::sync::atomic::AtomicBool::new(false),
+                    armed: AtomicBool::new(false),
                 }),
                 SmallVec::new(),
             ),
@@ -569,7 +602,7 @@ impl<B: Backend> Inner<B> {
             handler: req.handler,
             has_post,
             exclusive: req.options.exclusive,
-            enabled: std::sync::atomic::AtomicBool::new(enabled),
+            enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
             tally: Arc::default(),
             mark: Mark::new(),
@@ -660,7 +693,6 @@ impl<B: Backend> Inner<B> {
         old: Option<&SiteView<B::Site>>,
         new: Option<SiteView<B::Site>>,
     ) -> Result<Option<Error>> {
-        use crate::sync::atomic::Ordering::Relaxed;
         let shared = match (&new, old) {
             (Some(v), _) | (None, Some(v)) => Arc::clone(&v.shared),
             (None, None) => return Ok(None),
@@ -713,12 +745,7 @@ impl<B: Backend> Drop for Inner<B> {
         let w = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
         let addrs: Vec<(u64, bool)> = w
             .views()
-            .map(|v| {
-                (
-                    v.addr(),
-                    v.shared.armed.load(crate::sync::atomic::Ordering::Relaxed),
-                )
-            })
+            .map(|v| (v.addr(), v.shared.armed.load(Relaxed)))
             .collect();
         for (addr, armed) in addrs {
             if armed {

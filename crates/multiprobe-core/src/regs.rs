@@ -37,8 +37,8 @@ pub struct Regs {
 /// Where the registers of a hit come from, as dispatch sees them: fetched from the
 /// thread on first use, or already at hand.
 ///
-/// [`crate::Dispatcher::pre`], [`post`](crate::Dispatcher::post) and
-/// [`fault`](crate::Dispatcher::fault) take a `&mut impl RegisterFile`, and every
+/// [`crate::backend::Dispatcher::pre`], [`post`](crate::backend::Dispatcher::post) and
+/// [`fault`](crate::backend::Dispatcher::fault) take a `&mut impl RegisterFile`, and every
 /// [`crate::Hit`] method that needs registers goes through it. A backend for which
 /// fetching costs something (ptrace: a system call) implements it lazily and, after
 /// dispatch, writes back only if [`RegisterFile::fetched`] is `Some` (and only what
@@ -60,7 +60,8 @@ pub struct Regs {
 ///
 /// ```
 /// use std::cell::OnceCell;
-/// use multiprobe_core::{RegisterFile, Regs};
+/// use multiprobe_core::backend::RegisterFile;
+/// use multiprobe_core::Regs;
 ///
 /// struct Lazy<F: Fn() -> Regs> {
 ///     fetch: F,

@@ -25,13 +25,11 @@
 //! some reader can reach (it is raised before the push, lowered only after a grace
 //! period that follows the unlink).
 
-use std::sync::Arc;
-
 use crate::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
-use crate::sync::Mutex;
+use crate::sync::{Arc, Mutex};
 use crate::table::HandlerEntry;
 
 /// A handler's side of a request (a field of its entry).

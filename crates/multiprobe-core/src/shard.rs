@@ -1,7 +1,7 @@
 //! Shards: how dispatching threads avoid writing to each other's cache lines.
 //!
 //! Every per-hit write (read-section counters, hit counters) goes to the line of the
-//! hitting thread's shard. A [`crate::ThreadState`] claims a shard the first time it
+//! hitting thread's shard. A [`crate::backend::ThreadState`] claims a shard the first time it
 //! dispatches. If a shard is still free it claims it *exclusively*: no other thread
 //! writes that shard's lines, so its counters can be bumped with a plain load and store
 //! instead of a locked read-modify-write. Nested dispatch on the same thread (a signal
@@ -13,29 +13,23 @@
 //!
 //! Claiming is a CAS on a process-wide bit mask, which is async-signal-safe.
 
-#[cfg(loom)]
-use loom::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-#[cfg(not(loom))]
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use crate::sync::{model_static, MODELLED};
 
 /// Number of shards. Small under loom to keep the model's state space small.
-pub(crate) const SHARDS: usize = if cfg!(loom) { 2 } else { 8 };
+pub(crate) const SHARDS: usize = if MODELLED { 2 } else { 8 };
 /// Shards `0..SHARED` are shared, never claimed exclusively.
-pub(crate) const SHARED: usize = if cfg!(loom) { 1 } else { 2 };
+pub(crate) const SHARED: usize = if MODELLED { 1 } else { 2 };
 const CLAIMABLE: u32 = ((1u32 << SHARDS) - 1) & !((1u32 << SHARED) - 1);
 
-#[cfg(not(loom))]
-/// Bit `i` set: shard `i` is owned exclusively by some `ThreadState`.
-static CLAIMED: AtomicU32 = AtomicU32::new(0);
-#[cfg(not(loom))]
-/// Round-robin cursor for threads that find every shard taken.
-static NEXT_SHARED: AtomicUsize = AtomicUsize::new(0);
-
 // Under loom the claims are per model execution, so every execution starts alike.
-#[cfg(loom)]
-loom::lazy_static! {
-    static ref CLAIMED: AtomicU32 = AtomicU32::new(0);
-    static ref NEXT_SHARED: AtomicUsize = AtomicUsize::new(0);
+model_static! {
+    /// Bit `i` set: shard `i` is owned exclusively by some `ThreadState`.
+    static CLAIMED: AtomicU32 = AtomicU32::new(0);
+}
+model_static! {
+    /// Round-robin cursor for threads that find every shard taken.
+    static NEXT_SHARED: AtomicUsize = AtomicUsize::new(0);
 }
 
 /// A thread's shard and whether it owns it alone.
@@ -93,7 +87,7 @@ pub(crate) fn claim() -> Shard {
 }
 
 /// A shared shard, for a thread that cannot or need not own one.
-#[cfg_attr(loom, allow(clippy::modulo_one))] // one shared shard under loom
+#[allow(clippy::modulo_one)] // one shared shard under loom
 pub(crate) fn shared() -> Shard {
     let index = (NEXT_SHARED.fetch_add(1, Ordering::Relaxed) % SHARED) as u8;
     Shard {

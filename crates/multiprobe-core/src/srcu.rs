@@ -19,7 +19,7 @@
 //!   epoch; if it changed, undo and retry. Then read the table.
 //! * `poll` (writer side, serialized by the `grace` mutex): heavy barrier, then if the
 //!   non-current epoch has no readers, flip to it.
-//! * The barriers pair up (the store-buffering pattern, see [`crate::barrier`]): for a
+//! * The barriers pair up (the store-buffering pattern, see `sync::membarrier`): for a
 //!   reader's increment and a writer's check of that counter that follows an unlink, either
 //!   the check sees the increment, or the reader's table reads see the unlink. Likewise
 //!   for the reader's epoch re-read against a flip, so a reader never settles in an
@@ -33,17 +33,16 @@
 //! writer that waits for it.
 
 use std::ptr::NonNull;
-use std::sync::atomic::compiler_fence;
 
 use crossbeam_utils::CachePadded;
 
-use crate::barrier;
 use crate::shard::{Shard, SHARDS};
 use crate::sync::atomic::{
     AtomicU64, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release, SeqCst},
+    Ordering::{Acquire, Relaxed, Release},
 };
-use crate::sync::{backoff, held, Mutex};
+use crate::sync::same_thread::signal_fence;
+use crate::sync::{backoff, barrier, held, Mutex};
 
 /// An open read section of one [`Domain`]; dropping it leaves the section (module docs).
 ///
@@ -106,7 +105,7 @@ impl Domain {
         // this very thread is opening. The compiler fences keep the two in that order
         // as the signal handler sees them; no other thread reads `held`.
         held::inc();
-        compiler_fence(SeqCst);
+        signal_fence();
         loop {
             let epoch = (self.flips.load(Relaxed) & 1) as u8;
             let counter = self.counter(epoch, shard);
@@ -136,7 +135,7 @@ impl Domain {
     #[inline]
     fn leave(&self, epoch: u8, shard: Shard) {
         Self::release(self.counter(epoch, shard), shard);
-        compiler_fence(SeqCst);
+        signal_fence();
         held::dec();
     }
 

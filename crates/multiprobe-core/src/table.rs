@@ -15,8 +15,6 @@
 //! * Readers must be inside a read section of `domain` while they use anything reached
 //!   through `dir`.
 
-use std::sync::Arc;
-
 use smallvec::SmallVec;
 
 use crate::handler::Handler;
@@ -24,6 +22,7 @@ use crate::removal::{Collector, Mark, Removals};
 use crate::srcu::Domain;
 use crate::stats::{HandlerCounters, HandlerStats, SiteCounter};
 use crate::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use crate::sync::{unmodelled, Arc, Poison};
 use crate::tally::{Tally, Walks};
 use crate::HandlerId;
 
@@ -35,7 +34,7 @@ pub(crate) struct HandlerEntry {
     pub(crate) has_post: bool,
     pub(crate) exclusive: bool,
     /// Mirror of the enabled flag in the current view, for thread-context queries.
-    pub(crate) enabled: std::sync::atomic::AtomicBool,
+    pub(crate) enabled: unmodelled::AtomicBool,
     pub(crate) counters: HandlerCounters,
     /// The walks of the views that listed it enabled ([`crate::tally`]).
     pub(crate) tally: Arc<Tally>,
@@ -228,9 +227,8 @@ struct Bucket<S> {
     rest: Box<[SiteView<S>]>,
     /// Set when the bucket is retired and its grace period passed. Under loom retired
     /// objects are poisoned and leaked instead of freed, so a reader that touches one
-    /// too late fails the model instead of reading freed memory.
-    #[cfg(loom)]
-    poisoned: AtomicBool,
+    /// too late fails the model instead of reading freed memory (zero-sized otherwise).
+    poison: Poison,
 }
 
 impl<S> Bucket<S> {
@@ -247,8 +245,7 @@ impl<S> Bucket<S> {
         Box::into_raw(Box::new(Bucket {
             first,
             rest: sites.into_boxed_slice(),
-            #[cfg(loom)]
-            poisoned: AtomicBool::new(false),
+            poison: Poison::new(),
         }))
     }
 }
@@ -295,37 +292,31 @@ impl<S> Drop for Directory<S> {
 }
 
 /// Something unlinked from the table, waiting for its grace period. Held only to be
-/// dropped (or, under loom, poisoned).
-#[cfg_attr(not(loom), allow(dead_code))]
+/// freed (or, under loom, poisoned and leaked).
 enum Retired<S> {
     Bucket(Box<Bucket<S>>),
     Directory(Box<Directory<S>>),
 }
 
 impl<S> Retired<S> {
-    /// Free it (or, under loom, poison and leak it).
+    /// Free it (or, under loom, poison and leak it: see [`Poison`]).
     fn reclaim(self) {
-        #[cfg(loom)]
-        {
-            match self {
-                Retired::Bucket(b) => {
-                    b.poisoned.store(true, Ordering::SeqCst);
-                    std::mem::forget(b);
-                }
-                Retired::Directory(d) => {
-                    for p in d.buckets.iter() {
-                        let p = p.load(Ordering::Relaxed);
-                        if !p.is_null() {
-                            // SAFETY: owned by the retired directory, past its grace period.
-                            unsafe { (*p).poisoned.store(true, Ordering::SeqCst) };
-                        }
+        match self {
+            Retired::Bucket(b) => {
+                b.poison.set();
+                crate::sync::free(b);
+            }
+            Retired::Directory(d) => {
+                for p in d.buckets.iter() {
+                    let p = p.load(Ordering::Relaxed);
+                    if !p.is_null() {
+                        // SAFETY: owned by the retired directory, past its grace period.
+                        unsafe { (*p).poison.set() };
                     }
-                    std::mem::forget(d);
                 }
+                crate::sync::free(d);
             }
         }
-        #[cfg(not(loom))]
-        drop(self);
     }
 }
 
@@ -412,11 +403,7 @@ impl<S> Table<S> {
         }
         // SAFETY: as for the directory.
         let bucket = unsafe { &*bucket };
-        #[cfg(loom)]
-        assert!(
-            !bucket.poisoned.load(Ordering::SeqCst),
-            "a reader used a bucket after its grace period"
-        );
+        bucket.poison.check();
         if bucket.first.addr() == addr {
             return Some(&bucket.first);
         }

@@ -17,12 +17,10 @@
 //! unlists it under the same lock. Readers take the lock, so a read is exact once hits
 //! stop, and a lower bound while they run (the counters are read with relaxed loads).
 
-use std::sync::Arc;
-
 use smallvec::SmallVec;
 
 use crate::stats::SiteCounter;
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{Arc, Mutex, MutexGuard};
 
 /// Where the walks credited to one handler or one site add up.
 #[derive(Debug, Default)]

@@ -4,7 +4,6 @@
 //! real backend does (every probed instruction is a one-byte `nop`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::OnceLock;
 
 use crate::backend::Backend;
 use crate::dispatch::{Dispatcher, PreOutcome, ThreadState};
@@ -12,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Fault, FaultAction};
 use crate::memory::NoMemory;
 use crate::regs::Regs;
-use crate::sync::Mutex;
+use crate::sync::{Arc, Mutex, OnceLock};
 
 /// The byte an unprobed test address holds (`nop`).
 pub const ORIGINAL: u8 = 0x90;
@@ -54,7 +53,7 @@ pub enum HitResult {
 #[derive(Debug)]
 pub struct TestSite {
     addr: u64,
-    log: std::sync::Arc<Mutex<Vec<Event>>>,
+    log: Arc<Mutex<Vec<Event>>>,
 }
 
 impl TestSite {
@@ -87,7 +86,7 @@ struct Faults {
 pub struct TestBackend {
     dispatcher: OnceLock<Dispatcher<TestSite>>,
     code: Mutex<HashMap<u64, u8>>,
-    log: std::sync::Arc<Mutex<Vec<Event>>>,
+    log: Arc<Mutex<Vec<Event>>>,
     faults: Mutex<Faults>,
     in_signal_handlers: bool,
 }
@@ -239,7 +238,7 @@ impl Backend for TestBackend {
         self.log.lock().unwrap().push(Event::Prepare(addr));
         Ok(TestSite {
             addr,
-            log: std::sync::Arc::clone(&self.log),
+            log: Arc::clone(&self.log),
         })
     }
 

@@ -6,10 +6,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use multiprobe_core::backend::{NoMemory, PreOutcome, ThreadState, MAX_PENDING};
 use multiprobe_core::testing::{Event, HitResult, TestBackend, INT3, ORIGINAL};
 use multiprobe_core::{
-    Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, PreOutcome, Registry,
-    Regs, Request, ThreadState, MAX_PENDING,
+    Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, Registry, Regs,
+    Request,
 };
 
 const A: u64 = 0x40_1000;
@@ -26,21 +27,21 @@ fn taken(l: &Log) -> Vec<String> {
 }
 
 /// A handler that records `pre NAME` and, with `post`, `post NAME`.
-fn recorder(l: &Log, name: &'static str, post: bool) -> Box<dyn multiprobe_core::Handler> {
+fn recorder(l: &Log, name: &'static str, post: bool) -> Boxed {
     let (l1, l2) = (Arc::clone(l), Arc::clone(l));
     let pre = move |_: &mut Hit<'_>| {
         l1.lock().unwrap().push(format!("pre {name}"));
         PreAction::Continue
     };
-    if post {
+    Boxed(if post {
         Box::new(
             FnHandler::new()
                 .pre(pre)
-                .post(move |_: &mut Hit<'_>| l2.lock().unwrap().push(format!("post {name}"))),
+                .post(move |_| l2.lock().unwrap().push(format!("post {name}"))),
         )
     } else {
         Box::new(FnHandler::new().pre(pre))
-    }
+    })
 }
 
 struct Boxed(Box<dyn multiprobe_core::Handler>);
@@ -74,10 +75,10 @@ fn hit(r: &Registry<TestBackend>, ts: &ThreadState, addr: u64) -> HitResult {
 fn first_handler_arms_last_disarms_and_bytes_are_restored() {
     let (r, ts) = setup();
     let l = log();
-    let h1 = r.register(A, Boxed(recorder(&l, "a", false))).unwrap();
+    let h1 = r.register_handler(A, recorder(&l, "a", false)).unwrap();
     assert_eq!(r.backend().byte(A), INT3);
-    let h2 = r.register(A, Boxed(recorder(&l, "b", false))).unwrap();
-    let h3 = r.register(A, Boxed(recorder(&l, "c", false))).unwrap();
+    let h2 = r.register_handler(A, recorder(&l, "b", false)).unwrap();
+    let h3 = r.register_handler(A, recorder(&l, "c", false)).unwrap();
     assert_eq!(
         r.backend().events(),
         vec![Event::Prepare(A), Event::Arm(A)],
@@ -112,9 +113,9 @@ fn first_handler_arms_last_disarms_and_bytes_are_restored() {
 #[test]
 fn exclusive_conflicts_both_ways_and_leave_the_registry_unchanged() {
     let (r, _ts) = setup();
-    let shared = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let shared = r.register(A, |_| {}).unwrap();
     let before = (r.handlers(), r.sites(), r.backend().events());
-    match r.register_with(A, |_: &mut Hit<'_>| {}, Options::default().exclusive()) {
+    match r.register_with(A, |_| {}, Options::default().exclusive()) {
         Err(Error::ExclusiveConflict {
             addr,
             holder,
@@ -128,9 +129,9 @@ fn exclusive_conflicts_both_ways_and_leave_the_registry_unchanged() {
     assert_eq!(before, (r.handlers(), r.sites(), r.backend().events()));
 
     let excl = r
-        .register_with(B, |_: &mut Hit<'_>| {}, Options::default().exclusive())
+        .register_with(B, |_| {}, Options::default().exclusive())
         .unwrap();
-    let err = r.register(B, |_: &mut Hit<'_>| {}).unwrap_err();
+    let err = r.register(B, |_| {}).unwrap_err();
     assert!(matches!(
         err,
         Error::ExclusiveConflict { holder, holder_exclusive: true, .. } if holder == excl.id()
@@ -139,10 +140,7 @@ fn exclusive_conflicts_both_ways_and_leave_the_registry_unchanged() {
     assert_eq!(r.site(B).unwrap().handlers, 1);
     // Once the exclusive one leaves, others may come.
     excl.unregister().unwrap();
-    r.register(B, |_: &mut Hit<'_>| {})
-        .unwrap()
-        .unregister()
-        .unwrap();
+    r.register(B, |_| {}).unwrap().unregister().unwrap();
 }
 
 // Rule 2: order.
@@ -151,10 +149,10 @@ fn exclusive_conflicts_both_ways_and_leave_the_registry_unchanged() {
 fn pre_in_registration_order_then_posts_of_those_whose_pre_ran() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r.register(A, Boxed(recorder(&l, "a", true))).unwrap();
-    let _b = r.register(A, Boxed(recorder(&l, "b", false))).unwrap();
-    let c = r.register(A, Boxed(recorder(&l, "c", true))).unwrap();
-    let _d = r.register(A, Boxed(recorder(&l, "d", true))).unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
+    let _b = r.register_handler(A, recorder(&l, "b", false)).unwrap();
+    let c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
+    let _d = r.register_handler(A, recorder(&l, "d", true)).unwrap();
     c.disable().unwrap();
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     assert_eq!(
@@ -167,15 +165,15 @@ fn pre_in_registration_order_then_posts_of_those_whose_pre_ran() {
 fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r.register(A, Boxed(recorder(&l, "a", true))).unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let l2 = Arc::clone(&l);
     let _b = r
-        .register(A, move |h: &mut Hit<'_>| {
+        .register(A, move |h| {
             l2.lock().unwrap().push("pre b (moves rip)".into());
             h.regs_mut().rip = 0x5000;
         })
         .unwrap();
-    let _c = r.register(A, Boxed(recorder(&l, "c", true))).unwrap();
+    let _c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
     let mut regs = Regs::default();
     assert_eq!(r.backend().hit(&ts, 1, A, &mut regs), HitResult::Redirected);
     assert_eq!(
@@ -194,12 +192,9 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
     // Returning Redirect without moving rip also ends the walk (the instruction is skipped).
     let (r, ts) = setup();
     let _x = r
-        .register(
-            A,
-            FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Redirect),
-        )
+        .register_handler(A, FnHandler::new().pre(|_| PreAction::Redirect))
         .unwrap();
-    let _y = r.register(A, Boxed(recorder(&l, "y", true))).unwrap();
+    let _y = r.register_handler(A, recorder(&l, "y", true)).unwrap();
     let mut regs = Regs::default();
     assert_eq!(r.backend().hit(&ts, 1, A, &mut regs), HitResult::Redirected);
     assert_eq!(regs.rip, A);
@@ -209,16 +204,16 @@ fn a_redirecting_pre_ends_the_walk_and_skips_instruction_and_posts() {
 #[test]
 fn hit_counts_follow_every_view_a_handler_was_in() {
     let (r, ts) = setup();
-    let a = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let a = r.register(A, |_| {}).unwrap();
     hit(&r, &ts, A);
     hit(&r, &ts, A);
-    let b = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let b = r.register(A, |_| {}).unwrap();
     hit(&r, &ts, A);
     a.disable().unwrap();
     hit(&r, &ts, A); // b only
     a.enable().unwrap();
     // Another site in the table changes too (its bucket may hold A's view).
-    let _other = r.register(A + 0x40, |_: &mut Hit<'_>| {}).unwrap();
+    let _other = r.register(A + 0x40, |_| {}).unwrap();
     hit(&r, &ts, A);
     // Live reads, before any retired view is reclaimed, and after.
     assert_eq!((a.stats().unwrap().hits, b.stats().unwrap().hits), (4, 3));
@@ -248,7 +243,7 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
         .iter()
         .zip(names)
         .map(|(&a, n)| {
-            r.register(a, Boxed(recorder(&l, n, true)))
+            r.register_handler(a, recorder(&l, n, true))
                 .unwrap()
                 .into_id()
         })
@@ -257,7 +252,7 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
     let mut regs = Regs::default();
     for (k, &a) in sites.iter().enumerate() {
         regs.rip = a;
-        match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory) {
+        match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
             PreOutcome::Step(s) => {
                 assert_eq!(s.wants_post(), k < MAX_PENDING, "step {k}");
                 if s.wants_post() {
@@ -269,9 +264,15 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
     }
     assert_eq!(ts.pending(), MAX_PENDING);
     let deepest = *sites.last().unwrap();
-    assert!(!d.post(&ts, deepest, 1, &mut regs, &multiprobe_core::NoMemory));
+    assert!(!d.post(
+        &ts,
+        deepest,
+        1,
+        &mut regs,
+        &multiprobe_core::backend::NoMemory
+    ));
     for &a in sites[..MAX_PENDING].iter().rev() {
-        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory));
+        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::backend::NoMemory));
     }
     assert_eq!(ts.pending(), 0);
     let mut want: Vec<String> = names[..=MAX_PENDING]
@@ -315,14 +316,14 @@ fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
         .iter()
         .zip(names[..fill].iter().chain(&names[5..]))
         .map(|(&a, &n)| {
-            r.register(a, Boxed(recorder(&l, n, true)))
+            r.register_handler(a, recorder(&l, n, true))
                 .unwrap()
                 .into_id()
         })
         .collect();
     let d = r.dispatcher();
     let mut regs = Regs::default();
-    let mut pre = |a: u64| match d.pre(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory) {
+    let mut pre = |a: u64| match d.pre(&ts, a, 1, &mut regs, &NoMemory) {
         PreOutcome::Step(s) => s,
         other => panic!("{other:?}"),
     };
@@ -340,10 +341,10 @@ fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
         sites[fill + 1],
         1,
         &mut regs,
-        &multiprobe_core::NoMemory
+        &NoMemory
     ));
     for &a in sites[..=fill].iter().rev() {
-        assert!(d.post(&ts, a, 1, &mut regs, &multiprobe_core::NoMemory));
+        assert!(d.post(&ts, a, 1, &mut regs, &NoMemory));
     }
     assert_eq!(ts.pending(), 0);
     let b = r.stats(ids[fill + 1]).unwrap();
@@ -367,20 +368,16 @@ fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
 fn a_handler_enabled_between_pre_and_post_gets_no_post() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r.register(A, Boxed(recorder(&l, "a", true))).unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let late = r
-        .register_with(
-            A,
-            Boxed(recorder(&l, "late", true)),
-            Options::default().disabled(),
-        )
+        .register_handler_with(A, recorder(&l, "late", true), Options::default().disabled())
         .unwrap();
     let d = r.dispatcher();
     let mut regs = Regs {
         rip: A,
         ..Regs::default()
     };
-    match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory) {
+    match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
         PreOutcome::Step(s) => {
             assert!(s.wants_post());
             s.defer_post();
@@ -389,7 +386,7 @@ fn a_handler_enabled_between_pre_and_post_gets_no_post() {
     }
     // Enabling does not wait for the pending step.
     late.enable().unwrap();
-    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory));
+    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory));
     assert_eq!(taken(&l), vec!["pre a", "post a"]);
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     assert_eq!(taken(&l), vec!["pre a", "pre late", "post a", "post late"]);
@@ -402,8 +399,7 @@ fn many_handlers_at_one_address_keep_their_order() {
     let guards: Vec<_> = (0..100u64)
         .map(|i| {
             let o = Arc::clone(&order);
-            r.register(A, move |_: &mut Hit<'_>| o.lock().unwrap().push(i))
-                .unwrap()
+            r.register(A, move |_| o.lock().unwrap().push(i)).unwrap()
         })
         .collect();
     hit(&r, &ts, A);
@@ -432,11 +428,11 @@ fn after_unregister_returns_the_handler_never_runs_and_stats_are_final() {
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
     let g = r
-        .register(A, move |_: &mut Hit<'_>| {
+        .register(A, move |_| {
             c.fetch_add(1, SeqCst);
         })
         .unwrap();
-    let _keep = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let _keep = r.register(A, |_| {}).unwrap();
     for _ in 0..3 {
         hit(&r, &ts, A);
     }
@@ -450,7 +446,7 @@ fn after_unregister_returns_the_handler_never_runs_and_stats_are_final() {
 fn unregister_waits_for_a_hit_in_flight_on_another_thread() {
     let (r, _) = setup();
     let g = r
-        .register(A, FnHandler::new().post(|_: &mut Hit<'_>| {}))
+        .register_handler(A, FnHandler::new().post(|_| {}))
         .unwrap();
     let (to_main, from_hitter) = std::sync::mpsc::channel();
     let (to_hitter, from_main) = std::sync::mpsc::channel::<()>();
@@ -461,13 +457,13 @@ fn unregister_waits_for_a_hit_in_flight_on_another_thread() {
             rip: A,
             ..Regs::default()
         };
-        match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::NoMemory) {
+        match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory) {
             PreOutcome::Step(s) => assert!(s.defer_post()),
             other => panic!("{other:?}"),
         }
         to_main.send(()).unwrap();
         from_main.recv().unwrap();
-        assert!(d.post(&ts, A, 2, &mut regs, &multiprobe_core::NoMemory));
+        assert!(d.post(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory));
     });
     from_hitter.recv().unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -496,7 +492,7 @@ fn unregister_from_inside_its_own_handler_unlinks_without_deadlock() {
     let calls = Arc::new(AtomicU64::new(0));
     let (s2, res2, c2) = (Arc::clone(&slot), Arc::clone(&result), Arc::clone(&calls));
     let id = r
-        .register(A, move |_: &mut Hit<'_>| {
+        .register(A, move |_| {
             c2.fetch_add(1, SeqCst);
             if let Some((reg, id)) = s2.lock().unwrap().take() {
                 *res2.lock().unwrap() = Some(reg.unregister(id));
@@ -530,11 +526,11 @@ fn unregister_from_inside_its_own_handler_unlinks_without_deadlock() {
 #[test]
 fn dropping_a_guard_unregisters_and_into_id_keeps_the_handler() {
     let (r, ts) = setup();
-    let g = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let g = r.register(A, |_| {}).unwrap();
     drop(g);
     assert!(r.is_empty());
     assert_eq!(r.backend().byte(A), ORIGINAL);
-    let id = r.register(A, |_: &mut Hit<'_>| {}).unwrap().into_id();
+    let id = r.register(A, |_| {}).unwrap().into_id();
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: false });
     assert_eq!(r.stats(id).unwrap().hits, 1);
     r.unregister(id).unwrap();
@@ -549,7 +545,7 @@ fn a_hit_after_register_returns_sees_the_handler_on_another_thread() {
     let seen = Arc::new(AtomicU64::new(0));
     let s = Arc::clone(&seen);
     let g = r
-        .register(A, move |_: &mut Hit<'_>| {
+        .register(A, move |_| {
             s.fetch_add(1, SeqCst);
         })
         .unwrap();
@@ -572,16 +568,16 @@ fn a_hit_from_inside_a_handler_runs_nothing_and_counts_missed() {
     let inner_calls = Arc::new(AtomicU64::new(0));
     let ic = Arc::clone(&inner_calls);
     let inner = r
-        .register(B, move |_: &mut Hit<'_>| {
+        .register(B, move |_| {
             ic.fetch_add(1, SeqCst);
         })
         .unwrap();
-    let inner2 = r.register(B, |_: &mut Hit<'_>| {}).unwrap();
+    let inner2 = r.register(B, |_| {}).unwrap();
     let (r2, ts2) = (r.clone(), Arc::clone(&ts));
     let nested = Arc::new(Mutex::new(None));
     let n2 = Arc::clone(&nested);
     let outer = r
-        .register(A, move |_: &mut Hit<'_>| {
+        .register(A, move |_| {
             // The handler calls probed code on the same thread.
             *n2.lock().unwrap() = Some(ts2.with(|ts| hit(&r2, ts, B)));
         })
@@ -640,16 +636,22 @@ fn fault_handlers_run_in_order_until_one_handles_it() {
     };
     let mk = |name: &'static str, action: FaultAction| {
         let l = Arc::clone(&l);
-        FnHandler::new().fault(move |h: &mut Hit<'_>, f: &Fault| {
+        FnHandler::new().fault(move |h, f| {
             assert_eq!(h.regs().rip, A, "fault handlers see the original address");
             assert_eq!(f.addr, 0xdead);
             l.lock().unwrap().push(name.to_string());
             action
         })
     };
-    let _a = r.register(A, mk("a", FaultAction::NotHandled)).unwrap();
-    let _b = r.register(A, mk("b", FaultAction::Handled)).unwrap();
-    let _c = r.register(A, mk("c", FaultAction::Handled)).unwrap();
+    let _a = r
+        .register_handler(A, mk("a", FaultAction::NotHandled))
+        .unwrap();
+    let _b = r
+        .register_handler(A, mk("b", FaultAction::Handled))
+        .unwrap();
+    let _c = r
+        .register_handler(A, mk("c", FaultAction::Handled))
+        .unwrap();
     let mut regs = Regs::default();
     assert_eq!(
         r.backend().hit_faulting(&ts, 1, A, &mut regs, &fault),
@@ -658,7 +660,9 @@ fn fault_handlers_run_in_order_until_one_handles_it() {
     assert_eq!(taken(&l), vec!["a", "b"]);
 
     let (r, ts) = setup();
-    let _a = r.register(A, mk("a", FaultAction::NotHandled)).unwrap();
+    let _a = r
+        .register_handler(A, mk("a", FaultAction::NotHandled))
+        .unwrap();
     let mut regs = Regs::default();
     assert_eq!(
         r.backend().hit_faulting(&ts, 1, A, &mut regs, &fault),
@@ -675,9 +679,9 @@ fn fault_handlers_run_in_order_until_one_handles_it() {
 fn fault_in_a_step_with_post_ends_the_pending_step() {
     let (r, ts) = setup();
     let g = r
-        .register(
+        .register_handler(
             A,
-            FnHandler::new().post(|_: &mut Hit<'_>| panic!("no post after a fault")),
+            FnHandler::new().post(|_| panic!("no post after a fault")),
         )
         .unwrap();
     let mut regs = Regs::default();
@@ -701,16 +705,16 @@ fn fault_in_a_step_with_post_ends_the_pending_step() {
 fn a_panicking_handler_is_caught_counted_and_the_others_run() {
     let (r, ts) = setup();
     let l = log();
-    let _a = r.register(A, Boxed(recorder(&l, "a", true))).unwrap();
+    let _a = r.register_handler(A, recorder(&l, "a", true)).unwrap();
     let bad = r
-        .register(
+        .register_handler(
             A,
             FnHandler::new()
-                .pre(|_: &mut Hit<'_>| panic!("handler bug"))
-                .post(|_: &mut Hit<'_>| panic!("post bug too")),
+                .pre(|_| panic!("handler bug"))
+                .post(|_| panic!("post bug too")),
         )
         .unwrap();
-    let _c = r.register(A, Boxed(recorder(&l, "c", true))).unwrap();
+    let _c = r.register_handler(A, recorder(&l, "c", true)).unwrap();
     for _ in 0..2 {
         assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: true });
     }
@@ -728,8 +732,8 @@ fn a_panicking_handler_is_caught_counted_and_the_others_run() {
 #[test]
 fn stats_count_hits_missed_and_site_hits() {
     let (r, ts) = setup();
-    let a = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
-    let b = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let a = r.register(A, |_| {}).unwrap();
+    let b = r.register(A, |_| {}).unwrap();
     for _ in 0..5 {
         hit(&r, &ts, A);
     }
@@ -755,8 +759,8 @@ fn stats_count_hits_missed_and_site_hits() {
 #[test]
 fn disabling_every_handler_disarms_and_enabling_rearms() {
     let (r, ts) = setup();
-    let a = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
-    let b = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let a = r.register(A, |_| {}).unwrap();
+    let b = r.register(A, |_| {}).unwrap();
     a.disable().unwrap();
     assert_eq!(r.backend().byte(A), INT3);
     b.disable().unwrap();
@@ -774,7 +778,7 @@ fn disabling_every_handler_disarms_and_enabling_rearms() {
     assert_eq!((a.stats().unwrap().hits, b.stats().unwrap().hits), (0, 1));
     // Registering disabled prepares the site but arms nothing.
     let c = r
-        .register_with(B, |_: &mut Hit<'_>| {}, Options::default().disabled())
+        .register_with(B, |_| {}, Options::default().disabled())
         .unwrap();
     assert_eq!(r.backend().byte(B), ORIGINAL);
     assert!(!c.is_enabled().unwrap());
@@ -785,13 +789,13 @@ fn disabling_every_handler_disarms_and_enabling_rearms() {
 #[test]
 fn null_address_unknown_ids_and_double_unregister_are_clear_errors() {
     let (r, _ts) = setup();
-    let e = r.register(0, |_: &mut Hit<'_>| {}).unwrap_err();
+    let e = r.register(0, |_| {}).unwrap_err();
     assert!(matches!(e, Error::InvalidAddress { addr: 0, .. }), "{e}");
     assert!(
         r.backend().events().is_empty(),
         "nothing reached the backend"
     );
-    let id = r.register(A, |_: &mut Hit<'_>| {}).unwrap().into_id();
+    let id = r.register(A, |_| {}).unwrap().into_id();
     r.unregister(id).unwrap();
     assert!(matches!(r.unregister(id), Err(Error::UnknownHandler(i)) if i == id));
     assert!(matches!(r.enable(id), Err(Error::UnknownHandler(_))));
@@ -809,11 +813,11 @@ fn a_failed_prepare_or_arm_leaves_nothing_behind() {
     let (r, ts) = setup();
     r.backend().fail_prepare_at(A);
     assert!(matches!(
-        r.register(A, |_: &mut Hit<'_>| {}),
+        r.register(A, |_| {}),
         Err(Error::UnsupportedInstruction { .. })
     ));
     r.backend().fail_arm_at(B);
-    let e = r.register(B, |_: &mut Hit<'_>| {}).unwrap_err();
+    let e = r.register(B, |_| {}).unwrap_err();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
     assert!(r.is_empty());
     assert!(r.sites().is_empty());
@@ -822,7 +826,7 @@ fn a_failed_prepare_or_arm_leaves_nothing_behind() {
     // A disabled registration at B works (no arm), but enabling it reports the failure
     // and leaves it disabled.
     let g = r
-        .register_with(B, |_: &mut Hit<'_>| {}, Options::default().disabled())
+        .register_with(B, |_| {}, Options::default().disabled())
         .unwrap();
     assert!(matches!(g.enable(), Err(Error::PermissionDenied(_))));
     assert!(!g.is_enabled().unwrap());
@@ -836,9 +840,9 @@ fn a_batch_is_all_or_nothing() {
     let l = log();
     let err = r
         .register_batch(vec![
-            Request::new(A, Boxed(recorder(&l, "a", false))),
-            Request::new(B, Boxed(recorder(&l, "b", false))),
-            Request::new(0x9000, Boxed(recorder(&l, "c", false))),
+            Request::handler(A, recorder(&l, "a", false)),
+            Request::handler(B, recorder(&l, "b", false)),
+            Request::handler(0x9000, recorder(&l, "c", false)),
         ])
         .unwrap_err();
     match err {
@@ -851,9 +855,9 @@ fn a_batch_is_all_or_nothing() {
 
     let gs = r
         .register_batch(vec![
-            Request::new(A, Boxed(recorder(&l, "a", false))),
-            Request::new(A, Boxed(recorder(&l, "a2", false))),
-            Request::new(B, Boxed(recorder(&l, "b", false))),
+            Request::handler(A, recorder(&l, "a", false)),
+            Request::handler(A, recorder(&l, "a2", false)),
+            Request::handler(B, recorder(&l, "b", false)),
         ])
         .unwrap();
     hit(&r, &ts, A);
@@ -884,7 +888,7 @@ fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
     let g = r
-        .register(A, move |_: &mut Hit<'_>| {
+        .register(A, move |_| {
             c.fetch_add(1, SeqCst);
         })
         .unwrap();
@@ -902,7 +906,7 @@ fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
     assert_eq!(calls.load(SeqCst), 0);
     // A new registration reuses the armed site without arming twice.
     r.backend().set_fail_disarm_at(A, false);
-    let g = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let g = r.register(A, |_| {}).unwrap();
     g.unregister().unwrap();
     assert_eq!(r.backend().byte(A), ORIGINAL);
     assert!(r.sites().is_empty());
@@ -911,8 +915,8 @@ fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
 #[test]
 fn code_that_went_away_ends_its_probes_without_a_write() {
     let (r, ts) = setup();
-    let g1 = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
-    let g2 = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let g1 = r.register(A, |_| {}).unwrap();
+    let g2 = r.register(A, |_| {}).unwrap();
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: false });
     // The library holding A is unloaded: its breakpoint goes with it.
     r.backend().unmap(A);
@@ -932,7 +936,7 @@ fn code_that_went_away_ends_its_probes_without_a_write() {
     );
     // Other code mapped there later is probed afresh.
     r.backend().remap(A);
-    let g = r.register(A, |_: &mut Hit<'_>| {}).unwrap();
+    let g = r.register(A, |_| {}).unwrap();
     assert_eq!(r.backend().byte(A), INT3);
     assert_eq!(hit(&r, &ts, A), HitResult::Stepped { post: false });
     assert_eq!(g.unregister().unwrap().hits, 1);
@@ -945,10 +949,7 @@ fn dropping_the_registry_restores_every_byte() {
     {
         let r = Registry::new(Shared(Arc::clone(&backend)));
         for i in 0..50u64 {
-            let _ = r
-                .register(0x1000 + i * 16, |_: &mut Hit<'_>| {})
-                .unwrap()
-                .into_id();
+            let _ = r.register(0x1000 + i * 16, |_| {}).unwrap().into_id();
         }
         assert!((0..50u64).all(|i| backend.byte(0x1000 + i * 16) == INT3));
     }
@@ -968,9 +969,9 @@ fn dropping_the_registry_restores_every_byte() {
 
 /// A backend shared with the test, so it can be inspected after the registry is gone.
 struct Shared(Arc<TestBackend>);
-impl multiprobe_core::Backend for Shared {
-    type Site = <TestBackend as multiprobe_core::Backend>::Site;
-    fn attach(&self, d: multiprobe_core::Dispatcher<Self::Site>) {
+impl multiprobe_core::backend::Backend for Shared {
+    type Site = <TestBackend as multiprobe_core::backend::Backend>::Site;
+    fn attach(&self, d: multiprobe_core::backend::Dispatcher<Self::Site>) {
         self.0.attach(d)
     }
     fn prepare(&self, addr: u64) -> multiprobe_core::Result<Self::Site> {
@@ -989,11 +990,7 @@ fn the_table_grows_and_finds_every_site() {
     let (r, ts) = setup();
     let n = 5000u64;
     let ids: Vec<_> = (0..n)
-        .map(|i| {
-            r.register(0x10_0000 + i * 7, |_: &mut Hit<'_>| {})
-                .unwrap()
-                .into_id()
-        })
+        .map(|i| r.register(0x10_0000 + i * 7, |_| {}).unwrap().into_id())
         .collect();
     for i in (0..n).step_by(37) {
         assert_eq!(
@@ -1022,9 +1019,9 @@ fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
     let calls = Arc::new(AtomicU64::new(0));
     let c = Arc::clone(&calls);
     let g = r
-        .register(
+        .register_handler(
             A,
-            FnHandler::new().post(move |_: &mut Hit<'_>| {
+            FnHandler::new().post(move |_| {
                 c.fetch_add(1, SeqCst);
             }),
         )
@@ -1042,7 +1039,7 @@ fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
         rip: A,
         ..Regs::default()
     };
-    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::NoMemory) {
+    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::backend::NoMemory) {
         PreOutcome::Step(s) => assert!(s.defer_post()),
         other => panic!("{other:?}"),
     }

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
+use multiprobe_core::backend::{PreOutcome, ThreadState};
 use multiprobe_core::testing::{HitResult, TestBackend};
-use multiprobe_core::{FnHandler, Hit, PreAction, PreOutcome, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs};
 
 const A: u64 = 0x1000;
 
@@ -110,14 +111,14 @@ fn enable_disable_racing_a_hit() {
         let posts = Arc::new(AtomicUsize::new(0));
         let (p1, p2) = (Arc::clone(&pres), Arc::clone(&posts));
         let g = r
-            .register(
+            .register_handler(
                 A,
                 FnHandler::new()
-                    .pre(move |_: &mut Hit<'_>| {
+                    .pre(move |_| {
                         p1.fetch_add(1, SeqCst);
                         PreAction::Continue
                     })
-                    .post(move |_: &mut Hit<'_>| {
+                    .post(move |_| {
                         p2.fetch_add(1, SeqCst);
                     }),
             )
@@ -181,10 +182,7 @@ fn unregister_waits_for_a_deferred_step() {
         let post_done = Arc::new(AtomicBool::new(false));
         let pd = Arc::clone(&post_done);
         let g = r
-            .register(
-                A,
-                FnHandler::new().post(move |_: &mut Hit<'_>| pd.store(true, SeqCst)),
-            )
+            .register_handler(A, FnHandler::new().post(move |_| pd.store(true, SeqCst)))
             .unwrap();
         let d = r.dispatcher();
         let entered = Arc::new(AtomicBool::new(false));
@@ -195,13 +193,13 @@ fn unregister_waits_for_a_deferred_step() {
                 rip: A,
                 ..Regs::default()
             };
-            match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory) {
+            match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
                 PreOutcome::Step(s) => {
                     assert!(s.wants_post());
                     s.defer_post();
                     e2.store(true, SeqCst);
                     regs.rip = A + 1;
-                    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::NoMemory));
+                    assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory));
                 }
                 PreOutcome::NotOurs => {}
                 PreOutcome::Redirect => panic!("nobody redirects"),

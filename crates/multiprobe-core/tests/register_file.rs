@@ -8,11 +8,9 @@ use std::cell::{Cell, OnceCell};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use multiprobe_core::backend::{NoMemory, PreOutcome, RegisterFile, ThreadState};
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{
-    Fault, FaultAction, FnHandler, Hit, NoMemory, PreOutcome, RegisterFile, Registry, Regs,
-    ThreadState,
-};
+use multiprobe_core::{Fault, FaultAction, FnHandler, Hit, Registry, Regs};
 
 const A: u64 = 0x40_1000;
 
@@ -86,7 +84,9 @@ fn counting_handlers_fetch_nothing() {
     let _g: Vec<_> = (0..3)
         .map(|_| r.register(A, counter(&c)).unwrap())
         .collect();
-    let _p = r.register(A, FnHandler::new().post(counter(&c))).unwrap();
+    let _p = r
+        .register_handler(A, FnHandler::new().post(counter(&c)))
+        .unwrap();
     for _ in 0..5 {
         let mut regs = Lazy::new(A);
         assert_eq!(pre(&r, &ts, &mut regs), "step+post");
@@ -106,14 +106,14 @@ fn the_first_reader_fetches_once_and_every_handler_shares_the_copy() {
     let _a = r.register(A, counter(&c)).unwrap();
     let s1 = Arc::clone(&seen);
     let _b = r
-        .register(A, move |h: &mut Hit<'_>| {
+        .register(A, move |h| {
             s1.lock().unwrap().push(h.arg(0).unwrap());
             h.regs_mut().rsi += 100;
         })
         .unwrap();
     let s2 = Arc::clone(&seen);
     let _c = r
-        .register(A, move |h: &mut Hit<'_>| {
+        .register(A, move |h| {
             let r = h.regs();
             s2.lock().unwrap().extend([r.rip, r.rsi]);
         })
@@ -137,11 +137,9 @@ fn a_moved_rip_redirects_and_an_unmoved_one_does_not() {
     let ts = ThreadState::new();
     let c = Arc::new(AtomicU64::new(0));
     let _reader = r
-        .register(A, |h: &mut Hit<'_>| assert_eq!(h.regs().rip, h.addr()))
+        .register(A, |h| assert_eq!(h.regs().rip, h.addr()))
         .unwrap();
-    let mover = r
-        .register(A, |h: &mut Hit<'_>| h.regs_mut().rip = 0x5000)
-        .unwrap();
+    let mover = r.register(A, |h| h.regs_mut().rip = 0x5000).unwrap();
     let _after = r.register(A, counter(&c)).unwrap();
     let mut regs = Lazy::new(A);
     assert_eq!(pre(&r, &ts, &mut regs), "redirect");
@@ -164,9 +162,9 @@ fn fault_handlers_fetch_on_demand() {
     let seen = Arc::new(AtomicU64::new(0));
     let a = Arc::clone(&asked);
     let _first = r
-        .register(
+        .register_handler(
             A,
-            FnHandler::new().fault(move |_: &mut Hit<'_>, _: &Fault| {
+            FnHandler::new().fault(move |_, _| {
                 a.fetch_add(1, SeqCst);
                 FaultAction::NotHandled
             }),
@@ -187,9 +185,9 @@ fn fault_handlers_fetch_on_demand() {
 
     let s = Arc::clone(&seen);
     let _second = r
-        .register(
+        .register_handler(
             A,
-            FnHandler::new().fault(move |h: &mut Hit<'_>, _: &Fault| {
+            FnHandler::new().fault(move |h, _| {
                 s.store(h.regs().rip, SeqCst);
                 FaultAction::Handled
             }),
@@ -210,7 +208,7 @@ fn formatting_a_hit_does_not_fetch() {
     let out = Arc::new(Mutex::new(Vec::new()));
     let o = Arc::clone(&out);
     let _g = r
-        .register(A, move |h: &mut Hit<'_>| {
+        .register(A, move |h| {
             o.lock().unwrap().push(format!("{h:?}"));
             let _ = h.regs();
             o.lock().unwrap().push(format!("{h:?}"));

@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use multiprobe_core::testing::{Event, HitResult, TestBackend, TestSite, INT3, ORIGINAL};
-use multiprobe_core::{
-    Backend, Dispatcher, Error, FnHandler, HandlerId, Hit, PreAction, Registry, Regs, ThreadState,
-};
+use multiprobe_core::backend::{Backend, Dispatcher, ThreadState};
+use multiprobe_core::{Error, FnHandler, HandlerId, Hit, PreAction, Registry, Regs};
 
 const A: u64 = 0x40_1000;
 const B: u64 = 0x40_2000;
@@ -89,7 +88,7 @@ fn a_handler_that_removes_itself_is_never_called_again_and_the_last_one_disarms(
     let (post1, q1) = counter();
     let (pre2, p2) = counter();
     let once = r
-        .register(
+        .register_handler(
             A,
             FnHandler::new()
                 .pre(move |_: &mut Hit<'_>| {
@@ -139,7 +138,7 @@ fn a_handler_that_removes_itself_is_never_called_again_and_the_last_one_disarms(
     let _ = twice.into_id();
     // The last one removes itself: its site is disarmed by the next operation.
     let _last = r
-        .register(A, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
+        .register_handler(A, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
         .unwrap()
         .into_id();
     r.unregister(twice_id).unwrap();
@@ -161,7 +160,7 @@ fn the_dispatcher_finishes_removals_in_thread_context() {
     let r = Registry::new(TestBackend::new());
     let ts = ThreadState::new();
     let id = r
-        .register(A, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
+        .register_handler(A, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
         .unwrap()
         .into_id();
     let d = r.dispatcher();
@@ -178,7 +177,7 @@ fn the_dispatcher_finishes_removals_in_thread_context() {
     assert!(matches!(r.unregister(id), Err(Error::UnknownHandler(_))));
     // A removal that no one collects is dropped with the registry.
     let id = r
-        .register(B, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
+        .register_handler(B, FnHandler::new().pre(|_: &mut Hit<'_>| PreAction::Remove))
         .unwrap()
         .into_id();
     hit(&r, &ts, B);
@@ -195,7 +194,7 @@ fn redirecting_and_removing_at_once_does_both() {
     let r = Registry::new(TestBackend::new());
     let ts = ThreadState::new();
     let (later, l) = counter();
-    r.register(
+    r.register_handler(
         A,
         FnHandler::new().pre(|h: &mut Hit<'_>| {
             h.regs_mut().rip = 0x5000;

@@ -2,8 +2,9 @@
 //! (crates/backend-sim)
 //! found, each reduced to a minimal test on the core's own `TestBackend`.
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::TestBackend;
-use multiprobe_core::{Hit, Registry, Regs, ThreadState};
+use multiprobe_core::{Registry, Regs};
 
 /// Found by the `ops` model (generated case: disable while `disarm` is made to fail).
 ///
@@ -14,7 +15,7 @@ use multiprobe_core::{Hit, Registry, Regs, ThreadState};
 #[test]
 fn is_enabled_agrees_with_dispatch_after_a_failed_disarm() {
     let r = Registry::new(TestBackend::new());
-    let id = r.register(0x1000, |_: &mut Hit<'_>| {}).unwrap().into_id();
+    let id = r.register(0x1000, |_| {}).unwrap().into_id();
     r.backend().set_fail_disarm_at(0x1000, true);
     assert!(
         r.disable(id).is_err(),
@@ -45,7 +46,7 @@ fn is_enabled_agrees_with_dispatch_after_a_failed_disarm() {
 fn a_registration_is_not_half_applied_when_a_retried_disarm_fails() {
     use multiprobe_core::Options;
     let r = Registry::new(TestBackend::new());
-    let first = r.register(0x1000, |_: &mut Hit<'_>| {}).unwrap().into_id();
+    let first = r.register(0x1000, |_| {}).unwrap().into_id();
     r.backend().set_fail_disarm_at(0x1000, true);
     assert!(
         r.unregister(first).is_err(),
@@ -56,7 +57,7 @@ fn a_registration_is_not_half_applied_when_a_retried_disarm_fails() {
         Some((0, true))
     );
 
-    let second = r.register_with(0x1000, |_: &mut Hit<'_>| {}, Options::default().disabled());
+    let second = r.register_with(0x1000, |_| {}, Options::default().disabled());
     let listed = r.handlers().len();
     let in_view = r.site(0x1000).map_or(0, |s| s.handlers);
     assert_eq!(

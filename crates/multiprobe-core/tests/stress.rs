@@ -9,8 +9,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
+use multiprobe_core::backend::ThreadState;
 use multiprobe_core::testing::{HitResult, TestBackend};
-use multiprobe_core::{FnHandler, Hit, Registry, Regs, ThreadState};
+use multiprobe_core::{FnHandler, Registry, Regs};
 
 const SHARED: u64 = 0x7000_0000;
 const CHURN: u64 = 0x7000_1000;
@@ -23,14 +24,14 @@ fn two_hitters_and_a_churning_registrar_keep_exact_counts() {
     let permanent_calls = Arc::new(AtomicU64::new(0));
     let pc = Arc::clone(&permanent_calls);
     let permanent = r
-        .register(
+        .register_handler(
             SHARED,
             FnHandler::new()
-                .pre(move |_: &mut Hit<'_>| {
+                .pre(move |_| {
                     pc.fetch_add(1, SeqCst);
                     multiprobe_core::PreAction::Continue
                 })
-                .post(|_: &mut Hit<'_>| {}),
+                .post(|_| {}),
         )
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -76,7 +77,7 @@ fn two_hitters_and_a_churning_registrar_keep_exact_counts() {
             Arc::clone(&churn_calls_total),
         );
         let reg = r
-            .register(CHURN, move |_: &mut Hit<'_>| {
+            .register(CHURN, move |_| {
                 assert!(!g.load(SeqCst), "a handler ran after unregister returned");
                 c.fetch_add(1, SeqCst);
                 t.fetch_add(1, SeqCst);

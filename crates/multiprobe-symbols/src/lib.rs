@@ -17,5 +17,11 @@ pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
 pub use maps::{MappedAt, Maps, Region};
 pub use process::{
-    file_name, library_matches, near_names, Located, ProcessSymbols, ResolveError, SymbolCache,
+    file_name, library_matches, near_names, split_library, Located, ProcessSymbols, ResolveError,
+    SymbolCache,
 };
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,5 +1,11 @@
 //! `/proc/PID/maps`: which address ranges exist, with what permissions and file.
 //! Parsing is lenient: a line that does not parse is skipped, never an error.
+//!
+//! The path in a line is the file as the *target* named it, in its own mount
+//! namespace; in a container, or after a bind mount or a replaced file, the same path
+//! may be another file for the reader. [`Maps::open_mapped`] opens the file that is
+//! really mapped (through `/proc/PID/map_files` or `/proc/PID/root`) and checks that it
+//! is (same device and inode as the line).
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +35,17 @@ impl Region {
     /// Whether `addr` is inside.
     pub fn contains(&self, addr: u64) -> bool {
         (self.start..self.end).contains(&addr)
+    }
+
+    /// The device and inode of the mapped file (`None` for anonymous memory or a dev
+    /// that does not parse), as `stat` would give them.
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        let (major, minor) = self.dev.split_once(':')?;
+        let (major, minor) = (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        );
+        (self.inode != 0).then(|| (libc_makedev(major, minor), self.inode))
     }
 
     /// Whether a real file is mapped here (not anonymous, not `[vdso]`, not deleted).
@@ -74,11 +91,22 @@ pub enum MappedAt {
     },
 }
 
+/// Linux's `makedev`: the `st_dev` of a file on device `major:minor`.
+fn libc_makedev(major: u32, minor: u32) -> u64 {
+    let (major, minor) = (u64::from(major), u64::from(minor));
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
+}
+
 /// The address space of a process, in address order.
 #[derive(Clone, Debug, Default)]
 pub struct Maps {
     /// The regions, in address order.
     pub regions: Vec<Region>,
+    /// Whose maps these are (`Some(0)`: this process), when read from `/proc`.
+    pid: Option<u32>,
 }
 
 impl Maps {
@@ -89,13 +117,65 @@ impl Maps {
         } else {
             format!("/proc/{pid}/maps")
         };
-        Ok(Self::parse(&std::fs::read_to_string(path)?))
+        let mut maps = Self::parse(&std::fs::read_to_string(path)?);
+        maps.pid = Some(pid);
+        Ok(maps)
+    }
+
+    /// Open the file mapped at `region` (one of these maps' regions) as the process
+    /// sees it: `/proc/PID/map_files/START-END` (the mapping itself), else
+    /// `/proc/PID/root/PATH` (the path in the process's root), and for maps that were
+    /// only parsed, the path. Whatever is opened must be the mapped file (same device
+    /// and inode as the region): a different file at that path is an error, never
+    /// silently read.
+    pub fn open_mapped(&self, region: &Region) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::MetadataExt;
+        let want = region.file_id();
+        let mut candidates = Vec::new();
+        match self.pid {
+            Some(pid) => {
+                let proc = if pid == 0 {
+                    "/proc/self".to_string()
+                } else {
+                    format!("/proc/{pid}")
+                };
+                candidates.push(format!(
+                    "{proc}/map_files/{:x}-{:x}",
+                    region.start, region.end
+                ));
+                candidates.push(format!("{proc}/root{}", region.path));
+            }
+            None => candidates.push(region.path.clone()),
+        }
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not mapped from a file", region.path),
+        );
+        for c in candidates {
+            match std::fs::File::open(&c) {
+                Ok(f) => {
+                    let meta = f.metadata()?;
+                    if want.is_none_or(|(dev, ino)| meta.dev() == dev && meta.ino() == ino) {
+                        return Ok(f);
+                    }
+                    last = std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{c} is not the file mapped at {:#x} (another file has its path)",
+                            region.start
+                        ),
+                    );
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Parse the text of a maps file.
     pub fn parse(text: &str) -> Maps {
         let regions = text.lines().filter_map(parse_line).collect();
-        Maps { regions }
+        Maps { regions, pid: None }
     }
 
     /// The region holding `addr`.
@@ -229,6 +309,30 @@ mod tests {
                 start: 0x7ffff7dd0000
             }
         );
+    }
+
+    #[test]
+    fn the_mapped_file_is_opened_and_checked_by_device_and_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let own = Maps::read(0).unwrap();
+        let here = the_mapped_file_is_opened_and_checked_by_device_and_inode as *const () as u64;
+        let r = own.find(here).unwrap().clone();
+        let f = own.open_mapped(&r).unwrap();
+        let exe = std::fs::metadata(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(
+            (f.metadata().unwrap().ino(), exe.ino()),
+            (exe.ino(), r.inode)
+        );
+        assert_eq!(r.file_id().unwrap().0, exe.dev());
+        // Another file at the mapped path (as in another mount namespace) is refused.
+        let mut wrong = r.clone();
+        wrong.inode += 1;
+        let parsed = Maps::parse(&format!(
+            "{:x}-{:x} r-xp 0 {} {} {}\n",
+            r.start, r.end, r.dev, wrong.inode, r.path
+        ));
+        let e = parsed.open_mapped(&parsed.regions[0]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
     }
 
     #[test]

@@ -8,22 +8,45 @@ use std::sync::{Arc, Mutex};
 use crate::elf::{ElfSymbols, Func};
 use crate::maps::{Maps, Region};
 
-/// Symbols of files by path, parsed once and shared.
+/// Symbols of files, parsed once and shared: by device and inode for mapped files
+/// (what was read is what is mapped, whatever path the process gives it), by path for
+/// maps that were only parsed.
 #[derive(Debug, Default)]
 pub struct SymbolCache {
-    files: Mutex<HashMap<String, Arc<ElfSymbols>>>,
+    files: Mutex<HashMap<FileKey, Arc<ElfSymbols>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    Id(u64, u64),
+    Path(String),
 }
 
 impl SymbolCache {
-    /// The symbols of `path`: an empty table if it cannot be read or parsed (probing then
-    /// goes on without symbol checks there).
-    pub fn get(&self, path: &str) -> Arc<ElfSymbols> {
+    /// The symbols of the file mapped at `region` of `maps`, read from the mapped file
+    /// itself ([`Maps::open_mapped`]): an empty table if it cannot be opened, is not the
+    /// mapped file, or does not parse (probing then goes on without symbol checks
+    /// there).
+    pub fn mapped(&self, maps: &Maps, region: &Region) -> Arc<ElfSymbols> {
+        let key = match region.file_id() {
+            Some((dev, ino)) => FileKey::Id(dev, ino),
+            None => FileKey::Path(region.path.clone()),
+        };
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = files.get(path) {
+        if let Some(s) = files.get(&key) {
             return Arc::clone(s);
         }
-        let syms = Arc::new(ElfSymbols::load(path).unwrap_or_default());
-        files.insert(path.to_string(), Arc::clone(&syms));
+        let syms = maps
+            .open_mapped(region)
+            .and_then(|mut f| {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut data)?;
+                ElfSymbols::parse(&data)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .unwrap_or_default();
+        let syms = Arc::new(syms);
+        files.insert(key, Arc::clone(&syms));
         syms
     }
 }
@@ -106,6 +129,24 @@ pub fn library_matches(library: &str, path: &str) -> bool {
             && matches!(base.as_bytes().get(library.len()), Some(b'.' | b'-')))
 }
 
+/// Split `library:symbol` at the first single `:` (a `::` belongs to Rust and C++
+/// paths): `Some(("libc", "malloc"))` for `libc:malloc`, `None` for `std::mem::drop`.
+pub fn split_library(t: &str) -> Option<(&str, &str)> {
+    let b = t.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b':' {
+            if b.get(i + 1) == Some(&b':') {
+                i += 2;
+                continue;
+            }
+            return Some((&t[..i], &t[i + 1..]));
+        }
+        i += 1;
+    }
+    None
+}
+
 /// A process's address space with symbols.
 #[derive(Debug)]
 pub struct ProcessSymbols {
@@ -140,6 +181,15 @@ impl ProcessSymbols {
         seen
     }
 
+    /// The symbols of the file `path` (one of [`ProcessSymbols::files`]), read from its
+    /// first mapping.
+    fn symbols_of(&self, path: &str) -> Arc<ElfSymbols> {
+        match self.maps.regions.iter().find(|r| r.path == path) {
+            Some(r) => self.cache.mapped(&self.maps, r),
+            None => Arc::default(),
+        }
+    }
+
     fn bias_of(&self, path: &str, syms: &ElfSymbols) -> Option<u64> {
         self.maps
             .regions
@@ -158,7 +208,7 @@ impl ProcessSymbols {
         if !region.is_file() {
             return None;
         }
-        let syms = self.cache.get(&region.path);
+        let syms = self.cache.mapped(&self.maps, region);
         let bias = self.region_bias(region, &syms)?;
         let f = syms.containing(addr.wrapping_sub(bias))?;
         Some(Located {
@@ -176,7 +226,7 @@ impl ProcessSymbols {
             .files()
             .into_iter()
             .find(|p| library.is_none_or(|l| library_matches(l, p)))?;
-        let syms = self.cache.get(path);
+        let syms = self.symbols_of(path);
         Some(syms.entry().wrapping_add(self.bias_of(path, &syms)?))
     }
 
@@ -206,7 +256,7 @@ impl ProcessSymbols {
     pub fn resolve(&self, library: Option<&str>, name: &str) -> Result<Located, ResolveError> {
         let files = self.files_of(library)?;
         for path in &files {
-            let syms = self.cache.get(path);
+            let syms = self.symbols_of(path);
             if syms.is_ifunc(name) {
                 // Also a plain function of that name here is an old version kept for
                 // compatibility (glibc's `memcpy@GLIBC_2.2.5` beside the indirect
@@ -261,7 +311,7 @@ impl ProcessSymbols {
         let files = self.files_of(library).unwrap_or_default();
         let mut out = Vec::new();
         for path in files {
-            let syms = self.cache.get(path);
+            let syms = self.symbols_of(path);
             for name in syms.ifuncs_matching(pattern) {
                 out.push(self.indirect(path, &syms, name));
             }
@@ -292,7 +342,7 @@ impl ProcessSymbols {
         let files = self.files_of(library)?;
         let mut out = Vec::new();
         for path in files {
-            let syms = self.cache.get(path);
+            let syms = self.symbols_of(path);
             let Some(bias) = self.bias_of(path, &syms) else {
                 continue;
             };
@@ -308,7 +358,7 @@ impl ProcessSymbols {
 
     /// Up to five names in `files` close to `name`.
     fn near(&self, files: &[&str], name: &str) -> Vec<String> {
-        let tables: Vec<Arc<ElfSymbols>> = files.iter().map(|p| self.cache.get(p)).collect();
+        let tables: Vec<Arc<ElfSymbols>> = files.iter().map(|p| self.symbols_of(p)).collect();
         near_names(tables.iter().flat_map(|t| t.funcs()), name)
     }
 }
@@ -359,6 +409,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_library_is_split_off_at_a_single_colon_only() {
+        assert_eq!(split_library("libc:malloc"), Some(("libc", "malloc")));
+        assert_eq!(split_library("libfoo:ns::f"), Some(("libfoo", "ns::f")));
+        assert_eq!(split_library("std::mem::drop"), None);
+        assert_eq!(split_library("a::b:c"), Some(("a::b", "c")));
+        assert_eq!(split_library(":f"), Some(("", "f")));
+    }
 
     #[inline(never)]
     #[no_mangle]

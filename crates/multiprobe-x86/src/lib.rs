@@ -102,4 +102,9 @@ mod slot;
 pub use analyze::{analyze, Code};
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
-pub use slot::{Slot, SlotKind, MAX_SLOT_LEN};
+pub use slot::{slot_reach, Slot, SlotKind, INT3, MAX_SLOT_LEN};
+
+/// This crate's README example, run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

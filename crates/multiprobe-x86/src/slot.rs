@@ -26,6 +26,19 @@ use multiprobe_core::{Gpr, Regs};
 use crate::error::SlotError;
 use crate::plan::{Plan, Reloc, RipRel, RspDisp};
 
+/// The breakpoint instruction, `int3`: what a probe writes over an instruction's first
+/// byte, and how a [`SlotKind::TrapAfter`] slot ends.
+pub const INT3: u8 = 0xcc;
+
+/// How far (either way) memory holding slots, allocated in units of `unit` bytes, may
+/// be placed from the code its slots copy so that every 32-bit displacement in them
+/// (the way back, re-targeted RIP-relative operands) still reaches: the ±2 GiB of a
+/// `rel32`, less two units of margin (the unit's own extent, and the instruction's
+/// length on the other side).
+pub const fn slot_reach(unit: u64) -> u64 {
+    (1 << 31) - 2 * unit
+}
+
 /// Upper bound on [`Slot::bytes`]'s length, for every plan and variant. Allocate slots
 /// of this size (64 bytes: one cache line when aligned).
 pub const MAX_SLOT_LEN: usize = 64;
@@ -197,7 +210,7 @@ impl Asm {
 
     fn int3(&mut self, resume: Resume) {
         self.point_full(resume, 0, None, true);
-        self.emit(&[0xcc]);
+        self.emit(&[INT3]);
     }
 
     /// `jmp target`: rel32 when it reaches, else `jmp [rip+0]` + 8-byte literal.

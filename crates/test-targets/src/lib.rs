@@ -5,14 +5,19 @@
 //! threads — so a test can compare a probe's hit counts with the program's own account,
 //! and a probed run's output with an unprobed one. The functions meant to be probed are
 //! `#[no_mangle] extern "C"` and `#[inline(never)]`, so they have a symbol and a
-//! System V argument layout.
+//! System V argument layout. The `mp-c-*` programs are written in C (`c/*.c`, built by
+//! the cc crate into a static library that a small Rust `main` calls), where a fault
+//! scenario needs what C does plainly (fork storms, seccomp filters, signal masks).
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+compile_error!("multiprobe-test-targets supports x86-64 Linux only");
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 /// Names of the programs, as built.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 11] = [
     "mp-single",
     "mp-threads",
     "mp-forker",
@@ -20,6 +25,10 @@ pub const PROGRAMS: [&str; 7] = [
     "mp-fault",
     "mp-bench",
     "mp-dlopen",
+    "mp-c-forkrace",
+    "mp-c-trapmask",
+    "mp-c-seccomp",
+    "mp-c-unmapxol",
 ];
 
 /// Path of the test program `name` (one of [`PROGRAMS`]).

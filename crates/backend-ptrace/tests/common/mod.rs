@@ -61,9 +61,9 @@ pub fn counting_with_post(
 ) -> impl multiprobe_core::Handler {
     let h = std::sync::Arc::clone(hits);
     multiprobe_core::FnHandler::new()
-        .pre(move |_: &mut multiprobe_core::Hit<'_>| {
+        .pre(move |_| {
             h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             multiprobe_core::PreAction::Continue
         })
-        .post(|_: &mut multiprobe_core::Hit<'_>| {})
+        .post(|_| {})
 }

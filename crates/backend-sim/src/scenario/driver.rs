@@ -111,7 +111,7 @@ impl Driver {
                     exclusive: reg.exclusive,
                     disabled: reg.disabled,
                 };
-                let real = self.registry().register_with(addr, h, opts);
+                let real = self.registry().register_handler_with(addr, h, opts);
                 let real_id = real.as_ref().map(Registration::id).map_err(ErrKind::of);
                 self.tally(real_id.is_ok());
                 self.model
@@ -127,7 +127,7 @@ impl Driver {
                 for reg in regs.iter().take(MAX_BATCH) {
                     let (addr, b, h) = self.handler(reg);
                     items.push((addr, b.post, reg.exclusive, reg.disabled));
-                    reqs.push(Request::new(addr, h).options(Options {
+                    reqs.push(Request::handler(addr, h).options(Options {
                         exclusive: reg.exclusive,
                         disabled: reg.disabled,
                     }));
