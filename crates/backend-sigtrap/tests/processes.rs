@@ -205,9 +205,7 @@ fn child_ignored_foreign_int3() {
     // SAFETY: setting a disposition before any handler of ours exists.
     unsafe { libc::signal(libc::SIGTRAP, libc::SIG_IGN) };
     let reg = multiprobe_backend_sigtrap::registry();
-    let _g = reg
-        .register(mp_t_imul as *const () as u64, |_| {})
-        .unwrap();
+    let _g = reg.register(mp_t_imul as *const () as u64, |_| {}).unwrap();
     // SAFETY: deliberately traps.
     unsafe { mp_t_int3() };
     std::process::exit(0);

@@ -336,13 +336,7 @@ fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
     assert!(!sb.defer_post(), "no depth left for the second");
     assert_eq!(ts.pending(), MAX_PENDING);
     let mut regs = Regs::default();
-    assert!(!d.post(
-        &ts,
-        sites[fill + 1],
-        1,
-        &mut regs,
-        &NoMemory
-    ));
+    assert!(!d.post(&ts, sites[fill + 1], 1, &mut regs, &NoMemory));
     for &a in sites[..=fill].iter().rev() {
         assert!(d.post(&ts, a, 1, &mut regs, &NoMemory));
     }

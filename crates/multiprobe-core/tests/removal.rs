@@ -11,8 +11,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use multiprobe_core::testing::{Event, HitResult, TestBackend, TestSite, INT3, ORIGINAL};
 use multiprobe_core::backend::{Backend, Dispatcher, ThreadState};
+use multiprobe_core::testing::{Event, HitResult, TestBackend, TestSite, INT3, ORIGINAL};
 use multiprobe_core::{Error, FnHandler, HandlerId, Hit, PreAction, Registry, Regs};
 
 const A: u64 = 0x40_1000;
