@@ -82,7 +82,7 @@ pub enum Error {
     #[error("handler {0} was unlinked from inside a dispatch; in-flight hits were not awaited")]
     InsideDispatch(HandlerId),
     /// A registry operation was called from inside a handler of a backend that dispatches
-    /// in signal handlers ([`crate::Backend::dispatches_in_signal_handlers`]), where it
+    /// in signal handlers ([`crate::backend::Backend::dispatches_in_signal_handlers`]), where it
     /// would have to lock or allocate. Nothing was changed. From there, remove handlers
     /// with [`crate::PreAction::Remove`] or [`crate::Registry::unregister`].
     #[error("{0} cannot be called from inside a handler that runs in a signal handler (it would lock or allocate there); nothing was changed")]

@@ -30,7 +30,7 @@ pub enum PreAction {
     /// that also moved `rip` redirects). The registry's bookkeeping — forgetting the
     /// handler, disarming the site if no enabled handler is left there — is finished in
     /// thread context: by the next operation on the registry, by the backend's
-    /// [`crate::Dispatcher::collect`] (the in-process backend has a thread for it), or
+    /// [`crate::backend::Dispatcher::collect`] (the in-process backend has a thread for it), or
     /// when the registry is dropped. After that its id is unknown to the registry.
     Remove,
 }
