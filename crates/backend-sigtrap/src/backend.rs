@@ -14,11 +14,13 @@ use std::sync::{Mutex, OnceLock};
 
 use multiprobe_core::backend::{Backend, Dispatcher};
 use multiprobe_core::{Error, Result};
-use multiprobe_x86::{Plan, Slot, SlotKind, INT3, MAX_SLOT_LEN};
+use multiprobe_x86::{Plan, Slot, SlotKind, INT3, MAX_INSN_LEN, MAX_SLOT_LEN};
 
 use multiprobe_symbols::{MappedAt, Maps};
 
-use crate::{dispatchers, fault, known, memory, patch, slots, source, symbols, thread, trap};
+use crate::{
+    collect, dispatchers, fault, known, memory, patch, slots, source, symbols, thread, trap,
+};
 
 /// Addresses armed by any backend in this process → original first byte.
 static ARMED: Mutex<BTreeMap<u64, u8>> = Mutex::new(BTreeMap::new());
@@ -64,7 +66,7 @@ impl BlockInfo {
 pub struct Site {
     pub(crate) info: &'static BlockInfo,
     /// What was mapped at the address when it was prepared: disarm writes the byte back
-    /// only into the same mapping (not into a library loaded where an unloaded one was).
+    /// only into the same code (not into a library loaded where an unloaded one was).
     mapped: MappedAt,
 }
 
@@ -81,6 +83,30 @@ pub enum Class {
 }
 
 impl Site {
+    /// Whether the code this site was prepared on is still at `addr`, with our `int3`
+    /// on it (`now` holds the bytes there, as long as the instruction).
+    ///
+    /// A file mapping is known by its file and offset. Anonymous memory has no name that
+    /// survives the kernel splitting or merging its mapping — which happens to a JIT's
+    /// region when it changes the protection of some of its pages, to neighbours mapped
+    /// with the same flags (slot memory, another JIT buffer), and briefly to any code
+    /// `patch`'s `mprotect` fallback writes — so its region's start cannot tell: it is
+    /// the same code while it is anonymous and the instruction's bytes after the first
+    /// are unchanged.
+    fn still_there(&self, maps: &Maps, addr: u64, now: &[u8]) -> bool {
+        let orig = self.info.plan.bytes();
+        if now.first() != Some(&INT3) {
+            return false;
+        }
+        match (maps.mapped_at(addr), &self.mapped) {
+            (Some(MappedAt::Anonymous { .. }), MappedAt::Anonymous { .. }) => {
+                now.get(1..) == orig.get(1..)
+            }
+            (Some(m), _) => m == self.mapped,
+            (None, _) => false,
+        }
+    }
+
     /// How hits at this site execute the probed instruction.
     pub fn class(&self) -> Class {
         match self.info.plan.class() {
@@ -124,6 +150,25 @@ pub(crate) fn install() {
     thread::setup();
     fault::install();
     trap::install();
+    quiet_panics_in_handlers();
+    collect::start();
+}
+
+/// Wrap the panic hook installed now so that it stays silent for a panic of a handler:
+/// the core catches and counts it, and the default hook would lock stderr, allocate and
+/// maybe walk the stack for a backtrace — inside a signal handler. Panics anywhere else
+/// go to the previous hook as before. (A hook installed later replaces this one; it can
+/// call [`crate::in_handler`] to do the same.)
+fn quiet_panics_in_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !thread::in_handler() {
+                prev(info);
+            }
+        }));
+    });
 }
 
 impl Drop for SigtrapBackend {
@@ -145,6 +190,12 @@ impl Backend for SigtrapBackend {
         let i = dispatchers::attach(dispatcher)
             .expect("more than 64 sigtrap registries alive in one process");
         let _ = self.entry.set(i);
+    }
+
+    /// Handlers run in the SIGTRAP handler: registry calls from there neither lock nor
+    /// allocate (the core's rules for that case).
+    fn dispatches_in_signal_handlers(&self) -> bool {
+        true
     }
 
     fn prepare(&self, addr: u64) -> Result<Site> {
@@ -221,9 +272,9 @@ impl Backend for SigtrapBackend {
         let orig = site.info.plan.bytes()[0];
         // The code may have been unloaded (`dlclose`), and other code loaded there.
         let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
-        let mut now = [0u8];
-        let same = maps.mapped_at(addr).as_ref() == Some(&site.mapped);
-        if !same || patch::read(addr, &mut now).is_err() || now[0] != INT3 {
+        let mut now = [0u8; MAX_INSN_LEN];
+        let now = &mut now[..site.info.plan.bytes().len()];
+        if patch::read(addr, now).is_err() || !site.still_there(&maps, addr, now) {
             armed.remove(&addr);
             return Err(Error::CodeGone { addr });
         }

@@ -17,7 +17,7 @@ use libc::{c_int, c_void, siginfo_t, ucontext_t};
 use multiprobe_core::{Fault, FaultAction};
 
 use crate::memory::LocalMemory;
-use crate::{context, dispatchers, memory, signals, slots, thread};
+use crate::{collect, context, dispatchers, memory, signals, slots, thread};
 
 const FAULT_SIGNALS: [c_int; 4] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL];
 
@@ -71,6 +71,7 @@ extern "C" fn on_fault(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
                     })
                 });
                 context::store(uc, &regs);
+                collect::ring_if_pending();
                 if handled {
                     return;
                 }
@@ -85,7 +86,7 @@ extern "C" fn on_fault(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         }
     }
     // SAFETY: our handler's own arguments.
-    unsafe { signals::chain(sig, info, ctx) };
+    let _ = unsafe { signals::chain(sig, info, ctx) };
 }
 
 /// Overwrite `si_addr` (the first field of the fault union, right after the header).

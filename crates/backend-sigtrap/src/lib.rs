@@ -61,9 +61,28 @@
 //! * to hand data to the rest of the program, push `Copy` records into a preallocated
 //!   [`HitRing`] and read them from a normal thread (or bump atomic counters).
 //!
-//! Panics in handlers are caught (rule 8 of the core's contract), but a panic allocates
-//! its payload, so catching is best effort in signal context: a panic while the
-//! interrupted code held the allocator's lock deadlocks. Don't panic.
+//! From inside a handler, the registry neither locks nor allocates (the core's
+//! contract, *What each backend delivers*):
+//! * a handler removes itself with [`multiprobe_core::PreAction::Remove`], and removes
+//!   others with `unregister` / `unregister_batch` or by dropping their guards: the
+//!   removal is requested lock-free (hits that begin afterwards do not run them), the
+//!   call answers `InsideDispatch`, and the backend's collector thread (one per process,
+//!   asleep on a futex until a hit asks) finishes the bookkeeping — the `int3` goes
+//!   without the program calling into the registry;
+//! * every other registry method that returns a `Result` answers `SignalContext` and
+//!   changes nothing; don't call `len`, `handlers`, `site`, `sites` or `register` there.
+//!
+//! Panics in handlers are caught (rule 8 of the core's contract). The backend installs
+//! a panic hook, wrapping the one in place when the first backend is created, that stays
+//! silent for a handler's panic — the default one would lock stderr, allocate and maybe
+//! walk the stack inside the signal handler — and passes every other panic on; a hook
+//! installed later replaces it, and can ask [`in_handler`] to do the same. Unwinding
+//! still allocates its exception, so catching is best effort in signal context: a panic
+//! while the interrupted code held the allocator's lock deadlocks. Don't panic.
+//!
+//! A hit makes no system call, except that a thread's first hit learns the thread's id
+//! (one `gettid`, cached) — [`prepare_thread`] does that ahead, in thread context — and a
+//! hit whose handler asked for a removal wakes the collector thread (one `futex` wake).
 //!
 //! # Limits
 //! * A probed instruction executed while SIGTRAP is blocked (e.g. inside a signal
@@ -84,12 +103,20 @@
 //!   working; the read sections of the parent's other threads (a thread between a pre
 //!   and its post at the fork) are forgotten in the child. As with any mutex, a fork
 //!   while another thread is inside a registration leaves the child's registry locked.
+//!   The child has no collector thread until it creates a backend: its removals from
+//!   inside handlers are finished by its registries' next operations.
+//! * Dropping the last handle on a registry inside a handler (a guard that holds the
+//!   only remaining `Registry` clone) drops the registry there, which locks and frees.
+//! * Signals the program ignores stay ignored when another process sends them; a fault
+//!   or trap the kernel forces (a foreign `int3`, a bad load) is not stopped by an
+//!   ignored disposition, with probes as without.
 #![warn(missing_docs)]
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 compile_error!("multiprobe-backend-sigtrap supports x86-64 Linux only");
 
 mod backend;
+mod collect;
 mod context;
 mod dispatchers;
 mod entry;
@@ -126,6 +153,23 @@ pub fn reexecuted_traps() -> u64 {
 /// with a post-handler on a relocated instruction two).
 pub fn traps_on_this_thread() -> u64 {
     trap::traps_on_this_thread()
+}
+
+/// Whether a probe handler is running on the calling thread right now: for a panic hook
+/// installed after the first backend, which replaces the backend's quiet one, to stay
+/// silent too for the panics of handlers (caught and counted; printing them would lock
+/// and allocate in a signal handler). Async-signal-safe.
+pub fn in_handler() -> bool {
+    thread::in_handler()
+}
+
+/// Do now, in thread context, what the calling thread's first hit would otherwise do in
+/// the signal handler: learn its thread id (one `gettid` system call) and attach its
+/// dispatch state to the thread-exit hook. Optional — both are async-signal-safe — for
+/// a thread that must make no system call when it first hits a probe.
+pub fn prepare_thread() {
+    thread::tid();
+    thread::with_state(|_| ());
 }
 
 /// A registry of probes in this process.

@@ -136,6 +136,14 @@ pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
     STATE.with(|s| f(unsafe { &*s.get() }))
 }
 
+/// Whether a handler is running on this thread (the core's `ThreadState::in_handler`),
+/// without attaching the state to the exit hook as `with_state` does. Async-signal-safe.
+pub(crate) fn in_handler() -> bool {
+    // SAFETY: as in `with_state`: a shared look at the state, replaced only at thread
+    // exit, never while this runs.
+    STATE.with(|s| unsafe { &*s.get() }.in_handler())
+}
+
 /// This thread's kernel id, cached. Async-signal-safe.
 #[inline]
 pub(crate) fn tid() -> u32 {

@@ -38,7 +38,7 @@ use multiprobe_x86::{Continue, Emulate, INT3};
 
 use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;
-use crate::{context, dispatchers, known, signals, slots, thread};
+use crate::{collect, context, dispatchers, known, signals, slots, thread};
 
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).
@@ -95,9 +95,12 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         IN_TRAP.with(|d| d.set(depth));
         ours
     };
-    if !ours {
+    if ours {
+        // A handler may have asked for a removal, which only thread context finishes.
+        collect::ring_if_pending();
+    } else {
         // SAFETY: our handler's own arguments.
-        unsafe { signals::chain(sig, info, ctx) };
+        let _ = unsafe { signals::chain(sig, info, ctx) };
     }
 }
 
@@ -134,16 +137,21 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
             &MEM,
         ) {
             Continue::Emulated { post } => {
-                if post {
-                    step.defer_post();
+                // Post-handlers right after the emulated instruction (if they run at
+                // all: `defer_post` says).
+                if post && step.defer_post() {
                     d.post(ts, a, tid, &mut regs, &MEM);
                 }
             }
             Continue::OutOfLine { at, post, .. } => {
-                if post {
-                    step.defer_post();
-                }
-                regs.rip = at;
+                // A copy that brings the thread back for the posts only if the step was
+                // deferred (with no room left on this thread for it, its posts are
+                // counted missed and it takes the jump-back slot).
+                regs.rip = if !post || step.defer_post() {
+                    at
+                } else {
+                    info.boost.addr()
+                };
             }
             // Every site has its slots (built at prepare).
             Continue::InPlace { .. } => regs.rip = info.boost.addr(),
