@@ -128,6 +128,7 @@ mod place;
 mod promote;
 mod ring;
 mod signals;
+mod site;
 mod slots;
 mod source;
 mod symbols;
@@ -136,7 +137,7 @@ mod threads;
 mod tramps;
 mod trap;
 
-pub use backend::{Class, SigtrapBackend, Site};
+pub use backend::{Class, Mode, SigtrapBackend, Site, TrapReason};
 pub use memory::LocalMemory;
 pub use place::{fn_addr, resolve, FnPtr, ResolveError};
 pub use ring::{HitRecord, HitRing};

@@ -4,8 +4,10 @@
 //!
 //! Promote (the `int3` is on the first byte already, every core serialized since):
 //! 1. the trampoline, built (or found again) within reach;
-//! 2. the every-thread check ([`crate::threads`]): nobody in the interior, nobody about
-//!    to return there;
+//! 2. the trampoline published to the trap path (hits continue in its copies from now
+//!    on, not in the slots, which jump back into the interior), then the every-thread
+//!    check ([`crate::threads`]): nobody in the interior or in the site's slots, nobody
+//!    about to return there, no trap of the site half-handled;
 //! 3. bytes 1.. of the region: the jump's displacement, `int3` over the rest; every
 //!    core serialized (`membarrier` SYNC_CORE, in [`crate::patch::write`]);
 //! 4. byte 0: the jump's opcode; serialized again.
@@ -50,7 +52,7 @@ impl std::fmt::Display for PromoteFailure {
 /// trampoline (module docs).
 pub(crate) fn promote(
     region: &Region,
-    block: &'static crate::backend::BlockInfo,
+    block: &'static crate::site::BlockInfo,
 ) -> Result<&'static TrampInfo, PromoteFailure> {
     let info = tramps::trampoline_for(region, block).map_err(PromoteFailure::Trampoline)?;
     let map = info.map();
@@ -62,7 +64,12 @@ pub(crate) fn promote(
             },
         )));
     };
-    threads::check_all(region, map).map_err(PromoteFailure::Threads)?;
+    // From now on the trap path continues hits in the trampoline, never in a slot (the
+    // slots jump back into the interior): set before the check, which then waits for
+    // traps already past that decision.
+    let _ = block.tramp.set(map);
+    crate::site::PUBLISHED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    threads::check_all(region, map, block).map_err(PromoteFailure::Threads)?;
     let addr = region.addr();
     let restore = || {
         // Best effort: the same write that just failed may fail again; the int3 on

@@ -29,6 +29,31 @@ std::thread_local! {
     static TID: Cell<u32> = const { Cell::new(0) };
     /// Depth of our own machinery (the trampoline entry) on this thread.
     static MACHINERY: Cell<u32> = const { Cell::new(0) };
+    /// `site::PUBLISHED` as the oldest trap handler running on this thread read it
+    /// when it started (0: none runs).
+    static OLDEST_TRAP: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A trap handler starts on this thread having read `published`; returns what to give
+/// [`trap_done`]. Async-signal-safe.
+pub(crate) fn trap_started(published: u64) -> u64 {
+    OLDEST_TRAP.with(|o| {
+        let prev = o.get();
+        if prev == 0 {
+            o.set(published);
+        }
+        prev
+    })
+}
+
+/// The trap handler that [`trap_started`] returned `prev` for ends.
+pub(crate) fn trap_done(prev: u64) {
+    OLDEST_TRAP.with(|o| o.set(prev));
+}
+
+/// What the oldest trap handler running on this thread read (0: none runs).
+pub(crate) fn oldest_trap() -> u64 {
+    OLDEST_TRAP.with(Cell::get)
 }
 
 /// This thread is inside the backend's machinery (a trampoline entry); a probe hit there

@@ -25,7 +25,7 @@ use multiprobe_x86::{
     TrampolineSpec,
 };
 
-use crate::backend::BlockInfo;
+use crate::site::BlockInfo;
 use crate::{entry, patch, slots};
 
 /// Size of one unit: header and a trampoline of at most `TRAMPOLINE_LEN` bytes.

@@ -222,16 +222,16 @@ fn a_thread_that_does_not_answer_the_check_leaves_a_working_int3_site() {
     let reg = Registry::new(SigtrapBackend::new());
     let a = addr(mp_r_plain as *const ());
     let orig = bytes(a, 16);
-    // A thread with SIGSEGV blocked (the check signal), asleep.
+    // A thread with SIGFPE blocked (the check signal), asleep.
     let (tx, rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
     let t = std::thread::spawn(move || {
-        // SAFETY: blocking SIGSEGV on this thread with a valid set.
+        // SAFETY: blocking SIGFPE on this thread with a valid set.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGSEGV);
+            libc::sigaddset(&mut set, libc::SIGFPE);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         }
         tx.send(()).unwrap();

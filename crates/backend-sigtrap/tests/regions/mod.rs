@@ -45,7 +45,8 @@ core::arch::global_asm!(
         "mov eax, edi",
         "and eax, 1",
         "lea rbx, [rip + 3f]",
-        "mov rax, [rbx + rax * 8]",
+        "movsxd rax, dword ptr [rbx + rax * 4]",
+        "add rax, rbx",
         "jmp rax",
         "4:",
         "mov eax, 10",
@@ -55,9 +56,9 @@ core::arch::global_asm!(
         "mov eax, 20",
         "pop rbx",
         "ret",
-        ".p2align 3",
+        ".p2align 2",
         "3:",
-        ".quad 4b, 5b",
+        ".long 4b - 3b, 5b - 3b",
     ),
     // Refused: a call inside the region.
     func!(
