@@ -121,7 +121,7 @@ impl SigtrapBackend {
         st.promote = false;
         if let Some(a) = armed.get_mut(&addr) {
             if let Some(region) = a.jump {
-                promote::demote(&region)
+                promote::demote(&region, info)
                     .map_err(|e| Error::io(format!("demoting the site at {addr:#x}"), e))?;
                 a.jump = None;
             }
@@ -133,6 +133,17 @@ impl SigtrapBackend {
 
 fn no_probe(addr: u64) -> Error {
     Error::Backend(format!("no probe of this backend at {addr:#x}"))
+}
+
+/// The promoted site whose jump covers `addr` (its first byte or its region's other
+/// bytes), if one does: for tests that check bytes next to other registries' sites.
+#[doc(hidden)]
+pub fn jump_covering(addr: u64) -> Option<u64> {
+    let armed = armed();
+    armed
+        .range(addr.saturating_sub(multiprobe_x86::MAX_REGION_LEN as u64)..=addr)
+        .find(|(&a, arm)| arm.jump.is_some_and(|r| addr >= a && addr < r.end()))
+        .map(|(&a, _)| a)
 }
 
 /// Promote `info`'s armed site if its state allows, recording the outcome in its mode.
@@ -162,7 +173,13 @@ fn try_promote(info: &'static BlockInfo, armed: &mut BTreeMap<u64, Armed>) {
         ));
         return;
     }
-    st.mode = match promote::promote(&region, info) {
+    // Sites promoted now (their trampolines' exits cannot reach into this region).
+    let promoted: Vec<u64> = armed
+        .iter()
+        .filter(|(_, a)| a.jump.is_some())
+        .map(|(&a, _)| a)
+        .collect();
+    st.mode = match promote::promote(&region, info, &promoted) {
         Ok(t) => {
             let _ = info.tramp.set(t.map());
             if let Some(a) = armed.get_mut(&addr) {
@@ -187,15 +204,18 @@ fn demote_enclosing(addr: u64, armed: &mut BTreeMap<u64, Armed>) -> Result<()> {
         .next_back()
         .and_then(|(&a, arm)| arm.jump.filter(|r| r.in_interior(addr)).map(|r| (a, r)));
     if let Some((a, region)) = enclosing {
-        promote::demote(&region).map_err(|e| Error::io(format!("demoting {a:#x}"), e))?;
-        armed.get_mut(&a).expect("just found").jump = None;
-        for d in dispatchers::each() {
-            if let Some(info) = d.with_site(a, |s| s.info) {
+        let info = dispatchers::each().find_map(|d| d.with_site(a, |s| s.info));
+        match info {
+            Some(info) => {
+                promote::demote(&region, info)
+                    .map_err(|e| Error::io(format!("demoting {a:#x}"), e))?;
                 info.state().mode = Mode::Trap(TrapReason::Region(
                     multiprobe_x86::RegionRefusal::ProbeInside { at: addr },
                 ));
             }
+            None => return Err(no_probe(a)),
         }
+        armed.get_mut(&a).expect("just found").jump = None;
     }
     Ok(())
 }
@@ -330,6 +350,8 @@ impl Backend for SigtrapBackend {
 
     fn arm(&self, addr: u64, site: &Site) -> Result<()> {
         let mut armed = armed();
+        // A site promoted since this one was prepared may cover it now.
+        demote_enclosing(addr, &mut armed)?;
         let mut now = [0u8];
         patch::read(addr, &mut now).map_err(|e| Error::io("reading code", e))?;
         let orig = site.info.plan.bytes()[0];
@@ -372,7 +394,7 @@ impl Backend for SigtrapBackend {
                 armed.remove(&addr);
                 return Err(Error::CodeGone { addr });
             }
-            promote::demote(&region)
+            promote::demote(&region, site.info)
                 .map_err(|e| Error::io(format!("demoting the site at {addr:#x}"), e))?;
             if let Some(a) = armed.get_mut(&addr) {
                 a.jump = None;
@@ -426,6 +448,7 @@ fn block_info(
         boost,
         post,
         tramp: OnceLock::new(),
+        jump: std::sync::atomic::AtomicBool::new(false),
         state: Mutex::new(SiteState {
             region,
             promote: false,

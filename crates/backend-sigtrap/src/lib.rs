@@ -137,6 +137,8 @@ mod threads;
 mod tramps;
 mod trap;
 
+#[doc(hidden)]
+pub use backend::jump_covering;
 pub use backend::{Class, Mode, SigtrapBackend, Site, TrapReason};
 pub use memory::LocalMemory;
 pub use place::{fn_addr, resolve, FnPtr, ResolveError};

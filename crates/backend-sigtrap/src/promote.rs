@@ -21,6 +21,8 @@
 //! the jump's displacement), and threads inside the trampoline finish there: it is
 //! never reused.
 
+use std::sync::atomic::Ordering;
+
 use multiprobe_x86::{Region, INT3};
 
 use crate::patch;
@@ -53,6 +55,7 @@ impl std::fmt::Display for PromoteFailure {
 pub(crate) fn promote(
     region: &Region,
     block: &'static crate::site::BlockInfo,
+    promoted: &[u64],
 ) -> Result<&'static TrampInfo, PromoteFailure> {
     let info = tramps::trampoline_for(region, block).map_err(PromoteFailure::Trampoline)?;
     let map = info.map();
@@ -68,8 +71,12 @@ pub(crate) fn promote(
     // slots jump back into the interior): set before the check, which then waits for
     // traps already past that decision.
     let _ = block.tramp.set(map);
-    crate::site::PUBLISHED.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    threads::check_all(region, map, block).map_err(PromoteFailure::Threads)?;
+    block.jump.store(true, Ordering::Release);
+    crate::site::PUBLISHED.fetch_add(1, Ordering::AcqRel);
+    if let Err(e) = threads::check_all(region, map, block, promoted) {
+        block.jump.store(false, Ordering::Release);
+        return Err(PromoteFailure::Threads(e));
+    }
     let addr = region.addr();
     let restore = || {
         // Best effort: the same write that just failed may fail again; the int3 on
@@ -78,10 +85,12 @@ pub(crate) fn promote(
     };
     if let Err(e) = patch::write(addr + 1, &bytes[1..n]) {
         restore();
+        block.jump.store(false, Ordering::Release);
         return Err(PromoteFailure::Write(e));
     }
     if let Err(e) = patch::write(addr, &bytes[..1]) {
         restore();
+        block.jump.store(false, Ordering::Release);
         return Err(PromoteFailure::Write(e));
     }
     Ok(info)
@@ -90,8 +99,11 @@ pub(crate) fn promote(
 /// Put the `int3` site back: `int3` on byte 0, then the original bytes 1.. (module
 /// docs). On error the site may be left promoted (if byte 0 failed) or as an `int3`
 /// site with bytes 1.. of the jump (harmless: nobody executes them).
-pub(crate) fn demote(region: &Region) -> std::io::Result<()> {
+pub(crate) fn demote(region: &Region, block: &crate::site::BlockInfo) -> std::io::Result<()> {
     let addr = region.addr();
     patch::write(addr, &[INT3])?;
-    patch::write(addr + 1, &region.bytes()[1..])
+    patch::write(addr + 1, &region.bytes()[1..])?;
+    // The interior is the original code again: hits may use the slots.
+    block.jump.store(false, Ordering::Release);
+    Ok(())
 }

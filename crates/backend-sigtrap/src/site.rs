@@ -11,7 +11,7 @@
 //! * At most one armed site exists per address in the process (the backend's arm lock
 //!   and its table of armed addresses), so the per-address `state` is that site's.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use multiprobe_symbols::{MappedAt, Maps};
@@ -79,18 +79,25 @@ pub(crate) struct BlockInfo {
     pub(crate) post: Option<Slot>,
     /// The trampoline's map, once built.
     pub(crate) tramp: OnceLock<&'static Trampoline>,
+    /// Set from just before a promotion's thread check until the site is demoted: hits
+    /// continue in the trampoline's copies then (the slots jump back into the
+    /// interior, which holds the jump's bytes); in the slots otherwise (the trampoline's
+    /// copies skip any probe placed inside the region after a demotion).
+    pub(crate) jump: AtomicBool,
     /// Thread context only.
     pub(crate) state: Mutex<SiteState>,
 }
 
 impl BlockInfo {
     /// What the site has for continuing a hit (the shared decision's input): its slots,
-    /// or, once its trampoline is built, only the trampoline's copies. The slots jump
-    /// back into the region's interior, which holds the jump's bytes while promoted; the
-    /// trampoline's copies are valid whether promoted or not (they never change), so
-    /// from the moment the trampoline exists no hit is sent into a slot.
+    /// or, while it is promoted (or being promoted), only its trampoline's copies (see
+    /// `jump`).
     pub(crate) fn ways(&self) -> Ways<'_> {
-        match self.tramp.get() {
+        match self
+            .tramp
+            .get()
+            .filter(|_| self.jump.load(Ordering::Acquire))
+        {
             Some(t) => Ways {
                 plan: &self.plan,
                 jump_back: None,
@@ -109,7 +116,10 @@ impl BlockInfo {
     /// Where a thread continuing at original address `rip` goes: inside the region of a
     /// built trampoline, to the same point of its relocated copy.
     pub(crate) fn resume_target(&self, rip: u64) -> u64 {
-        self.tramp.get().map_or(rip, |t| t.resume_target(rip))
+        match self.tramp.get() {
+            Some(t) if self.jump.load(Ordering::Acquire) => t.resume_target(rip),
+            _ => rip,
+        }
     }
 
     /// The slot of this block that contains `ip`, if any.

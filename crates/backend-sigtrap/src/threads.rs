@@ -54,7 +54,7 @@ use multiprobe_x86::{Region, Trampoline};
 
 use crate::memory::LocalMemory;
 use crate::site::BlockInfo;
-use crate::{context, thread};
+use crate::{context, slots, thread};
 
 /// Tag of our check requests in `si_value` (the generation is or'ed into the low 24
 /// bits).
@@ -324,6 +324,8 @@ struct Fixer<'a> {
     mem: LocalMemory,
     /// `site::PUBLISHED` after this site's trampoline was published.
     published: u64,
+    /// Other sites promoted now.
+    promoted: &'a [u64],
 }
 
 impl Fixer<'_> {
@@ -334,24 +336,57 @@ impl Fixer<'_> {
     fn fix(&self, regs: &mut Regs, int3_trap: bool, traps_safe: bool) -> Verdict {
         let rip = regs.rip;
         let addr = self.region.addr();
-        let trap_at = rip.wrapping_sub(1);
-        if int3_trap && (trap_at == addr || self.block.slot_at(trap_at).is_some()) {
-            // Its handler picks the continuation: with the trampoline in view (then it
-            // never lands in the interior) or not (wait until it is done).
-            return if traps_safe {
-                Verdict::Keep
-            } else {
-                Verdict::Busy
+        let in_region = |a: u64| a >= addr && a < self.region.end();
+        if int3_trap {
+            let trap_at = rip.wrapping_sub(1);
+            if trap_at == addr || self.block.slot_at(trap_at).is_some() {
+                // Its handler picks the continuation: with the trampoline in view (then
+                // it never lands in the interior) or not (wait until it is done).
+                return if traps_safe {
+                    Verdict::Keep
+                } else {
+                    Verdict::Busy
+                };
+            }
+            // A trap of another site inside the region (just removed), or of another
+            // site's trap-after slot whose probe lies in it: its handler continues
+            // into the interior. Wait until it is done.
+            let other_slot = slots::lookup(trap_at).is_some_and(|b| in_region(b.addr));
+            if self.region.in_interior(trap_at) || other_slot {
+                return Verdict::Busy;
+            }
+        }
+        if let Some(other) = crate::tramps::lookup(rip).filter(|t| t.addr != addr) {
+            // Inside another site's trampoline. If that site is promoted its exits
+            // cannot reach into this region (regions of promoted sites never overlap);
+            // if it was demoted, its copies may run into this region's interior: back
+            // to the original code (equivalent, and its bytes are the originals again).
+            if self.promoted.contains(&other.addr) {
+                return Verdict::Keep;
+            }
+            let mut r = *regs;
+            return match other.map().fixup(&mut r) {
+                Some(_) => {
+                    r.rip = self.map.resume_target(r.rip);
+                    *regs = r;
+                    Verdict::Moved
+                }
+                // In its save, dispatch or restore code: wait until it leaves.
+                None => Verdict::Busy,
             };
         }
-        if let Some(slot) = self.block.slot_at(rip) {
+        if let Some(b) = slots::lookup(rip) {
+            let Some(slot) = b.slot_at(rip) else {
+                return Verdict::Keep;
+            };
+            let own = std::ptr::eq(b, self.block);
             let mut r = *regs;
             if slot.fixup_trap(rip + 1, &mut r) {
-                // About to take the trap-after slot's int3, the posts still owed.
+                // About to take a trap-after slot's int3, the posts still owed.
                 if !self.region.in_interior(r.rip) {
                     return Verdict::Keep;
                 }
-                if !self.map.has_post() {
+                if !own || !self.map.has_post() {
                     return Verdict::Stuck;
                 }
                 regs.rip = self.map.post_stub();
@@ -360,7 +395,25 @@ impl Fixer<'_> {
             if !slot.fixup_ip(&mut r) {
                 return Verdict::Stuck;
             }
-            let owes_post = self.block.post.as_ref().is_some_and(|p| p.contains(rip));
+            let owes_post = b.post.as_ref().is_some_and(|p| p.contains(rip));
+            if !own {
+                // Another site's slot (that site inside this region, just removed):
+                // only where it goes on matters.
+                if !self.region.in_interior(r.rip) {
+                    return Verdict::Keep;
+                }
+                if owes_post {
+                    return Verdict::Stuck; // its posts would be lost
+                }
+                return match self.region.boundary_index(r.rip) {
+                    Some(i) => {
+                        r.rip = self.map.copy_of(i);
+                        *regs = r;
+                        Verdict::Moved
+                    }
+                    None => Verdict::Stuck,
+                };
+            }
             r.rip = if r.rip == addr {
                 // The relocated instruction has not run yet.
                 if owes_post {
@@ -494,9 +547,10 @@ pub(crate) fn check_all(
     region: &Region,
     map: &Trampoline,
     block: &BlockInfo,
+    promoted: &[u64],
 ) -> Result<(), CheckFailure> {
     for _ in 0..BUSY_ROUNDS {
-        match check_round(region, map, block) {
+        match check_round(region, map, block, promoted) {
             Ok(()) => return Ok(()),
             Err(Problem::Fail(e)) => return Err(e),
             Err(Problem::Busy) => std::thread::yield_now(),
@@ -505,7 +559,12 @@ pub(crate) fn check_all(
     Err(CheckFailure::Busy)
 }
 
-fn check_round(region: &Region, map: &Trampoline, block: &BlockInfo) -> Result<(), Problem> {
+fn check_round(
+    region: &Region,
+    map: &Trampoline,
+    block: &BlockInfo,
+    promoted: &[u64],
+) -> Result<(), Problem> {
     let mut last = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let gen = (*last % GEN_MASK) + 1;
     *last = gen;
@@ -522,6 +581,7 @@ fn check_round(region: &Region, map: &Trampoline, block: &BlockInfo) -> Result<(
         block,
         mem: LocalMemory::installed(),
         published: crate::site::PUBLISHED.load(Ordering::Acquire),
+        promoted,
     };
     CHECK.arrived.store(0, Ordering::Relaxed);
     CHECK.left.store(0, Ordering::Relaxed);

@@ -81,9 +81,19 @@ fn one_registry(
     }
     drop(reg);
     for &(a, b) in original.iter().filter(|(a, _)| mine.contains(a)) {
-        assert_eq!(
-            bytes(a, 1)[0],
-            b,
+        // Restored — unless a site of another registry was promoted meanwhile and its
+        // jump covers this byte now (sites sit on every instruction of the sled). That
+        // one may be demoted again while we look: look again.
+        let ok = (0..1000).any(|_| {
+            let now = bytes(a, 1)[0];
+            let ok = now == b || multiprobe_backend_sigtrap::jump_covering(a).is_some();
+            if !ok {
+                std::thread::yield_now();
+            }
+            ok
+        });
+        assert!(
+            ok,
             "round {round}: byte at {a:#x} not restored when its registry was dropped"
         );
     }
