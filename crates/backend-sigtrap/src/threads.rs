@@ -336,7 +336,6 @@ impl Fixer<'_> {
     fn fix(&self, regs: &mut Regs, int3_trap: bool, traps_safe: bool) -> Verdict {
         let rip = regs.rip;
         let addr = self.region.addr();
-        let in_region = |a: u64| a >= addr && a < self.region.end();
         if int3_trap {
             let trap_at = rip.wrapping_sub(1);
             if trap_at == addr || self.block.slot_at(trap_at).is_some() {
@@ -348,11 +347,16 @@ impl Fixer<'_> {
                     Verdict::Busy
                 };
             }
-            // A trap of another site inside the region (just removed), or of another
-            // site's trap-after slot whose probe lies in it: its handler continues
-            // into the interior. Wait until it is done.
-            let other_slot = slots::lookup(trap_at).is_some_and(|b| in_region(b.addr));
-            if self.region.in_interior(trap_at) || other_slot {
+            // A trap of another site close enough that its continuation — its slot's
+            // jump back, its trampoline's copy (a demoted site's copies run on past
+            // its end) — may land in this region's interior, or of such a site's
+            // trap-after slot: wait until its handler is done.
+            let near = |a: u64| {
+                a.saturating_add(multiprobe_x86::MAX_REGION_LEN as u64) > addr
+                    && a < self.region.end()
+            };
+            let other_slot = slots::lookup(trap_at).is_some_and(|b| near(b.addr));
+            if near(trap_at) || other_slot {
                 return Verdict::Busy;
             }
         }
@@ -442,6 +446,16 @@ impl Fixer<'_> {
         }
     }
 
+    /// Whether `w`, a word on a thread's stack, is an address inside the trampoline of a
+    /// site other than this one that is not promoted now.
+    fn returns_into_demoted(&self, w: u64) -> bool {
+        if !crate::tramps::contains(w) {
+            return false;
+        }
+        crate::tramps::lookup(w)
+            .is_some_and(|t| t.addr != self.region.addr() && !self.promoted.contains(&t.addr))
+    }
+
     /// Walk the stack from `rsp` up to the end of its mapping for signal frames, fixing
     /// their saved contexts, following frames onto other stacks.
     fn walk(
@@ -468,11 +482,17 @@ impl Fixer<'_> {
                     break;
                 }
                 for (k, w) in buf[..n].chunks_exact(8).enumerate() {
-                    if restorer != 0 && u64::from_le_bytes(w.try_into().unwrap()) == restorer {
+                    let w = u64::from_le_bytes(w.try_into().unwrap());
+                    if restorer != 0 && w == restorer {
                         let frame = p + 8 * k as u64;
                         if let Some(next) = self.frame(frame, m.end, tid, traps_safe)? {
                             todo.push(next);
                         }
+                    } else if self.returns_into_demoted(w) {
+                        // A return address into a demoted site's trampoline: the thread
+                        // runs that trampoline's entry (a handler, say) and will come
+                        // back to its copies, which may run into this region.
+                        return Err(Problem::Busy);
                     }
                 }
                 p += n as u64;
