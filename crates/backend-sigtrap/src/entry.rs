@@ -22,7 +22,7 @@ use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Via, Ways};
 
 use crate::memory::LocalMemory;
 use crate::tramps::TrampInfo;
-use crate::{context, dispatchers, signals, thread};
+use crate::{collect, context, dispatchers, signals, thread};
 
 const MEM: LocalMemory = LocalMemory::installed();
 
@@ -35,6 +35,13 @@ pub(crate) unsafe extern "C" fn pre(frame: *mut Frame, ctx: u64, _event: u64) ->
     // SAFETY: the trampoline passes its frame (ours for the call) and the leaked info it
     // was built with.
     let (f, info) = unsafe { (&mut *frame, &*(ctx as *const TrampInfo)) };
+    let exit = pre_hit(f, info);
+    // A handler may have asked for a removal, which only thread context finishes.
+    collect::ring_if_pending();
+    exit
+}
+
+fn pre_hit(f: &mut Frame, info: &TrampInfo) -> u64 {
     let t = info.map();
     f.regs.fs_base = context::fs_base();
     thread::with_state(|ts| {
@@ -113,5 +120,6 @@ pub(crate) unsafe extern "C" fn post(frame: *mut Frame, ctx: u64, _event: u64) -
             }
         }
     });
+    collect::ring_if_pending();
     f.leave_after(t, t.continuation(), &MEM)
 }
