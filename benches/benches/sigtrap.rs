@@ -280,7 +280,7 @@ fn main() {
         }
     }
     // Trap-free: the same kind of handlers on a promoted site.
-    let jreg = multiprobe_core::Registry::new(SigtrapBackend::new());
+    let jreg = multiprobe_core::Registry::new(SigtrapBackend::with_promotion(true));
     let jump = mp_b_jump as *const () as u64;
     let mut guards = Vec::new();
     for (name, handlers, post) in [

@@ -61,11 +61,14 @@ impl Default for SigtrapBackend {
 
 impl SigtrapBackend {
     /// A backend for this process, promoting armed sites to trap-free jumps where the
-    /// code allows. Installs the process-wide SIGTRAP and fault handlers the first time
-    /// one is created (install your own fault handlers before that, so ours can hand
-    /// faults on to them).
+    /// code allows (unless the environment variable `MULTIPROBE_SIGTRAP_PROMOTE` is `0`,
+    /// which keeps every site of backends made by `new` an `int3` site: how the test
+    /// suite runs on trap sites too). Installs the process-wide SIGTRAP and fault
+    /// handlers the first time one is created (install your own fault handlers before
+    /// that, so ours can hand faults on to them).
     pub fn new() -> Self {
-        Self::with_promotion(true)
+        let promote = std::env::var_os("MULTIPROBE_SIGTRAP_PROMOTE").is_none_or(|v| v != "0");
+        Self::with_promotion(promote)
     }
 
     /// A backend that promotes sites (`true`, the default of [`SigtrapBackend::new`]) or

@@ -53,12 +53,15 @@ extern "C" fn on_fault(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     // SAFETY: the kernel passes valid pointers to an SA_SIGINFO handler.
     let (si, uc) = unsafe { (&mut *info, &mut *ctx.cast::<ucontext_t>()) };
     let rip = context::rip(uc);
-    if let Some(fix) = memory::fixup_for(rip) {
+    // A promotion's thread check first: it may interrupt anything, the guarded copy
+    // included, and is no fault of it.
+    if sig == threads::SIGNAL && threads::on_check(si, uc) {
+        return; // parked and released
+    }
+    // Only a fault the kernel raised (positive si_code) is the guarded copy's.
+    if let Some(fix) = memory::fixup_for(rip).filter(|_| si.si_code > 0) {
         context::set_rip(uc, fix);
         return;
-    }
-    if sig == threads::SIGNAL && threads::on_check(si, uc) {
-        return; // a promotion's thread check: parked and released
     }
     if let Some(t) = tramps::lookup(rip) {
         let mut regs = context::load(uc);

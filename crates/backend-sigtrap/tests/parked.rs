@@ -59,7 +59,7 @@ fn a_thread_parked_at_the_regions_second_instruction_resumes_in_the_relocated_co
         a + 1,
         "parked at the second instruction"
     );
-    let reg = Registry::new(SigtrapBackend::new());
+    let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let hits = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&hits);
     let g = reg

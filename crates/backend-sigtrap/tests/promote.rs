@@ -29,7 +29,7 @@ fn counter(c: &Arc<AtomicU64>) -> impl Fn(&mut Hit<'_>) + Send + Sync + 'static 
 #[test]
 fn promotion_and_demotion_ten_thousand_times_under_two_calling_threads_keep_exact_counts() {
     let _s = serial();
-    let reg = Registry::new(SigtrapBackend::new());
+    let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let a = addr(mp_r_plain as *const ());
     let orig = bytes(a, 16);
     let hits = Arc::new(AtomicU64::new(0));
@@ -81,7 +81,7 @@ fn promotion_and_demotion_ten_thousand_times_under_two_calling_threads_keep_exac
 #[test]
 fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     let _s = serial();
-    let reg = Registry::new(SigtrapBackend::new());
+    let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let hits = Arc::new(AtomicU64::new(0));
     let cases: [(u64, fn(RegionRefusal) -> bool); 3] = [
         (addr(mp_r_loop as *const ()), |r| {
@@ -118,7 +118,7 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     }
     assert_eq!(hits.load(Relaxed), 4, "trap sites still count every hit");
     // A site kept as int3 on request.
-    let backend = SigtrapBackend::new();
+    let backend = SigtrapBackend::with_promotion(true);
     let a = addr(mp_r_plain as *const ());
     backend.keep_as_trap(a);
     let reg2 = Registry::new(backend);
@@ -168,7 +168,7 @@ fn vector_and_x87_values_live_across_the_probe_survive_a_clobbering_handler() {
     let _s = serial();
     let input = vector_input();
     let want = run_vec(&input);
-    let reg = Registry::new(SigtrapBackend::new());
+    let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let a = addr(mp_r_vec_probe as *const ());
     let big = Arc::new(Mutex::new((vec![1u8; 1 << 20], vec![0u8; 1 << 20])));
     let b = Arc::clone(&big);
@@ -219,7 +219,7 @@ fn vector_and_x87_values_live_across_the_probe_survive_a_clobbering_handler() {
 #[test]
 fn a_thread_that_does_not_answer_the_check_leaves_a_working_int3_site() {
     let _s = serial();
-    let reg = Registry::new(SigtrapBackend::new());
+    let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let a = addr(mp_r_plain as *const ());
     let orig = bytes(a, 16);
     // A thread with SIGFPE blocked (the check signal), asleep.
@@ -273,7 +273,7 @@ fn dropping_the_registry_with_promoted_sites_restores_every_byte() {
     ];
     let before: Vec<Vec<u8>> = sites.iter().map(|&a| bytes(a, 32)).collect();
     {
-        let reg = Registry::new(SigtrapBackend::new());
+        let reg = Registry::new(SigtrapBackend::with_promotion(true));
         let hits = Arc::new(AtomicU64::new(0));
         let guards: Vec<_> = sites
             .iter()
