@@ -49,7 +49,7 @@ fn a_thread_parked_at_the_regions_second_instruction_resumes_in_the_relocated_co
     // The thread enters the function unprobed and faults on its second instruction.
     let t = std::thread::spawn(|| {
         // SAFETY: a bad pointer on purpose; the SIGSEGV handler fixes it.
-        unsafe { mp_r_load(8 as *const u64) }
+        unsafe { mp_r_load(std::ptr::dangling::<u64>()) }
     });
     while !PARKED.load(SeqCst) {
         std::thread::yield_now();

@@ -83,7 +83,8 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     let _s = serial();
     let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let hits = Arc::new(AtomicU64::new(0));
-    let cases: [(u64, fn(RegionRefusal) -> bool); 3] = [
+    type Want = fn(RegionRefusal) -> bool;
+    let cases: [(u64, Want); 3] = [
         (addr(mp_r_loop as *const ()), |r| {
             matches!(r, RegionRefusal::BranchInto { .. })
         }),
