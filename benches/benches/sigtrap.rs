@@ -14,6 +14,11 @@
 //!   trap-after slot, two traps.
 //! * `emulated/N`, `emulated-post/1`: on `push rbx` (emulated: one trap, post-handlers
 //!   run right after emulation).
+//! * `promoted/N`, `promoted-post/1`: the trap-free site (`push rbx; mov rbx, rdi; lea`
+//!   replaced by a jump into a trampoline), N handlers counting per thread, against the
+//!   same function unprobed; `boosted/3 again` and `kernel-uprobe` (a tracefs uprobe on
+//!   the unprobed twin) paired with `promoted/3`; `promoted/3-2threads`: a second thread
+//!   hits the same site at the same time (time per hit on this one).
 //!
 //! Each iteration calls the probed function once; handlers bump an atomic counter.
 //! Every sample of a routine is immediately preceded by a sample of its baseline with
@@ -220,6 +225,29 @@ fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
         })
 }
 
+std::thread_local! {
+    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A counting handler that counts per thread (a thread-local cell), the way a hot
+/// counter avoids sharing a cache line between threads.
+fn tls_counter(h: &mut Hit<'_>) {
+    black_box(h.regs().rdi);
+    MINE.with(|c| c.set(c.get() + 1));
+}
+
+fn tls_with_post() -> impl multiprobe_core::Handler {
+    FnHandler::new()
+        .pre(|_h: &mut Hit<'_>| {
+            MINE.with(|c| c.set(c.get() + 1));
+            PreAction::Continue
+        })
+        .post(|h: &mut Hit<'_>| {
+            black_box(h.regs().rax);
+            MINE.with(|c| c.set(c.get() + 1));
+        })
+}
+
 type Target = unsafe extern "C" fn(u64) -> u64;
 
 fn raw(n: u64) -> Duration {
@@ -294,9 +322,9 @@ fn main() {
         jreg.synchronize().unwrap();
         for k in 0..handlers {
             guards.push(if post && k == 0 {
-                jreg.register_handler(jump, with_post(&hits)).unwrap()
+                jreg.register_handler(jump, tls_with_post()).unwrap()
             } else {
-                jreg.register(jump, counter(&hits)).unwrap()
+                jreg.register(jump, tls_counter).unwrap()
             });
         }
         assert_eq!(

@@ -370,6 +370,11 @@ impl Backend for SigtrapBackend {
         patch::write(addr, &[INT3])
             .map_err(|e| Error::io(format!("writing int3 at {addr:#x}"), e))?;
         armed.insert(addr, Armed { orig, jump: None });
+        if let Some(&i) = self.entry.get() {
+            site.info
+                .owner
+                .store(i, std::sync::atomic::Ordering::Relaxed);
+        }
         // A working int3 site now; promotion, if it fails, leaves it so.
         try_promote(site.info, &mut armed);
         Ok(())
@@ -452,6 +457,7 @@ fn block_info(
         post,
         tramp: OnceLock::new(),
         jump: std::sync::atomic::AtomicBool::new(false),
+        owner: std::sync::atomic::AtomicUsize::new(usize::MAX),
         state: Mutex::new(SiteState {
             region,
             promote: false,

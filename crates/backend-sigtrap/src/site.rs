@@ -84,6 +84,9 @@ pub(crate) struct BlockInfo {
     /// interior, which holds the jump's bytes); in the slots otherwise (the trampoline's
     /// copies skip any probe placed inside the region after a demotion).
     pub(crate) jump: AtomicBool,
+    /// The dispatcher index of the registry that armed it last (a hint: the entry asks
+    /// it first).
+    pub(crate) owner: std::sync::atomic::AtomicUsize,
     /// Thread context only.
     pub(crate) state: Mutex<SiteState>,
 }
