@@ -38,9 +38,19 @@ pub(crate) fn install() {
     });
 }
 
-/// Whether the fault handlers are in place.
-pub(crate) fn installed() -> bool {
-    FAULT_SIGNALS.iter().all(|&s| signals::installed(s))
+impl LocalMemory {
+    /// Guarded memory of this process. Installs the backend's fault handlers if they are
+    /// not yet installed.
+    pub fn new() -> Self {
+        install();
+        LocalMemory::installed()
+    }
+}
+
+impl Default for LocalMemory {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The fault handler's entry (reserved against probing).

@@ -1,5 +1,7 @@
 //! In-process probes for [`multiprobe_core`]: `int3` breakpoints in this process's own
-//! code, a SIGTRAP handler, and out-of-line (XOL) slots, so a hit costs one trap.
+//! code, a SIGTRAP handler, and out-of-line (XOL) slots, so a hit costs one trap — and,
+//! where the code allows, sites promoted to a `jmp` into a trampoline, so a hit costs
+//! no trap at all.
 //!
 //! ```
 //! use std::hint::black_box;
@@ -47,6 +49,58 @@
 //! displaced instruction that faults in its slot is reported to the fault handlers and,
 //! if none handles it, delivered to the program as if it had faulted at its original
 //! address.
+//!
+//! # Two modes: jump sites and trap sites
+//!
+//! Every site is armed as an `int3` site. Right after, it is *promoted* when the
+//! instructions covering 5 bytes from the probed address may be replaced by a `jmp
+//! rel32` (multiprobe-x86's region checks, kprobes' optprobes rules: no branch of the
+//! function into those bytes, no jump table, no exception landing pad there, no
+//! `call`/`ret`/`jmp`/`syscall` before their end, a trampoline within ±2 GiB) and the
+//! every-thread check passes. A promoted site's hits run in thread context: the
+//! trampoline skips the red zone, saves every register and the vector/x87 state, calls
+//! the core's dispatch (unchanged), restores, and runs the relocated instructions —
+//! ~50 ns a hit instead of a ~2 µs trap (BENCHMARKS.md). [`Site::mode`] /
+//! [`SigtrapBackend::mode_at`] say which mode a site is in and, for a trap site, why
+//! ([`TrapReason`]). A site that cannot be promoted is simply a trap site: never an
+//! error. `SigtrapBackend::with_promotion(false)` or [`SigtrapBackend::keep_as_trap`]
+//! keep sites as `int3` sites; [`SigtrapBackend::promote`] and
+//! [`SigtrapBackend::demote`] switch an armed site.
+//!
+//! Promotion follows the kernel's `text_poke_bp`: with the `int3` on the first byte,
+//! every other thread is stopped briefly in a signal handler (a queued SIGFPE carrying a
+//! magic value; see the `threads` module for why that signal) and any that stands in
+//! the replaced bytes — or is parked in a signal handler whose interrupted context is
+//! there, or in one of the site's slots — is moved to the same point of the relocated
+//! copy; then bytes 1.. are written, every core serialized (`membarrier` SYNC_CORE),
+//! then the `jmp` opcode. Demotion does the reverse. A thread that does not answer the
+//! check (SIGFPE blocked) keeps the site an `int3` site, and says so. Trampolines are
+//! never reused or freed, so a thread may be inside one at any time.
+//!
+//! What handlers see and may do is the same in both modes (this section and the next
+//! apply to both: the trampoline path is held to the signal path's rules), with these
+//! differences: on a jump site handlers run in thread context (so the async-signal
+//! rules are stricter than needed there, but a site may go back to being a trap site
+//! at any time); a hit arriving while the thread is inside the backend's own machinery
+//! is counted as missed, as is a hit from a signal handler that interrupted a
+//! trampoline's dispatch; a site whose first instruction is a `call` and that has
+//! post-handlers leaves its trampoline through one trap per hit (the emulated call
+//! moves the stack down, which only the trap exit can restore). A promoted site needs
+//! ~4 KiB of stack below the probed code's `rsp` (the frame and the vector state),
+//! about what a signal frame needs.
+//!
+//! # Module structure
+//!
+//! Leaf modules (they import nothing of this crate): `site` (per-site types), `context`,
+//! `memory` (the guarded copy), `known`, `patch`. Above them, without cycles:
+//! `dispatchers` (imports `site`), `thread` (`dispatchers`, for its fork hook),
+//! `signals` (`thread`), `slots` (`site`, `patch`), `collect` (`dispatchers`). The
+//! signal path — `trap` (SIGTRAP), `fault` (SIGSEGV/SIGBUS/SIGFPE/SIGILL) — and the
+//! trampoline path — `entry` — import only those, `tramps` (lookups over leaked
+//! trampoline descriptions) and `threads` (whose signal-side hook parks a thread with
+//! atomics and a futex); nothing they import reaches `backend`, `promote` or `source`,
+//! the thread-context code, so what must be async-signal-safe can be audited from the
+//! imports.
 //!
 //! # What handlers may do
 //!

@@ -25,9 +25,9 @@ use std::sync::atomic::Ordering;
 
 use multiprobe_x86::{Region, INT3};
 
-use crate::patch;
 use crate::threads::{self, CheckFailure};
 use crate::tramps::{self, TrampFailure, TrampInfo};
+use crate::{entry, patch};
 
 /// Why a promotion did not happen (the site stays an `int3` site).
 #[derive(Debug)]
@@ -57,7 +57,12 @@ pub(crate) fn promote(
     block: &'static crate::site::BlockInfo,
     promoted: &[u64],
 ) -> Result<&'static TrampInfo, PromoteFailure> {
-    let info = tramps::trampoline_for(region, block).map_err(PromoteFailure::Trampoline)?;
+    let (pre, post) = (
+        entry::pre as *const () as u64,
+        entry::post as *const () as u64,
+    );
+    let info =
+        tramps::trampoline_for(region, block, pre, post).map_err(PromoteFailure::Trampoline)?;
     let map = info.map();
     let Some((bytes, n)) = region.jump_bytes(map.addr()) else {
         return Err(PromoteFailure::Trampoline(TrampFailure::Build(
