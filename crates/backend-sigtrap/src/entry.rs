@@ -17,12 +17,14 @@
 //! * Nothing here allocates, locks or makes a system call on its own; it imports only
 //!   the leaf modules the signal path imports (plus the trampoline's description).
 
+use std::sync::atomic::Ordering;
+
 use multiprobe_core::backend::PreOutcome;
 use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Via, Ways};
 
 use crate::memory::LocalMemory;
 use crate::tramps::TrampInfo;
-use crate::{context, dispatchers, signals, thread};
+use crate::{collect, context, dispatchers, signals, thread};
 
 const MEM: LocalMemory = LocalMemory::installed();
 
@@ -35,6 +37,13 @@ pub(crate) unsafe extern "C" fn pre(frame: *mut Frame, ctx: u64, _event: u64) ->
     // SAFETY: the trampoline passes its frame (ours for the call) and the leaked info it
     // was built with.
     let (f, info) = unsafe { (&mut *frame, &*(ctx as *const TrampInfo)) };
+    let exit = pre_hit(f, info);
+    // A handler may have asked for a removal, which only thread context finishes.
+    collect::ring_if_pending();
+    exit
+}
+
+fn pre_hit(f: &mut Frame, info: &TrampInfo) -> u64 {
     let t = info.map();
     f.regs.fs_base = context::fs_base();
     thread::with_state(|ts| {
@@ -48,7 +57,10 @@ pub(crate) unsafe extern "C" fn pre(frame: *mut Frame, ctx: u64, _event: u64) ->
             return f.leave(t, false, &MEM);
         };
         let tid = thread::tid();
-        for d in dispatchers::each() {
+        // The registry that armed the site first (one lookup on the usual hit), then
+        // the others.
+        let owner = dispatchers::get(info.block.owner.load(Ordering::Relaxed));
+        for d in owner.into_iter().chain(dispatchers::each()) {
             let step = match d.pre(ts, info.addr, tid, &mut f.regs, &MEM) {
                 PreOutcome::NotOurs => continue,
                 PreOutcome::Redirect => {
@@ -64,21 +76,20 @@ pub(crate) unsafe extern "C" fn pre(frame: *mut Frame, ctx: u64, _event: u64) ->
                 trampoline: Some(t),
             };
             let post = step.wants_post();
-            return match continue_hit(&ways, post, Emulate::AsFallback, &mut f.regs, &MEM) {
+            return match continue_hit(&ways, post, Emulate::ForPost, &mut f.regs, &MEM) {
                 Continue::Emulated { post } => {
-                    if post {
-                        step.defer_post();
+                    if post && step.defer_post() {
                         d.post(ts, info.addr, tid, &mut f.regs, &MEM);
                     }
-                    let to = t.resume_target(f.regs.rip);
-                    f.continue_at(to, &MEM)
+                    // Usually at the continuation now: the direct exit, any rsp.
+                    f.leave(t, false, &MEM)
                 }
                 Continue::OutOfLine {
                     via: Via::RegionPost,
                     ..
                 } => {
-                    step.defer_post();
-                    f.leave(t, true, &MEM)
+                    let deferred = step.defer_post();
+                    f.leave(t, deferred, &MEM)
                 }
                 // The plain copy (a post that cannot run is given up: its emulation
                 // failed, the instruction is about to fault).
@@ -107,11 +118,13 @@ pub(crate) unsafe extern "C" fn post(frame: *mut Frame, ctx: u64, _event: u64) -
     let tid = thread::tid();
     thread::with_state(|ts| {
         let _inside = thread::Machinery::enter();
-        for d in dispatchers::each() {
+        let owner = dispatchers::get(info.block.owner.load(Ordering::Relaxed));
+        for d in owner.into_iter().chain(dispatchers::each()) {
             if d.post(ts, info.addr, tid, &mut f.regs, &MEM) {
                 break;
             }
         }
     });
+    collect::ring_if_pending();
     f.leave_after(t, t.continuation(), &MEM)
 }

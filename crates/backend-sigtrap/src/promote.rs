@@ -4,8 +4,10 @@
 //!
 //! Promote (the `int3` is on the first byte already, every core serialized since):
 //! 1. the trampoline, built (or found again) within reach;
-//! 2. the every-thread check ([`crate::threads`]): nobody in the interior, nobody about
-//!    to return there;
+//! 2. the trampoline published to the trap path (hits continue in its copies from now
+//!    on, not in the slots, which jump back into the interior), then the every-thread
+//!    check ([`crate::threads`]): nobody in the interior or in the site's slots, nobody
+//!    about to return there, no trap of the site half-handled;
 //! 3. bytes 1.. of the region: the jump's displacement, `int3` over the rest; every
 //!    core serialized (`membarrier` SYNC_CORE, in [`crate::patch::write`]);
 //! 4. byte 0: the jump's opcode; serialized again.
@@ -19,11 +21,13 @@
 //! the jump's displacement), and threads inside the trampoline finish there: it is
 //! never reused.
 
+use std::sync::atomic::Ordering;
+
 use multiprobe_x86::{Region, INT3};
 
-use crate::patch;
 use crate::threads::{self, CheckFailure};
 use crate::tramps::{self, TrampFailure, TrampInfo};
+use crate::{entry, patch};
 
 /// Why a promotion did not happen (the site stays an `int3` site).
 #[derive(Debug)]
@@ -50,9 +54,15 @@ impl std::fmt::Display for PromoteFailure {
 /// trampoline (module docs).
 pub(crate) fn promote(
     region: &Region,
-    block: &'static crate::backend::BlockInfo,
+    block: &'static crate::site::BlockInfo,
+    promoted: &[u64],
 ) -> Result<&'static TrampInfo, PromoteFailure> {
-    let info = tramps::trampoline_for(region, block).map_err(PromoteFailure::Trampoline)?;
+    let (pre, post) = (
+        entry::pre as *const () as u64,
+        entry::post as *const () as u64,
+    );
+    let info =
+        tramps::trampoline_for(region, block, pre, post).map_err(PromoteFailure::Trampoline)?;
     let map = info.map();
     let Some((bytes, n)) = region.jump_bytes(map.addr()) else {
         return Err(PromoteFailure::Trampoline(TrampFailure::Build(
@@ -62,7 +72,16 @@ pub(crate) fn promote(
             },
         )));
     };
-    threads::check_all(region, map).map_err(PromoteFailure::Threads)?;
+    // From now on the trap path continues hits in the trampoline, never in a slot (the
+    // slots jump back into the interior): set before the check, which then waits for
+    // traps already past that decision.
+    let _ = block.tramp.set(map);
+    block.jump.store(true, Ordering::Release);
+    crate::site::PUBLISHED.fetch_add(1, Ordering::AcqRel);
+    if let Err(e) = threads::check_all(region, map, block, promoted) {
+        block.jump.store(false, Ordering::Release);
+        return Err(PromoteFailure::Threads(e));
+    }
     let addr = region.addr();
     let restore = || {
         // Best effort: the same write that just failed may fail again; the int3 on
@@ -71,10 +90,12 @@ pub(crate) fn promote(
     };
     if let Err(e) = patch::write(addr + 1, &bytes[1..n]) {
         restore();
+        block.jump.store(false, Ordering::Release);
         return Err(PromoteFailure::Write(e));
     }
     if let Err(e) = patch::write(addr, &bytes[..1]) {
         restore();
+        block.jump.store(false, Ordering::Release);
         return Err(PromoteFailure::Write(e));
     }
     Ok(info)
@@ -83,8 +104,11 @@ pub(crate) fn promote(
 /// Put the `int3` site back: `int3` on byte 0, then the original bytes 1.. (module
 /// docs). On error the site may be left promoted (if byte 0 failed) or as an `int3`
 /// site with bytes 1.. of the jump (harmless: nobody executes them).
-pub(crate) fn demote(region: &Region) -> std::io::Result<()> {
+pub(crate) fn demote(region: &Region, block: &crate::site::BlockInfo) -> std::io::Result<()> {
     let addr = region.addr();
     patch::write(addr, &[INT3])?;
-    patch::write(addr + 1, &region.bytes()[1..])
+    patch::write(addr + 1, &region.bytes()[1..])?;
+    // The interior is the original code again: hits may use the slots.
+    block.jump.store(false, Ordering::Release);
+    Ok(())
 }

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use multiprobe_x86::MAX_SLOT_LEN;
 
-use crate::backend::BlockInfo;
+use crate::site::BlockInfo;
 use multiprobe_symbols::Maps;
 
 use crate::patch;

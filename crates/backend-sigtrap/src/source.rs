@@ -10,13 +10,14 @@ use multiprobe_core::Error;
 use multiprobe_symbols::{LandingPads, Located, Maps};
 use multiprobe_x86::{CodeSource, Function, Mapping};
 
+use crate::backend::Armed;
 use crate::{patch, symbols};
 
-/// The process as seen under the backend's arm lock (`armed` maps every address where
-/// a backend of this process has its `int3` to the original byte).
+/// The process as seen under the backend's arm lock (`armed`: every address where a
+/// backend of this process has its `int3` or its jump, with the original bytes).
 pub(crate) struct Local<'a> {
     pub(crate) maps: &'a Maps,
-    pub(crate) armed: &'a BTreeMap<u64, u8>,
+    pub(crate) armed: &'a BTreeMap<u64, Armed>,
     /// The enclosing function, looked up once by the caller.
     pub(crate) sym: Option<&'a Located>,
 }
@@ -41,8 +42,19 @@ impl CodeSource for Local<'_> {
     fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
         patch::read(addr, buf).map_err(|e| Error::io("reading code", e))?;
         let end = addr + buf.len() as u64;
-        for (&a, &b) in self.armed.range(addr..end) {
-            buf[(a - addr) as usize] = b;
+        // A jump's region may start before `addr` and reach into the buffer.
+        let from = addr.saturating_sub(multiprobe_x86::MAX_REGION_LEN as u64);
+        for (&a, arm) in self.armed.range(from..end) {
+            let original: &[u8] = match &arm.jump {
+                Some(r) => r.bytes(),
+                None => std::slice::from_ref(&arm.orig),
+            };
+            for (i, &b) in original.iter().enumerate() {
+                let at = a + i as u64;
+                if (addr..end).contains(&at) {
+                    buf[(at - addr) as usize] = b;
+                }
+            }
         }
         Ok(())
     }

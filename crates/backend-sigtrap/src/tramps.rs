@@ -25,8 +25,8 @@ use multiprobe_x86::{
     TrampolineSpec,
 };
 
-use crate::backend::BlockInfo;
-use crate::{entry, patch, slots};
+use crate::site::BlockInfo;
+use crate::{patch, slots};
 
 /// Size of one unit: header and a trampoline of at most `TRAMPOLINE_LEN` bytes.
 pub(crate) const UNIT: u64 = 2048;
@@ -169,11 +169,14 @@ fn common(a: &mut Alloc, near: u64) -> Result<u64, TrampFailure> {
     Ok(unit)
 }
 
-/// The trampoline of `region` (the site `block`): the one built before for the same
+/// The trampoline of `region` (the site `block`), calling the entry points `pre` and
+/// `post` (the trampoline path's, `crate::entry`): the one built before for the same
 /// original bytes, or a new one, written and published.
 pub(crate) fn trampoline_for(
     region: &Region,
     block: &'static BlockInfo,
+    pre: u64,
+    post: u64,
 ) -> Result<&'static TrampInfo, TrampFailure> {
     let addr = region.addr();
     let mut a = ALLOC.lock().unwrap_or_else(|p| p.into_inner());
@@ -192,8 +195,8 @@ pub(crate) fn trampoline_for(
     let spec = TrampolineSpec {
         region,
         ctx: info as *const TrampInfo as u64,
-        pre: entry::pre as *const () as u64,
-        post: entry::post as *const () as u64,
+        pre,
+        post,
         common,
     };
     // A unit that fails to build stays unused (never handed out again): harmless.

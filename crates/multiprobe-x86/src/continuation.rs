@@ -45,9 +45,9 @@ pub enum Emulate {
     /// (post-handlers run right after), for a nop (nothing to fetch), or when there is
     /// no copy to run.
     WhenCheaper,
-    /// Copies are free (a trampoline already in thread context): emulate only when no
-    /// copy can run the post-handlers.
-    AsFallback,
+    /// Copies are free (a trampoline, in thread context already): emulate only to run
+    /// post-handlers at once, which is cheaper than the post copy's second state save.
+    ForPost,
 }
 
 /// Which copy a hit continues in.
@@ -109,7 +109,7 @@ pub fn continue_hit(
             Emulate::WhenCheaper => {
                 want_post || !copies || plan.class() == Class::Emulated(EmulatedKind::Nop)
             }
-            Emulate::AsFallback => want_post && post_copy.is_none() && ways.trap_after.is_none(),
+            Emulate::ForPost => want_post,
         };
     if try_emulate && plan.emulate(regs, mem).is_ok() {
         return Continue::Emulated { post: want_post };

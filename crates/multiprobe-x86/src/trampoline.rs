@@ -197,6 +197,8 @@ pub struct Trampoline {
     plain: [u16; MAX_REGION_INSNS],
     /// Offset of the post copy (0: none).
     post: u16,
+    /// Offset of the post stub (right after the post copy's instruction).
+    stub: u16,
     npoints: u8,
     points: [Point; MAX_POINTS],
     /// Offsets of the `int3`s of the exits by trap.
@@ -255,6 +257,13 @@ impl Trampoline {
             1 => self.region.end(),
             _ => self.region.insn(1).0,
         }
+    }
+
+    /// The post stub: where a thread that has executed the first instruction and still
+    /// owes its post-handlers goes (it saves the state with `rip` = the continuation and
+    /// calls the post entry). Only with [`Trampoline::has_post`].
+    pub fn post_stub(&self) -> u64 {
+        self.addr + u64::from(self.stub)
     }
 
     /// The plain copy of region instruction `i`.
@@ -655,10 +664,15 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     }
     // Post copy: the first instruction, then the stub.
     let mut trap1 = None;
+    let mut stub_label = None;
     if first_falls {
         a.set_label(&mut post_label)?;
         a.zero_bytes()?;
         emit_relocated(&mut a, &insns[0], true, lit_ret, &mut points)?;
+        let mut stub = a.create_label();
+        a.set_label(&mut stub)?;
+        a.zero_bytes()?;
+        stub_label = Some(stub);
         emit_save(&mut a, &lits, lit_next, EVENT_POST, lits.post)?;
         trap1 = Some(emit_dispatch(&mut a, &lits, None, next)?);
         // "Continue" (rsp unchanged): where the original code goes on.
@@ -706,6 +720,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         region: *region,
         plain: [0; MAX_REGION_INSNS],
         post: 0,
+        stub: 0,
         npoints: 0,
         points: [NO_POINT; MAX_POINTS],
         traps: [0; 2],
@@ -715,6 +730,9 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     }
     if first_falls {
         map.post = off(&post_label)?;
+        if let Some(l) = &stub_label {
+            map.stub = off(l)?;
+        }
     }
     map.traps[0] = off(&trap0)?;
     if let Some(t) = trap1 {

@@ -231,9 +231,10 @@ fn the_continuation_follows_each_backends_costs() {
         run(&leave, None, None, None, true, WhenCheaper),
         Continue::InPlace { post: true }
     );
-    // The trampoline entry: the plain copy, or the post copy.
+    // The trampoline entry: the plain copy; with posts, emulation (the posts right
+    // after) or, for an instruction that is not emulated, the post copy.
     assert_eq!(
-        run(&mov, None, None, Some(&t), false, AsFallback),
+        run(&mov, None, None, Some(&t), false, ForPost),
         Continue::OutOfLine {
             at: t.copy_of(0),
             via: Via::Region,
@@ -241,7 +242,11 @@ fn the_continuation_follows_each_backends_costs() {
         }
     );
     assert_eq!(
-        run(&mov, None, None, Some(&t), true, AsFallback),
+        run(&mov, None, None, Some(&t), true, ForPost),
+        Continue::Emulated { post: true }
+    );
+    assert_eq!(
+        run(&leave, None, None, Some(&t), true, ForPost),
         Continue::OutOfLine {
             at: t.post_copy(),
             via: Via::RegionPost,
