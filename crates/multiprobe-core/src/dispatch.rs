@@ -381,6 +381,56 @@ impl<S> Step<'_, S> {
     }
 }
 
+/// The pre walk of one hit: the enabled pre-handlers in order, until one redirects
+/// (then returns true). `SKIP_REMOVED`: skip, as not reached, the handlers whose removal
+/// was requested (`crate::removal`), while the table's gate is open.
+#[inline(always)]
+fn walk<const SKIP_REMOVED: bool, S>(
+    table: &Table<S>,
+    site: &SiteView<S>,
+    hit: &mut Hit<'_>,
+    shard: Shard,
+) -> bool {
+    let addr = site.addr();
+    let mut walk = site.hot.iter();
+    while let Some(h) = walk.next() {
+        if SKIP_REMOVED && h.removal_requested() {
+            // Gone but for the bookkeeping: not called, not a hit of it.
+            h.counters().skipped(shard);
+            continue;
+        }
+        hit.set_handler(h.id);
+        let redirect = match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
+            Ok(PreAction::Continue) => false,
+            Ok(PreAction::Redirect) => true,
+            Ok(PreAction::Remove) => {
+                request_removal(table, h);
+                false
+            }
+            Err(payload) => {
+                report_panic(h.counters(), shard, payload);
+                false
+            }
+        };
+        if redirect || hit.rip_moved(addr) {
+            for later in walk {
+                later.counters().skipped(shard);
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// A pre-handler returned `Remove` (rare: out of the walk's way).
+#[cold]
+#[inline(never)]
+fn request_removal<S>(table: &Table<S>, h: &Hot) {
+    // SAFETY: `h` is reached through a view inside the caller's read section, and the
+    // view holds the entry.
+    unsafe { table.removals.request(h.entry()) };
+}
+
 /// Whether `h` may still be called or counted: its removal was not requested
 /// (`crate::removal`). For the walks off the hot path; the pre walk loads the gate once.
 #[inline]
@@ -444,10 +494,6 @@ impl<S> Dispatcher<S> {
             }
             return step(token, false);
         }
-        // Handlers whose removal was requested are skipped (`crate::removal`); their flags
-        // are looked at only while some request is in flight in this table. A request
-        // made during this walk by another handler takes effect from the next hit.
-        let gate = table.removals.gate_open();
         ts.active.store(true, Relaxed);
         // `active` is set before the walk's plain bumps of this thread's shard (the walk
         // counter, skips) and cleared after the last. A signal landing between a bump's
@@ -458,33 +504,16 @@ impl<S> Dispatcher<S> {
         // One count for the whole walk: each handler's hits are derived from it
         // (`crate::tally`), so a handler costs its call and little more.
         site.walk_counter.hit(shard);
-        let mut redirect = false;
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-        let mut walk = site.hot.iter();
-        while let Some(h) = walk.next() {
-            if gate && h.removal_requested() {
-                // Gone but for the bookkeeping: not called, not a hit of it.
-                h.counters().skipped(shard);
-                continue;
-            }
-            hit.set_handler(h.id);
-            match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
-                Ok(PreAction::Continue) => {}
-                Ok(PreAction::Redirect) => redirect = true,
-                Ok(PreAction::Remove) => {
-                    // SAFETY: the view, reached inside our read section, holds the entry.
-                    unsafe { table.removals.request(h.entry()) };
-                }
-                Err(payload) => report_panic(h.counters(), shard, payload),
-            }
-            if redirect || hit.rip_moved(addr) {
-                redirect = true;
-                for later in walk {
-                    later.counters().skipped(shard);
-                }
-                break;
-            }
-        }
+        // Handlers whose removal was requested are skipped (`crate::removal`); their flags
+        // are looked at only while some request is in flight in this table, in a loop of
+        // its own, so the usual walk pays nothing per handler for them. A request made
+        // during this walk by another handler takes effect from the next hit.
+        let redirect = if table.removals.gate_open() {
+            walk::<true, S>(table, site, &mut hit, shard)
+        } else {
+            walk::<false, S>(table, site, &mut hit, shard)
+        };
         // The other half of the fence above: every plain bump of the walk is done.
         signal_fence();
         ts.active.store(false, Relaxed);
