@@ -370,6 +370,9 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Unregister the handlers behind these guards with one grace period.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn unregister_all(&self, regs: Vec<Registration<B>>) -> Result<Vec<HandlerStats>> {
         let ids: Vec<HandlerId> = regs.into_iter().map(Registration::into_id).collect();
         self.unregister_batch(&ids)
@@ -407,6 +410,9 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Every registered handler, by id.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         let mut v: Vec<HandlerInfo> = self.inner.index.values().iter().map(|e| info(e)).collect();
         v.sort_by_key(|i| i.id);
@@ -414,6 +420,9 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Number of registered handlers.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn len(&self) -> usize {
         self.inner.index.len()
     }
@@ -424,11 +433,17 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Statistics of the site at `addr`, if one is registered.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn site(&self, addr: u64) -> Option<SiteStats> {
         self.inner.lock().get(addr).map(site_stats)
     }
 
     /// Every site, by address.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn sites(&self) -> Vec<SiteStats> {
         let w = self.inner.lock();
         let mut v: Vec<SiteStats> = w.views().map(site_stats).collect();
