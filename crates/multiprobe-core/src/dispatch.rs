@@ -63,7 +63,7 @@ use crate::srcu::{Domain, ReadToken};
 use crate::sync::atomic::Ordering::Relaxed;
 use crate::sync::same_thread::{signal_fence, AtomicBool, AtomicU8};
 use crate::sync::Arc;
-use crate::table::{Hot, SiteView, Table};
+use crate::table::{HandlerEntry, Hot, SiteView, Table};
 use crate::HandlerId;
 
 /// How many deferred steps one thread can have at once (a step is interrupted by a
@@ -392,6 +392,7 @@ fn walk<const SKIP_REMOVED: bool, S>(
     shard: Shard,
 ) -> bool {
     let addr = site.addr();
+    let mut redirect = false;
     let mut walk = site.hot.iter();
     while let Some(h) = walk.next() {
         if SKIP_REMOVED && h.removal_requested() {
@@ -400,35 +401,45 @@ fn walk<const SKIP_REMOVED: bool, S>(
             continue;
         }
         hit.set_handler(h.id);
-        let redirect = match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
-            Ok(PreAction::Continue) => false,
-            Ok(PreAction::Redirect) => true,
-            Ok(PreAction::Remove) => {
-                request_removal(table, h);
-                false
-            }
-            Err(payload) => {
-                report_panic(h.counters(), shard, payload);
-                false
-            }
-        };
+        match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
+            Ok(PreAction::Continue) => {}
+            Ok(PreAction::Redirect) => redirect = true,
+            // (The entry, not `h`: needing `h`'s own address here made LLVM walk by
+            // pointer and count, an instruction more per handler of every hit.)
+            Ok(PreAction::Remove) => request_removal(table, h.entry()),
+            Err(payload) => report_panic(h.counters(), shard, payload),
+        }
         if redirect || hit.rip_moved(addr) {
+            redirect = true;
             for later in walk {
                 later.counters().skipped(shard);
             }
-            return true;
+            break;
         }
     }
-    false
+    redirect
+}
+
+/// [`walk`] while removals are in flight: out of line, so that `pre` keeps a single,
+/// tight loop for the usual case.
+#[cold]
+#[inline(never)]
+fn walk_skipping_removed<S>(
+    table: &Table<S>,
+    site: &SiteView<S>,
+    hit: &mut Hit<'_>,
+    shard: Shard,
+) -> bool {
+    walk::<true, S>(table, site, hit, shard)
 }
 
 /// A pre-handler returned `Remove` (rare: out of the walk's way).
 #[cold]
 #[inline(never)]
-fn request_removal<S>(table: &Table<S>, h: &Hot) {
-    // SAFETY: `h` is reached through a view inside the caller's read section, and the
-    // view holds the entry.
-    unsafe { table.removals.request(h.entry()) };
+fn request_removal<S>(table: &Table<S>, entry: *const HandlerEntry) {
+    // SAFETY: `entry` is a `Hot`'s, reached through a view inside the caller's read
+    // section, and the view holds the entry.
+    unsafe { table.removals.request(entry) };
 }
 
 /// Whether `h` may still be called or counted: its removal was not requested
@@ -510,7 +521,7 @@ impl<S> Dispatcher<S> {
         // its own, so the usual walk pays nothing per handler for them. A request made
         // during this walk by another handler takes effect from the next hit.
         let redirect = if table.removals.gate_open() {
-            walk::<true, S>(table, site, &mut hit, shard)
+            walk_skipping_removed(table, site, &mut hit, shard)
         } else {
             walk::<false, S>(table, site, &mut hit, shard)
         };
