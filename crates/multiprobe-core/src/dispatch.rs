@@ -401,12 +401,11 @@ fn walk<const SKIP_REMOVED: bool, S>(
             continue;
         }
         hit.set_handler(h.id);
+        // `Continue` falls through; every other answer is handled out of line, so the
+        // usual handler costs no taken branch for them.
         match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
             Ok(PreAction::Continue) => {}
-            Ok(PreAction::Redirect) => redirect = true,
-            // (The entry, not `h`: needing `h`'s own address here made LLVM walk by
-            // pointer and count, an instruction more per handler of every hit.)
-            Ok(PreAction::Remove) => request_removal(table, h.entry()),
+            Ok(answer) => redirect = unusual_answer(table, h.entry(), answer),
             Err(payload) => report_panic(h.counters(), shard, payload),
         }
         if redirect || hit.rip_moved(addr) {
@@ -433,13 +432,22 @@ fn walk_skipping_removed<S>(
     walk::<true, S>(table, site, hit, shard)
 }
 
-/// A pre-handler returned `Remove` (rare: out of the walk's way).
+/// A pre-handler answered other than `Continue`: whether it redirects. (It takes the
+/// entry, not the `Hot`: needing the `Hot`'s own address in the walk made LLVM walk by
+/// pointer and count, an instruction more per handler of every hit.)
 #[cold]
 #[inline(never)]
-fn request_removal<S>(table: &Table<S>, entry: *const HandlerEntry) {
-    // SAFETY: `entry` is a `Hot`'s, reached through a view inside the caller's read
-    // section, and the view holds the entry.
-    unsafe { table.removals.request(entry) };
+fn unusual_answer<S>(table: &Table<S>, entry: *const HandlerEntry, answer: PreAction) -> bool {
+    match answer {
+        PreAction::Continue => false,
+        PreAction::Redirect => true,
+        PreAction::Remove => {
+            // SAFETY: `entry` is a `Hot`'s, reached through a view inside the caller's
+            // read section, and the view holds the entry.
+            unsafe { table.removals.request(entry) };
+            false
+        }
+    }
 }
 
 /// Whether `h` may still be called or counted: its removal was not requested
