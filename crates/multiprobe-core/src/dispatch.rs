@@ -58,6 +58,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::handler::{Fault, FaultAction, Hit, PreAction};
 use crate::memory::Memory;
 use crate::regs::RegisterFile;
+use crate::removal::Mark;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
 use crate::sync::atomic::Ordering::Relaxed;
@@ -381,70 +382,51 @@ impl<S> Step<'_, S> {
     }
 }
 
-/// The pre walk of one hit: the enabled pre-handlers in order, until one redirects
-/// (then returns true). `SKIP_REMOVED`: skip, as not reached, the handlers whose removal
-/// was requested (`crate::removal`), while the table's gate is open.
-#[inline(always)]
-fn walk<const SKIP_REMOVED: bool, S>(
-    table: &Table<S>,
-    site: &SiteView<S>,
-    hit: &mut Hit<'_>,
-    shard: Shard,
-) -> bool {
+/// The pre walk while removals are in flight (`crate::removal`): as the usual one in
+/// [`Dispatcher::pre`], but the handlers whose removal was requested are skipped as not
+/// reached. Out of line and cold, so `pre` keeps one tight loop. Whether a handler
+/// redirected.
+#[cold]
+#[inline(never)]
+fn walk_skipping_removed<S>(site: &SiteView<S>, hit: &mut Hit<'_>, shard: Shard) -> bool {
     let addr = site.addr();
-    let mut redirect = false;
     let mut walk = site.hot.iter();
     while let Some(h) = walk.next() {
-        if SKIP_REMOVED && h.removal_requested() {
+        if h.removal_requested() {
             // Gone but for the bookkeeping: not called, not a hit of it.
             h.counters().skipped(shard);
             continue;
         }
         hit.set_handler(h.id);
-        // `Continue` falls through; every other answer is handled out of line, so the
-        // usual handler costs no taken branch for them.
+        let mut redirect = false;
         match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
             Ok(PreAction::Continue) => {}
-            Ok(answer) => redirect = unusual_answer(table, h.entry(), answer),
+            Ok(answer) => redirect = unusual_answer(h.entry(), answer),
             Err(payload) => report_panic(h.counters(), shard, payload),
         }
         if redirect || hit.rip_moved(addr) {
-            redirect = true;
             for later in walk {
                 later.counters().skipped(shard);
             }
-            break;
+            return true;
         }
     }
-    redirect
+    false
 }
 
-/// [`walk`] while removals are in flight: out of line, so that `pre` keeps a single,
-/// tight loop for the usual case.
+/// A pre-handler answered other than `Continue`: whether it redirects. (It takes just
+/// the entry — which knows its table's requests — so the walk keeps no more live than it
+/// did before removals existed.)
 #[cold]
 #[inline(never)]
-fn walk_skipping_removed<S>(
-    table: &Table<S>,
-    site: &SiteView<S>,
-    hit: &mut Hit<'_>,
-    shard: Shard,
-) -> bool {
-    walk::<true, S>(table, site, hit, shard)
-}
-
-/// A pre-handler answered other than `Continue`: whether it redirects. (It takes the
-/// entry, not the `Hot`: needing the `Hot`'s own address in the walk made LLVM walk by
-/// pointer and count, an instruction more per handler of every hit.)
-#[cold]
-#[inline(never)]
-fn unusual_answer<S>(table: &Table<S>, entry: *const HandlerEntry, answer: PreAction) -> bool {
+fn unusual_answer(entry: *const HandlerEntry, answer: PreAction) -> bool {
     match answer {
         PreAction::Continue => false,
         PreAction::Redirect => true,
         PreAction::Remove => {
-            // SAFETY: `entry` is a `Hot`'s, reached through a view inside the caller's
-            // read section, and the view holds the entry.
-            unsafe { table.removals.request(entry) };
+            // SAFETY: `entry` is a `Hot`'s, reached through a view of its table inside
+            // the caller's read section, and the view holds the entry.
+            unsafe { Mark::request(entry) };
             false
         }
     }
@@ -528,11 +510,30 @@ impl<S> Dispatcher<S> {
         // are looked at only while some request is in flight in this table, in a loop of
         // its own, so the usual walk pays nothing per handler for them. A request made
         // during this walk by another handler takes effect from the next hit.
-        let redirect = if table.removals.gate_open() {
-            walk_skipping_removed(table, site, &mut hit, shard)
+        let mut redirect = false;
+        if table.removals.gate_open() {
+            redirect = walk_skipping_removed(site, &mut hit, shard);
         } else {
-            walk::<false, S>(table, site, &mut hit, shard)
-        };
+            // The usual walk. Written out here, not shared with the other through a
+            // generic function: inlined from one, LLVM walked by pointer and count, an
+            // instruction more per handler (checked with callgrind on `hit_loop`).
+            let mut walk = site.hot.iter();
+            while let Some(h) = walk.next() {
+                hit.set_handler(h.id);
+                match catch_unwind(AssertUnwindSafe(|| h.handler().pre(&mut hit))) {
+                    Ok(PreAction::Continue) => {}
+                    Ok(answer) => redirect = unusual_answer(h.entry(), answer),
+                    Err(payload) => report_panic(h.counters(), shard, payload),
+                }
+                if redirect || hit.rip_moved(addr) {
+                    redirect = true;
+                    for later in walk {
+                        later.counters().skipped(shard);
+                    }
+                    break;
+                }
+            }
+        }
         // The other half of the fence above: every plain bump of the walk is done.
         signal_fence();
         ts.active.store(false, Relaxed);

@@ -620,7 +620,7 @@ impl<B: Backend> Inner<B> {
             enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
             tally: Arc::default(),
-            mark: Mark::new(),
+            mark: Mark::new(&self.table.removals),
         });
         handlers.push(Slot {
             entry: Arc::clone(&entry),
