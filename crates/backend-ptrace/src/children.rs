@@ -42,7 +42,8 @@ impl Children {
 
 impl Tracer {
     /// A stop from a thread not seen before. A new thread of the tracee is adopted
-    /// (true); a new process is parked until its parent's fork event (false).
+    /// (true), or held until its creator's clone event (false); a new process is parked
+    /// until its parent's fork event (false).
     pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> bool {
         let tgid = std::fs::read_to_string(format!("/proc/{}/status", tid.as_raw_pid()))
             .ok()
@@ -52,10 +53,17 @@ impl Tracer {
             })
             .and_then(|r| r.ok());
         if tgid == Some(self.pid()) {
+            if self.trap.adopted(self.shared.pid, tid) {
+                // Seen before its creator's clone event, which names the creator whose
+                // mask it has: held until then (see `sigtrap.rs`).
+                let deliver = match w {
+                    Wait::Signal(_, sig) => Some(sig),
+                    _ => None,
+                };
+                self.threads.add(tid, Thread::held(deliver));
+                return false;
+            }
             self.threads.add(tid, Thread::running(Kind::Thread));
-            // Seen before its creator's clone event (which tells the creator): the
-            // leader stands in for the creator until then.
-            self.trap.new_thread(self.shared.pid, self.shared.pid, tid);
             true
         } else {
             self.children.early.insert(tid, w);
@@ -170,7 +178,7 @@ impl Tracer {
             st.image = crate::launch::image_of(pid);
         }
         self.injector.forget();
-        self.trap.refresh(pid, &[pid]);
+        self.trap.start(pid, &[pid]);
         let unregistered = self.registry.handlers();
         let ids: Vec<_> = unregistered.iter().map(|h| h.id).collect();
         if !ids.is_empty() {

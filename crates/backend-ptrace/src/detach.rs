@@ -33,7 +33,6 @@ use crate::error;
 use crate::inject;
 use crate::regs::{self, from_core, to_core};
 use crate::sys::{self, Errno, Event, Signal, Tid, UserOffset, Wait, SI_KERNEL};
-use crate::thread::{Kind, Thread};
 use crate::tracer::{ExitStatus, Stop, Tracer};
 use crate::xol::PAGE;
 
@@ -61,7 +60,7 @@ impl Tracer {
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
-        self.trap.restore_at_detach(self.shared.pid, &self.threads);
+        self.trap.restore_at_detach(&self.threads);
         if !keep_pages {
             self.unmap_xol();
         }
@@ -225,8 +224,7 @@ impl Tracer {
             }
             Wait::Event(_, Event::Clone) => {
                 if let Ok(new) = sys::event_pid(tid) {
-                    self.threads.add(new, Thread::running(Kind::Thread));
-                    self.trap.new_thread(self.shared.pid, tid, new);
+                    self.claim_only(tid, new);
                 }
             }
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {

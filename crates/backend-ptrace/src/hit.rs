@@ -26,7 +26,7 @@ use crate::backend::{SiteInner, Slots, INT3};
 use crate::error;
 use crate::inject;
 use crate::regs::{self, to_core, ThreadRegs};
-use crate::sys::{self, Signal, Tid, UserOffset, UserRegs, Wait, SI_KERNEL};
+use crate::sys::{self, Event, Signal, Tid, UserOffset, UserRegs, Wait, SI_KERNEL};
 use crate::thread::{gone_is_ok, InSlot};
 use crate::tracer::Tracer;
 use crate::xol::{PAGE, REACH, UNIT};
@@ -114,7 +114,7 @@ impl Tracer {
                 .map_err(|e| error::sys(e, "set rip"));
         }
         if site.plan.len() == 1 && !from_int3(tid) {
-            return self.resume(tid, Some(Signal::TRAP));
+            return self.deliver_own_trap(tid);
         }
         self.hit(tid, rip, read, site)
     }
@@ -232,7 +232,7 @@ impl Tracer {
                 .map_err(|e| error::sys(e, "set rip"))?;
             return self.resume(tid, None);
         }
-        self.resume(tid, Some(Signal::TRAP))
+        self.deliver_own_trap(tid)
     }
 
     /// Map (if needed) and fill the slots of `site`, using the stopped thread `tid`
@@ -370,7 +370,7 @@ impl Tracer {
                 st.usable()?.write(addr, &[orig])?;
             }
         }
-        let stepped = self.step_once(tid);
+        let stepped = self.step_once(tid, None);
         {
             let st = self.shared.lock();
             if st.armed.contains_key(&addr) {
@@ -398,17 +398,26 @@ impl Tracer {
         self.resume(tid, None)
     }
 
-    /// Execute one instruction of the stopped thread `tid`; its registers afterwards, or
-    /// `None` if it is gone or did not complete the step within [`MAX_STEP_STOPS`].
-    fn step_once(&mut self, tid: Tid) -> Result<Option<UserRegs>> {
+    /// Execute one instruction of the stopped thread `tid` (delivering `sig` first: into
+    /// a handler, the step stops at its first instruction); its registers afterwards,
+    /// or `None` if it is gone or did not complete the step within [`MAX_STEP_STOPS`].
+    pub(crate) fn step_once(&mut self, tid: Tid, sig: Option<Signal>) -> Result<Option<UserRegs>> {
         let e = |e| error::sys(e, "single-step a thread");
+        let mut sig = sig;
         for _ in 0..MAX_STEP_STOPS {
-            gone_is_ok(sys::single_step(tid, None)).map_err(e)?;
+            gone_is_ok(sys::single_step(tid, sig.take())).map_err(e)?;
             match sys::wait(Some(tid), false).map_err(e)? {
                 Some(Wait::Signal(_, Signal::TRAP)) => {
                     return sys::get_regs(tid).map(Some).or(Ok(None));
                 }
                 Some(Wait::Signal(_, sig)) => self.aside.push_signal(tid, sig),
+                // The instruction is a `syscall` that created a thread: it may be held
+                // waiting for this event (see `sigtrap.rs`).
+                Some(Wait::Event(_, Event::Clone)) => {
+                    if let Ok(new) = sys::event_pid(tid) {
+                        self.claim_thread(tid, new)?;
+                    }
+                }
                 Some(w) if w.is_end() => {
                     self.aside.push_wait(w);
                     return Ok(None);

@@ -112,20 +112,26 @@
 //!   none), give up on a fault at the injected instruction, and never loop.
 //! * A program that unmaps an XOL page never sees the fault: the page is mapped again
 //!   at the same address with the same bytes, or its sites step in place from then on.
-//! * A trap of ours resets a blocked or ignored SIGTRAP (the kernel's rule for forced
-//!   signals); the tracer puts the program's mask and ignored action back before the
-//!   thread runs on (see Limits for what it cannot know).
+//! * A trap of ours resets a blocked or ignored SIGTRAP, and the handler of a thread
+//!   that blocks it (the kernel's rule for forced signals); the tracer puts the
+//!   program's mask and action back before the thread runs on — a handler's address is
+//!   read beforehand (when a thread that blocks SIGTRAP is first seen in a process
+//!   that catches it; at attach the process is stopped briefly for it), and a hit
+//!   inside the program's own SIGTRAP handler is caught too. A program that neither
+//!   blocks nor ignores SIGTRAP pays no request for this; one that blocks it, two per
+//!   hit of such a thread (see Limits for what the tracer cannot know).
 //! * The doorbell child (see [`DetachHandle`]) is out of the terminal's reach and
 //!   ignores stray signals; if it is killed anyway, a new one is started.
 //!
 //! # Limits
 //!
-//! * What the program set for SIGTRAP is read from `/proc` at the start of each run,
-//!   at execs and for new threads; a program that starts to block or ignore SIGTRAP in
-//!   between is not seen until then (its next own SIGTRAP may then be delivered as
-//!   if it had not), and a thread that both blocks SIGTRAP and has a handler for it
-//!   gets its mask back but not the handler (the kernel resets it; its address cannot
-//!   be read back).
+//! * What the program set for SIGTRAP is read at the start of each run, at execs, for
+//!   each new thread before it runs, and (its action, in a process that catches it) at
+//!   each of its own SIGTRAPs; a program that changes its SIGTRAP mask or action in
+//!   between is not seen until then — a hit meanwhile puts back what was known, and a
+//!   handler installed after the last reading and reset by a hit before the next one
+//!   is lost. A handler of another signal that blocks SIGTRAP while it runs is not
+//!   known to. In a thread under seccomp the mask is put back but not the action.
 //! * Under seccomp every hit at a relocated instruction takes two stops, during which
 //!   other threads may pass the site unprobed.
 //! * A signal that arrives while a thread is being used for an injected system call (or

@@ -2,114 +2,244 @@
 //!
 //! An `int3` raises a *forced* SIGTRAP, and the kernel's rule for those
 //! (`force_sig_info_to_task`) is: if the thread blocks SIGTRAP, or the process ignores
-//! it, set its action to the default and unblock it in that thread. The tracer then
-//! swallows the signal, but the change stays: the program's own later `raise(SIGTRAP)`
-//! would kill it. So after every trap of ours in a thread that blocks SIGTRAP, or in a
-//! process that ignores it, the guard puts back what the program had: the thread's mask
-//! with `PTRACE_SETSIGMASK`, the ignored action with an injected `rt_sigaction` (the
-//! kernel keeps the action's flags, mask and restorer; only the handler is reset, and
-//! it is put back as `SIG_IGN`). Programs that neither block nor ignore SIGTRAP — nearly
-//! all — pay nothing.
+//! it, set the process's action to `SIG_DFL` and unblock it in that thread — a handler
+//! is reset too when the thread blocks the signal. The tracer then swallows the signal,
+//! but the change stays: the program's own later `raise(SIGTRAP)` would kill it. So
+//! after each trap of ours in a thread that blocks SIGTRAP, or in a process that
+//! ignores it, the guard puts back what the program had before the thread runs on: the
+//! mask with `PTRACE_SETSIGMASK`, the action with an injected `rt_sigaction` (see
+//! `sigtrap/action.rs`). Programs that neither block nor ignore SIGTRAP — nearly all —
+//! pay nothing: not one request per hit.
 //!
-//! What the program had is read from `/proc` (`SigBlk` per thread, `SigIgn` for the
-//! process) when the tracer starts, at every exec, for each new thread (whose mask is
-//! its creator's: see [`TrapGuard::new_thread`]), and each time [`Tracer::run`] or [`Tracer::run_until`] starts (all
-//! threads are then running or held, none half-way through a trap). A fork child
-//! inherits the action and masks of the moment it was forked, which the guard restores
-//! before a trapped thread runs on. So a program that starts with SIGTRAP blocked or
-//! ignored (inherited through exec, as from a launcher that ignores it), or that had
-//! set it so before it was attached to, keeps it so exactly. A program that starts to
-//! block
-//! or ignore SIGTRAP between two of these moments is not seen until the next; a thread
-//! that blocks it *and* has a handler for it loses the handler at a hit (the kernel
-//! resets it, and its address cannot be read back): its mask is restored, the handler
-//! not. Both are limits, stated here and in the crate docs.
+//! # What the guard knows, and when it learns it
+//!
+//! A trap changes exactly two things, and only in one direction: the trapping
+//! thread's SIGTRAP bit is cleared, and the action becomes `SIG_DFL`. So a reading that
+//! shows SIGTRAP blocked, ignored or caught is always the program's own setting and is
+//! always believed. A reading that shows it unblocked or default is believed only when
+//! no trap of ours can be *in flight* (raised, not yet served) where it counts — in
+//! the thread, for its mask; in any thread, for the process's action — which
+//! `sigtrap/reading.rs` can tell from a snapshot. Otherwise what was known stands.
+//!
+//! Readings are taken:
+//! * when the tracer starts and at an exec ([`TrapGuard::start`]): no probe can have
+//!   hit yet, every reading is believed;
+//! * for each new thread, before it has run an instruction: its mask is the one it
+//!   inherited, or — inherited from a creator in the middle of `pthread_create`,
+//!   everything blocked — the creator's as known; such a thread's first stop, when it
+//!   comes before the clone event that names the creator, is held until that event
+//!   ([`TrapGuard::adopted`], [`TrapGuard::new_thread`]), and it is never read again
+//!   while it runs;
+//! * each time [`Tracer::run`] or [`Tracer::run_until`] starts ([`TrapGuard::refresh`]);
+//! * the action, in a process that catches SIGTRAP, at each of the program's own
+//!   SIGTRAPs (`sigtrap/deliver.rs`).
+//!
+//! A handler's address cannot be read from `/proc`, and once a blocking thread's trap
+//! has reset it, from nowhere. So when the process catches SIGTRAP and some thread
+//! blocks it, the guard reads the whole action with an injected `rt_sigaction` at the
+//! next of these points where a thread is stopped (and at attach, stopping the process
+//! for it), and at every restore swaps the action back with one `rt_sigaction` that
+//! also returns the one it replaces: an action the program set since (a handler where
+//! the reset left `SIG_DFL`, other flags) is kept, not overwritten.
+//!
+//! A handler without `SA_NODEFER` blocks SIGTRAP while it runs: the program's own
+//! SIGTRAP is delivered so that the tracer sees the handler's mask and action as it
+//! starts (`sigtrap/deliver.rs`), and that thread's hits check whether the handler
+//! survived them until one shows it did (it returned).
+//!
+//! What remains (also in the crate docs): a program that starts or stops blocking
+//! SIGTRAP in a thread (`sigprocmask`), or changes its action, between two readings is
+//! not seen until the next — a hit meanwhile restores what was known; a handler
+//! installed and lost to a blocking thread's hit before any reading cannot be put back;
+//! a handler of another signal whose mask holds SIGTRAP is not known to block it; two
+//! threads hitting at once, one inside the SIGTRAP handler, may leave that one's mask
+//! unblocked for the rest of the handler; nothing is injected into a thread under
+//! seccomp, so the action is not restored there.
+
+mod action;
+mod deliver;
+mod reading;
 
 use std::collections::HashSet;
 
-use crate::inject;
-use crate::sys::{self, Pid, Signal, Tid};
-use crate::thread::Threads;
+use crate::sys::{self, Pid, Tid};
+use crate::thread::{Kind, Thread, Threads};
 use crate::tracer::Tracer;
+use action::{Action, SIG_DFL, SIG_IGN};
+use reading::{settled, Disposition, Reading, TRAP_BIT};
 
-const TRAP_BIT: u64 = 1 << (libc::SIGTRAP - 1);
-/// Every standard signal but `SIGKILL` and `SIGSTOP` (which cannot be blocked): the mask
-/// of a thread in the middle of `pthread_create`.
-const TRANSIENT: u64 = 0x7fff_ffff & !(1 << (libc::SIGKILL - 1)) & !(1 << (libc::SIGSTOP - 1));
+pub(crate) use reading::status_mask;
 
-/// What the program had set for SIGTRAP, as last read.
+/// What the program has set for SIGTRAP, as last learned (see the module docs).
 #[derive(Debug, Default)]
 pub(crate) struct TrapGuard {
-    /// The process ignores SIGTRAP (`SIG_IGN`).
-    ignored: bool,
     /// Threads that block SIGTRAP.
     blocked: HashSet<Tid>,
-}
-
-/// The hexadecimal signal set after `key` in a `/proc/.../status` text.
-pub(crate) fn status_mask(status: &str, key: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0)
-}
-
-fn task_status(pid: Pid, tid: Tid) -> Option<String> {
-    let path = format!(
-        "/proc/{}/task/{}/status",
-        pid.as_raw_pid(),
-        tid.as_raw_pid()
-    );
-    std::fs::read_to_string(path).ok()
+    /// The process's action.
+    disposition: Disposition,
+    /// The whole action as last read, when it was: its flags, mask and restorer (which
+    /// a reset keeps) and, caught, the handler's address (which a reset loses).
+    action: Option<Action>,
+    /// New threads whose first stop came before their creator's clone event: held
+    /// until it comes.
+    unclaimed: HashSet<Tid>,
+    /// New threads announced by their creator's clone event whose first stop has not
+    /// been seen yet.
+    fresh: HashSet<Tid>,
+    /// Threads that entered the program's SIGTRAP handler with SIGTRAP blocked and have
+    /// not been seen out of it (see `sigtrap/deliver.rs`).
+    in_handler: HashSet<Tid>,
 }
 
 impl TrapGuard {
-    /// Read the disposition of process `pid` and the masks of its threads `tids`.
-    pub(crate) fn refresh(&mut self, pid: Pid, tids: &[Tid]) {
-        self.blocked.clear();
-        self.ignored = false;
+    /// Learn everything afresh from `tids` of `pid`, at a point where no trap of ours
+    /// can be in flight: the tracer starts (nothing can be armed yet), or an exec (one
+    /// thread left, none of our breakpoints in the new image).
+    pub(crate) fn start(&mut self, pid: Pid, tids: &[Tid]) {
+        *self = TrapGuard::default();
         for &tid in tids {
-            if let Some(s) = task_status(pid, tid) {
-                self.ignored |= status_mask(&s, "SigIgn:") & TRAP_BIT != 0;
-                if status_mask(&s, "SigBlk:") & TRAP_BIT != 0 {
-                    self.blocked.insert(tid);
-                }
+            if let Some(r) = Reading::of(pid, tid) {
+                self.set_blocked(tid, r.blocks());
+                self.disposition = r.disposition;
             }
         }
     }
 
-    /// Thread `new` was created by `parent` (which is stopped at the clone event).
-    /// C libraries block every signal around `clone` and the new thread restores the
-    /// creator's mask when it starts, so what `/proc` shows now is that transient
-    /// everything-blocked set for both: then the new thread gets the creator's entry as
-    /// last read; any other mask is the new thread's own.
-    pub(crate) fn new_thread(&mut self, pid: Pid, parent: Tid, new: Tid) {
-        let Some(s) = task_status(pid, new) else {
-            return;
-        };
-        self.ignored = status_mask(&s, "SigIgn:") & TRAP_BIT != 0;
-        let mask = status_mask(&s, "SigBlk:");
-        let blocked = if mask & TRANSIENT == TRANSIENT {
-            self.blocked.contains(&parent)
-        } else {
-            mask & TRAP_BIT != 0
-        };
-        if blocked {
-            self.blocked.insert(new);
-        } else {
-            self.blocked.remove(&new);
+    /// Read again what the threads show, at the start of a run (see the module docs
+    /// for what is believed).
+    pub(crate) fn refresh(&mut self, pid: Pid, threads: &Threads) {
+        let mut shows_default = false;
+        for (tid, th) in threads.iter() {
+            if th.kind() != Kind::Thread {
+                continue; // a vfork child: another process, with its own actions
+            }
+            let Some(r) = Reading::of(pid, tid) else {
+                continue;
+            };
+            if r.all_blocked() {
+                // Maybe creating a thread, its real mask put back in a moment: no news.
+            } else if r.blocks() {
+                self.blocked.insert(tid);
+            } else if !r.trap_pending() && (th.is_held() || settled(pid, tid)) {
+                self.blocked.remove(&tid);
+            }
+            match r.disposition {
+                Disposition::Default => shows_default = true,
+                d => self.learned(d),
+            }
+        }
+        if shows_default && self.disposition != Disposition::Default && quiet(pid, threads, None) {
+            self.learned(Disposition::Default);
         }
     }
 
-    /// Whether anything is to be restored after a trap of `tid`.
-    fn wanted(&self, tid: Tid) -> bool {
-        self.ignored || self.blocked.contains(&tid)
+    /// Thread `new`'s creator `creator` reported its clone event (the creator is
+    /// stopped there). `known`: `new` was seen before (its first stop came first, or it
+    /// was found at attach). Decides `new`'s entry unless it was decided already;
+    /// returns whether `new` is held waiting for this.
+    pub(crate) fn new_thread(&mut self, pid: Pid, creator: Tid, new: Tid, known: bool) -> bool {
+        if self.unclaimed.remove(&new) {
+            self.set_blocked(new, self.blocked.contains(&creator));
+            return true;
+        }
+        if !known {
+            // Not stopped yet, but it runs nothing before its first stop.
+            self.fresh.insert(new);
+            self.decide(pid, new, creator);
+        }
+        false
     }
 
-    /// At detach: every thread's mask as the program had it (the action is restored
-    /// after each trap already).
-    pub(crate) fn restore_at_detach(&self, _pid: Pid, threads: &Threads) {
+    /// New thread `tid` of `pid` stopped for the first time, before its creator's clone
+    /// event (nothing it ran yet). Returns whether it must wait for that event: it
+    /// inherited a mask with everything blocked, which only its creator's entry can
+    /// tell about. Meanwhile the leader's entry stands in.
+    pub(crate) fn adopted(&mut self, pid: Pid, tid: Tid) -> bool {
+        if self.decide(pid, tid, pid) {
+            self.unclaimed.insert(tid);
+            return true;
+        }
+        false
+    }
+
+    /// Decide what `new`, which has run nothing yet, blocks: what it inherited, or —
+    /// inherited from a creator inside pthread_create (C libraries block everything
+    /// around clone, and the new thread puts the creator's mask back first thing) —
+    /// `creator`'s entry. Returns whether it took `creator`'s entry.
+    fn decide(&mut self, pid: Pid, new: Tid, creator: Tid) -> bool {
+        let Some(r) = Reading::of(pid, new) else {
+            return false;
+        };
+        if r.disposition != Disposition::Default {
+            // A default one may be another thread's trap in flight: no news.
+            self.learned(r.disposition);
+        }
+        let inherited = r.all_blocked();
+        let blocks = if inherited {
+            self.blocked.contains(&creator)
+        } else {
+            r.blocks()
+        };
+        self.set_blocked(new, blocks);
+        inherited
+    }
+
+    /// Whether this stop of `tid` is the first of a thread announced by a clone event.
+    pub(crate) fn first_stop(&mut self, tid: Tid) -> bool {
+        self.fresh.remove(&tid)
+    }
+
+    /// Thread `tid` is gone.
+    pub(crate) fn forget(&mut self, tid: Tid) {
+        self.blocked.remove(&tid);
+        self.unclaimed.remove(&tid);
+        self.fresh.remove(&tid);
+        self.in_handler.remove(&tid);
+    }
+
+    fn set_blocked(&mut self, tid: Tid, blocks: bool) {
+        if blocks {
+            self.blocked.insert(tid);
+        } else {
+            self.blocked.remove(&tid);
+        }
+    }
+
+    /// The process's action is now `d`: a handler learned anew (maybe another one than
+    /// before) has its address read again.
+    fn learned(&mut self, d: Disposition) {
+        if d != self.disposition {
+            self.disposition = d;
+            if d == Disposition::Caught {
+                self.action = None;
+            }
+        }
+    }
+
+    /// The whole action was read.
+    fn learned_action(&mut self, a: Action) {
+        self.disposition = a.disposition();
+        self.action = Some(a);
+    }
+
+    /// Whether a trap of `tid` may change anything to put back.
+    fn wanted(&self, tid: Tid) -> bool {
+        match self.disposition {
+            Disposition::Ignored => true,
+            Disposition::Caught => self.blocked.contains(&tid) || self.in_handler.contains(&tid),
+            Disposition::Default => self.blocked.contains(&tid),
+        }
+    }
+
+    /// Whether a hit could reset a handler whose address is what the guard would need
+    /// to put it back: then it is read (again) where a thread is stopped.
+    pub(crate) fn needs_action(&self) -> bool {
+        self.disposition == Disposition::Caught && !self.blocked.is_empty()
+    }
+
+    /// At detach: every held thread's mask as the program had it (the action is put
+    /// back after each trap already).
+    pub(crate) fn restore_at_detach(&self, threads: &Threads) {
         for (tid, th) in threads.iter() {
             if th.is_held() && self.blocked.contains(&tid) {
                 if let Ok(mask) = sys::get_sigmask(tid) {
@@ -120,50 +250,167 @@ impl TrapGuard {
     }
 }
 
+/// Whether no trap of ours can be in flight in any thread of `threads` (but `except`)
+/// now: none has a SIGTRAP pending, and every one the tracer has resumed is out of
+/// ptrace stops.
+fn quiet(pid: Pid, threads: &Threads, except: Option<Tid>) -> bool {
+    threads.iter().all(|(tid, th)| {
+        th.kind() != Kind::Thread
+            || Some(tid) == except
+            || Reading::of(pid, tid)
+                .is_none_or(|r| !r.trap_pending() && (th.is_held() || settled(pid, tid)))
+    })
+}
+
 impl Tracer {
     /// Thread `tid` is stopped by a trap of ours: put back what the kernel's forced-trap
     /// rule changed (see the module docs). Best effort: a thread that is gone needs
-    /// nothing.
+    /// nothing, one under seccomp gets its mask back but not the action.
     pub(crate) fn restore_trap(&mut self, tid: Tid) {
         if !self.trap.wanted(tid) {
             return;
         }
-        if self.trap.blocked.contains(&tid) {
+        let blocks = self.trap.blocked.contains(&tid) || self.still_in_handler(tid);
+        if blocks {
             if let Ok(mask) = sys::get_sigmask(tid) {
                 let _ = sys::set_sigmask(tid, mask | TRAP_BIT);
             }
         }
-        if self.trap.ignored {
-            let _ = self.ignore_sigtrap(tid);
+        let handler = match self.trap.disposition {
+            Disposition::Ignored => Some(SIG_IGN),
+            // Never read: lost (a limit in the module docs).
+            Disposition::Caught if blocks => self.trap.action.map(|a| a.handler),
+            _ => None,
+        };
+        if let Some(handler) = handler {
+            let _ = self.put_back_action(tid, handler);
         }
     }
 
-    /// Make SIGTRAP ignored again, keeping the flags, mask and restorer the kernel left:
-    /// `rt_sigaction(SIGTRAP, NULL, &old)`, then `rt_sigaction(SIGTRAP, &old', NULL)`
-    /// with the handler `SIG_IGN`, both executed by `tid` with the action in scratch
-    /// space below its stack's red zone (which a signal frame would overwrite anyway).
-    fn ignore_sigtrap(&mut self, tid: Tid) -> multiprobe_core::Result<()> {
-        use multiprobe_core::Memory;
-        let saved = sys::get_regs(tid).map_err(|e| crate::error::sys(e, "read registers"))?;
-        let insn = {
-            let st = self.shared.lock();
-            let code = st.usable()?;
-            self.injector.insn(self.shared.pid, code)?
-        };
-        let scratch = (saved.rsp - 128 - 64) & !15;
+    /// Thread `tid`, last seen entering the SIGTRAP handler with SIGTRAP blocked, is
+    /// stopped by a trap of ours: did it block SIGTRAP still? Then the trap reset the
+    /// handler; otherwise it left it (the thread returned from the handler).
+    fn still_in_handler(&mut self, tid: Tid) -> bool {
+        if !self.trap.in_handler.contains(&tid) {
+            return false;
+        }
         let pid = self.shared.pid;
-        let nr = libc::SYS_rt_sigaction;
-        let trap = Signal::TRAP.as_raw() as u64;
-        let read = [trap, 0, scratch, 8, 0, 0];
-        inject::syscall(pid, tid, &saved, insn, nr, read, &mut self.aside)?
-            .map_err(|e| crate::error::sys(e, "read the SIGTRAP action"))?;
-        let ign = (libc::SIG_IGN as u64).to_le_bytes();
-        self.mem
-            .write(scratch, &ign)
-            .map_err(|e| multiprobe_core::Error::Backend(e.to_string()))?;
-        let write = [trap, scratch, 0, 8, 0, 0];
-        inject::syscall(pid, tid, &saved, insn, nr, write, &mut self.aside)?
-            .map_err(|e| crate::error::sys(e, "ignore SIGTRAP again"))?;
+        match Reading::of(pid, tid).map(|r| r.disposition) {
+            Some(Disposition::Default) => {
+                // Reset: by this trap, or by one of another thread not served yet — then
+                // that thread's restore puts the handler back, and this one's mask stays
+                // as the kernel left it.
+                quiet(pid, &self.threads, Some(tid))
+            }
+            d => {
+                self.trap.in_handler.remove(&tid);
+                if let Some(d) = d {
+                    self.trap.learned(d);
+                }
+                false
+            }
+        }
+    }
+
+    /// After a reset, make `handler` SIGTRAP's handler again, on thread `tid`.
+    fn put_back_action(&mut self, tid: Tid, handler: u64) -> multiprobe_core::Result<()> {
+        let by = self.caller(tid)?;
+        let base = match self.trap.action {
+            Some(a) => a,
+            // The reset kept flags, mask and restorer: read them once.
+            None => self.sigaction(&by, None)?,
+        };
+        let want = base.with_handler(handler);
+        let old = self.sigaction(&by, Some(want))?;
+        let now = if old == want || old.handler == SIG_DFL && same_but_handler(old, want) {
+            want
+        } else if old.handler != SIG_DFL {
+            // The program set an action after the reset: it stands.
+            self.sigaction(&by, Some(old))?;
+            old
+        } else {
+            // The program changed the action since it was read (other flags): its
+            // flags stand; the handler it had at the trap cannot be known, the one
+            // last read is the best there is.
+            let fixed = old.with_handler(handler);
+            self.sigaction(&by, Some(fixed))?;
+            fixed
+        };
+        self.trap.learned_action(now);
         Ok(())
     }
+
+    /// Read the whole action with the stopped thread `tid` if the guard needs it (see
+    /// [`TrapGuard::needs_action`]). The thread must be in a stop where a system call
+    /// can be injected without losing a signal (a trap, an interrupt or the first stop
+    /// of a new thread; not a system call's event stop).
+    pub(crate) fn learn_action(&mut self, tid: Tid) {
+        if self.trap.needs_action() {
+            self.read_action(tid);
+        }
+    }
+
+    /// Read the whole action with the stopped thread `tid` (see
+    /// [`Tracer::learn_action`] for the stops that serve).
+    pub(crate) fn read_action(&mut self, tid: Tid) {
+        if let Ok(by) = self.caller(tid) {
+            if let Ok(a) = self.sigaction(&by, None) {
+                self.trap.learned_action(a);
+            }
+        }
+    }
+
+    /// Read the action at the start of a run, with a thread the loop holds, if one can
+    /// serve (see [`Tracer::learn_action`]).
+    pub(crate) fn learn_action_if_held(&mut self) {
+        if !self.trap.needs_action() {
+            return;
+        }
+        let held = self
+            .threads
+            .iter()
+            .find(|&(tid, th)| th.kind() == Kind::Thread && th.holds_nothing() && injectable(tid))
+            .map(|(tid, _)| tid);
+        if let Some(tid) = held {
+            self.learn_action(tid);
+        }
+    }
+
+    /// Thread `new`'s creator `creator` reported its clone event: track `new`, decide
+    /// what it blocks, and let it go if it was held waiting for this (the loop serves
+    /// events; while stopping every thread, `hold` keeps it held instead).
+    pub(crate) fn claim_thread(&mut self, creator: Tid, new: Tid) -> multiprobe_core::Result<()> {
+        if self.claim_only(creator, new) {
+            self.learn_action(new);
+            if let Some(th) = self.threads.get_mut(new) {
+                th.resume(new)
+                    .map_err(|e| crate::error::sys(e, "resume a new thread"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Tracer::claim_thread`], but leave `new` as it is; whether it is held
+    /// waiting for this.
+    pub(crate) fn claim_only(&mut self, creator: Tid, new: Tid) -> bool {
+        let known = self.threads.contains(new);
+        self.threads.add(new, Thread::running(Kind::Thread));
+        self.trap.new_thread(self.shared.pid, creator, new, known)
+    }
+}
+
+/// Whether the held thread `tid` is in a stop where a system call can be injected: a
+/// trap or an interrupt (`PTRACE_EVENT_STOP`), not an event stop inside a system call
+/// (clone, fork, exec), whose own result would land on top of the injected one.
+fn injectable(tid: Tid) -> bool {
+    let trap = libc::SIGTRAP;
+    sys::sig_info(tid).is_ok_and(|s| {
+        s.signo == trap
+            && (s.code == sys::SI_KERNEL || s.code == trap | (libc::PTRACE_EVENT_STOP << 8))
+    })
+}
+
+/// Whether `a` and `b` differ at most in their handler.
+fn same_but_handler(a: Action, b: Action) -> bool {
+    a.with_handler(SIG_DFL) == b.with_handler(SIG_DFL)
 }

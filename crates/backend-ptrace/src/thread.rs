@@ -124,6 +124,12 @@ impl Thread {
         self.run != Run::Running
     }
 
+    /// Held in a ptrace-stop with no signal to deliver: a system call can be injected
+    /// there without losing one (if the stop is not inside a system call).
+    pub(crate) fn holds_nothing(&self) -> bool {
+        self.run == Run::Held { deliver: None }
+    }
+
     /// Keep the thread in the stop it reported, to be resumed with `deliver`.
     pub(crate) fn hold(&mut self, deliver: Option<Signal>) {
         self.run = Run::Held { deliver };

@@ -182,7 +182,17 @@ impl Tracer {
             hold_at: None,
             _claim: claim,
         };
-        tracer.trap.refresh(pid, &tracer.threads.tids());
+        tracer.trap.start(pid, &tracer.threads.tids());
+        if tracer.trap.needs_action() && held.is_empty() {
+            // Attached to a process that catches SIGTRAP and blocks it somewhere: the
+            // handler's address must be read before any probe can hit (a hit in a
+            // blocking thread resets it). That takes a stopped thread: stop them all,
+            // briefly.
+            tracer.pause()?;
+            tracer.trap.refresh(pid, &tracer.threads);
+            tracer.learn_action_if_held();
+            tracer.resume_held()?;
+        }
         Ok(tracer)
     }
 
@@ -307,7 +317,8 @@ impl Tracer {
         if self.shared.lock().status == Status::Detached {
             return Ok(Some(Stop::Detached));
         }
-        self.trap.refresh(self.shared.pid, &self.threads.tids());
+        self.trap.refresh(self.shared.pid, &self.threads);
+        self.learn_action_if_held();
         self.resume_held()?;
         loop {
             if self.bell.requested() {
@@ -411,6 +422,7 @@ impl Tracer {
         }
         self.threads.remove(tid);
         self.children.forget(tid);
+        self.trap.forget(tid);
         if tid != self.tid() {
             return Ok(None);
         }
@@ -445,9 +457,13 @@ impl Tracer {
             }
             Wait::Event(_, Event::Clone) => {
                 if let Ok(new) = sys::event_pid(tid) {
-                    self.threads.add(new, Thread::running(Kind::Thread));
-                    self.trap.new_thread(self.shared.pid, tid, new);
+                    self.claim_thread(tid, new)?;
                 }
+                self.resume(tid, None)?;
+            }
+            Wait::Event(_, Event::Stop(_)) if self.trap.first_stop(tid) => {
+                // A new thread announced by its creator, before its first instruction.
+                self.learn_action(tid);
                 self.resume(tid, None)?;
             }
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {

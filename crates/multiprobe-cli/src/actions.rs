@@ -1,83 +1,27 @@
-//! The handlers behind each action of a probe spec, and where their lines go.
+//! The handlers behind each action of a probe spec.
 //!
 //! With the ptrace backend handlers run on the tracer thread, in ordinary thread
 //! context, so they may format and write. They must be quick all the same: the traced
 //! thread waits while they run. That is why output is rate limited ([`Sink`]).
+//!
+//! [`request`] is the one place an action becomes a registration: an action that needs
+//! something else than a closure-like handler (one that collects in the tracee, a
+//! return probe) is decided there.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-use multiprobe_core::{Handler, Hit, PreAction};
+use multiprobe_core::{Handler, Hit, PreAction, Request};
 
-use crate::output::{args_line, mem_lines, regs_line, RateLimit};
+use crate::lines::{args_line, mem_lines, regs_line};
+use crate::sink::Sink;
 use crate::spec::Action;
 
-/// Where multiprobe's own output goes (stderr, or `-o FILE`), with the per-hit rate
-/// limit. Lines are written whole, so concurrent writers never interleave within one.
-pub struct Sink {
-    out: Mutex<Box<dyn Write + Send>>,
-    limit: Mutex<RateLimit>,
-    json: bool,
-}
-
-impl std::fmt::Debug for Sink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sink")
-            .field("json", &self.json)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Sink {
-    /// A sink writing to `out`, at most `max_lines` per-hit lines a second (0: no limit).
-    pub fn new(out: Box<dyn Write + Send>, max_lines: u64, json: bool) -> Self {
-        Sink {
-            out: Mutex::new(out),
-            limit: Mutex::new(RateLimit::new(max_lines)),
-            json,
-        }
-    }
-
-    /// Whether output is JSON lines.
-    pub fn json(&self) -> bool {
-        self.json
-    }
-
-    /// Write `text` (one or more whole lines, newline added) unconditionally.
-    pub fn write(&self, text: &str) {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        // Output errors (a closed pipe) must not disturb the traced program.
-        let _ = writeln!(out, "{text}");
-        let _ = out.flush();
-    }
-
-    /// A per-hit line, subject to the rate limit; `make` runs only if it is printed.
-    pub fn hit_line(&self, make: impl FnOnce() -> String) {
-        let mut note = None;
-        let allowed = self
-            .limit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allow(Instant::now(), &mut note);
-        if let Some(n) = note {
-            self.write(&n);
-        }
-        if allowed {
-            self.write(&make());
-        }
-    }
-
-    /// Report lines dropped and not yet reported; returns the total dropped.
-    pub fn finish(&self) -> u64 {
-        let mut l = self.limit.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = l.flush() {
-            drop(l);
-            self.write(&n);
-            l = self.limit.lock().unwrap_or_else(|p| p.into_inner());
-        }
-        l.dropped()
-    }
+/// The registration of `action` at `addr`, shown as `label` in its lines.
+pub fn request(addr: u64, action: Action, label: &Arc<str>, sink: &Arc<Sink>) -> Request {
+    Request::handler(
+        addr,
+        ActionHandler::new(action, Arc::clone(label), Arc::clone(sink)),
+    )
 }
 
 /// One action of one probe: a handler.

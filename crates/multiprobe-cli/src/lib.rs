@@ -1,6 +1,13 @@
 //! The `multiprobe` command: probe specs, the handlers behind their actions, placing
-//! them in a traced process (pending libraries included), and output. The binary
-//! (`src/main.rs`) runs them on the ptrace backend.
+//! them in a traced process (pending libraries included), signals, output and exit
+//! status. The binary (`src/main.rs`) parses the command line and runs [`command`].
+//!
+//! One job per module: [`spec`] (what users write), [`command`] (the order of a
+//! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
+//! (the handlers), [`signals`] (detaching on every signal that would end us),
+//! [`sink`] and [`outfile`] (where output goes, failing loudly), [`report`] and
+//! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status),
+//! [`libs`] (libraries on disk), [`affinity`] (`--pin`), [`error`].
 
 #![warn(missing_docs)]
 
@@ -9,8 +16,24 @@ compile_error!("multiprobe-cli supports x86-64 Linux only");
 
 pub mod actions;
 pub mod affinity;
+pub mod command;
+pub mod error;
+pub mod exit;
 pub mod libs;
-pub mod output;
+pub mod lines;
+pub mod outfile;
+pub mod report;
 pub mod session;
 pub mod signals;
+pub mod sink;
 pub mod spec;
+pub mod ticker;
+
+/// Which command runs: what signals and the exit status mean depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `run`: multiprobe started the program (and stands in for it).
+    Run,
+    /// `attach`: the program was running already and runs on after.
+    Attach,
+}

@@ -5,11 +5,16 @@
 //! The search follows the dynamic loader's order loosely: `LD_LIBRARY_PATH`, the
 //! directories of `/etc/ld.so.conf` (and its `include`s), then the default directories.
 //! It is a plausibility check, not the loader's exact algorithm: the probe is armed only
-//! once the library really appears in the process's maps.
+//! once the library really appears in the process's maps. Only x86-64 ELF shared objects
+//! count: `libm.so` in a `-dev` package is a linker script (text) naming `libm.so.6`,
+//! and `libz.a` is an archive; neither is what the loader maps.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use multiprobe_symbols::library_matches;
+
+use crate::error::ProbeError;
 
 const DEFAULT_DIRS: [&str; 7] = [
     "/lib/x86_64-linux-gnu",
@@ -67,12 +72,31 @@ pub fn search_dirs(ld_library_path: Option<&str>) -> Vec<PathBuf> {
     dirs
 }
 
+/// Whether `path` is an x86-64 ELF shared object (`ET_DYN`), by its header.
+pub fn is_shared_object(path: &Path) -> bool {
+    const ET_DYN: u16 = 3;
+    const EM_X86_64: u16 = 62;
+    let mut h = [0u8; 20];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut h));
+    read.is_ok()
+        && h[..4] == *b"\x7fELF"
+        && h[4] == 2 // 64-bit
+        && h[5] == 1 // little-endian
+        && u16::from_le_bytes([h[16], h[17]]) == ET_DYN
+        && u16::from_le_bytes([h[18], h[19]]) == EM_X86_64
+}
+
 /// The file a user means by `library` (a path, a file name, or a prefix of one such as
-/// `libc` or `libstdc++`), if one exists in the search directories.
-pub fn find(library: &str, ld_library_path: Option<&str>) -> Option<PathBuf> {
+/// `libc` or `libstdc++`): the first shared object in the search directories, by the
+/// shortest matching name (`libc.so.6` over `libc.so.6.bak`).
+pub fn find(library: &str, ld_library_path: Option<&str>) -> Result<PathBuf, ProbeError> {
     if library.contains('/') {
         let p = PathBuf::from(library);
-        return p.is_file().then_some(p);
+        return match (p.is_file(), is_shared_object(&p)) {
+            (true, true) => Ok(p),
+            (true, false) => Err(ProbeError::NotSharedObject(p)),
+            (false, _) => Err(ProbeError::NoLibrary(library.to_string())),
+        };
     }
     for dir in search_dirs(ld_library_path) {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -83,17 +107,18 @@ pub fn find(library: &str, ld_library_path: Option<&str>) -> Option<PathBuf> {
             .map(|e| e.path())
             .filter(|p| {
                 let name = p.to_string_lossy();
-                // Shared objects only: `libz` must not find the static `libz.a`.
-                p.is_file() && name.contains(".so") && library_matches(library, &name)
+                name.contains(".so") && library_matches(library, &name)
             })
             .collect();
-        // Prefer the shortest name: `libc.so.6` over `libc.so.6.bak`.
         names.sort_by_key(|p| p.as_os_str().len());
-        if let Some(p) = names.into_iter().next() {
-            return Some(p);
+        if let Some(p) = names
+            .into_iter()
+            .find(|p| p.is_file() && is_shared_object(p))
+        {
+            return Ok(p);
         }
     }
-    None
+    Err(ProbeError::NoLibrary(library.to_string()))
 }
 
 #[cfg(test)]
@@ -103,6 +128,7 @@ mod tests {
     #[test]
     fn finds_system_libraries_by_prefix_and_path_and_rejects_nonsense() {
         let libc = find("libc", None).expect("libc is on every system");
+        assert!(is_shared_object(&libc));
         assert!(
             libc.file_name()
                 .unwrap()
@@ -110,9 +136,28 @@ mod tests {
                 .starts_with("libc.so"),
             "{libc:?}"
         );
-        assert_eq!(find(&libc.to_string_lossy(), None), Some(libc.clone()));
-        assert_eq!(find("libdefinitely-not-a-library-xyz", None), None);
-        assert_eq!(find("/nonexistent/libc.so.6", None), None);
+        assert_eq!(find(&libc.to_string_lossy(), None).unwrap(), libc);
+        assert!(matches!(
+            find("libdefinitely-not-a-library-xyz", None),
+            Err(ProbeError::NoLibrary(_))
+        ));
+        assert!(matches!(
+            find("/nonexistent/libc.so.6", None),
+            Err(ProbeError::NoLibrary(_))
+        ));
+        // A linker script (as -dev packages install `libm.so`) is not a library.
+        let dir = std::env::temp_dir().join(format!("mp-libs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("libmpfake.so");
+        std::fs::write(&script, "/* GNU ld script */\nGROUP ( libmpfake.so.1 )\n").unwrap();
+        std::fs::copy(&libc, dir.join("libmpfake.so.1")).unwrap();
+        let found = find("libmpfake", dir.to_str()).unwrap();
+        assert_eq!(found, dir.join("libmpfake.so.1"));
+        assert!(matches!(
+            find(script.to_str().unwrap(), None),
+            Err(ProbeError::NotSharedObject(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
         let dirs = search_dirs(Some("/opt/a:/opt/b"));
         assert_eq!(dirs[0], PathBuf::from("/opt/a"));
         assert!(dirs.contains(&PathBuf::from("/usr/lib")));

@@ -175,6 +175,13 @@ fn actions_split(text: &str) -> Option<usize> {
     })
 }
 
+impl ProbeSpec {
+    /// Whether the target is a wildcard pattern (one site per matching function).
+    pub fn is_pattern(&self) -> bool {
+        matches!(&self.target, Target::Symbol { name, .. } if is_wildcard(name))
+    }
+}
+
 impl std::str::FromStr for ProbeSpec {
     type Err = SpecError;
 

@@ -1,58 +1,14 @@
 //! The `multiprobe` command, driven as a user drives it: on the workspace's test programs
 //! (which report their own call counts) and on programs installed everywhere.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use multiprobe_test_targets::bin;
-
-fn multiprobe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_multiprobe"))
-}
-
-fn run(args: &[&str]) -> Output {
-    multiprobe().args(args).output().expect("run multiprobe")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// The `probes` of the `--json` summary (the last line of stderr).
-fn json_probes(stderr: &str) -> Vec<serde_json::Value> {
-    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
-        .unwrap_or_else(|e| panic!("no JSON summary ({e}): {stderr}"));
-    summary["probes"].as_array().unwrap().clone()
-}
-
-/// `name calls=N` from a test program's own report.
-fn calls(stdout: &str, name: &str) -> u64 {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} calls=")))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} count in {stdout:?}"))
-}
-
-/// The summary rows for `symbol_suffix`: (action, hits, missed, site).
-fn rows(summary: &str, symbol_suffix: &str) -> Vec<(String, u64, u64, String)> {
-    summary
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6 && f[1].ends_with(symbol_suffix)).then(|| {
-                (
-                    f[2].to_string(),
-                    f[3].parse().unwrap(),
-                    f[4].parse().unwrap(),
-                    f[0].to_string(),
-                )
-            })
-        })
-        .collect()
-}
 
 #[test]
 fn counts_match_what_the_program_reports_and_actions_share_one_site() {
@@ -436,43 +392,6 @@ fn live_view_prints_while_the_program_runs() {
     assert!(out.status.success(), "{stderr}");
     let tables = stderr.lines().filter(|l| l.starts_with("SITE")).count();
     assert!(tables >= 4, "live tables and the summary: {stderr}");
-}
-
-/// Start `mp-single --wait`, return it with its pid once it is ready.
-fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(bin("mp-single"))
-        .args(["--wait", "--iters", iters])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
-    (child, pid, out)
-}
-
-fn status_field(pid: i32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
-        .unwrap()
-}
-
-fn code_at(pid: i32, addr: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut b = vec![0; len];
-    f.read_exact_at(&mut b, addr).unwrap();
-    b
-}
-
-fn function_bytes(pid: i32, name: &str) -> Vec<u8> {
-    let syms = multiprobe_symbols::ProcessSymbols::read(pid as u32, Default::default()).unwrap();
-    let f = syms.resolve(None, name).unwrap();
-    code_at(pid, f.start, f.size as usize)
 }
 
 #[test]

@@ -28,14 +28,16 @@ use crate::backend::Backend;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Hit};
-use crate::removal::{Hooks, Mark};
-use crate::stats::{HandlerCounters, HandlerStats, SiteStats};
-use crate::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use crate::removal::Hooks;
+use crate::stats::{HandlerStats, SiteStats};
+use crate::sync::atomic::Ordering::Relaxed;
 use crate::sync::index::Index;
-use crate::sync::unmodelled::{self, AtomicU64};
+use crate::sync::unmodelled::AtomicU64;
 use crate::sync::{held, Arc, Mutex, MutexGuard};
-use crate::table::{HandlerEntry, SiteShared, SiteView, Slot, Table, TableWriter};
+use crate::table::{HandlerEntry, SiteView, Slot, Table, TableWriter};
 use crate::HandlerId;
+
+mod batch;
 
 /// How to register a handler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,40 +252,30 @@ impl<B: Backend> Registry<B> {
         self.refuse_in_signal_handler("register")?;
         let req = Request::handler(addr, handler).options(options);
         let mut w = self.inner.write();
-        let entry = self.inner.add(&mut w, req)?;
+        let added = self.inner.add_all(&mut w, [req]).map_err(|(_, e)| e)?;
         w.maybe_reclaim();
-        Ok(self.guard(&entry))
+        Ok(self.guard(&added[0]))
     }
 
     /// Register many handlers at once, all or nothing: on the first failure every one
     /// already added is removed again and [`Error::Batch`] says which item failed.
-    /// Costs no grace period.
+    /// Costs no grace period, and time linear in the number of requests even when many
+    /// share an address (each site's new view is published once).
     pub fn register_batch(
         &self,
         requests: impl IntoIterator<Item = Request>,
     ) -> Result<Vec<Registration<B>>> {
         self.refuse_in_signal_handler("register_batch")?;
         let mut w = self.inner.write();
-        let mut added: Vec<Arc<HandlerEntry>> = Vec::new();
-        for (index, req) in requests.into_iter().enumerate() {
-            match self.inner.add(&mut w, req) {
-                Ok(e) => added.push(e),
-                Err(source) => {
-                    for e in added.iter().rev() {
-                        // Undoing an add only disarms what this batch armed; a failure
-                        // leaves a transparent site behind (module invariants).
-                        let _ = self.inner.remove(&mut w, e.id);
-                    }
-                    w.maybe_reclaim();
-                    return Err(Error::Batch {
-                        index,
-                        source: Box::new(source),
-                    });
-                }
-            }
-        }
+        let added = self.inner.add_all(&mut w, requests);
         w.maybe_reclaim();
-        Ok(added.iter().map(|e| self.guard(e)).collect())
+        match added {
+            Ok(added) => Ok(added.iter().map(|e| self.guard(e)).collect()),
+            Err((index, source)) => Err(Error::Batch {
+                index,
+                source: Box::new(source),
+            }),
+        }
     }
 
     fn guard(&self, entry: &HandlerEntry) -> Registration<B> {
@@ -570,69 +562,6 @@ impl<B: Backend> Inner<B> {
 
     fn entry(&self, id: HandlerId) -> Result<Arc<HandlerEntry>> {
         self.index.get(&id).ok_or(Error::UnknownHandler(id))
-    }
-
-    fn add(&self, w: &mut TableWriter<B::Site>, req: Request) -> Result<Arc<HandlerEntry>> {
-        let addr = req.addr;
-        if addr == 0 {
-            return Err(Error::InvalidAddress {
-                addr,
-                reason: "null address",
-            });
-        }
-        let old = w.get(addr).cloned();
-        if let Some(v) = &old {
-            if let Some(holder) = v.handlers.iter().find(|s| s.entry.exclusive) {
-                return Err(Error::ExclusiveConflict {
-                    addr,
-                    holder: holder.entry.id,
-                    holder_exclusive: true,
-                });
-            }
-            if let (true, Some(first)) = (req.options.exclusive, v.handlers.first()) {
-                return Err(Error::ExclusiveConflict {
-                    addr,
-                    holder: first.entry.id,
-                    holder_exclusive: false,
-                });
-            }
-        }
-        let (shared, mut handlers) = match &old {
-            Some(v) => (Arc::clone(&v.shared), v.handlers.clone()),
-            None => (
-                Arc::new(SiteShared {
-                    addr,
-                    data: self.backend.prepare(addr)?,
-                    hits: Arc::default(),
-                    armed: AtomicBool::new(false),
-                }),
-                SmallVec::new(),
-            ),
-        };
-        let enabled = !req.options.disabled;
-        let has_post = req.handler.has_post();
-        let entry = Arc::new(HandlerEntry {
-            id: HandlerId(self.next_id.fetch_add(1, Relaxed)),
-            addr,
-            handler: req.handler,
-            has_post,
-            exclusive: req.options.exclusive,
-            enabled: unmodelled::AtomicBool::new(enabled),
-            counters: HandlerCounters::new(),
-            tally: Arc::default(),
-            mark: Mark::new(&self.table.removals),
-        });
-        handlers.push(Slot {
-            entry: Arc::clone(&entry),
-            enabled,
-        });
-        // A failed arm fails the registration (nothing changed). A disarm retried on a
-        // site an earlier failure kept armed may fail again: the handler is registered
-        // all the same, and the breakpoint just stays.
-        let _stuck =
-            self.transition(w, addr, old.as_ref(), Some(SiteView::new(shared, handlers)))?;
-        self.index.insert(entry.id, Arc::clone(&entry));
-        Ok(entry)
     }
 
     /// Remove handler `id` from the table and the index. The removal itself cannot fail

@@ -876,6 +876,71 @@ fn a_batch_is_all_or_nothing() {
     assert_eq!(r.backend().byte(A), ORIGINAL);
 }
 
+/// A batch publishes each site's view once, with the result of adding its requests one
+/// by one: the same order of handlers, the backend called for the same requests, the
+/// same error at the same index, and nothing left when it fails.
+#[test]
+fn a_batch_at_one_address_is_as_one_by_one() {
+    let (r, ts) = setup();
+    let l = log();
+    let before = r.register_handler(A, recorder(&l, "old", false)).unwrap();
+    let disabled = Options::default().disabled();
+    let mut requests = vec![
+        Request::handler(B, recorder(&l, "b0", false)).options(disabled),
+        Request::handler(A, recorder(&l, "a0", false)),
+    ];
+    for i in 1..100 {
+        let name: &'static str = Box::leak(format!("a{i}").into_boxed_str());
+        requests.push(Request::handler(A, recorder(&l, name, false)));
+    }
+    requests.push(Request::handler(B, recorder(&l, "b1", false)));
+    let events = r.backend().events().len();
+    let gs = r.register_batch(requests).unwrap();
+    // B was prepared by its first (disabled) request and armed by its first enabled one.
+    let calls: Vec<Event> = r.backend().events().split_off(events);
+    assert_eq!(calls, vec![Event::Prepare(B), Event::Arm(B)]);
+    hit(&r, &ts, A);
+    let expected: Vec<String> = std::iter::once("pre old".to_string())
+        .chain((0..100).map(|i| format!("pre a{i}")))
+        .collect();
+    assert_eq!(taken(&l), expected);
+    hit(&r, &ts, B);
+    assert_eq!(taken(&l), vec!["pre b1"]);
+    assert_eq!(r.len(), 103);
+
+    // An exclusive request where handlers are (staged or published) fails at its index,
+    // and the handlers staged before it at that site go again.
+    let err = r
+        .register_batch(vec![
+            Request::handler(A, recorder(&l, "x", false)),
+            Request::handler(0x9000, recorder(&l, "y", false)),
+            Request::handler(0x9000, recorder(&l, "z", false))
+                .options(Options::default().exclusive()),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Batch { index: 2, source } if matches!(**source, Error::ExclusiveConflict { holder_exclusive: false, .. })),
+        "{err:?}"
+    );
+    assert_eq!(r.len(), 103);
+    assert_eq!(
+        r.backend().byte(0x9000),
+        ORIGINAL,
+        "what the batch armed is disarmed"
+    );
+    assert!(r.site(0x9000).is_none());
+    hit(&r, &ts, A);
+    assert_eq!(
+        taken(&l).len(),
+        101,
+        "A has its handlers of before the failed batch"
+    );
+    r.unregister_all(gs).unwrap();
+    before.unregister().unwrap();
+    assert_eq!(r.backend().byte(A), ORIGINAL);
+    assert_eq!(r.backend().byte(B), ORIGINAL);
+}
+
 #[test]
 fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
     let (r, ts) = setup();

@@ -1,0 +1,212 @@
+//! What the command's tests share: running multiprobe, reading its summary, the test
+//! programs, and looking at a traced process from outside.
+//!
+//! `MULTIPROBE_UNDER_TEST`, if set, names the multiprobe executable to test instead of
+//! this build's (to check that a new test fails on an older build).
+
+#![allow(dead_code)] // each test file uses some of these
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use multiprobe_test_targets::bin;
+
+pub fn multiprobe() -> Command {
+    Command::new(
+        std::env::var_os("MULTIPROBE_UNDER_TEST")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_multiprobe").into()),
+    )
+}
+
+pub fn run(args: &[&str]) -> Output {
+    multiprobe().args(args).output().expect("run multiprobe")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The `probes` of the `--json` summary (the last line of stderr).
+pub fn json_probes(stderr: &str) -> Vec<serde_json::Value> {
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}): {stderr}"));
+    summary["probes"].as_array().unwrap().clone()
+}
+
+/// `name calls=N` from a test program's own report.
+pub fn calls(stdout: &str, name: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} calls=")))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} count in {stdout:?}"))
+}
+
+/// The summary rows for `symbol_suffix`: (action, hits, missed, site).
+pub fn rows(summary: &str, symbol_suffix: &str) -> Vec<(String, u64, u64, String)> {
+    summary
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[1].ends_with(symbol_suffix)).then(|| {
+                (
+                    f[2].to_string(),
+                    f[3].parse().unwrap(),
+                    f[4].parse().unwrap(),
+                    f[0].to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Start `mp-single --wait`, return it with its pid once it is ready.
+pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(bin("mp-single"))
+        .args(["--wait", "--iters", iters])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    (child, pid, out)
+}
+
+pub fn status_field(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap()
+}
+
+pub fn code_at(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = vec![0; len];
+    f.read_exact_at(&mut b, addr).unwrap();
+    b
+}
+
+pub fn function_bytes(pid: i32, name: &str) -> Vec<u8> {
+    let syms = multiprobe_symbols::ProcessSymbols::read(pid as u32, Default::default()).unwrap();
+    let f = syms.resolve(None, name).unwrap();
+    code_at(pid, f.start, f.size as usize)
+}
+
+/// Whether every executable file mapping of `pid` holds exactly the bytes of its file
+/// (no `int3` or jump left in the program or its libraries). `Err` names the first
+/// difference.
+pub fn text_is_pristine(pid: i32) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let maps = multiprobe_symbols::Maps::read(pid as u32).map_err(|e| e.to_string())?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
+    let mut checked = 0;
+    for r in maps.regions.iter().filter(|r| r.exec && r.is_file()) {
+        let file = std::fs::File::open(&r.path).map_err(|e| format!("{}: {e}", r.path))?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        let len = (r.end - r.start).min(size.saturating_sub(r.offset)) as usize;
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        mem.read_exact_at(&mut a, r.start)
+            .map_err(|e| format!("{:#x}: {e}", r.start))?;
+        file.read_exact_at(&mut b, r.offset)
+            .map_err(|e| format!("{}: {e}", r.path))?;
+        if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+            let changed = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            return Err(format!(
+                "{changed} byte(s) changed in {}, the first at {:#x} ({:#04x}, was {:#04x})",
+                r.path,
+                r.start + i as u64,
+                a[i],
+                b[i]
+            ));
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        return Err(format!("process {pid} has no executable file mapping"));
+    }
+    Ok(())
+}
+
+/// `pid`'s tracer, 0 if none.
+pub fn tracer_of(pid: i32) -> i32 {
+    status_field(pid, "TracerPid:").parse().unwrap()
+}
+
+/// Poll `cond` until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Wait for `child` for at most `timeout`; kill it if it is still running then
+/// (`None`).
+pub fn wait_for(
+    child: &mut Child,
+    timeout: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
+}
+
+/// Send `sig` to `pid`.
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: sending a signal; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// Whether `pid` has exited (gone, or a zombie).
+pub fn is_gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Kills process `0` when dropped unless it is gone already: a test that fails must not
+/// leave a program behind that holds its pipes open.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !is_gone(self.0) {
+            // SAFETY: sending a signal; no memory is involved.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Read `r` to its end on another thread (a pipe that a program we started may hold
+/// open longer than the process we wait for).
+pub fn read_in_background(
+    mut r: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}

@@ -1,0 +1,177 @@
+//! `-o FILE`: a write that fails is an error, never silence; nothing the user did not
+//! mean is destroyed or followed; what is written is private (`src/outfile.rs`).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use common::*;
+use multiprobe_test_targets::bin;
+
+/// A fresh directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mp-out-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Output to a full device: exit status 2 and one line saying what was lost; the
+/// program's own run is not disturbed.
+#[test]
+fn a_full_disk_is_an_error_not_silence() {
+    let single = bin("mp-single");
+    let out = run(&[
+        "run",
+        "-o",
+        "/dev/full",
+        "-p",
+        "mp_add",
+        "--",
+        single.to_str().unwrap(),
+        "--iters",
+        "50",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{:?} {stderr}", out.status);
+    assert_eq!(calls(&stdout, "mp_add"), 50);
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("multiprobe: error: writing /dev/full failed: No space left on device"),
+        "{stderr}"
+    );
+    // The summary that could not be written comes on stderr instead.
+    assert_eq!(rows(&stderr, ":mp_add")[0].1, 50, "{stderr}");
+}
+
+/// `-o` naming the traced program (or any executable or ELF file) is refused before
+/// anything is written: the program is intact.
+#[test]
+fn the_traced_program_and_other_executables_are_never_overwritten() {
+    let d = scratch("exe");
+    let copy = d.join("prog");
+    std::fs::copy(bin("mp-single"), &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let copy_s = copy.to_str().unwrap();
+    let out = run(&["run", "-o", copy_s, "-p", "mp_add", "--", copy_s]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("refusing to write over an executable"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "the program did not run");
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        before,
+        "the program is intact"
+    );
+
+    // A library (an ELF file without `x` bits) is refused too.
+    let lib = d.join("libz-copy.so.1");
+    std::fs::copy("/lib/x86_64-linux-gnu/libz.so.1", &lib).unwrap();
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let before = std::fs::read(&lib).unwrap();
+    let out = run(&[
+        "run",
+        "-o",
+        lib.to_str().unwrap(),
+        "-p",
+        "mp_add",
+        "--",
+        copy_s,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("refusing to write over an ELF file"));
+    assert_eq!(std::fs::read(&lib).unwrap(), before);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Bad input leaves an existing output file as it was, and creates none.
+#[test]
+fn bad_input_leaves_the_output_file_alone() {
+    let d = scratch("bad");
+    let old = d.join("old.log");
+    std::fs::write(&old, "yesterday's run\n").unwrap();
+    let new = d.join("new.log");
+    let single = bin("mp-single");
+    for file in [&old, &new] {
+        let out = run(&[
+            "run",
+            "-o",
+            file.to_str().unwrap(),
+            "-p",
+            "no_such_function_xyz",
+            "--",
+            single.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("no function named"));
+    }
+    assert_eq!(std::fs::read_to_string(&old).unwrap(), "yesterday's run\n");
+    assert!(!new.exists(), "no file left from a run that never started");
+    // The same with a good probe replaces it.
+    let out = run(&[
+        "run",
+        "-o",
+        old.to_str().unwrap(),
+        "-p",
+        "mp_add",
+        "--",
+        single.to_str().unwrap(),
+        "--iters",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(&old).unwrap();
+    assert!(!written.contains("yesterday"), "{written}");
+    assert_eq!(rows(&written, ":mp_add")[0].1, 3, "{written}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A symbolic link is not followed (as root, one planted in a shared directory would
+/// point the output anywhere); a new file is readable by its owner only.
+#[test]
+fn symlinks_are_refused_and_new_files_are_private() {
+    let d = scratch("link");
+    let victim = d.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let link = d.join("out");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let single = bin("mp-single");
+    let out = run(&[
+        "run",
+        "-o",
+        link.to_str().unwrap(),
+        "-p",
+        "mp_add=args:2",
+        "--",
+        single.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+
+    let private = d.join("dump");
+    let out = run(&[
+        "run",
+        "-o",
+        private.to_str().unwrap(),
+        "-p",
+        "mp_load=mem:0:8",
+        "--",
+        single.to_str().unwrap(),
+        "--iters",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "memory dumps readable by others: {mode:o}");
+    assert!(std::fs::read_to_string(&private)
+        .unwrap()
+        .contains(":mp_load arg0="));
+    std::fs::remove_dir_all(&d).unwrap();
+}
