@@ -29,7 +29,7 @@
 //! paths of a hit (only handing a foreign signal on makes system calls).
 
 use std::cell::Cell;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Once;
 
 use libc::{c_int, c_void, siginfo_t, ucontext_t, SI_KERNEL};
@@ -94,7 +94,12 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         // What a thread check must know: whether this handler saw the latest trampoline
         // (read before it looks at any site).
         let prev = thread::trap_started(site::PUBLISHED.load(Ordering::Acquire));
+        // A trap our own trap path raises is a signal on this thread: it must find both
+        // cells raised before any of that code runs, and the outer values back only once
+        // all of it is done (the compiler must not move the cells across it).
+        compiler_fence(Ordering::SeqCst);
         let ours = thread::with_state(|ts| on_int3(ts, uc, machinery));
+        compiler_fence(Ordering::SeqCst);
         thread::trap_done(prev);
         TRAP_MASK.with(|m| m.set(outer_mask));
         IN_TRAP.with(|d| d.set(depth));
