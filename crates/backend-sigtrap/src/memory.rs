@@ -141,7 +141,9 @@ impl Memory for LocalMemory {
         let ok = if let Ok(word) = <[u8; 8]>::try_from(data) {
             // SAFETY: the store is guarded (module docs); what a handler writes into the
             // program's memory is its own business (documented on the type).
-            unsafe { multiprobe_sigtrap_store8_insn(addr as *mut u8, u64::from_le_bytes(word)) == 0 }
+            unsafe {
+                multiprobe_sigtrap_store8_insn(addr as *mut u8, u64::from_le_bytes(word)) == 0
+            }
         } else {
             // SAFETY: the destination is guarded; as above for what is written.
             unsafe { guarded_copy(addr as *mut u8, data.as_ptr(), data.len()) }
