@@ -25,7 +25,7 @@
 //!
 //! The common stub fixes the frame's `rsp` field (the push of `rsp` stored a trampoline
 //! value), clears `fs_base`/`gs_base` (the backend fills them if it wants: in-process
-//! `fs:[0]`), aligns the stack to 64, clears DF (the ABI's entry state), saves the
+//! `fs:[0]`), aligns the stack to 64, clears DF if it is set (the ABI's entry state), saves the
 //! vector/x87 state, calls the entry (`Entry`: frame, ctx, event), restores the vector
 //! state and returns the exit code with `rsp` back at the frame. It is shared because
 //! the vector save is most of the code (a 2 KiB AVX-512 register file).
@@ -370,6 +370,9 @@ fn emit_save(
     a.call(qword_ptr(lits.common))?;
     Ok(())
 }
+
+/// The direction flag in rflags.
+const RFLAGS_DF: u64 = 1 << 10;
 
 /// Flags a fast restore cannot set (`sahf` and the OF trick set only the arithmetic
 /// ones): TF, DF, NT, AC, ID. A frame with any of them set takes `popfq`.
@@ -914,7 +917,16 @@ pub fn build_common(
     };
     a.sub(rsp, len)?;
     a.and(rsp, -64)?;
+    // The entry runs with DF clear (the ABI's state at a call). `cld` costs several
+    // cycles and DF is almost never set where a probe is hit, so only when the frame's
+    // rflags (pushed with DF as the program had it) say it is; the restore's `popfq`
+    // path puts it back (`SLOW_FLAGS`).
+    let mut df_clear = a.create_label();
+    a.test(byte_ptr(rbx + frame + 136 + 1), (RFLAGS_DF >> 8) as u32)?; // Regs::rflags
+    a.jz(df_clear)?;
     a.cld()?;
+    a.set_label(&mut df_clear)?;
+    a.zero_bytes()?;
     match save {
         StateSave::Registers => emit_registers_save(&mut a, cpu)?,
         StateSave::Xsave => {
