@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 
 use multiprobe_core::backend::{Dispatcher, Ran, Stepped, ThreadState};
-use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Via, Ways};
+use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Trampoline, Via, Ways};
 
 use crate::memory::LocalMemory;
 use crate::site::Site;
@@ -107,10 +107,10 @@ fn hit_in(
     let t = info.map();
     let stepped = d.pre_step_post(ts, info.addr, tid, &mut f.regs, &MEM, |_, regs, post| {
         let how = if post {
-            decide_with_post(info, regs)
+            decide_with_post(info, t, regs)
         } else {
             // Folds to the plain copy.
-            continue_hit(&ways(info), false, Emulate::ForPost, regs, &MEM)
+            continue_hit(&ways(info, t), false, Emulate::ForPost, regs, &MEM)
         };
         match how {
             Continue::Emulated { .. } => Ran::Here,
@@ -135,21 +135,27 @@ fn hit_in(
     })
 }
 
-/// What a promoted site has for continuing a hit: its trampoline's copies.
+/// What a promoted site has for continuing a hit: its trampoline's copies (`t`, its
+/// map, looked up once per hit).
 #[inline(always)]
-fn ways(info: &TrampInfo) -> Ways<'_> {
+fn ways<'a>(info: &'a TrampInfo, t: &'a Trampoline) -> Ways<'a> {
     Ways {
         plan: &info.block.plan,
         jump_back: None,
         trap_after: None,
-        trampoline: Some(info.map()),
+        trampoline: Some(t),
     }
 }
 
-/// How a hit with post-handlers continues (out of line: most hits have none).
-#[inline(never)]
-fn decide_with_post(info: &TrampInfo, regs: &mut multiprobe_core::Regs) -> Continue {
-    continue_hit(&ways(info), true, Emulate::ForPost, regs, &MEM)
+/// How a hit with post-handlers continues: usually the first instruction emulated
+/// (inline: a call would cost as much as the emulation of a `push`).
+#[inline(always)]
+fn decide_with_post(
+    info: &TrampInfo,
+    t: &Trampoline,
+    regs: &mut multiprobe_core::Regs,
+) -> Continue {
+    continue_hit(&ways(info, t), true, Emulate::ForPost, regs, &MEM)
 }
 
 /// The post entry: the first instruction ran from the post copy; the frame's `rip` is

@@ -606,32 +606,39 @@ impl<S> Dispatcher<S> {
         // SAFETY: the deferred step's read section (`token`) keeps the view alive until
         // it is dropped below.
         let site = unsafe { &*site };
-        self.post_walk(ts, site, addr, tid, regs, mem);
+        self.post_walk(ts, site, token.shard(), addr, tid, regs, mem);
         drop(token);
         true
     }
 
     /// The post-handlers of `site`'s view, for a hit whose pre walk used that view (so
     /// its enabled flags are exactly those of the handlers whose pre ran). The caller
-    /// holds the read section that keeps the view alive.
+    /// holds the read section (on `shard`, this thread's) that keeps the view alive.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn post_walk(
         &self,
         ts: &ThreadState,
         site: &SiteView<S>,
+        shard: Shard,
         addr: u64,
         tid: u32,
         regs: &mut impl RegisterFile,
         mem: &dyn Memory,
     ) {
-        let shard = ts.shard();
         let was_active = ts.active.load(Relaxed);
         ts.active.store(true, Relaxed);
         // Handlers run with `active` set (rule 6 for the probes they hit).
         signal_fence();
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-        let table = &*self.table;
-        for h in site.hot.iter().filter(|h| h.has_post && live(table, h)) {
+        // The removal gate once for the walk, as the pre walk loads it: a removal
+        // requested during the walk takes effect from the next hit.
+        let gate = self.table.removals.gate_open();
+        for h in site
+            .hot
+            .iter()
+            .filter(|h| h.has_post && !(gate && h.removal_requested()))
+        {
             hit.set_handler(h.id);
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| h.handler().post(&mut hit))) {
                 report_panic(h.counters(), shard, payload);
@@ -676,7 +683,7 @@ impl<S> Dispatcher<S> {
         match step(s.site(), regs, s.post) {
             Ran::Here => {
                 if s.post {
-                    self.post_walk(ts, s.view(), addr, tid, regs, mem);
+                    self.post_walk(ts, s.view(), s.token.shard(), addr, tid, regs, mem);
                 }
                 // Leaves the read section.
                 drop(s);
