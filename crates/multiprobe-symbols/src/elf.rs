@@ -59,6 +59,9 @@ pub struct ElfSymbols {
     symtab: bool,
     /// Its USDT probes (`.note.stapsdt`).
     usdt: Vec<crate::usdt::UsdtProbe>,
+    /// Data objects (`STT_OBJECT`) by name, with their address: the loader's
+    /// `_r_debug`, a USDT argument's symbol.
+    objects: Vec<(String, u64)>,
 }
 
 /// How canonical a name is among the aliases of one function, lower first: libc's
@@ -149,6 +152,17 @@ impl ElfSymbols {
             segments,
             entry: file.entry(),
             symtab: file.symbol_table().is_some(),
+            objects: {
+                let mut o: Vec<(String, u64)> = file
+                    .symbols()
+                    .chain(file.dynamic_symbols())
+                    .filter(|s| s.kind() == SymbolKind::Data && s.is_definition())
+                    .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+                    .collect();
+                o.sort_unstable();
+                o.dedup();
+                o
+            },
             usdt: crate::usdt::probes(&file),
         })
     }
@@ -215,9 +229,27 @@ impl ElfSymbols {
         self.symtab
     }
 
+    /// The file address of the data object `name` (`_r_debug`), if the file defines it.
+    pub fn object(&self, name: &str) -> Option<u64> {
+        let i = self.objects.partition_point(|(n, _)| n.as_str() < name);
+        self.objects
+            .get(i)
+            .filter(|(n, _)| n == name)
+            .map(|&(_, a)| a)
+    }
+
     /// The file's USDT probes (`.note.stapsdt`), in note order.
     pub fn usdt(&self) -> &[crate::usdt::UsdtProbe] {
         &self.usdt
+    }
+
+    /// The file offset of file virtual address `vaddr`, if a loadable segment's file
+    /// bytes hold it.
+    pub fn offset_of_vaddr(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(va, _, size)| va <= vaddr && vaddr < va + size)
+            .map(|&(va, off, _)| off + (vaddr - va))
     }
 
     /// The file virtual address of file offset `offset`, if a loadable segment holds it.

@@ -304,6 +304,25 @@ impl ProcessSymbols {
         })
     }
 
+    /// The process address of the data object `name` in the first mapped file
+    /// `library` names that defines it (every file without a library).
+    pub fn object(&self, library: Option<&str>, name: &str) -> Option<u64> {
+        let files = self.files_of(library).ok()?;
+        files.iter().find_map(|path| {
+            let syms = self.symbols_of(path);
+            let at = syms.object(name)?;
+            Some(at.wrapping_add(self.bias_of(path, &syms)?))
+        })
+    }
+
+    /// The mapped file `library` names (the first), with its symbols and the bias that
+    /// turns their addresses into the process's.
+    pub fn file_symbols(&self, path: &str) -> Option<(Arc<ElfSymbols>, u64)> {
+        let syms = self.symbols_of(path);
+        let bias = self.bias_of(path, &syms)?;
+        Some((syms, bias))
+    }
+
     /// The indirect functions matching the wildcard `pattern` in `library` (or in every
     /// mapped file), each as the [`ResolveError::IndirectFunction`] that says where its
     /// implementation is to be read.
