@@ -44,6 +44,7 @@ pub struct RowState {
     /// Hits where the spec's conditions did not hold.
     pub filtered: AtomicU64,
     keys: Mutex<HashMap<u64, u64>>,
+    strs: Mutex<HashMap<String, u64>>,
     other: AtomicU64,
     stacks: Mutex<StackCounts>,
 }
@@ -56,6 +57,20 @@ impl RowState {
             Some(c) => *c += 1,
             None if n < MAX_DISTINCT => {
                 keys.insert(k, 1);
+            }
+            None => {
+                self.other.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn count_str(&self, k: String) {
+        let mut strs = self.strs.lock().unwrap_or_else(|p| p.into_inner());
+        let n = strs.len();
+        match strs.get_mut(&k) {
+            Some(c) => *c += 1,
+            None if n < MAX_DISTINCT => {
+                strs.insert(k, 1);
             }
             None => {
                 self.other.fetch_add(1, Ordering::Relaxed);
@@ -81,19 +96,24 @@ impl RowState {
 
     /// The most frequent values of a `count:KEY` row, shown as `key` shows them.
     pub fn top_keys(&self, key: Key) -> Top<String> {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<(u64, u64)> = keys.iter().map(|(&k, &c)| (k, c)).collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let show = |k: u64| match key {
-            Key::Arg(_) => format!("{k:#x}"),
-            _ => k.to_string(),
+        let mut all: Vec<(String, u64)> = if let Key::Str(_) = key {
+            let strs = self.strs.lock().unwrap_or_else(|p| p.into_inner());
+            strs.iter().map(|(k, &c)| (k.clone(), c)).collect()
+        } else {
+            let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let show = |k: u64| match key {
+                Key::Arg(_) => format!("{k:#x}"),
+                _ => k.to_string(),
+            };
+            keys.iter().map(|(&k, &c)| (show(k), c)).collect()
         };
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let mut top: Vec<Counted<String>> = all
             .iter()
             .take(TOP)
-            .map(|&(k, count)| Counted {
-                what: show(k),
-                count,
+            .map(|(k, count)| Counted {
+                what: k.clone(),
+                count: *count,
             })
             .collect();
         let other = self.other.load(Ordering::Relaxed);
@@ -303,18 +323,22 @@ impl ActionHandler {
 
     /// Read the NUL-terminated string at `addr`, at most `max` bytes, page by page (a
     /// string that ends just before an unmapped page is read whole). `Ok((bytes,
-    /// cut))`: `cut` when `max` bytes came without a NUL.
+    /// cut))`: `cut` when `max` bytes came and the string goes on.
     fn read_str(hit: &Hit<'_>, addr: u64, max: u16) -> Result<(Vec<u8>, bool), String> {
-        let max = usize::from(max);
+        // One byte past `max`, to tell a string of exactly `max` bytes from a longer one.
+        let limit = usize::from(max) + 1;
         let mut out = Vec::new();
         let mut at = addr;
-        while out.len() < max {
+        while out.len() < limit {
             let to_page_end = (4096 - (at % 4096)) as usize;
-            let n = to_page_end.min(max - out.len());
+            let n = to_page_end.min(limit - out.len());
             let mut buf = vec![0u8; n];
             if let Err(e) = hit.mem().read(at, &mut buf) {
                 if out.is_empty() {
                     return Err(e.to_string());
+                }
+                if out.len() == limit - 1 {
+                    return Ok((out, true)); // `max` bytes, then unreadable: cut there
                 }
                 return Err(format!("unreadable after {} bytes ({e})", out.len()));
             }
@@ -325,6 +349,7 @@ impl ActionHandler {
             out.extend_from_slice(&buf);
             at += n as u64;
         }
+        out.truncate(limit - 1);
         Ok((out, true))
     }
 }
@@ -347,6 +372,17 @@ impl Handler for ActionHandler {
                     if let Ok(v) = self.arg(hit, n) {
                         b.state.count_key(v);
                     }
+                }
+                Key::Str(n) => {
+                    let key = match self.arg(hit, n) {
+                        Ok(0) => "(null)".to_string(),
+                        Ok(a) => match Self::read_str(hit, a, 64) {
+                            Ok((bytes, cut)) => lines::quoted(&bytes, cut),
+                            Err(_) => format!("(unreadable {a:#x})"),
+                        },
+                        Err(_) => "(no argument)".to_string(),
+                    };
+                    b.state.count_str(key);
                 }
                 Key::Ustack => {
                     if let Ok(addrs) = b

@@ -7,7 +7,7 @@
 //! ITEM    := ACTION | "if:" COND
 //! ACTION  := "count" [ ":" KEY ] | "args:" N | "regs" | "mem:" ARG ":" LEN
 //!          | "str:" ARG [ ":" MAX ] | "ustack" [ ":" DEPTH ]
-//! KEY     := "tid" | "pid" | "arg" N | "ustack"
+//! KEY     := "tid" | "pid" | "arg" N | "str" N | "ustack"
 //! COND    := "arg" N OP NUMBER          OP := "==" | "!=" | "<" | "<=" | ">" | ">="
 //! ```
 //!
@@ -106,6 +106,8 @@ pub enum Key {
     Pid,
     /// The value of an argument (0-based).
     Arg(u8),
+    /// The C string an argument points to (its first 64 bytes).
+    Str(u8),
     /// The user-space stack.
     Ustack,
 }
@@ -116,6 +118,7 @@ impl fmt::Display for Key {
             Key::Tid => write!(f, "tid"),
             Key::Pid => write!(f, "pid"),
             Key::Arg(n) => write!(f, "arg{n}"),
+            Key::Str(n) => write!(f, "str{n}"),
             Key::Ustack => write!(f, "ustack"),
         }
     }
@@ -565,10 +568,14 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
                 Action::CountBy(Key::Arg(parse_arg_index(spec, "count", k)?)),
                 2,
             ),
+            Some(k) if k.starts_with("str") => {
+                let n = parse_arg_index(spec, "count", &format!("arg{}", &k[3..]))?;
+                (Action::CountBy(Key::Str(n)), 2)
+            }
             Some(k) => {
                 return Err(err(
                     spec,
-                    format!("count:{k}: a count is keyed by tid, pid, argN or ustack"),
+                    format!("count:{k}: a count is keyed by tid, pid, argN, strN or ustack"),
                 ))
             }
         },
@@ -782,7 +789,7 @@ mod tests {
             "negative: signed"
         );
         assert_eq!(
-            p("f=count:tid,count:pid,count:arg2,count:ustack,ustack,ustack:8,str:0,str:1:64")
+            p("f=count:tid,count:pid,count:arg2,count:ustack,count:str1,ustack,ustack:8,str:0,str:1:64")
                 .unwrap()
                 .actions,
             vec![
@@ -790,6 +797,7 @@ mod tests {
                 Action::CountBy(Key::Pid),
                 Action::CountBy(Key::Arg(2)),
                 Action::CountBy(Key::Ustack),
+                Action::CountBy(Key::Str(1)),
                 Action::Ustack { depth: 32 },
                 Action::Ustack { depth: 8 },
                 Action::Str { arg: 0, max: 256 },
@@ -825,7 +833,8 @@ mod tests {
             ("str*+0x4", "not a pattern"),
             ("uretprobe:libc:malloc", "return probe"),
             ("f=ret", "return actions"),
-            ("f=count:rip", "keyed by tid, pid, argN or ustack"),
+            ("f=count:rip", "keyed by tid, pid, argN, strN or ustack"),
+            ("f=count:strx", "expected an argument"),
             ("f=count:arg99", "arg0 to arg15"),
             ("f=if:arg0", "a condition is argN OP NUMBER"),
             ("f=if:rdi==1", "expected an argument"),
