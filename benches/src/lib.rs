@@ -11,6 +11,8 @@
 //! those pairs. Unpaired ratios moved by up to 40% with load here; paired ones by a few
 //! percent.
 
+pub mod uprobe;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;

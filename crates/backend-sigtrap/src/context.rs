@@ -57,22 +57,31 @@ fn fields(r: &mut Regs) -> [&mut u64; 18] {
 
 /// The registers saved in `uc`.
 pub(crate) fn load(uc: &ucontext_t) -> Regs {
-    let mut r = Regs {
-        fs_base: fs_base(),
-        ..Regs::default()
-    };
+    let mut r = from_gregs(&uc.uc_mcontext.gregs);
+    r.fs_base = fs_base();
+    r
+}
+
+/// The registers in a `gregs` array (the kernel's `sigcontext` order); segment bases 0.
+pub(crate) fn from_gregs(g: &[i64; 23]) -> Regs {
+    let mut r = Regs::default();
     for (f, &i) in fields(&mut r).into_iter().zip(MAP.iter()) {
-        *f = uc.uc_mcontext.gregs[i as usize] as u64;
+        *f = g[i as usize] as u64;
     }
     r
 }
 
-/// Write `r` back into `uc`; the thread resumes with these registers.
-pub(crate) fn store(uc: &mut ucontext_t, r: &Regs) {
+/// Write `r` into a `gregs` array.
+pub(crate) fn to_gregs(g: &mut [i64; 23], r: &Regs) {
     let mut r = *r;
     for (f, &i) in fields(&mut r).into_iter().zip(MAP.iter()) {
-        uc.uc_mcontext.gregs[i as usize] = *f as i64;
+        g[i as usize] = *f as i64;
     }
+}
+
+/// Write `r` back into `uc`; the thread resumes with these registers.
+pub(crate) fn store(uc: &mut ucontext_t, r: &Regs) {
+    to_gregs(&mut uc.uc_mcontext.gregs, r);
 }
 
 /// The interrupted instruction pointer.
@@ -86,7 +95,7 @@ pub(crate) fn set_rip(uc: &mut ucontext_t, rip: u64) {
 }
 
 /// This thread's `fs` base, without a system call.
-fn fs_base() -> u64 {
+pub(crate) fn fs_base() -> u64 {
     let v: u64;
     // SAFETY: `%fs:0` holds the thread pointer on x86-64 Linux (TLS variant II; glibc
     // and musl both set it up before any Rust code runs); reading it has no side effect.

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use multiprobe_core::backend::Dispatcher;
 
-use crate::backend::Site;
+use crate::site::Site;
 
 /// How many backends can be alive at once.
 pub(crate) const MAX: usize = 64;

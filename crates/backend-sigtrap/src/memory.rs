@@ -63,7 +63,7 @@ pub(crate) fn copy_routine() -> (u64, u64) {
 /// `dst` must not overlap memory whose change would break Rust's aliasing rules (the
 /// caller vouches for what it writes to), and the fault handlers must be installed.
 pub(crate) unsafe fn guarded_copy(dst: *mut u8, src: *const u8, len: usize) -> bool {
-    debug_assert!(crate::fault::installed());
+    debug_assert!(crate::signals::installed(libc::SIGSEGV));
     // SAFETY: the routine only touches `len` bytes at `dst`/`src`; a fault there is
     // turned into a failure return by the installed fault handler (module docs).
     unsafe { multiprobe_sigtrap_copy(dst, src, len) == 0 }
@@ -81,22 +81,10 @@ pub struct LocalMemory {
 }
 
 impl LocalMemory {
-    /// Guarded memory of this process. Installs the backend's fault handlers if they are
-    /// not yet installed.
-    pub fn new() -> Self {
-        crate::fault::install();
-        LocalMemory { _private: () }
-    }
-
-    /// For the signal path, where installation already happened.
+    /// For the signal path, where installation already happened. (`new`, which
+    /// installs the fault handlers, is in `crate::fault`: this module stays a leaf.)
     pub(crate) const fn installed() -> Self {
         LocalMemory { _private: () }
-    }
-}
-
-impl Default for LocalMemory {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -6,10 +6,12 @@
 //! remembering the action it replaced. A signal that is not ours is passed to that
 //! previous action as the kernel would have delivered it:
 //! * a handler: called with the same `siginfo`/`ucontext`, under its own `sa_mask`;
-//! * the default action (or "ignore", which the kernel overrides for synchronous faults):
-//!   the default is restored and the signal queued again so that it takes effect when
-//!   the thread resumes ([`default_action`]): the process ends the way it would have,
-//!   and a core dump shows the interrupted registers.
+//! * the default action: the default is restored and the signal queued again so that it
+//!   takes effect when the thread resumes ([`default_action`]): the process ends the way
+//!   it would have, and a core dump shows the interrupted registers;
+//! * "ignore": dropped, as the kernel drops an ignored signal — unless the kernel would
+//!   have *forced* it ([`forced`]: a fault or trap it raised itself, which an ignored or
+//!   blocked disposition does not stop), which takes the default action as above.
 //!
 //! Invariant: `PREV[sig]` is written once, before our handler for `sig` is installed,
 //! and only read afterwards (by that handler); the `Release`/`Acquire` on `ready` orders
@@ -101,16 +103,53 @@ fn prev(sig: c_int) -> Option<&'static sigaction> {
     unsafe { (*slot.act.get()).as_ref() }
 }
 
-/// Deliver a signal that is not ours to the action our handler replaced.
+/// What [`chain`] did with a signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Chained {
+    /// The program's handler ran (and may have changed the disposition since).
+    Handler,
+    /// The default action was restored and the signal queued again ([`default_action`]).
+    Default,
+    /// The program ignores it and the kernel would not have forced it: dropped.
+    Ignored,
+}
+
+/// `si_code` of SIGBUS for a memory error found in the background (`BUS_MCEERR_AO`):
+/// sent, not forced, unlike the other SIGBUS codes.
+const BUS_MCEERR_AO: c_int = 5;
+/// `si_code` of SIGTRAP for a perf event (`TRAP_PERF`): sent, not forced.
+const TRAP_PERF: c_int = 6;
+
+/// Whether the kernel forces `sig` with this `si_code` on the thread, overriding an
+/// ignored (or blocked) disposition: the faults and traps it raises for the instruction
+/// the thread is executing (`force_sig_fault` and friends, `si_code > 0`: SEGV_MAPERR,
+/// TRAP_BRKPT, `SI_KERNEL` for `int3`, ...). A signal a process sent (`kill`, `tgkill`,
+/// `sigqueue`: `si_code <= 0`) or the kernel merely sent (`BUS_MCEERR_AO`, `TRAP_PERF`)
+/// is dropped when ignored.
+pub(crate) fn forced(sig: c_int, code: c_int) -> bool {
+    code > 0
+        && !(sig == libc::SIGBUS && code == BUS_MCEERR_AO)
+        && !(sig == libc::SIGTRAP && code == TRAP_PERF)
+}
+
+/// Deliver a signal that is not ours to the action our handler replaced, as the kernel
+/// would have delivered it had ours not been installed (module docs).
 ///
 /// # Safety
 /// `info` and `ctx` are the arguments our `SA_SIGINFO` handler received for `sig`.
-pub(crate) unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
+pub(crate) unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) -> Chained {
     let h = prev(sig).map_or(libc::SIG_DFL, |p| p.sa_sigaction);
+    if h == libc::SIG_IGN {
+        // SAFETY: the kernel's siginfo for this signal (caller contract).
+        let code = unsafe { (*info).si_code };
+        if !forced(sig, code) {
+            return Chained::Ignored;
+        }
+    }
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         // SAFETY: forwarded caller contract.
         unsafe { default_action(sig, info, ctx) };
-        return;
+        return Chained::Default;
     }
     let p = prev(sig).expect("checked above");
     // Run it under the mask the kernel would have set for it.
@@ -133,19 +172,23 @@ pub(crate) unsafe fn chain(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
+    Chained::Handler
 }
 
 /// Deliver a fault that happened out of line to the program, after the registers in
 /// `ctx` were moved back to the original code: like [`chain`], and if the program's
 /// handler reset the action to the default (as Rust's own SIGSEGV handler does for
 /// faults that are not stack overflows) the default action then takes effect at the
-/// original address instead of the instruction running (and being probed) again.
+/// original address instead of the instruction running (and being probed) again. A
+/// signal `chain` already gave the default action is not queued a second time.
 ///
 /// # Safety
 /// As for [`chain`].
 pub(crate) unsafe fn deliver(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     // SAFETY: forwarded caller contract.
-    unsafe { chain(sig, info, ctx) };
+    if unsafe { chain(sig, info, ctx) } != Chained::Handler {
+        return;
+    }
     // SAFETY: querying the current action into a local.
     let now = unsafe {
         let mut a: sigaction = std::mem::zeroed();

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use multiprobe_x86::MAX_SLOT_LEN;
 
-use crate::backend::BlockInfo;
+use crate::site::BlockInfo;
 use multiprobe_symbols::Maps;
 
 use crate::patch;
@@ -139,7 +139,7 @@ pub(crate) fn block_for(
     if n == MAX_REGIONS {
         return Err(io::Error::other("out of slot regions"));
     }
-    let start = map_region_near(center)?;
+    let start = map_region_near(center, REGION)?;
     REGIONS[n].start.store(start, Ordering::Relaxed);
     a.next.push(BLOCK);
     NREGIONS.store(n + 1, Ordering::Release);
@@ -172,20 +172,21 @@ pub(crate) fn publish(
     Ok(())
 }
 
-/// Map a region in the free gap closest to `center` that keeps all of it within reach.
-fn map_region_near(center: u64) -> io::Result<u64> {
+/// Map a `len`-byte `r-x` region in the free gap closest to `center` that keeps all of
+/// it within reach (slots and trampolines alike).
+pub(crate) fn map_region_near(center: u64, len: u64) -> io::Result<u64> {
     // Another thread may map something into the gap between reading the maps and our
     // mmap: MAP_FIXED_NOREPLACE then fails, and we look again.
     for _ in 0..8 {
         let maps = Maps::read(0)?;
-        let Some(s) = maps.free_near(center, center + 1, REGION, REACH) else {
+        let Some(s) = maps.free_near(center, center + 1, len, REACH) else {
             break;
         };
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
         let p = unsafe {
             libc::mmap(
                 s as *mut libc::c_void,
-                REGION as usize,
+                len as usize,
                 libc::PROT_READ | libc::PROT_EXEC,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
@@ -198,7 +199,7 @@ fn map_region_near(center: u64) -> io::Result<u64> {
         if p as u64 != s {
             // An old kernel without MAP_FIXED_NOREPLACE treats the address as a hint.
             // SAFETY: the mapping just made, unused.
-            unsafe { libc::munmap(p, REGION as usize) };
+            unsafe { libc::munmap(p, len as usize) };
             break;
         }
         return Ok(s);

@@ -20,6 +20,11 @@ pub(crate) fn enclosing(addr: u64, maps: &Maps) -> Option<Located> {
     ProcessSymbols::from_maps(maps.clone(), cache()).locate(addr)
 }
 
+/// The landing pads of the function starting at `start`, from its file's unwind tables.
+pub(crate) fn landing_pads(start: u64, maps: &Maps) -> multiprobe_symbols::LandingPads {
+    ProcessSymbols::from_maps(maps.clone(), cache()).landing_pads(start)
+}
+
 /// Crates whose code runs on the trap path: probing it would trap inside dispatch.
 const RESERVED_CRATES: [&str; 3] = [
     "multiprobe_core",

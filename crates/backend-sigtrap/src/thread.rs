@@ -27,6 +27,61 @@ std::thread_local! {
         const { UnsafeCell::new(ManuallyDrop::new(ThreadState::new())) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     static TID: Cell<u32> = const { Cell::new(0) };
+    /// Depth of our own machinery (the trampoline entry) on this thread.
+    static MACHINERY: Cell<u32> = const { Cell::new(0) };
+    /// `site::PUBLISHED` as the oldest trap handler running on this thread read it
+    /// when it started (0: none runs).
+    static OLDEST_TRAP: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A trap handler starts on this thread having read `published`; returns what to give
+/// [`trap_done`]. Async-signal-safe.
+pub(crate) fn trap_started(published: u64) -> u64 {
+    OLDEST_TRAP.with(|o| {
+        let prev = o.get();
+        if prev == 0 {
+            o.set(published);
+        }
+        prev
+    })
+}
+
+/// The trap handler that [`trap_started`] returned `prev` for ends.
+pub(crate) fn trap_done(prev: u64) {
+    OLDEST_TRAP.with(|o| o.set(prev));
+}
+
+/// What the oldest trap handler running on this thread read (0: none runs).
+pub(crate) fn oldest_trap() -> u64 {
+    OLDEST_TRAP.with(Cell::get)
+}
+
+/// This thread is inside the backend's machinery (a trampoline entry); a probe hit there
+/// must run no handlers. Async-signal-safe.
+#[derive(Debug)]
+pub(crate) struct Machinery(());
+
+impl Machinery {
+    /// Enter, unless this thread is inside already (then `None`: a nested hit).
+    pub(crate) fn enter() -> Option<Machinery> {
+        MACHINERY.with(|m| {
+            (m.get() == 0).then(|| {
+                m.set(1);
+                Machinery(())
+            })
+        })
+    }
+
+    /// Whether this thread is inside.
+    pub(crate) fn inside() -> bool {
+        MACHINERY.with(|m| m.get() > 0)
+    }
+}
+
+impl Drop for Machinery {
+    fn drop(&mut self) {
+        MACHINERY.with(|m| m.set(0));
+    }
 }
 
 static SETUP: Once = Once::new();
@@ -104,6 +159,14 @@ pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
     // SAFETY: the state is only replaced by `on_thread_exit`, in thread context at
     // thread exit, never while a `with_state` call is running on this thread.
     STATE.with(|s| f(unsafe { &*s.get() }))
+}
+
+/// Whether a handler is running on this thread (the core's `ThreadState::in_handler`),
+/// without attaching the state to the exit hook as `with_state` does. Async-signal-safe.
+pub(crate) fn in_handler() -> bool {
+    // SAFETY: as in `with_state`: a shared look at the state, replaced only at thread
+    // exit, never while this runs.
+    STATE.with(|s| unsafe { &*s.get() }.in_handler())
 }
 
 /// This thread's kernel id, cached. Async-signal-safe.

@@ -29,16 +29,17 @@
 //! paths of a hit (only handing a foreign signal on makes system calls).
 
 use std::cell::Cell;
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Once;
 
 use libc::{c_int, c_void, siginfo_t, ucontext_t, SI_KERNEL};
 use multiprobe_core::backend::{PreOutcome, ThreadState};
 use multiprobe_core::Regs;
-use multiprobe_x86::INT3;
+use multiprobe_x86::{Continue, Emulate, Frame, Trampoline, INT3};
 
-use crate::backend::BlockInfo;
 use crate::memory::LocalMemory;
-use crate::{context, dispatchers, known, signals, slots, thread};
+use crate::site::BlockInfo;
+use crate::{collect, context, dispatchers, known, signals, site, slots, thread, tramps};
 
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).
@@ -89,15 +90,27 @@ extern "C" fn on_sigtrap(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
         // under the mask of the trap it is nested in; a trap from another signal's
         // handler that interrupted ours normally runs with that signal blocked, and is
         // an ordinary hit (the core nests such dispatches).
-        let machinery = depth > 0 && mask == outer_mask;
+        let machinery = (depth > 0 && mask == outer_mask) || thread::Machinery::inside();
+        // What a thread check must know: whether this handler saw the latest trampoline
+        // (read before it looks at any site).
+        let prev = thread::trap_started(site::PUBLISHED.load(Ordering::Acquire));
+        // A trap our own trap path raises is a signal on this thread: it must find both
+        // cells raised before any of that code runs, and the outer values back only once
+        // all of it is done (the compiler must not move the cells across it).
+        compiler_fence(Ordering::SeqCst);
         let ours = thread::with_state(|ts| on_int3(ts, uc, machinery));
+        compiler_fence(Ordering::SeqCst);
+        thread::trap_done(prev);
         TRAP_MASK.with(|m| m.set(outer_mask));
         IN_TRAP.with(|d| d.set(depth));
         ours
     };
-    if !ours {
+    if ours {
+        // A handler may have asked for a removal, which only thread context finishes.
+        collect::ring_if_pending();
+    } else {
         // SAFETY: our handler's own arguments.
-        unsafe { signals::chain(sig, info, ctx) };
+        let _ = unsafe { signals::chain(sig, info, ctx) };
     }
 }
 
@@ -108,6 +121,9 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
     let a = rip.wrapping_sub(1);
     if let Some(info) = slots::lookup(a) {
         return after_slot(ts, uc, info, rip);
+    }
+    if let Some(t) = tramps::lookup(a) {
+        return trap_exit(uc, t.map(), rip);
     }
     let tid = thread::tid();
     let mut regs = context::load(uc);
@@ -126,33 +142,56 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
             PreOutcome::Step(step) => step,
         };
         let info = step.site().info;
-        let plan = &info.plan;
-        if plan.is_emulated() {
-            let before = regs;
-            if plan.emulate(&mut regs, &MEM).is_ok() {
-                if step.wants_post() {
-                    step.defer_post();
+        match multiprobe_x86::continue_hit(
+            &info.ways(),
+            step.wants_post(),
+            Emulate::First,
+            &mut regs,
+            &MEM,
+        ) {
+            Continue::Emulated { post } => {
+                // Post-handlers right after the emulated instruction (if they run at
+                // all: `defer_post` says).
+                if post && step.defer_post() {
                     d.post(ts, a, tid, &mut regs, &MEM);
                 }
-                context::store(uc, &regs);
-                return true;
+                regs.rip = info.resume_target(regs.rip);
             }
-            // The emulated access would fault: run the slot so the CPU raises it.
-            regs = before;
+            Continue::OutOfLine { at, post, .. } => {
+                // A copy that brings the thread back for the posts only if the step was
+                // deferred (with no room left on this thread for it, its posts are
+                // counted missed and it takes the jump-back slot).
+                regs.rip = if !post || step.defer_post() {
+                    at
+                } else {
+                    info.boost.addr()
+                };
+            }
+            // Every site has its slots (built at prepare).
+            Continue::InPlace { .. } => regs.rip = info.boost.addr(),
         }
-        regs.rip = match (&info.post, step.wants_post()) {
-            (Some(post), true) => {
-                step.defer_post();
-                post.addr()
-            }
-            // No trap-after variant: the post-handlers of this hit are lost, which only
-            // happens when emulating `ret`/`jmp [mem]`/`call [mem]` failed (it faults).
-            _ => info.boost.addr(),
-        };
         context::store(uc, &regs);
         return true;
     }
     not_ours(uc, a)
+}
+
+/// A trampoline's exit by trap (a handler moved `rsp` where no other exit can go):
+/// `rsp` points at the trampoline's frame; the thread resumes with every register as the
+/// frame holds it (the vector state was restored before the `int3`).
+fn trap_exit(uc: &mut ucontext_t, t: &Trampoline, rip: u64) -> bool {
+    if !t.is_trap_exit(rip) {
+        return false;
+    }
+    let at = context::load(uc).rsp;
+    let mut frame = [0u8; std::mem::size_of::<Frame>()];
+    if multiprobe_core::Memory::read(&MEM, at, &mut frame).is_err() {
+        return false;
+    }
+    // SAFETY: `Frame` is plain old data (`repr(C)` u64 fields) and `frame` has its size.
+    let frame: Frame = unsafe { std::ptr::read_unaligned(frame.as_ptr().cast()) };
+    context::store(uc, &frame.regs);
+    true
 }
 
 /// The trailing `int3` of a trap-after slot: back to the original code, then the
@@ -169,6 +208,7 @@ fn after_slot(ts: &ThreadState, uc: &mut ucontext_t, info: &BlockInfo, rip: u64)
             break;
         }
     }
+    regs.rip = info.resume_target(regs.rip);
     context::store(uc, &regs);
     true
 }
@@ -190,8 +230,10 @@ fn step_quietly(uc: &mut ucontext_t, a: u64, regs: &mut Regs) -> bool {
         let Some(info) = d.with_site(a, |s| s.info) else {
             continue;
         };
-        if !(info.plan.is_emulated() && info.plan.emulate(regs, &MEM).is_ok()) {
-            regs.rip = info.boost.addr();
+        match multiprobe_x86::continue_hit(&info.ways(), false, Emulate::First, regs, &MEM) {
+            Continue::OutOfLine { at, .. } => regs.rip = at,
+            Continue::InPlace { .. } => regs.rip = info.boost.addr(),
+            Continue::Emulated { .. } => regs.rip = info.resume_target(regs.rip),
         }
         context::store(uc, regs);
         return true;

@@ -1,6 +1,7 @@
 //! Tests that need a process of their own: a probed instruction that faults (the process
-//! must see the fault at the original address, as if unprobed) and `fork` with probes
-//! armed. `harness = false`: `main` runs single-threaded, so forking is safe, and
+//! must see the fault at the original address, as if unprobed), the program's own
+//! dispositions of the signals the backend handles (ignored, default, its handlers; sent
+//! from outside or raised by a fault) and `fork` with probes armed. `harness = false`: `main` runs single-threaded, so forking is safe, and
 //! re-executes this binary for scenarios that end the process.
 
 mod asm;
@@ -178,6 +179,51 @@ fn child_segv_default() {
     unreachable!("the load faults");
 }
 
+/// Child: the program ignores `sig`, then probes exist; another process sends it `sig`
+/// (`kill(2)`) while it waits for a line on stdin. It must survive, and its probe still
+/// works afterwards.
+fn child_ignores_sent(sig: i32) {
+    // SAFETY: setting a disposition before any handler of ours exists.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+    let reg = multiprobe_backend_sigtrap::registry();
+    let g = reg
+        .register(mp_t_imul as *const () as u64, |_| {
+            PRE.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    println!("ready");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    // SAFETY: integer in, integer out.
+    assert_eq!(unsafe { mp_t_imul(3) }, 21);
+    println!("pre={:016x}", g.unregister().unwrap().hits);
+}
+
+/// Child: SIGTRAP ignored, and an `int3` that is not a probe: the kernel forces a
+/// trap over an ignored disposition, so the process dies of SIGTRAP as it would unprobed.
+fn child_ignored_foreign_int3() {
+    // SAFETY: setting a disposition before any handler of ours exists.
+    unsafe { libc::signal(libc::SIGTRAP, libc::SIG_IGN) };
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = reg.register(mp_t_imul as *const () as u64, |_| {}).unwrap();
+    // SAFETY: deliberately traps.
+    unsafe { mp_t_int3() };
+    std::process::exit(0);
+}
+
+/// Child: SIGSEGV at `disposition` (the default, or ignored: the kernel forces a fault
+/// over that) and a fault in a probed instruction, executed out of line.
+fn child_segv_disposition(disposition: libc::sighandler_t) {
+    // SAFETY: setting a disposition before any handler of ours exists (this replaces
+    // Rust's own SIGSEGV handler).
+    unsafe { libc::signal(libc::SIGSEGV, disposition) };
+    let reg = multiprobe_backend_sigtrap::registry();
+    let _g = probe_load(&reg);
+    // SAFETY: deliberately faults.
+    unsafe { mp_t_load(8) };
+    unreachable!("the load faults");
+}
+
 fn run_child(scenario: &str) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
         .env("MP_SCENARIO", scenario)
@@ -278,14 +324,18 @@ fn fork_with_probes_armed() {
             HITS.fetch_add(1, Relaxed);
         })
         .unwrap();
+    // A jump where the site was promoted, an int3 where not.
+    let armed = bytes(a, 1);
+    assert!(armed == [0xcc] || armed == [0xe9], "{armed:02x?}");
     // SAFETY: single-threaded here (harness = false), so the child may do anything.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // The child inherits the breakpoint, the slots and the handler.
+        // The child inherits the breakpoint (or jump), the slots, the trampoline and the
+        // handler.
         // SAFETY: integer in, integer out.
         let ok = (0..3).all(|x| unsafe { mp_t_imul(x) } == 7 * x) && HITS.load(Relaxed) == 3;
         let unreg = g.unregister().is_ok_and(|s| s.hits == 3);
-        let restored = bytes(a, 1) != [0xcc];
+        let restored = bytes(a, 1) != armed;
         // SAFETY: integer in, integer out.
         let after = unsafe { mp_t_imul(5) } == 35 && HITS.load(Relaxed) == 3;
         // SAFETY: leaving the child without running the parent's atexit machinery.
@@ -305,7 +355,7 @@ fn fork_with_probes_armed() {
         "child status {status:#x}"
     );
     // The parent's probe is untouched by what the child did.
-    assert_eq!(bytes(a, 1), [0xcc]);
+    assert_eq!(bytes(a, 1), armed);
     assert_eq!(HITS.load(Relaxed), 0);
     // SAFETY: integer in, integer out.
     assert_eq!(unsafe { mp_t_imul(2) }, 14);
@@ -375,6 +425,158 @@ fn fork_while_another_thread_is_inside_a_hit() {
     assert_eq!(g.unregister().unwrap().hits, 1);
 }
 
+/// Whether `sig` is pending for process `pid` (its shared pending set).
+fn shared_pending(pid: u32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (sig - 1)) != 0)
+}
+
+fn an_ignored_signal_sent_from_outside_is_ignored(sig: i32) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("MP_SCENARIO", format!("ignore_sent_{sig}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = child.id();
+    for _ in 0..3 {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+        // Delivered (or the child died of it) before the next one and before "go".
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared_pending(pid, sig) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    // A child killed by the signal no longer reads: ignore the broken pipe.
+    let _ = child.stdin.take().unwrap().write_all(b"go\n");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    let status = child.wait().unwrap();
+    assert_eq!(
+        (status.code(), status.signal()),
+        (Some(0), None),
+        "signal {sig} sent to a program that ignores it: {rest}"
+    );
+    assert_eq!(field(&rest, "pre"), 1, "{rest}");
+}
+
+fn an_ignored_sigtrap_sent_from_outside_is_ignored() {
+    an_ignored_signal_sent_from_outside_is_ignored(libc::SIGTRAP);
+}
+
+fn an_ignored_sigsegv_sent_from_outside_is_ignored() {
+    an_ignored_signal_sent_from_outside_is_ignored(libc::SIGSEGV);
+}
+
+fn an_ignored_sigtrap_does_not_stop_a_foreign_int3_from_killing() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("ignored_foreign_int3");
+    assert_eq!(out.status.signal(), Some(libc::SIGTRAP), "{:?}", out);
+}
+
+/// Run this binary with `scenario` under ptrace, passing every signal on, and count its
+/// main thread's system calls number `nr`. Returns the wait status it ended with.
+fn count_syscalls(scenario: &str, nr: libc::c_long) -> (i32, u32) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let exe = CString::new(std::env::current_exe().unwrap().as_os_str().as_bytes()).unwrap();
+    let env = CString::new(format!("MP_SCENARIO={scenario}")).unwrap();
+    let argv = [exe.as_ptr(), std::ptr::null()];
+    let envp = [env.as_ptr(), std::ptr::null()];
+    // SAFETY: single-threaded here (harness = false); the child only calls
+    // async-signal-safe functions before it execs.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: our traced child; it stops with SIGTRAP at its exec.
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+        assert!(libc::WIFSTOPPED(status), "status {status:#x}");
+        libc::ptrace(
+            libc::PTRACE_SETOPTIONS,
+            pid,
+            0,
+            libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL,
+        );
+    }
+    /// `struct ptrace_syscall_info` up to the entry's number.
+    #[repr(C)]
+    struct SyscallInfo {
+        op: u8,
+        _pad: [u8; 3],
+        arch: u32,
+        ip: u64,
+        sp: u64,
+        nr: u64,
+        args: [u64; 6],
+    }
+    let (mut sig, mut count) = (0, 0);
+    loop {
+        // SAFETY: resuming and waiting for our traced child.
+        unsafe {
+            libc::ptrace(libc::PTRACE_SYSCALL, pid, 0, sig);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        sig = 0;
+        if !libc::WIFSTOPPED(status) {
+            return (status, count);
+        }
+        let stop = libc::WSTOPSIG(status);
+        if stop != libc::SIGTRAP | 0x80 {
+            sig = stop; // a signal: hand it on
+            continue;
+        }
+        // SAFETY: all-zero is a valid value of this plain struct.
+        let mut info: SyscallInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes at most the given size into `info`.
+        let n = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GET_SYSCALL_INFO,
+                pid,
+                std::mem::size_of::<SyscallInfo>(),
+                &mut info as *mut SyscallInfo,
+            )
+        };
+        assert!(n > 0, "PTRACE_GET_SYSCALL_INFO failed");
+        // Op 1: a system call entry.
+        if info.op == 1 && info.nr == nr as u64 {
+            count += 1;
+        }
+    }
+}
+
+/// A fault out of line under the default action (or ignored, which the kernel
+/// overrides for a fault) is queued again exactly once, and kills with SIGSEGV.
+fn a_fault_given_the_default_action_is_queued_again_once() {
+    for scenario in ["segv_dfl", "segv_ign", "segv_default"] {
+        let (status, queued) = count_syscalls(scenario, libc::SYS_rt_tgsigqueueinfo);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            "{scenario}: status {status:#x}"
+        );
+        assert_eq!(queued, 1, "{scenario}: rt_tgsigqueueinfo calls");
+    }
+}
+
 fn main() {
     match std::env::var("MP_SCENARIO").as_deref() {
         Ok("segv_handler") => return child_segv_with_handler(),
@@ -382,9 +584,15 @@ fn main() {
         Ok("segv_unprobed") => return child_segv_unprobed(),
         Ok("foreign_int3") => return child_foreign_int3(),
         Ok("fpe_handler") => return child_fpe_with_handler(),
+        Ok("ignored_foreign_int3") => return child_ignored_foreign_int3(),
+        Ok("segv_dfl") => return child_segv_disposition(libc::SIG_DFL),
+        Ok("segv_ign") => return child_segv_disposition(libc::SIG_IGN),
+        Ok(s) if s.starts_with("ignore_sent_") => {
+            return child_ignores_sent(s["ignore_sent_".len()..].parse().unwrap())
+        }
         _ => {}
     }
-    let tests: [(&str, fn()); 9] = [
+    let tests: [(&str, fn()); 13] = [
         // First: it must install its SIGTRAP handler before any backend exists.
         (
             "a_foreign_int3_reaches_the_programs_sigtrap_handler",
@@ -415,15 +623,42 @@ fn main() {
             a_fault_handler_can_handle_the_fault,
         ),
         ("fork_with_probes_armed", fork_with_probes_armed),
+        (
+            "an_ignored_sigtrap_sent_from_outside_is_ignored",
+            an_ignored_sigtrap_sent_from_outside_is_ignored,
+        ),
+        (
+            "an_ignored_sigsegv_sent_from_outside_is_ignored",
+            an_ignored_sigsegv_sent_from_outside_is_ignored,
+        ),
+        (
+            "an_ignored_sigtrap_does_not_stop_a_foreign_int3_from_killing",
+            an_ignored_sigtrap_does_not_stop_a_foreign_int3_from_killing,
+        ),
+        (
+            "a_fault_given_the_default_action_is_queued_again_once",
+            a_fault_given_the_default_action_is_queued_again_once,
+        ),
         // Last: it leaves a thread behind until it releases it.
         (
             "fork_while_another_thread_is_inside_a_hit",
             fork_while_another_thread_is_inside_a_hit,
         ),
     ];
-    for (name, t) in tests {
+    // `cargo test --test processes -- NAME...` runs the tests whose names contain one of
+    // the NAMEs (the first one, which must run before any backend exists, included).
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut ran = 0;
+    for (k, (name, t)) in tests.into_iter().enumerate() {
+        if k > 0 && !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
         t();
+        ran += 1;
         println!("test {name} ... ok");
     }
-    println!("\n{} passed, 0 failed", tests.len());
+    println!("\n{ran} passed, 0 failed");
 }

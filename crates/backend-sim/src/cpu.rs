@@ -9,6 +9,8 @@
 //!     NotOurs, byte still BRK: deliver SIGTRAP (not ours)         (retires)
 //!     Redirect: resume at regs.rip                                (retires)
 //!     Step: Step::defer_post, copy the slot ──> InSlot ── execute out of line
+//!     (then, on CPU 0, still in the same micro-step, the removals handlers asked for
+//!     are collected)
 //!        faults: Dispatcher::fault; NotHandled → deliver the fault (retires)
 //!        ok, post wanted ──> PostTrap ── Dispatcher::post ──> Fetch
 //!        ok, no post ──> Fetch                                    (retires)
@@ -290,13 +292,19 @@ impl Cpu {
             }
             PreOutcome::Step(step) => {
                 let slot = Arc::clone(&step.site().slot);
-                let post = step.wants_post();
-                step.defer_post();
+                let post = step.defer_post();
                 self.regs = regs;
                 self.phase = Phase::InSlot { slot, post };
                 Dispatched::Step { post }
             }
         };
+        // Removals handlers asked for: the first CPU finishes them right away (in thread
+        // context, still inside this micro-step, through the dispatcher); the others
+        // leave them to the registry's next operation or to the first CPU, so hits meet
+        // handlers whose removal was asked but not yet finished.
+        if self.tid == 0 {
+            d.collect();
+        }
         Event::Dispatch { addr, outcome }
     }
 

@@ -42,6 +42,8 @@ pub enum Ended {
     Redirect,
     /// `pre` skipped the instruction (`rip` past it, `Redirect`): the program changed.
     Skip,
+    /// `pre` returned `Remove`: the handler asked to be removed.
+    Remove,
     /// `fault` returned `Handled`.
     Handled,
     /// The hook panicked (logged just before the panic).

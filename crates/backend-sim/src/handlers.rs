@@ -51,6 +51,8 @@ pub enum PreMode {
     EmulateSilently,
     /// Skip the instruction: `rip` past it, `Redirect`. Changes the program.
     Skip,
+    /// Look, then ask to be removed (`Remove`): never called again.
+    Remove,
 }
 
 /// Whom a handler unregisters from inside.
@@ -244,6 +246,7 @@ impl Handler for SimHandler {
                 (PreAction::Continue, Ended::Redirect)
             }
             PreMode::Emulate | PreMode::EmulateSilently => (PreAction::Continue, Ended::Normal),
+            PreMode::Remove => (PreAction::Remove, Ended::Remove),
             PreMode::Skip => {
                 let len = self.insn.map_or(1, |i| i.len());
                 let next = hit.addr() + len;

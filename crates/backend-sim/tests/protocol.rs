@@ -224,6 +224,74 @@ fn a_pending_post_makes_unregister_on_its_thread_return_inside_dispatch_and_stil
         .expect("nothing pending: waits and succeeds");
 }
 
+/// A handler that removes itself during a hit whose post is deferred: its post does not
+/// run, it is never called again, and the CPU's collection (thread context, before the
+/// instruction even runs out of line) forgets it and restores the byte.
+#[test]
+fn a_handler_that_removes_itself_loses_its_post_and_its_breakpoint() {
+    // A loop over `addi rax, 1`, so the probe would be hit again.
+    let mut regs = Program::thread_regs(0, A);
+    regs.rcx = 3;
+    let program = Program::from_insns(
+        &[
+            Insn::Addi(Gpr::Rax, 1),
+            Insn::Addi(Gpr::Rcx, -1),
+            Insn::Jnz(Gpr::Rcx, -9), // back to A (relative to the next instruction)
+            Insn::Halt,
+        ],
+        vec![regs],
+    );
+    let original = program.code[0];
+    let mut sim = Sim::new(program, 0);
+    let once = SimHandler::new(
+        Behavior {
+            post: true,
+            pre: PreMode::Remove,
+            ..Behavior::OBSERVE
+        },
+        None,
+    );
+    let id = sim.registry().register_handler(A, once).unwrap().into_id();
+    let _ = ctx::take();
+    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
+    assert_eq!(
+        step(&mut sim),
+        Event::Dispatch {
+            addr: A,
+            outcome: Dispatched::Step { post: true }
+        }
+    );
+    assert!(
+        sim.any_pending(),
+        "the step is deferred for the post it was offered"
+    );
+    assert!(sim.registry().is_empty(), "collected within the dispatch");
+    assert_eq!(sim.memory().byte(A), original, "disarmed");
+    while sim.step(0).is_some() {}
+    let hooks: Vec<Hook> = ctx::take()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Enter { id: i, hook, .. } if i == id => Some(hook),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        hooks,
+        [Hook::Pre],
+        "one pre, and neither its post nor a later hit"
+    );
+    assert_eq!(sim.cpus()[0].regs().rax, sim.program().threads[0].rax + 3);
+    assert_eq!(
+        sim.state(),
+        replay_unprobed(sim.program(), sim.retirements()).unwrap()
+    );
+    assert!(!sim.any_pending());
+    assert!(matches!(
+        sim.registry().unregister(id),
+        Err(Error::UnknownHandler(_))
+    ));
+}
+
 #[test]
 fn the_oracle_sees_a_handler_that_changes_the_program() {
     let mut sim = Sim::new(program(3), 0);

@@ -75,6 +75,7 @@ fn add(t: &mut Coverage, c: &Coverage) {
     t.redirects += c.redirects;
     t.inside_dispatch += c.inside_dispatch;
     t.set_enabled_inside += c.set_enabled_inside;
+    t.removals += c.removals;
     t.changed_while_pending += c.changed_while_pending;
     t.oracle |= c.oracle;
     t.retired += c.retired;
@@ -104,7 +105,7 @@ fn assert_reached(c: &Coverage) {
         c.redirects > 0 && c.reexecuted > 0 && c.inside_dispatch > 0,
         "{c:?}"
     );
-    assert!(c.set_enabled_inside > 0, "{c:?}");
+    assert!(c.set_enabled_inside > 0 && c.removals > 0, "{c:?}");
     assert!(c.changed_while_pending > 0 && c.oracle, "{c:?}");
 }
 

@@ -41,6 +41,18 @@ pub trait Backend: Send + Sync + 'static {
         let _ = dispatcher;
     }
 
+    /// Whether this backend dispatches inside signal handlers (an in-process backend):
+    /// then its handlers must be async-signal-safe, and so must what the registry does
+    /// when they call it — registry operations from inside a handler neither lock nor
+    /// allocate: `unregister` requests the removal lock-free and answers
+    /// [`crate::Error::InsideDispatch`], the others answer
+    /// [`crate::Error::SignalContext`] (see [`crate::Registry::unregister`]). Backends
+    /// whose handlers run in thread context (ptrace, a simulator) keep the default,
+    /// `false`: there an unregister from inside a handler unlinks at once.
+    fn dispatches_in_signal_handlers(&self) -> bool {
+        false
+    }
+
     /// Validate `addr` and build what a hit there needs. Nothing is changed in the
     /// target yet; on error nothing must be left behind.
     fn prepare(&self, addr: u64) -> Result<Self::Site>;

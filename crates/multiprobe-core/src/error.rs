@@ -76,9 +76,17 @@ pub enum Error {
     /// `unregister` was called on a thread that is itself inside a dispatch (from a
     /// handler). The handler *was* unlinked — hits that begin from now on do not run it —
     /// but waiting for hits already in flight would wait for the caller itself, so the
-    /// call returned without that guarantee; the handler is freed later.
+    /// call returned without that guarantee; the handler is freed later. (With a backend
+    /// that dispatches in signal handlers, the registry's bookkeeping of the removal is
+    /// finished later too, in thread context: see [`crate::PreAction::Remove`].)
     #[error("handler {0} was unlinked from inside a dispatch; in-flight hits were not awaited")]
     InsideDispatch(HandlerId),
+    /// A registry operation was called from inside a handler of a backend that dispatches
+    /// in signal handlers ([`crate::backend::Backend::dispatches_in_signal_handlers`]), where it
+    /// would have to lock or allocate. Nothing was changed. From there, remove handlers
+    /// with [`crate::PreAction::Remove`] or [`crate::Registry::unregister`].
+    #[error("{0} cannot be called from inside a handler that runs in a signal handler (it would lock or allocate there); nothing was changed")]
+    SignalContext(&'static str),
     /// A batch operation failed at one item; nothing of the batch was applied.
     #[error("batch item {index}: {source}")]
     Batch {

@@ -23,6 +23,16 @@ pub enum PreAction {
     /// execute the original instruction, run no post-handler, resume at `regs.rip`.
     /// A pre-handler that moves `rip` without saying so is treated the same way.
     Redirect,
+    /// Remove this handler, as if it were unregistered now — from any context, a signal
+    /// handler included: no lock, no allocation (Linux uprobes' `UPROBE_HANDLER_REMOVE`).
+    /// None of its hooks is called again: not the post- or fault-hook of this hit, not
+    /// any hook of a later hit. Otherwise the walk goes on as after `Continue` (a handler
+    /// that also moved `rip` redirects). The registry's bookkeeping — forgetting the
+    /// handler, disarming the site if no enabled handler is left there — is finished in
+    /// thread context: by the next operation on the registry, by the backend's
+    /// [`crate::backend::Dispatcher::collect`] (the in-process backend has a thread for it), or
+    /// when the registry is dropped. After that its id is unknown to the registry.
+    Remove,
 }
 
 /// What a fault handler did about a fault in the displaced instruction.

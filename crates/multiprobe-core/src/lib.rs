@@ -76,17 +76,38 @@
 //!    post-handlers are skipped.
 //! 3. **Quiescence.** When [`Registry::unregister`] returns, the handler never runs
 //!    again and the hot path references nothing of it. From inside a handler it returns
-//!    [`Error::InsideDispatch`] instead of deadlocking. Dropping a [`Registration`]
-//!    unregisters without waiting; handlers are owned by the table, so that is safe.
+//!    [`Error::InsideDispatch`] instead of deadlocking (hits that begin afterwards do not
+//!    run the handler). Dropping a [`Registration`] unregisters without waiting; handlers
+//!    are owned by the table, so that is safe. A handler removes *itself*, from any
+//!    context, with [`PreAction::Remove`]. Dropping the last handle on a registry (every
+//!    `Registry` clone and every `Registration`, which holds one) disarms every site,
+//!    restoring the original bytes, before the drop returns.
 //! 4. **Visibility.** A hit that begins after `register` returned runs the new handler.
 //! 5. **The hot path never blocks**: no lock, allocation, free or system call, so it can
 //!    run in a signal handler that interrupted anything, the registry's writer included.
+//!    (What a backend adds around it is its own: see below.)
 //! 6. **Reentrancy.** A hit on a thread that is already running a handler runs nothing;
 //!    it counts as `missed` and the instruction still executes.
 //! 7. **Transparency.** Besides what handlers change, the program behaves as unprobed;
 //!    a faulting probed instruction faults as it would have, after the fault handlers.
 //! 8. **Handlers are untrusted.** Panics are caught and counted.
 //! 9. **Stats.** Per handler hits/missed/panics, per address hits, readable any time.
+//!
+//! # What each backend delivers
+//!
+//! The rules hold for every backend; where handlers run decides what else holds. A
+//! backend that dispatches inside signal handlers says so
+//! ([`backend::Backend::dispatches_in_signal_handlers`]), and the registry then never
+//! locks or allocates for a call made from inside a handler.
+//!
+//! | | in-process (`multiprobe-backend-sigtrap`) | another process (`-ptrace`), the simulator, the test backend |
+//! | --- | --- | --- |
+//! | handlers run | in the SIGTRAP handler of the thread that hit: they must be async-signal-safe | in thread context (the tracer's thread, the caller's) |
+//! | `unregister`, `unregister_batch`, a guard's drop, from inside a handler | request the removal lock-free and allocation-free (`unregister` finds the id by scanning the table) and answer `InsideDispatch`; the backend's collector thread finishes the bookkeeping | unlink at once, under the registry's lock, and answer `InsideDispatch` |
+//! | other registry calls from inside a handler | those returning a `Result` answer [`Error::SignalContext`] and change nothing; `len`, `handlers`, `site`, `sites` must not be called there; `register` must not (the handler passed in is dropped there) | work as from anywhere |
+//! | [`PreAction::Remove`] | lock-free; the collector thread finishes it soon after | lock-free; finished by the next registry operation or [`Registry::collect`] (the simulator's first CPU collects after each of its hits) |
+//! | a handler's panic | caught and counted; the backend's panic hook stays silent for it (no stderr lock, no backtrace), but unwinding still allocates: best effort in a signal handler | caught and counted; the panic hook prints as usual |
+//! | system calls of a hit | none, but a thread's first hit learns its id (one `gettid`; `prepare_thread()` does it ahead), and a hit whose handler asked for a removal wakes the collector (one `futex` wake, if it was not already woken) | the backend's own (ptrace stops) |
 //!
 //! # Registers are fetched on demand
 //!
@@ -133,6 +154,7 @@ mod handler;
 mod memory;
 mod registry;
 mod regs;
+mod removal;
 mod shard;
 mod srcu;
 mod stats;

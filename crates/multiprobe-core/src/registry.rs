@@ -9,6 +9,16 @@
 //! * A site is published before its breakpoint is armed and unpublished only after it
 //!   is disarmed, so every trap at one of our breakpoints finds its site.
 //! * Nothing the table unlinked is freed before its grace period (see [`crate::srcu`]).
+//! * Every operation that changes the table first finishes the removals handlers
+//!   requested from inside a dispatch ([`crate::removal`]), so each sees them done.
+//!
+//! From inside a handler of a backend that dispatches in signal handlers
+//! ([`Backend::dispatches_in_signal_handlers`]) nothing here may lock or allocate: the
+//! interrupted code may hold the writer lock, or be inside `malloc`. There `unregister`,
+//! `unregister_batch` and dropping a [`Registration`] request the removal lock-free
+//! (finished at the next collection), and every other operation that returns a
+//! `Result` refuses with [`Error::SignalContext`]; `len`, `handlers`, `site` and `sites`
+//! must not be called there at all.
 
 use std::collections::HashSet;
 
@@ -18,6 +28,7 @@ use crate::backend::Backend;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Hit};
+use crate::removal::Hooks;
 use crate::stats::{HandlerStats, SiteStats};
 use crate::sync::atomic::Ordering::Relaxed;
 use crate::sync::index::Index;
@@ -142,15 +153,52 @@ impl<B: Backend> Registry<B> {
     pub fn new(backend: B) -> Self {
         let table = Arc::new(Table::new());
         backend.attach(Dispatcher::new(Arc::clone(&table)));
-        Registry {
-            inner: Arc::new(Inner {
-                writer: Mutex::new(TableWriter::new(Arc::clone(&table))),
-                table,
-                index: Index::new(),
-                next_id: AtomicU64::new(1),
-                backend,
-            }),
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(TableWriter::new(Arc::clone(&table))),
+            table,
+            index: Index::new(),
+            next_id: AtomicU64::new(1),
+            backend,
+        });
+        // Cleared first thing in `Inner`'s drop, which waits for a collection running.
+        inner.table.collector.set(Hooks {
+            target: Arc::as_ptr(&inner).cast(),
+            collect: collect_hook::<B>,
+            reclaim: reclaim_hook::<B>,
+        });
+        Registry { inner }
+    }
+
+    /// Whether this call comes from inside a handler that runs in a signal handler, where
+    /// nothing may lock or allocate (module docs).
+    fn in_signal_handler(&self) -> bool {
+        held::any() && self.inner.backend.dispatches_in_signal_handlers()
+    }
+
+    fn refuse_in_signal_handler(&self, op: &'static str) -> Result<()> {
+        if self.in_signal_handler() {
+            return Err(Error::SignalContext(op));
         }
+        Ok(())
+    }
+
+    /// Finish the bookkeeping of the handlers that asked to be removed from inside a
+    /// dispatch ([`crate::PreAction::Remove`], or `unregister` from a handler that runs in
+    /// a signal handler): forget them, and disarm the sites left without an enabled
+    /// handler. Every operation that changes the registry does this first anyway; call it
+    /// when none comes. Then, unless called from inside a dispatch, waits for the grace
+    /// period of what it unlinked. Returns how many handlers it removed.
+    pub fn collect(&self) -> Result<usize> {
+        self.refuse_in_signal_handler("collect")?;
+        let mut w = self.inner.lock();
+        let n = self.inner.collect(&mut w);
+        let stamp = w.stamp();
+        drop(w);
+        if n > 0 && !held::any() {
+            self.inner.table.domain.wait(stamp);
+            self.inner.lock().reclaim();
+        }
+        Ok(n)
     }
 
     /// The backend.
@@ -199,8 +247,11 @@ impl<B: Backend> Registry<B> {
         handler: impl Handler,
         options: Options,
     ) -> Result<Registration<B>> {
+        // (The handler was built by the caller and is dropped here: from a signal handler
+        // that may free. Don't register from there.)
+        self.refuse_in_signal_handler("register")?;
         let req = Request::handler(addr, handler).options(options);
-        let mut w = self.inner.lock();
+        let mut w = self.inner.write();
         let added = self.inner.add_all(&mut w, [req]).map_err(|(_, e)| e)?;
         w.maybe_reclaim();
         Ok(self.guard(&added[0]))
@@ -214,7 +265,8 @@ impl<B: Backend> Registry<B> {
         &self,
         requests: impl IntoIterator<Item = Request>,
     ) -> Result<Vec<Registration<B>>> {
-        let mut w = self.inner.lock();
+        self.refuse_in_signal_handler("register_batch")?;
+        let mut w = self.inner.write();
         let added = self.inner.add_all(&mut w, requests);
         w.maybe_reclaim();
         match added {
@@ -240,10 +292,22 @@ impl<B: Backend> Registry<B> {
     /// breakpoint, restoring the original bytes.
     ///
     /// Called from inside a handler it unlinks without waiting and returns
-    /// [`Error::InsideDispatch`]. If the backend could not remove the breakpoint the
-    /// handler is still gone and the backend's error is returned.
+    /// [`Error::InsideDispatch`]. With a backend that dispatches in signal handlers it
+    /// does so without a lock or an allocation — async-signal-safe, and safe even if the
+    /// interrupted code holds the registry's lock: the removal is requested as
+    /// [`crate::PreAction::Remove`] requests it (hits that begin afterwards do not run the
+    /// handler) and the bookkeeping is finished in thread context; finding `id` scans the
+    /// table. If the backend could not remove the breakpoint the handler is still gone
+    /// and the backend's error is returned.
     pub fn unregister(&self, id: HandlerId) -> Result<HandlerStats> {
-        let mut w = self.inner.lock();
+        if self.in_signal_handler() {
+            return Err(if self.inner.request_removal(id, None) {
+                Error::InsideDispatch(id)
+            } else {
+                Error::UnknownHandler(id)
+            });
+        }
+        let mut w = self.inner.write();
         let (entry, disarmed) = self.inner.remove(&mut w, id)?;
         let stamp = w.stamp();
         drop(w);
@@ -255,7 +319,22 @@ impl<B: Backend> Registry<B> {
     /// Unregister many handlers with one grace period. All ids are checked first: if one
     /// is unknown (or repeated) nothing is removed.
     pub fn unregister_batch(&self, ids: &[HandlerId]) -> Result<Vec<HandlerStats>> {
-        let mut w = self.inner.lock();
+        if self.in_signal_handler() {
+            // As `unregister`, for each: checked first, without allocating.
+            for (k, &id) in ids.iter().enumerate() {
+                if ids[..k].contains(&id) || !self.inner.holds(id) {
+                    return Err(Error::UnknownHandler(id));
+                }
+            }
+            for &id in ids {
+                self.inner.request_removal(id, None);
+            }
+            return match ids.first() {
+                Some(&id) => Err(Error::InsideDispatch(id)),
+                None => Ok(Vec::new()),
+            };
+        }
+        let mut w = self.inner.write();
         let mut seen = HashSet::with_capacity(ids.len());
         for &id in ids {
             if !seen.insert(id) || !self.inner.index.contains(&id) {
@@ -283,6 +362,9 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Unregister the handlers behind these guards with one grace period.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn unregister_all(&self, regs: Vec<Registration<B>>) -> Result<Vec<HandlerStats>> {
         let ids: Vec<HandlerId> = regs.into_iter().map(Registration::into_id).collect();
         self.unregister_batch(&ids)
@@ -290,31 +372,39 @@ impl<B: Backend> Registry<B> {
 
     /// Enable handler `id`. Arms the breakpoint if it is the only enabled one there.
     pub fn enable(&self, id: HandlerId) -> Result<()> {
+        self.refuse_in_signal_handler("enable")?;
         self.inner.set_enabled(id, true)
     }
 
     /// Disable handler `id`: hits that begin after this returns do not run it. Disarms
     /// the breakpoint if no enabled handler is left there (a disabled probe costs nothing).
     pub fn disable(&self, id: HandlerId) -> Result<()> {
+        self.refuse_in_signal_handler("disable")?;
         self.inner.set_enabled(id, false)
     }
 
     /// Whether handler `id` is enabled.
     pub fn is_enabled(&self, id: HandlerId) -> Result<bool> {
+        self.refuse_in_signal_handler("is_enabled")?;
         Ok(self.inner.entry(id)?.enabled.load(Relaxed))
     }
 
     /// Statistics of handler `id`, read without stopping anyone.
     pub fn stats(&self, id: HandlerId) -> Result<HandlerStats> {
+        self.refuse_in_signal_handler("stats")?;
         Ok(self.inner.entry(id)?.stats())
     }
 
     /// Everything about handler `id`.
     pub fn handler(&self, id: HandlerId) -> Result<HandlerInfo> {
+        self.refuse_in_signal_handler("handler")?;
         Ok(info(&*self.inner.entry(id)?))
     }
 
     /// Every registered handler, by id.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn handlers(&self) -> Vec<HandlerInfo> {
         let mut v: Vec<HandlerInfo> = self.inner.index.values().iter().map(|e| info(e)).collect();
         v.sort_by_key(|i| i.id);
@@ -322,6 +412,9 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Number of registered handlers.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn len(&self) -> usize {
         self.inner.index.len()
     }
@@ -332,11 +425,17 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Statistics of the site at `addr`, if one is registered.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn site(&self, addr: u64) -> Option<SiteStats> {
         self.inner.lock().get(addr).map(site_stats)
     }
 
     /// Every site, by address.
+    ///
+    /// Not from inside a handler that runs in a signal handler: it locks or allocates
+    /// (module docs).
     pub fn sites(&self) -> Vec<SiteStats> {
         let w = self.inner.lock();
         let mut v: Vec<SiteStats> = w.views().map(site_stats).collect();
@@ -344,14 +443,19 @@ impl<B: Backend> Registry<B> {
         v
     }
 
-    /// Free what earlier removals unlinked, as far as possible without waiting.
+    /// Free what earlier removals unlinked, as far as possible without waiting (from
+    /// inside a handler that runs in a signal handler: nothing).
     pub fn reclaim(&self) {
-        self.inner.lock().reclaim();
+        if self.in_signal_handler() {
+            return;
+        }
+        self.inner.write().reclaim();
     }
 
     /// Wait for the grace period of everything removed so far, then free it.
     pub fn synchronize(&self) -> Result<()> {
-        let stamp = self.inner.lock().stamp();
+        self.refuse_in_signal_handler("synchronize")?;
+        let stamp = self.inner.write().stamp();
         self.inner.quiesce(stamp, HandlerId(0))
     }
 }
@@ -376,11 +480,84 @@ fn site_stats<S>(v: &SiteView<S>) -> SiteStats {
     }
 }
 
+/// [`crate::removal::Hooks::collect`] for a registry over `B`.
+///
+/// # Safety
+/// `target` is `Arc::as_ptr` of a live `Inner<B>`.
+unsafe fn collect_hook<B: Backend>(target: *const ()) -> u64 {
+    // SAFETY: caller contract.
+    let inner = unsafe { &*target.cast::<Inner<B>>() };
+    let mut w = inner.lock();
+    inner.collect(&mut w);
+    w.stamp()
+}
+
+/// [`crate::removal::Hooks::reclaim`] for a registry over `B`.
+///
+/// # Safety
+/// As for [`collect_hook`].
+unsafe fn reclaim_hook<B: Backend>(target: *const ()) {
+    // SAFETY: caller contract.
+    let inner = unsafe { &*target.cast::<Inner<B>>() };
+    inner.lock().reclaim();
+}
+
 impl<B: Backend> Inner<B> {
     fn lock(&self) -> MutexGuard<'_, TableWriter<B::Site>> {
         // A panic under the lock (in a backend) leaves the table consistent: every
         // published state is complete. Keep going.
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer lock, for an operation that changes the table: pending removals are
+    /// finished first (module invariants).
+    fn write(&self) -> MutexGuard<'_, TableWriter<B::Site>> {
+        let mut w = self.lock();
+        self.collect(&mut w);
+        w
+    }
+
+    /// Finish the removals requested so far ([`crate::removal`]). Returns how many
+    /// handlers it unregistered (a request for one unregistered meanwhile only closes
+    /// its part of the gate).
+    fn collect(&self, w: &mut TableWriter<B::Site>) -> usize {
+        let mut taken = 0;
+        let mut removed = 0;
+        for entry in self.table.removals.take() {
+            taken += 1;
+            if self
+                .index
+                .get(&entry.id)
+                .is_some_and(|e| Arc::ptr_eq(&e, &entry))
+            {
+                // As a guard's drop: a failed disarm keeps the site transparent (module
+                // invariants), and there is nobody to report it to.
+                let _ = self.remove(w, entry.id);
+                removed += 1;
+            }
+        }
+        if taken > 0 {
+            w.release_gate_after_grace(taken);
+        }
+        removed
+    }
+
+    /// Request the removal of handler `id` (at `addr`, if known) without a lock or an
+    /// allocation. Whether `id` is registered (then the removal is, or was, requested).
+    fn request_removal(&self, id: HandlerId, addr: Option<u64>) -> bool {
+        let table = &self.table;
+        table
+            .with_entry(id, addr, |e| {
+                // SAFETY: `with_entry` runs this inside a read section, with an entry a
+                // reachable view holds.
+                unsafe { table.removals.request(Arc::as_ptr(e)) };
+            })
+            .is_some()
+    }
+
+    /// Whether handler `id` is in the table, without a lock or an allocation.
+    fn holds(&self, id: HandlerId) -> bool {
+        self.table.with_entry(id, None, |_| ()).is_some()
     }
 
     fn entry(&self, id: HandlerId) -> Result<Arc<HandlerEntry>> {
@@ -415,7 +592,7 @@ impl<B: Backend> Inner<B> {
     }
 
     fn set_enabled(&self, id: HandlerId, on: bool) -> Result<()> {
-        let mut w = self.lock();
+        let mut w = self.write();
         let entry = self.entry(id)?;
         let old = w
             .get(entry.addr)
@@ -505,6 +682,10 @@ impl<B: Backend> Inner<B> {
 
 impl<B: Backend> Drop for Inner<B> {
     fn drop(&mut self) {
+        // No dispatcher may reach us from now on; wait for one that is collecting.
+        self.table.collector.clear();
+        // Requests nobody will collect: every site is disarmed below anyway.
+        drop(self.table.removals.take());
         let w = self.writer.get_mut().unwrap_or_else(|p| p.into_inner());
         let addrs: Vec<(u64, bool)> = w
             .views()
@@ -590,7 +771,13 @@ impl<B: Backend> Drop for Registration<B> {
             return;
         }
         let inner = &self.registry.inner;
-        let mut w = inner.lock();
+        if self.registry.in_signal_handler() {
+            // Lock-free, as `unregister` from there. (Dropping the registry handle this
+            // guard holds is not: if it is the last, the registry is dropped here.)
+            inner.request_removal(self.id, Some(self.addr));
+            return;
+        }
+        let mut w = inner.write();
         // Already unregistered by id: nothing to do. A failed disarm keeps the site
         // transparent (module invariants); there is no one to report it to.
         let _ = inner.remove(&mut w, self.id);

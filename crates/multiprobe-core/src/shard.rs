@@ -39,6 +39,27 @@ pub(crate) struct Shard {
     pub(crate) exclusive: bool,
 }
 
+impl Shard {
+    const SET: u8 = 0x80;
+    const EXCLUSIVE: u8 = 0x40;
+
+    /// One byte, never 0 (0 means "no shard yet" where it is stored: `ThreadState`).
+    pub(crate) const fn to_bits(self) -> u8 {
+        Self::SET | if self.exclusive { Self::EXCLUSIVE } else { 0 } | self.index
+    }
+
+    /// The shard `to_bits` encoded, or `None` for 0.
+    pub(crate) const fn from_bits(bits: u8) -> Option<Shard> {
+        if bits & Self::SET == 0 {
+            return None;
+        }
+        Some(Shard {
+            index: bits & !(Self::SET | Self::EXCLUSIVE),
+            exclusive: bits & Self::EXCLUSIVE != 0,
+        })
+    }
+}
+
 /// Claim a shard: a free one exclusively if there is one, otherwise a shared one.
 pub(crate) fn claim() -> Shard {
     let mut cur = CLAIMED.load(Ordering::Relaxed);

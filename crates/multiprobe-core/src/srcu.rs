@@ -1,10 +1,16 @@
 //! A sleepable-RCU read domain whose read side is async-signal-safe.
 //!
 //! Readers (dispatch, possibly inside a signal handler) bracket every use of the
-//! published table with [`Domain::enter`] / [`Domain::exit`]: no lock, no allocation,
-//! no system call, no free. Writers unlink objects, then wait — or poll — until every
-//! reader that could have seen them has left, and only then free them, in thread
-//! context.
+//! published table with a [`ReadToken`]: [`Domain::enter`] returns it, dropping it
+//! leaves the section. No lock, no allocation, no system call, no free. Writers unlink
+//! objects, then wait — or poll — until every reader that could have seen them has
+//! left, and only then free them, in thread context.
+//!
+//! A token is the section: it cannot be copied or cloned, so a section is left exactly
+//! once (crossbeam-epoch's `Guard` works the same way), and it is neither `Send` nor
+//! `Sync`, so it is left on the thread — and through the shard — that entered. A lost
+//! token would hold every later grace period open; the type makes losing one take an
+//! explicit `mem::forget`.
 //!
 //! Design (SRCU with two epochs, sharded counters and asymmetric barriers):
 //! * `flips` counts epoch changes; its low bit is the current epoch.
@@ -26,6 +32,8 @@
 //! Waiting never needs the registry's writer lock, so a slow reader delays only the
 //! writer that waits for it.
 
+use std::ptr::NonNull;
+
 use crossbeam_utils::CachePadded;
 
 use crate::shard::{Shard, SHARDS};
@@ -33,13 +41,36 @@ use crate::sync::atomic::{
     AtomicU64, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
+use crate::sync::same_thread::signal_fence;
 use crate::sync::{backoff, barrier, held, Mutex};
 
-/// Proof of an open read section: which counter to decrement on exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An open read section of one [`Domain`]; dropping it leaves the section (module docs).
+///
+/// Invariant: `domain` points to a live domain for as long as the token exists, because
+/// a domain is not dropped while any section of it is open ([`Domain::close`], which
+/// `Drop` of both the domain and its table run first).
+#[must_use = "dropping the token leaves the read section at once"]
+#[derive(Debug)]
 pub(crate) struct ReadToken {
+    domain: NonNull<Domain>,
     epoch: u8,
     shard: Shard,
+}
+
+impl ReadToken {
+    /// The domain this section is open on.
+    pub(crate) fn domain(&self) -> *const Domain {
+        self.domain.as_ptr()
+    }
+}
+
+impl Drop for ReadToken {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: the domain outlives its open sections (type invariant).
+        let domain = unsafe { self.domain.as_ref() };
+        domain.leave(self.epoch, self.shard);
+    }
 }
 
 /// The epoch counters of one table.
@@ -67,30 +98,45 @@ impl Domain {
     /// flips the epoch under it).
     #[inline]
     pub(crate) fn enter(&self, shard: Shard) -> ReadToken {
+        // This thread counts as holding a section from before its counter is raised
+        // until after it is lowered again (`leave`), never the other way round: a signal
+        // handler that interrupts us in between and asks `held::any()` (an unregister from
+        // a handler, a fork hook) must refuse to wait rather than wait for the section
+        // this very thread is opening. The compiler fences keep the two in that order
+        // as the signal handler sees them; no other thread reads `held`.
+        held::inc();
+        signal_fence();
         loop {
             let epoch = (self.flips.load(Relaxed) & 1) as u8;
             let counter = self.counter(epoch, shard);
             if shard.exclusive {
-                // Only this shard's owner writes the counter; nested sections on its
-                // thread are LIFO and restore what they found.
+                // Only this shard's owner writes the counter, with a plain load and
+                // store. A signal handler that interrupts between the two may open and
+                // close sections of its own on the same counter: it always leaves it as
+                // it found it (its sections end before it returns, innermost first), so
+                // the store below loses nothing.
                 counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
             } else {
                 counter.fetch_add(1, Relaxed);
             }
             barrier::light();
             if (self.flips.load(Relaxed) & 1) as u8 == epoch {
-                held::inc();
-                return ReadToken { epoch, shard };
+                return ReadToken {
+                    domain: NonNull::from(self),
+                    epoch,
+                    shard,
+                };
             }
             Self::release(counter, shard);
         }
     }
 
-    /// Close a read section opened by [`Domain::enter`] on this domain.
+    /// Leave the section of a token (its `Drop`).
     #[inline]
-    pub(crate) fn exit(&self, token: ReadToken) {
+    fn leave(&self, epoch: u8, shard: Shard) {
+        Self::release(self.counter(epoch, shard), shard);
+        signal_fence();
         held::dec();
-        Self::release(self.counter(token.epoch, token.shard), token.shard);
     }
 
     #[inline(always)]
@@ -172,12 +218,30 @@ impl Domain {
         self.drained(0) && self.drained(1)
     }
 
-    /// Wait until no read section is open.
-    pub(crate) fn wait_idle(&self) {
+    /// Before the domain (or what it protects) goes: wait until no read section of it is
+    /// open. A deferred step (see `ThreadState`) may hold one; its owner will close it,
+    /// and freeing first would make that a use after free.
+    pub(crate) fn close(&self) {
+        if self.idle() {
+            return;
+        }
+        if held::any() {
+            // This thread holds a section (maybe of this domain) and can never close it
+            // while it waits here: freeing is unsound and waiting deadlocks.
+            eprintln!("multiprobe: a probe table was dropped inside one of its own hits");
+            std::process::abort();
+        }
         let mut spins = 0;
         while !self.idle() {
             backoff(&mut spins);
         }
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // Tokens point here (`ReadToken`'s invariant).
+        self.close();
     }
 }
 
@@ -198,7 +262,7 @@ mod tests {
             !d.completed(stamp, f),
             "grace period passed with a reader inside"
         );
-        d.exit(t);
+        drop(t);
         assert!(d.completed(stamp, d.poll()));
         d.wait(d.stamp());
         shard::release(s);

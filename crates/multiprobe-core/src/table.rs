@@ -18,6 +18,7 @@
 use smallvec::SmallVec;
 
 use crate::handler::Handler;
+use crate::removal::{Collector, Mark, Removals};
 use crate::srcu::Domain;
 use crate::stats::{HandlerCounters, HandlerStats, SiteCounter};
 use crate::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
@@ -37,6 +38,8 @@ pub(crate) struct HandlerEntry {
     pub(crate) counters: HandlerCounters,
     /// The walks of the views that listed it enabled ([`crate::tally`]).
     pub(crate) tally: Arc<Tally>,
+    /// Its removal request, if one was made ([`crate::removal`]).
+    pub(crate) mark: Mark,
 }
 
 impl HandlerEntry {
@@ -80,19 +83,34 @@ pub(crate) struct Slot {
 /// the same entry, so its pointers are valid for as long as the view is.
 pub(crate) struct Hot {
     handler: *const dyn Handler,
-    counters: *const HandlerCounters,
+    /// The entry (an `Arc`'s data): its counters, its removal mark.
+    entry: *const HandlerEntry,
     pub(crate) id: HandlerId,
     pub(crate) has_post: bool,
 }
 
 impl Hot {
-    fn new(e: &HandlerEntry) -> Self {
+    fn new(e: &Arc<HandlerEntry>) -> Self {
         Hot {
             handler: &*e.handler,
-            counters: &e.counters,
+            entry: Arc::as_ptr(e),
             id: e.id,
             has_post: e.has_post,
         }
+    }
+
+    /// The entry, as the `Arc` data pointer [`crate::removal::Removals::request`] takes.
+    #[inline]
+    pub(crate) fn entry(&self) -> *const HandlerEntry {
+        self.entry
+    }
+
+    /// Whether its removal was requested ([`crate::removal`]); ask only while the
+    /// table's gate is open.
+    #[inline]
+    pub(crate) fn removal_requested(&self) -> bool {
+        // SAFETY: as for `handler`.
+        unsafe { &*self.entry }.mark.requested()
     }
 
     #[inline]
@@ -105,12 +123,13 @@ impl Hot {
     #[inline]
     pub(crate) fn counters(&self) -> &HandlerCounters {
         // SAFETY: as for `handler`.
-        unsafe { &*self.counters }
+        unsafe { &(*self.entry).counters }
     }
 }
 
-// SAFETY: `Hot` points at a `dyn Handler` (which is `Send + Sync`) and at atomic
-// counters, both owned by an `Arc<HandlerEntry>` that outlives it (module invariant).
+// SAFETY: `Hot` points at a `dyn Handler` (which is `Send + Sync`) and at its entry
+// (atomics and immutable fields), both owned by an `Arc<HandlerEntry>` that outlives it
+// (module invariant).
 unsafe impl Send for Hot {}
 // SAFETY: as above; shared access only reads through the pointers.
 unsafe impl Sync for Hot {}
@@ -305,6 +324,10 @@ impl<S> Retired<S> {
 pub(crate) struct Table<S> {
     pub(crate) domain: Domain,
     dir: AtomicPtr<Directory<S>>,
+    /// Next to `dir`, on the line every lookup reads anyway: the gate a walk loads.
+    pub(crate) removals: Removals,
+    /// How a dispatcher reaches the registry to collect removals.
+    pub(crate) collector: Collector,
 }
 
 // SAFETY: the table hands out shared references to `SiteView<S>` across threads and
@@ -327,7 +350,41 @@ impl<S> Table<S> {
             dir: AtomicPtr::new(Box::into_raw(Box::new(Directory::with_len(
                 INITIAL_BUCKETS,
             )))),
+            removals: Removals::new(),
+            collector: Collector::new(),
         }
+    }
+
+    /// Find the entry of handler `id` in the current table (at `addr` if known, else
+    /// anywhere) and call `f` with it. Async-signal-safe: a read section and a scan, no
+    /// lock, no allocation; O(sites) without `addr`.
+    pub(crate) fn with_entry<R>(
+        &self,
+        id: HandlerId,
+        addr: Option<u64>,
+        f: impl FnOnce(&Arc<HandlerEntry>) -> R,
+    ) -> Option<R> {
+        fn find<S>(v: &SiteView<S>, id: HandlerId) -> Option<&Slot> {
+            v.handlers.iter().find(|s| s.entry.id == id)
+        }
+        // Everything below is used inside this read section, left after the last use.
+        let token = self.domain.enter(crate::shard::shared());
+        let slot = match addr {
+            // SAFETY: inside the read section.
+            Some(a) => unsafe { self.lookup(a) }.and_then(|v| find(v, id)),
+            None => {
+                // SAFETY: inside the read section, the directory it loads is not freed.
+                let dir = unsafe { &*self.dir.load(Ordering::Acquire) };
+                dir.buckets.iter().find_map(|b| {
+                    // SAFETY: as above: published buckets live while the section is open.
+                    let b = unsafe { b.load(Ordering::Acquire).as_ref() }?;
+                    b.sites().find_map(|v| find(v, id))
+                })
+            }
+        };
+        let r = slot.map(|s| f(&s.entry));
+        drop(token);
+        r
     }
 
     /// Find the view of `addr`.
@@ -356,17 +413,8 @@ impl<S> Table<S> {
 
 impl<S> Drop for Table<S> {
     fn drop(&mut self) {
-        // A deferred step (see `ThreadState`) may still hold a read section of this
-        // domain. Its owner will close it; freeing first would make that a use after free.
-        if !self.domain.idle() {
-            if crate::sync::held::any() {
-                // This thread holds one and can never close it: freeing is unsound and
-                // waiting deadlocks.
-                eprintln!("multiprobe: a probe table was dropped inside one of its own hits");
-                std::process::abort();
-            }
-            self.domain.wait_idle();
-        }
+        // No reader may still be inside when the directory goes.
+        self.domain.close();
         // SAFETY: `&mut self` and no read section is open: nobody can reach the directory.
         drop(unsafe { Box::from_raw(self.dir.load(Ordering::Relaxed)) });
     }
@@ -378,6 +426,9 @@ pub(crate) struct TableWriter<S> {
     table: Arc<Table<S>>,
     sites: usize,
     retired: Vec<(u64, Retired<S>)>,
+    /// Removal requests collected and unlinked, by the stamp after which the gate may
+    /// be lowered for them ([`crate::removal`]).
+    gate_releases: Vec<(u64, usize)>,
 }
 
 impl<S> std::fmt::Debug for TableWriter<S> {
@@ -406,6 +457,7 @@ impl<S> TableWriter<S> {
             table,
             sites: 0,
             retired: Vec::new(),
+            gate_releases: Vec::new(),
         }
     }
 
@@ -502,22 +554,38 @@ impl<S> TableWriter<S> {
         self.table.domain.stamp()
     }
 
+    /// `n` collected removal requests were unlinked: lower the gate for them once no
+    /// reader can reach a view listing them ([`TableWriter::reclaim`]).
+    pub(crate) fn release_gate_after_grace(&mut self, n: usize) {
+        let stamp = self.stamp();
+        self.gate_releases.push((stamp, n));
+    }
+
     /// [`TableWriter::reclaim`] once enough has piled up: polling costs a heavy barrier
-    /// (a system call), which single registrations should not pay every time.
+    /// (a system call), which single registrations should not pay every time. Gate
+    /// releases do not wait for a pile: while the gate is open every hit looks at flags.
     pub(crate) fn maybe_reclaim(&mut self) {
-        if self.retired.len() >= RECLAIM_BATCH {
+        if self.retired.len() >= RECLAIM_BATCH || !self.gate_releases.is_empty() {
             self.reclaim();
         }
     }
 
-    /// Free what has passed its grace period, without waiting. Returns how many retired
-    /// objects remain.
+    /// Free what has passed its grace period, without waiting, and lower the removal
+    /// gate for what has. Returns how many retired objects remain.
     pub(crate) fn reclaim(&mut self) -> usize {
-        if self.retired.is_empty() {
+        if self.retired.is_empty() && self.gate_releases.is_empty() {
             return 0;
         }
         let domain = &self.table.domain;
         let flips = domain.poll();
+        let removals = &self.table.removals;
+        self.gate_releases.retain(|&(stamp, n)| {
+            let done = domain.completed(stamp, flips);
+            if done {
+                removals.release(n);
+            }
+            !done
+        });
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
             .into_iter()
             .partition(|(stamp, _)| domain.completed(*stamp, flips));

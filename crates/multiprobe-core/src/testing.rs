@@ -88,12 +88,23 @@ pub struct TestBackend {
     code: Mutex<HashMap<u64, u8>>,
     log: Arc<Mutex<Vec<Event>>>,
     faults: Mutex<Faults>,
+    in_signal_handlers: bool,
 }
 
 impl TestBackend {
     /// A backend with every address holding [`ORIGINAL`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same, claiming to dispatch in signal handlers
+    /// ([`Backend::dispatches_in_signal_handlers`]): the registry then treats calls from
+    /// inside its handlers as a signal handler's.
+    pub fn in_signal_handlers() -> Self {
+        TestBackend {
+            in_signal_handlers: true,
+            ..Self::default()
+        }
     }
 
     /// The byte at `addr` now: [`INT3`] while armed, [`ORIGINAL`] otherwise.
@@ -173,8 +184,7 @@ impl TestBackend {
             PreOutcome::Redirect => return HitResult::Redirected,
             PreOutcome::Step(step) => step,
         };
-        let post = step.wants_post();
-        step.defer_post();
+        let post = step.defer_post();
         regs.rip = addr + 1;
         if post {
             let ran = d.post(ts, addr, tid, regs, &NoMemory);
@@ -197,7 +207,9 @@ impl TestBackend {
         regs.rip = addr;
         let d = self.dispatcher();
         match d.pre(ts, addr, tid, regs, &NoMemory) {
-            PreOutcome::Step(step) => step.defer_post(),
+            PreOutcome::Step(step) => {
+                step.defer_post();
+            }
             PreOutcome::NotOurs | PreOutcome::Redirect => return None,
         }
         regs.rip = addr;
@@ -210,6 +222,10 @@ impl Backend for TestBackend {
 
     fn attach(&self, dispatcher: Dispatcher<TestSite>) {
         let _ = self.dispatcher.set(dispatcher);
+    }
+
+    fn dispatches_in_signal_handlers(&self) -> bool {
+        self.in_signal_handlers
     }
 
     fn prepare(&self, addr: u64) -> Result<TestSite> {

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use multiprobe_core::backend::{PreOutcome, ThreadState, MAX_PENDING};
+use multiprobe_core::backend::{NoMemory, PreOutcome, ThreadState, MAX_PENDING};
 use multiprobe_core::testing::{Event, HitResult, TestBackend, INT3, ORIGINAL};
 use multiprobe_core::{
     Error, Fault, FaultAction, FnHandler, HandlerId, Hit, Options, PreAction, Registry, Regs,
@@ -300,6 +300,64 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
         }));
 }
 
+/// Two steps alive on one thread state, both offered a post, deferred at the last free
+/// depth (a backend holding two at once, or a signal between a `pre` and its
+/// `defer_post` whose own step is still deferred when the first is): the second cannot
+/// be kept. Its read section must end all the same — or every later unregister waits
+/// for ever — and its post-handlers count the post as missed.
+#[test]
+fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
+    let (r, ts) = setup();
+    let l = log();
+    let names = ["f0", "f1", "f2", "f3", "f4", "a", "b"];
+    let fill = MAX_PENDING - 1;
+    let sites: Vec<u64> = (0..fill as u64 + 2).map(|i| A + 0x10 * i).collect();
+    let ids: Vec<HandlerId> = sites
+        .iter()
+        .zip(names[..fill].iter().chain(&names[5..]))
+        .map(|(&a, &n)| {
+            r.register_handler(a, recorder(&l, n, true))
+                .unwrap()
+                .into_id()
+        })
+        .collect();
+    let d = r.dispatcher();
+    let mut regs = Regs::default();
+    let mut pre = |a: u64| match d.pre(&ts, a, 1, &mut regs, &NoMemory) {
+        PreOutcome::Step(s) => s,
+        other => panic!("{other:?}"),
+    };
+    for &a in &sites[..fill] {
+        assert!(pre(a).defer_post());
+    }
+    let (sa, sb) = (pre(sites[fill]), pre(sites[fill + 1]));
+    assert!(sa.wants_post() && sb.wants_post(), "both saw a free depth");
+    assert!(sa.defer_post());
+    assert!(!sb.defer_post(), "no depth left for the second");
+    assert_eq!(ts.pending(), MAX_PENDING);
+    let mut regs = Regs::default();
+    assert!(!d.post(&ts, sites[fill + 1], 1, &mut regs, &NoMemory));
+    for &a in sites[..=fill].iter().rev() {
+        assert!(d.post(&ts, a, 1, &mut regs, &NoMemory));
+    }
+    assert_eq!(ts.pending(), 0);
+    let b = r.stats(ids[fill + 1]).unwrap();
+    assert_eq!(
+        (b.hits, b.missed),
+        (1, 1),
+        "b's pre ran, its post was missed"
+    );
+    assert!(!taken(&l).contains(&"post b".to_string()));
+    // Every read section is closed: unregistering returns (on another thread, with a
+    // deadline, so a leaked section fails the test instead of hanging it).
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(r.unregister_batch(&ids).map(|v| v.len())));
+    match wait.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(n) => assert_eq!(n.unwrap(), fill + 2),
+        Err(_) => panic!("unregister waited for a read section nobody holds"),
+    }
+}
+
 #[test]
 fn a_handler_enabled_between_pre_and_post_gets_no_post() {
     let (r, ts) = setup();
@@ -394,7 +452,7 @@ fn unregister_waits_for_a_hit_in_flight_on_another_thread() {
             ..Regs::default()
         };
         match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory) {
-            PreOutcome::Step(s) => s.defer_post(),
+            PreOutcome::Step(s) => assert!(s.defer_post()),
             other => panic!("{other:?}"),
         }
         to_main.send(()).unwrap();
@@ -1041,7 +1099,7 @@ fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
         ..Regs::default()
     };
     match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::backend::NoMemory) {
-        PreOutcome::Step(s) => s.defer_post(),
+        PreOutcome::Step(s) => assert!(s.defer_post()),
         other => panic!("{other:?}"),
     }
     std::mem::forget(gone);

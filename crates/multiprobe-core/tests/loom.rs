@@ -247,3 +247,71 @@ fn hit_counts_while_views_change() {
         assert_eq!(a.unregister().unwrap().hits, 1);
     });
 }
+
+/// `PreAction::Remove` (the lock-free request: the handler's flag, the table's gate, the
+/// stack) racing a hit on another thread and a writer that registers a second handler
+/// at the site — copying the view that lists the removed one — then collects: a hit
+/// ordered after the request (by a flag) never calls it, whichever view it walks, and
+/// once collected and synchronized the registry has forgotten it and the site lives on
+/// for the other handler.
+#[test]
+fn a_handler_removing_itself_races_a_hit_and_a_writer() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let asked = Arc::new(AtomicBool::new(false));
+        let c = Arc::clone(&calls);
+        let id = r
+            .register_handler(
+                A,
+                FnHandler::new().pre(move |_: &mut Hit<'_>| {
+                    c.fetch_add(1, SeqCst);
+                    PreAction::Remove
+                }),
+            )
+            .unwrap()
+            .into_id();
+        let (r1, a1) = (r.clone(), Arc::clone(&asked));
+        let first = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            let res = r1.backend().hit(&ts, 1, A, &mut regs);
+            a1.store(true, SeqCst);
+            res
+        });
+        let (r2, a2, c2) = (r.clone(), Arc::clone(&asked), Arc::clone(&calls));
+        let second = thread::spawn(move || {
+            let ts = ThreadState::new();
+            let mut regs = Regs::default();
+            if a2.load(SeqCst) {
+                let before = c2.load(SeqCst);
+                r2.backend().hit(&ts, 2, A, &mut regs);
+                assert_eq!(
+                    c2.load(SeqCst),
+                    before,
+                    "called after its removal was asked"
+                );
+            }
+        });
+        let never = Arc::new(AtomicBool::new(false));
+        let other_calls = Arc::new(AtomicUsize::new(0));
+        let other = r.register(A, counting(&other_calls, &never)).unwrap();
+        assert_eq!(first.join().unwrap(), HitResult::Stepped { post: false });
+        second.join().unwrap();
+        let n = calls.load(SeqCst);
+        assert!((1..=2).contains(&n), "{n}");
+        r.collect().unwrap();
+        r.synchronize().unwrap();
+        assert!(r.stats(id).is_err(), "forgotten once collected");
+        let ts = ThreadState::new();
+        let mut regs = Regs::default();
+        let before = other_calls.load(SeqCst);
+        assert_eq!(
+            r.backend().hit(&ts, 3, A, &mut regs),
+            HitResult::Stepped { post: false }
+        );
+        assert_eq!(calls.load(SeqCst), n);
+        assert_eq!(other_calls.load(SeqCst), before + 1);
+        drop(other);
+    });
+}

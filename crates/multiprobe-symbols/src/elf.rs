@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::unwind::{LandingPads, Section, UnwindSections};
 
 /// A function symbol.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +64,8 @@ pub struct ElfSymbols {
     /// Data objects (`STT_OBJECT`) by name, with their address: the loader's
     /// `_r_debug`, a USDT argument's symbol.
     objects: Vec<(String, u64)>,
+    /// `.eh_frame`, `.eh_frame_hdr`, `.gcc_except_table`, for landing pads.
+    unwind: UnwindSections,
 }
 
 /// How canonical a name is among the aliases of one function, lower first: libc's
@@ -144,6 +148,18 @@ impl ElfSymbols {
                 (s.address(), off, size)
             })
             .collect();
+        let section = |name: &str| {
+            let s = file.section_by_name(name)?;
+            Some(Section {
+                addr: s.address(),
+                data: s.data().ok()?.to_vec(),
+            })
+        };
+        let unwind = UnwindSections {
+            eh_frame: section(".eh_frame"),
+            eh_frame_hdr: section(".eh_frame_hdr"),
+            except_table: section(".gcc_except_table"),
+        };
         Ok(ElfSymbols {
             funcs,
             ifuncs,
@@ -164,6 +180,7 @@ impl ElfSymbols {
                 o
             },
             usdt: crate::usdt::probes(&file),
+            unwind,
         })
     }
 
@@ -216,6 +233,12 @@ impl ElfSymbols {
     /// Every function, by address.
     pub fn funcs(&self) -> &[Func] {
         &self.funcs
+    }
+
+    /// The exception landing pads of the function starting at file address `start`
+    /// (see [`crate::unwind`]).
+    pub fn landing_pads(&self, start: u64) -> LandingPads {
+        self.unwind.landing_pads(start)
     }
 
     /// The entry point (file address).

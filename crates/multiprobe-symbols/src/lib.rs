@@ -13,6 +13,7 @@ pub mod glob;
 pub mod maps;
 pub mod process;
 pub mod usdt;
+pub mod unwind;
 
 pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
@@ -22,6 +23,7 @@ pub use process::{
     SymbolCache,
 };
 pub use usdt::{UsdtArg, UsdtLoc, UsdtProbe};
+pub use unwind::LandingPads;
 
 /// This crate's README example, run as a doctest.
 #[cfg(doctest)]

@@ -219,6 +219,26 @@ impl ProcessSymbols {
         })
     }
 
+    /// The exception landing pads (process addresses) of the function starting at
+    /// `start`, from its file's unwind information; [`LandingPads::Unknown`] for code
+    /// that is not in a mapped ELF file, where it cannot be told.
+    pub fn landing_pads(&self, start: u64) -> crate::LandingPads {
+        use crate::LandingPads;
+        let Some(region) = self.maps.find(start).filter(|r| r.is_file()) else {
+            return LandingPads::Unknown;
+        };
+        let syms = self.cache.mapped(&self.maps, region);
+        let Some(bias) = self.region_bias(region, &syms) else {
+            return LandingPads::Unknown;
+        };
+        match syms.landing_pads(start.wrapping_sub(bias)) {
+            LandingPads::At(v) => {
+                LandingPads::At(v.into_iter().map(|a| a.wrapping_add(bias)).collect())
+            }
+            other => other,
+        }
+    }
+
     /// The process address of `library`'s entry point... of the main program when
     /// `library` is `None` (the first mapped file).
     pub fn entry(&self, library: Option<&str>) -> Option<u64> {

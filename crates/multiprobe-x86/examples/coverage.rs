@@ -21,7 +21,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use iced_x86::{Decoder, DecoderOptions};
-use multiprobe_x86::{analyze, AnalyzeError, Class, Code, Plan, SlotError, SlotKind};
+use multiprobe_symbols::{ElfSymbols, LandingPads};
+use multiprobe_x86::AnalyzeError;
+use multiprobe_x86::{
+    analyze, analyze_region, build_trampoline, Class, Code, Plan, RegionRefusal, SlotError,
+    SlotKind, TrampolineSpec, Unwind,
+};
 use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 
 /// What happened to one analyzed address, as a report row.
@@ -35,6 +40,9 @@ pub enum Outcome {
 pub struct Tally {
     pub entries: BTreeMap<Outcome, u64>,
     pub boundaries: BTreeMap<Outcome, u64>,
+    /// Function entries by whether the site can be promoted to a jump (`promoted`) or
+    /// why it stays an int3 site.
+    pub promotion: BTreeMap<String, u64>,
     pub functions: u64,
     pub undecodable_functions: u64,
     /// Instruction boundaries by (outcome, mnemonic), for `--mnemonics`.
@@ -60,12 +68,26 @@ impl Tally {
         (share(&self.entries), share(&self.boundaries))
     }
 
+    /// Function entries that can be promoted to a jump, in percent.
+    pub fn promotable(&self) -> f64 {
+        let n: u64 = self.promotion.values().sum();
+        let ok = self.promotion.get(PROMOTED).copied().unwrap_or(0);
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * ok as f64 / n as f64
+        }
+    }
+
     fn add(&mut self, other: &Tally) {
         for (k, v) in &other.entries {
             *self.entries.entry(k.clone()).or_default() += v;
         }
         for (k, v) in &other.boundaries {
             *self.boundaries.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.promotion {
+            *self.promotion.entry(k.clone()).or_default() += v;
         }
         for (k, v) in &other.mnemonics {
             *self.mnemonics.entry(k.clone()).or_default() += v;
@@ -103,6 +125,54 @@ fn outcome(r: Result<Plan, AnalyzeError>, slot_addr: u64) -> Outcome {
     Outcome::Ok(plan.class())
 }
 
+const PROMOTED: &str = "promoted to a jump";
+
+/// The refusal's kind, without its addresses.
+fn refusal_kind(r: &RegionRefusal) -> String {
+    let d = format!("{r:?}");
+    let kind = d.split([' ', '{', '(']).next().unwrap_or("?").to_string();
+    match r {
+        RegionRefusal::NotRelocatable { reason, .. } => format!("{kind}: {reason}"),
+        RegionRefusal::ControlFlowInside { mnemonic, .. } => format!("{kind}: {mnemonic}"),
+        _ => kind,
+    }
+}
+
+/// Whether the entry at `start` can be promoted: the region checks, then a trampoline
+/// built where a backend would map it (just past the object).
+fn promotion(
+    plan: bool,
+    start: u64,
+    code: Code<'_>,
+    func: std::ops::Range<u64>,
+    pads: &LandingPads,
+    tramp_addr: u64,
+) -> String {
+    if !plan {
+        return "not probeable at all".into();
+    }
+    let unwind = match pads {
+        LandingPads::None => Unwind::NoLandingPads,
+        LandingPads::At(v) => Unwind::LandingPads(v),
+        LandingPads::Unknown => Unwind::Unknown,
+    };
+    let region = match analyze_region(start, code, Some(func), unwind) {
+        Ok(r) => r,
+        Err(e) => return refusal_kind(&e),
+    };
+    let spec = TrampolineSpec {
+        region: &region,
+        ctx: 0,
+        pre: 0x1000,
+        post: 0x2000,
+        common: 0x3000,
+    };
+    match build_trampoline(&spec, tramp_addr) {
+        Ok(_) => PROMOTED.into(),
+        Err(e) => format!("trampoline: {e}"),
+    }
+}
+
 /// Analyze every function entry and instruction boundary of the ELF file at `path`.
 pub fn analyze_file(path: &Path) -> Result<Tally, String> {
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -121,6 +191,7 @@ pub fn analyze_file(path: &Path) -> Result<Tally, String> {
         }
     }
     let slot_addr = (top + 0xfff) & !0xfff;
+    let syms = ElfSymbols::parse(&data).unwrap_or_default();
     let mut funcs: BTreeMap<u64, (u64, object::SectionIndex)> = BTreeMap::new();
     for sym in file.symbols().chain(file.dynamic_symbols()) {
         if sym.kind() != SymbolKind::Text || sym.size() == 0 {
@@ -147,9 +218,12 @@ pub fn analyze_file(path: &Path) -> Result<Tally, String> {
         let bytes = &sec[off..sec.len().min(off + size as usize + 15)];
         let code = Code { addr: start, bytes };
         t.functions += 1;
-        *t.entries
-            .entry(outcome(analyze(start, code, Some(start..end)), slot_addr))
-            .or_default() += 1;
+        let entry = outcome(analyze(start, code, Some(start..end)), slot_addr);
+        let ok = matches!(entry, Outcome::Ok(_));
+        let pads = syms.landing_pads(start);
+        let p = promotion(ok, start, code, start..end, &pads, slot_addr + 0x1000);
+        *t.promotion.entry(p).or_default() += 1;
+        *t.entries.entry(entry).or_default() += 1;
         let body = &bytes[..bytes.len().min(size as usize)];
         let mut dec = Decoder::with_ip(64, body, start, DecoderOptions::NONE);
         while dec.can_decode() {
@@ -201,6 +275,16 @@ fn print_table(title: &str, t: &Tally) {
             String::new()
         }
     );
+    let np: u64 = t.promotion.values().sum();
+    println!(
+        "Function entries that can be promoted to a jump (trap-free): **{:.3}%**\n",
+        t.promotable()
+    );
+    println!("| promotion of function entries | entries | % |\n|---|---:|---:|");
+    for (k, v) in &t.promotion {
+        println!("| {k} | {v} | {:.3} |", pct(*v, np));
+    }
+    println!();
     println!("| outcome | function entries | % | instruction boundaries | % |");
     println!("|---|---:|---:|---:|---:|");
     let mut keys: Vec<&Outcome> = t.entries.keys().chain(t.boundaries.keys()).collect();

@@ -1,7 +1,22 @@
 //! x86-64 instruction knowledge shared by multiprobe's real backends: is this address
 //! an instruction boundary, can the instruction there be probed, and how is it
 //! executed once the breakpoint displaced it — by emulation, or out of line from a
-//! slot. A pure library: no signals, no ptrace, no `/proc`.
+//! slot; and, for trap-free probes, whether the instructions under a `jmp rel32` may be
+//! replaced (the region checks) and the trampoline the jump leads to. A pure library:
+//! no signals, no ptrace, no `/proc`.
+//!
+//! # The pieces every backend shares
+//!
+//! * [`prepare`] behind [`CodeSource`]: one pipeline from an address to its [`Plan`]
+//!   and its [`Region`] (or the [`RegionRefusal`] that keeps it an `int3` site).
+//! * [`continue_hit`]: the one decision of how a hit continues (emulation, a slot, a
+//!   trampoline copy, in place), given what the site has ([`Ways`]) and what emulating
+//!   costs the backend ([`Emulate`]).
+//! * [`analyze_region`], [`build_trampoline`] and [`build_common`]: the optprobes-style
+//!   checks, and the trampoline (red-zone skip, frame of [`multiprobe_core::Regs`],
+//!   vector state, the backend's [`Entry`] points, the relocated region, the post stub,
+//!   the exits: see the `frame` and `trampoline` module docs), with its address map
+//!   ([`Trampoline::locate`], [`Trampoline::fixup`], [`Trampoline::resume_target`]).
 //!
 //! # Use from a backend
 //!
@@ -93,16 +108,36 @@
 #![warn(missing_docs)]
 
 mod analyze;
+mod continuation;
+mod cpu;
 mod emulate;
 mod error;
 mod flags;
+mod frame;
 mod plan;
+mod prepare;
+mod region;
 mod slot;
+mod trampoline;
 
 pub use analyze::{analyze, Code};
+pub use continuation::{continue_hit, Continue, Emulate, Via, Ways};
+pub use cpu::CpuState;
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
+pub use frame::{
+    Entry, Frame, EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_REGION, EXIT_RESUME,
+    EXIT_RESUME_STACK, EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
+};
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
+pub use prepare::{prepare, CodeSource, Function, Mapping, Prepared, USER_END};
+pub use region::{
+    analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
+};
 pub use slot::{slot_reach, Slot, SlotKind, INT3, MAX_SLOT_LEN};
+pub use trampoline::{
+    build_common, build_trampoline, Built, CommonStub, Location, StateSave, Trampoline,
+    TrampolineError, TrampolineSpec, COMMON_LEN, TRAMPOLINE_LEN,
+};
 
 /// This crate's README example, run as a doctest.
 #[cfg(doctest)]

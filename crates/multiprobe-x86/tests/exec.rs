@@ -3,66 +3,15 @@
 //! and SIGTRAP, fixed up by `Slot::fixup_trap`) — from the same registers and memory,
 //! and compare all registers, the arithmetic flags, where control went, and memory.
 
+#[allow(dead_code)]
 mod machine;
 
-use machine::{with_machine, Machine, PageMemory, CODE, DATA, PAGE_LEN, SLOT, STACK};
+use machine::{
+    fill_memory, observed_memory, random_regs, with_machine, Machine, PageMemory, Rng, CODE, DATA,
+    SLOT,
+};
 use multiprobe_core::Regs;
 use multiprobe_x86::{analyze, Code, EmulateError, Plan, SlotKind};
-
-/// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Mostly random values, with the edge cases arithmetic gets wrong.
-    fn value(&mut self) -> u64 {
-        const EDGES: [u64; 8] = [
-            0,
-            1,
-            u64::MAX,
-            1 << 63,
-            (1 << 63) - 1,
-            0xffff_ffff,
-            0x8000_0000,
-            0x7fff_ffff,
-        ];
-        let r = self.next();
-        if r.is_multiple_of(4) {
-            EDGES[(r >> 8) as usize % EDGES.len()]
-        } else {
-            self.next()
-        }
-    }
-}
-
-/// Random registers with `rsp` on the test stack and random arithmetic flags.
-fn random_regs(m: &Machine, rng: &mut Rng) -> Regs {
-    let mut r = Regs::default();
-    for g in multiprobe_core::Gpr::ALL {
-        *r.gpr_mut(g) = rng.value();
-    }
-    r.rsp = m.addr(0xf000);
-    r.rflags = rng.next() & 0x8d5;
-    r
-}
-
-fn fill_memory(m: &mut Machine) {
-    let pattern: Vec<u8> = (DATA..PAGE_LEN).map(|i| (i * 7 + 3) as u8).collect();
-    m.write(DATA, &pattern);
-}
-
-/// Memory that must match after a run: the data area and the stack from 128 bytes
-/// below the final rsp (a signal frame may land lower: that is the kernel's, not ours).
-fn observed_memory(m: &Machine, rsp: u64) -> Vec<u8> {
-    let lo = (rsp.saturating_sub(128).saturating_sub(m.addr(0)) as usize).clamp(STACK, PAGE_LEN);
-    let mut v = m.read(DATA..STACK);
-    v.extend(m.read(lo..PAGE_LEN));
-    v
-}
 
 /// One instruction under test: its bytes at CODE, exit stubs at `targets` (numbered
 /// 1..), a hook that adjusts random inputs (point a base register into the page, ...)

@@ -50,6 +50,18 @@ core::arch::global_asm!(
     func!("mp_t_int80", "int 0x80", "ret"),
     func!("mp_t_int3", "int3", "ret"),
     func!("mp_t_alt", "lea rax, [rdi + 100]", "ret"),
+    // `mov rax, rdi` (3 bytes), then SLED_LEN times `lea rax, [rax + 1]` (4 bytes each),
+    // then `ret`: many instruction boundaries, each a site.
+    ".globl mp_t_sled",
+    ".type mp_t_sled,@function",
+    ".p2align 4",
+    "mp_t_sled:",
+    "mov rax, rdi",
+    ".rept 96",
+    "lea rax, [rax + 1]",
+    ".endr",
+    "ret",
+    ".size mp_t_sled, . - mp_t_sled",
     ".popsection",
     ".pushsection .data.mp_test_data,\"aw\",@progbits",
     ".p2align 3",
@@ -86,6 +98,8 @@ extern "C" {
     pub fn mp_t_int3();
     /// Returns `x + 100` (a redirection target).
     pub fn mp_t_alt(x: u64) -> u64;
+    /// Returns `x + SLED_LEN`, one `lea` at a time ([`sled_sites`]).
+    pub fn mp_t_sled(x: u64) -> u64;
     /// The quadword (5) the RIP-relative functions read.
     pub static mp_t_data: u64;
 }
@@ -99,4 +113,16 @@ pub fn addr(f: *const ()) -> u64 {
 pub fn bytes(a: u64, n: usize) -> Vec<u8> {
     // SAFETY: test functions' code is mapped readable.
     unsafe { std::slice::from_raw_parts(a as *const u8, n).to_vec() }
+}
+
+/// The `lea`s of [`mp_t_sled`].
+pub const SLED_LEN: usize = 96;
+
+/// Every instruction start of [`mp_t_sled`] but its `ret`: its entry, then each `lea`.
+pub fn sled_sites() -> Vec<u64> {
+    let entry = mp_t_sled as *const () as u64;
+    assert_eq!(bytes(entry, 7), [0x48, 0x89, 0xf8, 0x48, 0x8d, 0x40, 0x01]);
+    std::iter::once(entry)
+        .chain((0..SLED_LEN as u64).map(|k| entry + 3 + 4 * k))
+        .collect()
 }

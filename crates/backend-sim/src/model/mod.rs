@@ -16,6 +16,13 @@
 //!   returns `InsideDispatch` — after unlinking — whenever some CPU of this OS thread
 //!   holds a deferred step (rule 3's no-deadlock escape), and when called from a
 //!   handler. A handler's enabled state is what hits will do (the view's flag).
+//! * **Removal from inside** (`PreAction::Remove`): from the moment a pre-hook asks, the
+//!   handler is never called again — not its post or fault hook of that hit, no hook of
+//!   a later one — nor counted (hits, misses). The registry forgets it (unregisters it,
+//!   disarming a site left without an enabled handler) at the next *collection*: the end
+//!   of a dispatch micro-step of CPU 0 (which collects in thread context, through the
+//!   dispatcher), or the start of any operation that changes the registry, from a
+//!   handler too. Collected most recent request first.
 //! * **Micro-steps**: a dispatch at an address with a site counts a site hit and calls
 //!   the enabled pre-hooks in registration order, each counting a handler hit, until
 //!   one redirects (rule 2); a panicking hook counts a panic and the walk goes on
@@ -164,6 +171,10 @@ pub struct Model {
     stats: HashMap<HandlerId, HandlerStats>,
     injected: BTreeSet<(Injection, u64)>,
     pending: Vec<Option<Snapshot>>,
+    /// Handlers that asked to be removed (for good: never called again).
+    removed: BTreeSet<HandlerId>,
+    /// Of those, the ones the registry has not collected yet, in request order.
+    to_collect: Vec<HandlerId>,
     /// A handler handled a fault or skipped an instruction (the program's state no
     /// longer matches an unprobed run).
     pub program_changed: bool,
@@ -183,6 +194,8 @@ impl Model {
             stats: HashMap::new(),
             injected: BTreeSet::new(),
             pending: vec![None; cpus],
+            removed: BTreeSet::new(),
+            to_collect: Vec::new(),
             program_changed: false,
         }
     }
@@ -199,6 +212,28 @@ impl Model {
     /// Mirror of `SimBackend::clear_injections`.
     pub fn clear_injections(&mut self) {
         self.injected.clear();
+    }
+
+    /// Handler `id` asked to be removed (its pre-hook returned `Remove`).
+    fn request_removal(&mut self, id: HandlerId) {
+        if self.removed.insert(id) {
+            self.to_collect.push(id);
+        }
+    }
+
+    /// Whether `id` may still be called and counted: it never asked to be removed.
+    fn live(&self, id: HandlerId) -> bool {
+        !self.removed.contains(&id)
+    }
+
+    /// A collection: the registry forgets the handlers that asked to be removed (as a
+    /// guard's drop would: a failed disarm keeps the site, unreported).
+    fn collect(&mut self) {
+        for id in std::mem::take(&mut self.to_collect).into_iter().rev() {
+            if self.index.contains_key(&id) {
+                let _ = self.remove(id);
+            }
+        }
     }
 
     /// Whether a CPU holds a deferred step (a read section open on this OS thread).
@@ -425,6 +460,7 @@ impl Model {
         if real.is_ok() && self.stats.contains_key(&id) {
             return Err(format!("register returned {id}, an id already used"));
         }
+        self.collect();
         let predicted = self.add(addr, id, post, exclusive, disabled).map(|()| id);
         same("register", &predicted, real)
     }
@@ -448,6 +484,7 @@ impl Model {
                 .map(|i| HandlerId(u64::MAX - i as u64))
                 .collect(),
         };
+        self.collect();
         let fresh: BTreeSet<_> = ids
             .iter()
             .filter(|id| !self.stats.contains_key(id))
@@ -508,6 +545,7 @@ impl Model {
         id: HandlerId,
         real: &Result<HandlerStats, ErrKind>,
     ) -> Result<(), String> {
+        self.collect();
         let held = self.held();
         let predicted = match self.remove(id) {
             Err(e) => Err(e),
@@ -524,6 +562,7 @@ impl Model {
         ids: &[HandlerId],
         real: &Result<Vec<HandlerStats>, ErrKind>,
     ) -> Result<(), String> {
+        self.collect();
         let mut seen = BTreeSet::new();
         let predicted = if let Some(&bad) = ids
             .iter()
@@ -549,6 +588,7 @@ impl Model {
 
     /// A guard's drop: unlink without waiting or answering.
     pub fn unregister_silently(&mut self, id: HandlerId) {
+        self.collect();
         let _ = self.remove(id);
     }
 
@@ -559,6 +599,7 @@ impl Model {
         on: bool,
         real: &Result<(), ErrKind>,
     ) -> Result<(), String> {
+        self.collect();
         let predicted = self.set_enabled(id, on);
         same(if on { "enable" } else { "disable" }, &predicted, real)
     }

@@ -20,6 +20,10 @@ impl Model {
                 if expected != outcome {
                     return Err(format!("dispatch at {addr:#x} on cpu {cpu}: core said {outcome:?}, model {expected:?}"));
                 }
+                // CPU 0 collects the removals handlers asked for (`crate::cpu`).
+                if cpu == 0 {
+                    self.collect();
+                }
             }
             Event::SlotExec { addr, result } => {
                 let pending = self.pending[cpu].take();
@@ -44,7 +48,12 @@ impl Model {
                                 .unwrap_or_default(),
                         };
                         let mut expected = FaultAction::NotHandled;
-                        for e in handlers.iter().filter(|e| e.enabled) {
+                        let asked: Vec<_> = handlers
+                            .iter()
+                            .filter(|e| e.enabled && self.live(e.id))
+                            .copied()
+                            .collect();
+                        for e in asked {
                             match self.hook(&mut cur, cpu, e.id, Hook::Fault, addr)? {
                                 Ended::Panic => self.count(e.id, |s| s.panics += 1),
                                 Ended::Handled => {
@@ -52,7 +61,7 @@ impl Model {
                                     break;
                                 }
                                 Ended::Normal => {}
-                                Ended::Redirect | Ended::Skip => {
+                                Ended::Redirect | Ended::Skip | Ended::Remove => {
                                     return Err("a fault hook redirected".into())
                                 }
                             }
@@ -80,7 +89,7 @@ impl Model {
                 let posts: Vec<HandlerId> = snap
                     .handlers
                     .iter()
-                    .filter(|e| e.enabled && self.has_post[&e.id])
+                    .filter(|e| e.enabled && self.has_post[&e.id] && self.live(e.id))
                     .map(|e| e.id)
                     .collect();
                 for id in posts {
@@ -119,9 +128,14 @@ impl Model {
             handlers: site.handlers.clone(),
         };
         for e in snap.handlers.iter().filter(|e| e.enabled) {
+            if !self.live(e.id) {
+                // Asked to be removed earlier: skipped, not counted.
+                continue;
+            }
             self.count(e.id, |s| s.hits += 1);
             match self.hook(cur, cpu, e.id, Hook::Pre, addr)? {
                 Ended::Panic => self.count(e.id, |s| s.panics += 1),
+                Ended::Remove => self.request_removal(e.id),
                 Ended::Redirect => return Ok(Dispatched::Redirect),
                 Ended::Skip => {
                     self.program_changed = true;
@@ -176,7 +190,9 @@ impl Model {
                         None => Nested::NotOurs,
                         Some(s) => {
                             for e in s.handlers.iter().filter(|e| e.enabled) {
-                                self.count(e.id, |s| s.missed += 1);
+                                if self.live(e.id) {
+                                    self.count(e.id, |s| s.missed += 1);
+                                }
                             }
                             Nested::Stepped { post: false }
                         }
@@ -186,6 +202,8 @@ impl Model {
                     }
                 }
                 Some(Call::Unregistered { target, result }) => {
+                    // A registry operation from inside collects first, as any does.
+                    self.collect();
                     let expected = match self.remove(*target) {
                         Err(e) => Err(e),
                         Ok(_) => Err(ErrKind::InsideDispatch(*target)),
@@ -195,6 +213,7 @@ impl Model {
                     }
                 }
                 Some(Call::SetEnabled { target, on, result }) => {
+                    self.collect();
                     let expected = self.set_enabled(*target, *on);
                     if expected != *result {
                         return Err(format!("set_enabled({target}, {on}) inside {id}: core said {result:?}, model {expected:?}"));

@@ -72,7 +72,8 @@ impl Driver {
         let behavior = Behavior {
             post: s.flags & 1 != 0,
             pre: match s.pre {
-                0..=159 => PreMode::Observe,
+                0..=143 => PreMode::Observe,
+                144..=159 => PreMode::Remove,
                 160..=199 => PreMode::Emulate,
                 200..=247 => PreMode::EmulateSilently,
                 _ => PreMode::Skip,
@@ -274,6 +275,18 @@ impl Driver {
         self.cov.set_enabled_inside += calls
             .iter()
             .filter(|c| matches!(c, ctx::Call::SetEnabled { result: Ok(()), .. }))
+            .count() as u32;
+        self.cov.removals += calls
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    ctx::Call::Exit {
+                        ended: ctx::Ended::Remove,
+                        ..
+                    }
+                )
+            })
             .count() as u32;
         self.model
             .on_event(cpu, e, &calls)

@@ -23,7 +23,7 @@ pub struct HandleSel(pub u8);
 pub struct HandlerSpec {
     /// Bit 0: has a post hook. Bits 1-3 all set: handles faults (changes the program).
     pub flags: u8,
-    /// Pre mode: observe mostly, emulate sometimes, skip rarely.
+    /// Pre mode: observe mostly, emulate sometimes, ask to be removed or skip rarely.
     pub pre: u8,
     /// Panic every `1 + n % 4` calls when `>= 200`.
     pub panic: u8,
@@ -156,6 +156,8 @@ pub struct Coverage {
     pub inside_dispatch: u32,
     /// Handlers enabled or disabled from inside a dispatch.
     pub set_enabled_inside: u32,
+    /// Handlers that asked to be removed (`PreAction::Remove`).
+    pub removals: u32,
     /// Ticks where some CPU held a deferred step across a registry change.
     pub changed_while_pending: u32,
     /// Whether the transparency oracle compared states.
@@ -175,6 +177,7 @@ impl Coverage {
             self.redirects,
             self.inside_dispatch,
             self.set_enabled_inside,
+            self.removals,
             self.changed_while_pending,
         ]
         .iter()

@@ -25,6 +25,7 @@ use smallvec::SmallVec;
 use super::{Inner, Request};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::removal::Mark;
 use crate::stats::HandlerCounters;
 use crate::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use crate::sync::unmodelled;
@@ -147,6 +148,7 @@ impl<B: Backend> Inner<B> {
             enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),
             tally: Arc::default(),
+            mark: Mark::new(&self.table.removals),
         });
         s.handlers.push(Slot {
             entry: Arc::clone(&entry),

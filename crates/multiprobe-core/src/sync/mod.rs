@@ -50,6 +50,70 @@ pub(crate) use model::*;
 
 pub(crate) use std::sync::{Arc, OnceLock};
 
+/// What a thread shares with its own signal handlers only, never with other threads:
+/// the cells of `ThreadState`, ordered against the rest by compiler-only fences. A
+/// signal handler on the thread sees the thread's accesses in program order at an
+/// instruction boundary, so no hardware fence is needed, only that the compiler keep
+/// the order (`atomic_signal_fence` in C++). Std's atomics in both builds: they must be
+/// `const` (a `ThreadState` lives in a `const`-initialized thread-local), and loom
+/// cannot deliver a signal anyway. Types of their own, so clippy can tell them from a
+/// std atomic named elsewhere.
+pub(crate) mod same_thread {
+    use std::sync::atomic::{self, Ordering};
+
+    /// A `bool` a thread shares with its own signal handlers.
+    #[derive(Debug)]
+    pub(crate) struct AtomicBool(atomic::AtomicBool);
+
+    impl AtomicBool {
+        pub(crate) const fn new(v: bool) -> Self {
+            AtomicBool(atomic::AtomicBool::new(v))
+        }
+        #[inline(always)]
+        pub(crate) fn load(&self, o: Ordering) -> bool {
+            self.0.load(o)
+        }
+        #[inline(always)]
+        pub(crate) fn store(&self, v: bool, o: Ordering) {
+            self.0.store(v, o)
+        }
+    }
+
+    /// A `u8` a thread shares with its own signal handlers.
+    #[derive(Debug)]
+    pub(crate) struct AtomicU8(atomic::AtomicU8);
+
+    impl AtomicU8 {
+        pub(crate) const fn new(v: u8) -> Self {
+            AtomicU8(atomic::AtomicU8::new(v))
+        }
+        #[inline(always)]
+        pub(crate) fn load(&self, o: Ordering) -> u8 {
+            self.0.load(o)
+        }
+        #[inline(always)]
+        pub(crate) fn store(&self, v: u8, o: Ordering) {
+            self.0.store(v, o)
+        }
+        pub(crate) fn compare_exchange(
+            &self,
+            current: u8,
+            new: u8,
+            success: Ordering,
+            failure: Ordering,
+        ) -> Result<u8, u8> {
+            self.0.compare_exchange(current, new, success, failure)
+        }
+    }
+
+    /// Keep the compiler from moving memory accesses across this point, as a signal
+    /// handler on this thread would see them; no instruction is emitted.
+    #[inline(always)]
+    pub(crate) fn signal_fence() {
+        atomic::compiler_fence(Ordering::SeqCst);
+    }
+}
+
 /// Per-OS-thread count of open read sections, used only to refuse to wait for a grace
 /// period that the calling thread itself is holding open (rule 3: no deadlock when a
 /// handler unregisters). Const-initialized and without a destructor, so touching it

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 
 use multiprobe_core::{Memory, MemoryError, Regs};
-use multiprobe_x86::Slot;
+use multiprobe_x86::{Frame, Slot, Trampoline};
 
 pub const PAGE_LEN: usize = 0x10000;
 const EXIT_CODE: usize = 0x200;
@@ -118,6 +118,10 @@ static FAULT_EXIT: AtomicU64 = AtomicU64::new(0);
 /// atomics because a handler must not take locks.
 static FAULT: [AtomicU64; 19] = [const { AtomicU64::new(0) }; 19];
 static FAULT_SEEN: AtomicU64 = AtomicU64::new(0);
+/// All of rflags at the last exit (`run` returns the arithmetic flags only).
+static LAST_RFLAGS: AtomicU64 = AtomicU64::new(0);
+/// The trampoline whose exits by trap and faults the signal handlers serve (null: none).
+static TRAMP_FOR_SIGNALS: AtomicPtr<Trampoline> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Run `f` with the (lazily created) machine, one test at a time.
 pub fn with_machine<R>(f: impl FnOnce(&mut Machine) -> R) -> R {
@@ -246,8 +250,10 @@ impl Machine {
         }
         let id = self.read(DATA_AREA + EXIT_ID..DATA_AREA + EXIT_ID + 1)[0];
         SLOT_FOR_SIGNALS.store(std::ptr::null_mut(), Ordering::SeqCst);
+        TRAMP_FOR_SIGNALS.store(std::ptr::null_mut(), Ordering::SeqCst);
         FAULT_EXIT.store(0, Ordering::SeqCst);
         let mut r = from_array(a);
+        LAST_RFLAGS.store(r.rflags, Ordering::SeqCst);
         r.rflags &= 0x8d5; // compare the arithmetic flags only
         (r, id)
     }
@@ -260,6 +266,20 @@ impl Machine {
         SLOT_FOR_SIGNALS.store(p, Ordering::SeqCst);
         FAULT_EXIT.store(fault_exit, Ordering::SeqCst);
         FAULT_SEEN.store(0, Ordering::SeqCst);
+    }
+
+    /// Make the signal handlers serve `t`: its exits by trap (registers loaded from the
+    /// frame at `rsp`) and faults in its relocated copies (fixed up to the original
+    /// code); faulting threads go to `fault_exit`. Cleared by the next `run`.
+    pub fn arm_trampoline(&mut self, t: &Trampoline, fault_exit: u64) {
+        TRAMP_FOR_SIGNALS.store(t as *const Trampoline as *mut Trampoline, Ordering::SeqCst);
+        FAULT_EXIT.store(fault_exit, Ordering::SeqCst);
+        FAULT_SEEN.store(0, Ordering::SeqCst);
+    }
+
+    /// Every bit of rflags at the last run's exit (before the exit code's `cld`).
+    pub fn last_rflags(&self) -> u64 {
+        LAST_RFLAGS.load(Ordering::SeqCst)
     }
 
     /// After a run that faulted: the registers (after any slot fix-up), the faulting
@@ -347,6 +367,16 @@ extern "C" fn on_trap(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
     let g = &mut uc.uc_mcontext.gregs;
     let mut regs = regs_of(g);
+    let tramp = TRAMP_FOR_SIGNALS.load(Ordering::SeqCst);
+    // SAFETY: a test stores a pointer to a trampoline map that outlives its run
+    // (arm_trampoline; `run` clears it).
+    if !tramp.is_null() && unsafe { (*tramp).is_trap_exit(regs.rip) } {
+        // SAFETY: at an exit by trap, rsp points to the trampoline's frame, on the test
+        // stack inside our page.
+        let frame = unsafe { *(regs.rsp as *const Frame) };
+        store_regs(g, &frame.regs);
+        return;
+    }
     let slot = SLOT_FOR_SIGNALS.load(Ordering::SeqCst);
     // SAFETY: a test stores a pointer to a slot that outlives its run (arm_signals;
     // `run` clears it).
@@ -369,6 +399,16 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     if !slot.is_null() && unsafe { (*slot).contains(regs.rip) } {
         // SAFETY: as above.
         assert!(unsafe { (*slot).fixup_ip(&mut regs) });
+    }
+    let tramp = TRAMP_FOR_SIGNALS.load(Ordering::SeqCst);
+    // SAFETY: as in on_trap.
+    if !tramp.is_null() && unsafe { (*tramp).contains(regs.rip) } {
+        // SAFETY: as above.
+        if unsafe { (*tramp).fixup(&mut regs) }.is_none() {
+            // A fault outside the relocated copies is a bug of the trampoline.
+            // SAFETY: abort is async-signal-safe.
+            unsafe { libc::abort() };
+        }
     }
     regs.rflags &= 0x8d5;
     for (a, v) in FAULT.iter().zip(to_array(&regs)) {
@@ -404,4 +444,61 @@ fn install_handlers() {
             }
         }
     });
+}
+
+// Inputs and observations shared by the execution tests.
+
+/// Deterministic pseudo-random numbers (xorshift64*), so failures reproduce.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Mostly random values, with the edge cases arithmetic gets wrong.
+    pub fn value(&mut self) -> u64 {
+        const EDGES: [u64; 8] = [
+            0,
+            1,
+            u64::MAX,
+            1 << 63,
+            (1 << 63) - 1,
+            0xffff_ffff,
+            0x8000_0000,
+            0x7fff_ffff,
+        ];
+        let r = self.next();
+        if r.is_multiple_of(4) {
+            EDGES[(r >> 8) as usize % EDGES.len()]
+        } else {
+            self.next()
+        }
+    }
+}
+
+/// Random registers with `rsp` on the test stack and random arithmetic flags.
+pub fn random_regs(m: &Machine, rng: &mut Rng) -> Regs {
+    let mut r = Regs::default();
+    for g in multiprobe_core::Gpr::ALL {
+        *r.gpr_mut(g) = rng.value();
+    }
+    r.rsp = m.addr(0xf000);
+    r.rflags = rng.next() & 0x8d5;
+    r
+}
+
+pub fn fill_memory(m: &mut Machine) {
+    let pattern: Vec<u8> = (DATA..PAGE_LEN).map(|i| (i * 7 + 3) as u8).collect();
+    m.write(DATA, &pattern);
+}
+
+/// Memory that must match after a run: the data area and the stack from 128 bytes
+/// below the final rsp (a signal frame may land lower: that is the kernel's, not ours).
+pub fn observed_memory(m: &Machine, rsp: u64) -> Vec<u8> {
+    let lo = (rsp.saturating_sub(128).saturating_sub(m.addr(0)) as usize).clamp(STACK, PAGE_LEN);
+    let mut v = m.read(DATA..STACK);
+    v.extend(m.read(lo..PAGE_LEN));
+    v
 }

@@ -1,0 +1,957 @@
+//! Trampolines for promoted sites, generated with iced-x86's assembler (`code_asm`),
+//! the relocated region encoded by its `BlockEncoder`; and the map from every
+//! trampoline address back to the original code.
+//!
+//! # Layout
+//!
+//! One shared *common stub* per process and state-saving strategy ([`build_common`]),
+//! and per site ([`build_trampoline`]):
+//!
+//! ```text
+//! entry:     lea rsp,[rsp-152]            ; red zone (128), resume slot, fs/gs fields
+//!            pushfq; push [rip->addr]; push r15..r8, rsp, rbp..rax   ; Frame::regs
+//!            rsi = ctx, edx = EVENT_PRE, rcx = pre entry; call [common]
+//!            dispatch on the exit code (frame module): restore every GPR and rflags
+//!            from the frame, then jmp post copy / ret 128 / pop rsp; ret 128 / int3,
+//!            or fall through:
+//! plain:     the region's instructions, relocated; jmp <region end> when the last one
+//!            falls through
+//! post:      the region's first instruction, relocated, falling into
+//! stub:      the same save with rip = the next original instruction, EVENT_POST,
+//!            the post entry; dispatch; "continue" jumps to the plain copy's second
+//!            instruction (or the region's end)
+//! literals:  addr, next, ctx, entries, common, the original return address
+//! ```
+//!
+//! The common stub fixes the frame's `rsp` field (the push of `rsp` stored a trampoline
+//! value), clears `fs_base`/`gs_base` (the backend fills them if it wants: in-process
+//! `fs:[0]`), aligns the stack to 64, clears DF (the ABI's entry state), saves the
+//! vector/x87 state, calls the entry (`Entry`: frame, ctx, event), restores the vector
+//! state and returns the exit code with `rsp` back at the frame. It is shared because
+//! the vector save is most of the code (a 2 KiB AVX-512 register file).
+//!
+//! # Saving the vector state
+//!
+//! [`StateSave::Xsave`] saves with `XSAVEC` (or `XSAVE`) and the XCR0 mask, the area
+//! 64-byte aligned and its header zeroed first (`XRSTOR` raises #GP on non-zero reserved
+//! header bytes, and `XSAVE` does not write `XCOMP_BV`). `XSAVEOPT` is *not* used: its
+//! modified optimization skips components unchanged since the last `XRSTOR` from the
+//! same address, assuming software left that memory alone, and a stack area at the same
+//! depth is reused by the program between two hits.
+//!
+//! [`StateSave::Registers`] (the default) saves the same program-visible state with
+//! plain moves, because `XRSTOR` costs ~270 cycles on this project's machines (a
+//! `XSAVEC`+`XRSTOR` round trip ~365, measured in BENCHMARKS.md) against ~25 for moving
+//! `zmm0-31` and `k0-7` out and back: every vector register (`zmm0-31` with AVX-512,
+//! else `ymm0-15`, else `xmm0-15`), the opmasks, MXCSR (status flags a handler's
+//! arithmetic sets are the program's business), and the x87 state: the status word is
+//! read (`fnstsw`); when the register stack is not empty (TOP != 0) everything x87 is
+//! saved with `FXSAVE64` and restored with `FXRSTOR64`; when it is empty (always, at a
+//! function entry, by the ABI) only a changed status word is put back afterwards
+//! (`fnstenv`, patch, `fldenv`, which also restores the control word and marks the
+//! stack empty again). Limits of this mode: a full x87 stack (8 values, TOP wrapped to
+//! 0) is taken for empty; the x87 last-instruction pointers are not restored; state
+//! handler code cannot touch is not saved (PKRU, AMX tiles, APX registers); restoring
+//! `zmm` by moves leaves the upper-state tracking dirty until the program's next
+//! `vzeroupper` (harmless on AMD, a false dependency for legacy SSE code on Intel).
+//!
+//! # Invariants
+//!
+//! * No address inside a trampoline is ever pushed as a return address: a relocated
+//!   `call` becomes `push [original return address]; jmp target`, so unwinders and
+//!   `ret` see only original code, and a trampoline can be abandoned any time.
+//! * Every instruction start of the relocated copies has a recorded equivalent state
+//!   in the original code ([`Trampoline::fixup`]): a fault there is reported at the
+//!   original address. Anywhere else in a trampoline a thread is inside the save,
+//!   dispatch or restore code ([`Location::Inside`]): let it run to its exit.
+//! * The trampoline never reads or writes below its own `rsp`, and never touches the
+//!   red zone (see the frame module for the exits).
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, Code as C, Decoder, DecoderOptions, Instruction, Register};
+use multiprobe_core::Regs;
+
+use crate::cpu::CpuState;
+use crate::frame::{
+    EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_RESUME, EXIT_RESUME_STACK, FRAME_TO_RSP,
+    RED_ZONE,
+};
+use crate::region::{Region, MAX_REGION_INSNS};
+
+/// Upper bound on a site's trampoline length: allocate units of this size.
+pub const TRAMPOLINE_LEN: usize = 1024;
+/// Upper bound on the common stub's length.
+pub const COMMON_LEN: usize = 2048;
+/// Where the shared restore routine starts in the common stub.
+const RESTORE_OFF: u16 = 1792;
+
+const MAX_POINTS: usize = 16;
+
+/// How the common stub preserves the vector and x87 state (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateSave {
+    /// Register moves, MXCSR, x87 when in use: fast, the default.
+    Registers,
+    /// `XSAVEC`/`XSAVE` and `XRSTOR` with the XCR0 mask: every XSAVE component.
+    Xsave,
+}
+
+/// Why a trampoline or stub could not be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrampolineError {
+    /// The `jmp rel32` at the region, or a RIP-relative operand of a relocated
+    /// instruction, cannot reach across the distance.
+    #[error("the trampoline at {at:#x} is out of a 32-bit displacement's reach of {target:#x}")]
+    OutOfReach {
+        /// The trampoline's address.
+        at: u64,
+        /// What must be reached.
+        target: u64,
+    },
+    /// The code does not fit the unit.
+    #[error("the generated code is {len} bytes, more than the {max} available")]
+    TooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The CPU cannot do what was asked (`XSAVE` without OS support).
+    #[error("this CPU or kernel has no XSAVE support")]
+    NoXsave,
+    /// iced-x86 refused to encode (a bug, or an instruction it cannot move).
+    #[error("encoding failed: {0}")]
+    Encode(String),
+}
+
+impl From<IcedError> for TrampolineError {
+    fn from(e: IcedError) -> Self {
+        TrampolineError::Encode(e.to_string())
+    }
+}
+
+/// A built common stub: place `bytes` at `addr` (readable and executable).
+#[derive(Clone, Debug)]
+pub struct CommonStub {
+    /// Where it must be placed.
+    pub addr: u64,
+    /// Its code.
+    pub bytes: Vec<u8>,
+}
+
+/// What a site's trampoline is built from.
+#[derive(Clone, Copy, Debug)]
+pub struct TrampolineSpec<'a> {
+    /// The region the jump replaces.
+    pub region: &'a Region,
+    /// Passed to the entry points as their second argument.
+    pub ctx: u64,
+    /// Entry point for [`EVENT_PRE`] (an [`crate::Entry`]).
+    pub pre: u64,
+    /// Entry point for [`EVENT_POST`].
+    pub post: u64,
+    /// The common stub's address ([`build_common`]).
+    pub common: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Point {
+    off: u16,
+    orig: u64,
+    rsp_adj: i8,
+    rcx: Option<u64>,
+    first: bool,
+}
+
+const NO_POINT: Point = Point {
+    off: 0,
+    orig: 0,
+    rsp_adj: 0,
+    rcx: None,
+    first: false,
+};
+
+/// Where a thread with `rip` inside a trampoline stands ([`Trampoline::locate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// At a relocated instruction of the original `orig`; `first` when that is the
+    /// probed instruction itself (its faults go to the fault handlers).
+    Relocated {
+        /// The original instruction's address (or where the original code continues,
+        /// for the jump back).
+        orig: u64,
+        /// The probed instruction.
+        first: bool,
+    },
+    /// In the save, dispatch or restore code: not at an original instruction.
+    Inside,
+}
+
+/// A built trampoline's map: `Copy`, heap-free, usable from a signal handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trampoline {
+    addr: u64,
+    len: u16,
+    region: Region,
+    /// Offset of the plain copy of each region instruction.
+    plain: [u16; MAX_REGION_INSNS],
+    /// Offset of the post copy (0: none).
+    post: u16,
+    /// Offset of the post stub (right after the post copy's instruction).
+    stub: u16,
+    npoints: u8,
+    points: [Point; MAX_POINTS],
+    /// Offsets of the `int3`s of the exits by trap.
+    traps: [u16; 2],
+}
+
+/// A trampoline: its bytes to place at [`Trampoline::addr`], and its map.
+#[derive(Clone, Debug)]
+pub struct Built {
+    /// The map (keep it for the hot path).
+    pub map: Trampoline,
+    /// The code.
+    pub bytes: Vec<u8>,
+}
+
+impl Trampoline {
+    /// Where it lives; its first byte is the entry the region's jump targets.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region it serves.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Whether `ip` lies inside it.
+    pub fn contains(&self, ip: u64) -> bool {
+        ip.wrapping_sub(self.addr) < u64::from(self.len)
+    }
+
+    /// Whether there is a post copy (the first instruction falls through).
+    pub fn has_post(&self) -> bool {
+        self.post != 0
+    }
+
+    /// The post copy's address (the first instruction, then the post stub).
+    pub fn post_copy(&self) -> u64 {
+        self.addr + u64::from(self.post)
+    }
+
+    /// Where the original code continues after the region's first instruction (the
+    /// `rip` a post stub's frame holds).
+    pub fn continuation(&self) -> u64 {
+        match self.region.count() {
+            1 => self.region.end(),
+            _ => self.region.insn(1).0,
+        }
+    }
+
+    /// The post stub: where a thread that has executed the first instruction and still
+    /// owes its post-handlers goes (it saves the state with `rip` = the continuation and
+    /// calls the post entry). Only with [`Trampoline::has_post`].
+    pub fn post_stub(&self) -> u64 {
+        self.addr + u64::from(self.stub)
+    }
+
+    /// The plain copy of region instruction `i`.
+    pub fn copy_of(&self, i: usize) -> u64 {
+        self.addr + u64::from(self.plain[i])
+    }
+
+    /// Where a thread that should continue at original address `rip` goes: the
+    /// relocated copy for an instruction boundary inside the region (its original bytes
+    /// are the jump now), the address itself otherwise.
+    pub fn resume_target(&self, rip: u64) -> u64 {
+        match self.region.boundary_index(rip) {
+            Some(i) if i > 0 => self.copy_of(i),
+            _ => rip,
+        }
+    }
+
+    /// Whether a SIGTRAP reporting `trap_ip` (the `int3`'s address + 1) is an exit by
+    /// trap of this trampoline: `rsp` is then at the [`crate::Frame`].
+    pub fn is_trap_exit(&self, trap_ip: u64) -> bool {
+        let off = trap_ip.wrapping_sub(1).wrapping_sub(self.addr);
+        self.traps.iter().any(|&t| t != 0 && u64::from(t) == off)
+    }
+
+    fn point(&self, ip: u64) -> Option<&Point> {
+        let off = ip.wrapping_sub(self.addr);
+        self.points[..usize::from(self.npoints)]
+            .iter()
+            .find(|p| u64::from(p.off) == off)
+    }
+
+    /// Where `ip` stands, or `None` outside this trampoline.
+    pub fn locate(&self, ip: u64) -> Option<Location> {
+        if !self.contains(ip) {
+            return None;
+        }
+        Some(match self.point(ip) {
+            Some(p) => Location::Relocated {
+                orig: p.orig,
+                first: p.first,
+            },
+            None => Location::Inside,
+        })
+    }
+
+    /// A thread stopped at `regs.rip` inside a relocated copy (a fault, or being moved
+    /// out): rewrite `regs` to the equivalent original state and return `Some(first)`
+    /// (whether it is the probed instruction); `None`, changing nothing, elsewhere.
+    pub fn fixup(&self, regs: &mut Regs) -> Option<bool> {
+        let p = *self.point(regs.rip)?;
+        regs.rip = p.orig;
+        regs.rsp = regs.rsp.wrapping_add(p.rsp_adj as i64 as u64);
+        if let Some(c) = p.rcx {
+            regs.rcx = c;
+        }
+        Some(p.first)
+    }
+}
+
+/// Pushes of the frame's GPRs, from r15 down (rsp and rax last but one/last).
+const PUSH_HIGH: [AsmRegister64; 8] = [r15, r14, r13, r12, r11, r10, r9, r8];
+const PUSH_LOW: [AsmRegister64; 7] = [rbp, rdi, rsi, rdx, rcx, rbx, rax];
+
+/// Stack bytes the save pushes before the GPRs: the red zone, the resume slot and the
+/// fs/gs fields.
+const SKIP: i32 = (RED_ZONE + 24) as i32;
+
+struct Lits {
+    ctx: CodeLabel,
+    pre: CodeLabel,
+    post: CodeLabel,
+    common: CodeLabel,
+    restore: CodeLabel,
+}
+
+fn emit_save(
+    a: &mut CodeAssembler,
+    lits: &Lits,
+    rip: CodeLabel,
+    event: u64,
+    entry: CodeLabel,
+) -> Result<(), IcedError> {
+    a.lea(rsp, ptr(rsp - SKIP))?;
+    a.pushfq()?;
+    a.push(qword_ptr(rip))?;
+    for r in PUSH_HIGH {
+        a.push(r)?;
+    }
+    a.push(rsp)?; // fixed up by the common stub
+    for r in PUSH_LOW {
+        a.push(r)?;
+    }
+    a.mov(rsi, qword_ptr(lits.ctx))?;
+    a.mov(edx, event as u32)?;
+    a.mov(rcx, qword_ptr(entry))?;
+    a.call(qword_ptr(lits.common))?;
+    Ok(())
+}
+
+/// Flags a fast restore cannot set (`sahf` and the OF trick set only the arithmetic
+/// ones): TF, DF, NT, AC, ID. A frame with any of them set takes `popfq`.
+const SLOW_FLAGS: u32 = 0x0024_4500;
+
+/// The shared restore routine (in the common stub's unit), called with the frame at
+/// `rsp + 8`: every GPR but `rsp` and rflags back from the frame, `rsp` unchanged.
+/// `popfq` is slow (~15 cycles), so when the frame's flags differ from the current ones
+/// at most in the arithmetic flags (DF is clear: the common stub cleared it, and TF, AC,
+/// NT, ID are not set by handler code), they are set with `sahf` (SF ZF AF PF CF) and
+/// `add al, 0x7f` (OF) instead; `rax` is loaded last, by a `mov`.
+fn emit_restore_routine(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    const F: i32 = 8;
+    let offs: [(AsmRegister64, i32); 14] = [
+        (rbx, 8),
+        (rcx, 16),
+        (rdx, 24),
+        (rsi, 32),
+        (rdi, 40),
+        (rbp, 48),
+        (r8, 64),
+        (r9, 72),
+        (r10, 80),
+        (r11, 88),
+        (r12, 96),
+        (r13, 104),
+        (r14, 112),
+        (r15, 120),
+    ];
+    for (r, o) in offs {
+        a.mov(r, qword_ptr(rsp + F + o))?;
+    }
+    let mut slow = a.create_label();
+    a.test(dword_ptr(rsp + F + 136), SLOW_FLAGS)?;
+    a.jnz(slow)?;
+    a.mov(ah, byte_ptr(rsp + F + 136))?;
+    a.mov(al, byte_ptr(rsp + F + 137))?;
+    a.shr(al, 3)?;
+    a.and(al, 1)?;
+    a.add(al, 0x7f)?;
+    a.sahf()?;
+    a.mov(rax, qword_ptr(rsp + F))?;
+    a.ret()?;
+    a.set_label(&mut slow)?;
+    a.mov(rax, qword_ptr(rsp + F))?;
+    a.push(qword_ptr(rsp + F + 136))?;
+    a.popfq()?;
+    a.ret()?;
+    Ok(())
+}
+
+/// Where a dispatch goes on with the original code after the first instruction.
+#[derive(Clone, Copy)]
+enum Next {
+    Label(CodeLabel),
+    Addr(u64),
+}
+
+/// The exit dispatch after the common stub returned (`eax` = exit code, `rsp` = frame).
+/// Every exit calls the shared restore routine, then sets `rsp` and leaves its way (see
+/// the frame module); the "region" exit comes last and falls through into what follows.
+/// Returns the label of the exit-by-trap `int3`.
+fn emit_dispatch(
+    a: &mut CodeAssembler,
+    lits: &Lits,
+    post: Option<CodeLabel>,
+    next: Next,
+) -> Result<CodeLabel, IcedError> {
+    let mut region = a.create_label();
+    let mut trap = a.create_label();
+    let mut resume = a.create_label();
+    let mut stack = a.create_label();
+    let mut cont = a.create_label();
+    a.test(eax, eax)?;
+    a.jz(region)?;
+    a.cmp(eax, EXIT_NEXT as u32)?;
+    a.je(cont)?;
+    a.cmp(eax, EXIT_RESUME as u32)?;
+    a.je(resume)?;
+    a.cmp(eax, EXIT_RESUME_STACK as u32)?;
+    a.je(stack)?;
+    if let Some(p) = post {
+        a.cmp(eax, EXIT_POST as u32)?;
+        a.jne(trap)?;
+        a.call(qword_ptr(lits.restore))?;
+        a.lea(rsp, ptr(rsp + FRAME_TO_RSP as i32))?;
+        a.jmp(p)?;
+    }
+    a.set_label(&mut trap)?;
+    a.int3()?;
+    a.ud2()?;
+    a.set_label(&mut cont)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.mov(rsp, qword_ptr(rsp + 56))?; // Frame::regs.rsp
+    match next {
+        Next::Label(l) => a.jmp(l)?,
+        Next::Addr(t) => a.jmp(t)?,
+    }
+    a.set_label(&mut resume)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + 160))?; // the resume slot
+    a.ret_1(RED_ZONE as u32)?;
+    a.set_label(&mut stack)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + 160))?;
+    a.pop(rsp)?;
+    a.ret_1(RED_ZONE as u32)?;
+    a.set_label(&mut region)?;
+    a.call(qword_ptr(lits.restore))?;
+    a.lea(rsp, ptr(rsp + FRAME_TO_RSP as i32))?;
+    Ok(trap)
+}
+
+/// A labelled empty instruction: its address is where the next instruction starts.
+fn mark(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.zero_bytes()?;
+    Ok(l)
+}
+
+struct PendingPoint {
+    label: CodeLabel,
+    orig: u64,
+    rsp_adj: i8,
+    rcx: Option<u64>,
+    first: bool,
+}
+
+/// Emit region instruction `insn` (decoded at its original address) relocated, with the
+/// points that map its copy back. `ret_lit` holds the original return address of a
+/// `call`.
+fn emit_relocated(
+    a: &mut CodeAssembler,
+    insn: &Instruction,
+    first: bool,
+    ret_lit: CodeLabel,
+    points: &mut Vec<PendingPoint>,
+) -> Result<(), IcedError> {
+    let orig = insn.ip();
+    let next = insn.next_ip();
+    let here = mark(a)?;
+    points.push(PendingPoint {
+        label: here,
+        orig,
+        rsp_adj: 0,
+        rcx: None,
+        first,
+    });
+    let mut copy = *insn;
+    copy.set_ip(0);
+    match insn.code() {
+        C::Call_rel32_64 => {
+            a.push(qword_ptr(ret_lit))?;
+            // After the push the call has happened: the thread is "at the target".
+            let at = mark(a)?;
+            points.push(PendingPoint {
+                label: at,
+                orig,
+                rsp_adj: 8,
+                rcx: None,
+                first,
+            });
+            a.jmp(insn.near_branch_target())?;
+        }
+        C::Call_rm64 => {
+            a.push(qword_ptr(ret_lit))?;
+            let at = mark(a)?;
+            // A fault in the jump's memory read leaves the pushed word: undo it.
+            points.push(PendingPoint {
+                label: at,
+                orig,
+                rsp_adj: 8,
+                rcx: None,
+                first,
+            });
+            // `call r/m` becomes `jmp r/m` on the same operand (`call rsp` and
+            // `call [rsp]` without a displacement are refused by the analysis); an
+            // rsp-based operand is 8 further after the push.
+            copy.set_code(C::Jmp_rm64);
+            if insn.op0_kind() == iced_x86::OpKind::Memory && insn.memory_base() == Register::RSP {
+                copy.set_memory_displacement64(insn.memory_displacement64().wrapping_add(8));
+            }
+            a.add_instruction(copy)?;
+        }
+        C::Syscall => {
+            a.add_instruction(copy)?;
+            let at = mark(a)?;
+            points.push(PendingPoint {
+                label: at,
+                orig: next,
+                rsp_adj: 0,
+                rcx: Some(next),
+                first: false,
+            });
+            // `mov rcx, imm64` leaves the flags as the kernel returned them.
+            a.mov(rcx, next)?;
+        }
+        _ => a.add_instruction(copy)?,
+    }
+    Ok(())
+}
+
+fn decode_region(region: &Region) -> Vec<Instruction> {
+    (0..region.count())
+        .map(|i| {
+            let (at, bytes) = region.insn(i);
+            Decoder::with_ip(64, bytes, at, DecoderOptions::NONE).decode()
+        })
+        .collect()
+}
+
+fn falls_through(insn: &Instruction) -> bool {
+    insn.flow_control() == iced_x86::FlowControl::Next
+}
+
+/// Whether control can reach the end of `insn`'s relocated copy: everything but an
+/// unconditional `jmp`, a `ret` and a `call` (whose copy ends in a `jmp`). A `jcc` or
+/// `loop` falls through when not taken, a `syscall` returns to the next instruction.
+fn can_fall_out(insn: &Instruction) -> bool {
+    !matches!(
+        insn.mnemonic(),
+        iced_x86::Mnemonic::Jmp | iced_x86::Mnemonic::Ret | iced_x86::Mnemonic::Call
+    )
+}
+
+fn reach(from: u64, to: u64) -> bool {
+    i32::try_from(to.wrapping_sub(from) as i64).is_ok()
+}
+
+fn map_encode_error(e: IcedError, at: u64, region: &Region) -> TrampolineError {
+    let s = e.to_string();
+    if s.contains("too far away") || s.contains("Invalid IP relative") {
+        TrampolineError::OutOfReach {
+            at,
+            target: region.addr(),
+        }
+    } else {
+        TrampolineError::Encode(s)
+    }
+}
+
+/// Build the trampoline of `spec` for placement at `at`: see the module docs.
+pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, TrampolineError> {
+    let region = spec.region;
+    if !reach(region.addr() + crate::region::JMP_LEN as u64, at) {
+        return Err(TrampolineError::OutOfReach {
+            at,
+            target: region.addr(),
+        });
+    }
+    let insns = decode_region(region);
+    let first_falls = falls_through(&insns[0]);
+    let last = insns.last().expect("a region has an instruction");
+    let mut a = CodeAssembler::new(64)?;
+    let lits = Lits {
+        ctx: a.create_label(),
+        pre: a.create_label(),
+        post: a.create_label(),
+        common: a.create_label(),
+        restore: a.create_label(),
+    };
+    let mut lit_addr = a.create_label();
+    let mut lit_next = a.create_label();
+    let mut lit_ret = a.create_label();
+    let mut post_label = a.create_label();
+    let mut points = Vec::new();
+
+    // Entry.
+    // Where the original code goes on after the first instruction: the plain copy of
+    // the second one, or the region's end.
+    let mut second = a.create_label();
+    let next = if insns.len() > 1 {
+        Next::Label(second)
+    } else {
+        Next::Addr(region.end())
+    };
+    emit_save(&mut a, &lits, lit_addr, EVENT_PRE, lits.pre)?;
+    let trap0 = emit_dispatch(&mut a, &lits, first_falls.then_some(post_label), next)?;
+    // Plain copy.
+    let mut plain = Vec::new();
+    for (i, insn) in insns.iter().enumerate() {
+        if i == 1 {
+            a.set_label(&mut second)?;
+            a.zero_bytes()?;
+        }
+        plain.push(points.len());
+        emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
+    }
+    if can_fall_out(last) {
+        let back = mark(&mut a)?;
+        points.push(PendingPoint {
+            label: back,
+            orig: region.end(),
+            rsp_adj: 0,
+            rcx: None,
+            first: false,
+        });
+        a.jmp(region.end())?;
+    }
+    // Post copy: the first instruction, then the stub.
+    let mut trap1 = None;
+    let mut stub_label = None;
+    if first_falls {
+        a.set_label(&mut post_label)?;
+        a.zero_bytes()?;
+        emit_relocated(&mut a, &insns[0], true, lit_ret, &mut points)?;
+        let mut stub = a.create_label();
+        a.set_label(&mut stub)?;
+        a.zero_bytes()?;
+        stub_label = Some(stub);
+        emit_save(&mut a, &lits, lit_next, EVENT_POST, lits.post)?;
+        trap1 = Some(emit_dispatch(&mut a, &lits, None, next)?);
+        // "Continue" (rsp unchanged): where the original code goes on.
+        match next {
+            Next::Label(l) => a.jmp(l)?,
+            Next::Addr(t) => a.jmp(t)?,
+        }
+    }
+    // Literals.
+    a.int3()?; // never executed: keeps a stray fall-through from reading data as code
+    let mut l = lits.ctx;
+    for (label, value) in [
+        (&mut lit_addr, region.addr()),
+        (&mut lit_next, insns[0].next_ip()),
+        (&mut lit_ret, last.next_ip()),
+        (&mut l, spec.ctx),
+    ] {
+        a.set_label(label)?;
+        a.dq(&[value])?;
+    }
+    for (mut label, value) in [
+        (lits.pre, spec.pre),
+        (lits.post, spec.post),
+        (lits.common, spec.common),
+        (lits.restore, spec.common + u64::from(RESTORE_OFF)),
+    ] {
+        a.set_label(&mut label)?;
+        a.dq(&[value])?;
+    }
+    let out = a
+        .assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .map_err(|e| map_encode_error(e, at, region))?;
+    let bytes = out.inner.code_buffer.clone();
+    if bytes.len() > TRAMPOLINE_LEN {
+        return Err(TrampolineError::TooLong {
+            len: bytes.len(),
+            max: TRAMPOLINE_LEN,
+        });
+    }
+    let off =
+        |l: &CodeLabel| -> Result<u16, TrampolineError> { Ok((out.label_ip(l)? - at) as u16) };
+    let mut map = Trampoline {
+        addr: at,
+        len: bytes.len() as u16,
+        region: *region,
+        plain: [0; MAX_REGION_INSNS],
+        post: 0,
+        stub: 0,
+        npoints: 0,
+        points: [NO_POINT; MAX_POINTS],
+        traps: [0; 2],
+    };
+    for (i, &p) in plain.iter().enumerate() {
+        map.plain[i] = off(&points[p].label)?;
+    }
+    if first_falls {
+        map.post = off(&post_label)?;
+        if let Some(l) = &stub_label {
+            map.stub = off(l)?;
+        }
+    }
+    map.traps[0] = off(&trap0)?;
+    if let Some(t) = trap1 {
+        map.traps[1] = off(&t)?;
+    }
+    if points.len() > MAX_POINTS {
+        return Err(TrampolineError::Encode("too many relocated points".into()));
+    }
+    for (i, p) in points.iter().enumerate() {
+        map.points[i] = Point {
+            off: off(&p.label)?,
+            orig: p.orig,
+            rsp_adj: p.rsp_adj,
+            rcx: p.rcx,
+            first: p.first,
+        };
+    }
+    map.npoints = points.len() as u8;
+    Ok(Built { map, bytes })
+}
+
+/// Layout of the register-moves save area (offsets from its 64-aligned start).
+mod area {
+    pub const VEC: i32 = 0;
+    pub const K: i32 = 2048;
+    pub const MXCSR: i32 = 2112;
+    pub const FSW: i32 = 2116;
+    pub const FX_USED: i32 = 2118;
+    pub const ENV: i32 = 2128;
+    pub const FX: i32 = 2176;
+    pub const LEN: i32 = FX + 512;
+}
+
+fn zmm_reg(i: usize) -> AsmRegisterZmm {
+    [
+        zmm0, zmm1, zmm2, zmm3, zmm4, zmm5, zmm6, zmm7, zmm8, zmm9, zmm10, zmm11, zmm12, zmm13,
+        zmm14, zmm15, zmm16, zmm17, zmm18, zmm19, zmm20, zmm21, zmm22, zmm23, zmm24, zmm25, zmm26,
+        zmm27, zmm28, zmm29, zmm30, zmm31,
+    ][i]
+}
+
+fn ymm_reg(i: usize) -> AsmRegisterYmm {
+    [
+        ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11, ymm12, ymm13,
+        ymm14, ymm15,
+    ][i]
+}
+
+fn xmm_reg(i: usize) -> AsmRegisterXmm {
+    [
+        xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13,
+        xmm14, xmm15,
+    ][i]
+}
+
+const KREGS: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
+
+fn emit_vectors(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(), IcedError> {
+    if cpu.avx512 {
+        for i in 0..32 {
+            let m = zmmword_ptr(rsp + area::VEC + 64 * i as i32);
+            if save {
+                a.vmovdqu64(m, zmm_reg(i))?;
+            } else {
+                a.vmovdqu64(zmm_reg(i), m)?;
+            }
+        }
+        for (i, k) in KREGS.iter().enumerate() {
+            let m = qword_ptr(rsp + area::K + 8 * i as i32);
+            match (cpu.avx512bw, save) {
+                (true, true) => a.kmovq(m, *k)?,
+                (true, false) => a.kmovq(*k, m)?,
+                (false, true) => a.kmovw(word_ptr(rsp + area::K + 8 * i as i32), *k)?,
+                (false, false) => a.kmovw(*k, word_ptr(rsp + area::K + 8 * i as i32))?,
+            }
+        }
+    } else if cpu.avx {
+        for i in 0..16 {
+            let m = ymmword_ptr(rsp + area::VEC + 32 * i as i32);
+            if save {
+                a.vmovdqu(m, ymm_reg(i))?;
+            } else {
+                a.vmovdqu(ymm_reg(i), m)?;
+            }
+        }
+    } else {
+        for i in 0..16 {
+            let m = xmmword_ptr(rsp + area::VEC + 16 * i as i32);
+            if save {
+                a.movdqu(m, xmm_reg(i))?;
+            } else {
+                a.movdqu(xmm_reg(i), m)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The save/restore of [`StateSave::Registers`] around the call (module docs).
+fn emit_registers_save(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
+    emit_vectors(a, cpu, true)?;
+    a.stmxcsr(dword_ptr(rsp + area::MXCSR))?;
+    a.fnstsw(word_ptr(rsp + area::FSW))?;
+    let mut empty = a.create_label();
+    let mut done = a.create_label();
+    a.test(word_ptr(rsp + area::FSW), 0x3800)?; // TOP
+    a.jz(empty)?;
+    a.fxsave64(ptr(rsp + area::FX))?;
+    a.mov(byte_ptr(rsp + area::FX_USED), 1)?;
+    a.jmp(done)?;
+    a.set_label(&mut empty)?;
+    a.mov(byte_ptr(rsp + area::FX_USED), 0)?;
+    a.set_label(&mut done)?;
+    a.zero_bytes()?;
+    Ok(())
+}
+
+fn emit_registers_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
+    let mut no_fx = a.create_label();
+    let mut x87_done = a.create_label();
+    a.cmp(byte_ptr(rsp + area::FX_USED), 0)?;
+    a.je(no_fx)?;
+    a.fxrstor64(ptr(rsp + area::FX))?;
+    a.jmp(x87_done)?;
+    a.set_label(&mut no_fx)?;
+    a.fnstsw(ax)?;
+    a.cmp(ax, word_ptr(rsp + area::FSW))?;
+    a.je(x87_done)?;
+    // The handler changed the x87 status (the stack was empty before): put the status
+    // and control words back and mark every register empty.
+    a.fnstenv(ptr(rsp + area::ENV))?;
+    a.mov(ax, word_ptr(rsp + area::FSW))?;
+    a.mov(word_ptr(rsp + area::ENV + 4), ax)?;
+    a.mov(word_ptr(rsp + area::ENV + 8), 0xffff)?;
+    a.fldenv(ptr(rsp + area::ENV))?;
+    a.set_label(&mut x87_done)?;
+    a.ldmxcsr(dword_ptr(rsp + area::MXCSR))?;
+    emit_vectors(a, cpu, false)?;
+    Ok(())
+}
+
+/// Build the common stub (module docs) for placement at `at`, saving state as `save`
+/// says on the CPU described by `cpu` ([`CpuState::get`] for this one).
+pub fn build_common(
+    save: StateSave,
+    cpu: &CpuState,
+    at: u64,
+) -> Result<CommonStub, TrampolineError> {
+    let mut a = CodeAssembler::new(64)?;
+    let frame = 8; // the return address into the site code lies between
+    a.mov(rbx, rsp)?;
+    a.lea(rax, ptr(rbx + frame + FRAME_TO_RSP as i32))?;
+    a.mov(qword_ptr(rbx + frame + 56), rax)?; // Regs::rsp
+    a.xor(eax, eax)?;
+    a.mov(qword_ptr(rbx + frame + 144), rax)?; // fs_base
+    a.mov(qword_ptr(rbx + frame + 152), rax)?; // gs_base
+    a.mov(r13, rdx)?;
+    a.mov(r14, rcx)?;
+    let (len, mask) = match save {
+        StateSave::Registers => (area::LEN, 0),
+        StateSave::Xsave => {
+            if cpu.xsave_mask == 0 {
+                return Err(TrampolineError::NoXsave);
+            }
+            ((cpu.xsave_size as i32 + 63) & !63, cpu.xsave_mask)
+        }
+    };
+    a.sub(rsp, len)?;
+    a.and(rsp, -64)?;
+    a.cld()?;
+    match save {
+        StateSave::Registers => emit_registers_save(&mut a, cpu)?,
+        StateSave::Xsave => {
+            // XRSTOR faults on non-zero reserved header bytes; XSAVE does not write
+            // XCOMP_BV. The header is bytes 512..576.
+            a.xor(eax, eax)?;
+            for i in 0..8 {
+                a.mov(qword_ptr(rsp + 512 + 8 * i), rax)?;
+            }
+            a.mov(eax, mask as u32)?;
+            a.mov(edx, (mask >> 32) as u32)?;
+            if cpu.xsavec {
+                a.xsavec64(ptr(rsp))?;
+            } else {
+                a.xsave64(ptr(rsp))?;
+            }
+        }
+    }
+    a.lea(rdi, ptr(rbx + frame))?;
+    a.mov(rdx, r13)?;
+    a.call(r14)?;
+    a.mov(r12, rax)?;
+    match save {
+        StateSave::Registers => emit_registers_restore(&mut a, cpu)?,
+        StateSave::Xsave => {
+            a.mov(eax, mask as u32)?;
+            a.mov(edx, (mask >> 32) as u32)?;
+            a.xrstor64(ptr(rsp))?;
+        }
+    }
+    a.mov(rax, r12)?;
+    a.mov(rsp, rbx)?;
+    a.ret()?;
+    let mut bytes = a.assemble(at)?;
+    if bytes.len() > RESTORE_OFF as usize {
+        return Err(TrampolineError::TooLong {
+            len: bytes.len(),
+            max: RESTORE_OFF as usize,
+        });
+    }
+    bytes.resize(RESTORE_OFF as usize, 0xcc);
+    let mut r = CodeAssembler::new(64)?;
+    emit_restore_routine(&mut r)?;
+    bytes.extend(r.assemble(at + u64::from(RESTORE_OFF))?);
+    if bytes.len() > COMMON_LEN {
+        return Err(TrampolineError::TooLong {
+            len: bytes.len(),
+            max: COMMON_LEN,
+        });
+    }
+    Ok(CommonStub { addr: at, bytes })
+}
