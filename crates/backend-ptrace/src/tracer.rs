@@ -378,6 +378,11 @@ impl Tracer {
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
+            if !self.family.queued.is_empty() {
+                // A fork seen inside another event's handling (a single-stepped
+                // `syscall`): its child is held until its user has seen it.
+                return Ok(Some(self.family.queued.remove(0)));
+            }
         }
     }
 

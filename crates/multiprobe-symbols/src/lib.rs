@@ -12,8 +12,8 @@ pub mod elf;
 pub mod glob;
 pub mod maps;
 pub mod process;
-pub mod usdt;
 pub mod unwind;
+pub mod usdt;
 
 pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
@@ -22,8 +22,8 @@ pub use process::{
     file_name, library_matches, near_names, split_library, Located, ProcessSymbols, ResolveError,
     SymbolCache,
 };
-pub use usdt::{UsdtArg, UsdtLoc, UsdtProbe};
 pub use unwind::LandingPads;
+pub use usdt::{UsdtArg, UsdtLoc, UsdtProbe};
 
 /// This crate's README example, run as a doctest.
 #[cfg(doctest)]
