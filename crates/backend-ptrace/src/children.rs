@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use multiprobe_core::Result;
 use multiprobe_symbols::Maps;
@@ -21,7 +22,7 @@ use multiprobe_symbols::Maps;
 use crate::backend::{Armed, INT3};
 use crate::inject::{self, Injector};
 use crate::mem::CodeMemory;
-use crate::sys::{self, Tid, Wait};
+use crate::sys::{self, Signal, Tid, Wait};
 use crate::thread::{Kind, Thread};
 use crate::tracer::{Stop, Tracer};
 use crate::xol::PAGE;
@@ -92,7 +93,7 @@ impl Tracer {
     /// and let it go — or, following forks, hand it to a tracer of its own (returns
     /// true: the caller reports it). A vfork child shares the memory: follow it like a
     /// thread until it execs or exits.
-    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool) -> Result<bool> {
+    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool, forker: Tid) -> Result<bool> {
         if !self.child_first_stop(child) {
             return Ok(false);
         }
@@ -102,7 +103,7 @@ impl Tracer {
             return Ok(false);
         }
         if self.family.follow {
-            self.clean_child(child);
+            self.clean_child(child, Some(forker));
             match self.adopt_child(child) {
                 Ok(()) => return Ok(true),
                 // It cannot be traced on its own (gone meanwhile, or its memory cannot
@@ -114,21 +115,26 @@ impl Tracer {
                 }
             }
         }
-        self.free_child(child);
+        self.free_child(child, Some(forker));
         Ok(false)
     }
 
     /// Clean `child` (see [`Tracer::clean_child`]) and detach it.
-    pub(crate) fn free_child(&mut self, child: Tid) {
-        self.clean_child(child);
+    pub(crate) fn free_child(&mut self, child: Tid, forker: Option<Tid>) {
+        self.clean_child(child, forker);
         let sig = self.aside.take_signal(child);
         let _ = sys::detach(child, sig);
     }
 
     /// Restore every byte we ever armed in `child`'s copy of memory, lower the
-    /// semaphores we raised, and unmap the XOL pages it has a copy of. Best effort: a
-    /// child that died meanwhile needs nothing.
-    pub(crate) fn clean_child(&mut self, child: Tid) {
+    /// semaphores we raised, move it out of the slot it was forked in (when `forker`,
+    /// the thread that forked, was in one: a relocated `syscall` that forked), and unmap
+    /// the XOL pages it has a copy of. Best effort: a child that died meanwhile needs
+    /// nothing.
+    pub(crate) fn clean_child(&mut self, child: Tid, forker: Option<Tid>) {
+        if let Some(f) = forker {
+            self.out_of_forkers_slot(child, f);
+        }
         let st = self.shared.lock();
         let history: Vec<(u64, Armed)> = st.history.iter().map(|(&a, b)| (a, b.clone())).collect();
         let pages = st.xol.pages();
@@ -153,6 +159,45 @@ impl Tracer {
                 .collect();
             if !copies.is_empty() {
                 self.unmap_in_child(child, &code, &copies);
+            }
+        }
+    }
+
+    /// The fork child starts where its forking thread was: if that is inside one of our
+    /// slots (its copy of the page is about to go), put it where the original code goes
+    /// on, stepping to the slot's next boundary first if it is between two.
+    fn out_of_forkers_slot(&mut self, child: Tid, forker: Tid) {
+        let Some(site) = self
+            .threads
+            .get(forker)
+            .and_then(|t| t.slots.last())
+            .filter(|s| !s.suspended)
+            .map(|s| Arc::clone(&s.site))
+        else {
+            return;
+        };
+        let Some(slots) = site.slots.get() else {
+            return;
+        };
+        for _ in 0..16 {
+            let Ok(ur) = sys::get_regs(child) else {
+                return;
+            };
+            let Some(slot) = slots.slot_of(ur.rip) else {
+                return; // not inside: nothing to do
+            };
+            let mut regs = crate::regs::to_core(&ur);
+            if slot.fixup_ip(&mut regs) {
+                let _ = sys::set_regs(child, &crate::regs::from_core(&ur, &regs));
+                return;
+            }
+            if sys::single_step(child, None).is_err() {
+                return;
+            }
+            match sys::wait(Some(child), false) {
+                Ok(Some(Wait::Signal(_, Signal::TRAP))) => {}
+                Ok(Some(Wait::Signal(_, sig))) => self.aside.push_signal(child, sig),
+                _ => return,
             }
         }
     }

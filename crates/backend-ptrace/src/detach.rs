@@ -66,7 +66,7 @@ impl Tracer {
             result = result.and(self.detach_stopped());
         }
         for child in self.children.take_all() {
-            self.free_child(child);
+            self.free_child(child, None);
         }
         self.bell.clear();
         result
@@ -290,7 +290,7 @@ impl Tracer {
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
                 if let Ok(child) = sys::event_pid(tid) {
                     let vfork = ev == Event::Vfork;
-                    if self.new_child(child, vfork)? {
+                    if self.new_child(child, vfork, tid)? {
                         // Followed (pausing, not detaching): reported at the next run.
                         let parent = self.pid();
                         let child = child.as_raw_pid();

@@ -423,7 +423,7 @@ impl Tracer {
                 // one is reported at the next run.
                 Some(Wait::Event(_, Event::Fork)) => {
                     if let Ok(child) = sys::event_pid(tid) {
-                        if self.new_child(child, false)? {
+                        if self.new_child(child, false, tid)? {
                             let (parent, child) = (self.pid(), child.as_raw_pid());
                             self.family.queued.push(crate::tracer::Stop::Forked {
                                 parent,
@@ -439,7 +439,7 @@ impl Tracer {
                 // and follow the child like any vfork child.
                 Some(Wait::Event(_, Event::Vfork)) => {
                     if let Ok(child) = sys::event_pid(tid) {
-                        self.new_child(child, true)?;
+                        self.new_child(child, true, tid)?;
                     }
                     return Ok(None);
                 }

@@ -547,7 +547,7 @@ impl Tracer {
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
                 let mut followed = None;
                 if let Ok(child) = sys::event_pid(tid) {
-                    if self.new_child(child, ev == Event::Vfork)? {
+                    if self.new_child(child, ev == Event::Vfork, tid)? {
                         followed = Some(child);
                     }
                 }

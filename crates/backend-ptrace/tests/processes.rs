@@ -437,8 +437,19 @@ fn fork_children_are_followed_with_their_own_probes() {
 /// left parked: the child is freed (or followed) as any other.
 #[test]
 fn a_fork_during_a_single_step_is_handled() {
+    fork_from_a_probed_syscall("raw");
+}
+
+/// A fork made from the out-of-line copy of a probed `syscall`: the child starts inside
+/// the copy, which is unmapped in it; it is moved back to the original code first.
+#[test]
+fn a_fork_from_an_out_of_line_slot_is_handled() {
+    fork_from_a_probed_syscall("raw-slot");
+}
+
+fn fork_from_a_probed_syscall(mode: &str) {
     for follow in [false, true] {
-        let mut cmd = common::command("mp-c-forktree", &["4", "2", "raw"]);
+        let mut cmd = common::command("mp-c-forktree", &["4", "2", mode]);
         let mut t = Tracer::spawn(&mut cmd).unwrap();
         t.follow_forks(follow);
         let fork_insn = t.resolve("mp_fork_insn").unwrap();

@@ -8,7 +8,9 @@
  * function that is just `syscall; ret`: probed, a tracer single-steps or relocates the
  * very instruction that forks), and the process first installs a seccomp filter that
  * kills it on mmap, so a tracer cannot map an out-of-line page: its hits of
- * mp_fork_insn are single-stepped in place, and the fork happens during the step. */
+ * mp_fork_insn are single-stepped in place, and the fork happens during the step.
+ * With "raw-slot", the same forks without the filter: a probed mp_fork_insn then forks
+ * from the tracer's out-of-line copy of the syscall, and the child starts there too. */
 #define _GNU_SOURCE
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -74,11 +76,12 @@ static void wait_all(void) {
 int mp_forktree_main(int argc, char **argv) {
     long n = argc > 1 ? atol(argv[1]) : 10;
     long w = argc > 2 ? atol(argv[2]) : 2;
-    raw = argc > 3 && strcmp(argv[3], "raw") == 0;
+    raw = argc > 3 && strncmp(argv[3], "raw", 3) == 0;
+    int filter = argc > 3 && strcmp(argv[3], "raw") == 0;
     /* stdio's buffer is allocated before the filter (it would mmap). */
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("%s", "");
-    if (raw)
+    if (filter)
         no_mmap();
     for (long i = 0; i < n; i++)
         mp_tree_work(i);
