@@ -202,6 +202,40 @@ fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Wakes the tracer loop every interval (it sleeps in `waitpid` while the program
+/// makes no hit), until dropped.
+struct Alarm {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Alarm {
+    fn start(every: Duration, handle: DetachHandle) -> Alarm {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::park_timeout(every);
+                handle.wake();
+            }
+        });
+        Alarm {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 /// The live table: hits since the last tick beside the totals.
 #[derive(Default)]
 struct Live {
@@ -232,6 +266,11 @@ fn serve(
     let trace = |source| Error::Trace { pid, source };
     let mut ticker = opts.interval.map(|i| Ticker::new(i, Instant::now()));
     let mut live = Live::default();
+    // The loop sleeps while the program makes no hit: an alarm wakes it for the ticks.
+    let _alarm = match (opts.interval, tracer.detach_handle()) {
+        (Some(every), Ok(h)) => Some(Alarm::start(every, h)),
+        _ => None,
+    };
     loop {
         let stop = tracer
             .run_until(|| ticker.is_some_and(|t| t.due(Instant::now())))

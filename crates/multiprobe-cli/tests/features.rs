@@ -868,9 +868,14 @@ fn file_offsets_and_stripped_binaries() {
 }
 
 const SLOW_C: &str = r#"
+#include <stdlib.h>
 #include <unistd.h>
 __attribute__((noinline)) void tick(int i) { __asm__ volatile("" :: "r"(i)); }
-int main(void) { for (int i = 0; i < 8; i++) { tick(i); usleep(60000); } return 0; }
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 8, us = argc > 2 ? atoi(argv[2]) : 60000;
+    for (int i = 0; i < n; i++) { tick(i); usleep(us); }
+    return 0;
+}
 "#;
 
 /// `-T` puts the wall-clock time on per-hit lines, and threads other than the main
@@ -948,6 +953,23 @@ fn times_pids_and_interval_counts() {
     let first = ticks[0]["probes"][0]["hits"].as_u64().unwrap();
     assert!(first < 8, "ticks came while it ran: {stderr}");
     assert_eq!(json_probes(&stderr)[0]["hits"], 8);
+
+    // Ticks come on time while the program makes no hit at all (it sleeps 0.8 s).
+    let out = run(&[
+        "run",
+        "--interval",
+        "0.1",
+        "-p",
+        "tick",
+        "--",
+        slow.to_str().unwrap(),
+        "1",
+        "800000",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let ticks = stderr.lines().filter(|l| l.starts_with("--- ")).count();
+    assert!(ticks >= 4, "{ticks} ticks in 0.8 s of sleep: {stderr}");
 }
 
 /// The usability items: help shows the grammar, `run` without `--` says how, "did you
