@@ -114,7 +114,16 @@ fn main() {
     let mut base_hits = 0;
     // One `--pin` measurement of `bin`: (ls time, per-hit cost, hits).
     let pinned = |bin: &str, t_plain: f64, t_true: f64| -> (f64, f64, u64) {
-        let args = ["run", "--pin", "-p", "libc:malloc", "-p", "libc:free", "--json", "--"];
+        let args = [
+            "run",
+            "--pin",
+            "-p",
+            "libc:malloc",
+            "-p",
+            "libc:free",
+            "--json",
+            "--",
+        ];
         let mut ls: Vec<&str> = args.to_vec();
         ls.extend(["ls", "/usr"]);
         let (t_probed, o) = timed(&mut quiet(bin, &ls));
