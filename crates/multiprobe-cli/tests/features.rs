@@ -21,6 +21,22 @@ use std::time::Duration;
 use common::*;
 use multiprobe_test_targets::bin;
 
+/// bpftrace's uprobes are the kernel's: while one is registered, every process that maps
+/// the probed file has an int3 at the function, which multiprobe rightly refuses to share
+/// ("already holds a breakpoint that is not ours"). So a test that runs bpftrace runs
+/// alone, and every other test of this binary takes this lock shared.
+static KERNEL_UPROBES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by a test that does not place kernel uprobes.
+fn beside_others() -> std::sync::RwLockReadGuard<'static, ()> {
+    KERNEL_UPROBES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held for the whole of a test that may place kernel uprobes (runs bpftrace).
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    KERNEL_UPROBES.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mp-features-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -160,6 +176,7 @@ fn super_text(b: &[u8]) -> String {
 /// constructor) count exactly what gdb's pending breakpoints and bpftrace count.
 #[test]
 fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
+    let _kernel_uprobes = alone();
     let out = run(&[
         "run",
         "-p",
@@ -226,6 +243,7 @@ fn tree_report(stdout: &str) -> HashMap<i32, u64> {
 /// children are freed of probes as before.
 #[test]
 fn fork_children_are_followed_with_exact_counts_per_process() {
+    let _kernel_uprobes = beside_others();
     let tree = bin("mp-c-forktree");
     let out = run(&[
         "run",
@@ -316,6 +334,7 @@ fn rows_of(stderr: &str, suffix: &str) -> Vec<u64> {
 /// pending until the exec brings it, and each row says which program it resolved in.
 #[test]
 fn specs_resolve_in_the_program_an_exec_brings() {
+    let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
     let script = format!("exec {} --iters 9", single.display());
     let out = run(&[
@@ -362,6 +381,7 @@ fn specs_resolve_in_the_program_an_exec_brings() {
 /// can be named, pending until the program loads it; a misspelt one is still an error.
 #[test]
 fn libraries_outside_the_search_path_can_be_named() {
+    let _kernel_uprobes = beside_others();
     let python = "/usr/bin/python3.11";
     let module = "/usr/lib/python3.11/lib-dynload/_bz2.cpython-311-x86_64-linux-gnu.so";
     if !Path::new(python).exists() || !Path::new(module).exists() {
@@ -412,6 +432,7 @@ int main(int argc, char **argv) {
 /// where there are none, symbolised, and counts hits per stack.
 #[test]
 fn ustack_with_and_without_frame_pointers() {
+    let _kernel_uprobes = beside_others();
     let d = scratch("ustack");
     let cfi = ["-O2", "-fomit-frame-pointer"];
     let fp = [
@@ -478,6 +499,7 @@ fn ustack_with_and_without_frame_pointers() {
 /// `count:KEY`, `str:ARG` and filters, on mp-single (mp_add(i, 3i)) and real programs.
 #[test]
 fn aggregations_strings_and_filters() {
+    let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
     let out = run(&[
         "run",
@@ -572,6 +594,7 @@ int main(void) {
 /// the program computes the probe's arguments), and python's probes.
 #[test]
 fn usdt_probes_with_arguments_and_semaphores() {
+    let _kernel_uprobes = alone();
     let d = scratch("usdt");
     let sdt = [
         "/usr/include/sys/sdt.h",
@@ -756,6 +779,7 @@ fn sem_value(pid: i32, addr: u64) -> u16 {
 /// probes, from a command, a pid and a file.
 #[test]
 fn list_shows_what_a_spec_could_name() {
+    let _kernel_uprobes = beside_others();
     let out = run(&["list", "libc:mall*", "--", "/usr/bin/true"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -816,6 +840,7 @@ fn list_shows_what_a_spec_could_name() {
 /// path:0xADDR), and a missing name says the file is stripped.
 #[test]
 fn file_offsets_and_stripped_binaries() {
+    let _kernel_uprobes = beside_others();
     let d = scratch("strip");
     let Some(prog) = compile(&d, "prog", STACK_C, &["-O1"]) else {
         return;
@@ -888,6 +913,7 @@ int main(int argc, char **argv) {
 /// one show as `[PID/TID]`; `--interval` shows each interval's hits beside the totals.
 #[test]
 fn times_pids_and_interval_counts() {
+    let _kernel_uprobes = beside_others();
     let threads = bin("mp-threads");
     let out = run(&[
         "run",
@@ -983,6 +1009,7 @@ fn times_pids_and_interval_counts() {
 /// offset is not a name, `uretprobe:` says what it is, and a detach says what it did.
 #[test]
 fn usability() {
+    let _kernel_uprobes = beside_others();
     for cmd in ["run", "attach"] {
         let out = run(&[cmd, "--help"]);
         let help = text(&out.stdout);
