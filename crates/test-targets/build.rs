@@ -2,7 +2,7 @@
 //! small Rust binary in `src/bin` that calls its `mp_*_main`.
 
 fn main() {
-    let programs = ["forkrace", "trapmask", "seccomp", "unmapxol"];
+    let programs = ["forkrace", "trapmask", "seccomp", "unmapxol", "forktree"];
     let mut build = cc::Build::new();
     for p in programs {
         let path = format!("c/{p}.c");

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Names of the programs, as built.
-pub const PROGRAMS: [&str; 11] = [
+pub const PROGRAMS: [&str; 12] = [
     "mp-single",
     "mp-threads",
     "mp-forker",
@@ -29,6 +29,7 @@ pub const PROGRAMS: [&str; 11] = [
     "mp-c-trapmask",
     "mp-c-seccomp",
     "mp-c-unmapxol",
+    "mp-c-forktree",
 ];
 
 /// Path of the test program `name` (one of [`PROGRAMS`]).
