@@ -2,12 +2,15 @@
 //! probed thread, in thread context, with the thread's registers in a
 //! [`multiprobe_x86::Frame`] on its own stack.
 //!
-//! [`pre`] runs the pre-handlers through the core's dispatch (unchanged: it is
-//! async-signal-safe, so running it in thread context is trivially fine), lets the
-//! shared decision (`multiprobe_x86::continue_hit`, as the trap path does) pick how the
-//! hit continues, and returns the trampoline's exit code: the relocated region, the
-//! post copy (whose stub calls [`post`]), or a redirect. Handlers' register changes are
-//! made in the frame, which the trampoline restores.
+//! [`pre`] runs the hit through the core's dispatch (async-signal-safe, so running it
+//! in thread context is trivially fine) in one call, `Dispatcher::pre_step_post`: the
+//! pre-handlers, then the shared decision (`multiprobe_x86::continue_hit`, as the trap
+//! path does) of how the hit continues, and, when that is to emulate the first
+//! instruction (a hit with post-handlers), the post-handlers right after it in the same
+//! walk of the site. It returns the trampoline's exit code: the relocated region, the
+//! continuation after an emulated instruction, the post copy (whose stub calls
+//! [`post`]), or a redirect. Handlers' register changes are made in the frame, which
+//! the trampoline restores.
 //!
 //! Invariants:
 //! * The contract of the trap path holds here too: a hit that arrives while this
