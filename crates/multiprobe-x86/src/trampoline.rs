@@ -502,6 +502,28 @@ struct PendingPoint {
     first: bool,
 }
 
+/// Record a point of the map at the current position of `a`: a thread found here is at
+/// `orig` in the original code, with `rsp` `rsp_adj` bytes below the original's (and
+/// `set_rcx` the value `rcx` must be given, after a relocated `syscall`).
+fn point_here(
+    a: &mut CodeAssembler,
+    points: &mut Vec<PendingPoint>,
+    orig: u64,
+    rsp_adj: i8,
+    set_rcx: Option<u64>,
+    first: bool,
+) -> Result<(), IcedError> {
+    let label = mark(a)?;
+    points.push(PendingPoint {
+        label,
+        orig,
+        rsp_adj,
+        rcx: set_rcx,
+        first,
+    });
+    Ok(())
+}
+
 /// Emit region instruction `insn` (decoded at its original address) relocated, with the
 /// points that map its copy back. `ret_lit` holds the original return address of a
 /// `call`.
@@ -514,41 +536,20 @@ fn emit_relocated(
 ) -> Result<(), IcedError> {
     let orig = insn.ip();
     let next = insn.next_ip();
-    let here = mark(a)?;
-    points.push(PendingPoint {
-        label: here,
-        orig,
-        rsp_adj: 0,
-        rcx: None,
-        first,
-    });
+    point_here(a, points, orig, 0, None, first)?;
     let mut copy = *insn;
     copy.set_ip(0);
     match insn.code() {
         C::Call_rel32_64 => {
             a.push(qword_ptr(ret_lit))?;
             // After the push the call has happened: the thread is "at the target".
-            let at = mark(a)?;
-            points.push(PendingPoint {
-                label: at,
-                orig,
-                rsp_adj: 8,
-                rcx: None,
-                first,
-            });
+            point_here(a, points, orig, 8, None, first)?;
             a.jmp(insn.near_branch_target())?;
         }
         C::Call_rm64 => {
             a.push(qword_ptr(ret_lit))?;
-            let at = mark(a)?;
             // A fault in the jump's memory read leaves the pushed word: undo it.
-            points.push(PendingPoint {
-                label: at,
-                orig,
-                rsp_adj: 8,
-                rcx: None,
-                first,
-            });
+            point_here(a, points, orig, 8, None, first)?;
             // `call r/m` becomes `jmp r/m` on the same operand (`call rsp` and
             // `call [rsp]` without a displacement are refused by the analysis); an
             // rsp-based operand is 8 further after the push.
@@ -560,14 +561,7 @@ fn emit_relocated(
         }
         C::Syscall => {
             a.add_instruction(copy)?;
-            let at = mark(a)?;
-            points.push(PendingPoint {
-                label: at,
-                orig: next,
-                rsp_adj: 0,
-                rcx: Some(next),
-                first: false,
-            });
+            point_here(a, points, next, 0, Some(next), false)?;
             // `mov rcx, imm64` leaves the flags as the kernel returned them.
             a.mov(rcx, next)?;
         }
@@ -663,14 +657,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
     }
     if can_fall_out(last) {
-        let back = mark(&mut a)?;
-        points.push(PendingPoint {
-            label: back,
-            orig: region.end(),
-            rsp_adj: 0,
-            rcx: None,
-            first: false,
-        });
+        point_here(&mut a, &mut points, region.end(), 0, None, false)?;
         a.jmp(region.end())?;
     }
     // Post copy: the first instruction, then the stub.
