@@ -454,6 +454,10 @@ impl Driver {
         // Unregistering everything now waits for its grace period and succeeds.
         self.sim.backend().clear_injections();
         self.model.clear_injections();
+        // Removals a handler asked for and no later operation collected are finished
+        // first: their ids are gone after that, as every registry operation would find.
+        let collected = self.registry().collect().map_err(|e| ErrKind::of(&e));
+        self.model.collect_now(&collected)?;
         let ids = self.model.ids();
         let real = self
             .registry()
