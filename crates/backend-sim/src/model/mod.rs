@@ -280,18 +280,6 @@ impl Model {
         n
     }
 
-    /// [`multiprobe_core::Registry::collect`] from the driver's thread: the removals
-    /// handlers asked for are finished now; `real` is how many the registry forgot.
-    pub fn collect_now(&mut self, real: &Result<usize, ErrKind>) -> Result<(), String> {
-        let pending = self
-            .to_collect
-            .iter()
-            .filter(|id| self.index.contains_key(id))
-            .count();
-        self.collect();
-        same("collect", &Ok(pending), real)
-    }
-
     /// Whether a CPU holds a deferred step (a read section open on this OS thread).
     pub fn held(&self) -> bool {
         self.pending.iter().any(Option::is_some)

@@ -438,8 +438,10 @@ impl Driver {
             }
             self.cov.oracle = true;
         }
-        // Removals a settling hit asked for on a CPU that does not collect: finish them
-        // (`Registry::collect`, as the model's next operation would).
+        // Removals a settling hit (or a handler) asked for and no later operation
+        // collected: finish them (`Registry::collect`, as the model's next operation
+        // would), so that their ids are gone before the final unregister, as every
+        // registry operation would find (main's 04d6c53 did this; merged here).
         let collected = self
             .registry()
             .collect()
@@ -454,10 +456,6 @@ impl Driver {
         // Unregistering everything now waits for its grace period and succeeds.
         self.sim.backend().clear_injections();
         self.model.clear_injections();
-        // Removals a handler asked for and no later operation collected are finished
-        // first: their ids are gone after that, as every registry operation would find.
-        let collected = self.registry().collect().map_err(|e| ErrKind::of(&e));
-        self.model.collect_now(&collected)?;
         let ids = self.model.ids();
         let real = self
             .registry()
