@@ -180,6 +180,7 @@ mod memory;
 mod patch;
 mod place;
 mod promote;
+mod returning;
 mod ring;
 mod signals;
 mod site;
