@@ -25,7 +25,7 @@ use crate::site::{BlockInfo, SiteState};
 pub use crate::site::{Class, Mode, Site, TrapReason};
 use crate::{
     collect, dispatchers, fault, known, memory, patch, promote, returning, slots, source, symbols,
-    thread, tramps, trap,
+    thread, tramps, trap, unwind,
 };
 
 /// One armed address of this process: the original byte under the `int3`, and the
@@ -237,6 +237,7 @@ pub(crate) fn install() {
     fault::install();
     trap::install();
     quiet_panics_in_handlers();
+    unwind::install();
     collect::start();
 }
 

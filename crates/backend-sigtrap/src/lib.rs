@@ -191,6 +191,7 @@ mod thread;
 mod threads;
 mod tramps;
 mod trap;
+mod unwind;
 
 #[doc(hidden)]
 pub use backend::jump_covering;
