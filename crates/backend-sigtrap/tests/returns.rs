@@ -32,6 +32,15 @@ fn depth(n: u64) -> u64 {
 }
 
 #[inline(never)]
+fn deep(n: u64) -> u64 {
+    if black_box(n) == 0 {
+        0
+    } else {
+        black_box(deep(n - 1)) + 1
+    }
+}
+
+#[inline(never)]
 fn slow_square(x: u64) -> u64 {
     // Long enough for the other thread to unregister while calls are in flight.
     let until = std::time::Instant::now() + std::time::Duration::from_micros(200);
@@ -286,4 +295,37 @@ fn a_return_probe_inside_a_function_is_a_clear_error_and_arms_nothing() {
     }
     assert!(reg.is_empty());
     assert_eq!(square_inside(black_box(3)), 10);
+}
+
+#[test]
+fn a_full_return_stack_loses_the_deepest_returns_and_the_program_runs_on() {
+    use multiprobe_core::backend::{return_frame_words, DEFAULT_RETURN_WORDS};
+    // More calls in flight than a thread's return stack holds (one handler's frames).
+    let room = (DEFAULT_RETURN_WORDS / return_frame_words(1)) as u64;
+    let n = room + 1000;
+    each_mode(|reg, mode| {
+        let ring = Arc::new(HitRing::<Ret>::new(room as usize + 16));
+        let g = reg
+            .register_handler(addr(deep), returns_into(&ring))
+            .unwrap();
+        // A stack big enough for the recursion itself.
+        let got = std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn(move || deep(black_box(n)))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(got, n, "{mode}");
+        let s = g.stats().unwrap();
+        assert_eq!(
+            (s.hits, s.returns, s.returns_lost),
+            (n + 1, room, n + 1 - room),
+            "{mode}"
+        );
+        // The outermost calls returned (the deepest found no room), innermost first.
+        let rets = ring.drain();
+        assert_eq!(rets.len() as u64, room);
+        assert_eq!((rets[0].arg, rets[0].value), (n + 1 - room, n + 1 - room));
+        assert_eq!(rets.last().map(|r| r.arg), Some(n));
+    });
 }
