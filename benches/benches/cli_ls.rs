@@ -21,6 +21,13 @@
 //! and, if gdb is installed, gdb with two silent breakpoints that continue. Figures are
 //! medians of the rounds; ratios are medians of per-round ratios.
 //!
+//! With `MP_BASELINE=PATH` (another build of the `multiprobe` binary, e.g. main's), each
+//! round also times that build with `--pin` on the same two commands, back to back with
+//! this build's `--pin` runs (the order alternating round by round), and the `BASELINE`
+//! lines give the medians of the per-round ratios this build / baseline: per hit
+//! ((probed - unprobed - start-up) / hits, each build with its own hit count and
+//! start-up) and for the whole `ls /usr` run.
+//!
 //! Run: `cargo bench -p multiprobe-benches --bench cli_ls` (`MP_ROUNDS=N`, default 15)
 
 use std::io::{Read, Write};
@@ -101,6 +108,36 @@ fn main() {
         d
     };
 
+    let baseline = std::env::var("MP_BASELINE").ok();
+    let mut base_ratio_hit = Vec::new();
+    let mut base_ratio_run = Vec::new();
+    let mut base_hits = 0;
+    // One `--pin` measurement of `bin`: (ls time, per-hit cost, hits).
+    let pinned = |bin: &str, t_plain: f64, t_true: f64| -> (f64, f64, u64) {
+        let args = [
+            "run",
+            "--pin",
+            "-p",
+            "libc:malloc",
+            "-p",
+            "libc:free",
+            "--json",
+            "--",
+        ];
+        let mut ls: Vec<&str> = args.to_vec();
+        ls.extend(["ls", "/usr"]);
+        let (t_probed, o) = timed(&mut quiet(bin, &ls));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let hits = total_hits(&o.stderr);
+        let mut tr: Vec<&str> = args.to_vec();
+        tr.push("true");
+        let (t_mp_true, o) = timed(&mut quiet(bin, &tr));
+        assert!(o.status.success());
+        let startup = t_mp_true.as_secs_f64() - t_true;
+        let probed = t_probed.as_secs_f64();
+        (probed, (probed - t_plain - startup) / hits as f64, hits)
+    };
+
     let mut m = [Measured::default(), Measured::default()];
     let mut plain = Vec::new();
     let mut gdb_times = Vec::new();
@@ -161,6 +198,19 @@ fn main() {
             }
         }
         gdb_times.extend(t_gdb);
+        if let Some(base) = &baseline {
+            let (p, t) = (t_plain.as_secs_f64(), t_true.as_secs_f64());
+            let (ours, theirs) = if round % 2 == 0 {
+                let o = pinned(mp, p, t);
+                (o, pinned(base, p, t))
+            } else {
+                let b = pinned(base, p, t);
+                (pinned(mp, p, t), b)
+            };
+            base_hits = theirs.2;
+            base_ratio_hit.push(ours.1 / theirs.1);
+            base_ratio_run.push(ours.0 / theirs.0);
+        }
         cross.push(floor(false, FLOOR_HITS / 10).as_secs_f64() / (FLOOR_HITS / 10) as f64);
     }
     let _ = std::fs::remove_file(&script);
@@ -202,6 +252,17 @@ fn main() {
                 median(mm.gdb_ratio)
             );
         }
+    }
+    if let Some(base) = &baseline {
+        println!("BASELINE {base}: hits per probed run {base_hits} (this build: {hits})");
+        println!(
+            "BASELINE [--pin] per-hit cost, this build / baseline (median of per-round ratios): {:.3}",
+            median(base_ratio_hit)
+        );
+        println!(
+            "BASELINE [--pin] ls /usr under multiprobe, this build / baseline: {:.3}",
+            median(base_ratio_run)
+        );
     }
     if gdb_times.is_empty() {
         println!("SKIPPED gdb comparison: gdb is not installed");

@@ -3,7 +3,8 @@
 //! (`c/inproc.c`, `c/throw.cpp`: the `inproc` module) go into libraries of their own.
 
 fn main() {
-    let programs = ["forkrace", "trapmask", "seccomp", "unmapxol"];
+    let programs = ["forkrace", "trapmask", "seccomp", "unmapxol", "forktree"];
+    println!("cargo:rerun-if-changed=c/nommap.h");
     let mut build = cc::Build::new();
     for p in programs {
         let path = format!("c/{p}.c");

@@ -54,6 +54,8 @@ pub(crate) struct State {
     pub(crate) xol: Xol,
     /// What kind of program the current image is: probes go only into x86-64 code.
     pub(crate) image: Image,
+    /// USDT semaphores we raised (`refctr.rs`).
+    pub(crate) semaphores: crate::refctr::Semaphores,
 }
 
 /// One of our breakpoints: the byte it replaced, in which mapping.
@@ -94,6 +96,7 @@ impl Shared {
                 history: HashMap::new(),
                 xol: Xol::default(),
                 image,
+                semaphores: Default::default(),
             }),
             symbols: Arc::default(),
             dispatcher: OnceLock::new(),

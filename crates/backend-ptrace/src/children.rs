@@ -1,15 +1,20 @@
 //! New threads, new processes and new programs: adopting threads the kernel attached,
-//! freeing fork children of every breakpoint, following vfork children (they share the
-//! memory) until they exec, and replacing the image at an exec.
+//! freeing fork children of every breakpoint (or, with [`Tracer::follow_forks`],
+//! cleaning them the same way and following them: `family.rs`), following vfork
+//! children (they share the memory) until they exec, and replacing the image at an
+//! exec.
 //!
-//! Invariant: a fork child never runs with one of our `int3`s in it — it is held at its
-//! first stop until every byte we ever armed in this image is restored in its copy of
-//! memory (and its copy of the XOL pages unmapped), and only then let go. What the child
-//! has is read from the child itself: a child forked while another thread was mapping
-//! a page has no copy of that page, and nothing of ours is executed in it.
+//! Invariant: a fork child never runs with one of our `int3`s in it that nobody serves
+//! — it is held at its first stop until every byte we ever armed in this image is
+//! restored in its copy of memory, its copy of the XOL pages unmapped and the
+//! semaphores we raised lowered again, and only then let go (or handed to its own
+//! tracer, which holds it until its user registered its probes). What the child has is
+//! read from the child itself: a child forked while another thread was mapping a page
+//! has no copy of that page, and nothing of ours is executed in it.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use multiprobe_core::Result;
 use multiprobe_symbols::Maps;
@@ -17,7 +22,7 @@ use multiprobe_symbols::Maps;
 use crate::backend::{Armed, INT3};
 use crate::inject::{self, Injector};
 use crate::mem::CodeMemory;
-use crate::sys::{self, Tid, Wait};
+use crate::sys::{self, Signal, Tid, Wait};
 use crate::thread::{Kind, Thread};
 use crate::tracer::{Stop, Tracer};
 use crate::xol::PAGE;
@@ -40,18 +45,23 @@ impl Children {
     }
 }
 
+/// The thread group (process) of task `tid`, from `/proc`.
+pub(crate) fn tgid_of(tid: Tid) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{}/status", tid.as_raw_pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse::<i32>()))
+        })
+        .and_then(|r| r.ok())
+}
+
 impl Tracer {
     /// A stop from a thread not seen before. A new thread of the tracee is adopted
     /// (true), or held until its creator's clone event (false); a new process is parked
     /// until its parent's fork event (false).
     pub(crate) fn adopt(&mut self, tid: Tid, w: Wait) -> bool {
-        let tgid = std::fs::read_to_string(format!("/proc/{}/status", tid.as_raw_pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Tgid:").map(|v| v.trim().parse::<i32>()))
-            })
-            .and_then(|r| r.ok());
+        let tgid = tgid_of(tid);
         if tgid == Some(self.pid()) {
             if self.trap.adopted(self.shared.pid, tid) {
                 // Seen before its creator's clone event, which names the creator whose
@@ -80,27 +90,55 @@ impl Tracer {
     }
 
     /// A fork child gets its own copy of memory, breakpoints included: take them out
-    /// and let it go. A vfork child shares the memory: follow it like a thread until it
-    /// execs or exits.
-    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool) -> Result<()> {
+    /// and let it go — or, following forks, hand it to a tracer of its own (returns
+    /// true: the caller reports it). A vfork child shares the memory: follow it like a
+    /// thread until it execs or exits.
+    pub(crate) fn new_child(&mut self, child: Tid, vfork: bool, forker: Tid) -> Result<bool> {
         if !self.child_first_stop(child) {
-            return Ok(());
+            return Ok(false);
         }
         if vfork {
             self.threads.add(child, Thread::running(Kind::VforkChild));
-            return self.resume(child, None);
+            self.resume(child, None)?;
+            return Ok(false);
         }
-        self.free_child(child);
-        Ok(())
+        if self.family.follow {
+            self.clean_child(child, Some(forker));
+            match self.adopt_child(child) {
+                Ok(()) => return Ok(true),
+                // It cannot be traced on its own (gone meanwhile, or its memory cannot
+                // be opened): let it go clean.
+                Err(_) => {
+                    let sig = self.aside.take_signal(child);
+                    let _ = sys::detach(child, sig);
+                    return Ok(false);
+                }
+            }
+        }
+        self.free_child(child, Some(forker));
+        Ok(false)
     }
 
-    /// Restore every byte we ever armed in `child`'s copy of memory, unmap the XOL
-    /// pages it has a copy of, and detach it. Best effort: a child that died meanwhile
-    /// needs nothing.
-    pub(crate) fn free_child(&mut self, child: Tid) {
+    /// Clean `child` (see [`Tracer::clean_child`]) and detach it.
+    pub(crate) fn free_child(&mut self, child: Tid, forker: Option<Tid>) {
+        self.clean_child(child, forker);
+        let sig = self.aside.take_signal(child);
+        let _ = sys::detach(child, sig);
+    }
+
+    /// Restore every byte we ever armed in `child`'s copy of memory, lower the
+    /// semaphores we raised, move it out of the slot it was forked in (when `forker`,
+    /// the thread that forked, was in one: a relocated `syscall` that forked), and unmap
+    /// the XOL pages it has a copy of. Best effort: a child that died meanwhile needs
+    /// nothing.
+    pub(crate) fn clean_child(&mut self, child: Tid, forker: Option<Tid>) {
+        if let Some(f) = forker {
+            self.out_of_forkers_slot(child, f);
+        }
         let st = self.shared.lock();
         let history: Vec<(u64, Armed)> = st.history.iter().map(|(&a, b)| (a, b.clone())).collect();
         let pages = st.xol.pages();
+        let raised = st.semaphores.raised();
         drop(st);
         let maps = crate::error::maps(child.as_raw_pid());
         if let (Ok(code), Ok(maps)) = (CodeMemory::open(child), maps) {
@@ -114,6 +152,7 @@ impl Tracer {
                     let _ = code.write(addr, &[armed.orig]);
                 }
             }
+            crate::refctr::lower_all(&code, &maps, &raised);
             let copies: Vec<u64> = pages
                 .into_iter()
                 .filter(|&p| is_xol_copy(&maps, p))
@@ -122,8 +161,45 @@ impl Tracer {
                 self.unmap_in_child(child, &code, &copies);
             }
         }
-        let sig = self.aside.take_signal(child);
-        let _ = sys::detach(child, sig);
+    }
+
+    /// The fork child starts where its forking thread was: if that is inside one of our
+    /// slots (its copy of the page is about to go), put it where the original code goes
+    /// on, stepping to the slot's next boundary first if it is between two.
+    fn out_of_forkers_slot(&mut self, child: Tid, forker: Tid) {
+        let Some(site) = self
+            .threads
+            .get(forker)
+            .and_then(|t| t.slots.last())
+            .filter(|s| !s.suspended)
+            .map(|s| Arc::clone(&s.site))
+        else {
+            return;
+        };
+        let Some(slots) = site.slots.get() else {
+            return;
+        };
+        for _ in 0..16 {
+            let Ok(ur) = sys::get_regs(child) else {
+                return;
+            };
+            let Some(slot) = slots.slot_of(ur.rip) else {
+                return; // not inside: nothing to do
+            };
+            let mut regs = crate::regs::to_core(&ur);
+            if slot.fixup_ip(&mut regs) {
+                let _ = sys::set_regs(child, &crate::regs::from_core(&ur, &regs));
+                return;
+            }
+            if sys::single_step(child, None).is_err() {
+                return;
+            }
+            match sys::wait(Some(child), false) {
+                Ok(Some(Wait::Signal(_, Signal::TRAP))) => {}
+                Ok(Some(Wait::Signal(_, sig))) => self.aside.push_signal(child, sig),
+                _ => return,
+            }
+        }
     }
 
     /// Unmap `pages` in the fork child, with a system call executed by the child at a
@@ -158,8 +234,16 @@ impl Tracer {
             .get(tid)
             .is_some_and(|t| t.kind() == Kind::VforkChild)
         {
-            // A vfork child started its own program: nothing of ours is in it.
+            // A vfork child started its own program: nothing of ours is in it. Followed,
+            // it is a process of its own from here, held at its first instruction.
             self.threads.remove(tid);
+            if self.family.follow && self.adopt_child(tid).is_ok() {
+                return Ok(Some(Stop::Forked {
+                    parent: self.pid(),
+                    child: tid.as_raw_pid(),
+                    execed: true,
+                }));
+            }
             let _ = sys::detach(tid, None);
             return Ok(None);
         }
@@ -174,6 +258,7 @@ impl Tracer {
             st.armed.clear();
             st.history.clear();
             st.xol.clear();
+            st.semaphores.clear();
             st.code = Some(CodeMemory::open(pid)?);
             st.image = crate::launch::image_of(pid);
         }

@@ -50,16 +50,37 @@ impl Tracer {
     }
 
     pub(crate) fn detach_now(&mut self) -> Result<()> {
-        if self.shared.lock().status != Status::Attached {
+        let attached = self.shared.lock().status == Status::Attached;
+        if !attached && self.family.members.is_empty() {
             return Ok(());
         }
-        let stopped = self.stop_all(true);
-        if self.is_gone() {
+        // Children forked while the family is being stopped are freed, not followed.
+        self.follow_forks(false);
+        let mut result = self.stop_all(true);
+        while !self.family.members.is_empty() {
+            let r = self.with_follower(0, Tracer::detach_stopped);
+            result = result.and(r);
+            self.family.members.remove(0);
+        }
+        if attached && !self.is_gone() {
+            result = result.and(self.detach_stopped());
+        }
+        for child in self.children.take_all() {
+            self.free_child(child, None);
+        }
+        self.bell.clear();
+        result
+    }
+
+    /// Steps 2 to 4 for this process, every thread of which is held (step 1).
+    fn detach_stopped(&mut self) -> Result<()> {
+        if self.shared.lock().status != Status::Attached || self.is_gone() {
             return Ok(());
         }
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
+        self.lower_semaphores();
         self.trap.restore_at_detach(&self.threads);
         if !keep_pages {
             self.unmap_xol();
@@ -70,6 +91,7 @@ impl Tracer {
             st.code = None;
             st.armed.clear();
             st.xol.clear();
+            st.semaphores.clear();
         }
         let pid = self.shared.pid;
         let mut detached = Ok(());
@@ -84,11 +106,7 @@ impl Tracer {
         for (tid, sig) in std::mem::take(&mut self.resend) {
             let _ = sys::tgkill(pid, tid, sig);
         }
-        for child in self.children.take_all() {
-            self.free_child(child);
-        }
-        self.bell.clear();
-        stopped.and(moved.map(drop)).and(restored).and(detached)
+        moved.map(drop).and(restored).and(detached)
     }
 
     /// Stop every thread and keep it stopped until the next run; returns the stop that
@@ -96,11 +114,14 @@ impl Tracer {
     /// a thread that trapped on a breakpoint (or a slot's trailing `int3`) is put back on
     /// it, to trap again — and be served — when resumed.
     pub fn pause(&mut self) -> Result<Option<Stop>> {
-        if let Some(status) = self.exit_status() {
+        if let (Some(status), true) = (self.exit_status(), self.family.members.is_empty()) {
             return Ok(Some(Stop::Exited(status)));
         }
         self.stop_all(false)?;
-        Ok(self.exit_status().map(Stop::Exited))
+        Ok(self
+            .exit_status()
+            .filter(|_| self.family.members.is_empty())
+            .map(Stop::Exited))
     }
 
     /// Interrupt every running thread and wait until all are held. `detaching`: traps
@@ -112,6 +133,75 @@ impl Tracer {
     /// [`GIVE_UP_AFTER`] the ones still missing are an error (they stay traced and
     /// running; the rest is detached as usual).
     fn stop_all(&mut self, detaching: bool) -> Result<()> {
+        let mut result = self.interrupt_running();
+        for i in 0..self.family.members.len() {
+            let r = self.with_follower(i, Tracer::interrupt_running);
+            result = result.and(r);
+        }
+        let start = Instant::now();
+        let mut checked = false;
+        while !self.family_held() {
+            let w = match self.aside.pop_wait() {
+                Some(w) => w,
+                None => match sys::wait(None, true) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => {
+                        let waited = start.elapsed();
+                        if waited > GIVE_UP_AFTER {
+                            let mut missing = self.threads.running();
+                            for m in &self.family.members {
+                                missing.extend(m.threads.running());
+                            }
+                            return Err(Error::Backend(format!(
+                                "threads {missing:?} of process {} did not stop within {} s",
+                                self.pid(),
+                                GIVE_UP_AFTER.as_secs()
+                            )));
+                        }
+                        if waited > CHECK_AFTER && !checked {
+                            checked = true;
+                            for tid in self.threads.running() {
+                                self.forget_if_lost(tid);
+                            }
+                            for i in 0..self.family.members.len() {
+                                self.with_follower(i, |m| {
+                                    for tid in m.threads.running() {
+                                        m.forget_if_lost(tid);
+                                    }
+                                });
+                            }
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    Err(Errno::CHILD) => {
+                        if !self.is_gone() {
+                            self.gone(ExitStatus::Unknown);
+                        }
+                        for m in &mut self.family.members {
+                            if !m.is_gone() {
+                                m.gone(ExitStatus::Unknown);
+                            }
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => return Err(error::sys(e, "wait while stopping the threads")),
+                },
+            };
+            let tid = w.tid();
+            match (self.threads.contains(tid), self.follower_of(tid)) {
+                (false, Some(i)) => self.with_follower(i, |m| m.hold(w, detaching))?,
+                _ => self.hold(w, detaching)?,
+            }
+            if self.is_gone() && self.family.members.iter().all(|m| m.is_gone()) {
+                return Ok(());
+            }
+        }
+        result
+    }
+
+    /// Interrupt every running thread of this process (step 1's first half).
+    fn interrupt_running(&mut self) -> Result<()> {
         let mut result = Ok(());
         for tid in self.threads.running() {
             match sys::interrupt(tid) {
@@ -124,45 +214,12 @@ impl Tracer {
                 }
             }
         }
-        let start = Instant::now();
-        let mut checked = false;
-        while !self.threads.all_held() {
-            let w = match self.aside.pop_wait() {
-                Some(w) => w,
-                None => match sys::wait(None, true) {
-                    Ok(Some(w)) => w,
-                    Ok(None) => {
-                        let waited = start.elapsed();
-                        if waited > GIVE_UP_AFTER {
-                            let missing = self.threads.running();
-                            return Err(Error::Backend(format!(
-                                "threads {missing:?} of process {} did not stop within {} s",
-                                self.pid(),
-                                GIVE_UP_AFTER.as_secs()
-                            )));
-                        }
-                        if waited > CHECK_AFTER && !checked {
-                            checked = true;
-                            for tid in self.threads.running() {
-                                self.forget_if_lost(tid);
-                            }
-                        }
-                        std::thread::sleep(Duration::from_micros(200));
-                        continue;
-                    }
-                    Err(Errno::CHILD) => {
-                        self.gone(ExitStatus::Unknown);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(error::sys(e, "wait while stopping the threads")),
-                },
-            };
-            self.hold(w, detaching)?;
-            if self.is_gone() {
-                return Ok(());
-            }
-        }
         result
+    }
+
+    /// Whether every thread of every process of the family is held.
+    fn family_held(&self) -> bool {
+        self.threads.all_held() && self.family.members.iter().all(|m| m.threads.all_held())
     }
 
     /// `tid` could not be interrupted or did not report: forget it if it no longer
@@ -190,8 +247,11 @@ impl Tracer {
         if w.is_end() || matches!(w, Wait::Event(_, Event::Exec)) {
             // Exits go through the normal path (which also notices the process's end);
             // the main process's new image is held by the exec handling (nothing of ours
-            // is in it), an exec'ing vfork child is let go.
-            self.handle(w)?;
+            // is in it), an exec'ing vfork child is let go (or, followed while pausing,
+            // reported at the next run).
+            if let Some(stop @ Stop::Forked { .. }) = self.handle(w)? {
+                self.family.queued.push(stop);
+            }
             return Ok(());
         }
         let tid = w.tid();
@@ -230,7 +290,16 @@ impl Tracer {
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
                 if let Ok(child) = sys::event_pid(tid) {
                     let vfork = ev == Event::Vfork;
-                    self.new_child(child, vfork)?;
+                    if self.new_child(child, vfork, tid)? {
+                        // Followed (pausing, not detaching): reported at the next run.
+                        let parent = self.pid();
+                        let child = child.as_raw_pid();
+                        self.family.queued.push(Stop::Forked {
+                            parent,
+                            child,
+                            execed: false,
+                        });
+                    }
                     if vfork {
                         // It was resumed by new_child; stop it again to detach it.
                         if sys::interrupt(child).is_err() {

@@ -196,4 +196,11 @@ impl DetachHandle {
     pub fn requested(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
+
+    /// Wake the loop without asking it to detach: a [`crate::Tracer::run_until`]
+    /// sleeping while the program makes no hit checks its condition again (a timer,
+    /// a live view). Returns at once; async-signal-safe.
+    pub fn wake(&self) {
+        let _ = sys::send_byte(self.ring.as_fd());
+    }
 }

@@ -418,6 +418,31 @@ impl Tracer {
                         self.claim_thread(tid, new)?;
                     }
                 }
+                // A `syscall` that forked: the child is freed or followed as at any
+                // fork (left alone it would stay parked at its first stop). A followed
+                // one is reported at the next run.
+                Some(Wait::Event(_, Event::Fork)) => {
+                    if let Ok(child) = sys::event_pid(tid) {
+                        if self.new_child(child, false, tid)? {
+                            let (parent, child) = (self.pid(), child.as_raw_pid());
+                            self.family.queued.push(crate::tracer::Stop::Forked {
+                                parent,
+                                child,
+                                execed: false,
+                            });
+                        }
+                    }
+                }
+                // A vfork: the parent's step ends only when the child execs or exits,
+                // and the child's own stops must be served meanwhile: give the step up
+                // (the caller resumes the thread, which then finishes the system call)
+                // and follow the child like any vfork child.
+                Some(Wait::Event(_, Event::Vfork)) => {
+                    if let Ok(child) = sys::event_pid(tid) {
+                        self.new_child(child, true, tid)?;
+                    }
+                    return Ok(None);
+                }
                 Some(w) if w.is_end() => {
                     self.aside.push_wait(w);
                     return Ok(None);

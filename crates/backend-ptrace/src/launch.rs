@@ -144,7 +144,7 @@ impl Tracer {
                 }
                 return Err(e);
             }
-            Tracer::new(pid, &[pid], &[], claim, Some(child))
+            Tracer::new(pid, &[pid], &[], Some(claim), Some(child))
         })
     }
 
@@ -206,7 +206,7 @@ impl Tracer {
                 break;
             }
         }
-        Tracer::new(pid, &[], &seized, claim, None)
+        Tracer::new(pid, &[], &seized, Some(claim), None)
     }
 }
 

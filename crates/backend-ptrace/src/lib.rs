@@ -77,10 +77,14 @@
 //! really mapped (`/proc/PID/map_files`, checked by device and inode), so a program in
 //! a container or another mount namespace gets its own symbols.
 //!
-//! New threads are traced automatically. A fork child is freed of every breakpoint and
-//! of the XOL pages it has (read from its own maps: a child forked while the page was
-//! being mapped has none) and let go; a vfork child, which shares the memory, is followed until it
-//! execs or exits. An exec ends every probe of the old image ([`Stop::Exec`]). The
+//! New threads are traced automatically. A fork child is freed of every breakpoint, of
+//! the XOL pages it has (read from its own maps: a child forked while the page was
+//! being mapped has none) and of the USDT semaphores raised for it, and let go — or,
+//! with [`Tracer::follow_forks`], cleaned the same way and followed: it becomes a
+//! process of its own in the tracer's family, held at its first stop until its user
+//! registered its probes in its own registry ([`Stop::Forked`],
+//! [`Tracer::registry_of`]). A vfork child, which shares the memory, is followed until
+//! it execs or exits (followed, it is a process of its own from its exec). An exec ends every probe of the old image ([`Stop::Exec`]). The
 //! tracee's own signals are delivered unchanged, its own SIGTRAP too (ours come from an
 //! `int3` at one of our addresses); group-stop is honoured with `PTRACE_LISTEN`. A
 //! displaced instruction that faults in its slot is delivered to the program with `rip`
@@ -150,6 +154,8 @@
 //!   SIGTRAP sent to it, which must reach the program.
 //! * After an exec, every probe of the old image is unregistered ([`Stop::Exec`]);
 //!   probes are not carried over to the new program.
+//! * A followed fork child's probes are registered anew in it (its copy of the parent's
+//!   breakpoints is taken out first): each fork costs the child a write per site, twice.
 
 #![warn(missing_docs)]
 
@@ -164,10 +170,12 @@ mod detach;
 mod diagnose;
 mod doorbell;
 mod error;
+mod family;
 mod hit;
 mod inject;
 mod launch;
 mod mem;
+mod refctr;
 mod regs;
 mod signals;
 mod sigtrap;

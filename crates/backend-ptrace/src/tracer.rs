@@ -27,6 +27,7 @@ use crate::backend::{PtraceBackend, Shared, Site, Status};
 use crate::children::Children;
 use crate::doorbell::{Bell, DetachHandle};
 use crate::error;
+use crate::family::Family;
 use crate::inject::{Aside, Injector};
 use crate::mem::{CodeMemory, TraceeMemory};
 use crate::sigtrap::TrapGuard;
@@ -60,6 +61,35 @@ pub enum Stop {
     },
     /// A [`DetachHandle`] asked the loop to detach, and it did.
     Detached,
+    /// With [`Tracer::follow_forks`]: a followed process forked `child`, which is
+    /// traced, held at its first stop with none of our probes in it until the next
+    /// run; register its probes through [`Tracer::registry_of`] first.
+    Forked {
+        /// The process that forked.
+        parent: i32,
+        /// The new one.
+        child: i32,
+        /// The child is a vfork child (it shared its parent's memory, and ran as part
+        /// of it) that has just executed a new program: it is held at that program's
+        /// first instruction, as after [`Stop::Exec`].
+        execed: bool,
+    },
+    /// A followed process (not the first) executed a new program: as [`Stop::Exec`].
+    ProcessExec {
+        /// The process.
+        pid: i32,
+        /// The handlers that were registered on its old image.
+        unregistered: Vec<HandlerInfo>,
+    },
+    /// A traced process ended while others are still traced (with
+    /// [`Tracer::follow_forks`]): a follower, or the first one. [`Stop::Exited`] comes
+    /// when none is left.
+    ProcessExited {
+        /// The process.
+        pid: i32,
+        /// How it ended.
+        status: ExitStatus,
+    },
 }
 
 /// What waiting for the next tracee event gave.
@@ -100,8 +130,11 @@ pub struct Tracer {
     /// A breakpoint address whose hit holds the thread instead of serving it (see
     /// [`Tracer::run_to_entry`]), and the flag raised when that happens.
     hold_at: Option<(u64, Arc<AtomicBool>)>,
-    /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`).
-    _claim: ThreadClaim,
+    /// Followed fork children (see `family.rs`).
+    pub(crate) family: Family,
+    /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`);
+    /// a follower has none: it lives in the first tracer's family.
+    _claim: Option<ThreadClaim>,
 }
 
 std::thread_local! {
@@ -152,7 +185,7 @@ impl Tracer {
         pid: Tid,
         held: &[Tid],
         running: &[Tid],
-        claim: ThreadClaim,
+        claim: Option<ThreadClaim>,
         child: Option<std::process::Child>,
     ) -> Result<Tracer> {
         let shared = Shared::new(pid, CodeMemory::open(pid)?, crate::launch::image_of(pid));
@@ -180,6 +213,7 @@ impl Tracer {
             child,
             exit: None,
             hold_at: None,
+            family: Family::default(),
             _claim: claim,
         };
         tracer.trap.start(pid, &tracer.threads.tids());
@@ -194,6 +228,14 @@ impl Tracer {
             tracer.resume_held()?;
         }
         Ok(tracer)
+    }
+
+    /// The tracer of a followed fork child `pid`, held at its first stop (to be
+    /// resumed delivering `deliver`), its memory already freed of our probes.
+    pub(crate) fn follower(pid: Tid, deliver: Option<Signal>) -> Result<Tracer> {
+        let mut t = Tracer::new(pid, &[pid], &[], None, None)?;
+        t.threads.known(pid).hold(deliver);
+        Ok(t)
     }
 
     pub(crate) fn tid(&self) -> Tid {
@@ -311,15 +353,20 @@ impl Tracer {
     /// Like [`Tracer::run`], but also return `Ok(None)` as soon as `done()` is true;
     /// it is checked before waiting for each event. The process keeps running.
     pub fn run_until(&mut self, mut done: impl FnMut() -> bool) -> Result<Option<Stop>> {
-        if let Some(status) = self.exit {
+        if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
             return Ok(Some(Stop::Exited(status)));
         }
         if self.shared.lock().status == Status::Detached {
             return Ok(Some(Stop::Detached));
         }
-        self.trap.refresh(self.shared.pid, &self.threads);
-        self.learn_action_if_held();
-        self.resume_held()?;
+        if !self.family.queued.is_empty() {
+            self.adopt_born();
+            return Ok(Some(self.family.queued.remove(0)));
+        }
+        if self.exit.is_none() {
+            self.prepare_resume()?;
+        }
+        self.resume_followers()?;
         loop {
             if self.bell.requested() {
                 self.detach_now()?;
@@ -330,6 +377,11 @@ impl Tracer {
             }
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
+            }
+            if !self.family.queued.is_empty() {
+                // A fork seen inside another event's handling (a single-stepped
+                // `syscall`): its child is held until its user has seen it.
+                return Ok(Some(self.family.queued.remove(0)));
             }
         }
     }
@@ -359,7 +411,11 @@ impl Tracer {
     /// gone, or a stop the caller must see).
     fn serve_one(&mut self) -> Result<Option<Stop>> {
         match self.next_event()? {
-            Next::Event(w) => self.handle(w),
+            Next::Event(w) => {
+                let stop = self.handle(w);
+                self.adopt_born();
+                stop
+            }
             Next::Gone(stop) => Ok(Some(stop)),
         }
     }
@@ -370,6 +426,11 @@ impl Tracer {
         if let Some(w) = self.aside.pop_wait() {
             return Ok(Next::Event(w));
         }
+        for m in &mut self.family.members {
+            if let Some(w) = m.aside.pop_wait() {
+                return Ok(Next::Event(w));
+            }
+        }
         loop {
             match sys::wait(None, false) {
                 Ok(Some(w)) => return Ok(Next::Event(w)),
@@ -377,11 +438,21 @@ impl Tracer {
                 // Nothing left to wait for: the process went without a report (reaped
                 // elsewhere).
                 Err(Errno::CHILD) => {
-                    return Ok(Next::Gone(Stop::Exited(self.gone(ExitStatus::Unknown))))
+                    let status = self.exit.unwrap_or_else(|| self.gone(ExitStatus::Unknown));
+                    self.family.members.clear();
+                    return Ok(Next::Gone(Stop::Exited(status)));
                 }
                 Err(e) => return Err(error::sys(e, "wait for the tracee")),
             }
         }
+    }
+
+    /// Before running on: read what the program set for SIGTRAP, and end every stop the
+    /// loop holds.
+    pub(crate) fn prepare_resume(&mut self) -> Result<()> {
+        self.trap.refresh(self.shared.pid, &self.threads);
+        self.learn_action_if_held();
+        self.resume_held()
     }
 
     fn resume_held(&mut self) -> Result<()> {
@@ -409,6 +480,7 @@ impl Tracer {
         st.code = None;
         st.armed.clear();
         st.xol.clear();
+        st.semaphores.clear();
         drop(st);
         self.exit = Some(status);
         status
@@ -431,14 +503,20 @@ impl Tracer {
             Wait::Killed(_, s) => ExitStatus::Signal(s),
             _ => unreachable!("only ends come here"),
         };
-        Ok(Some(Stop::Exited(self.gone(status))))
+        let status = self.gone(status);
+        Ok(Some(self.first_gone(status)))
     }
 
     pub(crate) fn handle(&mut self, w: Wait) -> Result<Option<Stop>> {
+        let tid = w.tid();
+        if !self.threads.contains(tid) {
+            if let Some(i) = self.follower_of(tid) {
+                return self.handle_follower(i, w);
+            }
+        }
         if w.is_end() {
             return self.on_end(w);
         }
-        let tid = w.tid();
         if self.bell.on_stop(tid) {
             return Ok(None);
         }
@@ -467,10 +545,20 @@ impl Tracer {
                 self.resume(tid, None)?;
             }
             Wait::Event(_, ev @ (Event::Fork | Event::Vfork)) => {
+                let mut followed = None;
                 if let Ok(child) = sys::event_pid(tid) {
-                    self.new_child(child, ev == Event::Vfork)?;
+                    if self.new_child(child, ev == Event::Vfork, tid)? {
+                        followed = Some(child);
+                    }
                 }
                 self.resume(tid, None)?;
+                if let Some(child) = followed {
+                    return Ok(Some(Stop::Forked {
+                        parent: self.pid(),
+                        child: child.as_raw_pid(),
+                        execed: false,
+                    }));
+                }
             }
             Wait::Event(_, Event::Exec) => return self.on_exec(tid),
             Wait::Event(..) => self.resume(tid, None)?,

@@ -371,3 +371,145 @@ fn spawning_a_missing_program_is_an_error() {
     let mut t = Tracer::spawn(&mut common::command("mp-single", &["--iters", "1"])).unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
 }
+
+/// Following forks: each child is reported held and clean, gets the probes its user
+/// registers in its own registry, and counts exactly what it ran, grandchildren too.
+#[test]
+fn fork_children_are_followed_with_their_own_probes() {
+    let mut cmd = common::command("mp-c-forktree", &["25", "3"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    t.follow_forks(true);
+    let work = t.resolve("mp_tree_work").unwrap();
+    let mut counts: HashMap<i32, Arc<AtomicU64>> = HashMap::new();
+    let (c, h) = counter();
+    let mut guards = vec![t.registry().register(work, h).unwrap()];
+    counts.insert(t.pid(), c);
+    let mut child = t.take_child().unwrap();
+    let mut ended = Vec::new();
+    loop {
+        match t.run().unwrap() {
+            Stop::Forked {
+                child: pid, execed, ..
+            } => {
+                assert!(!execed);
+                let reg = t.registry_of(pid).expect("a followed child has a registry");
+                assert!(reg.is_empty(), "the child starts clean");
+                let (c, h) = counter();
+                guards.push(reg.register(work, h).unwrap());
+                counts.insert(pid, c);
+            }
+            Stop::ProcessExited { pid, status } => {
+                assert_eq!(status, ExitStatus::Code(0));
+                ended.push(pid);
+            }
+            Stop::Exited(status) => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        ended.len(),
+        6,
+        "every follower's end is reported: {ended:?}"
+    );
+    let out = common::read_all(&mut child);
+    let mut seen = 0;
+    for line in out.lines() {
+        let pid: i32 = line["pid=".len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let calls: u64 = line.split("calls=").nth(1).unwrap().trim().parse().unwrap();
+        assert_eq!(counts[&pid].load(Relaxed), calls, "process {pid}: {out}");
+        seen += 1;
+    }
+    assert_eq!(seen, 7, "{out}");
+    assert!(t.followed().is_empty(), "every follower is gone");
+    drop(guards);
+}
+
+/// A fork made by an instruction that the tracer single-steps (under a seccomp filter
+/// no out-of-line page can be mapped, so the probed `syscall` steps in place) is not
+/// left parked: the child is freed (or followed) as any other.
+#[test]
+fn a_fork_during_a_single_step_is_handled() {
+    fork_from_a_probed_syscall("raw");
+}
+
+/// A fork made from the out-of-line copy of a probed `syscall`: the child starts inside
+/// the copy, which is unmapped in it; it is moved back to the original code first.
+#[test]
+fn a_fork_from_an_out_of_line_slot_is_handled() {
+    fork_from_a_probed_syscall("raw-slot");
+}
+
+fn fork_from_a_probed_syscall(mode: &str) {
+    for follow in [false, true] {
+        let mut cmd = common::command("mp-c-forktree", &["4", "2", mode]);
+        let mut t = Tracer::spawn(&mut cmd).unwrap();
+        t.follow_forks(follow);
+        let fork_insn = t.resolve("mp_fork_insn").unwrap();
+        let work = t.resolve("mp_tree_work").unwrap();
+        let (forks, h) = counter();
+        let _g1 = t.registry().register(fork_insn, h).unwrap();
+        let (calls, h) = counter();
+        let _g2 = t.registry().register(work, h).unwrap();
+        let mut child = t.take_child().unwrap();
+        // A parked child would block its parent's wait, and this loop, for ever.
+        let pid = t.pid();
+        let watchdog = std::thread::spawn(move || {
+            for _ in 0..300 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+                    return false;
+                }
+            }
+            // SAFETY: signalling the test's own traced child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            true
+        });
+        let mut followers = Vec::new();
+        let status = loop {
+            match t.run().unwrap() {
+                Stop::Forked { child, .. } => {
+                    let reg = t.registry_of(child).unwrap();
+                    let (c, h) = counter();
+                    followers.push((child, c, reg.register(work, h).unwrap()));
+                }
+                Stop::ProcessExited { .. } => {}
+                Stop::Exited(s) => break s,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(
+            !watchdog.join().unwrap(),
+            "follow={follow}: a child was left parked"
+        );
+        assert_eq!(status, ExitStatus::Code(0), "follow={follow}");
+        let out = common::read_all(&mut child);
+        assert_eq!(out.lines().count(), 5, "follow={follow}: {out}");
+        assert_eq!(forks.load(Relaxed), 2, "the root's two forks");
+        assert_eq!(calls.load(Relaxed), 4);
+        if follow {
+            // The root's two forks happen during a step; its children's (unprobed
+            // there) are ordinary fork events: every one is followed.
+            assert_eq!(
+                followers.len(),
+                4,
+                "children and grandchildren are reported"
+            );
+            for (pid, c, _) in &followers {
+                let line = out
+                    .lines()
+                    .find(|l| l.starts_with(&format!("pid={pid} ")))
+                    .unwrap();
+                let want: u64 = line.split("calls=").nth(1).unwrap().parse().unwrap();
+                assert_eq!(c.load(Relaxed), want, "{line}");
+            }
+        }
+    }
+}

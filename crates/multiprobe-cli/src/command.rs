@@ -3,13 +3,17 @@
 //! The order is what keeps the promises: signals are handled before anything is
 //! written into the program ([`crate::signals`]); `-o FILE` is opened (checked, not
 //! truncated) before the program is started or attached to ([`crate::outfile`]); every
-//! probe is resolved and placed before the program runs its own code (`run`: held at
-//! its entry point) and the output file is taken only then; a failure up to there
-//! kills the spawned program or detaches from the attached one, and is one line with
-//! exit status 2; from there on the tracer loop serves hits until the program ends or a
-//! signal asks to detach; the summary comes last, and the exit status is decided by
+//! probe is resolved and placed before the program runs its own code — for `run`, the
+//! program's own at exec and the libraries' when the loader has mapped them, before
+//! their constructors (see [`crate::session`]) — and the output file is taken only
+//! then; a failure up to there kills the spawned program (before it ran any of its own
+//! code) or detaches from the attached one, and is one line with exit status 2; from
+//! there on the tracer loop serves hits until the program ends or a signal asks to
+//! detach, placing probes in each program an `exec` brings and, with `-f`, in each
+//! fork child; the summary comes last, and the exit status is decided by
 //! [`crate::exit::decide`].
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -20,9 +24,9 @@ use multiprobe_backend_ptrace::{DetachHandle, ExitStatus, Stop, Tracer};
 use crate::error::Error;
 use crate::exit::{self, Exit};
 use crate::outfile::OutputFile;
-use crate::report::{json, table, Outcome, Summary};
-use crate::session::{self, lock, Session, Shared};
-use crate::signals::{self, Signal};
+use crate::report::{json, json_interval, table, Outcome, Row, Summary};
+use crate::session::{self, lock, programs, Session, Setup, Shared};
+use crate::signals;
 use crate::sink::{Dest, Sink};
 use crate::spec::ProbeSpec;
 use crate::ticker::Ticker;
@@ -43,6 +47,10 @@ pub struct Options {
     pub max_lines: u64,
     /// `--pin`.
     pub pin: bool,
+    /// `-f`: follow fork children.
+    pub follow: bool,
+    /// `-T`: per-hit lines show the time.
+    pub time: bool,
 }
 
 /// `run`: start `cmd` under the probes.
@@ -60,40 +68,34 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
         program: program.clone(),
         source,
     })?;
+    tracer.follow_forks(opts.follow);
     let pid = tracer.pid();
     let handle = detach_handle(&mut tracer, Some(pid));
-    let session = Session::new(
-        opts.probes.clone(),
-        tracer.registry().clone(),
-        pid,
-        Arc::clone(&sink),
-        std::env::var("LD_LIBRARY_PATH").ok(),
-        handle,
-    );
-    // Run the loader to the program's entry point and place the probes there, before any
-    // of the program's own code runs. A probe that cannot be placed ends the program
-    // there: it never runs half-probed.
-    let outcome = match tracer.run_to_entry() {
-        Ok(None) => {
-            if let Err(e) = place_first(&session, &sink, pid) {
-                kill(pid);
-                drop(tracer);
-                return Err(e);
-            }
-            let _pinned = pin(opts, pid);
-            serve(&mut tracer, &session, opts, &sink, started)?
-        }
-        // The program ended (or a signal had us detach) before its entry point.
-        Ok(Some(stop)) => {
-            sink.claim(pid)?;
-            outcome_of(stop)
-        }
-        Err(source) => {
-            kill(pid);
-            drop(tracer);
-            return Err(Error::Entry { program, source });
-        }
+    let setup = Setup {
+        specs: opts.probes.clone(),
+        sink: Arc::clone(&sink),
+        ld_library_path: std::env::var("LD_LIBRARY_PATH").ok(),
+        cmd_programs: programs::named(cmd),
+        cancel: handle,
+        time: opts.time,
     };
+    let session = Session::new(setup, pid, tracer.registry().clone());
+    // The program is held at its first instruction: its own probes go in now, the
+    // libraries' when the loader has mapped them (inside the loader hook). A probe that
+    // cannot be placed ends the program there: it never runs half-probed.
+    session::place_at_exec(&session, pid);
+    if let Some(e) = lock(&session).take_fatal() {
+        kill(pid);
+        drop(tracer);
+        return Err(e);
+    }
+    let _pinned = pin(opts, pid);
+    let outcome = serve(&mut tracer, &session, opts, &sink, started)?;
+    if let Some(e) = lock(&session).take_fatal() {
+        // Killed in the loader hook, before any of its own code ran.
+        drop(tracer);
+        return Err(e);
+    }
     Ok(finish(
         Mode::Run,
         &outcome,
@@ -122,22 +124,25 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
         multiprobe_core::Error::ProcessGone => Error::NoProcess(pid),
         source => Error::Attach { pid, source },
     })?;
+    tracer.follow_forks(opts.follow);
     let handle = detach_handle(&mut tracer, None);
-    let session = Session::new(
-        opts.probes.clone(),
-        tracer.registry().clone(),
-        pid,
-        Arc::clone(&sink),
-        None,
-        handle,
-    );
-    if let Err(e) = place_first(&session, &sink, pid) {
+    let setup = Setup {
+        specs: opts.probes.clone(),
+        sink: Arc::clone(&sink),
+        ld_library_path: None,
+        cmd_programs: Vec::new(),
+        cancel: handle,
+        time: opts.time,
+    };
+    let session = Session::new(setup, pid, tracer.registry().clone());
+    session::place_attached(&session, pid);
+    if let Some(e) = lock(&session).take_fatal() {
         // Nothing of ours stays in the process: detaching removes what was placed.
         let _ = tracer.detach();
         return Err(e);
     }
     let pinned = pin(opts, pid);
-    let placed = lock(&session).armed();
+    let placed = lock(&session).armed(pid);
     sink.note(&format!(
         "attached to process {pid}; {placed} handler(s) placed; Ctrl-C detaches"
     ));
@@ -178,15 +183,6 @@ fn detach_handle(tracer: &mut Tracer, program: Option<i32>) -> Option<DetachHand
     }
 }
 
-/// The first placement, then the output file is ours.
-fn place_first(session: &Shared, sink: &Sink, pid: i32) -> Result<(), Error> {
-    session::place_now(session, true);
-    if let Some(e) = lock(session).take_fatal() {
-        return Err(e);
-    }
-    Ok(sink.claim(pid)?)
-}
-
 /// `--pin`, if asked; a failure only costs speed, so it is reported and ignored.
 fn pin(opts: &Options, pid: i32) -> Option<affinity::Pinned> {
     if !opts.pin {
@@ -206,7 +202,59 @@ fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
-/// Serve hits until the program ends or we detach; print the live table on the way.
+/// Wakes the tracer loop every interval (it sleeps in `waitpid` while the program
+/// makes no hit), until dropped.
+struct Alarm {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Alarm {
+    fn start(every: Duration, handle: DetachHandle) -> Alarm {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::park_timeout(every);
+                handle.wake();
+            }
+        });
+        Alarm {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The live table: hits since the last tick beside the totals.
+#[derive(Default)]
+struct Live {
+    last: HashMap<(i32, Option<u64>, String, String), u64>,
+}
+
+impl Live {
+    fn tick(&mut self, mut rows: Vec<Row>) -> Vec<Row> {
+        for r in &mut rows {
+            let key = (r.pid, r.site, r.symbol.clone(), r.action.clone());
+            let before = self.last.insert(key, r.hits).unwrap_or(0);
+            r.interval_hits = Some(r.hits.saturating_sub(before));
+        }
+        rows
+    }
+}
+
+/// Serve hits until the program ends or we detach; print the live table on the way;
+/// place probes in each new program (`exec`) and each followed fork child.
 fn serve(
     tracer: &mut Tracer,
     session: &Shared,
@@ -217,6 +265,12 @@ fn serve(
     let pid = tracer.pid();
     let trace = |source| Error::Trace { pid, source };
     let mut ticker = opts.interval.map(|i| Ticker::new(i, Instant::now()));
+    let mut live = Live::default();
+    // The loop sleeps while the program makes no hit: an alarm wakes it for the ticks.
+    let _alarm = match (opts.interval, tracer.detach_handle()) {
+        (Some(every), Ok(h)) => Some(Alarm::start(every, h)),
+        _ => None,
+    };
     loop {
         let stop = tracer
             .run_until(|| ticker.is_some_and(|t| t.due(Instant::now())))
@@ -224,41 +278,65 @@ fn serve(
         match stop {
             None => {
                 if let Some(t) = &mut ticker {
-                    let rows = lock(session).rows();
+                    let rows = live.tick(lock(session).rows(None));
+                    let secs = started.elapsed().as_secs_f64();
                     if opts.json {
-                        sink.write(&serde_json::json!({ "live": rows }).to_string());
+                        sink.write(&json_interval(secs, &rows));
                     } else {
-                        let secs = started.elapsed().as_secs_f64();
                         sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows).trim_end()));
                     }
                     t.advance(Instant::now());
                 }
             }
             Some(Stop::Exec { unregistered }) => {
-                lock(session).exec(&unregistered);
-                // The new program's probes go in at its entry point, as at the start.
-                loop {
-                    match tracer.run_to_entry().map_err(trace)? {
-                        None => break session::place_now(session, false),
-                        Some(Stop::Exec { unregistered }) => lock(session).exec(&unregistered),
-                        Some(stop) => return Ok(outcome_of(stop)),
+                lock(session).exec(pid, &unregistered);
+                session::place_at_exec(session, pid);
+            }
+            Some(Stop::ProcessExec {
+                pid: p,
+                unregistered,
+            }) => {
+                lock(session).exec(p, &unregistered);
+                session::place_at_exec(session, p);
+            }
+            Some(Stop::Forked {
+                parent,
+                child,
+                execed,
+            }) => {
+                if let Some(registry) = tracer.registry_of(child) {
+                    lock(session).forked(parent, child, registry.clone());
+                    if execed {
+                        lock(session).exec(child, &[]);
+                        session::place_at_exec(session, child);
+                    } else {
+                        session::place_forked(session, child);
                     }
                 }
+            }
+            Some(Stop::ProcessExited { pid: p, status }) => {
+                lock(session).ended(p, outcome_of_status(status), true);
             }
             Some(stop) => return Ok(outcome_of(stop)),
         }
     }
 }
 
-/// The outcome of a stop that ends the session. (An exec does not end it; the callers
-/// handle it before asking.)
+fn outcome_of_status(status: ExitStatus) -> Outcome {
+    match status {
+        ExitStatus::Code(c) => Outcome::Exited(c),
+        ExitStatus::Signal(s) => Outcome::Killed(s.as_raw()),
+        // Reaped by someone else: how it ended is unknown.
+        ExitStatus::Unknown => Outcome::Killed(0),
+    }
+}
+
+/// The outcome of a stop that ends the session. (Execs, forks and the end of one of
+/// several processes do not end it; the callers handle them before asking.)
 fn outcome_of(stop: Stop) -> Outcome {
     match stop {
-        Stop::Exited(ExitStatus::Code(c)) => Outcome::Exited(c),
-        Stop::Exited(ExitStatus::Signal(s)) => Outcome::Killed(s.as_raw()),
-        // Reaped by someone else: how it ended is unknown.
-        Stop::Exited(ExitStatus::Unknown) => Outcome::Killed(0),
-        Stop::Detached | Stop::Exec { .. } => Outcome::Detached,
+        Stop::Exited(status) => outcome_of_status(status),
+        _ => Outcome::Detached,
     }
 }
 
@@ -278,24 +356,30 @@ fn finish(
     if let (Mode::Run, Outcome::Detached, Some(e)) = (mode, outcome, ending) {
         signals::pass_on(pid, e);
     }
-    if mode == Mode::Attach {
-        match outcome {
-            Outcome::Exited(c) => sink.note(&format!("process {pid} exited with status {c}")),
-            Outcome::Killed(s) => match Signal::from_raw(*s) {
-                Some(s) => sink.note(&format!("process {pid} was killed by {}", signals::name(s))),
-                None => sink.note(&format!("process {pid} is gone (how it ended is unknown)")),
-            },
-            Outcome::Detached => {}
-        }
-    }
+    // A program that ended before its probes were placed (the loader failed) still
+    // gets its summary.
+    let _ = sink.claim(pid);
+    lock(session).ended(pid, outcome.clone(), mode == Mode::Attach);
     let dropped = sink.finish_lines();
-    let rows = lock(session).rows();
+    let (rows, processes) = {
+        let s = lock(session);
+        (s.rows(Some(outcome)), s.processes(outcome))
+    };
+    if *outcome == Outcome::Detached {
+        let missed: u64 = rows.iter().map(|r| r.missed).sum();
+        sink.note(&format!(
+            "detached: every probe was removed and the program runs on unprobed; MISSED \
+             counts hits that ran no handler: {missed} (hits that arrived while the probes \
+             were being removed, and hits inside a handler)"
+        ));
+    }
     let summary = if opts.json {
         json(&Summary {
-            pid: pid as u32,
+            pid,
             outcome,
             duration_ms: started.elapsed().as_millis() as u64,
             dropped_lines: dropped,
+            processes: &processes,
             probes: &rows,
         })
     } else {

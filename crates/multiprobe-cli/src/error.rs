@@ -36,8 +36,9 @@ pub enum ProbeError {
     },
     /// The library is neither mapped nor installed.
     #[error(
-        "no library {0:?} is loaded or installed (searched LD_LIBRARY_PATH, /etc/ld.so.conf \
-         and the default directories)"
+        "no library {0:?} is loaded or installed, and no program has that name (searched \
+         LD_LIBRARY_PATH, /etc/ld.so.conf, the default directories, PATH and the library \
+         directories of the programs the command names): name it by its path"
     )]
     NoLibrary(String),
     /// A library named by path that is not an ELF shared object (a `-dev` linker script).
@@ -85,6 +86,48 @@ pub enum ProbeError {
         /// Names close to it.
         near: Vec<String>,
     },
+    /// A name that a file without a symbol table does not export.
+    #[error(
+        "no function named {name:?} in {}: it is stripped (no symbol table; only the {exported} \
+         functions it exports have names); probe code without a name by its file offset, \
+         {}:0xOFFSET",
+        file.display(), file_name(file)
+    )]
+    Stripped {
+        /// The name.
+        name: String,
+        /// The file.
+        file: PathBuf,
+        /// How many functions it exports.
+        exported: usize,
+    },
+    /// `FILE:0xOFFSET` beyond what the process maps of the file.
+    #[error("offset {offset:#x} of {} is not mapped in the process", file.display())]
+    OffsetNotMapped {
+        /// The offset.
+        offset: u64,
+        /// The file.
+        file: PathBuf,
+    },
+    /// `FILE:0xOFFSET` outside the file's code.
+    #[error("offset {offset:#x} of {} is not in its code (an executable segment)", file.display())]
+    OffsetNotCode {
+        /// The offset.
+        offset: u64,
+        /// The file.
+        file: PathBuf,
+    },
+    /// A USDT probe that a file on disk does not have.
+    #[error("{} has no USDT probe {probe} (multiprobe list 'usdt:*' -- PROGRAM shows them)", path.display())]
+    NoUsdt {
+        /// The file.
+        path: PathBuf,
+        /// The spec's target.
+        probe: String,
+    },
+    /// A USDT probe that no mapped file has.
+    #[error("no USDT probe {0} in the process (multiprobe list 'usdt:*' shows them)")]
+    NoUsdtHere(String),
     /// The registry (the backend) refused the site (shared by every spec there).
     #[error(transparent)]
     Register(std::sync::Arc<multiprobe_core::Error>),
@@ -102,6 +145,13 @@ pub enum ProbeError {
         /// Why.
         first: Box<ProbeError>,
     },
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn did_you_mean(near: &[String]) -> String {

@@ -7,7 +7,8 @@
 //! (the handlers), [`signals`] (detaching on every signal that would end us),
 //! [`sink`] and [`outfile`] (where output goes, failing loudly), [`report`] and
 //! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status),
-//! [`libs`] (libraries on disk), [`affinity`] (`--pin`), [`error`].
+//! [`libs`] (libraries on disk), [`affinity`] (`--pin`), [`ustack`] (stacks),
+//! [`list`] (the `list` command), [`error`].
 
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod error;
 pub mod exit;
 pub mod libs;
 pub mod lines;
+pub mod list;
 pub mod outfile;
 pub mod report;
 pub mod session;
@@ -28,6 +30,7 @@ pub mod signals;
 pub mod sink;
 pub mod spec;
 pub mod ticker;
+pub mod ustack;
 
 /// Which command runs: what signals and the exit status mean depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -121,6 +121,42 @@ pub fn find(library: &str, ld_library_path: Option<&str>) -> Result<PathBuf, Pro
     Err(ProbeError::NoLibrary(library.to_string()))
 }
 
+/// The first shared object `library` names in `dir` or its subdirectories, at most
+/// `depth` levels down (breadth first: the shallowest wins; within a directory, the
+/// shortest name). For libraries a program loads from its own installation (a JVM's
+/// `lib/server/libjvm.so`, Python's `lib-dynload`), outside the loader's search path.
+pub fn find_below(dir: &Path, library: &str, depth: u32) -> Option<PathBuf> {
+    let mut level = vec![dir.to_path_buf()];
+    for _ in 0..=depth {
+        let mut next = Vec::new();
+        for d in &level {
+            let Ok(entries) = std::fs::read_dir(d) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = Vec::new();
+            for e in entries.flatten() {
+                let p = e.path();
+                let Ok(kind) = e.file_type() else { continue };
+                if kind.is_dir() {
+                    next.push(p);
+                } else if p.to_string_lossy().contains(".so")
+                    && library_matches(library, &p.to_string_lossy())
+                    && is_shared_object(&p)
+                {
+                    found.push(p);
+                }
+            }
+            found.sort_by_key(|p| p.as_os_str().len());
+            if let Some(p) = found.into_iter().next() {
+                return Some(p);
+            }
+        }
+        next.sort();
+        level = next;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +193,19 @@ mod tests {
             find(script.to_str().unwrap(), None),
             Err(ProbeError::NotSharedObject(_))
         ));
+        // Below a directory (a program's own lib/ tree), the shallowest first.
+        let deep = dir.join("a").join("b");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::copy(&libc, deep.join("libmpdeep.so")).unwrap();
+        assert_eq!(
+            find_below(&dir, "libmpdeep", 4),
+            Some(deep.join("libmpdeep.so"))
+        );
+        assert_eq!(find_below(&dir, "libmpdeep", 1), None, "too deep");
+        assert_eq!(
+            find_below(&dir, "libmpfake", 4),
+            Some(dir.join("libmpfake.so.1"))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         let dirs = search_dirs(Some("/opt/a:/opt/b"));
         assert_eq!(dirs[0], PathBuf::from("/opt/a"));

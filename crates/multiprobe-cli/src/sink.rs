@@ -10,13 +10,31 @@
 //!   are counted as lost, and [`Sink::close`] returns the failure, which the command
 //!   reports and exits non-zero for.
 //! * Notes ([`Sink::note`]) are multiprobe's messages about the session, as opposed to
-//!   per-hit lines and tables; they all go through one place.
+//!   per-hit lines and tables; they all go through one place, which writes them as
+//!   `multiprobe: ...` lines, or with `--json` as `{"type":"note",...}` records (the
+//!   stream stays pure JSON: see [`crate::report`]). Events of processes followed with
+//!   `-f` go through [`Sink::process`] the same way.
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::outfile::{OutputError, OutputFile};
+
+/// What [`Sink::process`] reports.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessEvent<'a> {
+    /// The process.
+    pub pid: i32,
+    /// `fork`, `exec` or `exit`.
+    pub kind: &'static str,
+    /// For `fork`: the parent.
+    pub parent: Option<i32>,
+    /// For `exec`: the program.
+    pub program: Option<&'a str>,
+    /// For `exit`: how it ended.
+    pub outcome: Option<&'a crate::report::Outcome>,
+}
 
 /// The destination of a [`Sink`].
 #[derive(Debug)]
@@ -95,6 +113,9 @@ impl Sink {
     /// [`OutputFile::claim`]) and write what was held.
     pub fn claim(&self, pid: i32) -> Result<(), OutputError> {
         let mut out = self.out();
+        if out.held.is_none() {
+            return Ok(()); // claimed already (or stderr, never held)
+        }
         if let Dest::File(f) = &mut out.dest {
             f.claim(pid)?;
         }
@@ -112,9 +133,42 @@ impl Sink {
         self.out().put(&line);
     }
 
-    /// A note about the session (`multiprobe: ...`).
+    /// A note about the session (`multiprobe: ...`, or a `note` record).
     pub fn note(&self, text: &str) {
-        self.write(&format!("multiprobe: {text}"));
+        self.note_for(None, text);
+    }
+
+    /// A note about process `pid` (or the session).
+    pub fn note_for(&self, pid: Option<i32>, text: &str) {
+        if self.json {
+            let mut v = serde_json::json!({ "type": "note", "message": text });
+            if let Some(p) = pid {
+                v["pid"] = p.into();
+            }
+            self.write(&v.to_string());
+        } else {
+            self.write(&format!("multiprobe: {text}"));
+        }
+    }
+
+    /// An event of a process of the session (`-f`): `event` is `fork` (from
+    /// `parent`), `exec` (of `program`) or `exit` (with `outcome`); `text` says it to a
+    /// person.
+    pub fn process(&self, event: ProcessEvent<'_>, text: &str) {
+        if !self.json {
+            return self.write(&format!("multiprobe: {text}"));
+        }
+        let mut v = serde_json::json!({ "type": "process", "pid": event.pid, "event": event.kind });
+        if let Some(p) = event.parent {
+            v["parent"] = p.into();
+        }
+        if let Some(p) = event.program {
+            v["program"] = p.into();
+        }
+        if let Some(o) = event.outcome {
+            v["outcome"] = serde_json::to_value(o).expect("an outcome serializes");
+        }
+        self.write(&v.to_string());
     }
 
     /// A per-hit line, subject to the rate limit; `make` runs only if it is printed.
@@ -252,6 +306,26 @@ mod tests {
         assert!(rl.flush().is_none());
         let mut unlimited = RateLimit::new(0);
         assert!((0..1000).all(|_| unlimited.allow(t0, &mut None)));
+    }
+
+    #[test]
+    fn json_notes_are_records() {
+        let path = std::env::temp_dir().join(format!("mp-sink-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sink = Sink::new(Dest::File(OutputFile::open(&path).unwrap()), 0, true);
+        sink.claim(std::process::id() as i32).unwrap();
+        sink.note("hello \"there\"");
+        sink.note_for(Some(7), "seven");
+        sink.close().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["type"], "note");
+        assert_eq!(lines[0]["message"], "hello \"there\"");
+        assert_eq!(lines[1]["pid"], 7);
     }
 
     #[test]

@@ -94,7 +94,10 @@ fn threads_are_all_counted() {
     assert_eq!(total, 150 * (1 + 1 + 2 + 3));
     let summary: serde_json::Value =
         serde_json::from_str(text(&out.stderr).lines().last().unwrap()).unwrap();
-    assert_eq!(summary["outcome"]["exited"], 0);
+    assert_eq!(
+        summary["outcome"],
+        serde_json::json!({ "kind": "exited", "code": 0 })
+    );
     assert_eq!(summary["probes"][0]["hits"], total);
     assert_eq!(summary["probes"][0]["action"], "count");
 }

@@ -57,8 +57,22 @@ pub struct ElfSymbols {
     /// `(vaddr, file offset, file size)` of every `PT_LOAD`.
     segments: Vec<(u64, u64, u64)>,
     entry: u64,
+    /// The file has a `.symtab` (it is not stripped).
+    symtab: bool,
+    /// Its USDT probes (`.note.stapsdt`).
+    usdt: Vec<crate::usdt::UsdtProbe>,
+    /// Data objects (`STT_OBJECT`) by name, with their address: the loader's
+    /// `_r_debug`, a USDT argument's symbol.
+    objects: Vec<(String, u64)>,
     /// `.eh_frame`, `.eh_frame_hdr`, `.gcc_except_table`, for landing pads.
     unwind: UnwindSections,
+}
+
+/// How canonical a name is among the aliases of one function, lower first: libc's
+/// `malloc` before `__libc_malloc`, `puts` before `_IO_puts`, `free` before `cfree` —
+/// fewer leading underscores, then the shorter name.
+fn alias_rank(name: &str) -> (usize, usize) {
+    (name.len() - name.trim_start_matches('_').len(), name.len())
 }
 
 /// A Rust name demangled, without its hash.
@@ -121,7 +135,11 @@ impl ElfSymbols {
                 })
             })
             .collect();
-        funcs.sort_by(|a, b| (a.addr, &a.name).cmp(&(b.addr, &b.name)));
+        // At one address, the name a person would call the function first (see
+        // `alias_rank`): it is what a pattern's match and `containing` report.
+        funcs.sort_by(|a, b| {
+            (a.addr, alias_rank(&a.name), &a.name).cmp(&(b.addr, alias_rank(&b.name), &b.name))
+        });
         funcs.dedup();
         let segments = file
             .segments()
@@ -149,6 +167,19 @@ impl ElfSymbols {
             cpp: OnceLock::new(),
             segments,
             entry: file.entry(),
+            symtab: file.symbol_table().is_some(),
+            objects: {
+                let mut o: Vec<(String, u64)> = file
+                    .symbols()
+                    .chain(file.dynamic_symbols())
+                    .filter(|s| s.kind() == SymbolKind::Data && s.is_definition())
+                    .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+                    .collect();
+                o.sort_unstable();
+                o.dedup();
+                o
+            },
+            usdt: crate::usdt::probes(&file),
             unwind,
         })
     }
@@ -215,6 +246,43 @@ impl ElfSymbols {
         self.entry
     }
 
+    /// Whether the file has a full symbol table (`.symtab`): a stripped file has only
+    /// the dynamic symbols it exports, a stripped static program none at all.
+    pub fn has_symtab(&self) -> bool {
+        self.symtab
+    }
+
+    /// The file address of the data object `name` (`_r_debug`), if the file defines it.
+    pub fn object(&self, name: &str) -> Option<u64> {
+        let i = self.objects.partition_point(|(n, _)| n.as_str() < name);
+        self.objects
+            .get(i)
+            .filter(|(n, _)| n == name)
+            .map(|&(_, a)| a)
+    }
+
+    /// The file's USDT probes (`.note.stapsdt`), in note order.
+    pub fn usdt(&self) -> &[crate::usdt::UsdtProbe] {
+        &self.usdt
+    }
+
+    /// The file offset of file virtual address `vaddr`, if a loadable segment's file
+    /// bytes hold it.
+    pub fn offset_of_vaddr(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(va, _, size)| va <= vaddr && vaddr < va + size)
+            .map(|&(va, off, _)| off + (vaddr - va))
+    }
+
+    /// The file virtual address of file offset `offset`, if a loadable segment holds it.
+    pub fn vaddr_of_offset(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|&&(_, off, size)| off <= offset && offset < off + size)
+            .map(|&(vaddr, off, _)| vaddr + (offset - off))
+    }
+
     /// The function whose `[addr, addr + size)` holds the file address `vaddr`; the
     /// innermost (smallest) one if symbols nest.
     pub fn containing(&self, vaddr: u64) -> Option<&Func> {
@@ -226,7 +294,7 @@ impl ElfSymbols {
             .rev()
             .take(16)
             .filter(|f| vaddr < f.addr + f.size)
-            .min_by_key(|f| f.size)
+            .min_by_key(|f| (f.size, alias_rank(&f.name)))
     }
 
     /// Functions named `name`, trying in turn: the exact symbol name; the demangled

@@ -13,6 +13,7 @@ pub mod glob;
 pub mod maps;
 pub mod process;
 pub mod unwind;
+pub mod usdt;
 
 pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
@@ -22,6 +23,7 @@ pub use process::{
     SymbolCache,
 };
 pub use unwind::LandingPads;
+pub use usdt::{UsdtArg, UsdtLoc, UsdtProbe};
 
 /// This crate's README example, run as a doctest.
 #[cfg(doctest)]

@@ -324,6 +324,25 @@ impl ProcessSymbols {
         })
     }
 
+    /// The process address of the data object `name` in the first mapped file
+    /// `library` names that defines it (every file without a library).
+    pub fn object(&self, library: Option<&str>, name: &str) -> Option<u64> {
+        let files = self.files_of(library).ok()?;
+        files.iter().find_map(|path| {
+            let syms = self.symbols_of(path);
+            let at = syms.object(name)?;
+            Some(at.wrapping_add(self.bias_of(path, &syms)?))
+        })
+    }
+
+    /// The mapped file `library` names (the first), with its symbols and the bias that
+    /// turns their addresses into the process's.
+    pub fn file_symbols(&self, path: &str) -> Option<(Arc<ElfSymbols>, u64)> {
+        let syms = self.symbols_of(path);
+        let bias = self.bias_of(path, &syms)?;
+        Some((syms, bias))
+    }
+
     /// The indirect functions matching the wildcard `pattern` in `library` (or in every
     /// mapped file), each as the [`ResolveError::IndirectFunction`] that says where its
     /// implementation is to be read.
@@ -407,20 +426,29 @@ pub fn near_names<'a>(funcs: impl IntoIterator<Item = &'a Func>, name: &str) -> 
     scored.into_iter().take(5).map(|(_, n)| n).collect()
 }
 
-/// Levenshtein distance, with an early exit once both strings differ too much in length.
+/// Edit distance counting a transposition of two neighbouring characters as one edit
+/// (optimal string alignment: `mallco` is one edit from `malloc`, as a typist sees it),
+/// with an early exit once both strings differ too much in length.
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len().abs_diff(b.len()) > 3 {
         return usize::MAX / 2;
     }
+    // Three rows: the one before the previous is needed for transpositions.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     let mut cur = vec![0; b.len() + 1];
     for i in 1..=a.len() {
         cur[0] = i;
         for j in 1..=b.len() {
             let sub = prev[j - 1] + usize::from(a[i - 1] != b[j - 1]);
-            cur[j] = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
+            let mut d = sub.min(prev[j] + 1).min(cur[j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(before[j - 2] + 1);
+            }
+            cur[j] = d;
         }
+        std::mem::swap(&mut before, &mut prev);
         std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
@@ -515,6 +543,34 @@ mod tests {
         }
         assert!(p.entry(None).is_some());
         assert_eq!(edit_distance("malloc", "mallok"), 1);
+        // A transposition is one edit, as a typist sees it.
+        assert_eq!(edit_distance("mallco", "malloc"), 1);
+        assert_eq!(edit_distance("fere", "free"), 1);
+        assert_eq!(edit_distance("abc", "cba"), 2);
+        match p.resolve(Some("libc"), "mallco") {
+            Err(e @ ResolveError::UnknownSymbol { .. }) => {
+                assert!(e.to_string().contains("did you mean malloc"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn aliases_are_shown_by_their_canonical_name() {
+        let p = own();
+        let malloc = p.resolve(Some("libc"), "malloc").unwrap().start;
+        assert_eq!(
+            p.resolve(Some("libc"), "__libc_malloc").unwrap().start,
+            malloc
+        );
+        assert_eq!(p.locate(malloc).unwrap().name, "malloc");
+        let all = p.resolve_pattern(Some("libc"), "*").unwrap();
+        let at: Vec<&str> = all
+            .iter()
+            .filter(|l| l.start == malloc)
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(at, ["malloc"], "one site, by its canonical name");
     }
 
     fn libc_write() -> u64 {

@@ -1,5 +1,5 @@
-//! One placement: resolve every spec that is not placed yet, then register the handlers
-//! of each site in one batch.
+//! One placement in one process: resolve every spec that is not placed yet, then
+//! register the handlers of each site in one batch.
 //!
 //! Resolving everything first means a name that does not resolve fails the first
 //! placement before anything is armed. Registering per site (all the specs and actions
@@ -7,29 +7,35 @@
 //! of handlers, however many share a site ([`multiprobe_core::Registry::register_batch`]
 //! publishes each site's list once); a site that cannot be probed fails every spec on
 //! it, with the backend's reason. A detach requested meanwhile (a signal) stops the
-//! placement between two sites.
+//! placement between two sites. A USDT site's semaphore is raised once its handlers are
+//! in (the backend lowers it again at detach).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use multiprobe_core::Error as CoreError;
 use multiprobe_symbols::{file_name, MappedAt, ProcessSymbols, ResolveError};
 
+use super::programs;
 use super::resolve::{check_on_disk, Resolved, Resolver};
 use super::rows::{Failure, RowId, Status};
-use super::Session;
-use crate::actions;
+use super::{Scope, Session};
+use crate::actions::{self, Args, Binding, SiteCtx};
 use crate::error::{Error, ProbeError};
-use crate::spec::Target;
+use crate::spec::{is_wildcard, Target};
 
-/// The rows of one spec (or one pattern match) to register at `addr`.
+/// The rows of one spec (or one match) to register at `addr`.
 struct Want {
     spec: usize,
     rows: Vec<RowId>,
     addr: u64,
     mapped: Option<MappedAt>,
     label: String,
-    pattern: bool,
+    file: Option<String>,
+    per_match: bool,
+    args: Args,
+    semaphore: Option<u64>,
 }
 
 /// A pattern's matches in this placement: how many are probed, which could not be.
@@ -39,14 +45,30 @@ struct Matches {
     failed: Vec<(String, Vec<RowId>, ProbeError)>,
 }
 
+/// What one placement does, shared by its steps.
+struct Placement<'a> {
+    proc: usize,
+    scope: Scope,
+    first: bool,
+    r: Resolver<'a>,
+}
+
 impl Session {
-    /// Place every spec that is not placed yet. With `first`, anything that cannot be
-    /// placed now and never could be is fatal (`self.fatal`); later, such specs are
-    /// reported once and left out.
-    pub(super) fn place(&mut self, first: bool, syms: &ProcessSymbols) {
-        let resolver = Resolver {
-            syms,
-            pid: self.pid,
+    /// Place every spec of process `proc` that is not placed yet. With `first`,
+    /// anything that cannot be placed now and never could be is fatal (`self.fatal`);
+    /// later, such specs are reported once and left out.
+    pub(super) fn place(&mut self, proc: usize, scope: Scope, first: bool, syms: &ProcessSymbols) {
+        let program = self.procs[proc].program.clone();
+        let pl = Placement {
+            proc,
+            scope,
+            first,
+            r: Resolver {
+                syms,
+                pid: self.procs[proc].pid,
+                scope,
+                main: program.as_deref(),
+            },
         };
         let mut wants = Vec::new();
         let mut patterns: Vec<Option<Matches>> = (0..self.specs.len()).map(|_| None).collect();
@@ -54,91 +76,178 @@ impl Session {
             if self.cancelled() {
                 return;
             }
-            let fatal = if self.specs[i].is_pattern() {
+            let fatal = if self.specs[i].per_match() {
                 let m = matches.insert(Matches::default());
-                self.plan_pattern(&resolver, i, first, &mut wants, m)
+                self.plan_matches(&pl, i, &mut wants, m)
             } else {
-                self.plan(&resolver, i, first, &mut wants)
+                self.plan(&pl, i, &mut wants)
             };
             if fatal {
                 return;
             }
         }
-        if self.register(wants, first, &mut patterns) {
+        if self.register(&pl, wants, &mut patterns) {
             return;
         }
         for (i, m) in patterns.into_iter().enumerate() {
             let Some(m) = m else { continue };
-            if self.report_matches(i, m, first) {
+            if self.report_matches(&pl, i, m) {
                 return;
             }
         }
     }
 
-    /// Plan plain spec `i`. Returns true if that was fatal.
-    fn plan(&mut self, r: &Resolver<'_>, i: usize, first: bool, wants: &mut Vec<Want>) -> bool {
-        if !matches!(self.rows.spec_status(i), Status::Pending) {
+    /// The programs the session may run that could have what a spec names: the first
+    /// program and the ones its command line names.
+    fn programs(&self, proc: usize) -> Vec<PathBuf> {
+        let mut p: Vec<PathBuf> = self.procs[proc].program.iter().map(PathBuf::from).collect();
+        p.extend(self.cmd_programs.iter().cloned());
+        p
+    }
+
+    /// A spec whose file is not mapped: pending if the file is on disk and has it (at
+    /// the first placement; later it was checked already). Returns true if fatal.
+    fn pending_on_disk(&mut self, pl: &Placement<'_>, i: usize, file: &str) -> bool {
+        if !pl.first {
             return false;
         }
-        match r.resolve(&self.specs[i]) {
-            Ok(Resolved::NotLoaded(library)) => {
-                if first {
-                    let ld = self.ld_library_path.as_deref();
-                    if let Err(e) = check_on_disk(&self.specs[i], &library, ld) {
-                        return self.fatal(i, e);
-                    }
-                }
-                false
-            }
-            Ok(Resolved::At { addr, label }) => {
-                wants.push(Want {
-                    spec: i,
-                    rows: self.rows.of_spec(i).to_vec(),
-                    addr,
-                    mapped: r.syms.maps().mapped_at(addr),
-                    label,
-                    pattern: false,
-                });
-                false
-            }
-            Err(e) => self.give_up(i, first, e, Failure::NoSuchFunction),
+        let programs = self.programs(pl.proc);
+        let ld = self.ld_library_path.as_deref();
+        match check_on_disk(&self.specs[i], file, ld, &programs) {
+            Ok(_) => false,
+            Err(e) => self.fatal(i, e),
         }
     }
 
-    /// Plan the matches of pattern spec `i` that are not probed yet. Returns true if
-    /// that was fatal.
-    fn plan_pattern(
+    /// A bare name that no mapped file has at the first placement: pending if a
+    /// program the command line names has it (an `exec` will bring it), else fatal.
+    /// Returns true if fatal.
+    fn not_here(&mut self, pl: &Placement<'_>, i: usize, why: ProbeError) -> bool {
+        let name = match &self.specs[i].target {
+            Target::Symbol {
+                library: None,
+                name,
+                ..
+            } => name.clone(),
+            _ => return self.give_up(pl, i, why, Failure::NoSuchFunction),
+        };
+        if pl.first {
+            if let Some(p) = programs::having(&self.cmd_programs, &name, is_wildcard(&name)) {
+                let pid = self.procs[pl.proc].pid;
+                let text = &self.specs[i].text;
+                let here = self.procs[pl.proc].program.as_deref().map_or("", file_name);
+                let msg = format!(
+                    "probe {text:?}: not in {here} or its libraries; pending until {} \
+                     (named in the command line) is executed",
+                    p.display()
+                );
+                self.note_once(pid, i, "elsewhere", &msg);
+                return false;
+            }
+        }
+        self.give_up(pl, i, why, Failure::NoSuchFunction)
+    }
+
+    /// Plan plain spec `i`. Returns true if that was fatal.
+    fn plan(&mut self, pl: &Placement<'_>, i: usize, wants: &mut Vec<Want>) -> bool {
+        let proc = pl.proc;
+        if !matches!(self.procs[proc].rows.spec_status(i), Status::Pending) {
+            return false;
+        }
+        match pl.r.resolve(&self.specs[i]) {
+            Ok(Resolved::Later) => false,
+            Ok(Resolved::NotLoaded(file)) => self.pending_on_disk(pl, i, &file),
+            Ok(Resolved::At { addr, label, file }) => {
+                wants.push(Want {
+                    spec: i,
+                    rows: self.procs[proc].rows.of_spec(i).to_vec(),
+                    addr,
+                    mapped: pl.r.syms.maps().mapped_at(addr),
+                    label,
+                    file,
+                    per_match: false,
+                    args: Args::Abi,
+                    semaphore: None,
+                });
+                false
+            }
+            Err(e @ ProbeError::Resolve(ResolveError::UnknownSymbol { .. }))
+            | Err(e @ ProbeError::Stripped { .. }) => self.not_here(pl, i, e),
+            Err(e) => self.give_up(pl, i, e, Failure::NoSuchFunction),
+        }
+    }
+
+    /// Plan the matches of pattern or USDT spec `i` that are not probed yet. Returns
+    /// true if that was fatal.
+    fn plan_matches(
         &mut self,
-        r: &Resolver<'_>,
+        pl: &Placement<'_>,
         i: usize,
-        first: bool,
         wants: &mut Vec<Want>,
         m: &mut Matches,
     ) -> bool {
-        let Target::Symbol { library, name, .. } = &self.specs[i].target else {
-            unreachable!("a pattern is a symbol");
-        };
-        let found = match r.resolve_pattern(library.as_deref(), name) {
-            Ok(f) => f,
-            // The library is not loaded (yet): pending, if it exists and has a match.
-            Err(ResolveError::UnknownLibrary { library: l, .. }) => {
-                if first {
-                    let ld = self.ld_library_path.as_deref();
-                    if let Err(e) = check_on_disk(&self.specs[i], &l, ld) {
-                        return self.fatal(i, e);
+        let found: Vec<Found> = match &self.specs[i].target {
+            Target::Symbol { library, name, .. } => {
+                match pl.r.resolve_pattern(library.as_deref(), name) {
+                    Ok(f) => f
+                        .into_iter()
+                        .map(|loc| Found {
+                            label: format!("{}:{}", file_name(&loc.file), loc.name),
+                            addr: loc.start,
+                            file: loc.file,
+                            args: Args::Abi,
+                            semaphore: None,
+                        })
+                        .collect(),
+                    // The library is not loaded (yet): pending, if it exists and has a
+                    // match.
+                    Err(ResolveError::UnknownLibrary { library: l, .. }) => {
+                        return self.pending_on_disk(pl, i, &l);
                     }
+                    Err(e) => return pl.first && self.fatal(i, e.into()),
                 }
+            }
+            Target::Usdt { scope, name } => match pl.r.usdt(scope, name) {
+                Ok(f) => f
+                    .into_iter()
+                    .map(|u| Found {
+                        label: u.label,
+                        addr: u.addr,
+                        file: u.file,
+                        args: Args::Usdt(u.args.into()),
+                        semaphore: u.semaphore,
+                    })
+                    .collect(),
+                Err(file) if pl.scope == Scope::Exec => {
+                    let _ = file;
+                    return false;
+                }
+                Err(file) => return self.pending_on_disk(pl, i, &file),
+            },
+            _ => unreachable!("only patterns and USDT specs have matches"),
+        };
+        let proc = pl.proc;
+        if found.is_empty() {
+            // Only the first placement says so: later ones (a `dlopen`, a new program)
+            // may simply not have it.
+            if !pl.first || pl.scope == Scope::Exec || !self.procs[proc].rows.of_spec(i).is_empty()
+            {
                 return false;
             }
-            Err(e) => return first && self.fatal(i, e.into()),
-        };
-        if found.is_empty() {
-            return first && self.fatal(i, ProbeError::NoMatch(name.clone()));
+            let why = match &self.specs[i].target {
+                Target::Usdt { .. } => ProbeError::NoUsdtHere(self.specs[i].target.to_string()),
+                Target::Symbol { name, .. } => ProbeError::NoMatch(name.clone()),
+                _ => unreachable!(),
+            };
+            if let Target::Symbol { library: None, .. } = &self.specs[i].target {
+                return self.not_here(pl, i, why);
+            }
+            return pl.first && self.fatal(i, why);
         }
-        for loc in found {
-            let label = format!("{}:{}", file_name(&loc.file), loc.name);
-            match self.rows.match_status(i, &label) {
-                Some(Status::Armed(p)) if p.site == loc.start => {
+        for f in found {
+            let rows = &mut self.procs[proc].rows;
+            match rows.match_status(i, &f.label) {
+                Some(Status::Armed(p)) if p.site == f.addr => {
                     m.placed += 1;
                     continue;
                 }
@@ -147,11 +256,14 @@ impl Session {
             }
             wants.push(Want {
                 spec: i,
-                rows: self.rows.of_match(i, &label),
-                addr: loc.start,
-                mapped: r.syms.maps().mapped_at(loc.start),
-                label,
-                pattern: true,
+                rows: rows.of_match(i, &f.label),
+                addr: f.addr,
+                mapped: pl.r.syms.maps().mapped_at(f.addr),
+                label: f.label,
+                file: Some(f.file),
+                per_match: true,
+                args: f.args,
+                semaphore: f.semaphore,
             });
         }
         false
@@ -160,8 +272,8 @@ impl Session {
     /// Register what was planned, one batch per site. Returns true if that was fatal.
     fn register(
         &mut self,
+        pl: &Placement<'_>,
         wants: Vec<Want>,
-        first: bool,
         patterns: &mut [Option<Matches>],
     ) -> bool {
         let mut order: Vec<u64> = Vec::new();
@@ -175,29 +287,67 @@ impl Session {
                 })
                 .push(w);
         }
+        let proc = pl.proc;
         for addr in order {
             if self.cancelled() {
                 return false;
             }
             let group = sites.remove(&addr).unwrap_or_default();
             let mut requests = Vec::new();
+            let p = &self.procs[proc];
             for w in &group {
                 let label: Arc<str> = Arc::from(w.label.as_str());
-                requests.extend(
-                    w.rows
-                        .iter()
-                        .map(|&r| actions::request(addr, self.rows.action(r), &label, &self.sink)),
-                );
+                let ctx = Arc::new(SiteCtx {
+                    filters: self.specs[w.spec].filters.clone(),
+                    args: w.args.clone(),
+                });
+                requests.extend(w.rows.iter().map(|&r| {
+                    actions::request(
+                        addr,
+                        Binding {
+                            action: p.rows.action(r),
+                            label: Arc::clone(&label),
+                            pid: p.pid,
+                            ctx: Arc::clone(&ctx),
+                            state: p.rows.state(r),
+                            stacks: Arc::clone(&p.stacks),
+                            sink: Arc::clone(&self.sink),
+                            time: self.time,
+                        },
+                    )
+                }));
             }
-            let why = match self.registry.register_batch(requests) {
+            let why = match p.registry.register_batch(requests) {
                 Ok(guards) => {
                     let mut ids = guards.into_iter().map(|g| g.into_id());
+                    let registry = p.registry.clone();
                     for w in group {
                         let n = w.rows.len();
-                        self.rows
-                            .armed(&w.rows, ids.by_ref().take(n), addr, w.mapped, &w.label);
-                        if w.pattern {
+                        let rows = &mut self.procs[proc].rows;
+                        let file = w.file.as_deref();
+                        rows.armed(
+                            &w.rows,
+                            ids.by_ref().take(n),
+                            addr,
+                            w.mapped,
+                            &w.label,
+                            file,
+                        );
+                        if w.per_match {
                             matches_of(patterns, w.spec).placed += 1;
+                        }
+                        if let Some(sem) = w.semaphore {
+                            if let Err(e) = registry.backend().raise_semaphore(sem) {
+                                let text = &self.specs[w.spec].text;
+                                let pid = self.procs[proc].pid;
+                                self.sink.note_for(
+                                    Some(pid),
+                                    &format!(
+                                        "probe {text:?}: its semaphore at {sem:#x} could not be \
+                                         set ({e}): the program may skip the probe"
+                                    ),
+                                );
+                            }
                         }
                     }
                     continue;
@@ -207,11 +357,11 @@ impl Session {
             };
             for w in group {
                 let e = ProbeError::Register(Arc::clone(&why));
-                if w.pattern {
+                if w.per_match {
                     matches_of(patterns, w.spec)
                         .failed
                         .push((w.label, w.rows, e));
-                } else if self.give_up(w.spec, first, e, Failure::CannotProbe) {
+                } else if self.give_up(pl, w.spec, e, Failure::CannotProbe) {
                     return true;
                 }
             }
@@ -221,16 +371,17 @@ impl Session {
 
     /// Say how many of pattern spec `i`'s matches could not be probed, if any: fatal at
     /// the first placement when none could (returns true).
-    fn report_matches(&mut self, i: usize, m: Matches, first: bool) -> bool {
+    fn report_matches(&mut self, pl: &Placement<'_>, i: usize, m: Matches) -> bool {
         let total = m.placed + m.failed.len();
         let failed = m.failed.len();
         let mut failures = m.failed.into_iter();
         let Some((label, rows, first_error)) = failures.next() else {
             return false;
         };
-        self.rows.failed(&rows, Failure::CannotProbe);
+        let proc = pl.proc;
+        self.procs[proc].rows.failed(&rows, Failure::CannotProbe);
         for (_, rows, _) in failures {
-            self.rows.failed(&rows, Failure::CannotProbe);
+            self.procs[proc].rows.failed(&rows, Failure::CannotProbe);
         }
         let why = ProbeError::SomeUnprobeable {
             failed,
@@ -238,24 +389,33 @@ impl Session {
             label,
             first: Box::new(first_error),
         };
-        if first && m.placed == 0 {
+        if pl.first && m.placed == 0 {
             return self.fatal(i, why);
         }
         let text = &self.specs[i].text;
-        self.sink.note(&format!("probe {text:?}: {why}"));
+        let pid = self.procs[proc].pid;
+        self.sink
+            .note_for(Some(pid), &format!("probe {text:?}: {why}"));
         false
     }
 
     /// Spec `spec` cannot be placed: at the first placement that is fatal (returns true:
     /// stop placing); later it is said once and its rows marked failed.
-    fn give_up(&mut self, spec: usize, first: bool, why: ProbeError, failure: Failure) -> bool {
-        if first {
+    fn give_up(
+        &mut self,
+        pl: &Placement<'_>,
+        spec: usize,
+        why: ProbeError,
+        failure: Failure,
+    ) -> bool {
+        if pl.first {
             return self.fatal(spec, why);
         }
-        let text = &self.specs[spec].text;
-        self.sink.note(&format!("probe {text:?}: {why}"));
-        let rows = self.rows.of_spec(spec).to_vec();
-        self.rows.failed(&rows, failure);
+        let text = self.specs[spec].text.clone();
+        let pid = self.procs[pl.proc].pid;
+        self.note_once(pid, spec, "failed", &format!("probe {text:?}: {why}"));
+        let rows = self.procs[pl.proc].rows.of_spec(spec).to_vec();
+        self.procs[pl.proc].rows.failed(&rows, failure);
         false
     }
 
@@ -267,6 +427,15 @@ impl Session {
         });
         true
     }
+}
+
+/// One match of a pattern or USDT spec.
+struct Found {
+    label: String,
+    addr: u64,
+    file: String,
+    args: Args,
+    semaphore: Option<u64>,
 }
 
 fn matches_of(patterns: &mut [Option<Matches>], spec: usize) -> &mut Matches {

@@ -10,13 +10,16 @@
 //! their status.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use multiprobe_backend_ptrace::PtraceBackend;
 use multiprobe_core::{HandlerId, HandlerInfo, HandlerStats, Registry};
 use multiprobe_symbols::{MappedAt, Maps};
 
-use crate::report::{self, State};
-use crate::spec::{Action, ProbeSpec};
+use crate::actions::RowState;
+use crate::report::{self, Outcome, State};
+use crate::spec::{Action, Key, ProbeSpec};
 
 /// A row's index in [`Rows`].
 pub(super) type RowId = usize;
@@ -52,9 +55,13 @@ struct Row {
     action: Action,
     /// The site as resolved (`libc.so.6:malloc`), or the spec's target until then.
     label: String,
+    /// The file it was resolved in, once it was.
+    file: Option<String>,
     status: Status,
     /// Statistics of the registrations that ended.
     carried: HandlerStats,
+    /// What every registration of the row shares.
+    state: Arc<RowState>,
 }
 
 /// Every row, indexed by spec and by pattern match.
@@ -80,7 +87,7 @@ impl Rows {
             rows: Vec::new(),
             by_spec: vec![Vec::new(); specs.len()],
             by_match: HashMap::new(),
-            pattern: specs.iter().map(ProbeSpec::is_pattern).collect(),
+            pattern: specs.iter().map(ProbeSpec::per_match).collect(),
             actions: specs.iter().map(|s| s.actions.clone()).collect(),
             targets: specs.iter().map(|s| s.target.to_string()).collect(),
         };
@@ -99,8 +106,10 @@ impl Rows {
             spec,
             action,
             label,
+            file: None,
             status: Status::Pending,
             carried: HandlerStats::default(),
+            state: Arc::default(),
         });
         let id = self.rows.len() - 1;
         self.by_spec[spec].push(id);
@@ -142,6 +151,11 @@ impl Rows {
         self.rows[row].action
     }
 
+    /// The state every registration of `row` shares.
+    pub(super) fn state(&self, row: RowId) -> Arc<RowState> {
+        Arc::clone(&self.rows[row].state)
+    }
+
     /// The rows were registered: `ids[i]` is the handler of `rows[i]`.
     pub(super) fn armed(
         &mut self,
@@ -150,10 +164,12 @@ impl Rows {
         site: u64,
         mapped: Option<MappedAt>,
         label: &str,
+        file: Option<&str>,
     ) {
         for (&r, id) in rows.iter().zip(ids) {
             let row = &mut self.rows[r];
             row.label = label.to_string();
+            row.file = file.map(str::to_string);
             row.status = Status::Armed(Placed {
                 site,
                 mapped: mapped.clone(),
@@ -200,16 +216,21 @@ impl Rows {
     }
 
     /// An `exec` unregistered every handler (`unregistered` has their last statistics):
-    /// carry them, and make every row that has not failed pending again.
+    /// carry them, and make every row pending again that may be placed in the new
+    /// program (armed ones, and those its old program did not have: a new program may).
     pub(super) fn exec(&mut self, unregistered: &[HandlerInfo]) {
         let last: HashMap<HandlerId, HandlerStats> =
             unregistered.iter().map(|i| (i.id, i.stats)).collect();
         for row in &mut self.rows {
-            if let Status::Armed(p) = &row.status {
-                if let Some(s) = last.get(&p.id) {
-                    add(&mut row.carried, s);
+            match &row.status {
+                Status::Armed(p) => {
+                    if let Some(s) = last.get(&p.id) {
+                        add(&mut row.carried, s);
+                    }
+                    row.status = Status::Pending;
                 }
-                row.status = Status::Pending;
+                Status::Failed(Failure::NoSuchFunction) => row.status = Status::Pending,
+                _ => {}
             }
         }
     }
@@ -227,17 +248,25 @@ impl Rows {
         self.sites().count()
     }
 
-    /// Whether a placement may still find something: a pending row, or a pattern that
-    /// matched nothing yet.
-    pub(super) fn any_pending(&self) -> bool {
-        self.rows
-            .iter()
-            .any(|r| matches!(r.status, Status::Pending))
-            || (0..self.by_spec.len()).any(|s| self.pattern[s] && self.by_spec[s].is_empty())
-    }
-
-    /// The summary rows, with live statistics from `registry`, in site order.
-    pub(super) fn summary(&self, registry: &Registry<PtraceBackend>) -> Vec<report::Row> {
+    /// The summary rows of process `pid`, with live statistics from `registry`, in
+    /// site order. `over`: how the process (or the session) ended, if it did: armed rows
+    /// show `detached` after a detach (and `armed` — until the end — otherwise).
+    pub(super) fn summary(
+        &self,
+        registry: &Registry<PtraceBackend>,
+        pid: i32,
+        over: Option<&Outcome>,
+        specs: &[ProbeSpec],
+    ) -> Vec<report::Row> {
+        let filter_of = |spec: usize| -> Option<String> {
+            let f = &specs[spec].filters;
+            (!f.is_empty()).then(|| {
+                f.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" && ")
+            })
+        };
         let mut out: Vec<report::Row> = self
             .rows
             .iter()
@@ -250,20 +279,37 @@ impl Rows {
                 if let Some(i) = &live {
                     add(&mut stats, &i.stats);
                 }
-                let state = match (&r.status, &live) {
-                    (Status::Armed(_), Some(i)) if !i.enabled => State::Disabled,
-                    (Status::Armed(_), _) => State::Armed,
-                    (Status::Pending, _) => State::Pending,
-                    (Status::Failed(Failure::CannotProbe), _) => State::Failed,
-                    (Status::Failed(Failure::NoSuchFunction), _) => State::NoSuchFunction,
+                let filtered = r.state.filtered.load(Ordering::Relaxed);
+                let state = match (&r.status, &live, over) {
+                    (Status::Armed(_), _, Some(Outcome::Detached)) => State::Detached,
+                    (Status::Armed(_), Some(i), _) if !i.enabled => State::Disabled,
+                    (Status::Armed(_), ..) => State::Armed,
+                    (Status::Pending, ..) => State::Pending,
+                    (Status::Failed(Failure::CannotProbe), ..) => State::Failed,
+                    (Status::Failed(Failure::NoSuchFunction), ..) => State::NoSuchFunction,
                 };
                 report::Row {
+                    pid,
                     site,
                     symbol: r.label.clone(),
+                    file: r.file.clone(),
                     action: r.action.to_string(),
-                    hits: stats.hits,
+                    filter: filter_of(r.spec),
+                    hits: stats.hits.saturating_sub(filtered),
                     missed: stats.missed,
+                    filtered,
                     state,
+                    keys: match r.action {
+                        Action::CountBy(k) if k != Key::Ustack => Some(r.state.top_keys(k)),
+                        _ => None,
+                    },
+                    stacks: match r.action {
+                        Action::CountBy(Key::Ustack) | Action::Ustack { .. } => {
+                            Some(r.state.top_stacks())
+                        }
+                        _ => None,
+                    },
+                    interval_hits: None,
                 }
             })
             .collect();
@@ -271,12 +317,19 @@ impl Rows {
         for (s, rows) in self.by_spec.iter().enumerate() {
             if self.pattern[s] && rows.is_empty() {
                 out.extend(self.actions[s].iter().map(|a| report::Row {
+                    pid,
                     site: None,
                     symbol: self.targets[s].clone(),
+                    file: None,
                     action: a.to_string(),
+                    filter: filter_of(s),
                     hits: 0,
                     missed: 0,
+                    filtered: 0,
                     state: State::Pending,
+                    keys: None,
+                    stacks: None,
+                    interval_hits: None,
                 }));
             }
         }
