@@ -18,6 +18,19 @@
 //!    the instruction, [`Dispatcher::post`].
 //! 2. If the displaced instruction faults: [`Dispatcher::fault`].
 //!
+//! Return probes (contract rule 10), for a backend that offers them
+//! ([`Backend::check_return`]): give each thread's state a return stack
+//! ([`ThreadState::reserve_returns`]) and the address of the backend's *return
+//! trampoline* ([`ThreadState::set_return_trampoline`]) before dispatching. The core does
+//! the rest at the hit: it swaps the call's return address at `[rsp]` for the trampoline
+//! through the hit's memory. A thread that arrives at the trampoline is handed to
+//! [`Dispatcher::ret`], which sets `rip` to the original return address (and runs the
+//! return hooks); the backend resumes it there. Unwinders that walk the stack must see
+//! original return addresses: [`ThreadState::restore_return_addresses`] puts them back
+//! (and [`ThreadState::rehijack_returns`] the trampoline again); a backend that leaves a
+//! process restores them for every thread and drops the frames
+//! ([`Dispatcher::abandon_returns`]).
+//!
 //! Each thread that hits probes has its own [`ThreadState`]. Registers come through a
 //! [`RegisterFile`] (a plain [`crate::Regs`] is one); memory through a
 //! [`crate::Memory`] ([`NoMemory`] if the backend has none to offer).
@@ -25,6 +38,10 @@
 pub use crate::dispatch::{Dispatcher, PreOutcome, Step, ThreadState, MAX_PENDING};
 pub use crate::memory::NoMemory;
 pub use crate::regs::{RegisterFile, RFLAGS_TF};
+pub use crate::returning::RetOutcome;
+pub use crate::returns::{
+    frame_words as return_frame_words, DEFAULT_WORDS as DEFAULT_RETURN_WORDS,
+};
 
 use crate::error::Result;
 
@@ -59,6 +76,19 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Insert the breakpoint. On error nothing must be left inserted.
     fn arm(&self, addr: u64, site: &Self::Site) -> Result<()>;
+
+    /// Whether a handler with a return hook may be registered at `addr` (called at each
+    /// such registration, after `prepare`): `addr` must be a function's first
+    /// instruction, where `[rsp]` is the return address — otherwise
+    /// [`crate::Error::NotFunctionEntry`]. The default refuses: a backend offers return
+    /// probes by implementing this and driving [`Dispatcher::ret`] (module docs).
+    fn check_return(&self, addr: u64, site: &Self::Site) -> Result<()> {
+        let _ = site;
+        Err(crate::Error::NotFunctionEntry {
+            addr,
+            context: " (this backend has no return probes)".into(),
+        })
+    }
 
     /// Remove the breakpoint, restoring the original bytes exactly. If the code is no
     /// longer there — the process is gone ([`crate::Error::ProcessGone`]), or the

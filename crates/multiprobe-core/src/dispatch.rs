@@ -18,6 +18,11 @@
 //! A deferred step keeps its read section open in the [`ThreadState`] until `post`,
 //! `fault` or [`ThreadState::abandon`] ends it; unregistering waits for it.
 //!
+//! Return probes (contract rule 10): a hit whose walk ran the pre-hook of a handler
+//! with a return hook also swaps the call's return address for the thread's return
+//! trampoline ([`ThreadState::set_return_trampoline`]) and pushes a frame on its return
+//! stack; at the trampoline the backend calls [`Dispatcher::ret`] (`crate::returning`).
+//!
 //! # A thread and its own signal handlers
 //!
 //! In-process backends dispatch inside signal handlers, so a dispatch can be interrupted
@@ -59,6 +64,8 @@ use crate::handler::{Fault, FaultAction, Hit, PreAction};
 use crate::memory::Memory;
 use crate::regs::RegisterFile;
 use crate::removal::Mark;
+use crate::returning::Arming;
+use crate::returns::ReturnStack;
 use crate::shard::{self, Shard};
 use crate::srcu::{Domain, ReadToken};
 use crate::sync::atomic::Ordering::Relaxed;
@@ -122,6 +129,8 @@ pub struct ThreadState {
     /// Frames reserved, `0..=MAX_PENDING`; frames at `depth` and above are empty.
     depth: AtomicU8,
     frames: [Frame; MAX_PENDING],
+    /// The calls in flight whose returns are wanted (`crate::returns`).
+    pub(crate) returns: ReturnStack,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -130,6 +139,7 @@ impl std::fmt::Debug for ThreadState {
         f.debug_struct("ThreadState")
             .field("active", &self.in_handler())
             .field("pending", &self.pending())
+            .field("returns", &self.returns_in_flight())
             .finish()
     }
 }
@@ -148,12 +158,13 @@ impl ThreadState {
             active: AtomicBool::new(false),
             depth: AtomicU8::new(0),
             frames: [const { Frame::empty() }; MAX_PENDING],
+            returns: ReturnStack::new(),
             _not_send: PhantomData,
         }
     }
 
     #[inline(always)]
-    fn shard(&self) -> Shard {
+    pub(crate) fn shard(&self) -> Shard {
         match Shard::from_bits(self.shard.load(Relaxed)) {
             Some(s) => s,
             None => self.claim_shard(),
@@ -181,6 +192,11 @@ impl ThreadState {
     /// Whether a handler is running on this thread right now.
     pub fn in_handler(&self) -> bool {
         self.active.load(Relaxed)
+    }
+
+    /// Raise or lower `active` (for `crate::returning`, with the same fences as `pre`).
+    pub(crate) fn set_active(&self, on: bool) {
+        self.active.store(on, Relaxed);
     }
 
     /// Number of deferred steps waiting for [`Dispatcher::post`].
@@ -247,6 +263,93 @@ impl ThreadState {
         token
     }
 
+    /// Give this thread a return stack of `words` words (allocated here: thread context,
+    /// outside any dispatch on it), unless it has one. Without one, every return a hit
+    /// of this thread would arm is lost. [`crate::backend::DEFAULT_RETURN_WORDS`] holds
+    /// more than 4,000 calls in flight; [`crate::backend::return_frame_words`] says what
+    /// one call takes.
+    pub fn reserve_returns(&self, words: usize) {
+        self.returns.reserve(words);
+    }
+
+    /// Use `words` words at `ptr` as this thread's return stack, unless it has one
+    /// (then `false`, and the caller keeps its memory). Async-signal-safe: for a backend
+    /// that must provide it inside a signal handler (memory it mapped there).
+    ///
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `words` aligned `u64`s, used by nothing
+    /// else until this `ThreadState` is dropped (the caller frees it after).
+    pub unsafe fn lend_returns(&self, ptr: *mut u64, words: usize) -> bool {
+        // SAFETY: the caller's contract is `lend`'s.
+        unsafe { self.returns.lend(ptr, words) }
+    }
+
+    /// Whether this thread has a return stack.
+    pub fn has_return_stack(&self) -> bool {
+        self.returns.has_storage()
+    }
+
+    /// Where this thread's returns go: the backend's return trampoline, swapped into a
+    /// call's return slot at its entry (0: none, returns are lost). The backend sets it
+    /// before dispatching hits that may arm returns.
+    pub fn set_return_trampoline(&self, addr: u64) {
+        self.returns.set_trampoline(addr);
+    }
+
+    /// The return trampoline set for this thread (0: none).
+    pub fn return_trampoline(&self) -> u64 {
+        self.returns.trampoline()
+    }
+
+    /// Calls in flight whose returns are awaited.
+    pub fn returns_in_flight(&self) -> usize {
+        self.returns.depth()
+    }
+
+    /// The calls in flight whose return slot got the trampoline address at their entry
+    /// (and was not restored since): `(slot, original return address)`, innermost
+    /// first. Thread context (it allocates): for a tracer that must put them back in a
+    /// copy of the memory (a fork child).
+    pub fn return_slots(&self) -> Vec<(u64, u64)> {
+        self.returns
+            .frames()
+            .filter(|f| !f.unhijacked)
+            .map(|f| (f.sp, f.ret))
+            .collect()
+    }
+
+    /// Put the original return address back into every slot of this thread's calls in
+    /// flight that holds the trampoline (before an unwinder walks the stack, or when a
+    /// tracer leaves); the calls are still awaited, and [`ThreadState::rehijack_returns`]
+    /// undoes it. Returns how many slots were restored. Call it on the thread itself
+    /// (from a handler), or while it is stopped.
+    pub fn restore_return_addresses(&self, mem: &dyn Memory) -> usize {
+        self.returns.unhijack(mem)
+    }
+
+    /// Swap the trampoline back into the slots [`ThreadState::restore_return_addresses`]
+    /// restored, for the calls still live: those whose slot lies above `sp` (a C++
+    /// exception caught with the stack at `sp`: the calls it skipped lie below) and still
+    /// holds the original address. Returns how many.
+    pub fn rehijack_returns(&self, sp: u64, mem: &dyn Memory) -> usize {
+        self.returns.rehijack(sp, mem)
+    }
+
+    /// Forget every call in flight without counting anything (the thread's memory is
+    /// gone: an exec, a process that exited).
+    pub fn forget_returns(&self) {
+        self.returns.clear();
+    }
+
+    /// A thread at the return trampoline with `rsp` (after the `ret`) whose call no
+    /// registry claims (its registry is gone): drop its frame (and the dead ones above
+    /// it) and return the original return address, running nothing.
+    pub fn pop_return(&self, rsp: u64) -> Option<u64> {
+        let f = self.returns.returning(rsp)?;
+        self.returns.truncate_to(&f);
+        Some(f.ret)
+    }
+
     /// End every deferred step without running its post-handlers: for a thread that
     /// exited or was moved out of an out-of-line slot. Unregistering waits for deferred
     /// steps, so a backend must call this for threads that will never come back.
@@ -270,7 +373,7 @@ impl Drop for ThreadState {
 
 /// A backend's handle on the table: the dispatch entry points. Cheap to clone.
 pub struct Dispatcher<S> {
-    table: Arc<Table<S>>,
+    pub(crate) table: Arc<Table<S>>,
 }
 
 impl<S> Clone for Dispatcher<S> {
@@ -382,36 +485,71 @@ impl<S> Step<'_, S> {
     }
 }
 
-/// The pre walk while removals are in flight (`crate::removal`): as the usual one in
-/// [`Dispatcher::pre`], but the handlers whose removal was requested are skipped as not
-/// reached. Out of line and cold, so `pre` keeps one tight loop. Whether a handler
-/// redirected.
+/// The pre walk while removals are in flight (`crate::removal`) or at a site whose
+/// handlers have return hooks: as the usual one in [`Dispatcher::pre`], but the handlers
+/// whose removal was requested are skipped as not reached, and the returns are armed
+/// (`crate::returning`). Out of line and cold, so `pre` keeps one tight loop. Whether a
+/// handler redirected.
 #[cold]
 #[inline(never)]
-fn walk_skipping_removed<S>(site: &SiteView<S>, hit: &mut Hit<'_>, shard: Shard) -> bool {
+fn walk_general<S>(
+    table: &Table<S>,
+    site: &SiteView<S>,
+    hit: &mut Hit<'_>,
+    shard: Shard,
+    ts: &ThreadState,
+) -> bool {
     let addr = site.addr();
+    let gate = table.removals.gate_open();
+    let mut arming = (site.rets > 0).then(|| Arming::begin(ts, table, site, hit, shard));
     let mut walk = site.hot.iter();
+    let mut redirected = false;
     while let Some(h) = walk.next() {
-        if h.removal_requested() {
+        if gate && h.removal_requested() {
             // Gone but for the bookkeeping: not called, not a hit of it.
             h.counters().skipped(shard);
             continue;
         }
         hit.set_handler(h.id);
+        let data = match (&mut arming, h.has_ret) {
+            (Some(a), true) => a.data(),
+            _ => std::ptr::null_mut(),
+        };
+        // SAFETY: `data` is null, the arming's scratch, or a fresh record above the
+        // return stack's top; none is touched by anyone else during this handler's call
+        // (nested dispatches on this thread run no handler and leave the stack alone).
+        unsafe { hit.set_call_data(data) };
         let mut redirect = false;
+        let mut keep = h.has_ret;
         match catch_unwind(AssertUnwindSafe(|| h.handler().pre(hit))) {
             Ok(PreAction::Continue) => {}
-            Ok(answer) => redirect = unusual_answer(h.entry(), answer),
-            Err(payload) => report_panic(h.counters(), shard, payload),
+            Ok(answer) => {
+                keep &= answer != PreAction::Remove;
+                redirect = unusual_answer(h.entry(), answer);
+            }
+            Err(payload) => {
+                // A pre-hook that panicked left its call data half written: no return.
+                keep = false;
+                report_panic(h.counters(), shard, payload);
+            }
+        }
+        if let (Some(a), true) = (&mut arming, keep && !hit.skipped_return()) {
+            a.keep(h, shard);
         }
         if redirect || hit.rip_moved(addr) {
             for later in walk {
                 later.counters().skipped(shard);
             }
-            return true;
+            redirected = true;
+            break;
         }
     }
-    false
+    // SAFETY: null.
+    unsafe { hit.set_call_data(std::ptr::null_mut()) };
+    if let Some(a) = arming {
+        a.finish(site, redirected, hit, shard);
+    }
+    redirected
 }
 
 /// A pre-handler answered other than `Continue`: whether it redirects. (It takes just
@@ -511,8 +649,8 @@ impl<S> Dispatcher<S> {
         // its own, so the usual walk pays nothing per handler for them. A request made
         // during this walk by another handler takes effect from the next hit.
         let mut redirect = false;
-        if table.removals.gate_open() {
-            redirect = walk_skipping_removed(site, &mut hit, shard);
+        if table.removals.gate_open() || site.rets > 0 {
+            redirect = walk_general(table, site, &mut hit, shard, ts);
         } else {
             // The usual walk. Written out here, not shared with the other through a
             // generic function: inlined from one, LLVM walked by pointer and count, an

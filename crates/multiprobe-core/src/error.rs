@@ -43,6 +43,15 @@ pub enum Error {
         /// What the instruction is and why it is refused.
         reason: String,
     },
+    /// A return probe (a handler with a return hook) was asked for at an address that is
+    /// not a function's first instruction: its entry could not be paired with a return.
+    #[error("{addr:#x} is not a function's first instruction, so a return probe there could not pair a call with its return{context}")]
+    NotFunctionEntry {
+        /// The address.
+        addr: u64,
+        /// Where it is, e.g. " (main+0x4)", or why the backend refuses; may be empty.
+        context: String,
+    },
     /// Something else already put a breakpoint there.
     #[error("{addr:#x} already holds a breakpoint that is not ours")]
     AlreadyBreakpoint {

@@ -1,5 +1,5 @@
 //! What a user attaches to an address: the [`Handler`] trait, the [`Hit`] it is given,
-//! and closure adapters.
+//! the [`CallData`] a pre-hook leaves for its return hook, and closure adapters.
 //!
 //! Handlers are `'static + Send + Sync` because the registry's snapshot owns them and
 //! any thread may hit the probe. With an in-process backend they run inside a signal
@@ -47,6 +47,15 @@ pub enum FaultAction {
     Handled,
 }
 
+/// Words of [`CallData`].
+pub const CALL_DATA_WORDS: usize = 8;
+
+/// What a handler's pre-hook leaves for its own return hook, per call: fixed size, kept
+/// on the thread's return stack (no allocation). Zero when the pre-hook starts; the
+/// pre-hook writes it through [`Hit::call_data_mut`], and [`Handler::ret`] gets it when
+/// that call returns. Eight words: a timestamp and the six register arguments fit.
+pub type CallData = [u64; CALL_DATA_WORDS];
+
 /// A fault raised by the displaced instruction while it executed out of line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
@@ -74,6 +83,11 @@ pub struct Hit<'a> {
     /// only then can `rip` have moved, so only then is it compared after each handler.
     written: bool,
     mem: &'a dyn Memory,
+    /// The [`CallData`] of the handler being called, in a pre walk that arms returns
+    /// (its record on the return stack, or scratch); null otherwise.
+    data: *mut CallData,
+    /// The handler called [`Hit::skip_return`] (reset per handler by the walk).
+    skip: bool,
 }
 
 /// A hit's registers: already at hand (a plain [`Regs`], or a file fetched before the
@@ -106,7 +120,27 @@ impl<'a> Hit<'a> {
             regs,
             written: false,
             mem,
+            data: std::ptr::null_mut(),
+            skip: false,
         }
+    }
+
+    /// Point [`Hit::call_data_mut`] at `data` (null: none) for the next handler, and
+    /// clear its [`Hit::skip_return`].
+    ///
+    /// # Safety
+    /// `data` is null or valid for writes, and not otherwise accessed, until it is
+    /// replaced or the hit is dropped.
+    #[inline]
+    pub(crate) unsafe fn set_call_data(&mut self, data: *mut CallData) {
+        self.data = data;
+        self.skip = false;
+    }
+
+    /// Whether the handler just called asked [`Hit::skip_return`].
+    #[inline]
+    pub(crate) fn skipped_return(&self) -> bool {
+        self.skip
     }
 
     /// Point the same hit at the next handler of the walk.
@@ -204,6 +238,24 @@ impl<'a> Hit<'a> {
         Ok(PreAction::Redirect)
     }
 
+    /// In the pre-hook of a handler with a return hook ([`Handler::has_ret`]): this
+    /// call's [`CallData`], which [`Handler::ret`] gets when the call returns (zero
+    /// until written). `None` anywhere else: other hooks, handlers without a return hook.
+    #[inline]
+    pub fn call_data_mut(&mut self) -> Option<&mut CallData> {
+        // SAFETY: `data` is null or valid for the current handler's call, and `&mut self`
+        // makes this the only access to it (`set_call_data`'s contract).
+        unsafe { self.data.as_mut() }
+    }
+
+    /// In a pre-hook: this call's return is not wanted — the handler's return hook is
+    /// not called for it, and it is counted neither as returned nor as lost (a filter
+    /// that rejected the call at its entry). No effect elsewhere.
+    #[inline]
+    pub fn skip_return(&mut self) {
+        self.skip = true;
+    }
+
     /// The `n`-th integer argument (0-based) under the System V AMD64 convention,
     /// valid at a function's first instruction: registers for the first six, then the
     /// stack above the return address. Fetches the registers (see [`Hit`]).
@@ -239,7 +291,8 @@ impl fmt::Debug for Hit<'_> {
 /// A probe handler. Every method has a default that does nothing, so implement only
 /// what you need — but a type that implements [`Handler::post`] must also return
 /// `true` from [`Handler::has_post`]: that is what tells the backend to come back after
-/// the original instruction (otherwise a hit costs one trap, not two).
+/// the original instruction (otherwise a hit costs one trap, not two); and one that
+/// implements [`Handler::ret`] must return `true` from [`Handler::has_ret`].
 pub trait Handler: Send + Sync + 'static {
     /// Runs before the original instruction, with `regs.rip == hit.addr()`.
     fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
@@ -262,6 +315,23 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Whether [`Handler::post`] does anything. Read once, at registration.
     fn has_post(&self) -> bool {
+        false
+    }
+
+    /// Runs when a call whose entry ran this handler's `pre` returns (contract rule 10):
+    /// `regs.rax` (and `rdx`) hold the return value, `regs.rip` is where the call
+    /// returns to, `regs.rsp` the stack pointer after the return; `data` is what `pre`
+    /// left in [`Hit::call_data_mut`]. Changes to the registers are written back (a
+    /// handler may change the return value). [`Hit::addr`] is the probed function.
+    fn ret(&self, hit: &mut Hit<'_>, data: &CallData) {
+        let _ = (hit, data);
+    }
+
+    /// Whether [`Handler::ret`] does anything. Read once, at registration: then the
+    /// address must be a function's first instruction (the backend checks), and each
+    /// hit whose `pre` ran swaps the call's return address for the backend's return
+    /// trampoline.
+    fn has_ret(&self) -> bool {
         false
     }
 }
@@ -296,6 +366,14 @@ pub trait FaultHook: Send + Sync + 'static {
     #[doc(hidden)]
     fn call(&self, hit: &mut Hit<'_>, fault: &Fault) -> FaultAction;
 }
+/// The return hook of an [`FnHandler`]: a closure taking the call's [`CallData`], or
+/// [`NoHook`].
+pub trait RetHook: Send + Sync + 'static {
+    #[doc(hidden)]
+    const PRESENT: bool;
+    #[doc(hidden)]
+    fn call(&self, hit: &mut Hit<'_>, data: &CallData);
+}
 
 /// An absent hook.
 #[derive(Clone, Copy, Debug, Default)]
@@ -315,6 +393,10 @@ impl FaultHook for NoHook {
         FaultAction::NotHandled
     }
 }
+impl RetHook for NoHook {
+    const PRESENT: bool = false;
+    fn call(&self, _: &mut Hit<'_>, _: &CallData) {}
+}
 impl<F: Fn(&mut Hit<'_>) -> PreAction + Send + Sync + 'static> PreHook for F {
     fn call(&self, hit: &mut Hit<'_>) -> PreAction {
         self(hit)
@@ -331,6 +413,12 @@ impl<F: Fn(&mut Hit<'_>, &Fault) -> FaultAction + Send + Sync + 'static> FaultHo
         self(hit, fault)
     }
 }
+impl<F: Fn(&mut Hit<'_>, &CallData) + Send + Sync + 'static> RetHook for F {
+    const PRESENT: bool = true;
+    fn call(&self, hit: &mut Hit<'_>, data: &CallData) {
+        self(hit, data)
+    }
+}
 
 /// A handler assembled from closures, without a trait impl:
 ///
@@ -338,17 +426,28 @@ impl<F: Fn(&mut Hit<'_>, &Fault) -> FaultAction + Send + Sync + 'static> FaultHo
 /// use multiprobe_core::{FnHandler, PreAction};
 /// let h = FnHandler::new()
 ///     .pre(|hit| { let _ = hit.regs().rdi; PreAction::Continue })
-///     .post(|hit| { let _ = hit.regs().rax; });
-/// # let _ = h;
+///     .post(|hit| { let _ = hit.regs().rip; });
+/// // Entry and return of the same call: the pre leaves the argument for the return.
+/// let pair = FnHandler::new()
+///     .pre(|hit| {
+///         let arg = hit.regs().rdi;
+///         if let Some(d) = hit.call_data_mut() {
+///             d[0] = arg;
+///         }
+///         PreAction::Continue
+///     })
+///     .ret(|hit, data| { let (_arg, _value) = (data[0], hit.regs().rax); });
+/// # let _ = (h, pair);
 /// ```
 ///
 /// Each hook is a type parameter, so calling one costs a direct call, not a second
 /// dynamic dispatch.
 #[derive(Clone, Copy, Default)]
-pub struct FnHandler<P = NoHook, Q = NoHook, F = NoHook> {
+pub struct FnHandler<P = NoHook, Q = NoHook, F = NoHook, R = NoHook> {
     pre: P,
     post: Q,
     fault: F,
+    ret: R,
 }
 
 impl FnHandler {
@@ -358,13 +457,14 @@ impl FnHandler {
             pre: NoHook,
             post: NoHook,
             fault: NoHook,
+            ret: NoHook,
         }
     }
 }
 
-impl<P, Q, F> FnHandler<P, Q, F> {
+impl<P, Q, F, R> FnHandler<P, Q, F, R> {
     /// Set the pre hook.
-    pub fn pre<P2>(self, pre: P2) -> FnHandler<P2, Q, F>
+    pub fn pre<P2>(self, pre: P2) -> FnHandler<P2, Q, F, R>
     where
         P2: Fn(&mut Hit<'_>) -> PreAction + Send + Sync + 'static,
     {
@@ -372,11 +472,12 @@ impl<P, Q, F> FnHandler<P, Q, F> {
             pre,
             post: self.post,
             fault: self.fault,
+            ret: self.ret,
         }
     }
 
     /// Set the post hook.
-    pub fn post<Q2>(self, post: Q2) -> FnHandler<P, Q2, F>
+    pub fn post<Q2>(self, post: Q2) -> FnHandler<P, Q2, F, R>
     where
         Q2: Fn(&mut Hit<'_>) + Send + Sync + 'static,
     {
@@ -384,11 +485,12 @@ impl<P, Q, F> FnHandler<P, Q, F> {
             pre: self.pre,
             post,
             fault: self.fault,
+            ret: self.ret,
         }
     }
 
     /// Set the fault hook.
-    pub fn fault<F2>(self, fault: F2) -> FnHandler<P, Q, F2>
+    pub fn fault<F2>(self, fault: F2) -> FnHandler<P, Q, F2, R>
     where
         F2: Fn(&mut Hit<'_>, &Fault) -> FaultAction + Send + Sync + 'static,
     {
@@ -396,11 +498,26 @@ impl<P, Q, F> FnHandler<P, Q, F> {
             pre: self.pre,
             post: self.post,
             fault,
+            ret: self.ret,
+        }
+    }
+
+    /// Set the return hook ([`Handler::ret`]): the probe must then be at a function's
+    /// first instruction.
+    pub fn ret<R2>(self, ret: R2) -> FnHandler<P, Q, F, R2>
+    where
+        R2: Fn(&mut Hit<'_>, &CallData) + Send + Sync + 'static,
+    {
+        FnHandler {
+            pre: self.pre,
+            post: self.post,
+            fault: self.fault,
+            ret,
         }
     }
 }
 
-impl<P: PreHook, Q: PostHook, F: FaultHook> Handler for FnHandler<P, Q, F> {
+impl<P: PreHook, Q: PostHook, F: FaultHook, R: RetHook> Handler for FnHandler<P, Q, F, R> {
     fn pre(&self, hit: &mut Hit<'_>) -> PreAction {
         self.pre.call(hit)
     }
@@ -413,9 +530,15 @@ impl<P: PreHook, Q: PostHook, F: FaultHook> Handler for FnHandler<P, Q, F> {
     fn has_post(&self) -> bool {
         Q::PRESENT
     }
+    fn ret(&self, hit: &mut Hit<'_>, data: &CallData) {
+        self.ret.call(hit, data)
+    }
+    fn has_ret(&self) -> bool {
+        R::PRESENT
+    }
 }
 
-impl<P, Q, F> fmt::Debug for FnHandler<P, Q, F> {
+impl<P, Q, F, R> fmt::Debug for FnHandler<P, Q, F, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FnHandler").finish_non_exhaustive()
     }

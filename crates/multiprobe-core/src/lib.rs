@@ -92,6 +92,37 @@
 //!    a faulting probed instruction faults as it would have, after the fault handlers.
 //! 8. **Handlers are untrusted.** Panics are caught and counted.
 //! 9. **Stats.** Per handler hits/missed/panics, per address hits, readable any time.
+//! 10. **Returns.** A handler with a return hook ([`Handler::ret`], [`FnHandler::ret`])
+//!     pairs a call's entry with its return. It must be registered at a function's first
+//!     instruction, where `[rsp]` is the return address; the backend checks, and
+//!     anywhere else registration fails with [`Error::NotFunctionEntry`] (nothing armed).
+//!     At a hit whose walk ran its pre-hook (which may leave [`CallData`] for the return
+//!     hook: [`Hit::call_data_mut`]), the call's return address is swapped for the
+//!     backend's return trampoline and kept on the thread's return stack; when the call
+//!     returns, the return hook runs with the registers then (`rax`: the return value,
+//!     `rip`: where the call returns to) and that data, and the thread continues at the
+//!     original return address.
+//!     * *Order*: the return hooks of one call run in registration order; a call's
+//!       return comes after the returns of every call it made (recursion unwinds
+//!       innermost first).
+//!     * *Quiescence*: once [`Registry::unregister`] returned, the return hook never
+//!       runs again, also for calls that entered before — they return to their callers
+//!       unobserved. No read section is held across a call: the return looks its
+//!       handlers up afresh.
+//!     * *Enable/disable*: a call whose entry ran the pre-hook gets its return hook even
+//!       if the handler was disabled since (pairs are never broken by a disable); a call
+//!       whose entry did not run it (disabled then, enabled since) gets none.
+//!     * *Reentrancy*: a call entered while its thread runs a handler is missed (rule 6)
+//!       and arms no return; return hooks run with the thread dispatching, so probed
+//!       calls they make are missed too.
+//!     * *Counted*: each call whose entry ran the pre-hook ends in exactly one of the
+//!       handler's `returns` and `returns_lost` (while it is registered): lost when the
+//!       thread's return stack was full, the walk redirected ([`PreAction::Redirect`],
+//!       [`Hit::return_now`]) or moved `rsp`, the stack could not be written, the call
+//!       was skipped by a `longjmp` or an exception (recognised by its stack pointer at a
+//!       later return or entry on the thread), or the thread ended inside it. Not armed,
+//!       and in neither: a pre-hook that panicked, returned [`PreAction::Remove`] or
+//!       called [`Hit::skip_return`]. Lost calls run on unchanged.
 //!
 //! # What each backend delivers
 //!
@@ -107,7 +138,8 @@
 //! | other registry calls from inside a handler | those returning a `Result` answer [`Error::SignalContext`] and change nothing; `len`, `handlers`, `site`, `sites` must not be called there; `register` must not (the handler passed in is dropped there) | work as from anywhere |
 //! | [`PreAction::Remove`] | lock-free; the collector thread finishes it soon after | lock-free; finished by the next registry operation or [`Registry::collect`] (the simulator's first CPU collects after each of its hits) |
 //! | a handler's panic | caught and counted; the backend's panic hook stays silent for it (no stderr lock, no backtrace), but unwinding still allocates: best effort in a signal handler | caught and counted; the panic hook prints as usual |
-//! | system calls of a hit | none, but a thread's first hit learns its id (one `gettid`; `prepare_thread()` does it ahead), and a hit whose handler asked for a removal wakes the collector (one `futex` wake, if it was not already woken) | the backend's own (ptrace stops) |
+//! | system calls of a hit | none, but a thread's first hit learns its id (one `gettid`; `prepare_thread()` does it ahead), a thread's first hit that arms a return maps its return stack (one `mmap`), and a hit whose handler asked for a removal wakes the collector (one `futex` wake, if it was not already woken) | the backend's own (ptrace stops) |
+//! | a return (rule 10) | the return trampoline: a generated stub that runs the return hooks in thread context (jump-site mode), or an `int3` and a SIGTRAP | one stop at an `int3` in the tracee's out-of-line page |
 //!
 //! # Registers are fetched on demand
 //!
@@ -155,6 +187,8 @@ mod memory;
 mod registry;
 mod regs;
 mod removal;
+mod returning;
+mod returns;
 mod shard;
 mod srcu;
 mod stats;
@@ -165,7 +199,8 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use handler::{
-    Fault, FaultAction, FaultHook, FnHandler, Handler, Hit, NoHook, PostHook, PreAction, PreHook,
+    CallData, Fault, FaultAction, FaultHook, FnHandler, Handler, Hit, NoHook, PostHook, PreAction,
+    PreHook, RetHook, CALL_DATA_WORDS,
 };
 pub use memory::{Memory, MemoryError};
 pub use registry::{HandlerInfo, Options, Registration, Registry, Request};

@@ -21,6 +21,13 @@ pub struct HandlerStats {
     pub missed: u64,
     /// Calls into this handler that panicked (caught; rule 8).
     pub panics: u64,
+    /// Calls whose entry ran this handler's pre-hook and whose return ran its return
+    /// hook ([`crate::Handler::ret`]; contract rule 10).
+    pub returns: u64,
+    /// Calls whose entry ran the pre-hook but whose return could not be seen: the
+    /// thread's return stack was full, the walk redirected, the call was skipped by a
+    /// `longjmp` or an exception, the thread ended inside it (rule 10).
+    pub returns_lost: u64,
 }
 
 /// Statistics of one probed address.
@@ -71,6 +78,8 @@ struct HandlerLine {
     skipped: AtomicU64,
     missed: AtomicU64,
     panics: AtomicU64,
+    returns: AtomicU64,
+    returns_lost: AtomicU64,
 }
 
 /// Per-handler counters.
@@ -87,6 +96,8 @@ impl HandlerCounters {
                     skipped: AtomicU64::new(0),
                     missed: AtomicU64::new(0),
                     panics: AtomicU64::new(0),
+                    returns: AtomicU64::new(0),
+                    returns_lost: AtomicU64::new(0),
                 })
             }),
         }
@@ -115,6 +126,23 @@ impl HandlerCounters {
             .fetch_add(1, Relaxed);
     }
 
+    /// A return hook ran (or is about to). Counted with the thread dispatching (its
+    /// `active` set), like skips: the plain store of an exclusive shard is safe.
+    pub(crate) fn returned(&self, shard: Shard) {
+        bump(
+            &self.lines[usize::from(shard.index) & (SHARDS - 1)].returns,
+            shard,
+        );
+    }
+
+    /// A return was lost. As for `returned`.
+    pub(crate) fn lost(&self, shard: Shard) {
+        bump(
+            &self.lines[usize::from(shard.index) & (SHARDS - 1)].returns_lost,
+            shard,
+        );
+    }
+
     /// The statistics, given a way to read the walks that listed the handler. Skips are
     /// read first: a skip is counted after its walk, so the difference never counts a
     /// skip whose walk it missed.
@@ -125,6 +153,8 @@ impl HandlerCounters {
             skipped += l.skipped.load(Relaxed);
             s.missed += l.missed.load(Relaxed);
             s.panics += l.panics.load(Relaxed);
+            s.returns += l.returns.load(Relaxed);
+            s.returns_lost += l.returns_lost.load(Relaxed);
         }
         s.hits = walks().saturating_sub(skipped);
         s

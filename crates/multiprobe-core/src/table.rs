@@ -32,6 +32,8 @@ pub(crate) struct HandlerEntry {
     pub(crate) addr: u64,
     pub(crate) handler: Box<dyn Handler>,
     pub(crate) has_post: bool,
+    /// It has a return hook ([`Handler::has_ret`]).
+    pub(crate) has_ret: bool,
     pub(crate) exclusive: bool,
     /// Mirror of the enabled flag in the current view, for thread-context queries.
     pub(crate) enabled: unmodelled::AtomicBool,
@@ -87,6 +89,7 @@ pub(crate) struct Hot {
     entry: *const HandlerEntry,
     pub(crate) id: HandlerId,
     pub(crate) has_post: bool,
+    pub(crate) has_ret: bool,
 }
 
 impl Hot {
@@ -96,6 +99,7 @@ impl Hot {
             entry: Arc::as_ptr(e),
             id: e.id,
             has_post: e.has_post,
+            has_ret: e.has_ret,
         }
     }
 
@@ -154,6 +158,8 @@ pub(crate) struct SiteView<S> {
     pub(crate) hot: Box<[Hot]>,
     /// Some enabled handler has a post hook (the backend must come back after the step).
     pub(crate) any_post: bool,
+    /// How many enabled handlers have a return hook (a hit arms returns for them).
+    pub(crate) rets: usize,
     /// Bumped once per hit dispatched through this view (`walks.counter()`, kept here
     /// too to save a pointer hop).
     pub(crate) walk_counter: Arc<SiteCounter>,
@@ -170,6 +176,7 @@ impl<S> Clone for SiteView<S> {
             hot: hot_of(&handlers),
             handlers,
             any_post: self.any_post,
+            rets: self.rets,
             walk_counter: Arc::clone(&self.walk_counter),
             walks: Arc::clone(&self.walks),
         }
@@ -190,6 +197,7 @@ impl<S> SiteView<S> {
     pub(crate) fn new(shared: Arc<SiteShared<S>>, handlers: SmallVec<[Slot; 4]>) -> Self {
         let hot = hot_of(&handlers);
         let any_post = hot.iter().any(|h| h.has_post);
+        let rets = hot.iter().filter(|h| h.has_ret).count();
         let credits = std::iter::once(Arc::clone(&shared.hits))
             .chain(
                 handlers
@@ -205,6 +213,7 @@ impl<S> SiteView<S> {
             handlers,
             hot,
             any_post,
+            rets,
             walk_counter: Arc::clone(walks.counter()),
             walks,
         }
@@ -320,6 +329,12 @@ impl<S> Retired<S> {
     }
 }
 
+/// A table's [`Table::uid`]. Outside the model: no part of the protocol.
+fn next_uid() -> u64 {
+    static NEXT: unmodelled::AtomicU64 = unmodelled::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// The table readers see.
 pub(crate) struct Table<S> {
     pub(crate) domain: Domain,
@@ -328,6 +343,9 @@ pub(crate) struct Table<S> {
     pub(crate) removals: Removals,
     /// How a dispatcher reaches the registry to collect removals.
     pub(crate) collector: Collector,
+    /// Unique in the process (never reused, unlike an address): what a return-stack
+    /// frame records as its owner ([`crate::returns`]).
+    pub(crate) uid: u64,
 }
 
 // SAFETY: the table hands out shared references to `SiteView<S>` across threads and
@@ -352,6 +370,7 @@ impl<S> Table<S> {
             )))),
             removals: Removals::new(),
             collector: Collector::new(),
+            uid: next_uid(),
         }
     }
 

@@ -16,8 +16,8 @@ use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
 use multiprobe_core::backend::{PreOutcome, ThreadState};
-use multiprobe_core::testing::{HitResult, TestBackend};
-use multiprobe_core::{FnHandler, Hit, PreAction, Registry, Regs};
+use multiprobe_core::testing::{HitResult, TestBackend, TestStack};
+use multiprobe_core::{CallData, FnHandler, Hit, PreAction, Registry, Regs};
 
 const A: u64 = 0x1000;
 
@@ -313,5 +313,51 @@ fn a_handler_removing_itself_races_a_hit_and_a_writer() {
         assert_eq!(calls.load(SeqCst), n);
         assert_eq!(other_calls.load(SeqCst), before + 1);
         drop(other);
+    });
+}
+
+/// Rule 10's quiescence against a call in flight on another thread: its entry ran the
+/// handler's pre-hook (or missed the site), and it returns while the handler is being
+/// unregistered. Once `unregister` returned the return hook never runs; whatever the
+/// interleaving the call returns to its caller, and the final stats count the return
+/// exactly when the hook ran.
+#[test]
+fn a_return_racing_unregister() {
+    model(|| {
+        let r = Registry::new(TestBackend::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gone = Arc::new(AtomicBool::new(false));
+        let (c, g) = (Arc::clone(&calls), Arc::clone(&gone));
+        let probe = r
+            .register_handler(
+                A,
+                FnHandler::new().ret(move |_: &mut Hit<'_>, _: &CallData| {
+                    assert!(
+                        !g.load(SeqCst),
+                        "rule 10: a return hook ran after unregister returned"
+                    );
+                    c.fetch_add(1, SeqCst);
+                }),
+            )
+            .unwrap();
+        let r2 = r.clone();
+        let t = thread::spawn(move || {
+            let ts = ThreadState::new();
+            ts.reserve_returns(64);
+            let stack = TestStack::new();
+            let mut regs = Regs {
+                rsp: 0x8000,
+                ..Regs::default()
+            };
+            r2.backend().call(&ts, 1, A, 0x99, &mut regs, &stack);
+            let out = r2.backend().ret(&ts, 1, &mut regs, &stack);
+            assert_eq!(regs.rip, 0x99, "the call returns to its caller ({out:?})");
+            assert_eq!(ts.returns_in_flight(), 0);
+        });
+        let stats = probe.unregister().unwrap();
+        gone.store(true, SeqCst);
+        t.join().unwrap();
+        assert_eq!(stats.returns as usize, calls.load(SeqCst));
+        assert!(stats.returns <= stats.hits);
     });
 }

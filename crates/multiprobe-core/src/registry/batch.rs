@@ -137,6 +137,12 @@ impl<B: Backend> Inner<B> {
                 holder_exclusive: false,
             });
         }
+        let has_ret = req.handler.has_ret();
+        if has_ret {
+            // A return probe pairs a call's entry with its return: only at a function's
+            // first instruction (rule 10), which only the backend can tell.
+            self.backend.check_return(addr, &s.shared.data)?;
+        }
         let enabled = !req.options.disabled;
         let has_post = req.handler.has_post();
         let entry = Arc::new(HandlerEntry {
@@ -144,6 +150,7 @@ impl<B: Backend> Inner<B> {
             addr,
             handler: req.handler,
             has_post,
+            has_ret,
             exclusive: req.options.exclusive,
             enabled: unmodelled::AtomicBool::new(enabled),
             counters: HandlerCounters::new(),

@@ -106,6 +106,30 @@ pub(crate) mod same_thread {
         }
     }
 
+    /// A `usize` a thread shares with its own signal handlers.
+    #[derive(Debug)]
+    pub(crate) struct AtomicUsize(atomic::AtomicUsize);
+
+    impl AtomicUsize {
+        pub(crate) const fn new(v: usize) -> Self {
+            AtomicUsize(atomic::AtomicUsize::new(v))
+        }
+        #[inline(always)]
+        pub(crate) fn load(&self, o: Ordering) -> usize {
+            self.0.load(o)
+        }
+        #[inline(always)]
+        pub(crate) fn store(&self, v: usize, o: Ordering) {
+            self.0.store(v, o)
+        }
+        /// Atomic against a signal handler on the same thread (a single locked
+        /// instruction); relaxed, as nothing else orders against it.
+        pub(crate) fn compare_exchange(&self, current: usize, new: usize) -> Result<usize, usize> {
+            self.0
+                .compare_exchange(current, new, Ordering::Relaxed, Ordering::Relaxed)
+        }
+    }
+
     /// Keep the compiler from moving memory accesses across this point, as a signal
     /// handler on this thread would see them; no instruction is emitted.
     #[inline(always)]
