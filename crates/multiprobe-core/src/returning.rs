@@ -104,14 +104,17 @@ impl<'s> Arming<'s> {
         let sp = hit.regs().rsp;
         let tramp = stack.trampoline();
         let mem = hit.mem();
-        // Dead frames at the top (see `crate::returns`): their slot is this call's, or
-        // lies below it and no longer leads to the trampoline.
-        while let Some(f) = stack.top() {
-            if f.sp > sp || (f.sp != sp && mem.read_u64(f.sp) == Ok(tramp)) {
-                break;
+        // Dead frames from the top down, while their slot is not above this call's (see
+        // `crate::returns`): the slot is this call's, or no longer leads to the
+        // trampoline. One that still does is kept and passed. (Removing a frame moves
+        // only the ones above it, so the frame below is where it was.)
+        let mut next = stack.top();
+        while let Some(f) = next.filter(|f| f.sp <= sp) {
+            next = stack.below(&f);
+            if f.sp == sp || mem.read_u64(f.sp) != Ok(tramp) {
+                count_lost(table, stack, &f, shard);
+                stack.remove(&f);
             }
-            count_lost(table, stack, &f, shard);
-            stack.truncate_to(&f);
         }
         let start = if tramp == 0 {
             None

@@ -26,13 +26,14 @@
 //! and dropped, counted lost (`crate::returning` does both):
 //! * at a return through the slot at `sp`: every frame above the one recorded at `sp` —
 //!   deeper calls the stack has unwound past;
-//! * at an entry whose return address is at `sp`: top frames whose slot is `sp` itself
-//!   (this call just overwrote it), or lies below `sp` and no longer holds the trampoline
-//!   address. A frame below `sp` whose slot still holds the trampoline is kept: it may be
-//!   live on another stack (code on a signal handler's alternate stack calling a probed
-//!   function while frames of the interrupted code are on the thread's stack). Dropping
-//!   a live frame would leave its call nowhere to return to; keeping a dead one costs
-//!   only room, until a return below it drops it.
+//! * at an entry whose return address is at `sp`: the frames from the top down, until one
+//!   whose slot lies above `sp`, whose slot is `sp` itself (this call just overwrote it)
+//!   or lies below `sp` and no longer holds the trampoline address. A frame below `sp`
+//!   whose slot still holds the trampoline is kept (and the ones under it looked at): it
+//!   may be live on another stack (code on a signal handler's alternate stack calling a
+//!   probed function while frames of the interrupted code are on the thread's stack).
+//!   Dropping a live frame would leave its call nowhere to return to; keeping a dead one
+//!   costs only room, until a return below it or an entry at its depth drops it.
 //!
 //! Invariants:
 //! * A frame is dropped only when its call can no longer return through the trampoline
@@ -240,6 +241,21 @@ impl ReturnStack {
     /// Drop every frame.
     pub(crate) fn clear(&self) {
         self.top.set(0);
+    }
+
+    /// Remove frame `f` from wherever it is: the frames above it move down over it.
+    pub(crate) fn remove(&self, f: &Frame) {
+        let top = self.top.get();
+        let len = f.end - f.start;
+        for i in f.end..top {
+            self.word(i - len).set(self.word(i).get());
+        }
+        self.top.set(top - len);
+    }
+
+    /// The frame below `f`, if any.
+    pub(crate) fn below(&self, f: &Frame) -> Option<Frame> {
+        self.frame_ending(f.start)
     }
 
     /// Room for a frame of `consumers` records above the top, and where it starts.
