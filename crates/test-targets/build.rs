@@ -14,5 +14,24 @@ fn main() {
         .flag("-fno-inline")
         .warnings(true)
         .compile("mp_c_targets");
+    // Return-probe targets, without sibling calls: every call returns through its
+    // caller, as return probes are tested on.
+    println!("cargo:rerun-if-changed=c/rets.c");
+    cc::Build::new()
+        .file("c/rets.c")
+        .flag("-O1")
+        .flag("-fno-inline")
+        .flag("-fno-optimize-sibling-calls")
+        .warnings(true)
+        .compile("mp_c_rets");
+    println!("cargo:rerun-if-changed=c/throwret.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .file("c/throwret.cpp")
+        .flag("-O1")
+        .flag("-fno-inline")
+        .flag("-fno-optimize-sibling-calls")
+        .warnings(true)
+        .compile("mp_cpp_rets");
     println!("cargo:rustc-link-lib=pthread");
 }
