@@ -3,6 +3,7 @@
 
 fn main() {
     let programs = ["forkrace", "trapmask", "seccomp", "unmapxol", "forktree"];
+    println!("cargo:rerun-if-changed=c/nommap.h");
     let mut build = cc::Build::new();
     for p in programs {
         let path = format!("c/{p}.c");

@@ -2,14 +2,13 @@
  * load: run out of line when probed) argv[1] times and reports through write(2) only.
  * A tracer that injects an mmap into it kills it. */
 #define _GNU_SOURCE
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "nommap.h"
 
 __asm__(".globl mp_sc_load\n"
         ".type mp_sc_load, @function\n"
@@ -21,15 +20,7 @@ unsigned long mp_sc_load(const unsigned long *p);
 
 int mp_seccomp_main(int argc, char **argv) {
     long n = argc > 1 ? atol(argv[1]) : 10;
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_mmap, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
+    if (mp_forbid_mmap() != 0)
         return 2;
     unsigned long s = 0;
     for (long i = 0; i < n; i++) {

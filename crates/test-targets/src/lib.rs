@@ -76,6 +76,37 @@ fn build() -> PathBuf {
     profile_dir
 }
 
+/// The `main` of an `mp-c-*` program: declares the C program's `main` (`$c_main`, in this
+/// crate's static library), calls it with the process's arguments as C's `argc`/`argv`,
+/// flushes stdout and exits with its status.
+#[macro_export]
+macro_rules! c_program {
+    ($c_main:ident) => {
+        use std::ffi::{c_char, c_int, CString};
+
+        // The C code is in this crate's static library, linked with the crate.
+        use multiprobe_test_targets as _;
+
+        extern "C" {
+            fn $c_main(argc: c_int, argv: *mut *mut c_char) -> c_int;
+        }
+
+        fn main() {
+            let args: Vec<CString> = std::env::args()
+                .map(|a| CString::new(a).expect("no NUL in arguments"))
+                .collect();
+            let mut argv: Vec<*mut c_char> = args.iter().map(|a| a.as_ptr().cast_mut()).collect();
+            argv.push(std::ptr::null_mut());
+            // SAFETY: argv is a NULL-terminated array of NUL-terminated strings that
+            // outlive the call, as a C main expects; the C code only reads them.
+            let code = unsafe { $c_main(args.len() as c_int, argv.as_mut_ptr()) };
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+    };
+}
+
 /// Helpers the programs share.
 pub mod util {
     /// The calling thread's kernel thread id.
