@@ -2,12 +2,15 @@
 //! probed thread, in thread context, with the thread's registers in a
 //! [`multiprobe_x86::Frame`] on its own stack.
 //!
-//! [`pre`] runs the pre-handlers through the core's dispatch (unchanged: it is
-//! async-signal-safe, so running it in thread context is trivially fine), lets the
-//! shared decision (`multiprobe_x86::continue_hit`, as the trap path does) pick how the
-//! hit continues, and returns the trampoline's exit code: the relocated region, the
-//! post copy (whose stub calls [`post`]), or a redirect. Handlers' register changes are
-//! made in the frame, which the trampoline restores.
+//! [`pre`] runs the hit through the core's dispatch (async-signal-safe, so running it
+//! in thread context is trivially fine) in one call, `Dispatcher::pre_step_post`: the
+//! pre-handlers, then the shared decision (`multiprobe_x86::continue_hit`, as the trap
+//! path does) of how the hit continues, and, when that is to emulate the first
+//! instruction (a hit with post-handlers), the post-handlers right after it in the same
+//! walk of the site. It returns the trampoline's exit code: the relocated region, the
+//! continuation after an emulated instruction, the post copy (whose stub calls
+//! [`post`]), or a redirect. Handlers' register changes are made in the frame, which
+//! the trampoline restores.
 //!
 //! Invariants:
 //! * The contract of the trap path holds here too: a hit that arrives while this
@@ -19,10 +22,11 @@
 
 use std::sync::atomic::Ordering;
 
-use multiprobe_core::backend::PreOutcome;
-use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Via, Ways};
+use multiprobe_core::backend::{Dispatcher, Ran, Stepped, ThreadState};
+use multiprobe_x86::{continue_hit, Continue, Emulate, Frame, Trampoline, Via, Ways};
 
 use crate::memory::LocalMemory;
+use crate::site::Site;
 use crate::tramps::TrampInfo;
 use crate::{collect, context, dispatchers, signals, thread};
 
@@ -43,65 +47,118 @@ pub(crate) unsafe extern "C" fn pre(frame: *mut Frame, ctx: u64, _event: u64) ->
     exit
 }
 
+#[inline(always)]
 fn pre_hit(f: &mut Frame, info: &TrampInfo) -> u64 {
-    let t = info.map();
     f.regs.fs_base = context::fs_base();
     thread::with_state(|ts| {
         let Some(_inside) = thread::Machinery::enter() else {
-            // Our own machinery hit a probe: run nothing, count the miss.
-            for d in dispatchers::each() {
-                if d.miss(ts, info.addr) {
-                    break;
-                }
-            }
-            return f.leave(t, false, &MEM);
+            return missed(ts, f, info);
         };
         let tid = thread::tid();
         // The registry that armed the site first (one lookup on the usual hit), then
         // the others.
-        let owner = dispatchers::get(info.block.owner.load(Ordering::Relaxed));
-        for d in owner.into_iter().chain(dispatchers::each()) {
-            let step = match d.pre(ts, info.addr, tid, &mut f.regs, &MEM) {
-                PreOutcome::NotOurs => continue,
-                PreOutcome::Redirect => {
-                    let to = t.resume_target(f.regs.rip);
-                    return f.continue_at(to, &MEM);
-                }
-                PreOutcome::Step(step) => step,
-            };
-            let ways = Ways {
-                plan: &info.block.plan,
-                jump_back: None,
-                trap_after: None,
-                trampoline: Some(t),
-            };
-            let post = step.wants_post();
-            return match continue_hit(&ways, post, Emulate::ForPost, &mut f.regs, &MEM) {
-                Continue::Emulated { post } => {
-                    if post && step.defer_post() {
-                        d.post(ts, info.addr, tid, &mut f.regs, &MEM);
-                    }
-                    // Usually at the continuation now: the direct exit, any rsp.
-                    f.leave(t, false, &MEM)
-                }
-                Continue::OutOfLine {
-                    via: Via::RegionPost,
-                    ..
-                } => {
-                    let deferred = step.defer_post();
-                    f.leave(t, deferred, &MEM)
-                }
-                // The plain copy (a post that cannot run is given up: its emulation
-                // failed, the instruction is about to fault).
-                _ => {
-                    drop(step);
-                    f.leave(t, false, &MEM)
-                }
-            };
+        let owner = info.block.owner.load(Ordering::Relaxed);
+        if let Some(d) = dispatchers::get(owner) {
+            if let Some(exit) = hit_in(d, ts, f, info, tid) {
+                return exit;
+            }
         }
-        // Unregistered meanwhile (the jump is about to be taken out): run the region.
-        f.leave(t, false, &MEM)
+        others(ts, f, info, tid)
     })
+}
+
+/// Our own machinery hit a probe: run nothing, count the miss.
+#[cold]
+#[inline(never)]
+fn missed(ts: &ThreadState, f: &mut Frame, info: &TrampInfo) -> u64 {
+    for d in dispatchers::each() {
+        if d.miss(ts, info.addr) {
+            break;
+        }
+    }
+    f.leave(info.map(), false, &MEM)
+}
+
+/// The site's owner did not know it (it was re-armed by another registry): ask them all.
+#[cold]
+#[inline(never)]
+fn others(ts: &ThreadState, f: &mut Frame, info: &TrampInfo, tid: u32) -> u64 {
+    for d in dispatchers::each() {
+        if let Some(exit) = hit_in(d, ts, f, info, tid) {
+            return exit;
+        }
+    }
+    // Unregistered meanwhile (the jump is about to be taken out): run the region.
+    f.leave(info.map(), false, &MEM)
+}
+
+/// The hit, if `d` has a probe at the site: the trampoline's exit code.
+///
+/// Pre-handlers, then the shared decision of how the hit continues: with post-handlers
+/// it is to emulate the first instruction where that can be done, and then the core
+/// runs the post-handlers right after it, in the same call (one walk of the site's
+/// view, nothing deferred); otherwise the relocated copies: the plain one, or the post
+/// copy whose stub calls [`post`] (for a deferred step).
+#[inline(always)]
+fn hit_in(
+    d: &Dispatcher<Site>,
+    ts: &ThreadState,
+    f: &mut Frame,
+    info: &TrampInfo,
+    tid: u32,
+) -> Option<u64> {
+    let t = info.map();
+    let stepped = d.pre_step_post(ts, info.addr, tid, &mut f.regs, &MEM, |_, regs, post| {
+        let how = if post {
+            decide_with_post(info, t, regs)
+        } else {
+            // Folds to the plain copy.
+            continue_hit(&ways(info, t), false, Emulate::ForPost, regs, &MEM)
+        };
+        match how {
+            Continue::Emulated { .. } => Ran::Here,
+            // The post copy brings the thread to the post stub; anything else is the
+            // plain copy (a post that cannot run is given up: its emulation failed,
+            // the instruction is about to fault).
+            Continue::OutOfLine { via, .. } => Ran::OutOfLine {
+                back: via == Via::RegionPost,
+            },
+            Continue::InPlace { .. } => Ran::OutOfLine { back: false },
+        }
+    });
+    Some(match stepped {
+        Stepped::NotOurs => return None,
+        Stepped::Redirect => {
+            let to = t.resume_target(f.regs.rip);
+            f.continue_at(to, &MEM)
+        }
+        // Emulated, posts run: usually at the continuation now, the direct exit.
+        Stepped::Done => f.leave(t, false, &MEM),
+        Stepped::OutOfLine { deferred } => f.leave(t, deferred, &MEM),
+    })
+}
+
+/// What a promoted site has for continuing a hit: its trampoline's copies (`t`, its
+/// map, looked up once per hit).
+#[inline(always)]
+fn ways<'a>(info: &'a TrampInfo, t: &'a Trampoline) -> Ways<'a> {
+    Ways {
+        plan: &info.block.plan,
+        jump_back: None,
+        trap_after: None,
+        trampoline: Some(t),
+    }
+}
+
+/// How a hit with post-handlers continues: usually the first instruction emulated
+/// (inline: a call would cost as much as the emulation of a `push`).
+#[inline(always)]
+fn decide_with_post(
+    info: &TrampInfo,
+    t: &Trampoline,
+    regs: &mut multiprobe_core::Regs,
+) -> Continue {
+    continue_hit(&ways(info, t), true, Emulate::ForPost, regs, &MEM)
 }
 
 /// The post entry: the first instruction ran from the post copy; the frame's `rip` is

@@ -2,12 +2,12 @@
 //!
 //! Handlers get a [`multiprobe_core::Memory`] that must not crash the process on a bad
 //! pointer and must not make a system call per access (`process_vm_readv` would cost
-//! more than the trap). So the copy is one `rep movsb` in a tiny assembly routine whose
-//! single faulting instruction is known: the backend's SIGSEGV/SIGBUS handler
-//! ([`crate::fault`]) sees a fault whose `rip` is that instruction, moves `rip` to the
-//! routine's fix-up label and returns, and the copy reports failure — the kernel's
-//! exception-table technique. Nothing else is guarded, so a fault anywhere else is never
-//! mistaken for a failed copy.
+//! more than the trap). So the copy is one `rep movsb` (an 8-byte access one `mov`) in
+//! a tiny assembly routine whose single faulting instruction is known: the backend's
+//! SIGSEGV/SIGBUS handler ([`crate::fault`]) sees a fault whose `rip` is one of those
+//! instructions, moves `rip` to the routines' fix-up label and returns, and the copy
+//! reports failure — the kernel's exception-table technique. Nothing else is guarded,
+//! so a fault anywhere else is never mistaken for a failed copy.
 //!
 //! Invariant: the fault handlers are installed before any copy runs (the backend
 //! installs them on construction; [`LocalMemory`] is only handed out by the backend).
@@ -29,6 +29,24 @@ core::arch::global_asm!(
     "    rep movsb",
     "    xor eax, eax",
     "    ret",
+    // Eight bytes, the size of most accesses (a pushed or popped word, a pointer), by
+    // one `mov`: a short `rep movsb` costs tens of cycles to start, and a `mov` that
+    // faults has written nothing.
+    // rdi = source, rsi = where to put the value; returns eax = 0 ok, 1 faulted.
+    ".globl multiprobe_sigtrap_load8_insn",
+    ".hidden multiprobe_sigtrap_load8_insn",
+    "multiprobe_sigtrap_load8_insn:",
+    "    mov rax, qword ptr [rdi]",
+    "    mov qword ptr [rsi], rax",
+    "    xor eax, eax",
+    "    ret",
+    // rdi = destination, rsi = value; returns eax = 0 ok, 1 faulted.
+    ".globl multiprobe_sigtrap_store8_insn",
+    ".hidden multiprobe_sigtrap_store8_insn",
+    "multiprobe_sigtrap_store8_insn:",
+    "    mov qword ptr [rdi], rsi",
+    "    xor eax, eax",
+    "    ret",
     ".globl multiprobe_sigtrap_copy_fixup",
     ".hidden multiprobe_sigtrap_copy_fixup",
     "multiprobe_sigtrap_copy_fixup:",
@@ -41,13 +59,20 @@ core::arch::global_asm!(
 extern "C" {
     fn multiprobe_sigtrap_copy(dst: *mut u8, src: *const u8, len: usize) -> u32;
     fn multiprobe_sigtrap_copy_insn();
+    fn multiprobe_sigtrap_load8_insn(src: *const u8, out: *mut u64) -> u32;
+    fn multiprobe_sigtrap_store8_insn(dst: *mut u8, value: u64) -> u32;
     fn multiprobe_sigtrap_copy_fixup();
 }
 
 /// If a fault at `rip` is the guarded copy's, where to resume instead.
 pub(crate) fn fixup_for(rip: u64) -> Option<u64> {
-    (rip == multiprobe_sigtrap_copy_insn as *const () as u64)
-        .then_some(multiprobe_sigtrap_copy_fixup as *const () as u64)
+    [
+        multiprobe_sigtrap_copy_insn as *const () as u64,
+        multiprobe_sigtrap_load8_insn as *const () as u64,
+        multiprobe_sigtrap_store8_insn as *const () as u64,
+    ]
+    .contains(&rip)
+    .then_some(multiprobe_sigtrap_copy_fixup as *const () as u64)
 }
 
 /// The address range of the guarded copy routine (reserved: never probed).
@@ -89,22 +114,40 @@ impl LocalMemory {
 }
 
 impl Memory for LocalMemory {
+    #[inline]
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         if addr.checked_add(buf.len() as u64).is_none() {
             return Err(MemoryError::Unmapped(addr));
         }
-        // SAFETY: `buf` is ours to write; the source is guarded.
-        let ok = unsafe { guarded_copy(buf.as_mut_ptr(), addr as *const u8, buf.len()) };
+        let ok = if let Ok(word) = <&mut [u8; 8]>::try_from(&mut *buf) {
+            let mut v = 0u64;
+            // SAFETY: the load is guarded (module docs) and `v` is ours to write; the
+            // fault handlers are installed (`LocalMemory` invariant).
+            let ok = unsafe { multiprobe_sigtrap_load8_insn(addr as *const u8, &mut v) } == 0;
+            *word = v.to_le_bytes();
+            ok
+        } else {
+            // SAFETY: `buf` is ours to write; the source is guarded.
+            unsafe { guarded_copy(buf.as_mut_ptr(), addr as *const u8, buf.len()) }
+        };
         ok.then_some(()).ok_or(MemoryError::Unmapped(addr))
     }
 
+    #[inline]
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         if addr.checked_add(data.len() as u64).is_none() {
             return Err(MemoryError::NotWritable(addr));
         }
-        // SAFETY: the destination is guarded; what a handler writes into the program's
-        // memory is its own business (documented on the type).
-        let ok = unsafe { guarded_copy(addr as *mut u8, data.as_ptr(), data.len()) };
+        let ok = if let Ok(word) = <[u8; 8]>::try_from(data) {
+            // SAFETY: the store is guarded (module docs); what a handler writes into the
+            // program's memory is its own business (documented on the type).
+            unsafe {
+                multiprobe_sigtrap_store8_insn(addr as *mut u8, u64::from_le_bytes(word)) == 0
+            }
+        } else {
+            // SAFETY: the destination is guarded; as above for what is written.
+            unsafe { guarded_copy(addr as *mut u8, data.as_ptr(), data.len()) }
+        };
         ok.then_some(()).ok_or(MemoryError::NotWritable(addr))
     }
 }

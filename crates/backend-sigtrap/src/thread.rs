@@ -63,6 +63,7 @@ pub(crate) struct Machinery(());
 
 impl Machinery {
     /// Enter, unless this thread is inside already (then `None`: a nested hit).
+    #[inline(always)]
     pub(crate) fn enter() -> Option<Machinery> {
         MACHINERY.with(|m| {
             (m.get() == 0).then(|| {
@@ -79,6 +80,7 @@ impl Machinery {
 }
 
 impl Drop for Machinery {
+    #[inline(always)]
     fn drop(&mut self) {
         MACHINERY.with(|m| m.set(0));
     }
@@ -143,22 +145,36 @@ extern "C" fn after_fork_child() {
 }
 
 /// Run `f` with this thread's dispatch state. Async-signal-safe.
-#[inline]
+#[inline(always)]
 pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
-    REGISTERED.with(|r| {
-        if !r.get() {
-            r.set(true);
-            let key = KEY.load(std::sync::atomic::Ordering::Acquire);
-            if key != u32::MAX {
-                // SAFETY: a key created by `setup`; a non-null value makes its
-                // destructor run at thread exit. Allocation-free for low keys.
-                unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<libc::c_void>()) };
-            }
-        }
+    if !REGISTERED.with(Cell::get) {
+        register();
+    }
+    // Only the address is taken inside the thread-local's closure, so `f`, however
+    // large, is not compiled into an out-of-line `LocalKey::with` (which then reaches
+    // the thread-local through a function pointer).
+    let state: *const ThreadState = STATE.with(|s| {
+        // SAFETY: a shared look at this thread's state (see below).
+        unsafe { &**s.get() as *const ThreadState }
     });
-    // SAFETY: the state is only replaced by `on_thread_exit`, in thread context at
-    // thread exit, never while a `with_state` call is running on this thread.
-    STATE.with(|s| f(unsafe { &*s.get() }))
+    // SAFETY: this thread's state lives in its static TLS until the thread is gone; it
+    // is only replaced by `on_thread_exit`, in thread context at thread exit, never
+    // while a `with_state` call is running on this thread; and the reference does not
+    // leave this call.
+    f(unsafe { &*state })
+}
+
+/// Attach this thread to the exit hook (its first hit).
+#[cold]
+#[inline(never)]
+fn register() {
+    REGISTERED.with(|r| r.set(true));
+    let key = KEY.load(std::sync::atomic::Ordering::Acquire);
+    if key != u32::MAX {
+        // SAFETY: a key created by `setup`; a non-null value makes its destructor run
+        // at thread exit. Allocation-free for low keys.
+        unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<libc::c_void>()) };
+    }
 }
 
 /// Whether a handler is running on this thread (the core's `ThreadState::in_handler`),

@@ -18,6 +18,9 @@
 //!    the instruction, [`Dispatcher::post`].
 //! 2. If the displaced instruction faults: [`Dispatcher::fault`].
 //!
+//! A backend that executes the instruction itself right after the pre-handlers (by
+//! emulation) may make step 1 one call: [`Dispatcher::pre_step_post`].
+//!
 //! Return probes (contract rule 10), for a backend that offers them
 //! ([`Backend::check_return`]): give each thread's state a return stack
 //! ([`ThreadState::reserve_returns`]) and the address of the backend's *return
@@ -35,7 +38,7 @@
 //! [`RegisterFile`] (a plain [`crate::Regs`] is one); memory through a
 //! [`crate::Memory`] ([`NoMemory`] if the backend has none to offer).
 
-pub use crate::dispatch::{Dispatcher, PreOutcome, Step, ThreadState, MAX_PENDING};
+pub use crate::dispatch::{Dispatcher, PreOutcome, Ran, Step, Stepped, ThreadState, MAX_PENDING};
 pub use crate::memory::NoMemory;
 pub use crate::regs::{RegisterFile, RFLAGS_TF};
 pub use crate::returning::RetOutcome;

@@ -15,6 +15,11 @@
 //!      [`Dispatcher::post`]; otherwise just drop the `Step` when done with its data.
 //! 2. If the displaced instruction faults: [`Dispatcher::fault`].
 //!
+//! A backend that can execute the instruction itself right after the pre-handlers
+//! (emulation) may do step 1 in one call, [`Dispatcher::pre_step_post`]: the same walk,
+//! its step, and the post-handlers of the same view in the same read section, with
+//! nothing deferred.
+//!
 //! A deferred step keeps its read section open in the [`ThreadState`] until `post`,
 //! `fault` or [`ThreadState::abandon`] ends it; unregistering waits for it.
 //!
@@ -200,6 +205,7 @@ impl ThreadState {
     }
 
     /// Number of deferred steps waiting for [`Dispatcher::post`].
+    #[inline]
     pub fn pending(&self) -> usize {
         usize::from(self.depth.load(Relaxed))
     }
@@ -403,6 +409,38 @@ pub enum PreOutcome<'t, S> {
     Step(Step<'t, S>),
 }
 
+/// What a backend's step did with the displaced instruction
+/// ([`Dispatcher::pre_step_post`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// Executed it (emulated): the post-handlers may run now.
+    Here,
+    /// It executes out of line once dispatch returns; `back`: a copy that brings the
+    /// thread back for the post-handlers.
+    OutOfLine {
+        /// The copy comes back for the post-handlers.
+        back: bool,
+    },
+}
+
+/// What [`Dispatcher::pre_step_post`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stepped {
+    /// No probe is registered at this address (as [`PreOutcome::NotOurs`]).
+    NotOurs,
+    /// A pre-handler redirected the thread: resume at `regs.rip`.
+    Redirect,
+    /// The instruction was executed by the backend's step, and the post-handlers ran.
+    Done,
+    /// The backend executes the instruction now. `deferred`: the post-handlers wait
+    /// for [`Dispatcher::post`] (as after [`Step::defer_post`] returned true);
+    /// otherwise nothing is left to do for the hit.
+    OutOfLine {
+        /// The step was deferred.
+        deferred: bool,
+    },
+}
+
 /// A hit whose displaced instruction must now execute. Holds the read section that
 /// keeps the site's backend data alive; dropping it ends the section.
 pub struct Step<'t, S> {
@@ -598,7 +636,7 @@ impl<S> Dispatcher<S> {
     /// `regs` shows `rip == addr` to them; a handler that moves it (seen only if
     /// registers were fetched: otherwise nothing moved) redirects, as
     /// [`crate::PreAction::Redirect`] does.
-    #[inline]
+    #[inline(always)]
     pub fn pre<'t>(
         &'t self,
         ts: &'t ThreadState,
@@ -706,16 +744,39 @@ impl<S> Dispatcher<S> {
         // SAFETY: the deferred step's read section (`token`) keeps the view alive until
         // it is dropped below.
         let site = unsafe { &*site };
-        let shard = ts.shard();
+        self.post_walk(ts, site, token.shard(), addr, tid, regs, mem);
+        drop(token);
+        true
+    }
+
+    /// The post-handlers of `site`'s view, for a hit whose pre walk used that view (so
+    /// its enabled flags are exactly those of the handlers whose pre ran). The caller
+    /// holds the read section (on `shard`, this thread's) that keeps the view alive.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn post_walk(
+        &self,
+        ts: &ThreadState,
+        site: &SiteView<S>,
+        shard: Shard,
+        addr: u64,
+        tid: u32,
+        regs: &mut impl RegisterFile,
+        mem: &dyn Memory,
+    ) {
         let was_active = ts.active.load(Relaxed);
         ts.active.store(true, Relaxed);
         // Handlers run with `active` set (rule 6 for the probes they hit).
         signal_fence();
-        // Enabled flags come from the same snapshot the pre walk used, so these are
-        // exactly the handlers whose pre ran.
         let mut hit = Hit::new(addr, tid, HandlerId(0), regs, mem);
-        let table = &*self.table;
-        for h in site.hot.iter().filter(|h| h.has_post && live(table, h)) {
+        // The removal gate once for the walk, as the pre walk loads it: a removal
+        // requested during the walk takes effect from the next hit.
+        let gate = self.table.removals.gate_open();
+        for h in site
+            .hot
+            .iter()
+            .filter(|h| h.has_post && !(gate && h.removal_requested()))
+        {
             hit.set_handler(h.id);
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| h.handler().post(&mut hit))) {
                 report_panic(h.counters(), shard, payload);
@@ -723,8 +784,54 @@ impl<S> Dispatcher<S> {
         }
         signal_fence();
         ts.active.store(was_active, Relaxed);
-        drop(token);
-        true
+    }
+
+    /// [`Dispatcher::pre`], the displaced instruction and [`Dispatcher::post`] in one
+    /// call and one read section, for a backend that executes the instruction itself
+    /// where it can (by emulating it): then the post-handlers run right after it, with
+    /// nothing deferred into the thread state and the site looked up once.
+    ///
+    /// After the pre-handlers, unless they redirected, `step(site, regs, wants_post)`
+    /// runs with the registers as they left them and says what became of the
+    /// instruction: [`Ran::Here`] (executed; `regs` hold the state after it), and the
+    /// post-handlers of the handlers whose pre ran are called at once, with `regs.rip`
+    /// wherever the instruction went ([`Stepped::Done`]); or [`Ran::OutOfLine`] (the
+    /// backend executes it after this call returns), and if the backend will come back
+    /// for the post-handlers and some want to run, the step is deferred as by
+    /// [`Step::defer_post`] ([`Stepped::OutOfLine`] says whether it was: then call
+    /// [`Dispatcher::post`] after the instruction). Contract rules 2 and 6 hold as for
+    /// the separate calls; `step` runs outside any handler (a probe it hits is
+    /// dispatched as usual) and inside the read section, so it must not wait for a
+    /// grace period.
+    #[inline(always)]
+    pub fn pre_step_post<R: RegisterFile>(
+        &self,
+        ts: &ThreadState,
+        addr: u64,
+        tid: u32,
+        regs: &mut R,
+        mem: &dyn Memory,
+        step: impl FnOnce(&S, &mut R, bool) -> Ran,
+    ) -> Stepped {
+        let s = match self.pre(ts, addr, tid, regs, mem) {
+            PreOutcome::NotOurs => return Stepped::NotOurs,
+            PreOutcome::Redirect => return Stepped::Redirect,
+            PreOutcome::Step(s) => s,
+        };
+        match step(s.site(), regs, s.post) {
+            Ran::Here => {
+                if s.post {
+                    self.post_walk(ts, s.view(), s.token.shard(), addr, tid, regs, mem);
+                }
+                // Leaves the read section.
+                drop(s);
+                Stepped::Done
+            }
+            Ran::OutOfLine { back } => Stepped::OutOfLine {
+                // Leaves the read section unless the step is deferred.
+                deferred: back && s.defer_post(),
+            },
+        }
     }
 
     /// The displaced instruction of the probe at `addr` faulted. Backends set

@@ -34,6 +34,7 @@ pub trait Memory {
 
 impl dyn Memory + '_ {
     /// Read a little-endian `u64`.
+    #[inline]
     pub fn read_u64(&self, addr: u64) -> Result<u64, MemoryError> {
         let mut b = [0u8; 8];
         self.read(addr, &mut b)?;
@@ -41,6 +42,7 @@ impl dyn Memory + '_ {
     }
 
     /// Write a little-endian `u64`.
+    #[inline]
     pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemoryError> {
         self.write(addr, &value.to_le_bytes())
     }

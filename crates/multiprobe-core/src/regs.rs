@@ -177,6 +177,7 @@ pub const RFLAGS_TF: u64 = 1 << 8;
 
 impl Regs {
     /// Read a general-purpose register.
+    #[inline]
     pub fn gpr(&self, r: Gpr) -> u64 {
         match r {
             Gpr::Rax => self.rax,
@@ -199,6 +200,7 @@ impl Regs {
     }
 
     /// Mutable access to a general-purpose register.
+    #[inline]
     pub fn gpr_mut(&mut self, r: Gpr) -> &mut u64 {
         match r {
             Gpr::Rax => &mut self.rax,

@@ -62,6 +62,12 @@ impl ReadToken {
     pub(crate) fn domain(&self) -> *const Domain {
         self.domain.as_ptr()
     }
+
+    /// The shard its counter is on (the thread's).
+    #[inline]
+    pub(crate) fn shard(&self) -> Shard {
+        self.shard
+    }
 }
 
 impl Drop for ReadToken {

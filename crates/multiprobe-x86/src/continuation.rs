@@ -93,6 +93,7 @@ pub enum Continue {
 /// Decide how the hit continues (module docs). `regs` are the registers after the
 /// pre-handlers; they change only for [`Continue::Emulated`] (on a failed emulation
 /// nothing changed, and a copy runs, where the CPU raises the fault).
+#[inline]
 pub fn continue_hit(
     ways: &Ways<'_>,
     want_post: bool,

@@ -20,7 +20,24 @@ impl Plan {
     ///
     /// `regs.rip` is not consulted: the plan knows its address. On error nothing was
     /// changed. Async-signal-safe when `mem` is.
+    #[inline]
     pub fn emulate(&self, regs: &mut Regs, mem: &dyn Memory) -> Result<(), EmulateError> {
+        // The usual first instructions of a function (`endbr64`, `push rbp`) inline,
+        // where the caller's `mem` may be known; the rest out of line.
+        match self.op {
+            Some(Op::Nop) => {}
+            Some(Op::PushReg(r)) => {
+                let v = regs.gpr(r);
+                push(regs, mem, v)?;
+            }
+            _ => return self.emulate_any(regs, mem),
+        }
+        regs.rip = self.next();
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn emulate_any(&self, regs: &mut Regs, mem: &dyn Memory) -> Result<(), EmulateError> {
         let op = self.op.ok_or(EmulateError::NotEmulated)?;
         let next = self.next();
         let mut rip = next;
@@ -87,6 +104,7 @@ impl Plan {
     }
 }
 
+#[inline]
 fn push(regs: &mut Regs, mem: &dyn Memory, v: u64) -> Result<(), EmulateError> {
     let sp = regs.rsp.wrapping_sub(8);
     mem.write_u64(sp, v)?;

@@ -97,6 +97,7 @@ pub type Entry = unsafe extern "C" fn(frame: *mut Frame, ctx: u64, event: u64) -
 
 impl Frame {
     /// The probed thread's `rsp` when it entered the trampoline (`R`).
+    #[inline]
     pub fn entry_rsp(&self) -> u64 {
         self as *const Frame as u64 + FRAME_TO_RSP
     }
@@ -106,11 +107,10 @@ impl Frame {
     /// so a bad stack fails cleanly and exits by trap). `post`: the hit still wants its
     /// post-handlers and nothing moved (the region's first instruction runs from the
     /// post copy). `rip` unchanged with `rsp` changed runs the region on the new stack.
+    #[inline]
     pub fn leave(&mut self, t: &Trampoline, post: bool, mem: &dyn Memory) -> u64 {
-        let r = self.entry_rsp();
-        let (rip, rsp) = (self.regs.rip, self.regs.rsp);
-        let at_start = rip == t.region().addr();
-        if at_start && rsp == r {
+        let rip = self.regs.rip;
+        if rip == t.region().addr() && self.regs.rsp == self.entry_rsp() {
             return if post && t.has_post() {
                 EXIT_POST
             } else {
@@ -120,6 +120,15 @@ impl Frame {
         if rip == t.continuation() {
             return EXIT_NEXT;
         }
+        self.leave_moved(t, post, mem)
+    }
+
+    /// [`Frame::leave`] for a hit that moved `rip` elsewhere, or `rsp` (out of line:
+    /// most hits do neither).
+    #[inline(never)]
+    fn leave_moved(&mut self, t: &Trampoline, post: bool, mem: &dyn Memory) -> u64 {
+        let rip = self.regs.rip;
+        let at_start = rip == t.region().addr();
         let target = if at_start && post && t.has_post() {
             t.post_copy()
         } else {
@@ -131,6 +140,7 @@ impl Frame {
     /// The exit code for a post stub (the frame's `rip` was `continuation`, where the
     /// original code goes on after the first instruction): [`EXIT_REGION`] continues
     /// there when the post-handlers moved neither `rip` nor `rsp`.
+    #[inline]
     pub fn leave_after(&mut self, t: &Trampoline, continuation: u64, mem: &dyn Memory) -> u64 {
         if self.regs.rip == continuation {
             return if self.regs.rsp == self.entry_rsp() {
@@ -145,6 +155,7 @@ impl Frame {
 
     /// The exit code that resumes at `rip` (already mapped out of the region's interior)
     /// with `regs.rsp`.
+    #[inline]
     pub fn continue_at(&mut self, rip: u64, mem: &dyn Memory) -> u64 {
         let r = self.entry_rsp();
         let rsp = self.regs.rsp;

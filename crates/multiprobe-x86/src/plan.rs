@@ -249,11 +249,13 @@ impl Plan {
     }
 
     /// Address of the next instruction in the original code.
+    #[inline]
     pub fn next(&self) -> u64 {
         self.addr.wrapping_add(u64::from(self.len))
     }
 
     /// Whether [`Plan::emulate`] applies. Otherwise every hit runs a slot.
+    #[inline]
     pub fn is_emulated(&self) -> bool {
         self.op.is_some()
     }

@@ -168,11 +168,13 @@ impl std::fmt::Debug for Region {
 
 impl Region {
     /// The probed address (the region's first byte).
+    #[inline]
     pub fn addr(&self) -> u64 {
         self.addr
     }
 
     /// Length in bytes (at least [`JMP_LEN`]).
+    #[inline]
     pub fn len(&self) -> usize {
         usize::from(self.len)
     }
@@ -183,6 +185,7 @@ impl Region {
     }
 
     /// One past the last byte: where the original code continues after the region.
+    #[inline]
     pub fn end(&self) -> u64 {
         self.addr + u64::from(self.len)
     }
@@ -193,11 +196,13 @@ impl Region {
     }
 
     /// Offsets of the instructions from [`Region::addr`].
+    #[inline]
     pub fn starts(&self) -> &[u8] {
         &self.starts[..usize::from(self.n)]
     }
 
     /// Number of instructions.
+    #[inline]
     pub fn count(&self) -> usize {
         usize::from(self.n)
     }
@@ -220,6 +225,7 @@ impl Region {
     }
 
     /// The index of the instruction starting at `ip`, if one does.
+    #[inline]
     pub fn boundary_index(&self, ip: u64) -> Option<usize> {
         let off = ip.checked_sub(self.addr)?;
         self.starts().iter().position(|&s| u64::from(s) == off)

@@ -25,7 +25,7 @@
 //!
 //! The common stub fixes the frame's `rsp` field (the push of `rsp` stored a trampoline
 //! value), clears `fs_base`/`gs_base` (the backend fills them if it wants: in-process
-//! `fs:[0]`), aligns the stack to 64, clears DF (the ABI's entry state), saves the
+//! `fs:[0]`), aligns the stack to 64, clears DF if it is set (the ABI's entry state), saves the
 //! vector/x87 state, calls the entry (`Entry`: frame, ctx, event), restores the vector
 //! state and returns the exit code with `rsp` back at the frame. It is shared because
 //! the vector save is most of the code (a 2 KiB AVX-512 register file).
@@ -193,6 +193,9 @@ pub struct Trampoline {
     addr: u64,
     len: u16,
     region: Region,
+    /// Where the original code continues after the region's first instruction (kept:
+    /// the entry compares every hit's `rip` with it).
+    next: u64,
     /// Offset of the plain copy of each region instruction.
     plain: [u16; MAX_REGION_INSNS],
     /// Offset of the post copy (0: none).
@@ -216,6 +219,7 @@ pub struct Built {
 
 impl Trampoline {
     /// Where it lives; its first byte is the entry the region's jump targets.
+    #[inline]
     pub fn addr(&self) -> u64 {
         self.addr
     }
@@ -231,32 +235,34 @@ impl Trampoline {
     }
 
     /// The region it serves.
+    #[inline]
     pub fn region(&self) -> &Region {
         &self.region
     }
 
     /// Whether `ip` lies inside it.
+    #[inline]
     pub fn contains(&self, ip: u64) -> bool {
         ip.wrapping_sub(self.addr) < u64::from(self.len)
     }
 
     /// Whether there is a post copy (the first instruction falls through).
+    #[inline]
     pub fn has_post(&self) -> bool {
         self.post != 0
     }
 
     /// The post copy's address (the first instruction, then the post stub).
+    #[inline]
     pub fn post_copy(&self) -> u64 {
         self.addr + u64::from(self.post)
     }
 
     /// Where the original code continues after the region's first instruction (the
     /// `rip` a post stub's frame holds).
+    #[inline]
     pub fn continuation(&self) -> u64 {
-        match self.region.count() {
-            1 => self.region.end(),
-            _ => self.region.insn(1).0,
-        }
+        self.next
     }
 
     /// The post stub: where a thread that has executed the first instruction and still
@@ -267,6 +273,7 @@ impl Trampoline {
     }
 
     /// The plain copy of region instruction `i`.
+    #[inline]
     pub fn copy_of(&self, i: usize) -> u64 {
         self.addr + u64::from(self.plain[i])
     }
@@ -274,6 +281,7 @@ impl Trampoline {
     /// Where a thread that should continue at original address `rip` goes: the
     /// relocated copy for an instruction boundary inside the region (its original bytes
     /// are the jump now), the address itself otherwise.
+    #[inline]
     pub fn resume_target(&self, rip: u64) -> u64 {
         match self.region.boundary_index(rip) {
             Some(i) if i > 0 => self.copy_of(i),
@@ -362,6 +370,9 @@ fn emit_save(
     a.call(qword_ptr(lits.common))?;
     Ok(())
 }
+
+/// The direction flag in rflags.
+const RFLAGS_DF: u64 = 1 << 10;
 
 /// Flags a fast restore cannot set (`sahf` and the OF trick set only the arithmetic
 /// ones): TF, DF, NT, AC, ID. A frame with any of them set takes `popfq`.
@@ -491,6 +502,28 @@ struct PendingPoint {
     first: bool,
 }
 
+/// Record a point of the map at the current position of `a`: a thread found here is at
+/// `orig` in the original code, with `rsp` `rsp_adj` bytes below the original's (and
+/// `set_rcx` the value `rcx` must be given, after a relocated `syscall`).
+fn point_here(
+    a: &mut CodeAssembler,
+    points: &mut Vec<PendingPoint>,
+    orig: u64,
+    rsp_adj: i8,
+    set_rcx: Option<u64>,
+    first: bool,
+) -> Result<(), IcedError> {
+    let label = mark(a)?;
+    points.push(PendingPoint {
+        label,
+        orig,
+        rsp_adj,
+        rcx: set_rcx,
+        first,
+    });
+    Ok(())
+}
+
 /// Emit region instruction `insn` (decoded at its original address) relocated, with the
 /// points that map its copy back. `ret_lit` holds the original return address of a
 /// `call`.
@@ -503,41 +536,20 @@ fn emit_relocated(
 ) -> Result<(), IcedError> {
     let orig = insn.ip();
     let next = insn.next_ip();
-    let here = mark(a)?;
-    points.push(PendingPoint {
-        label: here,
-        orig,
-        rsp_adj: 0,
-        rcx: None,
-        first,
-    });
+    point_here(a, points, orig, 0, None, first)?;
     let mut copy = *insn;
     copy.set_ip(0);
     match insn.code() {
         C::Call_rel32_64 => {
             a.push(qword_ptr(ret_lit))?;
             // After the push the call has happened: the thread is "at the target".
-            let at = mark(a)?;
-            points.push(PendingPoint {
-                label: at,
-                orig,
-                rsp_adj: 8,
-                rcx: None,
-                first,
-            });
+            point_here(a, points, orig, 8, None, first)?;
             a.jmp(insn.near_branch_target())?;
         }
         C::Call_rm64 => {
             a.push(qword_ptr(ret_lit))?;
-            let at = mark(a)?;
             // A fault in the jump's memory read leaves the pushed word: undo it.
-            points.push(PendingPoint {
-                label: at,
-                orig,
-                rsp_adj: 8,
-                rcx: None,
-                first,
-            });
+            point_here(a, points, orig, 8, None, first)?;
             // `call r/m` becomes `jmp r/m` on the same operand (`call rsp` and
             // `call [rsp]` without a displacement are refused by the analysis); an
             // rsp-based operand is 8 further after the push.
@@ -549,14 +561,7 @@ fn emit_relocated(
         }
         C::Syscall => {
             a.add_instruction(copy)?;
-            let at = mark(a)?;
-            points.push(PendingPoint {
-                label: at,
-                orig: next,
-                rsp_adj: 0,
-                rcx: Some(next),
-                first: false,
-            });
+            point_here(a, points, next, 0, Some(next), false)?;
             // `mov rcx, imm64` leaves the flags as the kernel returned them.
             a.mov(rcx, next)?;
         }
@@ -652,14 +657,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
     }
     if can_fall_out(last) {
-        let back = mark(&mut a)?;
-        points.push(PendingPoint {
-            label: back,
-            orig: region.end(),
-            rsp_adj: 0,
-            rcx: None,
-            first: false,
-        });
+        point_here(&mut a, &mut points, region.end(), 0, None, false)?;
         a.jmp(region.end())?;
     }
     // Post copy: the first instruction, then the stub.
@@ -718,6 +716,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         addr: at,
         len: bytes.len() as u16,
         region: *region,
+        next: insns[0].next_ip(),
         plain: [0; MAX_REGION_INSNS],
         post: 0,
         stub: 0,
@@ -835,10 +834,13 @@ fn emit_vectors(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(),
 fn emit_registers_save(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
     emit_vectors(a, cpu, true)?;
     a.stmxcsr(dword_ptr(rsp + area::MXCSR))?;
-    a.fnstsw(word_ptr(rsp + area::FSW))?;
     let mut empty = a.create_label();
     let mut done = a.create_label();
-    a.test(word_ptr(rsp + area::FSW), 0x3800)?; // TOP
+    // Through `ax` (free: the frame holds the program's `rax`), not a store the test
+    // then reads back.
+    a.fnstsw(ax)?;
+    a.mov(word_ptr(rsp + area::FSW), ax)?;
+    a.test(ah, 0x38)?; // TOP
     a.jz(empty)?;
     a.fxsave64(ptr(rsp + area::FX))?;
     a.mov(byte_ptr(rsp + area::FX_USED), 1)?;
@@ -902,7 +904,16 @@ pub fn build_common(
     };
     a.sub(rsp, len)?;
     a.and(rsp, -64)?;
+    // The entry runs with DF clear (the ABI's state at a call). `cld` costs several
+    // cycles and DF is almost never set where a probe is hit, so only when the frame's
+    // rflags (pushed with DF as the program had it) say it is; the restore's `popfq`
+    // path puts it back (`SLOW_FLAGS`).
+    let mut df_clear = a.create_label();
+    a.test(byte_ptr(rbx + frame + 136 + 1), (RFLAGS_DF >> 8) as u32)?; // Regs::rflags
+    a.jz(df_clear)?;
     a.cld()?;
+    a.set_label(&mut df_clear)?;
+    a.zero_bytes()?;
     match save {
         StateSave::Registers => emit_registers_save(&mut a, cpu)?,
         StateSave::Xsave => {

@@ -47,7 +47,12 @@ enum Action {
     SetFlags,
     /// The same in the pre and the post entry, through the post stub.
     ClobberPost,
+    /// Record the entry's own DF (in `ENTRY_DF`), then run the region.
+    SeeDf,
 }
+
+/// DF as the pre entry saw it in its own rflags (`Action::SeeDf`): 1 set, 0 clear.
+static ENTRY_DF: AtomicU64 = AtomicU64::new(u64::MAX);
 
 static ACTION: Mutex<Action> = Mutex::new(Action::Region);
 static MAP: AtomicPtr<Trampoline> = AtomicPtr::new(std::ptr::null_mut());
@@ -145,6 +150,13 @@ unsafe extern "C" fn pre(frame: *mut Frame, _ctx: u64, event: u64) -> u64 {
         Action::ClobberPost => {
             clobber();
             f.leave(t, true, &Raw)
+        }
+        Action::SeeDf => {
+            let flags: u64;
+            // SAFETY: reads this code's own rflags through the stack, balanced.
+            unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) flags) };
+            ENTRY_DF.store((flags >> 10) & 1, SeqCst);
+            EXIT_REGION
         }
     }
 }
@@ -616,6 +628,41 @@ fn handlers_redirect_return_and_move_the_stack() {
                     rsp: input.rsp - 64,
                     ..arith(&input)
                 }
+            );
+        }
+    });
+}
+
+#[test]
+fn the_entry_runs_with_df_clear_and_the_program_keeps_its_df() {
+    with_machine(|m| {
+        let p = place(m, &PROLOGUE, StateSave::Registers);
+        let mut rng = Rng(5);
+        for df in [0x400, 0, 0x400] {
+            let mut input = random_regs(m, &mut rng);
+            input.rflags |= df;
+            demote(m, &p);
+            fill_memory(m);
+            let want = m.run(m.addr(CODE), &input);
+            assert_eq!(m.last_rflags() & 0x400, df, "the harness passes DF");
+            ENTRY_DF.store(u64::MAX, SeqCst);
+            let got = promoted_run(m, &p, Action::SeeDf, &input);
+            assert_eq!(got, want, "df {df:#x}");
+            assert_eq!(
+                ENTRY_DF.load(SeqCst),
+                0,
+                "the entry ran with DF set (df {df:#x})"
+            );
+            let frame = SEEN.lock().unwrap().last().unwrap().1;
+            assert_eq!(
+                frame.regs.rflags & 0x400,
+                df,
+                "the frame has the program's DF"
+            );
+            assert_eq!(
+                m.last_rflags() & 0x400,
+                df,
+                "the program's DF after the hit"
             );
         }
     });

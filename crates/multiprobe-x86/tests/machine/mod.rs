@@ -223,11 +223,11 @@ impl Machine {
     }
 
     /// Run the code at absolute address `entry` with `regs` (rip ignored; rflags
-    /// restricted to the arithmetic flags) until it reaches an exit stub. Returns the
-    /// registers there and the stub's number.
+    /// restricted to the arithmetic flags and DF) until it reaches an exit stub. Returns
+    /// the registers there and the stub's number.
     pub fn run(&mut self, entry: u64, regs: &Regs) -> (Regs, u8) {
         let mut input = to_array(regs);
-        input[16] = (input[16] & 0x8d5) | 0x202;
+        input[16] = (input[16] & 0xcd5) | 0x202;
         let mut data = Vec::new();
         for v in input {
             data.extend_from_slice(&v.to_le_bytes());
