@@ -186,6 +186,23 @@ fn backtrace_gets_through_return_probed_calls() {
     }
 }
 
+#[test]
+fn a_fork_child_freed_of_probes_returns_through_its_copy_of_a_call_in_flight() {
+    let (t0, _) = common::unprobed("mp-c-rets", &["fork"]);
+    assert_eq!(t0, "child r=41\nparent r=49\n");
+    let (mut t, mut child) = spawn("mp-c-rets", &["fork"]);
+    let (p, seen) = ret_probe(&t, "mp_ret_forker");
+    exited_0(&mut t);
+    // The child's copy of the stack had the trampoline in the call's slot; freed of
+    // our probes (and of the XOL page), it got the real return address back.
+    assert_eq!(common::read_all(&mut child), t0);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].1, seen[0].3 as u32 as u64), (40, 49));
+    let s = p.stats().unwrap();
+    assert_eq!((s.hits, s.returns, s.returns_lost), (1, 1, 0));
+}
+
 /// Run `slow T N MS` until `entries` calls of mp_ret_nap entered (threads are inside
 /// their sleeps), with a return probe counting returns.
 fn slow_in_flight(

@@ -10,6 +10,9 @@
  *   nap MS...      mp_ret_nap(MS) for each argument; prints "nap MS=R" for each
  *   slow T N MS    T threads, each N calls of mp_ret_nap(MS), printing "ret=R" after
  *                  each (a thread spends most of its time inside a call)
+ *   fork           mp_ret_forker(40) forks inside the call; the child returns from it
+ *                  (41) and exits 7, the parent waits and returns 42 + the child's exit
+ *                  status; prints "child r=41" and "parent r=49"
  *   bt             mp_ret_bt_outer -> mp_ret_bt, which calls backtrace(3); prints the
  *                  frame count (the same probed or not, if unwinding gets through) */
 #define _GNU_SOURCE
@@ -19,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 int mp_ret_add(int a, int b) { return a + b; }
@@ -37,6 +41,14 @@ void mp_ret_jump(int i) { longjmp(env, i + 1); }
 int mp_ret_around(int i) {
     mp_ret_jump(i);
     return -1; /* never */
+}
+
+int mp_ret_forker(int x) {
+    pid_t p = fork();
+    if (p == 0) return x + 1; /* the child returns through the probed call too */
+    int st = 0;
+    waitpid(p, &st, 0);
+    return x + 2 + (WIFEXITED(st) ? WEXITSTATUS(st) : 100);
 }
 
 int mp_ret_bt(void) {
@@ -112,6 +124,14 @@ int mp_rets_main(int argc, char **argv) {
         }
     } else if (!strcmp(mode, "slow")) {
         return run_threads(sleeper, a, b, c);
+    } else if (!strcmp(mode, "fork")) {
+        int r = mp_ret_forker(40);
+        if (r == 41) {
+            printf("child r=%d\n", r);
+            fflush(stdout);
+            _exit(7);
+        }
+        printf("parent r=%d\n", r);
     } else if (!strcmp(mode, "bt")) {
         printf("outer=%d\n", mp_ret_bt_outer());
     } else {
