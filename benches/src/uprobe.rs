@@ -55,6 +55,16 @@ impl KernelUprobe {
     /// A uprobe named `name` on `addr` (a function of this process's executable or a
     /// library). `Err` says why there is none (not root, no tracefs, no uprobes).
     pub fn new(name: &str, addr: u64) -> Result<KernelUprobe, String> {
+        Self::with_kind(name, addr, 'p')
+    }
+
+    /// A uretprobe (the kernel's return probe, `r:`) named `name` on the function at
+    /// `addr`; otherwise as [`KernelUprobe::new`].
+    pub fn new_return(name: &str, addr: u64) -> Result<KernelUprobe, String> {
+        Self::with_kind(name, addr, 'r')
+    }
+
+    fn with_kind(name: &str, addr: u64, kind: char) -> Result<KernelUprobe, String> {
         if !mounted() {
             let _ = std::process::Command::new("mount")
                 .args(["-t", "tracefs", "nodev", TRACEFS])
@@ -72,7 +82,7 @@ impl KernelUprobe {
         };
         append(
             "uprobe_events",
-            &format!("p:{GROUP}/{name} {file}:{off:#x}\n"),
+            &format!("{kind}:{GROUP}/{name} {file}:{off:#x}\n"),
         )
         .map_err(|e| format!("adding the uprobe: {e}"))?;
         append(&format!("events/{GROUP}/{name}/enable"), "1\n")

@@ -1,5 +1,21 @@
 //! Compiles the C test programs (`c/*.c`) into one static library; each is run by a
-//! small Rust binary in `src/bin` that calls its `mp_*_main`.
+//! small Rust binary in `src/bin` that calls its `mp_*_main`. The in-process targets
+//! (`c/inproc.c`, `c/throw.cpp`: the `inproc` module) and the return-probe programs
+//! (`c/rets.c`, `c/throwret.cpp`) go into libraries of their own.
+
+/// A library of `file` without sibling calls: every call in it returns through its
+/// caller, as return probes need to be tested on.
+fn no_sibling_calls(file: &str, lib: &str) {
+    println!("cargo:rerun-if-changed={file}");
+    cc::Build::new()
+        .cpp(file.ends_with(".cpp"))
+        .file(file)
+        .flag("-O1")
+        .flag("-fno-inline")
+        .flag("-fno-optimize-sibling-calls")
+        .warnings(true)
+        .compile(lib);
+}
 
 fn main() {
     let programs = ["forkrace", "trapmask", "seccomp", "unmapxol", "forktree"];
@@ -15,24 +31,9 @@ fn main() {
         .flag("-fno-inline")
         .warnings(true)
         .compile("mp_c_targets");
-    // Return-probe targets, without sibling calls: every call returns through its
-    // caller, as return probes are tested on.
-    println!("cargo:rerun-if-changed=c/rets.c");
-    cc::Build::new()
-        .file("c/rets.c")
-        .flag("-O1")
-        .flag("-fno-inline")
-        .flag("-fno-optimize-sibling-calls")
-        .warnings(true)
-        .compile("mp_c_rets");
-    println!("cargo:rerun-if-changed=c/throwret.cpp");
-    cc::Build::new()
-        .cpp(true)
-        .file("c/throwret.cpp")
-        .flag("-O1")
-        .flag("-fno-inline")
-        .flag("-fno-optimize-sibling-calls")
-        .warnings(true)
-        .compile("mp_cpp_rets");
+    no_sibling_calls("c/inproc.c", "mp_c_inproc");
+    no_sibling_calls("c/throw.cpp", "mp_cpp_inproc");
+    no_sibling_calls("c/rets.c", "mp_c_rets");
+    no_sibling_calls("c/throwret.cpp", "mp_cpp_rets");
     println!("cargo:rustc-link-lib=pthread");
 }

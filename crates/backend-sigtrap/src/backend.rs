@@ -24,8 +24,8 @@ use multiprobe_symbols::Maps;
 use crate::site::{BlockInfo, SiteState};
 pub use crate::site::{Class, Mode, Site, TrapReason};
 use crate::{
-    collect, dispatchers, fault, known, memory, patch, promote, slots, source, symbols, thread,
-    tramps, trap,
+    collect, dispatchers, fault, known, memory, patch, promote, returning, slots, source, symbols,
+    thread, tramps, trap, unwind,
 };
 
 /// One armed address of this process: the original byte under the `int3`, and the
@@ -237,6 +237,7 @@ pub(crate) fn install() {
     fault::install();
     trap::install();
     quiet_panics_in_handlers();
+    unwind::install();
     collect::start();
 }
 
@@ -377,6 +378,27 @@ impl Backend for SigtrapBackend {
         }
         // A working int3 site now; promotion, if it fails, leaves it so.
         try_promote(site.info, &mut armed);
+        Ok(())
+    }
+
+    /// A return probe needs `addr` to be a function's first instruction: refused when
+    /// the symbols say `addr` lies inside a function; code without symbols (generated
+    /// code) is taken at its word. The process's return trampoline is built at the
+    /// first such registration (`crate::returning`).
+    fn check_return(&self, addr: u64, _site: &Site) -> Result<()> {
+        let maps = Maps::read(0).map_err(|e| Error::io("reading /proc/self/maps", e))?;
+        if let Some(sym) = symbols::enclosing(addr, &maps) {
+            if sym.start != addr {
+                return Err(Error::NotFunctionEntry {
+                    addr,
+                    context: format!(" (it is {}+{:#x})", sym.name, addr - sym.start),
+                });
+            }
+        }
+        let entry = returning::ret as *const () as u64;
+        let t = tramps::return_trampoline(addr, entry)
+            .map_err(|e| Error::Backend(format!("building the return trampoline: {e}")))?;
+        returning::installed(t);
         Ok(())
     }
 

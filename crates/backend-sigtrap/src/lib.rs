@@ -89,14 +89,40 @@
 //! ~4 KiB of stack below the probed code's `rsp` (the frame and the vector state),
 //! about what a signal frame needs.
 //!
+//! # Return probes
+//!
+//! A handler with a return hook ([`multiprobe_core::FnHandler::ret`]) at a function's
+//! first instruction sees each call's return: its pre-hook leaves a fixed-size
+//! [`multiprobe_core::CallData`] and the return hook gets it with the return value
+//! registers (`rax`, `rdx`; the vector registers are restored unchanged). At the entry
+//! the core swaps the return address at `[rsp]` for the process's *return trampoline*
+//! (generated with multiprobe-x86's assembler, the same frame and state save as a
+//! promoted site's) and keeps it on the thread's return stack (512 KiB of address space
+//! per thread that hits probes once return probes exist, mapped at its first hit); the
+//! trampoline calls the core's return dispatch in thread context, on trap sites and
+//! promoted sites alike, then continues at the original return address. An address
+//! inside a function is refused ([`multiprobe_core::Error::NotFunctionEntry`]).
+//!
+//! Calls left without returning — `longjmp`, a C++ exception, a Rust panic — are
+//! recognised by their stack pointer and counted in `returns_lost`. Unwinders get through:
+//! the unwinder entry points (`_Unwind_RaiseException`, `_Unwind_Resume`,
+//! `_Unwind_Backtrace`, `backtrace`, ...) are wrapped to put the original return
+//! addresses back first and the trampoline again where the program goes on (see the
+//! `unwind` module: its limits include `pthread_exit`/cancellation and stack walkers
+//! that bypass those entry points, such as debuggers and profilers). A return hook runs
+//! no sooner than its call's return and never after its handler's `unregister` returned;
+//! calls still in flight then return normally through the trampoline, which is never
+//! freed.
+//!
 //! # Module structure
 //!
 //! Leaf modules (they import nothing of this crate): `site` (per-site types), `context`,
 //! `memory` (the guarded copy), `known`, `patch`. Above them, without cycles:
 //! `dispatchers` (imports `site`), `thread` (`dispatchers`, for its fork hook),
-//! `signals` (`thread`), `slots` (`site`, `patch`), `collect` (`dispatchers`). The
-//! signal path — `trap` (SIGTRAP), `fault` (SIGSEGV/SIGBUS/SIGFPE/SIGILL) — and the
-//! trampoline path — `entry` — import only those, `tramps` (lookups over leaked
+//! `signals` (`thread`), `slots` (`site`, `patch`), `collect` (`dispatchers`), `unwind`
+//! (`thread`, `memory`). The signal path — `trap` (SIGTRAP), `fault`
+//! (SIGSEGV/SIGBUS/SIGFPE/SIGILL) — and the trampoline paths — `entry`, `returning` (the
+//! return trampoline's) — import only those, `tramps` (lookups over leaked
 //! trampoline descriptions) and `threads` (whose signal-side hook parks a thread with
 //! atomics and a futex); nothing they import reaches `backend`, `promote` or `source`,
 //! the thread-context code, so what must be async-signal-safe can be audited from the
@@ -135,7 +161,8 @@
 //! while the interrupted code held the allocator's lock deadlocks. Don't panic.
 //!
 //! A hit makes no system call, except that a thread's first hit learns the thread's id
-//! (one `gettid`, cached) — [`prepare_thread`] does that ahead, in thread context — and a
+//! (one `gettid`, cached), a thread's first hit once return probes exist maps its return
+//! stack (one `mmap`) — [`prepare_thread`] does both ahead, in thread context — and a
 //! hit whose handler asked for a removal wakes the collector thread (one `futex` wake).
 //!
 //! # Limits
@@ -180,6 +207,7 @@ mod memory;
 mod patch;
 mod place;
 mod promote;
+mod returning;
 mod ring;
 mod signals;
 mod site;
@@ -190,6 +218,7 @@ mod thread;
 mod threads;
 mod tramps;
 mod trap;
+mod unwind;
 
 #[doc(hidden)]
 pub use backend::jump_covering;

@@ -13,6 +13,13 @@
 //! the first 32 keys stores into the thread descriptor without allocating (glibc's
 //! `specific_1stblock`, musl's `tsd` array); a key number beyond that is not used.
 //!
+//! Return probes: once the process has a return trampoline ([`set_return_trampoline`]),
+//! a thread's first hit gives its state a return stack of
+//! [`multiprobe_core::backend::DEFAULT_RETURN_WORDS`] words, mapped anonymous memory
+//! (one `mmap`, async-signal-safe; its pages become resident as calls nest), unmapped
+//! by the exit hook after the state is dropped. If the mapping fails, that thread's
+//! returns are counted lost.
+//!
 //! After `fork` the child's only thread inherits the forking thread's TLS; its cached
 //! thread id is reset by an `atfork` child handler.
 
@@ -32,6 +39,51 @@ std::thread_local! {
     /// `site::PUBLISHED` as the oldest trap handler running on this thread read it
     /// when it started (0: none runs).
     static OLDEST_TRAP: Cell<u64> = const { Cell::new(0) };
+    /// The return stack lent to `STATE` (0: none).
+    static RETURN_MEM: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The return trampoline's entry, once return probes are in use (0: not yet).
+static RETURN_ENTRY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of a thread's return stack.
+const RETURN_BYTES: usize = multiprobe_core::backend::DEFAULT_RETURN_WORDS * 8;
+
+/// From now on, threads' return slots go to `entry` (the return trampoline).
+pub(crate) fn set_return_trampoline(entry: u64) {
+    RETURN_ENTRY.store(entry, std::sync::atomic::Ordering::Release);
+}
+
+/// Give `ts` its return stack and the trampoline (module docs). Async-signal-safe.
+#[cold]
+fn provide_returns(ts: &ThreadState, entry: u64) {
+    if !ts.has_return_stack() {
+        // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RETURN_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            // No retry: this thread's returns are lost (module docs).
+        } else {
+            // SAFETY: the mapping is ours alone, aligned and `RETURN_BYTES` long; it is
+            // unmapped only after the state is dropped (`on_thread_exit`).
+            let lent = unsafe { ts.lend_returns(p.cast(), RETURN_BYTES / 8) };
+            if lent {
+                RETURN_MEM.with(|m| m.set(p as usize));
+            } else {
+                // SAFETY: unmapping the mapping just made, unused.
+                unsafe { libc::munmap(p, RETURN_BYTES) };
+            }
+        }
+    }
+    ts.set_return_trampoline(entry);
 }
 
 /// A trap handler starts on this thread having read `published`; returns what to give
@@ -128,6 +180,13 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
             s.get().write(ManuallyDrop::new(ThreadState::new()));
         }
     });
+    // The dropped state's return stack (the fresh one has none yet).
+    let mem = RETURN_MEM.try_with(|m| m.replace(0)).unwrap_or(0);
+    if mem != 0 {
+        // SAFETY: the mapping `provide_returns` lent to the state just dropped; nothing
+        // refers to it any more.
+        unsafe { libc::munmap(mem as *mut libc::c_void, RETURN_BYTES) };
+    }
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     let _ = REGISTERED.try_with(|r| r.set(false));
@@ -161,7 +220,14 @@ pub(crate) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
     // is only replaced by `on_thread_exit`, in thread context at thread exit, never
     // while a `with_state` call is running on this thread; and the reference does not
     // leave this call.
-    f(unsafe { &*state })
+    let ts = unsafe { &*state };
+    // Once return probes exist, each thread's state gets its return stack and the
+    // trampoline's address before its first dispatch.
+    let entry = RETURN_ENTRY.load(std::sync::atomic::Ordering::Acquire);
+    if entry != 0 && ts.return_trampoline() != entry {
+        provide_returns(ts, entry);
+    }
+    f(ts)
 }
 
 /// Attach this thread to the exit hook (its first hit).

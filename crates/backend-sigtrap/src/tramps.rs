@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use multiprobe_x86::{
-    build_common, build_trampoline, CpuState, Region, StateSave, Trampoline, TrampolineError,
-    TrampolineSpec,
+    build_common, build_return_trampoline, build_trampoline, CpuState, Region, ReturnTrampoline,
+    StateSave, Trampoline, TrampolineError, TrampolineSpec,
 };
 
 use crate::site::BlockInfo;
@@ -34,6 +34,7 @@ pub(crate) const UNIT: u64 = 2048;
 pub(crate) const CODE_OFF: u64 = 64;
 const _: () = assert!(CODE_OFF + multiprobe_x86::TRAMPOLINE_LEN as u64 <= UNIT);
 const _: () = assert!(multiprobe_x86::COMMON_LEN as u64 <= UNIT);
+const _: () = assert!(multiprobe_x86::RETURN_TRAMPOLINE_LEN as u64 <= UNIT);
 const REGION: u64 = 64 * 1024;
 const MAX_REGIONS: usize = 256;
 /// Marks a written header ("TXtramp!" read backwards).
@@ -167,6 +168,26 @@ fn common(a: &mut Alloc, near: u64) -> Result<u64, TrampFailure> {
     patch::write(unit, &stub.bytes).map_err(TrampFailure::Memory)?;
     a.common = Some(unit);
     Ok(unit)
+}
+
+/// The process's return trampoline (return probes), calling `entry` (the return entry
+/// point, `crate::returning`): built and placed once, in a unit of its own (no header:
+/// [`lookup`] never finds it), near `near`, then the same for the life of the process.
+pub(crate) fn return_trampoline(
+    near: u64,
+    entry: u64,
+) -> Result<&'static ReturnTrampoline, TrampFailure> {
+    static RET: OnceLock<ReturnTrampoline> = OnceLock::new();
+    let mut a = ALLOC.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = RET.get() {
+        return Ok(t);
+    }
+    let common = common(&mut a, near)?;
+    let unit = unit_near(&mut a, near).map_err(TrampFailure::Memory)?;
+    let t =
+        build_return_trampoline(entry, 0, common, unit + CODE_OFF).map_err(TrampFailure::Build)?;
+    patch::write(t.at, &t.bytes).map_err(TrampFailure::Memory)?;
+    Ok(RET.get_or_init(|| t))
 }
 
 /// The trampoline of `region` (the site `block`), calling the entry points `pre` and

@@ -35,11 +35,13 @@ use std::sync::Once;
 use libc::{c_int, c_void, siginfo_t, ucontext_t, SI_KERNEL};
 use multiprobe_core::backend::{PreOutcome, ThreadState};
 use multiprobe_core::Regs;
-use multiprobe_x86::{Continue, Emulate, Frame, Trampoline, INT3};
+use multiprobe_x86::{Continue, Emulate, Frame, INT3};
 
 use crate::memory::LocalMemory;
 use crate::site::BlockInfo;
-use crate::{collect, context, dispatchers, known, signals, site, slots, thread, tramps};
+use crate::{
+    collect, context, dispatchers, known, returning, signals, site, slots, thread, tramps,
+};
 
 std::thread_local! {
     /// Depth of our SIGTRAP handler on this thread (no destructor: signal-safe TLS).
@@ -123,7 +125,10 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
         return after_slot(ts, uc, info, rip);
     }
     if let Some(t) = tramps::lookup(a) {
-        return trap_exit(uc, t.map(), rip);
+        return t.map().is_trap_exit(rip) && frame_exit(uc);
+    }
+    if returning::is_trap_exit(rip) {
+        return frame_exit(uc);
     }
     let tid = thread::tid();
     let mut regs = context::load(uc);
@@ -178,11 +183,9 @@ fn on_int3(ts: &ThreadState, uc: &mut ucontext_t, machinery: bool) -> bool {
 
 /// A trampoline's exit by trap (a handler moved `rsp` where no other exit can go):
 /// `rsp` points at the trampoline's frame; the thread resumes with every register as the
-/// frame holds it (the vector state was restored before the `int3`).
-fn trap_exit(uc: &mut ucontext_t, t: &Trampoline, rip: u64) -> bool {
-    if !t.is_trap_exit(rip) {
-        return false;
-    }
+/// frame holds it (the vector state was restored before the `int3`). The caller checked
+/// that the `int3` is a trampoline's trap exit (a site's, or the return trampoline's).
+fn frame_exit(uc: &mut ucontext_t) -> bool {
     let at = context::load(uc).rsp;
     let mut frame = [0u8; std::mem::size_of::<Frame>()];
     if multiprobe_core::Memory::read(&MEM, at, &mut frame).is_err() {

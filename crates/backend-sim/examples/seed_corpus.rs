@@ -14,7 +14,7 @@ use multiprobe_backend_sim::scenario::{run_ops, run_protocol, Coverage, OpsCase,
 const KEEP: usize = 24;
 const TRIES: usize = 4000;
 
-fn counters(c: &Coverage) -> [u32; 8] {
+fn counters(c: &Coverage) -> [u32; 10] {
     [
         c.dispatches,
         c.reexecuted,
@@ -24,6 +24,8 @@ fn counters(c: &Coverage) -> [u32; 8] {
         c.inside_dispatch,
         c.changed_while_pending,
         u32::from(c.oracle),
+        c.returns,
+        c.returns_lost,
     ]
 }
 
@@ -37,7 +39,7 @@ fn main() {
     for target in ["ops", "protocol"] {
         let mut rng = Rng::new(0x5eed ^ target.len() as u64);
         let mut kept: Vec<(Vec<u8>, Coverage)> = Vec::new();
-        let mut best = [0u32; 8];
+        let mut best = [0u32; 10];
         for _ in 0..TRIES {
             let len = 64 + rng.below(1200);
             let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();

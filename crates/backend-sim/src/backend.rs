@@ -8,6 +8,10 @@
 //! reference, so a slot's contents never change or vanish while a thread is inside it
 //! (the sigtrap backend's XOL rule), even after the site is freed.
 //!
+//! Return probes: `check_return` allows the program's function entries (its call
+//! targets) only; the trampoline is [`crate::memory::RET_TRAMPOLINE`], where the CPU hands
+//! a returning thread to the core ([`crate::cpu`]).
+//!
 //! Invariant checked here (a violation panics, i.e. the core broke its contract with
 //! backends): `arm` finds the original byte, `disarm` finds `BRK`.
 
@@ -79,6 +83,8 @@ struct Shared {
     mem: Arc<SimMemory>,
     /// Where instructions start (the loaded program's symbol information).
     boundaries: BTreeSet<u64>,
+    /// Where functions start (return probes go only there).
+    functions: BTreeSet<u64>,
     dispatcher: OnceLock<Dispatcher<SimSite>>,
     injected: Mutex<Injected>,
     counts: Mutex<BackendCounts>,
@@ -96,12 +102,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SimBackend {
-    /// A backend over `mem`, which holds code whose instructions start at `boundaries`.
-    pub fn new(mem: Arc<SimMemory>, boundaries: BTreeSet<u64>) -> Self {
+    /// A backend over `mem`, which holds code whose instructions start at `boundaries`
+    /// and functions at `functions`.
+    pub fn new(mem: Arc<SimMemory>, boundaries: BTreeSet<u64>, functions: BTreeSet<u64>) -> Self {
         SimBackend {
             shared: Arc::new(Shared {
                 mem,
                 boundaries,
+                functions,
                 dispatcher: OnceLock::new(),
                 injected: Mutex::default(),
                 counts: Mutex::default(),
@@ -196,6 +204,17 @@ impl Backend for SimBackend {
             }),
             released: Arc::clone(&self.shared.released),
         })
+    }
+
+    fn check_return(&self, addr: u64, _site: &SimSite) -> Result<()> {
+        if self.shared.functions.contains(&addr) {
+            return Ok(());
+        }
+        let context = match self.shared.functions.range(..addr).next_back() {
+            Some(f) => format!(" (inside the function at {f:#x})"),
+            None => String::new(),
+        };
+        Err(Error::NotFunctionEntry { addr, context })
     }
 
     fn arm(&self, addr: u64, site: &SimSite) -> Result<()> {

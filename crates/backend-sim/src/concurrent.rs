@@ -10,7 +10,10 @@
 //! * the post trap calls exactly the post hooks of the handlers whose pre ran, in the
 //!   same order (the snapshot rule), and nothing else;
 //! * no hook starts after its handler's `unregister` returned (see
-//!   [`crate::handlers::Watch`]; counted by the handlers themselves).
+//!   [`crate::handlers::Watch`]; counted by the handlers themselves);
+//! * a return calls only return hooks, in increasing id order, each with the token a
+//!   pre-hook of the same handler left (and counted per handler: the caller checks
+//!   them against the final `returns`).
 //!
 //! and, after the run, by the caller: per-handler hit counts equal the pre calls the
 //! CPUs saw, and each CPU's final state equals an unprobed run of it (programs made
@@ -41,6 +44,10 @@ pub struct CpuReport {
     pub dispatches: u64,
     /// Post traps.
     pub posts: u64,
+    /// Return hook calls per handler.
+    pub ret_calls: BTreeMap<HandlerId, u64>,
+    /// Returns through the trampoline.
+    pub returns: u64,
     /// Micro-steps taken.
     pub steps: u64,
     /// Broken protocol rules, described (must stay empty).
@@ -62,7 +69,7 @@ impl Concurrent {
     pub fn new(program: Program) -> Self {
         let mem = Arc::new(SimMemory::new());
         program.load(&mem);
-        let backend = SimBackend::new(mem, program.boundaries.clone());
+        let backend = SimBackend::new(mem, program.boundaries.clone(), program.functions.clone());
         Concurrent {
             registry: Registry::new(backend.clone()),
             backend,
@@ -132,7 +139,11 @@ impl Concurrent {
 pub fn unprobed_rounds(program: &Program, rounds: u32) -> MachineState {
     let mem = Arc::new(SimMemory::new());
     program.load(&mem);
-    let backend = SimBackend::new(Arc::clone(&mem), program.boundaries.clone());
+    let backend = SimBackend::new(
+        Arc::clone(&mem),
+        program.boundaries.clone(),
+        program.functions.clone(),
+    );
     let _registry = Registry::new(backend.clone());
     let threads = program
         .threads
@@ -188,7 +199,22 @@ fn check_step(e: &Event, calls: &[Call], pre: &mut Vec<(HandlerId, bool)>, r: &m
             .collect()
     };
     match *e {
-        Event::Dispatch { addr, outcome } => {
+        Event::Return { rsp, outcome } => {
+            r.returns += 1;
+            let rets = entered(Hook::Ret);
+            for &(id, _) in &rets {
+                *r.ret_calls.entry(id).or_default() += 1;
+            }
+            if outcome != multiprobe_core::backend::RetOutcome::Returned {
+                r.errors.push(format!("return at {rsp:#x}: {outcome:?}"));
+            }
+            if !rets.windows(2).all(|w| w[0].0 < w[1].0) || rets.len() != entered_any(calls) {
+                r.errors.push(format!(
+                    "return at {rsp:#x}: hooks {calls:?} out of order or not returns"
+                ));
+            }
+        }
+        Event::Dispatch { addr, outcome, .. } => {
             let pres = entered(Hook::Pre);
             for &(id, _) in &pres {
                 *r.pre_calls.entry(id).or_default() += 1;
@@ -261,6 +287,13 @@ fn check_step(e: &Event, calls: &[Call], pre: &mut Vec<(HandlerId, bool)>, r: &m
             }
         }
     }
+}
+
+fn entered_any(calls: &[Call]) -> usize {
+    calls
+        .iter()
+        .filter(|c| matches!(c, Call::Enter { .. }))
+        .count()
 }
 
 fn nested(calls: &[Call]) -> usize {

@@ -14,7 +14,17 @@
 //!        faults: Dispatcher::fault; NotHandled → deliver the fault (retires)
 //!        ok, post wanted ──> PostTrap ── Dispatcher::post ──> Fetch
 //!        ok, no post ──> Fetch                                    (retires)
+//!  Fetch at RET_TRAMPOLINE (a `ret` popped the swapped return address):
+//!        Dispatcher::ret: rip = the original return address ──> Fetch
 //! ```
+//!
+//! Return probes: each CPU's `ThreadState` has a return stack of [`RETURN_WORDS`] words
+//! (small on purpose: a deep enough call chain fills it, and its returns are lost) and
+//! [`RET_TRAMPOLINE`] as its trampoline. The return dispatch is a micro-step of its own
+//! that does not retire (the `ret` before it did); afterwards the CPU puts the original
+//! return address back into the slot the `ret` popped, below the stack pointer, so a
+//! probed run's stack ends as an unprobed one's. A thread that ends (halts or faults)
+//! with calls in flight gives them up ([`multiprobe_core::backend::Dispatcher::abandon_returns`]).
 //!
 //! Every arrow is a separate micro-step, so a scheduler (and registry operations)
 //! can come between the trap and its dispatch, between `pre` and the out-of-line
@@ -31,14 +41,20 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use multiprobe_core::backend::{PreOutcome, ThreadState};
+use multiprobe_core::backend::{return_frame_words, PreOutcome, RetOutcome, ThreadState};
 use multiprobe_core::{Fault, FaultAction, Registry, Regs};
 
 use crate::backend::{SimBackend, Slot};
 use crate::ctx::{Ctx, CtxGuard};
-use crate::isa::{decode, execute, illegal, Effect, BRK, SEGV_ACCERR, SEGV_MAPERR, SIGSEGV};
+use crate::isa::{
+    decode, execute, illegal, Bus, Effect, Insn, BRK, SEGV_ACCERR, SEGV_MAPERR, SIGSEGV,
+};
 use crate::isa::{SIGTRAP, TRAP_BRKPT};
-use crate::memory::{region, Region, SimMemory};
+use crate::memory::{region, Region, SimMemory, RET_TRAMPOLINE};
+
+/// Words of each CPU's return stack: two frames of two return handlers and one of one
+/// (`multiprobe_core::backend::return_frame_words`).
+pub const RETURN_WORDS: usize = 2 * return_frame_words(2) + return_frame_words(1);
 
 /// Whether a thread still runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,8 +118,17 @@ pub enum Event {
     Dispatch {
         /// The address.
         addr: u64,
+        /// The thread's stack pointer then (where a call's return address is).
+        sp: u64,
         /// The outcome.
         outcome: Dispatched,
+    },
+    /// Arrived at the return trampoline and ran `Dispatcher::ret`.
+    Return {
+        /// The stack pointer after the `ret` that popped the trampoline address.
+        rsp: u64,
+        /// What the core said; `Returned`: `rip` is the original return address.
+        outcome: RetOutcome,
     },
     /// Executed the displaced instruction of `addr` out of line.
     SlotExec {
@@ -131,6 +156,9 @@ impl Event {
                 Dispatched::Redirect | Dispatched::NotOurs { reexecute: false }
             ),
             Event::RaiseTrap { .. } | Event::PostTrap { .. } => false,
+            // The `ret` retired; the hop through the trampoline is not the program's
+            // (a return nobody recorded is delivered as a fault: that is).
+            Event::Return { outcome, .. } => *outcome == RetOutcome::Unknown,
         }
     }
 }
@@ -158,13 +186,21 @@ pub struct Cpu {
 impl Cpu {
     /// Thread `tid` starting with `regs`.
     pub fn new(tid: u32, regs: Regs) -> Self {
+        let ts = ThreadState::new();
+        ts.reserve_returns(RETURN_WORDS);
+        ts.set_return_trampoline(RET_TRAMPOLINE);
         Cpu {
             tid,
             regs,
             status: Status::Running,
             phase: Phase::Fetch,
-            ts: Rc::new(ThreadState::new()),
+            ts: Rc::new(ts),
         }
+    }
+
+    /// Calls in flight whose returns are awaited.
+    pub fn returns_in_flight(&self) -> usize {
+        self.ts.returns_in_flight()
     }
 
     /// Its number.
@@ -184,9 +220,10 @@ impl Cpu {
         self.ts.pending() > 0
     }
     /// Whether it is anywhere but at an instruction boundary of its own code (trapped,
-    /// in a slot, or owing a post).
+    /// in a slot, owing a post, or at the return trampoline).
     pub fn mid_probe(&self) -> bool {
         !matches!(self.phase, Phase::Fetch)
+            || (self.regs.rip == RET_TRAMPOLINE && self.status == Status::Running)
     }
 
     fn deliver(&mut self, fault: Fault, rip: u64) {
@@ -212,6 +249,7 @@ impl Cpu {
         }
         let mem: &Arc<SimMemory> = env.backend.memory();
         let event = match self.phase.clone() {
+            Phase::Fetch if self.regs.rip == RET_TRAMPOLINE => self.returned(env),
             Phase::Fetch => self.fetch(mem),
             Phase::Trapped { addr } => self.dispatch(env, addr),
             Phase::InSlot { slot, post } => self.slot_exec(env, &slot, post),
@@ -225,7 +263,37 @@ impl Cpu {
                 Event::PostTrap { addr, ran }
             }
         };
+        if self.status != Status::Running && self.ts.returns_in_flight() > 0 {
+            // The thread is gone: its calls in flight never return.
+            env.backend.dispatcher().abandon_returns(&self.ts);
+        }
         Some(event)
+    }
+
+    /// At the trampoline: the core finds the call and its original return address.
+    fn returned(&mut self, env: &Env<'_>) -> Event {
+        let _ctx = self.ctx(env);
+        let mem = env.backend.memory();
+        let d = env.backend.dispatcher();
+        let mut regs = self.regs;
+        let rsp = regs.rsp;
+        let outcome = d.ret(&self.ts, self.tid, &mut regs, &**mem);
+        self.regs = regs;
+        match outcome {
+            RetOutcome::Returned => {
+                // The popped slot as an unprobed run leaves it.
+                let _ = mem.store(rsp.wrapping_sub(8), regs.rip);
+            }
+            RetOutcome::NotOurs | RetOutcome::Unknown => {
+                let fault = Fault {
+                    signal: SIGSEGV,
+                    code: SEGV_MAPERR,
+                    addr: RET_TRAMPOLINE,
+                };
+                self.deliver(fault, RET_TRAMPOLINE);
+            }
+        }
+        Event::Return { rsp, outcome }
     }
 
     fn fetch(&mut self, mem: &SimMemory) -> Event {
@@ -252,7 +320,10 @@ impl Cpu {
             return Event::RaiseTrap { addr };
         }
         let result = match decode(&mem.code_from(addr)) {
-            Some(insn) => execute(insn, addr, &mut self.regs, mem),
+            // A `ret` reading a swapped return address is the return probe at work,
+            // not the program looking at its stack.
+            Some(Insn::Ret) => execute(Insn::Ret, addr, &mut self.regs, &mem.for_ret()),
+            Some(insn) => execute(insn, addr, &mut self.regs, mem as &dyn Bus),
             None => Err(illegal(addr)),
         };
         match result {
@@ -269,6 +340,7 @@ impl Cpu {
         let d = env.backend.dispatcher();
         let mut regs = self.regs;
         regs.rip = addr;
+        let sp = regs.rsp;
         let ts = Rc::clone(&self.ts);
         let outcome = match d.pre(&ts, addr, self.tid, &mut regs, &**mem) {
             PreOutcome::NotOurs => {
@@ -305,14 +377,18 @@ impl Cpu {
         if self.tid == 0 {
             d.collect();
         }
-        Event::Dispatch { addr, outcome }
+        Event::Dispatch { addr, sp, outcome }
     }
 
     fn slot_exec(&mut self, env: &Env<'_>, slot: &Slot, post: bool) -> Event {
         let addr = slot.addr;
         let mem = env.backend.memory();
         let mut regs = self.regs;
-        match execute(slot.insn, addr, &mut regs, &**mem) {
+        let bus: &dyn Bus = match slot.insn {
+            Insn::Ret => &mem.for_ret(),
+            _ => &**mem,
+        };
+        match execute(slot.insn, addr, &mut regs, bus) {
             Ok(effect) => {
                 self.regs = regs;
                 self.phase = Phase::Fetch;

@@ -30,6 +30,8 @@ pub enum Hook {
     Post,
     /// `fault`.
     Fault,
+    /// `ret` (return probes).
+    Ret,
 }
 
 /// How a hook ended (what the handler decided; the core's reaction is checked).
@@ -102,6 +104,16 @@ pub enum Call {
         on: bool,
         /// The outcome, as a comparable value.
         result: Result<(), crate::model::ErrKind>,
+    },
+    /// A pre-hook left `value` in its call data (`skipped`: and asked for no return),
+    /// or a return hook got it.
+    Data {
+        /// The handler.
+        id: HandlerId,
+        /// `CallData[0]`.
+        value: u64,
+        /// The pre-hook called `skip_return`.
+        skipped: bool,
     },
     /// A hook ended.
     Exit {

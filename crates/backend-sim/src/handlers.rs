@@ -1,7 +1,8 @@
 //! A configurable handler that records every call into the trace ([`crate::ctx`]).
 //!
 //! What a [`SimHandler`] does is fixed by its [`Behavior`] and its own call count, so
-//! runs are reproducible. Every hook logs `Enter`, then whatever it did inside (nested
+//! runs are reproducible. With a return hook, its pre-hook leaves a token (its count of
+//! pre calls) in the call's data and logs it, and the return hook logs what it got. Every hook logs `Enter`, then whatever it did inside (nested
 //! hits, unregistrations), then `Exit` with how it ended — a panicking hook logs
 //! `Exit { Panic }` first, then panics. Only two behaviours change program state:
 //! `handle_faults` (the program no longer sees its fault) and [`PreMode::Skip`]; the
@@ -11,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
-use multiprobe_core::{Fault, FaultAction, Handler, HandlerId, Hit, PreAction};
+use multiprobe_core::{CallData, Fault, FaultAction, Handler, HandlerId, Hit, PreAction};
 
 use crate::ctx::{self, Call, Ended, Hook};
 use crate::isa::{execute, Effect, Insn, NoBus};
@@ -89,6 +90,10 @@ pub struct Behavior {
     pub nested: Option<u64>,
     /// What the first `pre` does to the registry from inside the dispatch.
     pub inside: Option<Inside>,
+    /// Has a return hook (the address must be a function entry).
+    pub ret: bool,
+    /// With `ret`: every other call's pre-hook (its odd-numbered ones) asks for no return.
+    pub skip_odd_returns: bool,
 }
 
 impl Behavior {
@@ -100,6 +105,8 @@ impl Behavior {
         panic_every: 0,
         nested: None,
         inside: None,
+        ret: false,
+        skip_odd_returns: false,
     };
 
     /// Whether a handler with this behaviour may change the program's state.
@@ -125,6 +132,8 @@ pub struct SimHandler {
     behavior: Behavior,
     insn: Option<Insn>,
     calls: AtomicU32,
+    /// Pre calls that got as far as leaving call data (the token they leave).
+    tokens: AtomicU64,
     acted_inside: AtomicBool,
     watch: Option<Arc<Watch>>,
 }
@@ -136,6 +145,7 @@ impl SimHandler {
             behavior,
             insn,
             calls: AtomicU32::new(0),
+            tokens: AtomicU64::new(0),
             acted_inside: AtomicBool::new(false),
             watch: None,
         }
@@ -254,8 +264,38 @@ impl Handler for SimHandler {
                 (PreAction::Redirect, Ended::Skip)
             }
         };
+        if self.behavior.ret {
+            let value = self.tokens.fetch_add(1, Relaxed) + 1;
+            let skipped = self.behavior.skip_odd_returns && value % 2 == 1;
+            if let Some(d) = hit.call_data_mut() {
+                d[0] = value;
+            }
+            if skipped {
+                hit.skip_return();
+            }
+            ctx::record(Call::Data {
+                id: hit.handler_id(),
+                value,
+                skipped,
+            });
+        }
         self.exit(hit, Hook::Pre, ended);
         action
+    }
+
+    fn ret(&self, hit: &mut Hit<'_>, data: &CallData) {
+        self.enter(hit, Hook::Ret);
+        self.maybe_panic(hit, Hook::Ret);
+        ctx::record(Call::Data {
+            id: hit.handler_id(),
+            value: data[0],
+            skipped: false,
+        });
+        self.exit(hit, Hook::Ret, Ended::Normal);
+    }
+
+    fn has_ret(&self) -> bool {
+        self.behavior.ret
     }
 
     fn post(&self, hit: &mut Hit<'_>) {

@@ -54,6 +54,25 @@ pub struct MachineState {
     pub data: Vec<u8>,
 }
 
+impl MachineState {
+    /// Whether this (probed) state is the `unprobed` one — except for stack and data
+    /// words holding the return trampoline's address here: the return slots of calls
+    /// still in flight, or skipped by an escape (`longjmp`), where a return probe
+    /// swapped the return address (what an unprobed run has there instead).
+    pub fn matches_unprobed(&self, unprobed: &MachineState) -> bool {
+        self.threads == unprobed.threads && same_memory(&self.data, &unprobed.data)
+    }
+}
+
+/// [`MachineState::matches_unprobed`] for memory snapshots (of 8-aligned regions).
+pub fn same_memory(probed: &[u8], unprobed: &[u8]) -> bool {
+    probed.len() == unprobed.len()
+        && probed
+            .chunks(8)
+            .zip(unprobed.chunks(8))
+            .all(|(p, u)| p == u || p == crate::memory::RET_TRAMPOLINE.to_le_bytes().as_slice())
+}
+
 /// The interleaved machine.
 #[derive(Debug)]
 pub struct Sim {
@@ -72,7 +91,7 @@ impl Sim {
     pub fn new(program: Program, seed: u64) -> Sim {
         let mem = Arc::new(SimMemory::new());
         program.load(&mem);
-        let backend = SimBackend::new(mem, program.boundaries.clone());
+        let backend = SimBackend::new(mem, program.boundaries.clone(), program.functions.clone());
         let registry = Registry::new(backend.clone());
         let cpus = program
             .threads

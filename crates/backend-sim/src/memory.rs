@@ -16,7 +16,7 @@
 //! values, deterministically in the interleaved machine).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 
 use multiprobe_core::{Fault, Memory, MemoryError};
 
@@ -32,6 +32,10 @@ pub const STACK: Range<u64> = 0x3000..0x4000;
 pub const STACK_SIZE: u64 = 0x200;
 /// Size of the address space.
 pub const SIZE: u64 = 0x4000;
+/// The backend's return trampoline: the last 16 bytes of the code region, never part
+/// of a program (they hold no instruction). A thread whose `ret` lands here is handed to
+/// the core's return dispatch ([`crate::cpu`]).
+pub const RET_TRAMPOLINE: u64 = CODE.end - 16;
 
 /// The region an address is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +60,7 @@ pub fn region(addr: u64) -> Region {
 }
 
 /// Whether all of `addr..addr + len` lies in one region `r`.
-fn within(addr: u64, len: u64, r: Region) -> bool {
+pub(crate) fn within(addr: u64, len: u64, r: Region) -> bool {
     len > 0
         && addr
             .checked_add(len - 1)
@@ -68,6 +72,9 @@ fn within(addr: u64, len: u64, r: Region) -> bool {
 #[derive(Debug)]
 pub struct SimMemory {
     bytes: Box<[AtomicU8]>,
+    /// A program load (not a `ret`) read the trampoline address: the program has seen
+    /// a return probe on its stack, and may behave differently from an unprobed run.
+    saw_trampoline: AtomicBool,
 }
 
 impl Default for SimMemory {
@@ -81,7 +88,21 @@ impl SimMemory {
     pub fn new() -> Self {
         SimMemory {
             bytes: (0..SIZE).map(|_| AtomicU8::new(0)).collect(),
+            saw_trampoline: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a program load (other than a `ret`'s) read [`RET_TRAMPOLINE`]: a return
+    /// probe's swapped return address is visible to a program that reads its own stack,
+    /// as on real hardware, and such a program may then diverge from an unprobed run.
+    pub fn saw_trampoline(&self) -> bool {
+        self.saw_trampoline.load(Relaxed)
+    }
+
+    /// The program's view for a `ret`: loads that read the trampoline address are the
+    /// return mechanism, not the program looking.
+    pub fn for_ret(&self) -> RetBus<'_> {
+        RetBus(self)
     }
 
     /// The byte at `addr` (any region; 0 outside the address space).
@@ -137,10 +158,11 @@ impl SimMemory {
 /// The program's view: data and stack only.
 impl Bus for SimMemory {
     fn load(&self, addr: u64) -> Result<u64, Fault> {
-        if !within(addr, 8, Region::Data) {
-            return Err(Self::data_fault(addr));
+        let v = self.for_ret().load(addr)?;
+        if v == RET_TRAMPOLINE {
+            self.saw_trampoline.store(true, Relaxed);
         }
-        Ok(self.read_u64(addr))
+        Ok(v)
     }
 
     fn store(&self, addr: u64, value: u64) -> Result<(), Fault> {
@@ -149,6 +171,23 @@ impl Bus for SimMemory {
         }
         self.write_u64(addr, value);
         Ok(())
+    }
+}
+
+/// [`SimMemory::for_ret`].
+#[derive(Clone, Copy, Debug)]
+pub struct RetBus<'a>(&'a SimMemory);
+
+impl Bus for RetBus<'_> {
+    fn load(&self, addr: u64) -> Result<u64, Fault> {
+        if !within(addr, 8, Region::Data) {
+            return Err(SimMemory::data_fault(addr));
+        }
+        Ok(self.0.read_u64(addr))
+    }
+
+    fn store(&self, addr: u64, value: u64) -> Result<(), Fault> {
+        self.0.store(addr, value)
     }
 }
 

@@ -10,8 +10,16 @@
 //! convention. Bodies may fault: `div` by a register that is zero, `ud`, a program
 //! `brk`, loads and stores through arbitrary registers.
 //!
+//! Calls for return probes: a body may call a later function ([`Op::Call`]) or itself
+//! ([`Op::Recurse`], bounded by a depth counter in private word 14 that `main` sets
+//! to [`RECURSION`] before each call), and may *escape* ([`Op::Escape`]): reload the
+//! stack pointer `main` saved in private word 15 before the call and return from the
+//! outermost call at once — `longjmp`: the calls in between never return. Bodies use
+//! private words 0..14 only.
+//!
 //! Invariant: `boundaries` is exactly the set of instruction starts of the code, every
-//! branch target is one of them, and the code lies inside [`CODE`].
+//! branch target is one of them, `functions` every call target, and the code lies
+//! inside [`CODE`] below [`RET_TRAMPOLINE`].
 
 use std::collections::BTreeSet;
 
@@ -19,10 +27,16 @@ use arbitrary::Arbitrary;
 use multiprobe_core::{Gpr, Regs};
 
 use crate::isa::{decode, Insn};
-use crate::memory::{SimMemory, CODE, DATA, STACK, STACK_SIZE};
+use crate::memory::{SimMemory, CODE, DATA, RET_TRAMPOLINE, STACK, STACK_SIZE};
 
 /// Most threads a program has.
 pub const MAX_THREADS: usize = 6;
+/// How deep [`Op::Recurse`] recurses from one call of `main`'s (all functions together).
+pub const RECURSION: i16 = 3;
+/// Private data word (offset from `r14`) holding the recursion budget.
+const DEPTH_SLOT: i8 = 0x70;
+/// Private data word holding the stack pointer `main` had before its current call.
+const ESCAPE_SLOT: i8 = 0x78;
 
 /// A program: code, its instruction starts, and each thread's initial registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +45,9 @@ pub struct Program {
     pub code: Vec<u8>,
     /// Addresses where instructions start.
     pub boundaries: BTreeSet<u64>,
+    /// Function entries: the targets of the program's `call`s (where return probes may
+    /// be placed).
+    pub functions: BTreeSet<u64>,
     /// Initial registers of each thread (`rip` is its entry point).
     pub threads: Vec<Regs>,
 }
@@ -40,17 +57,23 @@ impl Program {
     pub fn from_insns(insns: &[Insn], threads: Vec<Regs>) -> Program {
         let mut code = Vec::new();
         let mut boundaries = BTreeSet::new();
+        let mut functions = BTreeSet::new();
         for i in insns {
-            boundaries.insert(CODE.start + code.len() as u64);
+            let at = CODE.start + code.len() as u64;
+            boundaries.insert(at);
+            if let Insn::Call(rel) = i {
+                functions.insert((at + i.len()).wrapping_add(*rel as i64 as u64));
+            }
             i.encode(&mut code);
         }
         assert!(
-            code.len() as u64 <= CODE.end - CODE.start,
+            code.len() as u64 <= RET_TRAMPOLINE - CODE.start,
             "program too big"
         );
         Program {
             code,
             boundaries,
+            functions,
             threads,
         }
     }
@@ -193,6 +216,14 @@ pub enum Op {
     Brk,
     /// A load through any register with any displacement (may fault).
     WildLoad(u8, u8, i8),
+    /// Call a later function (`1 + n % later` functions on), if there is one in reach.
+    Call(u8),
+    /// Call this function again while the recursion budget lasts (a work register
+    /// carries the count).
+    Recurse(u8),
+    /// `longjmp` to `main`: return from `main`'s current call at once, skipping every
+    /// call in between.
+    Escape,
 }
 
 /// Registers function bodies may write: everything but `rsp`, `r13`-`r15`.
@@ -215,10 +246,29 @@ fn w(r: u8) -> Gpr {
     WORK[usize::from(r) % WORK.len()]
 }
 
-fn body(ops: &[Op]) -> Vec<Insn> {
+/// A `call` from `at` (its address) to `target`, if a rel8 reaches.
+fn call_to(at: u64, target: u64) -> Option<Insn> {
+    i8::try_from(target as i64 - (at + 2) as i64)
+        .ok()
+        .map(Insn::Call)
+}
+
+/// Where a body is laid out, for its calls: its own start, and the starts of the
+/// functions after it (known once every body's length is: see `generate`).
+struct Layout<'a> {
+    start: u64,
+    later: &'a [u64],
+}
+
+fn len_of(insns: &[Insn]) -> u64 {
+    insns.iter().map(|i| i.len()).sum()
+}
+
+fn body(ops: &[Op], layout: &Layout<'_>) -> Vec<Insn> {
     let mut out = Vec::new();
     let mut skip: Option<Gpr> = None;
     for op in ops.iter().take(10) {
+        let at = layout.start + len_of(&out) + if skip.is_some() { 3 } else { 0 };
         let insns: Vec<Insn> = match *op {
             Op::Nop => vec![Insn::Nop],
             Op::Movi(d, i) => vec![Insn::Movi(w(d), i)],
@@ -231,8 +281,8 @@ fn body(ops: &[Op]) -> Vec<Insn> {
             Op::Addi(d, i) => vec![Insn::Addi(w(d), i)],
             Op::LoadShared(d, s) => vec![Insn::Load(w(d), Gpr::R15, (s % 16) as i8 * 8)],
             Op::StoreShared(s, v) => vec![Insn::Store(Gpr::R15, w(v), (s % 16) as i8 * 8)],
-            Op::LoadLocal(d, s) => vec![Insn::Load(w(d), Gpr::R14, (s % 16) as i8 * 8)],
-            Op::StoreLocal(s, v) => vec![Insn::Store(Gpr::R14, w(v), (s % 16) as i8 * 8)],
+            Op::LoadLocal(d, s) => vec![Insn::Load(w(d), Gpr::R14, (s % 14) as i8 * 8)],
+            Op::StoreLocal(s, v) => vec![Insn::Store(Gpr::R14, w(v), (s % 14) as i8 * 8)],
             Op::PushPop(a, b) => vec![Insn::Push(w(a)), Insn::Pop(w(b))],
             Op::Div(d, s) => vec![Insn::Div(w(d), w(s))],
             Op::SkipIf(c) => {
@@ -242,6 +292,29 @@ fn body(ops: &[Op]) -> Vec<Insn> {
             Op::Ud => vec![Insn::Ud],
             Op::Brk => vec![Insn::Brk],
             Op::WildLoad(d, s, i) => vec![Insn::Load(w(d), Gpr::from_number(s & 15).unwrap(), i)],
+            Op::Call(n) => {
+                let target = (!layout.later.is_empty())
+                    .then(|| layout.later[usize::from(n) % layout.later.len()]);
+                vec![target.and_then(|t| call_to(at, t)).unwrap_or(Insn::Jmp(0))]
+            }
+            Op::Recurse(c) => {
+                // if budget != 0 { budget -= 1; call self }
+                let c = w(c);
+                let call = call_to(at + 16, layout.start).unwrap_or(Insn::Jmp(0));
+                vec![
+                    Insn::Load(c, Gpr::R14, DEPTH_SLOT),
+                    Insn::Jnz(c, 2),
+                    Insn::Jmp(9),
+                    Insn::Addi(c, -1),
+                    Insn::Store(Gpr::R14, c, DEPTH_SLOT),
+                    call,
+                ]
+            }
+            Op::Escape => vec![
+                Insn::Load(Gpr::Rsp, Gpr::R14, ESCAPE_SLOT),
+                Insn::Addi(Gpr::Rsp, -8),
+                Insn::Ret,
+            ],
         };
         if let Some(c) = skip.take() {
             let len: u64 = insns.iter().map(|i| i.len()).sum();
@@ -256,35 +329,59 @@ fn body(ops: &[Op]) -> Vec<Insn> {
 fn generate(spec: &ProgramSpec) -> Program {
     let threads = 1 + usize::from(spec.threads) % MAX_THREADS;
     let iterations = 1 + i16::from(spec.iterations % 8);
-    let bodies: Vec<Vec<Insn>> = spec.functions.iter().take(4).map(|f| body(f)).collect();
-    let calls: Vec<usize> = if bodies.is_empty() {
+    let funcs: Vec<&Vec<Op>> = spec.functions.iter().take(4).collect();
+    let calls: Vec<usize> = if funcs.is_empty() {
         Vec::new()
     } else {
         spec.calls
             .iter()
             .take(4)
-            .map(|c| usize::from(*c) % bodies.len())
+            .map(|c| usize::from(*c) % funcs.len())
             .collect()
     };
     // Layout: main, then the functions. main's size is known before the calls'
-    // displacements are: movi(4) + calls(2 each) + addi(3) + jnz(3) + halt(1).
-    let main_len = 4 + 2 * calls.len() as u64 + 3 + 3 + 1;
-    let mut fn_addr = Vec::new();
+    // displacements are: movi(4) + per call movi(4) store(4) store(4) call(2) +
+    // addi(3) + jnz(3) + halt(1).
+    let per_call = 4 + 4 + 4 + 2;
+    let main_len = 4 + per_call * calls.len() as u64 + 3 + 3 + 1;
+    // A body's length does not depend on where it or its callees are (a call out of
+    // reach becomes an instruction of the same length), so lay out once with dummy
+    // targets to learn the starts, then for real.
+    let mut fn_addr: Vec<u64> = Vec::new();
     let mut at = CODE.start + main_len;
-    for b in &bodies {
+    for f in &funcs {
         fn_addr.push(at);
-        at += b.iter().map(|i| i.len()).sum::<u64>();
+        at += len_of(&body(
+            f,
+            &Layout {
+                start: at,
+                later: &[],
+            },
+        ));
     }
+    let bodies: Vec<Vec<Insn>> = funcs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            body(
+                f,
+                &Layout {
+                    start: fn_addr[i],
+                    later: &fn_addr[i + 1..],
+                },
+            )
+        })
+        .collect();
     let mut insns = vec![Insn::Movi(Gpr::R13, iterations)];
     let loop_start = CODE.start + 4;
     let mut pc = loop_start;
     for &c in &calls {
-        let disp = fn_addr[c] as i64 - (pc + 2) as i64;
+        insns.push(Insn::Movi(Gpr::Rax, RECURSION));
+        insns.push(Insn::Store(Gpr::R14, Gpr::Rax, DEPTH_SLOT));
+        insns.push(Insn::Store(Gpr::R14, Gpr::Rsp, ESCAPE_SLOT));
+        pc += 12;
         // Out of rel8 reach: call the nearest-possible thing instead — nothing.
-        insns.push(match i8::try_from(disp) {
-            Ok(d) => Insn::Call(d),
-            Err(_) => Insn::Jmp(0),
-        });
+        insns.push(call_to(pc, fn_addr[c]).unwrap_or(Insn::Jmp(0)));
         pc += 2;
     }
     insns.push(Insn::Addi(Gpr::R13, -1));
@@ -325,6 +422,51 @@ mod tests {
         }
         assert_eq!(seen, p.boundaries);
         assert_eq!(p.threads.len(), 3);
-        assert!(matches!(p.insn_at(CODE.start + 4), Some(Insn::Call(_))));
+        assert!(matches!(p.insn_at(CODE.start + 16), Some(Insn::Call(_))));
+        assert_eq!(p.functions.len(), 2, "both functions are called");
+    }
+
+    #[test]
+    fn bodies_call_later_functions_recurse_and_escape() {
+        let spec = ProgramSpec {
+            threads: 0,
+            iterations: 0,
+            functions: vec![vec![Op::Recurse(0), Op::Call(0), Op::Nop], vec![Op::Escape]],
+            calls: vec![0],
+        };
+        let p = Program::generate(&spec);
+        let f = *p.functions.first().unwrap();
+        let g = *p.functions.last().unwrap();
+        assert!(f < g && p.functions.len() == 2, "{:?}", p.functions);
+        let insns: Vec<Insn> = {
+            let mut v = Vec::new();
+            let mut at = f;
+            while at < g {
+                let i = p.insn_at(at).unwrap();
+                at += i.len();
+                v.push(i);
+            }
+            v
+        };
+        // The recursion block calls f itself, the call op calls g.
+        let calls: Vec<u64> = {
+            let mut at = f;
+            insns
+                .iter()
+                .filter_map(|i| {
+                    let here = at;
+                    at += i.len();
+                    match i {
+                        Insn::Call(r) => Some((here + 2).wrapping_add(*r as i64 as u64)),
+                        _ => None,
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(calls, [f, g]);
+        assert_eq!(
+            p.insn_at(g),
+            Some(Insn::Load(Gpr::Rsp, Gpr::R14, ESCAPE_SLOT))
+        );
     }
 }

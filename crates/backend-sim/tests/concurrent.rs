@@ -49,6 +49,8 @@ fn behavior(rng: &mut Rng, cpus_nested: Option<u64>) -> Behavior {
         },
         nested: cpus_nested.filter(|_| rng.below(4) == 0),
         inside: None,
+        ret: false,
+        skip_odd_returns: false,
     }
 }
 

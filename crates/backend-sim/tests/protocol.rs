@@ -7,12 +7,14 @@ use std::sync::Arc;
 use multiprobe_backend_sim::ctx::{self, Call, Ended, Hook};
 use multiprobe_backend_sim::handlers::{quiet_injected_panics, Behavior, PreMode, SimHandler};
 use multiprobe_backend_sim::isa::{Insn, BRK, FPE_INTDIV, SIGFPE};
-use multiprobe_backend_sim::memory::CODE;
-use multiprobe_backend_sim::model::{ErrKind, Model};
+use multiprobe_backend_sim::memory::{SimMemory, CODE, STACK, STACK_SIZE};
+use multiprobe_backend_sim::model::{ErrKind, Kind, Model};
 use multiprobe_backend_sim::{replay_unprobed, Dispatched, Event, Injection, Program, Sim, Status};
 use multiprobe_core::{Error, Gpr, HandlerId};
 
 const A: u64 = CODE.start; // the first instruction
+/// The thread's stack pointer (nothing in these programs moves it).
+const SP: u64 = STACK.start + STACK_SIZE;
 
 /// `addi rax, 1; div rbx, rcx; addi rax, 2; halt` for one thread; `rcx` is `divisor`.
 fn program(divisor: u64) -> Program {
@@ -64,6 +66,7 @@ fn a_trap_at_a_just_removed_breakpoint_reexecutes_the_restored_instruction() {
         step(&mut sim),
         Event::Dispatch {
             addr: A,
+            sp: SP,
             outcome: Dispatched::NotOurs { reexecute: true }
         }
     );
@@ -178,6 +181,7 @@ fn a_pending_post_makes_unregister_on_its_thread_return_inside_dispatch_and_stil
         step(&mut sim),
         Event::Dispatch {
             addr: A,
+            sp: SP,
             outcome: Dispatched::Step { post: true }
         }
     );
@@ -258,6 +262,7 @@ fn a_handler_that_removes_itself_loses_its_post_and_its_breakpoint() {
         step(&mut sim),
         Event::Dispatch {
             addr: A,
+            sp: SP,
             outcome: Dispatched::Step { post: true }
         }
     );
@@ -330,10 +335,9 @@ fn the_oracle_sees_a_handler_that_changes_the_program() {
 fn the_model_rejects_a_wrong_trace_and_a_wrong_answer() {
     let program = Arc::new(program(3));
     let mut m = Model::new(Arc::clone(&program), 1);
-    m.register(A, false, false, false, &Ok(HandlerId(1)))
-        .unwrap();
-    m.register(A, false, false, false, &Ok(HandlerId(2)))
-        .unwrap();
+    let mem = SimMemory::new();
+    m.register(A, &Kind::default(), &Ok(HandlerId(1))).unwrap();
+    m.register(A, &Kind::default(), &Ok(HandlerId(2))).unwrap();
     let hook = |id, ended| {
         [
             Call::Enter {
@@ -352,6 +356,7 @@ fn the_model_rejects_a_wrong_trace_and_a_wrong_answer() {
     };
     let dispatch = Event::Dispatch {
         addr: A,
+        sp: SP,
         outcome: Dispatched::Step { post: false },
     };
     // Newest first (Linux's order) is not ours.
@@ -360,7 +365,7 @@ fn the_model_rejects_a_wrong_trace_and_a_wrong_answer() {
         .into_iter()
         .chain(hook(1, Ended::Normal))
         .collect();
-    assert!(wrong.on_event(0, &dispatch, &trace).is_err());
+    assert!(wrong.on_event(0, &dispatch, &trace, &mem).is_err());
     // A redirect must end the walk.
     let mut wrong = m.clone();
     let trace: Vec<Call> = hook(1, Ended::Redirect)
@@ -369,25 +374,28 @@ fn the_model_rejects_a_wrong_trace_and_a_wrong_answer() {
         .collect();
     let redirect = Event::Dispatch {
         addr: A,
+        sp: SP,
         outcome: Dispatched::Redirect,
     };
-    assert!(wrong.on_event(0, &redirect, &trace).is_err());
+    assert!(wrong.on_event(0, &redirect, &trace, &mem).is_err());
     // The right trace passes, and counts.
     let trace: Vec<Call> = hook(1, Ended::Normal)
         .into_iter()
         .chain(hook(2, Ended::Normal))
         .collect();
-    m.on_event(0, &dispatch, &trace).unwrap();
+    m.on_event(0, &dispatch, &trace, &mem).unwrap();
     assert_eq!(m.stats(HandlerId(1)).unwrap().hits, 1);
     // An exclusive registration next to others is refused, both ways.
-    assert!(m
-        .register(A, false, true, false, &Ok(HandlerId(3)))
-        .is_err());
+    let excl = Kind {
+        exclusive: true,
+        ..Kind::default()
+    };
+    assert!(m.register(A, &excl, &Ok(HandlerId(3))).is_err());
     let refused = Err(ErrKind::Exclusive {
         holder: HandlerId(1),
         holder_exclusive: false,
     });
-    m.register(A, false, true, false, &refused).unwrap();
+    m.register(A, &excl, &refused).unwrap();
     // Unregistering the last enabled handler disarms: the model's code shows it.
     m.unregister(HandlerId(1), &Ok(m.stats(HandlerId(1)).unwrap()))
         .unwrap();
@@ -467,6 +475,7 @@ fn enable_and_disable_from_inside_a_handler_take_effect_after_the_walk() {
         step(&mut sim),
         Event::Dispatch {
             addr: A,
+            sp: SP,
             outcome: Dispatched::Step { post: true }
         },
         "the walk keeps its view: `other`'s post still comes"

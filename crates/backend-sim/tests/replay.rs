@@ -77,6 +77,8 @@ fn add(t: &mut Coverage, c: &Coverage) {
     t.set_enabled_inside += c.set_enabled_inside;
     t.removals += c.removals;
     t.changed_while_pending += c.changed_while_pending;
+    t.returns += c.returns;
+    t.returns_lost += c.returns_lost;
     t.oracle |= c.oracle;
     t.retired += c.retired;
 }
@@ -107,6 +109,7 @@ fn assert_reached(c: &Coverage) {
     );
     assert!(c.set_enabled_inside > 0 && c.removals > 0, "{c:?}");
     assert!(c.changed_while_pending > 0 && c.oracle, "{c:?}");
+    assert!(c.returns > 0 && c.returns_lost > 0, "{c:?}");
 }
 
 #[test]

@@ -78,6 +78,12 @@ pub const EVENT_PRE: u64 = 0;
 /// where the original code continues.
 pub const EVENT_POST: u64 = 1;
 
+/// At the return trampoline ([`crate::build_return_trampoline`]): a return-probed call
+/// returned; `regs.rip` is the trampoline's entry, `regs.rsp` the stack pointer after the
+/// `ret`. The entry sets `rip` to the original return address and leaves by
+/// [`Frame::continue_at`].
+pub const EVENT_RET: u64 = 2;
+
 /// What the trampoline saved, in the layout it pushes (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]

@@ -117,6 +117,7 @@ mod frame;
 mod plan;
 mod prepare;
 mod region;
+mod ret_trampoline;
 mod slot;
 mod trampoline;
 
@@ -125,7 +126,7 @@ pub use continuation::{continue_hit, Continue, Emulate, Via, Ways};
 pub use cpu::CpuState;
 pub use error::{AnalyzeError, EmulateError, Refusal, SlotError};
 pub use frame::{
-    Entry, Frame, EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_REGION, EXIT_RESUME,
+    Entry, Frame, EVENT_POST, EVENT_PRE, EVENT_RET, EXIT_NEXT, EXIT_POST, EXIT_REGION, EXIT_RESUME,
     EXIT_RESUME_STACK, EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
 };
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
@@ -133,6 +134,7 @@ pub use prepare::{prepare, CodeSource, Function, Mapping, Prepared, USER_END};
 pub use region::{
     analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
 };
+pub use ret_trampoline::{build_return_trampoline, ReturnTrampoline, RETURN_TRAMPOLINE_LEN};
 pub use slot::{slot_reach, Slot, SlotKind, INT3, MAX_SLOT_LEN};
 pub use trampoline::{
     build_common, build_trampoline, Built, CommonStub, Location, StateSave, Trampoline,

@@ -83,7 +83,7 @@ pub const TRAMPOLINE_LEN: usize = 1024;
 /// Upper bound on the common stub's length.
 pub const COMMON_LEN: usize = 2048;
 /// Where the shared restore routine starts in the common stub.
-const RESTORE_OFF: u16 = 1792;
+pub(crate) const RESTORE_OFF: u16 = 1792;
 
 const MAX_POINTS: usize = 16;
 
@@ -339,15 +339,15 @@ const PUSH_LOW: [AsmRegister64; 7] = [rbp, rdi, rsi, rdx, rcx, rbx, rax];
 /// fs/gs fields.
 const SKIP: i32 = (RED_ZONE + 24) as i32;
 
-struct Lits {
-    ctx: CodeLabel,
-    pre: CodeLabel,
-    post: CodeLabel,
-    common: CodeLabel,
-    restore: CodeLabel,
+pub(crate) struct Lits {
+    pub(crate) ctx: CodeLabel,
+    pub(crate) pre: CodeLabel,
+    pub(crate) post: CodeLabel,
+    pub(crate) common: CodeLabel,
+    pub(crate) restore: CodeLabel,
 }
 
-fn emit_save(
+pub(crate) fn emit_save(
     a: &mut CodeAssembler,
     lits: &Lits,
     rip: CodeLabel,

@@ -160,3 +160,65 @@ pub mod util {
         }
     }
 }
+
+/// C and C++ functions linked into the calling executable, for in-process tests of
+/// control flow that Rust does not offer (`longjmp`, C++ exceptions, `backtrace(3)`):
+/// each is `extern "C"`, not inlined, and makes its calls without sibling-call
+/// optimization. Safe wrappers; the C++ exception never leaves `catch_odd`.
+pub mod inproc {
+    use std::os::raw::{c_int, c_long, c_void};
+
+    extern "C" {
+        fn mp_rp_setjmp_run(x: c_long) -> c_long;
+        fn mp_rp_bt_outer(buf: *mut *mut c_void, n: c_int) -> c_int;
+        fn mp_rp_catch(x: c_long) -> c_long;
+    }
+
+    /// The entry addresses of the functions, by name: for probes.
+    pub fn addr(name: &str) -> u64 {
+        extern "C" {
+            fn mp_rp_jumper(x: c_long) -> c_long;
+            fn mp_rp_jump_via(x: c_long) -> c_long;
+            fn mp_rp_bt_inner(buf: *mut *mut c_void, n: c_int) -> c_int;
+            fn mp_rp_thrower(x: c_long) -> c_long;
+            fn mp_rp_through(x: c_long) -> c_long;
+        }
+        match name {
+            "mp_rp_setjmp_run" => mp_rp_setjmp_run as *const () as u64,
+            "mp_rp_jump_via" => mp_rp_jump_via as *const () as u64,
+            "mp_rp_jumper" => mp_rp_jumper as *const () as u64,
+            "mp_rp_bt_outer" => mp_rp_bt_outer as *const () as u64,
+            "mp_rp_bt_inner" => mp_rp_bt_inner as *const () as u64,
+            "mp_rp_catch" => mp_rp_catch as *const () as u64,
+            "mp_rp_through" => mp_rp_through as *const () as u64,
+            "mp_rp_thrower" => mp_rp_thrower as *const () as u64,
+            _ => panic!("no in-process target {name}"),
+        }
+    }
+
+    /// `setjmp`, then two calls down (`mp_rp_jump_via`, `mp_rp_jumper`), whose inner one
+    /// `longjmp`s back for `x >= 0`: returns `1000 + x + 1`.
+    pub fn setjmp_run(x: i64) -> i64 {
+        // SAFETY: plain C code; the jump stays inside it.
+        unsafe { mp_rp_setjmp_run(x) }
+    }
+
+    /// `backtrace(3)` called two calls down (`mp_rp_bt_outer` → `mp_rp_bt_inner`): the
+    /// return addresses it found, innermost first.
+    #[inline(never)]
+    pub fn backtrace(max: usize) -> Vec<u64> {
+        let mut buf = vec![std::ptr::null_mut::<c_void>(); max];
+        // SAFETY: `buf` holds `max` pointers.
+        let n = unsafe { mp_rp_bt_outer(buf.as_mut_ptr(), max as c_int) };
+        buf.truncate(n.max(0) as usize);
+        buf.into_iter().map(|p| p as u64).collect()
+    }
+
+    /// `mp_rp_catch`: `mp_rp_through` → `mp_rp_thrower`, which throws a C++ exception
+    /// for odd `x` (through a destructor in `mp_rp_through`), caught in `mp_rp_catch`:
+    /// `-1000 - x` then, else `2x + 20 + x % 3`.
+    pub fn catch_odd(x: i64) -> i64 {
+        // SAFETY: plain C++ code that catches its own exception.
+        unsafe { mp_rp_catch(x) }
+    }
+}

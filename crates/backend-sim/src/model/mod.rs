@@ -32,6 +32,15 @@
 //!   view (rule 7). A hit from inside a hook runs nothing and counts `missed` for
 //!   each enabled handler there (rule 6). A dispatch where no site is published is
 //!   not ours; it re-executes iff the byte is no longer a breakpoint.
+//! * **Returns** (rule 10, `returns.rs`): per CPU, a return stack of frames — the
+//!   entry's stack pointer, the probed address, and per handler whose return is due
+//!   its id and the token its pre-hook left — in as many words as the CPU's real one
+//!   has. At a dispatch that runs pre-hooks of return handlers: dead frames at the top
+//!   dropped (lost), then each such pre that returns normally keeps a record (lost at
+//!   once without room, lost at the end on a redirect), and the frame is pushed. At a
+//!   return: the frame recorded at its slot, the dead ones above it lost, then the
+//!   return hooks of its handlers still registered and not removed, in order, with their
+//!   tokens. A CPU that ends loses its frames. Only the handlers still registered count.
 //! * **Memory**: every code byte is the program's, except `BRK` where armed (rule 1).
 //!
 //! Handler *decisions* (redirect, panic, handle a fault, unregister something) are
@@ -47,6 +56,7 @@ use crate::isa::BRK;
 use crate::memory::{region, Region};
 use crate::program::Program;
 
+mod returns;
 mod steps;
 
 /// An [`Error`] reduced to what the model predicts.
@@ -65,6 +75,7 @@ pub enum ErrKind {
     },
     Unknown(HandlerId),
     InsideDispatch(HandlerId),
+    NotFunctionEntry,
     Batch {
         index: usize,
         source: Box<ErrKind>,
@@ -94,6 +105,7 @@ impl ErrKind {
             },
             Error::UnknownHandler(id) => ErrKind::Unknown(*id),
             Error::InsideDispatch(id) => ErrKind::InsideDispatch(*id),
+            Error::NotFunctionEntry { .. } => ErrKind::NotFunctionEntry,
             Error::Batch { index, source } => ErrKind::Batch {
                 index: *index,
                 source: Box::new(ErrKind::of(source)),
@@ -168,6 +180,7 @@ pub struct Model {
     sites: BTreeMap<u64, Site>,
     index: BTreeMap<HandlerId, Info>,
     has_post: HashMap<HandlerId, bool>,
+    has_ret: HashMap<HandlerId, bool>,
     stats: HashMap<HandlerId, HandlerStats>,
     injected: BTreeSet<(Injection, u64)>,
     pending: Vec<Option<Snapshot>>,
@@ -175,9 +188,28 @@ pub struct Model {
     removed: BTreeSet<HandlerId>,
     /// Of those, the ones the registry has not collected yet, in request order.
     to_collect: Vec<HandlerId>,
+    /// Each CPU's return stack (`returns.rs`).
+    stacks: Vec<Vec<returns::MFrame>>,
+    /// Return hooks called, and returns lost, so far (for coverage).
+    pub returns_seen: u32,
+    /// See `returns_seen`.
+    pub lost_seen: u32,
     /// A handler handled a fault or skipped an instruction (the program's state no
     /// longer matches an unprobed run).
     pub program_changed: bool,
+}
+
+/// What a registration asks for, as the model needs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kind {
+    /// Has a post hook.
+    pub post: bool,
+    /// Has a return hook.
+    pub ret: bool,
+    /// `Options::exclusive`.
+    pub exclusive: bool,
+    /// `Options::disabled`.
+    pub disabled: bool,
 }
 
 /// The unique id a failed registration would have had (never compared).
@@ -191,11 +223,15 @@ impl Model {
             sites: BTreeMap::new(),
             index: BTreeMap::new(),
             has_post: HashMap::new(),
+            has_ret: HashMap::new(),
             stats: HashMap::new(),
             injected: BTreeSet::new(),
             pending: vec![None; cpus],
             removed: BTreeSet::new(),
             to_collect: Vec::new(),
+            stacks: vec![Vec::new(); cpus],
+            returns_seen: 0,
+            lost_seen: 0,
             program_changed: false,
         }
     }
@@ -229,23 +265,19 @@ impl Model {
     /// A collection: the registry forgets the handlers that asked to be removed (as a
     /// guard's drop would: a failed disarm keeps the site, unreported).
     fn collect(&mut self) {
+        self.collect_now();
+    }
+
+    /// `Registry::collect`: a collection; how many handlers it unregistered.
+    pub fn collect_now(&mut self) -> usize {
+        let mut n = 0;
         for id in std::mem::take(&mut self.to_collect).into_iter().rev() {
             if self.index.contains_key(&id) {
                 let _ = self.remove(id);
+                n += 1;
             }
         }
-    }
-
-    /// [`multiprobe_core::Registry::collect`] from the driver's thread: the removals
-    /// handlers asked for are finished now; `real` is how many the registry forgot.
-    pub fn collect_now(&mut self, real: &Result<usize, ErrKind>) -> Result<(), String> {
-        let pending = self
-            .to_collect
-            .iter()
-            .filter(|id| self.index.contains_key(id))
-            .count();
-        self.collect();
-        same("collect", &Ok(pending), real)
+        n
     }
 
     /// Whether a CPU holds a deferred step (a read section open on this OS thread).
@@ -388,14 +420,13 @@ impl Model {
         Ok(())
     }
 
-    fn add(
-        &mut self,
-        addr: u64,
-        id: HandlerId,
-        post: bool,
-        exclusive: bool,
-        disabled: bool,
-    ) -> Result<(), ErrKind> {
+    fn add(&mut self, addr: u64, id: HandlerId, h: &Kind) -> Result<(), ErrKind> {
+        let Kind {
+            post,
+            ret,
+            exclusive,
+            disabled,
+        } = *h;
         if addr == 0 {
             return Err(ErrKind::InvalidAddress);
         }
@@ -417,6 +448,9 @@ impl Model {
             }
             None => self.validate(addr)?,
         }
+        if ret && !self.program.functions.contains(&addr) {
+            return Err(ErrKind::NotFunctionEntry);
+        }
         let mut new = old.clone().unwrap_or_default();
         new.handlers.push(Entry {
             id,
@@ -430,6 +464,7 @@ impl Model {
         }
         self.index.insert(id, Info { addr, exclusive });
         self.has_post.insert(id, post);
+        self.has_ret.insert(id, ret);
         self.stats.insert(id, HandlerStats::default());
         Ok(())
     }
@@ -459,13 +494,12 @@ impl Model {
         self.transition(info.addr, Some(old), Some(new))
     }
 
-    /// `register_with`; `real` is what the registry answered. Returns a divergence.
+    /// `register_with` of a handler of kind `h`; `real` is what the registry answered.
+    /// Returns a divergence.
     pub fn register(
         &mut self,
         addr: u64,
-        post: bool,
-        exclusive: bool,
-        disabled: bool,
+        h: &Kind,
         real: &Result<HandlerId, ErrKind>,
     ) -> Result<(), String> {
         let id = *real.as_ref().unwrap_or(&NO_ID);
@@ -473,14 +507,14 @@ impl Model {
             return Err(format!("register returned {id}, an id already used"));
         }
         self.collect();
-        let predicted = self.add(addr, id, post, exclusive, disabled).map(|()| id);
+        let predicted = self.add(addr, id, h).map(|()| id);
         same("register", &predicted, real)
     }
 
-    /// `register_batch` of `(addr, post, exclusive, disabled)` items.
+    /// `register_batch` of `(addr, kind)` items.
     pub fn register_batch(
         &mut self,
-        items: &[(u64, bool, bool, bool)],
+        items: &[(u64, Kind)],
         real: &Result<Vec<HandlerId>, ErrKind>,
     ) -> Result<(), String> {
         let ids: Vec<HandlerId> = match real {
@@ -508,8 +542,8 @@ impl Model {
         }
         let mut added = Vec::new();
         let mut predicted = Ok(ids.clone());
-        for (index, (&(addr, post, excl, dis), &id)) in items.iter().zip(&ids).enumerate() {
-            match self.add(addr, id, post, excl, dis) {
+        for (index, ((addr, kind), &id)) in items.iter().zip(&ids).enumerate() {
+            match self.add(*addr, id, kind) {
                 Ok(()) => added.push(id),
                 Err(source) => {
                     for &id in added.iter().rev() {
@@ -517,6 +551,7 @@ impl Model {
                         let _ = self.remove(id);
                         self.stats.remove(&id);
                         self.has_post.remove(&id);
+                        self.has_ret.remove(&id);
                     }
                     predicted = Err(ErrKind::Batch {
                         index,

@@ -3,20 +3,29 @@
 
 use multiprobe_core::{FaultAction, HandlerId, HandlerStats};
 
+use super::returns::data_of;
 use super::{ErrKind, Model, Snapshot};
 use crate::cpu::{Dispatched, Event};
 use crate::ctx::{Call, Ended, Hook, Nested};
 use crate::isa::{Effect, BRK};
+use crate::memory::SimMemory;
 
 impl Model {
     /// CPU `cpu` took the micro-step `event`, during which handlers left `calls` in
-    /// the trace. Checks both and advances the model.
-    pub fn on_event(&mut self, cpu: usize, event: &Event, calls: &[Call]) -> Result<(), String> {
+    /// the trace, with `mem` as the step left it. Checks both and advances the model.
+    pub fn on_event(
+        &mut self,
+        cpu: usize,
+        event: &Event,
+        calls: &[Call],
+        mem: &SimMemory,
+    ) -> Result<(), String> {
         let mut cur = Cursor { calls, pos: 0 };
         match *event {
             Event::Exec { .. } | Event::RaiseTrap { .. } => {}
-            Event::Dispatch { addr, outcome } => {
-                let expected = self.dispatch(&mut cur, cpu, addr)?;
+            Event::Return { rsp, outcome } => self.on_return(&mut cur, cpu, rsp, outcome)?,
+            Event::Dispatch { addr, sp, outcome } => {
+                let expected = self.dispatch(&mut cur, cpu, addr, sp, mem)?;
                 if expected != outcome {
                     return Err(format!("dispatch at {addr:#x} on cpu {cpu}: core said {outcome:?}, model {expected:?}"));
                 }
@@ -54,7 +63,7 @@ impl Model {
                             .copied()
                             .collect();
                         for e in asked {
-                            match self.hook(&mut cur, cpu, e.id, Hook::Fault, addr)? {
+                            match self.hook(&mut cur, cpu, e.id, Hook::Fault, addr)?.0 {
                                 Ended::Panic => self.count(e.id, |s| s.panics += 1),
                                 Ended::Handled => {
                                     expected = FaultAction::Handled;
@@ -93,7 +102,7 @@ impl Model {
                     .map(|e| e.id)
                     .collect();
                 for id in posts {
-                    if self.hook(&mut cur, cpu, id, Hook::Post, addr)? == Ended::Panic {
+                    if self.hook(&mut cur, cpu, id, Hook::Post, addr)?.0 == Ended::Panic {
                         self.count(id, |s| s.panics += 1);
                     }
                 }
@@ -107,7 +116,7 @@ impl Model {
         }
     }
 
-    fn count(&mut self, id: HandlerId, f: impl FnOnce(&mut HandlerStats)) {
+    pub(super) fn count(&mut self, id: HandlerId, f: impl FnOnce(&mut HandlerStats)) {
         f(self.stats.get_mut(&id).expect("stats of a known handler"));
     }
 
@@ -116,6 +125,8 @@ impl Model {
         cur: &mut Cursor<'_>,
         cpu: usize,
         addr: u64,
+        sp: u64,
+        mem: &SimMemory,
     ) -> Result<Dispatched, String> {
         let Some(site) = self.sites.get_mut(&addr) else {
             return Ok(Dispatched::NotOurs {
@@ -127,23 +138,57 @@ impl Model {
             addr,
             handlers: site.handlers.clone(),
         };
+        // Return handlers enabled in the view (removal asked or not: what the core
+        // reserves room for).
+        let rets = snap
+            .handlers
+            .iter()
+            .filter(|e| e.enabled && self.has_ret[&e.id])
+            .count();
+        let room = rets > 0 && self.begin_arming(cpu, sp, rets, mem);
+        let mut kept = Vec::new();
+        let mut redirected = false;
         for e in snap.handlers.iter().filter(|e| e.enabled) {
             if !self.live(e.id) {
                 // Asked to be removed earlier: skipped, not counted.
                 continue;
             }
             self.count(e.id, |s| s.hits += 1);
-            match self.hook(cur, cpu, e.id, Hook::Pre, addr)? {
+            let (ended, data) = self.hook(cur, cpu, e.id, Hook::Pre, addr)?;
+            let keep = self.has_ret[&e.id]
+                && !matches!(ended, Ended::Panic | Ended::Remove)
+                && data.is_some_and(|(_, skipped)| !skipped);
+            if self.has_ret[&e.id] && ended != Ended::Panic && data.is_none() {
+                return Err(format!("pre of return handler {} left no call data", e.id));
+            }
+            if keep {
+                let token = data.expect("checked").0;
+                if room {
+                    kept.push((e.id, token));
+                } else {
+                    self.lose_one(e.id);
+                }
+            }
+            match ended {
                 Ended::Panic => self.count(e.id, |s| s.panics += 1),
                 Ended::Remove => self.request_removal(e.id),
-                Ended::Redirect => return Ok(Dispatched::Redirect),
+                Ended::Redirect => redirected = true,
                 Ended::Skip => {
                     self.program_changed = true;
-                    return Ok(Dispatched::Redirect);
+                    redirected = true;
                 }
                 Ended::Normal => {}
                 Ended::Handled => return Err("a pre hook handled a fault".into()),
             }
+            if redirected {
+                break;
+            }
+        }
+        if rets > 0 {
+            self.finish_arming(cpu, sp, addr, kept, redirected, mem);
+        }
+        if redirected {
+            return Ok(Dispatched::Redirect);
         }
         let post = snap
             .handlers
@@ -156,15 +201,15 @@ impl Model {
     }
 
     /// Expect `hook` of `id` next in the trace; check what it did inside; return how
-    /// it ended.
-    fn hook(
+    /// it ended, and the call data it left or got (a return handler's pre and ret).
+    pub(super) fn hook(
         &mut self,
         cur: &mut Cursor<'_>,
         cpu: usize,
         id: HandlerId,
         hook: Hook,
         addr: u64,
-    ) -> Result<Ended, String> {
+    ) -> Result<(Ended, Option<(u64, bool)>), String> {
         match cur.next() {
             Some(Call::Enter {
                 id: i,
@@ -183,8 +228,12 @@ impl Model {
                 ))
             }
         }
+        let mut data = None;
         loop {
             match cur.next() {
+                Some(c @ Call::Data { id: i, .. }) if *i == id && data.is_none() => {
+                    data = data_of(c);
+                }
                 Some(Call::Nested { addr: b, outcome }) => {
                     let expected = match self.sites.get(b).cloned() {
                         None => Nested::NotOurs,
@@ -223,14 +272,14 @@ impl Model {
                     id: i,
                     hook: h,
                     ended,
-                }) if *i == id && *h == hook => return Ok(*ended),
+                }) if *i == id && *h == hook => return Ok((*ended, data)),
                 other => return Err(format!("inside {hook:?} of {id}: unexpected {other:?}")),
             }
         }
     }
 }
 
-struct Cursor<'a> {
+pub(super) struct Cursor<'a> {
     calls: &'a [Call],
     pos: usize,
 }

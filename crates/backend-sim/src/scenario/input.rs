@@ -22,6 +22,8 @@ pub struct HandleSel(pub u8);
 #[derive(Arbitrary, Clone, Copy, Debug)]
 pub struct HandlerSpec {
     /// Bit 0: has a post hook. Bits 1-3 all set: handles faults (changes the program).
+    /// Bit 4: has a return hook (then registered at a function entry unless the site
+    /// selector is 200 or more); bit 5: asks for no return on every other call.
     pub flags: u8,
     /// Pre mode: observe mostly, emulate sometimes, ask to be removed or skip rarely.
     pub pre: u8,
@@ -160,6 +162,10 @@ pub struct Coverage {
     pub removals: u32,
     /// Ticks where some CPU held a deferred step across a registry change.
     pub changed_while_pending: u32,
+    /// Return hooks called.
+    pub returns: u32,
+    /// Returns lost (full return stack, redirects, escapes, threads that ended).
+    pub returns_lost: u32,
     /// Whether the transparency oracle compared states.
     pub oracle: bool,
     /// Retired instructions.
@@ -179,6 +185,8 @@ impl Coverage {
             self.set_enabled_inside,
             self.removals,
             self.changed_while_pending,
+            self.returns,
+            self.returns_lost,
         ]
         .iter()
         .map(|&n| u32::from(n > 0) * 4 + n.min(8))
