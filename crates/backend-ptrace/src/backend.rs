@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) symbols: Arc<SymbolCache>,
     pub(crate) dispatcher: OnceLock<Dispatcher<Site>>,
+    /// A return probe was registered: the tracer places its return trampoline at the
+    /// next hit (`returns.rs`).
+    pub(crate) returns_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -100,6 +103,7 @@ impl Shared {
             }),
             symbols: Arc::default(),
             dispatcher: OnceLock::new(),
+            returns_wanted: Default::default(),
         })
     }
 
@@ -305,6 +309,10 @@ impl Backend for PtraceBackend {
         st.armed.insert(addr, armed.clone());
         st.history.insert(addr, armed);
         Ok(())
+    }
+
+    fn check_return(&self, addr: u64, _site: &Site) -> Result<()> {
+        crate::returns::check_entry(&self.shared, addr)
     }
 
     fn disarm(&self, addr: u64, site: &Site) -> Result<()> {

@@ -142,6 +142,9 @@ impl Tracer {
         drop(st);
         let maps = crate::error::maps(child.as_raw_pid());
         if let (Ok(code), Ok(maps)) = (CodeMemory::open(child), maps) {
+            if let Some(f) = forker {
+                self.restore_returns_in_child(&code, f);
+            }
             for (addr, armed) in history {
                 let mut now = [0u8];
                 if armed.still_mapped(&maps, addr)
@@ -263,6 +266,7 @@ impl Tracer {
             st.image = crate::launch::image_of(pid);
         }
         self.injector.forget();
+        self.returns.forget();
         self.trap.start(pid, &[pid]);
         let unregistered = self.registry.handlers();
         let ids: Vec<_> = unregistered.iter().map(|h| h.id).collect();

@@ -77,6 +77,7 @@ impl Tracer {
         if self.shared.lock().status != Status::Attached || self.is_gone() {
             return Ok(());
         }
+        self.restore_returns_at_detach();
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
@@ -329,6 +330,9 @@ impl Tracer {
         let Ok(ur) = sys::get_regs(tid) else {
             return true;
         };
+        if self.rewind_return(tid, &ur, detaching) {
+            return true;
+        }
         let th = self.threads.known(tid);
         if let Some(top) = th.slots.last() {
             let trap = top.slots().trap_after.filter(|s| s.contains(ur.rip - 1));

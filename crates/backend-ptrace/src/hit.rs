@@ -66,6 +66,10 @@ impl Tracer {
                 Err(_) => return Ok(()),
             }
         };
+        if self.returns.trampoline() == Some(rip.wrapping_sub(1)) {
+            return self.on_return(tid, read);
+        }
+        let th = self.threads.known(tid);
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {
             let trap = top.slots().trap_after.filter(|s| s.contains(rip - 1));
@@ -147,15 +151,19 @@ impl Tracer {
                 None => return Ok(()), // gone
             };
         }
+        self.returns_before_entry(tid, &regs, site.addr);
         let th = self.threads.known(tid);
         let d = &self.dispatcher;
-        let next = match d.pre(
+        let pre = d.pre(
             &th.ts,
             site.addr,
             tid.as_raw_pid() as u32,
             &mut regs,
             &self.mem,
-        ) {
+        );
+        self.returns
+            .after_entry(tid, &th.ts, &self.mem, &self.registry);
+        let next = match pre {
             // Unregistered since the lookup: its byte is back, run it.
             PreOutcome::NotOurs | PreOutcome::Redirect => Next::Resume,
             PreOutcome::Step(step) => {
@@ -293,7 +301,7 @@ impl Tracer {
     }
 
     /// Map a new XOL page within reach of `addr` with an injected `mmap`.
-    fn map_page_near(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
+    pub(crate) fn map_page_near(&mut self, tid: Tid, ur: &UserRegs, addr: u64) -> Result<()> {
         let maps = error::maps(self.pid())?;
         let want = maps.free_near(addr, addr + 1, PAGE, REACH).ok_or_else(|| {
             multiprobe_core::Error::Backend(format!("no free page within reach of {addr:#x}"))

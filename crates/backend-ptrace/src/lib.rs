@@ -68,6 +68,18 @@
 //! If the thread is killed while its handlers run, a fetch fails: the handlers then see
 //! zeros in every register but `rip` (the thread never runs again).
 //!
+//! # Return probes
+//!
+//! A handler with a return hook ([`multiprobe_core::Handler::ret`]) on a function's
+//! first instruction sees the call return: at the entry hit the return address on the
+//! tracee's stack is swapped for a trampoline (an `int3` in the XOL page), and the
+//! stop there runs the return hooks with the return value in `rax`/`rdx` and resumes at
+//! the real return address. Calls left by `longjmp` or an exception are counted lost.
+//! Unwinders get through (a C++ exception is caught as unprobed, `backtrace(3)` sees
+//! every frame): the unwinders' entry points are probed to put the real return addresses
+//! back while they walk. Detach, and a fork child freed of probes, put them back too.
+//! Costs one more stop per call (see `returns.rs` for the details and limits).
+//!
 //! # Processes, threads, signals
 //!
 //! A spawned program dies with the tracer if the tracer is killed outright
@@ -177,6 +189,7 @@ mod launch;
 mod mem;
 mod refctr;
 mod regs;
+mod returns;
 mod signals;
 mod sigtrap;
 mod sys;

@@ -132,6 +132,8 @@ pub struct Tracer {
     hold_at: Option<(u64, Arc<AtomicBool>)>,
     /// Followed fork children (see `family.rs`).
     pub(crate) family: Family,
+    /// Return probes: the trampoline and the unwinder hooks (`returns.rs`).
+    pub(crate) returns: crate::returns::Returns,
     /// This thread's one tracer (also what makes `Tracer` neither `Send` nor `Sync`);
     /// a follower has none: it lives in the first tracer's family.
     _claim: Option<ThreadClaim>,
@@ -214,6 +216,7 @@ impl Tracer {
             exit: None,
             hold_at: None,
             family: Family::default(),
+            returns: Default::default(),
             _claim: claim,
         };
         tracer.trap.start(pid, &tracer.threads.tids());
@@ -474,6 +477,9 @@ impl Tracer {
 
     /// The process is gone: forget its threads, stop patching.
     pub(crate) fn gone(&mut self, status: ExitStatus) -> ExitStatus {
+        for tid in self.threads.tids() {
+            self.returns_thread_gone(tid);
+        }
         self.threads.clear();
         let mut st = self.shared.lock();
         st.status = Status::Gone;
@@ -492,6 +498,7 @@ impl Tracer {
         if self.bell.on_exit(tid) {
             return Ok(None);
         }
+        self.returns_thread_gone(tid);
         self.threads.remove(tid);
         self.children.forget(tid);
         self.trap.forget(tid);

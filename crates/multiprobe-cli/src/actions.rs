@@ -47,6 +47,8 @@ pub struct RowState {
     strs: Mutex<HashMap<String, u64>>,
     other: AtomicU64,
     stacks: Mutex<StackCounts>,
+    /// The `latency` histogram (`crate::returning`).
+    pub latency: crate::returning::Latency,
 }
 
 impl RowState {
@@ -239,7 +241,7 @@ pub struct SiteCtx {
 impl SiteCtx {
     /// Whether every condition holds at `hit` (an argument that cannot be read fails
     /// its condition).
-    fn passes(&self, hit: &Hit<'_>) -> bool {
+    pub(crate) fn passes(&self, hit: &Hit<'_>) -> bool {
         self.filters.iter().all(|c| {
             self.args
                 .get(hit, usize::from(c.arg))
@@ -271,6 +273,9 @@ pub struct Binding {
 
 /// The registration of one action at `addr`.
 pub fn request(addr: u64, binding: Binding) -> Request {
+    if binding.action.at_return() {
+        return crate::returning::request(addr, binding);
+    }
     Request::handler(addr, ActionHandler { b: binding })
 }
 
@@ -486,6 +491,8 @@ impl Handler for ActionHandler {
                     str_line(&self.who(hit, now), label, arg, addr, v)
                 }
             }),
+            // Registered as `crate::returning::RetHandler` (`request`).
+            Action::Ret | Action::Latency | Action::Call(_) => {}
             Action::Ustack { depth } => {
                 // Counted for the summary even when the line is dropped by the limit.
                 let stack = self.stack(hit, depth);

@@ -25,6 +25,7 @@ pub mod lines;
 pub mod list;
 pub mod outfile;
 pub mod report;
+pub mod returning;
 pub mod session;
 pub mod signals;
 pub mod sink;

@@ -32,6 +32,8 @@ const SPEC_HELP: &str = "\
 SPEC:
   [uprobe:][FILE:]SYMBOL[+OFFSET][=ITEM,...]   a function (C, C++ or Rust name, or a
                                                wildcard pattern: 'libc:str*')
+  uretprobe:[FILE:]SYMBOL[=ITEM,...]           the same, with ret unless a return action
+                                               is given
   FILE:0xOFFSET[=ITEM,...]                     a file offset, for code without symbols
   0xADDRESS[=ITEM,...]                         an address in the process
   usdt:[FILE:][PROVIDER:]NAME[=ITEM,...]       a USDT probe ('usdt:python:function__entry')
@@ -45,6 +47,9 @@ ITEM (one handler per action on the probe's one breakpoint; default: count):
   mem:ARG:LEN      hex-dump LEN bytes at the address in argument ARG
   str:ARG[:MAX]    print the C string argument ARG points to (at most MAX bytes, 256)
   ustack[:DEPTH]   print the user-space stack and count hits per stack
+  ret              print each call's return value (and time) when it returns
+  latency          histogram of each call's time from entry to return (summary)
+  args:N,ret       one line per call at its return: f(0x1, 0x2) = 0x3 (N at most 7)
   if:argN OP NUM   run the spec's actions only when it holds (OP: == != < <= > >=);
                    hits where it does not are counted as FILTERED
 
@@ -52,6 +57,7 @@ Examples:
   multiprobe run -p libc:malloc -p libc:malloc=args:1 -- ls /usr
   multiprobe run -p 'libc:malloc=if:arg0>4096,count:arg0,ustack' -- python3 -c 'x=[0]*9999'
   multiprobe run -f -p libc:execve=str:0 -- sh -c 'ls | wc -l'
+  multiprobe run -p 'libc:open*=latency' -p 'libc:read=args:3,ret' -- cat /etc/hostname
   multiprobe attach 1234 -p 'usdt:python:function__entry=str:1'";
 
 #[derive(Parser, Debug)]

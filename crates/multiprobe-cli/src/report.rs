@@ -91,6 +91,10 @@ pub struct Row {
     pub stacks: Option<Top<Vec<Frame>>>,
     /// Hits since the last tick (the live table only).
     pub interval_hits: Option<u64>,
+    /// For return actions: calls seen returning, and returns lost.
+    pub returns: Option<(u64, u64)>,
+    /// For `latency`: the histogram.
+    pub latency: Option<crate::returning::Hist>,
 }
 
 fn hex(v: u64) -> String {
@@ -99,7 +103,7 @@ fn hex(v: u64) -> String {
 
 impl Serialize for Row {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Row", 14)?;
+        let mut st = s.serialize_struct("Row", 17)?;
         st.serialize_field("pid", &self.pid)?;
         st.serialize_field("site", &self.site.map(hex))?;
         st.serialize_field("symbol", &self.symbol)?;
@@ -118,6 +122,13 @@ impl Serialize for Row {
         }
         if let Some(i) = self.interval_hits {
             st.serialize_field("interval_hits", &i)?;
+        }
+        if let Some((returns, lost)) = self.returns {
+            st.serialize_field("returns", &returns)?;
+            st.serialize_field("returns_lost", &lost)?;
+        }
+        if let Some(h) = &self.latency {
+            st.serialize_field("latency", h)?;
         }
         st.end()
     }
@@ -245,6 +256,15 @@ pub fn table(rows: &[Row]) -> String {
             let w = k.top.iter().map(|c| c.what.len()).max().unwrap_or(0);
             for c in &k.top {
                 out.push_str(&format!("  {:<w$}  {:>8}\n", c.what, c.count));
+            }
+        }
+        if let Some((returns, lost)) = r.returns {
+            out.push_str(&format!(
+                "\n{}{pid} {}: {returns} returned, {lost} lost\n",
+                r.symbol, r.action
+            ));
+            if let Some(h) = &r.latency {
+                out.push_str(&crate::returning::hist_text(h));
             }
         }
         if let Some(k) = &r.stacks {
@@ -393,6 +413,8 @@ mod tests {
             keys: None,
             stacks: None,
             interval_hits: None,
+            returns: None,
+            latency: None,
         }
     }
 

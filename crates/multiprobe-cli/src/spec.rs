@@ -6,7 +6,7 @@
 //! TARGET  := [ FILE ":" ] SYMBOL [ "+" OFFSET ]  |  FILE ":" 0xOFFSET  |  ADDRESS
 //! ITEM    := ACTION | "if:" COND
 //! ACTION  := "count" [ ":" KEY ] | "args:" N | "regs" | "mem:" ARG ":" LEN
-//!          | "str:" ARG [ ":" MAX ] | "ustack" [ ":" DEPTH ]
+//!          | "str:" ARG [ ":" MAX ] | "ustack" [ ":" DEPTH ] | "ret" | "latency"
 //! KEY     := "tid" | "pid" | "arg" N | "str" N | "ustack"
 //! COND    := "arg" N OP NUMBER          OP := "==" | "!=" | "<" | "<=" | ">" | ">="
 //! ```
@@ -28,8 +28,14 @@
 //! be a wildcard pattern (`str*cmp`, `mall?c`): every function that matches gets the
 //! actions (no `+OFFSET` then). A USDT `NAME` may be a pattern too.
 //!
-//! bpftrace's `uprobe:` prefix is accepted; its `uretprobe:` is refused with a pointer
-//! to what multiprobe has for return values.
+//! Return actions (the target must be a function's first instruction): `ret` prints
+//! each call's return value when it returns, `latency` makes a histogram of the time
+//! from entry to return; `args:N` and `ret` in one spec become one action, one line per
+//! call at its return, ltrace-style (`f(0x1, 0x2) = 0x3`; N at most 7).
+//!
+//! bpftrace's `uprobe:` prefix is accepted, and so is `uretprobe:`: the same target, its
+//! actions taken at the return — `ret` when none is given (a spec's actions that are not
+//! return actions stay entry actions; `args:N` joins `ret` as above).
 
 use std::fmt;
 
@@ -157,7 +163,17 @@ pub enum Action {
         /// The most frames.
         depth: u8,
     },
+    /// Print each call's return value (`rax`) when it returns.
+    Ret,
+    /// A histogram of each call's time from entry to return.
+    Latency,
+    /// `args:N` and `ret` together: one line per call at its return, with the first N
+    /// arguments as they were at the entry.
+    Call(u8),
 }
+
+/// The most arguments `args:N,ret` keeps from a call's entry to its return.
+pub const MAX_CALL_ARGS: u8 = 7;
 
 /// Limits that keep one hit's output line bounded.
 pub const MAX_ARGS: u8 = 16;
@@ -184,6 +200,9 @@ impl fmt::Display for Action {
             Action::Str { arg, max } => write!(f, "str:{arg}:{max}"),
             Action::Ustack { depth } if *depth == DEFAULT_DEPTH => write!(f, "ustack"),
             Action::Ustack { depth } => write!(f, "ustack:{depth}"),
+            Action::Ret => write!(f, "ret"),
+            Action::Latency => write!(f, "latency"),
+            Action::Call(n) => write!(f, "args:{n},ret"),
         }
     }
 }
@@ -191,7 +210,12 @@ impl fmt::Display for Action {
 impl Action {
     /// Whether the action prints a line per hit (subject to the rate limit).
     pub fn prints(&self) -> bool {
-        !matches!(self, Action::Count | Action::CountBy(_))
+        !matches!(self, Action::Count | Action::CountBy(_) | Action::Latency)
+    }
+
+    /// Whether the action is taken at the call's return (a return probe).
+    pub fn at_return(&self) -> bool {
+        matches!(self, Action::Ret | Action::Latency | Action::Call(_))
     }
 }
 
@@ -369,7 +393,12 @@ impl std::str::FromStr for ProbeSpec {
             Some(i) => (&text[..i], Some(&text[i + 1..])),
             None => (text, None),
         };
-        let target = parse_target(text, target_text.trim())?;
+        let target_text = target_text.trim();
+        let (uret, target_text) = match target_text.strip_prefix("uretprobe:") {
+            Some(rest) => (true, rest),
+            None => (false, target_text),
+        };
+        let target = parse_target(text, target_text)?;
         let mut actions = Vec::new();
         let mut filters = Vec::new();
         for item in items.map(|a| a.split(',')).into_iter().flatten() {
@@ -379,9 +408,13 @@ impl std::str::FromStr for ProbeSpec {
                 None => actions.push(parse_action(text, item)?),
             }
         }
+        if uret && !actions.iter().any(Action::at_return) {
+            actions.push(Action::Ret);
+        }
         if actions.is_empty() {
             actions.push(Action::Count);
         }
+        merge_call(text, &mut actions)?;
         Ok(ProbeSpec {
             target,
             actions,
@@ -398,15 +431,8 @@ fn parse_target(spec: &str, t: &str) -> Result<Target, SpecError> {
             "no target: expected symbol, library:symbol or 0xADDRESS",
         ));
     }
-    if let Some(rest) = t.strip_prefix("uretprobe:") {
-        return Err(err(
-            spec,
-            format!(
-                "uretprobe: is bpftrace's return probe; multiprobe probes {rest:?} itself and \
-                 reads return values and latency with return actions (=ret, =latency) where \
-                 this build has them"
-            ),
-        ));
+    if t.starts_with("uretprobe:") {
+        return Err(err(spec, "uretprobe: given twice"));
     }
     if let Some(rest) = t.strip_prefix("usdt:") {
         return parse_usdt(spec, rest);
@@ -543,6 +569,30 @@ fn parse_cond(spec: &str, c: &str) -> Result<Cond, SpecError> {
     Ok(Cond { arg, op, value })
 }
 
+/// `args:N` and `ret` in one spec become one [`Action::Call`] (at the place of the
+/// first `args`); each is taken once.
+fn merge_call(spec: &str, actions: &mut Vec<Action>) -> Result<(), SpecError> {
+    let args = actions.iter().position(|a| matches!(a, Action::Args(_)));
+    let ret = actions.iter().position(|a| *a == Action::Ret);
+    let (Some(i), Some(r)) = (args, ret) else {
+        return Ok(());
+    };
+    let Action::Args(n) = actions[i] else {
+        unreachable!("found above")
+    };
+    if n > MAX_CALL_ARGS {
+        return Err(err(
+            spec,
+            format!(
+                "args:{n} with ret: a call keeps at most {MAX_CALL_ARGS} arguments to its return"
+            ),
+        ));
+    }
+    actions[i] = Action::Call(n);
+    actions.remove(r);
+    Ok(())
+}
+
 fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
     let fields: Vec<&str> = a.split(':').collect();
     let kind = fields[0];
@@ -627,18 +677,15 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
             (Action::Ustack { depth }, used)
         }
         "" => return Err(err(spec, "empty action after '=' or ','")),
-        "ret" | "latency" | "retval" => {
-            return Err(err(
-                spec,
-                format!("{kind}: return actions are not in this build of multiprobe"),
-            ))
-        }
+        "ret" => (Action::Ret, 1),
+        "latency" => (Action::Latency, 1),
+        "retval" => return Err(err(spec, "retval: the return action is spelled ret")),
         other => {
             return Err(err(
                 spec,
                 format!(
                     "unknown action {other:?}: expected count[:KEY], args:N, regs, mem:ARG:LEN, \
-                     str:ARG, ustack or if:COND"
+                     str:ARG, ustack, ret, latency or if:COND"
                 ),
             ))
         }
@@ -749,6 +796,35 @@ mod tests {
     }
 
     #[test]
+    fn return_actions() {
+        assert_eq!(
+            p("f=ret,latency").unwrap().actions,
+            vec![Action::Ret, Action::Latency]
+        );
+        // args and ret make one call line, at the place of the args.
+        let s = p("f=count,args:2,latency,ret").unwrap();
+        assert_eq!(
+            s.actions,
+            vec![Action::Count, Action::Call(2), Action::Latency]
+        );
+        assert_eq!(s.actions[1].to_string(), "args:2,ret");
+        assert!(s.actions[1].at_return() && !s.actions[0].at_return());
+        // uretprobe: is the same target, `ret` unless a return action is given.
+        let u = p("uretprobe:libc:malloc").unwrap();
+        assert_eq!(u.target, sym(Some("libc"), "malloc", 0));
+        assert_eq!(u.actions, vec![Action::Ret]);
+        assert_eq!(
+            p("uretprobe:f=latency").unwrap().actions,
+            vec![Action::Latency]
+        );
+        assert_eq!(
+            p("uretprobe:f=args:3").unwrap().actions,
+            vec![Action::Call(3)]
+        );
+        assert!(!Action::Latency.prints() && Action::Ret.prints());
+    }
+
+    #[test]
     fn new_forms() {
         assert_eq!(
             p("git:0x1000").unwrap().target,
@@ -831,8 +907,9 @@ mod tests {
             ("f=mem:0:99999", "at most 4096"),
             ("f=regs:1", "too many"),
             ("str*+0x4", "not a pattern"),
-            ("uretprobe:libc:malloc", "return probe"),
-            ("f=ret", "return actions"),
+            ("uretprobe:uretprobe:f", "given twice"),
+            ("f=retval", "spelled ret"),
+            ("f=args:8,ret", "at most 7 arguments"),
             ("f=count:rip", "keyed by tid, pid, argN, strN or ustack"),
             ("f=count:strx", "expected an argument"),
             ("f=count:arg99", "arg0 to arg15"),

@@ -1051,11 +1051,15 @@ fn usability() {
         "{}",
         text(&out.stderr)
     );
-    let out = run(&["run", "-p", "uretprobe:libc:malloc", "--", "true"]);
+    // uretprobe: is the return probe: `ret` on the same target, every call paired.
+    let out = run(&["run", "-p", "uretprobe:libc:malloc", "--", "ls", "/"]);
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("libc.so.6:malloc = 0x"), "{stderr}");
+    let (_, hits, _, _) = rows(&stderr, ":malloc")[0].clone();
+    assert!(hits > 0, "{stderr}");
     assert!(
-        stderr.contains("return probe") && stderr.contains("=ret"),
+        stderr.contains(&format!("libc.so.6:malloc ret: {hits} returned, 0 lost")),
         "{stderr}"
     );
 

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Names of the programs, as built.
-pub const PROGRAMS: [&str; 12] = [
+pub const PROGRAMS: [&str; 14] = [
     "mp-single",
     "mp-threads",
     "mp-forker",
@@ -30,6 +30,8 @@ pub const PROGRAMS: [&str; 12] = [
     "mp-c-seccomp",
     "mp-c-unmapxol",
     "mp-c-forktree",
+    "mp-c-rets",
+    "mp-cpp-throwret",
 ];
 
 /// Path of the test program `name` (one of [`PROGRAMS`]).

@@ -310,6 +310,11 @@ impl Rows {
                         _ => None,
                     },
                     interval_hits: None,
+                    returns: r
+                        .action
+                        .at_return()
+                        .then_some((stats.returns, stats.returns_lost)),
+                    latency: (r.action == Action::Latency).then(|| r.state.latency.snapshot()),
                 }
             })
             .collect();
@@ -330,6 +335,8 @@ impl Rows {
                     keys: None,
                     stacks: None,
                     interval_hits: None,
+                    returns: None,
+                    latency: None,
                 }));
             }
         }
@@ -342,4 +349,6 @@ fn add(to: &mut HandlerStats, s: &HandlerStats) {
     to.hits += s.hits;
     to.missed += s.missed;
     to.panics += s.panics;
+    to.returns += s.returns;
+    to.returns_lost += s.returns_lost;
 }

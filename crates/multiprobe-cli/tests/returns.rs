@@ -1,0 +1,238 @@
+//! The return actions on a C program with known return values and durations
+//! (`mp-c-rets`): `ret`, `latency` (sleeps of 1, 10 and 100 ms in their buckets),
+//! `args:N,ret` on one line, `uretprobe:`, exact counts, and a return action off a
+//! function entry refused. Every `--json` line is checked against the schema.
+
+mod common;
+
+use common::*;
+use multiprobe_test_targets::bin;
+
+fn rets() -> String {
+    bin("mp-c-rets").to_str().unwrap().to_string()
+}
+
+fn validator() -> jsonschema::Validator {
+    let text = include_str!("../schema/output.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
+}
+
+/// Every line of `stderr` as JSON, each valid against the schema.
+fn records(stderr: &str) -> Vec<serde_json::Value> {
+    let v = validator();
+    stderr
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            let errors: Vec<String> = v.iter_errors(&r).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{errors:?}: {l}");
+            r
+        })
+        .collect()
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// The power-of-two bucket of `ns`, as `[low, high)`.
+fn bucket_of(ns: u64) -> (u64, u64) {
+    let k = 64 - ns.leading_zeros();
+    (1 << (k - 1), 1 << k)
+}
+
+#[test]
+fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
+    let p = rets();
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "mp_ret_nap=latency",
+        "-p",
+        "mp_ret_nap=ret",
+        "--",
+        &p,
+        "nap",
+        "1",
+        "10",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "nap 1=3\nnap 10=30\nnap 100=300\n");
+    let recs = records(&text(&out.stderr));
+    // The `ret` lines: each call's return value and its own time.
+    let rets: Vec<&serde_json::Value> = recs.iter().filter(|r| r["type"] == "hit").collect();
+    assert_eq!(rets.len(), 3);
+    let mut times = Vec::new();
+    for (r, ms) in rets.iter().zip([1u64, 10, 100]) {
+        assert_eq!(r["action"], "ret");
+        assert_eq!(r["ret"], format!("{:#x}", 3 * ms));
+        let ns = n(&r["latency_ns"]);
+        // A sleep takes at least its time; no more than that and a second here.
+        assert!(
+            ns >= ms * 1_000_000 && ns < ms * 1_000_000 + 1_000_000_000,
+            "{ms} ms: {ns} ns"
+        );
+        times.push(ns);
+    }
+    let probes = json_probes(&text(&out.stderr));
+    let lat = probes.iter().find(|p| p["action"] == "latency").unwrap();
+    assert_eq!(
+        (n(&lat["hits"]), n(&lat["returns"]), n(&lat["returns_lost"])),
+        (3, 3, 0)
+    );
+    let h = &lat["latency"];
+    assert_eq!((h["unit"].as_str(), n(&h["count"])), (Some("ns"), 3));
+    assert!(
+        n(&h["min"]) >= 1_000_000 && n(&h["max"]) >= 100_000_000,
+        "{h}"
+    );
+    assert!(n(&h["min"]) <= n(&h["avg"]) && n(&h["avg"]) <= n(&h["max"]));
+    // Buckets: consecutive powers of two from the lowest that counted to the highest,
+    // one call in the bucket of each call's time (as its `ret` line measured it).
+    let buckets: Vec<(u64, u64, u64)> = h["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (n(&b["low"]), n(&b["high"]), n(&b["count"])))
+        .collect();
+    for w in buckets.windows(2) {
+        assert_eq!(w[0].1, w[1].0, "consecutive: {buckets:?}");
+    }
+    assert_eq!(buckets.iter().map(|b| b.2).sum::<u64>(), 3);
+    for ns in &times {
+        let (low, high) = bucket_of(*ns);
+        assert!(
+            buckets
+                .iter()
+                .any(|&(l, hi, c)| (l, hi) == (low, high) && c >= 1),
+            "{ns} ns: bucket [{low}, {high}) in {buckets:?}"
+        );
+    }
+    // On a machine that is not overloaded: [1M, 2M) or [512K, 1M) (a sleep within
+    // 48 us of 1 ms), [8M, 16M), [64M, 128M). Each is at least the sleep's own bucket.
+    for (ns, ms) in times.iter().zip([1u64, 10, 100]) {
+        assert!(bucket_of(*ns).0 >= bucket_of(ms * 1_000_000).0);
+    }
+    let nonzero: Vec<(u64, u64)> = buckets
+        .iter()
+        .filter(|b| b.2 > 0)
+        .map(|b| (b.0, b.1))
+        .collect();
+    assert_eq!(
+        nonzero.len(),
+        3,
+        "three calls of distinct durations: {buckets:?}"
+    );
+
+    // The text summary: the histogram bpftrace-style.
+    let out = run(&[
+        "run",
+        "-p",
+        "mp_ret_nap=latency",
+        "--",
+        &p,
+        "nap",
+        "1",
+        "10",
+        "100",
+    ]);
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("mp-c-rets:mp_ret_nap latency: 3 returned, 0 lost"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  min ") && err.contains("(ns buckets)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[64M, 128M)") || err.contains("[128M, 256M)"),
+        "{err}"
+    );
+    assert_eq!(err.matches('|').count() % 2, 0);
+}
+
+#[test]
+fn args_and_ret_make_one_call_line_with_exact_counts() {
+    let p = rets();
+    let out = run(&["run", "-p", "mp_ret_add=args:2,ret", "--", &p, "add", "5"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sum=30 calls=5\n");
+    let err = text(&out.stderr);
+    let calls: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("mp_ret_add("))
+        .map(|l| l.split_once("] ").unwrap().1.split(" <").next().unwrap())
+        .collect();
+    let want: Vec<String> = (0..5u64)
+        .map(|i| {
+            format!(
+                "mp-c-rets:mp_ret_add({:#x}, {:#x}) = {:#x}",
+                i,
+                2 * i,
+                3 * i
+            )
+        })
+        .collect();
+    assert_eq!(calls, want, "{err}");
+    let rows = rows(&err, "mp_ret_add");
+    assert_eq!(rows.len(), 1, "one handler: {err}");
+    assert_eq!((rows[0].1, rows[0].2), (5, 0), "hits and missed");
+    assert!(
+        err.contains("mp-c-rets:mp_ret_add args:2,ret: 5 returned, 0 lost"),
+        "{err}"
+    );
+}
+
+#[test]
+fn uretprobe_prints_return_values_innermost_first() {
+    let p = rets();
+    let out = run(&[
+        "run",
+        "--json",
+        "-p",
+        "uretprobe:mp_ret_depth",
+        "--",
+        &p,
+        "depth",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recs = records(&text(&out.stderr));
+    let vals: Vec<String> = recs
+        .iter()
+        .filter(|r| r["type"] == "hit")
+        .map(|r| r["ret"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..=100u64).map(|k| format!("{k:#x}")).collect();
+    assert_eq!(vals, want);
+    let probes = json_probes(&text(&out.stderr));
+    assert_eq!(probes[0]["action"], "ret");
+    assert_eq!(
+        (n(&probes[0]["hits"]), n(&probes[0]["returns"])),
+        (101, 101)
+    );
+}
+
+#[test]
+fn a_return_action_off_a_function_entry_is_one_clear_error() {
+    let p = rets();
+    // mp_ret_add is `lea; ret`: +3 is its `ret`, an instruction but not the entry.
+    let out = run(&["run", "-p", "mp_ret_add+3=ret", "--", &p, "add", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not a function's first instruction") && err.contains("mp_ret_add+0x3"),
+        "{err}"
+    );
+    assert!(
+        text(&out.stdout).is_empty(),
+        "the program never ran its own code"
+    );
+}
