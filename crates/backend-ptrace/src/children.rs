@@ -168,13 +168,14 @@ impl Tracer {
 
     /// The fork child starts where its forking thread was: if that is inside one of our
     /// slots (its copy of the page is about to go), put it where the original code goes
-    /// on, stepping to the slot's next boundary first if it is between two.
+    /// on, stepping to the slot's next boundary first if it is between two. A suspended
+    /// slot counts too (a signal handler that returned into it may have forked there):
+    /// the child's own `rip` decides.
     fn out_of_forkers_slot(&mut self, child: Tid, forker: Tid) {
         let Some(site) = self
             .threads
             .get(forker)
             .and_then(|t| t.slots.last())
-            .filter(|s| !s.suspended)
             .map(|s| Arc::clone(&s.site))
         else {
             return;
