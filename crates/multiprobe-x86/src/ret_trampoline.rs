@@ -69,13 +69,7 @@ pub fn build_return_trampoline(
     at: u64,
 ) -> Result<ReturnTrampoline, TrampolineError> {
     let mut a = CodeAssembler::new(64)?;
-    let lits = Lits {
-        ctx: a.create_label(),
-        pre: a.create_label(),
-        post: a.create_label(),
-        common: a.create_label(),
-        restore: a.create_label(),
-    };
+    let lits = Lits::new(&mut a);
     let mut lit_self = a.create_label();
     let mut start = a.create_label();
     let mut trap = a.create_label();

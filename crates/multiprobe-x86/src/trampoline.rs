@@ -347,6 +347,19 @@ pub(crate) struct Lits {
     pub(crate) restore: CodeLabel,
 }
 
+impl Lits {
+    /// Fresh, unplaced labels for the literals, in `a`.
+    pub(crate) fn new(a: &mut CodeAssembler) -> Self {
+        Lits {
+            ctx: a.create_label(),
+            pre: a.create_label(),
+            post: a.create_label(),
+            common: a.create_label(),
+            restore: a.create_label(),
+        }
+    }
+}
+
 pub(crate) fn emit_save(
     a: &mut CodeAssembler,
     lits: &Lits,
@@ -622,13 +635,7 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     let first_falls = falls_through(&insns[0]);
     let last = insns.last().expect("a region has an instruction");
     let mut a = CodeAssembler::new(64)?;
-    let lits = Lits {
-        ctx: a.create_label(),
-        pre: a.create_label(),
-        post: a.create_label(),
-        common: a.create_label(),
-        restore: a.create_label(),
-    };
+    let lits = Lits::new(&mut a);
     let mut lit_addr = a.create_label();
     let mut lit_next = a.create_label();
     let mut lit_ret = a.create_label();
