@@ -130,24 +130,8 @@ impl Bench {
     }
 }
 
-fn pin_to_this_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu takes no argument and only returns a number.
-    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET only sets bit `cpu` of `set`, with a checked index.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t and the size passed is its own; pid 0 is the
-    // calling thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    (r == 0).then_some(cpu)
-}
-
 fn main() {
-    match pin_to_this_cpu() {
-        Some(cpu) => println!("PINNED tracer and tracee to CPU {cpu}"),
-        None => println!("NOT PINNED: sched_setaffinity failed; expect noisy ratios"),
-    }
+    multiprobe_benches::pin::pin_and_say("tracee");
     let mut b = Bench::new();
     const MODES: [Mode; 3] = [Mode::Direct, Mode::Entry, Mode::EntryRet];
     // Warm up: slots, the trampoline and the unwinder hooks are placed at first hits.
