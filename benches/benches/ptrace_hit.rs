@@ -33,8 +33,7 @@
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench ptrace_hit`
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +41,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
+use multiprobe_benches::ptrace::{ask, command, done, pin_and_say};
 use multiprobe_benches::{fmt_ns, median, Ratios};
 use multiprobe_core::Registration;
 
@@ -49,25 +49,6 @@ const NOP: u8 = 0;
 const IMUL: u8 = 1;
 const HITS: u64 = 2000;
 const ROUNDS: usize = 31;
-
-fn command() -> Command {
-    let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    c
-}
-
-/// Ask the tracee for `n` calls of `site`.
-fn ask(child: &mut Child, site: u8, n: u64) {
-    let mut cmd = [0u8; 9];
-    cmd[0] = site;
-    cmd[1..].copy_from_slice(&n.to_le_bytes());
-    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
-}
-
-fn done(child: &mut Child) {
-    let mut b = [0u8];
-    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
-}
 
 /// The raw loops, on their own tracee.
 struct Raw {
@@ -258,7 +239,7 @@ impl Routine {
 }
 
 fn main() {
-    multiprobe_benches::pin::pin_and_say("tracees");
+    pin_and_say("tracees");
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))

@@ -1,6 +1,32 @@
-//! Pinning a ptrace bench to one CPU: the tracer and its tracees then hand each stop over
-//! on one core instead of waking each other across cores, which adds a cross-CPU wake-up
-//! to every stop and makes the ratios noisy.
+//! What the ptrace benches share: the `mp-bench` tracee and its protocol (a command is a
+//! site number and a call count; the tracee makes the calls and answers one byte), and
+//! pinning to one CPU: the tracer and its tracees then hand each stop over on one core
+//! instead of waking each other across cores, which adds a cross-CPU wake-up to every
+//! stop and makes the ratios noisy.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+
+/// `mp-bench` with its stdin and stdout piped (the command channel).
+pub fn command() -> Command {
+    let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    c
+}
+
+/// Ask the tracee for `n` calls of `site`.
+pub fn ask(child: &mut Child, site: u8, n: u64) {
+    let mut cmd = [0u8; 9];
+    cmd[0] = site;
+    cmd[1..].copy_from_slice(&n.to_le_bytes());
+    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
+}
+
+/// Wait for the tracee's answer: the calls asked for are made.
+pub fn done(child: &mut Child) {
+    let mut b = [0u8];
+    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+}
 
 /// Pin the calling thread — the tracer — and so the tracees it spawns later (a child
 /// inherits its parent's affinity) to the CPU it runs on now. Returns that CPU.
