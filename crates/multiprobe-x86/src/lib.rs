@@ -108,6 +108,7 @@
 #![warn(missing_docs)]
 
 mod analyze;
+pub mod collect;
 mod continuation;
 mod cpu;
 mod emulate;
@@ -117,6 +118,7 @@ mod frame;
 mod plan;
 mod prepare;
 mod region;
+mod relocate;
 mod ret_trampoline;
 mod slot;
 mod trampoline;

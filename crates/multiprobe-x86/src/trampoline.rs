@@ -68,7 +68,6 @@
 //!   red zone (see the frame module for the exits).
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, Code as C, Decoder, DecoderOptions, Instruction, Register};
 use multiprobe_core::Regs;
 
 use crate::cpu::CpuState;
@@ -76,7 +75,11 @@ use crate::frame::{
     EVENT_POST, EVENT_PRE, EXIT_NEXT, EXIT_POST, EXIT_RESUME, EXIT_RESUME_STACK, FRAME_TO_RSP,
     RED_ZONE,
 };
-use crate::region::{Region, MAX_REGION_INSNS};
+use crate::region::Region;
+pub use crate::relocate::Location;
+use crate::relocate::{
+    check_reach, decode_region, emit_plain_copy, emit_relocated, falls_through, Assembled, CopyMap,
+};
 
 /// Upper bound on a site's trampoline length: allocate units of this size.
 pub const TRAMPOLINE_LEN: usize = 1024;
@@ -84,8 +87,6 @@ pub const TRAMPOLINE_LEN: usize = 1024;
 pub const COMMON_LEN: usize = 2048;
 /// Where the shared restore routine starts in the common stub.
 pub(crate) const RESTORE_OFF: u16 = 1792;
-
-const MAX_POINTS: usize = 16;
 
 /// How the common stub preserves the vector and x87 state (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -119,6 +120,15 @@ pub enum TrampolineError {
     /// The CPU cannot do what was asked (`XSAVE` without OS support).
     #[error("this CPU or kernel has no XSAVE support")]
     NoXsave,
+    /// A collector of a collecting trampoline cannot be generated as given (see
+    /// [`crate::collect::Action`] for the ranges).
+    #[error("collector {index}: {reason}")]
+    BadCollector {
+        /// Its index in the site's collectors.
+        index: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// iced-x86 refused to encode (a bug, or an instruction it cannot move).
     #[error("encoding failed: {0}")]
     Encode(String),
@@ -154,39 +164,6 @@ pub struct TrampolineSpec<'a> {
     pub common: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Point {
-    off: u16,
-    orig: u64,
-    rsp_adj: i8,
-    rcx: Option<u64>,
-    first: bool,
-}
-
-const NO_POINT: Point = Point {
-    off: 0,
-    orig: 0,
-    rsp_adj: 0,
-    rcx: None,
-    first: false,
-};
-
-/// Where a thread with `rip` inside a trampoline stands ([`Trampoline::locate`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Location {
-    /// At a relocated instruction of the original `orig`; `first` when that is the
-    /// probed instruction itself (its faults go to the fault handlers).
-    Relocated {
-        /// The original instruction's address (or where the original code continues,
-        /// for the jump back).
-        orig: u64,
-        /// The probed instruction.
-        first: bool,
-    },
-    /// In the save, dispatch or restore code: not at an original instruction.
-    Inside,
-}
-
 /// A built trampoline's map: `Copy`, heap-free, usable from a signal handler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Trampoline {
@@ -196,14 +173,12 @@ pub struct Trampoline {
     /// Where the original code continues after the region's first instruction (kept:
     /// the entry compares every hit's `rip` with it).
     next: u64,
-    /// Offset of the plain copy of each region instruction.
-    plain: [u16; MAX_REGION_INSNS],
     /// Offset of the post copy (0: none).
     post: u16,
     /// Offset of the post stub (right after the post copy's instruction).
     stub: u16,
-    npoints: u8,
-    points: [Point; MAX_POINTS],
+    /// The relocated copies' points.
+    copies: CopyMap,
     /// Offsets of the `int3`s of the exits by trap.
     traps: [u16; 2],
 }
@@ -275,7 +250,7 @@ impl Trampoline {
     /// The plain copy of region instruction `i`.
     #[inline]
     pub fn copy_of(&self, i: usize) -> u64 {
-        self.addr + u64::from(self.plain[i])
+        self.addr + u64::from(self.copies.copy_off(i))
     }
 
     /// Where a thread that should continue at original address `rip` goes: the
@@ -296,38 +271,20 @@ impl Trampoline {
         self.traps.iter().any(|&t| t != 0 && u64::from(t) == off)
     }
 
-    fn point(&self, ip: u64) -> Option<&Point> {
-        let off = ip.wrapping_sub(self.addr);
-        self.points[..usize::from(self.npoints)]
-            .iter()
-            .find(|p| u64::from(p.off) == off)
-    }
-
     /// Where `ip` stands, or `None` outside this trampoline.
     pub fn locate(&self, ip: u64) -> Option<Location> {
-        if !self.contains(ip) {
-            return None;
-        }
-        Some(match self.point(ip) {
-            Some(p) => Location::Relocated {
-                orig: p.orig,
-                first: p.first,
-            },
-            None => Location::Inside,
-        })
+        self.contains(ip)
+            .then(|| self.copies.locate(ip.wrapping_sub(self.addr)))
     }
 
     /// A thread stopped at `regs.rip` inside a relocated copy (a fault, or being moved
     /// out): rewrite `regs` to the equivalent original state and return `Some(first)`
     /// (whether it is the probed instruction); `None`, changing nothing, elsewhere.
     pub fn fixup(&self, regs: &mut Regs) -> Option<bool> {
-        let p = *self.point(regs.rip)?;
-        regs.rip = p.orig;
-        regs.rsp = regs.rsp.wrapping_add(p.rsp_adj as i64 as u64);
-        if let Some(c) = p.rcx {
-            regs.rcx = c;
+        if !self.contains(regs.rip) {
+            return None;
         }
-        Some(p.first)
+        self.copies.fixup(self.addr, regs)
     }
 }
 
@@ -499,138 +456,10 @@ fn emit_dispatch(
     Ok(trap)
 }
 
-/// A labelled empty instruction: its address is where the next instruction starts.
-fn mark(a: &mut CodeAssembler) -> Result<CodeLabel, IcedError> {
-    let mut l = a.create_label();
-    a.set_label(&mut l)?;
-    a.zero_bytes()?;
-    Ok(l)
-}
-
-struct PendingPoint {
-    label: CodeLabel,
-    orig: u64,
-    rsp_adj: i8,
-    rcx: Option<u64>,
-    first: bool,
-}
-
-/// Record a point of the map at the current position of `a`: a thread found here is at
-/// `orig` in the original code, with `rsp` `rsp_adj` bytes below the original's (and
-/// `set_rcx` the value `rcx` must be given, after a relocated `syscall`).
-fn point_here(
-    a: &mut CodeAssembler,
-    points: &mut Vec<PendingPoint>,
-    orig: u64,
-    rsp_adj: i8,
-    set_rcx: Option<u64>,
-    first: bool,
-) -> Result<(), IcedError> {
-    let label = mark(a)?;
-    points.push(PendingPoint {
-        label,
-        orig,
-        rsp_adj,
-        rcx: set_rcx,
-        first,
-    });
-    Ok(())
-}
-
-/// Emit region instruction `insn` (decoded at its original address) relocated, with the
-/// points that map its copy back. `ret_lit` holds the original return address of a
-/// `call`.
-fn emit_relocated(
-    a: &mut CodeAssembler,
-    insn: &Instruction,
-    first: bool,
-    ret_lit: CodeLabel,
-    points: &mut Vec<PendingPoint>,
-) -> Result<(), IcedError> {
-    let orig = insn.ip();
-    let next = insn.next_ip();
-    point_here(a, points, orig, 0, None, first)?;
-    let mut copy = *insn;
-    copy.set_ip(0);
-    match insn.code() {
-        C::Call_rel32_64 => {
-            a.push(qword_ptr(ret_lit))?;
-            // After the push the call has happened: the thread is "at the target".
-            point_here(a, points, orig, 8, None, first)?;
-            a.jmp(insn.near_branch_target())?;
-        }
-        C::Call_rm64 => {
-            a.push(qword_ptr(ret_lit))?;
-            // A fault in the jump's memory read leaves the pushed word: undo it.
-            point_here(a, points, orig, 8, None, first)?;
-            // `call r/m` becomes `jmp r/m` on the same operand (`call rsp` and
-            // `call [rsp]` without a displacement are refused by the analysis); an
-            // rsp-based operand is 8 further after the push.
-            copy.set_code(C::Jmp_rm64);
-            if insn.op0_kind() == iced_x86::OpKind::Memory && insn.memory_base() == Register::RSP {
-                copy.set_memory_displacement64(insn.memory_displacement64().wrapping_add(8));
-            }
-            a.add_instruction(copy)?;
-        }
-        C::Syscall => {
-            a.add_instruction(copy)?;
-            point_here(a, points, next, 0, Some(next), false)?;
-            // `mov rcx, imm64` leaves the flags as the kernel returned them.
-            a.mov(rcx, next)?;
-        }
-        _ => a.add_instruction(copy)?,
-    }
-    Ok(())
-}
-
-fn decode_region(region: &Region) -> Vec<Instruction> {
-    (0..region.count())
-        .map(|i| {
-            let (at, bytes) = region.insn(i);
-            Decoder::with_ip(64, bytes, at, DecoderOptions::NONE).decode()
-        })
-        .collect()
-}
-
-fn falls_through(insn: &Instruction) -> bool {
-    insn.flow_control() == iced_x86::FlowControl::Next
-}
-
-/// Whether control can reach the end of `insn`'s relocated copy: everything but an
-/// unconditional `jmp`, a `ret` and a `call` (whose copy ends in a `jmp`). A `jcc` or
-/// `loop` falls through when not taken, a `syscall` returns to the next instruction.
-fn can_fall_out(insn: &Instruction) -> bool {
-    !matches!(
-        insn.mnemonic(),
-        iced_x86::Mnemonic::Jmp | iced_x86::Mnemonic::Ret | iced_x86::Mnemonic::Call
-    )
-}
-
-fn reach(from: u64, to: u64) -> bool {
-    i32::try_from(to.wrapping_sub(from) as i64).is_ok()
-}
-
-fn map_encode_error(e: IcedError, at: u64, region: &Region) -> TrampolineError {
-    let s = e.to_string();
-    if s.contains("too far away") || s.contains("Invalid IP relative") {
-        TrampolineError::OutOfReach {
-            at,
-            target: region.addr(),
-        }
-    } else {
-        TrampolineError::Encode(s)
-    }
-}
-
 /// Build the trampoline of `spec` for placement at `at`: see the module docs.
 pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, TrampolineError> {
     let region = spec.region;
-    if !reach(region.addr() + crate::region::JMP_LEN as u64, at) {
-        return Err(TrampolineError::OutOfReach {
-            at,
-            target: region.addr(),
-        });
-    }
+    check_reach(region, at)?;
     let insns = decode_region(region);
     let first_falls = falls_through(&insns[0]);
     let last = insns.last().expect("a region has an instruction");
@@ -654,19 +483,14 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     emit_save(&mut a, &lits, lit_addr, EVENT_PRE, lits.pre)?;
     let trap0 = emit_dispatch(&mut a, &lits, first_falls.then_some(post_label), next)?;
     // Plain copy.
-    let mut plain = Vec::new();
-    for (i, insn) in insns.iter().enumerate() {
-        if i == 1 {
-            a.set_label(&mut second)?;
-            a.zero_bytes()?;
-        }
-        plain.push(points.len());
-        emit_relocated(&mut a, insn, i == 0, lit_ret, &mut points)?;
-    }
-    if can_fall_out(last) {
-        point_here(&mut a, &mut points, region.end(), 0, None, false)?;
-        a.jmp(region.end())?;
-    }
+    let plain = emit_plain_copy(
+        &mut a,
+        region,
+        &insns,
+        lit_ret,
+        &mut points,
+        Some(&mut second),
+    )?;
     // Post copy: the first instruction, then the stub.
     let mut trap1 = None;
     let mut stub_label = None;
@@ -707,33 +531,18 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
         a.set_label(&mut label)?;
         a.dq(&[value])?;
     }
-    let out = a
-        .assemble_options(at, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
-        .map_err(|e| map_encode_error(e, at, region))?;
-    let bytes = out.inner.code_buffer.clone();
-    if bytes.len() > TRAMPOLINE_LEN {
-        return Err(TrampolineError::TooLong {
-            len: bytes.len(),
-            max: TRAMPOLINE_LEN,
-        });
-    }
-    let off =
-        |l: &CodeLabel| -> Result<u16, TrampolineError> { Ok((out.label_ip(l)? - at) as u16) };
+    let asm = Assembled::new(&mut a, at, region, TRAMPOLINE_LEN)?;
+    let off = |l: &CodeLabel| asm.off(l);
     let mut map = Trampoline {
         addr: at,
-        len: bytes.len() as u16,
+        len: asm.bytes.len() as u16,
         region: *region,
         next: insns[0].next_ip(),
-        plain: [0; MAX_REGION_INSNS],
         post: 0,
         stub: 0,
-        npoints: 0,
-        points: [NO_POINT; MAX_POINTS],
+        copies: CopyMap::resolve(&points, &plain, off)?,
         traps: [0; 2],
     };
-    for (i, &p) in plain.iter().enumerate() {
-        map.plain[i] = off(&points[p].label)?;
-    }
     if first_falls {
         map.post = off(&post_label)?;
         if let Some(l) = &stub_label {
@@ -744,20 +553,10 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
     if let Some(t) = trap1 {
         map.traps[1] = off(&t)?;
     }
-    if points.len() > MAX_POINTS {
-        return Err(TrampolineError::Encode("too many relocated points".into()));
-    }
-    for (i, p) in points.iter().enumerate() {
-        map.points[i] = Point {
-            off: off(&p.label)?,
-            orig: p.orig,
-            rsp_adj: p.rsp_adj,
-            rcx: p.rcx,
-            first: p.first,
-        };
-    }
-    map.npoints = points.len() as u8;
-    Ok(Built { map, bytes })
+    Ok(Built {
+        map,
+        bytes: asm.bytes,
+    })
 }
 
 /// Layout of the register-moves save area (offsets from its 64-aligned start).

@@ -1,0 +1,193 @@
+//! The shared area's layout and the record format: byte offsets the generated code and
+//! the reader agree on. Nothing here touches memory; see the `reader` module for that.
+//!
+//! ```text
+//! 0     header   magic u64, version u32, cell size u32, ring cells u32, counter slots u32
+//! 64    head     u64: reservations made by producers (the tracee), one cache line
+//! 128   tail     u64: cells consumed by the reader (the tracer), one cache line
+//! 192   counters per slot, one cache line each: hits u64, dropped u64, faulted u64
+//! ..    cells    ring cells of CELL_LEN bytes, 64-byte aligned
+//! ```
+//!
+//! A cell (all fields little-endian, 8-byte aligned):
+//!
+//! ```text
+//! 0   seq     u64  commit word: reservation number + 1 once complete, stored last
+//! 8   tsc     u64  rdtsc at the hit
+//! 16  thread  u64  the hitting thread's fs base
+//! 24  site    u32
+//! 28  slot    u32
+//! 32  len     u16  bytes of data that are valid
+//! 34  flags   u16  bit 0: faulted (a `mem:` copy hit a bad address; data holds the
+//!                  bytes read before the fault)
+//! 40  data    up to RECORD_DATA_MAX bytes
+//! ```
+//!
+//! Head and tail live on their own cache lines so the producers' CAS on head does not
+//! bounce the line the reader writes; counters get one line per slot so two collectors
+//! hit on different cores do not share a line.
+
+/// `MPCOLLCT` in little-endian: the area's first word.
+pub const AREA_MAGIC: u64 = u64::from_le_bytes(*b"MPCOLLCT");
+/// Version of this layout, in the header.
+pub const AREA_VERSION: u32 = 1;
+
+/// Length of a ring cell.
+pub const CELL_LEN: usize = 256;
+/// log2 of [`CELL_LEN`].
+pub(crate) const CELL_SHIFT: u32 = 8;
+/// Where a cell's data starts.
+pub const RECORD_HEADER_LEN: usize = 40;
+/// Most data bytes one record carries (a `mem:` length must not exceed it).
+pub const RECORD_DATA_MAX: usize = CELL_LEN - RECORD_HEADER_LEN;
+/// Most ring cells an area can have (the generated mask is a 32-bit immediate).
+pub const MAX_RING_CELLS: u32 = 1 << 24;
+/// Most counter slots an area can have.
+pub const MAX_COUNTER_SLOTS: u32 = 1 << 16;
+
+/// Header field offsets.
+pub(crate) mod hdr {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const CELL_LEN: usize = 12;
+    pub const CELLS: usize = 16;
+    pub const SLOTS: usize = 20;
+    pub const HEAD: usize = 64;
+    pub const TAIL: usize = 128;
+    pub const COUNTERS: usize = 192;
+}
+
+/// Cell field offsets.
+pub(crate) mod cell {
+    pub const SEQ: usize = 0;
+    pub const TSC: usize = 8;
+    pub const THREAD: usize = 16;
+    pub const SITE: usize = 24;
+    pub const LEN: usize = 32;
+    pub const FLAGS: usize = 34;
+    pub const DATA: usize = super::RECORD_HEADER_LEN;
+}
+
+/// Length of one counter slot (a cache line) and its fields.
+pub(crate) const COUNTER_LEN: usize = 64;
+pub(crate) const HITS: usize = 0;
+pub(crate) const DROPPED: usize = 8;
+pub(crate) const FAULTED: usize = 16;
+
+/// Bit 0 of a cell's flags.
+pub const FLAG_FAULTED: u16 = 1;
+
+const PAGE: usize = 4096;
+
+/// Where everything lies in an area of `ring_cells` cells and `counter_slots` counter
+/// slots. Plain data: the tracer builds one, maps [`AreaLayout::size`] bytes, and gives
+/// the same layout to the code generator and the reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AreaLayout {
+    cells: u32,
+    slots: u32,
+}
+
+impl AreaLayout {
+    /// The layout of an area with a ring of `ring_cells` cells and `counter_slots`
+    /// counter slots.
+    ///
+    /// # Panics
+    /// When `ring_cells` is not a power of two in `2..=MAX_RING_CELLS`, or
+    /// `counter_slots` is not in `1..=MAX_COUNTER_SLOTS`: both are the tracer's choice,
+    /// not user input.
+    pub fn new(ring_cells: u32, counter_slots: u32) -> Self {
+        assert!(
+            ring_cells.is_power_of_two() && (2..=MAX_RING_CELLS).contains(&ring_cells),
+            "ring cells must be a power of two in 2..={MAX_RING_CELLS}, not {ring_cells}"
+        );
+        assert!(
+            (1..=MAX_COUNTER_SLOTS).contains(&counter_slots),
+            "counter slots must be in 1..={MAX_COUNTER_SLOTS}, not {counter_slots}"
+        );
+        AreaLayout {
+            cells: ring_cells,
+            slots: counter_slots,
+        }
+    }
+
+    /// Number of ring cells (a power of two).
+    pub fn ring_cells(&self) -> u32 {
+        self.cells
+    }
+
+    /// Number of counter slots.
+    pub fn counter_slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes to map: a page multiple.
+    pub fn size(&self) -> usize {
+        (self.cells_offset() + self.cells as usize * CELL_LEN).next_multiple_of(PAGE)
+    }
+
+    /// Offset of the producers' reservation counter.
+    pub fn head_offset(&self) -> usize {
+        hdr::HEAD
+    }
+
+    /// Offset of the reader's consumption counter.
+    pub fn tail_offset(&self) -> usize {
+        hdr::TAIL
+    }
+
+    /// Offset of counter slot `slot`'s `hits` (then `dropped`, `faulted`, 8 bytes each).
+    pub fn counter_offset(&self, slot: u32) -> usize {
+        hdr::COUNTERS + slot as usize * COUNTER_LEN
+    }
+
+    /// Offset of the first ring cell.
+    pub fn cells_offset(&self) -> usize {
+        (hdr::COUNTERS + self.slots as usize * COUNTER_LEN).next_multiple_of(64)
+    }
+
+    /// Offset of ring cell `i` (`i < ring_cells`).
+    pub fn cell_offset(&self, i: u32) -> usize {
+        self.cells_offset() + (i & (self.cells - 1)) as usize * CELL_LEN
+    }
+
+    /// The header's first 24 bytes as the area must hold them before any trampoline
+    /// runs (the rest of a fresh mapping is zero): magic, version, cell length, cells,
+    /// slots.
+    pub fn header(&self) -> [u8; 24] {
+        let mut h = [0u8; 24];
+        h[hdr::MAGIC..8].copy_from_slice(&AREA_MAGIC.to_le_bytes());
+        h[hdr::VERSION..12].copy_from_slice(&AREA_VERSION.to_le_bytes());
+        h[hdr::CELL_LEN..16].copy_from_slice(&(CELL_LEN as u32).to_le_bytes());
+        h[hdr::CELLS..20].copy_from_slice(&self.cells.to_le_bytes());
+        h[hdr::SLOTS..24].copy_from_slice(&self.slots.to_le_bytes());
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_aligned_and_inside_the_mapping() {
+        let l = AreaLayout::new(1024, 3);
+        assert_eq!(l.size() % PAGE, 0);
+        assert_eq!(l.cells_offset() % 64, 0);
+        assert_eq!(l.counter_offset(2) + COUNTER_LEN, l.cells_offset());
+        assert_eq!(
+            l.cell_offset(1023) + CELL_LEN,
+            l.cells_offset() + 1024 * CELL_LEN
+        );
+        assert!(l.cell_offset(1023) + CELL_LEN <= l.size());
+        assert_eq!(l.cell_offset(1024), l.cells_offset(), "indices wrap");
+        assert_eq!(RECORD_DATA_MAX, 216);
+        assert_eq!(1 << CELL_SHIFT, CELL_LEN);
+    }
+
+    #[test]
+    #[should_panic(expected = "power of two")]
+    fn a_ring_that_is_not_a_power_of_two_is_refused() {
+        AreaLayout::new(1000, 1);
+    }
+}

@@ -1,0 +1,105 @@
+//! The map of a built collecting trampoline: where a thread with `rip` inside it
+//! stands, the relocated copies of the region, and the fault table of the actions'
+//! accesses to the program's memory. `Copy` and heap-free, like
+//! [`crate::Trampoline`]'s.
+
+use multiprobe_core::Regs;
+
+use crate::relocate::CopyMap;
+use crate::trampoline::Location;
+
+/// Upper bound on a collecting trampoline's length: allocate units of this size.
+pub const COLLECT_LEN: usize = 4096;
+/// Most collectors one site's trampoline runs.
+pub const MAX_COLLECTORS: usize = 16;
+
+/// An entry of the fault table: a `mem:` collector's copy from the program's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ActionFault {
+    /// The collector's counter slot.
+    pub slot: u32,
+    /// Where to resume the thread (set `rip`, suppress the signal): the resume code
+    /// commits the cell as faulted and counts `faulted` itself.
+    pub resume: u64,
+}
+
+/// A built collecting trampoline's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CollectMap {
+    pub(crate) addr: u64,
+    pub(crate) len: u16,
+    pub(crate) copies: CopyMap,
+    pub(crate) nfaults: u8,
+    /// (offset of the faulting instruction, its entry).
+    pub(crate) faults: [(u16, ActionFault); MAX_COLLECTORS],
+}
+
+/// A collecting trampoline: its bytes to place at [`CollectMap::addr`], and its map.
+#[derive(Clone, Debug)]
+pub struct BuiltCollect {
+    /// The code.
+    pub bytes: Vec<u8>,
+    /// The map (keep it while the code may run).
+    pub map: CollectMap,
+}
+
+impl CollectMap {
+    /// Where it lives; its first byte is the entry the region's jump targets.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `ip` lies inside it.
+    pub fn contains(&self, ip: u64) -> bool {
+        ip.wrapping_sub(self.addr) < u64::from(self.len)
+    }
+
+    /// Where `ip` stands, or `None` outside: at a relocated instruction of the region
+    /// (or the jump back), or [`Location::Inside`] the action code, which a thread must
+    /// be let run out of (it may hold a claimed cell).
+    pub fn locate(&self, ip: u64) -> Option<Location> {
+        self.contains(ip)
+            .then(|| self.copies.locate(ip.wrapping_sub(self.addr)))
+    }
+
+    /// The fault table: `Some` when `ip` is an action's access to the program's memory.
+    pub fn fault(&self, ip: u64) -> Option<ActionFault> {
+        let off = ip.wrapping_sub(self.addr);
+        self.faults[..usize::from(self.nfaults)]
+            .iter()
+            .find(|(o, _)| u64::from(*o) == off)
+            .map(|&(_, f)| f)
+    }
+
+    /// Every fault table entry, with the faulting instruction's address.
+    pub fn faults(&self) -> impl Iterator<Item = (u64, ActionFault)> + '_ {
+        self.faults[..usize::from(self.nfaults)]
+            .iter()
+            .map(|&(o, f)| (self.addr + u64::from(o), f))
+    }
+
+    /// The relocated copy of region instruction `i`.
+    pub fn copy_of(&self, i: usize) -> u64 {
+        self.addr + u64::from(self.copies.copy_off(i))
+    }
+
+    /// A thread stopped at `regs.rip` inside a relocated copy (a fault, or being moved
+    /// out): rewrite `regs` to the equivalent original state and return `Some(first)`
+    /// (whether it is the probed instruction); `None`, changing nothing, elsewhere.
+    pub fn fixup(&self, regs: &mut Regs) -> Option<bool> {
+        if !self.contains(regs.rip) {
+            return None;
+        }
+        self.copies.fixup(self.addr, regs)
+    }
+}

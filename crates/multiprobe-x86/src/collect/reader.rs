@@ -1,0 +1,235 @@
+//! The reader of an area: counters, and the ring drained in order (see the module docs
+//! of `collect` for the protocol and what it assumes about dead producers).
+//!
+//! The area is memory another process writes at any time, so every access is an
+//! atomic load or store of an aligned `u64` ([`AreaReader::new`] takes the area as
+//! `&[AtomicU64]`): no data race in Rust's sense, whatever the producers do. A record
+//! is copied out of its cell before the cell is handed back, and [`RecordRef`] borrows
+//! that copy, never the shared memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::layout::{
+    cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, DROPPED, FAULTED, FLAG_FAULTED,
+    HITS, RECORD_DATA_MAX,
+};
+
+/// One collector's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Hits of the site while the collector was in its trampoline.
+    pub hits: u64,
+    /// Records not written because the ring was full.
+    pub dropped: u64,
+    /// Records whose `mem:` copy faulted (committed with [`RecordRef::faulted`]).
+    pub faulted: u64,
+}
+
+/// A committed record, copied out of its cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// `rdtsc` at the hit.
+    pub tsc: u64,
+    /// The hitting thread's fs base.
+    pub thread: u64,
+    /// The site index of the trampoline that wrote it.
+    pub site: u32,
+    /// The collector's counter slot.
+    pub slot: u32,
+    /// The action's data: arguments or registers as little-endian `u64`s, or memory.
+    pub data: &'a [u8],
+    /// A `mem:` copy faulted: `data` holds the bytes read before the fault.
+    pub faulted: bool,
+}
+
+/// Why an area cannot be read with a layout.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AreaError {
+    /// The memory is shorter than the layout's size.
+    #[error("the area is {len} bytes, the layout needs {need}")]
+    TooShort {
+        /// Its length in bytes.
+        len: usize,
+        /// The layout's size.
+        need: usize,
+    },
+    /// The header does not describe this layout (not initialised, or another version).
+    #[error("the area's header does not match the layout (magic, version, cells or slots)")]
+    BadHeader,
+}
+
+/// Reads an area through memory the caller mapped (see the module docs).
+#[derive(Debug)]
+pub struct AreaReader<'a> {
+    mem: &'a [AtomicU64],
+    layout: AreaLayout,
+    /// The next reservation number to consume (mirrors the area's tail).
+    tail: u64,
+    abandoned: u64,
+    buf: [u8; RECORD_DATA_MAX],
+}
+
+impl<'a> AreaReader<'a> {
+    /// A reader over `mem`, the whole area as `u64` words, whose header must be the
+    /// layout's ([`AreaLayout::header`]). Continues from the area's tail, so a reader
+    /// made after another goes on where that one stopped.
+    pub fn new(mem: &'a [AtomicU64], layout: &AreaLayout) -> Result<Self, AreaError> {
+        let len = mem.len() * 8;
+        if len < layout.size() {
+            return Err(AreaError::TooShort {
+                len,
+                need: layout.size(),
+            });
+        }
+        let w0 = mem[hdr::MAGIC / 8].load(Ordering::Relaxed);
+        let w1 = mem[hdr::VERSION / 8].load(Ordering::Relaxed);
+        let w2 = mem[hdr::CELLS / 8].load(Ordering::Relaxed);
+        let expect = layout.header();
+        let word = |i: usize| u64::from_le_bytes(expect[i * 8..i * 8 + 8].try_into().unwrap());
+        if [w0, w1, w2] != [word(0), word(1), word(2)] || w0 != AREA_MAGIC {
+            return Err(AreaError::BadHeader);
+        }
+        debug_assert_eq!(w1 as u32, AREA_VERSION);
+        let tail = mem[hdr::TAIL / 8].load(Ordering::Acquire);
+        Ok(AreaReader {
+            mem,
+            layout: *layout,
+            tail,
+            abandoned: 0,
+            buf: [0; RECORD_DATA_MAX],
+        })
+    }
+
+    /// A reader over `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be 8-byte aligned and `len` bytes from it readable and writable for
+    /// `'a` (a `MAP_SHARED` mapping of the area that stays mapped), accessed by others
+    /// only atomically or by other processes.
+    pub unsafe fn from_raw(
+        ptr: *const u8,
+        len: usize,
+        layout: &AreaLayout,
+    ) -> Result<Self, AreaError> {
+        // SAFETY: the caller guarantees alignment, validity and lifetime; `AtomicU64`
+        // has the layout of `u64`, and every access through the slice is atomic.
+        let mem = unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), len / 8) };
+        Self::new(mem, layout)
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        &self.mem[off / 8]
+    }
+
+    /// Counter slot `slot`'s counters.
+    ///
+    /// # Panics
+    /// When `slot` is not below the layout's counter slots.
+    pub fn counters(&self, slot: u32) -> Counters {
+        assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
+        let base = self.layout.counter_offset(slot);
+        Counters {
+            hits: self.word(base + HITS).load(Ordering::Relaxed),
+            dropped: self.word(base + DROPPED).load(Ordering::Relaxed),
+            faulted: self.word(base + FAULTED).load(Ordering::Relaxed),
+        }
+    }
+
+    /// Reservations the producers have made so far (records written, being written, or
+    /// abandoned; dropped ones are not reserved).
+    pub fn reserved(&self) -> u64 {
+        self.word(hdr::HEAD).load(Ordering::Acquire)
+    }
+
+    /// Cells skipped by [`AreaReader::drain_stopped`] because their producer never
+    /// committed them.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
+    }
+
+    /// Call `f` with every committed record, in reservation order, up to the first cell
+    /// not committed yet (its producer is still writing it, or died: module docs), and
+    /// hand the cells back to the producers. Returns how many records `f` saw.
+    pub fn drain(&mut self, f: impl FnMut(RecordRef<'_>)) -> usize {
+        self.drain_inner(false, f)
+    }
+
+    /// [`AreaReader::drain`] for when no producer can be between a claim and a commit
+    /// (the process is dead, or all its threads are stopped outside the action code):
+    /// uncommitted cells up to the head are skipped and counted in
+    /// [`AreaReader::abandoned`], so the ring is empty afterwards.
+    pub fn drain_stopped(&mut self, f: impl FnMut(RecordRef<'_>)) -> usize {
+        self.drain_inner(true, f)
+    }
+
+    fn drain_inner(&mut self, stopped: bool, mut f: impl FnMut(RecordRef<'_>)) -> usize {
+        let cells = u64::from(self.layout.ring_cells());
+        // A head beyond tail + cells is impossible in a sane area; never read more.
+        let head = self.reserved().min(self.tail + cells);
+        let mut n = 0;
+        while self.tail < head {
+            let pos = self.tail;
+            let base = self.layout.cell_offset(pos as u32);
+            let seq = self.word(base + cell::SEQ).load(Ordering::Acquire);
+            if seq == pos + 1 {
+                let rec = self.copy_out(base);
+                // The copy is done: the cell goes back to the producers before `f`
+                // runs, so a slow consumer keeps the ring as free as possible.
+                self.advance();
+                f(RecordRef {
+                    data: &self.buf[..rec.len],
+                    ..rec.record
+                });
+                n += 1;
+            } else if stopped {
+                self.abandoned += 1;
+                self.advance();
+            } else {
+                break;
+            }
+        }
+        n
+    }
+
+    fn advance(&mut self) {
+        self.tail += 1;
+        self.word(hdr::TAIL).store(self.tail, Ordering::Release);
+    }
+
+    /// Copy the committed cell at `base` into `self.buf`.
+    fn copy_out(&mut self, base: usize) -> Copied {
+        let ld = |o: usize| self.mem[(base + o) / 8].load(Ordering::Relaxed);
+        let tsc = ld(cell::TSC);
+        let thread = ld(cell::THREAD);
+        let ids = ld(cell::SITE);
+        let lf = ld(cell::LEN);
+        let len = usize::from(lf as u16).min(RECORD_DATA_MAX);
+        let flags = (lf >> 16) as u16;
+        let mut buf = [0u8; RECORD_DATA_MAX];
+        for (i, chunk) in buf[..len.next_multiple_of(8).min(RECORD_DATA_MAX)]
+            .chunks_mut(8)
+            .enumerate()
+        {
+            let w = ld(cell::DATA + 8 * i).to_le_bytes();
+            chunk.copy_from_slice(&w[..chunk.len()]);
+        }
+        self.buf = buf;
+        debug_assert!(cell::DATA + RECORD_DATA_MAX <= CELL_LEN);
+        Copied {
+            record: RecordRef {
+                tsc,
+                thread,
+                site: ids as u32,
+                slot: (ids >> 32) as u32,
+                data: &[],
+                faulted: flags & FLAG_FAULTED != 0,
+            },
+            len,
+        }
+    }
+}
+
+struct Copied {
+    record: RecordRef<'static>,
+    len: usize,
+}
