@@ -198,23 +198,22 @@ impl<'a> AreaReader<'a> {
 
     /// Copy the committed cell at `base` into `self.buf`.
     fn copy_out(&mut self, base: usize) -> Copied {
-        let ld = |o: usize| self.mem[(base + o) / 8].load(Ordering::Relaxed);
+        let mem = self.mem;
+        let ld = |o: usize| mem[(base + o) / 8].load(Ordering::Relaxed);
         let tsc = ld(cell::TSC);
         let thread = ld(cell::THREAD);
         let ids = ld(cell::SITE);
         let lf = ld(cell::LEN);
         let len = usize::from(lf as u16).min(RECORD_DATA_MAX);
-        let flags = (lf >> 16) as u16;
-        let mut buf = [0u8; RECORD_DATA_MAX];
-        for (i, chunk) in buf[..len.next_multiple_of(8).min(RECORD_DATA_MAX)]
+        let flags = (lf >> (8 * (cell::FLAGS - cell::LEN))) as u16;
+        for (i, chunk) in self.buf[..len.next_multiple_of(8).min(RECORD_DATA_MAX)]
             .chunks_mut(8)
             .enumerate()
         {
             let w = ld(cell::DATA + 8 * i).to_le_bytes();
             chunk.copy_from_slice(&w[..chunk.len()]);
         }
-        self.buf = buf;
-        debug_assert!(cell::DATA + RECORD_DATA_MAX <= CELL_LEN);
+        const { assert!(cell::DATA + RECORD_DATA_MAX <= CELL_LEN) };
         Copied {
             record: RecordRef {
                 tsc,
