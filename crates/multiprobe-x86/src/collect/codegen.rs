@@ -446,6 +446,15 @@ mod tests {
     const FUNC: [u8; 6] = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3];
 
     fn build(collectors: &[Collector], area: u64) -> Result<Vec<Instruction>, TrampolineError> {
+        let b = build_at(collectors, area)?;
+        let mut dec = Decoder::with_ip(64, &b.bytes, b.map.addr(), DecoderOptions::NONE);
+        Ok((&mut dec)
+            .into_iter()
+            .take_while(|i| i.mnemonic() != Mnemonic::Int3)
+            .collect())
+    }
+
+    fn build_at(collectors: &[Collector], area: u64) -> Result<BuiltCollect, TrampolineError> {
         let region = analyze_region(
             CODE,
             Code {
@@ -465,13 +474,42 @@ mod tests {
             layout: &layout,
             thread_id: ThreadId::FsZero,
         };
-        let at = CODE + 0x10_0000;
-        let b = build_collect_trampoline(&spec, at)?;
-        let mut dec = Decoder::with_ip(64, &b.bytes, at, DecoderOptions::NONE);
-        Ok((&mut dec)
-            .into_iter()
-            .take_while(|i| i.mnemonic() != Mnemonic::Int3)
-            .collect())
+        build_collect_trampoline(&spec, CODE + 0x10_0000)
+    }
+
+    #[test]
+    fn the_map_locates_the_relocated_region_and_the_jump_back() {
+        let b = build_at(&[COUNT], CODE + 0x20_0000).unwrap();
+        let m = b.map;
+        assert_eq!(m.len(), b.bytes.len());
+        assert_eq!(m.locate(m.addr()), Some(crate::Location::Inside));
+        assert_eq!(m.locate(m.addr() + m.len() as u64), None);
+        let copy = m.copy_of(0);
+        let first = crate::Location::Relocated {
+            orig: CODE,
+            first: true,
+        };
+        assert_eq!(m.locate(copy), Some(first));
+        // The nop is 5 bytes; the jump back follows it.
+        let back = crate::Location::Relocated {
+            orig: CODE + 5,
+            first: false,
+        };
+        assert_eq!(m.locate(copy + 5), Some(back));
+        let mut regs = multiprobe_core::Regs {
+            rip: copy,
+            rsp: 0x1000,
+            ..Default::default()
+        };
+        assert_eq!(m.fixup(&mut regs), Some(true));
+        assert_eq!((regs.rip, regs.rsp), (CODE, 0x1000));
+        let mut inside = multiprobe_core::Regs {
+            rip: m.addr() + 1,
+            ..Default::default()
+        };
+        assert_eq!(m.fixup(&mut inside), None);
+        assert_eq!(inside.rip, m.addr() + 1, "unchanged");
+        assert_eq!(m.faults().count(), 0);
     }
 
     const COUNT: Collector = Collector {
