@@ -18,7 +18,9 @@ fn no_sibling_calls(file: &str, lib: &str) {
 }
 
 fn main() {
-    let programs = ["forkrace", "trapmask", "seccomp", "unmapxol", "forktree"];
+    let programs = [
+        "forkrace", "trapmask", "seccomp", "unmapxol", "forktree", "collect",
+    ];
     println!("cargo:rerun-if-changed=c/nommap.h");
     let mut build = cc::Build::new();
     for p in programs {

@@ -56,6 +56,8 @@ pub(crate) struct State {
     pub(crate) image: Image,
     /// USDT semaphores we raised (`refctr.rs`).
     pub(crate) semaphores: crate::refctr::Semaphores,
+    /// Collecting handlers and the area (`collect/`).
+    pub(crate) collect: crate::collect::Procs,
 }
 
 /// One of our breakpoints: the byte it replaced, in which mapping.
@@ -100,6 +102,7 @@ impl Shared {
                 xol: Xol::default(),
                 image,
                 semaphores: Default::default(),
+                collect: Default::default(),
             }),
             symbols: Arc::default(),
             dispatcher: OnceLock::new(),
@@ -181,7 +184,19 @@ pub(crate) struct SiteInner {
     pub(crate) mapped: MappedAt,
     /// Placed at the first hit that needs them (on the tracer thread, the only writer).
     pub(crate) slots: OnceLock<Slots>,
+    /// What its handlers ask of the collecting machinery (`collect/`).
+    pub(crate) collect: Mutex<crate::collect::SiteCollect>,
     owner: Weak<Shared>,
+}
+
+impl SiteInner {
+    /// Whether some enabled handler here is a collector.
+    pub(crate) fn has_collectors(&self) -> bool {
+        self.collect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_collectors()
+    }
 }
 
 impl Drop for SiteInner {
@@ -279,6 +294,7 @@ impl Backend for PtraceBackend {
             plan,
             mapped: region.mapped_at(addr),
             slots: OnceLock::new(),
+            collect: Default::default(),
             owner: Arc::downgrade(sh),
         })))
     }
@@ -309,6 +325,24 @@ impl Backend for PtraceBackend {
         st.armed.insert(addr, armed.clone());
         st.history.insert(addr, armed);
         Ok(())
+    }
+
+    fn handlers_changed(
+        &self,
+        _addr: u64,
+        site: &Site,
+        enabled: &[(multiprobe_core::HandlerId, &dyn multiprobe_core::Handler)],
+    ) {
+        let sh = &self.shared;
+        let wanted = {
+            let mut st = sh.lock();
+            crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled)
+        };
+        site.0
+            .collect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wanted = wanted;
     }
 
     fn check_return(&self, addr: u64, _site: &Site) -> Result<()> {

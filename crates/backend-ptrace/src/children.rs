@@ -138,6 +138,10 @@ impl Tracer {
         let st = self.shared.lock();
         let history: Vec<(u64, Armed)> = st.history.iter().map(|(&a, b)| (a, b.clone())).collect();
         let pages = st.xol.pages();
+        let area = match &st.collect.area {
+            crate::collect::AreaState::Mapped(a) => Some((a.tracee, a.map.len() as u64)),
+            _ => None,
+        };
         let raised = st.semaphores.raised();
         drop(st);
         let maps = crate::error::maps(child.as_raw_pid());
@@ -156,10 +160,14 @@ impl Tracer {
                 }
             }
             crate::refctr::lower_all(&code, &maps, &raised);
-            let copies: Vec<u64> = pages
+            let mut copies: Vec<(u64, u64)> = pages
                 .into_iter()
                 .filter(|&p| is_xol_copy(&maps, p))
+                .map(|p| (p, PAGE))
                 .collect();
+            // Its copy of the collecting area (the same shared pages as ours: it must
+            // not write into them).
+            copies.extend(area.filter(|&(a, _)| maps.find(a).is_some_and(|r| r.start == a)));
             if !copies.is_empty() {
                 self.unmap_in_child(child, &code, &copies);
             }
@@ -206,17 +214,17 @@ impl Tracer {
         }
     }
 
-    /// Unmap `pages` in the fork child, with a system call executed by the child at a
-    /// `syscall` instruction of its own memory.
-    fn unmap_in_child(&mut self, child: Tid, code: &CodeMemory, pages: &[u64]) {
+    /// Unmap `ranges` (start, length) in the fork child, with a system call executed
+    /// by the child at a `syscall` instruction of its own memory.
+    fn unmap_in_child(&mut self, child: Tid, code: &CodeMemory, ranges: &[(u64, u64)]) {
         let Ok(saved) = sys::get_regs(child) else {
             return;
         };
         let Ok(insn) = Injector::default().insn(child, code) else {
             return;
         };
-        for &page in pages {
-            let args = [page, PAGE, 0, 0, 0, 0];
+        for &(start, len) in ranges {
+            let args = [start, len, 0, 0, 0, 0];
             let r = inject::syscall(
                 child,
                 child,
@@ -263,6 +271,7 @@ impl Tracer {
             st.history.clear();
             st.xol.clear();
             st.semaphores.clear();
+            st.collect.area = Default::default();
             st.code = Some(CodeMemory::open(pid)?);
             st.image = crate::launch::image_of(pid);
         }

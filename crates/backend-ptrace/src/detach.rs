@@ -83,6 +83,7 @@ impl Tracer {
         let restored = self.restore_code();
         self.lower_semaphores();
         self.trap.restore_at_detach(&self.threads);
+        self.drop_area();
         if !keep_pages {
             self.unmap_xol();
         }
@@ -496,19 +497,9 @@ impl Tracer {
 
     /// Step 3b: take the XOL pages away (best effort: a page left behind is only an
     /// unused mapping). Pages the program unmapped itself are not there to unmap.
-    fn unmap_xol(&mut self) {
-        let pages = self.shared.lock().xol.pages();
-        if pages.is_empty() {
-            return;
-        }
-        let Ok(maps) = error::maps(self.pid()) else {
-            return;
-        };
-        let pages: Vec<u64> = pages
-            .into_iter()
-            .filter(|&p| maps.find(p).is_some_and(|r| r.exec && r.inode == 0))
-            .collect();
-        // Prefer a thread that is not inside an interrupted system call.
+    /// A held thread to inject system calls on, and its registers: preferably one that
+    /// is not inside an interrupted system call.
+    pub(crate) fn held_thread(&self) -> Option<(Tid, sys::UserRegs)> {
         let mut best = None;
         for (tid, th) in self.threads.iter() {
             if !th.is_held() {
@@ -524,7 +515,22 @@ impl Tracer {
                 }
             }
         }
-        let Some((tid, saved)) = best else {
+        best
+    }
+
+    fn unmap_xol(&mut self) {
+        let pages = self.shared.lock().xol.pages();
+        if pages.is_empty() {
+            return;
+        }
+        let Ok(maps) = error::maps(self.pid()) else {
+            return;
+        };
+        let pages: Vec<u64> = pages
+            .into_iter()
+            .filter(|&p| maps.find(p).is_some_and(|r| r.exec && r.inode == 0))
+            .collect();
+        let Some((tid, saved)) = self.held_thread() else {
             return;
         };
         let insn = {

@@ -151,6 +151,12 @@ impl Tracer {
                 None => return Ok(()), // gone
             };
         }
+        if site.has_collectors() {
+            // Its collectors will want the area (promotion writes into it).
+            if let Some(ur) = regs.kernel() {
+                self.ensure_area(tid, &ur);
+            }
+        }
         self.returns_before_entry(tid, &regs, site.addr);
         let th = self.threads.known(tid);
         let d = &self.dispatcher;

@@ -178,6 +178,7 @@ mod backend;
 #[doc(hidden)]
 pub mod baseline;
 mod children;
+pub mod collect;
 mod detach;
 mod diagnose;
 mod doorbell;

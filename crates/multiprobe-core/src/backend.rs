@@ -100,4 +100,20 @@ pub trait Backend: Send + Sync + 'static {
     /// means the breakpoint may still be there: the registry then keeps the site (so
     /// traps there stay transparent) and reports it.
     fn disarm(&self, addr: u64, site: &Self::Site) -> Result<()>;
+
+    /// Told after every change of the handler list published for `addr` (a handler
+    /// registered, unregistered, enabled or disabled), under the registry's writer
+    /// lock, after the new list is published (and after `arm`, before `disarm`'s
+    /// unpublishing): `enabled` are the handlers hits now run, in registration order,
+    /// with their ids. A backend that runs some handlers without dispatching
+    /// ([`crate::Handler::as_any`]) learns here what to run; the default ignores it.
+    /// Must not call the registry (its lock is held) and should not block for long.
+    fn handlers_changed(
+        &self,
+        addr: u64,
+        site: &Self::Site,
+        enabled: &[(crate::HandlerId, &dyn crate::Handler)],
+    ) {
+        let _ = (addr, site, enabled);
+    }
 }

@@ -334,6 +334,15 @@ pub trait Handler: Send + Sync + 'static {
     fn has_ret(&self) -> bool {
         false
     }
+
+    /// The handler as a value a backend may recognise ([`std::any::Any`]), or `None`
+    /// (the default: an opaque handler). A backend that can run some handler types
+    /// itself, without dispatching to them (code generated into a traced process, say),
+    /// downcasts what this returns at [`crate::backend::Backend::handlers_changed`];
+    /// the core never looks at it.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Any `Fn(&mut Hit)` is a pre-handler (what [`crate::Registry::register`] takes). It

@@ -643,6 +643,8 @@ impl<B: Backend> Inner<B> {
         };
         let armed = shared.armed.load(Relaxed);
         let want = new.as_ref().is_some_and(|v| v.any_enabled());
+        let enabled = enabled_of(new.as_ref());
+        let tell = || self.tell(addr, &shared.data, &enabled);
         if want && !armed {
             w.set(addr, new);
             if let Err(e) = self.backend.arm(addr, &shared.data) {
@@ -650,7 +652,9 @@ impl<B: Backend> Inner<B> {
                 return Err(e);
             }
             shared.armed.store(true, Relaxed);
+            tell();
         } else if !want && armed {
+            tell();
             match self.backend.disarm(addr, &shared.data) {
                 Ok(()) | Err(Error::ProcessGone | Error::CodeGone { .. }) => {
                     shared.armed.store(false, Relaxed);
@@ -664,8 +668,19 @@ impl<B: Backend> Inner<B> {
             }
         } else {
             w.set(addr, new);
+            if want {
+                tell();
+            }
         }
         Ok(None)
+    }
+
+    /// Tell the backend the enabled handlers now published at `addr`
+    /// ([`Backend::handlers_changed`]).
+    pub(crate) fn tell(&self, addr: u64, site: &B::Site, enabled: &[Arc<HandlerEntry>]) {
+        let list: SmallVec<[(HandlerId, &dyn Handler); 4]> =
+            enabled.iter().map(|e| (e.id, &*e.handler)).collect();
+        self.backend.handlers_changed(addr, site, &list);
     }
 
     /// Wait for the grace period of what was unlinked up to `stamp`, then free it —
@@ -678,6 +693,15 @@ impl<B: Backend> Inner<B> {
         self.lock().reclaim();
         Ok(())
     }
+}
+
+/// The enabled handlers of `view`, in order (what [`Inner::tell`] passes on).
+pub(crate) fn enabled_of<S>(view: Option<&SiteView<S>>) -> SmallVec<[Arc<HandlerEntry>; 4]> {
+    view.iter()
+        .flat_map(|v| v.handlers.iter())
+        .filter(|s| s.enabled)
+        .map(|s| Arc::clone(&s.entry))
+        .collect()
 }
 
 impl<B: Backend> Drop for Inner<B> {

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// Names of the programs, as built.
-pub const PROGRAMS: [&str; 14] = [
+pub const PROGRAMS: [&str; 15] = [
     "mp-single",
     "mp-threads",
     "mp-forker",
@@ -32,6 +32,7 @@ pub const PROGRAMS: [&str; 14] = [
     "mp-c-forktree",
     "mp-c-rets",
     "mp-cpp-throwret",
+    "mp-c-collect",
 ];
 
 /// Path of the test program `name` (one of [`PROGRAMS`]).

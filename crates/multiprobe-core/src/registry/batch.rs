@@ -71,7 +71,12 @@ impl<B: Backend> Inner<B> {
         }
         for s in sites.iter_mut().filter(|s| s.dirty) {
             let handlers = std::mem::take(&mut s.handlers);
-            w.set(s.addr, Some(SiteView::new(Arc::clone(&s.shared), handlers)));
+            let view = SiteView::new(Arc::clone(&s.shared), handlers);
+            let enabled = super::enabled_of(Some(&view));
+            w.set(s.addr, Some(view));
+            if s.shared.armed.load(Relaxed) {
+                self.tell(s.addr, &s.shared.data, &enabled);
+            }
         }
         Ok(added)
     }

@@ -1,0 +1,229 @@
+//! Collecting in the tracee: handlers that are values ([`Collect`]), not closures,
+//! so the backend can run them without a stop.
+//!
+//! ```no_run
+//! # use multiprobe_backend_ptrace::{Tracer, collect::Collect};
+//! # fn demo(tracer: &mut Tracer, addr: u64) -> multiprobe_core::Result<()> {
+//! let count = Collect::count();
+//! let args = Collect::args(2).expect("1..=6");
+//! let _c = tracer.registry().register_handler(addr, count.clone())?;
+//! let _a = tracer.registry().register_handler(addr, args.clone())?;
+//! tracer.run()?;
+//! println!("{} hits", count.stats().hits);
+//! for r in args.take_records() {
+//!     println!("thread {} at {} ns: {:?}", r.tid, r.time_ns, r.data);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Paths
+//!
+//! A `Collect` is a [`multiprobe_core::Handler`]: on the one-stop path (a site that
+//! also has a closure, a return hook, or that cannot be promoted) its `pre` collects in
+//! the tracer, with the stopped thread's registers and memory. Counters and records
+//! are the same whichever path a site takes.
+//!
+//! # How the backend sees collectors
+//!
+//! The core tells the backend every change of a site's enabled handlers
+//! ([`multiprobe_core::backend::Backend::handlers_changed`], under the registry's
+//! lock); the backend recognises its `Collect` values through
+//! [`multiprobe_core::Handler::as_any`], binds each one to this process (a counter
+//! slot of the process's area, its handler id) at its first registration, and notes
+//! per site whether every enabled handler is a collector (and none has a return hook)
+//! or why not.
+//!
+//! # The area
+//!
+//! Memory shared between the tracee and the tracer (a memfd both map, see `area.rs`),
+//! made at the first hit of a site with a collector, on the tracer thread. A failure
+//! (seccomp, `ENOSYS`) is kept as the reason the process's collectors stay on the
+//! one-stop path. Detach unmaps it in the tracee; a fork child freed of our probes has
+//! its copy unmapped; an exec takes it with the old image.
+//!
+//! # Threads
+//!
+//! Everything here is `Send + Sync`: [`Collect::stats`] and [`Collect::take_records`]
+//! may be called from any thread while the tracer loop runs on its own.
+
+mod area;
+mod handler;
+
+pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
+
+pub(crate) use area::Area;
+use handler::Binding;
+
+use std::sync::{Mutex, Weak};
+
+use multiprobe_core::{Handler, HandlerId};
+
+use crate::sys::{Tid, UserRegs};
+use crate::tracer::Tracer;
+
+/// Bytes of a process's area.
+pub(crate) const AREA_LEN: usize = 1 << 20;
+
+/// The area of the current image, as far as it got.
+#[derive(Debug, Default)]
+pub(crate) enum AreaState {
+    /// Not needed yet.
+    #[default]
+    NotTried,
+    /// It could not be made: why.
+    Failed(String),
+    Mapped(Area),
+}
+
+/// Per-process collecting state (inside the backend's `State`).
+#[derive(Debug, Default)]
+pub(crate) struct Procs {
+    pub(crate) area: AreaState,
+    /// Counter slot → its collector.
+    pub(crate) slots: Vec<Weak<handler::Inner>>,
+}
+
+/// What a site's enabled handlers ask of the collecting machinery.
+#[derive(Debug, Default, Clone)]
+pub(crate) enum Wanted {
+    /// No collector among them.
+    #[default]
+    None,
+    /// Every one is a collector of this process, in order.
+    All(Vec<(HandlerId, Collect)>),
+    /// Some are collectors, but the site needs the one-stop path: why.
+    Mixed(String),
+}
+
+/// Per-site collecting state (inside the backend's site).
+#[derive(Debug, Default)]
+pub(crate) struct SiteCollect {
+    pub(crate) wanted: Wanted,
+}
+
+impl SiteCollect {
+    pub(crate) fn has_collectors(&self) -> bool {
+        !matches!(self.wanted, Wanted::None)
+    }
+}
+
+/// The backend's side of `handlers_changed`: bind the collectors among `enabled` to
+/// process `pid` (slots from `procs`) and say what the site wants.
+pub(crate) fn classify(
+    pid: i32,
+    procs: &mut Procs,
+    enabled: &[(HandlerId, &dyn Handler)],
+) -> Wanted {
+    let mut cols = Vec::new();
+    let mut why = None;
+    for &(id, h) in enabled {
+        match h.as_any().and_then(|a| a.downcast_ref::<Collect>()) {
+            Some(c) => {
+                let b = *c.0.bound.get_or_init(|| {
+                    procs.slots.push(std::sync::Arc::downgrade(&c.0));
+                    Binding {
+                        pid,
+                        slot: procs.slots.len() as u32 - 1,
+                        id,
+                    }
+                });
+                if b.pid != pid || b.id != id {
+                    why.get_or_insert_with(|| {
+                        format!("handler {id} is a collector registered more than once")
+                    });
+                }
+                cols.push((id, c.clone()));
+            }
+            None => {
+                why.get_or_insert_with(|| format!("handler {id} runs in the tracer"));
+            }
+        }
+        if h.has_ret() {
+            why.get_or_insert_with(|| format!("handler {id} has a return hook"));
+        }
+    }
+    match (cols.is_empty(), why) {
+        (true, _) => Wanted::None,
+        (false, Some(w)) => Wanted::Mixed(w),
+        (false, None) => Wanted::All(cols),
+    }
+}
+
+/// Which path a site with collectors takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SitePath {
+    /// Its collectors run in the tracee, without a stop.
+    InTracee,
+    /// One stop per hit; the collectors run in the tracer. Why it is not promoted.
+    Stop(String),
+}
+
+impl Tracer {
+    /// The path the site at `addr` takes, if it has a collector among its enabled
+    /// handlers (`None` otherwise, or if nothing is registered there).
+    pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
+        let site = self
+            .dispatcher
+            .with_site(addr, |s| std::sync::Arc::clone(&s.0))?;
+        let wanted = handler::lock(&site.collect).wanted.clone();
+        match wanted {
+            Wanted::None => None,
+            Wanted::Mixed(why) => Some(SitePath::Stop(why)),
+            Wanted::All(cols) => Some(SitePath::Stop(match &self.shared.lock().collect.area {
+                AreaState::Failed(why) => why.clone(),
+                _ => format!("{} collectors; promotion not attempted", cols.len()),
+            })),
+        }
+    }
+
+    /// Make the process's area if it was not tried yet, on the stopped thread `tid`
+    /// (registers `ur`).
+    pub(crate) fn ensure_area(&mut self, tid: Tid, ur: &UserRegs) {
+        if !matches!(self.shared.lock().collect.area, AreaState::NotTried) {
+            return;
+        }
+        let state = match self.make_area(tid, ur, AREA_LEN, None) {
+            Ok(a) => AreaState::Mapped(a),
+            Err(e) => AreaState::Failed(format!("no collecting area in the tracee: {e}")),
+        };
+        self.shared.lock().collect.area = state;
+    }
+
+    /// The address of the process's collecting area in the tracee, if it has one.
+    pub fn collect_area(&self) -> Option<u64> {
+        match &self.shared.lock().collect.area {
+            AreaState::Mapped(a) => Some(a.tracee),
+            _ => None,
+        }
+    }
+
+    /// Why the process has no collecting area, if making it failed.
+    pub fn collect_area_error(&self) -> Option<String> {
+        match &self.shared.lock().collect.area {
+            AreaState::Failed(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// Unmap the area in the tracee (detach, a fork child): on a held thread.
+    pub(crate) fn drop_area(&mut self) {
+        let area = std::mem::take(&mut self.shared.lock().collect.area);
+        let AreaState::Mapped(area) = area else {
+            return;
+        };
+        let Some((tid, ur)) = self.held_thread() else {
+            return;
+        };
+        let _ = self.unmap_area(tid, &ur, area.tracee, area.map.len());
+        for sig in self.aside.take_signals(tid) {
+            self.resend.push((tid, sig));
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Collect>();
+    f::<Mutex<Procs>>();
+}

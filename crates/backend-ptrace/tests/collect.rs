@@ -1,0 +1,240 @@
+//! Collecting handlers (`collect::Collect`): exact counts, records that match what the
+//! program passed, faults in actions, the area in the tracee, and every path a site
+//! may take.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use multiprobe_backend_ptrace::collect::{Collect, RecordData, SitePath};
+use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+
+/// `key=value` fields of a line of program output.
+fn fields(line: &str) -> HashMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .collect()
+}
+
+/// The checksums `mp-c-collect threads` prints, computed from recorded arguments.
+fn checksums(args: &[Vec<u64>]) -> (u64, u64) {
+    let (mut sum, mut mix) = (0u64, 0u64);
+    for a in args {
+        for (k, &v) in a.iter().enumerate() {
+            sum = sum.wrapping_add(v);
+            mix = mix.wrapping_add(v.wrapping_mul(k as u64 + 1) ^ (v >> 7));
+        }
+    }
+    (sum, mix)
+}
+
+fn args_of(records: &[multiprobe_backend_ptrace::collect::Record]) -> Vec<Vec<u64>> {
+    records
+        .iter()
+        .map(|r| match &r.data {
+            RecordData::Args(a) => a.clone(),
+            other => panic!("an args record holds {other:?}"),
+        })
+        .collect()
+}
+
+/// The lines of `/proc/PID/maps` that are our collecting area.
+fn area_maps(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("multiprobe-collect"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Descriptors of `pid` that point at our memfd.
+fn area_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().contains("multiprobe-collect"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn collectors_beside_a_closure_count_and_record_exactly_from_4_threads() {
+    let mut cmd = common::command("mp-c-collect", &["threads", "4", "2000"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(6).unwrap();
+    let closure = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&closure);
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    // A closure on the site keeps it on the one-stop path: the collectors run in the
+    // tracer, with the same results.
+    let g3 = t
+        .registry()
+        .register(f, move |_| {
+            c.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    assert_eq!(
+        t.collect_path(f),
+        Some(SitePath::Stop(format!(
+            "handler {} runs in the tracer",
+            g3.id()
+        )))
+    );
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["calls"], "8000", "{out}");
+    assert_eq!(count.stats().hits, 8000);
+    assert_eq!(closure.load(Relaxed), 8000);
+    let recs = args.take_records();
+    assert_eq!(recs.len(), 8000);
+    assert_eq!(args.stats().hits, 8000);
+    assert_eq!(args.stats().dropped, 0);
+    let (sum, mix) = checksums(&args_of(&recs));
+    assert_eq!(sum.to_string(), got["sum"], "{out}");
+    assert_eq!(mix.to_string(), got["mix"], "{out}");
+    // Each record names its thread and its handler, with times that never go back on
+    // one thread.
+    let tids: HashSet<i32> = recs.iter().map(|r| r.tid).collect();
+    assert_eq!(tids.len(), 4, "{tids:?}");
+    assert!(
+        !tids.contains(&t.pid()),
+        "the callers are the 4 new threads"
+    );
+    let mut last: HashMap<i32, u64> = HashMap::new();
+    for r in &recs {
+        assert_eq!(r.addr, f);
+        assert_eq!(Some(r.handler), args.handler_id());
+        assert_eq!(r.handler, g2.id());
+        assert!(!r.faulted);
+        let l = last.entry(r.tid).or_default();
+        assert!(r.time_ns >= *l, "time went back on thread {}", r.tid);
+        *l = r.time_ns;
+    }
+    assert!(args.take_records().is_empty(), "taken records are gone");
+}
+
+#[test]
+fn mem_on_a_null_pointer_is_counted_faulted_and_the_program_runs_on() {
+    let mut cmd = common::command("mp-c-collect", &["mem", "10"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_mem").unwrap();
+    let mem = Collect::mem(1, 16).unwrap();
+    let _g = t.registry().register_handler(f, mem.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.starts_with("calls=10 ok"), "{out}");
+    let s = mem.stats();
+    assert_eq!((s.hits, s.faulted, s.dropped), (10, 5, 0));
+    let recs = mem.take_records();
+    assert_eq!(recs.len(), 10);
+    for (i, r) in recs.iter().enumerate() {
+        if i % 2 == 1 {
+            assert!(r.faulted, "call {i} passed NULL");
+            assert_eq!(r.data, RecordData::Mem(Vec::new()));
+        } else {
+            assert!(!r.faulted, "call {i}");
+            assert_eq!(r.data, RecordData::Mem(b"mp-col-mem-data!".to_vec()));
+        }
+    }
+}
+
+#[test]
+fn a_site_that_cannot_be_promoted_counts_exactly_on_the_stop_path() {
+    let mut cmd = common::command("mp-c-collect", &["stoponly", "3000"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_loop").unwrap();
+    let count = Collect::count();
+    let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert_eq!(out.trim(), "calls=12000");
+    assert_eq!(count.stats().hits, 12000);
+}
+
+#[test]
+fn the_area_is_made_in_the_tracee_without_a_descriptor_and_gone_after_detach() {
+    let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
+    cmd.stdin(Stdio::piped());
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let pid = t.pid();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let text_before = common::text(pid);
+    let count = Collect::count();
+    let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    let c = count.clone();
+    assert_eq!(t.run_until(|| c.stats().hits >= 2000).unwrap(), None);
+    let area = t.collect_area().expect("an area after the first hits");
+    let maps = area_maps(pid);
+    assert_eq!(maps.len(), 1, "{maps:?}");
+    assert!(maps[0].starts_with(&format!("{area:x}-")), "{maps:?}");
+    assert!(maps[0].contains("rw-s"), "shared, read+write: {maps:?}");
+    assert_eq!(area_fds(pid), 0, "the tracee keeps no descriptor of ours");
+    let mut child = t.take_child().unwrap();
+    t.detach().unwrap();
+    assert!(area_maps(pid).is_empty(), "{:?}", area_maps(pid));
+    let text_after = common::text(pid);
+    assert_eq!(text_before.len(), text_after.len());
+    for (b, a) in text_before.iter().zip(&text_after) {
+        assert!(b == a, "text of {} changed", b.0);
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(b"x");
+    drop(stdin);
+    let out = common::read_all(&mut child);
+    assert!(child.wait().unwrap().success());
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls >= 2000, "{out}");
+}
+
+#[test]
+fn under_seccomp_there_is_no_area_and_collectors_still_count_exactly() {
+    let mut cmd = common::command("mp-c-seccomp", &["300"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_sc_load").unwrap();
+    let count = Collect::count();
+    let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.starts_with("loads=300 "), "{out}");
+    assert_eq!(count.stats().hits, 300);
+    assert_eq!(t.collect_area(), None);
+    let why = t.collect_area_error().expect("a reason");
+    assert!(why.contains("seccomp"), "{why}");
+    assert_eq!(t.collect_path(f), Some(SitePath::Stop(why)));
+}
+
+#[test]
+fn a_fork_child_not_followed_runs_free_and_the_parent_counts_exactly() {
+    let mut cmd = common::command("mp-c-collect", &["fork", "50"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let args = Collect::args(2).unwrap();
+    let _g = t.registry().register_handler(f, args.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.contains("child calls=100"), "{out}");
+    assert!(out.contains("parent calls=100 child=0"), "{out}");
+    let recs = args.take_records();
+    assert_eq!(args.stats().hits, 100);
+    // Only the parent's calls: second argument 0 before the fork, 2 after.
+    let seconds: Vec<u64> = args_of(&recs).iter().map(|a| a[1]).collect();
+    assert_eq!(seconds.iter().filter(|&&b| b == 0).count(), 50);
+    assert_eq!(seconds.iter().filter(|&&b| b == 2).count(), 50);
+    assert!(recs.iter().all(|r| r.tid == t.pid()));
+}
