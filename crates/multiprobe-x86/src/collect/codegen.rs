@@ -241,8 +241,20 @@ impl Gen<'_> {
         a.add(r11, rdx)
     }
 
-    /// The cell's header: tsc, thread, site and slot, len with flags 0.
-    fn header(&self, a: &mut CodeAssembler, slot: u32, len: usize) -> Result<(), IcedError> {
+    /// The cell's header: tsc, thread, site and slot, len with flags 0, and `ptr`: the
+    /// `mem:` pointer already loaded into `rsi`, else 0.
+    fn header(
+        &self,
+        a: &mut CodeAssembler,
+        slot: u32,
+        len: usize,
+        ptr_in_rsi: bool,
+    ) -> Result<(), IcedError> {
+        if ptr_in_rsi {
+            a.mov(qword_ptr(r11 + cell::PTR as i32), rsi)?;
+        } else {
+            a.mov(qword_ptr(r11 + cell::PTR as i32), 0)?;
+        }
         a.rdtsc()?;
         a.shl(rdx, 32)?;
         a.or(rax, rdx)?;
@@ -277,13 +289,13 @@ impl Gen<'_> {
         match c.action {
             Action::Count => unreachable!(),
             Action::Args(n) => {
-                self.header(a, c.slot, 8 * usize::from(n))?;
+                self.header(a, c.slot, 8 * usize::from(n), false)?;
                 for (i, &g) in ARGS[..usize::from(n)].iter().enumerate() {
                     self.store_program(a, g, cell::DATA + 8 * i)?;
                 }
             }
             Action::Regs => {
-                self.header(a, c.slot, REGS_LEN)?;
+                self.header(a, c.slot, REGS_LEN, false)?;
                 for (i, &g) in REGS_ORDER.iter().enumerate() {
                     self.store_program(a, g, cell::DATA + 8 * i)?;
                 }
@@ -293,8 +305,8 @@ impl Gen<'_> {
                 a.mov(qword_ptr(r11 + (cell::DATA + 17 * 8) as i32), rax)?;
             }
             Action::Mem { arg, len } => {
-                self.header(a, c.slot, usize::from(len))?;
                 self.load_program(a, rsi, ARGS[usize::from(arg) - 1])?;
+                self.header(a, c.slot, usize::from(len), true)?;
                 a.lea(rdi, ptr(r11 + cell::DATA as i32))?;
                 a.mov(ecx, u32::from(len))?;
                 a.cld()?; // the saved rflags keep the program's DF

@@ -40,6 +40,9 @@ pub struct RecordRef<'a> {
     pub data: &'a [u8],
     /// A `mem:` copy faulted: `data` holds the bytes read before the fault.
     pub faulted: bool,
+    /// `mem:` the pointer the bytes were read from (the argument's value); 0 for the
+    /// other actions.
+    pub ptr: u64,
 }
 
 /// Why an area cannot be read with a layout.
@@ -204,6 +207,7 @@ impl<'a> AreaReader<'a> {
         let thread = ld(cell::THREAD);
         let ids = ld(cell::SITE);
         let lf = ld(cell::LEN);
+        let ptr = ld(cell::PTR);
         let len = usize::from(lf as u16).min(RECORD_DATA_MAX);
         let flags = (lf >> (8 * (cell::FLAGS - cell::LEN))) as u16;
         for (i, chunk) in self.buf[..len.next_multiple_of(8).min(RECORD_DATA_MAX)]
@@ -222,6 +226,7 @@ impl<'a> AreaReader<'a> {
                 slot: (ids >> 32) as u32,
                 data: &[],
                 faulted: flags & FLAG_FAULTED != 0,
+                ptr,
             },
             len,
         }
@@ -259,6 +264,7 @@ mod tests {
         w(cell::THREAD, 0x7000);
         w(cell::SITE, 9 << 32 | 4);
         w(cell::LEN, len);
+        w(cell::PTR, 0x5000 + pos);
         w(cell::DATA, data);
         w(cell::SEQ, pos + 1);
     }
@@ -274,7 +280,14 @@ mod tests {
         // `b`'s producer died between its claim and its commit.
         let mut got = Vec::new();
         let rec = |got: &mut Vec<_>, rec: RecordRef<'_>| {
-            got.push((rec.tsc, rec.site, rec.slot, rec.thread, rec.data.to_vec()))
+            got.push((
+                rec.tsc,
+                rec.site,
+                rec.slot,
+                rec.thread,
+                rec.ptr,
+                rec.data.to_vec(),
+            ))
         };
         assert_eq!(r.drain(|x| rec(&mut got, x)), 1);
         assert_eq!(r.drain(|x| rec(&mut got, x)), 0, "waits in front of b");
@@ -284,8 +297,8 @@ mod tests {
         assert_eq!(
             got,
             [
-                (100, 4, 9, 0x7000, 11u64.to_le_bytes().to_vec()),
-                (102, 4, 9, 0x7000, 33u64.to_le_bytes().to_vec())
+                (100, 4, 9, 0x7000, 0x5000, 11u64.to_le_bytes().to_vec()),
+                (102, 4, 9, 0x7000, 0x5002, 33u64.to_le_bytes().to_vec())
             ]
         );
         let _ = b;
