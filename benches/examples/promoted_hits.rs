@@ -1,8 +1,9 @@
 //! Hits on a promoted (trap-free) site, for instruction counts: the load-independent
 //! measure of the trampoline path on a shared machine.
 //!
-//! `promoted_hits N H [post]`: registers `H` handlers counting per thread (the first
-//! with a post-handler if `post`) on the site the `sigtrap` bench uses (`push rbx; mov
+//! `promoted_hits N H [post|ret]`: registers `H` handlers counting per thread (the first
+//! with a post-handler if `post`, with a return hook that counts too if `ret`: the
+//! return then goes through the return trampoline) on the site the `sigtrap` bench uses (`push rbx; mov
 //! rbx, rdi; lea rax, [rbx+7]; pop rbx; ret`, promoted to a jump), then calls it `N`
 //! times. Per hit = the difference between `N` and `0` hits over `N`:
 //!
@@ -19,7 +20,7 @@ use std::cell::Cell;
 use std::hint::black_box;
 
 use multiprobe_backend_sigtrap::{Mode, SigtrapBackend};
-use multiprobe_core::{FnHandler, Handler, Hit, PreAction, Registry};
+use multiprobe_core::{CallData, FnHandler, Handler, Hit, PreAction, Registry};
 
 core::arch::global_asm!(
     ".pushsection .text.mp_hits,\"ax\",@progbits",
@@ -65,18 +66,38 @@ fn with_post() -> impl Handler {
         })
 }
 
+fn with_ret() -> impl Handler {
+    FnHandler::new()
+        .pre(|h: &mut Hit<'_>| {
+            let a = h.regs().rdi;
+            if let Some(d) = h.call_data_mut() {
+                d[0] = a;
+            }
+            bump();
+            PreAction::Continue
+        })
+        .ret(|h: &mut Hit<'_>, d: &CallData| {
+            black_box((h.regs().rax, d[0]));
+            bump();
+        })
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: promoted_hits HITS HANDLERS [post]";
+    let usage = "usage: promoted_hits HITS HANDLERS [post|ret]";
     let hits: u64 = args.next().and_then(|a| a.parse().ok()).expect(usage);
     let handlers: usize = args.next().and_then(|a| a.parse().ok()).expect(usage);
-    let post = args.next().is_some_and(|a| a == "post");
+    let extra = args.next();
+    let post = extra.as_deref() == Some("post");
+    let ret = extra.as_deref() == Some("ret");
     let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let site = mp_h_jump as *const () as u64;
     let guards: Vec<_> = (0..handlers)
         .map(|k| {
             if post && k == 0 {
                 reg.register_handler(site, with_post())
+            } else if ret && k == 0 {
+                reg.register_handler(site, with_ret())
             } else {
                 reg.register(site, counter)
             }
@@ -92,7 +113,7 @@ fn main() {
         // SAFETY: integer in, integer out.
         black_box(unsafe { mp_h_jump(black_box(i)) });
     }
-    let expected = hits * (handlers as u64 + u64::from(post && handlers > 0));
+    let expected = hits * (handlers as u64 + u64::from((post || ret) && handlers > 0));
     assert_eq!(MINE.with(Cell::get), expected, "every hit counted");
     drop(guards);
 }

@@ -67,6 +67,16 @@ fn count_lost<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard)
     }
 }
 
+/// The frames above `f` are dead (their calls were skipped): count their returns lost.
+/// Out of line: at most returns, `f` is the innermost frame.
+#[cold]
+#[inline(never)]
+fn count_dead_above<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard) {
+    for dead in stack.frames().take_while(|d| d.end > f.end) {
+        count_lost(table, stack, &dead, shard);
+    }
+}
+
 /// The entry of handler `id` in `view`, enabled or not, unless its removal was asked.
 fn entry_of<S>(view: &SiteView<S>, id: u64) -> Option<&HandlerEntry> {
     view.handlers
@@ -222,15 +232,16 @@ impl<S> Dispatcher<S> {
         // As in `pre`: the flag is up before the plain bumps and the stack's changes.
         signal_fence();
         let token = table.domain.enter(shard);
-        for dead in stack.frames().take_while(|d| d.end > f.end) {
-            count_lost(table, stack, &dead, shard);
+        if !stack.is_top(&f) {
+            count_dead_above(table, stack, &f, shard);
         }
         regs.regs_mut().rip = f.ret;
         // SAFETY: inside the read section opened above, left below after the last use.
         let view = unsafe { table.lookup(f.addr) };
         let mut hit = Hit::new(f.addr, tid, HandlerId(0), regs, mem);
         for k in 0..f.consumers {
-            let (id, data) = stack.consumer(&f, k);
+            // In place: the frame stays until `truncate_to` below.
+            let (id, data) = stack.consumer_ref(&f, k);
             let Some(e) = view.and_then(|v| entry_of(v, id)) else {
                 continue;
             };
@@ -242,8 +253,7 @@ impl<S> Dispatcher<S> {
             }
             e.counters.returned(shard);
             hit.set_handler(e.id);
-            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| e.handler.ret(&mut hit, &data)))
-            {
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| e.handler.ret(&mut hit, data))) {
                 e.counters.panicked(shard);
                 drop(payload);
             }

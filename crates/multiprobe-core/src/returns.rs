@@ -217,20 +217,30 @@ impl ReturnStack {
         self.frames().count()
     }
 
-    /// Consumer `k` of `f`: its handler id (0: skipped) and a copy of its data.
-    pub(crate) fn consumer(&self, f: &Frame, k: usize) -> (u64, CallData) {
-        let i = f.consumer(k);
-        let mut data = [0u64; CALL_DATA_WORDS];
-        for (j, d) in data.iter_mut().enumerate() {
-            *d = self.word(i + 1 + j).get();
-        }
-        (self.word(i).get(), data)
-    }
-
     /// The handler ids of `f`'s consumers (0: skipped).
     pub(crate) fn consumer_ids<'s>(&'s self, f: &Frame) -> impl Iterator<Item = u64> + 's {
         let f = *f;
         (0..f.consumers).map(move |k| self.word(f.consumer(k)).get())
+    }
+
+    /// Whether `f` is the innermost frame (none above it).
+    #[inline]
+    pub(crate) fn is_top(&self, f: &Frame) -> bool {
+        self.top.get() == f.end
+    }
+
+    /// Consumer `k` of `f`: its handler id (0: skipped) and its data, in place. The
+    /// data stays valid and unchanged until `f` is dropped: only this thread changes the
+    /// stack, while dispatching (module invariants), and a return hook's own calls are
+    /// not armed (rule 6).
+    #[inline]
+    pub(crate) fn consumer_ref(&self, f: &Frame, k: usize) -> (u64, &CallData) {
+        let i = f.consumer(k);
+        let data = self.word(i + 1).as_ptr().cast::<CallData>();
+        // SAFETY: `CALL_DATA_WORDS` `Cell<u64>` words from `i + 1` lie inside the frame
+        // (below its header, inside `cap`); `Cell<u64>` has `u64`'s layout; nothing
+        // writes them while the reference lives (see above).
+        (self.word(i).get(), unsafe { &*data })
     }
 
     /// Drop `f` and every frame above it.
@@ -321,10 +331,26 @@ impl ReturnStack {
     /// 64 KiB of it. `None`: no call was recorded there.
     pub(crate) fn returning(&self, rsp: u64) -> Option<Frame> {
         let slot = rsp.wrapping_sub(8);
-        if let Some(f) = self.frames().find(|f| f.sp == slot) {
+        // The usual case first: the innermost frame is the call returning (no frame to
+        // walk past, none dead above it).
+        let top = self.top()?;
+        if top.sp == slot {
+            return Some(top);
+        }
+        self.returning_below(top, rsp)
+    }
+
+    /// [`ReturnStack::returning`] when the innermost frame `top` is not recorded at
+    /// `rsp - 8` (out of line: a skipped call, or a `ret imm16`).
+    #[cold]
+    #[inline(never)]
+    fn returning_below(&self, top: Frame, rsp: u64) -> Option<Frame> {
+        let slot = rsp.wrapping_sub(8);
+        let frames = std::iter::successors(Some(top), |f| self.frame_ending(f.start));
+        if let Some(f) = frames.clone().find(|f| f.sp == slot) {
             return Some(f);
         }
-        let below = self.frames().take_while(|f| f.sp < rsp).last()?;
+        let below = frames.take_while(|f| f.sp < rsp).last()?;
         (slot.wrapping_sub(below.sp) <= 0xffff).then_some(below)
     }
 
@@ -425,8 +451,10 @@ mod tests {
         let b = push(&s, 720, &[3]);
         let c = push(&s, 640, &[]);
         assert_eq!(s.depth(), 3);
-        assert_eq!(s.consumer(&a, 1), (2, [20, 0, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(s.consumer_ref(&a, 1), (2, &[20, 0, 0, 0, 0, 0, 0, 0]));
         assert_eq!(s.consumer_ids(&b).collect::<Vec<_>>(), [3]);
+        // A return through the innermost slot finds its frame.
+        assert_eq!(s.returning(648), Some(c));
         // A return through b's slot finds b; c above it is dead.
         assert_eq!(s.returning(728), Some(b));
         // `ret 16` popped 16 more: the outermost frame below rsp within reach.

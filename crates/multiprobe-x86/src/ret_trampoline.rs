@@ -6,7 +6,8 @@
 //! at:     nop                      ; an unwinder looks up a return address minus 1
 //! entry:  the sites' save (frame module): Frame::regs with rip = entry and rsp = the
 //!         stack pointer after the `ret`; EVENT_RET; call [common] -> the backend's entry
-//!         exit code EXIT_RESUME:       restore, ret 128 through the resume slot
+//!         exit code EXIT_RESUME:       restore, move the resume slot's address to
+//!                                      [R - 8], rsp = R, jmp [rsp - 8]
 //!         exit code EXIT_RESUME_STACK: restore, pop rsp, ret 128
 //!         anything else:               int3 with rsp at the frame (exit by trap)
 //! literals
@@ -18,10 +19,23 @@
 //! a process and every thread: what tells calls apart is the stack pointer, and the
 //! backend's per-thread return stack holds the original return addresses.
 //!
+//! The usual exit (`EXIT_RESUME`, `rsp` unchanged by the handlers) leaves by an indirect
+//! `jmp`, not `ret 128` as the sites' trampolines do: the `ret` of the probed function
+//! that brought the thread here already consumed the call's entry of the CPU's return
+//! stack predictor, and a second `ret` would consume the caller's, so every return of
+//! the caller's callers would then be mispredicted too. The target goes to `[R - 8]`
+//! (`R` = the returning thread's `rsp`: the slot the probed function's `ret` popped), by
+//! `pop qword ptr [rsp + 120]` with `rsp = R - 136`, then `rsp = R` and
+//! `jmp [rsp - 8]`: from the `pop` on, `[R - 8]` is inside the red zone of every `rsp`
+//! the thread has, which the kernel's signal delivery never writes, so a signal
+//! arriving in between cannot clobber it.
+//!
 //! Invariants: as for the sites' trampolines, nothing is written below the trampoline's
-//! own `rsp` or into the 128 bytes below the returning thread's `rsp` (dead at a return
-//! anyway); the code never changes once placed; it holds no address of another
-//! trampoline (the common stub is reached through a literal).
+//! own `rsp`; of the 128 bytes below the returning thread's `rsp` (dead at a return:
+//! the callee owned them) only `[R - 8]` is, the popped return slot, with the original
+//! return address it held before the entry swapped it; the code never changes once
+//! placed; it holds no address of another trampoline (the common stub is reached
+//! through a literal).
 
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
@@ -87,8 +101,11 @@ pub fn build_return_trampoline(
     a.ud2()?;
     a.set_label(&mut resume)?;
     a.call(qword_ptr(lits.restore))?;
-    a.lea(rsp, ptr(rsp + 160))?; // the resume slot
-    a.ret_1(RED_ZONE as u32)?;
+    a.lea(rsp, ptr(rsp + 160))?; // the resume slot, at R - 136
+                                 // `pop` computes its address after the increment: [R - 128 + 120] = [R - 8].
+    a.pop(qword_ptr(rsp + (RED_ZONE - 8) as i32))?;
+    a.lea(rsp, ptr(rsp + RED_ZONE as i32))?;
+    a.jmp(qword_ptr(rsp - 8))?;
     a.set_label(&mut stack)?;
     a.call(qword_ptr(lits.restore))?;
     a.lea(rsp, ptr(rsp + 160))?;
@@ -146,12 +163,26 @@ mod tests {
         assert_eq!(insns[1].mnemonic(), Mnemonic::Lea);
         let trap = insns.iter().find(|i| i.ip() == t.trap).unwrap();
         assert_eq!(trap.mnemonic(), Mnemonic::Int3);
-        // Two `ret 128` exits.
+        // One `ret 128` exit (a moved stack), and the usual exit by `jmp [rsp-8]`.
         let rets = insns
             .iter()
             .filter(|i| i.mnemonic() == Mnemonic::Ret && i.immediate16() == 128)
             .count();
-        assert_eq!(rets, 2);
+        assert_eq!(rets, 1);
+        let jmp = insns
+            .iter()
+            .position(|i| {
+                i.mnemonic() == Mnemonic::Jmp
+                    && i.memory_base() == iced_x86::Register::RSP
+                    && i.memory_displacement64() == (-8i64) as u64
+            })
+            .expect("the exit by jmp [rsp-8]");
+        // Right before it: `pop [rsp+120]` (to R - 8), then `lea rsp, [rsp+128]`.
+        assert_eq!(insns[jmp - 1].mnemonic(), Mnemonic::Lea);
+        assert_eq!(insns[jmp - 1].memory_displacement64(), 128);
+        assert_eq!(insns[jmp - 2].mnemonic(), Mnemonic::Pop);
+        assert_eq!(insns[jmp - 2].memory_base(), iced_x86::Register::RSP);
+        assert_eq!(insns[jmp - 2].memory_displacement64(), 120);
         // The literals: the entry's own address, ctx, the entry point, the stub.
         let lits: Vec<u64> = t.bytes[t.bytes.len() - 40..]
             .chunks(8)
