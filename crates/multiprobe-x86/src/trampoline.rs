@@ -32,6 +32,10 @@
 //!
 //! # Saving the vector state
 //!
+//! After saving, with AVX, the stub executes `vzeroupper` before the call: the entry's
+//! code (legacy SSE, as Rust compiles it) then runs with the upper state clean, with no
+//! SSE/AVX transition on its first vector instruction or on the restore's first load.
+//!
 //! [`StateSave::Xsave`] saves with `XSAVEC` (or `XSAVE`) and the XCR0 mask, the area
 //! 64-byte aligned and its header zeroed first (`XRSTOR` raises #GP on non-zero reserved
 //! header bytes, and `XSAVE` does not write `XCOMP_BV`). `XSAVEOPT` is *not* used: its
@@ -44,7 +48,8 @@
 //! `XSAVEC`+`XRSTOR` round trip ~365, measured in BENCHMARKS.md) against ~25 for moving
 //! `zmm0-31` and `k0-7` out and back: every vector register (`zmm0-31` with AVX-512,
 //! else `ymm0-15`, else `xmm0-15`), the opmasks, MXCSR (status flags a handler's
-//! arithmetic sets are the program's business), and the x87 state: the status word is
+//! arithmetic sets are the program's business; put back with `ldmxcsr` only when it
+//! changed, as that instruction is slow), and the x87 state: the status word is
 //! read (`fnstsw`); when the register stack is not empty (TOP != 0) everything x87 is
 //! saved with `FXSAVE64` and restored with `FXRSTOR64`; when it is empty (always, at a
 //! function entry, by the ABI) only a changed status word is put back afterwards
@@ -566,6 +571,8 @@ mod area {
     pub const MXCSR: i32 = 2112;
     pub const FSW: i32 = 2116;
     pub const FX_USED: i32 = 2118;
+    /// MXCSR after the call, to compare with the saved one.
+    pub const MXCSR_NOW: i32 = 2120;
     pub const ENV: i32 = 2128;
     pub const FX: i32 = 2176;
     pub const LEN: i32 = FX + 512;
@@ -677,7 +684,17 @@ fn emit_registers_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), I
     a.mov(word_ptr(rsp + area::ENV + 8), 0xffff)?;
     a.fldenv(ptr(rsp + area::ENV))?;
     a.set_label(&mut x87_done)?;
+    // `ldmxcsr` is microcoded and stalls what follows (the hottest instruction of a hit
+    // in a profile on this project's AMD machine): load MXCSR only when the handlers
+    // changed it (their arithmetic set a status flag, say), comparing through `eax`.
+    let mut mxcsr_same = a.create_label();
+    a.stmxcsr(dword_ptr(rsp + area::MXCSR_NOW))?;
+    a.mov(eax, dword_ptr(rsp + area::MXCSR_NOW))?;
+    a.cmp(eax, dword_ptr(rsp + area::MXCSR))?;
+    a.je(mxcsr_same)?;
     a.ldmxcsr(dword_ptr(rsp + area::MXCSR))?;
+    a.set_label(&mut mxcsr_same)?;
+    a.zero_bytes()?;
     emit_vectors(a, cpu, false)?;
     Ok(())
 }
@@ -737,6 +754,15 @@ pub fn build_common(
                 a.xsave64(ptr(rsp))?;
             }
         }
+    }
+    if cpu.avx {
+        // Saved: the entry runs with the upper halves of the vector registers clean.
+        // Left dirty (by the program, or by the save's own moves), the entry's legacy
+        // SSE code (Rust's `movups`) pays a state transition on its first instruction
+        // and the restore's first VEX load another, where the CPU does that; they were
+        // the hottest instructions of an entry+return hit here. The restore writes every
+        // bit back.
+        a.vzeroupper()?;
     }
     a.lea(rdi, ptr(rbx + frame))?;
     a.mov(rdx, r13)?;
