@@ -65,21 +65,14 @@ fn attach_detaches_on_every_signal_that_would_end_it() {
     ] {
         let (target, pid, mut out) = waiting_target("40");
         let _target = KillOnDrop(pid);
-        let mut mp = multiprobe()
-            .args([
-                "attach",
-                &pid.to_string(),
-                "-p",
-                "mp_add",
-                "-p",
-                "libc:write",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(mp.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
+        let (mut mp, mut err, line) = spawn_attach(&[
+            "attach",
+            &pid.to_string(),
+            "-p",
+            "mp_add",
+            "-p",
+            "libc:write",
+        ]);
         assert!(line.contains("attached"), "signal {sig}: {line}");
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");

@@ -7,7 +7,7 @@
 #![allow(dead_code)] // each test file uses some of these
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
 use multiprobe_test_targets::bin;
 
@@ -49,6 +49,29 @@ pub fn default_signals(cmd: &mut Command) {
 
 pub fn run(args: &[&str]) -> Output {
     multiprobe().args(args).output().expect("run multiprobe")
+}
+
+/// [`run`], which must succeed: its stdout and stderr (the failure shows the stderr).
+pub fn run_ok(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+/// Start multiprobe with `args` (an `attach`) with its stderr piped, and wait for its
+/// first line (`attached to process PID; ...` once it attached): multiprobe, the rest of
+/// its stderr, and that line.
+pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    (mp, err, line)
 }
 
 pub fn text(b: &[u8]) -> String {
