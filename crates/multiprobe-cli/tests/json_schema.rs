@@ -12,12 +12,6 @@ use std::process::Stdio;
 use common::*;
 use multiprobe_test_targets::bin;
 
-fn validator() -> jsonschema::Validator {
-    let text = include_str!("../schema/output.schema.json");
-    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
-    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
-}
-
 /// Every line of `output` is a record valid against the schema; the last is the
 /// summary. Returns the records.
 fn check(v: &jsonschema::Validator, what: &str, output: &str) -> Vec<serde_json::Value> {

@@ -12,12 +12,6 @@ fn rets() -> String {
     bin("mp-c-rets").to_str().unwrap().to_string()
 }
 
-fn validator() -> jsonschema::Validator {
-    let text = include_str!("../schema/output.schema.json");
-    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
-    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
-}
-
 /// Every line of `stderr` as JSON, each valid against the schema.
 fn records(stderr: &str) -> Vec<serde_json::Value> {
     let v = validator();

@@ -149,20 +149,18 @@ fn a_signal_during_placement_leaves_nothing_behind() {
 #[test]
 fn run_passes_the_signal_on_after_detaching() {
     for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGALRM, libc::SIGUSR1] {
-        let mut mp = multiprobe()
-            .args(["run", "-p", "mp_add", "--"])
-            .arg(bin("mp-single"))
-            .args(["--wait", "--iters", "5"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let single = bin("mp-single");
+        let (mut mp, _out, pid) = spawn_run_waiting(&[
+            "run",
+            "-p",
+            "mp_add",
+            "--",
+            single.to_str().unwrap(),
+            "--wait",
+            "--iters",
+            "5",
+        ]);
         let err = read_in_background(mp.stderr.take().unwrap());
-        let mut out = BufReader::new(mp.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
         let _program = KillOnDrop(pid);
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");
@@ -181,17 +179,8 @@ fn run_passes_the_signal_on_after_detaching() {
         "trap '' HUP; exec {} --wait --iters 7",
         bin("mp-single").display()
     );
-    let mut mp = multiprobe()
-        .args(["run", "-p", "libc:write", "--", "sh", "-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(mp.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let (mut mp, mut out, pid) =
+        spawn_run_waiting(&["run", "-p", "libc:write", "--", "sh", "-c", &script]);
     let _program = KillOnDrop(pid);
     let mut stdin = mp.stdin.take().unwrap();
     signal(mp.id() as i32, libc::SIGHUP);
@@ -213,20 +202,18 @@ fn run_passes_the_signal_on_after_detaching() {
 /// multiprobe, after its summary.
 #[test]
 fn run_passes_a_first_sigint_on_and_follows_the_program() {
-    let mut mp = multiprobe()
-        .args(["run", "-p", "mp_add", "--"])
-        .arg(bin("mp-single"))
-        .args(["--wait", "--iters", "5"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let single = bin("mp-single");
+    let (mut mp, _out, pid) = spawn_run_waiting(&[
+        "run",
+        "-p",
+        "mp_add",
+        "--",
+        single.to_str().unwrap(),
+        "--wait",
+        "--iters",
+        "5",
+    ]);
     let err = read_in_background(mp.stderr.take().unwrap());
-    let mut out = BufReader::new(mp.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     let _program = KillOnDrop(pid);
     signal(mp.id() as i32, libc::SIGINT);
     let status = wait_for(&mut mp, LONG).expect("multiprobe ends");

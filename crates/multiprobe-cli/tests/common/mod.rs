@@ -78,6 +78,14 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A validator of `--json` output against the schema the README documents
+/// (`schema/output.schema.json`).
+pub fn validator() -> jsonschema::Validator {
+    let text = include_str!("../../schema/output.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
+}
+
 /// The `probes` of the `--json` summary (the last line of stderr).
 pub fn json_probes(stderr: &str) -> Vec<serde_json::Value> {
     let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
@@ -126,6 +134,24 @@ pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::Child
     out.read_line(&mut line).unwrap();
     let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     (child, pid, out)
+}
+
+/// Start multiprobe with `args`, a `run` of a program started with `--wait`, with stdin,
+/// stdout and stderr piped, and wait until the program says `ready PID`: multiprobe, the
+/// program's stdout after that line, and the program's pid.
+pub fn spawn_run_waiting(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, i32) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(mp.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    (mp, out, pid)
 }
 
 pub fn status_field(pid: i32, field: &str) -> String {
