@@ -220,13 +220,13 @@ fn mem_records_hold_the_pointed_bytes() {
         assert_eq!(s.probed()(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
         let mut r = s.reader();
         let mut got = Vec::new();
-        r.drain(|rec| got.push((rec.slot, rec.data.to_vec(), rec.faulted)));
+        r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.to_vec(), rec.faulted)));
         assert_eq!(
             got,
             [
-                (1, big.clone(), false),
-                (2, small.to_vec(), false),
-                (4, words_bytes(&a[..2]), false)
+                (1, a[0], big.clone(), false),
+                (2, a[5], small.to_vec(), false),
+                (4, 0, words_bytes(&a[..2]), false)
             ]
         );
     }
@@ -297,23 +297,26 @@ fn a_fault_in_mem_is_resumed_committed_as_faulted() {
     assert_eq!(r.counters(1).faulted, 1);
     assert_eq!(r.counters(1).hits, 1);
     let mut got = Vec::new();
-    r.drain(|rec| got.push((rec.slot, rec.data.to_vec(), rec.faulted)));
+    r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.to_vec(), rec.faulted)));
     let expect_partial: Vec<u8> = (4096 - 100..4096).map(|i| (i % 251) as u8).collect();
     let first8: Vec<u8> = (0..8).map(|i| (i % 251) as u8).collect();
     assert_eq!(
         got,
         [
-            (1, expect_partial, true),
-            (2, words_bytes(&a[..2]), false),
-            (3, first8, false)
+            (1, bad - 100, expect_partial, true),
+            (2, 0, words_bytes(&a[..2]), false),
+            (3, readable, first8, false)
         ]
     );
     // A null pointer: nothing readable, the record is empty and faulted.
     let a = [readable, 0, 0, 0, 0, 0];
     assert_eq!(s.probed()(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
     let mut got = Vec::new();
-    r.drain(|rec| got.push((rec.slot, rec.data.len(), rec.faulted)));
-    assert_eq!(got, [(1, 0, true), (2, 16, false), (3, 8, false)]);
+    r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.len(), rec.faulted)));
+    assert_eq!(
+        got,
+        [(1, 0, 0, true), (2, 0, 16, false), (3, readable, 8, false)]
+    );
     assert_eq!(r.counters(1).faulted, 2);
     assert_eq!(r.counters(3).faulted, 0);
 }

@@ -18,7 +18,8 @@
 //!   lock inc [hits(slot)]
 //!   record actions: reserve a cell (CAS on head, checked against tail + cells);
 //!     full: lock inc [dropped(slot)] and go to the next collector
-//!     write tsc, thread, site, slot, len, flags = 0, the data; commit: store seq last
+//!     write tsc, thread, site, slot, len, flags = 0, ptr (`mem:`), the data;
+//!     commit: store seq last
 //! pop; popfq; lea rsp,[rsp+128]
 //! the region's instructions, relocated (shared with the in-process trampoline)
 //! jmp <region end>
@@ -98,8 +99,8 @@ pub enum Action {
     /// A record of `rax rbx rcx rdx rsi rdi rbp rsp r8..r15 rip rflags` (18 × 8
     /// bytes), as the program had them at the probed address (`rip` = that address).
     Regs,
-    /// A record of `len` bytes at the pointer in argument `arg` (1..=6);
-    /// `1 <= len <= RECORD_DATA_MAX`.
+    /// A record of `len` bytes at the pointer in argument `arg` (1..=6), carrying the
+    /// pointer too ([`RecordRef::ptr`]); `1 <= len <= RECORD_DATA_MAX`.
     Mem {
         /// Which argument holds the pointer (1 = `rdi`).
         arg: u8,
