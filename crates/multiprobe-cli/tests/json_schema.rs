@@ -55,40 +55,28 @@ fn every_line_of_every_session_matches_the_schema() {
     let s = single.to_str().unwrap();
 
     // Every action that prints, aggregations, a filter, and the rate limit's note.
-    let out = run(&[
-        "run",
-        "--json",
-        "--max-lines",
-        "20",
-        "-p",
-        "mp_add=args:2,regs,mem:1:8,str:0,ustack:4,count:arg0,count:tid",
-        "-p",
-        "mp_add=if:arg0>5,count",
-        "-p",
-        "libnotloaded_xyz:f",
-        "--",
-        s,
-        "--iters",
-        "50",
-    ]);
+    let actions = |library: &str| {
+        run(&[
+            "run",
+            "--json",
+            "--max-lines",
+            "20",
+            "-p",
+            "mp_add=args:2,regs,mem:1:8,str:0,ustack:4,count:arg0,count:tid",
+            "-p",
+            "mp_add=if:arg0>5,count",
+            "-p",
+            library,
+            "--",
+            s,
+            "--iters",
+            "50",
+        ])
+    };
+    let out = actions("libnotloaded_xyz:f");
     // (A library that is neither loaded nor installed is bad input: nothing printed.)
     assert_eq!(out.status.code(), Some(2));
-    let out = run(&[
-        "run",
-        "--json",
-        "--max-lines",
-        "20",
-        "-p",
-        "mp_add=args:2,regs,mem:1:8,str:0,ustack:4,count:arg0,count:tid",
-        "-p",
-        "mp_add=if:arg0>5,count",
-        "-p",
-        "libz:zlibVersion",
-        "--",
-        s,
-        "--iters",
-        "50",
-    ]);
+    let out = actions("libz:zlibVersion");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let records = check(&v, "actions", &text(&out.stderr));
     let k = kinds(&records);

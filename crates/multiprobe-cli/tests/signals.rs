@@ -143,24 +143,37 @@ fn a_signal_during_placement_leaves_nothing_behind() {
     }
 }
 
+/// `multiprobe run -p mp_add -- mp-single --wait --iters 5` once the program is ready:
+/// multiprobe, the program's stdout, its pid, and multiprobe's stderr read in the
+/// background.
+fn run_single_waiting() -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    i32,
+    std::thread::JoinHandle<String>,
+) {
+    let single = bin("mp-single");
+    let (mut mp, out, pid) = spawn_run_waiting(&[
+        "run",
+        "-p",
+        "mp_add",
+        "--",
+        single.to_str().unwrap(),
+        "--wait",
+        "--iters",
+        "5",
+    ]);
+    let err = read_in_background(mp.stderr.take().unwrap());
+    (mp, out, pid, err)
+}
+
 /// `run`, then a signal to multiprobe (not from the terminal): it detaches, passes the
 /// signal on to the program, and dies of it. A program that dies of it dies; one that
 /// ignores it (`nohup`-style: `trap '' HUP`) runs on unprobed and finishes.
 #[test]
 fn run_passes_the_signal_on_after_detaching() {
     for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGALRM, libc::SIGUSR1] {
-        let single = bin("mp-single");
-        let (mut mp, _out, pid) = spawn_run_waiting(&[
-            "run",
-            "-p",
-            "mp_add",
-            "--",
-            single.to_str().unwrap(),
-            "--wait",
-            "--iters",
-            "5",
-        ]);
-        let err = read_in_background(mp.stderr.take().unwrap());
+        let (mut mp, _out, pid, err) = run_single_waiting();
         let _program = KillOnDrop(pid);
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");
@@ -202,18 +215,7 @@ fn run_passes_the_signal_on_after_detaching() {
 /// multiprobe, after its summary.
 #[test]
 fn run_passes_a_first_sigint_on_and_follows_the_program() {
-    let single = bin("mp-single");
-    let (mut mp, _out, pid) = spawn_run_waiting(&[
-        "run",
-        "-p",
-        "mp_add",
-        "--",
-        single.to_str().unwrap(),
-        "--wait",
-        "--iters",
-        "5",
-    ]);
-    let err = read_in_background(mp.stderr.take().unwrap());
+    let (mut mp, _out, pid, err) = run_single_waiting();
     let _program = KillOnDrop(pid);
     signal(mp.id() as i32, libc::SIGINT);
     let status = wait_for(&mut mp, LONG).expect("multiprobe ends");
