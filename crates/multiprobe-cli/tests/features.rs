@@ -37,13 +37,6 @@ fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
     KERNEL_UPROBES.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mp-features-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Compile `source` with `cc` and `flags` into `dir/name`; `None` (said) without a
 /// compiler.
 fn compile(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Option<PathBuf> {

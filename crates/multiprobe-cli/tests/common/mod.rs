@@ -74,6 +74,14 @@ pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
     (mp, err, line)
 }
 
+/// A fresh, empty directory for one test (`mp-NAME-PID` in the temporary directory).
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
