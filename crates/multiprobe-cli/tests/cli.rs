@@ -74,7 +74,7 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
 
 #[test]
 fn threads_are_all_counted() {
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -86,15 +86,13 @@ fn threads_are_all_counted() {
         "--base",
         "150",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let total: u64 = text(&out.stdout)
+    let total: u64 = stdout
         .lines()
         .filter_map(|l| l.split("calls=").nth(1))
         .map(|r| r.split_whitespace().next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, 150 * (1 + 1 + 2 + 3));
-    let summary: serde_json::Value =
-        serde_json::from_str(text(&out.stderr).lines().last().unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
     assert_eq!(
         summary["outcome"],
         serde_json::json!({ "kind": "exited", "code": 0 })

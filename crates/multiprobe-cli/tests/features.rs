@@ -825,8 +825,7 @@ fn file_offsets_and_stripped_binaries() {
     assert_eq!(rows(&stderr, &format!(":{offset:#x}"))[0].1, 12, "{stderr}");
     // By its file name too.
     let spec = format!("prog-stripped:{offset:#x}");
-    let out = run(&["run", "-p", &spec, "--", s, "8"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    run_ok(&["run", "-p", &spec, "--", s, "8"]);
     // A name it does not have: it is stripped, and how to probe it anyway.
     let out = run(&["run", "-p", "prog-stripped:leaf", "--", s, "8"]);
     let stderr = text(&out.stderr);

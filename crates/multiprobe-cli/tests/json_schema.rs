@@ -101,7 +101,7 @@ fn every_line_of_every_session_matches_the_schema() {
 
     // -f: process records; the live table.
     let tree = bin("mp-c-forktree");
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-f",
@@ -114,12 +114,11 @@ fn every_line_of_every_session_matches_the_schema() {
         "3",
         "2",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let records = check(&v, "fork", &text(&out.stderr));
+    let records = check(&v, "fork", &stderr);
     assert!(kinds(&records).contains(&"process".into()));
 
     // dlclose and dlopen again: notes of unloaded code.
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -131,8 +130,7 @@ fn every_line_of_every_session_matches_the_schema() {
         "--reloads",
         "2",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let records = check(&v, "dlopen", &text(&out.stderr));
+    let records = check(&v, "dlopen", &stderr);
     assert!(records
         .iter()
         .any(|r| r["type"] == "note" && r["message"].as_str().unwrap().contains("unloaded")));
