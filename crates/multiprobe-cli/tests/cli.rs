@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use multiprobe_test_targets::bin;
 
+/// Far more than a detach takes: a multiprobe that has not ended by then never will.
+const DETACH: Duration = Duration::from_secs(60);
+
 #[test]
 fn counts_match_what_the_program_reports_and_actions_share_one_site() {
     let single = bin("mp-single");
@@ -429,7 +432,7 @@ fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
     // Ctrl-C detaches; multiprobe prints the summary and exits 0.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
-    let status = mp.wait().unwrap();
+    let status = wait_for(&mut mp, DETACH).expect("multiprobe detaches on SIGINT");
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     assert!(status.success(), "{rest}");
@@ -529,7 +532,8 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     assert!(stderr.contains("already traced"), "{stderr}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
-    assert!(holder.wait().unwrap().success());
+    let status = wait_for(&mut holder, DETACH).expect("multiprobe detaches on SIGINT");
+    assert!(status.success());
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(env!("CARGO_BIN_EXE_multiprobe"))
@@ -556,6 +560,51 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     drop(target.stdin.take());
     assert!(target.wait().unwrap().success());
+}
+
+/// The Ctrl-C tests hold however their harness was started. A harness started in the
+/// background of a script (`cargo test &`, a CI job) has SIGINT and SIGQUIT ignored; every
+/// multiprobe it started inherited that and kept it (a signal ignored at start stays
+/// ignored, as under `nohup`), so the tests' Ctrl-C was never heard: multiprobe served
+/// on, and the two tests above waited for it for ever. They run again here in such a
+/// harness, in its own process group (killed whole if it does not finish).
+#[test]
+fn the_ctrl_c_tests_hold_in_a_harness_that_ignores_sigint() {
+    use std::os::unix::process::CommandExt;
+    let log = std::env::temp_dir().join(format!("mp-sigign-{}.log", std::process::id()));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "--test-threads=2",
+        "attach_counts_then_detach_leaves_the_program_running_unchanged",
+        "bad_input_is_a_one_line_error_and_leaves_nothing_behind",
+    ])
+    .stdin(Stdio::null())
+    .stdout(file.try_clone().unwrap())
+    .stderr(file)
+    .process_group(0);
+    // SAFETY: between fork and exec the closure only calls `signal`, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut harness = cmd.spawn().unwrap();
+    let group = harness.id() as i32;
+    let status = wait_for(&mut harness, Duration::from_secs(3 * 60));
+    if status.is_none() {
+        // SAFETY: killing the process group of our own child; no memory is involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let status = status.unwrap_or_else(|| panic!("the tests hung:\n{out}"));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("test result: ok. 2 passed"), "{out}");
 }
 
 #[test]
@@ -598,7 +647,8 @@ fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
-    assert!(mp.wait().unwrap().success());
+    let status = wait_for(&mut mp, DETACH).expect("multiprobe detaches on SIGINT");
+    assert!(status.success());
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     assert_eq!(rows(&rest, ":mp_add")[0].1, 50, "{rest}");

@@ -11,11 +11,40 @@ use std::process::{Child, Command, Output, Stdio};
 
 use multiprobe_test_targets::bin;
 
+/// The multiprobe under test, started with every signal at its default action whatever
+/// this harness inherited (see [`default_signals`]).
 pub fn multiprobe() -> Command {
-    Command::new(
+    let mut cmd = Command::new(
         std::env::var_os("MULTIPROBE_UNDER_TEST")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_multiprobe").into()),
-    )
+    );
+    default_signals(&mut cmd);
+    cmd
+}
+
+/// Start `cmd` with no signal ignored, as from a terminal.
+///
+/// Why: an ignored signal stays ignored across `exec`, and multiprobe keeps a signal
+/// that was ignored when it started ignored (`nohup`; see `src/signals.rs`). A harness
+/// started in the background of a non-interactive shell (`cargo test &` in a script, a
+/// CI job) has SIGINT and SIGQUIT ignored, and every multiprobe it started then never
+/// heard the tests' Ctrl-C: it served on, and a test waiting for it to detach waited
+/// forever. A test that wants a signal ignored says so with its own `pre_exec`, which
+/// runs after this one.
+pub fn default_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls `signal`, which is
+    // async-signal-safe, on numbers (the invalid or reserved ones fail harmlessly).
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 pub fn run(args: &[&str]) -> Output {
