@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(out.stdout.is_empty());
 
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "-p",
         "mp_add",
@@ -52,8 +52,6 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
         "--iters",
         "777",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
     let n = calls(&stdout, "mp_add");
     assert_eq!(n, 777);
     let add = rows(&stderr, ":mp_add");
@@ -76,7 +74,7 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
 
 #[test]
 fn threads_are_all_counted() {
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -88,15 +86,13 @@ fn threads_are_all_counted() {
         "--base",
         "150",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let total: u64 = text(&out.stdout)
+    let total: u64 = stdout
         .lines()
         .filter_map(|l| l.split("calls=").nth(1))
         .map(|r| r.split_whitespace().next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, 150 * (1 + 1 + 2 + 3));
-    let summary: serde_json::Value =
-        serde_json::from_str(text(&out.stderr).lines().last().unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
     assert_eq!(
         summary["outcome"],
         serde_json::json!({ "kind": "exited", "code": 0 })
@@ -205,7 +201,7 @@ fn probes_follow_exec_and_dlopen() {
 
     // Unloaded and loaded again (at the same address or not): the probes follow it out
     // and back in, nothing is written where the library was, and every call counts.
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "-p",
         "libz:zlibVersion",
@@ -218,8 +214,6 @@ fn probes_follow_exec_and_dlopen() {
         "--reloads",
         "3",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stdout.contains("unloaded=yes"),
         "dlclose unmapped it: {stdout}"
@@ -297,7 +291,7 @@ fn cpp_functions_by_demangled_name() {
 /// chose (read from the library's GOT), so calls count; on the resolver they would not.
 #[test]
 fn indirect_functions_probe_the_chosen_implementation() {
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -310,8 +304,6 @@ fn indirect_functions_probe_the_chosen_implementation() {
         "ls",
         "/usr",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let probes = json_probes(&stderr);
     // `strle?` is a pattern that matches only the indirect `strlen`: the same site.
     assert_eq!(probes.len(), 3, "{stderr}");
@@ -403,21 +395,14 @@ fn live_view_prints_while_the_program_runs() {
 #[test]
 fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
     let (mut target, pid, mut out) = waiting_target("300");
-    let mut mp = multiprobe()
-        .args([
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "mp_add",
-            "-p",
-            "mp_add=args:2",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, mut err, line) = spawn_attach(&[
+        "attach",
+        &pid.to_string(),
+        "-p",
+        "mp_add",
+        "-p",
+        "mp_add=args:2",
+    ]);
     assert!(
         line.contains(&format!("attached to process {pid}")),
         "{line}"
@@ -518,14 +503,7 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add", "-p", "nope_xyz"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("nope_xyz"));
-    let mut holder = multiprobe()
-        .args(["attach", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(holder.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut holder, _err, _attached) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -626,14 +604,8 @@ fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
 
     let (mut target, pid, mut out) = waiting_target("50");
     let before = status_field(pid, "Cpus_allowed_list:");
-    let mut mp = multiprobe()
-        .args(["attach", "--pin", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, mut err, line) =
+        spawn_attach(&["attach", "--pin", &pid.to_string(), "-p", "mp_add"]);
     assert!(line.contains("attached"), "{line}");
     let pinned = status_field(pid, "Cpus_allowed_list:");
     assert!(

@@ -7,7 +7,7 @@
 #![allow(dead_code)] // each test file uses some of these
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
 use multiprobe_test_targets::bin;
 
@@ -51,8 +51,47 @@ pub fn run(args: &[&str]) -> Output {
     multiprobe().args(args).output().expect("run multiprobe")
 }
 
+/// [`run`], which must succeed: its stdout and stderr (the failure shows the stderr).
+pub fn run_ok(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+/// Start multiprobe with `args` (an `attach`) with its stderr piped, and wait for its
+/// first line (`attached to process PID; ...` once it attached): multiprobe, the rest of
+/// its stderr, and that line.
+pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    (mp, err, line)
+}
+
+/// A fresh, empty directory for one test (`mp-NAME-PID` in the temporary directory).
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A validator of `--json` output against the schema the README documents
+/// (`schema/output.schema.json`).
+pub fn validator() -> jsonschema::Validator {
+    let text = include_str!("../../schema/output.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
 }
 
 /// The `probes` of the `--json` summary (the last line of stderr).
@@ -103,6 +142,24 @@ pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::Child
     out.read_line(&mut line).unwrap();
     let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     (child, pid, out)
+}
+
+/// Start multiprobe with `args`, a `run` of a program started with `--wait`, with stdin,
+/// stdout and stderr piped, and wait until the program says `ready PID`: multiprobe, the
+/// program's stdout after that line, and the program's pid.
+pub fn spawn_run_waiting(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, i32) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(mp.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    (mp, out, pid)
 }
 
 pub fn status_field(pid: i32, field: &str) -> String {

@@ -72,6 +72,18 @@
 //! before the fault and the faulted flag, commits the cell, counts `faulted` itself
 //! (`lock inc`: the tracer counts nothing) and goes on with the next collector, so the
 //! relocated region still runs and every register is restored.
+//!
+//! # Known limits
+//!
+//! * `rdtsc` faults (SIGSEGV) in a process that disabled it with
+//!   `prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`, and `rdfsbase` raises #UD (SIGILL) where the
+//!   kernel did not enable FSGSBASE: neither is in the fault table, so the tracer must
+//!   check both before choosing this path ([`ThreadId`]).
+//! * A hit from a signal handler that interrupted the same thread inside the action
+//!   code claims its own cell and commits it first; the interrupted record commits
+//!   when the handler returns. Records are in claim order, not commit order.
+//! * The records' `tsc` is the raw counter of the CPU the thread ran on; converting it
+//!   (and mapping the fs base to a tid) is the reader's caller's business.
 
 mod codegen;
 mod layout;
