@@ -101,8 +101,9 @@ pub fn build_return_trampoline(
     a.ud2()?;
     a.set_label(&mut resume)?;
     a.call(qword_ptr(lits.restore))?;
-    a.lea(rsp, ptr(rsp + 160))?; // the resume slot, at R - 136
-                                 // `pop` computes its address after the increment: [R - 128 + 120] = [R - 8].
+    // The resume slot is at R - 136; `pop` computes its address after the increment:
+    // [R - 128 + 120] = [R - 8].
+    a.lea(rsp, ptr(rsp + 160))?;
     a.pop(qword_ptr(rsp + (RED_ZONE - 8) as i32))?;
     a.lea(rsp, ptr(rsp + RED_ZONE as i32))?;
     a.jmp(qword_ptr(rsp - 8))?;

@@ -684,9 +684,9 @@ fn emit_registers_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), I
     a.mov(word_ptr(rsp + area::ENV + 8), 0xffff)?;
     a.fldenv(ptr(rsp + area::ENV))?;
     a.set_label(&mut x87_done)?;
-    // `ldmxcsr` is microcoded and stalls what follows (the hottest instruction of a hit
-    // in a profile on this project's AMD machine): load MXCSR only when the handlers
-    // changed it (their arithmetic set a status flag, say), comparing through `eax`.
+    // `ldmxcsr` is microcoded and serializing, `stmxcsr` and a compare are cheaper:
+    // load MXCSR only when the handlers changed it (their arithmetic set a status flag,
+    // say), comparing through `eax` (free: the frame holds the program's `rax`).
     let mut mxcsr_same = a.create_label();
     a.stmxcsr(dword_ptr(rsp + area::MXCSR_NOW))?;
     a.mov(eax, dword_ptr(rsp + area::MXCSR_NOW))?;
