@@ -162,6 +162,10 @@ fn a_site_that_cannot_be_promoted_counts_exactly_on_the_stop_path() {
     let out = common::read_all(&mut child);
     assert_eq!(out.trim(), "calls=12000");
     assert_eq!(count.stats().hits, 12000);
+    match t.collect_path(f) {
+        Some(SitePath::Stop(why)) => assert!(why.contains("region"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -176,8 +180,24 @@ fn the_area_is_made_in_the_tracee_without_a_descriptor_and_gone_after_detach() {
     let count = Collect::count();
     let _g = t.registry().register_handler(f, count.clone()).unwrap();
     let c = count.clone();
-    assert_eq!(t.run_until(|| c.stats().hits >= 2000).unwrap(), None);
-    let area = t.collect_area().expect("an area after the first hits");
+    let col = t.collection();
+    // A promoted site makes no stop: the loop checks its condition when woken.
+    let _ticks = ticker(t.detach_handle().unwrap());
+    assert_eq!(
+        t.run_until(|| {
+            col.drain();
+            c.stats().hits >= 2000
+        })
+        .unwrap(),
+        None
+    );
+    let area = t.collect_area().unwrap_or_else(|| {
+        panic!(
+            "no area: {:?} {:?}",
+            t.collect_area_error(),
+            t.collect_path(f)
+        )
+    });
     let maps = area_maps(pid);
     assert_eq!(maps.len(), 1, "{maps:?}");
     assert!(maps[0].starts_with(&format!("{area:x}-")), "{maps:?}");
@@ -205,13 +225,26 @@ fn under_seccomp_there_is_no_area_and_collectors_still_count_exactly() {
     let mut cmd = common::command("mp-c-seccomp", &["300"]);
     let mut t = Tracer::spawn(&mut cmd).unwrap();
     let f = t.resolve("mp_sc_load").unwrap();
+    // A closure first: the program's loop runs under its seccomp filter by then.
+    let first = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&first);
+    let closure = t
+        .registry()
+        .register(f, move |_| {
+            c.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    assert_eq!(t.run_until(|| first.load(Relaxed) >= 5).unwrap(), None);
+    // Its next hit waits for the loop: every later one is the collector's.
+    let before = first.load(Relaxed);
     let count = Collect::count();
     let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    drop(closure);
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     let out = common::read_all(&mut child);
     assert!(out.starts_with("loads=300 "), "{out}");
-    assert_eq!(count.stats().hits, 300);
+    assert_eq!(count.stats().hits, 300 - before);
     assert_eq!(t.collect_area(), None);
     let why = t.collect_area_error().expect("a reason");
     assert!(why.contains("seccomp"), "{why}");
@@ -237,4 +270,149 @@ fn a_fork_child_not_followed_runs_free_and_the_parent_counts_exactly() {
     assert_eq!(seconds.iter().filter(|&&b| b == 0).count(), 50);
     assert_eq!(seconds.iter().filter(|&&b| b == 2).count(), 50);
     assert!(recs.iter().all(|r| r.tid == t.pid()));
+}
+
+/// Wakes the tracer loop every few milliseconds while it lives.
+struct Ticker(Arc<std::sync::atomic::AtomicBool>);
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+fn ticker(h: multiprobe_backend_ptrace::DetachHandle) -> Ticker {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        while !s.load(Relaxed) {
+            h.wake();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    Ticker(stop)
+}
+
+/// Drain `col` every few milliseconds on another thread until the returned flag is set.
+fn drainer(
+    col: multiprobe_backend_ptrace::collect::Collection,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u64>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    let h = std::thread::spawn(move || {
+        let mut n = 0;
+        while !s.load(Relaxed) {
+            n += col.drain() as u64;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        n
+    });
+    (stop, h)
+}
+
+#[test]
+fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
+    // 60000 records fit the ring (65536 cells) even if no drain comes in time: the
+    // program makes them within milliseconds.
+    let mut cmd = common::command("mp-c-collect", &["threads", "4", "15000"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(6).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["calls"], "60000", "{out}");
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    // Hardly any hit stopped (the first ones may, until a thread can make the system
+    // calls promotion needs: spawned, the program stands at its exec), and the counts
+    // are exact across both paths.
+    let stopped = t.registry().site(f).unwrap().hits;
+    assert!(stopped < 100, "{stopped} hits stopped");
+    assert_eq!(count.stats().hits, 60000);
+    let s = args.stats();
+    assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
+    let recs = args.take_records();
+    assert_eq!(recs.len(), 60000);
+    let (sum, mix) = checksums(&args_of(&recs));
+    assert_eq!(sum.to_string(), got["sum"], "{out}");
+    assert_eq!(mix.to_string(), got["mix"], "{out}");
+    let tids: HashSet<i32> = recs.iter().map(|r| r.tid).collect();
+    assert_eq!(tids.len(), 4, "{tids:?}");
+    assert!(!tids.contains(&0) && !tids.contains(&t.pid()), "{tids:?}");
+    let mut last: HashMap<i32, u64> = HashMap::new();
+    for r in &recs {
+        assert_eq!(
+            (r.addr, r.handler, r.faulted),
+            (f, args.handler_id().unwrap(), false)
+        );
+        let l = last.entry(r.tid).or_default();
+        assert!(r.time_ns >= *l, "time went back on thread {}", r.tid);
+        *l = r.time_ns;
+    }
+}
+
+#[test]
+fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
+    let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
+    cmd.stdin(Stdio::piped());
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let total = Collect::count();
+    let _g = t.registry().register_handler(f, total.clone()).unwrap();
+    let registry = t.registry().clone();
+    let col = t.collection();
+    let (stop_drain, drain) = drainer(t.collection());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    // Another thread adds and removes a recording collector 20 times, and disables and
+    // enables a counting one, while the program's 4 threads hit the site.
+    let changer = std::thread::spawn(move || {
+        let flip = Collect::count();
+        let fg = registry.register_handler(f, flip.clone()).unwrap();
+        for round in 0..20 {
+            let args = Collect::args(2).unwrap();
+            let g = registry.register_handler(f, args.clone()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if round % 2 == 0 {
+                fg.disable().unwrap();
+            } else {
+                fg.enable().unwrap();
+            }
+            g.unregister().unwrap();
+            // Rule 3: nothing of it is produced after its unregister returned.
+            col.drain();
+            let n = args.take_records().len();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            col.drain();
+            assert!(
+                args.take_records().is_empty(),
+                "round {round}: records after unregister"
+            );
+            assert!(n > 0, "round {round}: it collected while registered");
+        }
+        d.store(true, Relaxed);
+    });
+    let _ticks = ticker(t.detach_handle().unwrap());
+    assert_eq!(t.run_until(|| done.load(Relaxed)).unwrap(), None);
+    changer.join().unwrap();
+    let mut child = t.take_child().unwrap();
+    drop(child.stdin.take());
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    stop_drain.store(true, Relaxed);
+    drain.join().unwrap();
+    let out = common::read_all(&mut child);
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls > 1000, "{out}");
+    assert_eq!(total.stats().hits, calls, "{out}");
+    // Promoted until the first change (see `promote.rs` for the gap).
+    match t.collect_path(f) {
+        Some(SitePath::Stop(why)) => assert!(why.contains("changed while"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }

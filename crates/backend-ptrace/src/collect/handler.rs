@@ -26,33 +26,12 @@ use multiprobe_core::{Handler, HandlerId, Hit, PreAction, Regs};
 /// new ones.
 pub const QUEUE_CAP: usize = 1 << 16;
 
-/// The most bytes a `mem` action copies.
-pub const MEM_MAX: u16 = 4096;
+/// The most bytes a `mem` action copies (what one record of the tracee's ring holds).
+pub const MEM_MAX: u16 = multiprobe_x86::collect::RECORD_DATA_MAX as u16;
 
-/// What a collecting handler does at each hit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// Count the hit; no record.
-    Count,
-    /// Record the first N (1..=6) System V integer arguments (`rdi rsi rdx rcx r8 r9`).
-    Args(u8),
-    /// Record the general registers, `rip` (the probed address) and `rflags`.
-    Regs,
-    /// Record `len` bytes at the pointer in argument `arg` (1..=6, 1 = `rdi`).
-    Mem {
-        /// Which argument holds the pointer (1-based).
-        arg: u8,
-        /// How many bytes (1..=[`MEM_MAX`]).
-        len: u16,
-    },
-}
-
-impl Action {
-    /// Whether a hit produces a record (everything but [`Action::Count`]).
-    pub fn records(&self) -> bool {
-        !matches!(self, Action::Count)
-    }
-}
+/// What a collecting handler does at each hit (the generated code's actions: see
+/// [`multiprobe_x86::collect::Action`]).
+pub use multiprobe_x86::collect::Action;
 
 /// What a record carries, by action.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +105,11 @@ pub(crate) struct Inner {
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
     pub(crate) bound: OnceLock<Binding>,
+    /// The TSC from which the tracee's records of it are not its own any more: set when
+    /// it leaves its site's enabled list (unregistered, disabled), `u64::MAX` while it
+    /// is on it. Records a thread was still writing in the old trampoline then are
+    /// dropped by the reader (rule 3).
+    pub(crate) retired: AtomicU64,
     /// Counts and records the tracee produced, as last drained into this collector.
     pub(crate) area: Mutex<CollectStats>,
 }
@@ -150,6 +134,7 @@ impl Collect {
             faulted: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
+            retired: AtomicU64::new(u64::MAX),
             area: Mutex::new(CollectStats::default()),
         }))
     }

@@ -47,22 +47,44 @@
 //! may be called from any thread while the tracer loop runs on its own.
 
 mod area;
+mod clock;
 mod handler;
+mod promote;
+mod reader;
 
 pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
 
-pub(crate) use area::Area;
-use handler::Binding;
+pub use reader::Collection;
 
-use std::sync::{Mutex, Weak};
+use handler::Binding;
+pub(crate) use promote::{Jumped, TrampolinePages};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use multiprobe_x86::collect::{AreaLayout, CollectMap, ThreadId};
 
 use multiprobe_core::{Handler, HandlerId};
 
 use crate::sys::{Tid, UserRegs};
 use crate::tracer::Tracer;
 
-/// Bytes of a process's area.
-pub(crate) const AREA_LEN: usize = 1 << 20;
+/// Ring cells of a process's area (256 bytes each: 16 MiB). A drain every 50 ms
+/// keeps up with a million records a second.
+pub(crate) const RING_CELLS: u32 = 1 << 16;
+/// Counter slots: collectors bound in one image.
+pub(crate) const COUNTER_SLOTS: u32 = 4096;
+
+/// A process's area: where it is in the tracee, the tracer's mapping, and what the
+/// reader needs (its layout, its clock).
+#[derive(Clone, Debug)]
+pub(crate) struct Area {
+    pub(crate) tracee: u64,
+    pub(crate) map: Arc<area::Mapping>,
+    pub(crate) layout: AreaLayout,
+    /// The reader's lock (one consumer) and its TSC calibration.
+    pub(crate) clock: Arc<Mutex<clock::Clock>>,
+}
 
 /// The area of the current image, as far as it got.
 #[derive(Debug, Default)]
@@ -81,6 +103,48 @@ pub(crate) struct Procs {
     pub(crate) area: AreaState,
     /// Counter slot → its collector.
     pub(crate) slots: Vec<Weak<handler::Inner>>,
+    /// Site index (written into records) → address.
+    pub(crate) sites: Vec<u64>,
+    /// fs base → thread.
+    pub(crate) threads: reader::Threads,
+    /// How the generated code reads the thread's fs base, once known.
+    pub(crate) thread_id: Option<ThreadId>,
+    /// Sites whose text holds our jump (`promote.rs`).
+    pub(crate) jumped: HashMap<u64, Jumped>,
+    /// Every trampoline built in this image.
+    pub(crate) trampolines: Vec<CollectMap>,
+    pub(crate) pages: TrampolinePages,
+    /// Sites whose handlers changed since the tracer last looked.
+    pub(crate) dirty: HashSet<u64>,
+    /// Sites whose handlers changed while they were promoted: stop sites for good in
+    /// this image (see `promote.rs`).
+    pub(crate) changed_live: HashSet<u64>,
+}
+
+impl Procs {
+    /// The index records of `addr` carry.
+    pub(crate) fn site_index(&mut self, addr: u64) -> u32 {
+        match self.sites.iter().position(|&a| a == addr) {
+            Some(i) => i as u32,
+            None => {
+                self.sites.push(addr);
+                self.sites.len() as u32 - 1
+            }
+        }
+    }
+
+    /// A new image (exec) or a freed copy: nothing of the old one is in it. The
+    /// collectors' bindings stay (their records of the old image were drained).
+    pub(crate) fn forget_image(&mut self) {
+        self.area = AreaState::NotTried;
+        self.sites.clear();
+        self.threads = Default::default();
+        self.jumped.clear();
+        self.trampolines.clear();
+        self.pages.clear();
+        self.dirty.clear();
+        self.changed_live.clear();
+    }
 }
 
 /// What a site's enabled handlers ask of the collecting machinery.
@@ -99,6 +163,10 @@ pub(crate) enum Wanted {
 #[derive(Debug, Default)]
 pub(crate) struct SiteCollect {
     pub(crate) wanted: Wanted,
+    /// The collectors enabled here now (to retire those that leave).
+    pub(crate) cols: Vec<Collect>,
+    /// The path the tracer last gave it.
+    pub(crate) path: Option<SitePath>,
 }
 
 impl SiteCollect {
@@ -112,6 +180,7 @@ impl SiteCollect {
 pub(crate) fn classify(
     pid: i32,
     procs: &mut Procs,
+    site: &mut SiteCollect,
     enabled: &[(HandlerId, &dyn Handler)],
 ) -> Wanted {
     let mut cols = Vec::new();
@@ -142,6 +211,21 @@ pub(crate) fn classify(
             why.get_or_insert_with(|| format!("handler {id} has a return hook"));
         }
     }
+    // Collectors that left the site stop owning the tracee's records from now on;
+    // those on it own them again.
+    let now = clock::rdtsc();
+    for old in &site.cols {
+        if !cols.iter().any(|(_, c)| Arc::ptr_eq(&c.0, &old.0)) {
+            old.0
+                .retired
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    for (_, c) in &cols {
+        c.0.retired
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+    site.cols = cols.iter().map(|(_, c)| c.clone()).collect();
     match (cols.is_empty(), why) {
         (true, _) => Wanted::None,
         (false, Some(w)) => Wanted::Mixed(w),
@@ -165,14 +249,17 @@ impl Tracer {
         let site = self
             .dispatcher
             .with_site(addr, |s| std::sync::Arc::clone(&s.0))?;
-        let wanted = handler::lock(&site.collect).wanted.clone();
-        match wanted {
-            Wanted::None => None,
-            Wanted::Mixed(why) => Some(SitePath::Stop(why)),
-            Wanted::All(cols) => Some(SitePath::Stop(match &self.shared.lock().collect.area {
-                AreaState::Failed(why) => why.clone(),
-                _ => format!("{} collectors; promotion not attempted", cols.len()),
-            })),
+        let c = handler::lock(&site.collect);
+        match (&c.wanted, &c.path) {
+            (Wanted::None, _) => None,
+            (Wanted::Mixed(why), _) => Some(SitePath::Stop(why.clone())),
+            (Wanted::All(_), Some(p)) => Some(p.clone()),
+            (Wanted::All(_), None) => {
+                Some(SitePath::Stop(match &self.shared.lock().collect.area {
+                    AreaState::Failed(why) => why.clone(),
+                    _ => "not promoted yet (the tracer promotes between events)".into(),
+                }))
+            }
         }
     }
 
@@ -182,7 +269,8 @@ impl Tracer {
         if !matches!(self.shared.lock().collect.area, AreaState::NotTried) {
             return;
         }
-        let state = match self.make_area(tid, ur, AREA_LEN, None) {
+        let layout = AreaLayout::new(RING_CELLS, COUNTER_SLOTS);
+        let state = match self.make_area(tid, ur, layout, None) {
             Ok(a) => AreaState::Mapped(a),
             Err(e) => AreaState::Failed(format!("no collecting area in the tracee: {e}")),
         };
@@ -205,6 +293,20 @@ impl Tracer {
         }
     }
 
+    /// A handle for draining the process's records from any thread.
+    pub fn collection(&self) -> Collection {
+        Collection {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Drain what the tracee wrote, knowing none of its threads is inside the action
+    /// code (it is dead, or every thread is held outside trampolines): at exit, exec
+    /// and detach.
+    pub(crate) fn final_drain(&self) {
+        reader::drain(&self.shared, true);
+    }
+
     /// Unmap the area in the tracee (detach, a fork child): on a held thread.
     pub(crate) fn drop_area(&mut self) {
         let area = std::mem::take(&mut self.shared.lock().collect.area);
@@ -225,5 +327,6 @@ impl Tracer {
 fn _assert_send_sync() {
     fn f<T: Send + Sync>() {}
     f::<Collect>();
+    f::<Collection>();
     f::<Mutex<Procs>>();
 }
