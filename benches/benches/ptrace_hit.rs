@@ -33,8 +33,7 @@
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench ptrace_hit`
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +41,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
+use multiprobe_benches::ptrace::{ask, command, done, pin_and_say};
 use multiprobe_benches::{fmt_ns, median, Ratios};
 use multiprobe_core::Registration;
 
@@ -49,25 +49,6 @@ const NOP: u8 = 0;
 const IMUL: u8 = 1;
 const HITS: u64 = 2000;
 const ROUNDS: usize = 31;
-
-fn command() -> Command {
-    let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    c
-}
-
-/// Ask the tracee for `n` calls of `site`.
-fn ask(child: &mut Child, site: u8, n: u64) {
-    let mut cmd = [0u8; 9];
-    cmd[0] = site;
-    cmd[1..].copy_from_slice(&n.to_le_bytes());
-    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
-}
-
-fn done(child: &mut Child) {
-    let mut b = [0u8];
-    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
-}
 
 /// The raw loops, on their own tracee.
 struct Raw {
@@ -257,27 +238,8 @@ impl Routine {
     }
 }
 
-/// Pin the calling thread — the tracer — and so the tracees it spawns later (a child
-/// inherits its parent's affinity) to the CPU it runs on now. Returns that CPU.
-fn pin_to_this_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu takes no argument and only returns a number.
-    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET only sets bit `cpu` of `set`, with a checked index (a CPU number
-    // from the kernel is below CPU_SETSIZE in any case).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t and the size passed is its own; pid 0 is the
-    // calling thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    (r == 0).then_some(cpu)
-}
-
 fn main() {
-    match pin_to_this_cpu() {
-        Some(cpu) => println!("PINNED tracer and tracees to CPU {cpu}"),
-        None => println!("NOT PINNED: sched_setaffinity failed; expect noisy ratios"),
-    }
+    pin_and_say("tracees");
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))

@@ -16,13 +16,13 @@
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench ptrace_ret`
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
+use multiprobe_benches::ptrace::{ask, command, done, pin_and_say};
 use multiprobe_benches::{fmt_ns, median};
 use multiprobe_core::{FnHandler, PreAction, Registration};
 
@@ -30,18 +30,6 @@ const HITS: u64 = 2000;
 const ROUNDS: usize = 31;
 /// The tracee's site numbers, and their names.
 const SITES: [(u8, &str, &str); 2] = [(1, "mp_bench_fn", "imul"), (2, "mp_bench_push", "push")];
-
-fn ask(child: &mut Child, site: u8, n: u64) {
-    let mut cmd = [0u8; 9];
-    cmd[0] = site;
-    cmd[1..].copy_from_slice(&n.to_le_bytes());
-    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
-}
-
-fn done(child: &mut Child) {
-    let mut b = [0u8];
-    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
-}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
@@ -66,9 +54,7 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
-        let mut cmd = Command::new(multiprobe_test_targets::bin("mp-bench"));
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut t = Tracer::spawn(&mut cmd).unwrap();
+        let mut t = Tracer::spawn(&mut command()).unwrap();
         let child = t.take_child().unwrap();
         let sites = SITES
             .iter()
@@ -130,24 +116,8 @@ impl Bench {
     }
 }
 
-fn pin_to_this_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu takes no argument and only returns a number.
-    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET only sets bit `cpu` of `set`, with a checked index.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t and the size passed is its own; pid 0 is the
-    // calling thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    (r == 0).then_some(cpu)
-}
-
 fn main() {
-    match pin_to_this_cpu() {
-        Some(cpu) => println!("PINNED tracer and tracee to CPU {cpu}"),
-        None => println!("NOT PINNED: sched_setaffinity failed; expect noisy ratios"),
-    }
+    pin_and_say("tracee");
     let mut b = Bench::new();
     const MODES: [Mode; 3] = [Mode::Direct, Mode::Entry, Mode::EntryRet];
     // Warm up: slots, the trampoline and the unwinder hooks are placed at first hits.

@@ -11,6 +11,7 @@
 //! those pairs. Unpaired ratios moved by up to 40% with load here; paired ones by a few
 //! percent.
 
+pub mod ptrace;
 pub mod uprobe;
 
 use std::collections::BTreeMap;

@@ -3,24 +3,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use common::start_waiting;
 use multiprobe_backend_ptrace::{Stop, Tracer};
 use multiprobe_core::{Error, FnHandler, PreAction};
-
-/// Start `name --wait args` untraced and wait until it says it is ready.
-fn start_waiting(name: &str, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut cmd = common::command(name, args);
-    cmd.arg("--wait").stdin(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), format!("ready {}", child.id()));
-    (child, out)
-}
 
 fn go(child: &mut Child) {
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();

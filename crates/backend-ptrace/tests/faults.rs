@@ -9,23 +9,13 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::counter;
 use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
 use multiprobe_core::{Error, Hit};
-
-fn counter() -> (
-    Arc<AtomicU64>,
-    impl Fn(&mut Hit<'_>) + Send + Sync + 'static,
-) {
-    let c = Arc::new(AtomicU64::new(0));
-    let c2 = Arc::clone(&c);
-    (c, move |_: &mut Hit<'_>| {
-        c2.fetch_add(1, Relaxed);
-    })
-}
 
 /// Kills every process this test process traces if it is not dropped within `limit`:
 /// a tracer that hangs ends the test with a failure instead of hanging it.
@@ -200,12 +190,7 @@ fn my_children() -> Vec<i32> {
 
 #[test]
 fn the_doorbell_survives_stray_signals_and_an_idle_target_still_detaches() {
-    let mut cmd = common::command("mp-single", &["--iters", "10", "--wait"]);
-    cmd.stdin(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut child, _out) = common::start_waiting("mp-single", &["--iters", "10"]);
     let pid = child.id() as i32;
     let before = common::text(pid);
     let mut t = Tracer::attach(pid).unwrap();
@@ -453,12 +438,7 @@ fn attach_errors_give_the_true_reason() {
 
 #[test]
 fn an_attached_target_killed_with_sigkill_is_reported_as_killed() {
-    let mut cmd = common::command("mp-single", &["--iters", "10", "--wait"]);
-    cmd.stdin(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut child, _out) = common::start_waiting("mp-single", &["--iters", "10"]);
     let pid = child.id() as i32;
     let mut t = Tracer::attach(pid).unwrap();
     let killer = std::thread::spawn(move || {

@@ -6,19 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
+use common::counter;
 use multiprobe_backend_ptrace::{ExitStatus, Signal, Stop, Tracer};
 use multiprobe_core::{FaultAction, FnHandler, Hit, PreAction};
-
-fn counter() -> (
-    Arc<AtomicU64>,
-    impl Fn(&mut Hit<'_>) + Send + Sync + 'static,
-) {
-    let c = Arc::new(AtomicU64::new(0));
-    let c2 = Arc::clone(&c);
-    (c, move |_: &mut Hit<'_>| {
-        c2.fetch_add(1, Relaxed);
-    })
-}
 
 #[test]
 fn per_thread_counts_match_what_each_thread_reports() {

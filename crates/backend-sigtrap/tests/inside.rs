@@ -9,10 +9,8 @@
 
 mod asm;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,45 +18,11 @@ use asm::*;
 use multiprobe_backend_sigtrap::{SigtrapBackend, Site};
 use multiprobe_core::backend::{Backend, Dispatcher};
 use multiprobe_core::{Error, FnHandler, HandlerId, Hit, PreAction, Registry};
+use multiprobe_test_targets::alloc_count::{allocations, Counting};
 
-/// Counts the allocations and frees of threads that asked it to.
-struct Counting;
-
-std::thread_local! {
-    static COUNT: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; counting touches a
-// const-initialized thread-local and an atomic, neither of which allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNT.with(Cell::get) {
-            ALLOCS.fetch_add(1, SeqCst);
-        }
-        // SAFETY: forwarded contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if COUNT.with(Cell::get) {
-            ALLOCS.fetch_add(1, SeqCst);
-        }
-        // SAFETY: forwarded contract.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
+/// Counts the allocations and frees of the threads inside `allocations`.
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// `f`'s result and how many allocations and frees it made on this thread.
-fn allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = ALLOCS.load(SeqCst);
-    COUNT.with(|c| c.set(true));
-    let r = f();
-    COUNT.with(|c| c.set(false));
-    (r, ALLOCS.load(SeqCst) - before)
-}
 
 /// Poll `done` until it holds or 20 s pass.
 fn eventually(what: &str, mut done: impl FnMut() -> bool) {

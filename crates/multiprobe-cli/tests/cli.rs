@@ -3,12 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use multiprobe_test_targets::bin;
+
+/// Far more than a detach takes: a multiprobe that has not ended by then never will.
+const DETACH: Duration = Duration::from_secs(60);
 
 #[test]
 fn counts_match_what_the_program_reports_and_actions_share_one_site() {
@@ -32,7 +35,7 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(out.stdout.is_empty());
 
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "-p",
         "mp_add",
@@ -49,8 +52,6 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
         "--iters",
         "777",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
     let n = calls(&stdout, "mp_add");
     assert_eq!(n, 777);
     let add = rows(&stderr, ":mp_add");
@@ -73,7 +74,7 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
 
 #[test]
 fn threads_are_all_counted() {
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -85,15 +86,13 @@ fn threads_are_all_counted() {
         "--base",
         "150",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let total: u64 = text(&out.stdout)
+    let total: u64 = stdout
         .lines()
         .filter_map(|l| l.split("calls=").nth(1))
         .map(|r| r.split_whitespace().next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, 150 * (1 + 1 + 2 + 3));
-    let summary: serde_json::Value =
-        serde_json::from_str(text(&out.stderr).lines().last().unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
     assert_eq!(
         summary["outcome"],
         serde_json::json!({ "kind": "exited", "code": 0 })
@@ -202,7 +201,7 @@ fn probes_follow_exec_and_dlopen() {
 
     // Unloaded and loaded again (at the same address or not): the probes follow it out
     // and back in, nothing is written where the library was, and every call counts.
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "-p",
         "libz:zlibVersion",
@@ -215,8 +214,6 @@ fn probes_follow_exec_and_dlopen() {
         "--reloads",
         "3",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stdout.contains("unloaded=yes"),
         "dlclose unmapped it: {stdout}"
@@ -294,7 +291,7 @@ fn cpp_functions_by_demangled_name() {
 /// chose (read from the library's GOT), so calls count; on the resolver they would not.
 #[test]
 fn indirect_functions_probe_the_chosen_implementation() {
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -307,8 +304,6 @@ fn indirect_functions_probe_the_chosen_implementation() {
         "ls",
         "/usr",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let probes = json_probes(&stderr);
     // `strle?` is a pattern that matches only the indirect `strlen`: the same site.
     assert_eq!(probes.len(), 3, "{stderr}");
@@ -400,21 +395,14 @@ fn live_view_prints_while_the_program_runs() {
 #[test]
 fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
     let (mut target, pid, mut out) = waiting_target("300");
-    let mut mp = multiprobe()
-        .args([
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "mp_add",
-            "-p",
-            "mp_add=args:2",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, mut err, line) = spawn_attach(&[
+        "attach",
+        &pid.to_string(),
+        "-p",
+        "mp_add",
+        "-p",
+        "mp_add=args:2",
+    ]);
     assert!(
         line.contains(&format!("attached to process {pid}")),
         "{line}"
@@ -429,7 +417,7 @@ fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
     // Ctrl-C detaches; multiprobe prints the summary and exits 0.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
-    let status = mp.wait().unwrap();
+    let status = wait_for(&mut mp, DETACH).expect("multiprobe detaches on SIGINT");
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     assert!(status.success(), "{rest}");
@@ -515,21 +503,15 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add", "-p", "nope_xyz"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("nope_xyz"));
-    let mut holder = multiprobe()
-        .args(["attach", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(holder.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut holder, _err, _attached) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("already traced"), "{stderr}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(holder.id() as i32, libc::SIGINT) };
-    assert!(holder.wait().unwrap().success());
+    let status = wait_for(&mut holder, DETACH).expect("multiprobe detaches on SIGINT");
+    assert!(status.success());
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(env!("CARGO_BIN_EXE_multiprobe"))
@@ -558,6 +540,51 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     assert!(target.wait().unwrap().success());
 }
 
+/// The Ctrl-C tests hold however their harness was started. A harness started in the
+/// background of a script (`cargo test &`, a CI job) has SIGINT and SIGQUIT ignored; every
+/// multiprobe it started inherited that and kept it (a signal ignored at start stays
+/// ignored, as under `nohup`), so the tests' Ctrl-C was never heard: multiprobe served
+/// on, and the two tests above waited for it for ever. They run again here in such a
+/// harness, in its own process group (killed whole if it does not finish).
+#[test]
+fn the_ctrl_c_tests_hold_in_a_harness_that_ignores_sigint() {
+    use std::os::unix::process::CommandExt;
+    let log = std::env::temp_dir().join(format!("mp-sigign-{}.log", std::process::id()));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "--test-threads=2",
+        "attach_counts_then_detach_leaves_the_program_running_unchanged",
+        "bad_input_is_a_one_line_error_and_leaves_nothing_behind",
+    ])
+    .stdin(Stdio::null())
+    .stdout(file.try_clone().unwrap())
+    .stderr(file)
+    .process_group(0);
+    // SAFETY: between fork and exec the closure only calls `signal`, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut harness = cmd.spawn().unwrap();
+    let group = harness.id() as i32;
+    let status = wait_for(&mut harness, Duration::from_secs(3 * 60));
+    if status.is_none() {
+        // SAFETY: killing the process group of our own child; no memory is involved.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let status = status.unwrap_or_else(|| panic!("the tests hung:\n{out}"));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("test result: ok. 2 passed"), "{out}");
+}
+
 #[test]
 fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
     let out = run(&[
@@ -577,14 +604,8 @@ fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
 
     let (mut target, pid, mut out) = waiting_target("50");
     let before = status_field(pid, "Cpus_allowed_list:");
-    let mut mp = multiprobe()
-        .args(["attach", "--pin", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, mut err, line) =
+        spawn_attach(&["attach", "--pin", &pid.to_string(), "-p", "mp_add"]);
     assert!(line.contains("attached"), "{line}");
     let pinned = status_field(pid, "Cpus_allowed_list:");
     assert!(
@@ -598,7 +619,8 @@ fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(mp.id() as i32, libc::SIGINT) };
-    assert!(mp.wait().unwrap().success());
+    let status = wait_for(&mut mp, DETACH).expect("multiprobe detaches on SIGINT");
+    assert!(status.success());
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     assert_eq!(rows(&rest, ":mp_add")[0].1, 50, "{rest}");

@@ -37,13 +37,6 @@ fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
     KERNEL_UPROBES.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mp-features-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Compile `source` with `cc` and `flags` into `dir/name`; `None` (said) without a
 /// compiler.
 fn compile(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Option<PathBuf> {
@@ -177,7 +170,7 @@ fn super_text(b: &[u8]) -> String {
 #[test]
 fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
     let _kernel_uprobes = alone();
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "libc:malloc",
@@ -187,8 +180,6 @@ fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
         "/usr/bin/ls",
         "/usr",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let ours = counts(&stderr);
     let (malloc, free) = (ours["libc.so.6:malloc"], ours["libc.so.6:free"]);
     // The libraries' constructors allocate before main: an entry-point placement
@@ -206,7 +197,7 @@ fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
     }
 
     // A C++ program: libstdc++'s emergency pool is allocated by its constructor.
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "libc:malloc",
@@ -214,8 +205,6 @@ fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
         "/usr/bin/apt",
         "--version",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let malloc = counts(&stderr)["libc.so.6:malloc"];
     if let Some(g) = gdb_counts(&["__libc_malloc"], &["/usr/bin/apt", "--version"]) {
         assert_eq!(malloc, g[0], "gdb: {g:?}: {stderr}");
@@ -245,7 +234,7 @@ fn tree_report(stdout: &str) -> HashMap<i32, u64> {
 fn fork_children_are_followed_with_exact_counts_per_process() {
     let _kernel_uprobes = beside_others();
     let tree = bin("mp-c-forktree");
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "-f",
         "--json",
@@ -256,8 +245,6 @@ fn fork_children_are_followed_with_exact_counts_per_process() {
         "25",
         "3",
     ]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
     let report = tree_report(&stdout);
     assert_eq!(
         report.len(),
@@ -289,7 +276,7 @@ fn fork_children_are_followed_with_exact_counts_per_process() {
     );
 
     // Without -f only the first process counts; its children run unprobed.
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "mp_tree_work",
@@ -298,16 +285,12 @@ fn fork_children_are_followed_with_exact_counts_per_process() {
         "25",
         "3",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert_eq!(rows_of(&stderr, ":mp_tree_work"), vec![25], "{stderr}");
 
     // Fork then exec in the child, and a vfork-style spawn (Rust's Command) that execs:
     // each counted in its own process, through its exec.
     let forker = bin("mp-forker");
-    let out = run(&["run", "-f", "-p", "mp_add", "--", forker.to_str().unwrap()]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) = run_ok(&["run", "-f", "-p", "mp_add", "--", forker.to_str().unwrap()]);
     assert!(stdout.contains("exec-child calls=7") && stdout.contains("spawned calls=3"));
     let mut hits: Vec<u64> = stderr
         .lines()
@@ -337,11 +320,9 @@ fn specs_resolve_in_the_program_an_exec_brings() {
     let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
     let script = format!("exec {} --iters 9", single.display());
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run", "--json", "-p", "mp_add", "--", "/bin/sh", "-c", &script,
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("pending until"),
         "said why it waits: {stderr}"
@@ -362,7 +343,7 @@ fn specs_resolve_in_the_program_an_exec_brings() {
         eprintln!("SKIPPED: the python part: /usr/bin/python3.11 is not installed");
         return;
     }
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "PyList_Append",
@@ -371,8 +352,6 @@ fn specs_resolve_in_the_program_an_exec_brings() {
         "-c",
         "exec /usr/bin/python3.11 -c 'l=[]\nfor i in range(1000): l.append(i)'",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let hits = rows_of(&stderr, "python3.11:PyList_Append");
     assert!(hits.len() == 1 && hits[0] >= 1000, "{stderr}");
 }
@@ -388,7 +367,7 @@ fn libraries_outside_the_search_path_can_be_named() {
         eprintln!("SKIPPED: needs Debian's python3.11 with its _bz2 extension module");
         return;
     }
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "_bz2:PyInit__bz2",
@@ -397,8 +376,6 @@ fn libraries_outside_the_search_path_can_be_named() {
         "-c",
         "import bz2",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert_eq!(rows_of(&stderr, ":PyInit__bz2"), vec![1], "{stderr}");
     let out = run(&[
         "run",
@@ -501,7 +478,7 @@ fn ustack_with_and_without_frame_pointers() {
 fn aggregations_strings_and_filters() {
     let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -515,8 +492,6 @@ fn aggregations_strings_and_filters() {
         "--iters",
         "777",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let p = json_probes(&stderr);
     let by = |action: &str, filter: Option<&str>| -> &serde_json::Value {
         p.iter()
@@ -542,9 +517,7 @@ fn aggregations_strings_and_filters() {
     assert_eq!(tid["keys"]["top"][0]["count"], 777);
 
     // A C string argument, bounded, and a bad pointer said, not fatal.
-    let out = run(&["run", "-p", "libc:getenv=str:0:4", "--", "/usr/bin/ls", "/"]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (_, stderr) = run_ok(&["run", "-p", "libc:getenv=str:0:4", "--", "/usr/bin/ls", "/"]);
     assert!(
         stderr
             .lines()
@@ -554,7 +527,7 @@ fn aggregations_strings_and_filters() {
     assert!(stderr
         .lines()
         .any(|l| l.ends_with(r#"libc.so.6:getenv arg0="LANG""#)));
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-p",
         "mp_add=str:0",
@@ -563,8 +536,6 @@ fn aggregations_strings_and_filters() {
         "--iters",
         "3",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("arg0=0x0: null pointer"), "{stderr}");
     assert!(
         stderr.contains("arg0=0x1: "),
@@ -605,7 +576,7 @@ fn usdt_probes_with_arguments_and_semaphores() {
             let p = prog.to_str().unwrap();
             let plain = Command::new(p).output().unwrap();
             assert_eq!(text(&plain.stdout), "computed=0\n", "unprobed: semaphore 0");
-            let out = run(&[
+            let (stdout, stderr) = run_ok(&[
                 "run",
                 "--json",
                 "-p",
@@ -615,8 +586,6 @@ fn usdt_probes_with_arguments_and_semaphores() {
                 "--",
                 p,
             ]);
-            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-            assert!(out.status.success(), "{stderr}");
             assert_eq!(
                 stdout, "computed=20\n",
                 "the semaphore was raised: {stderr}"
@@ -646,7 +615,7 @@ fn usdt_probes_with_arguments_and_semaphores() {
     // Python's own probes (under `run`, from its first instruction), as bpftrace counts
     // them.
     let script = "import gc\nfor i in range(20): gc.collect()\n";
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -658,8 +627,6 @@ fn usdt_probes_with_arguments_and_semaphores() {
         "-c",
         script,
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let probes = json_probes(&stderr);
     let gc = probes.iter().find(|p| p["action"] == "count:arg0").unwrap();
     let ours = gc["hits"].as_u64().unwrap();
@@ -719,20 +686,13 @@ fn usdt_probes_with_arguments_and_semaphores() {
     let pid: i32 = line.trim().parse().unwrap();
     let sem = python_semaphore(pid, "gc__start");
     assert_eq!(sem_value(pid, sem), 0);
-    let mut mp = multiprobe()
-        .args([
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "usdt:python:gc__start=count:arg0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    line.clear();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("attached"), "{line}");
+    let (mut mp, err, first) = spawn_attach(&[
+        "attach",
+        &pid.to_string(),
+        "-p",
+        "usdt:python:gc__start=count:arg0",
+    ]);
+    assert!(first.contains("attached"), "{first}");
     assert_eq!(sem_value(pid, sem), 1, "raised while probed");
     py.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     line.clear();
@@ -860,15 +820,12 @@ fn file_offsets_and_stripped_binaries() {
     }
     let s = stripped.to_str().unwrap();
     let spec = format!("{s}:{offset:#x}");
-    let out = run(&["run", "-p", &spec, "--", s, "8"]);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stderr}");
+    let (stdout, stderr) = run_ok(&["run", "-p", &spec, "--", s, "8"]);
     assert!(stdout.starts_with("leaf calls=12"));
     assert_eq!(rows(&stderr, &format!(":{offset:#x}"))[0].1, 12, "{stderr}");
     // By its file name too.
     let spec = format!("prog-stripped:{offset:#x}");
-    let out = run(&["run", "-p", &spec, "--", s, "8"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    run_ok(&["run", "-p", &spec, "--", s, "8"]);
     // A name it does not have: it is stripped, and how to probe it anyway.
     let out = run(&["run", "-p", "prog-stripped:leaf", "--", s, "8"]);
     let stderr = text(&out.stderr);
@@ -915,7 +872,7 @@ int main(int argc, char **argv) {
 fn times_pids_and_interval_counts() {
     let _kernel_uprobes = beside_others();
     let threads = bin("mp-threads");
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "-T",
         "-p",
@@ -927,8 +884,6 @@ fn times_pids_and_interval_counts() {
         "--base",
         "3",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(":mp_work(")).collect();
     assert_eq!(lines.len(), 3 * (1 + 1 + 2));
     let is_time = |t: &str| {
@@ -987,7 +942,7 @@ fn times_pids_and_interval_counts() {
     assert_eq!(json_probes(&stderr)[0]["hits"], 8);
 
     // Ticks come on time while the program makes no hit at all (it sleeps 0.8 s).
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--interval",
         "0.1",
@@ -998,8 +953,6 @@ fn times_pids_and_interval_counts() {
         "1",
         "800000",
     ]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let ticks = stderr.lines().filter(|l| l.starts_with("--- ")).count();
     assert!(ticks >= 4, "{ticks} ticks in 0.8 s of sleep: {stderr}");
 }
@@ -1065,14 +1018,7 @@ fn usability() {
 
     // After a detach: the rows say detached, and a note says what MISSED means.
     let (mut target, pid, _out) = waiting_target("100000000");
-    let mut mp = multiprobe()
-        .args(["attach", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, err, _attached) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
     target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     signal(mp.id() as i32, libc::SIGINT);

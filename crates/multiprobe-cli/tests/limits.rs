@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -93,9 +93,7 @@ fn library_prefixes_skip_linker_scripts() {
         return;
     }
     // `true` does not load libm: the probe is pending, checked on disk.
-    let out = run(&["run", "-p", "libm:cbrt", "--", "true"]);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (_, stderr) = run_ok(&["run", "-p", "libm:cbrt", "--", "true"]);
     let r = rows(&stderr, "libm:cbrt");
     assert_eq!(r.len(), 1, "{stderr}");
     assert!(
@@ -121,14 +119,7 @@ fn library_prefixes_skip_linker_scripts() {
 fn attach_says_when_the_process_was_killed() {
     let (mut target, pid, _out) = waiting_target("5");
     let _target = KillOnDrop(pid);
-    let mut mp = multiprobe()
-        .args(["attach", &pid.to_string(), "-p", "mp_add"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mp.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut mp, mut err, line) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
     assert!(line.contains("attached"), "{line}");
     signal(pid, libc::SIGKILL);
     let status = wait_for(&mut mp, Duration::from_secs(30)).expect("multiprobe ends");

@@ -4,17 +4,15 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 
 use common::*;
 use multiprobe_test_targets::bin;
 
-/// A fresh directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mp-out-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// `multiprobe run -o FILE -p SPEC -- PROGRAM...`.
+fn run_to(file: &str, spec: &str, program: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "-o", file, "-p", spec, "--"];
+    args.extend_from_slice(program);
+    run(&args)
 }
 
 /// Output to a full device: exit status 2 and one line saying what was lost; the
@@ -22,17 +20,11 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn a_full_disk_is_an_error_not_silence() {
     let single = bin("mp-single");
-    let out = run(&[
-        "run",
-        "-o",
+    let out = run_to(
         "/dev/full",
-        "-p",
         "mp_add",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "50",
-    ]);
+        &[single.to_str().unwrap(), "--iters", "50"],
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "{:?} {stderr}", out.status);
     assert_eq!(calls(&stdout, "mp_add"), 50);
@@ -54,7 +46,7 @@ fn the_traced_program_and_other_executables_are_never_overwritten() {
     std::fs::copy(bin("mp-single"), &copy).unwrap();
     let before = std::fs::read(&copy).unwrap();
     let copy_s = copy.to_str().unwrap();
-    let out = run(&["run", "-o", copy_s, "-p", "mp_add", "--", copy_s]);
+    let out = run_to(copy_s, "mp_add", &[copy_s]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -74,15 +66,7 @@ fn the_traced_program_and_other_executables_are_never_overwritten() {
     std::fs::copy("/lib/x86_64-linux-gnu/libz.so.1", &lib).unwrap();
     std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
     let before = std::fs::read(&lib).unwrap();
-    let out = run(&[
-        "run",
-        "-o",
-        lib.to_str().unwrap(),
-        "-p",
-        "mp_add",
-        "--",
-        copy_s,
-    ]);
+    let out = run_to(lib.to_str().unwrap(), "mp_add", &[copy_s]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("refusing to write over an ELF file"));
     assert_eq!(std::fs::read(&lib).unwrap(), before);
@@ -98,32 +82,22 @@ fn bad_input_leaves_the_output_file_alone() {
     let new = d.join("new.log");
     let single = bin("mp-single");
     for file in [&old, &new] {
-        let out = run(&[
-            "run",
-            "-o",
+        let out = run_to(
             file.to_str().unwrap(),
-            "-p",
             "no_such_function_xyz",
-            "--",
-            single.to_str().unwrap(),
-        ]);
+            &[single.to_str().unwrap()],
+        );
         assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("no function named"));
     }
     assert_eq!(std::fs::read_to_string(&old).unwrap(), "yesterday's run\n");
     assert!(!new.exists(), "no file left from a run that never started");
     // The same with a good probe replaces it.
-    let out = run(&[
-        "run",
-        "-o",
+    let out = run_to(
         old.to_str().unwrap(),
-        "-p",
         "mp_add",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "3",
-    ]);
+        &[single.to_str().unwrap(), "--iters", "3"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let written = std::fs::read_to_string(&old).unwrap();
     assert!(!written.contains("yesterday"), "{written}");
@@ -141,32 +115,22 @@ fn symlinks_are_refused_and_new_files_are_private() {
     let link = d.join("out");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
     let single = bin("mp-single");
-    let out = run(&[
-        "run",
-        "-o",
+    let out = run_to(
         link.to_str().unwrap(),
-        "-p",
         "mp_add=args:2",
-        "--",
-        single.to_str().unwrap(),
-    ]);
+        &[single.to_str().unwrap()],
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("symbolic link"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
 
     let private = d.join("dump");
-    let out = run(&[
-        "run",
-        "-o",
+    let out = run_to(
         private.to_str().unwrap(),
-        "-p",
         "mp_load=mem:0:8",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "2",
-    ]);
+        &[single.to_str().unwrap(), "--iters", "2"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mode = std::fs::metadata(&private).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "memory dumps readable by others: {mode:o}");

@@ -12,12 +12,6 @@ fn rets() -> String {
     bin("mp-c-rets").to_str().unwrap().to_string()
 }
 
-fn validator() -> jsonschema::Validator {
-    let text = include_str!("../schema/output.schema.json");
-    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
-    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
-}
-
 /// Every line of `stderr` as JSON, each valid against the schema.
 fn records(stderr: &str) -> Vec<serde_json::Value> {
     let v = validator();
@@ -46,7 +40,7 @@ fn bucket_of(ns: u64) -> (u64, u64) {
 #[test]
 fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
     let p = rets();
-    let out = run(&[
+    let (stdout, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -60,9 +54,8 @@ fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
         "10",
         "100",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "nap 1=3\nnap 10=30\nnap 100=300\n");
-    let recs = records(&text(&out.stderr));
+    assert_eq!(stdout, "nap 1=3\nnap 10=30\nnap 100=300\n");
+    let recs = records(&stderr);
     // The `ret` lines: each call's return value and its own time.
     let rets: Vec<&serde_json::Value> = recs.iter().filter(|r| r["type"] == "hit").collect();
     assert_eq!(rets.len(), 3);
@@ -78,7 +71,7 @@ fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
         );
         times.push(ns);
     }
-    let probes = json_probes(&text(&out.stderr));
+    let probes = json_probes(&stderr);
     let lat = probes.iter().find(|p| p["action"] == "latency").unwrap();
     assert_eq!(
         (n(&lat["hits"]), n(&lat["returns"]), n(&lat["returns_lost"])),
@@ -160,10 +153,8 @@ fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
 #[test]
 fn args_and_ret_make_one_call_line_with_exact_counts() {
     let p = rets();
-    let out = run(&["run", "-p", "mp_ret_add=args:2,ret", "--", &p, "add", "5"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "sum=30 calls=5\n");
-    let err = text(&out.stderr);
+    let (stdout, err) = run_ok(&["run", "-p", "mp_ret_add=args:2,ret", "--", &p, "add", "5"]);
+    assert_eq!(stdout, "sum=30 calls=5\n");
     let calls: Vec<&str> = err
         .lines()
         .filter(|l| l.contains("mp_ret_add("))
@@ -192,7 +183,7 @@ fn args_and_ret_make_one_call_line_with_exact_counts() {
 #[test]
 fn uretprobe_prints_return_values_innermost_first() {
     let p = rets();
-    let out = run(&[
+    let (_, stderr) = run_ok(&[
         "run",
         "--json",
         "-p",
@@ -202,8 +193,7 @@ fn uretprobe_prints_return_values_innermost_first() {
         "depth",
         "100",
     ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let recs = records(&text(&out.stderr));
+    let recs = records(&stderr);
     let vals: Vec<String> = recs
         .iter()
         .filter(|r| r["type"] == "hit")
@@ -211,7 +201,7 @@ fn uretprobe_prints_return_values_innermost_first() {
         .collect();
     let want: Vec<String> = (0..=100u64).map(|k| format!("{k:#x}")).collect();
     assert_eq!(vals, want);
-    let probes = json_probes(&text(&out.stderr));
+    let probes = json_probes(&stderr);
     assert_eq!(probes[0]["action"], "ret");
     assert_eq!(
         (n(&probes[0]["hits"]), n(&probes[0]["returns"])),

@@ -65,21 +65,14 @@ fn attach_detaches_on_every_signal_that_would_end_it() {
     ] {
         let (target, pid, mut out) = waiting_target("40");
         let _target = KillOnDrop(pid);
-        let mut mp = multiprobe()
-            .args([
-                "attach",
-                &pid.to_string(),
-                "-p",
-                "mp_add",
-                "-p",
-                "libc:write",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(mp.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
+        let (mut mp, mut err, line) = spawn_attach(&[
+            "attach",
+            &pid.to_string(),
+            "-p",
+            "mp_add",
+            "-p",
+            "libc:write",
+        ]);
         assert!(line.contains("attached"), "signal {sig}: {line}");
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");
@@ -150,26 +143,37 @@ fn a_signal_during_placement_leaves_nothing_behind() {
     }
 }
 
+/// `multiprobe run -p mp_add -- mp-single --wait --iters 5` once the program is ready:
+/// multiprobe, the program's stdout, its pid, and multiprobe's stderr read in the
+/// background.
+fn run_single_waiting() -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    i32,
+    std::thread::JoinHandle<String>,
+) {
+    let single = bin("mp-single");
+    let (mut mp, out, pid) = spawn_run_waiting(&[
+        "run",
+        "-p",
+        "mp_add",
+        "--",
+        single.to_str().unwrap(),
+        "--wait",
+        "--iters",
+        "5",
+    ]);
+    let err = read_in_background(mp.stderr.take().unwrap());
+    (mp, out, pid, err)
+}
+
 /// `run`, then a signal to multiprobe (not from the terminal): it detaches, passes the
 /// signal on to the program, and dies of it. A program that dies of it dies; one that
 /// ignores it (`nohup`-style: `trap '' HUP`) runs on unprobed and finishes.
 #[test]
 fn run_passes_the_signal_on_after_detaching() {
     for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGALRM, libc::SIGUSR1] {
-        let mut mp = multiprobe()
-            .args(["run", "-p", "mp_add", "--"])
-            .arg(bin("mp-single"))
-            .args(["--wait", "--iters", "5"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = read_in_background(mp.stderr.take().unwrap());
-        let mut out = BufReader::new(mp.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        let (mut mp, _out, pid, err) = run_single_waiting();
         let _program = KillOnDrop(pid);
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");
@@ -188,17 +192,8 @@ fn run_passes_the_signal_on_after_detaching() {
         "trap '' HUP; exec {} --wait --iters 7",
         bin("mp-single").display()
     );
-    let mut mp = multiprobe()
-        .args(["run", "-p", "libc:write", "--", "sh", "-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(mp.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let (mut mp, mut out, pid) =
+        spawn_run_waiting(&["run", "-p", "libc:write", "--", "sh", "-c", &script]);
     let _program = KillOnDrop(pid);
     let mut stdin = mp.stdin.take().unwrap();
     signal(mp.id() as i32, libc::SIGHUP);
@@ -220,20 +215,7 @@ fn run_passes_the_signal_on_after_detaching() {
 /// multiprobe, after its summary.
 #[test]
 fn run_passes_a_first_sigint_on_and_follows_the_program() {
-    let mut mp = multiprobe()
-        .args(["run", "-p", "mp_add", "--"])
-        .arg(bin("mp-single"))
-        .args(["--wait", "--iters", "5"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = read_in_background(mp.stderr.take().unwrap());
-    let mut out = BufReader::new(mp.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid: i32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let (mut mp, _out, pid, err) = run_single_waiting();
     let _program = KillOnDrop(pid);
     signal(mp.id() as i32, libc::SIGINT);
     let status = wait_for(&mut mp, LONG).expect("multiprobe ends");

@@ -6,55 +6,26 @@
 //! checked here with a counting allocator and with the registry's own lock held by the
 //! interrupted code, as a signal handler would find it.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use multiprobe_core::backend::{Backend, Dispatcher, ThreadState};
 use multiprobe_core::testing::{Event, HitResult, TestBackend, TestSite, INT3, ORIGINAL};
 use multiprobe_core::{Error, FnHandler, HandlerId, Hit, PreAction, Registry, Regs};
+use multiprobe_test_targets::alloc_count::{allocations, Counting};
 
 const A: u64 = 0x40_1000;
 const B: u64 = 0x40_2000;
 
-/// Counts the allocations (and frees) of the threads that asked it to.
-struct Counting;
-
-std::thread_local! {
-    static COUNT: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; counting touches a
-// const-initialized thread-local and an atomic, neither of which allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNT.with(Cell::get) {
-            ALLOCS.fetch_add(1, SeqCst);
-        }
-        // SAFETY: forwarded contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if COUNT.with(Cell::get) {
-            ALLOCS.fetch_add(1, SeqCst);
-        }
-        // SAFETY: forwarded contract.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
+/// Counts the allocations and frees of the threads inside `allocations`.
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// How many allocations and frees `f` made on this thread.
-fn allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let before = ALLOCS.load(SeqCst);
-    COUNT.with(|c| c.set(true));
-    let r = f();
-    COUNT.with(|c| c.set(false));
-    (r, ALLOCS.load(SeqCst) - before)
+/// The "no allocation" checks below mean something: the counter is installed and counts.
+#[test]
+fn the_allocation_counter_counts() {
+    let ((), n) = allocations(|| drop(std::hint::black_box(Box::new(7u64))));
+    assert_eq!(n, 2, "one allocation and one free");
 }
 
 fn hit(

@@ -17,6 +17,13 @@
 //!   vector state, the backend's [`Entry`] points, the relocated region, the post stub,
 //!   the exits: see the `frame` and `trampoline` module docs), with its address map
 //!   ([`Trampoline::locate`], [`Trampoline::fixup`], [`Trampoline::resume_target`]).
+//! * [`collect`]: collecting trampolines for probes in another process with no stop
+//!   per hit — generated `count`/`args`/`regs`/`mem` actions writing counters and
+//!   records into a shared area ([`collect::build_collect_trampoline`]), the map with
+//!   its fault table ([`collect::CollectMap`]), and the reader of the area
+//!   ([`collect::AreaReader`]); the module docs state the ring protocol, the memory
+//!   orderings and what the reader assumes about a producer that died mid-record. The
+//!   relocation of the region and the copy map are shared with [`build_trampoline`].
 //!
 //! # Use from a backend
 //!

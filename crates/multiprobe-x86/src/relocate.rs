@@ -36,7 +36,8 @@ pub(crate) const NO_POINT: Point = Point {
     first: false,
 };
 
-/// Where a thread with `rip` inside a trampoline stands ([`Trampoline::locate`]).
+/// Where a thread with `rip` inside a trampoline stands ([`crate::Trampoline::locate`],
+/// [`crate::collect::CollectMap::locate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Location {
     /// At a relocated instruction of the original `orig`; `first` when that is the

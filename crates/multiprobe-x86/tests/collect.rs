@@ -220,13 +220,13 @@ fn mem_records_hold_the_pointed_bytes() {
         assert_eq!(s.probed()(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
         let mut r = s.reader();
         let mut got = Vec::new();
-        r.drain(|rec| got.push((rec.slot, rec.data.to_vec(), rec.faulted)));
+        r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.to_vec(), rec.faulted)));
         assert_eq!(
             got,
             [
-                (1, big.clone(), false),
-                (2, small.to_vec(), false),
-                (4, words_bytes(&a[..2]), false)
+                (1, a[0], big.clone(), false),
+                (2, a[5], small.to_vec(), false),
+                (4, 0, words_bytes(&a[..2]), false)
             ]
         );
     }
@@ -297,23 +297,80 @@ fn a_fault_in_mem_is_resumed_committed_as_faulted() {
     assert_eq!(r.counters(1).faulted, 1);
     assert_eq!(r.counters(1).hits, 1);
     let mut got = Vec::new();
-    r.drain(|rec| got.push((rec.slot, rec.data.to_vec(), rec.faulted)));
+    r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.to_vec(), rec.faulted)));
     let expect_partial: Vec<u8> = (4096 - 100..4096).map(|i| (i % 251) as u8).collect();
     let first8: Vec<u8> = (0..8).map(|i| (i % 251) as u8).collect();
     assert_eq!(
         got,
         [
-            (1, expect_partial, true),
-            (2, words_bytes(&a[..2]), false),
-            (3, first8, false)
+            (1, bad - 100, expect_partial, true),
+            (2, 0, words_bytes(&a[..2]), false),
+            (3, readable, first8, false)
         ]
     );
     // A null pointer: nothing readable, the record is empty and faulted.
     let a = [readable, 0, 0, 0, 0, 0];
     assert_eq!(s.probed()(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
     let mut got = Vec::new();
-    r.drain(|rec| got.push((rec.slot, rec.data.len(), rec.faulted)));
-    assert_eq!(got, [(1, 0, true), (2, 16, false), (3, 8, false)]);
+    r.drain(|rec| got.push((rec.slot, rec.ptr, rec.data.len(), rec.faulted)));
+    assert_eq!(
+        got,
+        [(1, 0, 0, true), (2, 0, 16, false), (3, readable, 8, false)]
+    );
     assert_eq!(r.counters(1).faulted, 2);
     assert_eq!(r.counters(3).faulted, 0);
+}
+
+/// Several sites share one area: each collector counts its own slot, records name
+/// their site, and the ring interleaves them without loss (two functions, two threads
+/// each, calling alternately).
+#[test]
+fn sites_sharing_an_area_keep_their_counters_and_records_apart() {
+    const N: u64 = 3000;
+    let s = Arc::new(Setup::new(&COLLECTORS, 1 << 15, false, ThreadId::FsZero));
+    let other = [
+        Collector {
+            slot: 6,
+            action: Action::Args(2),
+        },
+        Collector {
+            slot: 0,
+            action: Action::Count,
+        },
+    ];
+    let g = s.add_site(1, 8, &other);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let f = if t % 2 == 0 { s.probed() } else { g };
+                for i in 0..N {
+                    let a = args_of(t, i);
+                    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut r = s.reader();
+    // Slot 0 counts on both sites.
+    assert_eq!(r.counters(0).hits, 4 * N);
+    assert_eq!((r.counters(3).hits, r.counters(5).hits), (2 * N, 2 * N));
+    assert_eq!(r.counters(6).hits, 2 * N);
+    let mut per_site = [0u64; 2];
+    let mut seen = HashSet::new();
+    r.drain(|rec| {
+        let w = words(rec.data);
+        let (t, i) = (w[0], w[1]);
+        match (rec.site, rec.slot) {
+            (7, 3) => assert_eq!((t % 2, w.len()), (0, 6)),
+            (8, 6) => assert_eq!((t % 2, w.len()), (1, 2)),
+            other => panic!("record of {other:?}"),
+        }
+        per_site[(rec.site - 7) as usize] += 1;
+        assert!(seen.insert((t, i)));
+    });
+    assert_eq!(per_site, [2 * N, 2 * N]);
 }

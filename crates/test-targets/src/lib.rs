@@ -108,6 +108,8 @@ macro_rules! c_program {
     };
 }
 
+pub mod alloc_count;
+
 /// Helpers the programs share.
 pub mod util {
     /// The calling thread's kernel thread id.

@@ -67,3 +67,35 @@ pub fn counting_with_post(
         })
         .post(|_| {})
 }
+
+/// A hit counter and the handler that counts into it.
+pub fn counter() -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    impl Fn(&mut multiprobe_core::Hit<'_>) + Send + Sync + 'static,
+) {
+    let c = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c2 = std::sync::Arc::clone(&c);
+    (c, move |_: &mut multiprobe_core::Hit<'_>| {
+        c2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+}
+
+/// Start `name --wait args` untraced and wait until it says it is ready. Keep the
+/// reader: the program dies of SIGPIPE writing its report into a closed pipe.
+pub fn start_waiting(
+    name: &str,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    let mut cmd = command(name, args);
+    cmd.arg("--wait").stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("ready {}", child.id()));
+    (child, out)
+}

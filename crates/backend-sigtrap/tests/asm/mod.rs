@@ -2,18 +2,11 @@
 //! symbol types and sizes so the backend can check instruction boundaries.
 #![allow(dead_code)]
 
-macro_rules! func {
-    ($name:literal, $($body:literal),+ $(,)?) => {
-        concat!(
-            ".globl ", $name, "\n",
-            ".type ", $name, ",@function\n",
-            ".p2align 4\n",
-            $name, ":\n",
-            $($body, "\n",)+
-            ".size ", $name, ", . - ", $name, "\n",
-        )
-    };
-}
+#[macro_use]
+#[path = "../asm_func/mod.rs"]
+mod asm_func;
+#[allow(unused_imports)] // each test file uses some
+pub use asm_func::{addr, bytes};
 
 core::arch::global_asm!(
     ".pushsection .text.mp_test_funcs,\"ax\",@progbits",
@@ -102,17 +95,6 @@ extern "C" {
     pub fn mp_t_sled(x: u64) -> u64;
     /// The quadword (5) the RIP-relative functions read.
     pub static mp_t_data: u64;
-}
-
-/// Address of a function.
-pub fn addr(f: *const ()) -> u64 {
-    f as u64
-}
-
-/// `n` bytes of code at `a`.
-pub fn bytes(a: u64, n: usize) -> Vec<u8> {
-    // SAFETY: test functions' code is mapped readable.
-    unsafe { std::slice::from_raw_parts(a as *const u8, n).to_vec() }
 }
 
 /// The `lea`s of [`mp_t_sled`].

@@ -4,18 +4,11 @@
 //! vector, opmask and x87 register across its probed instruction.
 #![allow(dead_code)]
 
-macro_rules! func {
-    ($name:literal, $($body:literal),+ $(,)?) => {
-        concat!(
-            ".globl ", $name, "\n",
-            ".type ", $name, ",@function\n",
-            ".p2align 4\n",
-            $name, ":\n",
-            $($body, "\n",)+
-            ".size ", $name, ", . - ", $name, "\n",
-        )
-    };
-}
+#[macro_use]
+#[path = "../asm_func/mod.rs"]
+mod asm_func;
+#[allow(unused_imports)] // each test file uses some
+pub use asm_func::{addr, bytes};
 
 core::arch::global_asm!(
     ".pushsection .text.mp_region_funcs,\"ax\",@progbits",
@@ -200,14 +193,3 @@ extern "C" {
 
 /// Bytes of `mp_r_vec`'s input and output.
 pub const VEC_LEN: usize = 2144;
-
-/// Address of a function.
-pub fn addr(f: *const ()) -> u64 {
-    f as u64
-}
-
-/// `n` bytes of code at `a`.
-pub fn bytes(a: u64, n: usize) -> Vec<u8> {
-    // SAFETY: test functions' code is mapped readable.
-    unsafe { std::slice::from_raw_parts(a as *const u8, n).to_vec() }
-}

@@ -7,23 +7,91 @@
 #![allow(dead_code)] // each test file uses some of these
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
 use multiprobe_test_targets::bin;
 
+/// The multiprobe under test, started with every signal at its default action whatever
+/// this harness inherited (see [`default_signals`]).
 pub fn multiprobe() -> Command {
-    Command::new(
+    let mut cmd = Command::new(
         std::env::var_os("MULTIPROBE_UNDER_TEST")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_multiprobe").into()),
-    )
+    );
+    default_signals(&mut cmd);
+    cmd
+}
+
+/// Start `cmd` with no signal ignored, as from a terminal.
+///
+/// Why: an ignored signal stays ignored across `exec`, and multiprobe keeps a signal
+/// that was ignored when it started ignored (`nohup`; see `src/signals.rs`). A harness
+/// started in the background of a non-interactive shell (`cargo test &` in a script, a
+/// CI job) has SIGINT and SIGQUIT ignored, and every multiprobe it started then never
+/// heard the tests' Ctrl-C: it served on, and a test waiting for it to detach waited
+/// forever. A test that wants a signal ignored says so with its own `pre_exec`, which
+/// runs after this one.
+pub fn default_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls `signal`, which is
+    // async-signal-safe, on numbers (the invalid or reserved ones fail harmlessly).
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 pub fn run(args: &[&str]) -> Output {
     multiprobe().args(args).output().expect("run multiprobe")
 }
 
+/// [`run`], which must succeed: its stdout and stderr (the failure shows the stderr).
+pub fn run_ok(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+/// Start multiprobe with `args` (an `attach`) with its stderr piped, and wait for its
+/// first line (`attached to process PID; ...` once it attached): multiprobe, the rest of
+/// its stderr, and that line.
+pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mp.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    (mp, err, line)
+}
+
+/// A fresh, empty directory for one test (`mp-NAME-PID` in the temporary directory).
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A validator of `--json` output against the schema the README documents
+/// (`schema/output.schema.json`).
+pub fn validator() -> jsonschema::Validator {
+    let text = include_str!("../../schema/output.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema is a valid JSON Schema")
 }
 
 /// The `probes` of the `--json` summary (the last line of stderr).
@@ -74,6 +142,24 @@ pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::Child
     out.read_line(&mut line).unwrap();
     let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     (child, pid, out)
+}
+
+/// Start multiprobe with `args`, a `run` of a program started with `--wait`, with stdin,
+/// stdout and stderr piped, and wait until the program says `ready PID`: multiprobe, the
+/// program's stdout after that line, and the program's pid.
+pub fn spawn_run_waiting(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, i32) {
+    let mut mp = multiprobe()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(mp.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    (mp, out, pid)
 }
 
 pub fn status_field(pid: i32, field: &str) -> String {

@@ -241,8 +241,20 @@ impl Gen<'_> {
         a.add(r11, rdx)
     }
 
-    /// The cell's header: tsc, thread, site and slot, len with flags 0.
-    fn header(&self, a: &mut CodeAssembler, slot: u32, len: usize) -> Result<(), IcedError> {
+    /// The cell's header: tsc, thread, site and slot, len with flags 0, and `ptr`: the
+    /// `mem:` pointer already loaded into `rsi`, else 0.
+    fn header(
+        &self,
+        a: &mut CodeAssembler,
+        slot: u32,
+        len: usize,
+        ptr_in_rsi: bool,
+    ) -> Result<(), IcedError> {
+        if ptr_in_rsi {
+            a.mov(qword_ptr(r11 + cell::PTR as i32), rsi)?;
+        } else {
+            a.mov(qword_ptr(r11 + cell::PTR as i32), 0)?;
+        }
         a.rdtsc()?;
         a.shl(rdx, 32)?;
         a.or(rax, rdx)?;
@@ -277,13 +289,13 @@ impl Gen<'_> {
         match c.action {
             Action::Count => unreachable!(),
             Action::Args(n) => {
-                self.header(a, c.slot, 8 * usize::from(n))?;
+                self.header(a, c.slot, 8 * usize::from(n), false)?;
                 for (i, &g) in ARGS[..usize::from(n)].iter().enumerate() {
                     self.store_program(a, g, cell::DATA + 8 * i)?;
                 }
             }
             Action::Regs => {
-                self.header(a, c.slot, REGS_LEN)?;
+                self.header(a, c.slot, REGS_LEN, false)?;
                 for (i, &g) in REGS_ORDER.iter().enumerate() {
                     self.store_program(a, g, cell::DATA + 8 * i)?;
                 }
@@ -293,8 +305,8 @@ impl Gen<'_> {
                 a.mov(qword_ptr(r11 + (cell::DATA + 17 * 8) as i32), rax)?;
             }
             Action::Mem { arg, len } => {
-                self.header(a, c.slot, usize::from(len))?;
                 self.load_program(a, rsi, ARGS[usize::from(arg) - 1])?;
+                self.header(a, c.slot, usize::from(len), true)?;
                 a.lea(rdi, ptr(r11 + cell::DATA as i32))?;
                 a.mov(ecx, u32::from(len))?;
                 a.cld()?; // the saved rflags keep the program's DF
@@ -446,6 +458,15 @@ mod tests {
     const FUNC: [u8; 6] = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3];
 
     fn build(collectors: &[Collector], area: u64) -> Result<Vec<Instruction>, TrampolineError> {
+        let b = build_at(collectors, area)?;
+        let mut dec = Decoder::with_ip(64, &b.bytes, b.map.addr(), DecoderOptions::NONE);
+        Ok((&mut dec)
+            .into_iter()
+            .take_while(|i| i.mnemonic() != Mnemonic::Int3)
+            .collect())
+    }
+
+    fn build_at(collectors: &[Collector], area: u64) -> Result<BuiltCollect, TrampolineError> {
         let region = analyze_region(
             CODE,
             Code {
@@ -465,13 +486,42 @@ mod tests {
             layout: &layout,
             thread_id: ThreadId::FsZero,
         };
-        let at = CODE + 0x10_0000;
-        let b = build_collect_trampoline(&spec, at)?;
-        let mut dec = Decoder::with_ip(64, &b.bytes, at, DecoderOptions::NONE);
-        Ok((&mut dec)
-            .into_iter()
-            .take_while(|i| i.mnemonic() != Mnemonic::Int3)
-            .collect())
+        build_collect_trampoline(&spec, CODE + 0x10_0000)
+    }
+
+    #[test]
+    fn the_map_locates_the_relocated_region_and_the_jump_back() {
+        let b = build_at(&[COUNT], CODE + 0x20_0000).unwrap();
+        let m = b.map;
+        assert_eq!(m.len(), b.bytes.len());
+        assert_eq!(m.locate(m.addr()), Some(crate::Location::Inside));
+        assert_eq!(m.locate(m.addr() + m.len() as u64), None);
+        let copy = m.copy_of(0);
+        let first = crate::Location::Relocated {
+            orig: CODE,
+            first: true,
+        };
+        assert_eq!(m.locate(copy), Some(first));
+        // The nop is 5 bytes; the jump back follows it.
+        let back = crate::Location::Relocated {
+            orig: CODE + 5,
+            first: false,
+        };
+        assert_eq!(m.locate(copy + 5), Some(back));
+        let mut regs = multiprobe_core::Regs {
+            rip: copy,
+            rsp: 0x1000,
+            ..Default::default()
+        };
+        assert_eq!(m.fixup(&mut regs), Some(true));
+        assert_eq!((regs.rip, regs.rsp), (CODE, 0x1000));
+        let mut inside = multiprobe_core::Regs {
+            rip: m.addr() + 1,
+            ..Default::default()
+        };
+        assert_eq!(m.fixup(&mut inside), None);
+        assert_eq!(inside.rip, m.addr() + 1, "unchanged");
+        assert_eq!(m.faults().count(), 0);
     }
 
     const COUNT: Collector = Collector {

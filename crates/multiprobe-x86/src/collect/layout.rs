@@ -20,7 +20,9 @@
 //! 32  len     u16  bytes of data that are valid
 //! 34  flags   u16  bit 0: faulted (a `mem:` copy hit a bad address; data holds the
 //!                  bytes read before the fault)
-//! 40  data    up to RECORD_DATA_MAX bytes
+//! 40  ptr     u64  `mem:` the pointer the bytes were read from (the argument's value);
+//!                  0 for every other action
+//! 48  data    up to RECORD_DATA_MAX bytes
 //! ```
 //!
 //! Head and tail live on their own cache lines so the producers' CAS on head does not
@@ -37,7 +39,7 @@ pub const CELL_LEN: usize = 256;
 /// log2 of [`CELL_LEN`].
 pub(crate) const CELL_SHIFT: u32 = 8;
 /// Where a cell's data starts.
-pub const RECORD_HEADER_LEN: usize = 40;
+pub const RECORD_HEADER_LEN: usize = 48;
 /// Most data bytes one record carries (a `mem:` length must not exceed it).
 pub const RECORD_DATA_MAX: usize = CELL_LEN - RECORD_HEADER_LEN;
 /// Most ring cells an area can have (the generated mask is a 32-bit immediate).
@@ -65,6 +67,7 @@ pub(crate) mod cell {
     pub const SITE: usize = 24;
     pub const LEN: usize = 32;
     pub const FLAGS: usize = 34;
+    pub const PTR: usize = 40;
     pub const DATA: usize = super::RECORD_HEADER_LEN;
 }
 
@@ -181,7 +184,7 @@ mod tests {
         );
         assert!(l.cell_offset(1023) + CELL_LEN <= l.size());
         assert_eq!(l.cell_offset(1024), l.cells_offset(), "indices wrap");
-        assert_eq!(RECORD_DATA_MAX, 216);
+        assert_eq!(RECORD_DATA_MAX, 208);
         assert_eq!(1 << CELL_SHIFT, CELL_LEN);
     }
 

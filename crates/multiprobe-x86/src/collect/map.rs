@@ -66,7 +66,9 @@ impl CollectMap {
 
     /// Where `ip` stands, or `None` outside: at a relocated instruction of the region
     /// (or the jump back), or [`Location::Inside`] the action code, which a thread must
-    /// be let run out of (it may hold a claimed cell).
+    /// be let run out of (it may hold a claimed cell): it leaves the action code at
+    /// [`CollectMap::copy_of`]`(0)`, the first relocated instruction, with every register
+    /// and flag restored (a fault resume goes back into the action code first).
     pub fn locate(&self, ip: u64) -> Option<Location> {
         self.contains(ip)
             .then(|| self.copies.locate(ip.wrapping_sub(self.addr)))

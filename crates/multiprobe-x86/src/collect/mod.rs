@@ -18,7 +18,8 @@
 //!   lock inc [hits(slot)]
 //!   record actions: reserve a cell (CAS on head, checked against tail + cells);
 //!     full: lock inc [dropped(slot)] and go to the next collector
-//!     write tsc, thread, site, slot, len, flags = 0, the data; commit: store seq last
+//!     write tsc, thread, site, slot, len, flags = 0, ptr (`mem:`), the data;
+//!     commit: store seq last
 //! pop; popfq; lea rsp,[rsp+128]
 //! the region's instructions, relocated (shared with the in-process trampoline)
 //! jmp <region end>
@@ -71,6 +72,18 @@
 //! before the fault and the faulted flag, commits the cell, counts `faulted` itself
 //! (`lock inc`: the tracer counts nothing) and goes on with the next collector, so the
 //! relocated region still runs and every register is restored.
+//!
+//! # Known limits
+//!
+//! * `rdtsc` faults (SIGSEGV) in a process that disabled it with
+//!   `prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`, and `rdfsbase` raises #UD (SIGILL) where the
+//!   kernel did not enable FSGSBASE: neither is in the fault table, so the tracer must
+//!   check both before choosing this path ([`ThreadId`]).
+//! * A hit from a signal handler that interrupted the same thread inside the action
+//!   code claims its own cell and commits it first; the interrupted record commits
+//!   when the handler returns. Records are in claim order, not commit order.
+//! * The records' `tsc` is the raw counter of the CPU the thread ran on; converting it
+//!   (and mapping the fs base to a tid) is the reader's caller's business.
 
 mod codegen;
 mod layout;
@@ -98,8 +111,8 @@ pub enum Action {
     /// A record of `rax rbx rcx rdx rsi rdi rbp rsp r8..r15 rip rflags` (18 × 8
     /// bytes), as the program had them at the probed address (`rip` = that address).
     Regs,
-    /// A record of `len` bytes at the pointer in argument `arg` (1..=6);
-    /// `1 <= len <= RECORD_DATA_MAX`.
+    /// A record of `len` bytes at the pointer in argument `arg` (1..=6), carrying the
+    /// pointer too ([`RecordRef::ptr`]); `1 <= len <= RECORD_DATA_MAX`.
     Mem {
         /// Which argument holds the pointer (1 = `rdi`).
         arg: u8,

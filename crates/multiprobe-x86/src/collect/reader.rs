@@ -40,6 +40,9 @@ pub struct RecordRef<'a> {
     pub data: &'a [u8],
     /// A `mem:` copy faulted: `data` holds the bytes read before the fault.
     pub faulted: bool,
+    /// `mem:` the pointer the bytes were read from (the argument's value); 0 for the
+    /// other actions.
+    pub ptr: u64,
 }
 
 /// Why an area cannot be read with a layout.
@@ -204,6 +207,7 @@ impl<'a> AreaReader<'a> {
         let thread = ld(cell::THREAD);
         let ids = ld(cell::SITE);
         let lf = ld(cell::LEN);
+        let ptr = ld(cell::PTR);
         let len = usize::from(lf as u16).min(RECORD_DATA_MAX);
         let flags = (lf >> (8 * (cell::FLAGS - cell::LEN))) as u16;
         for (i, chunk) in self.buf[..len.next_multiple_of(8).min(RECORD_DATA_MAX)]
@@ -222,6 +226,7 @@ impl<'a> AreaReader<'a> {
                 slot: (ids >> 32) as u32,
                 data: &[],
                 faulted: flags & FLAG_FAULTED != 0,
+                ptr,
             },
             len,
         }
@@ -231,4 +236,121 @@ impl<'a> AreaReader<'a> {
 struct Copied {
     record: RecordRef<'static>,
     len: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An area in plain memory, its header written.
+    fn area(layout: &AreaLayout) -> Vec<AtomicU64> {
+        let mem: Vec<AtomicU64> = (0..layout.size() / 8).map(|_| AtomicU64::new(0)).collect();
+        for (w, c) in mem.iter().zip(layout.header().chunks(8)) {
+            w.store(u64::from_le_bytes(c.try_into().unwrap()), Ordering::Relaxed);
+        }
+        mem
+    }
+
+    /// What the generated code does, step by step: claim (head += 1), then later fill
+    /// and commit reservation `pos` with `data` as its one word.
+    fn claim(mem: &[AtomicU64]) -> u64 {
+        mem[hdr::HEAD / 8].fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn commit(mem: &[AtomicU64], layout: &AreaLayout, pos: u64, data: u64, len: u64) {
+        let base = layout.cell_offset(pos as u32);
+        let w = |o: usize, v: u64| mem[(base + o) / 8].store(v, Ordering::SeqCst);
+        w(cell::TSC, 100 + pos);
+        w(cell::THREAD, 0x7000);
+        w(cell::SITE, 9 << 32 | 4);
+        w(cell::LEN, len);
+        w(cell::PTR, 0x5000 + pos);
+        w(cell::DATA, data);
+        w(cell::SEQ, pos + 1);
+    }
+
+    #[test]
+    fn drain_stops_at_an_uncommitted_cell_and_drain_stopped_skips_it() {
+        let layout = AreaLayout::new(8, 1);
+        let mem = area(&layout);
+        let mut r = AreaReader::new(&mem, &layout).unwrap();
+        let (a, b, c) = (claim(&mem), claim(&mem), claim(&mem));
+        commit(&mem, &layout, a, 11, 8);
+        commit(&mem, &layout, c, 33, 8);
+        // `b`'s producer died between its claim and its commit.
+        let mut got = Vec::new();
+        let rec = |got: &mut Vec<_>, rec: RecordRef<'_>| {
+            got.push((
+                rec.tsc,
+                rec.site,
+                rec.slot,
+                rec.thread,
+                rec.ptr,
+                rec.data.to_vec(),
+            ))
+        };
+        assert_eq!(r.drain(|x| rec(&mut got, x)), 1);
+        assert_eq!(r.drain(|x| rec(&mut got, x)), 0, "waits in front of b");
+        assert_eq!(r.abandoned(), 0);
+        assert_eq!(r.drain_stopped(|x| rec(&mut got, x)), 1);
+        assert_eq!(r.abandoned(), 1);
+        assert_eq!(
+            got,
+            [
+                (100, 4, 9, 0x7000, 0x5000, 11u64.to_le_bytes().to_vec()),
+                (102, 4, 9, 0x7000, 0x5002, 33u64.to_le_bytes().to_vec())
+            ]
+        );
+        let _ = b;
+        // The tail is in the area: a new reader goes on from there, and the cells are
+        // free for the next lap (a stale seq of the last lap is not taken as committed).
+        assert_eq!(mem[hdr::TAIL / 8].load(Ordering::SeqCst), 3);
+        let mut r2 = AreaReader::new(&mem, &layout).unwrap();
+        assert_eq!(r2.drain(|_| panic!("nothing new")), 0);
+        for i in 0..8 {
+            let p = claim(&mem);
+            assert_eq!(p, 3 + i);
+            commit(&mem, &layout, p, p, 8);
+        }
+        let mut seen = Vec::new();
+        r2.drain(|x| seen.push(u64::from_le_bytes(x.data.try_into().unwrap())));
+        assert_eq!(seen, (3..11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_corrupt_area_gives_wrong_records_never_a_panic() {
+        let layout = AreaLayout::new(4, 1);
+        let mem = area(&layout);
+        let mut r = AreaReader::new(&mem, &layout).unwrap();
+        // A length beyond the cell, and a head far beyond tail + cells.
+        let p = claim(&mem);
+        commit(&mem, &layout, p, 5, u64::MAX);
+        mem[hdr::HEAD / 8].store(u64::MAX - 1, Ordering::SeqCst);
+        let mut lens = Vec::new();
+        r.drain(|x| lens.push(x.data.len()));
+        assert_eq!(lens, [RECORD_DATA_MAX]);
+        r.drain_stopped(|_| {});
+        assert_eq!(
+            r.abandoned(),
+            4,
+            "at most one lap from the tail is ever read"
+        );
+    }
+
+    #[test]
+    fn a_wrong_or_missing_header_is_refused() {
+        let layout = AreaLayout::new(8, 2);
+        let mem = area(&layout);
+        assert!(AreaReader::new(&mem, &AreaLayout::new(16, 2)).is_err());
+        assert!(AreaReader::new(&mem, &AreaLayout::new(8, 3)).is_err());
+        assert!(matches!(
+            AreaReader::new(&mem[..8], &layout),
+            Err(AreaError::TooShort { .. })
+        ));
+        mem[0].store(0, Ordering::SeqCst);
+        assert_eq!(
+            AreaReader::new(&mem, &layout).unwrap_err(),
+            AreaError::BadHeader
+        );
+    }
 }

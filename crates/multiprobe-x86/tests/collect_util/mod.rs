@@ -86,6 +86,7 @@ impl Area {
 }
 
 pub struct Setup {
+    code: *mut u8,
     pub area: Area,
     pub built: BuiltCollect,
 }
@@ -174,6 +175,34 @@ pub fn whole_function_region(base: u64, f: &[u8]) -> Region {
     .unwrap()
 }
 
+/// Function copy `k` at `FUNC + 0x100 k`, its trampoline at `TRAMP + 0x1000 k`.
+fn site(
+    code: *mut u8,
+    area: &Area,
+    k: usize,
+    site_no: u32,
+    collectors: &[Collector],
+    thread_id: ThreadId,
+) -> BuiltCollect {
+    let base = code as u64;
+    let at = base + (FUNC + 0x100 * k) as u64;
+    let f = function(at, base + DATA as u64);
+    write_raw(code, FUNC + 0x100 * k, &f, CODE_LEN);
+    let region = whole_function_region(at, &f);
+    let spec = CollectSpec {
+        region: &region,
+        site: site_no,
+        collectors,
+        area: area.addr(),
+        layout: &area.layout,
+        thread_id,
+    };
+    let t = TRAMP + 0x1000 * k;
+    let built = build_collect_trampoline(&spec, base + t as u64).unwrap();
+    write_raw(code, t, &built.bytes, CODE_LEN);
+    built
+}
+
 impl Setup {
     /// The function, its region and a trampoline for `collectors` in an area of `cells`
     /// cells and 8 counter slots, placed after the code page when `near`, else 64 GiB
@@ -185,20 +214,24 @@ impl Setup {
         let base = code as u64;
         let area = Area::new(cells, near.then_some(base), base);
         write_raw(code, DATA, &DATA_VALUE.to_le_bytes(), CODE_LEN);
-        let f = function(base + FUNC as u64, base + DATA as u64);
-        write_raw(code, FUNC, &f, CODE_LEN);
-        let region = whole_function_region(base, &f);
-        let spec = CollectSpec {
-            region: &region,
-            site: 7,
+        let built = site(code, &area, 0, 7, collectors, thread_id);
+        Setup { code, area, built }
+    }
+
+    /// Another copy of the function (number `k`, 1..8) probed as site `site_no` with
+    /// `collectors`, writing into this set-up's area; the probed copy's entry.
+    pub fn add_site(&self, k: usize, site_no: u32, collectors: &[Collector]) -> Func {
+        assert!((1..8).contains(&k));
+        let built = site(
+            self.code,
+            &self.area,
+            k,
+            site_no,
             collectors,
-            area: area.addr(),
-            layout: &area.layout,
-            thread_id,
-        };
-        let built = build_collect_trampoline(&spec, base + TRAMP as u64).unwrap();
-        write_raw(code, TRAMP, &built.bytes, CODE_LEN);
-        Setup { area, built }
+            ThreadId::FsZero,
+        );
+        // SAFETY: as in `probed`.
+        unsafe { std::mem::transmute::<u64, Func>(built.map.addr()) }
     }
 
     /// The trampoline, called as if it were the function (its region's first
