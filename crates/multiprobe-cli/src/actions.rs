@@ -68,7 +68,11 @@ impl RowState {
     /// handlers are closures, counted by the registry).
     pub fn collect_stats(&self) -> Option<CollectStats> {
         let c = self.collects.lock().unwrap_or_else(|p| p.into_inner());
-        (!c.is_empty()).then(|| c.iter().map(Collect::stats).fold(CollectStats::default(), |a, b| a + b))
+        (!c.is_empty()).then(|| {
+            c.iter()
+                .map(Collect::stats)
+                .fold(CollectStats::default(), |a, b| a + b)
+        })
     }
 
     fn count_key(&self, k: u64) {
@@ -351,7 +355,15 @@ impl ActionHandler {
     /// A `hit` record: the fields every hit has, then the action's.
     fn json_line(&self, hit: &Hit<'_>, now: SystemTime, fields: serde_json::Value) -> String {
         let b = &self.b;
-        hit_json(b.pid, hit.tid(), hit.addr(), &b.label, b.action, now, fields)
+        hit_json(
+            b.pid,
+            hit.tid(),
+            hit.addr(),
+            &b.label,
+            b.action,
+            now,
+            fields,
+        )
     }
 
     fn arg(&self, hit: &Hit<'_>, n: u8) -> Result<u64, String> {

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use multiprobe_backend_ptrace::collect::{Collect, Collection, Record, RecordData, MEM_MAX};
+use multiprobe_backend_ptrace::collect::{
+    Action as CollectAction, Collect, Collection, Record, RecordData, MEM_MAX,
+};
 use multiprobe_core::Gpr;
 
 use crate::actions::{Args, Binding, SiteCtx};
@@ -81,7 +83,7 @@ pub struct Collected {
 impl Collected {
     /// `collect` was registered for `b`'s row: print its records.
     pub fn add(&self, collect: &Collect, b: &Binding) {
-        if !collect.action().records() {
+        if matches!(collect.action(), CollectAction::Count) {
             return;
         }
         lock(&self.printers).push(Printer {
@@ -109,7 +111,12 @@ impl Collected {
         let mut batch: Vec<(u64, usize, Record)> = Vec::new();
         let printers = lock(&self.printers);
         for (i, p) in printers.iter().enumerate() {
-            batch.extend(p.collect.take_records().into_iter().map(|r| (r.time_ns, i, r)));
+            batch.extend(
+                p.collect
+                    .take_records()
+                    .into_iter()
+                    .map(|r| (r.time_ns, i, r)),
+            );
         }
         if batch.is_empty() {
             return;

@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 
 use multiprobe_backend_ptrace::{DetachHandle, ExitStatus, Stop, Tracer};
 
+use crate::collected::{Collected, Drainer};
 use crate::error::Error;
 use crate::exit::{self, Exit};
 use crate::outfile::OutputFile;
 use crate::report::{json, json_interval, table, Outcome, Row, Summary};
 use crate::session::{self, lock, programs, Session, Setup, Shared};
 use crate::signals;
-use crate::collected::{Collected, Drainer};
 use crate::sink::{Dest, Sink};
 use crate::spec::ProbeSpec;
 use crate::ticker::Ticker;

@@ -242,12 +242,14 @@ pub fn table(rows: &[Row]) -> String {
     }
     if rows.iter().any(|r| r.collected.is_some_and(|(d, _)| d > 0)) {
         cols.push(("DROPPED", true, |r| {
-            r.collected.map_or_else(|| "-".into(), |(d, _)| d.to_string())
+            r.collected
+                .map_or_else(|| "-".into(), |(d, _)| d.to_string())
         }));
     }
     if rows.iter().any(|r| r.collected.is_some_and(|(_, f)| f > 0)) {
         cols.push(("FAULTED", true, |r| {
-            r.collected.map_or_else(|| "-".into(), |(_, f)| f.to_string())
+            r.collected
+                .map_or_else(|| "-".into(), |(_, f)| f.to_string())
         }));
     }
     let paths = rows.iter().any(|r| r.path.is_some());

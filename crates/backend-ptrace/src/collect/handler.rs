@@ -40,9 +40,15 @@ pub enum RecordData {
     Args(Vec<u64>),
     /// [`Action::Regs`]: the registers at the hit (`rip` is the probed address).
     Regs(Box<Regs>),
-    /// [`Action::Mem`]: the bytes read; empty when the read faulted
-    /// ([`Record::faulted`]).
-    Mem(Vec<u8>),
+    /// [`Action::Mem`]: the pointer (the argument's value) and the bytes read from it;
+    /// when the read faulted ([`Record::faulted`]), those read before the fault (none
+    /// on the one-stop path).
+    Mem {
+        /// Where the bytes were read from.
+        ptr: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// One hit's record.
@@ -233,7 +239,7 @@ impl Handler for Collect {
                     i.faulted.fetch_add(1, Relaxed);
                     buf.clear();
                 }
-                RecordData::Mem(buf)
+                RecordData::Mem { ptr, bytes: buf }
             }
         };
         self.push(Record {

@@ -137,6 +137,10 @@ impl Procs {
     /// collectors' bindings stay (their records of the old image were drained).
     pub(crate) fn forget_image(&mut self) {
         self.area = AreaState::NotTried;
+        // The old image's collectors keep the counts of its last drain; left in the
+        // table, the new area's (unused, zero) counters at their slots would be
+        // copied over them at the next drain.
+        self.slots.clear();
         self.sites.clear();
         self.threads = Default::default();
         self.jumped.clear();
@@ -242,12 +246,14 @@ pub enum SitePath {
     Stop(String),
 }
 
-impl Tracer {
+impl crate::PtraceBackend {
     /// The path the site at `addr` takes, if it has a collector among its enabled
-    /// handlers (`None` otherwise, or if nothing is registered there).
+    /// handlers (`None` otherwise, or if nothing is registered there). Any thread.
     pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
         let site = self
+            .shared
             .dispatcher
+            .get()?
             .with_site(addr, |s| std::sync::Arc::clone(&s.0))?;
         let c = handler::lock(&site.collect);
         match (&c.wanted, &c.path) {
@@ -261,6 +267,20 @@ impl Tracer {
                 }))
             }
         }
+    }
+
+    /// A handle for draining the process's records from any thread.
+    pub fn collection(&self) -> Collection {
+        Collection {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Tracer {
+    /// The path the site at `addr` takes ([`crate::PtraceBackend::collect_path`]).
+    pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
+        self.registry().backend().collect_path(addr)
     }
 
     /// Make the process's area if it was not tried yet, on the stopped thread `tid`
@@ -295,9 +315,7 @@ impl Tracer {
 
     /// A handle for draining the process's records from any thread.
     pub fn collection(&self) -> Collection {
-        Collection {
-            shared: Arc::clone(&self.shared),
-        }
+        self.registry().backend().collection()
     }
 
     /// Drain what the tracee wrote, knowing none of its threads is inside the action

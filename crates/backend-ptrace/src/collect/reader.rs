@@ -179,6 +179,9 @@ fn decode(action: Action, r: &RecordRef<'_>) -> RecordData {
             regs.fs_base = r.thread;
             RecordData::Regs(Box::new(regs))
         }
-        Action::Mem { .. } => RecordData::Mem(r.data.to_vec()),
+        Action::Mem { .. } => RecordData::Mem {
+            ptr: r.ptr,
+            bytes: r.data.to_vec(),
+        },
     }
 }

@@ -313,8 +313,13 @@ impl Session {
         let mut out = Vec::new();
         for p in &self.procs {
             let over = p.outcome.as_ref().or(end);
-            out.extend(p.rows
-                .summary(&p.registry, p.pid, over, &self.specs, self.collected.is_none()));
+            out.extend(p.rows.summary(
+                &p.registry,
+                p.pid,
+                over,
+                &self.specs,
+                self.collected.is_none(),
+            ));
         }
         out
     }

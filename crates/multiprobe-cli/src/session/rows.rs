@@ -260,7 +260,7 @@ impl Rows {
         specs: &[ProbeSpec],
         stop: bool,
     ) -> Vec<report::Row> {
-        let path_of = |site: u64| self.path(registry, site, stop);
+        let path_of = |site: u64| self.path(registry, site, stop, specs);
         let filter_of = |spec: usize| -> Option<String> {
             let f = &specs[spec].filters;
             (!f.is_empty()).then(|| {
@@ -361,7 +361,13 @@ impl Rows {
 impl Rows {
     /// How the site at `site` is served: in the tracee, or with a stop and why (the
     /// first of its actions that needs the tracer, else the backend's reason).
-    fn path(&self, registry: &Registry<PtraceBackend>, site: u64, stop: bool) -> Path {
+    fn path(
+        &self,
+        registry: &Registry<PtraceBackend>,
+        site: u64,
+        stop: bool,
+        specs: &[ProbeSpec],
+    ) -> Path {
         if stop {
             return Path::Stop(report::STOP_ASKED.into());
         }
@@ -370,7 +376,15 @@ impl Rows {
                 && r.state.collect_stats().is_none()
         });
         if let Some(r) = needs_tracer {
-            return Path::Stop(format!("`{}` runs in multiprobe", r.action));
+            let spec = &specs[r.spec];
+            return Path::Stop(if spec.filters.is_empty() {
+                format!("`{}` runs in multiprobe", r.action)
+            } else {
+                format!(
+                    "the condition of {:?} is evaluated in multiprobe",
+                    spec.text
+                )
+            });
         }
         match registry.backend().collect_path(site) {
             Some(SitePath::InTracee) => Path::Tracee,
