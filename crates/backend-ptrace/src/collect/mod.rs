@@ -205,6 +205,14 @@ pub(crate) fn classify(
                         format!("handler {id} is a collector registered more than once")
                     });
                 }
+                if b.slot >= COUNTER_SLOTS {
+                    why.get_or_insert_with(|| {
+                        format!(
+                            "the process has more collectors than its area has counters \
+                             ({COUNTER_SLOTS})"
+                        )
+                    });
+                }
                 cols.push((id, c.clone()));
             }
             None => {

@@ -146,7 +146,9 @@ pub(crate) fn drain_area(
     } else {
         reader.drain(&mut take)
     };
-    for (slot, c) in cols.iter().enumerate() {
+    // Collectors bound past the area's counters never ran in the tracee (`classify`).
+    let counted = area.layout.counter_slots() as usize;
+    for (slot, c) in cols.iter().enumerate().take(counted) {
         if let Some(c) = c {
             let k = reader.counters(slot as u32);
             *lock(&c.area) = CollectStats {
