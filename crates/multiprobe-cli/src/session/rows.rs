@@ -260,7 +260,26 @@ impl Rows {
         specs: &[ProbeSpec],
         stop: bool,
     ) -> Vec<report::Row> {
-        let path_of = |site: u64| self.path(registry, site, stop, specs);
+        // Per site, once: the first armed row there whose action needs the tracer.
+        let mut needs_tracer: HashMap<u64, Option<RowId>> = HashMap::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            if let Status::Armed(p) = &r.status {
+                let first = needs_tracer.entry(p.site).or_insert(None);
+                if first.is_none() && r.state.collect_stats().is_none() {
+                    *first = Some(i);
+                }
+            }
+        }
+        let mut paths: HashMap<u64, Path> = HashMap::new();
+        let mut path_of = |site: u64| {
+            paths
+                .entry(site)
+                .or_insert_with(|| {
+                    let first = needs_tracer.get(&site).copied().flatten();
+                    self.path(registry, site, stop, specs, first)
+                })
+                .clone()
+        };
         let filter_of = |spec: usize| -> Option<String> {
             let f = &specs[spec].filters;
             (!f.is_empty()).then(|| {
@@ -324,7 +343,7 @@ impl Rows {
                         .at_return()
                         .then_some((stats.returns, stats.returns_lost)),
                     latency: (r.action == Action::Latency).then(|| r.state.latency.snapshot()),
-                    path: site.filter(|_| live.is_some()).map(path_of),
+                    path: site.filter(|_| live.is_some()).map(&mut path_of),
                     collected: collected.map(|c| (c.dropped, c.faulted)),
                 }
             })
@@ -360,21 +379,20 @@ impl Rows {
 
 impl Rows {
     /// How the site at `site` is served: in the tracee, or with a stop and why (the
-    /// first of its actions that needs the tracer, else the backend's reason).
+    /// first of its actions that needs the tracer, row `needs_tracer`, else the
+    /// backend's reason).
     fn path(
         &self,
         registry: &Registry<PtraceBackend>,
         site: u64,
         stop: bool,
         specs: &[ProbeSpec],
+        needs_tracer: Option<RowId>,
     ) -> Path {
         if stop {
             return Path::Stop(report::STOP_ASKED.into());
         }
-        let needs_tracer = self.rows.iter().find(|r| {
-            matches!(&r.status, Status::Armed(p) if p.site == site)
-                && r.state.collect_stats().is_none()
-        });
+        let needs_tracer = needs_tracer.map(|i| &self.rows[i]);
         if let Some(r) = needs_tracer {
             let spec = &specs[r.spec];
             return Path::Stop(if spec.filters.is_empty() {
