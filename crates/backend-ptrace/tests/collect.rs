@@ -478,3 +478,72 @@ fn vfork_and_exec_in_a_loop_while_collectors_come_and_go() {
     assert_eq!(got["vforks"], "30", "{out}");
     assert_eq!(total.stats().hits.to_string(), got["calls"], "{out}");
 }
+
+/// Executable anonymous mappings of `pid` (our out-of-line and trampoline pages).
+fn anon_exec(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].contains('x') && f.len() < 6
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn attach_and_detach_of_a_busy_program_leaves_its_text_identical_and_nothing_mapped() {
+    let mut child = common::command("mp-c-collect", &["busy", "4"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let text_before = common::text(pid);
+    let anon_before = anon_exec(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(1).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let col = t.collection();
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let c = count.clone();
+    assert_eq!(
+        t.run_until(|| {
+            col.drain();
+            c.stats().hits >= 5000
+        })
+        .unwrap(),
+        None
+    );
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    assert!(!area_maps(pid).is_empty());
+    t.detach().unwrap();
+    // Everything the threads wrote was drained at detach: every hit is a record or a
+    // drop (the program makes millions of calls a second: the ring overflows).
+    let hits = count.stats().hits;
+    let a = args.stats();
+    assert_eq!(args.take_records().len() as u64, a.hits - a.dropped);
+    assert_eq!(a.hits, hits, "both collectors ran at every hit");
+    assert!(hits >= 5000);
+    assert!(area_maps(pid).is_empty(), "{:?}", area_maps(pid));
+    assert_eq!(anon_exec(pid), anon_before, "no out-of-line page left");
+    if let Ok(Some(st)) = child.try_wait() {
+        panic!("the program died after the detach: {st:?}");
+    }
+    let text_after = common::text(pid);
+    assert_eq!(text_before.len(), text_after.len());
+    for (b, a) in text_before.iter().zip(&text_after) {
+        assert!(b == a, "text of {} changed", b.0);
+    }
+    // It runs on unharmed and ends as asked.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(child.stdin.take());
+    let out = common::read_all(&mut child);
+    assert!(child.wait().unwrap().success());
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls > hits, "{out}");
+}
