@@ -447,7 +447,6 @@ fn exec_ends_the_old_images_collectors_after_a_final_drain_and_probes_go_in_agai
 }
 
 #[test]
-#[ignore = "hangs in about 1 of 30 runs (29/30 on 2026-12-02): the tracer loop keeps running, the program never ends; open"]
 fn vfork_and_exec_in_a_loop_while_collectors_come_and_go() {
     let mut cmd = common::command("mp-c-collect", &["vfork", "30"]);
     let mut t = Tracer::spawn(&mut cmd).unwrap();
