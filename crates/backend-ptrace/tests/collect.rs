@@ -546,3 +546,44 @@ fn attach_and_detach_of_a_busy_program_leaves_its_text_identical_and_nothing_map
     let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
     assert!(calls > hits, "{out}");
 }
+
+#[test]
+fn a_followed_fork_child_collects_into_its_own_counts() {
+    let mut cmd = common::command("mp-c-collect", &["fork", "50"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    t.follow_forks(true);
+    let f = t.resolve("mp_col_target").unwrap();
+    let parent = Collect::args(2).unwrap();
+    let _g = t.registry().register_handler(f, parent.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    let kid = Collect::args(2).unwrap();
+    let mut kid_reg = None;
+    loop {
+        match t.run().unwrap() {
+            Stop::Forked { child, .. } => {
+                let r = t.registry_of(child).unwrap();
+                kid_reg = Some(r.register_handler(f, kid.clone()).unwrap());
+            }
+            Stop::ProcessExited { .. } => {}
+            Stop::Exited(s) => {
+                assert_eq!(s, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let out = common::read_all(&mut child);
+    assert!(out.contains("parent calls=100 child=0"), "{out}");
+    assert!(kid_reg.is_some(), "the fork was reported");
+    // The parent's 50 + 50, the child's own 100 (its second argument is 1), apart.
+    assert_eq!(parent.stats().hits, 100);
+    let p: Vec<u64> = args_of(&parent.take_records())
+        .iter()
+        .map(|a| a[1])
+        .collect();
+    assert!(p.iter().all(|&b| b == 0 || b == 2), "{p:?}");
+    assert_eq!(kid.stats().hits, 100);
+    let k: Vec<u64> = args_of(&kid.take_records()).iter().map(|a| a[1]).collect();
+    assert_eq!(k.len(), 100);
+    assert!(k.iter().all(|&b| b == 1), "{k:?}");
+}
