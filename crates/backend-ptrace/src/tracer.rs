@@ -381,6 +381,11 @@ impl Tracer {
             // Collectors registered, changed or gone: promote, repoint or demote with
             // every thread stopped (`collect/promote.rs`).
             self.rework_collect()?;
+            if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
+                // It ended while the rework stopped everyone (that exit report was
+                // taken there).
+                return Ok(Some(Stop::Exited(status)));
+            }
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }

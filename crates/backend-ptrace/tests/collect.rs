@@ -418,3 +418,174 @@ fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn exec_ends_the_old_images_collectors_after_a_final_drain_and_probes_go_in_again() {
+    let mut cmd = common::command("mp-c-collect", &["exec", "300"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let before = Collect::args(1).unwrap();
+    let _g = t.registry().register_handler(f, before.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    match t.run().unwrap() {
+        Stop::Exec { unregistered } => assert_eq!(unregistered.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    // Every call of the old image, drained at the exec (promoted or not).
+    assert_eq!(before.stats().hits, 300);
+    assert_eq!(before.take_records().len(), 300);
+    assert_eq!(t.collect_area(), None, "the old image's area went with it");
+    // The new program (1 thread, 300 calls): placed again.
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f2 = t.resolve("mp_col_target").unwrap();
+    let after = Collect::count();
+    let _g2 = t.registry().register_handler(f2, after.clone()).unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.contains("before exec calls=300"), "{out}");
+    assert!(out.contains("calls=300 sum="), "{out}");
+    assert_eq!(after.stats().hits, 300);
+    assert_eq!(t.collect_path(f2), Some(SitePath::InTracee));
+}
+
+#[test]
+fn vfork_and_exec_in_a_loop_while_collectors_come_and_go() {
+    let mut cmd = common::command("mp-c-collect", &["vfork", "30"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let total = Collect::count();
+    let _g = t.registry().register_handler(f, total.clone()).unwrap();
+    let registry = t.registry().clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let changer = std::thread::spawn(move || {
+        while !d.load(Relaxed) {
+            let c = Collect::args(2).unwrap();
+            if let Ok(g) = registry.register_handler(f, c) {
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                let _ = g.unregister();
+            }
+        }
+    });
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let mut child = t.take_child().unwrap();
+    let stop = t.run();
+    done.store(true, Relaxed);
+    changer.join().unwrap();
+    assert_eq!(stop.unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["vforks"], "30", "{out}");
+    assert_eq!(total.stats().hits.to_string(), got["calls"], "{out}");
+}
+
+/// Executable anonymous mappings of `pid` (our out-of-line and trampoline pages).
+fn anon_exec(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].contains('x') && f.len() < 6
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn attach_and_detach_of_a_busy_program_leaves_its_text_identical_and_nothing_mapped() {
+    let mut child = common::command("mp-c-collect", &["busy", "4"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let text_before = common::text(pid);
+    let anon_before = anon_exec(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(1).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let col = t.collection();
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let c = count.clone();
+    assert_eq!(
+        t.run_until(|| {
+            col.drain();
+            c.stats().hits >= 5000
+        })
+        .unwrap(),
+        None
+    );
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    assert!(!area_maps(pid).is_empty());
+    t.detach().unwrap();
+    // Everything the threads wrote was drained at detach: every hit is a record or a
+    // drop (the program makes millions of calls a second: the ring overflows).
+    let hits = count.stats().hits;
+    let a = args.stats();
+    assert_eq!(args.take_records().len() as u64, a.hits - a.dropped);
+    assert_eq!(a.hits, hits, "both collectors ran at every hit");
+    assert!(hits >= 5000);
+    assert!(area_maps(pid).is_empty(), "{:?}", area_maps(pid));
+    assert_eq!(anon_exec(pid), anon_before, "no out-of-line page left");
+    if let Ok(Some(st)) = child.try_wait() {
+        panic!("the program died after the detach: {st:?}");
+    }
+    let text_after = common::text(pid);
+    assert_eq!(text_before.len(), text_after.len());
+    for (b, a) in text_before.iter().zip(&text_after) {
+        assert!(b == a, "text of {} changed", b.0);
+    }
+    // It runs on unharmed and ends as asked.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(child.stdin.take());
+    let out = common::read_all(&mut child);
+    assert!(child.wait().unwrap().success());
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls > hits, "{out}");
+}
+
+#[test]
+fn a_followed_fork_child_collects_into_its_own_counts() {
+    let mut cmd = common::command("mp-c-collect", &["fork", "50"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    t.follow_forks(true);
+    let f = t.resolve("mp_col_target").unwrap();
+    let parent = Collect::args(2).unwrap();
+    let _g = t.registry().register_handler(f, parent.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    let kid = Collect::args(2).unwrap();
+    let mut kid_reg = None;
+    loop {
+        match t.run().unwrap() {
+            Stop::Forked { child, .. } => {
+                let r = t.registry_of(child).unwrap();
+                kid_reg = Some(r.register_handler(f, kid.clone()).unwrap());
+            }
+            Stop::ProcessExited { .. } => {}
+            Stop::Exited(s) => {
+                assert_eq!(s, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let out = common::read_all(&mut child);
+    assert!(out.contains("parent calls=100 child=0"), "{out}");
+    assert!(kid_reg.is_some(), "the fork was reported");
+    // The parent's 50 + 50, the child's own 100 (its second argument is 1), apart.
+    assert_eq!(parent.stats().hits, 100);
+    let p: Vec<u64> = args_of(&parent.take_records())
+        .iter()
+        .map(|a| a[1])
+        .collect();
+    assert!(p.iter().all(|&b| b == 0 || b == 2), "{p:?}");
+    assert_eq!(kid.stats().hits, 100);
+    let k: Vec<u64> = args_of(&kid.take_records()).iter().map(|a| a[1]).collect();
+    assert_eq!(k.len(), 100);
+    assert!(k.iter().all(|&b| b == 1), "{k:?}");
+}

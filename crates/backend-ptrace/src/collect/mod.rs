@@ -41,10 +41,36 @@
 //! one-stop path. Detach unmaps it in the tracee; a fork child freed of our probes has
 //! its copy unmapped; an exec takes it with the old image.
 //!
+//! # Promotion, and registration changes
+//!
+//! The tracer thread promotes between events ([`Tracer::run_until`]'s loop), with every
+//! thread of the process stopped (see `promote.rs` for the protocol and its
+//! invariants). A promoted site makes no event: a loop that must notice a condition
+//! meanwhile needs a wake-up ([`crate::DetachHandle::wake`], the command's ticker).
+//! A registration change at a promoted site (from any thread) writes an `int3` over
+//! the jump at once — later hits stop and run the new list in the tracer — and wakes
+//! the loop, which puts the original bytes back behind the `int3`: such a site stays
+//! on the one-stop path in this image (known gap: repointing a live jump to a new
+//! trampoline lost a thread in 2 of 20 runs and is not done). Rule 3: a collector that
+//! left its site is retired at that moment; records a thread was still writing in the
+//! old trampoline then are dropped by the reader.
+//!
 //! # Threads
 //!
-//! Everything here is `Send + Sync`: [`Collect::stats`] and [`Collect::take_records`]
-//! may be called from any thread while the tracer loop runs on its own.
+//! Everything here is `Send + Sync`: [`Collect::stats`], [`Collect::take_records`]
+//! and [`Collection::drain`] may be called from any thread while the tracer loop runs
+//! on its own. A promoted collector's counters and records reach it at each drain:
+//! drain before reading them.
+//!
+//! # Limits
+//!
+//! * Records name threads by their fs base, mapped to thread ids as threads are seen
+//!   (promotion, clone events); a thread that sets its own fs base later
+//!   (`arch_prctl`) is misnamed.
+//! * A thread that a signal handler took out of a trampoline and that returns into it
+//!   after a detach finds it unmapped.
+//! * While a site's change waits for the tracer, post and return hooks registered there
+//!   do not run yet.
 
 mod area;
 mod clock;

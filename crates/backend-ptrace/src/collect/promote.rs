@@ -34,6 +34,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
 use multiprobe_symbols::{LandingPads, ProcessSymbols};
 use multiprobe_x86::collect::{
@@ -549,8 +550,13 @@ impl Tracer {
 
     /// Move the stopped thread `tid` out of any trampoline in `maps`: let it run out of
     /// the action code (single steps, bounded), then to the original instruction its
-    /// copy stands for.
+    /// copy stands for. The action code saves and restores `rflags` (`pushfq` ...
+    /// `popfq`): a step over the `pushfq` saves the trap flag, which the `popfq` puts
+    /// back, so it is cleared at the end unless the thread had it before (otherwise the
+    /// program, detached, would die of the next SIGTRAP).
     pub(crate) fn out_of_trampolines(&mut self, tid: Tid, maps: &[CollectMap]) {
+        let had_tf = sys::get_regs(tid).is_ok_and(|r| r.eflags & RFLAGS_TF != 0);
+        let mut stepped = false;
         for _ in 0..4096 {
             let Ok(ur) = sys::get_regs(tid) else {
                 return;
@@ -560,9 +566,13 @@ impl Tracer {
             };
             let mut regs = crate::regs::to_core(&ur);
             if m.fixup(&mut regs).is_some() {
+                if stepped && !had_tf {
+                    regs.rflags &= !RFLAGS_TF;
+                }
                 let _ = sys::set_regs(tid, &crate::regs::from_core(&ur, &regs));
                 return;
             }
+            stepped = true;
             if sys::single_step(tid, None).is_err() {
                 return;
             }
