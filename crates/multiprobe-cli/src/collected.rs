@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 use multiprobe_backend_ptrace::collect::{
     Action as CollectAction, Collect, Collection, Record, RecordData, MEM_MAX,
 };
+use multiprobe_backend_ptrace::DetachHandle;
 use multiprobe_core::Gpr;
 
 use crate::actions::{Args, Binding, SiteCtx};
@@ -99,6 +100,12 @@ impl Collected {
     /// Drain through `collection` too (the tracer's handle).
     pub fn drain_from(&self, collection: Collection) {
         lock(&self.drains).push(collection);
+    }
+
+    /// Whether the tracer has sites to promote or demote (it does that between
+    /// events: a program that makes none needs a wake-up).
+    fn rework_pending(&self) -> bool {
+        lock(&self.drains).iter().any(Collection::rework_pending)
     }
 
     /// Move what the tracees wrote into the collectors, then print every record taken,
@@ -231,8 +238,9 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    /// Start the drain thread for `collected`.
-    pub fn start(collected: Arc<Collected>) -> Drainer {
+    /// Start the drain thread for `collected`; it wakes the tracer loop through
+    /// `wake` when sites wait to be promoted.
+    pub fn start(collected: Arc<Collected>, wake: Option<DetachHandle>) -> Drainer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
         let c = Arc::clone(&collected);
@@ -242,6 +250,9 @@ impl Drainer {
                 while !s.load(Ordering::Relaxed) {
                     std::thread::park_timeout(DRAIN_EVERY);
                     c.print();
+                    if let Some(w) = wake.as_ref().filter(|_| c.rework_pending()) {
+                        w.wake();
+                    }
                 }
             })
             .ok();

@@ -285,7 +285,8 @@ fn serve(
     let collected = lock(session).collected();
     // Prints the collected records while the loop sleeps in waitpid, and what is left
     // when the loop returns (dropped there, before the summary).
-    let _drainer = collected.clone().map(Drainer::start);
+    let wake = tracer.detach_handle().ok();
+    let _drainer = collected.clone().map(|c| Drainer::start(c, wake));
     // The loop sleeps while the program makes no hit: an alarm wakes it for the ticks.
     let _alarm = match (opts.interval, tracer.detach_handle()) {
         (Some(every), Ok(h)) => Some(Alarm::start(every, h)),

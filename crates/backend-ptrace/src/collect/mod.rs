@@ -145,6 +145,9 @@ pub(crate) struct Procs {
     /// Sites whose handlers changed while they were promoted: stop sites for good in
     /// this image (see `promote.rs`).
     pub(crate) changed_live: HashSet<u64>,
+    /// After a rework cut short by its time budget, the next one waits until then:
+    /// the program runs at least as long as it was held.
+    pub(crate) rework_after: Option<std::time::Instant>,
 }
 
 impl Procs {
@@ -297,7 +300,7 @@ impl crate::PtraceBackend {
             (Wanted::All(_), None) => {
                 Some(SitePath::Stop(match &self.shared.lock().collect.area {
                     AreaState::Failed(why) => why.clone(),
-                    _ => "not promoted yet (the tracer promotes between events)".into(),
+                    _ => "not hit yet (a site is promoted at its first hit)".into(),
                 }))
             }
         }

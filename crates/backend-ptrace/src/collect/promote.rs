@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
-use multiprobe_symbols::{LandingPads, ProcessSymbols};
+use multiprobe_symbols::{LandingPads, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
     build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
@@ -63,6 +63,11 @@ pub(crate) struct Jumped {
 /// `promote`'s answer when no held thread can make a system call right now (all at
 /// event stops): try again after the next event.
 const RETRY: &str = "";
+/// How often sites not hit yet are looked at again.
+const COLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long one pause of the program may promote sites; the rest waits for the next,
+/// which comes after the program ran four times as long.
+const REWORK_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Why a site whose handlers changed while promoted is on the stop path.
 const REPOINT: &str = "its handlers changed while it was promoted (it stays on the stop path)";
@@ -234,12 +239,22 @@ impl Tracer {
             // exit (traps meanwhile take the stop path).
             return Ok(());
         }
+        if self
+            .shared
+            .lock()
+            .collect
+            .rework_after
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return Ok(()); // the program's turn (a wake-up or an event comes back here)
+        }
         self.shared.collect_dirty.store(false, Ordering::Release);
         let gen = self.shared.gen();
         let addrs: Vec<u64> = std::mem::take(&mut self.shared.lock().collect.dirty)
             .into_iter()
             .collect();
         let mut work = Vec::new();
+        let mut cold_sites = Vec::new();
         for addr in addrs {
             let site = self
                 .dispatcher
@@ -250,9 +265,25 @@ impl Tracer {
                 _ => None,
             });
             let jumped = self.shared.lock().collect.jumped.contains_key(&addr);
-            if want.is_some() || jumped {
+            // A site is promoted at its first hit, not before: with `-p 'libc:*'` most
+            // functions are never called, and promoting thousands of them would hold
+            // the program for seconds. Until then its (rare) hits take the stop path.
+            let cold = !jumped
+                && want
+                    .as_ref()
+                    .is_some_and(|c| c.iter().all(|(_, c)| c.0.hits.load(Ordering::Relaxed) == 0));
+            if cold {
+                cold_sites.push(addr);
+            } else if want.is_some() || jumped {
                 work.push(Work { addr, site, want });
             }
+        }
+        if !cold_sites.is_empty() {
+            // Looked at again after the next hit or wake-up, not at every event.
+            let mut st = self.shared.lock();
+            st.collect.dirty.extend(cold_sites);
+            st.collect.rework_after = Some(std::time::Instant::now() + COLD_RECHECK);
+            self.shared.collect_dirty.store(true, Ordering::Release);
         }
         if work.is_empty() {
             return Ok(());
@@ -277,7 +308,25 @@ impl Tracer {
             self.ensure_waker();
         }
         self.note_all_threads();
-        for w in work {
+        // Read once per pause: every site of the batch is in the same memory map (a
+        // page of trampolines mapped meanwhile holds no probed code).
+        let maps = match crate::error::maps(self.pid()) {
+            Ok(m) => m,
+            Err(_) => return self.prepare_resume(),
+        };
+        let syms = ProcessSymbols::from_maps(maps.clone(), Arc::clone(&self.shared.symbols));
+        // The program is held while we work: a large batch (`-p 'libc:*'`) is done
+        // over several pauses, the rest left dirty for the next round.
+        let budget = std::time::Instant::now();
+        let mut work = work.into_iter();
+        while let Some(w) = work.next() {
+            if budget.elapsed() > REWORK_BUDGET {
+                let mut st = self.shared.lock();
+                st.collect.dirty.insert(w.addr);
+                st.collect.dirty.extend(work.map(|w| w.addr));
+                self.shared.collect_dirty.store(true, Ordering::Release);
+                break;
+            }
             let repoint = {
                 let mut st = self.shared.lock();
                 let c = &mut st.collect;
@@ -292,7 +341,7 @@ impl Tracer {
                 // such a site is demoted and stays on the stop path, with the same
                 // counts and records.
                 Some(_) if repoint => Some(REPOINT.to_string()),
-                Some(cols) => match self.promote(w.addr, cols) {
+                Some(cols) => match self.promote(w.addr, cols, &maps, &syms) {
                     Ok(()) => None,
                     Err(why) if why == RETRY => {
                         self.shared.lock().collect.dirty.insert(w.addr);
@@ -312,6 +361,9 @@ impl Tracer {
                 lock(&s.collect).path = Some(SitePath::InTracee);
             }
         }
+        // The program gets four times as long as it was held before the next rework.
+        self.shared.lock().collect.rework_after =
+            Some(std::time::Instant::now() + 4 * budget.elapsed());
         self.prepare_resume()
     }
 
@@ -321,10 +373,10 @@ impl Tracer {
         &mut self,
         addr: u64,
         cols: &[(HandlerId, Collect)],
+        maps: &Maps,
+        syms: &ProcessSymbols,
     ) -> std::result::Result<(), String> {
         let pid = self.pid();
-        let maps = crate::error::maps(pid).map_err(|e| e.to_string())?;
-        let syms = ProcessSymbols::from_maps(maps.clone(), Arc::clone(&self.shared.symbols));
         let (region, area, layout, site_index, thread_id) = {
             let mut st = self.shared.lock();
             let area = match &st.collect.area {
@@ -334,8 +386,8 @@ impl Tracer {
             };
             let src = Remote {
                 st: &st,
-                syms: &syms,
-                maps: &maps,
+                syms,
+                maps,
                 site: addr,
             };
             let prepared = multiprobe_x86::prepare(addr, &src).map_err(|e| e.to_string())?;

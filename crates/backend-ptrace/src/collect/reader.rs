@@ -74,6 +74,22 @@ pub struct Collection {
 }
 
 impl Collection {
+    /// Whether sites wait to be promoted (or demoted), and it is their turn: the tracer
+    /// does that between
+    /// events, so a program that makes none (it is idle, or every hit is served in the
+    /// tracee) needs a [`crate::DetachHandle::wake`] for it.
+    pub fn rework_pending(&self) -> bool {
+        self.shared
+            .collect_dirty
+            .load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .shared
+                .lock()
+                .collect
+                .rework_after
+                .is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
     /// Move every complete record the tracee wrote so far into its collector (read
     /// them with [`super::Collect::take_records`]) and refresh the collectors'
     /// counters ([`super::Collect::stats`]). Returns how many records it moved. Never
