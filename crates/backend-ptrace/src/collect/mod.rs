@@ -300,7 +300,7 @@ impl crate::PtraceBackend {
             (Wanted::All(_), None) => {
                 Some(SitePath::Stop(match &self.shared.lock().collect.area {
                     AreaState::Failed(why) => why.clone(),
-                    _ => "not hit yet (a site is promoted at its first hit)".into(),
+                    _ => "not promoted yet (the tracer promotes between events)".into(),
                 }))
             }
         }

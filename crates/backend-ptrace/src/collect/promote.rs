@@ -63,8 +63,8 @@ pub(crate) struct Jumped {
 /// `promote`'s answer when no held thread can make a system call right now (all at
 /// event stops): try again after the next event.
 const RETRY: &str = "";
-/// How often sites not hit yet are looked at again.
-const COLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+/// How many collecting sites of one image are promoted at most (see `rework_collect`).
+const EAGER_SITES: usize = 256;
 /// How long one pause of the program may promote sites; the rest waits for the next,
 /// which comes after the program ran four times as long.
 const REWORK_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
@@ -265,25 +265,25 @@ impl Tracer {
                 _ => None,
             });
             let jumped = self.shared.lock().collect.jumped.contains_key(&addr);
-            // A site is promoted at its first hit, not before: with `-p 'libc:*'` most
-            // functions are never called, and promoting thousands of them would hold
-            // the program for seconds. Until then its (rare) hits take the stop path.
-            let cold = !jumped
-                && want
-                    .as_ref()
-                    .is_some_and(|c| c.iter().all(|(_, c)| c.0.hits.load(Ordering::Relaxed) == 0));
-            if cold {
-                cold_sites.push(addr);
-            } else if want.is_some() || jumped {
+            // Only the first EAGER_SITES collecting sites of an image are promoted:
+            // with `-p 'libc:*'` most functions are never called, and analysing and
+            // patching thousands of them would hold the program for seconds. The
+            // others keep the stop path (their counts are the same), and say why.
+            let promoted = self.shared.lock().collect.jumped.len() + work.len();
+            if !jumped && want.is_some() && promoted >= EAGER_SITES {
+                cold_sites.push((addr, site));
+                continue;
+            }
+            if want.is_some() || jumped {
                 work.push(Work { addr, site, want });
             }
         }
-        if !cold_sites.is_empty() {
-            // Looked at again after the next hit or wake-up, not at every event.
-            let mut st = self.shared.lock();
-            st.collect.dirty.extend(cold_sites);
-            st.collect.rework_after = Some(std::time::Instant::now() + COLD_RECHECK);
-            self.shared.collect_dirty.store(true, Ordering::Release);
+        for (_, site) in cold_sites {
+            if let Some(s) = site {
+                lock(&s.collect).path = Some(SitePath::Stop(format!(
+                    "only the first {EAGER_SITES} collecting sites of a process are promoted"
+                )));
+            }
         }
         if work.is_empty() {
             return Ok(());
