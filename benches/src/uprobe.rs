@@ -31,9 +31,9 @@ fn mounted() -> bool {
     Path::new(TRACEFS).join("uprobe_events").exists()
 }
 
-/// The file and file offset of `addr` in this process.
-fn file_offset(addr: u64) -> Option<(String, u64)> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
+/// The file and file offset of `addr` in process `pid` (`"self"` for this one).
+fn file_offset_in(pid: &str, addr: u64) -> Option<(String, u64)> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     for line in maps.lines() {
         let mut it = line.split_whitespace();
         let (range, _perms, off) = (it.next()?, it.next()?, it.next()?);
@@ -64,7 +64,17 @@ impl KernelUprobe {
         Self::with_kind(name, addr, 'r')
     }
 
+    /// A uprobe named `name` on the function at `addr` of process `pid` (another
+    /// process: the probe is on the file, so every process mapping it is probed).
+    pub fn new_in(pid: i32, name: &str, addr: u64) -> Result<KernelUprobe, String> {
+        Self::with_kind_in(&pid.to_string(), name, addr, 'p')
+    }
+
     fn with_kind(name: &str, addr: u64, kind: char) -> Result<KernelUprobe, String> {
+        Self::with_kind_in("self", name, addr, kind)
+    }
+
+    fn with_kind_in(pid: &str, name: &str, addr: u64, kind: char) -> Result<KernelUprobe, String> {
         if !mounted() {
             let _ = std::process::Command::new("mount")
                 .args(["-t", "tracefs", "nodev", TRACEFS])
@@ -75,8 +85,8 @@ impl KernelUprobe {
                 "tracefs is not mounted at {TRACEFS} and could not be"
             ));
         }
-        let (file, off) =
-            file_offset(addr).ok_or_else(|| format!("{addr:#x} is not in a mapped file"))?;
+        let (file, off) = file_offset_in(pid, addr)
+            .ok_or_else(|| format!("{addr:#x} is not in a mapped file"))?;
         let p = KernelUprobe {
             name: name.to_string(),
         };

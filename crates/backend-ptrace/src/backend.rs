@@ -87,6 +87,10 @@ pub(crate) struct Shared {
     /// A return probe was registered: the tracer places its return trampoline at the
     /// next hit (`returns.rs`).
     pub(crate) returns_wanted: std::sync::atomic::AtomicBool,
+    /// Some site's collectors changed: the tracer reworks its jumps (`collect/`).
+    pub(crate) collect_dirty: std::sync::atomic::AtomicBool,
+    /// Wakes the tracer loop for that (set once the process has an area).
+    pub(crate) waker: OnceLock<crate::doorbell::DetachHandle>,
 }
 
 impl Shared {
@@ -107,6 +111,8 @@ impl Shared {
             symbols: Arc::default(),
             dispatcher: OnceLock::new(),
             returns_wanted: Default::default(),
+            collect_dirty: Default::default(),
+            waker: OnceLock::new(),
         })
     }
 
@@ -137,9 +143,11 @@ impl State {
         Ok(())
     }
 
-    /// Copy `buf.len()` bytes of code at `addr` with our breakpoints taken out.
+    /// Copy `buf.len()` bytes of code at `addr` with our breakpoints and jumps taken
+    /// out.
     pub(crate) fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.usable()?.read(addr, buf)?;
+        self.unjump(addr, buf);
         for (&a, armed) in &self.armed {
             if let Some(i) = a.checked_sub(addr).filter(|&i| i < buf.len() as u64) {
                 buf[i as usize] = armed.orig;
@@ -311,6 +319,17 @@ impl Backend for PtraceBackend {
         let orig = site.0.plan.bytes()[0];
         let mut now = [0u8];
         code.read(addr, &mut now)?;
+        if st.collect.jumped.contains_key(&addr) {
+            // Our jump, its demotion pending: its `int3` is there already.
+            st.trap_jump(addr);
+            let armed = Armed {
+                orig,
+                at: site.0.mapped.clone(),
+            };
+            st.armed.insert(addr, armed.clone());
+            st.history.insert(addr, armed);
+            return Ok(());
+        }
         if now[0] != orig {
             return Err(Error::Backend(format!(
                 "the code at {addr:#x} changed since it was analyzed ({:#04x}, expected {orig:#04x})",
@@ -329,20 +348,29 @@ impl Backend for PtraceBackend {
 
     fn handlers_changed(
         &self,
-        _addr: u64,
+        addr: u64,
         site: &Site,
         enabled: &[(multiprobe_core::HandlerId, &dyn multiprobe_core::Handler)],
     ) {
         let sh = &self.shared;
-        let wanted = {
-            let mut st = sh.lock();
-            crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled)
-        };
-        site.0
-            .collect
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .wanted = wanted;
+        let mut sc = site.0.collect.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = sh.lock();
+        if site.0.gen != sh.gen() {
+            return;
+        }
+        sc.wanted =
+            crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, &mut sc, enabled);
+        // A jumped site traps from now on (its trampoline runs the old list); one that
+        // may be promoted is looked at by the tracer.
+        let jumped = st.trap_jump(addr);
+        if jumped || sc.has_collectors() {
+            st.collect.dirty.insert(addr);
+            sh.collect_dirty.store(true, Ordering::Release);
+            drop(st);
+            if let Some(w) = sh.waker.get() {
+                w.wake();
+            }
+        }
     }
 
     fn check_return(&self, addr: u64, _site: &Site) -> Result<()> {
@@ -355,6 +383,17 @@ impl Backend for PtraceBackend {
         if site.0.gen != sh.gen() {
             // That image is gone, and the breakpoint with it.
             return Err(Error::ProcessGone);
+        }
+        if st.trap_jump(addr) {
+            // Our jump: its `int3` stays until the tracer, with every thread stopped,
+            // puts the region back (traps meanwhile continue in the trampoline's copy).
+            st.armed.remove(&addr);
+            sh.collect_dirty.store(true, Ordering::Release);
+            drop(st);
+            if let Some(w) = sh.waker.get() {
+                w.wake();
+            }
+            return Ok(());
         }
         let code = match st.usable() {
             Ok(c) => c,

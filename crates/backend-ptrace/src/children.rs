@@ -142,12 +142,27 @@ impl Tracer {
             crate::collect::AreaState::Mapped(a) => Some((a.tracee, a.map.len() as u64)),
             _ => None,
         };
+        let jumped: Vec<(u64, Vec<u8>)> = st
+            .collect
+            .jumped
+            .iter()
+            .map(|(&a, j)| (a, j.region.bytes().to_vec()))
+            .collect();
+        let trampolines = st.collect.trampolines.clone();
         let raised = st.semaphores.raised();
         drop(st);
         let maps = crate::error::maps(child.as_raw_pid());
         if let (Ok(code), Ok(maps)) = (CodeMemory::open(child), maps) {
             if let Some(f) = forker {
                 self.restore_returns_in_child(&code, f);
+            }
+            // Our jumps: the whole region back (the child has its own copy of the text).
+            for (addr, orig) in &jumped {
+                let _ = code.write(*addr, orig);
+            }
+            if !trampolines.is_empty() {
+                // Forked from a relocated `syscall` in a trampoline: out of it.
+                self.out_of_trampolines(child, &trampolines);
             }
             for (addr, armed) in history {
                 let mut now = [0u8];
@@ -260,7 +275,8 @@ impl Tracer {
             return Ok(None);
         }
         // The main process: every other thread is gone, and so is the old image with
-        // our breakpoints and XOL pages.
+        // our breakpoints, jumps and XOL pages. What it wrote is still in our mapping.
+        self.final_drain();
         self.threads.clear();
         let pid = self.tid();
         self.threads.replace(pid, Thread::held(None));
@@ -271,7 +287,7 @@ impl Tracer {
             st.history.clear();
             st.xol.clear();
             st.semaphores.clear();
-            st.collect.area = Default::default();
+            st.collect.forget_image();
             st.code = Some(CodeMemory::open(pid)?);
             st.image = crate::launch::image_of(pid);
         }

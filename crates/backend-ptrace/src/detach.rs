@@ -78,6 +78,9 @@ impl Tracer {
             return Ok(());
         }
         self.restore_returns_at_detach();
+        // Jumps out, threads out of the trampolines, and what the tracee wrote read.
+        self.unjump_all();
+        self.final_drain();
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);
         let restored = self.restore_code();
@@ -497,12 +500,15 @@ impl Tracer {
 
     /// Step 3b: take the XOL pages away (best effort: a page left behind is only an
     /// unused mapping). Pages the program unmapped itself are not there to unmap.
-    /// A held thread to inject system calls on, and its registers: preferably one that
-    /// is not inside an interrupted system call.
+    /// A held thread to inject system calls on, and its registers: one in a trap or
+    /// interrupt stop — never one held at an event stop inside a system call (a
+    /// `clone` reported while stopping everyone: its pending exit would be taken for
+    /// the injected call's, and the program's `clone` would return the injected call's
+    /// entry value) — preferably not inside an interrupted system call.
     pub(crate) fn held_thread(&self) -> Option<(Tid, sys::UserRegs)> {
         let mut best = None;
         for (tid, th) in self.threads.iter() {
-            if !th.is_held() {
+            if !th.is_held() || !crate::sigtrap::injectable(tid) {
                 continue;
             }
             if let Ok(r) = sys::get_regs(tid) {

@@ -120,6 +120,10 @@ impl Tracer {
         if site.plan.len() == 1 && !from_int3(tid) {
             return self.deliver_own_trap(tid);
         }
+        let trapped = self.shared.lock().trapped_copy(addr);
+        if let Some(copy) = trapped {
+            return self.hit_over_jump(tid, rip, read, site, copy);
+        }
         self.hit(tid, rip, read, site)
     }
 
@@ -223,6 +227,41 @@ impl Tracer {
         }
     }
 
+    /// A hit at our `int3` over a jump whose change waits for the tracer: the
+    /// pre-handlers of the current list run here, then the thread continues in the
+    /// installed trampoline's relocated copy of the region at `copy` (the bytes after the
+    /// `int3` are the jump's, so neither a slot nor emulation can serve). Post and return
+    /// hooks registered meanwhile start with the tracer's rework.
+    fn hit_over_jump(
+        &mut self,
+        tid: Tid,
+        rip: u64,
+        read: Option<UserRegs>,
+        site: Arc<SiteInner>,
+        copy: u64,
+    ) -> Result<()> {
+        self.restore_trap(tid);
+        let mut regs = ThreadRegs::new(tid, rip, site.addr, read);
+        let th = self.threads.known(tid);
+        let pre = self.dispatcher.pre(
+            &th.ts,
+            site.addr,
+            tid.as_raw_pid() as u32,
+            &mut regs,
+            &self.mem,
+        );
+        match pre {
+            PreOutcome::Redirect => {}
+            PreOutcome::NotOurs => regs.set_rip(copy),
+            PreOutcome::Step(step) => {
+                drop(step);
+                regs.set_rip(copy);
+            }
+        }
+        th.wants_regs = regs.fetched().is_some();
+        self.finish(tid, &regs)
+    }
+
     /// Write back what changed, and resume.
     fn finish(&mut self, tid: Tid, regs: &ThreadRegs) -> Result<()> {
         gone_is_ok(regs.write_back()).map_err(|e| error::sys(e, "set registers"))?;
@@ -232,6 +271,14 @@ impl Tracer {
     /// A SIGTRAP at `addr + 1` where no probe is registered now.
     fn not_ours(&mut self, tid: Tid, addr: u64) -> Result<()> {
         let st = self.shared.lock();
+        if let Some(copy) = st.trapped_copy(addr) {
+            // A jumped site being demoted: on through its trampoline's copy.
+            drop(st);
+            self.restore_trap(tid);
+            gone_is_ok(sys::poke_user(tid, UserOffset::RIP, copy))
+                .map_err(|e| error::sys(e, "set rip"))?;
+            return self.resume(tid, None);
+        }
         let ours_once = st.history.contains_key(&addr);
         let mut now = [INT3];
         if let Ok(code) = st.usable() {

@@ -80,6 +80,22 @@
 //! back while they walk. Detach, and a fork child freed of probes, put them back too.
 //! Costs one more stop per call (see `returns.rs` for the details and limits).
 //!
+//! # Collecting in the tracee, without a stop
+//!
+//! A handler that is a [`collect::Collect`] value (`count`, `args:N`, `regs`,
+//! `mem:ARG:LEN`) instead of a closure needs no stop: at a site where every enabled
+//! handler is one (and none has a return hook), the tracer replaces the instructions
+//! there by a jump to generated code in an out-of-line page, which counts and writes
+//! records into memory shared with the tracer, then runs the relocated instructions
+//! and jumps back. Promotion happens on the tracer thread between events, with every
+//! thread of the process stopped; a site that cannot be promoted (a region the checks
+//! refuse, no area in a process under seccomp, a closure beside the collectors) stays a
+//! one-stop site whose collectors run in the tracer with the same results, and
+//! [`Tracer::collect_path`] says which path a site took and why. Records are read
+//! with [`collect::Collection::drain`] from any thread (the tracer drains at exit,
+//! exec and detach: nothing written is lost). See [`collect`] for the API, the
+//! threads that may call it, and the limits.
+//!
 //! # Processes, threads, signals
 //!
 //! A spawned program dies with the tracer if the tracer is killed outright

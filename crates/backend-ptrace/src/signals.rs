@@ -18,6 +18,11 @@ use crate::tracer::Tracer;
 
 impl Tracer {
     pub(crate) fn on_signal(&mut self, tid: Tid, sig: Signal) -> Result<()> {
+        if matches!(sig, Signal::SEGV | Signal::BUS) && self.action_fault(tid) {
+            // A collecting action's access to a bad pointer: resumed past it, counted
+            // faulted by the trampoline; the program never sees it.
+            return self.resume(tid, None);
+        }
         let th = self.threads.known(tid);
         if th.slots.is_empty() {
             return self.resume(tid, Some(sig));

@@ -402,7 +402,7 @@ impl Tracer {
 /// Whether the held thread `tid` is in a stop where a system call can be injected: a
 /// trap or an interrupt (`PTRACE_EVENT_STOP`), not an event stop inside a system call
 /// (clone, fork, exec), whose own result would land on top of the injected one.
-fn injectable(tid: Tid) -> bool {
+pub(crate) fn injectable(tid: Tid) -> bool {
     let trap = libc::SIGTRAP;
     sys::sig_info(tid).is_ok_and(|s| {
         s.signo == trap

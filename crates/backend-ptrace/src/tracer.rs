@@ -378,6 +378,14 @@ impl Tracer {
             if done() {
                 return Ok(None);
             }
+            // Collectors registered, changed or gone: promote, repoint or demote with
+            // every thread stopped (`collect/promote.rs`).
+            self.rework_collect()?;
+            if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
+                // It ended while the rework stopped everyone (that exit report was
+                // taken there).
+                return Ok(Some(Stop::Exited(status)));
+            }
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
@@ -477,6 +485,8 @@ impl Tracer {
 
     /// The process is gone: forget its threads, stop patching.
     pub(crate) fn gone(&mut self, status: ExitStatus) -> ExitStatus {
+        // What the tracee wrote is still in our mapping of the area.
+        self.final_drain();
         for tid in self.threads.tids() {
             self.returns_thread_gone(tid);
         }
@@ -542,6 +552,7 @@ impl Tracer {
             }
             Wait::Event(_, Event::Clone) => {
                 if let Ok(new) = sys::event_pid(tid) {
+                    self.note_clone(tid, new);
                     self.claim_thread(tid, new)?;
                 }
                 self.resume(tid, None)?;

@@ -68,6 +68,15 @@ impl Xol {
         None
     }
 
+    /// A page mapped at `base` for other code than slots (collecting trampolines): no
+    /// unit of it is handed out.
+    pub(crate) fn add_reserved_page(&mut self, base: u64) {
+        self.add_page(base);
+        if let Some(p) = self.pages.last_mut() {
+            p.used = u64::MAX;
+        }
+    }
+
     /// A page mapped at `base`.
     pub(crate) fn add_page(&mut self, base: u64) {
         self.pages.push(Page {

@@ -142,10 +142,12 @@ fn mem_on_a_null_pointer_is_counted_faulted_and_the_program_runs_on() {
     for (i, r) in recs.iter().enumerate() {
         if i % 2 == 1 {
             assert!(r.faulted, "call {i} passed NULL");
-            assert_eq!(r.data, RecordData::Mem(Vec::new()));
+            assert!(matches!(&r.data, RecordData::Mem { ptr: 0, bytes } if bytes.is_empty()));
         } else {
             assert!(!r.faulted, "call {i}");
-            assert_eq!(r.data, RecordData::Mem(b"mp-col-mem-data!".to_vec()));
+            assert!(
+                matches!(&r.data, RecordData::Mem { ptr, bytes } if *ptr != 0 && bytes == b"mp-col-mem-data!")
+            );
         }
     }
 }
@@ -162,6 +164,10 @@ fn a_site_that_cannot_be_promoted_counts_exactly_on_the_stop_path() {
     let out = common::read_all(&mut child);
     assert_eq!(out.trim(), "calls=12000");
     assert_eq!(count.stats().hits, 12000);
+    match t.collect_path(f) {
+        Some(SitePath::Stop(why)) => assert!(why.contains("region"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -176,8 +182,24 @@ fn the_area_is_made_in_the_tracee_without_a_descriptor_and_gone_after_detach() {
     let count = Collect::count();
     let _g = t.registry().register_handler(f, count.clone()).unwrap();
     let c = count.clone();
-    assert_eq!(t.run_until(|| c.stats().hits >= 2000).unwrap(), None);
-    let area = t.collect_area().expect("an area after the first hits");
+    let col = t.collection();
+    // A promoted site makes no stop: the loop checks its condition when woken.
+    let _ticks = ticker(t.detach_handle().unwrap());
+    assert_eq!(
+        t.run_until(|| {
+            col.drain();
+            c.stats().hits >= 2000
+        })
+        .unwrap(),
+        None
+    );
+    let area = t.collect_area().unwrap_or_else(|| {
+        panic!(
+            "no area: {:?} {:?}",
+            t.collect_area_error(),
+            t.collect_path(f)
+        )
+    });
     let maps = area_maps(pid);
     assert_eq!(maps.len(), 1, "{maps:?}");
     assert!(maps[0].starts_with(&format!("{area:x}-")), "{maps:?}");
@@ -205,13 +227,26 @@ fn under_seccomp_there_is_no_area_and_collectors_still_count_exactly() {
     let mut cmd = common::command("mp-c-seccomp", &["300"]);
     let mut t = Tracer::spawn(&mut cmd).unwrap();
     let f = t.resolve("mp_sc_load").unwrap();
+    // A closure first: the program's loop runs under its seccomp filter by then.
+    let first = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&first);
+    let closure = t
+        .registry()
+        .register(f, move |_| {
+            c.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+    assert_eq!(t.run_until(|| first.load(Relaxed) >= 5).unwrap(), None);
+    // Its next hit waits for the loop: every later one is the collector's.
+    let before = first.load(Relaxed);
     let count = Collect::count();
     let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    drop(closure);
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     let out = common::read_all(&mut child);
     assert!(out.starts_with("loads=300 "), "{out}");
-    assert_eq!(count.stats().hits, 300);
+    assert_eq!(count.stats().hits, 300 - before);
     assert_eq!(t.collect_area(), None);
     let why = t.collect_area_error().expect("a reason");
     assert!(why.contains("seccomp"), "{why}");
@@ -237,4 +272,320 @@ fn a_fork_child_not_followed_runs_free_and_the_parent_counts_exactly() {
     assert_eq!(seconds.iter().filter(|&&b| b == 0).count(), 50);
     assert_eq!(seconds.iter().filter(|&&b| b == 2).count(), 50);
     assert!(recs.iter().all(|r| r.tid == t.pid()));
+}
+
+/// Wakes the tracer loop every few milliseconds while it lives.
+struct Ticker(Arc<std::sync::atomic::AtomicBool>);
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+fn ticker(h: multiprobe_backend_ptrace::DetachHandle) -> Ticker {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        while !s.load(Relaxed) {
+            h.wake();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    Ticker(stop)
+}
+
+/// Drain `col` every few milliseconds on another thread until the returned flag is set.
+fn drainer(
+    col: multiprobe_backend_ptrace::collect::Collection,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u64>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    let h = std::thread::spawn(move || {
+        let mut n = 0;
+        while !s.load(Relaxed) {
+            n += col.drain() as u64;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        n
+    });
+    (stop, h)
+}
+
+#[test]
+fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
+    // 60000 records fit the ring (65536 cells) even if no drain comes in time: the
+    // program makes them within milliseconds.
+    let mut cmd = common::command("mp-c-collect", &["threads", "4", "15000"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(6).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["calls"], "60000", "{out}");
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    // Hardly any hit stopped (the first ones may, until a thread can make the system
+    // calls promotion needs: spawned, the program stands at its exec), and the counts
+    // are exact across both paths.
+    let stopped = t.registry().site(f).unwrap().hits;
+    assert!(stopped < 100, "{stopped} hits stopped");
+    assert_eq!(count.stats().hits, 60000);
+    let s = args.stats();
+    assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
+    let recs = args.take_records();
+    assert_eq!(recs.len(), 60000);
+    let (sum, mix) = checksums(&args_of(&recs));
+    assert_eq!(sum.to_string(), got["sum"], "{out}");
+    assert_eq!(mix.to_string(), got["mix"], "{out}");
+    let tids: HashSet<i32> = recs.iter().map(|r| r.tid).collect();
+    assert_eq!(tids.len(), 4, "{tids:?}");
+    assert!(!tids.contains(&0) && !tids.contains(&t.pid()), "{tids:?}");
+    let mut last: HashMap<i32, u64> = HashMap::new();
+    for r in &recs {
+        assert_eq!(
+            (r.addr, r.handler, r.faulted),
+            (f, args.handler_id().unwrap(), false)
+        );
+        let l = last.entry(r.tid).or_default();
+        assert!(r.time_ns >= *l, "time went back on thread {}", r.tid);
+        *l = r.time_ns;
+    }
+}
+
+#[test]
+fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
+    let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
+    cmd.stdin(Stdio::piped());
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let total = Collect::count();
+    let _g = t.registry().register_handler(f, total.clone()).unwrap();
+    let registry = t.registry().clone();
+    let col = t.collection();
+    let (stop_drain, drain) = drainer(t.collection());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    // Another thread adds and removes a recording collector 20 times, and disables and
+    // enables a counting one, while the program's 4 threads hit the site.
+    let changer = std::thread::spawn(move || {
+        let flip = Collect::count();
+        let fg = registry.register_handler(f, flip.clone()).unwrap();
+        for round in 0..20 {
+            let args = Collect::args(2).unwrap();
+            let g = registry.register_handler(f, args.clone()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if round % 2 == 0 {
+                fg.disable().unwrap();
+            } else {
+                fg.enable().unwrap();
+            }
+            g.unregister().unwrap();
+            // Rule 3: nothing of it is produced after its unregister returned.
+            col.drain();
+            let n = args.take_records().len();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            col.drain();
+            assert!(
+                args.take_records().is_empty(),
+                "round {round}: records after unregister"
+            );
+            assert!(n > 0, "round {round}: it collected while registered");
+        }
+        d.store(true, Relaxed);
+    });
+    let _ticks = ticker(t.detach_handle().unwrap());
+    assert_eq!(t.run_until(|| done.load(Relaxed)).unwrap(), None);
+    changer.join().unwrap();
+    let mut child = t.take_child().unwrap();
+    drop(child.stdin.take());
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    stop_drain.store(true, Relaxed);
+    drain.join().unwrap();
+    let out = common::read_all(&mut child);
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls > 1000, "{out}");
+    assert_eq!(total.stats().hits, calls, "{out}");
+    // Promoted until the first change (see `promote.rs` for the gap).
+    match t.collect_path(f) {
+        Some(SitePath::Stop(why)) => assert!(why.contains("changed while"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn exec_ends_the_old_images_collectors_after_a_final_drain_and_probes_go_in_again() {
+    let mut cmd = common::command("mp-c-collect", &["exec", "300"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let before = Collect::args(1).unwrap();
+    let _g = t.registry().register_handler(f, before.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    match t.run().unwrap() {
+        Stop::Exec { unregistered } => assert_eq!(unregistered.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    // Every call of the old image, drained at the exec (promoted or not).
+    assert_eq!(before.stats().hits, 300);
+    assert_eq!(before.take_records().len(), 300);
+    assert_eq!(t.collect_area(), None, "the old image's area went with it");
+    // The new program (1 thread, 300 calls): placed again.
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f2 = t.resolve("mp_col_target").unwrap();
+    let after = Collect::count();
+    let _g2 = t.registry().register_handler(f2, after.clone()).unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert!(out.contains("before exec calls=300"), "{out}");
+    assert!(out.contains("calls=300 sum="), "{out}");
+    assert_eq!(after.stats().hits, 300);
+    assert_eq!(t.collect_path(f2), Some(SitePath::InTracee));
+}
+
+#[test]
+fn vfork_and_exec_in_a_loop_while_collectors_come_and_go() {
+    let mut cmd = common::command("mp-c-collect", &["vfork", "30"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let total = Collect::count();
+    let _g = t.registry().register_handler(f, total.clone()).unwrap();
+    let registry = t.registry().clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let changer = std::thread::spawn(move || {
+        while !d.load(Relaxed) {
+            let c = Collect::args(2).unwrap();
+            if let Ok(g) = registry.register_handler(f, c) {
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                let _ = g.unregister();
+            }
+        }
+    });
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let mut child = t.take_child().unwrap();
+    let stop = t.run();
+    done.store(true, Relaxed);
+    changer.join().unwrap();
+    assert_eq!(stop.unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["vforks"], "30", "{out}");
+    assert_eq!(total.stats().hits.to_string(), got["calls"], "{out}");
+}
+
+/// Executable anonymous mappings of `pid` (our out-of-line and trampoline pages).
+fn anon_exec(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].contains('x') && f.len() < 6
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn attach_and_detach_of_a_busy_program_leaves_its_text_identical_and_nothing_mapped() {
+    let mut child = common::command("mp-c-collect", &["busy", "4"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let text_before = common::text(pid);
+    let anon_before = anon_exec(pid);
+    let mut t = Tracer::attach(pid).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(1).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let col = t.collection();
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let c = count.clone();
+    assert_eq!(
+        t.run_until(|| {
+            col.drain();
+            c.stats().hits >= 5000
+        })
+        .unwrap(),
+        None
+    );
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    assert!(!area_maps(pid).is_empty());
+    t.detach().unwrap();
+    // Everything the threads wrote was drained at detach: every hit is a record or a
+    // drop (the program makes millions of calls a second: the ring overflows).
+    let hits = count.stats().hits;
+    let a = args.stats();
+    assert_eq!(args.take_records().len() as u64, a.hits - a.dropped);
+    assert_eq!(a.hits, hits, "both collectors ran at every hit");
+    assert!(hits >= 5000);
+    assert!(area_maps(pid).is_empty(), "{:?}", area_maps(pid));
+    assert_eq!(anon_exec(pid), anon_before, "no out-of-line page left");
+    if let Ok(Some(st)) = child.try_wait() {
+        panic!("the program died after the detach: {st:?}");
+    }
+    let text_after = common::text(pid);
+    assert_eq!(text_before.len(), text_after.len());
+    for (b, a) in text_before.iter().zip(&text_after) {
+        assert!(b == a, "text of {} changed", b.0);
+    }
+    // It runs on unharmed and ends as asked.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(child.stdin.take());
+    let out = common::read_all(&mut child);
+    assert!(child.wait().unwrap().success());
+    let calls: u64 = fields(out.trim())["calls"].parse().unwrap();
+    assert!(calls > hits, "{out}");
+}
+
+#[test]
+fn a_followed_fork_child_collects_into_its_own_counts() {
+    let mut cmd = common::command("mp-c-collect", &["fork", "50"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    t.follow_forks(true);
+    let f = t.resolve("mp_col_target").unwrap();
+    let parent = Collect::args(2).unwrap();
+    let _g = t.registry().register_handler(f, parent.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    let kid = Collect::args(2).unwrap();
+    let mut kid_reg = None;
+    loop {
+        match t.run().unwrap() {
+            Stop::Forked { child, .. } => {
+                let r = t.registry_of(child).unwrap();
+                kid_reg = Some(r.register_handler(f, kid.clone()).unwrap());
+            }
+            Stop::ProcessExited { .. } => {}
+            Stop::Exited(s) => {
+                assert_eq!(s, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let out = common::read_all(&mut child);
+    assert!(out.contains("parent calls=100 child=0"), "{out}");
+    assert!(kid_reg.is_some(), "the fork was reported");
+    // The parent's 50 + 50, the child's own 100 (its second argument is 1), apart.
+    assert_eq!(parent.stats().hits, 100);
+    let p: Vec<u64> = args_of(&parent.take_records())
+        .iter()
+        .map(|a| a[1])
+        .collect();
+    assert!(p.iter().all(|&b| b == 0 || b == 2), "{p:?}");
+    assert_eq!(kid.stats().hits, 100);
+    let k: Vec<u64> = args_of(&kid.take_records()).iter().map(|a| a[1]).collect();
+    assert_eq!(k.len(), 100);
+    assert!(k.iter().all(|&b| b == 1), "{k:?}");
 }

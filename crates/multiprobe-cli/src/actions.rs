@@ -19,9 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use multiprobe_backend_ptrace::collect::{Collect, CollectStats};
 use multiprobe_core::{Gpr, Handler, Hit, PreAction, Request};
 use multiprobe_symbols::{UsdtArg, UsdtLoc};
 
+use crate::collected::Collected;
 use crate::lines::{self, args_line, mem_lines, regs_line, stack_lines, str_line, Who};
 use crate::report::{Counted, Frame, Top, TOP};
 use crate::sink::Sink;
@@ -49,9 +51,30 @@ pub struct RowState {
     stacks: Mutex<StackCounts>,
     /// The `latency` histogram (`crate::returning`).
     pub latency: crate::returning::Latency,
+    /// The collectors of every registration of the row (`crate::collected`): its hits
+    /// are theirs, whichever path their site took.
+    collects: Mutex<Vec<Collect>>,
 }
 
 impl RowState {
+    fn add_collect(&self, c: &Collect) {
+        self.collects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c.clone());
+    }
+
+    /// The counters of the row's collectors, summed; `None` if it has none (its
+    /// handlers are closures, counted by the registry).
+    pub fn collect_stats(&self) -> Option<CollectStats> {
+        let c = self.collects.lock().unwrap_or_else(|p| p.into_inner());
+        (!c.is_empty()).then(|| {
+            c.iter()
+                .map(Collect::stats)
+                .fold(CollectStats::default(), |a, b| a + b)
+        })
+    }
+
     fn count_key(&self, k: u64) {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let n = keys.len();
@@ -269,6 +292,9 @@ pub struct Binding {
     pub sink: Arc<Sink>,
     /// Per-hit lines show the time (`-T`).
     pub time: bool,
+    /// Where collecting actions print their records; `None` with `--stop` (every
+    /// action is then a closure on the one-stop path).
+    pub collected: Option<Arc<Collected>>,
 }
 
 /// The registration of one action at `addr`.
@@ -276,7 +302,39 @@ pub fn request(addr: u64, binding: Binding) -> Request {
     if binding.action.at_return() {
         return crate::returning::request(addr, binding);
     }
+    if let Some(collected) = &binding.collected {
+        if let Some(c) = crate::collected::collector(binding.action, &binding.ctx) {
+            collected.add(&c, &binding);
+            binding.state.add_collect(&c);
+            return Request::handler(addr, c);
+        }
+    }
     Request::handler(addr, ActionHandler { b: binding })
+}
+
+/// A `hit` record of `--json`: the fields every hit has, then the action's.
+pub(crate) fn hit_json(
+    pid: i32,
+    tid: u32,
+    site: u64,
+    label: &str,
+    action: Action,
+    now: SystemTime,
+    fields: serde_json::Value,
+) -> String {
+    let mut v = serde_json::json!({
+        "type": "hit",
+        "time": lines::epoch_seconds(now),
+        "pid": pid,
+        "tid": tid,
+        "site": format!("{site:#x}"),
+        "symbol": label,
+        "action": action.to_string(),
+    });
+    if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), fields) {
+        obj.extend(extra);
+    }
+    v.to_string()
 }
 
 /// One action of one probe: a handler.
@@ -296,19 +354,16 @@ impl ActionHandler {
 
     /// A `hit` record: the fields every hit has, then the action's.
     fn json_line(&self, hit: &Hit<'_>, now: SystemTime, fields: serde_json::Value) -> String {
-        let mut v = serde_json::json!({
-            "type": "hit",
-            "time": lines::epoch_seconds(now),
-            "pid": self.b.pid,
-            "tid": hit.tid(),
-            "site": format!("{:#x}", hit.addr()),
-            "symbol": &*self.b.label,
-            "action": self.b.action.to_string(),
-        });
-        if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), fields) {
-            obj.extend(extra);
-        }
-        v.to_string()
+        let b = &self.b;
+        hit_json(
+            b.pid,
+            hit.tid(),
+            hit.addr(),
+            &b.label,
+            b.action,
+            now,
+            fields,
+        )
     }
 
     fn arg(&self, hit: &Hit<'_>, n: u8) -> Result<u64, String> {

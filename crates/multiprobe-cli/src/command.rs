@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use multiprobe_backend_ptrace::{DetachHandle, ExitStatus, Stop, Tracer};
 
+use crate::collected::{Collected, Drainer};
 use crate::error::Error;
 use crate::exit::{self, Exit};
 use crate::outfile::OutputFile;
@@ -51,6 +52,9 @@ pub struct Options {
     pub follow: bool,
     /// `-T`: per-hit lines show the time.
     pub time: bool,
+    /// `--stop`: every action runs in the tracer, one stop per hit (no collecting in
+    /// the tracee).
+    pub stop: bool,
 }
 
 /// `run`: start `cmd` under the probes.
@@ -78,6 +82,7 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
         cmd_programs: programs::named(cmd),
         cancel: handle,
         time: opts.time,
+        collected: collected(opts, &tracer),
     };
     let session = Session::new(setup, pid, tracer.registry().clone());
     // The program is held at its first instruction: its own probes go in now, the
@@ -133,6 +138,7 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
         cmd_programs: Vec::new(),
         cancel: handle,
         time: opts.time,
+        collected: collected(opts, &tracer),
     };
     let session = Session::new(setup, pid, tracer.registry().clone());
     session::place_attached(&session, pid);
@@ -159,6 +165,16 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
         pid,
         started,
     ))
+}
+
+/// Where the collecting actions print, unless `--stop`.
+fn collected(opts: &Options, tracer: &Tracer) -> Option<Arc<Collected>> {
+    if opts.stop {
+        return None;
+    }
+    let c = Collected::default();
+    c.drain_from(tracer.collection());
+    Some(Arc::new(c))
 }
 
 fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
@@ -266,6 +282,11 @@ fn serve(
     let trace = |source| Error::Trace { pid, source };
     let mut ticker = opts.interval.map(|i| Ticker::new(i, Instant::now()));
     let mut live = Live::default();
+    let collected = lock(session).collected();
+    // Prints the collected records while the loop sleeps in waitpid, and what is left
+    // when the loop returns (dropped there, before the summary).
+    let wake = tracer.detach_handle().ok();
+    let _drainer = collected.clone().map(|c| Drainer::start(c, wake));
     // The loop sleeps while the program makes no hit: an alarm wakes it for the ticks.
     let _alarm = match (opts.interval, tracer.detach_handle()) {
         (Some(every), Ok(h)) => Some(Alarm::start(every, h)),
@@ -278,6 +299,9 @@ fn serve(
         match stop {
             None => {
                 if let Some(t) = &mut ticker {
+                    if let Some(c) = &collected {
+                        c.print();
+                    }
                     let rows = live.tick(lock(session).rows(None));
                     let secs = started.elapsed().as_secs_f64();
                     if opts.json {
@@ -289,6 +313,9 @@ fn serve(
                 }
             }
             Some(Stop::Exec { unregistered }) => {
+                if let Some(c) = &collected {
+                    c.print();
+                }
                 lock(session).exec(pid, &unregistered);
                 session::place_at_exec(session, pid);
             }
@@ -296,6 +323,9 @@ fn serve(
                 pid: p,
                 unregistered,
             }) => {
+                if let Some(c) = &collected {
+                    c.print();
+                }
                 lock(session).exec(p, &unregistered);
                 session::place_at_exec(session, p);
             }
@@ -305,6 +335,9 @@ fn serve(
                 execed,
             }) => {
                 if let Some(registry) = tracer.registry_of(child) {
+                    if let Some(c) = &collected {
+                        c.drain_from(registry.backend().collection());
+                    }
                     lock(session).forked(parent, child, registry.clone());
                     if execed {
                         lock(session).exec(child, &[]);

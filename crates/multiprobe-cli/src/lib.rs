@@ -4,7 +4,7 @@
 //!
 //! One job per module: [`spec`] (what users write), [`command`] (the order of a
 //! session), [`session`] (resolving, placing and accounting for probes), [`actions`]
-//! (the handlers), [`signals`] (detaching on every signal that would end us),
+//! (the handlers), [`collected`] (the actions that collect in the tracee), [`signals`] (detaching on every signal that would end us),
 //! [`sink`] and [`outfile`] (where output goes, failing loudly), [`report`] and
 //! [`lines`] (what it says), [`ticker`] (`--interval`), [`exit`] (the exit status),
 //! [`libs`] (libraries on disk), [`affinity`] (`--pin`), [`ustack`] (stacks),
@@ -17,6 +17,7 @@ compile_error!("multiprobe-cli supports x86-64 Linux only");
 
 pub mod actions;
 pub mod affinity;
+pub mod collected;
 pub mod command;
 pub mod error;
 pub mod exit;

@@ -139,6 +139,11 @@ struct Common {
     /// program's threads share that CPU. `attach` restores the masks on detach.
     #[arg(long)]
     pin: bool,
+    /// Run every action in multiprobe, one ptrace stop per hit, instead of collecting
+    /// `count`, `args`, `regs` and `mem` inside the program without a stop (the
+    /// default where a site can be promoted to a jump).
+    #[arg(long)]
+    stop: bool,
 }
 
 /// clap's message without its `error:` prefix, usage block and hint, on one line.
@@ -191,6 +196,7 @@ impl From<Common> for Options {
             pin: c.pin,
             follow: c.follow,
             time: c.time,
+            stop: c.stop,
         }
     }
 }

@@ -95,6 +95,32 @@ pub struct Row {
     pub returns: Option<(u64, u64)>,
     /// For `latency`: the histogram.
     pub latency: Option<crate::returning::Hist>,
+    /// How its site is served, once armed.
+    pub path: Option<Path>,
+    /// For an action that collects: records lost (the ring or the queue was full) and
+    /// memory reads that faulted (the program went on unharmed).
+    pub collected: Option<(u64, u64)>,
+}
+
+/// The reason of every stop site under `--stop`.
+pub const STOP_ASKED: &str = "--stop";
+
+/// How a site is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Promoted to a jump: its actions collect inside the program, with no stop.
+    Tracee,
+    /// One ptrace stop per hit, the actions run in multiprobe: why.
+    Stop(String),
+}
+
+impl Path {
+    fn name(&self) -> &'static str {
+        match self {
+            Path::Tracee => "tracee",
+            Path::Stop(_) => "stop",
+        }
+    }
 }
 
 fn hex(v: u64) -> String {
@@ -103,7 +129,7 @@ fn hex(v: u64) -> String {
 
 impl Serialize for Row {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Row", 17)?;
+        let mut st = s.serialize_struct("Row", 21)?;
         st.serialize_field("pid", &self.pid)?;
         st.serialize_field("site", &self.site.map(hex))?;
         st.serialize_field("symbol", &self.symbol)?;
@@ -129,6 +155,16 @@ impl Serialize for Row {
         }
         if let Some(h) = &self.latency {
             st.serialize_field("latency", h)?;
+        }
+        if let Some(p) = &self.path {
+            st.serialize_field("path", p.name())?;
+            if let Path::Stop(why) = p {
+                st.serialize_field("why", why)?;
+            }
+        }
+        if let Some((dropped, faulted)) = self.collected {
+            st.serialize_field("dropped", &dropped)?;
+            st.serialize_field("faulted", &faulted)?;
         }
         st.end()
     }
@@ -204,6 +240,24 @@ pub fn table(rows: &[Row]) -> String {
             None => "-".into(),
         }));
     }
+    if rows.iter().any(|r| r.collected.is_some_and(|(d, _)| d > 0)) {
+        cols.push(("DROPPED", true, |r| {
+            r.collected
+                .map_or_else(|| "-".into(), |(d, _)| d.to_string())
+        }));
+    }
+    if rows.iter().any(|r| r.collected.is_some_and(|(_, f)| f > 0)) {
+        cols.push(("FAULTED", true, |r| {
+            r.collected
+                .map_or_else(|| "-".into(), |(_, f)| f.to_string())
+        }));
+    }
+    let paths = rows.iter().any(|r| r.path.is_some());
+    if paths {
+        cols.push(("PATH", false, |r| {
+            r.path.as_ref().map_or("-", Path::name).to_string()
+        }));
+    }
     cols.push(("STATE", false, |r| r.state.to_string()));
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -238,6 +292,25 @@ pub fn table(rows: &[Row]) -> String {
     line(cols.iter().map(|(h, _, _)| *h).collect());
     for c in &cells {
         line(c.iter().map(String::as_str).collect());
+    }
+    // Why each stop site was not promoted, once per site (the first few: `--json`
+    // has every one), unless it was asked for (`--stop`).
+    let mut said: Vec<(i32, u64)> = Vec::new();
+    for r in rows {
+        if let (Some(site), Some(Path::Stop(why))) = (r.site, &r.path) {
+            if why != STOP_ASKED && !said.contains(&(r.pid, site)) {
+                if said.len() < TOP {
+                    out.push_str(&format!("stop at {site:#x} {}: {why}\n", r.symbol));
+                }
+                said.push((r.pid, site));
+            }
+        }
+    }
+    if said.len() > TOP {
+        out.push_str(&format!(
+            "(and {} more sites with a stop per hit: --json gives each one's reason)\n",
+            said.len() - TOP
+        ));
     }
     for r in rows {
         let pid = if pids {
@@ -415,6 +488,8 @@ mod tests {
             interval_hits: None,
             returns: None,
             latency: None,
+            path: None,
+            collected: None,
         }
     }
 

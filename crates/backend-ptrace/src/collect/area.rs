@@ -25,6 +25,9 @@ use crate::inject;
 use crate::sys::{Tid, UserRegs};
 use crate::tracer::Tracer;
 
+use super::Area;
+use multiprobe_x86::collect::AreaLayout;
+
 /// The tracer's `MAP_SHARED` mapping of the area's memfd.
 #[derive(Debug)]
 pub(crate) struct Mapping {
@@ -63,13 +66,24 @@ impl Mapping {
 
     /// The start of the mapping. It stays valid while `self` lives; the tracee may
     /// write any byte at any time, so read and write it only with atomic operations.
-    #[allow(dead_code, reason = "read by the area's reader, added with promotion")]
     pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Store the area's header words (`header`: whole little-endian words).
+    fn write_header(&self, header: &[u8]) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        for (i, w) in header.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            // SAFETY: `i * 8 + 8 <= header.len() <= len`, inside the mapping, 8-aligned
+            // (the mapping is page-aligned); accessed atomically, as `as_ptr` requires.
+            let word = unsafe { &*self.ptr.add(i * 8).cast::<AtomicU64>() };
+            word.store(v, Ordering::Release);
+        }
     }
 }
 
@@ -81,28 +95,21 @@ impl Drop for Mapping {
     }
 }
 
-/// The area of one process image.
-#[derive(Debug)]
-pub(crate) struct Area {
-    /// Its address in the tracee.
-    pub(crate) tracee: u64,
-    /// The tracer's mapping of the same pages.
-    pub(crate) map: std::sync::Arc<Mapping>,
-}
-
 /// The name the memfd shows in the tracee's `/proc/PID/maps` while mapped.
 const NAME: &[u8] = b"multiprobe-collect\0";
 
 impl Tracer {
-    /// Make an area of `len` bytes (a page multiple) in the tracee, using the stopped
-    /// thread `tid` whose registers are `ur`; at exactly `at` if given (a fork child).
+    /// Make an area laid out as `layout` in the tracee, using the stopped thread `tid`
+    /// whose registers are `ur`; at exactly `at` if given (a fork child). Its header is
+    /// written before any code can use it.
     pub(crate) fn make_area(
         &mut self,
         tid: Tid,
         ur: &UserRegs,
-        len: usize,
+        layout: AreaLayout,
         at: Option<u64>,
     ) -> Result<Area> {
+        let len = layout.size();
         let pid = self.shared.pid;
         let insn = {
             let st = self.shared.lock();
@@ -147,6 +154,7 @@ impl Tracer {
                 .map_err(|e| Error::Backend(format!("open {path}: {e}")))?;
             let map = Mapping::new(&file, len)
                 .map_err(|e| Error::Backend(format!("map the collecting area: {e}")))?;
+            map.write_header(&layout.header());
             let flags = libc::MAP_SHARED | at.map_or(0, |_| libc::MAP_FIXED_NOREPLACE);
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
             let want = at.unwrap_or(0);
@@ -162,6 +170,8 @@ impl Tracer {
             Ok(Area {
                 tracee: got,
                 map: std::sync::Arc::new(map),
+                layout,
+                clock: std::sync::Arc::new(std::sync::Mutex::new(super::clock::Clock::new())),
             })
         })();
         close(self);

@@ -26,33 +26,12 @@ use multiprobe_core::{Handler, HandlerId, Hit, PreAction, Regs};
 /// new ones.
 pub const QUEUE_CAP: usize = 1 << 16;
 
-/// The most bytes a `mem` action copies.
-pub const MEM_MAX: u16 = 4096;
+/// The most bytes a `mem` action copies (what one record of the tracee's ring holds).
+pub const MEM_MAX: u16 = multiprobe_x86::collect::RECORD_DATA_MAX as u16;
 
-/// What a collecting handler does at each hit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
-    /// Count the hit; no record.
-    Count,
-    /// Record the first N (1..=6) System V integer arguments (`rdi rsi rdx rcx r8 r9`).
-    Args(u8),
-    /// Record the general registers, `rip` (the probed address) and `rflags`.
-    Regs,
-    /// Record `len` bytes at the pointer in argument `arg` (1..=6, 1 = `rdi`).
-    Mem {
-        /// Which argument holds the pointer (1-based).
-        arg: u8,
-        /// How many bytes (1..=[`MEM_MAX`]).
-        len: u16,
-    },
-}
-
-impl Action {
-    /// Whether a hit produces a record (everything but [`Action::Count`]).
-    pub fn records(&self) -> bool {
-        !matches!(self, Action::Count)
-    }
-}
+/// What a collecting handler does at each hit (the generated code's actions: see
+/// [`multiprobe_x86::collect::Action`]).
+pub use multiprobe_x86::collect::Action;
 
 /// What a record carries, by action.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,9 +40,15 @@ pub enum RecordData {
     Args(Vec<u64>),
     /// [`Action::Regs`]: the registers at the hit (`rip` is the probed address).
     Regs(Box<Regs>),
-    /// [`Action::Mem`]: the bytes read; empty when the read faulted
-    /// ([`Record::faulted`]).
-    Mem(Vec<u8>),
+    /// [`Action::Mem`]: the pointer (the argument's value) and the bytes read from it;
+    /// when the read faulted ([`Record::faulted`]), those read before the fault (none
+    /// on the one-stop path).
+    Mem {
+        /// Where the bytes were read from.
+        ptr: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// One hit's record.
@@ -126,6 +111,11 @@ pub(crate) struct Inner {
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
     pub(crate) bound: OnceLock<Binding>,
+    /// The TSC from which the tracee's records of it are not its own any more: set when
+    /// it leaves its site's enabled list (unregistered, disabled), `u64::MAX` while it
+    /// is on it. Records a thread was still writing in the old trampoline then are
+    /// dropped by the reader (rule 3).
+    pub(crate) retired: AtomicU64,
     /// Counts and records the tracee produced, as last drained into this collector.
     pub(crate) area: Mutex<CollectStats>,
 }
@@ -150,6 +140,7 @@ impl Collect {
             faulted: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
+            retired: AtomicU64::new(u64::MAX),
             area: Mutex::new(CollectStats::default()),
         }))
     }
@@ -248,7 +239,7 @@ impl Handler for Collect {
                     i.faulted.fetch_add(1, Relaxed);
                     buf.clear();
                 }
-                RecordData::Mem(buf)
+                RecordData::Mem { ptr, bytes: buf }
             }
         };
         self.push(Record {

@@ -41,28 +41,76 @@
 //! one-stop path. Detach unmaps it in the tracee; a fork child freed of our probes has
 //! its copy unmapped; an exec takes it with the old image.
 //!
+//! # Promotion, and registration changes
+//!
+//! The tracer thread promotes between events ([`Tracer::run_until`]'s loop), with every
+//! thread of the process stopped (see `promote.rs` for the protocol and its
+//! invariants). A promoted site makes no event: a loop that must notice a condition
+//! meanwhile needs a wake-up ([`crate::DetachHandle::wake`], the command's ticker).
+//! A registration change at a promoted site (from any thread) writes an `int3` over
+//! the jump at once — later hits stop and run the new list in the tracer — and wakes
+//! the loop, which puts the original bytes back behind the `int3`: such a site stays
+//! on the one-stop path in this image (known gap: repointing a live jump to a new
+//! trampoline lost a thread in 2 of 20 runs and is not done). Rule 3: a collector that
+//! left its site is retired at that moment; records a thread was still writing in the
+//! old trampoline then are dropped by the reader.
+//!
 //! # Threads
 //!
-//! Everything here is `Send + Sync`: [`Collect::stats`] and [`Collect::take_records`]
-//! may be called from any thread while the tracer loop runs on its own.
+//! Everything here is `Send + Sync`: [`Collect::stats`], [`Collect::take_records`]
+//! and [`Collection::drain`] may be called from any thread while the tracer loop runs
+//! on its own. A promoted collector's counters and records reach it at each drain:
+//! drain before reading them.
+//!
+//! # Limits
+//!
+//! * Records name threads by their fs base, mapped to thread ids as threads are seen
+//!   (promotion, clone events); a thread that sets its own fs base later
+//!   (`arch_prctl`) is misnamed.
+//! * A thread that a signal handler took out of a trampoline and that returns into it
+//!   after a detach finds it unmapped.
+//! * While a site's change waits for the tracer, post and return hooks registered there
+//!   do not run yet.
 
 mod area;
+mod clock;
 mod handler;
+mod promote;
+mod reader;
 
 pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
 
-pub(crate) use area::Area;
-use handler::Binding;
+pub use reader::Collection;
 
-use std::sync::{Mutex, Weak};
+use handler::Binding;
+pub(crate) use promote::{Jumped, TrampolinePages};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use multiprobe_x86::collect::{AreaLayout, CollectMap, ThreadId};
 
 use multiprobe_core::{Handler, HandlerId};
 
 use crate::sys::{Tid, UserRegs};
 use crate::tracer::Tracer;
 
-/// Bytes of a process's area.
-pub(crate) const AREA_LEN: usize = 1 << 20;
+/// Ring cells of a process's area (256 bytes each: 16 MiB). A drain every 50 ms
+/// keeps up with a million records a second.
+pub(crate) const RING_CELLS: u32 = 1 << 16;
+/// Counter slots: collectors bound in one image.
+pub(crate) const COUNTER_SLOTS: u32 = 4096;
+
+/// A process's area: where it is in the tracee, the tracer's mapping, and what the
+/// reader needs (its layout, its clock).
+#[derive(Clone, Debug)]
+pub(crate) struct Area {
+    pub(crate) tracee: u64,
+    pub(crate) map: Arc<area::Mapping>,
+    pub(crate) layout: AreaLayout,
+    /// The reader's lock (one consumer) and its TSC calibration.
+    pub(crate) clock: Arc<Mutex<clock::Clock>>,
+}
 
 /// The area of the current image, as far as it got.
 #[derive(Debug, Default)]
@@ -81,6 +129,55 @@ pub(crate) struct Procs {
     pub(crate) area: AreaState,
     /// Counter slot → its collector.
     pub(crate) slots: Vec<Weak<handler::Inner>>,
+    /// Site index (written into records) → address.
+    pub(crate) sites: Vec<u64>,
+    /// fs base → thread.
+    pub(crate) threads: reader::Threads,
+    /// How the generated code reads the thread's fs base, once known.
+    pub(crate) thread_id: Option<ThreadId>,
+    /// Sites whose text holds our jump (`promote.rs`).
+    pub(crate) jumped: HashMap<u64, Jumped>,
+    /// Every trampoline built in this image.
+    pub(crate) trampolines: Vec<CollectMap>,
+    pub(crate) pages: TrampolinePages,
+    /// Sites whose handlers changed since the tracer last looked.
+    pub(crate) dirty: HashSet<u64>,
+    /// Sites whose handlers changed while they were promoted: stop sites for good in
+    /// this image (see `promote.rs`).
+    pub(crate) changed_live: HashSet<u64>,
+    /// After a rework cut short by its time budget, the next one waits until then:
+    /// the program runs at least as long as it was held.
+    pub(crate) rework_after: Option<std::time::Instant>,
+}
+
+impl Procs {
+    /// The index records of `addr` carry.
+    pub(crate) fn site_index(&mut self, addr: u64) -> u32 {
+        match self.sites.iter().position(|&a| a == addr) {
+            Some(i) => i as u32,
+            None => {
+                self.sites.push(addr);
+                self.sites.len() as u32 - 1
+            }
+        }
+    }
+
+    /// A new image (exec) or a freed copy: nothing of the old one is in it. The
+    /// collectors' bindings stay (their records of the old image were drained).
+    pub(crate) fn forget_image(&mut self) {
+        self.area = AreaState::NotTried;
+        // The old image's collectors keep the counts of its last drain; left in the
+        // table, the new area's (unused, zero) counters at their slots would be
+        // copied over them at the next drain.
+        self.slots.clear();
+        self.sites.clear();
+        self.threads = Default::default();
+        self.jumped.clear();
+        self.trampolines.clear();
+        self.pages.clear();
+        self.dirty.clear();
+        self.changed_live.clear();
+    }
 }
 
 /// What a site's enabled handlers ask of the collecting machinery.
@@ -99,6 +196,10 @@ pub(crate) enum Wanted {
 #[derive(Debug, Default)]
 pub(crate) struct SiteCollect {
     pub(crate) wanted: Wanted,
+    /// The collectors enabled here now (to retire those that leave).
+    pub(crate) cols: Vec<Collect>,
+    /// The path the tracer last gave it.
+    pub(crate) path: Option<SitePath>,
 }
 
 impl SiteCollect {
@@ -112,6 +213,7 @@ impl SiteCollect {
 pub(crate) fn classify(
     pid: i32,
     procs: &mut Procs,
+    site: &mut SiteCollect,
     enabled: &[(HandlerId, &dyn Handler)],
 ) -> Wanted {
     let mut cols = Vec::new();
@@ -132,6 +234,14 @@ pub(crate) fn classify(
                         format!("handler {id} is a collector registered more than once")
                     });
                 }
+                if b.slot >= COUNTER_SLOTS {
+                    why.get_or_insert_with(|| {
+                        format!(
+                            "the process has more collectors than its area has counters \
+                             ({COUNTER_SLOTS})"
+                        )
+                    });
+                }
                 cols.push((id, c.clone()));
             }
             None => {
@@ -142,6 +252,21 @@ pub(crate) fn classify(
             why.get_or_insert_with(|| format!("handler {id} has a return hook"));
         }
     }
+    // Collectors that left the site stop owning the tracee's records from now on;
+    // those on it own them again.
+    let now = clock::rdtsc();
+    for old in &site.cols {
+        if !cols.iter().any(|(_, c)| Arc::ptr_eq(&c.0, &old.0)) {
+            old.0
+                .retired
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    for (_, c) in &cols {
+        c.0.retired
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+    site.cols = cols.iter().map(|(_, c)| c.clone()).collect();
     match (cols.is_empty(), why) {
         (true, _) => Wanted::None,
         (false, Some(w)) => Wanted::Mixed(w),
@@ -158,22 +283,41 @@ pub enum SitePath {
     Stop(String),
 }
 
-impl Tracer {
+impl crate::PtraceBackend {
     /// The path the site at `addr` takes, if it has a collector among its enabled
-    /// handlers (`None` otherwise, or if nothing is registered there).
+    /// handlers (`None` otherwise, or if nothing is registered there). Any thread.
     pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
         let site = self
+            .shared
             .dispatcher
+            .get()?
             .with_site(addr, |s| std::sync::Arc::clone(&s.0))?;
-        let wanted = handler::lock(&site.collect).wanted.clone();
-        match wanted {
-            Wanted::None => None,
-            Wanted::Mixed(why) => Some(SitePath::Stop(why)),
-            Wanted::All(cols) => Some(SitePath::Stop(match &self.shared.lock().collect.area {
-                AreaState::Failed(why) => why.clone(),
-                _ => format!("{} collectors; promotion not attempted", cols.len()),
-            })),
+        let c = handler::lock(&site.collect);
+        match (&c.wanted, &c.path) {
+            (Wanted::None, _) => None,
+            (Wanted::Mixed(why), _) => Some(SitePath::Stop(why.clone())),
+            (Wanted::All(_), Some(p)) => Some(p.clone()),
+            (Wanted::All(_), None) => {
+                Some(SitePath::Stop(match &self.shared.lock().collect.area {
+                    AreaState::Failed(why) => why.clone(),
+                    _ => "not promoted yet (the tracer promotes between events)".into(),
+                }))
+            }
         }
+    }
+
+    /// A handle for draining the process's records from any thread.
+    pub fn collection(&self) -> Collection {
+        Collection {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Tracer {
+    /// The path the site at `addr` takes ([`crate::PtraceBackend::collect_path`]).
+    pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
+        self.registry().backend().collect_path(addr)
     }
 
     /// Make the process's area if it was not tried yet, on the stopped thread `tid`
@@ -182,7 +326,8 @@ impl Tracer {
         if !matches!(self.shared.lock().collect.area, AreaState::NotTried) {
             return;
         }
-        let state = match self.make_area(tid, ur, AREA_LEN, None) {
+        let layout = AreaLayout::new(RING_CELLS, COUNTER_SLOTS);
+        let state = match self.make_area(tid, ur, layout, None) {
             Ok(a) => AreaState::Mapped(a),
             Err(e) => AreaState::Failed(format!("no collecting area in the tracee: {e}")),
         };
@@ -205,6 +350,18 @@ impl Tracer {
         }
     }
 
+    /// A handle for draining the process's records from any thread.
+    pub fn collection(&self) -> Collection {
+        self.registry().backend().collection()
+    }
+
+    /// Drain what the tracee wrote, knowing none of its threads is inside the action
+    /// code (it is dead, or every thread is held outside trampolines): at exit, exec
+    /// and detach.
+    pub(crate) fn final_drain(&self) {
+        reader::drain(&self.shared, true);
+    }
+
     /// Unmap the area in the tracee (detach, a fork child): on a held thread.
     pub(crate) fn drop_area(&mut self) {
         let area = std::mem::take(&mut self.shared.lock().collect.area);
@@ -225,5 +382,6 @@ impl Tracer {
 fn _assert_send_sync() {
     fn f<T: Send + Sync>() {}
     f::<Collect>();
+    f::<Collection>();
     f::<Mutex<Procs>>();
 }

@@ -59,6 +59,7 @@ use multiprobe_backend_ptrace::{DetachHandle, PtraceBackend};
 use multiprobe_core::{HandlerId, HandlerInfo, Registry};
 use multiprobe_symbols::{ProcessSymbols, SymbolCache};
 
+use crate::collected::Collected;
 use crate::error::Error;
 use crate::report::{Outcome, Process, Row};
 use crate::sink::{ProcessEvent, Sink};
@@ -119,6 +120,8 @@ pub struct Session {
     fatal: Option<Error>,
     /// Per-hit lines show the time.
     time: bool,
+    /// Where collecting actions print (`None`: `--stop`).
+    collected: Option<Arc<Collected>>,
 }
 
 /// Shared handle on the [`Session`].
@@ -145,6 +148,9 @@ pub struct Setup {
     pub cancel: Option<DetachHandle>,
     /// `-T`.
     pub time: bool,
+    /// Collecting actions print through it; `None` (`--stop`): every action is a
+    /// closure on the one-stop path.
+    pub collected: Option<Arc<Collected>>,
 }
 
 impl Session {
@@ -160,6 +166,7 @@ impl Session {
             cancel: setup.cancel,
             fatal: None,
             time: setup.time,
+            collected: setup.collected,
             specs: setup.specs,
         };
         s.add_proc(pid, None, registry, true);
@@ -210,6 +217,11 @@ impl Session {
     /// Whether the first placement failed (the program was killed for it).
     pub fn has_fatal(&self) -> bool {
         self.fatal.is_some()
+    }
+
+    /// Where collecting actions print, unless `--stop`.
+    pub fn collected(&self) -> Option<Arc<Collected>> {
+        self.collected.clone()
     }
 
     /// How many handlers are registered in process `pid`.
@@ -301,7 +313,13 @@ impl Session {
         let mut out = Vec::new();
         for p in &self.procs {
             let over = p.outcome.as_ref().or(end);
-            out.extend(p.rows.summary(&p.registry, p.pid, over, &self.specs));
+            out.extend(p.rows.summary(
+                &p.registry,
+                p.pid,
+                over,
+                &self.specs,
+                self.collected.is_none(),
+            ));
         }
         out
     }

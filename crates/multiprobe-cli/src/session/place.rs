@@ -313,6 +313,7 @@ impl Session {
                             stacks: Arc::clone(&p.stacks),
                             sink: Arc::clone(&self.sink),
                             time: self.time,
+                            collected: self.collected.clone(),
                         },
                     )
                 }));

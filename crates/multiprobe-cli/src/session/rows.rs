@@ -13,12 +13,13 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use multiprobe_backend_ptrace::collect::SitePath;
 use multiprobe_backend_ptrace::PtraceBackend;
 use multiprobe_core::{HandlerId, HandlerInfo, HandlerStats, Registry};
 use multiprobe_symbols::{MappedAt, Maps};
 
 use crate::actions::RowState;
-use crate::report::{self, Outcome, State};
+use crate::report::{self, Outcome, Path, State};
 use crate::spec::{Action, Key, ProbeSpec};
 
 /// A row's index in [`Rows`].
@@ -257,7 +258,28 @@ impl Rows {
         pid: i32,
         over: Option<&Outcome>,
         specs: &[ProbeSpec],
+        stop: bool,
     ) -> Vec<report::Row> {
+        // Per site, once: the first armed row there whose action needs the tracer.
+        let mut needs_tracer: HashMap<u64, Option<RowId>> = HashMap::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            if let Status::Armed(p) = &r.status {
+                let first = needs_tracer.entry(p.site).or_insert(None);
+                if first.is_none() && r.state.collect_stats().is_none() {
+                    *first = Some(i);
+                }
+            }
+        }
+        let mut paths: HashMap<u64, Path> = HashMap::new();
+        let mut path_of = |site: u64| {
+            paths
+                .entry(site)
+                .or_insert_with(|| {
+                    let first = needs_tracer.get(&site).copied().flatten();
+                    self.path(registry, site, stop, specs, first)
+                })
+                .clone()
+        };
         let filter_of = |spec: usize| -> Option<String> {
             let f = &specs[spec].filters;
             (!f.is_empty()).then(|| {
@@ -278,6 +300,12 @@ impl Rows {
                 let mut stats = r.carried;
                 if let Some(i) = &live {
                     add(&mut stats, &i.stats);
+                }
+                // A collector's own counters hold its hits on either path (the
+                // registry sees only those of the one-stop path).
+                let collected = r.state.collect_stats();
+                if let Some(c) = collected {
+                    stats.hits = c.hits;
                 }
                 let filtered = r.state.filtered.load(Ordering::Relaxed);
                 let state = match (&r.status, &live, over) {
@@ -315,6 +343,8 @@ impl Rows {
                         .at_return()
                         .then_some((stats.returns, stats.returns_lost)),
                     latency: (r.action == Action::Latency).then(|| r.state.latency.snapshot()),
+                    path: site.filter(|_| live.is_some()).map(&mut path_of),
+                    collected: collected.map(|c| (c.dropped, c.faulted)),
                 }
             })
             .collect();
@@ -337,11 +367,48 @@ impl Rows {
                     interval_hits: None,
                     returns: None,
                     latency: None,
+                    path: None,
+                    collected: None,
                 }));
             }
         }
         out.sort_by_key(|r| r.site.unwrap_or(u64::MAX));
         out
+    }
+}
+
+impl Rows {
+    /// How the site at `site` is served: in the tracee, or with a stop and why (the
+    /// first of its actions that needs the tracer, row `needs_tracer`, else the
+    /// backend's reason).
+    fn path(
+        &self,
+        registry: &Registry<PtraceBackend>,
+        site: u64,
+        stop: bool,
+        specs: &[ProbeSpec],
+        needs_tracer: Option<RowId>,
+    ) -> Path {
+        if stop {
+            return Path::Stop(report::STOP_ASKED.into());
+        }
+        let needs_tracer = needs_tracer.map(|i| &self.rows[i]);
+        if let Some(r) = needs_tracer {
+            let spec = &specs[r.spec];
+            return Path::Stop(if spec.filters.is_empty() {
+                format!("`{}` runs in multiprobe", r.action)
+            } else {
+                format!(
+                    "the condition of {:?} is evaluated in multiprobe",
+                    spec.text
+                )
+            });
+        }
+        match registry.backend().collect_path(site) {
+            Some(SitePath::InTracee) => Path::Tracee,
+            Some(SitePath::Stop(why)) => Path::Stop(why),
+            None => Path::Stop("no collector at the site".into()),
+        }
     }
 }
 

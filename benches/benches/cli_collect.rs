@@ -1,0 +1,173 @@
+//! The command on real programs with its actions collecting in the tracee (issue 14),
+//! against the same programs unprobed and against `--stop` (one ptrace stop per hit),
+//! round by round in one run:
+//!
+//! * `ls /usr` with `libc:malloc` and `libc:free` counted. Start-up (what multiprobe
+//!   adds to `true` with the same probes) is subtracted from the probed time. Target:
+//!   within 1.3x of unprobed.
+//! * `sort` of a generated 20 MB file in the `C.UTF-8` locale (so every comparison is a
+//!   `strcoll` call) with `-p libc:strcoll` counted: several million probed calls.
+//!   Target: within 1.5x of unprobed. `ltrace -c` on the same job where installed
+//!   (it is a stop per call: measured once, on a tenth of the input).
+//!
+//! Figures are medians of the rounds; ratios are medians of per-round ratios. Which
+//! CPUs the processes ran on is the scheduler's (no pinning): the tracee path makes no
+//! stop, so placement matters only to the `--stop` figures.
+//!
+//! Run: `cargo bench -p multiprobe-benches --bench cli_collect` (`MP_ROUNDS=N`,
+//! default 5).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use multiprobe_benches::{median, workspace_bin};
+
+fn timed(cmd: &mut Command) -> (f64, std::process::Output) {
+    let t = Instant::now();
+    let out = cmd.output().expect("run a command");
+    (t.elapsed().as_secs_f64(), out)
+}
+
+fn quiet(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).stdin(Stdio::null()).env("LC_ALL", "C.UTF-8");
+    c
+}
+
+/// (hits of every probe, paths) from a `--json` summary (the last line of stderr).
+fn summary(stderr: &[u8]) -> (u64, Vec<String>) {
+    let text = String::from_utf8_lossy(stderr);
+    let last = text.lines().last().expect("a summary line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("the JSON summary");
+    let probes = v["probes"].as_array().expect("probes");
+    (
+        probes.iter().map(|p| p["hits"].as_u64().unwrap()).sum(),
+        probes
+            .iter()
+            .map(|p| p["path"].as_str().unwrap_or("-").to_string())
+            .collect(),
+    )
+}
+
+/// A file of `bytes` bytes of random words, one line each.
+fn words(bytes: usize) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("mp-sort-{}-{bytes}.txt", std::process::id()));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut n = 0;
+    while n < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 4 + (x % 20) as usize;
+        let w: String = (0..len)
+            .map(|i| (b'a' + ((x >> (i % 60)) % 26) as u8) as char)
+            .collect();
+        writeln!(f, "{w}").unwrap();
+        n += len + 1;
+    }
+    f.flush().unwrap();
+    path
+}
+
+fn main() {
+    let rounds: usize = std::env::var("MP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mp = workspace_bin("multiprobe-cli", "multiprobe");
+    let mp = mp.to_str().unwrap();
+    let big = words(20 << 20);
+    let big = big.to_str().unwrap().to_string();
+
+    let probe_ls = ["-p", "libc:malloc", "-p", "libc:free", "--json", "--"];
+    let run = |extra: &[&str], probes: &[&str], cmd: &[&str]| -> (f64, u64, Vec<String>) {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(probes);
+        args.extend_from_slice(cmd);
+        let (t, o) = timed(&mut quiet(mp, &args));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (hits, paths) = summary(&o.stderr);
+        (t, hits, paths)
+    };
+
+    let (mut ls_ratio, mut ls_stop_ratio, mut sort_ratio, mut startup) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ls_hits, mut sort_hits, mut t_sort, mut t_sort_mp) = (0, 0, Vec::new(), Vec::new());
+    let mut paths = Vec::new();
+    for round in 0..=rounds {
+        let (t_ls, o) = timed(&mut quiet("ls", &["/usr"]));
+        assert!(o.status.success());
+        let (t_true, _) = timed(&mut quiet("true", &[]));
+        let (t_mp_true, _, _) = run(&[], &probe_ls, &["true"]);
+        let (t_probed, hits, p) = run(&[], &probe_ls, &["ls", "/usr"]);
+        let (t_stop_true, _, _) = run(&["--stop"], &probe_ls, &["true"]);
+        let (t_stop, _, _) = run(&["--stop"], &probe_ls, &["ls", "/usr"]);
+        let (t_plain_sort, o) = timed(&mut quiet("sort", &["-o", "/dev/null", &big]));
+        assert!(o.status.success());
+        let (t_mp_sort, s_hits, sp) = run(
+            &[],
+            &["-p", "libc:strcoll", "--json", "--"],
+            &["sort", "-o", "/dev/null", &big],
+        );
+        if round == 0 {
+            continue; // warm-up: page cache, first reads of the symbol tables
+        }
+        let s = t_mp_true - t_true;
+        startup.push(s);
+        ls_ratio.push((t_probed - s) / t_ls);
+        ls_stop_ratio.push((t_stop - (t_stop_true - t_true)) / t_ls);
+        sort_ratio.push(t_mp_sort / t_plain_sort);
+        t_sort.push(t_plain_sort);
+        t_sort_mp.push(t_mp_sort);
+        ls_hits = hits;
+        sort_hits = s_hits;
+        paths = p.into_iter().chain(sp).collect();
+    }
+    println!("paths of the probes: {paths:?}");
+    println!(
+        "ls /usr, malloc+free counted ({ls_hits} hits): start-up {:.1} ms; \
+         (probed - start-up) / unprobed = {:.2}x (target <= 1.3x); with --stop {:.2}x",
+        median(startup) * 1e3,
+        median(ls_ratio),
+        median(ls_stop_ratio)
+    );
+    println!(
+        "sort 20 MB (C.UTF-8), strcoll counted ({sort_hits} hits): unprobed {:.2} s, \
+         probed {:.2} s: {:.2}x (target <= 1.5x)",
+        median(t_sort),
+        median(t_sort_mp),
+        median(sort_ratio)
+    );
+    let ltrace = Command::new("ltrace").arg("-V").output();
+    if ltrace.is_ok_and(|o| o.status.success()) {
+        let small = words(2 << 20);
+        let small = small.to_str().unwrap();
+        let (t_plain, _) = timed(&mut quiet("sort", &["-o", "/dev/null", small]));
+        let (t_lt, o) = timed(&mut quiet(
+            "ltrace",
+            &["-c", "-e", "strcoll", "sort", "-o", "/dev/null", small],
+        ));
+        assert!(o.status.success());
+        let (t_mp, hits, _) = run(
+            &[],
+            &["-p", "libc:strcoll", "--json", "--"],
+            &["sort", "-o", "/dev/null", small],
+        );
+        println!(
+            "sort 2 MB, strcoll ({hits} calls): unprobed {:.3} s, multiprobe {:.3} s \
+             ({:.2}x), ltrace -c {:.3} s ({:.1}x)",
+            t_plain,
+            t_mp,
+            t_mp / t_plain,
+            t_lt,
+            t_lt / t_plain
+        );
+        let _ = std::fs::remove_file(small);
+    } else {
+        println!("ltrace: SKIPPED (not installed: apt-get install ltrace)");
+    }
+    let _ = std::fs::remove_file(&big);
+}

@@ -1,0 +1,309 @@
+//! Collecting actions in the tracee (issue 14): the cost of one hit of a promoted site
+//! with `count` and with `args:6`, against, in the same run on the same kind of tracee
+//! (`mp-bench`, which calls `mp_bench_fn` — `imul; ret`, a promotable region — N times
+//! per command and answers when done):
+//!
+//! * `direct`: the tracee unprobed (a direct call, the floor);
+//! * `collect/count`, `collect/args6`: a `Collect` on the site, promoted (no stop);
+//! * `one-stop/count`: the same `Collect::count` beside a closure, which keeps the site
+//!   on the one-stop path (ptrace stop per hit, collector run in the tracer);
+//! * `uprobe`: a kernel uprobe on the same function through tracefs (root only).
+//!
+//! Per hit = (routine time − nothing) / N, where every routine includes the same
+//! command round trip; the `RATIO` lines divide per-hit costs measured in paired
+//! samples (each sample of a probed routine preceded by one of `direct`).
+//!
+//! The bench pins itself and its tracees to one CPU (as `ptrace_hit` does: a stop
+//! between two vCPUs of an idle VM costs ~70 µs instead of ~4 µs).
+//!
+//! Run: `cargo bench -p multiprobe-benches --bench ptrace_collect`
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use multiprobe_backend_ptrace::collect::{Collect, Collection, SitePath};
+use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
+use multiprobe_benches::uprobe::KernelUprobe;
+use multiprobe_benches::{fmt_ns, Ratios};
+use multiprobe_core::Registration;
+
+const IMUL: u8 = 1;
+
+fn command() -> Command {
+    let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    c
+}
+
+fn ask(child: &mut Child, n: u64) {
+    let mut cmd = [0u8; 9];
+    cmd[0] = IMUL;
+    cmd[1..].copy_from_slice(&n.to_le_bytes());
+    child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
+}
+
+fn done(child: &mut Child) {
+    let mut b = [0u8];
+    child.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+}
+
+/// `n` calls in a tracee that runs on its own (unprobed, promoted, or kernel-probed).
+fn calls(child: &mut Child, n: u64) -> Duration {
+    let start = Instant::now();
+    ask(child, n);
+    done(child);
+    start.elapsed()
+}
+
+/// A traced `mp-bench` with collectors on `mp_bench_fn`, its tracer on a thread of
+/// its own (a thread has one tracer): promoted, that thread only holds it (nothing
+/// stops); on the stop path, it runs the loop until the tracee exits.
+struct Traced {
+    /// `mp_bench_fn` in the tracee.
+    f: u64,
+    child: Child,
+    col: Collection,
+    first: Collect,
+    quit: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traced {
+    fn new(cols: Vec<Collect>, stop_path: bool) -> Traced {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (quit, quit_rx) = std::sync::mpsc::channel::<()>();
+        let first = cols[0].clone();
+        let thread = std::thread::spawn(move || {
+            let mut t = Tracer::spawn(&mut command()).unwrap();
+            assert_eq!(t.run_to_entry().unwrap(), None);
+            let mut child = t.take_child().unwrap();
+            let f = t.resolve("mp_bench_fn").unwrap();
+            let mut regs: Vec<Registration<PtraceBackend>> = Vec::new();
+            for c in &cols {
+                regs.push(t.registry().register_handler(f, c.clone()).unwrap());
+            }
+            if stop_path {
+                let n = Arc::new(AtomicU64::new(0));
+                regs.push(
+                    t.registry()
+                        .register(f, move |_| {
+                            n.fetch_add(1, Relaxed);
+                        })
+                        .unwrap(),
+                );
+            }
+            // Promote (or not) now: one call, served or run in the tracee, while a
+            // thread wakes the loop (a promoted site makes no event).
+            let wake = t.detach_handle().unwrap();
+            let stop_waking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let q = Arc::clone(&stop_waking);
+            let waker = std::thread::spawn(move || {
+                while !q.load(Relaxed) {
+                    wake.wake();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            ask(&mut child, 1);
+            let col = t.collection();
+            let c0 = cols[0].clone();
+            let ready = |t: &Tracer| {
+                col.drain();
+                c0.stats().hits >= 1 && (stop_path || t.collect_path(f) == Some(SitePath::InTracee))
+            };
+            while !ready(&t) {
+                // The tracer promotes between events (the waker's rings are events):
+                // let the loop go round a few times.
+                let mut k = 0;
+                let stop = t
+                    .run_until(|| {
+                        k += 1;
+                        k > 3
+                    })
+                    .unwrap();
+                assert!(stop.is_none());
+            }
+            done(&mut child);
+            stop_waking.store(true, Relaxed);
+            waker.join().unwrap();
+            let path = t.collect_path(f);
+            println!(
+                "PATH {:?} stop_path={stop_path}: {path:?}",
+                cols[0].action()
+            );
+            assert_eq!(path == Some(SitePath::InTracee), !stop_path, "{path:?}");
+            tx.send((child, col, f)).unwrap();
+            if stop_path {
+                let _ = t.run();
+            } else {
+                let _ = quit_rx.recv();
+            }
+            drop(regs);
+        });
+        let (child, col, f) = rx.recv().unwrap();
+        Traced {
+            f,
+            child,
+            col,
+            first,
+            quit,
+            thread: Some(thread),
+        }
+    }
+
+    fn run(&mut self, n: u64) -> Duration {
+        let d = calls(&mut self.child, n);
+        self.col.drain();
+        d
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        let _ = self.quit.send(());
+        drop(self.child.stdin.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pin_to_this_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no argument and only returns a number.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET sets bit `cpu` of `set`; a CPU number from the kernel is in range.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    (r == 0).then_some(cpu)
+}
+
+fn main() {
+    match pin_to_this_cpu() {
+        Some(cpu) => println!("PINNED bench and tracees to CPU {cpu}"),
+        None => println!("NOT PINNED"),
+    }
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    let r = Ratios::new();
+    let mut direct = command().spawn().unwrap();
+    let mut count = Traced::new(vec![Collect::count()], false);
+    let mut args = Traced::new(vec![Collect::args(6).unwrap()], false);
+    let mut stop = Traced::new(vec![Collect::count()], true);
+    // A kernel uprobe is on the file, in every process that maps it: its tracee runs
+    // a copy of the executable, so the other routines' processes carry no uprobe.
+    let copy = std::env::temp_dir().join(format!("mp-bench-uprobe-{}", std::process::id()));
+    std::fs::copy(multiprobe_test_targets::bin("mp-bench"), &copy).unwrap();
+    let mut kprobed = Command::new(&copy)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let uprobe = {
+        let pid = kprobed.id() as i32;
+        // The address of mp_bench_fn in that process: the same executable as `count`'s
+        // tracee, at its own load address.
+        let base = |pid: i32| -> u64 {
+            // A process just spawned may still be in its exec: look again shortly.
+            for _ in 0..200 {
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+                if let Some(l) = maps.lines().find(|l| l.contains("mp-bench")) {
+                    return u64::from_str_radix(l.split('-').next().unwrap(), 16).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("no mp-bench in the maps of {pid}")
+        };
+        let addr = count.f - base(count.pid()) + base(pid);
+        match KernelUprobe::new_in(pid, "collect_bench", addr) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                println!("NO UPROBE: {e}");
+                None
+            }
+        }
+    };
+    {
+        let mut g = c.benchmark_group("collect");
+        let mut d = |n| calls(&mut direct, n);
+        g.bench_function("collect/count", |b| {
+            r.measure_paired(b, "collect/count", "direct", |n| count.run(n), &mut d)
+        });
+        g.bench_function("collect/args6", |b| {
+            r.measure_paired(b, "collect/args6", "direct", |n| args.run(n), &mut d)
+        });
+        g.bench_function("one-stop/count", |b| {
+            r.measure_paired(b, "one-stop/count", "direct", |n| stop.run(n), &mut d)
+        });
+        if uprobe.is_some() {
+            g.bench_function("uprobe", |b| {
+                r.measure_paired(b, "uprobe", "direct", |n| calls(&mut kprobed, n), &mut d)
+            });
+        }
+        g.finish();
+    }
+    c.final_summary();
+    r.print_means();
+    let extra = |name: &str| {
+        let o = r.mean_ns(name)?;
+        let b = r.mean_ns(&format!("{name} vs direct"))?;
+        let e = o - b;
+        println!(
+            "PER HIT {name}: {} over a direct call ({} vs {})",
+            fmt_ns(e),
+            fmt_ns(o),
+            fmt_ns(b)
+        );
+        Some(e)
+    };
+    let cnt = extra("collect/count");
+    let a6 = extra("collect/args6");
+    let one = extra("one-stop/count");
+    let up = if uprobe.is_some() {
+        extra("uprobe")
+    } else {
+        None
+    };
+    let target = |what: &str, v: Option<f64>, goal: f64, at_most: bool| {
+        if let Some(v) = v {
+            let ok = if at_most { v <= goal } else { v >= goal };
+            println!(
+                "TARGET {what} {} {goal}: {v:.1} {}",
+                if at_most { "<=" } else { ">=" },
+                if ok { "met" } else { "MISSED" }
+            );
+        }
+    };
+    target("count ns per hit", cnt, 100.0, true);
+    target("args:6 ns per hit", a6, 200.0, true);
+    target(
+        "uprobe / count",
+        up.zip(cnt).map(|(u, c)| u / c),
+        10.0,
+        false,
+    );
+    target(
+        "one-stop / count",
+        one.zip(cnt).map(|(o, c)| o / c),
+        40.0,
+        false,
+    );
+    assert!(count.first.stats().hits > 0 && args.first.stats().hits > 0);
+    drop(uprobe);
+    let _ = kprobed.kill();
+    let _ = kprobed.wait();
+    let _ = std::fs::remove_file(&copy);
+    let _ = direct.kill();
+}

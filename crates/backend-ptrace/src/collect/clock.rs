@@ -1,0 +1,77 @@
+//! The tracee's timestamps: `rdtsc` in the generated code, converted by the tracer to
+//! `CLOCK_MONOTONIC` nanoseconds from (TSC, clock) pairs it samples itself — one when
+//! the area is made, one at each drain. The conversion is linear between the first
+//! pair and the latest (the TSC is invariant on every CPU this backend runs on: one
+//! rate, synchronised across cores); before the second pair it uses a rate measured
+//! over a short busy wait at the first.
+//!
+//! `unsafe` here: only `rdtsc`, which has no preconditions.
+
+/// The time stamp counter now.
+pub(crate) fn rdtsc() -> u64 {
+    // SAFETY: `rdtsc` reads a counter; it touches no memory and every x86-64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// (TSC, monotonic ns) pairs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    first: (u64, u64),
+    last: (u64, u64),
+}
+
+/// A pair sampled now: the TSC between two clock reads, against their midpoint.
+fn sample() -> (u64, u64) {
+    let a = super::handler::monotonic_ns();
+    let t = rdtsc();
+    let b = super::handler::monotonic_ns();
+    (t, a + (b - a) / 2)
+}
+
+impl Clock {
+    /// Calibrated now (takes about a millisecond).
+    pub(crate) fn new() -> Clock {
+        let first = sample();
+        let mut last = first;
+        while last.1 - first.1 < 1_000_000 {
+            std::hint::spin_loop();
+            last = sample();
+        }
+        Clock { first, last }
+    }
+
+    /// Take a new pair (at a drain): the rate gets better the longer the run.
+    pub(crate) fn resample(&mut self) {
+        let s = sample();
+        if s.0 > self.last.0 {
+            self.last = s;
+        }
+    }
+
+    /// `tsc` on `CLOCK_MONOTONIC`, in nanoseconds.
+    pub(crate) fn ns(&self, tsc: u64) -> u64 {
+        let (t0, n0) = self.first;
+        let (t1, n1) = self.last;
+        let rate = (n1 - n0) as f64 / (t1 - t0).max(1) as f64;
+        let d = (tsc as f64 - t0 as f64) * rate;
+        (n0 as f64 + d).max(0.0) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_converts_to_the_monotonic_clock_within_a_few_microseconds() {
+        let c = Clock::new();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (t, n) = sample();
+        let got = c.ns(t);
+        assert!(got.abs_diff(n) < 200_000, "{got} vs {n}");
+        let mut c = c;
+        c.resample();
+        let (t, n) = sample();
+        assert!(c.ns(t).abs_diff(n) < 20_000, "{} vs {n}", c.ns(t));
+    }
+}

@@ -1,0 +1,735 @@
+//! Promotion: a site whose enabled handlers are all collectors (none with a return
+//! hook) gets a `jmp rel32` to a collecting trampoline in an out-of-line page, built by
+//! `multiprobe_x86::collect`; every other site keeps (or gets back) its `int3`.
+//!
+//! Who does what, from which thread:
+//! * The registry (any thread) tells the backend of every change of a site's enabled
+//!   handlers (`handlers_changed`, under the registry's lock) and disarms through
+//!   `disarm`. At a site whose text holds our jump, both write one byte — an `int3`
+//!   over the jump's first byte, which is safe with the threads running (the
+//!   int3-first protocol: a thread that already decoded the jump runs the old
+//!   trampoline, which is never freed; every later one traps) — mark the site dirty and
+//!   ring the tracer's doorbell. A thread that traps there meanwhile runs its handlers on
+//!   the stop path with the *new* list and continues in the installed trampoline's
+//!   relocated copy of the region ([`Jumped::trapping`]): the bytes after the `int3`
+//!   are not the original instructions, so neither the site's jump-back slot nor
+//!   emulation may be used.
+//! * The tracer thread ([`Tracer::rework_collect`], before each wait of its loop)
+//!   takes the dirty sites, stops every thread of the process (never while a vfork
+//!   child shares the memory: its parent cannot stop until the child execs or exits,
+//!   so the work waits for that), and for each site builds a new trampoline (never
+//!   rewriting one a thread may be in), writes it, moves threads standing in the
+//!   region's interior to the same point of the copy, and writes the jump (bytes 1..,
+//!   then byte 0) — or demotes: the original bytes back behind the `int3`, and the
+//!   `int3` itself too when the site is gone.
+//!
+//! Invariants (under the backend's state lock):
+//! * `jumped` holds exactly the addresses whose text holds our jump (`trapping`: with
+//!   our `int3` over its first byte); the original bytes are the region's.
+//! * Every trampoline ever built in this image stays mapped and in `trampolines` until
+//!   the image ends (detach unmaps them after moving every thread out).
+//! * Text changes other than the one-byte `int3` happen only with every thread of the
+//!   process stopped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use multiprobe_core::backend::RFLAGS_TF;
+use multiprobe_core::{HandlerId, Result};
+use multiprobe_symbols::{LandingPads, Maps, ProcessSymbols};
+use multiprobe_x86::collect::{
+    build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
+};
+use multiprobe_x86::{CodeSource, Function, Mapping, Region};
+
+use super::handler::lock;
+use super::{AreaState, Collect, SitePath, Wanted};
+use crate::backend::{SiteInner, State, Status, INT3};
+use crate::sys::{self, Tid};
+use crate::thread::Kind;
+use crate::tracer::Tracer;
+use crate::xol::PAGE;
+
+/// A site whose text holds our jump.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Jumped {
+    pub(crate) region: Region,
+    /// The trampoline the jump targets.
+    pub(crate) map: CollectMap,
+    /// Our `int3` is over the jump's first byte: a change waits for the tracer.
+    pub(crate) trapping: bool,
+}
+
+/// `promote`'s answer when no held thread can make a system call right now (all at
+/// event stops): try again after the next event.
+const RETRY: &str = "";
+/// How many collecting sites of one image are promoted at most (see `rework_collect`).
+const EAGER_SITES: usize = 256;
+/// How long one pause of the program may promote sites; the rest waits for the next,
+/// which comes after the program ran four times as long.
+const REWORK_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Why a site whose handlers changed while promoted is on the stop path.
+const REPOINT: &str = "its handlers changed while it was promoted (it stays on the stop path)";
+
+/// How far a trampoline may be from its site: a `jmp rel32` from the region and the
+/// trampoline's own jump back (and its rip-relative references to the area, which the
+/// generator checks itself).
+const REACH: u64 = (1 << 31) - 2 * COLLECT_LEN as u64;
+
+/// Trampoline memory: pages of the XOL area given over to trampolines, filled from
+/// the start, never reused within an image.
+#[derive(Debug, Default)]
+pub(crate) struct TrampolinePages {
+    /// (page base, bytes used).
+    pages: Vec<(u64, u64)>,
+}
+
+impl TrampolinePages {
+    /// The next free address within reach of `near` with `len` bytes left in its page.
+    fn find(&self, near: u64, len: u64) -> Option<u64> {
+        self.pages
+            .iter()
+            .filter(|&&(b, used)| used + len <= PAGE && (b + used).abs_diff(near) < REACH)
+            .map(|&(b, used)| b + used)
+            .next()
+    }
+
+    /// `len` bytes at `at` (from `find`) are taken.
+    fn take(&mut self, at: u64, len: u64) {
+        if let Some(p) = self
+            .pages
+            .iter_mut()
+            .find(|p| (p.0..p.0 + PAGE).contains(&at))
+        {
+            p.1 = (at - p.0 + len).next_multiple_of(16);
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.pages.clear();
+    }
+}
+
+impl State {
+    /// The text at `addr` holds our jump (or our `int3` over it): make sure it is the
+    /// `int3` (one byte, safe with threads running) and mark the site dirty. Whether
+    /// it held one.
+    pub(crate) fn trap_jump(&mut self, addr: u64) -> bool {
+        let Some(j) = self.collect.jumped.get(&addr).copied() else {
+            return false;
+        };
+        if !j.trapping {
+            if let Some(code) = self
+                .code
+                .as_ref()
+                .filter(|_| self.status == Status::Attached)
+            {
+                if code.write(addr, &[INT3]).is_err() {
+                    return true; // gone: nothing to undo
+                }
+            }
+            if let Some(j) = self.collect.jumped.get_mut(&addr) {
+                j.trapping = true;
+            }
+        }
+        self.collect.dirty.insert(addr);
+        true
+    }
+
+    /// Where a thread that trapped on `addr` continues when the text there holds our
+    /// jump: the installed trampoline's copy of the region. Also when the jump is back
+    /// in place (not `trapping`): a thread can report a trap of the `int3` that was
+    /// there only after the tracer stopped everyone and rewrote the jump (its SIGTRAP
+    /// was still pending at its interrupt stop), and the bytes after the first are not
+    /// the original instructions, so the site's own slot would run into the jump's
+    /// displacement.
+    pub(crate) fn trapped_copy(&self, addr: u64) -> Option<u64> {
+        self.collect.jumped.get(&addr).map(|j| j.map.copy_of(0))
+    }
+
+    /// Put the original bytes of jumped regions overlapping `addr..` into `buf`.
+    pub(crate) fn unjump(&self, addr: u64, buf: &mut [u8]) {
+        let end = addr + buf.len() as u64;
+        for (&a, j) in &self.collect.jumped {
+            for (i, &b) in j.region.bytes().iter().enumerate() {
+                let at = a + i as u64;
+                if (addr..end).contains(&at) {
+                    buf[(at - addr) as usize] = b;
+                }
+            }
+        }
+    }
+}
+
+/// The traced image as the shared prepare pipeline reads it.
+struct Remote<'a> {
+    st: &'a State,
+    syms: &'a ProcessSymbols,
+    maps: &'a multiprobe_symbols::Maps,
+    site: u64,
+}
+
+impl CodeSource for Remote<'_> {
+    fn mapping(&self, addr: u64) -> Result<Option<Mapping>> {
+        Ok(self.maps.find(addr).map(|r| Mapping {
+            start: r.start,
+            end: r.end,
+            exec: r.exec,
+        }))
+    }
+
+    fn function(&self, addr: u64) -> Option<Function> {
+        self.syms.locate(addr).map(|s| Function {
+            name: s.name,
+            start: s.start,
+            end: s.start + s.size,
+        })
+    }
+
+    fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.st.read_original(addr, buf)
+    }
+
+    fn landing_pads(&self, f: &Function) -> Option<Vec<u64>> {
+        match self.syms.landing_pads(f.start) {
+            LandingPads::None => Some(Vec::new()),
+            LandingPads::At(v) => Some(v),
+            LandingPads::Unknown => None,
+        }
+    }
+
+    fn probe_in(&self, range: std::ops::Range<u64>) -> Option<u64> {
+        self.st
+            .armed
+            .keys()
+            .chain(self.st.collect.jumped.keys())
+            .copied()
+            .filter(|&a| a != self.site && range.contains(&a))
+            .min()
+    }
+}
+
+/// What a dirty site should become.
+struct Work {
+    addr: u64,
+    site: Option<Arc<SiteInner>>,
+    /// Its collectors, when every enabled handler is one.
+    want: Option<Vec<(HandlerId, Collect)>>,
+}
+
+impl Tracer {
+    /// Promote, repoint or demote the sites whose handlers changed (module docs). On
+    /// the tracer thread, between events; stops every thread for the text changes and
+    /// resumes them after.
+    pub(crate) fn rework_collect(&mut self) -> Result<()> {
+        if !self.shared.collect_dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.is_gone() || self.shared.lock().status != Status::Attached {
+            self.shared.collect_dirty.store(false, Ordering::Release);
+            return Ok(());
+        }
+        if self
+            .threads
+            .iter()
+            .any(|(_, t)| t.kind() == Kind::VforkChild)
+        {
+            // Its parent is inside vfork and cannot stop: wait for the child's exec or
+            // exit (traps meanwhile take the stop path).
+            return Ok(());
+        }
+        if self
+            .shared
+            .lock()
+            .collect
+            .rework_after
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return Ok(()); // the program's turn (a wake-up or an event comes back here)
+        }
+        self.shared.collect_dirty.store(false, Ordering::Release);
+        let gen = self.shared.gen();
+        let addrs: Vec<u64> = std::mem::take(&mut self.shared.lock().collect.dirty)
+            .into_iter()
+            .collect();
+        let mut work = Vec::new();
+        let mut cold_sites = Vec::new();
+        for addr in addrs {
+            let site = self
+                .dispatcher
+                .with_site(addr, |s| Arc::clone(&s.0))
+                .filter(|s| s.gen == gen);
+            let want = site.as_ref().and_then(|s| match &lock(&s.collect).wanted {
+                Wanted::All(c) => Some(c.clone()),
+                _ => None,
+            });
+            let jumped = self.shared.lock().collect.jumped.contains_key(&addr);
+            // Only the first EAGER_SITES collecting sites of an image are promoted:
+            // with `-p 'libc:*'` most functions are never called, and analysing and
+            // patching thousands of them would hold the program for seconds. The
+            // others keep the stop path (their counts are the same), and say why.
+            let promoted = self.shared.lock().collect.jumped.len() + work.len();
+            if !jumped && want.is_some() && promoted >= EAGER_SITES {
+                cold_sites.push((addr, site));
+                continue;
+            }
+            if want.is_some() || jumped {
+                work.push(Work { addr, site, want });
+            }
+        }
+        for (_, site) in cold_sites {
+            if let Some(s) = site {
+                lock(&s.collect).path = Some(SitePath::Stop(format!(
+                    "only the first {EAGER_SITES} collecting sites of a process are promoted"
+                )));
+            }
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        if self.pause()?.is_some() || self.is_gone() {
+            return Ok(());
+        }
+        if work.iter().any(|w| w.want.is_some()) {
+            match self.held_thread() {
+                Some((tid, ur)) => self.ensure_area(tid, &ur),
+                None if matches!(self.shared.lock().collect.area, AreaState::NotTried) => {
+                    // No thread can make a system call now (all at event stops): try
+                    // again after the next event; hits take the stop path meanwhile.
+                    let mut st = self.shared.lock();
+                    st.collect.dirty.extend(work.iter().map(|w| w.addr));
+                    self.shared.collect_dirty.store(true, Ordering::Release);
+                    drop(st);
+                    return self.prepare_resume();
+                }
+                None => {}
+            }
+            self.ensure_waker();
+        }
+        self.note_all_threads();
+        // Read once per pause: every site of the batch is in the same memory map (a
+        // page of trampolines mapped meanwhile holds no probed code).
+        let maps = match crate::error::maps(self.pid()) {
+            Ok(m) => m,
+            Err(_) => return self.prepare_resume(),
+        };
+        let syms = ProcessSymbols::from_maps(maps.clone(), Arc::clone(&self.shared.symbols));
+        // The program is held while we work: a large batch (`-p 'libc:*'`) is done
+        // over several pauses, the rest left dirty for the next round.
+        let budget = std::time::Instant::now();
+        let mut work = work.into_iter();
+        while let Some(w) = work.next() {
+            if budget.elapsed() > REWORK_BUDGET {
+                let mut st = self.shared.lock();
+                st.collect.dirty.insert(w.addr);
+                st.collect.dirty.extend(work.map(|w| w.addr));
+                self.shared.collect_dirty.store(true, Ordering::Release);
+                break;
+            }
+            let repoint = {
+                let mut st = self.shared.lock();
+                let c = &mut st.collect;
+                if c.jumped.contains_key(&w.addr) {
+                    c.changed_live.insert(w.addr);
+                }
+                c.changed_live.contains(&w.addr)
+            };
+            let why = match &w.want {
+                // Known gap (this stage): repointing a live jump to a new trampoline
+                // lost a thread now and then (2 of 20 runs of the live-change test);
+                // such a site is demoted and stays on the stop path, with the same
+                // counts and records.
+                Some(_) if repoint => Some(REPOINT.to_string()),
+                Some(cols) => match self.promote(w.addr, cols, &maps, &syms) {
+                    Ok(()) => None,
+                    Err(why) if why == RETRY => {
+                        self.shared.lock().collect.dirty.insert(w.addr);
+                        self.shared.collect_dirty.store(true, Ordering::Release);
+                        continue;
+                    }
+                    Err(why) => Some(why),
+                },
+                None => Some(String::new()),
+            };
+            if let Some(why) = why {
+                self.demote(w.addr, w.site.is_some());
+                if let (Some(s), false) = (&w.site, why.is_empty()) {
+                    lock(&s.collect).path = Some(SitePath::Stop(why));
+                }
+            } else if let Some(s) = &w.site {
+                lock(&s.collect).path = Some(SitePath::InTracee);
+            }
+        }
+        // The program gets four times as long as it was held before the next rework.
+        self.shared.lock().collect.rework_after =
+            Some(std::time::Instant::now() + 4 * budget.elapsed());
+        self.prepare_resume()
+    }
+
+    /// Build a trampoline for `cols` at `addr` and point the site's jump at it (every
+    /// thread is held). `Err`: why the site stays (or becomes again) a stop site.
+    fn promote(
+        &mut self,
+        addr: u64,
+        cols: &[(HandlerId, Collect)],
+        maps: &Maps,
+        syms: &ProcessSymbols,
+    ) -> std::result::Result<(), String> {
+        let pid = self.pid();
+        let (region, area, layout, site_index, thread_id) = {
+            let mut st = self.shared.lock();
+            let area = match &st.collect.area {
+                AreaState::Mapped(a) => (a.tracee, a.layout),
+                AreaState::Failed(why) => return Err(why.clone()),
+                AreaState::NotTried => return Err(RETRY.into()),
+            };
+            let src = Remote {
+                st: &st,
+                syms,
+                maps,
+                site: addr,
+            };
+            let prepared = multiprobe_x86::prepare(addr, &src).map_err(|e| e.to_string())?;
+            let region = prepared
+                .region
+                .map_err(|r| format!("the region cannot be replaced: {r}"))?;
+            let index = st.collect.site_index(addr);
+            let tid_mode = *st
+                .collect
+                .thread_id
+                .get_or_insert_with(|| thread_id_of(pid));
+            (region, area.0, area.1, index, tid_mode)
+        };
+        let collectors: Vec<Collector> = cols
+            .iter()
+            .map(|(_, c)| Collector {
+                slot: c.0.bound.get().map_or(u32::MAX, |b| b.slot),
+                action: c.0.action,
+            })
+            .collect();
+        let spec = CollectSpec {
+            region: &region,
+            site: site_index,
+            collectors: &collectors,
+            area,
+            layout: &layout,
+            thread_id,
+        };
+        let built = self.place_collect_trampoline(addr, &spec)?;
+        // Threads in the site's out-of-line slots would jump back into the interior:
+        // out of them first. Then threads standing in the interior go to the same point
+        // of the copy.
+        let held: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.is_held())
+            .map(|(t, _)| t)
+            .collect();
+        let mut served = Vec::new();
+        for &tid in &held {
+            if self.out_of_site_slots(tid, addr) {
+                served.push(tid);
+            }
+        }
+        for tid in held {
+            if let Ok(mut ur) = sys::get_regs(tid) {
+                if ur.rip == addr && served.contains(&tid) {
+                    // Its handlers ran at its stop: on to the copy, past the actions.
+                    ur.rip = built.copy_of(0);
+                    let _ = sys::set_regs(tid, &ur);
+                } else if region.in_interior(ur.rip) {
+                    if let Some(i) = region.boundary_index(ur.rip) {
+                        ur.rip = built.copy_of(i);
+                        let _ = sys::set_regs(tid, &ur);
+                    }
+                }
+            }
+        }
+        let (jump, len) = region
+            .jump_bytes(built.addr())
+            .ok_or_else(|| "the trampoline is out of reach".to_string())?;
+        let mut st = self.shared.lock();
+        let code = st.usable().map_err(|e| e.to_string())?;
+        code.write(addr + 1, &jump[1..len])
+            .map_err(|e| e.to_string())?;
+        code.write(addr, &jump[..1]).map_err(|e| e.to_string())?;
+        st.collect.jumped.insert(
+            addr,
+            Jumped {
+                region,
+                map: built,
+                trapping: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Move the held thread `tid` out of the slots of the site at `addr`, to the
+    /// equivalent original address (single-stepping to the slot's next boundary first if
+    /// it is between two); its post-handlers there are given up (a promoted site has
+    /// none), a signal held back for the slot is delivered later. Whether it was in one
+    /// (then its hit was served already).
+    fn out_of_site_slots(&mut self, tid: Tid, addr: u64) -> bool {
+        let Some(site) = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0)) else {
+            return false;
+        };
+        let Some(slots) = site.slots.get() else {
+            return false;
+        };
+        // By where it is, not by what the thread's slot stack says (pruned or not).
+        match sys::get_regs(tid) {
+            Ok(ur) if slots.contains(ur.rip) => {}
+            _ => return false,
+        }
+        if let Some(th) = self.threads.get_mut(tid) {
+            if let Some(i) = th.slots.iter().rposition(|s| s.site.addr == addr) {
+                let slot = th.slots.remove(i);
+                if let Some(sig) = slot.deferred.and_then(|d| d.signal()) {
+                    self.aside.push_signal(tid, sig);
+                }
+            }
+        }
+        for _ in 0..16 {
+            let Ok(ur) = sys::get_regs(tid) else {
+                return false;
+            };
+            let Some(s) = slots.slot_of(ur.rip) else {
+                return true;
+            };
+            let mut regs = crate::regs::to_core(&ur);
+            if s.fixup_ip(&mut regs) {
+                let _ = sys::set_regs(tid, &crate::regs::from_core(&ur, &regs));
+                return true;
+            }
+            if sys::single_step(tid, None).is_err() {
+                return true;
+            }
+            match sys::wait(Some(tid), false) {
+                Ok(Some(crate::sys::Wait::Signal(_, crate::sys::Signal::TRAP))) => {}
+                Ok(Some(crate::sys::Wait::Signal(_, sig))) => self.aside.push_signal(tid, sig),
+                Ok(Some(w)) => {
+                    self.aside.push_wait(w);
+                    return false;
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Build the trampoline of `spec` near `addr` and write it into trampoline memory
+    /// (mapping a page when none within reach has room).
+    fn place_collect_trampoline(
+        &mut self,
+        addr: u64,
+        spec: &CollectSpec<'_>,
+    ) -> std::result::Result<CollectMap, String> {
+        for _ in 0..2 {
+            let at = self
+                .shared
+                .lock()
+                .collect
+                .pages
+                .find(addr, COLLECT_LEN as u64);
+            let Some(at) = at else {
+                self.map_trampoline_page(addr)?;
+                continue;
+            };
+            let built = build_collect_trampoline(spec, at).map_err(|e| e.to_string())?;
+            let mut st = self.shared.lock();
+            st.write_slot(at, &built.bytes).map_err(|e| e.to_string())?;
+            st.collect.pages.take(at, built.bytes.len() as u64);
+            st.collect.trampolines.push(built.map);
+            return Ok(built.map);
+        }
+        Err("no trampoline memory within reach".into())
+    }
+
+    fn map_trampoline_page(&mut self, addr: u64) -> std::result::Result<(), String> {
+        let (tid, ur) = self.held_thread().ok_or(RETRY)?;
+        let maps = crate::error::maps(self.pid()).map_err(|e| e.to_string())?;
+        let want = maps
+            .free_near(addr, addr + 1, PAGE, REACH)
+            .ok_or_else(|| format!("no free page within reach of {addr:#x}"))?;
+        let got = self.map_page(tid, &ur, want).map_err(|e| e.to_string())?;
+        let mut st = self.shared.lock();
+        st.xol.add_reserved_page(got);
+        st.collect.pages.pages.push((got, 0));
+        Ok(())
+    }
+
+    /// Put the original bytes of a jumped region back (every thread is held), behind
+    /// our `int3` if the site is still armed (and `keep` allows it).
+    fn demote(&mut self, addr: u64, keep: bool) {
+        let mut st = self.shared.lock();
+        let armed = keep && st.armed.contains_key(&addr);
+        let Some(j) = st.collect.jumped.get(&addr).copied() else {
+            return;
+        };
+        let Ok(code) = st.usable() else {
+            st.collect.jumped.remove(&addr);
+            return;
+        };
+        let orig = j.region.bytes();
+        let first = if armed { INT3 } else { orig[0] };
+        if code.write(addr, &[INT3]).is_ok()
+            && code.write(addr + 1, &orig[1..]).is_ok()
+            && code.write(addr, &[first]).is_ok()
+        {
+            st.collect.jumped.remove(&addr);
+        }
+    }
+
+    /// Demote every site and move every held thread out of the trampolines, for
+    /// detach: afterwards no thread is in trampoline memory. Every thread is held.
+    pub(crate) fn unjump_all(&mut self) {
+        let addrs: Vec<u64> = self.shared.lock().collect.jumped.keys().copied().collect();
+        for a in addrs {
+            self.demote(a, false);
+        }
+        let maps: Vec<CollectMap> = self.shared.lock().collect.trampolines.clone();
+        let tids: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.is_held())
+            .map(|(t, _)| t)
+            .collect();
+        for tid in tids {
+            self.out_of_trampolines(tid, &maps);
+        }
+    }
+
+    /// Move the stopped thread `tid` out of any trampoline in `maps`: let it run out of
+    /// the action code (single steps, bounded), then to the original instruction its
+    /// copy stands for. The action code saves and restores `rflags` (`pushfq` ...
+    /// `popfq`): a step over the `pushfq` saves the trap flag, which the `popfq` puts
+    /// back, so it is cleared at the end unless the thread had it before (otherwise the
+    /// program, detached, would die of the next SIGTRAP).
+    pub(crate) fn out_of_trampolines(&mut self, tid: Tid, maps: &[CollectMap]) {
+        let had_tf = sys::get_regs(tid).is_ok_and(|r| r.eflags & RFLAGS_TF != 0);
+        let mut stepped = false;
+        for _ in 0..4096 {
+            let Ok(ur) = sys::get_regs(tid) else {
+                return;
+            };
+            let Some(m) = maps.iter().find(|m| m.contains(ur.rip)) else {
+                return;
+            };
+            let mut regs = crate::regs::to_core(&ur);
+            if m.fixup(&mut regs).is_some() {
+                if stepped && !had_tf {
+                    regs.rflags &= !RFLAGS_TF;
+                }
+                let _ = sys::set_regs(tid, &crate::regs::from_core(&ur, &regs));
+                return;
+            }
+            stepped = true;
+            if sys::single_step(tid, None).is_err() {
+                return;
+            }
+            match sys::wait(Some(tid), false) {
+                Ok(Some(crate::sys::Wait::Signal(_, crate::sys::Signal::TRAP))) => {}
+                Ok(Some(crate::sys::Wait::Signal(_, sig))) => self.aside.push_signal(tid, sig),
+                Ok(Some(w)) => {
+                    self.aside.push_wait(w);
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// A SIGSEGV or SIGBUS of `tid` at `rip`: if it is an action's access in a
+    /// trampoline, resume it at the fault table's resume point (which commits the
+    /// record as faulted and counts it) and say so; the program never sees it.
+    pub(crate) fn action_fault(&mut self, tid: Tid) -> bool {
+        let Ok(mut ur) = sys::get_regs(tid) else {
+            return false;
+        };
+        let resume = {
+            let st = self.shared.lock();
+            st.collect.trampolines.iter().find_map(|m| m.fault(ur.rip))
+        };
+        let Some(f) = resume else {
+            return false;
+        };
+        ur.rip = f.resume;
+        sys::set_regs(tid, &ur).is_ok()
+    }
+
+    /// Record every held thread's fs base (records name threads by it).
+    fn note_all_threads(&mut self) {
+        let mut seen = Vec::new();
+        for (tid, th) in self.threads.iter() {
+            if th.is_held() {
+                if let Ok(ur) = sys::get_regs(tid) {
+                    seen.push((ur.fs_base, tid.as_raw_pid()));
+                }
+            }
+        }
+        let mut st = self.shared.lock();
+        for (fs, tid) in seen {
+            st.collect.threads.note(fs, tid);
+        }
+    }
+
+    /// The clone event of `creator` made thread `new`: note its fs base (the clone's
+    /// TLS argument: `r8` of `clone`, `tls` of `clone3`'s arguments).
+    pub(crate) fn note_clone(&mut self, creator: Tid, new: Tid) {
+        if matches!(self.shared.lock().collect.area, AreaState::NotTried) {
+            return;
+        }
+        let Ok(ur) = sys::get_regs(creator) else {
+            return;
+        };
+        let tls = match ur.orig_rax as i64 {
+            libc::SYS_clone => Some(ur.r8),
+            libc::SYS_clone3 => {
+                use multiprobe_core::Memory;
+                let mut b = [0u8; 8];
+                // struct clone_args: tls is the 8th u64.
+                self.mem
+                    .read(ur.rdi + 56, &mut b)
+                    .ok()
+                    .map(|_| u64::from_le_bytes(b))
+            }
+            _ => None,
+        };
+        if let Some(fs) = tls {
+            self.shared
+                .lock()
+                .collect
+                .threads
+                .note(fs, new.as_raw_pid());
+        }
+    }
+
+    /// The doorbell's line, for waking the loop when a registration changes a jumped
+    /// site from another thread.
+    fn ensure_waker(&mut self) {
+        if self.shared.waker.get().is_none() {
+            if let Ok(h) = self.bell.handle() {
+                let _ = self.shared.waker.set(h);
+            }
+        }
+    }
+}
+
+/// How the tracee's threads can read their fs base: `rdfsbase` if its kernel lets
+/// user space (`HWCAP2_FSGSBASE` in its auxiliary vector), else `fs:[0]`.
+fn thread_id_of(pid: i32) -> ThreadId {
+    const AT_HWCAP2: u64 = 26;
+    const HWCAP2_FSGSBASE: u64 = 1 << 1;
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).unwrap_or_default();
+    let has = auxv.chunks_exact(16).any(|e| {
+        let k = u64::from_le_bytes(e[..8].try_into().expect("8"));
+        let v = u64::from_le_bytes(e[8..].try_into().expect("8"));
+        k == AT_HWCAP2 && v & HWCAP2_FSGSBASE != 0
+    });
+    if has {
+        ThreadId::RdFsBase
+    } else {
+        ThreadId::FsZero
+    }
+}

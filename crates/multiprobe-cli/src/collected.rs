@@ -1,0 +1,286 @@
+//! Actions that collect in the tracee (`count`, `args:N`, `regs`, `mem:ARG:LEN`): the
+//! command's side of backend-ptrace's [`Collect`] handlers.
+//!
+//! Such an action is registered as a [`Collect`] value instead of a closure
+//! ([`collector`] decides), so a site whose every action collects is promoted by the
+//! backend and served without a stop; a site that also has an action which needs the
+//! tracer (`str:`, `ustack`, a condition, a return action) takes the one-stop path,
+//! where the same collectors run in the tracer. The counts and records are the same
+//! either way, and so are the lines: [`Collected::print`] turns records into exactly
+//! the lines the closures print (the same [`crate::lines`] functions, the same
+//! rate limit through [`Sink::hit_line`], the same JSON `hit` objects).
+//!
+//! Records reach the command when drained: a drain thread ([`Drainer`]) takes them every
+//! [`DRAIN_EVERY`] while the tracer thread sleeps in `waitpid`, and the command drains
+//! once more when the tracer loop returns (exit, detach) and at each `exec`, so no record
+//! written before is lost. Lines of one drain are printed in the order of their
+//! timestamps.
+//!
+//! `--stop` keeps every action a closure (the one-stop path for everything).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use multiprobe_backend_ptrace::collect::{
+    Action as CollectAction, Collect, Collection, Record, RecordData, MEM_MAX,
+};
+use multiprobe_backend_ptrace::DetachHandle;
+use multiprobe_core::Gpr;
+
+use crate::actions::{Args, Binding, SiteCtx};
+use crate::lines::{args_line, mem_lines, regs_line, Who};
+use crate::sink::Sink;
+use crate::spec::Action;
+
+/// How often the drain thread takes the records (the tracee's ring holds them until
+/// then: at 1 M records a second, 10 ms is a hundredth of its capacity).
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// The [`Collect`] handler for `action` at a site with context `ctx`, if it can collect
+/// (in the tracee when its site is promoted): plain `count`, `args:N` (N <= 6), `regs`
+/// and `mem:ARG:LEN` (ARG <= 6), at a function's System V arguments and with no
+/// condition (conditions are evaluated in the tracer).
+pub fn collector(action: Action, ctx: &SiteCtx) -> Option<Collect> {
+    if !ctx.filters.is_empty() || !matches!(ctx.args, Args::Abi) {
+        return None;
+    }
+    match action {
+        Action::Count => Some(Collect::count()),
+        Action::Args(n) => Collect::args(n),
+        Action::Regs => Some(Collect::regs()),
+        Action::Mem { arg, len } if len <= MEM_MAX => Collect::mem(arg + 1, len),
+        _ => None,
+    }
+}
+
+/// Whether `action` would collect at a site with context `ctx` (for the summary's
+/// reason why a site takes a stop).
+pub fn collects(action: Action, ctx: &SiteCtx) -> bool {
+    collector(action, ctx).is_some()
+}
+
+/// What a record's lines need of its row.
+#[derive(Debug)]
+struct Printer {
+    collect: Collect,
+    action: Action,
+    label: Arc<str>,
+    pid: i32,
+    sink: Arc<Sink>,
+    time: bool,
+}
+
+/// Every collector of the session whose action prints, to turn its records into lines.
+#[derive(Debug, Default)]
+pub struct Collected {
+    printers: Mutex<Vec<Printer>>,
+    /// The drain handles of the processes traced (one tracer: one handle).
+    drains: Mutex<Vec<Collection>>,
+    /// One print at a time, so lines keep their order.
+    printing: Mutex<()>,
+}
+
+impl Collected {
+    /// `collect` was registered for `b`'s row: print its records.
+    pub fn add(&self, collect: &Collect, b: &Binding) {
+        if matches!(collect.action(), CollectAction::Count) {
+            return;
+        }
+        lock(&self.printers).push(Printer {
+            collect: collect.clone(),
+            action: b.action,
+            label: Arc::clone(&b.label),
+            pid: b.pid,
+            sink: Arc::clone(&b.sink),
+            time: b.time,
+        });
+    }
+
+    /// Drain through `collection` too (the tracer's handle).
+    pub fn drain_from(&self, collection: Collection) {
+        lock(&self.drains).push(collection);
+    }
+
+    /// Whether the tracer has sites to promote or demote (it does that between
+    /// events: a program that makes none needs a wake-up).
+    fn rework_pending(&self) -> bool {
+        lock(&self.drains).iter().any(Collection::rework_pending)
+    }
+
+    /// Move what the tracees wrote into the collectors, then print every record taken,
+    /// in time order. Any thread.
+    pub fn print(&self) {
+        let _one = lock(&self.printing);
+        for d in lock(&self.drains).iter() {
+            d.drain();
+        }
+        let mut batch: Vec<(u64, usize, Record)> = Vec::new();
+        let printers = lock(&self.printers);
+        for (i, p) in printers.iter().enumerate() {
+            batch.extend(
+                p.collect
+                    .take_records()
+                    .into_iter()
+                    .map(|r| (r.time_ns, i, r)),
+            );
+        }
+        if batch.is_empty() {
+            return;
+        }
+        batch.sort_by_key(|&(t, i, _)| (t, i));
+        let clock = Clock::now();
+        for (_, i, r) in &batch {
+            printers[*i].print(r, &clock);
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` to wall-clock time, from one pair of readings.
+struct Clock {
+    wall: SystemTime,
+    mono_ns: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        Clock {
+            wall: SystemTime::now(),
+            mono_ns: t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64,
+        }
+    }
+
+    fn wall(&self, mono_ns: u64) -> SystemTime {
+        let back = Duration::from_nanos(self.mono_ns.saturating_sub(mono_ns));
+        self.wall.checked_sub(back).unwrap_or(self.wall)
+    }
+}
+
+impl Printer {
+    fn print(&self, r: &Record, clock: &Clock) {
+        let when = clock.wall(r.time_ns);
+        let who = Who {
+            pid: self.pid,
+            tid: r.tid as u32,
+            time: self.time.then_some(when),
+        };
+        let json = |fields: serde_json::Value| {
+            crate::actions::hit_json(
+                self.pid,
+                r.tid as u32,
+                r.addr,
+                &self.label,
+                self.action,
+                when,
+                fields,
+            )
+        };
+        let label = &*self.label;
+        match (&r.data, self.action) {
+            (RecordData::Args(vals), _) => self.sink.hit_line(|| {
+                if self.sink.json() {
+                    let v: Vec<String> = vals.iter().map(|v| format!("{v:#x}")).collect();
+                    json(serde_json::json!({ "args": v }))
+                } else {
+                    let args: Vec<Result<u64, String>> = vals.iter().map(|&v| Ok(v)).collect();
+                    args_line(&who, label, &args)
+                }
+            }),
+            (RecordData::Regs(regs), _) => self.sink.hit_line(|| {
+                if self.sink.json() {
+                    let mut m = serde_json::Map::new();
+                    m.insert("rip".into(), format!("{:#x}", regs.rip).into());
+                    m.insert("rflags".into(), format!("{:#x}", regs.rflags).into());
+                    for g in Gpr::ALL {
+                        m.insert(g.name().into(), format!("{:#x}", regs.gpr(g)).into());
+                    }
+                    json(serde_json::json!({ "regs": m }))
+                } else {
+                    regs_line(&who, label, regs)
+                }
+            }),
+            (RecordData::Mem { ptr, bytes }, Action::Mem { arg, len }) => {
+                self.sink.hit_line(|| {
+                    let read: Result<&[u8], String> = if r.faulted {
+                        Err(format!("cannot read {len} bytes at {ptr:#x}: bad address"))
+                    } else {
+                        Ok(bytes)
+                    };
+                    if self.sink.json() {
+                        let mut m = serde_json::json!({ "addr": format!("{ptr:#x}"), "len": len });
+                        match &read {
+                            Ok(bs) => {
+                                m["bytes"] = bs
+                                    .iter()
+                                    .map(|x| format!("{x:02x}"))
+                                    .collect::<String>()
+                                    .into()
+                            }
+                            Err(e) => m["error"] = e.clone().into(),
+                        }
+                        json(serde_json::json!({ "mem": m }))
+                    } else {
+                        mem_lines(&who, label, arg, *ptr, read.map_err(|e| e.clone()))
+                    }
+                })
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Prints the collected records every [`DRAIN_EVERY`] until dropped (and once more then).
+pub struct Drainer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    collected: Arc<Collected>,
+}
+
+impl Drainer {
+    /// Start the drain thread for `collected`; it wakes the tracer loop through
+    /// `wake` when sites wait to be promoted.
+    pub fn start(collected: Arc<Collected>, wake: Option<DetachHandle>) -> Drainer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let c = Arc::clone(&collected);
+        let thread = std::thread::Builder::new()
+            .name("multiprobe-drain".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(DRAIN_EVERY);
+                    c.print();
+                    if let Some(w) = wake.as_ref().filter(|_| c.rework_pending()) {
+                        w.wake();
+                    }
+                }
+            })
+            .ok();
+        Drainer {
+            stop,
+            thread,
+            collected,
+        }
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        self.collected.print();
+    }
+}
+
+impl std::fmt::Debug for Drainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drainer").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
