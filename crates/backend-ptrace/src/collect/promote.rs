@@ -361,9 +361,12 @@ impl Tracer {
                 lock(&s.collect).path = Some(SitePath::InTracee);
             }
         }
-        // The program gets four times as long as it was held before the next rework.
+        // A rework cut short by its budget: the program gets four times as long as it
+        // was held before the next one (a short one leaves the next free to come at
+        // once: sites registered at start-up are promoted before the program is far).
+        let held = budget.elapsed();
         self.shared.lock().collect.rework_after =
-            Some(std::time::Instant::now() + 4 * budget.elapsed());
+            (held > REWORK_BUDGET).then(|| std::time::Instant::now() + 4 * held);
         self.prepare_resume()
     }
 
