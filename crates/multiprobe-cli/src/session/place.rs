@@ -313,7 +313,9 @@ impl Session {
                             stacks: Arc::clone(&p.stacks),
                             sink: Arc::clone(&self.sink),
                             time: self.time,
-                            collected: self.collected.clone(),
+                            // The matches of a wildcard pattern stay closures (the
+                            // stop path): see `Rows::path`.
+                            collected: self.collected.clone().filter(|_| !w.per_match),
                         },
                     )
                 }));
