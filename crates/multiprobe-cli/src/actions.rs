@@ -472,13 +472,7 @@ impl Handler for ActionHandler {
             Action::Regs => b.sink.hit_line(|| {
                 let now = SystemTime::now();
                 if b.sink.json() {
-                    let r = hit.regs();
-                    let mut m = serde_json::Map::new();
-                    m.insert("rip".into(), format!("{:#x}", r.rip).into());
-                    m.insert("rflags".into(), format!("{:#x}", r.rflags).into());
-                    for g in Gpr::ALL {
-                        m.insert(g.name().into(), format!("{:#x}", r.gpr(g)).into());
-                    }
+                    let m = lines::regs_json(hit.regs());
                     self.json_line(hit, now, serde_json::json!({ "regs": m }))
                 } else {
                     regs_line(&self.who(hit, now), label, hit.regs())
@@ -499,17 +493,7 @@ impl Handler for ActionHandler {
                     Err(e) => (0, Err(e)),
                 };
                 if b.sink.json() {
-                    let mut m = serde_json::json!({ "addr": format!("{addr:#x}"), "len": len });
-                    match &bytes {
-                        Ok(bs) => {
-                            m["bytes"] = bs
-                                .iter()
-                                .map(|x| format!("{x:02x}"))
-                                .collect::<String>()
-                                .into()
-                        }
-                        Err(e) => m["error"] = e.clone().into(),
-                    }
+                    let m = lines::mem_json(addr, len, bytes.as_deref().map_err(String::as_str));
                     self.json_line(hit, now, serde_json::json!({ "mem": m }))
                 } else {
                     mem_lines(

@@ -26,10 +26,9 @@ use multiprobe_backend_ptrace::collect::{
     Action as CollectAction, Collect, Collection, Record, RecordData, MEM_MAX,
 };
 use multiprobe_backend_ptrace::DetachHandle;
-use multiprobe_core::Gpr;
 
 use crate::actions::{Args, Binding, SiteCtx};
-use crate::lines::{args_line, mem_lines, regs_line, Who};
+use crate::lines::{self, args_line, mem_lines, regs_line, Who};
 use crate::sink::Sink;
 use crate::spec::Action;
 
@@ -189,13 +188,7 @@ impl Printer {
             }),
             (RecordData::Regs(regs), _) => self.sink.hit_line(|| {
                 if self.sink.json() {
-                    let mut m = serde_json::Map::new();
-                    m.insert("rip".into(), format!("{:#x}", regs.rip).into());
-                    m.insert("rflags".into(), format!("{:#x}", regs.rflags).into());
-                    for g in Gpr::ALL {
-                        m.insert(g.name().into(), format!("{:#x}", regs.gpr(g)).into());
-                    }
-                    json(serde_json::json!({ "regs": m }))
+                    json(serde_json::json!({ "regs": lines::regs_json(regs) }))
                 } else {
                     regs_line(&who, label, regs)
                 }
@@ -208,17 +201,7 @@ impl Printer {
                         Ok(bytes)
                     };
                     if self.sink.json() {
-                        let mut m = serde_json::json!({ "addr": format!("{ptr:#x}"), "len": len });
-                        match &read {
-                            Ok(bs) => {
-                                m["bytes"] = bs
-                                    .iter()
-                                    .map(|x| format!("{x:02x}"))
-                                    .collect::<String>()
-                                    .into()
-                            }
-                            Err(e) => m["error"] = e.clone().into(),
-                        }
+                        let m = lines::mem_json(*ptr, len, read.as_deref().map_err(String::as_str));
                         json(serde_json::json!({ "mem": m }))
                     } else {
                         mem_lines(&who, label, arg, *ptr, read.map_err(|e| e.clone()))

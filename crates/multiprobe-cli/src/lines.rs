@@ -192,6 +192,34 @@ pub fn stack_lines(who: &Who, symbol: &str, frames: &[Frame], note: Option<&str>
     s
 }
 
+/// The `regs` object of a `--json` hit: every register as a hex string.
+pub fn regs_json(r: &Regs) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("rip".into(), format!("{:#x}", r.rip).into());
+    m.insert("rflags".into(), format!("{:#x}", r.rflags).into());
+    for g in Gpr::ALL {
+        m.insert(g.name().into(), format!("{:#x}", r.gpr(g)).into());
+    }
+    serde_json::Value::Object(m)
+}
+
+/// The `mem` object of a `--json` hit: where, how much, and the bytes as hex or the
+/// error of the read.
+pub fn mem_json(addr: u64, len: u16, read: Result<&[u8], &str>) -> serde_json::Value {
+    let mut m = serde_json::json!({ "addr": format!("{addr:#x}"), "len": len });
+    match read {
+        Ok(bs) => {
+            m["bytes"] = bs
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+                .into()
+        }
+        Err(e) => m["error"] = e.into(),
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
