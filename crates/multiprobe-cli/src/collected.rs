@@ -53,12 +53,6 @@ pub fn collector(action: Action, ctx: &SiteCtx) -> Option<Collect> {
     }
 }
 
-/// Whether `action` would collect at a site with context `ctx` (for the summary's
-/// reason why a site takes a stop).
-pub fn collects(action: Action, ctx: &SiteCtx) -> bool {
-    collector(action, ctx).is_some()
-}
-
 /// What a record's lines need of its row.
 #[derive(Debug)]
 struct Printer {
