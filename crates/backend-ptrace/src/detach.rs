@@ -8,7 +8,8 @@
 //!    is kept to be delivered at detach, new threads and vfork children are stopped
 //!    too, fork children are freed as usual. A thread whose interrupt stop came right
 //!    after it executed an `int3` (its SIGTRAP still pending) is let report the SIGTRAP
-//!    first, to be undone like any other trap.
+//!    first, to be undone like any other trap — when pausing too, since the pause may
+//!    be the one that writes a jump over that `int3`.
 //! 2. Move every thread that is inside a slot to the equivalent original address
 //!    ([`multiprobe_x86::Slot::fixup_ip`], single-stepping to the next boundary when
 //!    it is in the middle of the slot's code) and end its deferred steps. A thread that
@@ -278,12 +279,16 @@ impl Tracer {
             Wait::Syscall(_) => {}
             Wait::Event(_, Event::Stop(sig)) => {
                 group = sig.is_stop();
-                if detaching && !group && sigtrap_pending(self.pid(), tid) {
+                if !group && sigtrap_pending(self.pid(), tid) {
                     // It executed an `int3` (ours, most likely) just before the
                     // interrupt stopped it: the interrupt is reported before the signal
-                    // is, and once detached the pending SIGTRAP would kill the program.
-                    // Let it report the signal (it runs no instruction before that);
-                    // that stop is handled as any trap while stopping.
+                    // is. Held like this it stands one byte past the site with the
+                    // SIGTRAP still to come: once detached that signal would kill the
+                    // program, and a pause that promotes the site would leave it in the
+                    // middle of the jump written there (or an injected system call on
+                    // it would take the signal). Let it report the signal first (it
+                    // runs no instruction before that); that stop is undone like any
+                    // trap while stopping, which puts it back on the site.
                     return self.resume(tid, None);
                 }
             }
