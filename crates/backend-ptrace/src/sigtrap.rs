@@ -400,13 +400,19 @@ impl Tracer {
 }
 
 /// Whether the held thread `tid` is in a stop where a system call can be injected: a
-/// trap or an interrupt (`PTRACE_EVENT_STOP`), not an event stop inside a system call
-/// (clone, fork, exec), whose own result would land on top of the injected one.
+/// trap, the end of a single step (detach steps threads out of slots and trampolines:
+/// on a loaded machine every thread but one, the one whose injected call ended in a
+/// system-call stop, can be there, and the last out-of-line page was left mapped) or
+/// an interrupt (`PTRACE_EVENT_STOP`) — not an event stop inside a system call (clone,
+/// fork, exec), whose own result would land on top of the injected one. A step ends
+/// after the instruction, so even one over a `syscall` is not inside it.
 pub(crate) fn injectable(tid: Tid) -> bool {
     let trap = libc::SIGTRAP;
     sys::sig_info(tid).is_ok_and(|s| {
         s.signo == trap
-            && (s.code == sys::SI_KERNEL || s.code == trap | (libc::PTRACE_EVENT_STOP << 8))
+            && (s.code == sys::SI_KERNEL
+                || s.code == sys::TRAP_TRACE
+                || s.code == trap | (libc::PTRACE_EVENT_STOP << 8))
     })
 }
 

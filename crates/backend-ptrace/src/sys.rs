@@ -421,6 +421,8 @@ pub(crate) struct SigInfo {
 
 /// `si_code` of signals the kernel raises itself (an `int3`, a general protection fault).
 pub(crate) use libc::SI_KERNEL;
+/// `si_code` of the SIGTRAP that ends a single step.
+pub(crate) use libc::TRAP_TRACE;
 
 /// The siginfo of the signal a thread is stopped for. `EINVAL` in group-stop.
 pub(crate) fn sig_info(tid: Tid) -> SysResult<SigInfo> {
