@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     pub(crate) collect_dirty: std::sync::atomic::AtomicBool,
     /// Wakes the tracer loop for that (set once the process has an area).
     pub(crate) waker: OnceLock<crate::doorbell::DetachHandle>,
+    /// Rule 3 for the collectors jumped sites run in the tracee (`collect/quiet.rs`).
+    pub(crate) quiet: crate::collect::Quiet,
 }
 
 impl Shared {
@@ -113,6 +115,7 @@ impl Shared {
             returns_wanted: Default::default(),
             collect_dirty: Default::default(),
             waker: OnceLock::new(),
+            quiet: crate::collect::Quiet::new(),
         })
     }
 
@@ -358,11 +361,15 @@ impl Backend for PtraceBackend {
         if site.0.gen != sh.gen() {
             return;
         }
-        sc.wanted =
-            crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, &mut sc, enabled);
+        sc.wanted = crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled);
         // A jumped site traps from now on (its trampoline runs the old list); one that
         // may be promoted is looked at by the tracer.
         let jumped = st.trap_jump(addr);
+        if jumped {
+            // Threads already past the jump run the old list: unregister waits for
+            // the tracer to see them out of it.
+            sh.quiet.changed();
+        }
         if jumped || sc.has_collectors() {
             st.collect.dirty.insert(addr);
             sh.collect_dirty.store(true, Ordering::Release);
@@ -371,6 +378,17 @@ impl Backend for PtraceBackend {
                 w.wake();
             }
         }
+    }
+
+    fn quiesce(&self) -> Result<()> {
+        let sh = &self.shared;
+        sh.quiet.wait(|| {
+            sh.collect_dirty.store(true, Ordering::Release);
+            if let Some(w) = sh.waker.get() {
+                w.wake();
+            }
+        });
+        Ok(())
     }
 
     fn check_return(&self, addr: u64, _site: &Site) -> Result<()> {
@@ -388,6 +406,7 @@ impl Backend for PtraceBackend {
             // Our jump: its `int3` stays until the tracer, with every thread stopped,
             // puts the region back (traps meanwhile continue in the trampoline's copy).
             st.armed.remove(&addr);
+            sh.quiet.changed();
             sh.collect_dirty.store(true, Ordering::Release);
             drop(st);
             if let Some(w) = sh.waker.get() {

@@ -288,6 +288,8 @@ impl Tracer {
             st.xol.clear();
             st.semaphores.clear();
             st.collect.forget_image();
+            // The old image's trampolines are gone with it: nobody waits for them.
+            self.shared.quiet.restart();
             st.code = Some(CodeMemory::open(pid)?);
             st.image = crate::launch::image_of(pid);
         }

@@ -99,6 +99,7 @@ impl Tracer {
             st.xol.clear();
             st.semaphores.clear();
         }
+        self.shared.quiet.end();
         let pid = self.shared.pid;
         let mut detached = Ok(());
         for (tid, th) in self.threads.take_all() {

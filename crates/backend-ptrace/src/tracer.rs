@@ -498,6 +498,7 @@ impl Tracer {
         st.xol.clear();
         st.semaphores.clear();
         drop(st);
+        self.shared.quiet.end();
         self.exit = Some(status);
         status
     }

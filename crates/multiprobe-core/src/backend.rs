@@ -116,4 +116,14 @@ pub trait Backend: Send + Sync + 'static {
     ) {
         let _ = (addr, site, enabled);
     }
+
+    /// Rule 3 for handlers the backend runs itself: called by `unregister` (and
+    /// [`crate::Registry::synchronize`]) after the dispatcher's grace period, outside
+    /// the registry's lock and never from inside a dispatch. Returns once no handler
+    /// the backend learnt of through [`Backend::handlers_changed`] before this call can
+    /// still be running for a list it no longer has (a tracee's thread inside the old
+    /// code). The default has nothing to wait for.
+    fn quiesce(&self) -> Result<()> {
+        Ok(())
+    }
 }

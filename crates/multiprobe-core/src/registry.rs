@@ -691,7 +691,7 @@ impl<B: Backend> Inner<B> {
         }
         self.table.domain.wait(stamp);
         self.lock().reclaim();
-        Ok(())
+        self.backend.quiesce()
     }
 }
 

@@ -111,11 +111,6 @@ pub(crate) struct Inner {
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
     pub(crate) bound: OnceLock<Binding>,
-    /// The TSC from which the tracee's records of it are not its own any more: set when
-    /// it leaves its site's enabled list (unregistered, disabled), `u64::MAX` while it
-    /// is on it. Records a thread was still writing in the old trampoline then are
-    /// dropped by the reader (rule 3).
-    pub(crate) retired: AtomicU64,
     /// Counts and records the tracee produced, as last drained into this collector.
     pub(crate) area: Mutex<CollectStats>,
 }
@@ -140,7 +135,6 @@ impl Collect {
             faulted: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
-            retired: AtomicU64::new(u64::MAX),
             area: Mutex::new(CollectStats::default()),
         }))
     }

@@ -49,11 +49,11 @@
 //! meanwhile needs a wake-up ([`crate::DetachHandle::wake`], the command's ticker).
 //! A registration change at a promoted site (from any thread) writes an `int3` over
 //! the jump at once — later hits stop and run the new list in the tracer — and wakes
-//! the loop, which puts the original bytes back behind the `int3`: such a site stays
-//! on the one-stop path in this image (known gap: repointing a live jump to a new
-//! trampoline lost a thread in 2 of 20 runs and is not done). Rule 3: a collector that
-//! left its site is retired at that moment; records a thread was still writing in the
-//! old trampoline then are dropped by the reader.
+//! the loop, which points the jump at a new trampoline for the new list (or puts the
+//! original bytes back when no collector is left). Rule 3: `unregister` returns once
+//! the tracer has stopped every thread after the change and let those in the old
+//! trampoline's actions finish them (`quiet.rs`), so no record of the handler comes
+//! after it.
 //!
 //! # Threads
 //!
@@ -76,6 +76,7 @@ mod area;
 mod clock;
 mod handler;
 mod promote;
+mod quiet;
 mod reader;
 
 pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
@@ -84,6 +85,7 @@ pub use reader::Collection;
 
 use handler::Binding;
 pub(crate) use promote::{Jumped, TrampolinePages};
+pub(crate) use quiet::Quiet;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -142,9 +144,6 @@ pub(crate) struct Procs {
     pub(crate) pages: TrampolinePages,
     /// Sites whose handlers changed since the tracer last looked.
     pub(crate) dirty: HashSet<u64>,
-    /// Sites whose handlers changed while they were promoted: stop sites for good in
-    /// this image (see `promote.rs`).
-    pub(crate) changed_live: HashSet<u64>,
     /// After a rework cut short by its time budget, the next one waits until then:
     /// the program runs at least as long as it was held.
     pub(crate) rework_after: Option<std::time::Instant>,
@@ -176,7 +175,6 @@ impl Procs {
         self.trampolines.clear();
         self.pages.clear();
         self.dirty.clear();
-        self.changed_live.clear();
     }
 }
 
@@ -196,8 +194,6 @@ pub(crate) enum Wanted {
 #[derive(Debug, Default)]
 pub(crate) struct SiteCollect {
     pub(crate) wanted: Wanted,
-    /// The collectors enabled here now (to retire those that leave).
-    pub(crate) cols: Vec<Collect>,
     /// The path the tracer last gave it.
     pub(crate) path: Option<SitePath>,
 }
@@ -213,7 +209,6 @@ impl SiteCollect {
 pub(crate) fn classify(
     pid: i32,
     procs: &mut Procs,
-    site: &mut SiteCollect,
     enabled: &[(HandlerId, &dyn Handler)],
 ) -> Wanted {
     let mut cols = Vec::new();
@@ -252,21 +247,6 @@ pub(crate) fn classify(
             why.get_or_insert_with(|| format!("handler {id} has a return hook"));
         }
     }
-    // Collectors that left the site stop owning the tracee's records from now on;
-    // those on it own them again.
-    let now = clock::rdtsc();
-    for old in &site.cols {
-        if !cols.iter().any(|(_, c)| Arc::ptr_eq(&c.0, &old.0)) {
-            old.0
-                .retired
-                .store(now, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    for (_, c) in &cols {
-        c.0.retired
-            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
-    }
-    site.cols = cols.iter().map(|(_, c)| c.clone()).collect();
     match (cols.is_empty(), why) {
         (true, _) => Wanted::None,
         (false, Some(w)) => Wanted::Mixed(w),

@@ -21,7 +21,12 @@
 //!   rewriting one a thread may be in), writes it, moves threads standing in the
 //!   region's interior to the same point of the copy, and writes the jump (bytes 1..,
 //!   then byte 0) — or demotes: the original bytes back behind the `int3`, and the
-//!   `int3` itself too when the site is gone.
+//!   `int3` itself too when the site is gone. A site whose handlers changed again
+//!   while its trampoline was built gets no jump (the changing thread saw no jump to
+//!   trap, so nothing waits for the old list to end): it keeps its `int3` until the
+//!   next round. In the same pause, threads standing in any trampoline's action code
+//!   are let run out of it, which settles every change made before the pause for
+//!   `unregister`'s wait (`quiet.rs`).
 //!
 //! Invariants (under the backend's state lock):
 //! * `jumped` holds exactly the addresses whose text holds our jump (`trapping`: with
@@ -40,7 +45,7 @@ use multiprobe_symbols::{LandingPads, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
     build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
-use multiprobe_x86::{CodeSource, Function, Mapping, Region};
+use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region};
 
 use super::handler::lock;
 use super::{AreaState, Collect, SitePath, Wanted};
@@ -68,9 +73,6 @@ const EAGER_SITES: usize = 256;
 /// How long one pause of the program may promote sites; the rest waits for the next,
 /// which comes after the program ran four times as long.
 const REWORK_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Why a site whose handlers changed while promoted is on the stop path.
-const REPOINT: &str = "its handlers changed while it was promoted (it stays on the stop path)";
 
 /// How far a trampoline may be from its site: a `jmp rel32` from the region and the
 /// trampoline's own jump back (and its rip-relative references to the area, which the
@@ -228,6 +230,7 @@ impl Tracer {
         }
         if self.is_gone() || self.shared.lock().status != Status::Attached {
             self.shared.collect_dirty.store(false, Ordering::Release);
+            self.shared.quiet.end();
             return Ok(());
         }
         if self
@@ -249,6 +252,8 @@ impl Tracer {
             return Ok(()); // the program's turn (a wake-up or an event comes back here)
         }
         self.shared.collect_dirty.store(false, Ordering::Release);
+        // Every change made so far has its `int3` written: the pause below settles it.
+        let target = self.shared.quiet.target();
         let gen = self.shared.gen();
         let addrs: Vec<u64> = std::mem::take(&mut self.shared.lock().collect.dirty)
             .into_iter()
@@ -285,11 +290,16 @@ impl Tracer {
                 )));
             }
         }
-        if work.is_empty() {
+        let settle = self.shared.quiet.behind(target);
+        if work.is_empty() && !settle {
             return Ok(());
         }
         if self.pause()?.is_some() || self.is_gone() {
             return Ok(());
+        }
+        if settle {
+            self.finish_actions();
+            self.shared.quiet.settle(target);
         }
         if work.iter().any(|w| w.want.is_some()) {
             match self.held_thread() {
@@ -327,20 +337,7 @@ impl Tracer {
                 self.shared.collect_dirty.store(true, Ordering::Release);
                 break;
             }
-            let repoint = {
-                let mut st = self.shared.lock();
-                let c = &mut st.collect;
-                if c.jumped.contains_key(&w.addr) {
-                    c.changed_live.insert(w.addr);
-                }
-                c.changed_live.contains(&w.addr)
-            };
             let why = match &w.want {
-                // Known gap (this stage): repointing a live jump to a new trampoline
-                // lost a thread now and then (2 of 20 runs of the live-change test);
-                // such a site is demoted and stays on the stop path, with the same
-                // counts and records.
-                Some(_) if repoint => Some(REPOINT.to_string()),
                 Some(cols) => match self.promote(w.addr, cols, &maps, &syms) {
                     Ok(()) => None,
                     Err(why) if why == RETRY => {
@@ -453,6 +450,13 @@ impl Tracer {
             .jump_bytes(built.addr())
             .ok_or_else(|| "the trampoline is out of reach".to_string())?;
         let mut st = self.shared.lock();
+        if st.collect.dirty.contains(&addr) {
+            // Its handlers changed while this was built (from another thread, which
+            // saw no jump to trap and so waits for nothing): the trampoline runs the
+            // old list, so no jump to it. The site keeps its `int3` and is redone
+            // next time; the trampoline stays unused.
+            return Err(RETRY.into());
+        }
         let code = st.usable().map_err(|e| e.to_string())?;
         code.write(addr + 1, &jump[1..len])
             .map_err(|e| e.to_string())?;
@@ -604,43 +608,76 @@ impl Tracer {
     }
 
     /// Move the stopped thread `tid` out of any trampoline in `maps`: let it run out of
-    /// the action code (single steps, bounded), then to the original instruction its
-    /// copy stands for. The action code saves and restores `rflags` (`pushfq` ...
-    /// `popfq`): a step over the `pushfq` saves the trap flag, which the `popfq` puts
-    /// back, so it is cleared at the end unless the thread had it before (otherwise the
-    /// program, detached, would die of the next SIGTRAP).
+    /// the action code ([`Tracer::run_out_of_actions`]), then to the original
+    /// instruction its copy stands for.
     pub(crate) fn out_of_trampolines(&mut self, tid: Tid, maps: &[CollectMap]) {
+        let Some(m) = self.run_out_of_actions(tid, maps) else {
+            return;
+        };
+        if let Ok(ur) = sys::get_regs(tid) {
+            let mut regs = crate::regs::to_core(&ur);
+            if m.fixup(&mut regs).is_some() {
+                let _ = sys::set_regs(tid, &crate::regs::from_core(&ur, &regs));
+            }
+        }
+    }
+
+    /// Rule 3 at a pause (every thread held): let each thread that stands in the
+    /// action code of a trampoline run out of it, so that none is left running a list
+    /// that changed before the pause (`quiet.rs`). They stay in the copies, which go
+    /// on as before (trampolines are never freed while the image lives).
+    fn finish_actions(&mut self) {
+        let maps: Vec<CollectMap> = self.shared.lock().collect.trampolines.clone();
+        if maps.is_empty() {
+            return;
+        }
+        let tids: Vec<Tid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.is_held())
+            .map(|(t, _)| t)
+            .collect();
+        for tid in tids {
+            self.run_out_of_actions(tid, &maps);
+        }
+    }
+
+    /// Single-step the stopped thread `tid` (bounded) while it is in the action code of
+    /// a trampoline in `maps`; returns the trampoline it stands in afterwards (in a
+    /// relocated copy), `None` outside them all (or if it could not be stepped). An
+    /// action's fault on the way resumes as at run time (the record is committed as
+    /// faulted); other signals are held back for later. The action code saves and
+    /// restores `rflags` (`pushfq` ... `popfq`): a step over the `pushfq` saves the trap
+    /// flag, which the `popfq` puts back, so it is cleared at the end unless the thread
+    /// had it before (otherwise the program would die of the next SIGTRAP).
+    fn run_out_of_actions(&mut self, tid: Tid, maps: &[CollectMap]) -> Option<CollectMap> {
         let had_tf = sys::get_regs(tid).is_ok_and(|r| r.eflags & RFLAGS_TF != 0);
         let mut stepped = false;
         for _ in 0..4096 {
-            let Ok(ur) = sys::get_regs(tid) else {
-                return;
-            };
-            let Some(m) = maps.iter().find(|m| m.contains(ur.rip)) else {
-                return;
-            };
-            let mut regs = crate::regs::to_core(&ur);
-            if m.fixup(&mut regs).is_some() {
-                if stepped && !had_tf {
-                    regs.rflags &= !RFLAGS_TF;
+            let mut ur = sys::get_regs(tid).ok()?;
+            let m = *maps.iter().find(|m| m.contains(ur.rip))?;
+            if m.locate(ur.rip) != Some(Location::Inside) {
+                if stepped && !had_tf && ur.eflags & RFLAGS_TF != 0 {
+                    ur.eflags &= !RFLAGS_TF;
+                    let _ = sys::set_regs(tid, &ur);
                 }
-                let _ = sys::set_regs(tid, &crate::regs::from_core(&ur, &regs));
-                return;
+                return Some(m);
             }
             stepped = true;
-            if sys::single_step(tid, None).is_err() {
-                return;
-            }
+            sys::single_step(tid, None).ok()?;
             match sys::wait(Some(tid), false) {
                 Ok(Some(crate::sys::Wait::Signal(_, crate::sys::Signal::TRAP))) => {}
+                Ok(Some(crate::sys::Wait::Signal(_, sig)))
+                    if sig.is_fault() && self.action_fault(tid) => {}
                 Ok(Some(crate::sys::Wait::Signal(_, sig))) => self.aside.push_signal(tid, sig),
                 Ok(Some(w)) => {
                     self.aside.push_wait(w);
-                    return;
+                    return None;
                 }
-                _ => return,
+                _ => return None,
             }
         }
+        None
     }
 
     /// A SIGSEGV or SIGBUS of `tid` at `rip`: if it is an action's access in a

@@ -12,7 +12,7 @@
 //! `unsafe` here: viewing the tracer's mapping of the area as `[AtomicU64]`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
 
 use multiprobe_core::Regs;
@@ -141,9 +141,6 @@ pub(crate) fn drain_area(
         let Some(Some(c)) = cols.get(r.slot as usize) else {
             return;
         };
-        if r.tsc >= c.retired.load(Relaxed) {
-            return;
-        }
         let Some(b) = c.bound.get() else {
             return;
         };
