@@ -50,10 +50,17 @@
 //! A registration change at a promoted site (from any thread) writes an `int3` over
 //! the jump at once — later hits stop and run the new list in the tracer — and wakes
 //! the loop, which puts the original bytes back behind the `int3`: such a site stays
-//! on the one-stop path in this image (known gap: repointing a live jump to a new
-//! trampoline lost a thread in 2 of 20 runs and is not done). Rule 3: a collector that
-//! left its site is retired at that moment; records a thread was still writing in the
-//! old trampoline then are dropped by the reader.
+//! on the one-stop path until its last handler leaves (known gap: repointing a live
+//! jump to a new trampoline lost a thread in 2 of 20 runs and is not done). Rule 3: a
+//! collector that left its site is retired at that moment; records a thread was still
+//! writing in the old trampoline then are dropped by the reader.
+//!
+//! # Unloaded code
+//!
+//! A promoted site's jump goes with its code: after a `dlclose` the tracer forgets it
+//! without writing anything where it was (also when the same library is loaded again
+//! at the same address), and a site placed in the reloaded library is promoted like a
+//! new one.
 //!
 //! # Threads
 //!
@@ -142,9 +149,6 @@ pub(crate) struct Procs {
     pub(crate) pages: TrampolinePages,
     /// Sites whose handlers changed since the tracer last looked.
     pub(crate) dirty: HashSet<u64>,
-    /// Sites whose handlers changed while they were promoted: stop sites for good in
-    /// this image (see `promote.rs`).
-    pub(crate) changed_live: HashSet<u64>,
     /// After a rework cut short by its time budget, the next one waits until then:
     /// the program runs at least as long as it was held.
     pub(crate) rework_after: Option<std::time::Instant>,
@@ -176,7 +180,6 @@ impl Procs {
         self.trampolines.clear();
         self.pages.clear();
         self.dirty.clear();
-        self.changed_live.clear();
     }
 }
 
@@ -200,6 +203,11 @@ pub(crate) struct SiteCollect {
     pub(crate) cols: Vec<Collect>,
     /// The path the tracer last gave it.
     pub(crate) path: Option<SitePath>,
+    /// Its handlers changed while it was promoted: a stop site for as long as it is
+    /// registered (see `promote.rs`). Kept here, not by address, so that a site
+    /// placed again at that address (its library unloaded and loaded again) is
+    /// promoted afresh.
+    pub(crate) changed_live: bool,
 }
 
 impl SiteCollect {
