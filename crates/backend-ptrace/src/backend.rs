@@ -261,7 +261,7 @@ impl Backend for PtraceBackend {
         let gen = sh.gen();
         let maps = crate::error::maps(sh.pid.as_raw_pid())?;
         let region = maps.find(addr).ok_or(Error::Unmapped { addr })?.clone();
-        let st = sh.lock();
+        let mut st = sh.lock();
         st.usable()?;
         st.image.check(sh.pid)?;
         if st.xol.contains(addr) {
@@ -275,12 +275,14 @@ impl Backend for PtraceBackend {
         }
         // Decode from the function start when the symbols say where it is (the boundary
         // check), else just the instruction.
-        let func = ProcessSymbols::from_maps(maps, Arc::clone(&sh.symbols))
-            .locate(addr)
-            .filter(|f| f.start >= region.start);
+        let syms = ProcessSymbols::from_maps(maps, Arc::clone(&sh.symbols));
+        let func = syms.locate(addr).filter(|f| f.start >= region.start);
         let start = func.as_ref().map_or(addr, |f| f.start);
         let end = (addr + MAX_INSN_LEN as u64).min(region.end);
         let mut bytes = vec![0; (end - start) as usize];
+        // A jump of code unloaded since (and maybe loaded again here) has no original
+        // bytes to give: forgotten first.
+        st.forget_gone_jumps(syms.maps(), start..end);
         st.read_original(start, &mut bytes)?;
         drop(st);
         let range = func.as_ref().map(|f| f.start..f.start + f.size);
@@ -313,18 +315,16 @@ impl Backend for PtraceBackend {
     fn arm(&self, addr: u64, site: &Site) -> Result<()> {
         let sh = &self.shared;
         let mut st = sh.lock();
-        let code = st.usable()?;
+        st.usable()?;
         if site.0.gen != sh.gen() {
             return Err(Error::Backend(format!(
                 "{addr:#x} was prepared for a program image that has since been replaced (exec)"
             )));
         }
         let orig = site.0.plan.bytes()[0];
-        let mut now = [0u8];
-        code.read(addr, &mut now)?;
-        if st.collect.jumped.contains_key(&addr) {
-            // Our jump, its demotion pending: its `int3` is there already.
-            st.trap_jump(addr);
+        if st.trap_jump(addr, sh.pid.as_raw_pid()) {
+            // Our jump, its demotion pending: its `int3` is there already. (A jump
+            // whose code went since is forgotten there: then this is new code.)
             let armed = Armed {
                 orig,
                 at: site.0.mapped.clone(),
@@ -333,6 +333,9 @@ impl Backend for PtraceBackend {
             st.history.insert(addr, armed);
             return Ok(());
         }
+        let code = st.usable()?;
+        let mut now = [0u8];
+        code.read(addr, &mut now)?;
         if now[0] != orig {
             return Err(Error::Backend(format!(
                 "the code at {addr:#x} changed since it was analyzed ({:#04x}, expected {orig:#04x})",
@@ -364,7 +367,7 @@ impl Backend for PtraceBackend {
         sc.wanted = crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled);
         // A jumped site traps from now on (its trampoline runs the old list); one that
         // may be promoted is looked at by the tracer.
-        let jumped = st.trap_jump(addr);
+        let jumped = st.trap_jump(addr, sh.pid.as_raw_pid());
         if jumped {
             // Threads already past the jump run the old list: unregister waits for
             // the tracer to see them out of it.
@@ -402,7 +405,7 @@ impl Backend for PtraceBackend {
             // That image is gone, and the breakpoint with it.
             return Err(Error::ProcessGone);
         }
-        if st.trap_jump(addr) {
+        if st.trap_jump(addr, sh.pid.as_raw_pid()) {
             // Our jump: its `int3` stays until the tracer, with every thread stopped,
             // puts the region back (traps meanwhile continue in the trampoline's copy).
             st.armed.remove(&addr);

@@ -142,11 +142,11 @@ impl Tracer {
             crate::collect::AreaState::Mapped(a) => Some((a.tracee, a.map.len() as u64)),
             _ => None,
         };
-        let jumped: Vec<(u64, Vec<u8>)> = st
+        let jumped: Vec<(u64, crate::collect::Jumped)> = st
             .collect
             .jumped
             .iter()
-            .map(|(&a, j)| (a, j.region.bytes().to_vec()))
+            .map(|(&a, j)| (a, j.clone()))
             .collect();
         let trampolines = st.collect.trampolines.clone();
         let raised = st.semaphores.raised();
@@ -156,9 +156,16 @@ impl Tracer {
             if let Some(f) = forker {
                 self.restore_returns_in_child(&code, f);
             }
-            // Our jumps: the whole region back (the child has its own copy of the text).
-            for (addr, orig) in &jumped {
-                let _ = code.write(*addr, orig);
+            // Our jumps: the whole region back (the child has its own copy of the text),
+            // where its text still holds them (not code it loaded at that address since).
+            for (addr, j) in &jumped {
+                let mut now = vec![0; j.region.len()];
+                if maps.mapped_at(*addr).as_ref() == Some(&j.mapped)
+                    && code.read(*addr, &mut now).is_ok()
+                    && j.is_in(&now)
+                {
+                    let _ = code.write(*addr, j.region.bytes());
+                }
             }
             if !trampolines.is_empty() {
                 // Forked from a relocated `syscall` in a trampoline: out of it.

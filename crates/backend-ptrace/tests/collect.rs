@@ -669,3 +669,209 @@ fn a_site_promoted_while_threads_keep_trapping_on_it_loses_no_thread_and_no_hit(
         assert_eq!(total.stats().hits, calls, "round {round}: {out}");
     }
 }
+
+/// The child's stdin, and its stdout's lines as a thread reads them.
+fn talk_to(
+    child: &mut std::process::Child,
+) -> (std::process::ChildStdin, std::sync::mpsc::Receiver<String>) {
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    (child.stdin.take().unwrap(), lines)
+}
+
+/// The program's next line of output (from `lines`), the tracer running meanwhile.
+fn next_line(t: &mut Tracer, lines: &std::sync::mpsc::Receiver<String>) -> String {
+    let start = std::time::Instant::now();
+    let mut got = None;
+    let stop = t
+        .run_until(|| {
+            got = lines.try_recv().ok();
+            got.is_some() || start.elapsed().as_secs() > 30
+        })
+        .unwrap();
+    assert_eq!(stop, None);
+    got.expect("a line within 30 s")
+}
+
+/// Run the tracer until the site at `f` takes a path `want` accepts (30 s at most):
+/// the path it took last.
+fn run_to_path(
+    t: &mut Tracer,
+    f: u64,
+    want: impl Fn(&Option<SitePath>) -> bool,
+) -> Option<SitePath> {
+    let registry = t.registry().clone();
+    let start = std::time::Instant::now();
+    let stop = t
+        .run_until(|| want(&registry.backend().collect_path(f)) || start.elapsed().as_secs() > 30)
+        .unwrap();
+    assert_eq!(stop, None);
+    registry.backend().collect_path(f)
+}
+
+/// `len` bytes of the text at `addr` of `pid`, and the same bytes of the file mapped
+/// there (what the loader put in).
+fn text_and_file(pid: i32, addr: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| {
+            let (s, e) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            let (s, e) = (
+                u64::from_str_radix(s, 16).unwrap(),
+                u64::from_str_radix(e, 16).unwrap(),
+            );
+            (s..e).contains(&addr)
+        })
+        .unwrap_or_else(|| panic!("{addr:#x} is mapped: {maps}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let start = u64::from_str_radix(f[0].split_once('-').unwrap().0, 16).unwrap();
+    let offset = u64::from_str_radix(f[2], 16).unwrap();
+    let mut file = vec![0; len];
+    std::fs::File::open(f[5])
+        .unwrap()
+        .read_exact_at(&mut file, offset + addr - start)
+        .unwrap();
+    let mut text = vec![0; len];
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .unwrap()
+        .read_exact_at(&mut text, addr)
+        .unwrap();
+    (text, file)
+}
+
+#[test]
+fn a_promoted_library_site_unloaded_and_loaded_again_is_promoted_afresh_and_counts_exactly() {
+    // Six lives of libz in mp-dlopen (dlopen, calls, dlclose): each time a counting
+    // collector on zlibVersion is promoted and counts every call in the tracee; after
+    // the dlclose it is unregistered (as the command does when the loader says the
+    // code went) and registered again in the next life — most often at the same
+    // address, with the same file and the same bytes. The old life's jump must not
+    // outlive its code: nothing of it is written into the reloaded text, and the site
+    // there is promoted like a new one. In odd lives a second collector comes while the
+    // site is promoted, which sends it back to the stop path (see `promote.rs`) for
+    // that life only.
+    const LIVES: u64 = 6;
+    const ITERS: u64 = 50;
+    let (iters, reloads) = (ITERS.to_string(), (LIVES - 1).to_string());
+    let mut cmd = common::command(
+        "mp-dlopen",
+        &["--step", "--iters", &iters, "--reloads", &reloads],
+    );
+    cmd.stdin(Stdio::piped());
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let pid = t.pid();
+    let (mut stdin, lines) = talk_to(&mut t.take_child().unwrap());
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let registry = t.registry().clone();
+    let col = t.collection();
+    let mut go = || stdin.write_all(b"\n").unwrap();
+    let mut last = None;
+    for life in 0..LIVES {
+        let line = next_line(&mut t, &lines);
+        let at = line.strip_prefix("loaded at=0x").expect(&line);
+        let f = t.resolve("libz:zlibVersion").unwrap();
+        assert_eq!(format!("{f:x}"), at, "life {life}");
+        eprintln!("life {life}: libz's zlibVersion at {f:#x}");
+        let (text, file) = text_and_file(pid, f, 16);
+        assert_eq!(text, file, "life {life}: the loaded text is the file's");
+        let count = Collect::count();
+        let g = registry.register_handler(f, count.clone()).unwrap();
+        let path = run_to_path(&mut t, f, |p| *p == Some(SitePath::InTracee));
+        assert_eq!(path, Some(SitePath::InTracee), "life {life}");
+        let extra = (life % 2 == 1).then(|| {
+            let e = Collect::count();
+            let g = registry.register_handler(f, e.clone()).unwrap();
+            (e, g)
+        });
+        if extra.is_some() {
+            let path = run_to_path(
+                &mut t,
+                f,
+                |p| matches!(p, Some(SitePath::Stop(why)) if why.contains("changed while")),
+            );
+            assert!(
+                matches!(&path, Some(SitePath::Stop(why)) if why.contains("changed while")),
+                "life {life}: {path:?}"
+            );
+        }
+        let stops = registry.site(f).unwrap().hits;
+        go();
+        let line = next_line(&mut t, &lines);
+        assert_eq!(
+            line,
+            format!("called calls={}", (life + 1) * ITERS),
+            "life {life}"
+        );
+        col.drain();
+        assert_eq!(count.stats().hits, ITERS, "life {life}");
+        let stopped = registry.site(f).unwrap().hits - stops;
+        match &extra {
+            // Promoted: no call stopped.
+            None => assert_eq!(stopped, 0, "life {life}"),
+            Some((e, _)) => {
+                assert_eq!(e.stats().hits, ITERS, "life {life}");
+                assert_eq!(stopped, ITERS, "life {life}");
+            }
+        }
+        let mut guards = vec![g];
+        guards.extend(extra.map(|(_, g)| g));
+        if life + 1 == LIVES {
+            last = Some((f, guards));
+            break;
+        }
+        go();
+        assert_eq!(
+            next_line(&mut t, &lines),
+            "closed unloaded=yes",
+            "life {life}"
+        );
+        // The code went: unregistering writes nothing.
+        for g in guards {
+            g.unregister().unwrap();
+        }
+        go();
+    }
+    // The last life ends with the library loaded: unregistered, its text is the file's
+    // again once the tracer has put the original bytes back.
+    let (f, guards) = last.unwrap();
+    for g in guards {
+        g.unregister().unwrap();
+    }
+    let start = std::time::Instant::now();
+    assert_eq!(
+        t.run_until(|| {
+            let (text, file) = text_and_file(pid, f, 16);
+            text == file || start.elapsed().as_secs() > 30
+        })
+        .unwrap(),
+        None
+    );
+    let (text, file) = text_and_file(pid, f, 16);
+    assert_eq!(text, file, "the text is restored");
+    go();
+    drop(stdin);
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(
+        rest,
+        [
+            format!("zlibVersion calls={} version_len=6", LIVES * ITERS),
+            "unloaded=yes".to_string()
+        ],
+    );
+}

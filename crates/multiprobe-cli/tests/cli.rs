@@ -228,6 +228,16 @@ fn probes_follow_exec_and_dlopen() {
         2,
         "said once per probe: {stderr}"
     );
+    // Placed again in each life of the library, the site is promoted afresh each time
+    // (the jump of the old life once outlived its code and left the site on the stop
+    // path, "changed while it was promoted").
+    let paths: Vec<&str> = stderr
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7 && f[1].ends_with(":zlibVersion"))
+        .map(|f| f[5])
+        .collect();
+    assert_eq!(paths, ["tracee", "tracee"], "{stderr}");
 }
 
 /// C++ functions by their demangled names, in a C++ program every Debian system has

@@ -55,6 +55,13 @@
 //! trampoline's actions finish them (`quiet.rs`), so no record of the handler comes
 //! after it.
 //!
+//! # Unloaded code
+//!
+//! A promoted site's jump goes with its code: after a `dlclose` the tracer forgets it
+//! without writing anything where it was (also when the same library is loaded again
+//! at the same address), and a site placed in the reloaded library is promoted like a
+//! new one.
+//!
 //! # Threads
 //!
 //! Everything here is `Send + Sync`: [`Collect::stats`], [`Collect::take_records`]

@@ -31,6 +31,11 @@
 //! Invariants (under the backend's state lock):
 //! * `jumped` holds exactly the addresses whose text holds our jump (`trapping`: with
 //!   our `int3` over its first byte); the original bytes are the region's.
+//! * A jump goes with its code: a library unloaded by `dlclose` (and maybe loaded again
+//!   at the same address, from the same file, with its own bytes) no longer holds it.
+//!   Every write at a jumped site first checks that the same mapping is there and that
+//!   the text still holds our jump ([`State::forget_gone_jump`]); if not, the entry is
+//!   forgotten and nothing is written (the reloaded text is not ours).
 //! * Every trampoline ever built in this image stays mapped and in `trampolines` until
 //!   the image ends (detach unmaps them after moving every thread out).
 //! * Text changes other than the one-byte `int3` happen only with every thread of the
@@ -41,11 +46,11 @@ use std::sync::Arc;
 
 use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
-use multiprobe_symbols::{LandingPads, Maps, ProcessSymbols};
+use multiprobe_symbols::{LandingPads, MappedAt, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
     build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
-use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region};
+use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region, MAX_REGION_LEN};
 
 use super::handler::lock;
 use super::{AreaState, Collect, SitePath, Wanted};
@@ -56,13 +61,26 @@ use crate::tracer::Tracer;
 use crate::xol::PAGE;
 
 /// A site whose text holds our jump.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Jumped {
     pub(crate) region: Region,
     /// The trampoline the jump targets.
     pub(crate) map: CollectMap,
     /// Our `int3` is over the jump's first byte: a change waits for the tracer.
     pub(crate) trapping: bool,
+    /// What was mapped at the site when the jump was written.
+    pub(crate) mapped: MappedAt,
+    /// The bytes written over the region (the first `region.len()` of them).
+    pub(crate) jump: [u8; MAX_REGION_LEN],
+}
+
+impl Jumped {
+    /// Whether `now`, the text of the region as read, holds this jump (with or without
+    /// our `int3` over its first byte).
+    pub(crate) fn is_in(&self, now: &[u8]) -> bool {
+        let n = self.region.len();
+        now.len() == n && (now[0] == self.jump[0] || now[0] == INT3) && now[1..] == self.jump[1..n]
+    }
 }
 
 /// `promote`'s answer when no held thread can make a system call right now (all at
@@ -116,9 +134,18 @@ impl TrampolinePages {
 impl State {
     /// The text at `addr` holds our jump (or our `int3` over it): make sure it is the
     /// `int3` (one byte, safe with threads running) and mark the site dirty. Whether
-    /// it held one.
-    pub(crate) fn trap_jump(&mut self, addr: u64) -> bool {
-        let Some(j) = self.collect.jumped.get(&addr).copied() else {
+    /// it held one — not if its code went meanwhile (then the entry is forgotten and
+    /// nothing written: [`State::forget_gone_jump`]). `pid`: the process, whose maps
+    /// are read only if `addr` is jumped.
+    pub(crate) fn trap_jump(&mut self, addr: u64, pid: i32) -> bool {
+        if !self.collect.jumped.contains_key(&addr) {
+            return false;
+        }
+        let maps = crate::error::maps(pid).ok();
+        if self.forget_gone_jump(addr, maps.as_ref()) {
+            return false;
+        }
+        let Some(j) = self.collect.jumped.get(&addr).cloned() else {
             return false;
         };
         if !j.trapping {
@@ -137,6 +164,45 @@ impl State {
         }
         self.collect.dirty.insert(addr);
         true
+    }
+
+    /// Whether the jump recorded at `addr` is gone: the mapping there is no longer the
+    /// one it was written into (by `maps`, when they could be read), or the text no
+    /// longer holds it (a library unloaded and loaded again at the same address has
+    /// the same mapping and its own bytes). Then the entry is forgotten, without writing
+    /// anything: the text there is not ours. `false` if `addr` is not jumped.
+    pub(crate) fn forget_gone_jump(&mut self, addr: u64, maps: Option<&Maps>) -> bool {
+        let Some(j) = self.collect.jumped.get(&addr) else {
+            return false;
+        };
+        let same_mapping = maps.is_none_or(|m| m.mapped_at(addr).as_ref() == Some(&j.mapped));
+        let mut now = [0u8; MAX_REGION_LEN];
+        let now = &mut now[..j.region.len()];
+        let ours = same_mapping
+            && self.status == Status::Attached
+            && self
+                .code
+                .as_ref()
+                .is_some_and(|c| c.read(addr, now).is_ok() && j.is_in(now));
+        if !ours {
+            self.collect.jumped.remove(&addr);
+        }
+        !ours
+    }
+
+    /// [`State::forget_gone_jump`] for every jumped site whose region overlaps
+    /// `range`.
+    pub(crate) fn forget_gone_jumps(&mut self, maps: &Maps, range: std::ops::Range<u64>) {
+        let addrs: Vec<u64> = self
+            .collect
+            .jumped
+            .iter()
+            .filter(|(&a, j)| a < range.end && range.start < a + j.region.len() as u64)
+            .map(|(&a, _)| a)
+            .collect();
+        for a in addrs {
+            self.forget_gone_jump(a, Some(maps));
+        }
     }
 
     /// Where a thread that trapped on `addr` continues when the text there holds our
@@ -324,6 +390,9 @@ impl Tracer {
             Ok(m) => m,
             Err(_) => return self.prepare_resume(),
         };
+        // Jumps whose code went (dlclose) are forgotten before anything is decided by
+        // them: a site reloaded at the same address is not a promoted one.
+        self.shared.lock().forget_gone_jumps(&maps, 0..u64::MAX);
         let syms = ProcessSymbols::from_maps(maps.clone(), Arc::clone(&self.shared.symbols));
         // The program is held while we work: a large batch (`-p 'libc:*'`) is done
         // over several pauses, the rest left dirty for the next round.
@@ -337,8 +406,8 @@ impl Tracer {
                 self.shared.collect_dirty.store(true, Ordering::Release);
                 break;
             }
-            let why = match &w.want {
-                Some(cols) => match self.promote(w.addr, cols, &maps, &syms) {
+            let why = match (&w.want, &w.site) {
+                (Some(cols), Some(site)) => match self.promote(site, cols, &maps, &syms) {
                     Ok(()) => None,
                     Err(why) if why == RETRY => {
                         self.shared.lock().collect.dirty.insert(w.addr);
@@ -347,10 +416,10 @@ impl Tracer {
                     }
                     Err(why) => Some(why),
                 },
-                None => Some(String::new()),
+                _ => Some(String::new()),
             };
             if let Some(why) = why {
-                self.demote(w.addr, w.site.is_some());
+                self.demote(w.addr, w.site.is_some(), Some(&maps));
                 if let (Some(s), false) = (&w.site, why.is_empty()) {
                     lock(&s.collect).path = Some(SitePath::Stop(why));
                 }
@@ -367,18 +436,29 @@ impl Tracer {
         self.prepare_resume()
     }
 
-    /// Build a trampoline for `cols` at `addr` and point the site's jump at it (every
+    /// Build a trampoline for `cols` at `site` and point the site's jump at it (every
     /// thread is held). `Err`: why the site stays (or becomes again) a stop site.
     fn promote(
         &mut self,
-        addr: u64,
+        site: &SiteInner,
         cols: &[(HandlerId, Collect)],
         maps: &Maps,
         syms: &ProcessSymbols,
     ) -> std::result::Result<(), String> {
         let pid = self.pid();
+        let addr = site.addr;
         let (region, area, layout, site_index, thread_id) = {
             let mut st = self.shared.lock();
+            // The jump goes over our `int3` in the code the site was placed in: not
+            // into code loaded there since (its breakpoint went with the old code).
+            let mut now = [0u8];
+            let ours = maps.mapped_at(addr).as_ref() == Some(&site.mapped)
+                && st.armed.contains_key(&addr)
+                && st.usable().is_ok_and(|c| c.read(addr, &mut now).is_ok())
+                && now[0] == INT3;
+            if !ours {
+                return Err("its code is no longer mapped where it was placed".into());
+            }
             let area = match &st.collect.area {
                 AreaState::Mapped(a) => (a.tracee, a.layout),
                 AreaState::Failed(why) => return Err(why.clone()),
@@ -467,6 +547,8 @@ impl Tracer {
                 region,
                 map: built,
                 trapping: false,
+                mapped: site.mapped.clone(),
+                jump,
             },
         );
         Ok(())
@@ -567,11 +649,15 @@ impl Tracer {
     }
 
     /// Put the original bytes of a jumped region back (every thread is held), behind
-    /// our `int3` if the site is still armed (and `keep` allows it).
-    fn demote(&mut self, addr: u64, keep: bool) {
+    /// our `int3` if the site is still armed (and `keep` allows it). Nothing is
+    /// written where the jump went with its code (`maps`: the process's, if read).
+    fn demote(&mut self, addr: u64, keep: bool, maps: Option<&Maps>) {
         let mut st = self.shared.lock();
+        if st.forget_gone_jump(addr, maps) {
+            return;
+        }
         let armed = keep && st.armed.contains_key(&addr);
-        let Some(j) = st.collect.jumped.get(&addr).copied() else {
+        let Some(j) = st.collect.jumped.get(&addr).cloned() else {
             return;
         };
         let Ok(code) = st.usable() else {
@@ -592,8 +678,9 @@ impl Tracer {
     /// detach: afterwards no thread is in trampoline memory. Every thread is held.
     pub(crate) fn unjump_all(&mut self) {
         let addrs: Vec<u64> = self.shared.lock().collect.jumped.keys().copied().collect();
+        let maps = crate::error::maps(self.pid()).ok();
         for a in addrs {
-            self.demote(a, false);
+            self.demote(a, false, maps.as_ref());
         }
         let maps: Vec<CollectMap> = self.shared.lock().collect.trampolines.clone();
         let tids: Vec<Tid> = self

@@ -315,14 +315,7 @@ impl Session {
                             time: self.time,
                             // The matches of a wildcard pattern stay closures (the
                             // stop path): see `Rows::path`.
-                            // Nor are sites placed once the program runs (dlopen,
-                            // attach): a dlclose/dlopen cycle of a promoted library
-                            // site crashed the program in CI (json_schema.rs,
-                            // mp-dlopen); they keep the stop path until that is fixed.
-                            collected: self
-                                .collected
-                                .clone()
-                                .filter(|_| !w.per_match && p.stage != super::Stage::Running),
+                            collected: self.collected.clone().filter(|_| !w.per_match),
                         },
                     )
                 }));
