@@ -370,8 +370,9 @@ impl Backend for PtraceBackend {
         let jumped = st.trap_jump(addr, sh.pid.as_raw_pid());
         if jumped {
             // Threads already past the jump run the old list: unregister waits for
-            // the tracer to see them out of it.
+            // the tracer to see them out of it. Hits stop until it is repointed.
             sh.quiet.changed();
+            sc.path = None;
         }
         if jumped || sc.has_collectors() {
             st.collect.dirty.insert(addr);
