@@ -299,6 +299,7 @@ fn serve(
         match stop {
             None => {
                 if let Some(t) = &mut ticker {
+                    let began = Instant::now();
                     if let Some(c) = &collected {
                         c.print();
                     }
@@ -309,7 +310,7 @@ fn serve(
                     } else {
                         sink.write(&format!("--- {secs:.1} s ---\n{}", table(&rows).trim_end()));
                     }
-                    t.advance(Instant::now());
+                    t.advance(Instant::now(), began.elapsed());
                 }
             }
             Some(Stop::Exec { unregistered }) => {
