@@ -159,7 +159,11 @@ impl SimMemory {
 impl Bus for SimMemory {
     fn load(&self, addr: u64) -> Result<u64, Fault> {
         let v = self.for_ret().load(addr)?;
-        if v == RET_TRAMPOLINE {
+        // Any byte of a swapped return address counts, not only an aligned read of the
+        // whole of it: a load at `rsp + 14` reads parts of two stack slots.
+        let overlaps = (addr.saturating_sub(7)..=addr.saturating_add(7))
+            .any(|a| self.read_u64(a) == RET_TRAMPOLINE);
+        if overlaps {
             self.saw_trampoline.store(true, Relaxed);
         }
         Ok(v)
