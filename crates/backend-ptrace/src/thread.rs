@@ -281,6 +281,14 @@ impl Threads {
             .collect()
     }
 
+    /// Threads the loop holds.
+    pub(crate) fn held(&self) -> Vec<Tid> {
+        self.iter()
+            .filter(|(_, t)| t.is_held())
+            .map(|(t, _)| t)
+            .collect()
+    }
+
     pub(crate) fn all_held(&self) -> bool {
         self.map.values().all(Thread::is_held)
     }

@@ -172,12 +172,8 @@ fn a_site_that_cannot_be_promoted_counts_exactly_on_the_stop_path() {
 
 #[test]
 fn the_area_is_made_in_the_tracee_without_a_descriptor_and_gone_after_detach() {
-    let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
-    cmd.stdin(Stdio::piped());
-    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let (mut t, f) = busy_at_entry();
     let pid = t.pid();
-    assert_eq!(t.run_to_entry().unwrap(), None);
-    let f = t.resolve("mp_col_target").unwrap();
     let text_before = common::text(pid);
     let count = Collect::count();
     let _g = t.registry().register_handler(f, count.clone()).unwrap();
@@ -358,13 +354,20 @@ fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
     }
 }
 
-#[test]
-fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
+/// `mp-c-collect busy 4` (stdin piped: closing it ends the program) held at its entry,
+/// and the address of `mp_col_target`.
+fn busy_at_entry() -> (Tracer, u64) {
     let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
     cmd.stdin(Stdio::piped());
     let mut t = Tracer::spawn(&mut cmd).unwrap();
     assert_eq!(t.run_to_entry().unwrap(), None);
     let f = t.resolve("mp_col_target").unwrap();
+    (t, f)
+}
+
+#[test]
+fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
+    let (mut t, f) = busy_at_entry();
     let total = Collect::count();
     let _g = t.registry().register_handler(f, total.clone()).unwrap();
     let registry = t.registry().clone();
@@ -628,11 +631,7 @@ fn a_site_promoted_while_threads_keep_trapping_on_it_loses_no_thread_and_no_hit(
     // dies of the SIGTRAP. A closure keeps the site on the stop path (every hit traps)
     // until it is unregistered, which promotes the site under the 4 busy threads.
     for round in 0..25 {
-        let mut cmd = common::command("mp-c-collect", &["busy", "4"]);
-        cmd.stdin(Stdio::piped());
-        let mut t = Tracer::spawn(&mut cmd).unwrap();
-        assert_eq!(t.run_to_entry().unwrap(), None);
-        let f = t.resolve("mp_col_target").unwrap();
+        let (mut t, f) = busy_at_entry();
         let total = Collect::count();
         let _g = t.registry().register_handler(f, total.clone()).unwrap();
         let closure = t

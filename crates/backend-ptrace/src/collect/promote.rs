@@ -500,12 +500,7 @@ impl Tracer {
         // Threads in the site's out-of-line slots would jump back into the interior:
         // out of them first. Then threads standing in the interior go to the same point
         // of the copy.
-        let held: Vec<Tid> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.is_held())
-            .map(|(t, _)| t)
-            .collect();
+        let held = self.threads.held();
         let mut served = Vec::new();
         for &tid in &held {
             if self.out_of_site_slots(tid, addr) {
@@ -683,12 +678,7 @@ impl Tracer {
             self.demote(a, false, maps.as_ref());
         }
         let maps: Vec<CollectMap> = self.shared.lock().collect.trampolines.clone();
-        let tids: Vec<Tid> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.is_held())
-            .map(|(t, _)| t)
-            .collect();
+        let tids = self.threads.held();
         for tid in tids {
             self.out_of_trampolines(tid, &maps);
         }
@@ -718,12 +708,7 @@ impl Tracer {
         if maps.is_empty() {
             return;
         }
-        let tids: Vec<Tid> = self
-            .threads
-            .iter()
-            .filter(|(_, t)| t.is_held())
-            .map(|(t, _)| t)
-            .collect();
+        let tids = self.threads.held();
         for tid in tids {
             self.run_out_of_actions(tid, &maps);
         }

@@ -115,9 +115,3 @@ impl Quiet {
         self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
-
-impl Default for Quiet {
-    fn default() -> Quiet {
-        Quiet::new()
-    }
-}
