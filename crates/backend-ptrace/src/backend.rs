@@ -119,6 +119,15 @@ impl Shared {
         })
     }
 
+    /// Ask the tracer loop to rework the collecting sites soon: flag it and wake the
+    /// loop (a promoted program may make no event). Called without the state lock.
+    pub(crate) fn ask_rework(&self) {
+        self.collect_dirty.store(true, Ordering::Release);
+        if let Some(w) = self.waker.get() {
+            w.wake();
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent; a panic in one (a bug)
         // must not stop detach from restoring the tracee.
@@ -376,22 +385,14 @@ impl Backend for PtraceBackend {
         }
         if jumped || sc.has_collectors() {
             st.collect.dirty.insert(addr);
-            sh.collect_dirty.store(true, Ordering::Release);
             drop(st);
-            if let Some(w) = sh.waker.get() {
-                w.wake();
-            }
+            sh.ask_rework();
         }
     }
 
     fn quiesce(&self) -> Result<()> {
         let sh = &self.shared;
-        sh.quiet.wait(|| {
-            sh.collect_dirty.store(true, Ordering::Release);
-            if let Some(w) = sh.waker.get() {
-                w.wake();
-            }
-        });
+        sh.quiet.wait(|| sh.ask_rework());
         Ok(())
     }
 
@@ -411,11 +412,8 @@ impl Backend for PtraceBackend {
             // puts the region back (traps meanwhile continue in the trampoline's copy).
             st.armed.remove(&addr);
             sh.quiet.changed();
-            sh.collect_dirty.store(true, Ordering::Release);
             drop(st);
-            if let Some(w) = sh.waker.get() {
-                w.wake();
-            }
+            sh.ask_rework();
             return Ok(());
         }
         let code = match st.usable() {
