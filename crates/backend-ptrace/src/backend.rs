@@ -381,9 +381,10 @@ impl Backend for PtraceBackend {
             // Threads already past the jump run the old list: unregister waits for
             // the tracer to see them out of it. Hits stop until it is repointed.
             sh.quiet.changed();
-            sc.path = None;
         }
         if jumped || sc.has_collectors() {
+            // The tracer decides its path afresh: "not promoted yet" until then.
+            sc.path = None;
             st.collect.dirty.insert(addr);
             drop(st);
             sh.ask_rework();

@@ -160,6 +160,7 @@ impl Tracer {
             if let Some(ur) = regs.kernel() {
                 self.ensure_area(tid, &ur);
             }
+            self.note_collecting_hit(&site);
         }
         self.returns_before_entry(tid, &regs, site.addr);
         let th = self.threads.known(tid);
@@ -367,6 +368,17 @@ impl Tracer {
     /// Map one read+execute page at exactly `want` with an injected `mmap` on the
     /// stopped thread `tid` (registers `ur`).
     pub(crate) fn map_page(&mut self, tid: Tid, ur: &UserRegs, want: u64) -> Result<u64> {
+        self.map_pages(tid, ur, want, PAGE)
+    }
+
+    /// Map `len` bytes (whole pages) read+execute at exactly `want`, as [`Self::map_page`].
+    pub(crate) fn map_pages(
+        &mut self,
+        tid: Tid,
+        ur: &UserRegs,
+        want: u64,
+        len: u64,
+    ) -> Result<u64> {
         let insn = {
             let st = self.shared.lock();
             let code = st.usable()?;
@@ -374,7 +386,7 @@ impl Tracer {
         };
         let args = [
             want,
-            PAGE,
+            len,
             (libc::PROT_READ | libc::PROT_EXEC) as u64,
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
             u64::MAX,
@@ -385,7 +397,7 @@ impl Tracer {
             .map_err(|e| error::sys(e, format_args!("map an out-of-line page at {want:#x}")))?;
         if got != want {
             // A kernel without MAP_FIXED_NOREPLACE put it elsewhere: give it back.
-            let undo = [got, PAGE, 0, 0, 0, 0];
+            let undo = [got, len, 0, 0, 0, 0];
             let _ = inject::syscall(pid, tid, ur, insn, libc::SYS_munmap, undo, &mut self.aside);
             return Err(multiprobe_core::Error::Backend(format!(
                 "the out-of-line page landed at {got:#x}, not {want:#x}"

@@ -583,11 +583,13 @@ fn a_followed_fork_child_collects_into_its_own_counts() {
     let mut child = t.take_child().unwrap();
     let kid = Collect::args(2).unwrap();
     let mut kid_reg = None;
+    let mut kid_registry = None;
     loop {
         match t.run().unwrap() {
             Stop::Forked { child, .. } => {
                 let r = t.registry_of(child).unwrap();
                 kid_reg = Some(r.register_handler(f, kid.clone()).unwrap());
+                kid_registry = Some(r.clone());
             }
             Stop::ProcessExited { .. } => {}
             Stop::Exited(s) => {
@@ -611,6 +613,18 @@ fn a_followed_fork_child_collects_into_its_own_counts() {
     let k: Vec<u64> = args_of(&kid.take_records()).iter().map(|a| a[1]).collect();
     assert_eq!(k.len(), 100);
     assert!(k.iter().all(|&b| b == 1), "{k:?}");
+    // Both collected in their own process without a stop per hit: a follower's sites
+    // are promoted in the family's pauses (they once stayed on the stop path).
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    let kid_registry = kid_registry.unwrap();
+    assert_eq!(
+        kid_registry.backend().collect_path(f),
+        Some(SitePath::InTracee)
+    );
+    assert!(
+        kid_registry.site(f).unwrap().hits < 100,
+        "every hit of the child stopped"
+    );
 }
 
 /// Sets the flag when dropped: a changer thread that panics still ends the tracer's
@@ -859,4 +873,83 @@ fn a_promoted_library_site_unloaded_and_loaded_again_is_promoted_afresh_and_coun
             "unloaded=yes".to_string()
         ],
     );
+}
+
+/// Beyond the first 256 collecting sites of a process (promoted as they are
+/// registered), a site is promoted at its first hit: with `-p 'libc:*'` the functions
+/// the program calls are the ones that get a jump. Before, such a site kept the stop
+/// path for good ("only the first 256 collecting sites of a process are promoted").
+#[test]
+fn a_collecting_site_beyond_the_first_256_is_promoted_at_its_first_hit() {
+    let mut cmd = common::command("mp-c-collect", &["wait", "threads", "4", "20000"]);
+    cmd.stdin(Stdio::piped());
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    let f = t.resolve("mp_col_target").unwrap();
+    let syms =
+        multiprobe_symbols::ProcessSymbols::read(t.pid() as u32, Default::default()).unwrap();
+    let libc = syms.resolve_pattern(Some("libc"), "*").unwrap();
+    assert!(libc.len() > 1000, "{} functions in libc", libc.len());
+    // The tracer looks at every site (over several pauses, each within its budget);
+    // promoted sites make no event, so the loop is woken to look at the condition.
+    let _ticks = ticker(t.detach_handle().unwrap());
+    let registry = t.registry().clone();
+    let pending = |p: Option<SitePath>| matches!(p, Some(SitePath::Stop(w)) if w.starts_with("not promoted yet"));
+    // Counted on every libc function that can be probed (indirect functions cannot),
+    // again on those left cold, until 256 are jumps: the budget is spent.
+    let mut guards = Vec::new();
+    let mut cold: Vec<u64> = libc.iter().map(|l| l.start).collect();
+    for round in 0..10 {
+        for &a in &cold {
+            if let Ok(g) = t.registry().register_handler(a, Collect::count()) {
+                guards.push(g);
+            }
+        }
+        let start = std::time::Instant::now();
+        let all_decided = || {
+            let left = cold
+                .iter()
+                .filter(|&&a| pending(registry.backend().collect_path(a)))
+                .count();
+            left == 0 || start.elapsed().as_secs() > 60
+        };
+        assert_eq!(t.run_until(all_decided).unwrap(), None);
+        let paths: Vec<Option<SitePath>> = libc.iter().map(|l| t.collect_path(l.start)).collect();
+        assert!(!paths.iter().any(|p| pending(p.clone())), "round {round}");
+        let jumps = paths
+            .iter()
+            .filter(|p| **p == Some(SitePath::InTracee))
+            .count();
+        if jumps >= 256 {
+            break;
+        }
+        // A few more than the budget has left (some are refused).
+        cold = libc
+            .iter()
+            .zip(&paths)
+            .filter(|(_, p)| matches!(p, Some(SitePath::Stop(w)) if w.starts_with("not hit")))
+            .map(|(l, _)| l.start)
+            .take(2 * (256 - jumps) + 8)
+            .collect();
+        assert!(round < 9, "{jumps} jumps after {round} rounds");
+    }
+    // Registered after them, the program's hot function is beyond the budget: it waits
+    // for its first hit (the program waits for a line on its stdin).
+    let count = Collect::count();
+    let _g = t.registry().register_handler(f, count.clone()).unwrap();
+    let path = run_to_path(&mut t, f, |p| !pending(p.clone()));
+    assert!(
+        matches!(&path, Some(SitePath::Stop(w)) if w.starts_with("not hit yet")),
+        "{path:?}"
+    );
+    let mut child = t.take_child().unwrap();
+    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+    let path = run_to_path(&mut t, f, |p| *p == Some(SitePath::InTracee));
+    assert_eq!(path, Some(SitePath::InTracee));
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let out = common::read_all(&mut child);
+    assert_eq!(fields(out.trim())["calls"], "80000", "{out}");
+    assert_eq!(count.stats().hits, 80000, "{out}");
+    let stopped = t.registry().site(f).unwrap().hits;
+    assert!(stopped < 8000, "{stopped} of 80000 hits stopped");
 }

@@ -203,6 +203,22 @@ pub(crate) struct SiteCollect {
     pub(crate) wanted: Wanted,
     /// The path the tracer last gave it.
     pub(crate) path: Option<SitePath>,
+    /// Whether it waits for its first hit to be promoted (`promote.rs`, EAGER_SITES).
+    pub(crate) heat: Heat,
+}
+
+/// When a collecting site is promoted: the first EAGER_SITES of an image at once, the
+/// others at their first hit (with `-p 'libc:*'` most functions are never called, and
+/// the ones that are called are the ones worth a jump).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Heat {
+    /// Not looked at yet, or within the eager budget.
+    #[default]
+    Unknown,
+    /// Beyond the budget and not hit yet: the stop path until its first hit.
+    Cold,
+    /// Hit since it was found cold: promoted whatever the budget.
+    Hit,
 }
 
 impl SiteCollect {
@@ -305,6 +321,22 @@ impl Tracer {
     /// The path the site at `addr` takes ([`crate::PtraceBackend::collect_path`]).
     pub fn collect_path(&self, addr: u64) -> Option<SitePath> {
         self.registry().backend().collect_path(addr)
+    }
+
+    /// A hit on the stop path at `site`: a cold site is promoted now (at the tracer's
+    /// next rework, before it waits again).
+    pub(crate) fn note_collecting_hit(&self, site: &crate::backend::SiteInner) {
+        let mut sc = handler::lock(&site.collect);
+        if sc.heat != Heat::Cold {
+            return;
+        }
+        sc.heat = Heat::Hit;
+        sc.path = None;
+        drop(sc);
+        self.shared.lock().collect.dirty.insert(site.addr);
+        self.shared
+            .collect_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Make the process's area if it was not tried yet, on the stopped thread `tid`

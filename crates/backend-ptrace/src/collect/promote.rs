@@ -53,7 +53,7 @@ use multiprobe_x86::collect::{
 use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region, MAX_REGION_LEN};
 
 use super::handler::lock;
-use super::{AreaState, Collect, SitePath, Wanted};
+use super::{AreaState, Collect, Heat, SitePath, Wanted};
 use crate::backend::{SiteInner, State, Status, INT3};
 use crate::sys::{self, Tid};
 use crate::thread::Kind;
@@ -86,7 +86,8 @@ impl Jumped {
 /// `promote`'s answer when no held thread can make a system call right now (all at
 /// event stops): try again after the next event.
 const RETRY: &str = "";
-/// How many collecting sites of one image are promoted at most (see `rework_collect`).
+/// How many collecting sites of one image are promoted before their first hit (see
+/// `rework_collect`).
 const EAGER_SITES: usize = 256;
 /// How long one pause of the program may promote sites; the rest waits for the next,
 /// which comes after the program ran four times as long.
@@ -97,32 +98,44 @@ const REWORK_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
 /// generator checks itself).
 const REACH: u64 = (1 << 31) - 2 * COLLECT_LEN as u64;
 
-/// Trampoline memory: pages of the XOL area given over to trampolines, filled from
-/// the start, never reused within an image.
+/// Trampoline memory: pages of the XOL area given over to trampolines, mapped
+/// [`CHUNK_PAGES`] at a time, each filled from its start, never reused within an image.
+/// A trampoline lies within one page (what `xol` keeps of a page, for a fork child or
+/// a page the program unmapped, is per page).
 #[derive(Debug, Default)]
 pub(crate) struct TrampolinePages {
     /// (page base, bytes used).
     pages: Vec<(u64, u64)>,
 }
 
+/// Trampoline pages mapped by one injected `mmap`: a pause can inject on a thread
+/// only once, and each promotion wants a page's worth at the most (COLLECT_LEN),
+/// so one page at a time made every pause promote a single site.
+const CHUNK_PAGES: u64 = 16;
+
 impl TrampolinePages {
-    /// The next free address within reach of `near` with `len` bytes left in its page.
-    fn find(&self, near: u64, len: u64) -> Option<u64> {
+    /// The next free address of each page within reach of `near` that has any room.
+    fn candidates(&self, near: u64) -> Vec<u64> {
         self.pages
             .iter()
-            .filter(|&&(b, used)| used + len <= PAGE && (b + used).abs_diff(near) < REACH)
+            .filter(|&&(b, used)| used < PAGE && (b + used).abs_diff(near) < REACH)
             .map(|&(b, used)| b + used)
-            .next()
+            .collect()
     }
 
-    /// `len` bytes at `at` (from `find`) are taken.
+    /// The room left in the page of `at` (from `candidates`).
+    fn room(at: u64) -> u64 {
+        PAGE - at % PAGE
+    }
+
+    /// `len` bytes at `at` (from `candidates`) are taken; `PAGE` fills its page.
     fn take(&mut self, at: u64, len: u64) {
         if let Some(p) = self
             .pages
             .iter_mut()
             .find(|p| (p.0..p.0 + PAGE).contains(&at))
         {
-            p.1 = (at - p.0 + len).next_multiple_of(16);
+            p.1 = (at - p.0 + len).next_multiple_of(16).min(PAGE);
         }
     }
 
@@ -286,18 +299,58 @@ struct Work {
     want: Option<Vec<(HandlerId, Collect)>>,
 }
 
+/// One process's part of a rework, decided with its threads running
+/// (`rework_plan`) and done with every thread of the family held (`rework_held`).
+pub(crate) struct Rework {
+    work: Vec<Work>,
+    /// The change count the pause settles for `unregister` (`quiet.rs`).
+    target: u64,
+    settle: bool,
+}
+
 impl Tracer {
-    /// Promote, repoint or demote the sites whose handlers changed (module docs). On
-    /// the tracer thread, between events; stops every thread for the text changes and
-    /// resumes them after.
+    /// Promote, repoint or demote the sites whose handlers changed (module docs), in
+    /// this process and in every followed one. On the first tracer's thread, between
+    /// events: one pause of the whole family (only the first tracer can wait for its
+    /// threads' stops), the text changes of each process, and every thread resumed.
     pub(crate) fn rework_collect(&mut self) -> Result<()> {
-        if !self.shared.collect_dirty.load(Ordering::Acquire) {
+        let mut plans = Vec::new();
+        if let Some(p) = self.rework_plan() {
+            plans.push((None, p));
+        }
+        for i in 0..self.family.members.len() {
+            if let Some(p) = self.with_follower(i, Tracer::rework_plan) {
+                plans.push((Some(i), p));
+            }
+        }
+        if plans.is_empty() {
             return Ok(());
+        }
+        if self.pause()?.is_some() {
+            return Ok(());
+        }
+        for (who, plan) in plans {
+            match who {
+                None => self.rework_held(plan)?,
+                Some(i) => self.with_follower(i, |m| m.rework_held(plan))?,
+            }
+        }
+        if !self.is_gone() {
+            self.prepare_resume()?;
+        }
+        self.resume_followers()
+    }
+
+    /// What this process's rework is to do, if anything (its threads running): takes
+    /// the dirty sites.
+    fn rework_plan(&mut self) -> Option<Rework> {
+        if !self.shared.collect_dirty.load(Ordering::Acquire) {
+            return None;
         }
         if self.is_gone() || self.shared.lock().status != Status::Attached {
             self.shared.collect_dirty.store(false, Ordering::Release);
             self.shared.quiet.end();
-            return Ok(());
+            return None;
         }
         if self
             .threads
@@ -306,7 +359,7 @@ impl Tracer {
         {
             // Its parent is inside vfork and cannot stop: wait for the child's exec or
             // exit (traps meanwhile take the stop path).
-            return Ok(());
+            return None;
         }
         if self
             .shared
@@ -315,7 +368,7 @@ impl Tracer {
             .rework_after
             .is_some_and(|t| std::time::Instant::now() < t)
         {
-            return Ok(()); // the program's turn (a wake-up or an event comes back here)
+            return None; // the program's turn (a wake-up or an event comes back here)
         }
         self.shared.collect_dirty.store(false, Ordering::Release);
         // Every change made so far has its `int3` written: the pause below settles it.
@@ -326,6 +379,8 @@ impl Tracer {
             .collect();
         let mut work = Vec::new();
         let mut cold_sites = Vec::new();
+        // Sites of `work` without a jump yet.
+        let mut fresh = 0;
         for addr in addrs {
             let site = self
                 .dispatcher
@@ -336,31 +391,53 @@ impl Tracer {
                 _ => None,
             });
             let jumped = self.shared.lock().collect.jumped.contains_key(&addr);
-            // Only the first EAGER_SITES collecting sites of an image are promoted:
-            // with `-p 'libc:*'` most functions are never called, and analysing and
-            // patching thousands of them would hold the program for seconds. The
-            // others keep the stop path (their counts are the same), and say why.
-            let promoted = self.shared.lock().collect.jumped.len() + work.len();
-            if !jumped && want.is_some() && promoted >= EAGER_SITES {
+            // Only the first EAGER_SITES collecting sites of an image are promoted at
+            // once: with `-p 'libc:*'` most functions are never called, and analysing
+            // and patching thousands of them would hold the program for seconds. The
+            // others keep the stop path until their first hit (`note_collecting_hit`),
+            // which brings them back here, hot.
+            let promoted = self.shared.lock().collect.jumped.len() + fresh;
+            let hit = site
+                .as_ref()
+                .is_some_and(|s| lock(&s.collect).heat == Heat::Hit);
+            if !jumped && want.is_some() && promoted >= EAGER_SITES && !hit {
                 cold_sites.push((addr, site));
                 continue;
             }
             if want.is_some() || jumped {
+                fresh += usize::from(!jumped);
                 work.push(Work { addr, site, want });
             }
         }
         for (_, site) in cold_sites {
             if let Some(s) = site {
-                lock(&s.collect).path = Some(SitePath::Stop(format!(
-                    "only the first {EAGER_SITES} collecting sites of a process are promoted"
+                let mut sc = lock(&s.collect);
+                sc.heat = Heat::Cold;
+                sc.path = Some(SitePath::Stop(format!(
+                    "not hit yet: beyond the first {EAGER_SITES} collecting sites of a \
+                     process, a site is promoted at its first hit"
                 )));
             }
         }
         let settle = self.shared.quiet.behind(target);
         if work.is_empty() && !settle {
-            return Ok(());
+            return None;
         }
-        if self.pause()?.is_some() || self.is_gone() {
+        Some(Rework {
+            work,
+            target,
+            settle,
+        })
+    }
+
+    /// Do `plan` with every thread of the family held; leaves them held.
+    fn rework_held(&mut self, plan: Rework) -> Result<()> {
+        let Rework {
+            work,
+            target,
+            settle,
+        } = plan;
+        if self.is_gone() {
             return Ok(());
         }
         if settle {
@@ -377,7 +454,7 @@ impl Tracer {
                     st.collect.dirty.extend(work.iter().map(|w| w.addr));
                     self.shared.collect_dirty.store(true, Ordering::Release);
                     drop(st);
-                    return self.prepare_resume();
+                    return Ok(());
                 }
                 None => {}
             }
@@ -388,7 +465,7 @@ impl Tracer {
         // page of trampolines mapped meanwhile holds no probed code).
         let maps = match crate::error::maps(self.pid()) {
             Ok(m) => m,
-            Err(_) => return self.prepare_resume(),
+            Err(_) => return Ok(()),
         };
         // Jumps whose code went (dlclose) are forgotten before anything is decided by
         // them: a site reloaded at the same address is not a promoted one.
@@ -433,7 +510,7 @@ impl Tracer {
         let held = budget.elapsed();
         self.shared.lock().collect.rework_after =
             (held > REWORK_BUDGET).then(|| std::time::Instant::now() + 4 * held);
-        self.prepare_resume()
+        Ok(())
     }
 
     /// Build a trampoline for `cols` at `site` and point the site's jump at it (every
@@ -603,43 +680,51 @@ impl Tracer {
     }
 
     /// Build the trampoline of `spec` near `addr` and write it into trampoline memory
-    /// (mapping a page when none within reach has room).
+    /// (mapping a chunk of pages when none within reach has room).
     fn place_collect_trampoline(
         &mut self,
         addr: u64,
         spec: &CollectSpec<'_>,
     ) -> std::result::Result<CollectMap, String> {
         for _ in 0..2 {
-            let at = self
-                .shared
-                .lock()
-                .collect
-                .pages
-                .find(addr, COLLECT_LEN as u64);
-            let Some(at) = at else {
-                self.map_trampoline_page(addr)?;
-                continue;
-            };
-            let built = build_collect_trampoline(spec, at).map_err(|e| e.to_string())?;
-            let mut st = self.shared.lock();
-            st.write_slot(at, &built.bytes).map_err(|e| e.to_string())?;
-            st.collect.pages.take(at, built.bytes.len() as u64);
-            st.collect.trampolines.push(built.map);
-            return Ok(built.map);
+            let candidates = self.shared.lock().collect.pages.candidates(addr);
+            for at in candidates {
+                // Built where it goes (its references are rip-relative); a page without
+                // room for it is done with.
+                let built = build_collect_trampoline(spec, at).map_err(|e| e.to_string())?;
+                let len = built.bytes.len() as u64;
+                let mut st = self.shared.lock();
+                if len > TrampolinePages::room(at) {
+                    st.collect.pages.take(at, PAGE);
+                    continue;
+                }
+                st.write_slot(at, &built.bytes).map_err(|e| e.to_string())?;
+                st.collect.pages.take(at, len);
+                st.collect.trampolines.push(built.map);
+                return Ok(built.map);
+            }
+            self.map_trampoline_pages(addr)?;
         }
         Err("no trampoline memory within reach".into())
     }
 
-    fn map_trampoline_page(&mut self, addr: u64) -> std::result::Result<(), String> {
+    /// Map [`CHUNK_PAGES`] trampoline pages within reach of `addr`, with one injected
+    /// `mmap` on a held thread.
+    fn map_trampoline_pages(&mut self, addr: u64) -> std::result::Result<(), String> {
         let (tid, ur) = self.held_thread().ok_or(RETRY)?;
         let maps = crate::error::maps(self.pid()).map_err(|e| e.to_string())?;
+        let len = CHUNK_PAGES * PAGE;
         let want = maps
-            .free_near(addr, addr + 1, PAGE, REACH)
-            .ok_or_else(|| format!("no free page within reach of {addr:#x}"))?;
-        let got = self.map_page(tid, &ur, want).map_err(|e| e.to_string())?;
+            .free_near(addr, addr + 1, len, REACH)
+            .ok_or_else(|| format!("no free memory within reach of {addr:#x}"))?;
+        let got = self
+            .map_pages(tid, &ur, want, len)
+            .map_err(|e| e.to_string())?;
         let mut st = self.shared.lock();
-        st.xol.add_reserved_page(got);
-        st.collect.pages.pages.push((got, 0));
+        for page in (got..got + len).step_by(PAGE as usize) {
+            st.xol.add_reserved_page(page);
+            st.collect.pages.pages.push((page, 0));
+        }
         Ok(())
     }
 
