@@ -293,23 +293,32 @@ pub fn table(rows: &[Row]) -> String {
     for c in &cells {
         line(c.iter().map(String::as_str).collect());
     }
-    // Why each stop site was not promoted, once per site (the first few: `--json`
-    // has every one), unless it was asked for (`--stop`).
-    let mut said: Vec<(i32, u64)> = Vec::new();
+    // Why each stop site was not promoted, once per site, the most hit first (those
+    // are what the stops cost; `--json` has every one), unless it was asked for
+    // (`--stop`).
+    let mut stops: Vec<((i32, u64), &str, &str, u64)> = Vec::new();
+    let mut at: std::collections::HashMap<(i32, u64), usize> = Default::default();
     for r in rows {
         if let (Some(site), Some(Path::Stop(why))) = (r.site, &r.path) {
-            if why != STOP_ASKED && !said.contains(&(r.pid, site)) {
-                if said.len() < TOP {
-                    out.push_str(&format!("stop at {site:#x} {}: {why}\n", r.symbol));
-                }
-                said.push((r.pid, site));
+            if why == STOP_ASKED {
+                continue;
             }
+            let i = *at.entry((r.pid, site)).or_insert_with(|| {
+                stops.push(((r.pid, site), r.symbol.as_str(), why.as_str(), 0));
+                stops.len() - 1
+            });
+            stops[i].3 = stops[i].3.max(r.hits);
         }
     }
-    if said.len() > TOP {
+    // Stable: sites hit as often stay in address order.
+    stops.sort_by_key(|s| std::cmp::Reverse(s.3));
+    for ((_, site), symbol, why, _) in stops.iter().take(TOP) {
+        out.push_str(&format!("stop at {site:#x} {symbol}: {why}\n"));
+    }
+    if stops.len() > TOP {
         out.push_str(&format!(
             "(and {} more sites with a stop per hit: --json gives each one's reason)\n",
-            said.len() - TOP
+            stops.len() - TOP
         ));
     }
     for r in rows {

@@ -71,9 +71,15 @@ fn checksums(stderr: &str) -> (u64, u64, u64) {
 /// gives the same on the one-stop path.
 #[test]
 fn count_and_args_collect_in_the_tracee_as_the_stop_path_would() {
-    for stop in [false, true] {
-        let mut args = vec!["--max-lines", "0", "-p", "mp_col_target", "-p"];
-        args.push("mp_col_target=args:6");
+    // The function by name, the same by name with --stop, and matched by a pattern
+    // (whose matches once kept the stop path).
+    for (target, stop) in [
+        ("mp_col_target", false),
+        ("mp_col_target", true),
+        ("mp_col_targ*", false),
+    ] {
+        let with_args = format!("{target}=args:6");
+        let mut args = vec!["--max-lines", "0", "-p", target, "-p", &with_args];
         if stop {
             args.push("--stop");
         }
@@ -199,8 +205,10 @@ fn a_followed_fork_child_collects_into_its_own_rows() {
     for r in &rows {
         assert_eq!(r[4], "100", "{err}");
     }
-    // The parent's site is a jump (the child's is placed anew in its own registry).
+    // Both sites are jumps (the child's placed anew in its own registry, and promoted
+    // in the family's pauses: it once stayed on the stop path).
     assert_eq!(rows[0][path], "tracee", "{err}");
+    assert_eq!(rows[1][path], "tracee", "{err}");
 }
 
 /// An `exec` ends the image's collecting: its counts are kept and the new program's

@@ -313,9 +313,7 @@ impl Session {
                             stacks: Arc::clone(&p.stacks),
                             sink: Arc::clone(&self.sink),
                             time: self.time,
-                            // The matches of a wildcard pattern stay closures (the
-                            // stop path): see `Rows::path`.
-                            collected: self.collected.clone().filter(|_| !w.per_match),
+                            collected: self.collected.clone(),
                         },
                     )
                 }));

@@ -395,16 +395,7 @@ impl Rows {
         let needs_tracer = needs_tracer.map(|i| &self.rows[i]);
         if let Some(r) = needs_tracer {
             let spec = &specs[r.spec];
-            return Path::Stop(if self.pattern[r.spec] {
-                // Known problem: with `-p 'libc:*'` three times (6,500 collectors, 256
-                // sites promoted) the program died once of SIGILL in CI; not understood
-                // yet, so the matches of patterns are not promoted.
-                format!(
-                    "matched by the pattern {:?}: pattern matches take the stop path in \
-                     this version",
-                    spec.text
-                )
-            } else if spec.filters.is_empty() {
+            return Path::Stop(if spec.filters.is_empty() {
                 format!("`{}` runs in multiprobe", r.action)
             } else {
                 format!(
