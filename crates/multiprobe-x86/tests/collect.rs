@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use collect_util::{expected, fs_base, fsgsbase, guard_pages, serve_faults, Setup};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use multiprobe_x86::collect::{Action, Collector, ThreadId, RECORD_DATA_MAX};
+use multiprobe_x86::collect::{Action, Collector, ThreadId, COUNTER_STRIPES, RECORD_DATA_MAX};
 use multiprobe_x86::Location;
 
 fn thread_ids() -> Vec<ThreadId> {
@@ -92,6 +92,17 @@ fn counts_are_exact_and_records_are_the_arguments_from_four_threads() {
                 assert_eq!((c.hits, c.dropped, c.faulted), (4 * N, 0, 0), "slot {slot}");
             }
             assert_eq!(r.counters(1).hits, 0, "an unused slot stays 0");
+            // The hits went into the threads' own stripes (a line each), not one line.
+            let base = s.area.layout.counter_offset(0) / 8;
+            let mem = s.area.words();
+            let stripes: Vec<u64> = (0..COUNTER_STRIPES)
+                .map(|k| mem[base + k * 8].load(Ordering::Relaxed))
+                .collect();
+            let used = stripes.iter().filter(|&&h| h > 0).count();
+            assert!(
+                used >= 2,
+                "4 threads' hits in {used} stripe(s): {stripes:?}"
+            );
             let mut seen = HashSet::new();
             let n = r.drain(|rec| {
                 assert_eq!((rec.site, rec.slot, rec.faulted), (7, 3, false));
@@ -268,7 +279,8 @@ fn a_fault_in_mem_is_resumed_committed_as_faulted() {
         assert_eq!(insn.mnemonic(), Mnemonic::Movsb);
         assert!(insn.has_rep_prefix());
     }
-    // Every other instruction reads only the stack, the area, or the literals.
+    // Every other instruction reads only the stack, the area (through r11, rbx, rip or,
+    // for the hits, rdx = the thread's stripe of the counters), or the literals.
     let mut dec = Decoder::with_ip(64, &s.built.bytes, map.addr(), DecoderOptions::NONE);
     for insn in &mut dec {
         if insn.mnemonic() == Mnemonic::Int3 {
@@ -280,7 +292,7 @@ fn a_fault_in_mem_is_resumed_committed_as_faulted() {
             if mem && insn.mnemonic() != Mnemonic::Lea {
                 let b = insn.memory_base();
                 assert!(
-                    matches!(b, R::RSP | R::R11 | R::RBX | R::RIP | R::None),
+                    matches!(b, R::RSP | R::R11 | R::RBX | R::RDX | R::RIP | R::None),
                     "{insn} at {:#x} reads program memory",
                     insn.ip()
                 );

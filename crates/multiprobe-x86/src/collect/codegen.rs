@@ -18,7 +18,10 @@
 use iced_x86::code_asm::*;
 use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
 
-use super::layout::{cell, hdr, CELL_SHIFT, DROPPED, FAULTED, FLAG_FAULTED, HITS, RECORD_DATA_MAX};
+use super::layout::{
+    cell, hdr, CELL_SHIFT, COUNTER_STRIPES, DROPPED, FAULTED, FLAG_FAULTED, HITS, RECORD_DATA_MAX,
+    STRIPE_LEN,
+};
 use super::map::{ActionFault, BuiltCollect, CollectMap, COLLECT_LEN, MAX_COLLECTORS};
 use super::{Action, CollectSpec, Collector, ThreadId, REGS_LEN, REGS_ORDER};
 use crate::frame::RED_ZONE;
@@ -81,9 +84,27 @@ impl Base {
     }
 }
 
+/// How the code keeps the program's rflags.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlagSave {
+    /// `pushfq` / `popfq`: every bit. Needed by `regs` (the record holds rflags) and
+    /// `mem:` (its `cld` changes DF).
+    Pushf,
+    /// `push rax; lahf; seto al; push rax` and back with `add al, 0x7f; sahf`: the six
+    /// arithmetic flags, which are all that `count` and `args` change (`lock inc`,
+    /// `cmp`, `lock cmpxchg`, `and`). `popfq` is microcoded and was about half of a
+    /// `count` hit; this is a few simple instructions.
+    Lahf,
+}
+
 /// The set of saved registers and where each one's slot is.
+///
+/// Stack while the action code runs, from `rsp` up: the registers of `saved` (last
+/// pushed first), the flags word (rflags, or `ax` after `lahf; seto al`), with
+/// [`FlagSave::Lahf`] the program's `rax` above it, then the skipped red zone.
 struct Clobbers {
     saved: Vec<Gpr>,
+    flags: FlagSave,
 }
 
 impl Clobbers {
@@ -92,32 +113,73 @@ impl Clobbers {
         let mem = collectors
             .iter()
             .any(|c| matches!(c.action, Action::Mem { .. }));
+        let all_flags = collectors
+            .iter()
+            .any(|c| matches!(c.action, Action::Regs | Action::Mem { .. }));
+        let flags = if all_flags {
+            FlagSave::Pushf
+        } else {
+            FlagSave::Lahf
+        };
         let counts = !collectors.is_empty();
         let saved = SAVE_ORDER
             .into_iter()
             .filter(|&g| match g {
+                // With lahf, rax is saved below the flags word; else it holds the
+                // stripe while rdx is set (and then records).
+                Gpr::Rax => counts && flags == FlagSave::Pushf,
                 Gpr::Rbx => counts && matches!(base, Base::Rbx),
+                Gpr::Rdx => counts,
                 Gpr::Rcx | Gpr::Rsi | Gpr::Rdi => mem,
                 _ => records,
             })
             .collect();
-        Clobbers { saved }
+        Clobbers { saved, flags }
     }
 
     /// Offset from `rsp` of the saved `g`, while the action code runs.
     fn slot(&self, g: Gpr) -> Option<i32> {
+        if g == Gpr::Rax && self.flags == FlagSave::Lahf {
+            return Some(self.flags_slot() + 8);
+        }
         let k = self.saved.iter().position(|&s| s == g)?;
         Some(8 * (self.saved.len() - 1 - k) as i32)
     }
 
-    /// Offset from `rsp` of the saved rflags.
+    /// Offset from `rsp` of the saved rflags (with [`FlagSave::Pushf`]).
     fn flags_slot(&self) -> i32 {
         8 * self.saved.len() as i32
     }
 
     /// `rsp` as the program had it, minus the action code's `rsp`.
     fn program_rsp(&self) -> i32 {
-        self.flags_slot() + 8 + RED_ZONE as i32
+        let saved_rax = if self.flags == FlagSave::Lahf { 8 } else { 0 };
+        self.flags_slot() + 8 + saved_rax + RED_ZONE as i32
+    }
+
+    fn save_flags(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        match self.flags {
+            FlagSave::Pushf => a.pushfq(),
+            FlagSave::Lahf => {
+                a.push(rax)?;
+                a.lahf()?;
+                a.seto(al)?;
+                a.push(rax)
+            }
+        }
+    }
+
+    fn restore_flags(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        match self.flags {
+            FlagSave::Pushf => a.popfq(),
+            FlagSave::Lahf => {
+                a.pop(rax)?;
+                // al is 1 when OF was set: 1 + 0x7f overflows, 0 + 0x7f does not.
+                a.add(al, 0x7f)?;
+                a.sahf()?;
+                a.pop(rax)
+            }
+        }
     }
 }
 
@@ -269,16 +331,42 @@ impl Gen<'_> {
         a.mov(qword_ptr(r11 + cell::LEN as i32), len as i32)
     }
 
+    /// Every collector's `lock inc` of its hits, in this thread's stripe: `rax` = the
+    /// stripe's offset (the top bits of the fs base times the 32-bit golden ratio), `rdx`
+    /// = the area plus it. All counts come before the records (whose `rdtsc` takes
+    /// `rdx`); the tracer sees counts only at a drain, in any order.
+    fn hits(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        match self.spec.thread_id {
+            ThreadId::RdFsBase => a.rdfsbase(rax)?,
+            ThreadId::FsZero => a.mov(rax, qword_ptr(0u64).fs())?,
+        }
+        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
+        a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
+        a.shl(eax, STRIPE_LEN.trailing_zeros())?;
+        match self.base {
+            Base::Rip(_) => {
+                add(
+                    a,
+                    Instruction::with2(C::Lea_r64_m, R::RDX, self.base.mem(0)),
+                )?;
+                a.add(rdx, rax)?;
+            }
+            Base::Rbx => a.lea(rdx, ptr(rbx + rax))?,
+        }
+        for c in self.spec.collectors {
+            let off = self.spec.layout.counter_offset(c.slot) + HITS;
+            let hits = MemoryOperand::with_base_displ(R::RDX, off as i64);
+            add(a, Instruction::with1(C::Inc_rm64, hits).map(lock))?;
+        }
+        Ok(())
+    }
+
     /// One collector, in line; its out-of-line paths are returned.
     fn collector(
         &self,
         a: &mut CodeAssembler,
         c: &Collector,
     ) -> Result<Option<OutOfLine>, TrampolineError> {
-        add(
-            a,
-            Instruction::with1(C::Inc_rm64, self.counter(c.slot, HITS)).map(lock),
-        )?;
         if c.action == Action::Count {
             return Ok(None);
         }
@@ -393,12 +481,15 @@ pub fn build_collect_trampoline(
     let mut points = Vec::new();
 
     a.lea(rsp, ptr(rsp - RED_ZONE as i32))?;
-    a.pushfq()?;
+    g.clob.save_flags(&mut a)?;
     for &r in &g.clob.saved {
         a.push(asm_reg(r))?;
     }
     if matches!(base, Base::Rbx) && g.clob.saved.contains(&Gpr::Rbx) {
         a.mov(rbx, spec.area)?;
+    }
+    if !spec.collectors.is_empty() {
+        g.hits(&mut a)?;
     }
     let mut outs = Vec::new();
     for c in spec.collectors {
@@ -409,7 +500,7 @@ pub fn build_collect_trampoline(
     for &r in g.clob.saved.iter().rev() {
         a.pop(asm_reg(r))?;
     }
-    a.popfq()?;
+    g.clob.restore_flags(&mut a)?;
     a.lea(rsp, ptr(rsp + RED_ZONE as i32))?;
     let plain = emit_plain_copy(&mut a, region, &insns, lit_ret, &mut points, None)?;
     let mut resumes = Vec::new();
@@ -530,25 +621,39 @@ mod tests {
     };
 
     #[test]
-    fn count_near_the_area_saves_only_the_flags() {
+    fn count_near_the_area_keeps_the_arithmetic_flags_without_pushfq() {
         let code = build(&[COUNT], CODE + 0x20_0000).unwrap();
         let m: Vec<Mnemonic> = code.iter().map(|i| i.mnemonic()).collect();
+        use Mnemonic::*;
+        let stripe = [Mov, Imul, Shr, Shl, Lea, Add, Inc];
+        let want = [
+            &[Lea, Push, Lahf, Seto, Push, Push][..],
+            &stripe,
+            &[Pop, Pop, Add, Sahf, Pop, Lea, Nop, Jmp],
+        ];
+        assert_eq!(m, want.concat());
+        assert_eq!(code[6].to_string(), "mov rax,fs:[0]");
+        assert!(code[10].is_ip_rel_memory_operand());
         assert_eq!(
-            m,
-            [
-                Mnemonic::Lea,
-                Mnemonic::Pushfq,
-                Mnemonic::Inc,
-                Mnemonic::Popfq,
-                Mnemonic::Lea,
-                Mnemonic::Nop,
-                Mnemonic::Jmp
-            ]
+            code[10].ip_rel_memory_address(),
+            CODE + 0x20_0000,
+            "rdx = the area"
         );
-        assert!(code[2].has_lock_prefix() && code[2].is_ip_rel_memory_operand());
+        let inc = code[12];
+        assert!(inc.has_lock_prefix() && inc.memory_base() == R::RDX);
         let layout = AreaLayout::new(64, 4);
-        let want = CODE + 0x20_0000 + layout.counter_offset(2) as u64;
-        assert_eq!(code[2].ip_rel_memory_address(), want);
+        assert_eq!(inc.memory_displacement64(), layout.counter_offset(2) as u64);
+    }
+
+    #[test]
+    fn regs_and_mem_keep_every_flag_with_pushfq() {
+        for action in [Action::Regs, Action::Mem { arg: 1, len: 8 }] {
+            let c = Collector { slot: 0, action };
+            let code = build(&[COUNT, c], CODE + 0x20_0000).unwrap();
+            let m: Vec<Mnemonic> = code.iter().map(|i| i.mnemonic()).collect();
+            assert_eq!(&m[..2], [Mnemonic::Lea, Mnemonic::Pushfq], "{action:?}");
+            assert!(!m.contains(&Mnemonic::Lahf), "{action:?}");
+        }
     }
 
     #[test]
@@ -557,17 +662,26 @@ mod tests {
         let code = build(&[COUNT], far).unwrap();
         let m: Vec<Mnemonic> = code.iter().map(|i| i.mnemonic()).collect();
         assert_eq!(
-            &m[..5],
+            &m[..8],
             [
                 Mnemonic::Lea,
-                Mnemonic::Pushfq,
                 Mnemonic::Push,
-                Mnemonic::Mov,
-                Mnemonic::Inc
+                Mnemonic::Lahf,
+                Mnemonic::Seto,
+                Mnemonic::Push,
+                Mnemonic::Push,
+                Mnemonic::Push,
+                Mnemonic::Mov
             ]
         );
-        assert_eq!(code[3].immediate64(), far);
-        assert_eq!(code[4].memory_base(), R::RBX);
+        assert_eq!(code[7].immediate64(), far);
+        let lea = code
+            .iter()
+            .find(|i| i.mnemonic() == Mnemonic::Lea && i.op0_register() == R::RDX);
+        assert_eq!(
+            lea.map(|i| i.to_string()).as_deref(),
+            Some("lea rdx,[rbx+rax]")
+        );
     }
 
     #[test]

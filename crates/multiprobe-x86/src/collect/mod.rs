@@ -13,14 +13,15 @@
 //!
 //! ```text
 //! lea rsp,[rsp-128]            ; the red zone belongs to the probed code
-//! pushfq; push the GPRs the actions clobber (none for `count` near the area)
-//! per collector, in registration order:
-//!   lock inc [hits(slot)]
-//!   record actions: reserve a cell (CAS on head, checked against tail + cells);
+//! save the flags (pushfq, or lahf for `count` and `args`); push the GPRs the actions
+//! clobber
+//! rdx = the thread's stripe of the counters (a hash of the fs base picks one)
+//! per collector: lock inc [rdx + hits(slot)]
+//! per collector, in registration order, record actions: reserve a cell (CAS on head, checked against tail + cells);
 //!     full: lock inc [dropped(slot)] and go to the next collector
 //!     write tsc, thread, site, slot, len, flags = 0, ptr (`mem:`), the data;
 //!     commit: store seq last
-//! pop; popfq; lea rsp,[rsp+128]
+//! pop; restore the flags; lea rsp,[rsp+128]
 //! the region's instructions, relocated (shared with the in-process trampoline)
 //! jmp <region end>
 //! fault resumes (one per `mem:` collector), literals
@@ -92,8 +93,8 @@ mod reader;
 
 pub use codegen::build_collect_trampoline;
 pub use layout::{
-    AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, FLAG_FAULTED, MAX_COUNTER_SLOTS,
-    MAX_RING_CELLS, RECORD_DATA_MAX, RECORD_HEADER_LEN,
+    AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, FLAG_FAULTED,
+    MAX_COUNTER_SLOTS, MAX_RING_CELLS, RECORD_DATA_MAX, RECORD_HEADER_LEN,
 };
 pub use map::{ActionFault, BuiltCollect, CollectMap, COLLECT_LEN, MAX_COLLECTORS};
 pub use reader::{AreaError, AreaReader, Counters, RecordRef};

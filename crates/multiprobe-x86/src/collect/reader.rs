@@ -10,8 +10,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{
-    cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, DROPPED, FAULTED, FLAG_FAULTED,
-    HITS, RECORD_DATA_MAX,
+    cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, DROPPED, FAULTED,
+    FLAG_FAULTED, HITS, RECORD_DATA_MAX, STRIPE_LEN,
 };
 
 /// One collector's counters.
@@ -124,7 +124,7 @@ impl<'a> AreaReader<'a> {
         &self.mem[off / 8]
     }
 
-    /// Counter slot `slot`'s counters.
+    /// Counter slot `slot`'s counters (`hits` summed over its stripes).
     ///
     /// # Panics
     /// When `slot` is not below the layout's counter slots.
@@ -132,7 +132,12 @@ impl<'a> AreaReader<'a> {
         assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
         let base = self.layout.counter_offset(slot);
         Counters {
-            hits: self.word(base + HITS).load(Ordering::Relaxed),
+            hits: (0..COUNTER_STRIPES)
+                .map(|s| {
+                    self.word(base + s * STRIPE_LEN + HITS)
+                        .load(Ordering::Relaxed)
+                })
+                .fold(0u64, u64::wrapping_add),
             dropped: self.word(base + DROPPED).load(Ordering::Relaxed),
             faulted: self.word(base + FAULTED).load(Ordering::Relaxed),
         }
