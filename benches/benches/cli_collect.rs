@@ -7,8 +7,13 @@
 //!   within 1.3x of unprobed.
 //! * `sort` of a generated 20 MB file in the `C.UTF-8` locale (so every comparison is a
 //!   `strcoll` call) with `-p libc:strcoll` counted: several million probed calls.
-//!   Target: within 1.5x of unprobed. `ltrace -c` on the same job where installed
-//!   (it is a stop per call: measured once, on a tenth of the input).
+//!   Target: within 1.5x of unprobed.
+//! * The peers on the same job, each where installed, measured once on a smaller input
+//!   (each makes a stop or a trap per call): `ltrace -c -e strcoll` and `perf stat` of a
+//!   kernel uprobe (`perf probe -x libc strcoll`) on a 2 MB file, gdb with a silent
+//!   breakpoint that continues on a 20 kB one; multiprobe on the same files. Each is
+//!   given as its cost per call over unprobed `sort` of that file, and as a multiple of
+//!   multiprobe's.
 //!
 //! Figures are medians of the rounds; ratios are medians of per-round ratios. Which
 //! CPUs the processes ran on is the scheduler's (no pinning): the tracee path makes no
@@ -141,33 +146,110 @@ fn main() {
         median(t_sort_mp),
         median(sort_ratio)
     );
-    let ltrace = Command::new("ltrace").arg("-V").output();
-    if ltrace.is_ok_and(|o| o.status.success()) {
-        let small = words(2 << 20);
-        let small = small.to_str().unwrap();
-        let (t_plain, _) = timed(&mut quiet("sort", &["-o", "/dev/null", small]));
-        let (t_lt, o) = timed(&mut quiet(
-            "ltrace",
-            &["-c", "-e", "strcoll", "sort", "-o", "/dev/null", small],
-        ));
-        assert!(o.status.success());
-        let (t_mp, hits, _) = run(
-            &[],
-            &["-p", "libc:strcoll", "--json", "--"],
-            &["sort", "-o", "/dev/null", small],
-        );
-        println!(
-            "sort 2 MB, strcoll ({hits} calls): unprobed {:.3} s, multiprobe {:.3} s \
-             ({:.2}x), ltrace -c {:.3} s ({:.1}x)",
-            t_plain,
-            t_mp,
-            t_mp / t_plain,
-            t_lt,
-            t_lt / t_plain
-        );
-        let _ = std::fs::remove_file(small);
-    } else {
-        println!("ltrace: SKIPPED (not installed: apt-get install ltrace)");
-    }
+    peers(&run);
     let _ = std::fs::remove_file(&big);
+}
+
+/// Runs the peers (ltrace, perf with a kernel uprobe, gdb) and multiprobe on the same
+/// small sorts and prints each one's cost per `strcoll` call over unprobed.
+/// Runs multiprobe with (options, probes, command): (seconds, hits, each probe's path).
+type Run<'a> = &'a dyn Fn(&[&str], &[&str], &[&str]) -> (f64, u64, Vec<String>);
+
+fn peers(run: Run<'_>) {
+    let installed = |tool: &str, flag: &str| {
+        Command::new(tool)
+            .arg(flag)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let small = words(2 << 20);
+    let tiny = words(20 << 10);
+    for file in [&small, &tiny] {
+        let f = file.to_str().unwrap();
+        let sort = ["sort", "-o", "/dev/null", f];
+        let (t_plain, _) = timed(&mut quiet("sort", &sort[1..]));
+        let (t_mp, calls, _) = run(&[], &["-p", "libc:strcoll", "--json", "--"], &sort);
+        let per_call = |t: f64| (t - t_plain) / calls.max(1) as f64 * 1e6;
+        let mp_us = per_call(t_mp);
+        println!(
+            "{} kB sort, strcoll ({calls} calls): unprobed {t_plain:.3} s; multiprobe \
+             {t_mp:.3} s, {:.4} us a call over unprobed",
+            file.metadata().map(|m| m.len() >> 10).unwrap_or(0),
+            mp_us
+        );
+        let mut peer = |name: &str, t: f64| {
+            println!(
+                "  {name}: {t:.3} s, {:.2} us a call ({:.0}x multiprobe's)",
+                per_call(t),
+                per_call(t) / mp_us.max(1e-6)
+            )
+        };
+        if file == &small {
+            if installed("ltrace", "-V") {
+                let (t, o) = timed(&mut quiet(
+                    "ltrace",
+                    &[&["-c", "-e", "strcoll"], &sort[..]].concat(),
+                ));
+                assert!(o.status.success());
+                peer("ltrace -c", t);
+            } else {
+                println!("  ltrace: SKIPPED (not installed: apt-get install ltrace)");
+            }
+            perf_uprobe(&sort, &mut peer);
+        } else if installed("gdb", "--version") {
+            let script = std::env::temp_dir().join(format!("mp-gdb-{}.gdb", std::process::id()));
+            std::fs::write(
+                &script,
+                "set pagination off\nset breakpoint pending on\nbreak strcoll\n\
+                 commands\nsilent\ncontinue\nend\nrun\ninfo breakpoints\n",
+            )
+            .unwrap();
+            let s = script.to_str().unwrap();
+            let (t, o) = timed(&mut quiet(
+                "gdb",
+                &[&["-batch", "-nx", "-x", s, "--args"], &sort[..]].concat(),
+            ));
+            let out = String::from_utf8_lossy(&o.stdout);
+            let hits = out
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("breakpoint already hit "));
+            println!("  gdb counted: {}", hits.unwrap_or("(no count)"));
+            peer("gdb, a silent breakpoint that continues", t);
+            let _ = std::fs::remove_file(script);
+        } else {
+            println!("  gdb: SKIPPED (not installed: apt-get install gdb)");
+        }
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// `perf stat` of a kernel uprobe on libc's `strcoll` (`perf probe -x`), removed after.
+fn perf_uprobe(sort: &[&str], peer: &mut dyn FnMut(&str, f64)) {
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    let add = Command::new("perf")
+        .args(["probe", "-q", "-x", libc, "mp_strcoll=strcoll"])
+        .output();
+    if !add.as_ref().is_ok_and(|o| o.status.success()) {
+        println!(
+            "  perf uprobe: SKIPPED (perf or tracefs not available: apt-get install linux-perf)"
+        );
+        return;
+    }
+    let (t, o) = timed(&mut quiet(
+        "perf",
+        &[&["stat", "-x,", "-e", "probe_libc:mp_strcoll"], sort].concat(),
+    ));
+    let _ = Command::new("perf")
+        .args(["probe", "-q", "-d", "probe_libc:mp_strcoll"])
+        .output();
+    let counted = String::from_utf8_lossy(&o.stderr);
+    println!(
+        "  perf counted: {}",
+        counted
+            .lines()
+            .last()
+            .and_then(|l| l.split(',').next())
+            .unwrap_or("?")
+    );
+    peer("perf stat, a kernel uprobe", t);
 }
