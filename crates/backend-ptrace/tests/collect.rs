@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use multiprobe_backend_ptrace::collect::{Collect, RecordData, SitePath};
-use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
+use multiprobe_backend_ptrace::{ExitStatus, Signal, Stop, Tracer};
 
 /// `key=value` fields of a line of program output.
 fn fields(line: &str) -> HashMap<&str, &str> {
@@ -352,6 +352,36 @@ fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
         assert!(r.time_ns >= *l, "time went back on thread {}", r.tid);
         *l = r.time_ns;
     }
+}
+
+#[test]
+fn a_program_killed_after_its_calls_loses_no_count_and_no_record() {
+    // The program kills itself (SIGKILL) right after its calls: what its trampolines
+    // wrote into the area is read after it is gone, and nothing is lost.
+    let mut cmd = common::command("mp-c-collect", &["killed", "4", "15000"]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    let f = t.resolve("mp_col_target").unwrap();
+    let count = Collect::count();
+    let args = Collect::args(6).unwrap();
+    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let mut child = t.take_child().unwrap();
+    let end = t.run().unwrap();
+    assert_eq!(end, Stop::Exited(ExitStatus::Signal(Signal::KILL)));
+    let out = common::read_all(&mut child);
+    let got = fields(out.trim());
+    assert_eq!(got["calls"], "60000", "{out}");
+    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    assert_eq!(count.stats().hits, 60000);
+    let s = args.stats();
+    assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
+    let recs = args.take_records();
+    let (sum, mix) = checksums(&args_of(&recs));
+    assert_eq!(
+        (recs.len(), sum.to_string(), mix.to_string()),
+        (60000, got["sum"].to_string(), got["mix"].to_string()),
+        "{out}"
+    );
 }
 
 /// `mp-c-collect busy 4` (stdin piped: closing it ends the program) held at its entry,

@@ -103,6 +103,43 @@ fn count_and_args_collect_in_the_tracee_as_the_stop_path_would() {
     }
 }
 
+/// A program that kills itself (SIGKILL) right after its calls: the summary has every
+/// count and the lines every call, read from the area after the program was gone.
+#[test]
+fn a_program_killed_after_its_calls_is_reported_with_everything_it_collected() {
+    let prog = bin("mp-c-collect");
+    let out = run(&[
+        "run",
+        "--max-lines",
+        "0",
+        "-p",
+        "mp_col_target",
+        "-p",
+        "mp_col_target=args:6",
+        "--",
+        prog.to_str().unwrap(),
+        "killed",
+        "4",
+        "5000",
+    ]);
+    let (stdout, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(field(&stdout, "calls"), 20000, "{stdout}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "multiprobe ends as its program did"
+    );
+    let path = col(&err, "PATH");
+    for action in ["count", "args:6"] {
+        let r = row(&err, ":mp_col_target", action);
+        assert_eq!((r[3], r[path]), ("20000", "tracee"), "{err}");
+    }
+    let (n, sum, mix) = checksums(&err);
+    assert_eq!(n, 20000, "one line per call");
+    assert_eq!((sum, mix), (field(&stdout, "sum"), field(&stdout, "mix")));
+}
+
 /// `mem:` on a NULL pointer: the program runs on as unprobed, the line says the read
 /// faulted, the summary counts the faults; the good pointer's bytes are shown.
 #[test]

@@ -4,6 +4,8 @@
  *                 checksum of every argument passed ("calls=.. sum=.. mix=..": the
  *                 wrapping sums of a and of (a * k) ^ (a >> 7) over every argument a,
  *                 k its 1-based position).
+ *   killed T N    as threads, then prints its line, flushes and kills itself (SIGKILL):
+ *                 what the probes made must be read after the process is gone.
  *   mem N         calls mp_col_mem(p, 16) N times, p NULL on every odd call and a
  *                 16-byte buffer "mp-col-mem-data!" otherwise; prints "calls=.. ok".
  *   stoponly N    calls mp_col_loop (whose region cannot be promoted: a branch targets
@@ -19,6 +21,7 @@
  * Every mode prints through stdio and flushes before it exits. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -128,12 +131,16 @@ int mp_collect_main(int argc, char **argv) {
         a++;
     }
     const char *mode = a < argc ? argv[a] : "threads";
-    if (strcmp(mode, "threads") == 0) {
+    if (strcmp(mode, "threads") == 0 || strcmp(mode, "killed") == 0) {
         int t = a + 1 < argc ? atoi(argv[a + 1]) : 4;
         iters = a + 2 < argc ? atol(argv[a + 2]) : 1000;
         run_threads(t);
         printf("calls=%llu sum=%llu mix=%llu\n", (unsigned long long)calls,
                (unsigned long long)sum, (unsigned long long)xsum);
+        if (strcmp(mode, "killed") == 0) {
+            fflush(stdout);
+            kill(getpid(), SIGKILL);
+        }
     } else if (strcmp(mode, "mem") == 0) {
         long n = a + 1 < argc ? atol(argv[a + 1]) : 10;
         static const char data[17] = "mp-col-mem-data!";
