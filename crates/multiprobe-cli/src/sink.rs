@@ -1,8 +1,8 @@
 //! Where multiprobe's own output goes (stderr, or `-o FILE`): whole lines, a rate limit
 //! on per-hit lines, and write failures remembered instead of ignored.
 //!
-//! * Lines are written whole (one `write` each), so concurrent writers never
-//!   interleave within one.
+//! * Lines are written whole (one `write` each, or several whole lines in one `write`
+//!   inside [`Sink::batch`]), so concurrent writers never interleave within one.
 //! * Into a file, nothing is written until [`Sink::claim`] (the probes are placed): lines
 //!   before that are held, so a run that fails on bad input leaves the file as it was.
 //! * The first failed write (a full disk, `/dev/full`, `ulimit -f`, a closed pipe) is
@@ -50,9 +50,14 @@ struct Out {
     dest: Dest,
     /// Lines held until the file is claimed (`None` once it is, or for stderr).
     held: Option<Vec<String>>,
+    /// Inside [`Sink::batch`]: whole lines waiting for one `write`.
+    batch: Option<String>,
     failed: Option<std::io::Error>,
     lost: u64,
 }
+
+/// A batch is written out when it holds this much.
+const BATCH_MAX: usize = 64 << 10;
 
 impl Out {
     fn put(&mut self, line: &str) {
@@ -60,18 +65,52 @@ impl Out {
             held.push(line.to_string());
             return;
         }
+        if let Some(b) = &mut self.batch {
+            b.push_str(line);
+            if b.len() >= BATCH_MAX {
+                self.flush_batch();
+            }
+            return;
+        }
+        self.write_out(line);
+    }
+
+    /// Write `lines` (whole lines) in one `write`, or count them lost.
+    fn write_out(&mut self, lines: &str) {
         if self.failed.is_some() {
-            self.lost += 1;
+            self.lost += lines.matches('\n').count() as u64;
             return;
         }
         let r = match &mut self.dest {
-            Dest::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-            Dest::File(f) => f.write_all(line.as_bytes()),
+            Dest::Stderr => std::io::stderr().lock().write_all(lines.as_bytes()),
+            Dest::File(f) => f.write_all(lines.as_bytes()),
         };
         if let Err(e) = r {
             self.failed = Some(e);
-            self.lost += 1;
+            self.lost += lines.matches('\n').count() as u64;
         }
+    }
+
+    fn flush_batch(&mut self) {
+        let Some(mut lines) = self.batch.take() else {
+            return;
+        };
+        if !lines.is_empty() {
+            self.write_out(&lines);
+            lines.clear(); // the allocation is kept for the rest of the batch
+        }
+        self.batch = Some(lines);
+    }
+}
+
+/// Ends a [`Sink::batch`] (also when its closure panics): what it holds is written.
+struct BatchEnd<'a>(&'a Sink);
+
+impl Drop for BatchEnd<'_> {
+    fn drop(&mut self) {
+        let mut out = self.0.out();
+        out.flush_batch();
+        out.batch = None;
     }
 }
 
@@ -92,6 +131,7 @@ impl Sink {
             out: Mutex::new(Out {
                 dest,
                 held,
+                batch: None,
                 failed: None,
                 lost: 0,
             }),
@@ -123,6 +163,23 @@ impl Sink {
             out.put(&line);
         }
         Ok(())
+    }
+
+    /// Run `f` with the lines written meanwhile (by any thread) gathered and written
+    /// together, 64 KiB at a time and at the end: one `write` for many lines, where a
+    /// drain of collected records prints thousands at once. A batch inside a batch
+    /// joins it.
+    pub fn batch<R>(&self, f: impl FnOnce() -> R) -> R {
+        let outer = {
+            let mut out = self.out();
+            let outer = out.batch.is_none();
+            if outer {
+                out.batch = Some(String::new());
+            }
+            outer
+        };
+        let _end = outer.then(|| BatchEnd(self));
+        f()
     }
 
     /// Write `text` (one or more whole lines; the newline is added).
