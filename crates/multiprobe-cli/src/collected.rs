@@ -18,6 +18,9 @@
 //!
 //! `--stop` keeps every action a closure (the one-stop path for everything).
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::iter::Peekable;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -35,6 +38,12 @@ use crate::spec::Action;
 /// How often the drain thread takes the records (the tracee's ring holds them until
 /// then: at 1 M records a second, 10 ms is a hundredth of its capacity).
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// While a drain's lines are printed, the rings are drained again every this many lines:
+/// formatting is slower than a busy program makes records (~1 µs a line against 1 M
+/// records a second), and the rings must not fill meanwhile. What is drained then waits
+/// in the collectors for the next print.
+const DRAIN_WHILE_PRINTING: usize = 512;
 
 /// The [`Collect`] handler for `action` at a site with context `ctx`, if it can collect
 /// (in the tracee when its site is promoted): plain `count`, `args:N` (N <= 6), `regs`
@@ -101,31 +110,58 @@ impl Collected {
         lock(&self.drains).iter().any(Collection::rework_pending)
     }
 
-    /// Move what the tracees wrote into the collectors, then print every record taken,
-    /// in time order. Any thread.
-    pub fn print(&self) {
-        let _one = lock(&self.printing);
+    /// Move what the tracees wrote into the collectors (out of the rings, which are
+    /// then free for more).
+    fn drain(&self) {
         for d in lock(&self.drains).iter() {
             d.drain();
         }
-        let mut batch: Vec<(u64, usize, Record)> = Vec::new();
+    }
+
+    /// Move what the tracees wrote into the collectors, then print every record taken,
+    /// in time order across collectors and in the ring's order within one. Any thread.
+    ///
+    /// A merge, not a sort: each collector's records are in the order their cells
+    /// were claimed, which is the order of one thread's calls; their timestamps come
+    /// from a TSC conversion resampled at every drain, so records of two drains (this
+    /// one and those made while the last lines were printed) can be a few
+    /// microseconds out of step, and sorting by them would swap calls.
+    pub fn print(&self) {
+        let _one = lock(&self.printing);
+        self.drain();
         let printers = lock(&self.printers);
-        for (i, p) in printers.iter().enumerate() {
-            batch.extend(
-                p.collect
-                    .take_records()
-                    .into_iter()
-                    .map(|r| (r.time_ns, i, r)),
-            );
+        let mut lists: Vec<Peekable<std::vec::IntoIter<Record>>> = printers
+            .iter()
+            .map(|p| p.collect.take_records().into_iter().peekable())
+            .collect();
+        // (time of the list's first record, the list)
+        let mut heads: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        for (i, l) in lists.iter_mut().enumerate() {
+            if let Some(r) = l.peek() {
+                heads.push(Reverse((r.time_ns, i)));
+            }
         }
-        if batch.is_empty() {
+        if heads.is_empty() {
             return;
         }
-        batch.sort_by_key(|&(t, i, _)| (t, i));
         let clock = Clock::now();
-        for (_, i, r) in &batch {
-            printers[*i].print(r, &clock);
-        }
+        // One sink serves the session: its lines go out in large writes, not one each
+        // (a write per line kept this thread from draining 1 M records a second).
+        printers[0].sink.batch(|| {
+            let mut k = 0usize;
+            while let Some(Reverse((_, i))) = heads.pop() {
+                k += 1;
+                if k.is_multiple_of(DRAIN_WHILE_PRINTING) {
+                    self.drain();
+                }
+                if let Some(r) = lists[i].next() {
+                    printers[i].print(&r, &clock);
+                }
+                if let Some(r) = lists[i].peek() {
+                    heads.push(Reverse((r.time_ns, i)));
+                }
+            }
+        });
     }
 }
 

@@ -103,6 +103,51 @@ fn count_and_args_collect_in_the_tracee_as_the_stop_path_would() {
     }
 }
 
+/// 1 M records a second for a second (`mp-c-collect rate`): a default run (its rate
+/// limit on lines) drains the ring in time and drops no record; with the limit off
+/// (`--max-lines 0`), every call's line is printed, in order. A debug build of the
+/// command drains ~10x slower, so there the program makes a tenth as many (`cargo test
+/// --release` checks the full rate).
+#[test]
+fn a_million_records_a_second_are_drained_without_a_drop() {
+    let per_ms: u64 = if cfg!(debug_assertions) { 100 } else { 1000 };
+    let calls = 1000 * per_ms;
+    let mode = ["rate", "1000", &per_ms.to_string()].map(String::from);
+    let mode: Vec<&str> = mode.iter().map(String::as_str).collect();
+    let (out, err) = collect_run(&["-p", "mp_col_target=args:1"], &mode);
+    assert_eq!(field(&out, "calls"), calls, "{out}");
+    let r = row(&err, ":mp_col_target", "args:1");
+    assert_eq!(r[3], calls.to_string(), "{err}");
+    assert!(
+        !err.contains("DROPPED"),
+        "no record dropped: {}",
+        r.join(" ")
+    );
+    assert!(
+        err.contains("hit lines dropped (limit"),
+        "the lines were limited"
+    );
+
+    let (out, err) = collect_run(&["--max-lines", "0", "-p", "mp_col_target=args:1"], &mode);
+    let r = row(&err, ":mp_col_target", "args:1");
+    assert!(
+        !err.contains("DROPPED"),
+        "no record dropped: {}",
+        r.join(" ")
+    );
+    let firsts: Vec<u64> = err
+        .lines()
+        .filter_map(|l| l.split_once("mp_col_target(0x")?.1.strip_suffix(')'))
+        .map(|h| u64::from_str_radix(h, 16).unwrap())
+        .collect();
+    assert_eq!(firsts.len() as u64, calls, "a line per call");
+    assert!(
+        firsts.iter().enumerate().all(|(i, &v)| v == i as u64),
+        "in call order"
+    );
+    assert_eq!(firsts.iter().sum::<u64>(), field(&out, "sum"));
+}
+
 /// A program that kills itself (SIGKILL) right after its calls: the summary has every
 /// count and the lines every call, read from the area after the program was gone.
 #[test]

@@ -6,6 +6,9 @@
  *                 k its 1-based position).
  *   killed T N    as threads, then prints its line, flushes and kills itself (SIGKILL):
  *                 what the probes made must be read after the process is gone.
+ *   rate MS [K]   for MS milliseconds, K (default 1000) calls of mp_col_target(i, 0, ..)
+ *                 at the start of each millisecond (1 M calls a second), i from 0;
+ *                 prints "calls=.. sum=.." (the sum of every i passed).
  *   mem N         calls mp_col_mem(p, 16) N times, p NULL on every odd call and a
  *                 16-byte buffer "mp-col-mem-data!" otherwise; prints "calls=.. ok".
  *   stoponly N    calls mp_col_loop (whose region cannot be promoted: a branch targets
@@ -141,6 +144,25 @@ int mp_collect_main(int argc, char **argv) {
             fflush(stdout);
             kill(getpid(), SIGKILL);
         }
+    } else if (strcmp(mode, "rate") == 0) {
+        long ms = a + 1 < argc ? atol(argv[a + 1]) : 1000;
+        long per_ms = a + 2 < argc ? atol(argv[a + 2]) : 1000;
+        struct timespec next;
+        clock_gettime(CLOCK_MONOTONIC, &next);
+        uint64_t i = 0, s = 0;
+        for (long m = 0; m < ms; m++) {
+            for (long k = 0; k < per_ms; k++, i++) {
+                mp_col_target(i, 0, 0, 0, 0, 0);
+                s += i;
+            }
+            next.tv_nsec += 1000000;
+            if (next.tv_nsec >= 1000000000) {
+                next.tv_nsec -= 1000000000;
+                next.tv_sec++;
+            }
+            clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+        }
+        printf("calls=%llu sum=%llu\n", (unsigned long long)i, (unsigned long long)s);
     } else if (strcmp(mode, "mem") == 0) {
         long n = a + 1 < argc ? atol(argv[a + 1]) : 10;
         static const char data[17] = "mp-col-mem-data!";
