@@ -164,6 +164,30 @@ impl Tracer {
     }
 
     /// End every held stop of the family's followers (see [`Tracer::run_until`]).
+    /// After a pause, which holds the family's reports instead of serving them: the
+    /// exits it took are reported as serving them would have. A follower that is gone
+    /// leaves the family with a [`Stop::ProcessExited`] queued; the first process, gone
+    /// during the pause (`first_was_gone` false) with followers left, has one queued too
+    /// (with none left, [`Stop::Exited`] comes next).
+    pub(crate) fn queue_exits_taken(&mut self, first_was_gone: bool) {
+        let mut i = 0;
+        while i < self.family.members.len() {
+            match self.family.members[i].exit_status() {
+                Some(status) => {
+                    let pid = self.family.members.remove(i).pid();
+                    self.family.queued.push(Stop::ProcessExited { pid, status });
+                }
+                None => i += 1,
+            }
+        }
+        if let (false, Some(status)) = (first_was_gone, self.exit_status()) {
+            if !self.family.members.is_empty() {
+                let pid = self.pid();
+                self.family.queued.push(Stop::ProcessExited { pid, status });
+            }
+        }
+    }
+
     pub(crate) fn resume_followers(&mut self) -> Result<()> {
         for i in 0..self.family.members.len() {
             self.with_follower(i, |m| m.prepare_resume())?;

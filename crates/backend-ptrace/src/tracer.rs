@@ -356,15 +356,17 @@ impl Tracer {
     /// Like [`Tracer::run`], but also return `Ok(None)` as soon as `done()` is true;
     /// it is checked before waiting for each event. The process keeps running.
     pub fn run_until(&mut self, mut done: impl FnMut() -> bool) -> Result<Option<Stop>> {
+        // Reports queued first: a follower's exit taken while the family was paused
+        // comes before the end it may lead to.
+        if !self.family.queued.is_empty() {
+            self.adopt_born();
+            return Ok(Some(self.family.queued.remove(0)));
+        }
         if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
             return Ok(Some(Stop::Exited(status)));
         }
         if self.shared.lock().status == Status::Detached {
             return Ok(Some(Stop::Detached));
-        }
-        if !self.family.queued.is_empty() {
-            self.adopt_born();
-            return Ok(Some(self.family.queued.remove(0)));
         }
         if self.exit.is_none() {
             self.prepare_resume()?;
@@ -381,6 +383,12 @@ impl Tracer {
             // Collectors registered, changed or gone: promote, repoint or demote with
             // every thread stopped (`collect/promote.rs`).
             self.rework_collect()?;
+            if !self.family.queued.is_empty() {
+                // A fork or a follower's exit reported while the rework stopped
+                // everyone: the family stays held until the user has seen it.
+                self.adopt_born();
+                return Ok(Some(self.family.queued.remove(0)));
+            }
             if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
                 // It ended while the rework stopped everyone (that exit report was
                 // taken there).

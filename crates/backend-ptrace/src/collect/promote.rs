@@ -314,26 +314,41 @@ impl Tracer {
     /// events: one pause of the whole family (only the first tracer can wait for its
     /// threads' stops), the text changes of each process, and every thread resumed.
     pub(crate) fn rework_collect(&mut self) -> Result<()> {
+        // Followers by pid: the pause handles their reports, and one that exits
+        // meanwhile leaves the family (the others' indices move).
         let mut plans = Vec::new();
         if let Some(p) = self.rework_plan() {
             plans.push((None, p));
         }
         for i in 0..self.family.members.len() {
             if let Some(p) = self.with_follower(i, Tracer::rework_plan) {
-                plans.push((Some(i), p));
+                plans.push((Some(self.family.members[i].pid()), p));
             }
         }
         if plans.is_empty() {
             return Ok(());
         }
+        let first_was_gone = self.is_gone();
         if self.pause()?.is_some() {
             return Ok(());
         }
+        self.queue_exits_taken(first_was_gone);
         for (who, plan) in plans {
             match who {
                 None => self.rework_held(plan)?,
-                Some(i) => self.with_follower(i, |m| m.rework_held(plan))?,
+                Some(pid) => {
+                    // Gone: its sites went with it.
+                    if let Some(i) = self.family.members.iter().position(|m| m.pid() == pid) {
+                        self.with_follower(i, |m| m.rework_held(plan))?;
+                    }
+                }
             }
+        }
+        if !self.family.queued.is_empty() {
+            // A fork or an exit reported during the pause: a fork child is held until
+            // its user has seen it (and placed its probes), and so is the rest of the
+            // family until `run_until` is entered again, which resumes everyone.
+            return Ok(());
         }
         if !self.is_gone() {
             self.prepare_resume()?;
