@@ -21,7 +21,6 @@ use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use iced_x86::code_asm::*;
 use multiprobe_benches::{fmt_ns, Ratios};
 use multiprobe_x86::collect::{
@@ -141,10 +140,7 @@ fn calls(f: Target, n: u64, reader: &mut Option<AreaReader<'static>>) -> Duratio
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
     let p = map(0, PAGE, rwx);

@@ -8,7 +8,6 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use multiprobe_benches::Ratios;
 use multiprobe_core::testing::TestBackend;
 use multiprobe_core::{Hit, Registry};
@@ -20,10 +19,7 @@ fn handler(h: &mut Hit<'_>) {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 500, 3);
     let ratios = Ratios::new();
 
     // Registries of every size stay alive, so each sample at N is paired with one at 100.

@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
 use multiprobe_benches::ptrace::{ask, command, done, pin_and_say};
@@ -240,11 +239,7 @@ impl Routine {
 
 fn main() {
     pin_and_say("tracees");
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(20, 500, 3);
     let r = Ratios::new();
     let mut raw = Raw::new();
     let mut multi = Multi::new();

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use iced_x86::code_asm::*;
 use multiprobe_benches::Ratios;
 use multiprobe_core::backend::{Dispatcher, NoMemory, PreOutcome, ThreadState};
@@ -155,10 +154,7 @@ fn calls(f: Target, n: u64) -> Duration {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     let p = page();
     let cpu = CpuState::get();

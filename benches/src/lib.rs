@@ -145,6 +145,17 @@ impl Ratios {
     }
 }
 
+/// Criterion as the benches here run it: `samples` samples (criterion's default is 100),
+/// warmed up for `warm_up_ms` and measured for `measure_s` each, then whatever the
+/// command line says.
+pub fn criterion(samples: usize, warm_up_ms: u64, measure_s: u64) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(samples)
+        .warm_up_time(Duration::from_millis(warm_up_ms))
+        .measurement_time(Duration::from_secs(measure_s))
+        .configure_from_args()
+}
+
 /// `12.34 ns`, `5.67 µs` or `8.90 ms`.
 pub fn fmt_ns(ns: f64) -> String {
     if ns < 1e3 {
