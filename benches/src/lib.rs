@@ -15,11 +15,13 @@ pub mod ptrace;
 pub mod uprobe;
 
 use std::collections::BTreeMap;
+use std::hint::black_box;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::Bencher;
+use multiprobe_core::Hit;
 
 /// Mean time per iteration of named routines, accumulated over criterion's samples.
 #[derive(Debug, Default)]
@@ -154,6 +156,37 @@ pub fn criterion(samples: usize, warm_up_ms: u64, measure_s: u64) -> criterion::
         .warm_up_time(Duration::from_millis(warm_up_ms))
         .measurement_time(Duration::from_secs(measure_s))
         .configure_from_args()
+}
+
+/// A bench function of the sigtrap benches: takes and returns an integer.
+pub type Target = unsafe extern "C" fn(u64) -> u64;
+
+/// The time of `iters` calls of `f`, each with its iteration number.
+pub fn calls(f: Target, iters: u64) -> Duration {
+    let f = black_box(f);
+    let t = Instant::now();
+    for i in 0..iters {
+        // SAFETY: the bench functions take and return integers.
+        black_box(unsafe { f(black_box(i)) });
+    }
+    t.elapsed()
+}
+
+std::thread_local! {
+    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Count one on this thread's own counter (a thread-local cell), the way a hot counter
+/// avoids sharing a cache line between threads.
+pub fn count_on_this_thread() {
+    MINE.with(|c| c.set(c.get() + 1));
+}
+
+/// A counting handler that reads the first argument and counts per thread
+/// ([`count_on_this_thread`]).
+pub fn tls_counter(h: &mut Hit<'_>) {
+    black_box(h.regs().rdi);
+    count_on_this_thread();
 }
 
 /// `12.34 ns`, `5.67 µs` or `8.90 ms`.
