@@ -77,12 +77,7 @@ fn probe_load(
 
 fn install_report(sig: i32) {
     // SAFETY: installing a plain SA_SIGINFO handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = report_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(sig, &sa, std::ptr::null_mut());
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(sig, report_segv, 0) };
 }
 
 fn install_report_segv() {
@@ -151,12 +146,7 @@ extern "C" fn count_trap(_sig: i32, _info: *mut libc::siginfo_t, _ctx: *mut libc
 /// keeps receiving its own `int3`s once the backend is installed over it.
 fn a_foreign_int3_reaches_the_programs_sigtrap_handler() {
     // SAFETY: installing a plain SA_SIGINFO handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = count_trap as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut());
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGTRAP, count_trap, 0) };
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_imul as *const () as u64;
     let g = reg.register(a, |_h| {}).unwrap();

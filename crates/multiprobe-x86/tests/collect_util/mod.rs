@@ -293,12 +293,6 @@ pub fn serve_faults(map: &'static multiprobe_x86::collect::CollectMap) -> &'stat
     );
     // SAFETY: a zeroed sigaction is a valid start; the handler has the SA_SIGINFO
     // signature and only reads the map and writes the ucontext.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()), 0);
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGSEGV, on_segv, 0) };
     &FAULTS_SEEN
 }
