@@ -128,14 +128,8 @@ fn relocated_instructions_run_out_of_line_with_correct_results() {
         });
     let g1 = t.registry().register_handler(load, h).unwrap();
     // mp_riprel: pre only, so the jump-back slot: one stop per hit.
-    let c = Arc::new(AtomicU64::new(0));
-    let cc = Arc::clone(&c);
-    let g2 = t
-        .registry()
-        .register(riprel, move |_| {
-            cc.fetch_add(1, Relaxed);
-        })
-        .unwrap();
+    let (c, count) = common::counter();
+    let g2 = t.registry().register(riprel, count).unwrap();
     let mut child = t.take_child().unwrap();
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     assert_eq!(common::read_all(&mut child), expected);
@@ -158,14 +152,8 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
     let load = t.resolve("mp_load").unwrap();
     let mut orig = [0u8; 1];
     multiprobe_core::Memory::read(&t.memory(), load, &mut orig).unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
-    let g = t
-        .registry()
-        .register(load, move |_| {
-            h.fetch_add(1, Relaxed);
-        })
-        .unwrap();
+    let (hits, count) = common::counter();
+    let g = t.registry().register(load, count).unwrap();
     // Another probe, on a function called every round, keeps the program from running
     // to its end while the loop does not serve it.
     let _keep = t
