@@ -221,6 +221,20 @@ fn run_child(scenario: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Run `scenario` in a child, which must exit 42 (its signal handler reported): what it
+/// printed.
+fn exited_42(scenario: &str) -> String {
+    let out = run_child(scenario);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn field(out: &str, name: &str) -> u64 {
     let v = out
         .split(|c: char| c.is_whitespace())
@@ -230,14 +244,7 @@ fn field(out: &str, name: &str) -> u64 {
 }
 
 fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
-    let out = run_child("segv_handler");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(42),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = exited_42("segv_handler");
     assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
     assert_eq!(field(&text, "addr"), 8);
     assert_eq!(field(&text, "pre"), 1);
@@ -245,22 +252,13 @@ fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
 }
 
 fn a_fault_outside_slots_reaches_the_programs_handler_untouched() {
-    let out = run_child("segv_unprobed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(42), "{text}");
+    let text = exited_42("segv_unprobed");
     assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
     assert_eq!((field(&text, "addr"), field(&text, "pre")), (8, 0));
 }
 
 fn sigfpe_is_seen_at_the_original_address_with_its_si_addr() {
-    let out = run_child("fpe_handler");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(42),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = exited_42("fpe_handler");
     let probe = field(&text, "probe");
     assert_eq!(
         (field(&text, "rip"), field(&text, "addr")),
