@@ -169,16 +169,11 @@ fn main() {
         let off = 0x100 * (i + 1);
         let (f, code) = function(p, off);
         let at = base + off as u64;
-        let region = analyze_region(
-            at,
-            Code {
-                addr: at,
-                bytes: &code,
-            },
-            Some(at..at + code.len() as u64),
-            Unwind::NoLandingPads,
-        )
-        .unwrap();
+        let func = Code {
+            addr: at,
+            bytes: &code,
+        };
+        let region = analyze_region(at, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
         let spec = CollectSpec {
             region: &region,
             site: i as u32,

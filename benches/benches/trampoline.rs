@@ -170,16 +170,11 @@ fn main() {
         let off = 0x100 * (i + 1);
         let (f, code) = function(&p, off);
         let base = p.addr(off);
-        let region = analyze_region(
-            base,
-            Code {
-                addr: base,
-                bytes: &code,
-            },
-            Some(base..base + code.len() as u64),
-            Unwind::NoLandingPads,
-        )
-        .unwrap();
+        let func = Code {
+            addr: base,
+            bytes: &code,
+        };
+        let region = analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
         let spec = TrampolineSpec {
             region: &region,
             ctx: 0,
@@ -193,11 +188,7 @@ fn main() {
         let (jmp, n) = region.jump_bytes(built.map.addr()).unwrap();
         p.write(off, &jmp[..n]);
         if i == 3 {
-            let code = Code {
-                addr: base,
-                bytes: &code,
-            };
-            let _ = PLAN.set(analyze(base, code, None).unwrap());
+            let _ = PLAN.set(analyze(base, func, None).unwrap());
         }
         maps.push((base, built.map));
         probed.push((f, base));

@@ -163,16 +163,11 @@ fn write_raw(to: *mut u8, off: usize, bytes: &[u8], len: usize) {
 /// The region at the start of the function `f` placed at `base` (its bounds known, no
 /// landing pads).
 pub fn whole_function_region(base: u64, f: &[u8]) -> Region {
-    analyze_region(
-        base,
-        Code {
-            addr: base,
-            bytes: f,
-        },
-        Some(base..base + f.len() as u64),
-        Unwind::NoLandingPads,
-    )
-    .unwrap()
+    let func = Code {
+        addr: base,
+        bytes: f,
+    };
+    analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads).unwrap()
 }
 
 /// Function copy `k` at `FUNC + 0x100 k`, its trampoline at `TRAMP + 0x1000 k`.
