@@ -226,24 +226,32 @@ fn place(m: &mut Machine, case: &Case<'_>, save: StateSave) -> Placed {
     (case.build)(&mut a, base).unwrap();
     let code = a.assemble(base).unwrap();
     m.write(CODE, &code);
-    let region = analyze_region(
-        base,
-        Code {
-            addr: base,
-            bytes: &code,
-        },
-        Some(base..base + code.len() as u64),
-        Unwind::NoLandingPads,
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let func = Code {
+        addr: base,
+        bytes: &code,
+    };
+    let region = analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     m.exit_stub(CODE + region.len(), 0);
     for (i, &t) in case.targets.iter().enumerate() {
         m.exit_stub(CODE + t, i as u8 + 1);
     }
-    let common = build_common(save, &CpuState::get(), m.addr(COMMON)).unwrap();
+    let map = place_trampoline(m, &region, save, &CpuState::get());
+    Placed { region, code, map }
+}
+
+/// Build the common stub (saving `save` on `cpu`) at COMMON and `region`'s trampoline,
+/// calling [`pre`] and [`post`], at TRAMP, and make it the one the handlers see: its map.
+fn place_trampoline(
+    m: &mut Machine,
+    region: &Region,
+    save: StateSave,
+    cpu: &CpuState,
+) -> Box<Trampoline> {
+    let common = build_common(save, cpu, m.addr(COMMON)).unwrap();
     m.write(COMMON, &common.bytes);
     let spec = TrampolineSpec {
-        region: &region,
+        region,
         ctx: 0,
         pre: pre as *const () as u64,
         post: post as *const () as u64,
@@ -253,7 +261,7 @@ fn place(m: &mut Machine, case: &Case<'_>, save: StateSave) -> Placed {
     m.write(TRAMP, &built.bytes);
     let map = Box::new(built.map);
     MAP.store(&*map as *const Trampoline as *mut Trampoline, SeqCst);
-    Placed { region, code, map }
+    map
 }
 
 fn arith(r: &Regs) -> Regs {
@@ -850,29 +858,13 @@ fn vector_opmask_x87_and_mxcsr_state_survive_handlers_that_clobber_them() {
                 let at = out.label_ip(&probe).unwrap();
                 m.write(VT, &code);
                 m.exit_stub(VT + code.len(), 0);
-                let region = analyze_region(
-                    at,
-                    Code {
-                        addr: base,
-                        bytes: &code,
-                    },
-                    Some(base..base + code.len() as u64),
-                    Unwind::NoLandingPads,
-                )
-                .unwrap();
-                let common = build_common(save, &cpu, m.addr(COMMON)).unwrap();
-                m.write(COMMON, &common.bytes);
-                let spec = TrampolineSpec {
-                    region: &region,
-                    ctx: 0,
-                    pre: pre as *const () as u64,
-                    post: post as *const () as u64,
-                    common: m.addr(COMMON),
+                let func = Code {
+                    addr: base,
+                    bytes: &code,
                 };
-                let built = build_trampoline(&spec, m.addr(TRAMP)).unwrap();
-                m.write(TRAMP, &built.bytes);
-                let map = Box::new(built.map);
-                MAP.store(&*map as *const Trampoline as *mut Trampoline, SeqCst);
+                let region =
+                    analyze_region(at, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
+                let map = place_trampoline(m, &region, save, &cpu);
                 let mut rng = Rng(0x5eed ^ x87 as u64);
                 let mut input: Vec<u8> = (0..V_LEN).map(|_| rng.next() as u8).collect();
                 for i in 0..3 {
