@@ -51,6 +51,19 @@ pub fn run(args: &[&str]) -> Output {
     multiprobe().args(args).output().expect("run multiprobe")
 }
 
+/// The words of `run OPTIONS... -p PROBE... -- COMMAND...`: a `-p` for each of
+/// `probes`.
+pub fn run_line<'a>(options: &[&'a str], probes: &[&'a str], command: &[&'a str]) -> Vec<&'a str> {
+    let mut line = vec!["run"];
+    line.extend(options);
+    for p in probes {
+        line.extend(["-p", p]);
+    }
+    line.push("--");
+    line.extend(command);
+    line
+}
+
 /// [`run`], which must succeed: its stdout and stderr (the failure shows the stderr).
 pub fn run_ok(args: &[&str]) -> (String, String) {
     let out = run(args);
@@ -72,6 +85,16 @@ pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
     (mp, err, line)
+}
+
+/// [`spawn_attach`] of `attach PID -p PROBE...`, a `-p` for each of `probes`.
+pub fn spawn_attach_probing(pid: i32, probes: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let pid = pid.to_string();
+    let mut args = vec!["attach", pid.as_str()];
+    for p in probes {
+        args.extend(["-p", p]);
+    }
+    spawn_attach(&args)
 }
 
 /// A fresh, empty directory for one test (`mp-NAME-PID` in the temporary directory).
