@@ -424,18 +424,12 @@ fn shared_pending(pid: u32, sig: i32) -> bool {
 }
 
 fn an_ignored_signal_sent_from_outside_is_ignored(sig: i32) {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::Stdio;
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env("MP_SCENARIO", format!("ignore_sent_{sig}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut child, mut out, line) = multiprobe_test_targets::spawn_until_first_line(
+        Command::new(std::env::current_exe().unwrap())
+            .env("MP_SCENARIO", format!("ignore_sent_{sig}")),
+    );
     assert_eq!(line, "ready\n");
     let pid = child.id();
     for _ in 0..3 {

@@ -37,6 +37,31 @@ pub unsafe fn install_siginfo_handler(sig: i32, handler: SigInfoHandler, flags: 
     }
 }
 
+/// Spawn `cmd` with stdin and stdout piped and wait for the first line it prints (a
+/// program started with `--wait` says `ready PID`): the child, the rest of its stdout,
+/// and that line.
+///
+/// # Panics
+/// If it cannot be started or its stdout cannot be read.
+pub fn spawn_until_first_line(
+    cmd: &mut Command,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the first line");
+    (child, out, line)
+}
+
 /// Names of the programs, as built.
 pub const PROGRAMS: [&str; 15] = [
     "mp-single",

@@ -89,13 +89,8 @@ pub fn start_waiting(
     std::process::Child,
     std::io::BufReader<std::process::ChildStdout>,
 ) {
-    use std::io::BufRead;
-    let mut cmd = command(name, args);
-    cmd.arg("--wait").stdin(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (child, out, line) =
+        multiprobe_test_targets::spawn_until_first_line(command(name, args).arg("--wait"));
     assert_eq!(line.trim(), format!("ready {}", child.id()));
     (child, out)
 }
