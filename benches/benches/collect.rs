@@ -193,15 +193,13 @@ fn main() {
     let mut g = c.benchmark_group("collect");
     for &(name, f, _, area) in &probed {
         let mut reader = Some(area.reader());
-        g.bench_function(name, |b| {
-            ratios.measure_paired(
-                b,
-                name,
-                "direct",
-                |n| calls(f, n, &mut reader),
-                |n| calls(direct, n, &mut None),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            name,
+            "direct",
+            |n| calls(f, n, &mut reader),
+            |n| calls(direct, n, &mut None),
+        );
     }
     g.finish();
     c.final_summary();

@@ -63,15 +63,13 @@ fn main() {
     let small = &registries[0].1;
     for (n, r) in &registries[1..] {
         let name = format!("one-more/{n}");
-        g.bench_function(&name, |b| {
-            ratios.measure_paired(
-                b,
-                &name,
-                "one-more/100",
-                |i| one_more(r, i),
-                |i| one_more(small, i),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &name,
+            "one-more/100",
+            |i| one_more(r, i),
+            |i| one_more(small, i),
+        );
     }
     g.finish();
 
@@ -82,15 +80,13 @@ fn main() {
         // The baseline registers as many probes in total, 100 per registry, so both
         // sides of a pair do the same amount of work at different table sizes.
         let k = (n / 100) as u32;
-        g.bench_function(&name, |b| {
-            ratios.measure_paired(
-                b,
-                &name,
-                "bulk/100",
-                |i| bulk(n, i),
-                |i| bulk(100, i * u64::from(k)) / k,
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &name,
+            "bulk/100",
+            |i| bulk(n, i),
+            |i| bulk(100, i * u64::from(k)) / k,
+        );
     }
     g.finish();
     c.final_summary();

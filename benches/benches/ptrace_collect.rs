@@ -233,19 +233,17 @@ fn main() {
     {
         let mut g = c.benchmark_group("collect");
         let mut d = |n| calls(&mut direct, n);
-        g.bench_function("collect/count", |b| {
-            r.measure_paired(b, "collect/count", "direct", |n| count.run(n), &mut d)
-        });
-        g.bench_function("collect/args6", |b| {
-            r.measure_paired(b, "collect/args6", "direct", |n| args.run(n), &mut d)
-        });
-        g.bench_function("one-stop/count", |b| {
-            r.measure_paired(b, "one-stop/count", "direct", |n| stop.run(n), &mut d)
-        });
+        r.bench_paired(&mut g, "collect/count", "direct", |n| count.run(n), &mut d);
+        r.bench_paired(&mut g, "collect/args6", "direct", |n| args.run(n), &mut d);
+        r.bench_paired(&mut g, "one-stop/count", "direct", |n| stop.run(n), &mut d);
         if uprobe.is_some() {
-            g.bench_function("uprobe", |b| {
-                r.measure_paired(b, "uprobe", "direct", |n| calls(&mut kprobed, n), &mut d)
-            });
+            r.bench_paired(
+                &mut g,
+                "uprobe",
+                "direct",
+                |n| calls(&mut kprobed, n),
+                &mut d,
+            );
         }
         g.finish();
     }

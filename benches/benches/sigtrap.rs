@@ -247,9 +247,7 @@ fn main() {
                      base_name: &str,
                      base: &dyn Fn(u64) -> Duration,
                      ours: &dyn Fn(u64) -> Duration| {
-        g.bench_function(name, |b| {
-            ratios.measure_paired(b, name, base_name, ours, base)
-        });
+        ratios.bench_paired(&mut g, name, base_name, ours, base);
     };
     bench("raw-int3", "unprobed", &|n| calls(mp_b_imul, n), &raw);
     for (name, addr, f, handlers, post) in [

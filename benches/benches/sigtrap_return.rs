@@ -121,15 +121,13 @@ fn main() {
                 |n| calls(both, n),
             )
         });
-        g.bench_function(&base, |b| {
-            ratios.measure_paired(
-                b,
-                &base,
-                "unprobed",
-                |n| calls(entry, n),
-                |n| calls(mp_r_twin, n),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &base,
+            "unprobed",
+            |n| calls(entry, n),
+            |n| calls(mp_r_twin, n),
+        );
     }
     let kernel = KernelUprobe::new("ret_entry", addr(mp_r_kentry))
         .and_then(|p| KernelUprobe::new_return("ret_both", addr(mp_r_kboth)).map(|r| (p, r)));

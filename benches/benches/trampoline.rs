@@ -207,9 +207,13 @@ fn main() {
 
     let mut g = c.benchmark_group("trampoline");
     let mut bench = |name: &str, f: Target| {
-        g.bench_function(name, |b| {
-            ratios.measure_paired(b, name, "direct", |n| calls(f, n), |n| calls(direct, n))
-        });
+        ratios.bench_paired(
+            &mut g,
+            name,
+            "direct",
+            |n| calls(f, n),
+            |n| calls(direct, n),
+        );
     };
     MODE.store(Mode::Empty as u64, Relaxed);
     bench("empty/registers", probed[0].0);

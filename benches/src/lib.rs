@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::Bencher;
+use criterion::{Bencher, BenchmarkGroup};
 use multiprobe_core::Hit;
 
 /// Mean time per iteration of named routines, accumulated over criterion's samples.
@@ -64,6 +64,21 @@ impl Ratios {
         mut base: impl FnMut(u64) -> Duration,
     ) {
         self.measure_paired_with(b, name, &mut [(base_name, &mut base)], ours);
+    }
+
+    /// Bench `name` in group `g`: [`Ratios::measure_paired`] of `ours` against `base`
+    /// (recorded as `base_name`).
+    pub fn bench_paired(
+        &self,
+        g: &mut BenchmarkGroup<'_, WallTime>,
+        name: &str,
+        base_name: &str,
+        mut ours: impl FnMut(u64) -> Duration,
+        mut base: impl FnMut(u64) -> Duration,
+    ) {
+        g.bench_function(name, |b| {
+            self.measure_paired(b, name, base_name, &mut ours, &mut base)
+        });
     }
 
     /// [`Ratios::measure_paired`] against several baselines: each sample of `ours` is
