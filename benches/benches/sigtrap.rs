@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use multiprobe_backend_sigtrap::SigtrapBackend;
 use multiprobe_benches::uprobe::KernelUprobe;
-use multiprobe_benches::{calls, count_on_this_thread, tls_counter, Ratios, Target};
+use multiprobe_benches::{calls, tls_counter, tls_with_post, Ratios, Target};
 use multiprobe_core::{FnHandler, Hit, PreAction, Regs};
 
 core::arch::global_asm!(
@@ -211,18 +211,6 @@ fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
         .post(move |h| {
             black_box(h.regs().rax);
             b.fetch_add(1, Relaxed);
-        })
-}
-
-fn tls_with_post() -> impl multiprobe_core::Handler {
-    FnHandler::new()
-        .pre(|_h: &mut Hit<'_>| {
-            count_on_this_thread();
-            PreAction::Continue
-        })
-        .post(|h: &mut Hit<'_>| {
-            black_box(h.regs().rax);
-            count_on_this_thread();
         })
 }
 

@@ -16,12 +16,10 @@
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench sigtrap_return`
 
-use std::hint::black_box;
-
 use multiprobe_backend_sigtrap::{Mode, SigtrapBackend};
 use multiprobe_benches::uprobe::KernelUprobe;
-use multiprobe_benches::{calls, count_on_this_thread, tls_counter, Ratios, Target};
-use multiprobe_core::{CallData, FnHandler, Hit, PreAction, Registry};
+use multiprobe_benches::{calls, tls_counter, tls_with_return, Ratios, Target};
+use multiprobe_core::Registry;
 
 /// Identical functions `$name...`, each with the instructions `$body` (one string).
 macro_rules! twins {
@@ -57,22 +55,6 @@ extern "C" {
     fn mp_r_tboth(x: u64) -> u64;
 }
 
-fn entry_and_return() -> impl multiprobe_core::Handler {
-    FnHandler::new()
-        .pre(|h: &mut Hit<'_>| {
-            let a = h.regs().rdi;
-            if let Some(d) = h.call_data_mut() {
-                d[0] = a;
-            }
-            count_on_this_thread();
-            PreAction::Continue
-        })
-        .ret(|h: &mut Hit<'_>, d: &CallData| {
-            black_box((h.regs().rax, d[0]));
-            count_on_this_thread();
-        })
-}
-
 fn addr(f: Target) -> u64 {
     f as *const () as u64
 }
@@ -84,10 +66,10 @@ fn main() {
     let treg = Registry::new(SigtrapBackend::with_promotion(false));
     let guards = vec![
         jreg.register(addr(mp_r_jentry), tls_counter).unwrap(),
-        jreg.register_handler(addr(mp_r_jboth), entry_and_return())
+        jreg.register_handler(addr(mp_r_jboth), tls_with_return())
             .unwrap(),
         treg.register(addr(mp_r_tentry), tls_counter).unwrap(),
-        treg.register_handler(addr(mp_r_tboth), entry_and_return())
+        treg.register_handler(addr(mp_r_tboth), tls_with_return())
             .unwrap(),
     ];
     for f in [mp_r_jentry as Target, mp_r_jboth] {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{Bencher, BenchmarkGroup};
-use multiprobe_core::Hit;
+use multiprobe_core::{CallData, FnHandler, Handler, Hit, PreAction};
 
 /// Mean time per iteration of named routines, accumulated over criterion's samples.
 #[derive(Debug, Default)]
@@ -193,8 +193,14 @@ std::thread_local! {
 
 /// Count one on this thread's own counter (a thread-local cell), the way a hot counter
 /// avoids sharing a cache line between threads.
+#[inline]
 pub fn count_on_this_thread() {
     MINE.with(|c| c.set(c.get() + 1));
+}
+
+/// What [`count_on_this_thread`] counted on this thread so far.
+pub fn counted_on_this_thread() -> u64 {
+    MINE.with(std::cell::Cell::get)
 }
 
 /// A counting handler that reads the first argument and counts per thread
@@ -202,6 +208,37 @@ pub fn count_on_this_thread() {
 pub fn tls_counter(h: &mut Hit<'_>) {
     black_box(h.regs().rdi);
     count_on_this_thread();
+}
+
+/// [`tls_counter`] with a post-handler that reads `rax` and counts too.
+pub fn tls_with_post() -> impl Handler {
+    FnHandler::new()
+        .pre(|_h: &mut Hit<'_>| {
+            count_on_this_thread();
+            PreAction::Continue
+        })
+        .post(|h: &mut Hit<'_>| {
+            black_box(h.regs().rax);
+            count_on_this_thread();
+        })
+}
+
+/// A handler that keeps the first argument in its call data and counts, with a return
+/// hook that reads the return value and that argument and counts too.
+pub fn tls_with_return() -> impl Handler {
+    FnHandler::new()
+        .pre(|h: &mut Hit<'_>| {
+            let a = h.regs().rdi;
+            if let Some(d) = h.call_data_mut() {
+                d[0] = a;
+            }
+            count_on_this_thread();
+            PreAction::Continue
+        })
+        .ret(|h: &mut Hit<'_>, d: &CallData| {
+            black_box((h.regs().rax, d[0]));
+            count_on_this_thread();
+        })
 }
 
 /// `12.34 ns`, `5.67 µs` or `8.90 ms`.
