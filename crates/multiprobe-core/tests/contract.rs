@@ -15,18 +15,10 @@ use multiprobe_core::{
     Request,
 };
 
+use common::{log, taken, Log};
+
 const A: u64 = 0x40_1000;
 const B: u64 = 0x40_2000;
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-fn log() -> Log {
-    Arc::new(Mutex::new(Vec::new()))
-}
-
-fn taken(l: &Log) -> Vec<String> {
-    std::mem::take(&mut *l.lock().unwrap())
-}
 
 /// A handler that records `pre NAME` and, with `post`, `post NAME`.
 fn recorder(l: &Log, name: &'static str, post: bool) -> Boxed {

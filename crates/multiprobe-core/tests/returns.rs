@@ -5,6 +5,8 @@
 //! enable/disable, reentrancy, calls skipped by a longjmp, a full return stack, bad
 //! addresses, and the unwinder's restore.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -16,19 +18,11 @@ use multiprobe_core::{
     CallData, Error, FnHandler, Handler, Hit, PreAction, Registration, Registry, Regs,
 };
 
+use common::{log, taken, Log};
+
 const F: u64 = 0x40_1000;
 const G: u64 = 0x40_2000;
 const TOP: u64 = 0x7000_0000;
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-fn log() -> Log {
-    Arc::new(Mutex::new(Vec::new()))
-}
-
-fn taken(l: &Log) -> Vec<String> {
-    std::mem::take(&mut *l.lock().unwrap())
-}
 
 /// A handler that keeps `rdi` at the entry and logs `ret NAME(rdi) = rax` at the return.
 fn pair(l: &Log, name: &'static str) -> impl Handler {

@@ -1,14 +1,27 @@
-//! What the core's tests share: a counting handler, a step left between its `pre` and
-//! its `post`, and a test backend shared with the test.
+//! What the core's tests share: a log handlers write to, a counting handler, a step left
+//! between its `pre` and its `post`, and a test backend shared with the test.
 
 #![allow(dead_code)] // each test file uses some of these
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use multiprobe_core::backend::{Backend, Dispatcher, NoMemory, PreOutcome, ThreadState};
 use multiprobe_core::testing::{TestBackend, TestSite};
 use multiprobe_core::{Handler, HandlerId, Hit, Regs};
+
+/// Lines handlers write, in order.
+pub type Log = Arc<Mutex<Vec<String>>>;
+
+/// An empty [`Log`].
+pub fn log() -> Log {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+/// What `l` holds, leaving it empty.
+pub fn taken(l: &Log) -> Vec<String> {
+    std::mem::take(&mut *l.lock().unwrap())
+}
 
 /// A pre-handler that adds one to `calls` at every hit.
 pub fn counting(calls: &Arc<AtomicU64>) -> impl Fn(&mut Hit<'_>) + Send + Sync + 'static {
