@@ -66,26 +66,16 @@ impl Raw {
         Raw { t, nop, imul }
     }
 
-    fn floor(&mut self, n: u64) -> Duration {
+    /// `n` hits of the `nop` site, each stop served by `serve` (one of
+    /// [`RawTarget::one_stop`], [`RawTarget::one_stop_rip`], [`RawTarget::one_stop_regs`]).
+    fn floor(
+        &mut self,
+        n: u64,
+        serve: fn(&RawTarget, u64) -> multiprobe_core::Result<()>,
+    ) -> Duration {
         let start = Instant::now();
         ask(self.t.child(), NOP, n);
-        self.t.one_stop(n).unwrap();
-        done(self.t.child());
-        start.elapsed()
-    }
-
-    fn floor_rip(&mut self, n: u64) -> Duration {
-        let start = Instant::now();
-        ask(self.t.child(), NOP, n);
-        self.t.one_stop_rip(n).unwrap();
-        done(self.t.child());
-        start.elapsed()
-    }
-
-    fn floor_regs(&mut self, n: u64) -> Duration {
-        let start = Instant::now();
-        ask(self.t.child(), NOP, n);
-        self.t.one_stop_regs(n).unwrap();
+        serve(&self.t, n).unwrap();
         done(self.t.child());
         start.elapsed()
     }
@@ -225,9 +215,9 @@ impl Routine {
 
     fn run(self, raw: &mut Raw, multi: &mut Multi, n: u64) -> Duration {
         match self {
-            Routine::Floor => raw.floor(n),
-            Routine::FloorRip => raw.floor_rip(n),
-            Routine::FloorRegs => raw.floor_regs(n),
+            Routine::Floor => raw.floor(n, RawTarget::one_stop),
+            Routine::FloorRip => raw.floor(n, RawTarget::one_stop_rip),
+            Routine::FloorRegs => raw.floor(n, RawTarget::one_stop_regs),
             Routine::TwoStop(s) => raw.two_stop(s, n),
             Routine::Multi(k, h, s) => {
                 multi.handlers(s, k, h);
