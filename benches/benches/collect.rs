@@ -21,7 +21,6 @@ use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use iced_x86::code_asm::*;
 use multiprobe_benches::{fmt_ns, Ratios};
 use multiprobe_x86::collect::{
@@ -141,10 +140,7 @@ fn calls(f: Target, n: u64, reader: &mut Option<AreaReader<'static>>) -> Duratio
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
     let p = map(0, PAGE, rwx);
@@ -173,16 +169,11 @@ fn main() {
         let off = 0x100 * (i + 1);
         let (f, code) = function(p, off);
         let at = base + off as u64;
-        let region = analyze_region(
-            at,
-            Code {
-                addr: at,
-                bytes: &code,
-            },
-            Some(at..at + code.len() as u64),
-            Unwind::NoLandingPads,
-        )
-        .unwrap();
+        let func = Code {
+            addr: at,
+            bytes: &code,
+        };
+        let region = analyze_region(at, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
         let spec = CollectSpec {
             region: &region,
             site: i as u32,
@@ -202,15 +193,13 @@ fn main() {
     let mut g = c.benchmark_group("collect");
     for &(name, f, _, area) in &probed {
         let mut reader = Some(area.reader());
-        g.bench_function(name, |b| {
-            ratios.measure_paired(
-                b,
-                name,
-                "direct",
-                |n| calls(f, n, &mut reader),
-                |n| calls(direct, n, &mut None),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            name,
+            "direct",
+            |n| calls(f, n, &mut reader),
+            |n| calls(direct, n, &mut None),
+        );
     }
     g.finish();
     c.final_summary();

@@ -22,7 +22,6 @@ use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use criterion::Criterion;
 use multiprobe_benches::Ratios;
 use multiprobe_core::backend::{Dispatcher, NoMemory, PreOutcome, ThreadState};
 use multiprobe_core::testing::TestBackend;
@@ -160,10 +159,7 @@ thread_local! {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 500, 2);
     let ratios = Ratios::new();
 
     let mut g = c.benchmark_group("dispatch");

@@ -8,7 +8,6 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use multiprobe_benches::Ratios;
 use multiprobe_core::testing::TestBackend;
 use multiprobe_core::{Hit, Registry};
@@ -20,10 +19,7 @@ fn handler(h: &mut Hit<'_>) {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 500, 3);
     let ratios = Ratios::new();
 
     // Registries of every size stay alive, so each sample at N is paired with one at 100.
@@ -67,15 +63,13 @@ fn main() {
     let small = &registries[0].1;
     for (n, r) in &registries[1..] {
         let name = format!("one-more/{n}");
-        g.bench_function(&name, |b| {
-            ratios.measure_paired(
-                b,
-                &name,
-                "one-more/100",
-                |i| one_more(r, i),
-                |i| one_more(small, i),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &name,
+            "one-more/100",
+            |i| one_more(r, i),
+            |i| one_more(small, i),
+        );
     }
     g.finish();
 
@@ -86,15 +80,13 @@ fn main() {
         // The baseline registers as many probes in total, 100 per registry, so both
         // sides of a pair do the same amount of work at different table sizes.
         let k = (n / 100) as u32;
-        g.bench_function(&name, |b| {
-            ratios.measure_paired(
-                b,
-                &name,
-                "bulk/100",
-                |i| bulk(n, i),
-                |i| bulk(100, i * u64::from(k)) / k,
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &name,
+            "bulk/100",
+            |i| bulk(n, i),
+            |i| bulk(100, i * u64::from(k)) / k,
+        );
     }
     g.finish();
     c.final_summary();

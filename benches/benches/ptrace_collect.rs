@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use multiprobe_backend_ptrace::collect::{Collect, Collection, SitePath};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
 use multiprobe_benches::uprobe::KernelUprobe;
@@ -192,11 +191,7 @@ fn main() {
         Some(cpu) => println!("PINNED bench and tracees to CPU {cpu}"),
         None => println!("NOT PINNED"),
     }
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(20, 300, 2);
     let r = Ratios::new();
     let mut direct = command().spawn().unwrap();
     let mut count = Traced::new(vec![Collect::count()], false);
@@ -238,19 +233,17 @@ fn main() {
     {
         let mut g = c.benchmark_group("collect");
         let mut d = |n| calls(&mut direct, n);
-        g.bench_function("collect/count", |b| {
-            r.measure_paired(b, "collect/count", "direct", |n| count.run(n), &mut d)
-        });
-        g.bench_function("collect/args6", |b| {
-            r.measure_paired(b, "collect/args6", "direct", |n| args.run(n), &mut d)
-        });
-        g.bench_function("one-stop/count", |b| {
-            r.measure_paired(b, "one-stop/count", "direct", |n| stop.run(n), &mut d)
-        });
+        r.bench_paired(&mut g, "collect/count", "direct", |n| count.run(n), &mut d);
+        r.bench_paired(&mut g, "collect/args6", "direct", |n| args.run(n), &mut d);
+        r.bench_paired(&mut g, "one-stop/count", "direct", |n| stop.run(n), &mut d);
         if uprobe.is_some() {
-            g.bench_function("uprobe", |b| {
-                r.measure_paired(b, "uprobe", "direct", |n| calls(&mut kprobed, n), &mut d)
-            });
+            r.bench_paired(
+                &mut g,
+                "uprobe",
+                "direct",
+                |n| calls(&mut kprobed, n),
+                &mut d,
+            );
         }
         g.finish();
     }

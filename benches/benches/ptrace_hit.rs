@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use multiprobe_backend_ptrace::baseline::{requests, RawTarget, Requests};
 use multiprobe_backend_ptrace::{PtraceBackend, Tracer};
 use multiprobe_benches::ptrace::{ask, command, done, pin_and_say};
@@ -67,26 +66,16 @@ impl Raw {
         Raw { t, nop, imul }
     }
 
-    fn floor(&mut self, n: u64) -> Duration {
+    /// `n` hits of the `nop` site, each stop served by `serve` (one of
+    /// [`RawTarget::one_stop`], [`RawTarget::one_stop_rip`], [`RawTarget::one_stop_regs`]).
+    fn floor(
+        &mut self,
+        n: u64,
+        serve: fn(&RawTarget, u64) -> multiprobe_core::Result<()>,
+    ) -> Duration {
         let start = Instant::now();
         ask(self.t.child(), NOP, n);
-        self.t.one_stop(n).unwrap();
-        done(self.t.child());
-        start.elapsed()
-    }
-
-    fn floor_rip(&mut self, n: u64) -> Duration {
-        let start = Instant::now();
-        ask(self.t.child(), NOP, n);
-        self.t.one_stop_rip(n).unwrap();
-        done(self.t.child());
-        start.elapsed()
-    }
-
-    fn floor_regs(&mut self, n: u64) -> Duration {
-        let start = Instant::now();
-        ask(self.t.child(), NOP, n);
-        self.t.one_stop_regs(n).unwrap();
+        serve(&self.t, n).unwrap();
         done(self.t.child());
         start.elapsed()
     }
@@ -226,9 +215,9 @@ impl Routine {
 
     fn run(self, raw: &mut Raw, multi: &mut Multi, n: u64) -> Duration {
         match self {
-            Routine::Floor => raw.floor(n),
-            Routine::FloorRip => raw.floor_rip(n),
-            Routine::FloorRegs => raw.floor_regs(n),
+            Routine::Floor => raw.floor(n, RawTarget::one_stop),
+            Routine::FloorRip => raw.floor(n, RawTarget::one_stop_rip),
+            Routine::FloorRegs => raw.floor(n, RawTarget::one_stop_regs),
             Routine::TwoStop(s) => raw.two_stop(s, n),
             Routine::Multi(k, h, s) => {
                 multi.handlers(s, k, h);
@@ -240,11 +229,7 @@ impl Routine {
 
 fn main() {
     pin_and_say("tracees");
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(20, 500, 3);
     let r = Ratios::new();
     let mut raw = Raw::new();
     let mut multi = Multi::new();

@@ -28,12 +28,11 @@
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use criterion::Criterion;
 use multiprobe_backend_sigtrap::SigtrapBackend;
 use multiprobe_benches::uprobe::KernelUprobe;
-use multiprobe_benches::Ratios;
+use multiprobe_benches::{calls, tls_counter, tls_with_post, Ratios, Target};
 use multiprobe_core::{FnHandler, Hit, PreAction, Regs};
 
 core::arch::global_asm!(
@@ -174,16 +173,6 @@ fn with_sigtrap<R>(
     }
 }
 
-fn calls(f: unsafe extern "C" fn(u64) -> u64, iters: u64) -> Duration {
-    let f = black_box(f);
-    let t = Instant::now();
-    for i in 0..iters {
-        // SAFETY: the bench functions take and return integers.
-        black_box(unsafe { f(black_box(i)) });
-    }
-    t.elapsed()
-}
-
 fn naive_page() -> unsafe extern "C" fn(u64) -> u64 {
     // SAFETY: a fresh anonymous RWX mapping holding a copy of the function.
     unsafe {
@@ -225,40 +214,12 @@ fn with_post(c: &Arc<AtomicU64>) -> impl multiprobe_core::Handler {
         })
 }
 
-std::thread_local! {
-    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// A counting handler that counts per thread (a thread-local cell), the way a hot
-/// counter avoids sharing a cache line between threads.
-fn tls_counter(h: &mut Hit<'_>) {
-    black_box(h.regs().rdi);
-    MINE.with(|c| c.set(c.get() + 1));
-}
-
-fn tls_with_post() -> impl multiprobe_core::Handler {
-    FnHandler::new()
-        .pre(|_h: &mut Hit<'_>| {
-            MINE.with(|c| c.set(c.get() + 1));
-            PreAction::Continue
-        })
-        .post(|h: &mut Hit<'_>| {
-            black_box(h.regs().rax);
-            MINE.with(|c| c.set(c.get() + 1));
-        })
-}
-
-type Target = unsafe extern "C" fn(u64) -> u64;
-
 fn raw(n: u64) -> Duration {
     with_sigtrap(empty_handler, || calls(mp_b_raw, n))
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     // The trap figures keep their meaning: this registry never promotes its sites.
     let reg = multiprobe_core::Registry::new(SigtrapBackend::with_promotion(false));
@@ -274,9 +235,7 @@ fn main() {
                      base_name: &str,
                      base: &dyn Fn(u64) -> Duration,
                      ours: &dyn Fn(u64) -> Duration| {
-        g.bench_function(name, |b| {
-            ratios.measure_paired(b, name, base_name, ours, base)
-        });
+        ratios.bench_paired(&mut g, name, base_name, ours, base);
     };
     bench("raw-int3", "unprobed", &|n| calls(mp_b_imul, n), &raw);
     for (name, addr, f, handlers, post) in [

@@ -16,15 +16,10 @@
 //!
 //! Run: `cargo bench -p multiprobe-benches --bench sigtrap_return`
 
-use std::cell::Cell;
-use std::hint::black_box;
-use std::time::{Duration, Instant};
-
-use criterion::Criterion;
 use multiprobe_backend_sigtrap::{Mode, SigtrapBackend};
 use multiprobe_benches::uprobe::KernelUprobe;
-use multiprobe_benches::Ratios;
-use multiprobe_core::{CallData, FnHandler, Hit, PreAction, Registry};
+use multiprobe_benches::{calls, tls_counter, tls_with_return, Ratios, Target};
+use multiprobe_core::Registry;
 
 /// Identical functions `$name...`, each with the instructions `$body` (one string).
 macro_rules! twins {
@@ -60,61 +55,21 @@ extern "C" {
     fn mp_r_tboth(x: u64) -> u64;
 }
 
-type Target = unsafe extern "C" fn(u64) -> u64;
-
-fn calls(f: Target, iters: u64) -> Duration {
-    let f = black_box(f);
-    let t = Instant::now();
-    for i in 0..iters {
-        // SAFETY: the bench functions take and return integers.
-        black_box(unsafe { f(black_box(i)) });
-    }
-    t.elapsed()
-}
-
-std::thread_local! {
-    static MINE: Cell<u64> = const { Cell::new(0) };
-}
-
-fn entry_only(h: &mut Hit<'_>) {
-    black_box(h.regs().rdi);
-    MINE.with(|c| c.set(c.get() + 1));
-}
-
-fn entry_and_return() -> impl multiprobe_core::Handler {
-    FnHandler::new()
-        .pre(|h: &mut Hit<'_>| {
-            let a = h.regs().rdi;
-            if let Some(d) = h.call_data_mut() {
-                d[0] = a;
-            }
-            MINE.with(|c| c.set(c.get() + 1));
-            PreAction::Continue
-        })
-        .ret(|h: &mut Hit<'_>, d: &CallData| {
-            black_box((h.regs().rax, d[0]));
-            MINE.with(|c| c.set(c.get() + 1));
-        })
-}
-
 fn addr(f: Target) -> u64 {
     f as *const () as u64
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     let jreg = Registry::new(SigtrapBackend::with_promotion(true));
     let treg = Registry::new(SigtrapBackend::with_promotion(false));
     let guards = vec![
-        jreg.register(addr(mp_r_jentry), entry_only).unwrap(),
-        jreg.register_handler(addr(mp_r_jboth), entry_and_return())
+        jreg.register(addr(mp_r_jentry), tls_counter).unwrap(),
+        jreg.register_handler(addr(mp_r_jboth), tls_with_return())
             .unwrap(),
-        treg.register(addr(mp_r_tentry), entry_only).unwrap(),
-        treg.register_handler(addr(mp_r_tboth), entry_and_return())
+        treg.register(addr(mp_r_tentry), tls_counter).unwrap(),
+        treg.register_handler(addr(mp_r_tboth), tls_with_return())
             .unwrap(),
     ];
     for f in [mp_r_jentry as Target, mp_r_jboth] {
@@ -148,15 +103,13 @@ fn main() {
                 |n| calls(both, n),
             )
         });
-        g.bench_function(&base, |b| {
-            ratios.measure_paired(
-                b,
-                &base,
-                "unprobed",
-                |n| calls(entry, n),
-                |n| calls(mp_r_twin, n),
-            )
-        });
+        ratios.bench_paired(
+            &mut g,
+            &base,
+            "unprobed",
+            |n| calls(entry, n),
+            |n| calls(mp_r_twin, n),
+        );
     }
     let kernel = KernelUprobe::new("ret_entry", addr(mp_r_kentry))
         .and_then(|p| KernelUprobe::new_return("ret_both", addr(mp_r_kboth)).map(|r| (p, r)));

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use iced_x86::code_asm::*;
 use multiprobe_benches::Ratios;
 use multiprobe_core::backend::{Dispatcher, NoMemory, PreOutcome, ThreadState};
@@ -155,10 +154,7 @@ fn calls(f: Target, n: u64) -> Duration {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
     let p = page();
     let cpu = CpuState::get();
@@ -174,16 +170,11 @@ fn main() {
         let off = 0x100 * (i + 1);
         let (f, code) = function(&p, off);
         let base = p.addr(off);
-        let region = analyze_region(
-            base,
-            Code {
-                addr: base,
-                bytes: &code,
-            },
-            Some(base..base + code.len() as u64),
-            Unwind::NoLandingPads,
-        )
-        .unwrap();
+        let func = Code {
+            addr: base,
+            bytes: &code,
+        };
+        let region = analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
         let spec = TrampolineSpec {
             region: &region,
             ctx: 0,
@@ -197,11 +188,7 @@ fn main() {
         let (jmp, n) = region.jump_bytes(built.map.addr()).unwrap();
         p.write(off, &jmp[..n]);
         if i == 3 {
-            let code = Code {
-                addr: base,
-                bytes: &code,
-            };
-            let _ = PLAN.set(analyze(base, code, None).unwrap());
+            let _ = PLAN.set(analyze(base, func, None).unwrap());
         }
         maps.push((base, built.map));
         probed.push((f, base));
@@ -220,9 +207,13 @@ fn main() {
 
     let mut g = c.benchmark_group("trampoline");
     let mut bench = |name: &str, f: Target| {
-        g.bench_function(name, |b| {
-            ratios.measure_paired(b, name, "direct", |n| calls(f, n), |n| calls(direct, n))
-        });
+        ratios.bench_paired(
+            &mut g,
+            name,
+            "direct",
+            |n| calls(f, n),
+            |n| calls(direct, n),
+        );
     };
     MODE.store(Mode::Empty as u64, Relaxed);
     bench("empty/registers", probed[0].0);

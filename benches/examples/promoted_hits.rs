@@ -16,11 +16,11 @@
 //! (Under valgrind the CPU has no AVX-512, so the common stub saves `ymm0-15`, not
 //! `zmm0-31` and the opmasks: the count is the code's, not this machine's vector save.)
 
-use std::cell::Cell;
 use std::hint::black_box;
 
 use multiprobe_backend_sigtrap::{Mode, SigtrapBackend};
-use multiprobe_core::{CallData, FnHandler, Handler, Hit, PreAction, Registry};
+use multiprobe_benches::{counted_on_this_thread, tls_counter, tls_with_post, tls_with_return};
+use multiprobe_core::Registry;
 
 core::arch::global_asm!(
     ".pushsection .text.mp_hits,\"ax\",@progbits",
@@ -41,47 +41,6 @@ extern "C" {
     fn mp_h_jump(x: u64) -> u64;
 }
 
-std::thread_local! {
-    static MINE: Cell<u64> = const { Cell::new(0) };
-}
-
-fn bump() {
-    MINE.with(|c| c.set(c.get() + 1));
-}
-
-fn counter(h: &mut Hit<'_>) {
-    black_box(h.regs().rdi);
-    bump();
-}
-
-fn with_post() -> impl Handler {
-    FnHandler::new()
-        .pre(|_h: &mut Hit<'_>| {
-            bump();
-            PreAction::Continue
-        })
-        .post(|h: &mut Hit<'_>| {
-            black_box(h.regs().rax);
-            bump();
-        })
-}
-
-fn with_ret() -> impl Handler {
-    FnHandler::new()
-        .pre(|h: &mut Hit<'_>| {
-            let a = h.regs().rdi;
-            if let Some(d) = h.call_data_mut() {
-                d[0] = a;
-            }
-            bump();
-            PreAction::Continue
-        })
-        .ret(|h: &mut Hit<'_>, d: &CallData| {
-            black_box((h.regs().rax, d[0]));
-            bump();
-        })
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let usage = "usage: promoted_hits HITS HANDLERS [post|ret]";
@@ -95,11 +54,11 @@ fn main() {
     let guards: Vec<_> = (0..handlers)
         .map(|k| {
             if post && k == 0 {
-                reg.register_handler(site, with_post())
+                reg.register_handler(site, tls_with_post())
             } else if ret && k == 0 {
-                reg.register_handler(site, with_ret())
+                reg.register_handler(site, tls_with_return())
             } else {
-                reg.register(site, counter)
+                reg.register(site, tls_counter)
             }
             .expect("register")
         })
@@ -114,6 +73,6 @@ fn main() {
         black_box(unsafe { mp_h_jump(black_box(i)) });
     }
     let expected = hits * (handlers as u64 + u64::from((post || ret) && handlers > 0));
-    assert_eq!(MINE.with(Cell::get), expected, "every hit counted");
+    assert_eq!(counted_on_this_thread(), expected, "every hit counted");
     drop(guards);
 }

@@ -15,11 +15,13 @@ pub mod ptrace;
 pub mod uprobe;
 
 use std::collections::BTreeMap;
+use std::hint::black_box;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::Bencher;
+use criterion::{Bencher, BenchmarkGroup};
+use multiprobe_core::{CallData, FnHandler, Handler, Hit, PreAction};
 
 /// Mean time per iteration of named routines, accumulated over criterion's samples.
 #[derive(Debug, Default)]
@@ -62,6 +64,21 @@ impl Ratios {
         mut base: impl FnMut(u64) -> Duration,
     ) {
         self.measure_paired_with(b, name, &mut [(base_name, &mut base)], ours);
+    }
+
+    /// Bench `name` in group `g`: [`Ratios::measure_paired`] of `ours` against `base`
+    /// (recorded as `base_name`).
+    pub fn bench_paired(
+        &self,
+        g: &mut BenchmarkGroup<'_, WallTime>,
+        name: &str,
+        base_name: &str,
+        mut ours: impl FnMut(u64) -> Duration,
+        mut base: impl FnMut(u64) -> Duration,
+    ) {
+        g.bench_function(name, |b| {
+            self.measure_paired(b, name, base_name, &mut ours, &mut base)
+        });
     }
 
     /// [`Ratios::measure_paired`] against several baselines: each sample of `ours` is
@@ -143,6 +160,85 @@ impl Ratios {
             }
         }
     }
+}
+
+/// Criterion as the benches here run it: `samples` samples (criterion's default is 100),
+/// warmed up for `warm_up_ms` and measured for `measure_s` each, then whatever the
+/// command line says.
+pub fn criterion(samples: usize, warm_up_ms: u64, measure_s: u64) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(samples)
+        .warm_up_time(Duration::from_millis(warm_up_ms))
+        .measurement_time(Duration::from_secs(measure_s))
+        .configure_from_args()
+}
+
+/// A bench function of the sigtrap benches: takes and returns an integer.
+pub type Target = unsafe extern "C" fn(u64) -> u64;
+
+/// The time of `iters` calls of `f`, each with its iteration number.
+pub fn calls(f: Target, iters: u64) -> Duration {
+    let f = black_box(f);
+    let t = Instant::now();
+    for i in 0..iters {
+        // SAFETY: the bench functions take and return integers.
+        black_box(unsafe { f(black_box(i)) });
+    }
+    t.elapsed()
+}
+
+std::thread_local! {
+    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Count one on this thread's own counter (a thread-local cell), the way a hot counter
+/// avoids sharing a cache line between threads.
+#[inline]
+pub fn count_on_this_thread() {
+    MINE.with(|c| c.set(c.get() + 1));
+}
+
+/// What [`count_on_this_thread`] counted on this thread so far.
+pub fn counted_on_this_thread() -> u64 {
+    MINE.with(std::cell::Cell::get)
+}
+
+/// A counting handler that reads the first argument and counts per thread
+/// ([`count_on_this_thread`]).
+pub fn tls_counter(h: &mut Hit<'_>) {
+    black_box(h.regs().rdi);
+    count_on_this_thread();
+}
+
+/// [`tls_counter`] with a post-handler that reads `rax` and counts too.
+pub fn tls_with_post() -> impl Handler {
+    FnHandler::new()
+        .pre(|_h: &mut Hit<'_>| {
+            count_on_this_thread();
+            PreAction::Continue
+        })
+        .post(|h: &mut Hit<'_>| {
+            black_box(h.regs().rax);
+            count_on_this_thread();
+        })
+}
+
+/// A handler that keeps the first argument in its call data and counts, with a return
+/// hook that reads the return value and that argument and counts too.
+pub fn tls_with_return() -> impl Handler {
+    FnHandler::new()
+        .pre(|h: &mut Hit<'_>| {
+            let a = h.regs().rdi;
+            if let Some(d) = h.call_data_mut() {
+                d[0] = a;
+            }
+            count_on_this_thread();
+            PreAction::Continue
+        })
+        .ret(|h: &mut Hit<'_>, d: &CallData| {
+            black_box((h.regs().rax, d[0]));
+            count_on_this_thread();
+        })
 }
 
 /// `12.34 ns`, `5.67 µs` or `8.90 ms`.

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use common::start_waiting;
-use multiprobe_backend_ptrace::{Stop, Tracer};
-use multiprobe_core::{Error, FnHandler, PreAction};
+use multiprobe_backend_ptrace::{PtraceBackend, Stop, Tracer};
+use multiprobe_core::{Error, FnHandler, PreAction, Registration};
 
 fn go(child: &mut Child) {
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
@@ -33,6 +33,23 @@ fn rest(mut out: BufReader<std::process::ChildStdout>) -> String {
     let mut s = String::new();
     std::io::Read::read_to_string(&mut out, &mut s).unwrap();
     s
+}
+
+/// Attach to `pid` and count the hits of `name`: the tracer, the count, and the probe.
+fn attach_counting(pid: i32, name: &str) -> (Tracer, Arc<AtomicU64>, Registration<PtraceBackend>) {
+    let t = Tracer::attach(pid).unwrap();
+    let (hits, count) = common::counter();
+    let g = t
+        .registry()
+        .register(t.resolve(name).unwrap(), count)
+        .unwrap();
+    (t, hits, g)
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T`, `t`, ...) from `/proc/PID/stat`.
+fn state_of(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit(") ").next().unwrap().chars().next().unwrap()
 }
 
 #[test]
@@ -206,26 +223,14 @@ fn detach_while_the_only_thread_is_blocked_in_a_system_call() {
     let (mut child, out) = start_waiting("mp-single", &["--iters", "200", "--exit", "7"]);
     let pid = child.id() as i32;
     let before = common::text(pid);
-    let mut t = Tracer::attach(pid).unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
-    let _g = t
-        .registry()
-        .register(t.resolve("mp_load").unwrap(), move |_| {
-            h.fetch_add(1, Relaxed);
-        })
-        .unwrap();
+    let (mut t, hits, _g) = attach_counting(pid, "mp_load");
     go(&mut child);
     assert_eq!(t.run_until(|| hits.load(Relaxed) == iters).unwrap(), None);
     let mut out = out;
     let report = report(&mut out, 3);
     assert!(report.contains("mp_load calls=200"), "{report}");
     // Wait until the thread sleeps in its read.
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        if stat.rsplit(") ").next().unwrap().starts_with('S') {
-            break;
-        }
+    while state_of(pid) != 'S' {
         std::thread::yield_now();
     }
     assert_eq!(t.xol_pages().len(), 1);
@@ -244,24 +249,13 @@ fn detach_while_the_only_thread_is_blocked_in_a_system_call() {
 fn attach_to_a_stopped_program_keeps_it_stopped_until_sigcont() {
     let (mut child, out) = start_waiting("mp-single", &["--iters", "300"]);
     let pid = child.id() as i32;
-    let state = || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        stat.rsplit(") ").next().unwrap().chars().next().unwrap()
-    };
+    let state = || state_of(pid);
     // SAFETY: signals to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     while state() != 'T' {
         std::thread::yield_now();
     }
-    let mut t = Tracer::attach(pid).unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
-    let _g = t
-        .registry()
-        .register(t.resolve("mp_load").unwrap(), move |_| {
-            h.fetch_add(1, Relaxed);
-        })
-        .unwrap();
+    let (mut t, hits, _g) = attach_counting(pid, "mp_load");
     go(&mut child);
     // The group-stop is reported and left in place: no hit while it lasts. Serve events
     // until the program sits in the group-stop under the tracer ('t').

@@ -79,9 +79,7 @@ fn several_handlers_run_in_order_with_posts_and_can_change_registers() {
             });
         guards.push(t.registry().register_handler(add, h).unwrap());
     }
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let n = 50u64;
     let sum: u64 = (0..n).map(|i| 4 * i + 1000).sum();
     assert!(
@@ -128,17 +126,9 @@ fn relocated_instructions_run_out_of_line_with_correct_results() {
         });
     let g1 = t.registry().register_handler(load, h).unwrap();
     // mp_riprel: pre only, so the jump-back slot: one stop per hit.
-    let c = Arc::new(AtomicU64::new(0));
-    let cc = Arc::clone(&c);
-    let g2 = t
-        .registry()
-        .register(riprel, move |_| {
-            cc.fetch_add(1, Relaxed);
-        })
-        .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    assert_eq!(common::read_all(&mut child), expected);
+    let (c, count) = common::counter();
+    let g2 = t.registry().register(riprel, count).unwrap();
+    assert_eq!(common::run_to_exit(&mut t, 0), expected);
     let seen = seen.lock().unwrap();
     let want: Vec<(char, u64)> = (0..n).flat_map(|i| [('p', i), ('q', i)]).collect();
     assert_eq!(*seen, want);
@@ -158,14 +148,8 @@ fn unregistering_while_running_restores_the_code_and_later_hits_are_not_seen() {
     let load = t.resolve("mp_load").unwrap();
     let mut orig = [0u8; 1];
     multiprobe_core::Memory::read(&t.memory(), load, &mut orig).unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
-    let g = t
-        .registry()
-        .register(load, move |_| {
-            h.fetch_add(1, Relaxed);
-        })
-        .unwrap();
+    let (hits, count) = common::counter();
+    let g = t.registry().register(load, count).unwrap();
     // Another probe, on a function called every round, keeps the program from running
     // to its end while the loop does not serve it.
     let _keep = t
@@ -288,9 +272,7 @@ fn handlers_write_tracee_memory_within_its_protections() {
             }
         })
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let loaded = |s: &str| -> u64 {
         let line = s.lines().find(|l| l.starts_with("mp_load")).unwrap();
         line.rsplit("loaded=").next().unwrap().parse().unwrap()
@@ -323,9 +305,7 @@ fn run_to_entry_then_probe_a_library_function() {
             }
         })
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     assert!(out.contains("mp_add calls=10"), "{out}");
     // Rust's stdout writes its lines (line-buffered to a pipe: at least once).
     assert!(writes.load(Relaxed) >= 1);
@@ -349,9 +329,7 @@ fn pause_holds_every_thread_and_run_goes_on_with_exact_counts() {
             "{tid}: {stat}"
         );
     }
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let total: u64 = (0..5).map(|t| if t == 0 { 300 } else { 300 * t }).sum();
     assert_eq!(hits.load(Relaxed), total, "{out}");
     assert_eq!(g.stats().unwrap().hits, total);
@@ -370,9 +348,7 @@ fn return_now_at_a_function_entry_ends_each_call_in_the_tracee_with_the_value() 
             hit.return_now(1000 + i).unwrap();
         })
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let sum: u64 = (0..n).map(|i| 1000 + i).sum();
     assert!(
         out.contains(&format!("mp_add calls={n} sum={sum}\n")),

@@ -38,9 +38,7 @@ fn per_thread_counts_match_what_each_thread_reports() {
         .registry()
         .register_handler(t.resolve("mp_tload").unwrap(), tload)
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let seen = seen.lock().unwrap();
     let posts = posts.lock().unwrap();
     let mut total = 0;
@@ -79,9 +77,7 @@ fn fork_children_are_freed_vfork_children_followed_and_output_unchanged() {
         .registry()
         .register(t.resolve("mp_fload").unwrap(), l)
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     assert_eq!(out, expected);
     assert!(out.contains("anon_exec=0"), "{out}");
     assert!(out.contains("child=exit 0"), "{out}");
@@ -132,9 +128,7 @@ fn the_programs_own_sigtrap_and_signals_are_delivered_unchanged() {
         .registry()
         .register(t.resolve("mp_add").unwrap(), h)
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    assert_eq!(common::read_all(&mut child), expected);
+    assert_eq!(common::run_to_exit(&mut t, 0), expected);
     assert_eq!(hits.load(Relaxed), 50);
 }
 
@@ -157,9 +151,7 @@ fn a_fault_in_the_displaced_instruction_reaches_the_program_at_the_original_addr
             FaultAction::NotHandled
         });
     let _g = t.registry().register_handler(f, h).unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(42)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 42);
     // Same fault address and code as unprobed, and the handler saw rip == the
     // function's address (load addresses differ between runs: compare fields).
     let fields = |s: &str| -> Vec<String> {
@@ -294,9 +286,7 @@ fn signals_that_catch_a_thread_entering_a_slot() {
         .registry()
         .register_handler(t.resolve("mp_sload").unwrap(), h)
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     let base: u64 = (0..rounds).sum();
     let want = expected.replace(
         &format!("sigusr1={rounds} sigusr2=0 sloads={}", base + 1000 * rounds),
@@ -340,9 +330,7 @@ fn a_vfork_child_is_followed_until_it_execs() {
             },
         )
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    assert_eq!(common::read_all(&mut child), expected);
+    assert_eq!(common::run_to_exit(&mut t, 0), expected);
     let tids = tids.lock().unwrap();
     assert_eq!(tids.len(), 1, "{tids:?}");
     assert_ne!(tids[0], pid as u32);

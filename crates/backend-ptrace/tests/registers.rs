@@ -262,9 +262,7 @@ fn a_handler_that_returns_early_redirects_through_fetched_registers() {
             a.fetch_add(1, Relaxed);
         })
         .unwrap();
-    let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
-    let out = common::read_all(&mut child);
+    let out = common::run_to_exit(&mut t, 0);
     assert!(
         out.contains(&format!("mp_add calls={iters} sum={}\n", 7 * iters)),
         "{out}"

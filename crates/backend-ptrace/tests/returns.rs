@@ -12,7 +12,9 @@ use multiprobe_backend_ptrace::{ExitStatus, PtraceBackend, Stop, Tracer};
 use multiprobe_core::{Error, FnHandler, PreAction, Registration};
 
 /// One return seen: (thread, first argument at entry, second argument, return value).
-type Seen = Arc<Mutex<Vec<(u32, u64, u64, u64)>>>;
+type Return = (u32, u64, u64, u64);
+/// The returns a [`ret_probe`] saw.
+type Seen = Arc<Mutex<Vec<Return>>>;
 
 /// A return probe on `name` that records every return with the entry's arguments.
 fn ret_probe(t: &Tracer, name: &str) -> (Registration<PtraceBackend>, Seen) {
@@ -45,15 +47,21 @@ fn exited_0(t: &mut Tracer) {
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
 }
 
-#[test]
-fn return_values_and_counts_are_exact() {
-    let args = ["add", "300"];
-    let (t0, _) = common::unprobed("mp-c-rets", &args);
-    let (mut t, mut child) = spawn("mp-c-rets", &args);
+/// Run `mp-c-rets ARGS` to its exit 0 with a [`ret_probe`] on `mp_ret_add`, its output
+/// what it prints unprobed: the probe, the returns it saw, and that output.
+fn add_returns_as_unprobed(args: &[&str]) -> (Registration<PtraceBackend>, Vec<Return>, String) {
+    let (t0, _) = common::unprobed("mp-c-rets", args);
+    let (mut t, mut child) = spawn("mp-c-rets", args);
     let (p, seen) = ret_probe(&t, "mp_ret_add");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), t0);
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    (p, seen, t0)
+}
+
+#[test]
+fn return_values_and_counts_are_exact() {
+    let (p, seen, _) = add_returns_as_unprobed(&["add", "300"]);
     assert_eq!(seen.len(), 300);
     for (i, &(_, a, b, r)) in seen.iter().enumerate() {
         assert_eq!((a, b), (i as u64, 2 * i as u64));
@@ -81,13 +89,7 @@ fn recursion_1000_deep_returns_innermost_first() {
 
 #[test]
 fn four_threads_get_their_own_returns() {
-    let args = ["threads", "4", "500"];
-    let (t0, _) = common::unprobed("mp-c-rets", &args);
-    let (mut t, mut child) = spawn("mp-c-rets", &args);
-    let (p, seen) = ret_probe(&t, "mp_ret_add");
-    exited_0(&mut t);
-    assert_eq!(common::read_all(&mut child), t0);
-    let seen = seen.lock().unwrap();
+    let (p, seen, t0) = add_returns_as_unprobed(&["threads", "4", "500"]);
     assert_eq!(seen.len(), 2000);
     // Per thread (told apart by the second argument, the thread's index): 500 returns
     // of a + k, in call order.

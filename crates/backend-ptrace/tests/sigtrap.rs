@@ -7,8 +7,7 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use multiprobe_backend_ptrace::baseline::requests;
 use multiprobe_backend_ptrace::{ExitStatus, Stop, Tracer};
@@ -60,13 +59,10 @@ fn same_as_unprobed(cmd: impl Fn() -> Command, hits: u64, serve: impl FnOnce(&mu
     let expected = String::from_utf8(unprobed.stdout).unwrap();
     assert_eq!(unprobed.status.code(), Some(0), "{expected}");
     let mut t = Tracer::spawn(&mut cmd()).unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let c = Arc::clone(&count);
+    let (count, counting) = common::counter();
     let _g = t
         .registry()
-        .register(t.resolve("mp_tm_work").unwrap(), move |_| {
-            c.fetch_add(1, Relaxed);
-        })
+        .register(t.resolve("mp_tm_work").unwrap(), counting)
         .unwrap();
     let mut child = t.take_child().unwrap();
     let stop = serve(&mut t);
@@ -150,13 +146,10 @@ fn a_hit_inside_the_programs_sigtrap_handler_keeps_the_handler() {
 fn a_hit_in_a_thread_that_blocks_sigtrap_costs_two_requests_more() {
     let per_100_hits = |mut cmd: Command| {
         let mut t = Tracer::spawn(&mut cmd).unwrap();
-        let hits = Arc::new(AtomicU64::new(0));
-        let h = Arc::clone(&hits);
+        let (hits, count) = common::counter();
         let _g = t
             .registry()
-            .register(t.resolve("mp_tm_work").unwrap(), move |_| {
-                h.fetch_add(1, Relaxed);
-            })
+            .register(t.resolve("mp_tm_work").unwrap(), count)
             .unwrap();
         let mut child = t.take_child().unwrap();
         // The first hit maps the out-of-line page: not counted.
@@ -213,13 +206,10 @@ fn attached_to_a_process_that_blocks_its_handled_sigtrap_the_handler_survives() 
 
     let (child, out) = start();
     let mut t = Tracer::attach(child.id() as i32).unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let h = Arc::clone(&hits);
+    let (hits, count) = common::counter();
     let _g = t
         .registry()
-        .register(t.resolve("mp_tm_work").unwrap(), move |_| {
-            h.fetch_add(1, Relaxed);
-        })
+        .register(t.resolve("mp_tm_work").unwrap(), count)
         .unwrap();
     let waiter = std::thread::spawn(move || finish(child, out));
     let stop = t.run().unwrap();

@@ -27,44 +27,29 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            name: "endbr64",
-            f: mp_t_endbr,
-            expect: |x| x + 1,
-            emulated: true,
-        },
-        Case {
-            name: "push",
-            f: mp_t_push,
-            expect: |x| x + 2,
-            emulated: true,
-        },
-        Case {
-            name: "call",
-            f: mp_t_call,
-            expect: |x| x + 3,
-            emulated: true,
-        },
-        Case {
-            name: "jmp",
-            f: mp_t_jmp,
-            expect: |x| x + 4,
-            emulated: true,
-        },
-        Case {
-            name: "rip-relative load",
-            f: mp_t_riprel,
-            expect: |x| x + 5,
-            emulated: false,
-        },
-        Case {
-            name: "imul",
-            f: mp_t_imul,
-            expect: |x| x * 7,
-            emulated: false,
-        },
-    ]
+    type Row = (
+        &'static str,
+        unsafe extern "C" fn(u64) -> u64,
+        fn(u64) -> u64,
+        bool,
+    );
+    let table: [Row; 6] = [
+        ("endbr64", mp_t_endbr, |x| x + 1, true),
+        ("push", mp_t_push, |x| x + 2, true),
+        ("call", mp_t_call, |x| x + 3, true),
+        ("jmp", mp_t_jmp, |x| x + 4, true),
+        ("rip-relative load", mp_t_riprel, |x| x + 5, false),
+        ("imul", mp_t_imul, |x| x * 7, false),
+    ];
+    table
+        .into_iter()
+        .map(|(name, f, expect, emulated)| Case {
+            name,
+            f,
+            expect,
+            emulated,
+        })
+        .collect()
 }
 
 #[test]

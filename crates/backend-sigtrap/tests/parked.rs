@@ -37,13 +37,7 @@ extern "C" fn on_segv(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_
 #[test]
 fn a_thread_parked_at_the_regions_second_instruction_resumes_in_the_relocated_copy() {
     // SAFETY: installing a handler with a valid sigaction, SIGTRAP not blocked in it.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()), 0);
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGSEGV, on_segv, 0) };
     let a = addr(mp_r_load as *const ());
     let orig = bytes(a, 16);
     // The thread enters the function unprobed and faults on its second instruction.

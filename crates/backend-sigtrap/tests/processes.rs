@@ -77,12 +77,7 @@ fn probe_load(
 
 fn install_report(sig: i32) {
     // SAFETY: installing a plain SA_SIGINFO handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = report_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(sig, &sa, std::ptr::null_mut());
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(sig, report_segv, 0) };
 }
 
 fn install_report_segv() {
@@ -151,12 +146,7 @@ extern "C" fn count_trap(_sig: i32, _info: *mut libc::siginfo_t, _ctx: *mut libc
 /// keeps receiving its own `int3`s once the backend is installed over it.
 fn a_foreign_int3_reaches_the_programs_sigtrap_handler() {
     // SAFETY: installing a plain SA_SIGINFO handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = count_trap as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut());
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGTRAP, count_trap, 0) };
     let reg = multiprobe_backend_sigtrap::registry();
     let a = mp_t_imul as *const () as u64;
     let g = reg.register(a, |_h| {}).unwrap();
@@ -231,6 +221,20 @@ fn run_child(scenario: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Run `scenario` in a child, which must exit 42 (its signal handler reported): what it
+/// printed.
+fn exited_42(scenario: &str) -> String {
+    let out = run_child(scenario);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn field(out: &str, name: &str) -> u64 {
     let v = out
         .split(|c: char| c.is_whitespace())
@@ -240,14 +244,7 @@ fn field(out: &str, name: &str) -> u64 {
 }
 
 fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
-    let out = run_child("segv_handler");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(42),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = exited_42("segv_handler");
     assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
     assert_eq!(field(&text, "addr"), 8);
     assert_eq!(field(&text, "pre"), 1);
@@ -255,22 +252,13 @@ fn segv_is_seen_at_the_original_address_by_the_programs_handler() {
 }
 
 fn a_fault_outside_slots_reaches_the_programs_handler_untouched() {
-    let out = run_child("segv_unprobed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(42), "{text}");
+    let text = exited_42("segv_unprobed");
     assert_eq!(field(&text, "rip"), field(&text, "probe"), "{text}");
     assert_eq!((field(&text, "addr"), field(&text, "pre")), (8, 0));
 }
 
 fn sigfpe_is_seen_at_the_original_address_with_its_si_addr() {
-    let out = run_child("fpe_handler");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(42),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = exited_42("fpe_handler");
     let probe = field(&text, "probe");
     assert_eq!(
         (field(&text, "rip"), field(&text, "addr")),
@@ -436,18 +424,12 @@ fn shared_pending(pid: u32, sig: i32) -> bool {
 }
 
 fn an_ignored_signal_sent_from_outside_is_ignored(sig: i32) {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     use std::os::unix::process::ExitStatusExt;
-    use std::process::Stdio;
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env("MP_SCENARIO", format!("ignore_sent_{sig}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut child, mut out, line) = multiprobe_test_targets::spawn_until_first_line(
+        Command::new(std::env::current_exe().unwrap())
+            .env("MP_SCENARIO", format!("ignore_sent_{sig}")),
+    );
     assert_eq!(line, "ready\n");
     let pid = child.id();
     for _ in 0..3 {

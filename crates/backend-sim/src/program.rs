@@ -226,24 +226,14 @@ pub enum Op {
     Escape,
 }
 
-/// Registers function bodies may write: everything but `rsp`, `r13`-`r15`.
-const WORK: [Gpr; 12] = [
-    Gpr::Rax,
-    Gpr::Rcx,
-    Gpr::Rdx,
-    Gpr::Rbx,
-    Gpr::Rbp,
-    Gpr::Rsi,
-    Gpr::Rdi,
-    Gpr::R8,
-    Gpr::R9,
-    Gpr::R10,
-    Gpr::R11,
-    Gpr::R12,
-];
-
+/// Work register `r` (modulo 12) of those function bodies may write: everything but
+/// `rsp`, `r13`-`r15`, in hardware order.
 fn w(r: u8) -> Gpr {
-    WORK[usize::from(r) % WORK.len()]
+    Gpr::ALL
+        .into_iter()
+        .filter(|g| !matches!(g, Gpr::Rsp | Gpr::R13 | Gpr::R14 | Gpr::R15))
+        .nth(usize::from(r) % 12)
+        .expect("12 work registers")
 }
 
 /// A `call` from `at` (its address) to `target`, if a rel8 reaches.

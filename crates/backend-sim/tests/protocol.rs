@@ -45,14 +45,35 @@ fn step(sim: &mut Sim) -> Event {
     sim.step(0).expect("the thread runs")
 }
 
-#[test]
-fn a_trap_at_a_just_removed_breakpoint_reexecutes_the_restored_instruction() {
-    let mut sim = Sim::new(program(3), 0);
+/// A [`Sim`] of `program(3)` with an [`observe`] handler at `A`, and its id.
+fn observed(post: bool) -> (Sim, HandlerId) {
+    let sim = Sim::new(program(3), 0);
     let id = sim
         .registry()
-        .register_handler(A, observe(false))
+        .register_handler(A, observe(post))
         .unwrap()
         .into_id();
+    (sim, id)
+}
+
+/// The next two steps: the trap at `A`, then its dispatch, a step offered a post (`why`
+/// says what that shows).
+fn trap_then_step_with_post(sim: &mut Sim, why: &str) {
+    assert_eq!(step(sim), Event::RaiseTrap { addr: A });
+    assert_eq!(
+        step(sim),
+        Event::Dispatch {
+            addr: A,
+            sp: SP,
+            outcome: Dispatched::Step { post: true }
+        },
+        "{why}"
+    );
+}
+
+#[test]
+fn a_trap_at_a_just_removed_breakpoint_reexecutes_the_restored_instruction() {
+    let (mut sim, id) = observed(false);
     assert_eq!(sim.memory().byte(A), BRK);
     assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
     // The probe goes between the trap and its dispatch (no deferred step: waits fine).
@@ -169,22 +190,9 @@ fn a_panicking_handler_is_counted_and_the_others_still_run() {
 
 #[test]
 fn a_pending_post_makes_unregister_on_its_thread_return_inside_dispatch_and_still_runs() {
-    let mut sim = Sim::new(program(3), 0);
-    let id = sim
-        .registry()
-        .register_handler(A, observe(true))
-        .unwrap()
-        .into_id();
+    let (mut sim, id) = observed(true);
     let _ = ctx::take();
-    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
-    assert_eq!(
-        step(&mut sim),
-        Event::Dispatch {
-            addr: A,
-            sp: SP,
-            outcome: Dispatched::Step { post: true }
-        }
-    );
+    trap_then_step_with_post(&mut sim, "a step offered a post");
     assert!(sim.any_pending());
     // The deferred step holds a read section on this OS thread: waiting would deadlock.
     let r = sim.registry().unregister(id);
@@ -257,15 +265,7 @@ fn a_handler_that_removes_itself_loses_its_post_and_its_breakpoint() {
     );
     let id = sim.registry().register_handler(A, once).unwrap().into_id();
     let _ = ctx::take();
-    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
-    assert_eq!(
-        step(&mut sim),
-        Event::Dispatch {
-            addr: A,
-            sp: SP,
-            outcome: Dispatched::Step { post: true }
-        }
-    );
+    trap_then_step_with_post(&mut sim, "a step offered a post");
     assert!(
         sim.any_pending(),
         "the step is deferred for the post it was offered"
@@ -470,15 +470,9 @@ fn enable_and_disable_from_inside_a_handler_take_effect_after_the_walk() {
         .register_handler(A, toggler(other, false))
         .unwrap()
         .into_id();
-    assert_eq!(step(&mut sim), Event::RaiseTrap { addr: A });
-    assert_eq!(
-        step(&mut sim),
-        Event::Dispatch {
-            addr: A,
-            sp: SP,
-            outcome: Dispatched::Step { post: true }
-        },
-        "the walk keeps its view: `other`'s post still comes"
+    trap_then_step_with_post(
+        &mut sim,
+        "the walk keeps its view: `other`'s post still comes",
     );
     assert!(!r.is_enabled(other).unwrap());
     while sim.step(0).is_some() {}

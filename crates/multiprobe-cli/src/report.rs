@@ -102,6 +102,32 @@ pub struct Row {
     pub collected: Option<(u64, u64)>,
 }
 
+impl Row {
+    /// The row of `action` on `symbol` in process `pid`, in `state`, before any hit: no
+    /// site, file or filter, no counts, nothing aggregated.
+    pub fn unhit(pid: i32, symbol: String, action: String, state: State) -> Self {
+        Row {
+            pid,
+            site: None,
+            symbol,
+            file: None,
+            action,
+            filter: None,
+            hits: 0,
+            missed: 0,
+            filtered: 0,
+            state,
+            keys: None,
+            stacks: None,
+            interval_hits: None,
+            returns: None,
+            latency: None,
+            path: None,
+            collected: None,
+        }
+    }
+}
+
 /// The reason of every stop site under `--stop`.
 pub const STOP_ASKED: &str = "--stop";
 
@@ -482,23 +508,9 @@ mod tests {
 
     fn row(site: Option<u64>, symbol: &str, action: &str, hits: u64) -> Row {
         Row {
-            pid: 1,
             site,
-            symbol: symbol.into(),
-            file: None,
-            action: action.into(),
-            filter: None,
             hits,
-            missed: 0,
-            filtered: 0,
-            state: State::Armed,
-            keys: None,
-            stacks: None,
-            interval_hits: None,
-            returns: None,
-            latency: None,
-            path: None,
-            collected: None,
+            ..Row::unhit(1, symbol.into(), action.into(), State::Armed)
         }
     }
 

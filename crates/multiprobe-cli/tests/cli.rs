@@ -16,42 +16,20 @@ const DETACH: Duration = Duration::from_secs(60);
 #[test]
 fn counts_match_what_the_program_reports_and_actions_share_one_site() {
     let single = bin("mp-single");
-    let out = run(&[
-        "run",
-        "-p",
-        "mp_add",
-        "-p",
-        "mp_add=args:2",
-        "-p",
-        "mp_load",
-        "-p",
-        "mp_riprel,",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "777",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["mp_add", "mp_add=args:2", "mp_load", "mp_riprel,"],
+        &[single.to_str().unwrap(), "--iters", "777"],
+    ));
     // A symbol that does not exist (`mp_riprel,`) fails the whole run before it starts.
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(out.stdout.is_empty());
 
-    let (stdout, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "mp_add",
-        "-p",
-        "mp_add=args:2",
-        "-p",
-        "mp_load",
-        "-p",
-        "mp_riprel",
-        "--max-lines",
-        "0",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "777",
-    ]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &["--max-lines", "0"],
+        &["mp_add", "mp_add=args:2", "mp_load", "mp_riprel"],
+        &[single.to_str().unwrap(), "--iters", "777"],
+    ));
     let n = calls(&stdout, "mp_add");
     assert_eq!(n, 777);
     let add = rows(&stderr, ":mp_add");
@@ -74,18 +52,17 @@ fn counts_match_what_the_program_reports_and_actions_share_one_site() {
 
 #[test]
 fn threads_are_all_counted() {
-    let (stdout, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "mp_work",
-        "--",
-        bin("mp-threads").to_str().unwrap(),
-        "--threads",
-        "3",
-        "--base",
-        "150",
-    ]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["mp_work"],
+        &[
+            bin("mp-threads").to_str().unwrap(),
+            "--threads",
+            "3",
+            "--base",
+            "150",
+        ],
+    ));
     let total: u64 = stdout
         .lines()
         .filter_map(|l| l.split("calls=").nth(1))
@@ -104,19 +81,11 @@ fn threads_are_all_counted() {
 #[test]
 fn ls_runs_unchanged_with_malloc_and_free_probed() {
     let plain = Command::new("ls").arg("-la").arg("/usr").output().unwrap();
-    let out = run(&[
-        "run",
-        "-p",
-        "libc:malloc",
-        "-p",
-        "libc:free",
-        "-p",
-        "libc:malloc=args:1",
-        "--",
-        "ls",
-        "-la",
-        "/usr",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["libc:malloc", "libc:free", "libc:malloc=args:1"],
+        &["ls", "-la", "/usr"],
+    ));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), plain.status.code());
     assert_eq!(
@@ -139,17 +108,17 @@ fn ls_runs_unchanged_with_malloc_and_free_probed() {
 
 #[test]
 fn exit_codes_and_deaths_by_signal_are_the_programs() {
-    let out = run(&[
-        "run",
-        "-p",
-        "mp_add",
-        "--",
-        bin("mp-single").to_str().unwrap(),
-        "--iters",
-        "3",
-        "--exit",
-        "7",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["mp_add"],
+        &[
+            bin("mp-single").to_str().unwrap(),
+            "--iters",
+            "3",
+            "--exit",
+            "7",
+        ],
+    ));
     assert_eq!(out.status.code(), Some(7));
     use std::os::unix::process::ExitStatusExt;
     let out = run(&["run", "-p", "libc:kill", "--", "sh", "-c", "kill -SEGV $$"]);
@@ -167,16 +136,16 @@ fn exit_codes_and_deaths_by_signal_are_the_programs() {
 
 #[test]
 fn probes_follow_exec_and_dlopen() {
-    let out = run(&[
-        "run",
-        "-p",
-        "mp_add",
-        "--",
-        bin("mp-single").to_str().unwrap(),
-        "--iters",
-        "10",
-        "--then-exec",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["mp_add"],
+        &[
+            bin("mp-single").to_str().unwrap(),
+            "--iters",
+            "10",
+            "--then-exec",
+        ],
+    ));
     assert!(out.status.success());
     assert_eq!(
         rows(&text(&out.stderr), ":mp_add")[0].1,
@@ -184,15 +153,11 @@ fn probes_follow_exec_and_dlopen() {
         "both images count"
     );
 
-    let out = run(&[
-        "run",
-        "-p",
-        "libz:zlibVersion",
-        "--",
-        bin("mp-dlopen").to_str().unwrap(),
-        "--iters",
-        "42",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["libz:zlibVersion"],
+        &[bin("mp-dlopen").to_str().unwrap(), "--iters", "42"],
+    ));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 42);
@@ -201,19 +166,17 @@ fn probes_follow_exec_and_dlopen() {
 
     // Unloaded and loaded again (at the same address or not): the probes follow it out
     // and back in, nothing is written where the library was, and every call counts.
-    let (stdout, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "libz:zlibVersion",
-        "-p",
-        "libz:zlibVersion=args:1",
-        "--",
-        bin("mp-dlopen").to_str().unwrap(),
-        "--iters",
-        "5",
-        "--reloads",
-        "3",
-    ]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &[],
+        &["libz:zlibVersion", "libz:zlibVersion=args:1"],
+        &[
+            bin("mp-dlopen").to_str().unwrap(),
+            "--iters",
+            "5",
+            "--reloads",
+            "3",
+        ],
+    ));
     assert!(
         stdout.contains("unloaded=yes"),
         "dlclose unmapped it: {stdout}"
@@ -245,19 +208,15 @@ fn probes_follow_exec_and_dlopen() {
 #[test]
 fn cpp_functions_by_demangled_name() {
     let plain = Command::new("apt").arg("--version").output().unwrap();
-    let out = run(&[
-        "run",
-        "--json",
-        "-p",
-        "libstdc++:operator new(unsigned long)",
-        "-p",
-        "libstdc++:operator new(unsigned long)=args:1",
-        "-p",
-        "std::__throw_bad_alloc",
-        "--",
-        "apt",
-        "--version",
-    ]);
+    let out = run(&run_line(
+        &["--json"],
+        &[
+            "libstdc++:operator new(unsigned long)",
+            "libstdc++:operator new(unsigned long)=args:1",
+            "std::__throw_bad_alloc",
+        ],
+        &["apt", "--version"],
+    ));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(out.stdout, plain.stdout, "apt's output unchanged");
@@ -279,14 +238,11 @@ fn cpp_functions_by_demangled_name() {
     assert_eq!(hits(":std::__throw_bad_alloc()"), [0], "{stderr}");
 
     // Every overload answers to the name without parameters: say which there are.
-    let out = run(&[
-        "run",
-        "-p",
-        "libstdc++:operator new",
-        "--",
-        "apt",
-        "--version",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["libstdc++:operator new"],
+        &["apt", "--version"],
+    ));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -301,19 +257,11 @@ fn cpp_functions_by_demangled_name() {
 /// chose (read from the library's GOT), so calls count; on the resolver they would not.
 #[test]
 fn indirect_functions_probe_the_chosen_implementation() {
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "libc:strlen",
-        "-p",
-        "memcpy",
-        "-p",
-        "libc:strle?",
-        "--",
-        "ls",
-        "/usr",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["libc:strlen", "memcpy", "libc:strle?"],
+        &["ls", "/usr"],
+    ));
     let probes = json_probes(&stderr);
     // `strle?` is a pattern that matches only the indirect `strlen`: the same site.
     assert_eq!(probes.len(), 3, "{stderr}");
@@ -339,20 +287,17 @@ fn indirect_functions_probe_the_chosen_implementation() {
 /// spec's actions — also in a library loaded later, and again after it is reloaded.
 #[test]
 fn patterns_probe_every_matching_function() {
-    let out = run(&[
-        "run",
-        "--json",
-        "-p",
-        "libz:zlib*",
-        "-p",
-        "libz:zlibVers?on=args:1",
-        "--",
-        bin("mp-dlopen").to_str().unwrap(),
-        "--iters",
-        "7",
-        "--reloads",
-        "1",
-    ]);
+    let out = run(&run_line(
+        &["--json"],
+        &["libz:zlib*", "libz:zlibVers?on=args:1"],
+        &[
+            bin("mp-dlopen").to_str().unwrap(),
+            "--iters",
+            "7",
+            "--reloads",
+            "1",
+        ],
+    ));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(calls(&text(&out.stdout), "zlibVersion"), 14);
@@ -383,19 +328,11 @@ fn patterns_probe_every_matching_function() {
 
 #[test]
 fn live_view_prints_while_the_program_runs() {
-    let out = run(&[
-        "run",
-        "--interval",
-        "0.1",
-        "-p",
-        "libc:nanosleep",
-        "-p",
-        "libc:clock_nanosleep",
-        "--",
-        "sh",
-        "-c",
-        "for i in 1 2 3 4 5 6; do sleep 0.1; done",
-    ]);
+    let out = run(&run_line(
+        &["--interval", "0.1"],
+        &["libc:nanosleep", "libc:clock_nanosleep"],
+        &["sh", "-c", "for i in 1 2 3 4 5 6; do sleep 0.1; done"],
+    ));
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let tables = stderr.lines().filter(|l| l.starts_with("SITE")).count();
@@ -405,14 +342,7 @@ fn live_view_prints_while_the_program_runs() {
 #[test]
 fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
     let (mut target, pid, mut out) = waiting_target("300");
-    let (mut mp, mut err, line) = spawn_attach(&[
-        "attach",
-        &pid.to_string(),
-        "-p",
-        "mp_add",
-        "-p",
-        "mp_add=args:2",
-    ]);
+    let (mut mp, mut err, line) = spawn_attach_probing(pid, &["mp_add", "mp_add=args:2"]);
     assert!(
         line.contains(&format!("attached to process {pid}")),
         "{line}"
@@ -457,44 +387,30 @@ fn attach_counts_then_detach_leaves_the_program_running_unchanged() {
 fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     let single = bin("mp-single");
     let single = single.to_str().unwrap();
-    let cases: [(&[&str], &str); 10] = [
-        (
-            &["run", "-p", "libc:zzz_nothing*", "--", single],
-            "no function matches",
-        ),
-        (
-            &["run", "-p", "libz:zzz_nothing*", "--", single],
-            "matches \"zzz_nothing*\"",
-        ),
-        (
-            &["run", "-p", "mp_adx", "--", single],
-            "did you mean mp_add",
-        ),
-        (
-            &["run", "-p", "libnotthere:f", "--", single],
-            "no library \"libnotthere\"",
-        ),
-        (
-            &["run", "-p", "libc:no_such_function_xyz", "--", single],
-            "no function named",
-        ),
-        (
-            &["run", "-p", "mp_add=args:x", "--", single],
-            "bad probe spec",
-        ),
+    // Probe specs run on mp-single (`run -p SPEC -- mp-single`), then whole command lines.
+    let specs = [
+        ("libc:zzz_nothing*", "no function matches"),
+        ("libz:zzz_nothing*", "matches \"zzz_nothing*\""),
+        ("mp_adx", "did you mean mp_add"),
+        ("libnotthere:f", "no library \"libnotthere\""),
+        ("libc:no_such_function_xyz", "no function named"),
+        ("mp_add=args:x", "bad probe spec"),
+        ("mp_add+0x1", "instruction boundary"),
+    ];
+    let lines: [(&[&str], &str); 3] = [
         (&["run", "-p", "mp_add"], "<CMD>"),
-        (
-            &["run", "-p", "mp_add+0x1", "--", single],
-            "instruction boundary",
-        ),
         (
             &["run", "-p", "mp_add", "--", "/nonexistent/program"],
             "cannot run",
         ),
         (&["attach", "999999", "-p", "mp_add"], "no process 999999"),
     ];
+    let cases = specs
+        .into_iter()
+        .map(|(spec, why)| (vec!["run", "-p", spec, "--", single], why))
+        .chain(lines.into_iter().map(|(args, why)| (args.to_vec(), why)));
     for (args, why) in cases {
-        let out = run(args);
+        let out = run(&args);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
@@ -513,7 +429,7 @@ fn bad_input_is_a_one_line_error_and_leaves_nothing_behind() {
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add", "-p", "nope_xyz"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("nope_xyz"));
-    let (mut holder, _err, _attached) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
+    let (mut holder, _err, _attached) = spawn_attach_probing(pid, &["mp_add"]);
     let out = run(&["attach", &pid.to_string(), "-p", "mp_add"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -597,18 +513,17 @@ fn the_ctrl_c_tests_hold_in_a_harness_that_ignores_sigint() {
 
 #[test]
 fn pin_keeps_every_count_and_attach_gives_the_cpu_mask_back() {
-    let out = run(&[
-        "run",
-        "--pin",
-        "-p",
-        "mp_work",
-        "--",
-        bin("mp-threads").to_str().unwrap(),
-        "--threads",
-        "2",
-        "--base",
-        "100",
-    ]);
+    let out = run(&run_line(
+        &["--pin"],
+        &["mp_work"],
+        &[
+            bin("mp-threads").to_str().unwrap(),
+            "--threads",
+            "2",
+            "--base",
+            "100",
+        ],
+    ));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(rows(&text(&out.stderr), ":mp_work")[0].1, 100 * (1 + 1 + 2));
 

@@ -170,16 +170,11 @@ fn super_text(b: &[u8]) -> String {
 #[test]
 fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
     let _kernel_uprobes = alone();
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "libc:malloc",
-        "-p",
-        "libc:free",
-        "--",
-        "/usr/bin/ls",
-        "/usr",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["libc:malloc", "libc:free"],
+        &["/usr/bin/ls", "/usr"],
+    ));
     let ours = counts(&stderr);
     let (malloc, free) = (ours["libc.so.6:malloc"], ours["libc.so.6:free"]);
     // The libraries' constructors allocate before main: an entry-point placement
@@ -197,14 +192,11 @@ fn calls_before_the_entry_point_are_counted_as_gdb_and_bpftrace_count_them() {
     }
 
     // A C++ program: libstdc++'s emergency pool is allocated by its constructor.
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "libc:malloc",
-        "--",
-        "/usr/bin/apt",
-        "--version",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["libc:malloc"],
+        &["/usr/bin/apt", "--version"],
+    ));
     let malloc = counts(&stderr)["libc.so.6:malloc"];
     if let Some(g) = gdb_counts(&["__libc_malloc"], &["/usr/bin/apt", "--version"]) {
         assert_eq!(malloc, g[0], "gdb: {g:?}: {stderr}");
@@ -234,17 +226,11 @@ fn tree_report(stdout: &str) -> HashMap<i32, u64> {
 fn fork_children_are_followed_with_exact_counts_per_process() {
     let _kernel_uprobes = beside_others();
     let tree = bin("mp-c-forktree");
-    let (stdout, stderr) = run_ok(&[
-        "run",
-        "-f",
-        "--json",
-        "-p",
-        "mp_tree_work",
-        "--",
-        tree.to_str().unwrap(),
-        "25",
-        "3",
-    ]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &["-f", "--json"],
+        &["mp_tree_work"],
+        &[tree.to_str().unwrap(), "25", "3"],
+    ));
     let report = tree_report(&stdout);
     assert_eq!(
         report.len(),
@@ -276,15 +262,11 @@ fn fork_children_are_followed_with_exact_counts_per_process() {
     );
 
     // Without -f only the first process counts; its children run unprobed.
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "mp_tree_work",
-        "--",
-        tree.to_str().unwrap(),
-        "25",
-        "3",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["mp_tree_work"],
+        &[tree.to_str().unwrap(), "25", "3"],
+    ));
     assert_eq!(rows_of(&stderr, ":mp_tree_work"), vec![25], "{stderr}");
 
     // Fork then exec in the child, and a vfork-style spawn (Rust's Command) that execs:
@@ -320,9 +302,11 @@ fn specs_resolve_in_the_program_an_exec_brings() {
     let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
     let script = format!("exec {} --iters 9", single.display());
-    let (_, stderr) = run_ok(&[
-        "run", "--json", "-p", "mp_add", "--", "/bin/sh", "-c", &script,
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["mp_add"],
+        &["/bin/sh", "-c", &script],
+    ));
     assert!(
         stderr.contains("pending until"),
         "said why it waits: {stderr}"
@@ -343,15 +327,15 @@ fn specs_resolve_in_the_program_an_exec_brings() {
         eprintln!("SKIPPED: the python part: /usr/bin/python3.11 is not installed");
         return;
     }
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "PyList_Append",
-        "--",
-        "/bin/sh",
-        "-c",
-        "exec /usr/bin/python3.11 -c 'l=[]\nfor i in range(1000): l.append(i)'",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["PyList_Append"],
+        &[
+            "/bin/sh",
+            "-c",
+            "exec /usr/bin/python3.11 -c 'l=[]\nfor i in range(1000): l.append(i)'",
+        ],
+    ));
     let hits = rows_of(&stderr, "python3.11:PyList_Append");
     assert!(hits.len() == 1 && hits[0] >= 1000, "{stderr}");
 }
@@ -367,25 +351,17 @@ fn libraries_outside_the_search_path_can_be_named() {
         eprintln!("SKIPPED: needs Debian's python3.11 with its _bz2 extension module");
         return;
     }
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "_bz2:PyInit__bz2",
-        "--",
-        python,
-        "-c",
-        "import bz2",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["_bz2:PyInit__bz2"],
+        &[python, "-c", "import bz2"],
+    ));
     assert_eq!(rows_of(&stderr, ":PyInit__bz2"), vec![1], "{stderr}");
-    let out = run(&[
-        "run",
-        "-p",
-        "_bz3:PyInit__bz2",
-        "--",
-        python,
-        "-c",
-        "import bz2",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["_bz3:PyInit__bz2"],
+        &[python, "-c", "import bz2"],
+    ));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("no library \"_bz3\""));
 }
@@ -422,17 +398,11 @@ fn ustack_with_and_without_frame_pointers() {
         let Some(prog) = compile(&d, name, STACK_C, flags) else {
             return;
         };
-        let out = run(&[
-            "run",
-            "--json",
-            "-p",
-            "leaf=ustack",
-            "-p",
-            "leaf=count:ustack",
-            "--",
-            prog.to_str().unwrap(),
-            "10",
-        ]);
+        let out = run(&run_line(
+            &["--json"],
+            &["leaf=ustack", "leaf=count:ustack"],
+            &[prog.to_str().unwrap(), "10"],
+        ));
         let stderr = text(&out.stderr);
         assert!(out.status.success(), "{name}: {stderr}");
         let probes = json_probes(&stderr);
@@ -478,20 +448,15 @@ fn ustack_with_and_without_frame_pointers() {
 fn aggregations_strings_and_filters() {
     let _kernel_uprobes = beside_others();
     let single = bin("mp-single");
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "mp_add=if:arg0>=500,count",
-        "-p",
-        "mp_add=if:arg0<3,count:arg1",
-        "-p",
-        "mp_add=count:tid",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "777",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &[
+            "mp_add=if:arg0>=500,count",
+            "mp_add=if:arg0<3,count:arg1",
+            "mp_add=count:tid",
+        ],
+        &[single.to_str().unwrap(), "--iters", "777"],
+    ));
     let p = json_probes(&stderr);
     let by = |action: &str, filter: Option<&str>| -> &serde_json::Value {
         p.iter()
@@ -527,15 +492,11 @@ fn aggregations_strings_and_filters() {
     assert!(stderr
         .lines()
         .any(|l| l.ends_with(r#"libc.so.6:getenv arg0="LANG""#)));
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-p",
-        "mp_add=str:0",
-        "--",
-        single.to_str().unwrap(),
-        "--iters",
-        "3",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &[],
+        &["mp_add=str:0"],
+        &[single.to_str().unwrap(), "--iters", "3"],
+    ));
     assert!(stderr.contains("arg0=0x0: null pointer"), "{stderr}");
     assert!(
         stderr.contains("arg0=0x1: "),
@@ -576,16 +537,14 @@ fn usdt_probes_with_arguments_and_semaphores() {
             let p = prog.to_str().unwrap();
             let plain = Command::new(p).output().unwrap();
             assert_eq!(text(&plain.stdout), "computed=0\n", "unprobed: semaphore 0");
-            let (stdout, stderr) = run_ok(&[
-                "run",
-                "--json",
-                "-p",
-                "usdt:mp_demo:loop=args:2",
-                "-p",
-                "usdt:sdt:mp_demo:tick=count:arg0",
-                "--",
-                p,
-            ]);
+            let (stdout, stderr) = run_ok(&run_line(
+                &["--json"],
+                &[
+                    "usdt:mp_demo:loop=args:2",
+                    "usdt:sdt:mp_demo:tick=count:arg0",
+                ],
+                &[p],
+            ));
             assert_eq!(
                 stdout, "computed=20\n",
                 "the semaphore was raised: {stderr}"
@@ -615,18 +574,14 @@ fn usdt_probes_with_arguments_and_semaphores() {
     // Python's own probes (under `run`, from its first instruction), as bpftrace counts
     // them.
     let script = "import gc\nfor i in range(20): gc.collect()\n";
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "usdt:python:gc__start=count:arg0",
-        "-p",
-        "usdt:python:import__find__load__start=count:str0",
-        "--",
-        python,
-        "-c",
-        script,
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &[
+            "usdt:python:gc__start=count:arg0",
+            "usdt:python:import__find__load__start=count:str0",
+        ],
+        &[python, "-c", script],
+    ));
     let probes = json_probes(&stderr);
     let gc = probes.iter().find(|p| p["action"] == "count:arg0").unwrap();
     let ours = gc["hits"].as_u64().unwrap();
@@ -686,12 +641,7 @@ fn usdt_probes_with_arguments_and_semaphores() {
     let pid: i32 = line.trim().parse().unwrap();
     let sem = python_semaphore(pid, "gc__start");
     assert_eq!(sem_value(pid, sem), 0);
-    let (mut mp, err, first) = spawn_attach(&[
-        "attach",
-        &pid.to_string(),
-        "-p",
-        "usdt:python:gc__start=count:arg0",
-    ]);
+    let (mut mp, err, first) = spawn_attach_probing(pid, &["usdt:python:gc__start=count:arg0"]);
     assert!(first.contains("attached"), "{first}");
     assert_eq!(sem_value(pid, sem), 1, "raised while probed");
     py.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
@@ -872,18 +822,11 @@ int main(int argc, char **argv) {
 fn times_pids_and_interval_counts() {
     let _kernel_uprobes = beside_others();
     let threads = bin("mp-threads");
-    let (_, stderr) = run_ok(&[
-        "run",
-        "-T",
-        "-p",
-        "mp_work=args:1",
-        "--",
-        threads.to_str().unwrap(),
-        "--threads",
-        "2",
-        "--base",
-        "3",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["-T"],
+        &["mp_work=args:1"],
+        &[threads.to_str().unwrap(), "--threads", "2", "--base", "3"],
+    ));
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(":mp_work(")).collect();
     assert_eq!(lines.len(), 3 * (1 + 1 + 2));
     let is_time = |t: &str| {
@@ -942,17 +885,11 @@ fn times_pids_and_interval_counts() {
     assert_eq!(json_probes(&stderr)[0]["hits"], 8);
 
     // Ticks come on time while the program makes no hit at all (it sleeps 0.8 s).
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--interval",
-        "0.1",
-        "-p",
-        "tick",
-        "--",
-        slow.to_str().unwrap(),
-        "1",
-        "800000",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--interval", "0.1"],
+        &["tick"],
+        &[slow.to_str().unwrap(), "1", "800000"],
+    ));
     let ticks = stderr.lines().filter(|l| l.starts_with("--- ")).count();
     assert!(ticks >= 4, "{ticks} ticks in 0.8 s of sleep: {stderr}");
 }
@@ -1018,7 +955,7 @@ fn usability() {
 
     // After a detach: the rows say detached, and a note says what MISSED means.
     let (mut target, pid, _out) = waiting_target("100000000");
-    let (mut mp, err, _attached) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
+    let (mut mp, err, _attached) = spawn_attach_probing(pid, &["mp_add"]);
     target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     signal(mp.id() as i32, libc::SIGINT);

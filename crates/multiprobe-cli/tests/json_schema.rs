@@ -56,22 +56,15 @@ fn every_line_of_every_session_matches_the_schema() {
 
     // Every action that prints, aggregations, a filter, and the rate limit's note.
     let actions = |library: &str| {
-        run(&[
-            "run",
-            "--json",
-            "--max-lines",
-            "20",
-            "-p",
-            "mp_add=args:2,regs,mem:1:8,str:0,ustack:4,count:arg0,count:tid",
-            "-p",
-            "mp_add=if:arg0>5,count",
-            "-p",
-            library,
-            "--",
-            s,
-            "--iters",
-            "50",
-        ])
+        run(&run_line(
+            &["--json", "--max-lines", "20"],
+            &[
+                "mp_add=args:2,regs,mem:1:8,str:0,ustack:4,count:arg0,count:tid",
+                "mp_add=if:arg0>5,count",
+                library,
+            ],
+            &[s, "--iters", "50"],
+        ))
     };
     let out = actions("libnotloaded_xyz:f");
     // (A library that is neither loaded nor installed is bad input: nothing printed.)
@@ -101,51 +94,37 @@ fn every_line_of_every_session_matches_the_schema() {
 
     // -f: process records; the live table.
     let tree = bin("mp-c-forktree");
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-f",
-        "--interval",
-        "0.01",
-        "-p",
-        "mp_tree_work=args:1",
-        "--",
-        tree.to_str().unwrap(),
-        "3",
-        "2",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json", "-f", "--interval", "0.01"],
+        &["mp_tree_work=args:1"],
+        &[tree.to_str().unwrap(), "3", "2"],
+    ));
     let records = check(&v, "fork", &stderr);
     assert!(kinds(&records).contains(&"process".into()));
 
     // dlclose and dlopen again: notes of unloaded code.
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "libz:zlibVersion=args:1",
-        "--",
-        bin("mp-dlopen").to_str().unwrap(),
-        "--iters",
-        "2",
-        "--reloads",
-        "2",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["libz:zlibVersion=args:1"],
+        &[
+            bin("mp-dlopen").to_str().unwrap(),
+            "--iters",
+            "2",
+            "--reloads",
+            "2",
+        ],
+    ));
     let records = check(&v, "dlopen", &stderr);
     assert!(records
         .iter()
         .any(|r| r["type"] == "note" && r["message"].as_str().unwrap().contains("unloaded")));
 
     // A program killed by a signal: the summary says so (and multiprobe dies of it).
-    let out = run(&[
-        "run",
-        "--json",
-        "-p",
-        "libc:malloc",
-        "--",
-        "/bin/sh",
-        "-c",
-        "kill -9 $$",
-    ]);
+    let out = run(&run_line(
+        &["--json"],
+        &["libc:malloc"],
+        &["/bin/sh", "-c", "kill -9 $$"],
+    ));
     let records = check(&v, "killed", &text(&out.stderr));
     let outcome = &records.last().unwrap()["outcome"];
     assert_eq!(outcome["kind"], "killed");

@@ -21,15 +21,11 @@ fn intervals_too_short_or_absurd_are_refused() {
         ("1e300", "not a positive number"),
         ("0", "not a positive number"),
     ] {
-        let out = run(&[
-            "run",
-            "--interval",
-            secs,
-            "-p",
-            "mp_add",
-            "--",
-            single.to_str().unwrap(),
-        ]);
+        let out = run(&run_line(
+            &["--interval", secs],
+            &["mp_add"],
+            &[single.to_str().unwrap()],
+        ));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{secs}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{secs}: {stderr}");
@@ -101,13 +97,11 @@ fn library_prefixes_skip_linker_scripts() {
         "{stderr}"
     );
     // Named by path, the script is refused with a reason.
-    let out = run(&[
-        "run",
-        "-p",
-        "/usr/lib/x86_64-linux-gnu/libm.so:cbrt",
-        "--",
-        "true",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["/usr/lib/x86_64-linux-gnu/libm.so:cbrt"],
+        &["true"],
+    ));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not an ELF shared object"), "{stderr}");
@@ -119,7 +113,7 @@ fn library_prefixes_skip_linker_scripts() {
 fn attach_says_when_the_process_was_killed() {
     let (mut target, pid, _out) = waiting_target("5");
     let _target = KillOnDrop(pid);
-    let (mut mp, mut err, line) = spawn_attach(&["attach", &pid.to_string(), "-p", "mp_add"]);
+    let (mut mp, mut err, line) = spawn_attach_probing(pid, &["mp_add"]);
     assert!(line.contains("attached"), "{line}");
     signal(pid, libc::SIGKILL);
     let status = wait_for(&mut mp, Duration::from_secs(30)).expect("multiprobe ends");

@@ -40,20 +40,11 @@ fn bucket_of(ns: u64) -> (u64, u64) {
 #[test]
 fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
     let p = rets();
-    let (stdout, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "mp_ret_nap=latency",
-        "-p",
-        "mp_ret_nap=ret",
-        "--",
-        &p,
-        "nap",
-        "1",
-        "10",
-        "100",
-    ]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["mp_ret_nap=latency", "mp_ret_nap=ret"],
+        &[&p, "nap", "1", "10", "100"],
+    ));
     assert_eq!(stdout, "nap 1=3\nnap 10=30\nnap 100=300\n");
     let recs = records(&stderr);
     // The `ret` lines: each call's return value and its own time.
@@ -122,17 +113,11 @@ fn latency_of_sleeps_of_1_10_100_ms_lands_in_their_buckets() {
     );
 
     // The text summary: the histogram bpftrace-style.
-    let out = run(&[
-        "run",
-        "-p",
-        "mp_ret_nap=latency",
-        "--",
-        &p,
-        "nap",
-        "1",
-        "10",
-        "100",
-    ]);
+    let out = run(&run_line(
+        &[],
+        &["mp_ret_nap=latency"],
+        &[&p, "nap", "1", "10", "100"],
+    ));
     assert!(out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -183,16 +168,11 @@ fn args_and_ret_make_one_call_line_with_exact_counts() {
 #[test]
 fn uretprobe_prints_return_values_innermost_first() {
     let p = rets();
-    let (_, stderr) = run_ok(&[
-        "run",
-        "--json",
-        "-p",
-        "uretprobe:mp_ret_depth",
-        "--",
-        &p,
-        "depth",
-        "100",
-    ]);
+    let (_, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["uretprobe:mp_ret_depth"],
+        &[&p, "depth", "100"],
+    ));
     let recs = records(&stderr);
     let vals: Vec<String> = recs
         .iter()

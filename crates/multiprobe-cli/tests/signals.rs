@@ -65,14 +65,7 @@ fn attach_detaches_on_every_signal_that_would_end_it() {
     ] {
         let (target, pid, mut out) = waiting_target("40");
         let _target = KillOnDrop(pid);
-        let (mut mp, mut err, line) = spawn_attach(&[
-            "attach",
-            &pid.to_string(),
-            "-p",
-            "mp_add",
-            "-p",
-            "libc:write",
-        ]);
+        let (mut mp, mut err, line) = spawn_attach_probing(pid, &["mp_add", "libc:write"]);
         assert!(line.contains("attached"), "signal {sig}: {line}");
         signal(mp.id() as i32, sig);
         let status = wait_for(&mut mp, LONG).expect("multiprobe ends");

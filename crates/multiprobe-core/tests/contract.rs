@@ -3,6 +3,8 @@
 //! One test (or a few) per rule of the core's contract (DESIGN.md, rules 1-9), through
 //! the test backend, which drives the dispatch protocol the way a real backend does.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -13,18 +15,10 @@ use multiprobe_core::{
     Request,
 };
 
+use common::{log, taken, Log};
+
 const A: u64 = 0x40_1000;
 const B: u64 = 0x40_2000;
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-fn log() -> Log {
-    Arc::new(Mutex::new(Vec::new()))
-}
-
-fn taken(l: &Log) -> Vec<String> {
-    std::mem::take(&mut *l.lock().unwrap())
-}
 
 /// A handler that records `pre NAME` and, with `post`, `post NAME`.
 fn recorder(l: &Log, name: &'static str, post: bool) -> Boxed {
@@ -58,6 +52,24 @@ impl multiprobe_core::Handler for Boxed {
     fn has_post(&self) -> bool {
         self.0.has_post()
     }
+}
+
+/// A [`recorder`] with posts at each of `sites`, named by `names` in turn: their ids.
+fn recorders_at(
+    r: &Registry<TestBackend>,
+    l: &Log,
+    sites: &[u64],
+    names: impl IntoIterator<Item = &'static str>,
+) -> Vec<HandlerId> {
+    sites
+        .iter()
+        .zip(names)
+        .map(|(&a, n)| {
+            r.register_handler(a, recorder(l, n, true))
+                .unwrap()
+                .into_id()
+        })
+        .collect()
 }
 
 fn setup() -> (Registry<TestBackend>, ThreadState) {
@@ -239,15 +251,7 @@ fn deferred_steps_nest_up_to_max_pending_then_posts_are_missed() {
     let l = log();
     let names = ["s0", "s1", "s2", "s3", "s4", "s5"];
     let sites: Vec<u64> = (0..=MAX_PENDING as u64).map(|i| A + 0x10 * i).collect();
-    let ids: Vec<HandlerId> = sites
-        .iter()
-        .zip(names)
-        .map(|(&a, n)| {
-            r.register_handler(a, recorder(&l, n, true))
-                .unwrap()
-                .into_id()
-        })
-        .collect();
+    let ids = recorders_at(&r, &l, &sites, names);
     let d = r.dispatcher();
     let mut regs = Regs::default();
     for (k, &a) in sites.iter().enumerate() {
@@ -311,15 +315,12 @@ fn two_steps_deferred_at_the_last_free_depth_keep_no_section_open() {
     let names = ["f0", "f1", "f2", "f3", "f4", "a", "b"];
     let fill = MAX_PENDING - 1;
     let sites: Vec<u64> = (0..fill as u64 + 2).map(|i| A + 0x10 * i).collect();
-    let ids: Vec<HandlerId> = sites
-        .iter()
-        .zip(names[..fill].iter().chain(&names[5..]))
-        .map(|(&a, &n)| {
-            r.register_handler(a, recorder(&l, n, true))
-                .unwrap()
-                .into_id()
-        })
-        .collect();
+    let ids = recorders_at(
+        &r,
+        &l,
+        &sites,
+        names[..fill].iter().chain(&names[5..]).copied(),
+    );
     let d = r.dispatcher();
     let mut regs = Regs::default();
     let mut pre = |a: u64| match d.pre(&ts, a, 1, &mut regs, &NoMemory) {
@@ -366,17 +367,7 @@ fn a_handler_enabled_between_pre_and_post_gets_no_post() {
         .register_handler_with(A, recorder(&l, "late", true), Options::default().disabled())
         .unwrap();
     let d = r.dispatcher();
-    let mut regs = Regs {
-        rip: A,
-        ..Regs::default()
-    };
-    match d.pre(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory) {
-        PreOutcome::Step(s) => {
-            assert!(s.wants_post());
-            s.defer_post();
-        }
-        other => panic!("{other:?}"),
-    }
+    let mut regs = common::deferred_pre(&d, &ts, A, 1);
     // Enabling does not wait for the pending step.
     late.enable().unwrap();
     assert!(d.post(&ts, A, 1, &mut regs, &multiprobe_core::backend::NoMemory));
@@ -419,12 +410,7 @@ fn many_handlers_at_one_address_keep_their_order() {
 fn after_unregister_returns_the_handler_never_runs_and_stats_are_final() {
     let (r, ts) = setup();
     let calls = Arc::new(AtomicU64::new(0));
-    let c = Arc::clone(&calls);
-    let g = r
-        .register(A, move |_| {
-            c.fetch_add(1, SeqCst);
-        })
-        .unwrap();
+    let g = r.register(A, common::counting(&calls)).unwrap();
     let _keep = r.register(A, |_| {}).unwrap();
     for _ in 0..3 {
         hit(&r, &ts, A);
@@ -446,14 +432,7 @@ fn unregister_waits_for_a_hit_in_flight_on_another_thread() {
     let d = r.dispatcher();
     let hitter = std::thread::spawn(move || {
         let ts = ThreadState::new();
-        let mut regs = Regs {
-            rip: A,
-            ..Regs::default()
-        };
-        match d.pre(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory) {
-            PreOutcome::Step(s) => assert!(s.defer_post()),
-            other => panic!("{other:?}"),
-        }
+        let mut regs = common::deferred_pre(&d, &ts, A, 2);
         to_main.send(()).unwrap();
         from_main.recv().unwrap();
         assert!(d.post(&ts, A, 2, &mut regs, &multiprobe_core::backend::NoMemory));
@@ -536,12 +515,7 @@ fn a_hit_after_register_returns_sees_the_handler_on_another_thread() {
     let (r, _) = setup();
     let r2 = r.clone();
     let seen = Arc::new(AtomicU64::new(0));
-    let s = Arc::clone(&seen);
-    let g = r
-        .register(A, move |_| {
-            s.fetch_add(1, SeqCst);
-        })
-        .unwrap();
+    let g = r.register(A, common::counting(&seen)).unwrap();
     std::thread::spawn(move || {
         let ts = ThreadState::new();
         assert_eq!(hit(&r2, &ts, A), HitResult::Stepped { post: false });
@@ -559,12 +533,7 @@ fn a_hit_from_inside_a_handler_runs_nothing_and_counts_missed() {
     let (r, ts) = setup();
     let ts = Arc::new(ts_holder(ts));
     let inner_calls = Arc::new(AtomicU64::new(0));
-    let ic = Arc::clone(&inner_calls);
-    let inner = r
-        .register(B, move |_| {
-            ic.fetch_add(1, SeqCst);
-        })
-        .unwrap();
+    let inner = r.register(B, common::counting(&inner_calls)).unwrap();
     let inner2 = r.register(B, |_| {}).unwrap();
     let (r2, ts2) = (r.clone(), Arc::clone(&ts));
     let nested = Arc::new(Mutex::new(None));
@@ -944,12 +913,7 @@ fn a_batch_at_one_address_is_as_one_by_one() {
 fn a_failed_disarm_keeps_the_site_transparent_and_reports_it() {
     let (r, ts) = setup();
     let calls = Arc::new(AtomicU64::new(0));
-    let c = Arc::clone(&calls);
-    let g = r
-        .register(A, move |_| {
-            c.fetch_add(1, SeqCst);
-        })
-        .unwrap();
+    let g = r.register(A, common::counting(&calls)).unwrap();
     r.backend().set_fail_disarm_at(A, true);
     let e = g.unregister().unwrap_err();
     assert!(matches!(e, Error::Backend(_)), "{e}");
@@ -1005,7 +969,7 @@ fn code_that_went_away_ends_its_probes_without_a_write() {
 fn dropping_the_registry_restores_every_byte() {
     let backend = Arc::new(TestBackend::new());
     {
-        let r = Registry::new(Shared(Arc::clone(&backend)));
+        let r = Registry::new(common::Shared::new(Arc::clone(&backend)));
         for i in 0..50u64 {
             let _ = r.register(0x1000 + i * 16, |_| {}).unwrap().into_id();
         }
@@ -1023,24 +987,6 @@ fn dropping_the_registry_restores_every_byte() {
             .count(),
         50
     );
-}
-
-/// A backend shared with the test, so it can be inspected after the registry is gone.
-struct Shared(Arc<TestBackend>);
-impl multiprobe_core::backend::Backend for Shared {
-    type Site = <TestBackend as multiprobe_core::backend::Backend>::Site;
-    fn attach(&self, d: multiprobe_core::backend::Dispatcher<Self::Site>) {
-        self.0.attach(d)
-    }
-    fn prepare(&self, addr: u64) -> multiprobe_core::Result<Self::Site> {
-        self.0.prepare(addr)
-    }
-    fn arm(&self, addr: u64, s: &Self::Site) -> multiprobe_core::Result<()> {
-        self.0.arm(addr, s)
-    }
-    fn disarm(&self, addr: u64, s: &Self::Site) -> multiprobe_core::Result<()> {
-        self.0.disarm(addr, s)
-    }
 }
 
 #[test]
@@ -1075,14 +1021,8 @@ fn the_table_grows_and_finds_every_site() {
 fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
     let (r, ts) = setup();
     let calls = Arc::new(AtomicU64::new(0));
-    let c = Arc::clone(&calls);
     let g = r
-        .register_handler(
-            A,
-            FnHandler::new().post(move |_| {
-                c.fetch_add(1, SeqCst);
-            }),
-        )
+        .register_handler(A, FnHandler::new().post(common::counting(&calls)))
         .unwrap();
     let d = r.dispatcher();
     assert!(d.miss(&ts, A));
@@ -1093,14 +1033,7 @@ fn miss_counts_without_running_and_fork_reset_frees_grace_periods() {
     // A "thread" that vanished between pre and post (as the parent's other threads do in
     // a fork child): its state is leaked, so its read section stays open.
     let gone = ThreadState::new();
-    let mut regs = Regs {
-        rip: A,
-        ..Regs::default()
-    };
-    match d.pre(&gone, A, 9, &mut regs, &multiprobe_core::backend::NoMemory) {
-        PreOutcome::Step(s) => assert!(s.defer_post()),
-        other => panic!("{other:?}"),
-    }
+    common::deferred_pre(&d, &gone, A, 9);
     std::mem::forget(gone);
     // This thread holds nothing itself once the held count from that leaked section is
     // gone; in a real fork child the vanished thread's count went with it. Here the same

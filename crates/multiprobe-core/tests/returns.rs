@@ -5,6 +5,8 @@
 //! enable/disable, reentrancy, calls skipped by a longjmp, a full return stack, bad
 //! addresses, and the unwinder's restore.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -12,21 +14,15 @@ use multiprobe_core::backend::{return_frame_words, RetOutcome, ThreadState};
 use multiprobe_core::testing::{
     Event, HitResult, RetResult, TestBackend, TestStack, RET_TRAMPOLINE,
 };
-use multiprobe_core::{CallData, Error, FnHandler, Handler, Hit, PreAction, Registry, Regs};
+use multiprobe_core::{
+    CallData, Error, FnHandler, Handler, Hit, PreAction, Registration, Registry, Regs,
+};
+
+use common::{log, taken, Log};
 
 const F: u64 = 0x40_1000;
 const G: u64 = 0x40_2000;
 const TOP: u64 = 0x7000_0000;
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-fn log() -> Log {
-    Arc::new(Mutex::new(Vec::new()))
-}
-
-fn taken(l: &Log) -> Vec<String> {
-    std::mem::take(&mut *l.lock().unwrap())
-}
 
 /// A handler that keeps `rdi` at the entry and logs `ret NAME(rdi) = rax` at the return.
 fn pair(l: &Log, name: &'static str) -> impl Handler {
@@ -42,6 +38,14 @@ fn pair(l: &Log, name: &'static str) -> impl Handler {
                 .unwrap()
                 .push(format!("ret {name}({}) = {}", data[0], hit.regs().rax));
         })
+}
+
+/// A registry with a [`pair`] named `f` at `F`: the registry, the log, the probe.
+fn pair_at_f() -> (Registry<TestBackend>, Log, Registration<TestBackend>) {
+    let r = Registry::new(TestBackend::new());
+    let l = log();
+    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    (r, l, h)
 }
 
 struct Thread {
@@ -78,9 +82,7 @@ impl Thread {
 
 #[test]
 fn a_return_hook_sees_the_return_value_the_caller_and_what_the_entry_left() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, h) = pair_at_f();
     let mut t = Thread::new();
     assert_eq!(t.call(&r, F, 7, 0x1234), HitResult::Stepped { post: false });
     assert_eq!(
@@ -100,9 +102,7 @@ fn a_return_hook_sees_the_return_value_the_caller_and_what_the_entry_left() {
 
 #[test]
 fn recursion_a_thousand_deep_pairs_every_call_innermost_first() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, h) = pair_at_f();
     let mut t = Thread::new();
     for depth in 0..1000 {
         t.call(&r, F, depth, 0x5000 + depth);
@@ -145,9 +145,7 @@ fn return_hooks_of_one_call_run_in_registration_order_and_may_change_the_value()
 
 #[test]
 fn after_unregister_returns_no_return_hook_runs_and_the_call_returns_where_it_should() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, h) = pair_at_f();
     let keep = r.register_handler(F, pair(&l, "keep")).unwrap();
     let mut t = Thread::new();
     t.call(&r, F, 1, 0x77);
@@ -215,9 +213,7 @@ fn unregister_from_another_thread_while_two_threads_have_calls_in_flight() {
 
 #[test]
 fn a_call_entered_while_enabled_returns_to_its_hook_after_a_disable_and_not_the_other_way() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, h) = pair_at_f();
     let _other = r.register(F, |_| {}).unwrap(); // keeps the site armed
     let mut t = Thread::new();
     t.call(&r, F, 1, 0x10);
@@ -237,9 +233,7 @@ fn a_call_entered_while_enabled_returns_to_its_hook_after_a_disable_and_not_the_
 
 #[test]
 fn calls_skipped_by_a_longjmp_are_recognised_by_their_stack_pointer_and_counted_lost() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let hf = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, hf) = pair_at_f();
     let hg = r.register_handler(G, pair(&l, "g")).unwrap();
     let mut t = Thread::new();
     // f -> g -> g, then g longjmps back into f, which returns.
@@ -274,9 +268,7 @@ fn calls_skipped_by_a_longjmp_are_recognised_by_their_stack_pointer_and_counted_
 fn a_frame_below_the_stack_pointer_still_leading_to_the_trampoline_is_kept() {
     // Code on an alternate stack above the thread's stack calls a probed function while
     // a call on the thread's stack is in flight: that frame is live, its slot below.
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let _h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, _h) = pair_at_f();
     let mut t = Thread::new();
     t.call(&r, F, 1, 0x10);
     let main = t.regs.rsp;
@@ -293,9 +285,7 @@ fn a_frame_below_the_stack_pointer_still_leading_to_the_trampoline_is_kept() {
 
 #[test]
 fn a_full_return_stack_counts_the_return_lost_and_leaves_the_call_alone() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, _, h) = pair_at_f();
     let mut t = Thread::new();
     t.ts.reserve_returns(2 * return_frame_words(1));
     for i in 0..3 {
@@ -316,9 +306,7 @@ fn a_full_return_stack_counts_the_return_lost_and_leaves_the_call_alone() {
 
 #[test]
 fn without_a_return_stack_or_a_trampoline_returns_are_lost() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, _, h) = pair_at_f();
     let mut regs = Regs {
         rsp: TOP,
         ..Regs::default()
@@ -367,9 +355,7 @@ fn a_return_probe_where_no_function_starts_is_a_clear_error_and_changes_nothing(
 
 #[test]
 fn a_redirected_walk_arms_no_return_and_counts_it_lost() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, _, h) = pair_at_f();
     let _now = r
         .register(F, |hit| {
             let _ = hit.return_now(0);
@@ -559,9 +545,7 @@ fn a_return_nobody_recorded_is_unknown_and_changes_nothing() {
 
 #[test]
 fn restored_return_addresses_let_an_unwinder_through_and_rehijack_puts_live_ones_back() {
-    let r = Registry::new(TestBackend::new());
-    let l = log();
-    let h = r.register_handler(F, pair(&l, "f")).unwrap();
+    let (r, l, h) = pair_at_f();
     let mut t = Thread::new();
     t.call(&r, F, 1, 0x10);
     let outer = t.regs.rsp;

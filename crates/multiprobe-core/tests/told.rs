@@ -2,9 +2,10 @@
 //! order, after every change, and can recognise handler values through
 //! `Handler::as_any`.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
-use multiprobe_core::backend::Backend;
 use multiprobe_core::testing::TestBackend;
 use multiprobe_core::{Handler, HandlerId, Registry, Request};
 
@@ -21,19 +22,10 @@ type Told = (u64, Vec<(HandlerId, Option<u32>)>);
 /// What the backend was told.
 type Log = Arc<Mutex<Vec<Told>>>;
 
-struct Telling(TestBackend, Log);
-impl Backend for Telling {
-    type Site = <TestBackend as Backend>::Site;
-    fn prepare(&self, addr: u64) -> multiprobe_core::Result<Self::Site> {
-        self.0.prepare(addr)
-    }
-    fn arm(&self, addr: u64, s: &Self::Site) -> multiprobe_core::Result<()> {
-        self.0.arm(addr, s)
-    }
-    fn disarm(&self, addr: u64, s: &Self::Site) -> multiprobe_core::Result<()> {
-        self.0.disarm(addr, s)
-    }
-    fn handlers_changed(&self, addr: u64, _: &Self::Site, enabled: &[(HandlerId, &dyn Handler)]) {
+/// A test backend that logs what it is told.
+fn telling(log: &Log) -> common::Shared {
+    let log = Arc::clone(log);
+    common::Shared::telling(Arc::new(TestBackend::new()), move |addr, enabled| {
         let list = enabled
             .iter()
             .map(|&(id, h)| {
@@ -45,8 +37,8 @@ impl Backend for Telling {
                 )
             })
             .collect();
-        self.1.lock().unwrap().push((addr, list));
-    }
+        log.lock().unwrap().push((addr, list));
+    })
 }
 
 fn take(log: &Log) -> Vec<Told> {
@@ -56,7 +48,7 @@ fn take(log: &Log) -> Vec<Told> {
 #[test]
 fn the_backend_is_told_every_change_of_the_enabled_list_in_order() {
     let log: Log = Arc::default();
-    let r = Registry::new(Telling(TestBackend::new(), Arc::clone(&log)));
+    let r = Registry::new(telling(&log));
     let a = r.register_handler(0x1000, Tagged(7)).unwrap();
     let b = r.register(0x1000, |_| {}).unwrap();
     let c = r.register_handler(0x1000, Tagged(9)).unwrap();
@@ -100,7 +92,7 @@ fn the_backend_is_told_every_change_of_the_enabled_list_in_order() {
 #[test]
 fn a_batch_tells_each_site_once_with_its_whole_list() {
     let log: Log = Arc::default();
-    let r = Registry::new(Telling(TestBackend::new(), Arc::clone(&log)));
+    let r = Registry::new(telling(&log));
     let regs = r
         .register_batch([
             Request::handler(0x2000, Tagged(1)),

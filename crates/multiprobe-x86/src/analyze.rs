@@ -30,6 +30,14 @@ pub struct Code<'a> {
     pub bytes: &'a [u8],
 }
 
+impl Code<'_> {
+    /// The addresses it covers, `addr..addr + bytes.len()` (as the `func` of a function
+    /// that is all of it).
+    pub fn range(&self) -> Range<u64> {
+        self.addr..self.addr + self.bytes.len() as u64
+    }
+}
+
 /// Analyze the instruction at `addr`.
 ///
 /// `code` must cover `addr` and at least the instruction's bytes (up to

@@ -13,6 +13,17 @@ fn func(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<
     a.assemble(BASE).unwrap()
 }
 
+/// The region at `BASE` in `bytes`, of which the function is the first `func_len`.
+fn region_in_function(bytes: &[u8], func_len: u64) -> Result<Region, RegionRefusal> {
+    let code = Code { addr: BASE, bytes };
+    analyze_region(
+        BASE,
+        code,
+        Some(BASE..BASE + func_len),
+        Unwind::NoLandingPads,
+    )
+}
+
 fn region_at(bytes: &[u8], addr: u64, unwind: Unwind<'_>) -> Result<Region, RegionRefusal> {
     let end = BASE + bytes.len() as u64;
     analyze_region(addr, Code { addr: BASE, bytes }, Some(BASE..end), unwind)
@@ -206,30 +217,14 @@ fn control_flow_before_the_regions_last_instruction_is_refused() {
 fn the_region_must_end_inside_the_function() {
     // Three bytes of function, then the next function.
     let bytes = [0x31, 0xc0, 0xc3, 0x55, 0x48, 0x89, 0xe5];
-    let e = analyze_region(
-        BASE,
-        Code {
-            addr: BASE,
-            bytes: &bytes,
-        },
-        Some(BASE..BASE + 3),
-        Unwind::NoLandingPads,
-    );
+    let e = region_in_function(&bytes, 3);
     // xor eax, eax; ret: the ret is not last, refused first as control flow.
     assert!(
         matches!(e, Err(RegionRefusal::ControlFlowInside { .. })),
         "{e:?}"
     );
     let bytes = [0x31, 0xc0, 0x31, 0xdb, 0x55, 0x48, 0x89, 0xe5];
-    let e = analyze_region(
-        BASE,
-        Code {
-            addr: BASE,
-            bytes: &bytes,
-        },
-        Some(BASE..BASE + 4),
-        Unwind::NoLandingPads,
-    );
+    let e = region_in_function(&bytes, 4);
     assert_eq!(e, Err(RegionRefusal::PastFunctionEnd { end: BASE + 4 }));
 }
 

@@ -85,9 +85,8 @@ fn clobber() {
         clobber_ymm();
         return;
     }
-    // SAFETY: writes only registers the compiler is told about (all vector and opmask
-    // registers), balanced x87 pushes/pops (leaving status flags set), and MXCSR, which
-    // the trampoline must restore.
+    // SAFETY: writes only registers the compiler is told about (vector and opmask
+    // registers).
     unsafe {
         core::arch::asm!(
             "vpternlogd zmm0, zmm0, zmm0, 0xff",
@@ -97,12 +96,35 @@ fn clobber() {
             "vpternlogd zmm31, zmm31, zmm31, 0xff",
             "kxnorq k1, k1, k1",
             "kxnorq k7, k7, k7",
-            "fldpi", "fldpi", "fsqrt", "fstp st(0)", "fstp st(0)",
-            "fld1", "fldz", "fdivp st(1), st", "fstp st(0)", // 1/0: sets ZE
-            "sub rsp, 8", "stmxcsr [rsp]", "or dword ptr [rsp], 0x3f", "xor dword ptr [rsp], 0x6000",
-            "ldmxcsr [rsp]", "add rsp, 8",
             out("zmm0") _, out("zmm7") _, out("zmm15") _, out("zmm16") _, out("zmm31") _,
             out("k1") _, out("k7") _,
+        );
+    }
+    clobber_x87_mxcsr_and_memory();
+}
+
+/// What both [`clobber`]s do after the vector registers: x87 pushes and pops that
+/// leave status flags set, MXCSR changed, and a memcpy.
+fn clobber_x87_mxcsr_and_memory() {
+    // SAFETY: balanced x87 pushes/pops and MXCSR, which the trampoline must restore;
+    // the stack slot it uses is popped again.
+    unsafe {
+        core::arch::asm!(
+            "fldpi",
+            "fldpi",
+            "fsqrt",
+            "fstp st(0)",
+            "fstp st(0)",
+            "fld1",
+            "fldz",
+            "fdivp st(1), st",
+            "fstp st(0)", // 1/0: sets ZE
+            "sub rsp, 8",
+            "stmxcsr [rsp]",
+            "or dword ptr [rsp], 0x3f",
+            "xor dword ptr [rsp], 0x6000",
+            "ldmxcsr [rsp]",
+            "add rsp, 8",
         );
     }
     let src = vec![0x5au8; 1 << 20];
@@ -113,23 +135,16 @@ fn clobber() {
 
 /// [`clobber`] on a CPU with AVX but no AVX-512: `ymm0-15`, x87, MXCSR, a memcpy.
 fn clobber_ymm() {
-    // SAFETY: as in `clobber`, with the AVX registers only.
+    // SAFETY: writes only the AVX registers the compiler is told about.
     unsafe {
         core::arch::asm!(
             "vpcmpeqd ymm0, ymm0, ymm0",
             "vpcmpeqd ymm7, ymm7, ymm7",
             "vpcmpeqd ymm15, ymm15, ymm15",
-            "fldpi", "fldpi", "fsqrt", "fstp st(0)", "fstp st(0)",
-            "fld1", "fldz", "fdivp st(1), st", "fstp st(0)", // 1/0: sets ZE
-            "sub rsp, 8", "stmxcsr [rsp]", "or dword ptr [rsp], 0x3f", "xor dword ptr [rsp], 0x6000",
-            "ldmxcsr [rsp]", "add rsp, 8",
             out("ymm0") _, out("ymm7") _, out("ymm15") _,
         );
     }
-    let src = vec![0x5au8; 1 << 20];
-    let mut dst = vec![0u8; 1 << 20];
-    dst.copy_from_slice(std::hint::black_box(&src));
-    std::hint::black_box(&dst);
+    clobber_x87_mxcsr_and_memory();
 }
 
 /// The pre entry point.
@@ -226,24 +241,32 @@ fn place(m: &mut Machine, case: &Case<'_>, save: StateSave) -> Placed {
     (case.build)(&mut a, base).unwrap();
     let code = a.assemble(base).unwrap();
     m.write(CODE, &code);
-    let region = analyze_region(
-        base,
-        Code {
-            addr: base,
-            bytes: &code,
-        },
-        Some(base..base + code.len() as u64),
-        Unwind::NoLandingPads,
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let func = Code {
+        addr: base,
+        bytes: &code,
+    };
+    let region = analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     m.exit_stub(CODE + region.len(), 0);
     for (i, &t) in case.targets.iter().enumerate() {
         m.exit_stub(CODE + t, i as u8 + 1);
     }
-    let common = build_common(save, &CpuState::get(), m.addr(COMMON)).unwrap();
+    let map = place_trampoline(m, &region, save, &CpuState::get());
+    Placed { region, code, map }
+}
+
+/// Build the common stub (saving `save` on `cpu`) at COMMON and `region`'s trampoline,
+/// calling [`pre`] and [`post`], at TRAMP, and make it the one the handlers see: its map.
+fn place_trampoline(
+    m: &mut Machine,
+    region: &Region,
+    save: StateSave,
+    cpu: &CpuState,
+) -> Box<Trampoline> {
+    let common = build_common(save, cpu, m.addr(COMMON)).unwrap();
     m.write(COMMON, &common.bytes);
     let spec = TrampolineSpec {
-        region: &region,
+        region,
         ctx: 0,
         pre: pre as *const () as u64,
         post: post as *const () as u64,
@@ -253,7 +276,7 @@ fn place(m: &mut Machine, case: &Case<'_>, save: StateSave) -> Placed {
     m.write(TRAMP, &built.bytes);
     let map = Box::new(built.map);
     MAP.store(&*map as *const Trampoline as *mut Trampoline, SeqCst);
-    Placed { region, code, map }
+    map
 }
 
 fn arith(r: &Regs) -> Regs {
@@ -850,29 +873,13 @@ fn vector_opmask_x87_and_mxcsr_state_survive_handlers_that_clobber_them() {
                 let at = out.label_ip(&probe).unwrap();
                 m.write(VT, &code);
                 m.exit_stub(VT + code.len(), 0);
-                let region = analyze_region(
-                    at,
-                    Code {
-                        addr: base,
-                        bytes: &code,
-                    },
-                    Some(base..base + code.len() as u64),
-                    Unwind::NoLandingPads,
-                )
-                .unwrap();
-                let common = build_common(save, &cpu, m.addr(COMMON)).unwrap();
-                m.write(COMMON, &common.bytes);
-                let spec = TrampolineSpec {
-                    region: &region,
-                    ctx: 0,
-                    pre: pre as *const () as u64,
-                    post: post as *const () as u64,
-                    common: m.addr(COMMON),
+                let func = Code {
+                    addr: base,
+                    bytes: &code,
                 };
-                let built = build_trampoline(&spec, m.addr(TRAMP)).unwrap();
-                m.write(TRAMP, &built.bytes);
-                let map = Box::new(built.map);
-                MAP.store(&*map as *const Trampoline as *mut Trampoline, SeqCst);
+                let region =
+                    analyze_region(at, func, Some(func.range()), Unwind::NoLandingPads).unwrap();
+                let map = place_trampoline(m, &region, save, &cpu);
                 let mut rng = Rng(0x5eed ^ x87 as u64);
                 let mut input: Vec<u8> = (0..V_LEN).map(|_| rng.next() as u8).collect();
                 for i in 0..3 {

@@ -16,6 +16,52 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// A signal handler with the `SA_SIGINFO` signature.
+pub type SigInfoHandler = extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Install `handler` for `sig` with `SA_SIGINFO` and `flags`, no other signal blocked
+/// while it runs; panics if `sigaction` fails.
+///
+/// # Safety
+/// `handler` must do only what is safe in a signal handler, and whatever it does to the
+/// interrupted context (the `ucontext_t` it is given) must be sound for the code it
+/// interrupts.
+pub unsafe fn install_siginfo_handler(sig: i32, handler: SigInfoHandler, flags: i32) {
+    // SAFETY: a zeroed sigaction is a valid start; the caller vouches for the handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | flags;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
+    }
+}
+
+/// Spawn `cmd` with stdin and stdout piped and wait for the first line it prints (a
+/// program started with `--wait` says `ready PID`): the child, the rest of its stdout,
+/// and that line.
+///
+/// # Panics
+/// If it cannot be started or its stdout cannot be read.
+pub fn spawn_until_first_line(
+    cmd: &mut Command,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the first line");
+    (child, out, line)
+}
+
 /// Names of the programs, as built.
 pub const PROGRAMS: [&str; 15] = [
     "mp-single",

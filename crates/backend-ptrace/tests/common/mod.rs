@@ -68,6 +68,15 @@ pub fn counting_with_post(
         .post(|_| {})
 }
 
+/// Run the spawned program `t` traces to its end, which must be an exit with `code`:
+/// what it printed.
+pub fn run_to_exit(t: &mut multiprobe_backend_ptrace::Tracer, code: i32) -> String {
+    use multiprobe_backend_ptrace::{ExitStatus, Stop};
+    let mut child = t.take_child().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(code)));
+    read_all(&mut child)
+}
+
 /// A hit counter and the handler that counts into it.
 pub fn counter() -> (
     std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -89,13 +98,8 @@ pub fn start_waiting(
     std::process::Child,
     std::io::BufReader<std::process::ChildStdout>,
 ) {
-    use std::io::BufRead;
-    let mut cmd = command(name, args);
-    cmd.arg("--wait").stdin(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (child, out, line) =
+        multiprobe_test_targets::spawn_until_first_line(command(name, args).arg("--wait"));
     assert_eq!(line.trim(), format!("ready {}", child.id()));
     (child, out)
 }

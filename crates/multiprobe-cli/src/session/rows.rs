@@ -352,23 +352,13 @@ impl Rows {
         for (s, rows) in self.by_spec.iter().enumerate() {
             if self.pattern[s] && rows.is_empty() {
                 out.extend(self.actions[s].iter().map(|a| report::Row {
-                    pid,
-                    site: None,
-                    symbol: self.targets[s].clone(),
-                    file: None,
-                    action: a.to_string(),
                     filter: filter_of(s),
-                    hits: 0,
-                    missed: 0,
-                    filtered: 0,
-                    state: State::Pending,
-                    keys: None,
-                    stacks: None,
-                    interval_hits: None,
-                    returns: None,
-                    latency: None,
-                    path: None,
-                    collected: None,
+                    ..report::Row::unhit(
+                        pid,
+                        self.targets[s].clone(),
+                        a.to_string(),
+                        State::Pending,
+                    )
                 }));
             }
         }

@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 
-use multiprobe_test_targets::bin;
+use multiprobe_test_targets::{bin, spawn_until_first_line};
 
 /// The multiprobe under test, started with every signal at its default action whatever
 /// this harness inherited (see [`default_signals`]).
@@ -51,6 +51,19 @@ pub fn run(args: &[&str]) -> Output {
     multiprobe().args(args).output().expect("run multiprobe")
 }
 
+/// The words of `run OPTIONS... -p PROBE... -- COMMAND...`: a `-p` for each of
+/// `probes`.
+pub fn run_line<'a>(options: &[&'a str], probes: &[&'a str], command: &[&'a str]) -> Vec<&'a str> {
+    let mut line = vec!["run"];
+    line.extend(options);
+    for p in probes {
+        line.extend(["-p", p]);
+    }
+    line.push("--");
+    line.extend(command);
+    line
+}
+
 /// [`run`], which must succeed: its stdout and stderr (the failure shows the stderr).
 pub fn run_ok(args: &[&str]) -> (String, String) {
     let out = run(args);
@@ -72,6 +85,16 @@ pub fn spawn_attach(args: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
     (mp, err, line)
+}
+
+/// [`spawn_attach`] of `attach PID -p PROBE...`, a `-p` for each of `probes`.
+pub fn spawn_attach_probing(pid: i32, probes: &[&str]) -> (Child, BufReader<ChildStderr>, String) {
+    let pid = pid.to_string();
+    let mut args = vec!["attach", pid.as_str()];
+    for p in probes {
+        args.extend(["-p", p]);
+    }
+    spawn_attach(&args)
 }
 
 /// A fresh, empty directory for one test (`mp-NAME-PID` in the temporary directory).
@@ -131,15 +154,8 @@ pub fn rows(summary: &str, symbol_suffix: &str) -> Vec<(String, u64, u64, String
 
 /// Start `mp-single --wait`, return it with its pid once it is ready.
 pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(bin("mp-single"))
-        .args(["--wait", "--iters", iters])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (child, out, line) =
+        spawn_until_first_line(Command::new(bin("mp-single")).args(["--wait", "--iters", iters]));
     let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     (child, pid, out)
 }
@@ -148,16 +164,7 @@ pub fn waiting_target(iters: &str) -> (Child, i32, BufReader<std::process::Child
 /// stdout and stderr piped, and wait until the program says `ready PID`: multiprobe, the
 /// program's stdout after that line, and the program's pid.
 pub fn spawn_run_waiting(args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, i32) {
-    let mut mp = multiprobe()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(mp.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mp, out, line) = spawn_until_first_line(multiprobe().args(args).stderr(Stdio::piped()));
     let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     (mp, out, pid)
 }

@@ -163,16 +163,11 @@ fn write_raw(to: *mut u8, off: usize, bytes: &[u8], len: usize) {
 /// The region at the start of the function `f` placed at `base` (its bounds known, no
 /// landing pads).
 pub fn whole_function_region(base: u64, f: &[u8]) -> Region {
-    analyze_region(
-        base,
-        Code {
-            addr: base,
-            bytes: f,
-        },
-        Some(base..base + f.len() as u64),
-        Unwind::NoLandingPads,
-    )
-    .unwrap()
+    let func = Code {
+        addr: base,
+        bytes: f,
+    };
+    analyze_region(base, func, Some(func.range()), Unwind::NoLandingPads).unwrap()
 }
 
 /// Function copy `k` at `FUNC + 0x100 k`, its trampoline at `TRAMP + 0x1000 k`.
@@ -293,12 +288,6 @@ pub fn serve_faults(map: &'static multiprobe_x86::collect::CollectMap) -> &'stat
     );
     // SAFETY: a zeroed sigaction is a valid start; the handler has the SA_SIGINFO
     // signature and only reads the map and writes the ucontext.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()), 0);
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGSEGV, on_segv, 0) };
     &FAULTS_SEEN
 }

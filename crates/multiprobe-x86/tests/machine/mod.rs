@@ -429,19 +429,12 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
 fn install_handlers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        for (sig, h) in [
-            (libc::SIGTRAP, on_trap as *const () as usize),
-            (libc::SIGSEGV, on_segv as *const () as usize),
-        ] {
-            // SAFETY: a zeroed sigaction is a valid starting point; the handler has the
-            // SA_SIGINFO signature.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = h;
-                sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
-                libc::sigemptyset(&mut sa.sa_mask);
-                assert_eq!(libc::sigaction(sig, &sa, std::ptr::null_mut()), 0);
-            }
+        let handlers: [(i32, multiprobe_test_targets::SigInfoHandler); 2] =
+            [(libc::SIGTRAP, on_trap), (libc::SIGSEGV, on_segv)];
+        for (sig, h) in handlers {
+            // SAFETY: the handlers only read and write the interrupted context and
+            // atomics, or abort.
+            unsafe { multiprobe_test_targets::install_siginfo_handler(sig, h, libc::SA_NODEFER) };
         }
     });
 }

@@ -60,13 +60,7 @@ extern "C" fn on_segv(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
 
 fn main() {
     // SAFETY: a zeroed sigaction is valid; the handler has the SA_SIGINFO signature.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_segv as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()), 0);
-    }
+    unsafe { multiprobe_test_targets::install_siginfo_handler(libc::SIGSEGV, on_segv, 0) };
     let s = (0..5).fold(0, |s, i| s + mp_add(i, 1));
     println!("before fault sum={s}");
     std::io::stdout().flush().expect("flush");
