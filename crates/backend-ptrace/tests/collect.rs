@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use multiprobe_backend_ptrace::collect::{Collect, RecordData, SitePath};
-use multiprobe_backend_ptrace::{ExitStatus, Signal, Stop, Tracer};
+use multiprobe_backend_ptrace::{ExitStatus, PtraceBackend, Signal, Stop, Tracer};
+use multiprobe_core::Registration;
 
 /// `key=value` fields of a line of program output.
 fn fields(line: &str) -> HashMap<&str, &str> {
@@ -309,23 +310,63 @@ fn drainer(
     (stop, h)
 }
 
-#[test]
-fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
-    // 60000 records fit the ring (65536 cells) even if no drain comes in time: the
-    // program makes them within milliseconds.
-    let mut cmd = common::command("mp-c-collect", &["threads", "4", "15000"]);
+/// A finished run of `mp-c-collect MODE...` (4 threads, 15000 calls each) with a
+/// `count` and an `args:6` collector on `mp_col_target`.
+struct Run {
+    t: Tracer,
+    f: u64,
+    count: Collect,
+    args: Collect,
+    end: Stop,
+    out: String,
+    got: HashMap<String, String>,
+    _registered: [Registration<PtraceBackend>; 2],
+}
+
+fn count_and_args_to_the_end(mode: &[&str]) -> Run {
+    let mut cmd = common::command("mp-c-collect", mode);
     let mut t = Tracer::spawn(&mut cmd).unwrap();
     let f = t.resolve("mp_col_target").unwrap();
     let count = Collect::count();
     let args = Collect::args(6).unwrap();
-    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
-    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
+    let g1 = t.registry().register_handler(f, count.clone()).unwrap();
+    let g2 = t.registry().register_handler(f, args.clone()).unwrap();
     let mut child = t.take_child().unwrap();
-    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    let end = t.run().unwrap();
     let out = common::read_all(&mut child);
-    let got = fields(out.trim());
+    let got: HashMap<String, String> = fields(out.trim())
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     assert_eq!(got["calls"], "60000", "{out}");
     assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    Run {
+        t,
+        f,
+        count,
+        args,
+        end,
+        out,
+        got,
+        _registered: [g1, g2],
+    }
+}
+
+#[test]
+fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
+    // 60000 records fit the ring (65536 cells) even if no drain comes in time: the
+    // program makes them within milliseconds.
+    let run = count_and_args_to_the_end(&["threads", "4", "15000"]);
+    assert_eq!(run.end, Stop::Exited(ExitStatus::Code(0)));
+    let Run {
+        t,
+        f,
+        count,
+        args,
+        out,
+        got,
+        ..
+    } = run;
     // Hardly any hit stopped (the first ones may, until a thread can make the system
     // calls promotion needs: spawned, the program stands at its exec), and the counts
     // are exact across both paths.
@@ -358,20 +399,15 @@ fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
 fn a_program_killed_after_its_calls_loses_no_count_and_no_record() {
     // The program kills itself (SIGKILL) right after its calls: what its trampolines
     // wrote into the area is read after it is gone, and nothing is lost.
-    let mut cmd = common::command("mp-c-collect", &["killed", "4", "15000"]);
-    let mut t = Tracer::spawn(&mut cmd).unwrap();
-    let f = t.resolve("mp_col_target").unwrap();
-    let count = Collect::count();
-    let args = Collect::args(6).unwrap();
-    let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
-    let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
-    let mut child = t.take_child().unwrap();
-    let end = t.run().unwrap();
-    assert_eq!(end, Stop::Exited(ExitStatus::Signal(Signal::KILL)));
-    let out = common::read_all(&mut child);
-    let got = fields(out.trim());
-    assert_eq!(got["calls"], "60000", "{out}");
-    assert_eq!(t.collect_path(f), Some(SitePath::InTracee));
+    let run = count_and_args_to_the_end(&["killed", "4", "15000"]);
+    assert_eq!(run.end, Stop::Exited(ExitStatus::Signal(Signal::KILL)));
+    let Run {
+        count,
+        args,
+        out,
+        got,
+        ..
+    } = run;
     assert_eq!(count.stats().hits, 60000);
     let s = args.stats();
     assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
