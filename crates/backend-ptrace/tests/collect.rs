@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use multiprobe_backend_ptrace::collect::{Collect, RecordData, SitePath};
+use multiprobe_backend_ptrace::collect::{Collect, Record, RecordData, SitePath};
 use multiprobe_backend_ptrace::{ExitStatus, PtraceBackend, Signal, Stop, Tracer};
 use multiprobe_core::Registration;
 
@@ -323,6 +323,25 @@ struct Run {
     _registered: [Registration<PtraceBackend>; 2],
 }
 
+impl Run {
+    /// Asserts 60000 hits of each collector, no drop, no fault, and a record of every
+    /// call with the arguments the program passed; returns the records.
+    fn exact_counts_and_records(&self) -> Vec<Record> {
+        assert_eq!(self.count.stats().hits, 60000);
+        let s = self.args.stats();
+        assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
+        let recs = self.args.take_records();
+        let (sum, mix) = checksums(&args_of(&recs));
+        assert_eq!(
+            (recs.len(), sum.to_string(), mix.to_string()),
+            (60000, self.got["sum"].clone(), self.got["mix"].clone()),
+            "{}",
+            self.out
+        );
+        recs
+    }
+}
+
 fn count_and_args_to_the_end(mode: &[&str]) -> Run {
     let mut cmd = common::command("mp-c-collect", mode);
     let mut t = Tracer::spawn(&mut cmd).unwrap();
@@ -358,28 +377,13 @@ fn promoted_collectors_count_and_record_exactly_from_4_threads_without_stops() {
     // program makes them within milliseconds.
     let run = count_and_args_to_the_end(&["threads", "4", "15000"]);
     assert_eq!(run.end, Stop::Exited(ExitStatus::Code(0)));
-    let Run {
-        t,
-        f,
-        count,
-        args,
-        out,
-        got,
-        ..
-    } = run;
     // Hardly any hit stopped (the first ones may, until a thread can make the system
     // calls promotion needs: spawned, the program stands at its exec), and the counts
     // are exact across both paths.
-    let stopped = t.registry().site(f).unwrap().hits;
+    let stopped = run.t.registry().site(run.f).unwrap().hits;
     assert!(stopped < 100, "{stopped} hits stopped");
-    assert_eq!(count.stats().hits, 60000);
-    let s = args.stats();
-    assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
-    let recs = args.take_records();
-    assert_eq!(recs.len(), 60000);
-    let (sum, mix) = checksums(&args_of(&recs));
-    assert_eq!(sum.to_string(), got["sum"], "{out}");
-    assert_eq!(mix.to_string(), got["mix"], "{out}");
+    let recs = run.exact_counts_and_records();
+    let (t, f, args) = (&run.t, run.f, &run.args);
     let tids: HashSet<i32> = recs.iter().map(|r| r.tid).collect();
     assert_eq!(tids.len(), 4, "{tids:?}");
     assert!(!tids.contains(&0) && !tids.contains(&t.pid()), "{tids:?}");
@@ -401,23 +405,7 @@ fn a_program_killed_after_its_calls_loses_no_count_and_no_record() {
     // wrote into the area is read after it is gone, and nothing is lost.
     let run = count_and_args_to_the_end(&["killed", "4", "15000"]);
     assert_eq!(run.end, Stop::Exited(ExitStatus::Signal(Signal::KILL)));
-    let Run {
-        count,
-        args,
-        out,
-        got,
-        ..
-    } = run;
-    assert_eq!(count.stats().hits, 60000);
-    let s = args.stats();
-    assert_eq!((s.hits, s.dropped, s.faulted), (60000, 0, 0));
-    let recs = args.take_records();
-    let (sum, mix) = checksums(&args_of(&recs));
-    assert_eq!(
-        (recs.len(), sum.to_string(), mix.to_string()),
-        (60000, got["sum"].to_string(), got["mix"].to_string()),
-        "{out}"
-    );
+    run.exact_counts_and_records();
 }
 
 /// `mp-c-collect busy 4` (stdin piped: closing it ends the program) held at its entry,
