@@ -5,8 +5,8 @@
 //!            byte at rip != BRK: execute it ─────────────────────────────┐ (retires)
 //!  Fetch ──┤                                                             │
 //!            byte at rip == BRK: RaiseTrap ──> Trapped ── Dispatcher::pre ┤
-//!     NotOurs, byte restored: back to Fetch (re-execute the original)    │
-//!     NotOurs, byte still BRK: deliver SIGTRAP (not ours)         (retires)
+//!     NotOurs, byte restored or re-armed: back to Fetch (re-execute)      │
+//!     NotOurs, byte still BRK, no probe there: deliver SIGTRAP    (retires)
 //!     Redirect: resume at regs.rip                                (retires)
 //!     Step: Step::defer_post, copy the slot ──> InSlot ── execute out of line
 //!     (then, on CPU 0, still in the same micro-step, the removals handlers asked for
@@ -344,7 +344,12 @@ impl Cpu {
         let ts = Rc::clone(&self.ts);
         let outcome = match d.pre(&ts, addr, self.tid, &mut regs, &**mem) {
             PreOutcome::NotOurs => {
-                let reexecute = mem.byte(addr) != BRK;
+                // Ours no more: the original byte is back (a racing disarm), or a
+                // probe was armed there again since the lookup (a new registration
+                // at the address, published before its `BRK` was written): execute
+                // again, as backend-sigtrap's `not_ours` does. Only a `BRK` that no
+                // probe claims is the program's own.
+                let reexecute = mem.byte(addr) != BRK || d.contains(addr);
                 if reexecute {
                     self.phase = Phase::Fetch;
                 } else {
