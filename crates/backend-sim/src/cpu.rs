@@ -315,11 +315,15 @@ impl Cpu {
                 result: Err(fault),
             };
         }
-        if mem.byte(addr) == BRK {
+        // One read of the code, as the hardware fetches once: reading the opcode byte
+        // again to decode could find a `BRK` armed in between, executed as the
+        // program's own breakpoint.
+        let code = mem.code_from(addr);
+        if code.first() == Some(&BRK) {
             self.phase = Phase::Trapped { addr };
             return Event::RaiseTrap { addr };
         }
-        let result = match decode(&mem.code_from(addr)) {
+        let result = match decode(&code) {
             // A `ret` reading a swapped return address is the return probe at work,
             // not the program looking at its stack.
             Some(Insn::Ret) => execute(Insn::Ret, addr, &mut self.regs, &mem.for_ret()),
