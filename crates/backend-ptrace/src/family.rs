@@ -163,7 +163,6 @@ impl Tracer {
         self.family.members.extend(born);
     }
 
-    /// End every held stop of the family's followers (see [`Tracer::run_until`]).
     /// After a pause, which holds the family's reports instead of serving them: the
     /// exits it took are reported as serving them would have. A follower that is gone
     /// leaves the family with a [`Stop::ProcessExited`] queued; the first process, gone
@@ -175,19 +174,22 @@ impl Tracer {
             match self.family.members[i].exit_status() {
                 Some(status) => {
                     let pid = self.family.members.remove(i).pid();
-                    self.family.queued.push(Stop::ProcessExited { pid, status });
+                    self.family
+                        .queued
+                        .push(translate(pid, Stop::Exited(status)));
                 }
                 None => i += 1,
             }
         }
         if let (false, Some(status)) = (first_was_gone, self.exit_status()) {
             if !self.family.members.is_empty() {
-                let pid = self.pid();
-                self.family.queued.push(Stop::ProcessExited { pid, status });
+                let stop = self.first_gone(status);
+                self.family.queued.push(stop);
             }
         }
     }
 
+    /// End every held stop of the family's followers (see [`Tracer::run_until`]).
     pub(crate) fn resume_followers(&mut self) -> Result<()> {
         for i in 0..self.family.members.len() {
             self.with_follower(i, |m| m.prepare_resume())?;
