@@ -321,14 +321,19 @@ impl Gen<'_> {
         a.shl(rdx, 32)?;
         a.or(rax, rdx)?;
         a.mov(qword_ptr(r11 + cell::TSC as i32), rax)?;
-        match self.spec.thread_id {
-            ThreadId::RdFsBase => a.rdfsbase(rax)?,
-            ThreadId::FsZero => a.mov(rax, qword_ptr(0u64).fs())?,
-        }
+        self.thread_to_rax(a)?;
         a.mov(qword_ptr(r11 + cell::THREAD as i32), rax)?;
         a.mov(rax, u64::from(slot) << 32 | u64::from(self.spec.site))?;
         a.mov(qword_ptr(r11 + cell::SITE as i32), rax)?;
         a.mov(qword_ptr(r11 + cell::LEN as i32), len as i32)
+    }
+
+    /// `rax` = the hitting thread's fs base ([`ThreadId`] says how to read it).
+    fn thread_to_rax(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        match self.spec.thread_id {
+            ThreadId::RdFsBase => a.rdfsbase(rax),
+            ThreadId::FsZero => a.mov(rax, qword_ptr(0u64).fs()),
+        }
     }
 
     /// Every collector's `lock inc` of its hits, in this thread's stripe: `rax` = the
@@ -336,10 +341,7 @@ impl Gen<'_> {
     /// = the area plus it. All counts come before the records (whose `rdtsc` takes
     /// `rdx`); the tracer sees counts only at a drain, in any order.
     fn hits(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
-        match self.spec.thread_id {
-            ThreadId::RdFsBase => a.rdfsbase(rax)?,
-            ThreadId::FsZero => a.mov(rax, qword_ptr(0u64).fs())?,
-        }
+        self.thread_to_rax(a)?;
         a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
         a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
         a.shl(eax, STRIPE_LEN.trailing_zeros())?;
