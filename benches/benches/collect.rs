@@ -181,6 +181,7 @@ fn main() {
             area: area.words.as_ptr() as u64,
             layout: &area.layout,
             thread_id,
+            shadow: 0,
         };
         let t_off = 0x1000 * (i + 1);
         let built = build_collect_trampoline(&spec, base + t_off as u64).unwrap();

@@ -102,7 +102,7 @@ enum FlagSave {
 /// Stack while the action code runs, from `rsp` up: the registers of `saved` (last
 /// pushed first), the flags word (rflags, or `ax` after `lahf; seto al`), with
 /// [`FlagSave::Lahf`] the program's `rax` above it, then the skipped red zone.
-struct Clobbers {
+pub(super) struct Clobbers {
     saved: Vec<Gpr>,
     flags: FlagSave,
 }
@@ -113,6 +113,7 @@ impl Clobbers {
         let mem = collectors
             .iter()
             .any(|c| matches!(c.action, Action::Mem { .. }));
+        let ret = collectors.iter().any(|c| c.action == Action::Ret);
         let all_flags = collectors
             .iter()
             .any(|c| matches!(c.action, Action::Regs | Action::Mem { .. }));
@@ -130,7 +131,7 @@ impl Clobbers {
                 Gpr::Rax => counts && flags == FlagSave::Pushf,
                 Gpr::Rbx => counts && matches!(base, Base::Rbx),
                 Gpr::Rdx => counts,
-                Gpr::Rcx | Gpr::Rsi | Gpr::Rdi => mem,
+                Gpr::Rcx | Gpr::Rsi | Gpr::Rdi => mem || ret,
                 _ => records,
             })
             .collect();
@@ -152,7 +153,7 @@ impl Clobbers {
     }
 
     /// `rsp` as the program had it, minus the action code's `rsp`.
-    fn program_rsp(&self) -> i32 {
+    pub(super) fn program_rsp(&self) -> i32 {
         let saved_rax = if self.flags == FlagSave::Lahf { 8 } else { 0 };
         self.flags_slot() + 8 + saved_rax + RED_ZONE as i32
     }
@@ -183,12 +184,15 @@ impl Clobbers {
     }
 }
 
-fn lock(mut i: Instruction) -> Instruction {
+pub(super) fn lock(mut i: Instruction) -> Instruction {
     i.set_has_lock_prefix(true);
     i
 }
 
-fn add(a: &mut CodeAssembler, i: Result<Instruction, IcedError>) -> Result<(), IcedError> {
+pub(super) fn add(
+    a: &mut CodeAssembler,
+    i: Result<Instruction, IcedError>,
+) -> Result<(), IcedError> {
     a.add_instruction(i?)
 }
 
@@ -218,7 +222,19 @@ fn check(spec: &CollectSpec<'_>) -> Result<(), TrampolineError> {
                 return Err(bad(i, "mem copies 1 to RECORD_DATA_MAX bytes"))
             }
             Action::Mem { .. } => {}
+            Action::Ret if spec.shadow == 0 => {
+                return Err(bad(i, "ret needs the shadow stacks' address"))
+            }
+            Action::Ret => {}
         }
+    }
+    let rets = spec
+        .collectors
+        .iter()
+        .filter(|c| c.action == Action::Ret)
+        .count();
+    if rets > 2 {
+        return Err(bad(MAX_COLLECTORS, "a site runs at most 2 ret collectors"));
     }
     Ok(())
 }
@@ -232,10 +248,10 @@ struct OutOfLine {
     slot: u32,
 }
 
-struct Gen<'s> {
-    spec: &'s CollectSpec<'s>,
+pub(super) struct Gen<'s> {
+    pub(super) spec: &'s CollectSpec<'s>,
     base: Base,
-    clob: Clobbers,
+    pub(super) clob: Clobbers,
 }
 
 impl Gen<'_> {
@@ -258,7 +274,7 @@ impl Gen<'_> {
     }
 
     /// `mov dst, <the program's g>`.
-    fn load_program(
+    pub(super) fn load_program(
         &self,
         a: &mut CodeAssembler,
         dst: AsmRegister64,
@@ -272,7 +288,7 @@ impl Gen<'_> {
 
     /// Claim a cell: `r10` = reservation + 1, `r11` = the cell; `jae full` when the ring
     /// is full.
-    fn reserve(&self, a: &mut CodeAssembler, full: CodeLabel) -> Result<(), IcedError> {
+    pub(super) fn reserve(&self, a: &mut CodeAssembler, full: CodeLabel) -> Result<(), IcedError> {
         let layout = self.spec.layout;
         let mut retry = a.create_label();
         add(
@@ -305,7 +321,7 @@ impl Gen<'_> {
 
     /// The cell's header: tsc, thread, site and slot, len with flags 0, and `ptr`: the
     /// `mem:` pointer already loaded into `rsi`, else 0.
-    fn header(
+    pub(super) fn header(
         &self,
         a: &mut CodeAssembler,
         slot: u32,
@@ -329,7 +345,7 @@ impl Gen<'_> {
     }
 
     /// `rax` = the hitting thread's fs base ([`ThreadId`] says how to read it).
-    fn thread_to_rax(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+    pub(super) fn thread_to_rax(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         match self.spec.thread_id {
             ThreadId::RdFsBase => a.rdfsbase(rax),
             ThreadId::FsZero => a.mov(rax, qword_ptr(0u64).fs()),
@@ -341,6 +357,17 @@ impl Gen<'_> {
     /// = the area plus it. All counts come before the records (whose `rdtsc` takes
     /// `rdx`); the tracer sees counts only at a drain, in any order.
     fn hits(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        self.stripe_to_rdx(a)?;
+        for c in self.spec.collectors {
+            let off = self.spec.layout.counter_offset(c.slot) + HITS;
+            let hits = MemoryOperand::with_base_displ(R::RDX, off as i64);
+            add(a, Instruction::with1(C::Inc_rm64, hits).map(lock))?;
+        }
+        Ok(())
+    }
+
+    /// `rdx` = the area plus this thread's stripe offset (`rax` = the offset).
+    pub(super) fn stripe_to_rdx(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         self.thread_to_rax(a)?;
         a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
         a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
@@ -355,12 +382,30 @@ impl Gen<'_> {
             }
             Base::Rbx => a.lea(rdx, ptr(rbx + rax))?,
         }
-        for c in self.spec.collectors {
-            let off = self.spec.layout.counter_offset(c.slot) + HITS;
-            let hits = MemoryOperand::with_base_displ(R::RDX, off as i64);
-            add(a, Instruction::with1(C::Inc_rm64, hits).map(lock))?;
+        Ok(())
+    }
+
+    /// Skip the red zone, save the flags and the clobbered registers, load `rbx`: the
+    /// entry's and the return code's common start.
+    pub(super) fn prologue(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.lea(rsp, ptr(rsp - RED_ZONE as i32))?;
+        self.clob.save_flags(a)?;
+        for &r in &self.clob.saved {
+            a.push(asm_reg(r))?;
+        }
+        if matches!(self.base, Base::Rbx) && self.clob.saved.contains(&Gpr::Rbx) {
+            a.mov(rbx, self.spec.area)?;
         }
         Ok(())
+    }
+
+    /// Undo [`Gen::prologue`].
+    pub(super) fn epilogue(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        for &r in self.clob.saved.iter().rev() {
+            a.pop(asm_reg(r))?;
+        }
+        self.clob.restore_flags(a)?;
+        a.lea(rsp, ptr(rsp + RED_ZONE as i32))
     }
 
     /// One collector, in line; its out-of-line paths are returned.
@@ -369,7 +414,7 @@ impl Gen<'_> {
         a: &mut CodeAssembler,
         c: &Collector,
     ) -> Result<Option<OutOfLine>, TrampolineError> {
-        if c.action == Action::Count {
+        if matches!(c.action, Action::Count | Action::Ret) {
             return Ok(None);
         }
         let full = a.create_label();
@@ -377,7 +422,7 @@ impl Gen<'_> {
         self.reserve(a, full)?;
         let mut resume = None;
         match c.action {
-            Action::Count => unreachable!(),
+            Action::Count | Action::Ret => unreachable!(),
             Action::Args(n) => {
                 self.header(a, c.slot, 8 * usize::from(n), false)?;
                 for (i, &g) in ARGS[..usize::from(n)].iter().enumerate() {
@@ -482,14 +527,9 @@ pub fn build_collect_trampoline(
     let mut lit_ret = a.create_label();
     let mut points = Vec::new();
 
-    a.lea(rsp, ptr(rsp - RED_ZONE as i32))?;
-    g.clob.save_flags(&mut a)?;
-    for &r in &g.clob.saved {
-        a.push(asm_reg(r))?;
-    }
-    if matches!(base, Base::Rbx) && g.clob.saved.contains(&Gpr::Rbx) {
-        a.mov(rbx, spec.area)?;
-    }
+    let mut ret_code = a.create_label();
+    let rets = spec.collectors.iter().any(|c| c.action == Action::Ret);
+    g.prologue(&mut a)?;
     if !spec.collectors.is_empty() {
         g.hits(&mut a)?;
     }
@@ -499,17 +539,19 @@ pub fn build_collect_trampoline(
             outs.push(o);
         }
     }
-    for &r in g.clob.saved.iter().rev() {
-        a.pop(asm_reg(r))?;
+    if rets {
+        g.shadow_push(&mut a, ret_code)?;
     }
-    g.clob.restore_flags(&mut a)?;
-    a.lea(rsp, ptr(rsp + RED_ZONE as i32))?;
+    g.epilogue(&mut a)?;
     let plain = emit_plain_copy(&mut a, region, &insns, lit_ret, &mut points, None)?;
     let mut resumes = Vec::new();
     for o in &mut outs {
         if let Some((fault, resume)) = g.out_of_line(&mut a, o)? {
             resumes.push((fault, resume, o.slot));
         }
+    }
+    if rets {
+        g.return_code(&mut a, &mut ret_code)?;
     }
     a.int3()?; // never executed: keeps a stray fall-through from reading data as code
     a.set_label(&mut lit_ret)?;
@@ -522,6 +564,11 @@ pub fn build_collect_trampoline(
         len: asm.bytes.len() as u16,
         copies: CopyMap::resolve(&points, &plain, |l| asm.off(l))?,
         nfaults: resumes.len() as u8,
+        ret_code: if rets {
+            at + u64::from(asm.off(&ret_code)?)
+        } else {
+            0
+        },
         faults: [(0, ActionFault { slot: 0, resume: 0 }); MAX_COLLECTORS],
     };
     for (i, (fault, resume, slot)) in resumes.iter().enumerate() {
@@ -578,6 +625,7 @@ mod tests {
             area,
             layout: &layout,
             thread_id: ThreadId::FsZero,
+            shadow: 0,
         };
         build_collect_trampoline(&spec, CODE + 0x10_0000)
     }

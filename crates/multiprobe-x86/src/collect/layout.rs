@@ -6,7 +6,8 @@
 //! 64    head     u64: reservations made by producers (the tracee), one cache line
 //! 128   tail     u64: cells consumed by the reader (the tracer), one cache line
 //! 192   counters per slot, COUNTER_STRIPES cache lines each: line 0 holds hits u64,
-//!       dropped u64, faulted u64; line s (1..) holds the hits of stripe s
+//!       dropped u64, faulted u64, returns lost u64, live u64; every line s holds the
+//!       hits of stripe s at 0 and its returns at 48
 //! ..    cells    ring cells of CELL_LEN bytes, 64-byte aligned
 //! ```
 //!
@@ -37,7 +38,7 @@
 /// `MPCOLLCT` in little-endian: the area's first word.
 pub const AREA_MAGIC: u64 = u64::from_le_bytes(*b"MPCOLLCT");
 /// Version of this layout, in the header.
-pub const AREA_VERSION: u32 = 2;
+pub const AREA_VERSION: u32 = 3;
 
 /// Length of a ring cell.
 pub const CELL_LEN: usize = 256;
@@ -85,6 +86,15 @@ pub(crate) const COUNTER_LEN: usize = COUNTER_STRIPES * STRIPE_LEN;
 pub(crate) const HITS: usize = 0;
 pub(crate) const DROPPED: usize = 8;
 pub(crate) const FAULTED: usize = 16;
+/// Calls whose return a `ret` collector could not see (line 0): the shadow stack was
+/// full, or the call was skipped by a `longjmp` or an exception.
+pub(crate) const LOST: usize = 24;
+/// Nonzero while the slot's `ret` collector may write records at returns (line 0):
+/// the tracer clears it when the collector leaves the site, so calls still in flight
+/// return unobserved (rule 10's quiescence).
+pub(crate) const LIVE: usize = 32;
+/// Returns seen by a `ret` collector, in each stripe (like `hits`).
+pub(crate) const RETURNS: usize = 48;
 
 /// Bit 0 of a cell's flags.
 pub const FLAG_FAULTED: u16 = 1;
@@ -152,6 +162,12 @@ impl AreaLayout {
     /// bytes each); the hits of stripe `s` are at `s *` 64 bytes from it.
     pub fn counter_offset(&self, slot: u32) -> usize {
         hdr::COUNTERS + slot as usize * COUNTER_LEN
+    }
+
+    /// Offset of counter slot `slot`'s live word (see [`crate::collect::Action::Ret`]):
+    /// the tracer stores nonzero while the collector is on its site.
+    pub fn live_offset(&self, slot: u32) -> usize {
+        self.counter_offset(slot) + LIVE
     }
 
     /// Offset of the first ring cell.

@@ -30,6 +30,8 @@ pub struct CollectMap {
     pub(crate) len: u16,
     pub(crate) copies: CopyMap,
     pub(crate) nfaults: u8,
+    /// The return code's address (`ret` collectors), 0 without.
+    pub(crate) ret_code: u64,
     /// (offset of the faulting instruction, its entry).
     pub(crate) faults: [(u16, ActionFault); MAX_COLLECTORS],
 }
@@ -88,6 +90,12 @@ impl CollectMap {
         self.faults[..usize::from(self.nfaults)]
             .iter()
             .map(|&(o, f)| (self.addr + u64::from(o), f))
+    }
+
+    /// The address of its return code, which return slots of calls in flight hold,
+    /// if it has `ret` collectors.
+    pub fn ret_code(&self) -> Option<u64> {
+        (self.ret_code != 0).then_some(self.ret_code)
     }
 
     /// The relocated copy of region instruction `i`.

@@ -74,6 +74,26 @@
 //! (`lock inc`: the tracer counts nothing) and goes on with the next collector, so the
 //! relocated region still runs and every register is restored.
 //!
+//! # Returns (`ret`)
+//!
+//! A site with [`Action::Ret`] collectors is a function entry. After its other
+//! collectors, the entry code finds the thread's block of the shadow stacks (a hash of
+//! the fs base, claimed once), drops frames of calls a `longjmp` skipped, pushes a
+//! frame (the return address, its slot, `rdtsc`, the arguments) and writes the address
+//! of the site's *return code* into the return slot. The return code, at the end of
+//! the same trampoline, is where the function's `ret` lands: it saves what it uses as
+//! the entry does, pops frames down to the one whose slot is `rsp - 8` (counting the
+//! skipped ones lost), writes each live collector's record, puts the original return
+//! address into the popped slot (`[rsp - 8]`, inside the red zone, which signal
+//! delivery never writes) and leaves by `jmp [rsp - 8]` with every register restored.
+//! A collector whose live word is 0 (it left the site) writes nothing: calls in flight
+//! return unobserved. The return code is inside the trampoline ([`CollectMap::locate`]
+//! says `Inside`), so a thread stopped there is let run out of it like the action code;
+//! it leaves at the original return address. See `shadow` for the stacks' layout and
+//! their invariants. Unwinders that read return addresses (C++ exceptions,
+//! `backtrace`) see the return code's address: the tracer puts the originals back
+//! around them ([`shadow::in_flight`] lists what to restore).
+//!
 //! # Known limits
 //!
 //! * `rdtsc` faults (SIGSEGV) in a process that disabled it with
@@ -90,6 +110,8 @@ mod codegen;
 mod layout;
 mod map;
 mod reader;
+mod retgen;
+pub mod shadow;
 
 pub use codegen::build_collect_trampoline;
 pub use layout::{
@@ -120,7 +142,16 @@ pub enum Action {
         /// How many bytes to copy.
         len: u16,
     },
+    /// At the function's entry (the site must be one), the call's return address is
+    /// swapped for the site's return code and kept on the thread's shadow stack
+    /// (`shadow`); when the call returns, a record of [`RET_LEN`] bytes: the entry's
+    /// `rdtsc`, `rax`, `rdx` at the return, and the six integer arguments of the entry
+    /// (the record's own `tsc` is the return's). Counts `returns` and `returns_lost`.
+    Ret,
 }
+
+/// Bytes of an [`Action::Ret`] record: entry tsc, rax, rdx, six arguments.
+pub const RET_LEN: usize = 9 * 8;
 
 /// The registers of [`Action::Regs`], in record order.
 pub const REGS_ORDER: [multiprobe_core::Gpr; 16] = {
@@ -168,4 +199,8 @@ pub struct CollectSpec<'a> {
     pub layout: &'a AreaLayout,
     /// How to read the thread's identity.
     pub thread_id: ThreadId,
+    /// The shadow stacks' address in the process that runs the code
+    /// ([`shadow::SHADOW_LEN`] bytes, zeroed); needed only with an [`Action::Ret`]
+    /// collector, 0 otherwise.
+    pub shadow: u64,
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{
     cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, DROPPED, FAULTED,
-    FLAG_FAULTED, HITS, RECORD_DATA_MAX, STRIPE_LEN,
+    FLAG_FAULTED, HITS, LOST, RECORD_DATA_MAX, RETURNS, STRIPE_LEN,
 };
 
 /// One collector's counters.
@@ -23,6 +23,10 @@ pub struct Counters {
     pub dropped: u64,
     /// Records whose `mem:` copy faulted (committed with [`RecordRef::faulted`]).
     pub faulted: u64,
+    /// `ret`: returns seen (each one's record written or dropped).
+    pub returns: u64,
+    /// `ret`: calls whose return could not be seen (module docs of `collect`).
+    pub returns_lost: u64,
 }
 
 /// A committed record, copied out of its cell.
@@ -131,16 +135,32 @@ impl<'a> AreaReader<'a> {
     pub fn counters(&self, slot: u32) -> Counters {
         assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
         let base = self.layout.counter_offset(slot);
-        Counters {
-            hits: (0..COUNTER_STRIPES)
+        let striped = |field: usize| {
+            (0..COUNTER_STRIPES)
                 .map(|s| {
-                    self.word(base + s * STRIPE_LEN + HITS)
+                    self.word(base + s * STRIPE_LEN + field)
                         .load(Ordering::Relaxed)
                 })
-                .fold(0u64, u64::wrapping_add),
+                .fold(0u64, u64::wrapping_add)
+        };
+        Counters {
+            hits: striped(HITS),
             dropped: self.word(base + DROPPED).load(Ordering::Relaxed),
             faulted: self.word(base + FAULTED).load(Ordering::Relaxed),
+            returns: striped(RETURNS),
+            returns_lost: self.word(base + LOST).load(Ordering::Relaxed),
         }
+    }
+
+    /// Let slot `slot`'s `ret` collector see returns (`true`), or make the calls still
+    /// in flight return unobserved (`false`): the live word the return code checks.
+    ///
+    /// # Panics
+    /// When `slot` is not below the layout's counter slots.
+    pub fn set_live(&self, slot: u32, live: bool) {
+        assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
+        self.word(self.layout.live_offset(slot))
+            .store(u64::from(live), Ordering::Release);
     }
 
     /// Reservations the producers have made so far (records written, being written, or

@@ -89,6 +89,8 @@ pub struct Setup {
     code: *mut u8,
     pub area: Area,
     pub built: BuiltCollect,
+    /// The shadow stacks of `ret` collectors.
+    pub shadow: u64,
 }
 
 // SAFETY: the mappings are process-wide and never unmapped while a `Setup` lives; the
@@ -153,6 +155,25 @@ fn function(base: u64, data: u64) -> Vec<u8> {
     a.assemble(base).unwrap()
 }
 
+/// A zeroed mapping for the shadow stacks, as the tracer makes one in a tracee.
+fn shadow_stacks() -> u64 {
+    let len = multiprobe_x86::collect::shadow::SHADOW_LEN;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh anonymous mapping, replacing nothing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, flags, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    p as u64
+}
+
+/// The word at `addr` of a mapping this set-up made (the shadow stacks).
+#[allow(dead_code, reason = "used by collect_ret only")]
+pub fn peek(addr: u64) -> u64 {
+    // SAFETY: tests pass addresses inside the shadow mapping, which is never unmapped;
+    // the generated code is not running on this thread meanwhile.
+    unsafe { std::ptr::read_volatile(addr as *const u64) }
+}
+
 fn write_raw(to: *mut u8, off: usize, bytes: &[u8], len: usize) {
     assert!(off + bytes.len() <= len);
     // SAFETY: in bounds of a mapping of `len` bytes at `to` (checked above); nothing
@@ -171,9 +192,11 @@ pub fn whole_function_region(base: u64, f: &[u8]) -> Region {
 }
 
 /// Function copy `k` at `FUNC + 0x100 k`, its trampoline at `TRAMP + 0x1000 k`.
+#[allow(clippy::too_many_arguments)]
 fn site(
     code: *mut u8,
     area: &Area,
+    shadow: u64,
     k: usize,
     site_no: u32,
     collectors: &[Collector],
@@ -191,6 +214,7 @@ fn site(
         area: area.addr(),
         layout: &area.layout,
         thread_id,
+        shadow,
     };
     let t = TRAMP + 0x1000 * k;
     let built = build_collect_trampoline(&spec, base + t as u64).unwrap();
@@ -209,8 +233,20 @@ impl Setup {
         let base = code as u64;
         let area = Area::new(cells, near.then_some(base), base);
         write_raw(code, DATA, &DATA_VALUE.to_le_bytes(), CODE_LEN);
-        let built = site(code, &area, 0, 7, collectors, thread_id);
-        Setup { code, area, built }
+        let shadow = shadow_stacks();
+        let built = site(code, &area, shadow, 0, 7, collectors, thread_id);
+        let s = Setup {
+            code,
+            area,
+            built,
+            shadow,
+        };
+        for c in collectors {
+            if c.action == multiprobe_x86::collect::Action::Ret {
+                s.reader().set_live(c.slot, true);
+            }
+        }
+        s
     }
 
     /// Another copy of the function (number `k`, 1..8) probed as site `site_no` with
@@ -220,6 +256,7 @@ impl Setup {
         let built = site(
             self.code,
             &self.area,
+            self.shadow,
             k,
             site_no,
             collectors,

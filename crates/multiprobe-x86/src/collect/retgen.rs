@@ -1,0 +1,254 @@
+//! Code generation for `ret` collectors: the shadow-stack push at the entry and the
+//! site's return code (see "Returns" in the `collect` module docs and the invariants
+//! in `shadow`).
+//!
+//! Register use (all of them saved by the entry's and the return code's common
+//! prologue, [`super::codegen`]'s `Clobbers`, so the program sees none of it):
+//! `rcx` the fs base, then the depth after the pop; `rdi` the thread's block; `rsi` the
+//! return slot, then the frame; `r10`/`r11` the probe counters, then the cell (as the
+//! other records); `rax`/`rdx` scratch.
+
+use iced_x86::code_asm::*;
+use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
+
+use super::codegen::{add, lock, Gen};
+use super::layout::{cell, HITS, LIVE, LOST, RETURNS};
+use super::shadow::{
+    BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
+    OWNER, PROBES, THREADS,
+};
+use super::{Action, RET_LEN};
+use multiprobe_core::Gpr;
+
+const ARGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
+
+impl Gen<'_> {
+    fn rets(&self) -> impl Iterator<Item = u32> + '_ {
+        self.spec
+            .collectors
+            .iter()
+            .filter(|c| c.action == Action::Ret)
+            .map(|c| c.slot)
+    }
+
+    /// The absolute address of counter slot `slot`'s `field` (line 0).
+    fn counter_abs(&self, slot: u32, field: usize) -> u64 {
+        self.spec.area + (self.spec.layout.counter_offset(slot) + field) as u64
+    }
+
+    /// `rdi` = this thread's block, `rcx` = its fs base; with `claim`, a free block
+    /// in the neighbourhood is claimed. Jumps to `none` when there is none.
+    fn find_block(
+        &self,
+        a: &mut CodeAssembler,
+        claim: bool,
+        none: CodeLabel,
+    ) -> Result<(), IcedError> {
+        let mut probe = a.create_label();
+        let mut next = a.create_label();
+        let mut found = a.create_label();
+        self.thread_to_rax(a)?;
+        a.mov(rcx, rax)?;
+        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
+        a.shr(eax, 32 - THREADS.trailing_zeros())?;
+        a.mov(r11d, eax)?;
+        a.mov(r10d, PROBES)?;
+        a.set_label(&mut probe)?;
+        a.imul_3(rdi, r11, BLOCK_LEN as i32)?;
+        a.mov(rax, self.spec.shadow)?;
+        a.add(rdi, rax)?;
+        a.mov(rax, qword_ptr(rdi + OWNER as i32))?;
+        a.cmp(rax, rcx)?;
+        a.je(found)?;
+        if claim {
+            a.test(rax, rax)?;
+            a.jne(next)?;
+            // rax = 0: the comparand. ZF is set when the block became ours.
+            add(
+                a,
+                Instruction::with2(
+                    C::Cmpxchg_rm64_r64,
+                    MemoryOperand::with_base_displ(R::RDI, OWNER as i64),
+                    R::RCX,
+                )
+                .map(lock),
+            )?;
+            a.je(found)?;
+        }
+        a.set_label(&mut next)?;
+        a.inc(r11d)?;
+        a.and(r11d, (THREADS - 1) as i32)?;
+        a.dec(r10d)?;
+        a.jnz(probe)?;
+        a.jmp(none)?;
+        a.set_label(&mut found)?;
+        Ok(())
+    }
+
+    /// Count the frame at `rdi + rax` lost (its one or two counter words).
+    fn count_frame_lost(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        let mut no_second = a.create_label();
+        a.mov(rdx, qword_ptr(rdi + rax + F_LOST as i32))?;
+        a.lock().inc(qword_ptr(rdx))?;
+        a.mov(rdx, qword_ptr(rdi + rax + F_LOST2 as i32))?;
+        a.test(rdx, rdx)?;
+        a.jz(no_second)?;
+        a.lock().inc(qword_ptr(rdx))?;
+        a.set_label(&mut no_second)?;
+        a.zero_bytes()
+    }
+
+    /// The entry's push (module docs): after the other collectors, before the region.
+    pub(super) fn shadow_push(
+        &self,
+        a: &mut CodeAssembler,
+        ret_code: CodeLabel,
+    ) -> Result<(), IcedError> {
+        let mut lost = a.create_label();
+        let mut full = a.create_label();
+        let mut clean = a.create_label();
+        let mut push = a.create_label();
+        let mut done = a.create_label();
+        self.find_block(a, true, lost)?;
+        a.mov(rdx, qword_ptr(rdi + DEPTH as i32))?;
+        a.lea(rsi, ptr(rsp + self.clob.program_rsp()))?;
+        // Drop frames whose slot is at or below this call's: calls already left.
+        a.set_label(&mut clean)?;
+        a.test(rdx, rdx)?;
+        a.jz(push)?;
+        a.imul_3(rax, rdx, FRAME_LEN as i32)?;
+        a.cmp(qword_ptr(rdi + rax + F_RSP as i32), rsi)?;
+        a.ja(push)?;
+        a.mov(r10, rdx)?;
+        self.count_frame_lost(a)?;
+        a.mov(rdx, r10)?;
+        a.dec(rdx)?;
+        a.jmp(clean)?;
+        a.set_label(&mut push)?;
+        a.cmp(rdx, FRAMES as i32)?;
+        a.jae(full)?;
+        // Reserve the frame first (a nested push then takes the next one).
+        a.lea(rax, ptr(rdx + 1))?;
+        a.mov(qword_ptr(rdi + DEPTH as i32), rax)?;
+        a.imul_3(rax, rax, FRAME_LEN as i32)?;
+        a.add(rdi, rax)?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.mov(qword_ptr(rdi + F_RET as i32), rax)?;
+        a.mov(qword_ptr(rdi + F_RSP as i32), rsi)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(qword_ptr(rdi + F_TSC as i32), rax)?;
+        let mut rets = self.rets();
+        let first = rets.next().expect("a ret collector");
+        a.mov(rax, self.counter_abs(first, LOST))?;
+        a.mov(qword_ptr(rdi + F_LOST as i32), rax)?;
+        match rets.next() {
+            Some(second) => {
+                a.mov(rax, self.counter_abs(second, LOST))?;
+                a.mov(qword_ptr(rdi + F_LOST2 as i32), rax)?;
+            }
+            None => a.mov(qword_ptr(rdi + F_LOST2 as i32), 0)?,
+        }
+        for (i, &g) in ARGS.iter().enumerate() {
+            self.load_program(a, rax, g)?;
+            a.mov(qword_ptr(rdi + (F_ARGS + 8 * i) as i32), rax)?;
+        }
+        a.lea(rax, ptr(ret_code))?;
+        a.mov(qword_ptr(rdi + F_CODE as i32), rax)?;
+        a.mov(qword_ptr(rsi), rax)?;
+        a.jmp(done)?;
+        a.set_label(&mut full)?;
+        a.mov(qword_ptr(rdi + DEPTH as i32), rdx)?; // what the clean-up dropped
+        a.set_label(&mut lost)?;
+        for slot in self.rets() {
+            a.mov(rax, self.counter_abs(slot, LOST))?;
+            a.lock().inc(qword_ptr(rax))?;
+        }
+        a.set_label(&mut done)?;
+        a.zero_bytes()
+    }
+
+    /// The site's return code (module docs), at `label`: entered by the probed
+    /// function's `ret`, with the entry's prologue.
+    pub(super) fn return_code(
+        &self,
+        a: &mut CodeAssembler,
+        label: &mut CodeLabel,
+    ) -> Result<(), IcedError> {
+        let mut broken = a.create_label();
+        let mut pop = a.create_label();
+        let mut matched = a.create_label();
+        a.set_label(label)?;
+        self.prologue(a)?;
+        self.find_block(a, false, broken)?;
+        // rsi = the slot the `ret` popped.
+        a.lea(rsi, ptr(rsp + self.clob.program_rsp() - 8))?;
+        a.mov(rcx, qword_ptr(rdi + DEPTH as i32))?;
+        a.set_label(&mut pop)?;
+        a.test(rcx, rcx)?;
+        a.jz(broken)?;
+        a.imul_3(rax, rcx, FRAME_LEN as i32)?;
+        a.cmp(qword_ptr(rdi + rax + F_RSP as i32), rsi)?;
+        a.je(matched)?;
+        a.ja(broken)?;
+        self.count_frame_lost(a)?;
+        a.dec(rcx)?;
+        a.jmp(pop)?;
+        a.set_label(&mut matched)?;
+        a.lea(rsi, ptr(rdi + rax))?;
+        a.dec(rcx)?;
+        for slot in self.rets() {
+            self.ret_record(a, slot)?;
+        }
+        a.mov(rax, qword_ptr(rsi + F_RET as i32))?;
+        a.mov(qword_ptr(rsp + self.clob.program_rsp() - 8), rax)?;
+        // The frame is read: it may go now.
+        a.mov(qword_ptr(rdi + DEPTH as i32), rcx)?;
+        self.epilogue(a)?;
+        a.jmp(qword_ptr(rsp - 8))?;
+        // No frame for this return: the slot held our address without a push, which
+        // the entry never does. Stop the thread rather than guess where to go.
+        a.set_label(&mut broken)?;
+        a.ud2()
+    }
+
+    /// One live collector's count and record at a return (frame in `rsi`).
+    fn ret_record(&self, a: &mut CodeAssembler, slot: u32) -> Result<(), IcedError> {
+        let mut full = a.create_label();
+        let mut next = a.create_label();
+        a.mov(rax, self.counter_abs(slot, LIVE))?;
+        a.cmp(qword_ptr(rax), 0)?;
+        a.je(next)?;
+        self.stripe_to_rdx(a)?;
+        let off = self.spec.layout.counter_offset(slot) + RETURNS - HITS;
+        add(
+            a,
+            Instruction::with1(
+                C::Inc_rm64,
+                MemoryOperand::with_base_displ(R::RDX, off as i64),
+            )
+            .map(lock),
+        )?;
+        self.reserve(a, full)?;
+        self.header(a, slot, RET_LEN, false)?;
+        let data = |i: usize| qword_ptr(r11 + (cell::DATA + 8 * i) as i32);
+        a.mov(rax, qword_ptr(rsi + F_TSC as i32))?;
+        a.mov(data(0), rax)?;
+        self.load_program(a, rax, Gpr::Rax)?;
+        a.mov(data(1), rax)?;
+        self.load_program(a, rax, Gpr::Rdx)?;
+        a.mov(data(2), rax)?;
+        for i in 0..6 {
+            a.mov(rax, qword_ptr(rsi + (F_ARGS + 8 * i) as i32))?;
+            a.mov(data(3 + i), rax)?;
+        }
+        a.mov(qword_ptr(r11 + cell::SEQ as i32), r10)?;
+        a.jmp(next)?;
+        a.set_label(&mut full)?;
+        a.mov(rax, self.counter_abs(slot, super::layout::DROPPED))?;
+        a.lock().inc(qword_ptr(rax))?;
+        a.set_label(&mut next)?;
+        a.zero_bytes()
+    }
+}

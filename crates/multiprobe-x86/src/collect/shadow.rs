@@ -1,0 +1,133 @@
+//! The shadow stacks of `ret` collectors: where a return-probed call's original return
+//! address waits, with the entry's stack pointer, time and arguments, until the call
+//! returns (DESIGN.md, "Return probes"). Offsets only, and a parser for the tracer;
+//! the code that pushes and pops is generated (`retgen`).
+//!
+//! ```text
+//! THREADS blocks of BLOCK_LEN bytes, one per thread (claimed by its fs base):
+//!   0      owner  u64: the thread's fs base, 0 while free (claimed by `lock cmpxchg`)
+//!   8      depth  u64: frames in use
+//!   k * FRAME_LEN (k = 1..=FRAMES): frame k, the k-th call still in flight
+//!     0    ret    u64: the return address the entry replaced
+//!     8    rsp    u64: the address of that return slot (the entry's stack pointer)
+//!     16   tsc    u64: rdtsc at the entry
+//!     24   lost   u64: where to count the call lost (a collector's counter word) ...
+//!     32   lost2  u64: ... and a second one, or 0
+//!     40   code   u64: the return code's address (what the slot holds while armed)
+//!     48   args   6 × u64: rdi rsi rdx rcx r8 r9 at the entry
+//! ```
+//!
+//! The mapping is the tracee's own, private and anonymous (`MAP_NORESERVE`: pages are
+//! only made for the threads and depths used): a `fork` child gets a copy of its
+//! parent's stacks, which describe the calls in flight on its copy of the parent's
+//! stacks — exactly what its own returns need.
+//!
+//! Invariants the generated code keeps, so that a signal handler nesting on the same
+//! thread (a probed call inside it) cannot corrupt an interrupted push or pop:
+//! * an entry raises `depth` before it writes its frame, and a return lowers it only
+//!   after it has read its frame and written its records;
+//! * frames are matched by stack pointer: a return at `rsp = R` owns the top frame whose
+//!   `rsp` is `R - 8`; frames below it on the stack (`rsp < R - 8`, or `<=` the new
+//!   slot at an entry) belong to calls a `longjmp` or an exception skipped: they are
+//!   dropped and counted lost. A thread on an alternate signal stack above its own
+//!   stack would drop its live frames that way (the kernel's uretprobes have the same
+//!   heuristic).
+//! * a thread whose block cannot be found or claimed (more than THREADS threads hashed
+//!   to a crowded neighbourhood), or whose stack is full, runs its call unswapped and
+//!   counts it lost: the program never depends on a free slot.
+
+/// Thread blocks (a power of two).
+pub const THREADS: usize = 256;
+/// Frames per thread: calls in flight one thread can have return-probed at once.
+pub const FRAMES: usize = 1024;
+/// Bytes of a frame (a power of two); the block's header takes the first one.
+pub const FRAME_LEN: usize = 128;
+/// Bytes of a thread's block.
+pub const BLOCK_LEN: usize = FRAME_LEN * (FRAMES + 1);
+/// Bytes of the whole mapping (a page multiple).
+pub const SHADOW_LEN: usize = BLOCK_LEN * THREADS;
+/// How many blocks from its hashed one a thread looks at before it gives up.
+pub(crate) const PROBES: u32 = 8;
+
+pub(crate) const OWNER: usize = 0;
+pub(crate) const DEPTH: usize = 8;
+pub(crate) const F_RET: usize = 0;
+pub(crate) const F_RSP: usize = 8;
+pub(crate) const F_TSC: usize = 16;
+pub(crate) const F_LOST: usize = 24;
+pub(crate) const F_LOST2: usize = 32;
+pub(crate) const F_CODE: usize = 40;
+pub(crate) const F_ARGS: usize = 48;
+
+const _: () = assert!(THREADS.is_power_of_two() && FRAME_LEN.is_power_of_two());
+const _: () = assert!(F_ARGS + 6 * 8 <= FRAME_LEN && SHADOW_LEN.is_multiple_of(4096));
+
+/// A call in flight, as the tracer reads it from a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// The original return address.
+    pub ret: u64,
+    /// Where the return slot is on the thread's stack.
+    pub slot: u64,
+    /// What the slot holds while the call is armed: the return code's address.
+    pub code: u64,
+}
+
+/// Offset of block `i` in the mapping.
+pub fn block_offset(i: usize) -> usize {
+    (i % THREADS) * BLOCK_LEN
+}
+
+/// A block's owner (fs base) and depth, from its first 16 bytes.
+pub fn block_header(head: &[u8; 16]) -> (u64, u64) {
+    let w = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
+    (w(OWNER), w(DEPTH))
+}
+
+/// The calls in flight of a block, outermost first: `frames` holds the bytes of frames
+/// `1..=n` (from [`FRAME_LEN`] into the block). Never trusts the bytes: at most what
+/// `frames` holds.
+pub fn in_flight(frames: &[u8]) -> Vec<InFlight> {
+    frames
+        .chunks_exact(FRAME_LEN)
+        .map(|f| {
+            let w = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().expect("8 bytes"));
+            InFlight {
+                ret: w(F_RET),
+                slot: w(F_RSP),
+                code: w(F_CODE),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_parsed_outermost_first() {
+        let mut b = vec![0u8; 2 * FRAME_LEN + 5];
+        b[F_RET..F_RET + 8].copy_from_slice(&0x1111u64.to_le_bytes());
+        b[F_RSP..F_RSP + 8].copy_from_slice(&0x7ff0u64.to_le_bytes());
+        b[FRAME_LEN + F_RET..FRAME_LEN + F_RET + 8].copy_from_slice(&0x2222u64.to_le_bytes());
+        b[FRAME_LEN + F_RSP..FRAME_LEN + F_RSP + 8].copy_from_slice(&0x7f00u64.to_le_bytes());
+        let f = in_flight(&b);
+        assert_eq!(
+            f,
+            [
+                InFlight {
+                    ret: 0x1111,
+                    slot: 0x7ff0,
+                    code: 0
+                },
+                InFlight {
+                    ret: 0x2222,
+                    slot: 0x7f00,
+                    code: 0
+                }
+            ]
+        );
+        assert_eq!(block_offset(THREADS + 1), BLOCK_LEN);
+    }
+}

@@ -1,0 +1,172 @@
+//! `ret` collectors run for real, in this process: the trampoline is called as if it
+//! were the function, swaps the return address for its return code, and the function's
+//! own `ret` lands there. Every call must return its result to its caller, counters
+//! must be exact, each record must pair the return value with the same call's
+//! arguments, and a collector taken off its site (live word 0) must let calls return
+//! unobserved.
+
+#[allow(dead_code, reason = "shared with the other collecting tests")]
+mod collect_util;
+
+use std::sync::Arc;
+
+use collect_util::{expected, fs_base, fsgsbase, peek, Setup};
+use multiprobe_x86::collect::shadow::{block_header, block_offset, THREADS};
+use multiprobe_x86::collect::{Action, Collector, ThreadId, RET_LEN};
+
+const COLLECTORS: [Collector; 3] = [
+    Collector {
+        slot: 1,
+        action: Action::Count,
+    },
+    Collector {
+        slot: 2,
+        action: Action::Ret,
+    },
+    Collector {
+        slot: 4,
+        action: Action::Args(2),
+    },
+];
+
+fn args_of(t: u64, i: u64) -> [u64; 6] {
+    [t << 32 | i, i * 7, !i, t, i ^ 0x55, u64::MAX - t]
+}
+
+fn words(data: &[u8]) -> Vec<u64> {
+    data.chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Every block the threads claimed, with its depth.
+fn blocks(s: &Setup) -> Vec<(u64, u64)> {
+    (0..THREADS)
+        .map(|i| {
+            let at = s.shadow + block_offset(i) as u64;
+            let mut h = [0u8; 16];
+            h[..8].copy_from_slice(&peek(at).to_le_bytes());
+            h[8..].copy_from_slice(&peek(at + 8).to_le_bytes());
+            block_header(&h)
+        })
+        .filter(|&(owner, _)| owner != 0)
+        .collect()
+}
+
+#[test]
+fn every_return_pairs_its_value_with_its_own_arguments_from_four_threads() {
+    const N: u64 = 4000;
+    let mut tids = vec![ThreadId::FsZero];
+    if fsgsbase() {
+        tids.push(ThreadId::RdFsBase);
+    }
+    for near in [true, false] {
+        for &tid in &tids {
+            let s = Arc::new(Setup::new(&COLLECTORS, 1 << 15, near, tid));
+            let handles: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        let f = s.probed();
+                        for i in 0..N {
+                            let a = args_of(t, i);
+                            assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+                        }
+                        fs_base()
+                    })
+                })
+                .collect();
+            let bases: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let mut r = s.reader();
+            let c = r.counters(2);
+            assert_eq!(
+                (c.hits, c.returns, c.returns_lost, c.dropped),
+                (4 * N, 4 * N, 0, 0),
+                "near {near} {tid:?}"
+            );
+            assert_eq!(r.counters(1).returns, 0, "count sees no return");
+            let mut rets = 0;
+            r.drain(|rec| {
+                if rec.slot != 2 {
+                    return;
+                }
+                rets += 1;
+                assert_eq!(rec.data.len(), RET_LEN);
+                let w = words(rec.data);
+                let a: [u64; 6] = w[3..9].try_into().unwrap();
+                let (t, i) = (a[0] >> 32, a[0] & 0xffff_ffff);
+                assert_eq!(a, args_of(t, i), "the entry's arguments");
+                assert_eq!(w[1], expected(a), "rax at the return: the call's result");
+                assert!(
+                    w[0] != 0 && w[0] <= rec.tsc,
+                    "entry tsc before the return's"
+                );
+                assert_eq!(rec.thread, bases[t as usize]);
+            });
+            assert_eq!(rets, 4 * N);
+            // Four threads, four blocks, every stack empty again.
+            let b = blocks(&s);
+            assert_eq!(b.len(), 4, "{b:x?}");
+            assert!(b
+                .iter()
+                .all(|&(owner, depth)| bases.contains(&owner) && depth == 0));
+        }
+    }
+}
+
+#[test]
+fn a_collector_taken_off_its_site_lets_calls_return_unobserved() {
+    let s = Setup::new(&COLLECTORS, 1 << 10, true, ThreadId::FsZero);
+    let f = s.probed();
+    let a = args_of(1, 2);
+    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+    let mut r = s.reader();
+    r.set_live(2, false);
+    for i in 0..10 {
+        let a = args_of(3, i);
+        assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+    }
+    let c = r.counters(2);
+    assert_eq!((c.hits, c.returns, c.returns_lost), (11, 1, 0));
+    let mut n = 0;
+    r.drain(|rec| n += usize::from(rec.slot == 2));
+    assert_eq!(n, 1, "no record after the live word went to 0");
+    assert_eq!(blocks(&s), [(fs_base(), 0)], "the frames were still popped");
+}
+
+#[test]
+fn ret_without_shadow_stacks_or_more_than_two_is_refused() {
+    use multiprobe_x86::collect::{build_collect_trampoline, AreaLayout, CollectSpec};
+    use multiprobe_x86::{analyze_region, Code, TrampolineError, Unwind};
+    let func = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3];
+    let at = 0x7000_0000;
+    let code = Code {
+        addr: at,
+        bytes: &func,
+    };
+    let region = analyze_region(at, code, None, Unwind::NoLandingPads).unwrap();
+    let layout = AreaLayout::new(64, 8);
+    let ret = |slot| Collector {
+        slot,
+        action: Action::Ret,
+    };
+    for (cols, shadow) in [
+        (vec![ret(0)], 0),
+        (vec![ret(0), ret(1), ret(2)], 0x1000_0000),
+    ] {
+        let spec = CollectSpec {
+            region: &region,
+            site: 0,
+            collectors: &cols,
+            area: at + 0x10_0000,
+            layout: &layout,
+            thread_id: ThreadId::FsZero,
+            shadow,
+        };
+        let r = build_collect_trampoline(&spec, at + 0x20_0000);
+        assert!(
+            matches!(r, Err(TrampolineError::BadCollector { .. })),
+            "{r:?}"
+        );
+    }
+}
