@@ -217,6 +217,14 @@ impl SiteInner {
             .unwrap_or_else(|p| p.into_inner())
             .has_collectors()
     }
+
+    /// The counter slots of the `ret` collectors it runs in the tracee.
+    pub(crate) fn collect_ret_slots(&self) -> Vec<u32> {
+        self.collect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ret_slots()
+    }
 }
 
 impl Drop for SiteInner {
@@ -373,11 +381,13 @@ impl Backend for PtraceBackend {
         if site.0.gen != sh.gen() {
             return;
         }
+        let rets_before = sc.ret_slots();
         sc.wanted = crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled);
+        let retired = crate::collect::retire_rets(&st.collect, &rets_before, &sc);
         // A jumped site traps from now on (its trampoline runs the old list); one that
         // may be promoted is looked at by the tracer.
         let jumped = st.trap_jump(addr, sh.pid.as_raw_pid());
-        if jumped {
+        if jumped || retired {
             // Threads already past the jump run the old list: unregister waits for
             // the tracer to see them out of it. Hits stop until it is repointed.
             sh.quiet.changed();

@@ -156,6 +156,7 @@ impl Tracer {
             if let Some(f) = forker {
                 self.restore_returns_in_child(&code, f);
             }
+            self.restore_shadow_in_child(&code);
             // Our jumps: the whole region back (the child has its own copy of the text),
             // where its text still holds them (not code it loaded at that address since).
             for (addr, j) in &jumped {

@@ -81,6 +81,7 @@ impl Tracer {
         self.restore_returns_at_detach();
         // Jumps out, threads out of the trampolines, and what the tracee wrote read.
         self.unjump_all();
+        self.restore_shadow_returns();
         self.final_drain();
         let moved = self.move_out_of_slots();
         let keep_pages = *moved.as_ref().unwrap_or(&true);

@@ -159,6 +159,11 @@ impl Tracer {
             // Its collectors will want the area (promotion writes into it).
             if let Some(ur) = regs.kernel() {
                 self.ensure_area(tid, &ur);
+                if !site.collect_ret_slots().is_empty() {
+                    // And its `ret` collectors the shadow stacks: made here, on a
+                    // thread stopped outside any system call, not at the pause.
+                    let _ = self.ensure_shadow_on(tid, &ur);
+                }
             }
             self.note_collecting_hit(&site);
         }
@@ -172,8 +177,12 @@ impl Tracer {
             &mut regs,
             &self.mem,
         );
-        self.returns
+        let shadow = self
+            .returns
             .after_entry(tid, &th.ts, &self.mem, &self.registry);
+        for asked in shadow {
+            crate::collect::for_unwinder(&self.shared, &self.mem, regs.regs().fs_base, asked);
+        }
         let next = match pre {
             // Unregistered since the lookup: its byte is back, run it.
             PreOutcome::NotOurs | PreOutcome::Redirect => Next::Resume,

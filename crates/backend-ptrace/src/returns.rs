@@ -119,13 +119,18 @@ impl Returns {
 
     /// After the dispatch of a hit of `tid` (state `ts`), before it runs again: serve
     /// what unwinder hooks asked (every request of the hit is the thread's own).
+    ///
+    /// Returns what the shadow stacks of calls collected in the tracee need for the
+    /// same thread (`collect::shadow`): `None` to put the originals back for an
+    /// unwinder, `Some(sp)` to re-arm the calls above `sp`.
     pub(crate) fn after_entry(
         &mut self,
         tid: Tid,
         ts: &ThreadState,
         mem: &dyn Memory,
         registry: &Registry<PtraceBackend>,
-    ) {
+    ) -> Vec<Option<u64>> {
+        let mut shadow = Vec::new();
         let asked = std::mem::take(&mut *lock(&self.queue));
         for u in asked {
             match u {
@@ -147,14 +152,17 @@ impl Returns {
                 Unwind::Restore(t) if t == tid => {
                     ts.restore_return_addresses(mem);
                     self.restored.insert(tid);
+                    shadow.push(None);
                 }
                 Unwind::Rearm(t, sp) if t == tid => {
                     ts.rehijack_returns(sp, mem);
                     self.restored.remove(&tid);
+                    shadow.push(Some(sp));
                 }
                 _ => {}
             }
         }
+        shadow
     }
 
     /// The trampoline's address, if placed.
@@ -213,6 +221,22 @@ impl Tracer {
             let sp = regs.regs().rsp;
             let th = self.threads.known(tid);
             th.ts.rehijack_returns(sp, &self.mem);
+        }
+    }
+
+    /// A site collecting returns in the tracee is being promoted (every thread held):
+    /// the unwinders get their hooks now (with the one-stop trampoline), since such a
+    /// site may never stop.
+    pub(crate) fn ensure_return_hooks(&mut self, near: u64) {
+        if self.returns.tried {
+            return;
+        }
+        if let Some((tid, ur)) = self.held_thread() {
+            self.returns.tried = true;
+            self.place_trampoline(tid, &ur, near);
+            for sig in self.aside.take_signals(tid) {
+                self.resend.push((tid, sig));
+            }
         }
     }
 

@@ -181,7 +181,7 @@ fn the_area_is_made_in_the_tracee_without_a_descriptor_and_gone_after_detach() {
     let c = count.clone();
     let col = t.collection();
     // A promoted site makes no stop: the loop checks its condition when woken.
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     assert_eq!(
         t.run_until(|| {
             col.drain();
@@ -269,25 +269,6 @@ fn a_fork_child_not_followed_runs_free_and_the_parent_counts_exactly() {
     assert_eq!(seconds.iter().filter(|&&b| b == 0).count(), 50);
     assert_eq!(seconds.iter().filter(|&&b| b == 2).count(), 50);
     assert!(recs.iter().all(|r| r.tid == t.pid()));
-}
-
-/// Wakes the tracer loop every few milliseconds while it lives.
-struct Ticker(Arc<std::sync::atomic::AtomicBool>);
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.0.store(true, Relaxed);
-    }
-}
-fn ticker(h: multiprobe_backend_ptrace::DetachHandle) -> Ticker {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s = Arc::clone(&stop);
-    std::thread::spawn(move || {
-        while !s.load(Relaxed) {
-            h.wake();
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    });
-    Ticker(stop)
 }
 
 /// Drain `col` every few milliseconds on another thread until the returned flag is set.
@@ -476,7 +457,7 @@ fn registration_changes_at_a_live_promoted_site_keep_counts_exact() {
             );
         }
     });
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     assert_eq!(t.run_until(|| done.load(Relaxed)).unwrap(), None);
     // Repointed after the last change too.
     let path = run_to_path(&mut t, f, |p| *p == Some(SitePath::InTracee));
@@ -545,7 +526,7 @@ fn vfork_and_exec_in_a_loop_while_collectors_come_and_go() {
             }
         }
     });
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     let mut child = t.take_child().unwrap();
     let stop = t.run();
     done.store(true, Relaxed);
@@ -587,7 +568,7 @@ fn attach_and_detach_of_a_busy_program_leaves_its_text_identical_and_nothing_map
     let _g1 = t.registry().register_handler(f, count.clone()).unwrap();
     let _g2 = t.registry().register_handler(f, args.clone()).unwrap();
     let col = t.collection();
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     let c = count.clone();
     assert_eq!(
         t.run_until(|| {
@@ -714,7 +695,7 @@ fn a_site_promoted_while_threads_keep_trapping_on_it_loses_no_thread_and_no_hit(
             closure.unregister().unwrap();
             std::thread::sleep(std::time::Duration::from_millis(30));
         });
-        let _ticks = ticker(t.detach_handle().unwrap());
+        let _ticks = common::ticker(t.detach_handle().unwrap());
         let stop = t.run_until(|| done.load(Relaxed)).unwrap();
         changer.join().unwrap();
         assert_eq!(stop, None, "round {round}");
@@ -839,7 +820,7 @@ fn a_promoted_library_site_unloaded_and_loaded_again_is_promoted_afresh_and_coun
     let mut t = Tracer::spawn(&mut cmd).unwrap();
     let pid = t.pid();
     let (mut stdin, lines) = talk_to(&mut t.take_child().unwrap());
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     let registry = t.registry().clone();
     let col = t.collection();
     let mut go = || stdin.write_all(b"\n").unwrap();
@@ -946,7 +927,7 @@ fn a_collecting_site_beyond_the_first_256_is_promoted_at_its_first_hit() {
     assert!(libc.len() > 1000, "{} functions in libc", libc.len());
     // The tracer looks at every site (over several pauses, each within its budget);
     // promoted sites make no event, so the loop is woken to look at the condition.
-    let _ticks = ticker(t.detach_handle().unwrap());
+    let _ticks = common::ticker(t.detach_handle().unwrap());
     let registry = t.registry().clone();
     let pending = |p: Option<SitePath>| matches!(p, Some(SitePath::Stop(w)) if w.starts_with("not promoted yet"));
     // Counted on every libc function that can be probed (indirect functions cannot),

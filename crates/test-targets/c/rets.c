@@ -25,7 +25,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-int mp_ret_add(int a, int b) { return a + b; }
+/* Long enough for a jump at its entry (a promoted site): the volatile keeps the
+ * compiler from folding it into a 4-byte lea and ret. */
+int mp_ret_add(int a, int b) {
+    volatile int s = a;
+    return s + b;
+}
 
 int mp_ret_depth(int n) { return n == 0 ? 0 : 1 + mp_ret_depth(n - 1); }
 

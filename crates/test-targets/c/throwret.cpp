@@ -5,7 +5,11 @@
 #include <cstdio>
 #include <cstdlib>
 
-extern "C" int mp_cpp_noted(int x) { return x + 1; }
+// Long enough for a jump at its entry (a promoted site), unlike a 4-byte lea and ret.
+extern "C" int mp_cpp_noted(int x) {
+    volatile int v = x;
+    return v + 1;
+}
 
 namespace {
 struct Guard {

@@ -49,6 +49,15 @@ pub enum RecordData {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// [`Action::Ret`]: a call that returned (the record's time is the return's).
+    Return {
+        /// `rax` at the return: the return value.
+        ret: u64,
+        /// From the entry to the return, in nanoseconds.
+        latency_ns: u64,
+        /// The six integer argument registers at the entry.
+        args: [u64; 6],
+    },
 }
 
 /// One hit's record.
@@ -77,6 +86,12 @@ pub struct CollectStats {
     pub dropped: u64,
     /// Actions whose memory access faulted.
     pub faulted: u64,
+    /// `ret`: calls seen returning (in the tracee; on the one-stop path the core's
+    /// handler stats count them).
+    pub returns: u64,
+    /// `ret`: calls whose return could not be seen in the tracee: its shadow stack was
+    /// full, or a `longjmp` or an exception skipped the return.
+    pub returns_lost: u64,
 }
 
 impl std::ops::Add for CollectStats {
@@ -86,6 +101,8 @@ impl std::ops::Add for CollectStats {
             hits: self.hits + o.hits,
             dropped: self.dropped + o.dropped,
             faulted: self.faulted + o.faulted,
+            returns: self.returns + o.returns,
+            returns_lost: self.returns_lost + o.returns_lost,
         }
     }
 }
@@ -107,6 +124,7 @@ pub(crate) struct Inner {
     pub(crate) hits: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) faulted: AtomicU64,
+    pub(crate) returns: AtomicU64,
     pub(crate) queue: Mutex<VecDeque<Record>>,
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
@@ -133,6 +151,7 @@ impl Collect {
             hits: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             faulted: AtomicU64::new(0),
+            returns: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
             area: Mutex::new(CollectStats::default()),
@@ -161,6 +180,12 @@ impl Collect {
             .then(|| Collect::new(Action::Mem { arg, len }))
     }
 
+    /// Record every call's return: its value, its latency and its arguments
+    /// ([`RecordData::Return`]). Register it at a function's entry.
+    pub fn ret() -> Collect {
+        Collect::new(Action::Ret)
+    }
+
     /// What it does.
     pub fn action(&self) -> Action {
         self.0.action
@@ -175,6 +200,8 @@ impl Collect {
             hits: i.hits.load(Relaxed),
             dropped: i.dropped.load(Relaxed),
             faulted: i.faulted.load(Relaxed),
+            returns: i.returns.load(Relaxed),
+            returns_lost: 0,
         };
         own + *lock(&i.area)
     }
@@ -219,6 +246,17 @@ impl Handler for Collect {
         let mut faulted = false;
         let data = match i.action {
             Action::Count => return PreAction::Continue,
+            Action::Ret => {
+                let mut d = [0u64; 7];
+                d[0] = monotonic_ns();
+                for (k, a) in d[1..].iter_mut().enumerate() {
+                    *a = hit.regs().arg(k).unwrap_or(0);
+                }
+                if let Some(cd) = hit.call_data_mut() {
+                    cd[..7].copy_from_slice(&d);
+                }
+                return PreAction::Continue;
+            }
             Action::Args(n) => RecordData::Args(
                 (0..n as usize)
                     .map(|k| hit.regs().arg(k).unwrap_or(0))
@@ -245,6 +283,32 @@ impl Handler for Collect {
             faulted,
         });
         PreAction::Continue
+    }
+
+    /// The one-stop path of [`Action::Ret`]: the call's entry left its time and
+    /// arguments in `data`.
+    fn ret(&self, hit: &mut Hit<'_>, data: &multiprobe_core::CallData) {
+        let i = &self.0;
+        i.returns.fetch_add(1, Relaxed);
+        let now = monotonic_ns();
+        let mut args = [0u64; 6];
+        args.copy_from_slice(&data[1..7]);
+        self.push(Record {
+            tid: hit.tid() as i32,
+            time_ns: now,
+            addr: hit.addr(),
+            handler: hit.handler_id(),
+            data: RecordData::Return {
+                ret: hit.regs().rax,
+                latency_ns: now.saturating_sub(data[0]),
+                args,
+            },
+            faulted: false,
+        });
+    }
+
+    fn has_ret(&self) -> bool {
+        self.0.action == Action::Ret
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {

@@ -19,9 +19,24 @@
 //! # Paths
 //!
 //! A `Collect` is a [`multiprobe_core::Handler`]: on the one-stop path (a site that
-//! also has a closure, a return hook, or that cannot be promoted) its `pre` collects in
-//! the tracer, with the stopped thread's registers and memory. Counters and records
-//! are the same whichever path a site takes.
+//! also has a closure, a return hook other than a [`Collect::ret`], or that cannot be
+//! promoted) its `pre` collects in the tracer, with the stopped thread's registers and
+//! memory, and a [`Collect::ret`]'s return hook runs at the one-stop return. Counters
+//! and records are the same whichever path a site takes.
+//!
+//! # Returns in the tracee
+//!
+//! A [`Collect::ret`] at a promoted site pairs entries and returns without a stop
+//! (`multiprobe_x86::collect`, "Returns"): shadow stacks in the tracee (`shadow.rs`,
+//! mapped at the first hit of such a site), the site's return code in its trampoline,
+//! a live word per collector that `handlers_changed` clears when the collector leaves
+//! the site (calls in flight then return unobserved, and `unregister` waits for
+//! threads inside a return code as for the action code). The unwinder hooks of
+//! `returns.rs` put the original return addresses back around C++ exceptions and
+//! `backtrace`; detach and a fork child freed of probes put them back for good.
+//! Differences from the one-stop path: a disabled collector's calls in flight return
+//! unobserved (counted in neither `returns` nor `returns_lost`), and at most two `ret`
+//! collectors share a site.
 //!
 //! # How the backend sees collectors
 //!
@@ -30,8 +45,8 @@
 //! lock); the backend recognises its `Collect` values through
 //! [`multiprobe_core::Handler::as_any`], binds each one to this process (a counter
 //! slot of the process's area, its handler id) at its first registration, and notes
-//! per site whether every enabled handler is a collector (and none has a return hook)
-//! or why not.
+//! per site whether every enabled handler is a collector (and none has a return hook
+//! but a [`Collect::ret`]) or why not.
 //!
 //! # The area
 //!
@@ -85,6 +100,7 @@ mod handler;
 mod promote;
 mod quiet;
 mod reader;
+mod shadow;
 
 pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
 
@@ -93,6 +109,7 @@ pub use reader::Collection;
 use handler::Binding;
 pub(crate) use promote::{Jumped, TrampolinePages};
 pub(crate) use quiet::Quiet;
+pub(crate) use shadow::{for_unwinder, ShadowState};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -154,6 +171,8 @@ pub(crate) struct Procs {
     /// After a rework cut short by its time budget, the next one waits until then:
     /// the program runs at least as long as it was held.
     pub(crate) rework_after: Option<std::time::Instant>,
+    /// The shadow stacks of `ret` collectors (`shadow.rs`).
+    pub(crate) shadow: ShadowState,
 }
 
 impl Procs {
@@ -182,6 +201,7 @@ impl Procs {
         self.trampolines.clear();
         self.pages.clear();
         self.dirty.clear();
+        self.shadow = ShadowState::NotTried;
     }
 }
 
@@ -225,6 +245,35 @@ impl SiteCollect {
     pub(crate) fn has_collectors(&self) -> bool {
         !matches!(self.wanted, Wanted::None)
     }
+
+    /// The counter slots of the `ret` collectors it runs in the tracee.
+    pub(crate) fn ret_slots(&self) -> Vec<u32> {
+        match &self.wanted {
+            Wanted::All(cols) => cols
+                .iter()
+                .filter(|(_, c)| c.action() == Action::Ret)
+                .filter_map(|(_, c)| c.0.bound.get().map(|b| b.slot))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `handlers_changed` at a site: the `ret` collectors that ran there (`before`) and no
+/// longer do stop seeing returns at once, so the calls still in flight return
+/// unobserved (rule 10). True if any did (the caller must then let `unregister` wait
+/// for threads inside a return code).
+pub(crate) fn retire_rets(procs: &Procs, before: &[u32], now: &SiteCollect) -> bool {
+    let AreaState::Mapped(area) = &procs.area else {
+        return false;
+    };
+    let still = now.ret_slots();
+    let mut any = false;
+    for &slot in before.iter().filter(|s| !still.contains(s)) {
+        reader::set_live(area, slot, false);
+        any = true;
+    }
+    any
 }
 
 /// The backend's side of `handlers_changed`: bind the collectors among `enabled` to
@@ -266,9 +315,20 @@ pub(crate) fn classify(
                 why.get_or_insert_with(|| format!("handler {id} runs in the tracer"));
             }
         }
-        if h.has_ret() {
+        let own_ret = h
+            .as_any()
+            .and_then(|a| a.downcast_ref::<Collect>())
+            .is_some_and(|c| c.action() == Action::Ret);
+        if h.has_ret() && !own_ret {
             why.get_or_insert_with(|| format!("handler {id} has a return hook"));
         }
+    }
+    let rets = cols
+        .iter()
+        .filter(|(_, c)| c.action() == Action::Ret)
+        .count();
+    if rets > 2 {
+        why.get_or_insert_with(|| "more than two ret collectors at one site".into());
     }
     match (cols.is_empty(), why) {
         (true, _) => Wanted::None,
@@ -391,6 +451,11 @@ impl Tracer {
             return;
         };
         let _ = self.unmap_area(tid, &ur, area.tracee, area.map.len());
+        let shadow = std::mem::take(&mut self.shared.lock().collect.shadow);
+        if let ShadowState::Mapped(at) = shadow {
+            let len = multiprobe_x86::collect::shadow::SHADOW_LEN;
+            let _ = self.unmap_area(tid, &ur, at, len);
+        }
         for sig in self.aside.take_signals(tid) {
             self.resend.push((tid, sig));
         }

@@ -1,5 +1,5 @@
-//! Promotion: a site whose enabled handlers are all collectors (none with a return
-//! hook) gets a `jmp rel32` to a collecting trampoline in an out-of-line page, built by
+//! Promotion: a site whose enabled handlers are all collectors (no return hook but a
+//! `Collect::ret`'s) gets a `jmp rel32` to a collecting trampoline in an out-of-line page, built by
 //! `multiprobe_x86::collect`; every other site keeps (or gets back) its `int3`.
 //!
 //! Who does what, from which thread:
@@ -48,7 +48,7 @@ use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
 use multiprobe_symbols::{LandingPads, MappedAt, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
-    build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
+    build_collect_trampoline, Action, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
 use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region, MAX_REGION_LEN};
 
@@ -573,6 +573,13 @@ impl Tracer {
                 .get_or_insert_with(|| thread_id_of(pid));
             (region, area.0, area.1, index, tid_mode)
         };
+        let rets = cols.iter().any(|(_, c)| c.action() == Action::Ret);
+        let shadow = if rets {
+            self.ensure_return_hooks(addr);
+            self.ensure_shadow()?
+        } else {
+            0
+        };
         let collectors: Vec<Collector> = cols
             .iter()
             .map(|(_, c)| Collector {
@@ -587,8 +594,14 @@ impl Tracer {
             area,
             layout: &layout,
             thread_id,
+            shadow,
         };
         let built = self.place_collect_trampoline(addr, &spec)?;
+        if let AreaState::Mapped(a) = &self.shared.lock().collect.area {
+            for c in collectors.iter().filter(|c| c.action == Action::Ret) {
+                super::reader::set_live(a, c.slot, true);
+            }
+        }
         // Threads in the site's out-of-line slots would jump back into the interior:
         // out of them first. Then threads standing in the interior go to the same point
         // of the copy.

@@ -119,6 +119,25 @@ pub(crate) fn drain(shared: &Shared, stopped: bool) -> usize {
     drain_area(&area, &slots, &sites, &threads, stopped)
 }
 
+/// The area's mapping in the tracer, as the atomics it must be accessed through.
+fn words_of(area: &Area) -> &[AtomicU64] {
+    let words = area.map.len() / 8;
+    // SAFETY: the mapping is `words * 8` bytes, 8-aligned (page-aligned), and lives as
+    // long as `area.map` (borrowed for the slice's life); every access through the
+    // slice is atomic, which is what memory the tracee writes concurrently needs.
+    unsafe { std::slice::from_raw_parts(area.map.as_ptr().cast::<AtomicU64>(), words) }
+}
+
+/// Let the `ret` collector at `slot` see returns, or not (its live word: see
+/// `multiprobe_x86::collect`, "Returns").
+pub(crate) fn set_live(area: &Area, slot: u32, live: bool) {
+    if slot < area.layout.counter_slots() {
+        if let Ok(r) = AreaReader::new(words_of(area), &area.layout) {
+            r.set_live(slot, live);
+        }
+    }
+}
+
 pub(crate) fn drain_area(
     area: &Area,
     slots: &[Weak<Inner>],
@@ -128,11 +147,7 @@ pub(crate) fn drain_area(
 ) -> usize {
     let mut clock = lock(&area.clock);
     clock.resample();
-    let words = area.map.len() / 8;
-    // SAFETY: the mapping is `words * 8` bytes, 8-aligned (page-aligned), and lives as
-    // long as `area.map` (borrowed for this function); every access the reader makes
-    // is atomic, which is what memory the tracee writes concurrently needs.
-    let mem = unsafe { std::slice::from_raw_parts(area.map.as_ptr().cast::<AtomicU64>(), words) };
+    let mem = words_of(area);
     let Ok(mut reader) = AreaReader::new(mem, &area.layout) else {
         return 0; // not ours any more (never happens: we wrote the header)
     };
@@ -149,7 +164,7 @@ pub(crate) fn drain_area(
             time_ns: clock.ns(r.tsc),
             addr: sites.get(r.site as usize).copied().unwrap_or(0),
             handler: b.id,
-            data: decode(c.action, &r),
+            data: decode(c.action, &r, &clock),
             faulted: r.faulted,
         };
         super::Collect(Arc::clone(c)).push(rec);
@@ -168,6 +183,8 @@ pub(crate) fn drain_area(
                 hits: k.hits,
                 dropped: k.dropped,
                 faulted: k.faulted,
+                returns: k.returns,
+                returns_lost: k.returns_lost,
             };
         }
     }
@@ -180,7 +197,7 @@ fn words(data: &[u8]) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// The record's data as the one-stop path gives it.
-fn decode(action: Action, r: &RecordRef<'_>) -> RecordData {
+fn decode(action: Action, r: &RecordRef<'_>, clock: &super::clock::Clock) -> RecordData {
     match action {
         Action::Count | Action::Args(_) => RecordData::Args(words(r.data).collect()),
         Action::Regs => {
@@ -198,5 +215,18 @@ fn decode(action: Action, r: &RecordRef<'_>) -> RecordData {
             ptr: r.ptr,
             bytes: r.data.to_vec(),
         },
+        Action::Ret => {
+            let w: Vec<u64> = words(r.data).collect();
+            let at = |i: usize| w.get(i).copied().unwrap_or(0);
+            let mut args = [0u64; 6];
+            for (k, a) in args.iter_mut().enumerate() {
+                *a = at(3 + k);
+            }
+            RecordData::Return {
+                ret: at(1),
+                latency_ns: clock.ns(r.tsc).saturating_sub(clock.ns(at(0))),
+                args,
+            }
+        }
     }
 }

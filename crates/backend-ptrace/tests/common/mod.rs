@@ -103,3 +103,22 @@ pub fn start_waiting(
     assert_eq!(line.trim(), format!("ready {}", child.id()));
     (child, out)
 }
+
+/// Wakes the tracer loop every few milliseconds while it lives.
+pub struct Ticker(std::sync::Arc<std::sync::atomic::AtomicBool>);
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+pub fn ticker(h: multiprobe_backend_ptrace::DetachHandle) -> Ticker {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = std::sync::Arc::clone(&stop);
+    std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            h.wake();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    Ticker(stop)
+}
