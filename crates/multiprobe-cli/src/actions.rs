@@ -299,15 +299,15 @@ pub struct Binding {
 
 /// The registration of one action at `addr`.
 pub fn request(addr: u64, binding: Binding) -> Request {
-    if binding.action.at_return() {
-        return crate::returning::request(addr, binding);
-    }
     if let Some(collected) = &binding.collected {
         if let Some(c) = crate::collected::collector(binding.action, &binding.ctx) {
             collected.add(&c, &binding);
             binding.state.add_collect(&c);
             return Request::handler(addr, c);
         }
+    }
+    if binding.action.at_return() {
+        return crate::returning::request(addr, binding);
     }
     Request::handler(addr, ActionHandler { b: binding })
 }

@@ -1,5 +1,6 @@
-//! Actions that collect in the tracee (`count`, `args:N`, `regs`, `mem:ARG:LEN`): the
-//! command's side of backend-ptrace's [`Collect`] handlers.
+//! Actions that collect in the tracee (`count`, `args:N`, `regs`, `mem:ARG:LEN`, and the
+//! return actions `ret`, `latency`, `args:N,ret`): the command's side of
+//! backend-ptrace's [`Collect`] handlers.
 //!
 //! Such an action is registered as a [`Collect`] value instead of a closure
 //! ([`collector`] decides), so a site whose every action collects is promoted by the
@@ -58,6 +59,9 @@ pub fn collector(action: Action, ctx: &SiteCtx) -> Option<Collect> {
         Action::Args(n) => Collect::args(n),
         Action::Regs => Some(Collect::regs()),
         Action::Mem { arg, len } if len <= MEM_MAX => Collect::mem(arg + 1, len),
+        // One record at each return: its value, latency and the entry's arguments.
+        Action::Ret | Action::Latency => Some(Collect::ret()),
+        Action::Call(n) if n <= 6 => Some(Collect::ret()),
         _ => None,
     }
 }
@@ -71,6 +75,8 @@ struct Printer {
     pid: i32,
     sink: Arc<Sink>,
     time: bool,
+    /// The row's state (`latency` counts its records there instead of printing).
+    state: Arc<crate::actions::RowState>,
 }
 
 /// Every collector of the session whose action prints, to turn its records into lines.
@@ -96,6 +102,7 @@ impl Collected {
             pid: b.pid,
             sink: Arc::clone(&b.sink),
             time: b.time,
+            state: Arc::clone(&b.state),
         });
     }
 
@@ -238,6 +245,33 @@ impl Printer {
                     }
                 })
             }
+            (RecordData::Return { latency_ns, .. }, Action::Latency) => {
+                self.state.latency.record(*latency_ns);
+            }
+            (
+                RecordData::Return {
+                    ret,
+                    latency_ns,
+                    args,
+                },
+                Action::Ret | Action::Call(_),
+            ) => self.sink.hit_line(|| {
+                let n = match self.action {
+                    Action::Call(n) => usize::from(n).min(args.len()),
+                    _ => 0,
+                };
+                crate::returning::ret_line(&crate::returning::RetLine {
+                    who,
+                    site: r.addr,
+                    label,
+                    action: self.action,
+                    json: self.sink.json(),
+                    args: &args[..n],
+                    ret: *ret,
+                    ns: Some(*latency_ns),
+                    when,
+                })
+            }),
             _ => {}
         }
     }

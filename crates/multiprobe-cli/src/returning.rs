@@ -216,45 +216,75 @@ impl RetHandler {
     /// The per-call line at the return.
     fn line(&self, hit: &Hit<'_>, data: &CallData, ret: u64, ns: Option<u64>) -> String {
         let b = &self.b;
-        let now = SystemTime::now();
         let n = usize::from(self.args());
-        let args = &data[1..=n];
-        if b.sink.json() {
-            let mut v = serde_json::json!({
-                "type": "hit",
-                "time": lines::epoch_seconds(now),
-                "pid": b.pid,
-                "tid": hit.tid(),
-                "site": format!("{:#x}", hit.addr()),
-                "symbol": &*b.label,
-                "action": b.action.to_string(),
-                "ret": format!("{ret:#x}"),
-            });
-            if let Some(ns) = ns {
-                v["latency_ns"] = ns.into();
-            }
-            if matches!(b.action, Action::Call(_)) {
-                v["args"] = args.iter().map(|a| format!("{a:#x}")).collect();
-            }
-            return v.to_string();
-        }
-        let who = Who {
-            pid: b.pid,
-            tid: hit.tid(),
-            time: b.time.then_some(now),
-        };
-        let mut s = who.prefix();
-        s.push_str(&b.label);
-        if matches!(b.action, Action::Call(_)) {
-            let list: Vec<String> = args.iter().map(|a| format!("{a:#x}")).collect();
-            s.push_str(&format!("({})", list.join(", ")));
-        }
-        s.push_str(&format!(" = {ret:#x}"));
-        if let Some(ns) = ns {
-            s.push_str(&format!(" <{}>", duration(ns)));
-        }
-        s
+        ret_line(&RetLine {
+            who: Who {
+                pid: b.pid,
+                tid: hit.tid(),
+                time: b.time.then(SystemTime::now),
+            },
+            site: hit.addr(),
+            label: &b.label,
+            action: b.action,
+            json: b.sink.json(),
+            args: &data[1..=n],
+            ret,
+            ns,
+            when: SystemTime::now(),
+        })
     }
+}
+
+/// What one `ret` or `args:N,ret` line shows (from a return hook or a record the
+/// tracee wrote).
+pub(crate) struct RetLine<'a> {
+    pub who: Who,
+    pub site: u64,
+    pub label: &'a str,
+    pub action: Action,
+    pub json: bool,
+    /// The call's arguments (`args:N,ret`; ignored for `ret`).
+    pub args: &'a [u64],
+    pub ret: u64,
+    pub ns: Option<u64>,
+    /// When it returned.
+    pub when: SystemTime,
+}
+
+/// The per-call line of a return: `label(args) = ret <latency>` (or its JSON object).
+pub(crate) fn ret_line(l: &RetLine<'_>) -> String {
+    let call = matches!(l.action, Action::Call(_));
+    let ret = l.ret;
+    if l.json {
+        let mut v = serde_json::json!({
+            "type": "hit",
+            "time": lines::epoch_seconds(l.when),
+            "pid": l.who.pid,
+            "tid": l.who.tid,
+            "site": format!("{:#x}", l.site),
+            "symbol": l.label,
+            "action": l.action.to_string(),
+            "ret": format!("{ret:#x}"),
+        });
+        if let Some(ns) = l.ns {
+            v["latency_ns"] = ns.into();
+        }
+        if call {
+            v["args"] = l.args.iter().map(|a| format!("{a:#x}")).collect();
+        }
+        return v.to_string();
+    }
+    let mut s = l.who.prefix();
+    s.push_str(l.label);
+    if call {
+        let list: Vec<String> = l.args.iter().map(|a| format!("{a:#x}")).collect();
+        s.push_str(&format!("({})", list.join(", ")));
+    }
+    s.push_str(&format!(" = {ret:#x}"));
+    if let Some(ns) = l.ns {
+        s.push_str(&format!(" <{}>", duration(ns)));
+    }
+    s
 }
 
 impl Handler for RetHandler {

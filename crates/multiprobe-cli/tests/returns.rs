@@ -192,17 +192,65 @@ fn uretprobe_prints_return_values_innermost_first() {
 #[test]
 fn a_return_action_off_a_function_entry_is_one_clear_error() {
     let p = rets();
-    // mp_ret_add is `lea; ret`: +3 is its `ret`, an instruction but not the entry.
-    let out = run(&["run", "-p", "mp_ret_add+3=ret", "--", &p, "add", "2"]);
+    // mp_ret_add starts with a one-byte `push rbp`: +1 is an instruction, not the entry.
+    let out = run(&["run", "-p", "mp_ret_add+1=ret", "--", &p, "add", "2"]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("not a function's first instruction") && err.contains("mp_ret_add+0x3"),
+        err.contains("not a function's first instruction") && err.contains("mp_ret_add+0x1"),
         "{err}"
     );
     assert!(
         text(&out.stdout).is_empty(),
         "the program never ran its own code"
     );
+}
+
+/// The call lines of `mp_ret_add` in `err`, without the pid and the latency.
+fn add_calls(err: &str) -> Vec<String> {
+    err.lines()
+        .filter(|l| l.contains("mp_ret_add("))
+        .map(|l| {
+            let call = l.split_once("] ").map_or(l, |(_, c)| c);
+            call.split(" <").next().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn return_actions_run_in_the_tracee_with_the_lines_of_the_one_stop_path() {
+    let p = rets();
+    let args = ["add", "20000"];
+    let probes = ["mp_ret_add=args:2,ret", "mp_ret_add=latency"];
+    let mut prog = vec![p.as_str()];
+    prog.extend(args);
+    let (out_tracee, err_tracee) = run_ok(&run_line(&["--max-lines", "0"], &probes, &prog));
+    let (out_stop, err_stop) = run_ok(&run_line(&["--max-lines", "0", "--stop"], &probes, &prog));
+    assert_eq!(out_tracee, out_stop);
+    let calls = add_calls(&err_tracee);
+    assert_eq!(calls.len(), 20000, "{err_tracee}");
+    let stop = add_calls(&err_stop);
+    let first_difference = calls.iter().zip(&stop).position(|(a, b)| a != b);
+    assert_eq!(
+        (first_difference, stop.len()),
+        (None, calls.len()),
+        "the same lines, in the same order"
+    );
+    assert_eq!(calls[7], "mp-c-rets:mp_ret_add(0x7, 0xe) = 0x15");
+    let path = |err: &str| -> Vec<String> {
+        err.lines()
+            .filter(|l| l.contains("mp_ret_add ") && l.contains(" armed"))
+            .map(|l| l.split_whitespace().nth(5).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(path(&err_tracee), ["tracee", "tracee"], "{err_tracee}");
+    assert_eq!(path(&err_stop), ["stop", "stop"], "{err_stop}");
+    for err in [&err_tracee, &err_stop] {
+        assert!(
+            err.contains("mp-c-rets:mp_ret_add args:2,ret: 20000 returned, 0 lost")
+                && err.contains("mp-c-rets:mp_ret_add latency: 20000 returned, 0 lost"),
+            "{err}"
+        );
+    }
 }

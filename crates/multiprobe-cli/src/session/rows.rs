@@ -306,6 +306,10 @@ impl Rows {
                 let collected = r.state.collect_stats();
                 if let Some(c) = collected {
                     stats.hits = c.hits;
+                    // A `ret` collector counts the returns of both paths; the lost
+                    // ones are the core's (one-stop) plus the tracee's.
+                    stats.returns = c.returns;
+                    stats.returns_lost += c.returns_lost;
                 }
                 let filtered = r.state.filtered.load(Ordering::Relaxed);
                 let state = match (&r.status, &live, over) {
