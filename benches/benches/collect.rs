@@ -10,6 +10,11 @@
 //! * `count-far`, `args6-far`: the same with the area more than 2 GiB from the
 //!   trampoline (reached through `rbx` instead of RIP-relative), as when one area
 //!   serves sites in libraries far apart.
+//! * `ret`: one `ret` collector (issue 15): at the entry a frame pushed on the thread's
+//!   shadow stack and the return address swapped, at the return the frame popped and a
+//!   record of the return value, latency and arguments. Reported against `args6` (an
+//!   entry probe writing one record of the same arguments) and `count`: the issue's
+//!   target is a return probe at most 2x its entry probe alone.
 //!
 //! The ring is drained by this thread between batches of calls, outside the timed part;
 //! a tracer drains from another core, which adds the cache-line transfers of the cells
@@ -157,12 +162,24 @@ fn main() {
         slot: 1,
         action: Action::Args(6),
     }];
+    let ret = [Collector {
+        slot: 2,
+        action: Action::Ret,
+    }];
+    let shadow = map(
+        0,
+        multiprobe_x86::collect::shadow::SHADOW_LEN,
+        libc::PROT_READ | libc::PROT_WRITE,
+    );
+    assert!(!shadow.is_null());
+    near.reader().set_live(2, true);
     let thread_id = ThreadId::FsZero;
-    let cases: [(&str, &[Collector], &Area); 4] = [
+    let cases: [(&str, &[Collector], &Area); 5] = [
         ("count", &count, &near),
         ("args6", &args6, &near),
         ("count-far", &count, &far),
         ("args6-far", &args6, &far),
+        ("ret", &ret, &near),
     ];
     let mut probed = Vec::new();
     for (i, (name, collectors, area)) in cases.iter().enumerate() {
@@ -181,7 +198,7 @@ fn main() {
             area: area.words.as_ptr() as u64,
             layout: &area.layout,
             thread_id,
-            shadow: 0,
+            shadow: shadow as u64,
         };
         let t_off = 0x1000 * (i + 1);
         let built = build_collect_trampoline(&spec, base + t_off as u64).unwrap();
@@ -224,6 +241,26 @@ fn main() {
             "PER-HIT {name}: {} over a direct call; target <= {target} ns: {}",
             fmt_ns(per_hit),
             if per_hit <= target { "met" } else { "MISSED" }
+        );
+    }
+    let per_hit = |name: &str| {
+        ratios.mean_ns(name).unwrap() - ratios.mean_ns(&format!("{name} vs direct")).unwrap()
+    };
+    let r = per_hit("ret");
+    for entry in ["args6", "count"] {
+        let ratio = r / per_hit(entry);
+        println!(
+            "RETURN ret / {entry}: {ratio:.2}x ({} against {} a hit){}",
+            fmt_ns(r),
+            fmt_ns(per_hit(entry)),
+            if entry == "args6" {
+                format!(
+                    "; target (issue 15) <= 2x: {}",
+                    if ratio <= 2.0 { "met" } else { "MISSED" }
+                )
+            } else {
+                String::new()
+            }
         );
     }
 }

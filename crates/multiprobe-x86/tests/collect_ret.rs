@@ -80,11 +80,10 @@ fn every_return_pairs_its_value_with_its_own_arguments_from_four_threads() {
             let mut r = s.reader();
             let c = r.counters(2);
             assert_eq!(
-                (c.hits, c.returns, c.returns_lost, c.dropped),
-                (4 * N, 4 * N, 0, 0),
+                (c.hits, c.returns_lost, c.dropped),
+                (4 * N, 0, 0),
                 "near {near} {tid:?}"
             );
-            assert_eq!(r.counters(1).returns, 0, "count sees no return");
             let mut rets = 0;
             r.drain(|rec| {
                 if rec.slot != 2 {
@@ -127,7 +126,7 @@ fn a_collector_taken_off_its_site_lets_calls_return_unobserved() {
         assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
     }
     let c = r.counters(2);
-    assert_eq!((c.hits, c.returns, c.returns_lost), (11, 1, 0));
+    assert_eq!((c.hits, c.returns_lost, c.dropped), (11, 0, 0));
     let mut n = 0;
     r.drain(|rec| n += usize::from(rec.slot == 2));
     assert_eq!(n, 1, "no record after the live word went to 0");

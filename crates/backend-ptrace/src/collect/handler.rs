@@ -125,6 +125,9 @@ pub(crate) struct Inner {
     pub(crate) dropped: AtomicU64,
     pub(crate) faulted: AtomicU64,
     pub(crate) returns: AtomicU64,
+    /// `ret` records drained from the tracee so far (its returns are these and its
+    /// drops).
+    pub(crate) tracee_returns: AtomicU64,
     pub(crate) queue: Mutex<VecDeque<Record>>,
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
@@ -152,6 +155,7 @@ impl Collect {
             dropped: AtomicU64::new(0),
             faulted: AtomicU64::new(0),
             returns: AtomicU64::new(0),
+            tracee_returns: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
             area: Mutex::new(CollectStats::default()),

@@ -159,6 +159,10 @@ pub(crate) fn drain_area(
         let Some(b) = c.bound.get() else {
             return;
         };
+        if c.action == Action::Ret {
+            c.tracee_returns
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let rec = Record {
             tid: threads.tid(r.thread, r.tsc),
             time_ns: clock.ns(r.tsc),
@@ -183,7 +187,11 @@ pub(crate) fn drain_area(
                 hits: k.hits,
                 dropped: k.dropped,
                 faulted: k.faulted,
-                returns: k.returns,
+                returns: if c.action == Action::Ret {
+                    c.tracee_returns.load(std::sync::atomic::Ordering::Relaxed) + k.dropped
+                } else {
+                    0
+                },
                 returns_lost: k.returns_lost,
             };
         }

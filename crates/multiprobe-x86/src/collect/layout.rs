@@ -6,8 +6,8 @@
 //! 64    head     u64: reservations made by producers (the tracee), one cache line
 //! 128   tail     u64: cells consumed by the reader (the tracer), one cache line
 //! 192   counters per slot, COUNTER_STRIPES cache lines each: line 0 holds hits u64,
-//!       dropped u64, faulted u64, returns lost u64, live u64; every line s holds the
-//!       hits of stripe s at 0 and its returns at 48
+//!       dropped u64, faulted u64, returns lost u64, live u64; line s (1..) holds
+//!       the hits of stripe s
 //! ..    cells    ring cells of CELL_LEN bytes, 64-byte aligned
 //! ```
 //!
@@ -93,8 +93,6 @@ pub(crate) const LOST: usize = 24;
 /// the tracer clears it when the collector leaves the site, so calls still in flight
 /// return unobserved (rule 10's quiescence).
 pub(crate) const LIVE: usize = 32;
-/// Returns seen by a `ret` collector, in each stripe (like `hits`).
-pub(crate) const RETURNS: usize = 48;
 
 /// Bit 0 of a cell's flags.
 pub const FLAG_FAULTED: u16 = 1;

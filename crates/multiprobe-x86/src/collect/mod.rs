@@ -146,7 +146,8 @@ pub enum Action {
     /// swapped for the site's return code and kept on the thread's shadow stack
     /// (`shadow`); when the call returns, a record of [`RET_LEN`] bytes: the entry's
     /// `rdtsc`, `rax`, `rdx` at the return, and the six integer arguments of the entry
-    /// (the record's own `tsc` is the return's). Counts `returns` and `returns_lost`.
+    /// (the record's own `tsc` is the return's). Every return seen is a record or a
+    /// drop; calls whose return cannot be seen count in `returns_lost`.
     Ret,
 }
 

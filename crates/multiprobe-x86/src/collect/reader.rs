@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{
     cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, DROPPED, FAULTED,
-    FLAG_FAULTED, HITS, LOST, RECORD_DATA_MAX, RETURNS, STRIPE_LEN,
+    FLAG_FAULTED, HITS, LOST, RECORD_DATA_MAX, STRIPE_LEN,
 };
 
 /// One collector's counters.
@@ -23,9 +23,8 @@ pub struct Counters {
     pub dropped: u64,
     /// Records whose `mem:` copy faulted (committed with [`RecordRef::faulted`]).
     pub faulted: u64,
-    /// `ret`: returns seen (each one's record written or dropped).
-    pub returns: u64,
-    /// `ret`: calls whose return could not be seen (module docs of `collect`).
+    /// `ret`: calls whose return could not be seen (module docs of `collect`). The
+    /// returns seen are not counted here: each is a record or one of `dropped`.
     pub returns_lost: u64,
 }
 
@@ -135,19 +134,15 @@ impl<'a> AreaReader<'a> {
     pub fn counters(&self, slot: u32) -> Counters {
         assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
         let base = self.layout.counter_offset(slot);
-        let striped = |field: usize| {
-            (0..COUNTER_STRIPES)
+        Counters {
+            hits: (0..COUNTER_STRIPES)
                 .map(|s| {
-                    self.word(base + s * STRIPE_LEN + field)
+                    self.word(base + s * STRIPE_LEN + HITS)
                         .load(Ordering::Relaxed)
                 })
-                .fold(0u64, u64::wrapping_add)
-        };
-        Counters {
-            hits: striped(HITS),
+                .fold(0u64, u64::wrapping_add),
             dropped: self.word(base + DROPPED).load(Ordering::Relaxed),
             faulted: self.word(base + FAULTED).load(Ordering::Relaxed),
-            returns: striped(RETURNS),
             returns_lost: self.word(base + LOST).load(Ordering::Relaxed),
         }
     }

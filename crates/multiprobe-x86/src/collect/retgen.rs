@@ -12,7 +12,7 @@ use iced_x86::code_asm::*;
 use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
 
 use super::codegen::{add, lock, Gen};
-use super::layout::{cell, HITS, LIVE, LOST, RETURNS};
+use super::layout::{cell, LIVE, LOST};
 use super::shadow::{
     BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
     OWNER, PROBES, THREADS,
@@ -213,23 +213,15 @@ impl Gen<'_> {
         a.ud2()
     }
 
-    /// One live collector's count and record at a return (frame in `rsi`).
+    /// One live collector's record at a return (frame in `rsi`).
     fn ret_record(&self, a: &mut CodeAssembler, slot: u32) -> Result<(), IcedError> {
         let mut full = a.create_label();
         let mut next = a.create_label();
         a.mov(rax, self.counter_abs(slot, LIVE))?;
         a.cmp(qword_ptr(rax), 0)?;
         a.je(next)?;
-        self.stripe_to_rdx(a)?;
-        let off = self.spec.layout.counter_offset(slot) + RETURNS - HITS;
-        add(
-            a,
-            Instruction::with1(
-                C::Inc_rm64,
-                MemoryOperand::with_base_displ(R::RDX, off as i64),
-            )
-            .map(lock),
-        )?;
+        // No counter of returns: each one is a record or a drop, which the reader
+        // counts (a `lock inc` was a tenth of a return).
         self.reserve(a, full)?;
         self.header(a, slot, RET_LEN, false)?;
         let data = |i: usize| qword_ptr(r11 + (cell::DATA + 8 * i) as i32);
