@@ -7,7 +7,14 @@
 //! * `collect/count`, `collect/args6`: a `Collect` on the site, promoted (no stop);
 //! * `one-stop/count`: the same `Collect::count` beside a closure, which keeps the site
 //!   on the one-stop path (ptrace stop per hit, collector run in the tracer);
-//! * `uprobe`: a kernel uprobe on the same function through tracefs (root only).
+//! * `uprobe`: a kernel uprobe on the same function through tracefs (root only);
+//! * `collect/ret` (issue 15): a `Collect::ret` on the site, promoted: the return
+//!   address swapped at the entry, a record of the return value, latency and arguments
+//!   at the return, no stop; against `collect/args6` (an entry probe writing one record
+//!   of the same arguments: the issue's target is a return probe at most 2x its entry
+//!   probe alone);
+//! * `uretprobe`: the kernel's return probe on the same function (another copy of the
+//!   executable, as for `uprobe`), beside its `uprobe` for the kernel's own ratio.
 //!
 //! Per hit = (routine time − nothing) / N, where every routine includes the same
 //! command round trip; the `RATIO` lines divide per-hit costs measured in paired
@@ -197,6 +204,7 @@ fn main() {
     let mut count = Traced::new(vec![Collect::count()], false);
     let mut args = Traced::new(vec![Collect::args(6).unwrap()], false);
     let mut stop = Traced::new(vec![Collect::count()], true);
+    let mut ret = Traced::new(vec![Collect::ret()], false);
     // A kernel uprobe is on the file, in every process that maps it: its tracee runs
     // a copy of the executable, so the other routines' processes carry no uprobe.
     let copy = std::env::temp_dir().join(format!("mp-bench-uprobe-{}", std::process::id()));
@@ -206,7 +214,14 @@ fn main() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let uprobe = {
+    let ret_copy = std::env::temp_dir().join(format!("mp-bench-uretprobe-{}", std::process::id()));
+    std::fs::copy(multiprobe_test_targets::bin("mp-bench"), &ret_copy).unwrap();
+    let mut kret = Command::new(&ret_copy)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (uprobe, uretprobe) = {
         let pid = kprobed.id() as i32;
         // The address of mp_bench_fn in that process: the same executable as `count`'s
         // tracee, at its own load address.
@@ -222,13 +237,23 @@ fn main() {
             panic!("no mp-bench in the maps of {pid}")
         };
         let addr = count.f - base(count.pid()) + base(pid);
-        match KernelUprobe::new_in(pid, "collect_bench", addr) {
+        let rpid = kret.id() as i32;
+        let raddr = count.f - base(count.pid()) + base(rpid);
+        let u = match KernelUprobe::new_in(pid, "collect_bench", addr) {
             Ok(u) => Some(u),
             Err(e) => {
                 println!("NO UPROBE: {e}");
                 None
             }
-        }
+        };
+        let ur = match KernelUprobe::new_return_in(rpid, "collect_bench_ret", raddr) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                println!("NO URETPROBE: {e}");
+                None
+            }
+        };
+        (u, ur)
     };
     {
         let mut g = c.benchmark_group("collect");
@@ -236,12 +261,22 @@ fn main() {
         r.bench_paired(&mut g, "collect/count", "direct", |n| count.run(n), &mut d);
         r.bench_paired(&mut g, "collect/args6", "direct", |n| args.run(n), &mut d);
         r.bench_paired(&mut g, "one-stop/count", "direct", |n| stop.run(n), &mut d);
+        r.bench_paired(&mut g, "collect/ret", "direct", |n| ret.run(n), &mut d);
         if uprobe.is_some() {
             r.bench_paired(
                 &mut g,
                 "uprobe",
                 "direct",
                 |n| calls(&mut kprobed, n),
+                &mut d,
+            );
+        }
+        if uretprobe.is_some() {
+            r.bench_paired(
+                &mut g,
+                "uretprobe",
+                "direct",
+                |n| calls(&mut kret, n),
                 &mut d,
             );
         }
@@ -293,10 +328,34 @@ fn main() {
         40.0,
         false,
     );
+    let rt = extra("collect/ret");
+    let urt = if uretprobe.is_some() {
+        extra("uretprobe")
+    } else {
+        None
+    };
+    target(
+        "collect/ret / collect/args6 (issue 15)",
+        rt.zip(a6).map(|(r, a)| r / a),
+        2.0,
+        true,
+    );
+    if let (Some(u), Some(ur), Some(rt)) = (up, urt, rt) {
+        println!(
+            "RATIO kernel uretprobe / uprobe: {:.2}x; uretprobe / collect/ret: {:.1}x",
+            ur / u,
+            ur / rt
+        );
+    }
+    assert!(ret.first.stats().returns > 0);
     assert!(count.first.stats().hits > 0 && args.first.stats().hits > 0);
     drop(uprobe);
-    let _ = kprobed.kill();
-    let _ = kprobed.wait();
+    drop(uretprobe);
+    for k in [&mut kprobed, &mut kret] {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
     let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_file(&ret_copy);
     let _ = direct.kill();
 }

@@ -70,6 +70,12 @@ impl KernelUprobe {
         Self::with_kind_in(&pid.to_string(), name, addr, 'p')
     }
 
+    /// A uretprobe named `name` on the function at `addr` of process `pid`; otherwise
+    /// as [`KernelUprobe::new_in`].
+    pub fn new_return_in(pid: i32, name: &str, addr: u64) -> Result<KernelUprobe, String> {
+        Self::with_kind_in(&pid.to_string(), name, addr, 'r')
+    }
+
     fn with_kind(name: &str, addr: u64, kind: char) -> Result<KernelUprobe, String> {
         Self::with_kind_in("self", name, addr, kind)
     }
