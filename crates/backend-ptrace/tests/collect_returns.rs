@@ -323,3 +323,18 @@ fn a_full_shadow_stack_counts_the_deepest_calls_lost_and_the_program_runs_on() {
     assert!(seen.iter().all(|&(_, n, _, ret, _)| n == ret as u32 as u64));
     r.in_tracee(&t);
 }
+
+#[test]
+fn a_call_that_never_returns_is_counted_lost_at_the_exit() {
+    let (mut t, mut child) = spawn("mp-c-rets", &["exit", "50"]);
+    let add = Ret::on(&t, "mp_ret_add");
+    let exiter = Ret::on(&t, "mp_ret_exiter");
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(5)));
+    t.collection().drain();
+    assert_eq!(common::read_all(&mut child), "exiting\n");
+    assert_eq!(add.counts(), (50, 50, 0));
+    assert_eq!(exiter.counts(), (1, 0, 1), "exit(3) inside it: lost");
+    assert!(exiter.returns().is_empty());
+    add.in_tracee(&t);
+    exiter.in_tracee(&t);
+}

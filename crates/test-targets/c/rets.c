@@ -14,7 +14,9 @@
  *                  (41) and exits 7, the parent waits and returns 42 + the child's exit
  *                  status; prints "child r=41" and "parent r=49"
  *   bt             mp_ret_bt_outer -> mp_ret_bt, which calls backtrace(3); prints the
- *                  frame count (the same probed or not, if unwinding gets through) */
+ *                  frame count (the same probed or not, if unwinding gets through)
+ *   exit N         N calls of mp_ret_add, then mp_ret_exiter(5), which calls exit(5)
+ *                  and never returns; prints "exiting" */
 #define _GNU_SOURCE
 #include <execinfo.h>
 #include <pthread.h>
@@ -65,6 +67,12 @@ int mp_ret_bt(void) {
 
 int mp_ret_bt_outer(void) { return mp_ret_bt() + 1; }
 
+void mp_ret_exiter(int code) {
+    printf("exiting\n");
+    fflush(stdout);
+    exit(code);
+}
+
 struct job {
     int k, n, ms;
     long sum;
@@ -110,6 +118,9 @@ int mp_rets_main(int argc, char **argv) {
         long long s = 0;
         for (int i = 0; i < a; i++) s += mp_ret_add(i, 2 * i);
         printf("sum=%lld calls=%d\n", s, a);
+    } else if (!strcmp(mode, "exit")) {
+        for (int i = 0; i < a; i++) mp_ret_add(i, i);
+        mp_ret_exiter(5);
     } else if (!strcmp(mode, "depth")) {
         printf("depth=%d\n", mp_ret_depth(a));
     } else if (!strcmp(mode, "threads")) {

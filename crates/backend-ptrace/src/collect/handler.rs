@@ -128,6 +128,9 @@ pub(crate) struct Inner {
     /// `ret` records drained from the tracee so far (its returns are these and its
     /// drops).
     pub(crate) tracee_returns: AtomicU64,
+    /// `ret` calls still in flight at the last final drain (exit, exec, detach): they
+    /// never return to us, so they count lost.
+    pub(crate) tracee_ended_in_flight: AtomicU64,
     pub(crate) queue: Mutex<VecDeque<Record>>,
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
@@ -156,6 +159,7 @@ impl Collect {
             faulted: AtomicU64::new(0),
             returns: AtomicU64::new(0),
             tracee_returns: AtomicU64::new(0),
+            tracee_ended_in_flight: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
             area: Mutex::new(CollectStats::default()),

@@ -34,9 +34,11 @@
 //! threads inside a return code as for the action code). The unwinder hooks of
 //! `returns.rs` put the original return addresses back around C++ exceptions and
 //! `backtrace`; detach and a fork child freed of probes put them back for good.
-//! Differences from the one-stop path: a disabled collector's calls in flight return
-//! unobserved (counted in neither `returns` nor `returns_lost`), and at most two `ret`
-//! collectors share a site.
+//! Calls in flight when the image ends (exit, `exec`, detach), including those whose
+//! thread ended inside them, count in `returns_lost` at that final drain; until then a
+//! call of a thread that is gone counts in neither. Differences from the one-stop path:
+//! a disabled collector's calls in flight return unobserved (lost), and at most two
+//! `ret` collectors share a site.
 //!
 //! # How the backend sees collectors
 //!

@@ -183,16 +183,28 @@ pub(crate) fn drain_area(
     for (slot, c) in cols.iter().enumerate().take(counted) {
         if let Some(c) = c {
             let k = reader.counters(slot as u32);
+            let (returns, returns_lost) = if c.action == Action::Ret {
+                let returns =
+                    c.tracee_returns.load(std::sync::atomic::Ordering::Relaxed) + k.dropped;
+                // A final drain (the process is dead or being left, or its image
+                // replaced): the calls still in flight never return to us (a thread
+                // ended inside one, `exit` was called from one): lost.
+                let ended = &c.tracee_ended_in_flight;
+                if stopped {
+                    let in_flight = k.hits.saturating_sub(returns + k.returns_lost);
+                    ended.store(in_flight, std::sync::atomic::Ordering::Relaxed);
+                }
+                let ended = ended.load(std::sync::atomic::Ordering::Relaxed);
+                (returns, k.returns_lost + ended)
+            } else {
+                (0, 0)
+            };
             *lock(&c.area) = CollectStats {
                 hits: k.hits,
                 dropped: k.dropped,
                 faulted: k.faulted,
-                returns: if c.action == Action::Ret {
-                    c.tracee_returns.load(std::sync::atomic::Ordering::Relaxed) + k.dropped
-                } else {
-                    0
-                },
-                returns_lost: k.returns_lost,
+                returns,
+                returns_lost,
             };
         }
     }
