@@ -199,6 +199,7 @@ fn main() {
             layout: &area.layout,
             thread_id,
             shadow: shadow as u64,
+            tsc_ns_q32: 0,
         };
         let t_off = 0x1000 * (i + 1);
         let built = build_collect_trampoline(&spec, base + t_off as u64).unwrap();

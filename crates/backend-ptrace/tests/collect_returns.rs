@@ -338,3 +338,35 @@ fn a_call_that_never_returns_is_counted_lost_at_the_exit() {
     add.in_tracee(&t);
     exiter.in_tracee(&t);
 }
+
+#[test]
+fn latency_histograms_put_sleeps_of_1_10_100_ms_in_their_buckets() {
+    let (mut t, mut child) = spawn("mp-c-rets", &["nap", "1", "10", "100", "10"]);
+    let addr = t.resolve("mp_ret_nap").unwrap();
+    let lat = Collect::latency();
+    let reg = t.registry().register_handler(addr, lat.clone()).unwrap();
+    exited_0(&mut t);
+    assert_eq!(
+        common::read_all(&mut child),
+        "nap 1=3\nnap 10=30\nnap 100=300\nnap 10=30\n"
+    );
+    assert_eq!(t.collect_path(addr), Some(SitePath::InTracee));
+    assert!(lat.take_records().is_empty(), "a histogram, no records");
+    let h = lat.histogram();
+    assert_eq!(h.count(), 4);
+    let (min, max) = h.min_max.unwrap();
+    assert!((1_000_000..50_000_000).contains(&min), "{min}");
+    assert!((100_000_000..200_000_000).contains(&max), "{max}");
+    // A sleep lasts at least its time, so it lands in its own bucket or above (a
+    // loaded machine oversleeps): all 4 from 1 ms's bucket up, the 10 and 100 ms
+    // ones from 10 ms's, and only the 100 ms one from 100 ms's.
+    let bucket = |ms: u64| (64 - (ms * 1_000_000).leading_zeros()) as usize;
+    let from = |ms: u64| h.buckets[bucket(ms)..].iter().sum::<u64>();
+    assert_eq!((from(1), from(10), from(100)), (4, 3, 1), "{:?}", h.buckets);
+    let s = lat.stats();
+    let core = reg.stats().unwrap();
+    assert_eq!(
+        (s.hits, s.returns, s.returns_lost + core.returns_lost),
+        (4, 4, 0)
+    );
+}

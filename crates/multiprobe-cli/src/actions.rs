@@ -75,6 +75,14 @@ impl RowState {
         })
     }
 
+    /// The `latency` histogram: the return hooks' (one-stop path, `--stop`) and the
+    /// row's collectors' (counted in the tracee), together.
+    pub fn latency(&self) -> crate::returning::Hist {
+        let c = self.collects.lock().unwrap_or_else(|p| p.into_inner());
+        let hists: Vec<_> = c.iter().map(Collect::histogram).collect();
+        self.latency.snapshot_with(&hists)
+    }
+
     fn count_key(&self, k: u64) {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let n = keys.len();

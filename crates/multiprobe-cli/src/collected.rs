@@ -60,7 +60,9 @@ pub fn collector(action: Action, ctx: &SiteCtx) -> Option<Collect> {
         Action::Regs => Some(Collect::regs()),
         Action::Mem { arg, len } if len <= MEM_MAX => Collect::mem(arg + 1, len),
         // One record at each return: its value, latency and the entry's arguments.
-        Action::Ret | Action::Latency => Some(Collect::ret()),
+        Action::Ret => Some(Collect::ret()),
+        // A histogram in the tracee: no records, none dropped.
+        Action::Latency => Some(Collect::latency()),
         Action::Call(n) if n <= 6 => Some(Collect::ret()),
         _ => None,
     }
@@ -75,8 +77,6 @@ struct Printer {
     pid: i32,
     sink: Arc<Sink>,
     time: bool,
-    /// The row's state (`latency` counts its records there instead of printing).
-    state: Arc<crate::actions::RowState>,
 }
 
 /// Every collector of the session whose action prints, to turn its records into lines.
@@ -92,8 +92,11 @@ pub struct Collected {
 impl Collected {
     /// `collect` was registered for `b`'s row: print its records.
     pub fn add(&self, collect: &Collect, b: &Binding) {
-        if matches!(collect.action(), CollectAction::Count) {
-            return;
+        if matches!(
+            collect.action(),
+            CollectAction::Count | CollectAction::Latency
+        ) {
+            return; // nothing to print: counters, a histogram
         }
         lock(&self.printers).push(Printer {
             collect: collect.clone(),
@@ -102,7 +105,6 @@ impl Collected {
             pid: b.pid,
             sink: Arc::clone(&b.sink),
             time: b.time,
-            state: Arc::clone(&b.state),
         });
     }
 
@@ -244,9 +246,6 @@ impl Printer {
                         mem_lines(&who, label, arg, *ptr, read.map_err(|e| e.clone()))
                     }
                 })
-            }
-            (RecordData::Return { latency_ns, .. }, Action::Latency) => {
-                self.state.latency.record(*latency_ns);
             }
             (
                 RecordData::Return {

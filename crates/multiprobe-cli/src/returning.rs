@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
+use multiprobe_backend_ptrace::collect::LatencyHist;
 use multiprobe_core::{CallData, Handler, Hit, PreAction, Request};
 use serde::Serialize;
 
@@ -109,7 +110,27 @@ impl Latency {
 
     /// What it counted so far.
     pub fn snapshot(&self) -> Hist {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        self.snapshot_with(&[])
+    }
+
+    /// What it counted so far, with the histograms `more` (collected in a tracee).
+    pub fn snapshot_with(&self, more: &[LatencyHist]) -> Hist {
+        let mut counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let mut count = self.count.load(Relaxed);
+        let mut sum = self.sum.load(Relaxed);
+        let mut min = self.min.load(Relaxed);
+        let mut max = self.max.load(Relaxed);
+        for h in more {
+            for (c, b) in counts.iter_mut().zip(h.buckets) {
+                *c += b;
+            }
+            count += h.count();
+            sum += h.sum;
+            if let Some((lo, hi)) = h.min_max {
+                min = min.min(lo);
+                max = max.max(hi);
+            }
+        }
         let first = counts.iter().position(|&c| c > 0);
         let last = counts.iter().rposition(|&c| c > 0);
         let buckets = match (first, last) {
@@ -125,14 +146,13 @@ impl Latency {
                 .collect(),
             _ => Vec::new(),
         };
-        let count = self.count.load(Relaxed);
         let some = |v: u64| (count > 0).then_some(v);
         Hist {
             unit: "ns",
             count,
-            min: some(self.min.load(Relaxed)),
-            avg: some(self.sum.load(Relaxed) / count.max(1)),
-            max: some(self.max.load(Relaxed)),
+            min: some(min),
+            avg: some(sum / count.max(1)),
+            max: some(max),
             buckets,
         }
     }

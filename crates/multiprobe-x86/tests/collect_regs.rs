@@ -94,6 +94,7 @@ fn registers_and_flags_after_a_hit_are_those_of_a_direct_call() {
                 layout: &area.layout,
                 thread_id: ThreadId::FsZero,
                 shadow: 0,
+                tsc_ns_q32: 0,
             };
             let t = build_collect_trampoline(&spec, m.addr(SLOT)).unwrap();
             m.write(SLOT, &t.bytes);

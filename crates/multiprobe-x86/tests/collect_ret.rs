@@ -161,6 +161,7 @@ fn ret_without_shadow_stacks_or_more_than_two_is_refused() {
             layout: &layout,
             thread_id: ThreadId::FsZero,
             shadow,
+            tsc_ns_q32: 0,
         };
         let r = build_collect_trampoline(&spec, at + 0x20_0000);
         assert!(
@@ -168,4 +169,56 @@ fn ret_without_shadow_stacks_or_more_than_two_is_refused() {
             "{r:?}"
         );
     }
+}
+
+#[test]
+fn latency_counts_every_return_in_its_histogram_without_records() {
+    const N: u64 = 3000;
+    let cols = [
+        Collector {
+            slot: 3,
+            action: Action::Latency,
+        },
+        Collector {
+            slot: 2,
+            action: Action::Ret,
+        },
+    ];
+    let s = Arc::new(Setup::new(&cols, 1 << 15, true, ThreadId::FsZero));
+    let handles: Vec<_> = (0..2u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let f = s.probed();
+                for i in 0..N {
+                    let a = args_of(t, i);
+                    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mut r = s.reader();
+    let h = r.histogram(3);
+    assert_eq!(h.count(), 2 * N, "every return, none dropped");
+    let (min, max) = h.min_max.expect("calls were timed");
+    assert!(min <= max && h.sum >= min * 2 * N && h.sum <= max * 2 * N);
+    // A few instructions and a record: well under a millisecond each (a preempted
+    // call may take longer, but not most of them).
+    let under_1ms: u64 = h.buckets[..=20].iter().sum();
+    assert!(under_1ms * 10 >= 9 * 2 * N, "{:?}", h.buckets);
+    let mut recs = 0;
+    r.drain(|rec| {
+        assert_eq!(rec.slot, 2, "latency writes no record");
+        recs += 1;
+    });
+    assert_eq!(recs, 2 * N);
+    r.set_live(3, false);
+    let f = s.probed();
+    let a = args_of(9, 9);
+    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+    assert_eq!(r.histogram(3).count(), 2 * N, "off its site: not counted");
+    assert_eq!(r.histogram(2).count(), 0, "ret has no histogram");
 }

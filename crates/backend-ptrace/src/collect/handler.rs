@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use multiprobe_core::{Handler, HandlerId, Hit, PreAction, Regs};
+pub use multiprobe_x86::collect::{LatencyHist, HIST_BUCKETS};
 
 /// The most records one collector keeps between drains before it drops (and counts)
 /// new ones.
@@ -131,6 +132,8 @@ pub(crate) struct Inner {
     /// `ret` calls still in flight at the last final drain (exit, exec, detach): they
     /// never return to us, so they count lost.
     pub(crate) tracee_ended_in_flight: AtomicU64,
+    /// `latency`: the one-stop path's histogram, and the tracee's as last drained.
+    pub(crate) hist: Mutex<(LatencyHist, LatencyHist)>,
     pub(crate) queue: Mutex<VecDeque<Record>>,
     /// Where the backend bound it: process, counter slot, handler id (set once, at its
     /// first registration's `handlers_changed`).
@@ -160,6 +163,7 @@ impl Collect {
             returns: AtomicU64::new(0),
             tracee_returns: AtomicU64::new(0),
             tracee_ended_in_flight: AtomicU64::new(0),
+            hist: Mutex::new((EMPTY_HIST, EMPTY_HIST)),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
             area: Mutex::new(CollectStats::default()),
@@ -192,6 +196,20 @@ impl Collect {
     /// ([`RecordData::Return`]). Register it at a function's entry.
     pub fn ret() -> Collect {
         Collect::new(Action::Ret)
+    }
+
+    /// Time every call from its entry to its return into a histogram (power-of-two
+    /// buckets of nanoseconds, [`Collect::histogram`]); no records. Register it at a
+    /// function's entry.
+    pub fn latency() -> Collect {
+        Collect::new(Action::Latency)
+    }
+
+    /// A `latency` collector's histogram so far, both paths merged (drain first for
+    /// the tracee's latest: [`crate::collect::Collection::drain`]).
+    pub fn histogram(&self) -> LatencyHist {
+        let h = lock(&self.0.hist);
+        merge(&h.0, &h.1)
     }
 
     /// What it does.
@@ -236,6 +254,37 @@ impl Collect {
     }
 }
 
+/// A histogram with nothing counted.
+pub(crate) const EMPTY_HIST: LatencyHist = LatencyHist {
+    buckets: [0; HIST_BUCKETS],
+    sum: 0,
+    min_max: None,
+};
+
+/// Count a call of `ns` in `h` (bucket 0 for 0 ns, else `[2^(k-1), 2^k)`).
+fn count_in(h: &mut LatencyHist, ns: u64) {
+    h.buckets[(64 - ns.leading_zeros()) as usize] += 1;
+    h.sum += ns;
+    h.min_max = Some(
+        h.min_max
+            .map_or((ns, ns), |(lo, hi)| (lo.min(ns), hi.max(ns))),
+    );
+}
+
+/// `a` and `b` counted together.
+fn merge(a: &LatencyHist, b: &LatencyHist) -> LatencyHist {
+    let mut m = *a;
+    for (x, y) in m.buckets.iter_mut().zip(b.buckets) {
+        *x += y;
+    }
+    m.sum += b.sum;
+    m.min_max = match (a.min_max, b.min_max) {
+        (Some((l1, h1)), Some((l2, h2))) => Some((l1.min(l2), h1.max(h2))),
+        (x, y) => x.or(y),
+    };
+    m
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -254,7 +303,7 @@ impl Handler for Collect {
         let mut faulted = false;
         let data = match i.action {
             Action::Count => return PreAction::Continue,
-            Action::Ret => {
+            Action::Ret | Action::Latency => {
                 let mut d = [0u64; 7];
                 d[0] = monotonic_ns();
                 for (k, a) in d[1..].iter_mut().enumerate() {
@@ -299,6 +348,10 @@ impl Handler for Collect {
         let i = &self.0;
         i.returns.fetch_add(1, Relaxed);
         let now = monotonic_ns();
+        if i.action == Action::Latency {
+            count_in(&mut lock(&i.hist).0, now.saturating_sub(data[0]));
+            return;
+        }
         let mut args = [0u64; 6];
         args.copy_from_slice(&data[1..7]);
         self.push(Record {
@@ -316,7 +369,7 @@ impl Handler for Collect {
     }
 
     fn has_ret(&self) -> bool {
-        self.0.action == Action::Ret
+        self.0.action.at_return()
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {

@@ -104,7 +104,10 @@ mod quiet;
 mod reader;
 mod shadow;
 
-pub use handler::{Action, Collect, CollectStats, Record, RecordData, MEM_MAX, QUEUE_CAP};
+pub use handler::{
+    Action, Collect, CollectStats, LatencyHist, Record, RecordData, HIST_BUCKETS, MEM_MAX,
+    QUEUE_CAP,
+};
 
 pub use reader::Collection;
 
@@ -253,7 +256,7 @@ impl SiteCollect {
         match &self.wanted {
             Wanted::All(cols) => cols
                 .iter()
-                .filter(|(_, c)| c.action() == Action::Ret)
+                .filter(|(_, c)| c.action().at_return())
                 .filter_map(|(_, c)| c.0.bound.get().map(|b| b.slot))
                 .collect(),
             _ => Vec::new(),
@@ -320,7 +323,7 @@ pub(crate) fn classify(
         let own_ret = h
             .as_any()
             .and_then(|a| a.downcast_ref::<Collect>())
-            .is_some_and(|c| c.action() == Action::Ret);
+            .is_some_and(|c| c.action().at_return());
         if h.has_ret() && !own_ret {
             why.get_or_insert_with(|| format!("handler {id} has a return hook"));
         }

@@ -48,7 +48,7 @@ use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
 use multiprobe_symbols::{LandingPads, MappedAt, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
-    build_collect_trampoline, Action, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
+    build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
 use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region, MAX_REGION_LEN};
 
@@ -573,12 +573,16 @@ impl Tracer {
                 .get_or_insert_with(|| thread_id_of(pid));
             (region, area.0, area.1, index, tid_mode)
         };
-        let rets = cols.iter().any(|(_, c)| c.action() == Action::Ret);
+        let rets = cols.iter().any(|(_, c)| c.action().at_return());
         let shadow = if rets {
             self.ensure_return_hooks(addr);
             self.ensure_shadow()?
         } else {
             0
+        };
+        let tsc_ns_q32 = match &self.shared.lock().collect.area {
+            AreaState::Mapped(a) => super::handler::lock(&a.clock).ns_per_tick_q32(),
+            _ => 0,
         };
         let collectors: Vec<Collector> = cols
             .iter()
@@ -595,10 +599,11 @@ impl Tracer {
             layout: &layout,
             thread_id,
             shadow,
+            tsc_ns_q32,
         };
         let built = self.place_collect_trampoline(addr, &spec)?;
         if let AreaState::Mapped(a) = &self.shared.lock().collect.area {
-            for c in collectors.iter().filter(|c| c.action == Action::Ret) {
+            for c in collectors.iter().filter(|c| c.action.at_return()) {
                 super::reader::set_live(a, c.slot, true);
             }
         }

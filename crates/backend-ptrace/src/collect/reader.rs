@@ -183,9 +183,14 @@ pub(crate) fn drain_area(
     for (slot, c) in cols.iter().enumerate().take(counted) {
         if let Some(c) = c {
             let k = reader.counters(slot as u32);
-            let (returns, returns_lost) = if c.action == Action::Ret {
-                let returns =
-                    c.tracee_returns.load(std::sync::atomic::Ordering::Relaxed) + k.dropped;
+            let (returns, returns_lost) = if c.action.at_return() {
+                let returns = if c.action == Action::Latency {
+                    let h = reader.histogram(slot as u32);
+                    lock(&c.hist).1 = h;
+                    h.count()
+                } else {
+                    c.tracee_returns.load(std::sync::atomic::Ordering::Relaxed) + k.dropped
+                };
                 // A final drain (the process is dead or being left, or its image
                 // replaced): the calls still in flight never return to us (a thread
                 // ended inside one, `exit` was called from one): lost.
@@ -235,7 +240,7 @@ fn decode(action: Action, r: &RecordRef<'_>, clock: &super::clock::Clock) -> Rec
             ptr: r.ptr,
             bytes: r.data.to_vec(),
         },
-        Action::Ret => {
+        Action::Ret | Action::Latency => {
             let w: Vec<u64> = words(r.data).collect();
             let at = |i: usize| w.get(i).copied().unwrap_or(0);
             let mut args = [0u64; 6];

@@ -346,7 +346,7 @@ impl Rows {
                         .action
                         .at_return()
                         .then_some((stats.returns, stats.returns_lost)),
-                    latency: (r.action == Action::Latency).then(|| r.state.latency.snapshot()),
+                    latency: (r.action == Action::Latency).then(|| r.state.latency()),
                     path: site.filter(|_| live.is_some()).map(&mut path_of),
                     collected: collected.map(|c| (c.dropped, c.faulted)),
                 }

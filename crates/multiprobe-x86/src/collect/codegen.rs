@@ -113,7 +113,7 @@ impl Clobbers {
         let mem = collectors
             .iter()
             .any(|c| matches!(c.action, Action::Mem { .. }));
-        let ret = collectors.iter().any(|c| c.action == Action::Ret);
+        let ret = collectors.iter().any(|c| c.action.at_return());
         let all_flags = collectors
             .iter()
             .any(|c| matches!(c.action, Action::Regs | Action::Mem { .. }));
@@ -222,16 +222,19 @@ fn check(spec: &CollectSpec<'_>) -> Result<(), TrampolineError> {
                 return Err(bad(i, "mem copies 1 to RECORD_DATA_MAX bytes"))
             }
             Action::Mem { .. } => {}
-            Action::Ret if spec.shadow == 0 => {
+            Action::Ret | Action::Latency if spec.shadow == 0 => {
                 return Err(bad(i, "ret needs the shadow stacks' address"))
             }
-            Action::Ret => {}
+            Action::Latency if spec.tsc_ns_q32 == 0 => {
+                return Err(bad(i, "latency needs the TSC's rate"))
+            }
+            Action::Ret | Action::Latency => {}
         }
     }
     let rets = spec
         .collectors
         .iter()
-        .filter(|c| c.action == Action::Ret)
+        .filter(|c| c.action.at_return())
         .count();
     if rets > 2 {
         return Err(bad(MAX_COLLECTORS, "a site runs at most 2 ret collectors"));
@@ -414,7 +417,7 @@ impl Gen<'_> {
         a: &mut CodeAssembler,
         c: &Collector,
     ) -> Result<Option<OutOfLine>, TrampolineError> {
-        if matches!(c.action, Action::Count | Action::Ret) {
+        if matches!(c.action, Action::Count | Action::Ret | Action::Latency) {
             return Ok(None);
         }
         let full = a.create_label();
@@ -422,7 +425,7 @@ impl Gen<'_> {
         self.reserve(a, full)?;
         let mut resume = None;
         match c.action {
-            Action::Count | Action::Ret => unreachable!(),
+            Action::Count | Action::Ret | Action::Latency => unreachable!(),
             Action::Args(n) => {
                 self.header(a, c.slot, 8 * usize::from(n), false)?;
                 for (i, &g) in ARGS[..usize::from(n)].iter().enumerate() {
@@ -528,7 +531,7 @@ pub fn build_collect_trampoline(
     let mut points = Vec::new();
 
     let mut ret_code = a.create_label();
-    let rets = spec.collectors.iter().any(|c| c.action == Action::Ret);
+    let rets = spec.collectors.iter().any(|c| c.action.at_return());
     g.prologue(&mut a)?;
     if !spec.collectors.is_empty() {
         g.hits(&mut a)?;
@@ -626,6 +629,7 @@ mod tests {
             layout: &layout,
             thread_id: ThreadId::FsZero,
             shadow: 0,
+            tsc_ns_q32: 0,
         };
         build_collect_trampoline(&spec, CODE + 0x10_0000)
     }

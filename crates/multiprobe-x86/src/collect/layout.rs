@@ -8,6 +8,8 @@
 //! 192   counters per slot, COUNTER_STRIPES cache lines each: line 0 holds hits u64,
 //!       dropped u64, faulted u64, returns lost u64, live u64; line s (1..) holds
 //!       the hits of stripe s
+//! ..    histograms per slot (`latency`), HIST_LEN bytes: 65 buckets u64 (0, then
+//!       [2^(k-1), 2^k) ns), sum u64, max u64, u64::MAX - min u64 (0: none yet)
 //! ..    cells    ring cells of CELL_LEN bytes, 64-byte aligned
 //! ```
 //!
@@ -94,6 +96,14 @@ pub(crate) const LOST: usize = 24;
 /// return unobserved (rule 10's quiescence).
 pub(crate) const LIVE: usize = 32;
 
+/// Length of one slot's histogram (nine cache lines).
+pub(crate) const HIST_LEN: usize = 576;
+/// Offsets in a histogram: the buckets, then sum, max and `u64::MAX - min`.
+pub(crate) const HIST_SUM: usize = 65 * 8;
+pub(crate) const HIST_MAX: usize = HIST_SUM + 8;
+pub(crate) const HIST_MIN_INV: usize = HIST_MAX + 8;
+const _: () = assert!(HIST_MIN_INV + 8 <= HIST_LEN);
+
 /// Bit 0 of a cell's flags.
 pub const FLAG_FAULTED: u16 = 1;
 
@@ -168,9 +178,14 @@ impl AreaLayout {
         self.counter_offset(slot) + LIVE
     }
 
+    /// Offset of counter slot `slot`'s latency histogram.
+    pub fn hist_offset(&self, slot: u32) -> usize {
+        hdr::COUNTERS + self.slots as usize * COUNTER_LEN + slot as usize * HIST_LEN
+    }
+
     /// Offset of the first ring cell.
     pub fn cells_offset(&self) -> usize {
-        (hdr::COUNTERS + self.slots as usize * COUNTER_LEN).next_multiple_of(64)
+        self.hist_offset(self.slots).next_multiple_of(64)
     }
 
     /// Offset of ring cell `i` (`i < ring_cells`).
@@ -201,7 +216,8 @@ mod tests {
         let l = AreaLayout::new(1024, 3);
         assert_eq!(l.size() % PAGE, 0);
         assert_eq!(l.cells_offset() % 64, 0);
-        assert_eq!(l.counter_offset(2) + COUNTER_LEN, l.cells_offset());
+        assert_eq!(l.counter_offset(2) + COUNTER_LEN, l.hist_offset(0));
+        assert_eq!(l.hist_offset(2) + HIST_LEN, l.cells_offset());
         assert_eq!(COUNTER_LEN, COUNTER_STRIPES * 64);
         assert!(COUNTER_STRIPES.is_power_of_two());
         assert_eq!(

@@ -119,7 +119,7 @@ pub use layout::{
     MAX_COUNTER_SLOTS, MAX_RING_CELLS, RECORD_DATA_MAX, RECORD_HEADER_LEN,
 };
 pub use map::{ActionFault, BuiltCollect, CollectMap, COLLECT_LEN, MAX_COLLECTORS};
-pub use reader::{AreaError, AreaReader, Counters, RecordRef};
+pub use reader::{AreaError, AreaReader, Counters, LatencyHist, RecordRef, HIST_BUCKETS};
 
 use crate::region::Region;
 
@@ -149,6 +149,18 @@ pub enum Action {
     /// (the record's own `tsc` is the return's). Every return seen is a record or a
     /// drop; calls whose return cannot be seen count in `returns_lost`.
     Ret,
+    /// At the entry as [`Action::Ret`]; at the return, no record: the time from the
+    /// entry, in nanoseconds, counted in the slot's histogram in the area
+    /// ([`AreaReader::histogram`]: power-of-two buckets, sum, min, max), so no call is
+    /// ever dropped from it.
+    Latency,
+}
+
+impl Action {
+    /// Whether it runs at the function's return ([`Action::Ret`], [`Action::Latency`]).
+    pub fn at_return(self) -> bool {
+        matches!(self, Action::Ret | Action::Latency)
+    }
 }
 
 /// Bytes of an [`Action::Ret`] record: entry tsc, rax, rdx, six arguments.
@@ -204,4 +216,8 @@ pub struct CollectSpec<'a> {
     /// ([`shadow::SHADOW_LEN`] bytes, zeroed); needed only with an [`Action::Ret`]
     /// collector, 0 otherwise.
     pub shadow: u64,
+    /// Nanoseconds per TSC tick, fixed point with 32 fraction bits (the reader's
+    /// calibration): how [`Action::Latency`] turns ticks into its buckets' unit. 0
+    /// without such a collector.
+    pub tsc_ns_q32: u64,
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{
     cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, DROPPED, FAULTED,
-    FLAG_FAULTED, HITS, LOST, RECORD_DATA_MAX, STRIPE_LEN,
+    FLAG_FAULTED, HIST_MAX, HIST_MIN_INV, HIST_SUM, HITS, LOST, RECORD_DATA_MAX, STRIPE_LEN,
 };
 
 /// One collector's counters.
@@ -26,6 +26,28 @@ pub struct Counters {
     /// `ret`: calls whose return could not be seen (module docs of `collect`). The
     /// returns seen are not counted here: each is a record or one of `dropped`.
     pub returns_lost: u64,
+}
+
+/// Buckets of a [`LatencyHist`]: 0 ns, then one per bit of a `u64`.
+pub const HIST_BUCKETS: usize = 65;
+
+/// A `latency` collector's histogram, in nanoseconds: bucket 0 counts 0, bucket
+/// `k >= 1` counts `[2^(k-1), 2^k)` (bpftrace's `hist()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyHist {
+    /// Calls per bucket.
+    pub buckets: [u64; HIST_BUCKETS],
+    /// Their total time.
+    pub sum: u64,
+    /// The shortest and longest, if any call was timed.
+    pub min_max: Option<(u64, u64)>,
+}
+
+impl LatencyHist {
+    /// Calls timed.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    }
 }
 
 /// A committed record, copied out of its cell.
@@ -144,6 +166,26 @@ impl<'a> AreaReader<'a> {
             dropped: self.word(base + DROPPED).load(Ordering::Relaxed),
             faulted: self.word(base + FAULTED).load(Ordering::Relaxed),
             returns_lost: self.word(base + LOST).load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counter slot `slot`'s latency histogram ([`crate::collect::Action::Latency`]).
+    ///
+    /// # Panics
+    /// When `slot` is not below the layout's counter slots.
+    pub fn histogram(&self, slot: u32) -> LatencyHist {
+        assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
+        let base = self.layout.hist_offset(slot);
+        let ld = |o: usize| self.word(base + o).load(Ordering::Relaxed);
+        let mut buckets = [0u64; HIST_BUCKETS];
+        for (k, b) in buckets.iter_mut().enumerate() {
+            *b = ld(8 * k);
+        }
+        let min_inv = ld(HIST_MIN_INV);
+        LatencyHist {
+            buckets,
+            sum: ld(HIST_SUM),
+            min_max: (min_inv != 0).then(|| (u64::MAX - min_inv, ld(HIST_MAX))),
         }
     }
 

@@ -12,7 +12,7 @@ use iced_x86::code_asm::*;
 use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
 
 use super::codegen::{add, lock, Gen};
-use super::layout::{cell, LIVE, LOST};
+use super::layout::{cell, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST};
 use super::shadow::{
     BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
     OWNER, PROBES, THREADS,
@@ -27,7 +27,7 @@ impl Gen<'_> {
         self.spec
             .collectors
             .iter()
-            .filter(|c| c.action == Action::Ret)
+            .filter(|c| c.action.at_return())
             .map(|c| c.slot)
     }
 
@@ -198,8 +198,12 @@ impl Gen<'_> {
         a.set_label(&mut matched)?;
         a.lea(rsi, ptr(rdi + rax))?;
         a.dec(rcx)?;
-        for slot in self.rets() {
-            self.ret_record(a, slot)?;
+        for c in self.spec.collectors {
+            match c.action {
+                Action::Ret => self.ret_record(a, c.slot)?,
+                Action::Latency => self.latency_count(a, c.slot)?,
+                _ => {}
+            }
         }
         a.mov(rax, qword_ptr(rsi + F_RET as i32))?;
         a.mov(qword_ptr(rsp + self.clob.program_rsp() - 8), rax)?;
@@ -211,6 +215,57 @@ impl Gen<'_> {
         // the entry never does. Stop the thread rather than guess where to go.
         a.set_label(&mut broken)?;
         a.ud2()
+    }
+
+    /// One live `latency` collector at a return (frame in `rsi`): the time since the
+    /// entry in ns, counted in its histogram. `rax`, `rdx`, `r10`, `r11` are scratch.
+    fn latency_count(&self, a: &mut CodeAssembler, slot: u32) -> Result<(), IcedError> {
+        let mut next = a.create_label();
+        let mut zero = a.create_label();
+        a.mov(rax, self.counter_abs(slot, LIVE))?;
+        a.cmp(qword_ptr(rax), 0)?;
+        a.je(next)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.sub(rax, qword_ptr(rsi + F_TSC as i32))?;
+        // ns = ticks * (ns per tick << 32) >> 32, from the 128-bit product.
+        a.mov(rdx, self.spec.tsc_ns_q32)?;
+        a.mul(rdx)?;
+        a.shrd(rax, rdx, 32)?;
+        a.mov(r10, rax)?;
+        // The bucket: 0 for 0 ns, else 1 + the index of the top bit.
+        a.xor(edx, edx)?;
+        a.test(rax, rax)?;
+        a.jz(zero)?;
+        a.bsr(rdx, rax)?;
+        a.inc(edx)?;
+        a.set_label(&mut zero)?;
+        a.zero_bytes()?;
+        let hist = self.spec.area + self.spec.layout.hist_offset(slot) as u64;
+        a.mov(r11, hist)?;
+        a.lock().inc(qword_ptr(r11 + rdx * 8))?;
+        a.lock().add(qword_ptr(r11 + HIST_SUM as i32), r10)?;
+        // max, and min kept as u64::MAX - min (0 in a fresh area: none yet): both a
+        // compare-and-swap that only runs while this call beats the stored value.
+        for (off, invert) in [(HIST_MAX, false), (HIST_MIN_INV, true)] {
+            let mut retry = a.create_label();
+            let mut done = a.create_label();
+            a.mov(rdx, r10)?;
+            if invert {
+                a.not(rdx)?;
+            }
+            a.mov(rax, qword_ptr(r11 + off as i32))?;
+            a.set_label(&mut retry)?;
+            a.cmp(rdx, rax)?;
+            a.jbe(done)?;
+            a.lock().cmpxchg(qword_ptr(r11 + off as i32), rdx)?;
+            a.jne(retry)?;
+            a.set_label(&mut done)?;
+            a.zero_bytes()?;
+        }
+        a.set_label(&mut next)?;
+        a.zero_bytes()
     }
 
     /// One live collector's record at a return (frame in `rsi`).

@@ -155,6 +155,21 @@ fn function(base: u64, data: u64) -> Vec<u8> {
     a.assemble(base).unwrap()
 }
 
+/// Nanoseconds per TSC tick in 32.32 fixed point, measured over 20 ms.
+pub fn tsc_ns_q32() -> u64 {
+    static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *RATE.get_or_init(|| {
+        let t0 = std::time::Instant::now();
+        // SAFETY: rdtsc has no preconditions.
+        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // SAFETY: as above.
+        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos() as f64;
+        (ns / (c1 - c0) as f64 * (1u64 << 32) as f64) as u64
+    })
+}
+
 /// A zeroed mapping for the shadow stacks, as the tracer makes one in a tracee.
 fn shadow_stacks() -> u64 {
     let len = multiprobe_x86::collect::shadow::SHADOW_LEN;
@@ -215,6 +230,7 @@ fn site(
         layout: &area.layout,
         thread_id,
         shadow,
+        tsc_ns_q32: tsc_ns_q32(),
     };
     let t = TRAMP + 0x1000 * k;
     let built = build_collect_trampoline(&spec, base + t as u64).unwrap();
@@ -242,7 +258,7 @@ impl Setup {
             shadow,
         };
         for c in collectors {
-            if c.action == multiprobe_x86::collect::Action::Ret {
+            if c.action.at_return() {
                 s.reader().set_live(c.slot, true);
             }
         }
