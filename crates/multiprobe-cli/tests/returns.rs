@@ -254,3 +254,31 @@ fn return_actions_run_in_the_tracee_with_the_lines_of_the_one_stop_path() {
         );
     }
 }
+
+#[test]
+fn latency_of_a_busy_function_times_every_call() {
+    let p = rets();
+    // 300,000 calls in a few milliseconds: far more than the ring of records holds
+    // between two drains, but the histogram is counted in the tracee.
+    let (stdout, stderr) = run_ok(&run_line(
+        &["--json"],
+        &["mp_ret_add=latency"],
+        &[&p, "add", "300000"],
+    ));
+    assert!(stdout.starts_with("sum="), "{stdout}");
+    let recs = records(&stderr);
+    let summary = recs.iter().find(|r| r["type"] == "summary").unwrap();
+    let probe = &summary["probes"][0];
+    assert_eq!(probe["action"], "latency");
+    assert_eq!(probe["path"], "tracee", "{probe}");
+    assert_eq!((n(&probe["hits"]), n(&probe["returns"])), (300_000, 300_000));
+    let hist = &probe["latency"];
+    assert_eq!(n(&hist["count"]), 300_000);
+    let counted: u64 = hist["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| n(&b["count"]))
+        .sum();
+    assert_eq!(counted, 300_000, "every call in a bucket");
+}
