@@ -13,6 +13,8 @@
 //!   at the return, no stop; against `collect/args6` (an entry probe writing one record
 //!   of the same arguments: the issue's target is a return probe at most 2x its entry
 //!   probe alone);
+//! * `collect/latency`: a `Collect::latency` (a histogram in the tracee, no record),
+//!   against `collect/count`, the entry probe that counts;
 //! * `uretprobe`: the kernel's return probe on the same function (another copy of the
 //!   executable, as for `uprobe`), beside its `uprobe` for the kernel's own ratio.
 //!
@@ -205,6 +207,7 @@ fn main() {
     let mut args = Traced::new(vec![Collect::args(6).unwrap()], false);
     let mut stop = Traced::new(vec![Collect::count()], true);
     let mut ret = Traced::new(vec![Collect::ret()], false);
+    let mut lat = Traced::new(vec![Collect::latency()], false);
     // A kernel uprobe is on the file, in every process that maps it: its tracee runs
     // a copy of the executable, so the other routines' processes carry no uprobe.
     let copy = std::env::temp_dir().join(format!("mp-bench-uprobe-{}", std::process::id()));
@@ -262,6 +265,7 @@ fn main() {
         r.bench_paired(&mut g, "collect/args6", "direct", |n| args.run(n), &mut d);
         r.bench_paired(&mut g, "one-stop/count", "direct", |n| stop.run(n), &mut d);
         r.bench_paired(&mut g, "collect/ret", "direct", |n| ret.run(n), &mut d);
+        r.bench_paired(&mut g, "collect/latency", "direct", |n| lat.run(n), &mut d);
         if uprobe.is_some() {
             r.bench_paired(
                 &mut g,
@@ -329,6 +333,7 @@ fn main() {
         false,
     );
     let rt = extra("collect/ret");
+    let lt = extra("collect/latency");
     let urt = if uretprobe.is_some() {
         extra("uretprobe")
     } else {
@@ -340,6 +345,12 @@ fn main() {
         2.0,
         true,
     );
+    target(
+        "collect/latency / collect/count (issue 15)",
+        lt.zip(cnt).map(|(l, c)| l / c),
+        2.0,
+        true,
+    );
     if let (Some(u), Some(ur), Some(rt)) = (up, urt, rt) {
         println!(
             "RATIO kernel uretprobe / uprobe: {:.2}x; uretprobe / collect/ret: {:.1}x",
@@ -347,7 +358,7 @@ fn main() {
             ur / rt
         );
     }
-    assert!(ret.first.stats().returns > 0);
+    assert!(ret.first.stats().returns > 0 && lat.first.histogram().count() > 0);
     assert!(count.first.stats().hits > 0 && args.first.stats().hits > 0);
     drop(uprobe);
     drop(uretprobe);
