@@ -271,7 +271,10 @@ fn latency_of_a_busy_function_times_every_call() {
     let probe = &summary["probes"][0];
     assert_eq!(probe["action"], "latency");
     assert_eq!(probe["path"], "tracee", "{probe}");
-    assert_eq!((n(&probe["hits"]), n(&probe["returns"])), (300_000, 300_000));
+    assert_eq!(
+        (n(&probe["hits"]), n(&probe["returns"])),
+        (300_000, 300_000)
+    );
     let hist = &probe["latency"];
     assert_eq!(n(&hist["count"]), 300_000);
     let counted: u64 = hist["buckets"]

@@ -222,3 +222,99 @@ fn latency_counts_every_return_in_its_histogram_without_records() {
     assert_eq!(r.histogram(3).count(), 2 * N, "off its site: not counted");
     assert_eq!(r.histogram(2).count(), 0, "ret has no histogram");
 }
+
+static NESTED_FN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static NESTED_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static NESTED_BAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A signal handler that calls the probed function, wherever the signal caught the
+/// thread (inside the entry's push, the return code's pop, the function itself).
+extern "C" fn call_probed(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let f = NESTED_FN.load(SeqCst);
+    if f == 0 {
+        return;
+    }
+    // SAFETY: the test stores the address of its probed trampoline, which has the C
+    // ABI of the function and stays mapped; it only touches registers and the area.
+    let f = unsafe { std::mem::transmute::<u64, collect_util::Func>(f) };
+    let n = NESTED_CALLS.fetch_add(1, SeqCst);
+    let a = args_of(99, n);
+    if f(a[0], a[1], a[2], a[3], a[4], a[5]) != expected(a) {
+        NESTED_BAD.fetch_add(1, SeqCst);
+    }
+}
+
+#[test]
+fn calls_from_signal_handlers_nested_anywhere_in_a_call_pair_correctly() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    const N: u64 = 100_000;
+    let s = Setup::new(&COLLECTORS, 1 << 20, true, ThreadId::FsZero);
+    let f = s.probed();
+    NESTED_FN.store(f as usize as u64, SeqCst);
+    // SAFETY: the handler only calls the probed code and counts with atomics.
+    unsafe {
+        multiprobe_test_targets::install_siginfo_handler(libc::SIGUSR2, call_probed, 0);
+    }
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let d = std::sync::Arc::clone(&done);
+    let kicker = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        while !d.load(SeqCst) {
+            // SAFETY: tgkill to a thread of this process that handles SIGUSR2.
+            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), me, libc::SIGUSR2) };
+            sent += 1;
+            std::hint::spin_loop();
+        }
+        sent
+    });
+    let mut r = s.reader();
+    let mut seen = 0u64;
+    // Until a thousand signals have nested (each interrupting the thread at some point
+    // of a call), at most 20 s.
+    let start = std::time::Instant::now();
+    let mut calls = 0u64;
+    while NESTED_CALLS.load(SeqCst) < 1000 && start.elapsed().as_secs() < 20 || calls < N {
+        let a = args_of(1, calls);
+        assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+        calls += 1;
+        if calls % 1000 == 0 {
+            seen += r.drain(|rec| check_ret(&rec)) as u64;
+        }
+    }
+    done.store(true, SeqCst);
+    let sent = kicker.join().unwrap();
+    NESTED_FN.store(0, SeqCst);
+    seen += r.drain(|rec| check_ret(&rec)) as u64;
+    let nested = NESTED_CALLS.load(SeqCst);
+    assert_eq!(
+        NESTED_BAD.load(SeqCst),
+        0,
+        "a nested call returned a wrong value"
+    );
+    assert!(
+        nested >= 1000,
+        "only {nested} nested calls ({sent} signals sent)"
+    );
+    let c = r.counters(2);
+    assert_eq!((c.hits, c.returns_lost, c.dropped), (calls + nested, 0, 0));
+    // Both records of each call: the args:2 one at the entry, the ret one at the return.
+    assert_eq!(seen, 2 * (calls + nested));
+    assert_eq!(blocks(&s), [(fs_base(), 0)], "every frame popped");
+}
+
+/// A `ret` record must pair its return value with its own call's arguments.
+fn check_ret(rec: &multiprobe_x86::collect::RecordRef<'_>) {
+    if rec.slot != 2 {
+        return;
+    }
+    let w = words(rec.data);
+    let a: [u64; 6] = w[3..9].try_into().unwrap();
+    assert_eq!(
+        w[1],
+        expected(a),
+        "the return value of the call with {a:x?}"
+    );
+}
