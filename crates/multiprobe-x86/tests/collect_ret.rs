@@ -280,7 +280,7 @@ fn calls_from_signal_handlers_nested_anywhere_in_a_call_pair_correctly() {
         let a = args_of(1, calls);
         assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
         calls += 1;
-        if calls % 1000 == 0 {
+        if calls.is_multiple_of(1000) {
             seen += r.drain(|rec| check_ret(&rec)) as u64;
         }
     }
