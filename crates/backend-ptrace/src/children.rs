@@ -149,6 +149,10 @@ impl Tracer {
             .map(|(&a, j)| (a, j.clone()))
             .collect();
         let trampolines = st.collect.trampolines.clone();
+        let shadow = match st.collect.shadow {
+            crate::collect::ShadowState::Mapped(a) => Some(a),
+            _ => None,
+        };
         let raised = st.semaphores.raised();
         drop(st);
         let maps = crate::error::maps(child.as_raw_pid());
@@ -191,6 +195,14 @@ impl Tracer {
             // Its copy of the collecting area (the same shared pages as ours: it must
             // not write into them).
             copies.extend(area.filter(|&(a, _)| maps.find(a).is_some_and(|r| r.start == a)));
+            // And its copy of the shadow stacks, read above (its calls in flight got
+            // their return addresses back).
+            let shadow_len = multiprobe_x86::collect::shadow::SHADOW_LEN as u64;
+            copies.extend(
+                shadow
+                    .filter(|&a| maps.find(a).is_some_and(|r| r.start == a))
+                    .map(|a| (a, shadow_len)),
+            );
             if !copies.is_empty() {
                 self.unmap_in_child(child, &code, &copies);
             }
