@@ -34,6 +34,11 @@ use multiprobe_x86::collect::{
 use multiprobe_x86::{analyze_region, Code, Unwind};
 
 const PAGE: usize = 1 << 16;
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
 const CELLS: u32 = 1 << 15;
 /// Calls between two drains: half the ring, so nothing is dropped.
 const BATCH: u64 = CELLS as u64 / 2;
@@ -172,14 +177,27 @@ fn main() {
         libc::PROT_READ | libc::PROT_WRITE,
     );
     assert!(!shadow.is_null());
+    let latency = [Collector {
+        slot: 3,
+        action: Action::Latency,
+    }];
     near.reader().set_live(2, true);
+    near.reader().set_live(3, true);
+    // The TSC's rate, for `latency`'s ns: over 20 ms.
+    let tsc_ns_q32 = {
+        let (t0, c0) = (Instant::now(), rdtsc());
+        std::thread::sleep(Duration::from_millis(20));
+        let ns = t0.elapsed().as_nanos() as f64;
+        (ns / (rdtsc() - c0) as f64 * (1u64 << 32) as f64) as u64
+    };
     let thread_id = ThreadId::FsZero;
-    let cases: [(&str, &[Collector], &Area); 5] = [
+    let cases: [(&str, &[Collector], &Area); 6] = [
         ("count", &count, &near),
         ("args6", &args6, &near),
         ("count-far", &count, &far),
         ("args6-far", &args6, &far),
         ("ret", &ret, &near),
+        ("latency", &latency, &near),
     ];
     let mut probed = Vec::new();
     for (i, (name, collectors, area)) in cases.iter().enumerate() {
@@ -199,7 +217,7 @@ fn main() {
             layout: &area.layout,
             thread_id,
             shadow: shadow as u64,
-            tsc_ns_q32: 0,
+            tsc_ns_q32,
         };
         let t_off = 0x1000 * (i + 1);
         let built = build_collect_trampoline(&spec, base + t_off as u64).unwrap();
@@ -227,6 +245,9 @@ fn main() {
         let r = area.reader();
         let k = r.counters(slot);
         assert!(k.hits > 0 && k.dropped == 0, "{name}: {k:?}");
+        if name == "latency" {
+            assert!(r.histogram(slot).count() > 0);
+        }
         ratios.paired_ratio(name, "direct");
         let (o, d) = (
             ratios.mean_ns(name).unwrap(),
@@ -247,6 +268,12 @@ fn main() {
     let per_hit = |name: &str| {
         ratios.mean_ns(name).unwrap() - ratios.mean_ns(&format!("{name} vs direct")).unwrap()
     };
+    println!(
+        "RETURN latency / count: {:.2}x ({} against {} a hit)",
+        per_hit("latency") / per_hit("count"),
+        fmt_ns(per_hit("latency")),
+        fmt_ns(per_hit("count"))
+    );
     let r = per_hit("ret");
     for entry in ["args6", "count"] {
         let ratio = r / per_hit(entry);

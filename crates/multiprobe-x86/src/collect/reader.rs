@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{
     cell, hdr, AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, DROPPED, FAULTED,
-    FLAG_FAULTED, HIST_MAX, HIST_MIN_INV, HIST_SUM, HITS, LOST, RECORD_DATA_MAX, STRIPE_LEN,
+    FLAG_FAULTED, HIST_LEN, HIST_MAX, HIST_MIN_INV, HIST_SUM, HITS, LOST, RECORD_DATA_MAX,
+    STRIPE_LEN,
 };
 
 /// One collector's counters.
@@ -175,18 +176,25 @@ impl<'a> AreaReader<'a> {
     /// When `slot` is not below the layout's counter slots.
     pub fn histogram(&self, slot: u32) -> LatencyHist {
         assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
-        let base = self.layout.hist_offset(slot);
-        let ld = |o: usize| self.word(base + o).load(Ordering::Relaxed);
-        let mut buckets = [0u64; HIST_BUCKETS];
-        for (k, b) in buckets.iter_mut().enumerate() {
-            *b = ld(8 * k);
+        let mut h = LatencyHist {
+            buckets: [0; HIST_BUCKETS],
+            sum: 0,
+            min_max: None,
+        };
+        for stripe in 0..COUNTER_STRIPES {
+            let base = self.layout.hist_offset(slot) + stripe * HIST_LEN;
+            let ld = |o: usize| self.word(base + o).load(Ordering::Relaxed);
+            for (k, b) in h.buckets.iter_mut().enumerate() {
+                *b = b.wrapping_add(ld(8 * k));
+            }
+            h.sum = h.sum.wrapping_add(ld(HIST_SUM));
+            let min_inv = ld(HIST_MIN_INV);
+            if min_inv != 0 {
+                let (lo, hi) = (u64::MAX - min_inv, ld(HIST_MAX));
+                h.min_max = Some(h.min_max.map_or((lo, hi), |(l, m)| (l.min(lo), m.max(hi))));
+            }
         }
-        let min_inv = ld(HIST_MIN_INV);
-        LatencyHist {
-            buckets,
-            sum: ld(HIST_SUM),
-            min_max: (min_inv != 0).then(|| (u64::MAX - min_inv, ld(HIST_MAX))),
-        }
+        h
     }
 
     /// Let slot `slot`'s `ret` collector see returns (`true`), or make the calls still

@@ -12,7 +12,9 @@ use iced_x86::code_asm::*;
 use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
 
 use super::codegen::{add, lock, Gen};
-use super::layout::{cell, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST};
+use super::layout::{
+    cell, COUNTER_STRIPES, HIST_LEN, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST,
+};
 use super::shadow::{
     BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
     OWNER, PROBES, THREADS,
@@ -242,8 +244,14 @@ impl Gen<'_> {
         a.inc(edx)?;
         a.set_label(&mut zero)?;
         a.zero_bytes()?;
+        // This thread's stripe of the histogram (the hash `hits` uses).
+        self.thread_to_rax(a)?;
+        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
+        a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
+        a.imul_3(eax, eax, HIST_LEN as i32)?;
         let hist = self.spec.area + self.spec.layout.hist_offset(slot) as u64;
         a.mov(r11, hist)?;
+        a.add(r11, rax)?;
         a.lock().inc(qword_ptr(r11 + rdx * 8))?;
         a.lock().add(qword_ptr(r11 + HIST_SUM as i32), r10)?;
         // max, and min kept as u64::MAX - min (0 in a fresh area: none yet): both a
