@@ -58,8 +58,9 @@
 //! 0) is taken for empty; the x87 last-instruction pointers are not restored; state
 //! handler code cannot touch is not saved (PKRU, AMX tiles, APX registers); restoring
 //! `zmm` by moves leaves the upper-state tracking dirty until the program's next
-//! `vzeroupper` (harmless on AMD, a false dependency for legacy SSE code on Intel) —
-//! except on the clean-upper path below, which is the usual one.
+//! `vzeroupper` (harmless on AMD; on this project's Xeon the program's next legacy SSE
+//! instruction then pays an SSE/AVX transition of ~200 ns) — except on the
+//! clean-upper path below, which is the usual one.
 //!
 //! ## Clean upper halves (AVX-512, [`StateSave::Registers`])
 //!
@@ -90,21 +91,27 @@
 //!   their init state however the handlers dirtied them, and VEX.128 writes do not
 //!   leave it. Without it the program would go on with dirty upper state, and on
 //!   CPUs that save the upper halves on an SSE/AVX transition its next legacy SSE
-//!   instruction pays for that (~170 ns on this project's Xeon, measured in
-//!   BENCHMARKS.md): more than the whole hit.
+//!   instruction pays for that (~200 ns a hit on this project's Xeon, the
+//!   `promoted/3-sse` figure in BENCHMARKS.md): several times the whole hit.
 //! * The test reads `zmm0-15` before they are saved and writes only `zmm16-19` and
 //!   `k1`, which are saved already and restored from their slots afterwards.
-//! * Why by value and not XINUSE (`xgetbv` with ecx = 1): `xgetbv` costs ~8 ns here, a
-//!   fifth of a hit; XINUSE may report a component in use that is zero (the SDM allows
-//!   it, and a zeroing `vpxor ymm` leaves it in use) where the value test still takes
-//!   the short path; and the components it could let us skip whole, opmask and
-//!   Hi16_ZMM, are in use in every glibc process on this CPU (its EVEX string
-//!   functions use `ymm16-31` and `k` registers; XINUSE is 0xa2 at `main`), and never
-//!   return to init but by `XRSTOR`.
-//! * The stores are what costs: ~1 cycle per 64-byte line written here, so 16 packed
-//!   `xmm` (4 lines) instead of 16 `zmm` (16 lines) is the saving; `zmm16-31` and the
+//! * Why by value and not XINUSE (`xgetbv` with ecx = 1): `xgetbv` costs ~8 ns back to
+//!   back here (~2 ns added to a loop of the save's moves, as much as the packed
+//!   stores save); XINUSE may report a component in use that is zero (the SDM allows
+//!   it; a zeroing `vpxord` or `kxorw` leaves zmm16-31 or the opmasks in use here),
+//!   where the value test still takes the short path; and the components it could let
+//!   us skip whole, opmask and Hi16_ZMM, are in use in every glibc process on this
+//!   CPU (its EVEX string functions use `ymm16-31` and `k` registers; XINUSE is 0xa2
+//!   at `main` of a C and of a Rust program), and never return to init but by
+//!   `XRSTOR`.
+//! * The stores are what costs: about one 64-byte line per cycle here (16 `zmm`
+//!   stores ~6 ns, 16 packed `xmm` ~4 ns in a loop of the moves), so the packed path
+//!   saves a few ns of a hit that does not run SSE code afterwards; `zmm16-31` and the
 //!   opmasks are saved whole always (their values, zero or not, come back; their
 //!   XINUSE bits stay set once a handler used them).
+//! * Tried and not kept: the same for `zmm16-31` (glibc's EVEX code leaves bits
+//!   256-511 zero, so `ymm16-30` packed, 8 lines instead of 15): under 1 ns in a paired
+//!   A/B, not worth a second test and a CPU feature (AVX512VL) to depend on.
 //! * Without AVX-512 (`ymm0-15` or `xmm0-15`) the save is unchanged.
 //!
 //! # Invariants
