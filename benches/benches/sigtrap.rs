@@ -19,6 +19,11 @@
 //!   same function unprobed; `boosted/3 again` and `kernel-uprobe` (a tracefs uprobe on
 //!   the unprobed twin) paired with `promoted/3`; `promoted/3-2threads`: a second thread
 //!   hits the same site at the same time (time per hit on this one).
+//! * `promoted/3-sse`, `kernel-uprobe-sse`: the same function with a legacy SSE
+//!   instruction (`movd xmm0, eax`) after the region, as compiled code has everywhere,
+//!   against its unprobed twin: it pays any SSE/AVX state transition a hit leaves
+//!   behind (a hit that restores `zmm` dirty costs ~10x more there on an Intel CPU
+//!   that saves the upper halves at the transition).
 //!
 //! Each iteration calls the probed function once; handlers bump an atomic counter.
 //! Every sample of a routine is immediately preceded by a sample of its baseline with
@@ -82,6 +87,32 @@ core::arch::global_asm!(
     "pop rbx",
     "ret",
     ".size mp_b_twin, . - mp_b_twin",
+    // The same with a legacy SSE instruction after the region, as compiled code has
+    // everywhere: it pays any SSE/AVX transition the hit left behind.
+    ".globl mp_b_jump_sse",
+    ".type mp_b_jump_sse,@function",
+    ".p2align 4",
+    "mp_b_jump_sse:",
+    "push rbx",
+    "mov rbx, rdi",
+    "lea rax, [rbx + 7]",
+    "movd xmm0, eax",
+    "movd eax, xmm0",
+    "pop rbx",
+    "ret",
+    ".size mp_b_jump_sse, . - mp_b_jump_sse",
+    ".globl mp_b_twin_sse",
+    ".type mp_b_twin_sse,@function",
+    ".p2align 4",
+    "mp_b_twin_sse:",
+    "push rbx",
+    "mov rbx, rdi",
+    "lea rax, [rbx + 7]",
+    "movd xmm0, eax",
+    "movd eax, xmm0",
+    "pop rbx",
+    "ret",
+    ".size mp_b_twin_sse, . - mp_b_twin_sse",
     ".popsection",
 );
 
@@ -91,6 +122,8 @@ extern "C" {
     fn mp_b_push(x: u64) -> u64;
     fn mp_b_jump(x: u64) -> u64;
     fn mp_b_twin(x: u64) -> u64;
+    fn mp_b_jump_sse(x: u64) -> u64;
+    fn mp_b_twin_sse(x: u64) -> u64;
 }
 
 /// `imul rax, rdi, 7; ret`, for the naive scheme's writable copy.
@@ -322,6 +355,36 @@ fn main() {
                     }
                     Err(e) => println!("NOTE kernel uprobe not measured: {e}"),
                 }
+                // The same with a legacy SSE instruction after the region (a site of
+                // its own with three handlers; the kernel's uprobe on its twin).
+                let jump_sse = mp_b_jump_sse as *const () as u64;
+                let sse_guards: Vec<_> = (0..3)
+                    .map(|_| jreg.register(jump_sse, tls_counter).unwrap())
+                    .collect();
+                assert_eq!(
+                    jreg.backend().mode_at(jump_sse),
+                    Some(multiprobe_backend_sigtrap::Mode::Jump),
+                    "promoted/3-sse: the site must be promoted"
+                );
+                bench(
+                    "promoted/3-sse",
+                    "unprobed-sse",
+                    &|n| calls(mp_b_twin_sse, n),
+                    &|n| calls(mp_b_jump_sse, n),
+                );
+                match KernelUprobe::new("twin_sse", mp_b_twin_sse as *const () as u64) {
+                    Ok(u) => {
+                        bench(
+                            "kernel-uprobe-sse",
+                            "promoted/3-sse",
+                            &|n| calls(mp_b_jump_sse, n),
+                            &|n| calls(mp_b_twin_sse, n),
+                        );
+                        drop(u);
+                    }
+                    Err(e) => println!("NOTE kernel uprobe (sse) not measured: {e}"),
+                }
+                drop(sse_guards);
                 // Two threads on the one site: time per hit on this thread while another
                 // hits it as often.
                 bench(
@@ -355,6 +418,7 @@ fn main() {
     for name in ["promoted/1", "promoted/3", "promoted-post/1"] {
         ratios.paired_ratio(name, "unprobed");
     }
+    ratios.paired_ratio("promoted/3-sse", "unprobed-sse");
     if let Some(ns) = ratios.mean_ns("promoted/3") {
         let ok = ns <= 50.0;
         println!(
@@ -364,6 +428,7 @@ fn main() {
     }
     ratios.check("boosted/3 again", "promoted/3", 25.0, false);
     ratios.check("kernel-uprobe", "promoted/3", 20.0, false);
+    ratios.check("kernel-uprobe-sse", "promoted/3-sse", 20.0, false);
     ratios.check("promoted/3-2threads", "promoted/3", 1.2, true);
     if let (Some(p), Some(b)) = (
         ratios.mean_ns("promoted-post/1"),

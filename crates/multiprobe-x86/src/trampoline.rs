@@ -58,7 +58,69 @@
 //! 0) is taken for empty; the x87 last-instruction pointers are not restored; state
 //! handler code cannot touch is not saved (PKRU, AMX tiles, APX registers); restoring
 //! `zmm` by moves leaves the upper-state tracking dirty until the program's next
-//! `vzeroupper` (harmless on AMD, a false dependency for legacy SSE code on Intel).
+//! `vzeroupper` (harmless on AMD; on this project's Xeon the program's next legacy SSE
+//! instruction then pays an SSE/AVX transition of ~200 ns) — except on the
+//! clean-upper path below, which is the usual one.
+//!
+//! ## Clean upper halves ([`StateSave::Registers`])
+//!
+//! At nearly every probed point the upper halves (bits 128-511) of `zmm0-15` are zero:
+//! code that follows the ABI executes `vzeroupper` before calls and returns, so at a
+//! function entry they are even in their init state (XINUSE bits 2, AVX, and 6,
+//! ZMM_Hi256, clear). The common stub tests that by value and keeps it so:
+//!
+//! ```text
+//! save:    zmm16-31 -> their slots; k0-7 -> theirs     (now free as scratch)
+//!          zmm16..19 = OR of zmm0-15 (vporq x4, vpternlogq x5, vporq)
+//!          k1 = vptestmq zmm16, zmm16; r15d = kmovw k1 & 0xfc   (qword lanes 2-7)
+//!          r15d == 0: xmm0-15 -> 16 bytes each, packed (4 lines, over zmm0-3's slots)
+//!          else:      zmm0-15 -> their 64-byte slots
+//!          ... vzeroupper, call the entry (r15 is callee-saved) ...
+//! restore: r15d == 0: vzeroupper; xmm0-15 <- packed, by VEX.128 `vmovdqu`
+//!          else:      zmm0-15 <- their slots
+//!          zmm16-31, k0-7 <- their slots
+//! ```
+//!
+//! Invariants and why:
+//! * Exact values either way: the packed path is taken only when bits 128-511 of every
+//!   `zmm0-15` are zero, and a VEX.128 load writes bits 0-127 and zeroes 128-511, so
+//!   every bit of every register is back whatever the handlers did to it. The test
+//!   covers all six upper lanes (0xfc), so an AVX-only (bits 128-255) or
+//!   ZMM_Hi256-only (bits 256-511) value takes the whole save.
+//! * Init state back: the `vzeroupper` before the loads returns AVX and ZMM_Hi256 to
+//!   their init state however the handlers dirtied them, and VEX.128 writes do not
+//!   leave it. Without it the program would go on with dirty upper state, and on
+//!   CPUs that save the upper halves on an SSE/AVX transition its next legacy SSE
+//!   instruction pays for that (~200 ns a hit on this project's Xeon, the
+//!   `promoted/3-sse` figure in BENCHMARKS.md): several times the whole hit.
+//! * The test reads `zmm0-15` before they are saved and writes only `zmm16-19` and
+//!   `k1`, which are saved already and restored from their slots afterwards.
+//! * Why by value and not XINUSE (`xgetbv` with ecx = 1): `xgetbv` costs ~8 ns back to
+//!   back here (~2 ns added to a loop of the save's moves, as much as the packed
+//!   stores save); XINUSE may report a component in use that is zero (the SDM allows
+//!   it; a zeroing `vpxord` or `kxorw` leaves zmm16-31 or the opmasks in use here),
+//!   where the value test still takes the short path; and the components it could let
+//!   us skip whole, opmask and Hi16_ZMM, are in use in every glibc process on this
+//!   CPU (its EVEX string functions use `ymm16-31` and `k` registers; XINUSE is 0xa2
+//!   at `main` of a C and of a Rust program), and never return to init but by
+//!   `XRSTOR`.
+//! * The stores are what costs: about one 64-byte line per cycle here (16 `zmm`
+//!   stores ~6 ns, 16 packed `xmm` ~4 ns in a loop of the moves), so the packed path
+//!   saves a few ns of a hit that does not run SSE code afterwards; `zmm16-31` and the
+//!   opmasks are saved whole always (their values, zero or not, come back; their
+//!   XINUSE bits stay set once a handler used them).
+//! * Tried and not kept: the same for `zmm16-31` (glibc's EVEX code leaves bits
+//!   256-511 zero, so `ymm16-30` packed, 8 lines instead of 15): under 1 ns in a paired
+//!   A/B, not worth a second test and a CPU feature (AVX512VL) to depend on.
+//! * With AVX but not AVX-512 the same, on `ymm0-15`, with `ymm15` as the scratch:
+//!   `ymm15` is stored whole to its slot first, `ymm15` = OR of `ymm0-14` and that slot
+//!   (AVX1 `vorps`, no AVX2 needed), `vextractf128` + `vptest` of its upper half; zero:
+//!   `xmm0-14` packed (`xmm15` is the low half of its slot), the restore `vzeroupper`
+//!   and VEX.128 loads; else `ymm0-14` whole. It costs ~1 ns more than the plain `ymm`
+//!   moves when no SSE code follows the hit (16 `ymm` stores are only 8 lines) and saves
+//!   the ~160 ns transition when some does (a paired A/B of the two stubs built with
+//!   AVX-512 hidden on this Xeon: 11.0 against 11.7 ns, 161–168 against 12 ns).
+//! * Without AVX (`xmm0-15` by legacy moves) the save is unchanged.
 //!
 //! # Invariants
 //!
@@ -567,6 +629,9 @@ pub fn build_trampoline(spec: &TrampolineSpec<'_>, at: u64) -> Result<Built, Tra
 /// Layout of the register-moves save area (offsets from its 64-aligned start).
 mod area {
     pub const VEC: i32 = 0;
+    /// `xmm0-15`, 16 bytes each, when the upper halves are zero (over zmm0-3's slots:
+    /// a hit uses one layout or the other).
+    pub const LO_PACKED: i32 = 0;
     pub const K: i32 = 2048;
     pub const MXCSR: i32 = 2112;
     pub const FSW: i32 = 2116;
@@ -602,26 +667,10 @@ fn xmm_reg(i: usize) -> AsmRegisterXmm {
 
 const KREGS: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
 
+/// `ymm0-15` (AVX) or `xmm0-15` to or from the area; AVX-512 has its own
+/// ([`emit_avx512_save`]).
 fn emit_vectors(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(), IcedError> {
-    if cpu.avx512 {
-        for i in 0..32 {
-            let m = zmmword_ptr(rsp + area::VEC + 64 * i as i32);
-            if save {
-                a.vmovdqu64(m, zmm_reg(i))?;
-            } else {
-                a.vmovdqu64(zmm_reg(i), m)?;
-            }
-        }
-        for (i, k) in KREGS.iter().enumerate() {
-            let m = qword_ptr(rsp + area::K + 8 * i as i32);
-            match (cpu.avx512bw, save) {
-                (true, true) => a.kmovq(m, *k)?,
-                (true, false) => a.kmovq(*k, m)?,
-                (false, true) => a.kmovw(word_ptr(rsp + area::K + 8 * i as i32), *k)?,
-                (false, false) => a.kmovw(*k, word_ptr(rsp + area::K + 8 * i as i32))?,
-            }
-        }
-    } else if cpu.avx {
+    if cpu.avx {
         for i in 0..16 {
             let m = ymmword_ptr(rsp + area::VEC + 32 * i as i32);
             if save {
@@ -643,9 +692,173 @@ fn emit_vectors(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(),
     Ok(())
 }
 
+fn emit_opmasks(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(), IcedError> {
+    for (i, k) in KREGS.iter().enumerate() {
+        let off = area::K + 8 * i as i32;
+        match (cpu.avx512bw, save) {
+            (true, true) => a.kmovq(qword_ptr(rsp + off), *k)?,
+            (true, false) => a.kmovq(*k, qword_ptr(rsp + off))?,
+            (false, true) => a.kmovw(word_ptr(rsp + off), *k)?,
+            (false, false) => a.kmovw(*k, word_ptr(rsp + off))?,
+        }
+    }
+    Ok(())
+}
+
+/// Moves of `zmm_lo..zmm_hi` to or from their 64-byte slots.
+fn emit_zmm(
+    a: &mut CodeAssembler,
+    regs: std::ops::Range<usize>,
+    save: bool,
+) -> Result<(), IcedError> {
+    for i in regs {
+        let m = zmmword_ptr(rsp + area::VEC + 64 * i as i32);
+        if save {
+            a.vmovdqu64(m, zmm_reg(i))?;
+        } else {
+            a.vmovdqu64(zmm_reg(i), m)?;
+        }
+    }
+    Ok(())
+}
+
+/// The AVX-512 save (module docs, "Clean upper halves"): `zmm16-31` and the opmasks,
+/// then a test of bits 128-511 of `zmm0-15` (scratch: `zmm16-19`, `k1`, just saved);
+/// all zero: `xmm0-15` packed, `r15d` = 0; else `zmm0-15` whole, `r15d` != 0.
+fn emit_avx512_save(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
+    emit_zmm(a, 16..32, true)?;
+    emit_opmasks(a, cpu, true)?;
+    // OR of zmm0-15 in four chains (depth 4), then a test of its qword lanes 2-7.
+    const OR3: u32 = 0xfe; // dest | src1 | src2
+    for j in 0..4 {
+        a.vporq(zmm_reg(16 + j), zmm_reg(2 * j), zmm_reg(2 * j + 1))?;
+    }
+    for j in 0..4 {
+        a.vpternlogq(zmm_reg(16 + j), zmm_reg(8 + 2 * j), zmm_reg(9 + 2 * j), OR3)?;
+    }
+    a.vpternlogq(zmm16, zmm17, zmm18, OR3)?;
+    a.vporq(zmm16, zmm16, zmm19)?;
+    a.vptestmq(k1, zmm16, zmm16)?;
+    a.kmovw(r15d, k1)?;
+    a.and(r15d, UPPER_LANES)?;
+    let mut wide = a.create_label();
+    let mut done = a.create_label();
+    a.jnz(wide)?;
+    for i in 0..16 {
+        a.vmovdqu(
+            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
+            xmm_reg(i),
+        )?;
+    }
+    a.jmp(done)?;
+    a.set_label(&mut wide)?;
+    emit_zmm(a, 0..16, true)?;
+    a.set_label(&mut done)?;
+    a.zero_bytes()?;
+    Ok(())
+}
+
+/// The AVX-512 restore, the way [`emit_avx512_save`] saved (`r15d`, kept across the
+/// call: callee-saved).
+fn emit_avx512_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
+    let mut wide = a.create_label();
+    let mut done = a.create_label();
+    a.test(r15d, r15d)?;
+    a.jnz(wide)?;
+    // The upper halves were zero: `vzeroupper` puts them back to zero and their state
+    // components (AVX, ZMM_Hi256) back to init, and the VEX.128 loads write the low
+    // halves without dirtying them again (a VEX.128 write zeroes bits 128-511).
+    a.vzeroupper()?;
+    for i in 0..16 {
+        a.vmovdqu(
+            xmm_reg(i),
+            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
+        )?;
+    }
+    a.jmp(done)?;
+    a.set_label(&mut wide)?;
+    emit_zmm(a, 0..16, false)?;
+    a.set_label(&mut done)?;
+    a.zero_bytes()?;
+    emit_zmm(a, 16..32, false)?;
+    emit_opmasks(a, cpu, false)?;
+    Ok(())
+}
+
+/// The AVX (no AVX-512) save, the same idea with `ymm15` as the scratch: `ymm15` whole
+/// to its slot, then the OR of `ymm0-14` and that slot; its upper half zero (`vptest`):
+/// `xmm0-14` packed, `r15d` = 0 (`xmm15` is the low half of its slot); else `ymm0-14`
+/// whole, `r15d` = 1.
+fn emit_avx_save(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let slot15 = area::VEC + 32 * 15;
+    a.vmovdqu(ymmword_ptr(rsp + slot15), ymm15)?;
+    // AVX1 instructions only (`vorps`, `vextractf128`: 256-bit integer ops need AVX2);
+    // a bitwise `vorps` raises no exception and keeps every bit.
+    a.vorps(ymm15, ymm0, ymm1)?;
+    for i in 2..15 {
+        a.vorps(ymm15, ymm15, ymm_reg(i))?;
+    }
+    a.vorps(ymm15, ymm15, ymmword_ptr(rsp + slot15))?;
+    a.vextractf128(xmm15, ymm15, 1)?;
+    a.xor(r15d, r15d)?;
+    a.vptest(xmm15, xmm15)?;
+    a.setne(r15b)?;
+    let mut wide = a.create_label();
+    let mut done = a.create_label();
+    a.jnz(wide)?;
+    for i in 0..15 {
+        a.vmovdqu(
+            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
+            xmm_reg(i),
+        )?;
+    }
+    a.jmp(done)?;
+    a.set_label(&mut wide)?;
+    for i in 0..15 {
+        a.vmovdqu(ymmword_ptr(rsp + area::VEC + 32 * i as i32), ymm_reg(i))?;
+    }
+    a.set_label(&mut done)?;
+    a.zero_bytes()?;
+    Ok(())
+}
+
+/// The AVX restore, the way [`emit_avx_save`] saved (`r15d`).
+fn emit_avx_restore(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut wide = a.create_label();
+    let mut done = a.create_label();
+    a.test(r15d, r15d)?;
+    a.jnz(wide)?;
+    // As for AVX-512: `vzeroupper` (AVX back to init), then VEX.128 loads.
+    a.vzeroupper()?;
+    for i in 0..15 {
+        a.vmovdqu(
+            xmm_reg(i),
+            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
+        )?;
+    }
+    a.vmovdqu(xmm15, xmmword_ptr(rsp + area::VEC + 32 * 15))?;
+    a.jmp(done)?;
+    a.set_label(&mut wide)?;
+    for i in 0..16 {
+        a.vmovdqu(ymm_reg(i), ymmword_ptr(rsp + area::VEC + 32 * i as i32))?;
+    }
+    a.set_label(&mut done)?;
+    a.zero_bytes()?;
+    Ok(())
+}
+
+/// Qword lanes 2-7 of a `zmm`: bits 128-511, the AVX and ZMM_Hi256 parts.
+const UPPER_LANES: u32 = 0xfc;
+
 /// The save/restore of [`StateSave::Registers`] around the call (module docs).
 fn emit_registers_save(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedError> {
-    emit_vectors(a, cpu, true)?;
+    if cpu.avx512 {
+        emit_avx512_save(a, cpu)?;
+    } else if cpu.avx {
+        emit_avx_save(a)?;
+    } else {
+        emit_vectors(a, cpu, true)?;
+    }
     a.stmxcsr(dword_ptr(rsp + area::MXCSR))?;
     let mut empty = a.create_label();
     let mut done = a.create_label();
@@ -695,7 +908,13 @@ fn emit_registers_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), I
     a.ldmxcsr(dword_ptr(rsp + area::MXCSR))?;
     a.set_label(&mut mxcsr_same)?;
     a.zero_bytes()?;
-    emit_vectors(a, cpu, false)?;
+    if cpu.avx512 {
+        emit_avx512_restore(a, cpu)?;
+    } else if cpu.avx {
+        emit_avx_restore(a)?;
+    } else {
+        emit_vectors(a, cpu, false)?;
+    }
     Ok(())
 }
 
