@@ -262,11 +262,24 @@ fn calls_from_signal_handlers_nested_anywhere_in_a_call_pair_correctly() {
     let d = std::sync::Arc::clone(&done);
     let kicker = std::thread::spawn(move || {
         let mut sent = 0u64;
+        let mut x = 0x9e37_79b9_u64;
         while !d.load(SeqCst) {
+            let before = NESTED_CALLS.load(SeqCst);
             // SAFETY: tgkill to a thread of this process that handles SIGUSR2.
             unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), me, libc::SIGUSR2) };
             sent += 1;
-            std::hint::spin_loop();
+            // One signal at a time (back to back, they would keep the thread in its
+            // handler and the test would never end), then a pseudo-random pause so
+            // the next one lands elsewhere in a call.
+            while NESTED_CALLS.load(SeqCst) == before && !d.load(SeqCst) {
+                std::thread::yield_now();
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for _ in 0..x % 4096 {
+                std::hint::spin_loop();
+            }
         }
         sent
     });
