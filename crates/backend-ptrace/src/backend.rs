@@ -383,11 +383,11 @@ impl Backend for PtraceBackend {
         }
         let rets_before = sc.ret_slots();
         sc.wanted = crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled);
-        let retired = crate::collect::retire_rets(&st.collect, &rets_before, &sc);
+        crate::collect::retire_rets(&mut st.collect, &rets_before, &sc);
         // A jumped site traps from now on (its trampoline runs the old list); one that
         // may be promoted is looked at by the tracer.
         let jumped = st.trap_jump(addr, sh.pid.as_raw_pid());
-        if jumped || retired {
+        if jumped {
             // Threads already past the jump run the old list: unregister waits for
             // the tracer to see them out of it. Hits stop until it is repointed.
             sh.quiet.changed();
@@ -403,6 +403,10 @@ impl Backend for PtraceBackend {
 
     fn quiesce(&self) -> Result<()> {
         let sh = &self.shared;
+        if crate::collect::quiesce_rets(&mut sh.lock().collect) {
+            // Threads past a live check must leave the return code: one more pause.
+            sh.quiet.changed();
+        }
         sh.quiet.wait(|| sh.ask_rework());
         Ok(())
     }

@@ -370,3 +370,19 @@ fn latency_histograms_put_sleeps_of_1_10_100_ms_in_their_buckets() {
         (4, 4, 0)
     );
 }
+
+#[test]
+fn a_collector_disabled_with_a_call_in_flight_still_sees_that_return() {
+    let (mut t, mut child, r) = slow_in_flight("1", 1);
+    t.collection().drain();
+    let (hits, rets, _) = r.counts();
+    assert_eq!(hits, rets + 1, "one call in flight");
+    r.reg.disable().unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    t.collection().drain();
+    assert_eq!(common::read_all(&mut child), "ret=600\n".repeat(6));
+    // Rule 10: the call that entered before the disable returns observed; no call
+    // after it enters the collector.
+    assert_eq!(r.counts(), (hits, rets + 1, 0));
+    assert_eq!(r.returns().len() as u64, rets + 1);
+}

@@ -29,9 +29,10 @@
 //! A [`Collect::ret`] at a promoted site pairs entries and returns without a stop
 //! (`multiprobe_x86::collect`, "Returns"): shadow stacks in the tracee (`shadow.rs`,
 //! mapped at the first hit of such a site), the site's return code in its trampoline,
-//! a live word per collector that `handlers_changed` clears when the collector leaves
-//! the site (calls in flight then return unobserved, and `unregister` waits for
-//! threads inside a return code as for the action code). The unwinder hooks of
+//! a live word per collector, cleared by `unregister` (the backend's `quiesce`) for
+//! collectors that left their site (calls in flight then return unobserved, and
+//! `unregister` waits for threads inside a return code as for the action code); a
+//! disable alone clears nothing, so its calls in flight still return observed. The unwinder hooks of
 //! `returns.rs` put the original return addresses back around C++ exceptions and
 //! `backtrace`; detach and a fork child freed of probes put them back for good.
 //! Calls in flight when the image ends (exit, `exec`, detach), including those whose
@@ -178,6 +179,9 @@ pub(crate) struct Procs {
     pub(crate) rework_after: Option<std::time::Instant>,
     /// The shadow stacks of `ret` collectors (`shadow.rs`).
     pub(crate) shadow: ShadowState,
+    /// Counter slots of `ret` collectors that left their sites since the last
+    /// `quiesce` ([`retire_rets`]).
+    pub(crate) retiring: Vec<u32>,
 }
 
 impl Procs {
@@ -207,6 +211,7 @@ impl Procs {
         self.pages.clear();
         self.dirty.clear();
         self.shadow = ShadowState::NotTried;
+        self.retiring.clear();
     }
 }
 
@@ -265,20 +270,31 @@ impl SiteCollect {
 }
 
 /// `handlers_changed` at a site: the `ret` collectors that ran there (`before`) and no
-/// longer do stop seeing returns at once, so the calls still in flight return
-/// unobserved (rule 10). True if any did (the caller must then let `unregister` wait
-/// for threads inside a return code).
-pub(crate) fn retire_rets(procs: &Procs, before: &[u32], now: &SiteCollect) -> bool {
+/// longer do (disabled or unregistered) are noted; calls in flight still see their
+/// returns (rule 10: a disable breaks no pair) until [`quiesce_rets`].
+pub(crate) fn retire_rets(procs: &mut Procs, before: &[u32], now: &SiteCollect) {
+    let still = now.ret_slots();
+    for &slot in before.iter().filter(|s| !still.contains(s)) {
+        if !procs.retiring.contains(&slot) {
+            procs.retiring.push(slot);
+        }
+    }
+}
+
+/// `unregister`'s wait (the backend's `quiesce`), before it waits for the tracer: the
+/// `ret` collectors that left their sites stop seeing returns, so calls still in flight
+/// return unobserved (rule 10's quiescence). True if any did: the caller must then let
+/// the tracer run threads out of the return code once more. A collector that was only
+/// disabled and left in the same window loses its calls in flight too.
+pub(crate) fn quiesce_rets(procs: &mut Procs) -> bool {
+    let retiring = std::mem::take(&mut procs.retiring);
     let AreaState::Mapped(area) = &procs.area else {
         return false;
     };
-    let still = now.ret_slots();
-    let mut any = false;
-    for &slot in before.iter().filter(|s| !still.contains(s)) {
+    for &slot in &retiring {
         reader::set_live(area, slot, false);
-        any = true;
     }
-    any
+    !retiring.is_empty()
 }
 
 /// The backend's side of `handlers_changed`: bind the collectors among `enabled` to

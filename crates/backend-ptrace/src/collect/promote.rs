@@ -602,9 +602,16 @@ impl Tracer {
             tsc_ns_q32,
         };
         let built = self.place_collect_trampoline(addr, &spec)?;
-        if let AreaState::Mapped(a) = &self.shared.lock().collect.area {
-            for c in collectors.iter().filter(|c| c.action.at_return()) {
-                super::reader::set_live(a, c.slot, true);
+        {
+            let mut st = self.shared.lock();
+            let procs = &mut st.collect;
+            procs
+                .retiring
+                .retain(|s| !collectors.iter().any(|c| c.slot == *s));
+            if let AreaState::Mapped(a) = &procs.area {
+                for c in collectors.iter().filter(|c| c.action.at_return()) {
+                    super::reader::set_live(a, c.slot, true);
+                }
             }
         }
         // Threads in the site's out-of-line slots would jump back into the interior:
