@@ -220,7 +220,7 @@ impl ProcessSymbols {
     }
 
     /// The exception landing pads (process addresses) of the function starting at
-    /// `start`, from its file's unwind information; [`LandingPads::Unknown`] for code
+    /// `start`, from its file's unwind information; [`crate::LandingPads::Unknown`] for code
     /// that is not in a mapped ELF file, where it cannot be told.
     pub fn landing_pads(&self, start: u64) -> crate::LandingPads {
         use crate::LandingPads;

@@ -182,7 +182,7 @@ impl AreaLayout {
     }
 
     /// Offset of stripe 0 of counter slot `slot`'s latency histogram; stripe `s` is
-    /// `s *` [`HIST_LEN`] bytes from it.
+    /// `s *` 576 bytes (one stripe's length) from it.
     pub fn hist_offset(&self, slot: u32) -> usize {
         hdr::COUNTERS
             + self.slots as usize * COUNTER_LEN
