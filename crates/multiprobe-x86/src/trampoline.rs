@@ -705,6 +705,24 @@ fn emit_opmasks(a: &mut CodeAssembler, cpu: &CpuState, save: bool) -> Result<(),
     Ok(())
 }
 
+/// VEX.128 moves of `xmm` registers `regs` to or from the packed area (16 bytes each),
+/// the clean-upper path's save and restore: a VEX.128 load zeroes bits 128-511.
+fn emit_packed_xmm(
+    a: &mut CodeAssembler,
+    regs: std::ops::Range<usize>,
+    save: bool,
+) -> Result<(), IcedError> {
+    for i in regs {
+        let m = xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32);
+        if save {
+            a.vmovdqu(m, xmm_reg(i))?;
+        } else {
+            a.vmovdqu(xmm_reg(i), m)?;
+        }
+    }
+    Ok(())
+}
+
 /// Moves of `zmm_lo..zmm_hi` to or from their 64-byte slots.
 fn emit_zmm(
     a: &mut CodeAssembler,
@@ -744,12 +762,7 @@ fn emit_avx512_save(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), IcedErr
     let mut wide = a.create_label();
     let mut done = a.create_label();
     a.jnz(wide)?;
-    for i in 0..16 {
-        a.vmovdqu(
-            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
-            xmm_reg(i),
-        )?;
-    }
+    emit_packed_xmm(a, 0..16, true)?;
     a.jmp(done)?;
     a.set_label(&mut wide)?;
     emit_zmm(a, 0..16, true)?;
@@ -769,12 +782,7 @@ fn emit_avx512_restore(a: &mut CodeAssembler, cpu: &CpuState) -> Result<(), Iced
     // components (AVX, ZMM_Hi256) back to init, and the VEX.128 loads write the low
     // halves without dirtying them again (a VEX.128 write zeroes bits 128-511).
     a.vzeroupper()?;
-    for i in 0..16 {
-        a.vmovdqu(
-            xmm_reg(i),
-            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
-        )?;
-    }
+    emit_packed_xmm(a, 0..16, false)?;
     a.jmp(done)?;
     a.set_label(&mut wide)?;
     emit_zmm(a, 0..16, false)?;
@@ -806,12 +814,7 @@ fn emit_avx_save(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut wide = a.create_label();
     let mut done = a.create_label();
     a.jnz(wide)?;
-    for i in 0..15 {
-        a.vmovdqu(
-            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
-            xmm_reg(i),
-        )?;
-    }
+    emit_packed_xmm(a, 0..15, true)?;
     a.jmp(done)?;
     a.set_label(&mut wide)?;
     for i in 0..15 {
@@ -830,12 +833,7 @@ fn emit_avx_restore(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jnz(wide)?;
     // As for AVX-512: `vzeroupper` (AVX back to init), then VEX.128 loads.
     a.vzeroupper()?;
-    for i in 0..15 {
-        a.vmovdqu(
-            xmm_reg(i),
-            xmmword_ptr(rsp + area::LO_PACKED + 16 * i as i32),
-        )?;
-    }
+    emit_packed_xmm(a, 0..15, false)?;
     a.vmovdqu(xmm15, xmmword_ptr(rsp + area::VEC + 32 * 15))?;
     a.jmp(done)?;
     a.set_label(&mut wide)?;
