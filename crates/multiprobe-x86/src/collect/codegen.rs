@@ -42,7 +42,7 @@ const SAVE_ORDER: [Gpr; 8] = [
 ];
 
 /// SysV integer argument registers.
-const ARGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
+pub(super) const ARGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
 
 fn asm_reg(g: Gpr) -> AsmRegister64 {
     use Gpr::*;
@@ -258,7 +258,8 @@ pub(super) struct Gen<'s> {
 }
 
 impl Gen<'_> {
-    fn counter(&self, slot: u32, field: usize) -> MemoryOperand {
+    /// Counter slot `slot`'s `field` (line 0), RIP- or `rbx`-relative.
+    pub(super) fn counter(&self, slot: u32, field: usize) -> MemoryOperand {
         self.base.mem(self.spec.layout.counter_offset(slot) + field)
     }
 
@@ -369,11 +370,21 @@ impl Gen<'_> {
         Ok(())
     }
 
+    /// `eax` = the fs base in `rax` hashed to `0..n` (`n` a power of two): its low bits
+    /// times the 32-bit golden ratio, the top bits of that. Threads' fs bases differ in
+    /// their middle bits (the TLS blocks are pages apart), which the product spreads to
+    /// the top. One hash for the counter stripes, the histogram stripes and the
+    /// shadow stacks' blocks.
+    pub(super) fn thread_hash(&self, a: &mut CodeAssembler, n: usize) -> Result<(), IcedError> {
+        debug_assert!(n.is_power_of_two() && n > 1);
+        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
+        a.shr(eax, 32 - n.trailing_zeros())
+    }
+
     /// `rdx` = the area plus this thread's stripe offset (`rax` = the offset).
     pub(super) fn stripe_to_rdx(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         self.thread_to_rax(a)?;
-        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
-        a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
+        self.thread_hash(a, COUNTER_STRIPES)?;
         a.shl(eax, STRIPE_LEN.trailing_zeros())?;
         match self.base {
             Base::Rip(_) => {

@@ -11,9 +11,9 @@
 use iced_x86::code_asm::*;
 use iced_x86::{Code as C, Instruction, MemoryOperand, Register as R};
 
-use super::codegen::{add, lock, Gen};
+use super::codegen::{add, lock, Gen, ARGS};
 use super::layout::{
-    cell, COUNTER_STRIPES, HIST_LEN, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST,
+    cell, COUNTER_STRIPES, DROPPED, HIST_LEN, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST,
 };
 use super::shadow::{
     BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
@@ -21,8 +21,6 @@ use super::shadow::{
 };
 use super::{Action, RET_LEN};
 use multiprobe_core::Gpr;
-
-const ARGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
 
 impl Gen<'_> {
     fn rets(&self) -> impl Iterator<Item = u32> + '_ {
@@ -33,9 +31,24 @@ impl Gen<'_> {
             .map(|c| c.slot)
     }
 
-    /// The absolute address of counter slot `slot`'s `field` (line 0).
+    /// The absolute address of counter slot `slot`'s `field` (line 0), for a frame to
+    /// keep (the code itself reaches counters through [`Gen::counter`]).
     fn counter_abs(&self, slot: u32, field: usize) -> u64 {
         self.spec.area + (self.spec.layout.counter_offset(slot) + field) as u64
+    }
+
+    /// `jmp skip` unless slot `slot`'s collector is live (on its site).
+    fn skip_unless_live(
+        &self,
+        a: &mut CodeAssembler,
+        slot: u32,
+        skip: CodeLabel,
+    ) -> Result<(), IcedError> {
+        add(
+            a,
+            Instruction::with2(C::Cmp_rm64_imm8, self.counter(slot, LIVE), 0),
+        )?;
+        a.je(skip)
     }
 
     /// `rdi` = this thread's block, `rcx` = its fs base; with `claim`, a free block
@@ -51,8 +64,7 @@ impl Gen<'_> {
         let mut found = a.create_label();
         self.thread_to_rax(a)?;
         a.mov(rcx, rax)?;
-        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
-        a.shr(eax, 32 - THREADS.trailing_zeros())?;
+        self.thread_hash(a, THREADS)?;
         a.mov(r11d, eax)?;
         a.mov(r10d, PROBES)?;
         a.set_label(&mut probe)?;
@@ -164,8 +176,10 @@ impl Gen<'_> {
         a.mov(qword_ptr(rdi + DEPTH as i32), rdx)?; // what the clean-up dropped
         a.set_label(&mut lost)?;
         for slot in self.rets() {
-            a.mov(rax, self.counter_abs(slot, LOST))?;
-            a.lock().inc(qword_ptr(rax))?;
+            add(
+                a,
+                Instruction::with1(C::Inc_rm64, self.counter(slot, LOST)).map(lock),
+            )?;
         }
         a.set_label(&mut done)?;
         a.zero_bytes()
@@ -224,9 +238,7 @@ impl Gen<'_> {
     fn latency_count(&self, a: &mut CodeAssembler, slot: u32) -> Result<(), IcedError> {
         let mut next = a.create_label();
         let mut zero = a.create_label();
-        a.mov(rax, self.counter_abs(slot, LIVE))?;
-        a.cmp(qword_ptr(rax), 0)?;
-        a.je(next)?;
+        self.skip_unless_live(a, slot, next)?;
         a.rdtsc()?;
         a.shl(rdx, 32)?;
         a.or(rax, rdx)?;
@@ -246,8 +258,7 @@ impl Gen<'_> {
         a.zero_bytes()?;
         // This thread's stripe of the histogram (the hash `hits` uses).
         self.thread_to_rax(a)?;
-        a.imul_3(eax, eax, 0x9e37_79b9_u32 as i32)?;
-        a.shr(eax, 32 - COUNTER_STRIPES.trailing_zeros())?;
+        self.thread_hash(a, COUNTER_STRIPES)?;
         a.imul_3(eax, eax, HIST_LEN as i32)?;
         let hist = self.spec.area + self.spec.layout.hist_offset(slot) as u64;
         a.mov(r11, hist)?;
@@ -280,9 +291,7 @@ impl Gen<'_> {
     fn ret_record(&self, a: &mut CodeAssembler, slot: u32) -> Result<(), IcedError> {
         let mut full = a.create_label();
         let mut next = a.create_label();
-        a.mov(rax, self.counter_abs(slot, LIVE))?;
-        a.cmp(qword_ptr(rax), 0)?;
-        a.je(next)?;
+        self.skip_unless_live(a, slot, next)?;
         // No counter of returns: each one is a record or a drop, which the reader
         // counts (a `lock inc` was a tenth of a return).
         self.reserve(a, full)?;
@@ -301,8 +310,10 @@ impl Gen<'_> {
         a.mov(qword_ptr(r11 + cell::SEQ as i32), r10)?;
         a.jmp(next)?;
         a.set_label(&mut full)?;
-        a.mov(rax, self.counter_abs(slot, super::layout::DROPPED))?;
-        a.lock().inc(qword_ptr(rax))?;
+        add(
+            a,
+            Instruction::with1(C::Inc_rm64, self.counter(slot, DROPPED)).map(lock),
+        )?;
         a.set_label(&mut next)?;
         a.zero_bytes()
     }
