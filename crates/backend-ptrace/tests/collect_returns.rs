@@ -281,10 +281,15 @@ fn unregister_with_two_threads_in_flight_writes_no_more_returns() {
     let (mut t, mut child, r) = slow_in_flight("2", 2);
     r.in_tracee(&t);
     let Ret { c, reg, .. } = r;
+    // Both threads are inside a call as unregister starts; on a loaded machine one of
+    // them may return while it waits for the tracer's pause, and that return is still
+    // seen. None after it returned.
+    t.collection().drain();
+    let entering = c.stats();
+    assert!(entering.hits >= entering.returns + 2, "{entering:?}");
     reg.unregister().unwrap();
     t.collection().drain();
     let before = c.stats();
-    assert!(before.hits >= before.returns + 2, "{before:?}");
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     t.collection().drain();
     assert_eq!(
