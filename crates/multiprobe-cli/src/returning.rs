@@ -21,8 +21,8 @@ use crate::actions::Binding;
 use crate::lines::{self, Who};
 use crate::spec::Action;
 
-/// Buckets: 0, then one per bit of a `u64`.
-const BUCKETS: usize = 65;
+/// Buckets: 0, then one per bit of a `u64` (as the tracee's histograms have).
+const BUCKETS: usize = multiprobe_backend_ptrace::collect::HIST_BUCKETS;
 
 /// Nanoseconds on a monotonic clock (since the first call).
 fn now_ns() -> u64 {
@@ -31,9 +31,9 @@ fn now_ns() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-/// The bucket of `ns`.
+/// The bucket of `ns` (the same as the tracee's histograms).
 fn bucket(ns: u64) -> usize {
-    (64 - ns.leading_zeros()) as usize
+    LatencyHist::bucket(ns)
 }
 
 /// `[low, high)` of bucket `k` (`high` saturates for the last one).
@@ -115,22 +115,17 @@ impl Latency {
 
     /// What it counted so far, with the histograms `more` (collected in a tracee).
     pub fn snapshot_with(&self, more: &[LatencyHist]) -> Hist {
-        let mut counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
-        let mut count = self.count.load(Relaxed);
-        let mut sum = self.sum.load(Relaxed);
-        let mut min = self.min.load(Relaxed);
-        let mut max = self.max.load(Relaxed);
-        for h in more {
-            for (c, b) in counts.iter_mut().zip(h.buckets) {
-                *c += b;
-            }
-            count += h.count();
-            sum += h.sum;
-            if let Some((lo, hi)) = h.min_max {
-                min = min.min(lo);
-                max = max.max(hi);
-            }
+        let count = self.count.load(Relaxed);
+        let mut h = LatencyHist {
+            buckets: std::array::from_fn(|k| self.buckets[k].load(Relaxed)),
+            sum: self.sum.load(Relaxed),
+            min_max: (count > 0).then(|| (self.min.load(Relaxed), self.max.load(Relaxed))),
+        };
+        for m in more {
+            h.add(m);
         }
+        let counts = h.buckets;
+        let count = h.count();
         let first = counts.iter().position(|&c| c > 0);
         let last = counts.iter().rposition(|&c| c > 0);
         let buckets = match (first, last) {
@@ -146,13 +141,12 @@ impl Latency {
                 .collect(),
             _ => Vec::new(),
         };
-        let some = |v: u64| (count > 0).then_some(v);
         Hist {
             unit: "ns",
             count,
-            min: some(min),
-            avg: some(sum / count.max(1)),
-            max: some(max),
+            min: h.min_max.map(|(lo, _)| lo),
+            avg: (count > 0).then(|| h.sum / count),
+            max: h.min_max.map(|(_, hi)| hi),
             buckets,
         }
     }

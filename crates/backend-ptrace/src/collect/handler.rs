@@ -163,7 +163,7 @@ impl Collect {
             returns: AtomicU64::new(0),
             tracee_returns: AtomicU64::new(0),
             tracee_ended_in_flight: AtomicU64::new(0),
-            hist: Mutex::new((EMPTY_HIST, EMPTY_HIST)),
+            hist: Mutex::new((LatencyHist::EMPTY, LatencyHist::EMPTY)),
             queue: Mutex::new(VecDeque::new()),
             bound: OnceLock::new(),
             area: Mutex::new(CollectStats::default()),
@@ -209,7 +209,9 @@ impl Collect {
     /// the tracee's latest: [`crate::collect::Collection::drain`]).
     pub fn histogram(&self) -> LatencyHist {
         let h = lock(&self.0.hist);
-        merge(&h.0, &h.1)
+        let mut both = h.0;
+        both.add(&h.1);
+        both
     }
 
     /// What it does.
@@ -252,37 +254,6 @@ impl Collect {
             q.push_back(rec);
         }
     }
-}
-
-/// A histogram with nothing counted.
-pub(crate) const EMPTY_HIST: LatencyHist = LatencyHist {
-    buckets: [0; HIST_BUCKETS],
-    sum: 0,
-    min_max: None,
-};
-
-/// Count a call of `ns` in `h` (bucket 0 for 0 ns, else `[2^(k-1), 2^k)`).
-fn count_in(h: &mut LatencyHist, ns: u64) {
-    h.buckets[(64 - ns.leading_zeros()) as usize] += 1;
-    h.sum += ns;
-    h.min_max = Some(
-        h.min_max
-            .map_or((ns, ns), |(lo, hi)| (lo.min(ns), hi.max(ns))),
-    );
-}
-
-/// `a` and `b` counted together.
-fn merge(a: &LatencyHist, b: &LatencyHist) -> LatencyHist {
-    let mut m = *a;
-    for (x, y) in m.buckets.iter_mut().zip(b.buckets) {
-        *x += y;
-    }
-    m.sum += b.sum;
-    m.min_max = match (a.min_max, b.min_max) {
-        (Some((l1, h1)), Some((l2, h2))) => Some((l1.min(l2), h1.max(h2))),
-        (x, y) => x.or(y),
-    };
-    m
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -349,7 +320,7 @@ impl Handler for Collect {
         i.returns.fetch_add(1, Relaxed);
         let now = monotonic_ns();
         if i.action == Action::Latency {
-            count_in(&mut lock(&i.hist).0, now.saturating_sub(data[0]));
+            lock(&i.hist).0.record(now.saturating_sub(data[0]));
             return;
         }
         let mut args = [0u64; 6];

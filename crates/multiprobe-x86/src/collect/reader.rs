@@ -45,9 +45,43 @@ pub struct LatencyHist {
 }
 
 impl LatencyHist {
+    /// Nothing counted.
+    pub const EMPTY: LatencyHist = LatencyHist {
+        buckets: [0; HIST_BUCKETS],
+        sum: 0,
+        min_max: None,
+    };
+
     /// Calls timed.
     pub fn count(&self) -> u64 {
         self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    }
+
+    /// The bucket of `ns`: 0 for 0, else `k` for `[2^(k-1), 2^k)`.
+    pub fn bucket(ns: u64) -> usize {
+        (64 - ns.leading_zeros()) as usize
+    }
+
+    /// Count one call of `ns` nanoseconds.
+    pub fn record(&mut self, ns: u64) {
+        self.buckets[Self::bucket(ns)] += 1;
+        self.sum = self.sum.wrapping_add(ns);
+        self.min_max = Some(
+            self.min_max
+                .map_or((ns, ns), |(l, h)| (l.min(ns), h.max(ns))),
+        );
+    }
+
+    /// Count `other`'s calls too (another stripe, path or process).
+    pub fn add(&mut self, other: &LatencyHist) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a = a.wrapping_add(b);
+        }
+        self.sum = self.sum.wrapping_add(other.sum);
+        self.min_max = match (self.min_max, other.min_max) {
+            (Some((l1, h1)), Some((l2, h2))) => Some((l1.min(l2), h1.max(h2))),
+            (x, y) => x.or(y),
+        };
     }
 }
 
@@ -176,23 +210,16 @@ impl<'a> AreaReader<'a> {
     /// When `slot` is not below the layout's counter slots.
     pub fn histogram(&self, slot: u32) -> LatencyHist {
         assert!(slot < self.layout.counter_slots(), "no counter slot {slot}");
-        let mut h = LatencyHist {
-            buckets: [0; HIST_BUCKETS],
-            sum: 0,
-            min_max: None,
-        };
+        let mut h = LatencyHist::EMPTY;
         for stripe in 0..COUNTER_STRIPES {
             let base = self.layout.hist_offset(slot) + stripe * HIST_LEN;
             let ld = |o: usize| self.word(base + o).load(Ordering::Relaxed);
-            for (k, b) in h.buckets.iter_mut().enumerate() {
-                *b = b.wrapping_add(ld(8 * k));
-            }
-            h.sum = h.sum.wrapping_add(ld(HIST_SUM));
             let min_inv = ld(HIST_MIN_INV);
-            if min_inv != 0 {
-                let (lo, hi) = (u64::MAX - min_inv, ld(HIST_MAX));
-                h.min_max = Some(h.min_max.map_or((lo, hi), |(l, m)| (l.min(lo), m.max(hi))));
-            }
+            h.add(&LatencyHist {
+                buckets: std::array::from_fn(|k| ld(8 * k)),
+                sum: ld(HIST_SUM),
+                min_max: (min_inv != 0).then(|| (u64::MAX - min_inv, ld(HIST_MAX))),
+            });
         }
         h
     }
