@@ -180,8 +180,9 @@ impl Tracer {
         let shadow = self
             .returns
             .after_entry(tid, &th.ts, &self.mem, &self.registry);
-        for asked in shadow {
-            crate::collect::for_unwinder(&self.shared, &self.mem, regs.regs().fs_base, asked);
+        let fs = Some(regs.regs().fs_base);
+        for put in shadow {
+            crate::collect::for_calls(&self.shared, &self.mem, fs, put);
         }
         let next = match pre {
             // Unregistered since the lookup: its byte is back, run it.

@@ -50,6 +50,7 @@ use multiprobe_core::{Error, FnHandler, HandlerId, Memory, PreAction, Registry, 
 use multiprobe_symbols::ProcessSymbols;
 
 use crate::backend::{PtraceBackend, Shared, INT3};
+use crate::collect::Put;
 use crate::error;
 use crate::mem::CodeMemory;
 use crate::regs::{self, to_core, ThreadRegs};
@@ -121,15 +122,14 @@ impl Returns {
     /// what unwinder hooks asked (every request of the hit is the thread's own).
     ///
     /// Returns what the shadow stacks of calls collected in the tracee need for the
-    /// same thread (`collect::shadow`): `None` to put the originals back for an
-    /// unwinder, `Some(sp)` to re-arm the calls above `sp`.
+    /// same thread (`collect::shadow`), in order.
     pub(crate) fn after_entry(
         &mut self,
         tid: Tid,
         ts: &ThreadState,
         mem: &dyn Memory,
         registry: &Registry<PtraceBackend>,
-    ) -> Vec<Option<u64>> {
+    ) -> Vec<Put> {
         let mut shadow = Vec::new();
         let asked = std::mem::take(&mut *lock(&self.queue));
         for u in asked {
@@ -152,12 +152,12 @@ impl Returns {
                 Unwind::Restore(t) if t == tid => {
                     ts.restore_return_addresses(mem);
                     self.restored.insert(tid);
-                    shadow.push(None);
+                    shadow.push(Put::Originals);
                 }
                 Unwind::Rearm(t, sp) if t == tid => {
                     ts.rehijack_returns(sp, mem);
                     self.restored.remove(&tid);
-                    shadow.push(Some(sp));
+                    shadow.push(Put::CodeAbove(sp));
                 }
                 _ => {}
             }

@@ -115,7 +115,7 @@ pub use reader::Collection;
 use handler::Binding;
 pub(crate) use promote::{Jumped, TrampolinePages};
 pub(crate) use quiet::Quiet;
-pub(crate) use shadow::{for_unwinder, ShadowState};
+pub(crate) use shadow::{for_calls, Put, ShadowState};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};

@@ -62,23 +62,30 @@ fn calls_in_flight(
     all
 }
 
-/// Put the original return address back into every slot of `calls` that holds its
-/// return code (`back`), or the return code into every slot above `above` that holds
-/// its original (re-arm).
+/// What to write into the return slots of calls in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// The original return address, where the slot holds the return code.
+    Originals,
+    /// The return code again, where a slot above this stack pointer holds the
+    /// original (the program goes on there after an unwinder ran).
+    CodeAbove(u64),
+}
+
+/// Do `put` to the calls in flight of every block at `shadow` (of the thread whose fs
+/// base is `only`, if given), through `read` and `write` of the process's memory.
 fn rewrite(
-    calls: &[InFlight],
-    back: bool,
-    above: u64,
+    shadow: u64,
+    only: Option<u64>,
+    put: Put,
     read: &dyn Fn(u64, &mut [u8]) -> bool,
     write: &dyn Fn(u64, &[u8]) -> bool,
 ) {
-    for c in calls {
-        let (from, to) = if back {
-            (c.code, c.ret)
-        } else if c.slot > above {
-            (c.ret, c.code)
-        } else {
-            continue;
+    for c in calls_in_flight(shadow, only, read) {
+        let (from, to) = match put {
+            Put::Originals => (c.code, c.ret),
+            Put::CodeAbove(sp) if c.slot > sp => (c.ret, c.code),
+            Put::CodeAbove(_) => continue,
         };
         let mut now = [0u8; 8];
         if from != 0 && read(c.slot, &mut now) && u64::from_le_bytes(now) == from {
@@ -141,34 +148,22 @@ impl Tracer {
         self.shadow_done().expect("just set")
     }
 
-    fn shadow_addr(&self) -> Option<u64> {
-        shadow_of(&self.shared)
-    }
-
     /// Leaving the process with every thread held outside our code: the original return
     /// addresses go back into every armed slot of every thread.
     pub(crate) fn restore_shadow_returns(&self) {
-        let Some(shadow) = self.shadow_addr() else {
-            return;
-        };
-        let mem = self.mem;
-        let read = |a: u64, b: &mut [u8]| mem.read(a, b).is_ok();
-        let write = |a: u64, b: &[u8]| mem.write(a, b).is_ok();
-        let calls = calls_in_flight(shadow, None, &read);
-        rewrite(&calls, true, 0, &read, &write);
+        for_calls(&self.shared, &self.mem, None, Put::Originals);
     }
 
     /// A fork child (memory `code`) freed of probes: its copy of the stacks and of the
     /// shadow stacks describe the forker's calls in flight; put their originals back
     /// before its copy of the trampolines goes.
     pub(crate) fn restore_shadow_in_child(&self, code: &crate::mem::CodeMemory) {
-        let Some(shadow) = self.shadow_addr() else {
+        let Some(shadow) = shadow_of(&self.shared) else {
             return;
         };
         let read = |a: u64, b: &mut [u8]| code.read(a, b).is_ok();
         let write = |a: u64, b: &[u8]| code.write(a, b).is_ok();
-        let calls = calls_in_flight(shadow, None, &read);
-        rewrite(&calls, true, 0, &read, &write);
+        rewrite(shadow, None, Put::Originals, &read, &write);
     }
 }
 
@@ -179,21 +174,20 @@ fn shadow_of(shared: &crate::backend::Shared) -> Option<u64> {
     }
 }
 
-/// What an unwinder hook asked for the thread whose fs base is `fs` (`returns.rs`):
-/// `None`, an unwinder is about to run, so its armed slots get their originals back;
-/// `Some(sp)`, it goes on at stack pointer `sp`, so its calls still in flight above
-/// `sp` are armed again.
-pub(crate) fn for_unwinder(
+/// Do `put` to the calls in flight of the process (of the thread whose fs base is
+/// `only`, if given) through `mem`. The unwinder hooks (`returns.rs`) ask for one
+/// thread: [`Put::Originals`] before an unwinder runs, [`Put::CodeAbove`] where the
+/// program goes on.
+pub(crate) fn for_calls(
     shared: &crate::backend::Shared,
     mem: &dyn Memory,
-    fs: u64,
-    asked: Option<u64>,
+    only: Option<u64>,
+    put: Put,
 ) {
     let Some(shadow) = shadow_of(shared) else {
         return;
     };
     let read = |a: u64, b: &mut [u8]| mem.read(a, b).is_ok();
     let write = |a: u64, b: &[u8]| mem.write(a, b).is_ok();
-    let calls = calls_in_flight(shadow, Some(fs), &read);
-    rewrite(&calls, asked.is_none(), asked.unwrap_or(0), &read, &write);
+    rewrite(shadow, only, put, &read, &write);
 }
