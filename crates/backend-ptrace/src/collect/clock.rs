@@ -51,18 +51,20 @@ impl Clock {
     /// Nanoseconds per tick, fixed point with 32 fraction bits (at least 1), for code
     /// that converts durations itself (`latency` in the tracee).
     pub(crate) fn ns_per_tick_q32(&self) -> u64 {
+        ((self.ns_per_tick() * (1u64 << 32) as f64) as u64).max(1)
+    }
+
+    /// The rate between the first pair and the latest.
+    fn ns_per_tick(&self) -> f64 {
         let (t0, n0) = self.first;
         let (t1, n1) = self.last;
-        let rate = (n1 - n0) as f64 / (t1 - t0).max(1) as f64;
-        ((rate * (1u64 << 32) as f64) as u64).max(1)
+        (n1 - n0) as f64 / (t1 - t0).max(1) as f64
     }
 
     /// `tsc` on `CLOCK_MONOTONIC`, in nanoseconds.
     pub(crate) fn ns(&self, tsc: u64) -> u64 {
         let (t0, n0) = self.first;
-        let (t1, n1) = self.last;
-        let rate = (n1 - n0) as f64 / (t1 - t0).max(1) as f64;
-        let d = (tsc as f64 - t0 as f64) * rate;
+        let d = (tsc as f64 - t0 as f64) * self.ns_per_tick();
         (n0 as f64 + d).max(0.0) as u64
     }
 }
