@@ -57,13 +57,6 @@ impl Ret {
     }
 }
 
-fn spawn(name: &str, args: &[&str]) -> (Tracer, std::process::Child) {
-    let mut t = Tracer::spawn(&mut common::command(name, args)).unwrap();
-    assert!(t.run_to_entry().unwrap().is_none());
-    let child = t.take_child().unwrap();
-    (t, child)
-}
-
 fn exited_0(t: &mut Tracer) {
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
     t.collection().drain();
@@ -73,7 +66,7 @@ fn exited_0(t: &mut Tracer) {
 fn return_values_pair_with_their_arguments_and_counts_are_exact() {
     let args = ["add", "3000"];
     let (t0, _) = common::unprobed("mp-c-rets", &args);
-    let (mut t, mut child) = spawn("mp-c-rets", &args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
     let r = Ret::on(&t, "mp_ret_add");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), t0);
@@ -89,7 +82,7 @@ fn return_values_pair_with_their_arguments_and_counts_are_exact() {
 
 #[test]
 fn recursion_1000_deep_returns_innermost_first() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["depth", "1000"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["depth", "1000"]);
     let r = Ret::on(&t, "mp_ret_depth");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), "depth=1000\n");
@@ -106,7 +99,7 @@ fn recursion_1000_deep_returns_innermost_first() {
 fn four_threads_get_their_own_returns() {
     let args = ["threads", "4", "2000"];
     let (t0, _) = common::unprobed("mp-c-rets", &args);
-    let (mut t, mut child) = spawn("mp-c-rets", &args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
     let r = Ret::on(&t, "mp_ret_add");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), t0);
@@ -131,7 +124,7 @@ fn four_threads_get_their_own_returns() {
 
 #[test]
 fn longjmp_out_of_return_probed_calls_is_counted_lost() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["longjmp", "20"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["longjmp", "20"]);
     let around = Ret::on(&t, "mp_ret_around");
     let jump = Ret::on(&t, "mp_ret_jump");
     let add = Ret::on(&t, "mp_ret_add");
@@ -151,7 +144,7 @@ fn longjmp_out_of_return_probed_calls_is_counted_lost() {
 
 #[test]
 fn nap_latencies_are_the_sleeps() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["nap", "1", "10", "100"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["nap", "1", "10", "100"]);
     let r = Ret::on(&t, "mp_ret_nap");
     exited_0(&mut t);
     assert_eq!(
@@ -179,7 +172,7 @@ fn cpp_exception_thrown_through_return_probed_calls_is_caught() {
         (t0.as_str(), code),
         ("caught=5 sum=70 cleanups=10\n", Some(0))
     );
-    let (mut t, mut child) = spawn("mp-cpp-throwret", &["10"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-cpp-throwret", &["10"]);
     let through = Ret::on(&t, "mp_cpp_through");
     let thrower = Ret::on(&t, "mp_cpp_thrower");
     let noted = Ret::on(&t, "mp_cpp_noted");
@@ -204,7 +197,7 @@ fn cpp_exception_thrown_through_return_probed_calls_is_caught() {
 #[test]
 fn backtrace_gets_through_return_probed_calls() {
     let (t0, _) = common::unprobed("mp-c-rets", &["bt"]);
-    let (mut t, mut child) = spawn("mp-c-rets", &["bt"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["bt"]);
     let outer = Ret::on(&t, "mp_ret_bt_outer");
     let bt = Ret::on(&t, "mp_ret_bt");
     exited_0(&mut t);
@@ -226,7 +219,7 @@ fn backtrace_gets_through_return_probed_calls() {
 #[test]
 fn a_fork_child_freed_of_probes_returns_through_its_copy_of_a_call_in_flight() {
     let (t0, _) = common::unprobed("mp-c-rets", &["fork"]);
-    let (mut t, mut child) = spawn("mp-c-rets", &["fork"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["fork"]);
     let r = Ret::on(&t, "mp_ret_forker");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), t0);
@@ -247,7 +240,7 @@ fn tracee_in_flight(r: &Ret) -> u64 {
 
 /// `slow T 6 200` until `calls` calls of mp_ret_nap are in flight in the tracee.
 fn slow_in_flight(threads: &str, calls: u64) -> (Tracer, std::process::Child, Ret) {
-    let (mut t, child) = spawn("mp-c-rets", &["slow", threads, "6", "200"]);
+    let (mut t, child) = common::spawn_at_entry("mp-c-rets", &["slow", threads, "6", "200"]);
     let r = Ret::on(&t, "mp_ret_nap");
     let c = t.collection();
     // A promoted site makes no event: the loop must be woken to look at the counts.
@@ -306,7 +299,7 @@ fn a_full_shadow_stack_counts_the_deepest_calls_lost_and_the_program_runs_on() {
     use multiprobe_x86::collect::shadow::FRAMES;
     let depth = FRAMES + 500;
     let arg = depth.to_string();
-    let (mut t, mut child) = spawn("mp-c-rets", &["depth", &arg]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["depth", &arg]);
     let r = Ret::on(&t, "mp_ret_depth");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), format!("depth={depth}\n"));
@@ -331,7 +324,7 @@ fn a_full_shadow_stack_counts_the_deepest_calls_lost_and_the_program_runs_on() {
 
 #[test]
 fn a_call_that_never_returns_is_counted_lost_at_the_exit() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["exit", "50"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["exit", "50"]);
     let add = Ret::on(&t, "mp_ret_add");
     let exiter = Ret::on(&t, "mp_ret_exiter");
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(5)));
@@ -346,7 +339,7 @@ fn a_call_that_never_returns_is_counted_lost_at_the_exit() {
 
 #[test]
 fn latency_histograms_put_sleeps_of_1_10_100_ms_in_their_buckets() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["nap", "1", "10", "100", "10"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["nap", "1", "10", "100", "10"]);
     let addr = t.resolve("mp_ret_nap").unwrap();
     let lat = Collect::latency();
     let reg = t.registry().register_handler(addr, lat.clone()).unwrap();

@@ -36,13 +36,6 @@ fn ret_probe(t: &Tracer, name: &str) -> (Registration<PtraceBackend>, Seen) {
     (t.registry().register_handler(addr, h).unwrap(), seen)
 }
 
-fn spawn(name: &str, args: &[&str]) -> (Tracer, std::process::Child) {
-    let mut t = Tracer::spawn(&mut common::command(name, args)).unwrap();
-    assert!(t.run_to_entry().unwrap().is_none());
-    let child = t.take_child().unwrap();
-    (t, child)
-}
-
 fn exited_0(t: &mut Tracer) {
     assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
 }
@@ -51,7 +44,7 @@ fn exited_0(t: &mut Tracer) {
 /// what it prints unprobed: the probe, the returns it saw, and that output.
 fn add_returns_as_unprobed(args: &[&str]) -> (Registration<PtraceBackend>, Vec<Return>, String) {
     let (t0, _) = common::unprobed("mp-c-rets", args);
-    let (mut t, mut child) = spawn("mp-c-rets", args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", args);
     let (p, seen) = ret_probe(&t, "mp_ret_add");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), t0);
@@ -73,7 +66,7 @@ fn return_values_and_counts_are_exact() {
 
 #[test]
 fn recursion_1000_deep_returns_innermost_first() {
-    let (mut t, mut child) = spawn("mp-c-rets", &["depth", "1000"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["depth", "1000"]);
     let (p, seen) = ret_probe(&t, "mp_ret_depth");
     exited_0(&mut t);
     assert_eq!(common::read_all(&mut child), "depth=1000\n");
@@ -113,7 +106,7 @@ fn four_threads_get_their_own_returns() {
 #[test]
 fn longjmp_out_of_return_probed_calls_is_counted_lost() {
     let args = ["longjmp", "20"];
-    let (mut t, mut child) = spawn("mp-c-rets", &args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
     let (around, a) = ret_probe(&t, "mp_ret_around");
     let (jump, j) = ret_probe(&t, "mp_ret_jump");
     let (add, r) = ret_probe(&t, "mp_ret_add");
@@ -136,7 +129,7 @@ fn cpp_exception_thrown_through_return_probed_calls_is_caught() {
         (t0.as_str(), code),
         ("caught=5 sum=70 cleanups=10\n", Some(0))
     );
-    let (mut t, mut child) = spawn("mp-cpp-throwret", &["10"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-cpp-throwret", &["10"]);
     let (through, th) = ret_probe(&t, "mp_cpp_through");
     let (thrower, tw) = ret_probe(&t, "mp_cpp_thrower");
     let (noted, n) = ret_probe(&t, "mp_cpp_noted");
@@ -169,7 +162,7 @@ fn cpp_exception_thrown_through_return_probed_calls_is_caught() {
 #[test]
 fn backtrace_gets_through_return_probed_calls() {
     let (t0, _) = common::unprobed("mp-c-rets", &["bt"]);
-    let (mut t, mut child) = spawn("mp-c-rets", &["bt"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["bt"]);
     let (outer, o) = ret_probe(&t, "mp_ret_bt_outer");
     let (bt, b) = ret_probe(&t, "mp_ret_bt");
     exited_0(&mut t);
@@ -192,7 +185,7 @@ fn backtrace_gets_through_return_probed_calls() {
 fn a_fork_child_freed_of_probes_returns_through_its_copy_of_a_call_in_flight() {
     let (t0, _) = common::unprobed("mp-c-rets", &["fork"]);
     assert_eq!(t0, "child r=41\nparent r=49\n");
-    let (mut t, mut child) = spawn("mp-c-rets", &["fork"]);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["fork"]);
     let (p, seen) = ret_probe(&t, "mp_ret_forker");
     exited_0(&mut t);
     // The child's copy of the stack had the trampoline in the call's slot; freed of
@@ -216,7 +209,7 @@ fn slow_in_flight(
     Registration<PtraceBackend>,
     Arc<AtomicU64>,
 ) {
-    let (mut t, child) = spawn("mp-c-rets", &["slow", threads, "3", "200"]);
+    let (mut t, child) = common::spawn_at_entry("mp-c-rets", &["slow", threads, "3", "200"]);
     let addr = t.resolve("mp_ret_nap").unwrap();
     let rets = Arc::new(AtomicU64::new(0));
     let r = Arc::clone(&rets);
@@ -270,7 +263,7 @@ fn unregister_with_two_threads_in_flight_runs_no_more_return_hooks() {
 
 #[test]
 fn a_return_probe_off_a_function_entry_is_refused() {
-    let (t, _child) = spawn("mp-c-rets", &["add", "1"]);
+    let (t, _child) = common::spawn_at_entry("mp-c-rets", &["add", "1"]);
     let addr = t.resolve("mp_ret_nap").unwrap();
     let inside = (1..16)
         .map(|k| addr + k)

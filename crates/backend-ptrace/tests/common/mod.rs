@@ -6,6 +6,18 @@ use std::process::{Command, Stdio};
 
 pub use multiprobe_test_targets::bin;
 
+/// Test program `name` with `args` under a tracer, stopped at its entry point, and
+/// its child handle (stdout piped).
+pub fn spawn_at_entry(
+    name: &str,
+    args: &[&str],
+) -> (multiprobe_backend_ptrace::Tracer, std::process::Child) {
+    let mut t = multiprobe_backend_ptrace::Tracer::spawn(&mut command(name, args)).unwrap();
+    assert!(t.run_to_entry().unwrap().is_none());
+    let child = t.take_child().unwrap();
+    (t, child)
+}
+
 /// A command for test program `name` with `args`, stdout piped.
 pub fn command(name: &str, args: &[&str]) -> Command {
     let mut c = Command::new(bin(name));
