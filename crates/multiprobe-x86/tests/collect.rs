@@ -11,18 +11,10 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use collect_util::{expected, fs_base, fsgsbase, guard_pages, serve_faults, Setup};
+use collect_util::{call_from_threads, expected, guard_pages, serve_faults, thread_ids, Setup};
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use multiprobe_x86::collect::{Action, Collector, ThreadId, COUNTER_STRIPES, RECORD_DATA_MAX};
 use multiprobe_x86::Location;
-
-fn thread_ids() -> Vec<ThreadId> {
-    let mut v = vec![ThreadId::FsZero];
-    if fsgsbase() {
-        v.push(ThreadId::RdFsBase);
-    }
-    v
-}
 
 fn args_of(t: u64, i: u64) -> [u64; 6] {
     [
@@ -39,28 +31,6 @@ fn words(data: &[u8]) -> Vec<u64> {
     data.chunks(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect()
-}
-
-/// Threads 0..4 each call the probed function `n` times with `args_of(t, i)`, checking
-/// every result (and yielding every `yield_every` calls); returns their fs bases.
-fn call_from_four_threads(s: &Arc<Setup>, n: u64, yield_every: Option<u64>) -> Vec<u64> {
-    let handles: Vec<_> = (0..4u64)
-        .map(|t| {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let f = s.probed();
-                for i in 0..n {
-                    let a = args_of(t, i);
-                    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
-                    if yield_every.is_some_and(|k| i % k == 0) {
-                        std::thread::yield_now();
-                    }
-                }
-                fs_base()
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 const COLLECTORS: [Collector; 3] = [
@@ -85,7 +55,7 @@ fn counts_are_exact_and_records_are_the_arguments_from_four_threads() {
     for near in [true, false] {
         for tid in thread_ids() {
             let s = Arc::new(Setup::new(&COLLECTORS, 1 << 15, near, tid));
-            let bases = call_from_four_threads(&s, N, None);
+            let bases = call_from_threads(&s, 4, N, args_of, None);
             let mut r = s.reader();
             for slot in [0, 3, 5] {
                 let c = r.counters(slot);
@@ -178,7 +148,7 @@ fn a_concurrent_reader_loses_and_duplicates_nothing() {
     };
     // Two cores here: producers yield every 16 calls to let the reader in, so the
     // ring both fills and drains during the run.
-    call_from_four_threads(&s, N, Some(16));
+    call_from_threads(&s, 4, N, args_of, Some(16));
     done.store(true, Ordering::Release);
     let recs = reader.join().unwrap();
     let r = s.reader();

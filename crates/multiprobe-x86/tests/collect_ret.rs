@@ -10,7 +10,7 @@ mod collect_util;
 
 use std::sync::Arc;
 
-use collect_util::{expected, fs_base, fsgsbase, peek, Setup};
+use collect_util::{call_from_threads, expected, fs_base, peek, thread_ids, Setup};
 use multiprobe_x86::collect::shadow::{block_header, block_offset, THREADS};
 use multiprobe_x86::collect::{Action, Collector, ThreadId, RET_LEN};
 
@@ -56,27 +56,10 @@ fn blocks(s: &Setup) -> Vec<(u64, u64)> {
 #[test]
 fn every_return_pairs_its_value_with_its_own_arguments_from_four_threads() {
     const N: u64 = 4000;
-    let mut tids = vec![ThreadId::FsZero];
-    if fsgsbase() {
-        tids.push(ThreadId::RdFsBase);
-    }
     for near in [true, false] {
-        for &tid in &tids {
+        for tid in thread_ids() {
             let s = Arc::new(Setup::new(&COLLECTORS, 1 << 15, near, tid));
-            let handles: Vec<_> = (0..4u64)
-                .map(|t| {
-                    let s = s.clone();
-                    std::thread::spawn(move || {
-                        let f = s.probed();
-                        for i in 0..N {
-                            let a = args_of(t, i);
-                            assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
-                        }
-                        fs_base()
-                    })
-                })
-                .collect();
-            let bases: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let bases = call_from_threads(&s, 4, N, args_of, None);
             let mut r = s.reader();
             let c = r.counters(2);
             assert_eq!(
@@ -185,21 +168,7 @@ fn latency_counts_every_return_in_its_histogram_without_records() {
         },
     ];
     let s = Arc::new(Setup::new(&cols, 1 << 15, true, ThreadId::FsZero));
-    let handles: Vec<_> = (0..2u64)
-        .map(|t| {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let f = s.probed();
-                for i in 0..N {
-                    let a = args_of(t, i);
-                    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    call_from_threads(&s, 2, N, args_of, None);
     let mut r = s.reader();
     let h = r.histogram(3);
     assert_eq!(h.count(), 2 * N, "every return, none dropped");

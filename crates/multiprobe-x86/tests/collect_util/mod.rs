@@ -115,6 +115,44 @@ fn map(hint: usize, len: usize, prot: i32) -> *mut u8 {
     p.cast()
 }
 
+/// The ways of reading the thread this machine has (`rdfsbase` only where enabled).
+pub fn thread_ids() -> Vec<ThreadId> {
+    let mut v = vec![ThreadId::FsZero];
+    if fsgsbase() {
+        v.push(ThreadId::RdFsBase);
+    }
+    v
+}
+
+/// Threads `0..threads` each call the probed function `n` times with `args_of(t, i)`,
+/// checking every result (and yielding every `yield_every` calls); returns their fs
+/// bases.
+pub fn call_from_threads(
+    s: &std::sync::Arc<Setup>,
+    threads: u64,
+    n: u64,
+    args_of: fn(u64, u64) -> [u64; 6],
+    yield_every: Option<u64>,
+) -> Vec<u64> {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let f = s.probed();
+                for i in 0..n {
+                    let a = args_of(t, i);
+                    assert_eq!(f(a[0], a[1], a[2], a[3], a[4], a[5]), expected(a));
+                    if yield_every.is_some_and(|k| i % k == 0) {
+                        std::thread::yield_now();
+                    }
+                }
+                fs_base()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Whether `rdfsbase` may be used here (Linux sets HWCAP2_FSGSBASE when it enables it).
 pub fn fsgsbase() -> bool {
     const AT_HWCAP2: libc::c_ulong = 26;
