@@ -218,12 +218,12 @@ impl SiteInner {
             .has_collectors()
     }
 
-    /// The counter slots of the `ret` collectors it runs in the tracee.
-    pub(crate) fn collect_ret_slots(&self) -> Vec<u32> {
+    /// Whether it runs a `ret` or `latency` collector in the tracee.
+    pub(crate) fn has_ret_collectors(&self) -> bool {
         self.collect
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .ret_slots()
+            .has_ret_collectors()
     }
 }
 

@@ -159,7 +159,7 @@ impl Tracer {
             // Its collectors will want the area (promotion writes into it).
             if let Some(ur) = regs.kernel() {
                 self.ensure_area(tid, &ur);
-                if !site.collect_ret_slots().is_empty() {
+                if site.has_ret_collectors() {
                     // And its `ret` collectors the shadow stacks: made here, on a
                     // thread stopped outside any system call, not at the pause.
                     let _ = self.ensure_shadow_on(tid, &ur);

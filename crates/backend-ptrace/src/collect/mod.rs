@@ -256,6 +256,12 @@ impl SiteCollect {
         !matches!(self.wanted, Wanted::None)
     }
 
+    /// Whether it runs a `ret` or `latency` collector in the tracee (no allocation:
+    /// asked at every stop of the site).
+    pub(crate) fn has_ret_collectors(&self) -> bool {
+        matches!(&self.wanted, Wanted::All(cols) if cols.iter().any(|(_, c)| c.action().at_return()))
+    }
+
     /// The counter slots of the `ret` collectors it runs in the tracee.
     pub(crate) fn ret_slots(&self) -> Vec<u32> {
         match &self.wanted {
