@@ -180,8 +180,9 @@ impl Tracer {
         let shadow = self
             .returns
             .after_entry(tid, &th.ts, &self.mem, &self.registry);
-        let fs = Some(regs.regs().fs_base);
         for put in shadow {
+            // Read only when asked: a plain hit must not fetch the registers.
+            let fs = Some(regs.regs().fs_base);
             crate::collect::for_calls(&self.shared, &self.mem, fs, put);
         }
         let next = match pre {
