@@ -16,6 +16,15 @@
 //!   entry probe writing one record of the same arguments) and `count`: the issue's
 //!   target is a return probe at most 2x its entry probe alone.
 //!
+//! * `floor-swap`, `floor-swap-tsc`: no multiprobe code at all — the least any return
+//!   probe that swaps the return address costs on this CPU. The same function behind a
+//!   hand-made entry that keeps the return address in one word and puts a stub's in
+//!   its place, and a stub that jumps back through that word (`floor-swap`: the
+//!   mispredicted `ret` into the stub and its indirect `jmp`), and with one `rdtsc` at
+//!   each end (`floor-swap-tsc`: what a latency needs). One thread, no nesting: a
+//!   measure, not a probe. Set beside `count` and `args6`, they say how far the
+//!   issue's "<= 2x the entry probe" can be met by any design of this kind.
+//!
 //! The ring is drained by this thread between batches of calls, outside the timed part;
 //! a tracer drains from another core, which adds the cache-line transfers of the cells
 //! to each record (not measured here).
@@ -149,6 +158,42 @@ fn calls(f: Target, n: u64, reader: &mut Option<AreaReader<'static>>) -> Duratio
     total
 }
 
+/// The floor functions (module docs) at `off` of the code page, the return address
+/// kept at `word` (a data page: no store into a line near code).
+fn floor(p: *mut u8, off: usize, word: u64, tsc: bool) -> Target {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut stub = a.create_label();
+    if tsc {
+        // rdx is an argument register: keep it (rax and the flags are the callee's).
+        a.push(rdx).unwrap();
+        a.rdtsc().unwrap();
+        a.pop(rdx).unwrap();
+    }
+    a.mov(rax, qword_ptr(rsp)).unwrap();
+    a.mov(r11, word).unwrap();
+    a.mov(qword_ptr(r11), rax).unwrap();
+    a.lea(rax, ptr(stub)).unwrap();
+    a.mov(qword_ptr(rsp), rax).unwrap();
+    a.lea(rax, ptr(rdi + 1)).unwrap();
+    a.lea(rax, ptr(rax + 2)).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut stub).unwrap();
+    if tsc {
+        a.push(rax).unwrap();
+        a.rdtsc().unwrap();
+        a.pop(rax).unwrap();
+    }
+    a.mov(r11, word).unwrap();
+    a.jmp(qword_ptr(r11)).unwrap();
+    let at = p as u64 + off as u64;
+    let code = a.assemble(at).unwrap();
+    write(p, off, &code);
+    // SAFETY: the code just written follows the C ABI: it reads rdi, returns in rax,
+    // clobbers only rax, r11 and the flags (rdx is restored), and returns to its
+    // caller through the saved word, which no other thread uses.
+    unsafe { std::mem::transmute::<u64, Target>(at) }
+}
+
 fn main() {
     let mut c = multiprobe_benches::criterion(100, 300, 2);
     let ratios = Ratios::new();
@@ -227,7 +272,26 @@ fn main() {
         probed.push((*name, f, collectors[0].slot, *area));
     }
 
+    let data = map(0, 4096, libc::PROT_READ | libc::PROT_WRITE);
+    assert!(!data.is_null());
+    let floors = [
+        ("floor-swap", floor(p, 0x800, data as u64, false)),
+        ("floor-swap-tsc", floor(p, 0x900, data as u64 + 64, true)),
+    ];
+    for (name, f) in floors {
+        assert_eq!(f(4, 0, 0, 0, 0, 0), direct(4, 0, 0, 0, 0, 0), "{name}");
+    }
+
     let mut g = c.benchmark_group("collect");
+    for &(name, f) in &floors {
+        ratios.bench_paired(
+            &mut g,
+            name,
+            "direct",
+            |n| calls(f, n, &mut None),
+            |n| calls(direct, n, &mut None),
+        );
+    }
     for &(name, f, _, area) in &probed {
         let mut reader = Some(area.reader());
         ratios.bench_paired(
@@ -273,6 +337,18 @@ fn main() {
         per_hit("latency") / per_hit("count"),
         fmt_ns(per_hit("latency")),
         fmt_ns(per_hit("count"))
+    );
+    let (swap, swap_tsc) = (per_hit("floor-swap"), per_hit("floor-swap-tsc"));
+    println!(
+        "FLOOR swap alone: {} a call ({:.2}x count, {:.2}x args6); swap and two rdtsc: {} \
+         ({:.2}x count): a latency at <= 2x count needs {}, a ret at <= 2x args6 {}",
+        fmt_ns(swap),
+        swap / per_hit("count"),
+        swap / per_hit("args6"),
+        fmt_ns(swap_tsc),
+        swap_tsc / per_hit("count"),
+        fmt_ns(2.0 * per_hit("count")),
+        fmt_ns(2.0 * per_hit("args6")),
     );
     let r = per_hit("ret");
     for entry in ["args6", "count"] {

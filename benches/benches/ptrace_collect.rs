@@ -16,7 +16,13 @@
 //! * `collect/latency`: a `Collect::latency` (a histogram in the tracee, no record),
 //!   against `collect/count`, the entry probe that counts;
 //! * `uretprobe`: the kernel's return probe on the same function (another copy of the
-//!   executable, as for `uprobe`), beside its `uprobe` for the kernel's own ratio.
+//!   executable, as for `uprobe`), beside its `uprobe` for the kernel's own ratio;
+//! * `uprobe-push`, `uretprobe-push`: the same two kernel probes on `mp_bench_push`
+//!   (`push rbx; ...`), paired with a direct call of that function. The kernel
+//!   emulates a `push` at its breakpoint but must single-step an `imul` out of line,
+//!   and a single step is dear in some VMs (a #DB exit: ~22 µs against ~0.65 µs on
+//!   our test VM), so these are the kernel's best case, the fair baseline. Our
+//!   trampolines relocate either instruction: their cost does not depend on it.
 //!
 //! Per hit = (routine time − nothing) / N, where every routine includes the same
 //! command round trip; the `RATIO` lines divide per-hit costs measured in paired
@@ -40,6 +46,7 @@ use multiprobe_benches::{fmt_ns, Ratios};
 use multiprobe_core::Registration;
 
 const IMUL: u8 = 1;
+const PUSH: u8 = 2;
 
 fn command() -> Command {
     let mut c = Command::new(multiprobe_test_targets::bin("mp-bench"));
@@ -48,8 +55,13 @@ fn command() -> Command {
 }
 
 fn ask(child: &mut Child, n: u64) {
+    ask_to(child, IMUL, n)
+}
+
+/// Ask for `n` calls of the function `what` names (`IMUL`, `PUSH`).
+fn ask_to(child: &mut Child, what: u8, n: u64) {
     let mut cmd = [0u8; 9];
-    cmd[0] = IMUL;
+    cmd[0] = what;
     cmd[1..].copy_from_slice(&n.to_le_bytes());
     child.stdin.as_mut().unwrap().write_all(&cmd).unwrap();
 }
@@ -61,8 +73,13 @@ fn done(child: &mut Child) {
 
 /// `n` calls in a tracee that runs on its own (unprobed, promoted, or kernel-probed).
 fn calls(child: &mut Child, n: u64) -> Duration {
+    calls_to(child, IMUL, n)
+}
+
+/// `n` calls of the function `what` names.
+fn calls_to(child: &mut Child, what: u8, n: u64) -> Duration {
     let start = Instant::now();
-    ask(child, n);
+    ask_to(child, what, n);
     done(child);
     start.elapsed()
 }
@@ -73,6 +90,8 @@ fn calls(child: &mut Child, n: u64) -> Duration {
 struct Traced {
     /// `mp_bench_fn` in the tracee.
     f: u64,
+    /// `mp_bench_push` in the tracee (unprobed).
+    push: u64,
     child: Child,
     col: Collection,
     first: Collect,
@@ -90,6 +109,7 @@ impl Traced {
             assert_eq!(t.run_to_entry().unwrap(), None);
             let mut child = t.take_child().unwrap();
             let f = t.resolve("mp_bench_fn").unwrap();
+            let push = t.resolve("mp_bench_push").unwrap();
             let mut regs: Vec<Registration<PtraceBackend>> = Vec::new();
             for c in &cols {
                 regs.push(t.registry().register_handler(f, c.clone()).unwrap());
@@ -143,7 +163,7 @@ impl Traced {
                 cols[0].action()
             );
             assert_eq!(path == Some(SitePath::InTracee), !stop_path, "{path:?}");
-            tx.send((child, col, f)).unwrap();
+            tx.send((child, col, f, push)).unwrap();
             if stop_path {
                 let _ = t.run();
             } else {
@@ -151,9 +171,10 @@ impl Traced {
             }
             drop(regs);
         });
-        let (child, col, f) = rx.recv().unwrap();
+        let (child, col, f, push) = rx.recv().unwrap();
         Traced {
             f,
+            push,
             child,
             col,
             first,
@@ -224,40 +245,35 @@ fn main() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let (uprobe, uretprobe) = {
-        let pid = kprobed.id() as i32;
-        // The address of mp_bench_fn in that process: the same executable as `count`'s
-        // tracee, at its own load address.
-        let base = |pid: i32| -> u64 {
-            // A process just spawned may still be in its exec: look again shortly.
-            for _ in 0..200 {
-                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-                if let Some(l) = maps.lines().find(|l| l.contains("mp-bench")) {
-                    return u64::from_str_radix(l.split('-').next().unwrap(), 16).unwrap();
-                }
-                std::thread::sleep(Duration::from_millis(5));
+    // One uprobe (on `mp_bench_fn` and on `mp_bench_push`) per process and kind: the
+    // addresses in that process are those of `count`'s tracee moved to its own load
+    // address (the same executable).
+    let base = |pid: i32| -> u64 {
+        // A process just spawned may still be in its exec: look again shortly.
+        for _ in 0..200 {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+            if let Some(l) = maps.lines().find(|l| l.contains("mp-bench")) {
+                return u64::from_str_radix(l.split('-').next().unwrap(), 16).unwrap();
             }
-            panic!("no mp-bench in the maps of {pid}")
-        };
-        let addr = count.f - base(count.pid()) + base(pid);
-        let rpid = kret.id() as i32;
-        let raddr = count.f - base(count.pid()) + base(rpid);
-        let u = match KernelUprobe::new_in(pid, "collect_bench", addr) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                println!("NO UPROBE: {e}");
-                None
-            }
-        };
-        let ur = match KernelUprobe::new_return_in(rpid, "collect_bench_ret", raddr) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                println!("NO URETPROBE: {e}");
-                None
-            }
-        };
-        (u, ur)
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no mp-bench in the maps of {pid}")
     };
+    let kernel_probe = |child: &Child, name: &str, at: u64, ret: bool| {
+        let pid = child.id() as i32;
+        let addr = at - base(count.pid()) + base(pid);
+        let made = if ret {
+            KernelUprobe::new_return_in(pid, name, addr)
+        } else {
+            KernelUprobe::new_in(pid, name, addr)
+        };
+        made.map_err(|e| println!("NO KERNEL PROBE {name}: {e}"))
+            .ok()
+    };
+    let uprobe = kernel_probe(&kprobed, "collect_bench", count.f, false);
+    let uretprobe = kernel_probe(&kret, "collect_bench_ret", count.f, true);
+    let uprobe_push = kernel_probe(&kprobed, "collect_bench_push", count.push, false);
+    let uretprobe_push = kernel_probe(&kret, "collect_bench_ret_push", count.push, true);
     {
         let mut g = c.benchmark_group("collect");
         let mut d = |n| calls(&mut direct, n);
@@ -284,13 +300,34 @@ fn main() {
                 &mut d,
             );
         }
+        let mut dp = |n| calls_to(&mut direct, PUSH, n);
+        if uprobe_push.is_some() {
+            let k = &mut kprobed;
+            r.bench_paired(
+                &mut g,
+                "uprobe-push",
+                "direct-push",
+                |n| calls_to(k, PUSH, n),
+                &mut dp,
+            );
+        }
+        if uretprobe_push.is_some() {
+            let k = &mut kret;
+            r.bench_paired(
+                &mut g,
+                "uretprobe-push",
+                "direct-push",
+                |n| calls_to(k, PUSH, n),
+                &mut dp,
+            );
+        }
         g.finish();
     }
     c.final_summary();
     r.print_means();
-    let extra = |name: &str| {
+    let extra_over = |name: &str, base: &str| {
         let o = r.mean_ns(name)?;
-        let b = r.mean_ns(&format!("{name} vs direct"))?;
+        let b = r.mean_ns(&format!("{name} vs {base}"))?;
         let e = o - b;
         println!(
             "PER HIT {name}: {} over a direct call ({} vs {})",
@@ -300,6 +337,7 @@ fn main() {
         );
         Some(e)
     };
+    let extra = |name: &str| extra_over(name, "direct");
     let cnt = extra("collect/count");
     let a6 = extra("collect/args6");
     let one = extra("one-stop/count");
@@ -358,10 +396,33 @@ fn main() {
             ur / rt
         );
     }
+    let up_push = uprobe_push
+        .as_ref()
+        .and_then(|_| extra_over("uprobe-push", "direct-push"));
+    let urt_push = uretprobe_push
+        .as_ref()
+        .and_then(|_| extra_over("uretprobe-push", "direct-push"));
+    if let (Some(u), Some(ur)) = (up_push, urt_push) {
+        println!(
+            "RATIO kernel uretprobe / uprobe on push (the kernel's best case): {:.2}x; \
+             uprobe-push / collect/count: {:.1}x; uretprobe-push / collect/ret: {}",
+            ur / u,
+            cnt.map_or(f64::NAN, |c| u / c),
+            rt.map_or("-".into(), |r| format!("{:.1}x", ur / r)),
+        );
+    }
+    if let (Some(u), Some(p)) = (up, up_push) {
+        println!(
+            "RATIO kernel uprobe on imul (single-stepped) / on push (emulated): {:.1}x",
+            u / p
+        );
+    }
     assert!(ret.first.stats().returns > 0 && lat.first.histogram().count() > 0);
     assert!(count.first.stats().hits > 0 && args.first.stats().hits > 0);
     drop(uprobe);
     drop(uretprobe);
+    drop(uprobe_push);
+    drop(uretprobe_push);
     for k in [&mut kprobed, &mut kret] {
         let _ = k.kill();
         let _ = k.wait();
