@@ -381,7 +381,7 @@ impl Backend for PtraceBackend {
         if site.0.gen != sh.gen() {
             return;
         }
-        let rets_before = sc.ret_slots();
+        let rets_before = sc.ret_collectors();
         sc.wanted = crate::collect::classify(sh.pid.as_raw_pid(), &mut st.collect, enabled);
         crate::collect::retire_rets(&mut st.collect, &rets_before, &sc);
         // A jumped site traps from now on (its trampoline runs the old list); one that
@@ -399,6 +399,10 @@ impl Backend for PtraceBackend {
             drop(st);
             sh.ask_rework();
         }
+    }
+
+    fn handler_removed(&self, _addr: u64, _site: &Site, id: multiprobe_core::HandlerId) {
+        crate::collect::removed_ret(&mut self.shared.lock().collect, id);
     }
 
     fn quiesce(&self) -> Result<()> {

@@ -384,3 +384,29 @@ fn a_collector_disabled_with_a_call_in_flight_still_sees_that_return() {
     assert_eq!(r.counts(), (hits, rets + 1, 0));
     assert_eq!(r.returns().len() as u64, rets + 1);
 }
+
+#[test]
+fn a_disabled_collector_keeps_its_call_in_flight_across_another_handlers_unregister() {
+    let (mut t, mut child, r) = slow_in_flight("1", 1);
+    t.collection().drain();
+    let (hits, rets, _) = r.counts();
+    assert_eq!(hits, rets + 1, "one call in flight");
+    r.reg.disable().unwrap();
+    // Another handler comes and goes while the call is in flight: its unregister's
+    // wait ends the calls in flight of collectors that left for good, and only those.
+    let other = t.resolve("mp_ret_add").unwrap();
+    t.registry()
+        .register_handler(other, Collect::count())
+        .unwrap()
+        .unregister()
+        .unwrap();
+    assert_eq!(t.run().unwrap(), Stop::Exited(ExitStatus::Code(0)));
+    t.collection().drain();
+    assert_eq!(common::read_all(&mut child), "ret=600\n".repeat(6));
+    assert_eq!(
+        r.counts(),
+        (hits, rets + 1, 0),
+        "the disabled collector's call returned observed"
+    );
+    assert_eq!(r.returns().len() as u64, rets + 1);
+}

@@ -117,6 +117,17 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (addr, site, enabled);
     }
 
+    /// Told under the writer lock when handler `id` leaves `addr`'s list for good
+    /// (unregistered, by itself or by a removal it asked for), after
+    /// [`Backend::handlers_changed`] was told the list without it. A disable is only a
+    /// `handlers_changed`: a backend that keeps a handler's work going past a disable
+    /// (the returns of calls in flight, rule 10) ends it at the next
+    /// [`Backend::quiesce`] only for handlers told here. Must not call the registry.
+    /// The default ignores it.
+    fn handler_removed(&self, addr: u64, site: &Self::Site, id: crate::HandlerId) {
+        let _ = (addr, site, id);
+    }
+
     /// Rule 3 for handlers the backend runs itself: called by `unregister` (and
     /// [`crate::Registry::synchronize`]) after the dispatcher's grace period, outside
     /// the registry's lock and never from inside a dispatch. Returns once no handler

@@ -588,6 +588,8 @@ impl<B: Backend> Inner<B> {
             Ok(None) => Ok(()),
             Ok(Some(e)) | Err(e) => Err(e),
         };
+        self.backend
+            .handler_removed(entry.addr, &old.shared.data, id);
         Ok((entry, disarmed))
     }
 

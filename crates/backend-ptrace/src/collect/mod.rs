@@ -179,9 +179,20 @@ pub(crate) struct Procs {
     pub(crate) rework_after: Option<std::time::Instant>,
     /// The shadow stacks of `ret` collectors (`shadow.rs`).
     pub(crate) shadow: ShadowState,
-    /// Counter slots of `ret` collectors that left their sites since the last
-    /// `quiesce` ([`retire_rets`]).
-    pub(crate) retiring: Vec<u32>,
+    /// `ret` collectors that left their sites and still see the returns of their
+    /// calls in flight ([`retire_rets`]).
+    pub(crate) retiring: Vec<Retiring>,
+}
+
+/// A `ret` collector that left its site (disabled or unregistered): the live word of
+/// its counter slot stays set, so calls that entered before see their returns (rule
+/// 10), until it is unregistered and a `quiesce` clears it ([`quiesce_rets`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Retiring {
+    pub(crate) slot: u32,
+    pub(crate) id: HandlerId,
+    /// Unregistered (told by `handler_removed`), not only disabled.
+    pub(crate) removed: bool,
 }
 
 impl Procs {
@@ -262,13 +273,13 @@ impl SiteCollect {
         matches!(&self.wanted, Wanted::All(cols) if cols.iter().any(|(_, c)| c.action().at_return()))
     }
 
-    /// The counter slots of the `ret` collectors it runs in the tracee.
-    pub(crate) fn ret_slots(&self) -> Vec<u32> {
+    /// The `ret` collectors it runs in the tracee, with their counter slots.
+    pub(crate) fn ret_collectors(&self) -> Vec<(HandlerId, u32)> {
         match &self.wanted {
             Wanted::All(cols) => cols
                 .iter()
                 .filter(|(_, c)| c.action().at_return())
-                .filter_map(|(_, c)| c.0.bound.get().map(|b| b.slot))
+                .filter_map(|(id, c)| c.0.bound.get().map(|b| (*id, b.slot)))
                 .collect(),
             _ => Vec::new(),
         }
@@ -277,30 +288,47 @@ impl SiteCollect {
 
 /// `handlers_changed` at a site: the `ret` collectors that ran there (`before`) and no
 /// longer do (disabled or unregistered) are noted; calls in flight still see their
-/// returns (rule 10: a disable breaks no pair) until [`quiesce_rets`].
-pub(crate) fn retire_rets(procs: &mut Procs, before: &[u32], now: &SiteCollect) {
-    let still = now.ret_slots();
-    for &slot in before.iter().filter(|s| !still.contains(s)) {
-        if !procs.retiring.contains(&slot) {
-            procs.retiring.push(slot);
+/// returns (rule 10: a disable breaks no pair). One that is back (enabled again) is
+/// no longer retiring.
+pub(crate) fn retire_rets(procs: &mut Procs, before: &[(HandlerId, u32)], now: &SiteCollect) {
+    let still = now.ret_collectors();
+    procs.retiring.retain(|r| !still.contains(&(r.id, r.slot)));
+    for &(id, slot) in before.iter().filter(|c| !still.contains(c)) {
+        if !procs.retiring.iter().any(|r| r.id == id) {
+            procs.retiring.push(Retiring {
+                slot,
+                id,
+                removed: false,
+            });
         }
     }
 }
 
+/// `handler_removed`: collector `id`, if it is retiring, was unregistered: its calls
+/// in flight return unobserved after the next `quiesce`.
+pub(crate) fn removed_ret(procs: &mut Procs, id: HandlerId) {
+    for r in procs.retiring.iter_mut().filter(|r| r.id == id) {
+        r.removed = true;
+    }
+}
+
 /// `unregister`'s wait (the backend's `quiesce`), before it waits for the tracer: the
-/// `ret` collectors that left their sites stop seeing returns, so calls still in flight
+/// unregistered `ret` collectors stop seeing returns, so calls still in flight
 /// return unobserved (rule 10's quiescence). True if any did: the caller must then let
-/// the tracer run threads out of the return code once more. A collector that was only
-/// disabled and left in the same window loses its calls in flight too.
+/// the tracer run threads out of the return code once more. Disabled ones keep
+/// seeing the returns of their calls in flight.
 pub(crate) fn quiesce_rets(procs: &mut Procs) -> bool {
-    let retiring = std::mem::take(&mut procs.retiring);
     let AreaState::Mapped(area) = &procs.area else {
+        procs.retiring.retain(|r| !r.removed);
         return false;
     };
-    for &slot in &retiring {
-        reader::set_live(area, slot, false);
+    let mut any = false;
+    for r in procs.retiring.iter().filter(|r| r.removed) {
+        reader::set_live(area, r.slot, false);
+        any = true;
     }
-    !retiring.is_empty()
+    procs.retiring.retain(|r| !r.removed);
+    any
 }
 
 /// The backend's side of `handlers_changed`: bind the collectors among `enabled` to

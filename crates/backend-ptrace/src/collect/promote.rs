@@ -607,7 +607,7 @@ impl Tracer {
             let procs = &mut st.collect;
             procs
                 .retiring
-                .retain(|s| !collectors.iter().any(|c| c.slot == *s));
+                .retain(|r| !collectors.iter().any(|c| c.slot == r.slot));
             if let AreaState::Mapped(a) = &procs.area {
                 for c in collectors.iter().filter(|c| c.action.at_return()) {
                     super::reader::set_live(a, c.slot, true);
