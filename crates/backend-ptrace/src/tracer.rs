@@ -518,6 +518,7 @@ impl Tracer {
             return Ok(None);
         }
         self.returns_thread_gone(tid);
+        self.shadow_thread_gone(tid);
         self.threads.remove(tid);
         self.children.forget(tid);
         self.trap.forget(tid);

@@ -410,3 +410,42 @@ fn a_disabled_collector_keeps_its_call_in_flight_across_another_handlers_unregis
     );
     assert_eq!(r.returns().len() as u64, rets + 1);
 }
+
+#[test]
+fn threads_that_come_and_go_all_life_keep_their_returns() {
+    // 40 waves of 8 threads, each with a stack (and so a fs base) of its own: 320 fs
+    // bases over the program's life, more than the shadow stacks' blocks. An ended
+    // thread's block must go back to the pool, or later threads find none and every
+    // one of their calls is lost.
+    let args = ["waves", "40", "8", "50"];
+    let (t0, _) = common::unprobed("mp-c-rets", &args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
+    let r = Ret::on(&t, "mp_ret_add");
+    exited_0(&mut t);
+    assert_eq!(common::read_all(&mut child), t0);
+    let calls = 40 * 8 * 50;
+    assert_eq!(r.counts(), (calls, calls, 0), "(entries, returns, lost)");
+    assert_eq!(r.returns().len() as u64, calls);
+    r.in_tracee(&t);
+}
+
+#[test]
+fn a_thread_that_ends_inside_a_call_counts_it_lost_while_the_program_runs() {
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["quit", "3000"]);
+    let r = Ret::on(&t, "mp_ret_quitter");
+    let c = t.collection();
+    let _ticks = common::ticker(t.detach_handle().unwrap());
+    // The thread's exit is the tracer's to see: its call is lost from then on, not
+    // only when the program ends (3 s later).
+    let stop = t
+        .run_until(|| {
+            c.drain();
+            r.counts().2 == 1
+        })
+        .unwrap();
+    assert_eq!(stop, None, "lost while the program runs");
+    assert_eq!(r.counts(), (2, 1, 1), "main's call returned, the thread's is lost");
+    child.kill().unwrap();
+    let _ = t.run();
+    r.in_tracee(&t);
+}

@@ -11,7 +11,7 @@ mod collect_util;
 use std::sync::Arc;
 
 use collect_util::{call_from_threads, expected, fs_base, peek, thread_ids, Setup};
-use multiprobe_x86::collect::shadow::{block_header, block_offset, THREADS};
+use multiprobe_x86::collect::shadow::{block_header, block_offset, blocks_of, THREADS};
 use multiprobe_x86::collect::{Action, Collector, ThreadId, RET_LEN};
 
 const COLLECTORS: [Collector; 3] = [
@@ -39,7 +39,8 @@ fn words(data: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-/// Every block the threads claimed, with its depth.
+/// Every block the threads claimed, with its depth. Each is one its owner looks at
+/// (`blocks_of`, what the tracer uses to find a thread's block).
 fn blocks(s: &Setup) -> Vec<(u64, u64)> {
     (0..THREADS)
         .map(|i| {
@@ -47,9 +48,16 @@ fn blocks(s: &Setup) -> Vec<(u64, u64)> {
             let mut h = [0u8; 16];
             h[..8].copy_from_slice(&peek(at).to_le_bytes());
             h[8..].copy_from_slice(&peek(at + 8).to_le_bytes());
-            block_header(&h)
+            (i, block_header(&h))
         })
-        .filter(|&(owner, _)| owner != 0)
+        .filter(|&(_, (owner, _))| owner != 0)
+        .inspect(|&(i, (owner, _))| {
+            assert!(
+                blocks_of(owner).any(|b| b == i),
+                "block {i} of fs base {owner:#x}"
+            )
+        })
+        .map(|(_, b)| b)
         .collect()
 }
 

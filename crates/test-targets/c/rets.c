@@ -16,7 +16,13 @@
  *   bt             mp_ret_bt_outer -> mp_ret_bt, which calls backtrace(3); prints the
  *                  frame count (the same probed or not, if unwinding gets through)
  *   exit N         N calls of mp_ret_add, then mp_ret_exiter(5), which calls exit(5)
- *                  and never returns; prints "exiting" */
+ *                  and never returns; prints "exiting"
+ *   waves W T N    W waves of T threads (created, then joined), each N calls of
+ *                  mp_ret_add; every thread has a stack of its own, never reused, so
+ *                  W * T threads have W * T fs bases; prints "waves=W sum=S"
+ *   quit MS        mp_ret_quitter(0) returns; then a thread calls mp_ret_quitter(1),
+ *                  which ends the thread (pthread_exit) inside the call; after the
+ *                  join, mp_ret_nap(MS); prints "joined" and "napped" */
 #define _GNU_SOURCE
 #include <execinfo.h>
 #include <pthread.h>
@@ -24,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -73,6 +80,18 @@ void mp_ret_exiter(int code) {
     exit(code);
 }
 
+/* The volatile gives its entry 5 bytes before the branch (a promoted site). */
+void mp_ret_quitter(int x) {
+    volatile int v = x;
+    if (v) pthread_exit(NULL);
+}
+
+static void *quitter(void *p) {
+    (void)p;
+    mp_ret_quitter(1);
+    return NULL;
+}
+
 struct job {
     int k, n, ms;
     long sum;
@@ -108,6 +127,33 @@ static int run_threads(void *(*f)(void *), int t, int n, int ms) {
     return 0;
 }
 
+static int run_waves(int w, int t, int n) {
+    struct job jobs[16];
+    pthread_t th[16];
+    long sum = 0;
+    if (t > 16) t = 16;
+    for (int wave = 0; wave < w; wave++) {
+        for (int k = 0; k < t; k++) {
+            /* A fresh stack per thread (never unmapped): glibc puts the TLS, and so
+             * the fs base, in it. */
+            size_t len = 256 * 1024;
+            void *stack = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            pthread_attr_t attr;
+            if (stack == MAP_FAILED || pthread_attr_init(&attr) || pthread_attr_setstack(&attr, stack, len))
+                return 3;
+            jobs[k] = (struct job){k, n, 0, 0};
+            if (pthread_create(&th[k], &attr, adder, &jobs[k])) return 4;
+            pthread_attr_destroy(&attr);
+        }
+        for (int k = 0; k < t; k++) {
+            pthread_join(th[k], NULL);
+            sum += jobs[k].sum;
+        }
+    }
+    printf("waves=%d sum=%ld\n", w, sum);
+    return 0;
+}
+
 int mp_rets_main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "add";
     int a = argc > 2 ? atoi(argv[2]) : 10;
@@ -125,6 +171,16 @@ int mp_rets_main(int argc, char **argv) {
         printf("depth=%d\n", mp_ret_depth(a));
     } else if (!strcmp(mode, "threads")) {
         return run_threads(adder, a, b, 0);
+    } else if (!strcmp(mode, "quit")) {
+        pthread_t th;
+        mp_ret_quitter(0);
+        if (pthread_create(&th, NULL, quitter, NULL)) return 4;
+        pthread_join(th, NULL);
+        printf("joined\n");
+        mp_ret_nap(a);
+        printf("napped\n");
+    } else if (!strcmp(mode, "waves")) {
+        return run_waves(a, b, c);
     } else if (!strcmp(mode, "longjmp")) {
         volatile int jumped = 0;
         for (volatile int i = 0; i < a; i++)

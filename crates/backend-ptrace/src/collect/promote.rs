@@ -920,16 +920,20 @@ impl Tracer {
         let Ok(ur) = sys::get_regs(creator) else {
             return;
         };
+        // Only a clone that sets the new thread's TLS gives it a fs base of its own
+        // (without CLONE_SETTLS it shares its creator's, and `tls` means nothing).
+        let settls = libc::CLONE_SETTLS as u64;
         let tls = match ur.orig_rax as i64 {
-            libc::SYS_clone => Some(ur.r8),
+            libc::SYS_clone if ur.rdi & settls != 0 => Some(ur.r8),
             libc::SYS_clone3 => {
                 use multiprobe_core::Memory;
-                let mut b = [0u8; 8];
-                // struct clone_args: tls is the 8th u64.
-                self.mem
-                    .read(ur.rdi + 56, &mut b)
-                    .ok()
-                    .map(|_| u64::from_le_bytes(b))
+                let mut b = [0u8; 64];
+                // struct clone_args: flags is the 1st u64, tls the 8th.
+                self.mem.read(ur.rdi, &mut b).ok().and_then(|_| {
+                    let word =
+                        |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap());
+                    (word(0) & settls != 0).then(|| word(7))
+                })
             }
             _ => None,
         };

@@ -52,6 +52,14 @@ impl Threads {
         }
     }
 
+    /// The fs base thread `tid` has, if it was noted and no later thread has it since.
+    pub(crate) fn fs_of(&self, tid: i32) -> Option<u64> {
+        self.by_fs
+            .iter()
+            .find(|(_, v)| v.last().is_some_and(|&(_, t)| t == tid))
+            .map(|(&fs, _)| fs)
+    }
+
     /// The thread that had fs base `fs` at `tsc` (0 if none is known).
     pub(crate) fn tid(&self, fs: u64, tsc: u64) -> i32 {
         let Some(v) = self.by_fs.get(&fs) else {
@@ -134,6 +142,20 @@ pub(crate) fn set_live(area: &Area, slot: u32, live: bool) {
     if slot < area.layout.counter_slots() {
         if let Ok(r) = AreaReader::new(words_of(area), &area.layout) {
             r.set_live(slot, live);
+        }
+    }
+}
+
+/// Count one call lost at the counter word the tracee's frame names (`word`, its
+/// address in the tracee): the same atomic add the tracee's code makes. Ignores a word
+/// outside the area (the frame's bytes are the tracee's, not trusted).
+pub(crate) fn count_lost_at(area: &Area, word: u64) {
+    let Some(off) = word.checked_sub(area.tracee) else {
+        return;
+    };
+    if off % 8 == 0 {
+        if let Some(w) = words_of(area).get((off / 8) as usize) {
+            w.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

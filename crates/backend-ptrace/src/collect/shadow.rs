@@ -12,13 +12,22 @@
 //!   thread's slots get their originals back; where the program goes on (a catch, the
 //!   walk's return), the calls still in flight above the stack pointer are armed again.
 //!
+//! * **A thread that ended** (its exit reported) frees its block: the calls in flight
+//!   in it never return (counted lost in their collectors now, as the tracee's code
+//!   would), and the block goes back to the pool. A program that makes threads all its
+//!   life would otherwise fill every block with dead threads' fs bases, and the calls of
+//!   its later threads would all be lost. No live thread can have that fs base: a new
+//!   one that reuses the dead one's TLS comes from a clone the tracer notes (the fs
+//!   base is then its own, and the block is left alone) and holds at its first stop.
+//!
 //! Invariant: a slot is written only when it holds exactly what we put there (the
 //! return code's address for a restore, the original for a re-arm), so a slot the
 //! program reused since is never touched.
 
 use multiprobe_core::Memory;
 use multiprobe_x86::collect::shadow::{
-    block_header, block_offset, in_flight, InFlight, FRAMES, FRAME_LEN, SHADOW_LEN, THREADS,
+    block_header, block_offset, blocks_of, in_flight, InFlight, DEPTH, FRAMES, FRAME_LEN, OWNER,
+    SHADOW_LEN, THREADS,
 };
 
 use crate::error;
@@ -164,6 +173,43 @@ impl Tracer {
         let read = |a: u64, b: &mut [u8]| code.read(a, b).is_ok();
         let write = |a: u64, b: &[u8]| code.write(a, b).is_ok();
         rewrite(shadow, None, Put::Originals, &read, &write);
+    }
+}
+
+impl Tracer {
+    /// Thread `tid` ended: free its block (module docs, "A thread that ended").
+    pub(crate) fn shadow_thread_gone(&self, tid: Tid) {
+        let st = self.shared.lock();
+        let (ShadowState::Mapped(shadow), super::AreaState::Mapped(area)) =
+            (&st.collect.shadow, &st.collect.area)
+        else {
+            return;
+        };
+        let Some(fs) = st.collect.threads.fs_of(tid.as_raw_pid()) else {
+            return;
+        };
+        for i in blocks_of(fs) {
+            let at = shadow + block_offset(i) as u64;
+            let mut head = [0u8; 16];
+            if self.mem.read(at, &mut head).is_err() {
+                return;
+            }
+            let (owner, depth) = block_header(&head);
+            if owner != fs {
+                continue;
+            }
+            let n = (depth as usize).min(FRAMES);
+            let mut frames = vec![0u8; n * FRAME_LEN];
+            if n > 0 && self.mem.read(at + FRAME_LEN as u64, &mut frames).is_ok() {
+                for word in in_flight(&frames).iter().flat_map(|c| c.lost) {
+                    super::reader::count_lost_at(area, word);
+                }
+            }
+            // The depth first: a thread that claims the block finds its stack empty.
+            let _ = self.mem.write(at + DEPTH as u64, &0u64.to_le_bytes());
+            let _ = self.mem.write(at + OWNER as u64, &0u64.to_le_bytes());
+            return;
+        }
     }
 }
 

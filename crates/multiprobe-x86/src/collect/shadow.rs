@@ -49,8 +49,10 @@ pub const SHADOW_LEN: usize = BLOCK_LEN * THREADS;
 /// How many blocks from its hashed one a thread looks at before it gives up.
 pub(crate) const PROBES: u32 = 8;
 
-pub(crate) const OWNER: usize = 0;
-pub(crate) const DEPTH: usize = 8;
+/// A block's owner word (its thread's fs base, 0 while free).
+pub const OWNER: usize = 0;
+/// A block's depth word (frames in use).
+pub const DEPTH: usize = 8;
 pub(crate) const F_RET: usize = 0;
 pub(crate) const F_RSP: usize = 8;
 pub(crate) const F_TSC: usize = 16;
@@ -71,11 +73,23 @@ pub struct InFlight {
     pub slot: u64,
     /// What the slot holds while the call is armed: the return code's address.
     pub code: u64,
+    /// Where the call is counted lost if it never returns: the counter words of its
+    /// one or two collectors (0 for none).
+    pub lost: [u64; 2],
 }
 
 /// Offset of block `i` in the mapping.
 pub fn block_offset(i: usize) -> usize {
     (i % THREADS) * BLOCK_LEN
+}
+
+/// The blocks a thread whose fs base is `fs` looks at for its own, in the order the
+/// generated code does: the hash of its fs base (the low 32 bits times the 32-bit
+/// golden ratio, the top bits of that: `Gen::thread_hash`), then the next
+/// `PROBES - 1`.
+pub fn blocks_of(fs: u64) -> impl Iterator<Item = usize> {
+    let h = ((fs as u32).wrapping_mul(0x9e37_79b9) >> (32 - THREADS.trailing_zeros())) as usize;
+    (0..PROBES as usize).map(move |k| (h + k) % THREADS)
 }
 
 /// A block's owner (fs base) and depth, from its first 16 bytes.
@@ -96,6 +110,7 @@ pub fn in_flight(frames: &[u8]) -> Vec<InFlight> {
                 ret: w(F_RET),
                 slot: w(F_RSP),
                 code: w(F_CODE),
+                lost: [w(F_LOST), w(F_LOST2)],
             }
         })
         .collect()
@@ -119,12 +134,14 @@ mod tests {
                 InFlight {
                     ret: 0x1111,
                     slot: 0x7ff0,
-                    code: 0
+                    code: 0,
+                    lost: [0, 0]
                 },
                 InFlight {
                     ret: 0x2222,
                     slot: 0x7f00,
-                    code: 0
+                    code: 0,
+                    lost: [0, 0]
                 }
             ]
         );
