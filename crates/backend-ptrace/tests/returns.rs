@@ -283,3 +283,31 @@ fn a_return_probe_off_a_function_entry_is_refused() {
         other => panic!("expected NotFunctionEntry, got {other:?}"),
     }
 }
+
+#[test]
+fn a_tail_call_between_two_return_probed_functions_returns_through_both() {
+    // mp_ret_tail jumps (a tail call) to mp_ret_add: both entries see the same return
+    // slot, and both calls return at once, to mp_ret_tail's caller.
+    let args = ["tail", "200"];
+    let (t0, _) = common::unprobed("mp-c-rets", &args);
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
+    let (outer, outer_seen) = ret_probe(&t, "mp_ret_tail");
+    let (inner, inner_seen) = ret_probe(&t, "mp_ret_add");
+    exited_0(&mut t);
+    assert_eq!(common::read_all(&mut child), t0);
+    for (p, seen, factor) in [(&outer, &outer_seen, 1), (&inner, &inner_seen, 2)] {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 200);
+        for (i, &(_, a, b, r)) in seen.iter().enumerate() {
+            // Each call's own arguments: (i, i) at the outer entry, (i, 2i) at the inner.
+            assert_eq!((a, b), (i as u64, factor * i as u64));
+            assert_eq!(
+                r as u32 as u64,
+                3 * i as u64,
+                "call {i}: both return a + 2b"
+            );
+        }
+        let s = p.stats().unwrap();
+        assert_eq!((s.hits, s.returns, s.returns_lost), (200, 200, 0));
+    }
+}

@@ -50,6 +50,32 @@ fn slow_square(x: u64) -> u64 {
     black_box(x) * x
 }
 
+// A tail call: `mp_sig_tail_outer(x)` jumps to `mp_sig_tail_inner(x + 1)`, so both
+// entries see one return slot and both calls return at once (compilers emit such
+// `jmp`s at -O2; Rust gives no way to ask for one). 8 bytes before each control
+// transfer: both are promotable.
+std::arch::global_asm!(
+    ".globl mp_sig_tail_inner",
+    ".type mp_sig_tail_inner, @function",
+    "mp_sig_tail_inner:",
+    "imul rax, rdi, 3",
+    "add rax, 0",
+    "ret",
+    ".size mp_sig_tail_inner, . - mp_sig_tail_inner",
+    ".globl mp_sig_tail_outer",
+    ".type mp_sig_tail_outer, @function",
+    "mp_sig_tail_outer:",
+    "add rdi, 1",
+    "nop dword ptr [rax]",
+    "jmp mp_sig_tail_inner",
+    ".size mp_sig_tail_outer, . - mp_sig_tail_outer",
+);
+
+extern "C" {
+    fn mp_sig_tail_inner(x: u64) -> u64;
+    fn mp_sig_tail_outer(x: u64) -> u64;
+}
+
 fn addr(f: fn(u64) -> u64) -> u64 {
     fn_addr(f)
 }
@@ -327,5 +353,36 @@ fn a_full_return_stack_loses_the_deepest_returns_and_the_program_runs_on() {
         assert_eq!(rets.len() as u64, room);
         assert_eq!((rets[0].arg, rets[0].value), (n + 1 - room, n + 1 - room));
         assert_eq!(rets.last().map(|r| r.arg), Some(n));
+    });
+}
+
+#[test]
+fn a_tail_call_between_two_return_probed_functions_returns_through_both() {
+    each_mode(|reg, mode| {
+        let outer = mp_sig_tail_outer as *const () as u64;
+        let inner = mp_sig_tail_inner as *const () as u64;
+        let (ro, ri) = (
+            Arc::new(HitRing::<Ret>::new(512)),
+            Arc::new(HitRing::<Ret>::new(512)),
+        );
+        let go = reg.register_handler(outer, returns_into(&ro)).unwrap();
+        let gi = reg.register_handler(inner, returns_into(&ri)).unwrap();
+        for i in 0..200u64 {
+            // SAFETY: the assembly above follows the C ABI (reads rdi, returns rax).
+            let got = unsafe { mp_sig_tail_outer(black_box(i)) };
+            assert_eq!(got, 3 * (i + 1), "{mode}");
+        }
+        for (ring, g, shift) in [(&ro, &go, 0), (&ri, &gi, 1)] {
+            let rets = ring.drain();
+            assert_eq!(rets.len(), 200, "{mode}");
+            for (i, r) in rets.iter().enumerate() {
+                let i = i as u64;
+                // Each call's own argument (x at the outer entry, x + 1 at the inner),
+                // both returning the inner's value.
+                assert_eq!((r.arg, r.value), (i + shift, 3 * (i + 1)), "{mode}");
+            }
+            let s = g.stats().unwrap();
+            assert_eq!((s.hits, s.returns, s.returns_lost), (200, 200, 0), "{mode}");
+        }
     });
 }

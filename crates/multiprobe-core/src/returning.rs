@@ -115,13 +115,15 @@ impl<'s> Arming<'s> {
         let tramp = stack.trampoline();
         let mem = hit.mem();
         // Dead frames from the top down, while their slot is not above this call's (see
-        // `crate::returns`): the slot is this call's, or no longer leads to the
-        // trampoline. One that still does is kept and passed. (Removing a frame moves
-        // only the ones above it, so the frame below is where it was.)
+        // `crate::returns`): the slot no longer leads to the trampoline. One that still
+        // does is kept and passed — below this call's slot, it may be live on another
+        // stack; at this call's slot, this entry was reached by a tail call (a `jmp`)
+        // from inside that frame's call, which a `call` would have overwritten. (Removing
+        // a frame moves only the ones above it, so the frame below is where it was.)
         let mut next = stack.top();
         while let Some(f) = next.filter(|f| f.sp <= sp) {
             next = stack.below(&f);
-            if f.sp == sp || mem.read_u64(f.sp) != Ok(tramp) {
+            if mem.read_u64(f.sp) != Ok(tramp) {
                 count_lost(table, stack, &f, shard);
                 stack.remove(&f);
             }

@@ -27,13 +27,18 @@
 //! * at a return through the slot at `sp`: every frame above the one recorded at `sp` —
 //!   deeper calls the stack has unwound past;
 //! * at an entry whose return address is at `sp`: the frames from the top down, until one
-//!   whose slot lies above `sp`, whose slot is `sp` itself (this call just overwrote it)
-//!   or lies below `sp` and no longer holds the trampoline address. A frame below `sp`
-//!   whose slot still holds the trampoline is kept (and the ones under it looked at): it
-//!   may be live on another stack (code on a signal handler's alternate stack calling a
-//!   probed function while frames of the interrupted code are on the thread's stack).
-//!   Dropping a live frame would leave its call nowhere to return to; keeping a dead one
-//!   costs only room, until a return below it or an entry at its depth drops it.
+//!   whose slot lies above `sp`, whose slot is at or below `sp` and no longer holds the
+//!   trampoline address. A frame below `sp` whose slot still holds the trampoline is kept
+//!   (and the ones under it looked at): it may be live on another stack (code on a
+//!   signal handler's alternate stack calling a probed function while frames of the
+//!   interrupted code are on the thread's stack). A frame at `sp` whose slot holds the
+//!   trampoline is live: this entry came by a tail call (`jmp`) from inside its call
+//!   (a `call` would have written its own return address there). The new frame's
+//!   original return address is then the trampoline: its return comes back to the
+//!   trampoline once more, for the outer frame (the kernel's uretprobes call such
+//!   frames "chained"). Dropping a live frame would leave its call nowhere to return
+//!   to; keeping a dead one costs only room, until a return below it or an entry at its
+//!   depth drops it.
 //!
 //! Invariants:
 //! * A frame is dropped only when its call can no longer return through the trampoline

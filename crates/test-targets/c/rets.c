@@ -20,7 +20,10 @@
  *   waves W T N    W waves of T threads (created, then joined), each N calls of
  *                  mp_ret_add; every thread has a stack of its own, never reused, so
  *                  W * T threads have W * T fs bases; prints "waves=W sum=S"
- *   quit MS        mp_ret_quitter(0) returns; then a thread calls mp_ret_quitter(1),
+ *   tail N         N calls of mp_ret_tail(i, i), which tail-calls (jmp) mp_ret_add(i, 2i);
+ *                  prints "sum=S calls=N"
+ *   quit MS        mp_ret_quitter(0) returns; after a byte on stdin a thread calls
+ *                  mp_ret_quitter(1),
  *                  which ends the thread (pthread_exit) inside the call; after the
  *                  join, mp_ret_nap(MS); prints "joined" and "napped" */
 #define _GNU_SOURCE
@@ -40,6 +43,18 @@ int mp_ret_add(int a, int b) {
     volatile int s = a;
     return s + b;
 }
+
+/* mp_ret_tail(a, b) = mp_ret_add(a, 2 * b), by a tail call: a `jmp`, so both calls
+ * share one return slot. In assembly, as this file is built without sibling calls;
+ * 6 bytes before the jump (a promoted site). */
+int mp_ret_tail(int a, int b);
+__asm__(".globl mp_ret_tail\n"
+        ".type mp_ret_tail, @function\n"
+        "mp_ret_tail:\n"
+        "    imull $2, %esi, %esi\n"
+        "    addl $0, %edi\n"
+        "    jmp mp_ret_add\n"
+        ".size mp_ret_tail, . - mp_ret_tail\n");
 
 int mp_ret_depth(int n) { return n == 0 ? 0 : 1 + mp_ret_depth(n - 1); }
 
@@ -171,9 +186,14 @@ int mp_rets_main(int argc, char **argv) {
         printf("depth=%d\n", mp_ret_depth(a));
     } else if (!strcmp(mode, "threads")) {
         return run_threads(adder, a, b, 0);
+    } else if (!strcmp(mode, "tail")) {
+        long long s = 0;
+        for (int i = 0; i < a; i++) s += mp_ret_tail(i, i);
+        printf("sum=%lld calls=%d\n", s, a);
     } else if (!strcmp(mode, "quit")) {
         pthread_t th;
         mp_ret_quitter(0);
+        getchar(); /* a tracer's test says when (once the site is promoted) */
         if (pthread_create(&th, NULL, quitter, NULL)) return 4;
         pthread_join(th, NULL);
         printf("joined\n");

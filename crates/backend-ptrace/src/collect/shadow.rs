@@ -90,7 +90,13 @@ fn rewrite(
     read: &dyn Fn(u64, &mut [u8]) -> bool,
     write: &dyn Fn(u64, &[u8]) -> bool,
 ) {
-    for c in calls_in_flight(shadow, only, read) {
+    let mut calls = calls_in_flight(shadow, only, read);
+    if put == Put::Originals {
+        // Innermost first: frames chained at one slot (a tail call between two
+        // return-probed functions) unwind it in turn, to the outermost's original.
+        calls.reverse();
+    }
+    for c in calls {
         let (from, to) = match put {
             Put::Originals => (c.code, c.ret),
             Put::CodeAbove(sp) if c.slot > sp => (c.ret, c.code),
@@ -236,4 +242,71 @@ pub(crate) fn for_calls(
     let read = |a: u64, b: &mut [u8]| mem.read(a, b).is_ok();
     let write = |a: u64, b: &[u8]| mem.write(a, b).is_ok();
     rewrite(shadow, only, put, &read, &write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use multiprobe_x86::collect::shadow::{F_CODE, F_RET, F_RSP};
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// A process's memory as a map of 8-byte words.
+    struct Words(RefCell<HashMap<u64, u64>>);
+
+    impl Words {
+        fn read(&self, a: u64, b: &mut [u8]) -> bool {
+            for (i, c) in b.chunks_mut(8).enumerate() {
+                let w = self
+                    .0
+                    .borrow()
+                    .get(&(a + 8 * i as u64))
+                    .copied()
+                    .unwrap_or(0);
+                c.copy_from_slice(&w.to_le_bytes()[..c.len()]);
+            }
+            true
+        }
+        fn write(&self, a: u64, b: &[u8]) -> bool {
+            self.0
+                .borrow_mut()
+                .insert(a, u64::from_le_bytes(b.try_into().unwrap()));
+            true
+        }
+        fn set(&self, a: u64, v: u64) {
+            self.0.borrow_mut().insert(a, v);
+        }
+        fn get(&self, a: u64) -> u64 {
+            self.0.borrow().get(&a).copied().unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn chained_frames_at_one_slot_are_restored_and_rearmed_in_turn() {
+        // A tail call: the outer call's frame (its return code A) and the inner's (code
+        // B) at one slot; the inner's original is A, the slot holds B.
+        let (shadow, fs, slot) = (0x10_0000u64, 0x7f00_1234_5000u64, 0x7ffd_0000u64);
+        let (orig, a, b) = (0x40_1000u64, 0x50_0000u64, 0x50_1000u64);
+        let m = Words(RefCell::default());
+        let block = shadow + block_offset(blocks_of(fs).next().unwrap()) as u64;
+        m.set(block + OWNER as u64, fs);
+        m.set(block + DEPTH as u64, 2);
+        for (k, (ret, code)) in [(orig, a), (a, b)].into_iter().enumerate() {
+            let f = block + (FRAME_LEN * (k + 1)) as u64;
+            m.set(f + F_RET as u64, ret);
+            m.set(f + F_RSP as u64, slot);
+            m.set(f + F_CODE as u64, code);
+        }
+        m.set(slot, b);
+        let read = |at: u64, buf: &mut [u8]| m.read(at, buf);
+        let write = |at: u64, buf: &[u8]| m.write(at, buf);
+        rewrite(shadow, Some(fs), Put::Originals, &read, &write);
+        assert_eq!(m.get(slot), orig, "the outermost call's original");
+        rewrite(shadow, Some(fs), Put::CodeAbove(slot - 8), &read, &write);
+        assert_eq!(
+            m.get(slot),
+            b,
+            "armed again: the innermost call's return code"
+        );
+    }
 }

@@ -126,13 +126,23 @@ impl Gen<'_> {
         self.find_block(a, true, lost)?;
         a.mov(rdx, qword_ptr(rdi + DEPTH as i32))?;
         a.lea(rsi, ptr(rsp + self.clob.program_rsp()))?;
-        // Drop frames whose slot is at or below this call's: calls already left.
+        // Drop frames whose slot is at or below this call's: calls already left — but
+        // for one at this call's slot that still holds that frame's return code: this
+        // entry came by a tail call (`jmp`) from inside that call, which a `call` would
+        // have overwritten. It stays; the new frame's original is that return code, so
+        // the returns chain (this site's code, then the outer one's).
+        let mut dead = a.create_label();
         a.set_label(&mut clean)?;
         a.test(rdx, rdx)?;
         a.jz(push)?;
         a.imul_3(rax, rdx, FRAME_LEN as i32)?;
         a.cmp(qword_ptr(rdi + rax + F_RSP as i32), rsi)?;
         a.ja(push)?;
+        a.jb(dead)?;
+        a.mov(r11, qword_ptr(rsi))?;
+        a.cmp(r11, qword_ptr(rdi + rax + F_CODE as i32))?;
+        a.je(push)?;
+        a.set_label(&mut dead)?;
         a.mov(r10, rdx)?;
         self.count_frame_lost(a)?;
         a.mov(rdx, r10)?;

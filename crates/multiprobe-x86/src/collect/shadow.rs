@@ -29,7 +29,10 @@
 //! * frames are matched by stack pointer: a return at `rsp = R` owns the top frame whose
 //!   `rsp` is `R - 8`; frames below it on the stack (`rsp < R - 8`, or `<=` the new
 //!   slot at an entry) belong to calls a `longjmp` or an exception skipped: they are
-//!   dropped and counted lost. A thread on an alternate signal stack above its own
+//!   dropped and counted lost — except, at an entry, a frame at the new slot whose
+//!   slot still holds that frame's return code: the entry came by a tail call (`jmp`)
+//!   from inside that call. It stays, and the new frame's original return address is
+//!   that return code, so the two returns chain. A thread on an alternate signal stack above its own
 //!   stack would drop its live frames that way (the kernel's uretprobes have the same
 //!   heuristic).
 //! * a thread whose block cannot be found or claimed (more than THREADS threads hashed
@@ -53,13 +56,20 @@ pub(crate) const PROBES: u32 = 8;
 pub const OWNER: usize = 0;
 /// A block's depth word (frames in use).
 pub const DEPTH: usize = 8;
-pub(crate) const F_RET: usize = 0;
-pub(crate) const F_RSP: usize = 8;
-pub(crate) const F_TSC: usize = 16;
-pub(crate) const F_LOST: usize = 24;
-pub(crate) const F_LOST2: usize = 32;
-pub(crate) const F_CODE: usize = 40;
-pub(crate) const F_ARGS: usize = 48;
+/// Frame offsets (module docs): the original return address,
+pub const F_RET: usize = 0;
+/// the return slot's address,
+pub const F_RSP: usize = 8;
+/// the entry's `rdtsc`,
+pub const F_TSC: usize = 16;
+/// the first collector's lost-counter word,
+pub const F_LOST: usize = 24;
+/// the second's (or 0),
+pub const F_LOST2: usize = 32;
+/// the return code's address,
+pub const F_CODE: usize = 40;
+/// the six arguments.
+pub const F_ARGS: usize = 48;
 
 const _: () = assert!(THREADS.is_power_of_two() && FRAME_LEN.is_power_of_two());
 const _: () = assert!(F_ARGS + 6 * 8 <= FRAME_LEN && SHADOW_LEN.is_multiple_of(4096));
