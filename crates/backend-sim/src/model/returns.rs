@@ -54,6 +54,13 @@ impl Model {
     /// `sp`: drop the dead frames (from the top, while their slot is not above `sp`:
     /// the slot is `sp` itself, or no longer holds the trampoline), and say whether a
     /// frame of `rets` records fits.
+    ///
+    /// The model sees memory after the core armed this call, so a frame at `sp` reads
+    /// the new trampoline address: it is taken as dead, which is the core's rule for a
+    /// `call` (it overwrote the slot). The core keeps such a frame when the slot held
+    /// the trampoline before the entry (a tail call, a `jmp` into the probed function
+    /// from inside that frame's call); the simulated programs make no tail calls, so
+    /// that rule is tested on real code (the backends' `tail_call` tests).
     pub(super) fn begin_arming(
         &mut self,
         cpu: usize,
