@@ -89,6 +89,9 @@ pub(crate) struct Shared {
     pub(crate) returns_wanted: std::sync::atomic::AtomicBool,
     /// Some site's collectors changed: the tracer reworks its jumps (`collect/`).
     pub(crate) collect_dirty: std::sync::atomic::AtomicBool,
+    /// Libraries were loaded: the tracer hooks the unwinders it could not find before
+    /// (`returns.rs`).
+    pub(crate) libraries_changed: std::sync::atomic::AtomicBool,
     /// Wakes the tracer loop for that (set once the process has an area).
     pub(crate) waker: OnceLock<crate::doorbell::DetachHandle>,
     /// Rule 3 for the collectors jumped sites run in the tracee (`collect/quiet.rs`).
@@ -114,6 +117,7 @@ impl Shared {
             dispatcher: OnceLock::new(),
             returns_wanted: Default::default(),
             collect_dirty: Default::default(),
+            libraries_changed: Default::default(),
             waker: OnceLock::new(),
             quiet: crate::collect::Quiet::new(),
         })
@@ -263,6 +267,21 @@ impl PtraceBackend {
     /// The traced process.
     pub fn pid(&self) -> i32 {
         self.shared.pid.as_raw_pid()
+    }
+
+    /// Tell the tracer that the process loaded libraries (its loader's list changed:
+    /// a user watching `_dl_debug_state` knows when). Return probes need hooks on the
+    /// unwinders (C++ exceptions, `backtrace`), which live in libraries: ones that
+    /// were not loaded when the first return probe was placed — a program's own
+    /// functions are probed at its exec, before its libraries — are hooked at the
+    /// tracer's next turn. Callable from a handler.
+    pub fn libraries_changed(&self) {
+        self.shared
+            .libraries_changed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self.shared.waker.get() {
+            w.wake();
+        }
     }
 }
 

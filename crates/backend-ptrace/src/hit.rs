@@ -223,6 +223,9 @@ impl Tracer {
             }
         };
         th.wants_regs = regs.fetched().is_some();
+        // A handler said libraries were loaded (the loader's hook): their unwinders
+        // are hooked before this thread runs on into the code they may unwind.
+        self.rehook_unwinders();
         match next {
             Next::Resume => self.finish(tid, &regs),
             Next::Slot(kind) => {

@@ -35,11 +35,15 @@
 //! and resumes at the real address); every slot of ours is restored before the XOL page
 //! holding the trampoline is unmapped in any process.
 //!
+//! Unwinders in libraries loaded after the trampoline was placed are hooked when the
+//! user says libraries changed ([`PtraceBackend::libraries_changed`]; the command does
+//! at every consistent state of the loader's list).
+//!
 //! Limits: unwinders that do not go through those entry points (a debugger, a
 //! profiler reading the stack, `pthread_cancel`'s private unwinder handle) see the
 //! trampoline's address; the internal probes are the registry's handlers (they show in
-//! `Registry::handlers`); a library with an
-//! unwinder loaded after the first return probe's hit is not hooked.
+//! `Registry::handlers`); without a `libraries_changed`, a library with an unwinder
+//! loaded after the first return probe's hit is not hooked.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -101,8 +105,9 @@ pub(crate) struct Returns {
     tramp: u64,
     /// Whether placing it was tried in this image (once: it needs a page).
     tried: bool,
-    /// The unwinder hooks' handler ids.
+    /// The unwinder hooks' handler ids, and the names hooked.
     hooks: Vec<HandlerId>,
+    hooked: HashSet<&'static str>,
     queue: Arc<Mutex<Vec<Unwind>>>,
     /// Threads whose return slots hold original addresses for an unwinder.
     restored: HashSet<Tid>,
@@ -258,9 +263,26 @@ impl Tracer {
         self.hook_unwinders();
     }
 
-    /// Register the unwinder hooks (module docs) where the names resolve.
+    /// The process loaded libraries ([`PtraceBackend::libraries_changed`]): with the
+    /// trampoline placed, hook the unwinders that were not there before. On the
+    /// tracer's thread: right after the dispatch of the hit whose handler said so
+    /// (before its thread runs again), or between events.
+    pub(crate) fn rehook_unwinders(&mut self) {
+        if self.shared.libraries_changed.swap(false, Ordering::AcqRel)
+            && self.returns.tramp != 0
+            && self.returns.hooked.len() < HOOKS.len()
+        {
+            self.hook_unwinders();
+        }
+    }
+
+    /// Register the unwinder hooks (module docs) where the names resolve and are not
+    /// hooked yet.
     fn hook_unwinders(&mut self) {
         for (name, hook) in HOOKS {
+            if self.returns.hooked.contains(name) {
+                continue;
+            }
             let Ok(addr) = self.resolve(name) else {
                 continue;
             };
@@ -285,6 +307,7 @@ impl Tracer {
             });
             if let Ok(r) = self.registry.register_handler(addr, h) {
                 self.returns.hooks.push(r.into_id());
+                self.returns.hooked.insert(name);
             }
         }
     }

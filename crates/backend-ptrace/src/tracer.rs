@@ -383,6 +383,8 @@ impl Tracer {
             // Collectors registered, changed or gone: promote, repoint or demote with
             // every thread stopped (`collect/promote.rs`).
             self.rework_collect()?;
+            // Libraries loaded since the return trampoline was placed: their unwinders.
+            self.rehook_unwinders();
             if !self.family.queued.is_empty() {
                 // A fork or a follower's exit reported while the rework stopped
                 // everyone: the family stays held until the user has seen it.

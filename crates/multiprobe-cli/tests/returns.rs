@@ -285,3 +285,41 @@ fn latency_of_a_busy_function_times_every_call() {
         .sum();
     assert_eq!(counted, 300_000, "every call in a bucket");
 }
+
+/// What `program args` prints unprobed.
+fn unprobed_stdout(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_cpp_exception_through_return_probed_functions_of_the_program_is_caught() {
+    // The program's own functions are probed at its exec, before its libraries (the
+    // unwinder's among them) are loaded: the unwinder is hooked when they are, before
+    // the program runs.
+    let p = bin("mp-cpp-throwret").to_str().unwrap().to_string();
+    let want = unprobed_stdout(&p, &["10"]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &[],
+        &["mp_cpp_through=latency", "mp_cpp_thrower=latency"],
+        &[&p, "10"],
+    ));
+    assert_eq!(stdout, want, "{stderr}");
+    assert!(stderr.contains("latency    10"), "{stderr}");
+}
+
+#[test]
+fn backtrace_through_return_probed_functions_of_the_program_sees_every_frame() {
+    let p = rets();
+    let want = unprobed_stdout(&p, &["bt"]);
+    let (stdout, stderr) = run_ok(&run_line(
+        &[],
+        &["mp_ret_bt_outer=args:0,ret", "mp_ret_bt=args:0,ret"],
+        &[&p, "bt"],
+    ));
+    assert_eq!(stdout, want, "{stderr}");
+}

@@ -53,7 +53,12 @@ impl multiprobe_core::Handler for PlaceHook {
         let (stage, first) = {
             let s = lock(&shared);
             match s.procs.iter().find(|p| p.pid == self.pid) {
-                Some(p) => (p.stage, p.first),
+                Some(p) => {
+                    // Return probes placed at exec need the unwinders of the libraries
+                    // loaded since (C++ exceptions, `backtrace`).
+                    p.registry.backend().libraries_changed();
+                    (p.stage, p.first)
+                }
                 None => return PreAction::Continue,
             }
         };
