@@ -255,10 +255,17 @@ impl Tracer {
         if w.is_end() || matches!(w, Wait::Event(_, Event::Exec)) {
             // Exits go through the normal path (which also notices the process's end);
             // the main process's new image is held by the exec handling (nothing of ours
-            // is in it), an exec'ing vfork child is let go (or, followed while pausing,
-            // reported at the next run).
-            if let Some(stop @ Stop::Forked { .. }) = self.handle(w)? {
-                self.family.queued.push(stop);
+            // is in it) and reported at the next run, for its user to place probes in
+            // it (a follower's queue goes to the first tracer's: hence ProcessExec);
+            // an exec'ing vfork child is let go (or, followed while pausing, reported
+            // at the next run).
+            match self.handle(w)? {
+                Some(stop @ Stop::Forked { .. }) => self.family.queued.push(stop),
+                Some(Stop::Exec { unregistered }) => self.family.queued.push(Stop::ProcessExec {
+                    pid: self.pid(),
+                    unregistered,
+                }),
+                _ => {}
             }
             return Ok(());
         }

@@ -360,7 +360,7 @@ impl Tracer {
         // comes before the end it may lead to.
         if !self.family.queued.is_empty() {
             self.adopt_born();
-            return Ok(Some(self.family.queued.remove(0)));
+            return Ok(Some(self.take_queued()));
         }
         if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
             return Ok(Some(Stop::Exited(status)));
@@ -389,7 +389,7 @@ impl Tracer {
                 // A fork or a follower's exit reported while the rework stopped
                 // everyone: the family stays held until the user has seen it.
                 self.adopt_born();
-                return Ok(Some(self.family.queued.remove(0)));
+                return Ok(Some(self.take_queued()));
             }
             if let (Some(status), true) = (self.exit, self.family.members.is_empty()) {
                 // It ended while the rework stopped everyone (that exit report was
@@ -402,7 +402,7 @@ impl Tracer {
             if !self.family.queued.is_empty() {
                 // A fork seen inside another event's handling (a single-stepped
                 // `syscall`): its child is held until its user has seen it.
-                return Ok(Some(self.family.queued.remove(0)));
+                return Ok(Some(self.take_queued()));
             }
         }
     }
@@ -480,6 +480,18 @@ impl Tracer {
         self.threads
             .resume_held()
             .map_err(|e| error::sys(e, "resume the traced threads"))
+    }
+
+    /// The first stop queued while the family was held (non-empty queue), as this
+    /// tracer reports it: an exec queued by this process's own tracer is its
+    /// [`Stop::Exec`].
+    fn take_queued(&mut self) -> Stop {
+        match self.family.queued.remove(0) {
+            Stop::ProcessExec { pid, unregistered } if pid == self.pid() => {
+                Stop::Exec { unregistered }
+            }
+            other => other,
+        }
     }
 
     /// Resume `tid` from the stop being served, delivering `sig` — or, with none, a

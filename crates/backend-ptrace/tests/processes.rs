@@ -491,3 +491,52 @@ fn fork_from_a_probed_syscall(mode: &str) {
         }
     }
 }
+
+/// Followed fork children (bash forks, then executes) that execute a program at once, each with a collector that
+/// the tracer promotes by pausing the whole family: an exec that lands while the
+/// family is held for that is reported too (it was dropped, and the child ran its new
+/// program unprobed and unreported).
+#[test]
+fn every_exec_of_a_followed_child_is_reported_even_while_the_family_is_paused() {
+    use multiprobe_backend_ptrace::collect::Collect;
+    const CHILDREN: usize = 30;
+    let script = format!("for i in {{1..{CHILDREN}}}; do /bin/true; done");
+    let mut cmd = std::process::Command::new("/bin/bash");
+    cmd.args(["-c", &script]);
+    let mut t = Tracer::spawn(&mut cmd).unwrap();
+    assert_eq!(t.run_to_entry().unwrap(), None);
+    t.follow_forks(true);
+    let malloc = t.resolve("libc.so.6:malloc").unwrap();
+    let mut guards = vec![t
+        .registry()
+        .register_handler(malloc, Collect::count())
+        .unwrap()];
+    let (mut forked, mut execed) = (0, 0);
+    loop {
+        match t.run().unwrap() {
+            Stop::Forked {
+                child,
+                execed: false,
+                ..
+            } => {
+                forked += 1;
+                // The child's libc is where the parent's is until it executes.
+                let reg = t.registry_of(child).unwrap();
+                guards.push(reg.register_handler(malloc, Collect::count()).unwrap());
+            }
+            Stop::ProcessExec { .. } => execed += 1,
+            Stop::ProcessExited { status, .. } => assert_eq!(status, ExitStatus::Code(0)),
+            Stop::Exited(status) => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (forked, execed),
+        (CHILDREN, CHILDREN),
+        "every child's exec reported"
+    );
+    drop(guards);
+}
