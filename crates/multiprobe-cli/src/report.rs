@@ -347,6 +347,16 @@ pub fn table(rows: &[Row]) -> String {
             stops.len() - TOP
         ));
     }
+    // Records the program could not hand over: the counts are exact, the lines not.
+    for r in rows {
+        if let Some((dropped, _)) = r.collected.filter(|&(d, _)| d > 0) {
+            out.push_str(&format!(
+                "dropped {dropped} records of {} {}: the ring in the program was full (its \
+                 hits are counted; `latency` and `count` never drop)\n",
+                r.symbol, r.action
+            ));
+        }
+    }
     for r in rows {
         let pid = if pids {
             format!(" [{}]", r.pid)
