@@ -180,9 +180,7 @@ impl Tracer {
         let write = |a: u64, b: &[u8]| code.write(a, b).is_ok();
         rewrite(shadow, None, Put::Originals, &read, &write);
     }
-}
 
-impl Tracer {
     /// Thread `tid` ended: free its block (module docs, "A thread that ended").
     pub(crate) fn shadow_thread_gone(&self, tid: Tid) {
         let st = self.shared.lock();
