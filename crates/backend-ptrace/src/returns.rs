@@ -193,6 +193,7 @@ pub(crate) fn check_entry(shared: &Shared, addr: u64) -> Result<()> {
                 context: format!(" (it is {}+{:#x})", f.name, addr - f.start),
             });
         }
+        multiprobe_core::backend::check_returns_once(addr, &f.name)?;
     }
     shared.returns_wanted.store(true, Ordering::Release);
     Ok(())

@@ -285,6 +285,28 @@ fn a_return_probe_off_a_function_entry_is_refused() {
 }
 
 #[test]
+fn return_probes_on_functions_that_return_twice_are_refused_and_nothing_is_armed() {
+    // vfork: the child returns first on the parent's stack, then the parent (the
+    // second return found no frame: the tracer failed, or the program died of SIGILL);
+    // setjmp: again at every longjmp.
+    let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["add", "5"]);
+    for name in ["libc.so.6:vfork", "libc.so.6:_setjmp"] {
+        let addr = t.resolve(name).unwrap();
+        let h = FnHandler::new().ret(|_, _| {});
+        match t.registry().register_handler(addr, h) {
+            Err(Error::ReturnsTwice { addr: at, name: n }) => {
+                assert_eq!(at, addr);
+                assert!(name.ends_with(&*n), "{n}");
+            }
+            other => panic!("{name}: expected ReturnsTwice, got {other:?}"),
+        }
+    }
+    assert!(t.registry().is_empty(), "nothing registered");
+    exited_0(&mut t);
+    assert!(common::read_all(&mut child).starts_with("sum="));
+}
+
+#[test]
 fn a_tail_call_between_two_return_probed_functions_returns_through_both() {
     // mp_ret_tail jumps (a tail call) to mp_ret_add: both entries see the same return
     // slot, and both calls return at once, to mp_ret_tail's caller.

@@ -394,6 +394,7 @@ impl Backend for SigtrapBackend {
                     context: format!(" (it is {}+{:#x})", sym.name, addr - sym.start),
                 });
             }
+            multiprobe_core::backend::check_returns_once(addr, &sym.name)?;
         }
         let entry = returning::ret as *const () as u64;
         let t = tramps::return_trampoline(addr, entry)

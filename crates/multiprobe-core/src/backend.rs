@@ -138,3 +138,52 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// Functions whose calls return twice on one stack (the C library's `returns_twice`
+/// ones): a return probe on them cannot pair, and a second return through a return
+/// trampoline would find no frame. Backends refuse them in
+/// [`Backend::check_return`] ([`check_returns_once`]).
+pub const RETURNS_TWICE: &[&str] = &[
+    "vfork",
+    "__vfork",
+    "__libc_vfork",
+    "setjmp",
+    "_setjmp",
+    "__setjmp",
+    "sigsetjmp",
+    "__sigsetjmp",
+    "getcontext",
+    "savectx",
+];
+
+/// [`Error::ReturnsTwice`] if `name` (a symbol, maybe with a version or a library
+/// prefix) is one of [`RETURNS_TWICE`].
+pub fn check_returns_once(addr: u64, name: &str) -> crate::Result<()> {
+    let bare = name.rsplit(':').next().unwrap_or(name);
+    let bare = bare.split('@').next().unwrap_or(bare);
+    if RETURNS_TWICE.contains(&bare) {
+        return Err(crate::Error::ReturnsTwice {
+            addr,
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod returns_twice_tests {
+    #[test]
+    fn vfork_and_setjmp_are_refused_under_any_spelling() {
+        for n in [
+            "vfork",
+            "libc.so.6:vfork",
+            "__sigsetjmp@GLIBC_2.2.5",
+            "setjmp",
+        ] {
+            assert!(super::check_returns_once(1, n).is_err(), "{n}");
+        }
+        for n in ["malloc", "vforker", "libc.so.6:fork"] {
+            assert!(super::check_returns_once(1, n).is_ok(), "{n}");
+        }
+    }
+}

@@ -52,6 +52,16 @@ pub enum Error {
         /// Where it is, e.g. " (main+0x4)", or why the backend refuses; may be empty.
         context: String,
     },
+    /// A return probe was asked for on a function whose call returns twice on one
+    /// stack (`vfork`: the child returns first, then the parent; `setjmp`: again at
+    /// each `longjmp`): the second return finds its entry's frame gone.
+    #[error("{name} at {addr:#x} returns twice (a vfork child or a longjmp returns from it again), so a return probe there could not pair a call with its return")]
+    ReturnsTwice {
+        /// The address.
+        addr: u64,
+        /// The function.
+        name: String,
+    },
     /// Something else already put a breakpoint there.
     #[error("{addr:#x} already holds a breakpoint that is not ours")]
     AlreadyBreakpoint {
