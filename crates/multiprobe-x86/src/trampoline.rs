@@ -196,6 +196,9 @@ pub enum TrampolineError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The site's collectors together are more than one trampoline runs.
+    #[error("{0}")]
+    TooManyCollectors(&'static str),
     /// iced-x86 refused to encode (a bug, or an instruction it cannot move).
     #[error("encoding failed: {0}")]
     Encode(String),

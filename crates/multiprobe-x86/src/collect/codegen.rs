@@ -202,7 +202,9 @@ fn bad(index: usize, reason: &'static str) -> TrampolineError {
 
 fn check(spec: &CollectSpec<'_>) -> Result<(), TrampolineError> {
     if spec.collectors.len() > MAX_COLLECTORS {
-        return Err(bad(MAX_COLLECTORS, "more collectors than a site can run"));
+        return Err(TrampolineError::TooManyCollectors(
+            "more collectors than a site can run",
+        ));
     }
     for (i, c) in spec.collectors.iter().enumerate() {
         if c.slot >= spec.layout.counter_slots() {
@@ -237,7 +239,9 @@ fn check(spec: &CollectSpec<'_>) -> Result<(), TrampolineError> {
         .filter(|c| c.action.at_return())
         .count();
     if rets > 2 {
-        return Err(bad(MAX_COLLECTORS, "a site runs at most 2 ret collectors"));
+        return Err(TrampolineError::TooManyCollectors(
+            "a site runs at most 2 return actions in the program (more take the stop path)",
+        ));
     }
     Ok(())
 }
