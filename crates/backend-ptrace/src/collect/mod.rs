@@ -35,11 +35,11 @@
 //! disable alone clears nothing, so its calls in flight still return observed. The unwinder hooks of
 //! `returns.rs` put the original return addresses back around C++ exceptions and
 //! `backtrace`; detach and a fork child freed of probes put them back for good.
-//! Calls in flight when the image ends (exit, `exec`, detach), including those whose
-//! thread ended inside them, count in `returns_lost` at that final drain; until then a
-//! call of a thread that is gone counts in neither. Differences from the one-stop path:
-//! a disabled collector's calls in flight return unobserved (lost), and at most two
-//! `ret` collectors share a site.
+//! Calls in flight when the image ends (exit, `exec`, detach) count in `returns_lost`
+//! at that final drain; those of a thread that ended inside them, when the tracer sees
+//! the thread's exit (its shadow-stack block is freed then). A disabled collector still
+//! sees the returns of its calls in flight (rule 10) until it is unregistered. The
+//! difference from the one-stop path: at most two `ret` collectors share a site.
 //!
 //! # How the backend sees collectors
 //!
