@@ -66,6 +66,10 @@ pub struct ElfSymbols {
     objects: Vec<(String, u64)>,
     /// `.eh_frame`, `.eh_frame_hdr`, `.gcc_except_table`, for landing pads.
     unwind: UnwindSections,
+    /// Addresses of functions exported only under a hidden (non-default) version, by
+    /// address: `pthread_cond_timedwait@GLIBC_2.2.5` beside `@@GLIBC_2.3.2`. A name
+    /// that finds both means the default one, as the linker and bpftrace take it.
+    old_versions: Vec<u64>,
 }
 
 /// How canonical a name is among the aliases of one function, lower first: libc's
@@ -141,6 +145,23 @@ impl ElfSymbols {
             (a.addr, alias_rank(&a.name), &a.name).cmp(&(b.addr, alias_rank(&b.name), &b.name))
         });
         funcs.dedup();
+        // `.gnu.version`: one u16 per dynamic symbol, bit 15 set for a hidden version.
+        let versym = file
+            .section_by_name(".gnu.version")
+            .and_then(|s| s.data().ok());
+        let hidden = |i: usize| {
+            versym
+                .and_then(|d| d.get(2 * i..2 * i + 2))
+                .is_some_and(|b| u16::from_le_bytes([b[0], b[1]]) & 0x8000 != 0)
+        };
+        let mut old_versions: Vec<u64> = file
+            .dynamic_symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+            .filter(|s| hidden(s.index().0))
+            .map(|s| s.address())
+            .collect();
+        old_versions.sort_unstable();
+        old_versions.dedup();
         let segments = file
             .segments()
             .map(|s| {
@@ -181,6 +202,7 @@ impl ElfSymbols {
             },
             usdt: crate::usdt::probes(&file),
             unwind,
+            old_versions,
         })
     }
 
@@ -302,10 +324,14 @@ impl ElfSymbols {
     /// demangler prints them, `ns::f(int)`); a C++ name without parameters (`ns::f`,
     /// every overload); and last a path ending in `::name`. Several results with
     /// distinct addresses mean the name is ambiguous.
+    ///
+    /// Among several, the ones a person means win when there are any: the default
+    /// version of a versioned symbol over its old ones, and a function over the
+    /// compiler's `.cold` (or other `[clone ...]`) parts of functions of that name.
     pub fn by_name(&self, name: &str) -> Vec<&Func> {
         let matching = |test: &dyn Fn(usize, &Func) -> bool| -> Vec<&Func> {
             let found = self.funcs.iter().enumerate().filter(|(i, f)| test(*i, f));
-            found.map(|(_, f)| f).collect()
+            self.preferred(found.map(|(_, f)| f).collect())
         };
         let found = matching(&|_, f| f.name == name);
         if !found.is_empty() {
@@ -332,6 +358,25 @@ impl ElfSymbols {
                 .or(f.demangled.as_deref())
                 .is_some_and(|d| d.ends_with(&suffix))
         })
+    }
+
+    /// [`ElfSymbols::by_name`]'s preference among several functions.
+    fn preferred<'a>(&self, found: Vec<&'a Func>) -> Vec<&'a Func> {
+        if found.iter().all(|f| f.addr == found[0].addr) {
+            return found;
+        }
+        let old = |f: &Func| self.old_versions.binary_search(&f.addr).is_ok();
+        let clone = |f: &Func| f.name.contains('.') && f.display_name().contains("[clone ");
+        let keep: Vec<&Func> = found
+            .iter()
+            .copied()
+            .filter(|f| !old(f) && !clone(f))
+            .collect();
+        if keep.is_empty() {
+            found
+        } else {
+            keep
+        }
     }
 
     /// Functions any of whose names — as in the file, demangled Rust path, or C++ name
