@@ -156,7 +156,7 @@ pub const RETURNS_TWICE: &[&str] = &[
     "savectx",
 ];
 
-/// [`Error::ReturnsTwice`] if `name` (a symbol, maybe with a version or a library
+/// [`crate::Error::ReturnsTwice`] if `name` (a symbol, maybe with a version or a library
 /// prefix) is one of [`RETURNS_TWICE`].
 pub fn check_returns_once(addr: u64, name: &str) -> crate::Result<()> {
     let bare = name.rsplit(':').next().unwrap_or(name);
