@@ -45,14 +45,19 @@ pub(crate) enum ShadowState {
 }
 
 /// The calls in flight of every block at `shadow` (those of the thread whose fs base is
-/// `only`, if given), read with `read`.
+/// `only`, if given: only the blocks that thread looks at, `blocks_of`), read with
+/// `read`, each with its block's address.
 fn calls_in_flight(
     shadow: u64,
     only: Option<u64>,
     read: &dyn Fn(u64, &mut [u8]) -> bool,
-) -> Vec<InFlight> {
+) -> Vec<(u64, Vec<InFlight>)> {
+    let blocks: Vec<usize> = match only {
+        Some(fs) => blocks_of(fs).collect(),
+        None => (0..THREADS).collect(),
+    };
     let mut all = Vec::new();
-    for i in 0..THREADS {
+    for i in blocks {
         let at = shadow + block_offset(i) as u64;
         let mut head = [0u8; 16];
         if !read(at, &mut head) {
@@ -64,8 +69,8 @@ fn calls_in_flight(
         }
         let n = (depth as usize).min(FRAMES);
         let mut frames = vec![0u8; n * FRAME_LEN];
-        if n > 0 && read(at + FRAME_LEN as u64, &mut frames) {
-            all.extend(in_flight(&frames));
+        if n == 0 || read(at + FRAME_LEN as u64, &mut frames) {
+            all.push((at, in_flight(&frames)));
         }
     }
     all
@@ -90,7 +95,10 @@ fn rewrite(
     read: &dyn Fn(u64, &mut [u8]) -> bool,
     write: &dyn Fn(u64, &[u8]) -> bool,
 ) {
-    let mut calls = calls_in_flight(shadow, only, read);
+    let mut calls: Vec<InFlight> = calls_in_flight(shadow, only, read)
+        .into_iter()
+        .flat_map(|(_, c)| c)
+        .collect();
     if put == Put::Originals {
         // Innermost first: frames chained at one slot (a tail call between two
         // return-probed functions) unwind it in turn, to the outermost's original.
@@ -192,27 +200,14 @@ impl Tracer {
         let Some(fs) = st.collect.threads.fs_of(tid.as_raw_pid()) else {
             return;
         };
-        for i in blocks_of(fs) {
-            let at = shadow + block_offset(i) as u64;
-            let mut head = [0u8; 16];
-            if self.mem.read(at, &mut head).is_err() {
-                return;
-            }
-            let (owner, depth) = block_header(&head);
-            if owner != fs {
-                continue;
-            }
-            let n = (depth as usize).min(FRAMES);
-            let mut frames = vec![0u8; n * FRAME_LEN];
-            if n > 0 && self.mem.read(at + FRAME_LEN as u64, &mut frames).is_ok() {
-                for word in in_flight(&frames).iter().flat_map(|c| c.lost) {
-                    super::reader::count_lost_at(area, word);
-                }
+        let read = |a: u64, b: &mut [u8]| self.mem.read(a, b).is_ok();
+        if let Some((at, calls)) = calls_in_flight(*shadow, Some(fs), &read).pop() {
+            for word in calls.iter().flat_map(|c| c.lost) {
+                super::reader::count_lost_at(area, word);
             }
             // The depth first: a thread that claims the block finds its stack empty.
             let _ = self.mem.write(at + DEPTH as u64, &0u64.to_le_bytes());
             let _ = self.mem.write(at + OWNER as u64, &0u64.to_le_bytes());
-            return;
         }
     }
 }
