@@ -22,6 +22,7 @@ fn main() {
         "forkrace", "trapmask", "seccomp", "unmapxol", "forktree", "collect",
     ];
     println!("cargo:rerun-if-changed=c/nommap.h");
+    println!("cargo:rerun-if-changed=c/coro.h");
     let mut build = cc::Build::new();
     for p in programs {
         let path = format!("c/{p}.c");

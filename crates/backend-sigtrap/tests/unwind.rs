@@ -54,6 +54,35 @@ fn longjmp_out_of_return_probed_calls_works_and_counts_them_lost() {
 }
 
 #[test]
+fn coroutines_switching_stacks_inside_return_probed_calls_return_through_every_call() {
+    // Every return of `mp_rp_co_resume` comes while a `mp_rp_co_yield` call is in
+    // flight on the other stack, and each of those returns later: with the other stack
+    // below this one, its frame sits where a call skipped by a longjmp would. (Before,
+    // that frame was dropped and the return found nothing: the process aborted.)
+    let n = 200;
+    let unprobed = [false, true].map(|above| inproc::coroutines(n, above));
+    assert_eq!(unprobed, [n * (n - 1) + 3 * n * (n - 1) / 2 + n; 2]);
+    let reg = multiprobe_backend_sigtrap::registry();
+    let (resume, resume_n) = probe(&reg, inproc::addr("mp_rp_co_resume"));
+    let (yields, yield_n) = probe(&reg, inproc::addr("mp_rp_co_yield"));
+    for (k, above) in [false, true].into_iter().enumerate() {
+        assert_eq!(
+            inproc::coroutines(n, above),
+            unprobed[k],
+            "A above B: {above}"
+        );
+    }
+    let (r, y) = (2 * (n as u64 + 1), 2 * n as u64);
+    assert_eq!(counts(resume.stats().unwrap()), (r, r, 0));
+    assert_eq!(
+        counts(yields.stats().unwrap()),
+        (y, y, 0),
+        "every call returned, none left counted lost"
+    );
+    assert_eq!((resume_n.load(SeqCst), yield_n.load(SeqCst)), (r, y));
+}
+
+#[test]
 fn a_cpp_exception_through_return_probed_functions_is_caught_as_unprobed() {
     let unprobed: Vec<i64> = (0..100).map(inproc::catch_odd).collect();
     assert_eq!((unprobed[3], unprobed[4]), (-1003, 29));

@@ -352,7 +352,8 @@ impl ThreadState {
     /// it) and return the original return address, running nothing.
     pub fn pop_return(&self, rsp: u64) -> Option<u64> {
         let f = self.returns.returning(rsp)?;
-        self.returns.truncate_to(&f);
+        // Only its own frame: the ones above it may be live on another stack.
+        self.returns.take(&f);
         Some(f.ret)
     }
 

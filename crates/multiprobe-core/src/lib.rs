@@ -123,6 +123,10 @@
 //!       later return or entry on the thread), or the thread ended inside it. Not armed,
 //!       and in neither: a pre-hook that panicked, returned [`PreAction::Remove`] or
 //!       called [`Hit::skip_return`]. Lost calls run on unchanged.
+//!     * *Other stacks*: a call in flight on a stack the thread switched away from
+//!       (coroutines, `swapcontext`, an alternate signal stack) is kept while its return
+//!       slot still holds the trampoline, even where its stack pointer says "skipped"; it
+//!       is counted lost then, and moved to `returns` if it does return.
 //!
 //! # What each backend delivers
 //!

@@ -17,7 +17,9 @@
 //!
 //! At the trampoline ([`Dispatcher::ret`]): the frame is found by the stack pointer;
 //! the frames above it are dead (skipped by `longjmp` or an exception) and counted
-//! lost; `rip` becomes the original return address; then, inside a read section of its
+//! lost — those whose slot still holds the trampoline are kept as suspects
+//! (`crate::returns`, *Suspects*: they may be live on another stack); `rip` becomes
+//! the original return address; then, inside a read section of its
 //! own, each recorded handler still registered at the probed address (found by id in the
 //! current table: an unregistered one is never found again once `unregister` returned)
 //! has its return hook called, in registration order, with the data its pre-hook left.
@@ -51,9 +53,10 @@ pub enum RetOutcome {
 }
 
 /// Count a lost return for every consumer of `f` that is this table's and still
-/// registered. Inside a read section of `table`.
+/// registered, unless `f` is a suspect (counted already). Inside a read section of
+/// `table`.
 fn count_lost<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard) {
-    if f.owner != table.uid {
+    if f.owner != table.uid || f.suspect {
         return;
     }
     // SAFETY: the caller holds a read section of `table`.
@@ -67,13 +70,51 @@ fn count_lost<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard)
     }
 }
 
-/// The frames above `f` are dead (their calls were skipped): count their returns lost.
-/// Out of line: at most returns, `f` is the innermost frame.
+/// A frame found where a dead one would be, its slot still holding the trampoline: kept,
+/// and counted lost unless it is a suspect already (`crate::returns`, *Suspects*).
+fn suspect<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard) {
+    if !f.suspect {
+        count_lost(table, stack, f, shard);
+        stack.set_suspect(f);
+    }
+}
+
+/// The frames above `f`, which is returning, were skipped (by `longjmp` or an
+/// exception), or are live on another stack: drop those whose slot no longer holds the
+/// trampoline and keep the others as suspects; both are counted lost. Out of line: at
+/// most returns, `f` is the innermost frame.
 #[cold]
 #[inline(never)]
-fn count_dead_above<S>(table: &Table<S>, stack: &ReturnStack, f: &Frame, shard: Shard) {
-    for dead in stack.frames().take_while(|d| d.end > f.end) {
-        count_lost(table, stack, &dead, shard);
+fn settle_above<S>(
+    table: &Table<S>,
+    stack: &ReturnStack,
+    f: &Frame,
+    tramp: u64,
+    mem: &dyn Memory,
+    shard: Shard,
+) {
+    // From the top down: removing a frame moves only the ones above it.
+    let mut next = stack.top();
+    while let Some(d) = next.filter(|d| d.end > f.end) {
+        next = stack.below(&d);
+        if mem.read_u64(d.sp) == Ok(tramp) {
+            suspect(table, stack, &d, shard);
+        } else {
+            count_lost(table, stack, &d, shard);
+            stack.remove(&d);
+        }
+    }
+}
+
+/// `f`, a suspect, returned after all: take back the lost count of its consumers still
+/// registered (those [`count_lost`] counted).
+#[cold]
+#[inline(never)]
+fn unlose<S>(view: Option<&SiteView<S>>, stack: &ReturnStack, f: &Frame, shard: Shard) {
+    for id in stack.consumer_ids(f).filter(|&id| id != 0) {
+        if let Some(e) = view.and_then(|v| entry_of(v, id)) {
+            e.counters.unlost(shard);
+        }
     }
 }
 
@@ -116,16 +157,19 @@ impl<'s> Arming<'s> {
         let mem = hit.mem();
         // Dead frames from the top down, while their slot is not above this call's (see
         // `crate::returns`): the slot no longer leads to the trampoline. One that still
-        // does is kept and passed — below this call's slot, it may be live on another
-        // stack; at this call's slot, this entry was reached by a tail call (a `jmp`)
-        // from inside that frame's call, which a `call` would have overwritten. (Removing
-        // a frame moves only the ones above it, so the frame below is where it was.)
+        // does is kept and passed — below this call's slot, as a suspect (it may be live
+        // on another stack); at this call's slot, this entry was reached by a tail call
+        // (a `jmp`) from inside that frame's call, which a `call` would have overwritten.
+        // (Removing a frame moves only the ones above it, so the frame below is where it
+        // was.)
         let mut next = stack.top();
         while let Some(f) = next.filter(|f| f.sp <= sp) {
             next = stack.below(&f);
             if mem.read_u64(f.sp) != Ok(tramp) {
                 count_lost(table, stack, &f, shard);
                 stack.remove(&f);
+            } else if f.sp < sp {
+                suspect(table, stack, &f, shard);
             }
         }
         let start = if tramp == 0 {
@@ -235,14 +279,17 @@ impl<S> Dispatcher<S> {
         signal_fence();
         let token = table.domain.enter(shard);
         if !stack.is_top(&f) {
-            count_dead_above(table, stack, &f, shard);
+            settle_above(table, stack, &f, stack.trampoline(), mem, shard);
         }
         regs.regs_mut().rip = f.ret;
         // SAFETY: inside the read section opened above, left below after the last use.
         let view = unsafe { table.lookup(f.addr) };
+        if f.suspect {
+            unlose(view, stack, &f, shard);
+        }
         let mut hit = Hit::new(f.addr, tid, HandlerId(0), regs, mem);
         for k in 0..f.consumers {
-            // In place: the frame stays until `truncate_to` below.
+            // In place: the frame stays until `take` below.
             let (id, data) = stack.consumer_ref(&f, k);
             let Some(e) = view.and_then(|v| entry_of(v, id)) else {
                 continue;
@@ -260,7 +307,8 @@ impl<S> Dispatcher<S> {
                 drop(payload);
             }
         }
-        stack.truncate_to(&f);
+        // Innermost now, unless suspects above it were kept.
+        stack.take(&f);
         drop(token);
         signal_fence();
         ts.set_active(was_active);
@@ -276,17 +324,14 @@ impl<S> Dispatcher<S> {
     }
 
     /// A thread at the trampoline with `rsp` that will not run the return hooks (a
-    /// tracer detaching): drop the call's frame and those above it, counting their
-    /// returns lost, and return the original return address.
+    /// tracer detaching): drop the call's frame, counting its returns lost, and return
+    /// the original return address. The frames above it stay (they may be live on
+    /// another stack): a tracer leaving restores and abandons them next.
     pub fn drop_return(&self, ts: &ThreadState, rsp: u64) -> Option<u64> {
         let stack = &ts.returns;
         let f = stack.returning(rsp)?;
-        self.counting(ts, |shard| {
-            for d in stack.frames().take_while(|d| d.end >= f.end) {
-                count_lost(&self.table, stack, &d, shard);
-            }
-        });
-        stack.truncate_to(&f);
+        self.counting(ts, |shard| count_lost(&self.table, stack, &f, shard));
+        stack.take(&f);
         Some(f.ret)
     }
 

@@ -24,25 +24,37 @@
 //! A call skipped by `longjmp` or an exception never comes back through its slot. Its
 //! frame is recognised by its stack pointer (the kernel's `arch_uretprobe_is_alive`)
 //! and dropped, counted lost (`crate::returning` does both):
-//! * at a return through the slot at `sp`: every frame above the one recorded at `sp` —
-//!   deeper calls the stack has unwound past;
+//! * at a return through the slot at `sp`: the frames above the one recorded at `sp`
+//!   (deeper calls the stack has unwound past) whose slot no longer holds the
+//!   trampoline;
 //! * at an entry whose return address is at `sp`: the frames from the top down, until one
 //!   whose slot lies above `sp`, whose slot is at or below `sp` and no longer holds the
-//!   trampoline address. A frame below `sp` whose slot still holds the trampoline is kept
-//!   (and the ones under it looked at): it may be live on another stack (code on a
-//!   signal handler's alternate stack calling a probed function while frames of the
-//!   interrupted code are on the thread's stack). A frame at `sp` whose slot holds the
-//!   trampoline is live: this entry came by a tail call (`jmp`) from inside its call
-//!   (a `call` would have written its own return address there). The new frame's
-//!   original return address is then the trampoline: its return comes back to the
-//!   trampoline once more, for the outer frame (the kernel's uretprobes call such
-//!   frames "chained"). Dropping a live frame would leave its call nowhere to return
-//!   to; keeping a dead one costs only room, until a return below it or an entry at its
-//!   depth drops it.
+//!   trampoline. A frame at `sp` whose slot holds the trampoline is live: this entry
+//!   came by a tail call (`jmp`) from inside its call (a `call` would have written its
+//!   own return address there). The new frame's original return address is then the
+//!   trampoline: its return comes back to the trampoline once more, for the outer frame
+//!   (the kernel's uretprobes call such frames "chained").
+//!
+//! # Suspects
+//!
+//! A frame either scan finds where a dead one would be (above the returning frame, or
+//! below the entry's slot) whose slot *still holds the trampoline* cannot be told apart
+//! by its stack pointer alone: it is dead with its slot not yet overwritten (the usual
+//! `longjmp`), or live on another stack — a coroutine the program switched away from
+//! (`swapcontext`, green threads) or the interrupted code under a signal handler on an
+//! alternate stack. Dropping a live frame would leave its call nowhere to return to
+//! (the program would have to be stopped); so such a frame is kept, and counted lost
+//! at once (a *suspect*, flagged in its header), which is the right count for the dead
+//! case. If it does return after all, the count is taken back and the return counted
+//! and dispatched as any other. A dead suspect goes at a later scan that finds its slot
+//! overwritten (counted once), or when its thread's calls are abandoned.
 //!
 //! Invariants:
 //! * A frame is dropped only when its call can no longer return through the trampoline
-//!   (its slot holds something else), or provably never will (above).
+//!   (its slot holds something else), when it returns, or with all of its thread's
+//!   frames (abandoned: the thread is gone, or a tracer leaves after restoring them).
+//! * A frame's returns are counted lost at most once, and a suspect's count is taken
+//!   back only by its own return.
 //! * The trampoline address is written into a slot only by the push of its frame, or by
 //!   [`ReturnStack::rehijack`] into a slot [`ReturnStack::unhijack`] restored (flagged).
 //! * Frames are pushed, popped and dropped only by their own thread while its
@@ -66,6 +78,9 @@ const META: usize = 4;
 const CONSUMER: usize = 1 + CALL_DATA_WORDS;
 /// `META`: the frame's slot holds the original return address again ([`ReturnStack::unhijack`]).
 const UNHIJACKED: u64 = 1 << 32;
+/// `META`: the frame's returns are counted lost already: a scan found it where a dead
+/// frame would be, its slot still holding the trampoline (module docs, *Suspects*).
+const SUSPECT: u64 = 1 << 33;
 const COUNT: u64 = 0xffff_ffff;
 
 /// Words a frame with `consumers` consumer records takes on a return stack (to size a
@@ -91,6 +106,8 @@ pub(crate) struct Frame {
     pub(crate) owner: u64,
     pub(crate) consumers: usize,
     pub(crate) unhijacked: bool,
+    /// Counted lost already; un-counted if it returns after all.
+    pub(crate) suspect: bool,
 }
 
 impl Frame {
@@ -199,6 +216,7 @@ impl ReturnStack {
             owner: self.word(h + OWNER).get(),
             consumers,
             unhijacked: meta & UNHIJACKED != 0,
+            suspect: meta & SUSPECT != 0,
         })
     }
 
@@ -328,6 +346,21 @@ impl ReturnStack {
         } else {
             m.get() & !UNHIJACKED
         });
+    }
+
+    /// Flag `f` as counted lost (module docs, *Suspects*).
+    pub(crate) fn set_suspect(&self, f: &Frame) {
+        let m = self.word(f.end - HEADER + META);
+        m.set(m.get() | SUSPECT);
+    }
+
+    /// Drop `f`: the frames above it move down over it, unless it is the innermost.
+    pub(crate) fn take(&self, f: &Frame) {
+        if self.is_top(f) {
+            self.truncate_to(f);
+        } else {
+            self.remove(f);
+        }
     }
 
     /// The frame a thread that arrived at the trampoline with `rsp` (after the `ret`)

@@ -26,7 +26,9 @@ pub struct HandlerStats {
     pub returns: u64,
     /// Calls whose entry ran the pre-hook but whose return could not be seen: the
     /// thread's return stack was full, the walk redirected, the call was skipped by a
-    /// `longjmp` or an exception, the thread ended inside it (rule 10).
+    /// `longjmp` or an exception, the thread ended inside it (rule 10). A call in
+    /// flight on another stack (a coroutine the program switched away from) can be
+    /// counted here while it looks skipped, and moves to `returns` if it returns.
     pub returns_lost: u64,
 }
 
@@ -80,6 +82,8 @@ struct HandlerLine {
     panics: AtomicU64,
     returns: AtomicU64,
     returns_lost: AtomicU64,
+    /// Returns counted lost and then seen after all (a suspect frame's call came back).
+    returns_found: AtomicU64,
 }
 
 /// Per-handler counters.
@@ -98,6 +102,7 @@ impl HandlerCounters {
                     panics: AtomicU64::new(0),
                     returns: AtomicU64::new(0),
                     returns_lost: AtomicU64::new(0),
+                    returns_found: AtomicU64::new(0),
                 })
             }),
         }
@@ -143,12 +148,28 @@ impl HandlerCounters {
         );
     }
 
+    /// A return counted lost came back after all (`crate::returns`, *Suspects*). As for
+    /// `returned`.
+    pub(crate) fn unlost(&self, shard: Shard) {
+        bump(
+            &self.lines[usize::from(shard.index) & (SHARDS - 1)].returns_found,
+            shard,
+        );
+    }
+
     /// The statistics, given a way to read the walks that listed the handler. Skips are
     /// read first: a skip is counted after its walk, so the difference never counts a
     /// skip whose walk it missed.
     pub(crate) fn read(&self, walks: impl FnOnce() -> u64) -> HandlerStats {
         let mut s = HandlerStats::default();
         let mut skipped = 0;
+        // Found first: a return is counted lost before it can be found again, so the
+        // difference never goes below what was lost at some point.
+        let found: u64 = self
+            .lines
+            .iter()
+            .map(|l| l.returns_found.load(Relaxed))
+            .sum();
         for l in &self.lines {
             skipped += l.skipped.load(Relaxed);
             s.missed += l.missed.load(Relaxed);
@@ -156,6 +177,7 @@ impl HandlerCounters {
             s.returns += l.returns.load(Relaxed);
             s.returns_lost += l.returns_lost.load(Relaxed);
         }
+        s.returns_lost = s.returns_lost.saturating_sub(found);
         s.hits = walks().saturating_sub(skipped);
         s
     }

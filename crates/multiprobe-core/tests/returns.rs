@@ -249,19 +249,85 @@ fn calls_skipped_by_a_longjmp_are_recognised_by_their_stack_pointer_and_counted_
     let (sf, sg) = (hf.stats().unwrap(), hg.stats().unwrap());
     assert_eq!((sf.returns, sf.returns_lost), (1, 0));
     assert_eq!((sg.hits, sg.returns, sg.returns_lost), (2, 0, 2));
-    assert_eq!(t.ts.returns_in_flight(), 0, "nothing left behind");
+    // Their slots still lead to the trampoline (nothing overwrote them yet), so they
+    // are kept, counted lost already: they could be calls on another stack.
+    assert_eq!(t.ts.returns_in_flight(), 2);
     // A function that longjmps out every time, called again and again at one depth:
-    // each entry finds the previous frame's slot overwritten and drops it.
+    // each entry finds the previous frame's slot overwritten and drops it, and the
+    // code that runs meanwhile overwrites the deeper slots.
     for i in 0..100 {
         t.regs.rsp = TOP;
         t.call(&r, G, i, 0x40);
+        for slot in (TOP - 256..TOP - 8).step_by(8) {
+            t.stack.set_word(slot, 0x5eed);
+        }
     }
     assert_eq!(
         t.ts.returns_in_flight(),
         1,
         "a never-returning function leaks nothing"
     );
-    assert_eq!(hg.stats().unwrap().returns_lost, 2 + 99);
+    assert_eq!(
+        hg.stats().unwrap().returns_lost,
+        2 + 99,
+        "each skipped call counted lost once"
+    );
+}
+
+#[test]
+fn a_call_in_flight_on_another_stack_survives_returns_and_entries_on_this_one() {
+    // Coroutines (swapcontext): f is called on stack A and switches to stack B inside
+    // the call; there g is called and switches back to A inside its call; f returns,
+    // f and g are called again on A; then B resumes and g returns. Stack B lies below
+    // A here, so g's frame sits where a call skipped by a longjmp would.
+    let (r, l, hf) = pair_at_f();
+    let hg = r.register_handler(G, pair(&l, "g")).unwrap();
+    let mut t = Thread::new();
+    let b = TOP - 0x10_0000;
+    t.call(&r, F, 1, 0x10);
+    let a = t.regs.rsp;
+    t.regs.rsp = b;
+    t.call(&r, G, 2, 0x20);
+    let in_g = t.regs.rsp;
+    t.regs.rsp = a;
+    assert_eq!(t.ret(&r, 11), RetResult::Trampoline(RetOutcome::Returned));
+    assert_eq!(t.regs.rip, 0x10);
+    assert_eq!(
+        t.stack.word(in_g),
+        RET_TRAMPOLINE,
+        "g's call still leads back"
+    );
+    assert_eq!(
+        hg.stats().unwrap().returns_lost,
+        1,
+        "counted lost while it may be dead"
+    );
+    t.call(&r, F, 3, 0x30);
+    assert_eq!(t.ret(&r, 33), RetResult::Trampoline(RetOutcome::Returned));
+    t.call(&r, G, 4, 0x40);
+    assert_eq!(t.ret(&r, 44), RetResult::Trampoline(RetOutcome::Returned));
+    assert_eq!(t.regs.rip, 0x40);
+    // Back on B: g returns to its caller there.
+    t.regs.rsp = in_g;
+    assert_eq!(t.ret(&r, 22), RetResult::Trampoline(RetOutcome::Returned));
+    assert_eq!(t.regs.rip, 0x20);
+    assert_eq!(
+        taken(&l),
+        [
+            "ret f(1) = 11",
+            "ret f(3) = 33",
+            "ret g(4) = 44",
+            "ret g(2) = 22"
+        ]
+    );
+    let (sf, sg) = (hf.stats().unwrap(), hg.stats().unwrap());
+    assert_eq!((sf.hits, sf.returns, sf.returns_lost), (2, 2, 0));
+    assert_eq!(
+        (sg.hits, sg.returns, sg.returns_lost),
+        (2, 2, 0),
+        "the lost count taken back"
+    );
+    assert_eq!(t.ts.returns_in_flight(), 0);
 }
 
 #[test]

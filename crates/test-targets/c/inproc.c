@@ -1,6 +1,7 @@
 /* Functions the in-process backend's tests return-probe and call directly (linked into
  * the test executables through multiprobe-test-targets' `inproc` module): a longjmp out
- * of two calls, and backtrace(3) from inside two. Built without sibling calls, so every
+ * of two calls, backtrace(3) from inside two, and coroutines that switch stacks inside
+ * calls (coro.h). Built without sibling calls, so every
  * call here is a real call with a return. */
 #include <execinfo.h>
 #include <setjmp.h>
@@ -35,3 +36,8 @@ __attribute__((noinline)) int mp_rp_bt_outer(void **buf, int n) {
     int k = mp_rp_bt_inner(buf, n);
     return k;
 }
+
+#define CORO_RESUME mp_rp_co_resume
+#define CORO_YIELD mp_rp_co_yield
+#define CORO_RUN mp_rp_co_run
+#include "coro.h"

@@ -221,6 +221,7 @@ pub mod inproc {
         fn mp_rp_setjmp_run(x: c_long) -> c_long;
         fn mp_rp_bt_outer(buf: *mut *mut c_void, n: c_int) -> c_int;
         fn mp_rp_catch(x: c_long) -> c_long;
+        fn mp_rp_co_run(n: c_long, a_above: c_int) -> c_long;
     }
 
     /// The entry addresses of the functions, by name: for probes.
@@ -231,6 +232,8 @@ pub mod inproc {
             fn mp_rp_bt_inner(buf: *mut *mut c_void, n: c_int) -> c_int;
             fn mp_rp_thrower(x: c_long) -> c_long;
             fn mp_rp_through(x: c_long) -> c_long;
+            fn mp_rp_co_resume(x: c_long) -> c_long;
+            fn mp_rp_co_yield(x: c_long) -> c_long;
         }
         match name {
             "mp_rp_setjmp_run" => mp_rp_setjmp_run as *const () as u64,
@@ -241,6 +244,8 @@ pub mod inproc {
             "mp_rp_catch" => mp_rp_catch as *const () as u64,
             "mp_rp_through" => mp_rp_through as *const () as u64,
             "mp_rp_thrower" => mp_rp_thrower as *const () as u64,
+            "mp_rp_co_resume" => mp_rp_co_resume as *const () as u64,
+            "mp_rp_co_yield" => mp_rp_co_yield as *const () as u64,
             _ => panic!("no in-process target {name}"),
         }
     }
@@ -250,6 +255,16 @@ pub mod inproc {
     pub fn setjmp_run(x: i64) -> i64 {
         // SAFETY: plain C code; the jump stays inside it.
         unsafe { mp_rp_setjmp_run(x) }
+    }
+
+    /// Two coroutines switching stacks inside calls (`c/coro.h`): coroutine A calls
+    /// `mp_rp_co_resume(i)` for `i = 0..=n`, each of which switches to B inside the call;
+    /// B calls `mp_rp_co_yield(i)` for `i = 0..n`, each of which switches back to A inside
+    /// the call. The two stacks are neighbours; `a_above` puts A's above B's. Returns
+    /// `n(n-1) + 3n(n-1)/2 + n`. One caller at a time (the contexts are static).
+    pub fn coroutines(n: i64, a_above: bool) -> i64 {
+        // SAFETY: plain C code; it ends back on the caller's stack.
+        unsafe { mp_rp_co_run(n, c_int::from(a_above)) }
     }
 
     /// `backtrace(3)` called two calls down (`mp_rp_bt_outer` → `mp_rp_bt_inner`): the

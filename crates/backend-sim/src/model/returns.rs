@@ -19,6 +19,9 @@ pub(super) struct MFrame {
     pub(super) addr: u64,
     /// The handlers whose return hooks are due, with the token each pre-hook left.
     pub(super) consumers: Vec<(HandlerId, u64)>,
+    /// Counted lost already, kept because its slot still led to the trampoline where a
+    /// dead frame would be (the core's *suspects*); un-counted if it returns.
+    pub(super) suspect: bool,
 }
 
 impl Model {
@@ -27,14 +30,25 @@ impl Model {
         self.index.contains_key(&id) && self.live(id)
     }
 
-    /// Count the frame's returns lost for its handlers still registered.
+    /// Count the frame's returns lost for its handlers still registered, unless it is
+    /// a suspect (counted already).
     fn lose(&mut self, f: &MFrame) {
+        if f.suspect {
+            return;
+        }
         for &(id, _) in &f.consumers {
             if self.awaits(id) {
                 self.count(id, |s| s.returns_lost += 1);
                 self.lost_seen += 1;
             }
         }
+    }
+
+    /// Frame `i` of CPU `cpu` is a suspect from now on (counted lost once).
+    fn suspect(&mut self, cpu: usize, i: usize) {
+        let f = self.stacks[cpu][i].clone();
+        self.lose(&f);
+        self.stacks[cpu][i].suspect = true;
     }
 
     /// A return handler's pre-hook kept a record, but it cannot be armed.
@@ -52,8 +66,8 @@ impl Model {
 
     /// Before the walk of a dispatch with `rets` return handlers enabled, the thread at
     /// `sp`: drop the dead frames (from the top, while their slot is not above `sp`:
-    /// the slot is `sp` itself, or no longer holds the trampoline), and say whether a
-    /// frame of `rets` records fits.
+    /// the slot is `sp` itself, or no longer holds the trampoline; one below `sp` that
+    /// still does is a suspect), and say whether a frame of `rets` records fits.
     ///
     /// The model sees memory after the core armed this call, so a frame at `sp` reads
     /// the new trampoline address: it is taken as dead, which is the core's rule for a
@@ -79,6 +93,8 @@ impl Model {
             if f.sp == sp || mem.read_u64(f.sp) != Ok(RET_TRAMPOLINE) {
                 let f = self.stacks[cpu].remove(i);
                 self.lose(&f);
+            } else {
+                self.suspect(cpu, i);
             }
         }
         self.used_words(cpu) + return_frame_words(rets) <= RETURN_WORDS
@@ -110,6 +126,7 @@ impl Model {
             sp,
             addr,
             consumers: kept,
+            suspect: false,
         });
     }
 
@@ -120,6 +137,7 @@ impl Model {
         cpu: usize,
         rsp: u64,
         outcome: RetOutcome,
+        mem: &SimMemory,
     ) -> Result<(), String> {
         let slot = rsp.wrapping_sub(8);
         let stack = &self.stacks[cpu];
@@ -139,11 +157,27 @@ impl Model {
             ));
         }
         let Some(i) = found else { return Ok(()) };
-        let dead: Vec<MFrame> = self.stacks[cpu].drain(i + 1..).collect();
-        for f in &dead {
-            self.lose(f);
+        // Above it: dropped, or kept as suspects while their slot leads to the trampoline.
+        let mem: &dyn Memory = mem;
+        let mut j = self.stacks[cpu].len();
+        while j > i + 1 {
+            j -= 1;
+            if mem.read_u64(self.stacks[cpu][j].sp) == Ok(RET_TRAMPOLINE) {
+                self.suspect(cpu, j);
+            } else {
+                let f = self.stacks[cpu].remove(j);
+                self.lose(&f);
+            }
         }
-        let f = self.stacks[cpu].pop().expect("found");
+        let f = self.stacks[cpu].remove(i);
+        if f.suspect {
+            for &(id, _) in &f.consumers {
+                if self.awaits(id) {
+                    self.count(id, |s| s.returns_lost -= 1);
+                    self.lost_seen -= 1;
+                }
+            }
+        }
         for (id, token) in f.consumers {
             if !self.awaits(id) {
                 continue;

@@ -23,7 +23,7 @@ impl Model {
         let mut cur = Cursor { calls, pos: 0 };
         match *event {
             Event::Exec { .. } | Event::RaiseTrap { .. } => {}
-            Event::Return { rsp, outcome } => self.on_return(&mut cur, cpu, rsp, outcome)?,
+            Event::Return { rsp, outcome } => self.on_return(&mut cur, cpu, rsp, outcome, mem)?,
             Event::Dispatch { addr, sp, outcome } => {
                 let expected = self.dispatch(&mut cur, cpu, addr, sp, mem)?;
                 if expected != outcome {
