@@ -69,6 +69,12 @@ impl Tracer {
         if self.returns.trampoline() == Some(rip.wrapping_sub(1)) {
             return self.on_return(tid, read);
         }
+        if let Some(ask) = self.shadow_ask_at(rip.wrapping_sub(1)) {
+            let Some(ur) = read.or_else(|| sys::get_regs(tid).ok()) else {
+                return Ok(()); // killed meanwhile: its exit comes next
+            };
+            return self.shadow_ask(tid, ur, ask);
+        }
         let th = self.threads.known(tid);
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {

@@ -143,6 +143,32 @@ fn longjmp_out_of_return_probed_calls_is_counted_lost() {
 }
 
 #[test]
+fn coroutines_switching_stacks_inside_return_probed_calls_return_through_every_call() {
+    // As in `returns.rs`, in the tracee: each return of mp_ret_co_resume finds a call of
+    // mp_ret_co_yield on the other stack above its frame, whose slot the tracer reads
+    // (the code asks it); that call is kept and returns later. Before, the program died
+    // of the return code's ud2 (SIGILL).
+    for above in ["0", "1"] {
+        let args = ["coro", "100", above];
+        let (t0, _) = common::unprobed("mp-c-rets", &args);
+        let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
+        let resume = Ret::on(&t, "mp_ret_co_resume");
+        let yields = Ret::on(&t, "mp_ret_co_yield");
+        exited_0(&mut t);
+        assert_eq!(common::read_all(&mut child), t0, "A above B: {above}");
+        let seen = yields.returns();
+        let want: Vec<_> = (0..100).map(|i| (i, 3 * i)).collect();
+        let got: Vec<_> = seen.iter().map(|&(_, a, _, v, _)| (a, v)).collect();
+        assert_eq!(got, want, "A above B: {above}");
+        assert_eq!(resume.returns().len(), 101);
+        assert_eq!(resume.counts(), (101, 101, 0), "A above B: {above}");
+        assert_eq!(yields.counts(), (100, 100, 0), "A above B: {above}");
+        resume.in_tracee(&t);
+        yields.in_tracee(&t);
+    }
+}
+
+#[test]
 fn nap_latencies_are_the_sleeps() {
     let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &["nap", "1", "10", "100"]);
     let r = Ret::on(&t, "mp_ret_nap");

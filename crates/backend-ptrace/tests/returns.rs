@@ -123,6 +123,40 @@ fn longjmp_out_of_return_probed_calls_is_counted_lost() {
 }
 
 #[test]
+fn coroutines_switching_stacks_inside_return_probed_calls_return_through_every_call() {
+    // Each return of mp_ret_co_resume comes while a call of mp_ret_co_yield is in flight
+    // on the other stack, which returns later (c/coro.h); the stacks are neighbours,
+    // in both orders. Before, that frame was dropped at the first return, and its own
+    // return was a tracer error.
+    for above in ["0", "1"] {
+        let args = ["coro", "100", above];
+        let (t0, _) = common::unprobed("mp-c-rets", &args);
+        assert_eq!(t0, format!("coro={}\n", 100 * 99 + 3 * 100 * 99 / 2 + 100));
+        let (mut t, mut child) = common::spawn_at_entry("mp-c-rets", &args);
+        let (resume, r) = ret_probe(&t, "mp_ret_co_resume");
+        let (yields, y) = ret_probe(&t, "mp_ret_co_yield");
+        exited_0(&mut t);
+        assert_eq!(common::read_all(&mut child), t0, "A above B: {above}");
+        let values = |seen: &Seen| {
+            let seen = seen.lock().unwrap();
+            seen.iter().map(|&(_, a, _, v)| (a, v)).collect::<Vec<_>>()
+        };
+        // mp_ret_co_yield(i) returns 3i, in call order.
+        let want: Vec<_> = (0..100).map(|i| (i, 3 * i)).collect();
+        assert_eq!(values(&y), want);
+        assert_eq!(values(&r).len(), 101);
+        for (p, n) in [(&resume, 101), (&yields, 100)] {
+            let s = p.stats().unwrap();
+            assert_eq!(
+                (s.hits, s.returns, s.returns_lost),
+                (n, n, 0),
+                "A above B: {above}"
+            );
+        }
+    }
+}
+
+#[test]
 fn cpp_exception_thrown_through_return_probed_calls_is_caught() {
     let (t0, code) = common::unprobed("mp-cpp-throwret", &["10"]);
     assert_eq!(

@@ -22,6 +22,8 @@
  *                  W * T threads have W * T fs bases; prints "waves=W sum=S"
  *   tail N         N calls of mp_ret_tail(i, i), which tail-calls (jmp) mp_ret_add(i, 2i);
  *                  prints "sum=S calls=N"
+ *   coro N A       coroutines switching stacks inside return-probed calls (coro.h):
+ *                  mp_ret_co_run(N, A); prints "coro=T"
  *   quit MS        mp_ret_quitter(0) returns; after a byte on stdin a thread calls
  *                  mp_ret_quitter(1),
  *                  which ends the thread (pthread_exit) inside the call; after the
@@ -64,6 +66,11 @@ long mp_ret_nap(int ms) {
 }
 
 static jmp_buf env;
+
+#define CORO_RESUME mp_ret_co_resume
+#define CORO_YIELD mp_ret_co_yield
+#define CORO_RUN mp_ret_co_run
+#include "coro.h"
 
 void mp_ret_jump(int i) { longjmp(env, i + 1); }
 
@@ -209,6 +216,8 @@ int mp_rets_main(int argc, char **argv) {
             else
                 jumped++;
         printf("jumped=%d add=%d\n", jumped, mp_ret_add(jumped, 0));
+    } else if (!strcmp(mode, "coro")) {
+        printf("coro=%ld\n", mp_ret_co_run(a, argc > 3 ? atoi(argv[3]) : 0));
     } else if (!strcmp(mode, "nap")) {
         for (int i = 2; i < argc; i++) {
             int ms = atoi(argv[i]);

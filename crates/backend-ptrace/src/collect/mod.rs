@@ -104,6 +104,7 @@ mod promote;
 mod quiet;
 mod reader;
 mod shadow;
+mod sweep;
 
 pub use handler::{
     Action, Collect, CollectStats, LatencyHist, Record, RecordData, HIST_BUCKETS, MEM_MAX,

@@ -202,7 +202,8 @@ impl Tracer {
         };
         let read = |a: u64, b: &mut [u8]| self.mem.read(a, b).is_ok();
         if let Some((at, calls)) = calls_in_flight(*shadow, Some(fs), &read).pop() {
-            for word in calls.iter().flat_map(|c| c.lost) {
+            // Suspects are counted lost already.
+            for word in calls.iter().filter(|c| !c.suspect).flat_map(|c| c.lost) {
                 super::reader::count_lost_at(area, word);
             }
             // The depth first: a thread that claims the block finds its stack empty.
@@ -212,7 +213,7 @@ impl Tracer {
     }
 }
 
-fn shadow_of(shared: &crate::backend::Shared) -> Option<u64> {
+pub(super) fn shadow_of(shared: &crate::backend::Shared) -> Option<u64> {
     match shared.lock().collect.shadow {
         ShadowState::Mapped(a) => Some(a),
         _ => None,

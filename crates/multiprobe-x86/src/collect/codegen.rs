@@ -546,6 +546,9 @@ pub fn build_collect_trampoline(
     let mut points = Vec::new();
 
     let mut ret_code = a.create_label();
+    let mut ask_entry = a.create_label();
+    let mut ask_return = a.create_label();
+    let mut broken = a.create_label();
     let rets = spec.collectors.iter().any(|c| c.action.at_return());
     g.prologue(&mut a)?;
     if !spec.collectors.is_empty() {
@@ -558,7 +561,7 @@ pub fn build_collect_trampoline(
         }
     }
     if rets {
-        g.shadow_push(&mut a, ret_code)?;
+        g.shadow_push(&mut a, ret_code, &mut ask_entry)?;
     }
     g.epilogue(&mut a)?;
     let plain = emit_plain_copy(&mut a, region, &insns, lit_ret, &mut points, None)?;
@@ -569,7 +572,7 @@ pub fn build_collect_trampoline(
         }
     }
     if rets {
-        g.return_code(&mut a, &mut ret_code)?;
+        g.return_code(&mut a, &mut ret_code, &mut ask_return, &mut broken)?;
     }
     a.int3()?; // never executed: keeps a stray fall-through from reading data as code
     a.set_label(&mut lit_ret)?;
@@ -588,6 +591,15 @@ pub fn build_collect_trampoline(
             0
         },
         faults: [(0, ActionFault { slot: 0, resume: 0 }); MAX_COLLECTORS],
+        asks: if rets {
+            [
+                asm.off(&ask_entry)?,
+                asm.off(&ask_return)?,
+                asm.off(&broken)?,
+            ]
+        } else {
+            [0; 3]
+        },
     };
     for (i, (fault, resume, slot)) in resumes.iter().enumerate() {
         map.faults[i] = (

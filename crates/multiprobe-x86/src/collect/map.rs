@@ -34,6 +34,26 @@ pub struct CollectMap {
     pub(crate) ret_code: u64,
     /// (offset of the faulting instruction, its entry).
     pub(crate) faults: [(u16, ActionFault); MAX_COLLECTORS],
+    /// Offsets of the shadow-stack code's `int3`s that ask the tracer (at an entry, at
+    /// a return) and of the return code's `ud2`; zeros without `ret` collectors.
+    pub(crate) asks: [u16; 3],
+}
+
+/// What the thread at an `int3` of a trampoline's shadow-stack code asks the tracer
+/// (`shadow`'s module docs). Either way the thread is resumed after the `int3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// An entry found a frame below its slot that is not a suspect: `rdi` holds the
+    /// thread's block, `rsi` the entry's slot, `rdx` the block's depth. Sweep the block
+    /// for an entry at that slot and set `rdx` to the new depth.
+    Entry,
+    /// A return whose frame is not the innermost, with the program's registers (`rsp`
+    /// is past the popped slot). Put the innermost frame recorded at `rsp - 8` on top,
+    /// or, if there is none, send the thread to `broken` (a `ud2`: it cannot go on).
+    Return {
+        /// The address of the return code's `ud2`.
+        broken: u64,
+    },
 }
 
 /// A collecting trampoline: its bytes to place at [`CollectMap::addr`], and its map.
@@ -96,6 +116,25 @@ impl CollectMap {
     /// if it has `ret` collectors.
     pub fn ret_code(&self) -> Option<u64> {
         (self.ret_code != 0).then_some(self.ret_code)
+    }
+
+    /// `Some` when `ip` is one of the `int3`s by which the shadow-stack code asks the
+    /// tracer.
+    pub fn ask(&self, ip: u64) -> Option<Ask> {
+        let [entry, ret, broken] = self.asks;
+        if self.ret_code == 0 || !self.contains(ip) {
+            return None;
+        }
+        let off = ip - self.addr;
+        if off == u64::from(entry) {
+            Some(Ask::Entry)
+        } else if off == u64::from(ret) {
+            Some(Ask::Return {
+                broken: self.addr + u64::from(broken),
+            })
+        } else {
+            None
+        }
     }
 
     /// The relocated copy of region instruction `i`.

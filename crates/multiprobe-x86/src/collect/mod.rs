@@ -78,16 +78,19 @@
 //!
 //! A site with [`Action::Ret`] collectors is a function entry. After its other
 //! collectors, the entry code finds the thread's block of the shadow stacks (a hash of
-//! the fs base, claimed once), drops frames of calls a `longjmp` skipped, pushes a
+//! the fs base, claimed once), drops frames of calls whose slot it overwrote, pushes a
 //! frame (the return address, its slot, `rdtsc`, the arguments) and writes the address
 //! of the site's *return code* into the return slot. The return code, at the end of
 //! the same trampoline, is where the function's `ret` lands: it saves what it uses as
-//! the entry does, pops frames down to the one whose slot is `rsp - 8` (counting the
-//! skipped ones lost), writes each live collector's record, puts the original return
+//! the entry does, takes the innermost frame if its slot is `rsp - 8`, writes each live
+//! collector's record, puts the original return
 //! address into the popped slot (`[rsp - 8]`, inside the red zone, which signal
 //! delivery never writes) and leaves by `jmp [rsp - 8]` with every register restored.
 //! A collector whose live word is 0 (it left the site) writes nothing: calls in flight
-//! return unobserved. The return code is inside the trampoline ([`CollectMap::locate`]
+//! return unobserved. What the code cannot decide alone — a frame below the entry's
+//! slot (a call a `longjmp` skipped, or one in flight on another stack), a return whose
+//! frame is not the innermost — it asks the tracer by an `int3` ([`CollectMap::ask`],
+//! [`Ask`]; see `shadow`). The return code is inside the trampoline ([`CollectMap::locate`]
 //! says `Inside`), so a thread stopped there is let run out of it like the action code;
 //! it leaves at the original return address. See `shadow` for the stacks' layout and
 //! their invariants. Unwinders that read return addresses (C++ exceptions,
@@ -118,7 +121,7 @@ pub use layout::{
     AreaLayout, AREA_MAGIC, AREA_VERSION, CELL_LEN, COUNTER_STRIPES, FLAG_FAULTED,
     MAX_COUNTER_SLOTS, MAX_RING_CELLS, RECORD_DATA_MAX, RECORD_HEADER_LEN,
 };
-pub use map::{ActionFault, BuiltCollect, CollectMap, COLLECT_LEN, MAX_COLLECTORS};
+pub use map::{ActionFault, Ask, BuiltCollect, CollectMap, COLLECT_LEN, MAX_COLLECTORS};
 pub use reader::{AreaError, AreaReader, Counters, LatencyHist, RecordRef, HIST_BUCKETS};
 
 use crate::region::Region;

@@ -16,8 +16,8 @@ use super::layout::{
     cell, COUNTER_STRIPES, DROPPED, HIST_LEN, HIST_MAX, HIST_MIN_INV, HIST_SUM, LIVE, LOST,
 };
 use super::shadow::{
-    BLOCK_LEN, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_LOST, F_LOST2, F_RET, F_RSP, F_TSC,
-    OWNER, PROBES, THREADS,
+    BLOCK_LEN, BUSY, DEPTH, FRAMES, FRAME_LEN, F_ARGS, F_CODE, F_FLAGS, F_LOST, F_LOST2, F_RET,
+    F_RSP, F_TSC, OWNER, PROBES, SUSPECT, THREADS,
 };
 use super::{Action, RET_LEN};
 use multiprobe_core::Gpr;
@@ -99,38 +99,67 @@ impl Gen<'_> {
         Ok(())
     }
 
-    /// Count the frame at `rdi + rax` lost (its one or two counter words).
+    /// Count the frame at `rdi + rax` lost (its one or two counter words), unless it
+    /// is a suspect (counted already).
     fn count_frame_lost(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        let mut done = a.create_label();
+        a.test(qword_ptr(rdi + rax + F_FLAGS as i32), SUSPECT as i32)?;
+        a.jnz(done)?;
+        self.bump_frame_lost(a, rdi + rax, false)?;
+        a.set_label(&mut done)?;
+        a.zero_bytes()
+    }
+
+    /// `lock inc` (or with `back`, `lock dec`: a suspect returned after all) of the one
+    /// or two lost-counter words of the frame at `frame`. `rdx` is scratch.
+    fn bump_frame_lost(
+        &self,
+        a: &mut CodeAssembler,
+        frame: AsmMemoryOperand,
+        back: bool,
+    ) -> Result<(), IcedError> {
         let mut no_second = a.create_label();
-        a.mov(rdx, qword_ptr(rdi + rax + F_LOST as i32))?;
-        a.lock().inc(qword_ptr(rdx))?;
-        a.mov(rdx, qword_ptr(rdi + rax + F_LOST2 as i32))?;
-        a.test(rdx, rdx)?;
-        a.jz(no_second)?;
-        a.lock().inc(qword_ptr(rdx))?;
+        for (k, field) in [F_LOST, F_LOST2].into_iter().enumerate() {
+            a.mov(rdx, qword_ptr(frame + field as i32))?;
+            if k == 1 {
+                a.test(rdx, rdx)?;
+                a.jz(no_second)?;
+            }
+            if back {
+                a.lock().dec(qword_ptr(rdx))?;
+            } else {
+                a.lock().inc(qword_ptr(rdx))?;
+            }
+        }
         a.set_label(&mut no_second)?;
         a.zero_bytes()
     }
 
     /// The entry's push (module docs): after the other collectors, before the region.
+    /// The `int3` in it is [`Gen::ask_entry`]'s.
     pub(super) fn shadow_push(
         &self,
         a: &mut CodeAssembler,
         ret_code: CodeLabel,
+        ask: &mut CodeLabel,
     ) -> Result<(), IcedError> {
         let mut lost = a.create_label();
         let mut full = a.create_label();
         let mut clean = a.create_label();
         let mut push = a.create_label();
         let mut done = a.create_label();
+        let mut below = a.create_label();
         self.find_block(a, true, lost)?;
+        // From here to the end, this thread's block is busy (the tracer compacts it only
+        // when nothing of the thread is under way: see `shadow`).
+        a.inc(qword_ptr(rdi + BUSY as i32))?;
         a.mov(rdx, qword_ptr(rdi + DEPTH as i32))?;
         a.lea(rsi, ptr(rsp + self.clob.program_rsp()))?;
-        // Drop frames whose slot is at or below this call's: calls already left — but
-        // for one at this call's slot that still holds that frame's return code: this
-        // entry came by a tail call (`jmp`) from inside that call, which a `call` would
-        // have overwritten. It stays; the new frame's original is that return code, so
-        // the returns chain (this site's code, then the outer one's).
+        // Drop frames at this call's slot (a `call` overwrote it) — but for one whose
+        // slot still holds that frame's return code: this entry came by a tail call
+        // (`jmp`) from inside that call. It stays; the new frame's original is that
+        // return code, so the returns chain (this site's code, then the outer one's).
+        // A frame below the slot asks the tracer, unless it did before (a suspect).
         let mut dead = a.create_label();
         a.set_label(&mut clean)?;
         a.test(rdx, rdx)?;
@@ -138,7 +167,7 @@ impl Gen<'_> {
         a.imul_3(rax, rdx, FRAME_LEN as i32)?;
         a.cmp(qword_ptr(rdi + rax + F_RSP as i32), rsi)?;
         a.ja(push)?;
-        a.jb(dead)?;
+        a.jb(below)?;
         a.mov(r11, qword_ptr(rsi))?;
         a.cmp(r11, qword_ptr(rdi + rax + F_CODE as i32))?;
         a.je(push)?;
@@ -148,6 +177,14 @@ impl Gen<'_> {
         a.mov(rdx, r10)?;
         a.dec(rdx)?;
         a.jmp(clean)?;
+        a.set_label(&mut below)?;
+        a.test(qword_ptr(rdi + rax + F_FLAGS as i32), SUSPECT as i32)?;
+        a.jnz(push)?;
+        // rdi = the block, rsi = the slot, rdx = the depth: the tracer sweeps the block
+        // and sets rdx to its new depth.
+        a.set_label(ask)?;
+        a.int3()?;
+        a.jmp(clean)?;
         a.set_label(&mut push)?;
         a.cmp(rdx, FRAMES as i32)?;
         a.jae(full)?;
@@ -155,35 +192,39 @@ impl Gen<'_> {
         a.lea(rax, ptr(rdx + 1))?;
         a.mov(qword_ptr(rdi + DEPTH as i32), rax)?;
         a.imul_3(rax, rax, FRAME_LEN as i32)?;
-        a.add(rdi, rax)?;
+        // r11 = the frame (rdi stays the block, for `busy`).
+        a.lea(r11, ptr(rdi + rax))?;
         a.mov(rax, qword_ptr(rsi))?;
-        a.mov(qword_ptr(rdi + F_RET as i32), rax)?;
-        a.mov(qword_ptr(rdi + F_RSP as i32), rsi)?;
+        a.mov(qword_ptr(r11 + F_RET as i32), rax)?;
+        a.mov(qword_ptr(r11 + F_RSP as i32), rsi)?;
+        a.mov(qword_ptr(r11 + F_FLAGS as i32), 0)?;
         a.rdtsc()?;
         a.shl(rdx, 32)?;
         a.or(rax, rdx)?;
-        a.mov(qword_ptr(rdi + F_TSC as i32), rax)?;
+        a.mov(qword_ptr(r11 + F_TSC as i32), rax)?;
         let mut rets = self.rets();
         let first = rets.next().expect("a ret collector");
         a.mov(rax, self.counter_abs(first, LOST))?;
-        a.mov(qword_ptr(rdi + F_LOST as i32), rax)?;
+        a.mov(qword_ptr(r11 + F_LOST as i32), rax)?;
         match rets.next() {
             Some(second) => {
                 a.mov(rax, self.counter_abs(second, LOST))?;
-                a.mov(qword_ptr(rdi + F_LOST2 as i32), rax)?;
+                a.mov(qword_ptr(r11 + F_LOST2 as i32), rax)?;
             }
-            None => a.mov(qword_ptr(rdi + F_LOST2 as i32), 0)?,
+            None => a.mov(qword_ptr(r11 + F_LOST2 as i32), 0)?,
         }
         for (i, &g) in ARGS.iter().enumerate() {
             self.load_program(a, rax, g)?;
-            a.mov(qword_ptr(rdi + (F_ARGS + 8 * i) as i32), rax)?;
+            a.mov(qword_ptr(r11 + (F_ARGS + 8 * i) as i32), rax)?;
         }
         a.lea(rax, ptr(ret_code))?;
-        a.mov(qword_ptr(rdi + F_CODE as i32), rax)?;
+        a.mov(qword_ptr(r11 + F_CODE as i32), rax)?;
         a.mov(qword_ptr(rsi), rax)?;
+        a.dec(qword_ptr(rdi + BUSY as i32))?;
         a.jmp(done)?;
         a.set_label(&mut full)?;
         a.mov(qword_ptr(rdi + DEPTH as i32), rdx)?; // what the clean-up dropped
+        a.dec(qword_ptr(rdi + BUSY as i32))?;
         a.set_label(&mut lost)?;
         for slot in self.rets() {
             add(
@@ -196,34 +237,50 @@ impl Gen<'_> {
     }
 
     /// The site's return code (module docs), at `label`: entered by the probed
-    /// function's `ret`, with the entry's prologue.
+    /// function's `ret`, with the entry's prologue. The `int3` at `ask` is
+    /// [`Gen::ask_return`]'s, and `broken` (a `ud2`) where the tracer sends a thread
+    /// whose return matches no call.
     pub(super) fn return_code(
         &self,
         a: &mut CodeAssembler,
         label: &mut CodeLabel,
+        ask: &mut CodeLabel,
+        broken: &mut CodeLabel,
     ) -> Result<(), IcedError> {
-        let mut broken = a.create_label();
-        let mut pop = a.create_label();
+        let mut no_block = a.create_label();
+        let mut not_top = a.create_label();
         let mut matched = a.create_label();
+        let mut counted = a.create_label();
         a.set_label(label)?;
         self.prologue(a)?;
-        self.find_block(a, false, broken)?;
+        self.find_block(a, false, no_block)?;
         // rsi = the slot the `ret` popped.
         a.lea(rsi, ptr(rsp + self.clob.program_rsp() - 8))?;
+        a.inc(qword_ptr(rdi + BUSY as i32))?;
         a.mov(rcx, qword_ptr(rdi + DEPTH as i32))?;
-        a.set_label(&mut pop)?;
         a.test(rcx, rcx)?;
-        a.jz(broken)?;
+        a.jz(not_top)?;
         a.imul_3(rax, rcx, FRAME_LEN as i32)?;
         a.cmp(qword_ptr(rdi + rax + F_RSP as i32), rsi)?;
         a.je(matched)?;
-        a.ja(broken)?;
-        self.count_frame_lost(a)?;
-        a.dec(rcx)?;
-        a.jmp(pop)?;
+        a.set_label(&mut not_top)?;
+        a.dec(qword_ptr(rdi + BUSY as i32))?;
+        a.set_label(&mut no_block)?;
+        // Not the innermost frame (a call skipped by a longjmp above it, or calls on
+        // another stack): with the program's registers back, the tracer puts this
+        // call's frame innermost and the thread starts this code again.
+        self.epilogue(a)?;
+        a.set_label(ask)?;
+        a.int3()?;
+        a.jmp(*label)?;
         a.set_label(&mut matched)?;
         a.lea(rsi, ptr(rdi + rax))?;
         a.dec(rcx)?;
+        a.test(qword_ptr(rsi + F_FLAGS as i32), SUSPECT as i32)?;
+        a.jz(counted)?;
+        // Counted lost while it looked skipped: it returns after all.
+        self.bump_frame_lost(a, rsi + 0, true)?;
+        a.set_label(&mut counted)?;
         for c in self.spec.collectors {
             match c.action {
                 Action::Ret => self.ret_record(a, c.slot)?,
@@ -235,11 +292,13 @@ impl Gen<'_> {
         a.mov(qword_ptr(rsp + self.clob.program_rsp() - 8), rax)?;
         // The frame is read: it may go now.
         a.mov(qword_ptr(rdi + DEPTH as i32), rcx)?;
+        a.dec(qword_ptr(rdi + BUSY as i32))?;
         self.epilogue(a)?;
         a.jmp(qword_ptr(rsp - 8))?;
-        // No frame for this return: the slot held our address without a push, which
-        // the entry never does. Stop the thread rather than guess where to go.
-        a.set_label(&mut broken)?;
+        // No frame for this return (the tracer found none either): the slot held our
+        // address without a push, which the entry never does. Stop the thread rather
+        // than guess where to go.
+        a.set_label(broken)?;
         a.ud2()
     }
 

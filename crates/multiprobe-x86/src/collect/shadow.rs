@@ -7,6 +7,8 @@
 //! THREADS blocks of BLOCK_LEN bytes, one per thread (claimed by its fs base):
 //!   0      owner  u64: the thread's fs base, 0 while free (claimed by `lock cmpxchg`)
 //!   8      depth  u64: frames in use
+//!   16     busy   u64: entries and returns of this thread in the shadow code now (more
+//!                 than one: a signal handler's call nested in another's)
 //!   k * FRAME_LEN (k = 1..=FRAMES): frame k, the k-th call still in flight
 //!     0    ret    u64: the return address the entry replaced
 //!     8    rsp    u64: the address of that return slot (the entry's stack pointer)
@@ -15,6 +17,7 @@
 //!     32   lost2  u64: ... and a second one, or 0
 //!     40   code   u64: the return code's address (what the slot holds while armed)
 //!     48   args   6 × u64: rdi rsi rdx rcx r8 r9 at the entry
+//!     96   flags  u64: SUSPECT (counted lost already, see below)
 //! ```
 //!
 //! The mapping is the tracee's own, private and anonymous (`MAP_NORESERVE`: pages are
@@ -26,15 +29,21 @@
 //! thread (a probed call inside it) cannot corrupt an interrupted push or pop:
 //! * an entry raises `depth` before it writes its frame, and a return lowers it only
 //!   after it has read its frame and written its records;
-//! * frames are matched by stack pointer: a return at `rsp = R` owns the top frame whose
-//!   `rsp` is `R - 8`; frames below it on the stack (`rsp < R - 8`, or `<=` the new
-//!   slot at an entry) belong to calls a `longjmp` or an exception skipped: they are
-//!   dropped and counted lost — except, at an entry, a frame at the new slot whose
-//!   slot still holds that frame's return code: the entry came by a tail call (`jmp`)
-//!   from inside that call. It stays, and the new frame's original return address is
-//!   that return code, so the two returns chain. A thread on an alternate signal stack above its own
-//!   stack would drop its live frames that way (the kernel's uretprobes have the same
-//!   heuristic).
+//! * frames are matched by stack pointer: a return at `rsp = R` owns the innermost
+//!   frame whose `rsp` is `R - 8`. At an entry at slot `S`, a frame at `S` is dead (a
+//!   `call` overwrote the slot), unless the slot still holds that frame's return code:
+//!   the entry came by a tail call (`jmp`) from inside that call. It stays, and the new
+//!   frame's original return address is that return code, so the two returns chain;
+//! * what the code cannot decide alone it asks the tracer, by an `int3` the tracer
+//!   knows ([`crate::collect::CollectMap::ask`]): an entry that finds a frame below its
+//!   slot (a call skipped by a `longjmp`, or live on another stack: a coroutine the
+//!   program switched away from), and a return whose frame is not the innermost. The
+//!   tracer reads the slots (its reads cannot fault the program), drops the frames
+//!   whose slot no longer holds their return code (counted lost), keeps the others as
+//!   *suspects* (counted lost once, un-counted by the return code if they return after
+//!   all), puts a returning call's frame innermost, and lets the thread go on. It
+//!   compacts the block only when `busy` says no other entry or return of the thread
+//!   is under way (one interrupted by the signal whose handler asks);
 //! * a thread whose block cannot be found or claimed (more than THREADS threads hashed
 //!   to a crowded neighbourhood), or whose stack is full, runs its call unswapped and
 //!   counts it lost: the program never depends on a free slot.
@@ -56,6 +65,8 @@ pub(crate) const PROBES: u32 = 8;
 pub const OWNER: usize = 0;
 /// A block's depth word (frames in use).
 pub const DEPTH: usize = 8;
+/// A block's busy word (entries and returns under way).
+pub const BUSY: usize = 16;
 /// Frame offsets (module docs): the original return address,
 pub const F_RET: usize = 0;
 /// the return slot's address,
@@ -68,11 +79,18 @@ pub const F_LOST: usize = 24;
 pub const F_LOST2: usize = 32;
 /// the return code's address,
 pub const F_CODE: usize = 40;
-/// the six arguments.
+/// the six arguments,
 pub const F_ARGS: usize = 48;
+/// the flags ([`SUSPECT`]).
+pub const F_FLAGS: usize = 96;
+/// Frame flag: the call is counted lost already (its frame was found where a skipped
+/// call's would be, its slot still holding the return code); its return, if it comes,
+/// takes the count back.
+pub const SUSPECT: u64 = 1;
 
 const _: () = assert!(THREADS.is_power_of_two() && FRAME_LEN.is_power_of_two());
-const _: () = assert!(F_ARGS + 6 * 8 <= FRAME_LEN && SHADOW_LEN.is_multiple_of(4096));
+const _: () = assert!(F_ARGS + 6 * 8 <= F_FLAGS && F_FLAGS + 8 <= FRAME_LEN);
+const _: () = assert!(SHADOW_LEN.is_multiple_of(4096));
 
 /// A call in flight, as the tracer reads it from a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +104,8 @@ pub struct InFlight {
     /// Where the call is counted lost if it never returns: the counter words of its
     /// one or two collectors (0 for none).
     pub lost: [u64; 2],
+    /// Counted lost already ([`SUSPECT`]).
+    pub suspect: bool,
 }
 
 /// Offset of block `i` in the mapping.
@@ -121,6 +141,7 @@ pub fn in_flight(frames: &[u8]) -> Vec<InFlight> {
                 slot: w(F_RSP),
                 code: w(F_CODE),
                 lost: [w(F_LOST), w(F_LOST2)],
+                suspect: w(F_FLAGS) & SUSPECT != 0,
             }
         })
         .collect()
@@ -145,13 +166,15 @@ mod tests {
                     ret: 0x1111,
                     slot: 0x7ff0,
                     code: 0,
-                    lost: [0, 0]
+                    lost: [0, 0],
+                    suspect: false,
                 },
                 InFlight {
                     ret: 0x2222,
                     slot: 0x7f00,
                     code: 0,
-                    lost: [0, 0]
+                    lost: [0, 0],
+                    suspect: false,
                 }
             ]
         );
