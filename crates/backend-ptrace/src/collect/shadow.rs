@@ -26,8 +26,8 @@
 
 use multiprobe_core::Memory;
 use multiprobe_x86::collect::shadow::{
-    block_header, block_offset, blocks_of, in_flight, InFlight, DEPTH, FRAMES, FRAME_LEN, OWNER,
-    SHADOW_LEN, THREADS,
+    block_header, block_offset, blocks_of, in_flight, InFlight, BUSY, DEPTH, FRAMES, FRAME_LEN,
+    OWNER, SHADOW_LEN, THREADS,
 };
 
 use crate::error;
@@ -208,6 +208,7 @@ impl Tracer {
             }
             // The depth first: a thread that claims the block finds its stack empty.
             let _ = self.mem.write(at + DEPTH as u64, &0u64.to_le_bytes());
+            let _ = self.mem.write(at + BUSY as u64, &0u64.to_le_bytes());
             let _ = self.mem.write(at + OWNER as u64, &0u64.to_le_bytes());
         }
     }
