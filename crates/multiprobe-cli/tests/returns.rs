@@ -323,3 +323,31 @@ fn backtrace_through_return_probed_functions_of_the_program_sees_every_frame() {
     ));
     assert_eq!(stdout, want, "{stderr}");
 }
+
+#[test]
+fn coroutines_that_switch_stacks_inside_return_probed_calls_run_as_unprobed() {
+    // Every return of mp_ret_co_resume comes while a call of mp_ret_co_yield is in
+    // flight on the other coroutine's stack (c/coro.h). Before, the program died of
+    // SIGILL at the first such return.
+    let p = rets();
+    for above in ["0", "1"] {
+        let want = unprobed_stdout(&p, &["coro", "300", above]);
+        let (stdout, stderr) = run_ok(&run_line(
+            &["--max-lines", "0"],
+            &["mp_ret_co_resume=latency", "mp_ret_co_yield=ret"],
+            &[&p, "coro", "300", above],
+        ));
+        assert_eq!(stdout, want, "{stderr}");
+        for summary in [
+            "mp_ret_co_yield ret: 300 returned, 0 lost",
+            "mp_ret_co_resume latency: 301 returned, 0 lost",
+        ] {
+            assert!(stderr.contains(summary), "{summary}: {stderr}");
+        }
+        assert_eq!(
+            stderr.matches("mp_ret_co_yield = ").count(),
+            300,
+            "{stderr}"
+        );
+    }
+}
