@@ -69,12 +69,6 @@ impl Tracer {
         if self.returns.trampoline() == Some(rip.wrapping_sub(1)) {
             return self.on_return(tid, read);
         }
-        if let Some(ask) = self.shadow_ask_at(rip.wrapping_sub(1)) {
-            let Some(ur) = read.or_else(|| sys::get_regs(tid).ok()) else {
-                return Ok(()); // killed meanwhile: its exit comes next
-            };
-            return self.shadow_ask(tid, ur, ask);
-        }
         let th = self.threads.known(tid);
         // The trailing int3 of the trap-after slot the thread was sent to last?
         if let Some(top) = th.slots.last() {
@@ -113,6 +107,14 @@ impl Tracer {
         let addr = rip.wrapping_sub(1);
         let site = self.dispatcher.with_site(addr, |s| Arc::clone(&s.0));
         let Some(site) = site.filter(|s| s.gen == self.shared.gen()) else {
+            // Not a probe: the shadow-stack code asking (looked up only here, off the
+            // path of a hit).
+            if let Some(ask) = self.shadow_ask_at(addr) {
+                let Some(ur) = read.or_else(|| sys::get_regs(tid).ok()) else {
+                    return Ok(()); // killed meanwhile: its exit comes next
+                };
+                return self.shadow_ask(tid, ur, ask);
+            }
             return self.not_ours(tid, addr);
         };
         if self.reached_entry_hold(addr) {
