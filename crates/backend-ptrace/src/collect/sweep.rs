@@ -28,48 +28,12 @@
 
 use multiprobe_core::Memory;
 use multiprobe_x86::collect::shadow::{
-    block_offset, blocks_of, BUSY, DEPTH, FRAMES, FRAME_LEN, F_CODE, F_FLAGS, F_LOST, F_LOST2,
-    F_RET, F_RSP, OWNER, SUSPECT,
+    block_offset, blocks_of, frames_of, FrameBytes, BUSY, DEPTH, FRAMES, FRAME_LEN, OWNER,
 };
 use multiprobe_x86::collect::Ask;
 
 use crate::sys::{self, Tid};
 use crate::tracer::Tracer;
-
-/// One frame's bytes, as the tracee wrote them (trusted only as far as the rules go).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RawFrame(pub(crate) [u8; FRAME_LEN]);
-
-impl RawFrame {
-    fn word(&self, off: usize) -> u64 {
-        u64::from_le_bytes(self.0[off..off + 8].try_into().expect("8 bytes"))
-    }
-    fn set_word(&mut self, off: usize, v: u64) {
-        self.0[off..off + 8].copy_from_slice(&v.to_le_bytes());
-    }
-    pub(crate) fn slot(&self) -> u64 {
-        self.word(F_RSP)
-    }
-    fn code(&self) -> u64 {
-        self.word(F_CODE)
-    }
-    fn ret(&self) -> u64 {
-        self.word(F_RET)
-    }
-    pub(crate) fn suspect(&self) -> bool {
-        self.word(F_FLAGS) & SUSPECT != 0
-    }
-    fn set_suspect(&mut self) {
-        let f = self.word(F_FLAGS);
-        self.set_word(F_FLAGS, f | SUSPECT);
-    }
-    /// The counter words its loss is counted in.
-    pub(crate) fn lost_words(&self) -> impl Iterator<Item = u64> {
-        [self.word(F_LOST), self.word(F_LOST2)]
-            .into_iter()
-            .filter(|&w| w != 0)
-    }
-}
 
 /// What the thread asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +48,7 @@ pub(crate) enum Event {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Swept {
     /// The frames, outermost first.
-    pub(crate) frames: Vec<RawFrame>,
+    pub(crate) frames: Vec<FrameBytes>,
     /// Counter words to count one loss in each (a word twice: twice).
     pub(crate) lost: Vec<u64>,
 }
@@ -92,7 +56,7 @@ pub(crate) struct Swept {
 /// Sweep `frames` (outermost first) for `ev` (module docs), reading slots with `read`.
 /// `None` for a return that matches no frame.
 pub(crate) fn sweep(
-    frames: &[RawFrame],
+    frames: &[FrameBytes],
     ev: Event,
     read: &dyn Fn(u64) -> Option<u64>,
 ) -> Option<Swept> {
@@ -207,10 +171,7 @@ impl Tracer {
         let busy = mem.read_u64(block + BUSY as u64).ok()?;
         let mut bytes = vec![0u8; depth * FRAME_LEN];
         self.mem.read(block + FRAME_LEN as u64, &mut bytes).ok()?;
-        let frames: Vec<RawFrame> = bytes
-            .chunks_exact(FRAME_LEN)
-            .map(|c| RawFrame(c.try_into().expect("a frame")))
-            .collect();
+        let frames: Vec<FrameBytes> = frames_of(&bytes).collect();
         let read = |a: u64| mem.read_u64(a).ok();
         let count = |words: &[u64]| {
             let st = self.shared.lock();
@@ -269,11 +230,12 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use multiprobe_x86::collect::shadow::{F_CODE, F_LOST, F_RET, F_RSP};
 
     const LOST: u64 = 0x9000;
 
-    fn frame(slot: u64, code: u64, ret: u64) -> RawFrame {
-        let mut f = RawFrame([0; FRAME_LEN]);
+    fn frame(slot: u64, code: u64, ret: u64) -> FrameBytes {
+        let mut f = FrameBytes([0; FRAME_LEN]);
         f.set_word(F_RSP, slot);
         f.set_word(F_CODE, code);
         f.set_word(F_RET, ret);

@@ -128,23 +128,79 @@ pub fn block_header(head: &[u8; 16]) -> (u64, u64) {
     (w(OWNER), w(DEPTH))
 }
 
-/// The calls in flight of a block, outermost first: `frames` holds the bytes of frames
-/// `1..=n` (from [`FRAME_LEN`] into the block). Never trusts the bytes: at most what
-/// `frames` holds.
-pub fn in_flight(frames: &[u8]) -> Vec<InFlight> {
+/// One frame's bytes, as the tracee wrote them, for a tracer that reads and rewrites
+/// them (nothing in them is trusted beyond its own use of a field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameBytes(pub [u8; FRAME_LEN]);
+
+impl FrameBytes {
+    /// The word at `off` (one of the `F_*` offsets).
+    pub fn word(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.0[off..off + 8].try_into().expect("8 bytes"))
+    }
+
+    /// Set the word at `off`.
+    pub fn set_word(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// The original return address.
+    pub fn ret(&self) -> u64 {
+        self.word(F_RET)
+    }
+
+    /// The return slot's address.
+    pub fn slot(&self) -> u64 {
+        self.word(F_RSP)
+    }
+
+    /// The return code's address.
+    pub fn code(&self) -> u64 {
+        self.word(F_CODE)
+    }
+
+    /// Whether it is counted lost already ([`SUSPECT`]).
+    pub fn suspect(&self) -> bool {
+        self.word(F_FLAGS) & SUSPECT != 0
+    }
+
+    /// Flag it [`SUSPECT`].
+    pub fn set_suspect(&mut self) {
+        let f = self.word(F_FLAGS);
+        self.set_word(F_FLAGS, f | SUSPECT);
+    }
+
+    /// The counter words its loss is counted in (none of them 0).
+    pub fn lost_words(&self) -> impl Iterator<Item = u64> {
+        [self.word(F_LOST), self.word(F_LOST2)]
+            .into_iter()
+            .filter(|&w| w != 0)
+    }
+
+    /// The frame's fields.
+    pub fn call(&self) -> InFlight {
+        InFlight {
+            ret: self.ret(),
+            slot: self.slot(),
+            code: self.code(),
+            lost: [self.word(F_LOST), self.word(F_LOST2)],
+            suspect: self.suspect(),
+        }
+    }
+}
+
+/// The frames of a block, outermost first: `frames` holds the bytes of frames `1..=n`
+/// (from [`FRAME_LEN`] into the block). At most what `frames` holds.
+pub fn frames_of(frames: &[u8]) -> impl Iterator<Item = FrameBytes> + '_ {
     frames
         .chunks_exact(FRAME_LEN)
-        .map(|f| {
-            let w = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().expect("8 bytes"));
-            InFlight {
-                ret: w(F_RET),
-                slot: w(F_RSP),
-                code: w(F_CODE),
-                lost: [w(F_LOST), w(F_LOST2)],
-                suspect: w(F_FLAGS) & SUSPECT != 0,
-            }
-        })
-        .collect()
+        .map(|c| FrameBytes(c.try_into().expect("a frame")))
+}
+
+/// The calls in flight of a block, outermost first (as [`frames_of`]). Never trusts
+/// the bytes: at most what `frames` holds.
+pub fn in_flight(frames: &[u8]) -> Vec<InFlight> {
+    frames_of(frames).map(|f| f.call()).collect()
 }
 
 #[cfg(test)]
