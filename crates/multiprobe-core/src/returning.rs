@@ -172,6 +172,10 @@ impl<'s> Arming<'s> {
                 suspect(table, stack, &f, shard);
             }
         }
+        // Read only while some frame may be a suspect: not on the usual entry.
+        if stack.has_suspects() && mem.read_u64(sp) != Ok(tramp) {
+            stack.drop_suspects_at(sp);
+        }
         let start = if tramp == 0 {
             None
         } else {

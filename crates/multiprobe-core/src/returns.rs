@@ -47,7 +47,8 @@
 //! at once (a *suspect*, flagged in its header), which is the right count for the dead
 //! case. If it does return after all, the count is taken back and the return counted
 //! and dispatched as any other. A dead suspect goes at a later scan that finds its slot
-//! overwritten (counted once), or when its thread's calls are abandoned.
+//! overwritten (counted once) — or, under the frame of an outer call, at the next
+//! entry whose `call` wrote its slot — or when its thread's calls are abandoned.
 //!
 //! Invariants:
 //! * A frame is dropped only when its call can no longer return through the trampoline
@@ -132,6 +133,9 @@ pub(crate) struct ReturnStack {
     owned: Cell<bool>,
     /// The backend's return trampoline (0: none yet; returns are then lost).
     trampoline: Cell<u64>,
+    /// Whether a frame may be a suspect (set with one, cleared when the stack empties):
+    /// only then does an entry look past the frames above it for a suspect at its slot.
+    suspects: Cell<bool>,
 }
 
 impl ReturnStack {
@@ -142,6 +146,7 @@ impl ReturnStack {
             top: Cell::new(0),
             owned: Cell::new(false),
             trampoline: Cell::new(0),
+            suspects: Cell::new(false),
         }
     }
 
@@ -266,14 +271,28 @@ impl ReturnStack {
         (self.word(i).get(), unsafe { &*data })
     }
 
+    /// Whether a frame may be a suspect.
+    #[inline]
+    pub(crate) fn has_suspects(&self) -> bool {
+        self.suspects.get()
+    }
+
+    /// The words in use are `top` from now on (fewer than before).
+    fn shrink_to(&self, top: usize) {
+        self.top.set(top);
+        if top == 0 {
+            self.suspects.set(false);
+        }
+    }
+
     /// Drop `f` and every frame above it.
     pub(crate) fn truncate_to(&self, f: &Frame) {
-        self.top.set(f.start);
+        self.shrink_to(f.start);
     }
 
     /// Drop every frame.
     pub(crate) fn clear(&self) {
-        self.top.set(0);
+        self.shrink_to(0);
     }
 
     /// Remove frame `f` from wherever it is: the frames above it move down over it.
@@ -283,7 +302,22 @@ impl ReturnStack {
         for i in f.end..top {
             self.word(i - len).set(self.word(i).get());
         }
-        self.top.set(top - len);
+        self.shrink_to(top - len);
+    }
+
+    /// A `call` wrote the return slot at `sp` (it holds something else than the
+    /// trampoline now): drop the suspects recorded there, wherever they are (counted
+    /// lost already). An entry at `sp` finds those above any frame of an outer call
+    /// itself; these are the ones under such a frame, left by a `longjmp` loop whose
+    /// skipped slots nothing else overwrote.
+    pub(crate) fn drop_suspects_at(&self, sp: u64) {
+        let mut next = self.top();
+        while let Some(f) = next {
+            next = self.below(&f);
+            if f.suspect && f.sp == sp {
+                self.remove(&f);
+            }
+        }
     }
 
     /// The frame below `f`, if any.
@@ -352,6 +386,7 @@ impl ReturnStack {
     pub(crate) fn set_suspect(&self, f: &Frame) {
         let m = self.word(f.end - HEADER + META);
         m.set(m.get() | SUSPECT);
+        self.suspects.set(true);
     }
 
     /// Drop `f`: the frames above it move down over it, unless it is the innermost.

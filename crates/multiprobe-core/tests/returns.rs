@@ -684,3 +684,33 @@ fn hit_call_data_is_none_for_handlers_without_a_return_hook() {
     t.call(&r, F, 0, 0x10);
     assert_eq!(*seen.lock().unwrap(), [true, true]);
 }
+
+#[test]
+fn a_longjmp_loop_whose_skipped_slots_keep_the_trampoline_does_not_fill_the_stack() {
+    // f -> g -> g, then a longjmp back into f, which returns; again and again at the
+    // same depths, with nothing overwriting the skipped calls' slots in between (only
+    // the next calls at those slots do). The skipped calls are kept as suspects; a new
+    // call at a suspect's slot ends it, so no more than the last iteration's two stay.
+    let (r, l, hf) = pair_at_f();
+    let hg = r.register_handler(G, pair(&l, "g")).unwrap();
+    let mut t = Thread::new();
+    t.ts.reserve_returns(16 * return_frame_words(1));
+    for i in 0..50 {
+        t.regs.rsp = TOP;
+        t.call(&r, F, i, 0x10);
+        let in_f = t.regs.rsp;
+        t.regs.rsp -= 32;
+        t.call(&r, G, i, 0x20);
+        t.call(&r, G, i, 0x30);
+        t.regs.rsp = in_f;
+        assert_eq!(t.ret(&r, i), RetResult::Trampoline(RetOutcome::Returned));
+        assert_eq!(
+            t.ts.returns_in_flight(),
+            2,
+            "iteration {i}: the last two g calls"
+        );
+    }
+    let (sf, sg) = (hf.stats().unwrap(), hg.stats().unwrap());
+    assert_eq!((sf.hits, sf.returns, sf.returns_lost), (50, 50, 0));
+    assert_eq!((sg.hits, sg.returns, sg.returns_lost), (100, 0, 100));
+}

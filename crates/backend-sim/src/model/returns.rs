@@ -97,6 +97,9 @@ impl Model {
                 self.suspect(cpu, i);
             }
         }
+        // A suspect at `sp` under a frame above it: the call that brought this entry
+        // wrote its slot (the simulated programs make no tail calls), so it is dead.
+        self.stacks[cpu].retain(|f| !(f.suspect && f.sp == sp));
         self.used_words(cpu) + return_frame_words(rets) <= RETURN_WORDS
     }
 
