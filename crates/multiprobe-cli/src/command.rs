@@ -75,6 +75,7 @@ pub fn run(opts: &Options, cmd: &[String]) -> Result<Exit, Error> {
     tracer.follow_forks(opts.follow);
     let pid = tracer.pid();
     let handle = detach_handle(&mut tracer, Some(pid));
+    detach_at_dead_end(&sink, handle.as_ref());
     let setup = Setup {
         specs: opts.probes.clone(),
         sink: Arc::clone(&sink),
@@ -131,6 +132,7 @@ pub fn attach(pid: i32, opts: &Options) -> Result<Exit, Error> {
     })?;
     tracer.follow_forks(opts.follow);
     let handle = detach_handle(&mut tracer, None);
+    detach_at_dead_end(&sink, handle.as_ref());
     let setup = Setup {
         specs: opts.probes.clone(),
         sink: Arc::clone(&sink),
@@ -185,6 +187,15 @@ fn open_sink(opts: &Options) -> Result<Arc<Sink>, Error> {
     Ok(Arc::new(Sink::new(dest, opts.max_lines, opts.json)))
 }
 
+/// Output to stderr that fails (a closed pipe) ends the session: detach, the program
+/// runs on unprobed, exit status 2 (see [`Sink::on_dead_end`]).
+fn detach_at_dead_end(sink: &Sink, handle: Option<&DetachHandle>) {
+    if let Some(h) = handle {
+        let h = h.clone();
+        sink.on_dead_end(move || h.request());
+    }
+}
+
 /// The handle signals detach through, armed for them.
 fn detach_handle(tracer: &mut Tracer, program: Option<i32>) -> Option<DetachHandle> {
     match tracer.detach_handle() {
@@ -193,7 +204,7 @@ fn detach_handle(tracer: &mut Tracer, program: Option<i32>) -> Option<DetachHand
             Some(h)
         }
         Err(e) => {
-            eprintln!("multiprobe: signals will not detach cleanly: {e}");
+            crate::say(&format!("multiprobe: signals will not detach cleanly: {e}"));
             None
         }
     }
@@ -207,7 +218,7 @@ fn pin(opts: &Options, pid: i32) -> Option<affinity::Pinned> {
     match affinity::pin_together(pid) {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!("multiprobe: --pin: {e}; going on unpinned");
+            crate::say(&format!("multiprobe: --pin: {e}; going on unpinned"));
             None
         }
     }
@@ -423,9 +434,9 @@ fn finish(
     let closed = sink.close();
     if let Err(e) = &closed {
         if sink.is_file() {
-            eprintln!("{summary}");
+            crate::say(&summary);
         }
-        eprintln!("multiprobe: error: {e}");
+        crate::say(&format!("multiprobe: error: {e}"));
     }
     exit::decide(mode, outcome, ending, closed.is_err())
 }

@@ -42,3 +42,14 @@ pub enum Mode {
     /// `attach`: the program was running already and runs on after.
     Attach,
 }
+
+/// Write `text` and a newline to stderr in one `write`. A failure (a closed pipe) is
+/// ignored rather than a panic, as `eprintln!` would: there is nowhere left to report
+/// it, and the exit status already says the output failed.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}

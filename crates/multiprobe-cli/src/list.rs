@@ -129,7 +129,8 @@ pub fn run(words: &[String], pid: Option<i32>, cmd: &[String]) -> Result<Exit, E
             ))
         }
     };
-    print!("{}", render(&items));
+    // A closed pipe (`multiprobe list prog | head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), render(&items).as_bytes());
     Ok(Exit::Code(0))
 }
 
@@ -354,11 +355,11 @@ fn in_file(program: &Path, sel: &Select) -> Result<Vec<Item>, Error> {
         });
     }
     if items.is_empty() && !elf.has_symtab() && elf.funcs().is_empty() {
-        eprintln!(
+        crate::say(&format!(
             "multiprobe: {} has no symbols at all (a stripped static program): probe it by \
              file offset, {file}:0xOFFSET",
             path.display()
-        );
+        ));
     }
     Ok(items)
 }

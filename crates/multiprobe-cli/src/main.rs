@@ -179,7 +179,7 @@ fn main() -> ExitCode {
     match result {
         Ok(exit) => exit.apply(),
         Err(e) => {
-            eprintln!("multiprobe: error: {e}");
+            multiprobe_cli::say(&format!("multiprobe: error: {e}"));
             ExitCode::from(exit::ERROR)
         }
     }

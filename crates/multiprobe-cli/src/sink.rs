@@ -9,6 +9,12 @@
 //!   kept and nothing more is written; the traced program never notices. Lines after it
 //!   are counted as lost, and [`Sink::close`] returns the failure, which the command
 //!   reports and exits non-zero for.
+//! * When the failed destination is stderr (a closed pipe: `multiprobe ... 2>&1 | head`),
+//!   nothing multiprobe says can reach anyone any more, the summary included: the sink
+//!   calls [`Sink::on_dead_end`]'s hook once, which ends the session (the command
+//!   detaches, as bpftrace ends on a closed pipe) instead of tracing on for nobody while
+//!   the program pays for its probes. Into a file, the session goes on: the summary then
+//!   comes on stderr with every count.
 //! * Notes ([`Sink::note`]) are multiprobe's messages about the session, as opposed to
 //!   per-hit lines and tables; they all go through one place, which writes them as
 //!   `multiprobe: ...` lines, or with `--json` as `{"type":"note",...}` records (the
@@ -45,7 +51,6 @@ pub enum Dest {
     File(OutputFile),
 }
 
-#[derive(Debug)]
 struct Out {
     dest: Dest,
     /// Lines held until the file is claimed (`None` once it is, or for stderr).
@@ -54,6 +59,21 @@ struct Out {
     batch: Option<String>,
     failed: Option<std::io::Error>,
     lost: u64,
+    /// Called once, when a write to stderr fails ([`Sink::on_dead_end`]).
+    dead_end: Option<DeadEnd>,
+}
+
+/// What the sink calls when its output can reach no one.
+type DeadEnd = Box<dyn FnOnce() + Send>;
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out")
+            .field("dest", &self.dest)
+            .field("failed", &self.failed)
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A batch is written out when it holds this much.
@@ -88,6 +108,11 @@ impl Out {
         if let Err(e) = r {
             self.failed = Some(e);
             self.lost += lines.matches('\n').count() as u64;
+            if matches!(self.dest, Dest::Stderr) {
+                if let Some(end) = self.dead_end.take() {
+                    end();
+                }
+            }
         }
     }
 
@@ -134,6 +159,7 @@ impl Sink {
                 batch: None,
                 failed: None,
                 lost: 0,
+                dead_end: None,
             }),
             limit: Mutex::new(RateLimit::new(max_lines)),
             json,
@@ -142,6 +168,18 @@ impl Sink {
 
     fn out(&self) -> std::sync::MutexGuard<'_, Out> {
         self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Call `end` (once) when a write to stderr fails: the session's output can reach
+    /// no one. It runs under the sink's lock, so it must not write to the sink.
+    /// A write that failed before this call counts: `end` is called at once.
+    pub fn on_dead_end(&self, end: impl FnOnce() + Send + 'static) {
+        let mut out = self.out();
+        if out.failed.is_some() && matches!(out.dest, Dest::Stderr) {
+            drop(out);
+            return end();
+        }
+        out.dead_end = Some(Box::new(end));
     }
 
     /// Whether output is JSON lines.

@@ -139,3 +139,36 @@ fn symlinks_are_refused_and_new_files_are_private() {
         .contains(":mp_load arg0="));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Output to a closed pipe (`multiprobe attach PID ... 2>&1 | head -1`): nothing
+/// multiprobe writes can reach anyone, so it detaches at the first failed write and
+/// exits 2 — it does not stay attached, slowing the program for nobody, and does not
+/// panic writing its error to the closed stderr (exit 101). The program runs on
+/// unprobed with every call made.
+#[test]
+fn a_closed_output_pipe_ends_the_session_and_the_program_runs_on() {
+    use std::io::{BufRead, Write};
+    let (mut target, pid, mut out) = waiting_target("3000");
+    let _target = KillOnDrop(pid);
+    let (mut mp, err, line) = spawn_attach_probing(pid, &["mp_add=args:1"]);
+    assert!(line.contains("attached"), "{line}");
+    drop(err); // the reader is gone: the next write to multiprobe's stderr fails
+    target.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut report = String::new();
+    for _ in 0..3 {
+        out.read_line(&mut report).unwrap();
+    }
+    assert_eq!(calls(&report, "mp_add"), 3000, "{report}");
+    let status = wait_for(&mut mp, std::time::Duration::from_secs(30))
+        .expect("multiprobe ends at the failed write, not with the program");
+    assert_eq!(status.code(), Some(2), "{status:?}");
+    assert_eq!(tracer_of(pid), 0, "still traced");
+    assert!(
+        !status_field(pid, "State:").starts_with('t'),
+        "left stopped"
+    );
+    text_is_pristine(pid).unwrap();
+    drop(target.stdin.take());
+    let status = wait_for(&mut target, std::time::Duration::from_secs(30)).expect("it ends");
+    assert!(status.success(), "{status:?}");
+}
