@@ -201,9 +201,12 @@ pub fn hist_text(h: &Hist) -> String {
         })
         .collect();
     let w = labels.iter().map(String::len).max().unwrap_or(0);
+    // The count column is as wide as the largest count (at least bpftrace's 8), so the
+    // bars stay aligned past 99,999,999 calls.
+    let cw = top.to_string().len().max(8);
     for (b, label) in h.buckets.iter().zip(&labels) {
         let bar = "@".repeat(((b.count * 52).div_ceil(top)) as usize);
-        out.push_str(&format!("  {label:<w$} {:>8} |{bar:<52}|\n", b.count));
+        out.push_str(&format!("  {label:<w$} {:>cw$} |{bar:<52}|\n", b.count));
     }
     out
 }
@@ -356,6 +359,24 @@ mod tests {
             assert_eq!((bucket(low), bucket(high - 1), bucket(high)), (k, k, k + 1));
         }
         assert_eq!(bounds(bucket(u64::MAX)), (1 << 63, u64::MAX));
+    }
+
+    #[test]
+    fn bars_stay_aligned_past_eight_digit_counts() {
+        let bucket = |low, high, count| Bucket { low, high, count };
+        let h = Hist {
+            unit: "ns",
+            count: 123_456_794,
+            min: Some(600),
+            avg: Some(700),
+            max: Some(1500),
+            buckets: vec![bucket(512, 1024, 123_456_789), bucket(1024, 2048, 5)],
+        };
+        let text = hist_text(&h);
+        let bars: Vec<usize> = text.lines().skip(1).map(|l| l.find('|').unwrap()).collect();
+        assert_eq!(bars.len(), 2, "{text}");
+        assert_eq!(bars[0], bars[1], "{text}");
+        assert!(text.contains(" 123456789 |"), "{text}");
     }
 
     #[test]

@@ -641,6 +641,12 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
                 u64::from(MAX_ARGS) - 1,
             )?;
             let len = num(2, "a length, as in mem:0:16", u64::from(MAX_MEM))?;
+            if len == 0 {
+                return Err(err(
+                    spec,
+                    "the length of mem is at least 1 (mem:0:0 dumps nothing)",
+                ));
+            }
             (
                 Action::Mem {
                     arg: arg as u8,
@@ -652,10 +658,10 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
         "str" => {
             let arg = num(1, "an argument index, as in str:0", u64::from(MAX_ARGS) - 1)? as u8;
             let (max, used) = match field(2) {
-                Some(_) => (
-                    num(2, "a length, as in str:0:64", u64::from(MAX_STR))? as u16,
-                    3,
-                ),
+                Some(_) => match num(2, "a length, as in str:0:64", u64::from(MAX_STR))? {
+                    0 => return Err(err(spec, "the length of str is at least 1")),
+                    n => (n as u16, 3),
+                },
                 None => (DEFAULT_STR, 2),
             };
             if max == 0 {
@@ -793,6 +799,11 @@ mod tests {
             p("f=mem:0:0x10").unwrap().actions[0].to_string(),
             "mem:0:16"
         );
+        // A dump or string of no bytes is a mistake, not an action.
+        for bad in ["f=mem:0:0", "f=str:1:0"] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains("at least 1"), "{bad}: {e}");
+        }
     }
 
     #[test]
