@@ -85,6 +85,15 @@ fn every_line_of_every_session_matches_the_schema() {
         .find(|p| p["symbol"] == "libz:zlibVersion")
         .unwrap();
     assert!(pending["site"].is_null() && pending["state"] == "pending");
+    // ... and said so when the program started, once (as gdb says a breakpoint is
+    // pending on a future library load).
+    let said: Vec<_> = records
+        .iter()
+        .filter(|r| r["type"] == "note")
+        .filter_map(|r| r["message"].as_str())
+        .filter(|m| m.contains("libz:zlibVersion") && m.contains("pending until"))
+        .collect();
+    assert_eq!(said.len(), 1, "{records:?}");
     // One type per field: every site is a hex string (or null while pending).
     for r in &records {
         if r["type"] == "hit" {

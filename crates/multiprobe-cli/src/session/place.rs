@@ -114,7 +114,17 @@ impl Session {
         let programs = self.programs(pl.proc);
         let ld = self.ld_library_path.as_deref();
         match check_on_disk(&self.specs[i], file, ld, &programs) {
-            Ok(_) => false,
+            Ok(path) => {
+                // Said once, as gdb's "breakpoint pending on future shared library load".
+                let pid = self.procs[pl.proc].pid;
+                let msg = format!(
+                    "probe {:?}: {} is not loaded; pending until the program loads it",
+                    self.specs[i].text,
+                    path.display()
+                );
+                self.note_once(pid, i, "not loaded", &msg);
+                false
+            }
             Err(e) => self.fatal(i, e),
         }
     }
