@@ -88,9 +88,13 @@ impl Tracer {
         let restored = self.restore_code();
         self.lower_semaphores();
         self.trap.restore_at_detach(&self.threads);
-        self.drop_area();
+        // One thread makes every call of the detach: after an injected call it sits in
+        // a system-call stop, which `held_thread` does not take (the only thread of a
+        // single-threaded program would be refused for the second).
+        let injector = self.held_thread();
+        self.drop_area(injector.as_ref());
         if !keep_pages {
-            self.unmap_xol();
+            self.unmap_xol(injector.as_ref());
         }
         {
             let mut st = self.shared.lock();
@@ -538,7 +542,7 @@ impl Tracer {
         best
     }
 
-    fn unmap_xol(&mut self) {
+    fn unmap_xol(&mut self, injector: Option<&(Tid, sys::UserRegs)>) {
         let pages = self.shared.lock().xol.pages();
         if pages.is_empty() {
             return;
@@ -550,7 +554,7 @@ impl Tracer {
             .into_iter()
             .filter(|&p| maps.find(p).is_some_and(|r| r.exec && r.inode == 0))
             .collect();
-        let Some((tid, saved)) = self.held_thread() else {
+        let Some(&(tid, saved)) = injector else {
             return;
         };
         let insn = {

@@ -19,10 +19,12 @@
  *   vfork N       one thread calls mp_col_target in a loop while main vforks and execs
  *                 /bin/true N times; prints "vforks=.. calls=..".
  *   busy T        T threads call mp_col_target forever (sleeping 100 us every 1000
- *                 calls) until stdin is closed; prints "calls=..".
+ *                 calls) until stdin is closed; prints "calls=..". T = 0: the main
+ *                 thread does, alone (a single-threaded process).
  *   wait ...      as the mode after it, but first waits for a line on stdin.
  * Every mode prints through stdio and flushes before it exits. */
 #define _GNU_SOURCE
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -214,6 +216,23 @@ int mp_collect_main(int argc, char **argv) {
         printf("vforks=%ld calls=%llu\n", ok, (unsigned long long)calls);
     } else if (strcmp(mode, "busy") == 0) {
         int t = a + 1 < argc ? atoi(argv[a + 1]) : 4;
+        if (t == 0) {
+            uint64_t n = 0;
+            for (;;) {
+                mp_col_target(n, 1, 2, 3, 4, 5);
+                if (++n % 1000 == 0) {
+                    struct pollfd p = {0, POLLIN, 0};
+                    char buf[64];
+                    if (poll(&p, 1, 0) > 0 && read(0, buf, sizeof buf) <= 0)
+                        break;
+                    struct timespec ts = {0, 100000};
+                    nanosleep(&ts, NULL);
+                }
+            }
+            printf("calls=%llu\n", (unsigned long long)n);
+            fflush(stdout);
+            return 0;
+        }
         pthread_t th[64];
         for (int i = 0; i < t; i++)
             pthread_create(&th[i], NULL, spinner, NULL);

@@ -497,13 +497,14 @@ impl Tracer {
         reader::drain(&self.shared, true);
     }
 
-    /// Unmap the area in the tracee (detach, a fork child): on a held thread.
-    pub(crate) fn drop_area(&mut self) {
+    /// Unmap the area and the shadow stacks in the tracee (detach), by calls injected
+    /// on `injector`, a held thread and its registers (none: they stay mapped).
+    pub(crate) fn drop_area(&mut self, injector: Option<&(Tid, UserRegs)>) {
         let area = std::mem::take(&mut self.shared.lock().collect.area);
         let AreaState::Mapped(area) = area else {
             return;
         };
-        let Some((tid, ur)) = self.held_thread() else {
+        let Some(&(tid, ur)) = injector else {
             return;
         };
         let _ = self.unmap_area(tid, &ur, area.tracee, area.map.len());
