@@ -649,20 +649,28 @@ impl Tracer {
             // next time; the trampoline stays unused.
             return Err(RETRY.into());
         }
-        let code = st.usable().map_err(|e| e.to_string())?;
-        code.write(addr + 1, &jump[1..len])
+        st.usable()
+            .and_then(|code| code.write(addr + 1, &jump[1..len]))
             .map_err(|e| e.to_string())?;
-        code.write(addr, &jump[..1]).map_err(|e| e.to_string())?;
+        // From here the text holds our jump's bytes behind the `int3`: recorded at once
+        // (`trapping`), so that if byte 0 cannot be written the caller's demote puts the
+        // region back — never a restore of byte 0 alone over the jump's displacement.
         st.collect.jumped.insert(
             addr,
             Jumped {
                 region,
                 map: built,
-                trapping: false,
+                trapping: true,
                 mapped: site.mapped.clone(),
                 jump,
             },
         );
+        st.usable()
+            .and_then(|code| code.write(addr, &jump[..1]))
+            .map_err(|e| e.to_string())?;
+        if let Some(j) = st.collect.jumped.get_mut(&addr) {
+            j.trapping = false;
+        }
         Ok(())
     }
 
