@@ -642,10 +642,7 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
             )?;
             let len = num(2, "a length, as in mem:0:16", u64::from(MAX_MEM))?;
             if len == 0 {
-                return Err(err(
-                    spec,
-                    "the length of mem is at least 1 (mem:0:0 dumps nothing)",
-                ));
+                return Err(err(spec, "a length of mem is at least 1"));
             }
             (
                 Action::Mem {
@@ -658,10 +655,10 @@ fn parse_action(spec: &str, a: &str) -> Result<Action, SpecError> {
         "str" => {
             let arg = num(1, "an argument index, as in str:0", u64::from(MAX_ARGS) - 1)? as u8;
             let (max, used) = match field(2) {
-                Some(_) => match num(2, "a length, as in str:0:64", u64::from(MAX_STR))? {
-                    0 => return Err(err(spec, "the length of str is at least 1")),
-                    n => (n as u16, 3),
-                },
+                Some(_) => (
+                    num(2, "a length, as in str:0:64", u64::from(MAX_STR))? as u16,
+                    3,
+                ),
                 None => (DEFAULT_STR, 2),
             };
             if max == 0 {
