@@ -396,6 +396,13 @@ impl Tracer {
                 // taken there).
                 return Ok(Some(Stop::Exited(status)));
             }
+            // Asked again right before the wait: a ring during the rework was taken (and
+            // the doorbell let go) by the rework's own waits, so nothing would wake the
+            // wait below for it, and an idle program would stay attached.
+            if self.bell.requested() {
+                self.detach_now()?;
+                return Ok(Some(Stop::Detached));
+            }
             if let Some(stop) = self.serve_one()? {
                 return Ok(Some(stop));
             }
