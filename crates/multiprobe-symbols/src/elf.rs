@@ -6,10 +6,11 @@
 //! tables) keeps every distinct name.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
+use crate::branches::BranchIndex;
 use crate::unwind::{LandingPads, Section, UnwindSections};
 
 /// A function symbol.
@@ -66,6 +67,12 @@ pub struct ElfSymbols {
     objects: Vec<(String, u64)>,
     /// `.eh_frame`, `.eh_frame_hdr`, `.gcc_except_table`, for landing pads.
     unwind: UnwindSections,
+    /// `[start, end)` of every unwind entry (FDE), sorted: the extent of functions a
+    /// stripped file has no symbol for (glibc's string functions behind their IFUNCs).
+    fdes: Vec<(u64, u64)>,
+    /// The file's direct branches, decoded the first time a probe needs them
+    /// ([`ElfSymbols::branch_index`]); `None` inside if the file could not be read.
+    branches: OnceLock<Option<Arc<BranchIndex>>>,
     /// Addresses of functions exported only under a hidden (non-default) version, by
     /// address: `pthread_cond_timedwait@GLIBC_2.2.5` beside `@@GLIBC_2.3.2`. A name
     /// that finds both means the default one, as the linker and bpftrace take it.
@@ -181,7 +188,10 @@ impl ElfSymbols {
             eh_frame_hdr: section(".eh_frame_hdr"),
             except_table: section(".gcc_except_table"),
         };
+        let fdes = unwind.fde_ranges();
         Ok(ElfSymbols {
+            fdes,
+            branches: OnceLock::new(),
             funcs,
             ifuncs,
             irelative,
@@ -303,6 +313,51 @@ impl ElfSymbols {
             .iter()
             .find(|&&(_, off, size)| off <= offset && offset < off + size)
             .map(|&(vaddr, off, _)| vaddr + (offset - off))
+    }
+
+    /// The unwind entry (FDE) whose code range `[start, end)` holds the file address
+    /// `vaddr`: the extent of the function there, symbol or not (the innermost, if
+    /// entries nest).
+    pub fn unwind_range(&self, vaddr: u64) -> Option<(u64, u64)> {
+        let i = self.fdes.partition_point(|&(s, _)| s <= vaddr);
+        self.fdes[..i]
+            .iter()
+            .rev()
+            .take(16)
+            .filter(|&&(_, e)| vaddr < e)
+            .min_by_key(|&&(s, e)| e - s)
+            .copied()
+    }
+
+    /// `[start, end)` of every unwind entry (FDE), sorted by start.
+    pub fn unwind_ranges(&self) -> &[(u64, u64)] {
+        &self.fdes
+    }
+
+    /// The direct branches of the file's code (see [`crate::branches`]), decoded from
+    /// `data` — the file's bytes, asked for only the first time — and kept. `None` if
+    /// `data` could not give them.
+    pub fn branch_index(&self, data: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<BranchIndex>> {
+        self.branches
+            .get_or_init(|| {
+                let data = data()?;
+                // Bytes within one segment's file bytes.
+                let code = |start: u64, end: u64| {
+                    let &(va, off, _) = self
+                        .segments
+                        .iter()
+                        .find(|&&(va, _, size)| va <= start && end <= va + size)?;
+                    let from = usize::try_from(off + (start - va)).ok()?;
+                    data.get(from..from.checked_add(usize::try_from(end - start).ok()?)?)
+                };
+                let ranges = self
+                    .funcs
+                    .iter()
+                    .map(|f| (f.addr, f.addr + f.size))
+                    .chain(self.fdes.iter().copied());
+                Some(Arc::new(BranchIndex::build(ranges, code)))
+            })
+            .clone()
     }
 
     /// The function whose `[addr, addr + size)` holds the file address `vaddr`; the

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod branches;
 pub mod elf;
 pub mod glob;
 pub mod maps;
@@ -15,12 +16,13 @@ pub mod process;
 pub mod unwind;
 pub mod usdt;
 
+pub use branches::BranchIndex;
 pub use elf::{ElfSymbols, Func};
 pub use glob::{glob_match, is_pattern};
 pub use maps::{MappedAt, Maps, Region};
 pub use process::{
-    file_name, library_matches, near_names, split_library, Located, ProcessSymbols, ResolveError,
-    SymbolCache,
+    file_name, library_matches, near_names, split_library, BranchInto, Located, ProcessSymbols,
+    ResolveError, SymbolCache,
 };
 pub use unwind::LandingPads;
 pub use usdt::{UsdtArg, UsdtLoc, UsdtProbe};

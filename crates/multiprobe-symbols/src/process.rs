@@ -51,6 +51,22 @@ impl SymbolCache {
     }
 }
 
+/// What [`ProcessSymbols::branch_into`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchInto {
+    /// No branch of the file targets the range.
+    None,
+    /// The branch at `from` targets `to`, in the range (the lowest such target).
+    At {
+        /// The branch.
+        from: u64,
+        /// Its target.
+        to: u64,
+    },
+    /// The range is not in a mapped file, or the file could not be read.
+    Unknown,
+}
+
 /// A function in a process: its name and extent in the process's addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Located {
@@ -217,6 +233,64 @@ impl ProcessSymbols {
             size: f.size,
             file: region.path.clone(),
         })
+    }
+
+    /// The function holding `addr`: [`ProcessSymbols::locate`]'s, or for code that has
+    /// no symbol — a stripped file's local functions, such as the implementations
+    /// glibc's string functions resolve to — the code range of the unwind entry (FDE)
+    /// holding it, named `FILE+0xADDR` (its address in the file).
+    pub fn function_bounds(&self, addr: u64) -> Option<Located> {
+        if let Some(f) = self.locate(addr) {
+            return Some(f);
+        }
+        let region = self.maps.find(addr).filter(|r| r.is_file())?;
+        let syms = self.cache.mapped(&self.maps, region);
+        let bias = self.region_bias(region, &syms)?;
+        let (start, end) = syms.unwind_range(addr.wrapping_sub(bias))?;
+        Some(Located {
+            name: format!("{}+{start:#x}", file_name(&region.path)),
+            start: start.wrapping_add(bias),
+            size: end - start,
+            file: region.path.clone(),
+        })
+    }
+
+    /// Whether any code of the file mapped at `targets.start` has a direct branch into
+    /// `targets` (process addresses; see [`crate::branches`]). The file's branches are
+    /// decoded the first time it is asked about (or [`ProcessSymbols::index_branches`]),
+    /// from the mapped file itself, and kept in the cache.
+    pub fn branch_into(&self, targets: std::ops::Range<u64>) -> BranchInto {
+        let Some((index, bias)) = self.branches_at(targets.start) else {
+            return BranchInto::Unknown;
+        };
+        let file = targets.start.wrapping_sub(bias)..targets.end.wrapping_sub(bias);
+        match index.targeting(file) {
+            Some((from, to)) => BranchInto::At {
+                from: from.wrapping_add(bias),
+                to: to.wrapping_add(bias),
+            },
+            None => BranchInto::None,
+        }
+    }
+
+    /// Decode the branches of the file mapped at `addr` now, if they are not yet: a
+    /// later [`ProcessSymbols::branch_into`] there is then a lookup (a tracer does this
+    /// while the program runs, not while it holds it). Whether the file has them.
+    pub fn index_branches(&self, addr: u64) -> bool {
+        self.branches_at(addr).is_some()
+    }
+
+    fn branches_at(&self, addr: u64) -> Option<(Arc<crate::BranchIndex>, u64)> {
+        let region = self.maps.find(addr).filter(|r| r.is_file())?;
+        let syms = self.cache.mapped(&self.maps, region);
+        let bias = self.region_bias(region, &syms)?;
+        let index = syms.branch_index(|| {
+            let mut data = Vec::new();
+            let mut f = self.maps.open_mapped(region).ok()?;
+            std::io::Read::read_to_end(&mut f, &mut data).ok()?;
+            Some(data)
+        })?;
+        Some((index, bias))
     }
 
     /// The exception landing pads (process addresses) of the function starting at

@@ -67,6 +67,36 @@ impl UnwindSections {
         self.pads_of(&fde)
     }
 
+    /// The code ranges `[start, end)` (file addresses) of every FDE, sorted by start;
+    /// empty without `.eh_frame`. An entry that does not parse ends the walk (what was
+    /// read before it is kept: fewer ranges only means fewer functions known).
+    pub(crate) fn fde_ranges(&self) -> Vec<(u64, u64)> {
+        let Some(eh) = &self.eh_frame else {
+            return Vec::new();
+        };
+        let frame = EhFrame::new(&eh.data, LittleEndian);
+        let mut bases = BaseAddresses::default().set_eh_frame(eh.addr);
+        if let Some(h) = &self.eh_frame_hdr {
+            bases = bases.set_eh_frame_hdr(h.addr);
+        }
+        let mut out = Vec::new();
+        let mut entries = frame.entries(&bases);
+        while let Ok(Some(entry)) = entries.next() {
+            if let gimli::CieOrFde::Fde(partial) = entry {
+                let Ok(fde) = partial.parse(EhFrame::cie_from_offset) else {
+                    break;
+                };
+                let start = fde.initial_address();
+                if fde.len() > 0 {
+                    out.push((start, start.wrapping_add(fde.len())));
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Without a search table: walk every entry.
     fn scan(&self, frame: &EhFrame<R<'_>>, bases: &BaseAddresses, start: u64) -> LandingPads {
         let mut entries = frame.entries(bases);
