@@ -312,7 +312,9 @@ impl Backend for PtraceBackend {
         // Decode from the function start when the symbols say where it is (the boundary
         // check), else just the instruction.
         let syms = ProcessSymbols::from_maps(maps, Arc::clone(&sh.symbols));
-        let func = syms.locate(addr).filter(|f| f.start >= region.start);
+        let func = syms
+            .function_bounds(addr)
+            .filter(|f| f.start >= region.start);
         let start = func.as_ref().map_or(addr, |f| f.start);
         let end = (addr + MAX_INSN_LEN as u64).min(region.end);
         let mut bytes = vec![0; (end - start) as usize];

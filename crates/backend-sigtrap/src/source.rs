@@ -1,14 +1,14 @@
 //! This process's code as the shared prepare pipeline reads it
 //! ([`multiprobe_x86::CodeSource`]): the maps, the symbol tables, the code through
-//! `/proc/self/mem` with our own breakpoints put back, and the landing pads from the
-//! unwind tables. Thread context only.
+//! `/proc/self/mem` with our own breakpoints put back, the landing pads from the
+//! unwind tables, and the branches of each file's code. Thread context only.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use multiprobe_core::Error;
-use multiprobe_symbols::{LandingPads, Located, Maps};
-use multiprobe_x86::{CodeSource, Function, Mapping};
+use multiprobe_symbols::{BranchInto, LandingPads, Located, Maps};
+use multiprobe_x86::{CodeSource, Function, Mapping, OutsideBranch};
 
 use crate::backend::Armed;
 use crate::{patch, symbols};
@@ -69,5 +69,13 @@ impl CodeSource for Local<'_> {
 
     fn probe_in(&self, range: Range<u64>) -> Option<u64> {
         self.armed.range(range).next().map(|(&a, _)| a)
+    }
+
+    fn branch_into(&self, range: Range<u64>) -> OutsideBranch {
+        match symbols::branch_into(range, self.maps) {
+            BranchInto::None => OutsideBranch::None,
+            BranchInto::At { from, to } => OutsideBranch::At { from, to },
+            BranchInto::Unknown => OutsideBranch::Unknown,
+        }
     }
 }

@@ -1,13 +1,15 @@
 //! Which function an address is in (through `multiprobe-symbols`: `.symtab`/`.dynsym` of
 //! the mapped files, since `dladdr` knows only exported symbols and most Rust functions
-//! are not), and which code belongs to the probe machinery itself. Thread context only.
+//! are not, and their unwind entries for code without a symbol), which branches of a
+//! file target a range, and which code belongs to the probe machinery itself. Thread
+//! context only.
 //!
 //! Used for two checks at arm time: the instruction-boundary check (decode from the
 //! function's start) and refusing the probe machinery's own code (see [`reserved`]).
 
 use std::sync::{Arc, OnceLock};
 
-use multiprobe_symbols::{Located, Maps, ProcessSymbols, SymbolCache};
+use multiprobe_symbols::{BranchInto, Located, Maps, ProcessSymbols, SymbolCache};
 
 /// The symbol tables of this process's files, parsed once.
 pub(crate) fn cache() -> Arc<SymbolCache> {
@@ -15,9 +17,15 @@ pub(crate) fn cache() -> Arc<SymbolCache> {
     Arc::clone(CACHE.get_or_init(Default::default))
 }
 
-/// The function symbol containing `addr` in this process, if its file says.
+/// The function containing `addr` in this process, if its file says: its symbol, or
+/// the range of its unwind entry (a stripped libc's string functions have no symbol).
 pub(crate) fn enclosing(addr: u64, maps: &Maps) -> Option<Located> {
-    ProcessSymbols::from_maps(maps.clone(), cache()).locate(addr)
+    ProcessSymbols::from_maps(maps.clone(), cache()).function_bounds(addr)
+}
+
+/// A direct branch of any code of the file holding `range` into it.
+pub(crate) fn branch_into(range: std::ops::Range<u64>, maps: &Maps) -> BranchInto {
+    ProcessSymbols::from_maps(maps.clone(), cache()).branch_into(range)
 }
 
 /// The landing pads of the function starting at `start`, from its file's unwind tables.

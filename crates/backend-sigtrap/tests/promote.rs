@@ -84,9 +84,17 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     let reg = Registry::new(SigtrapBackend::with_promotion(true));
     let hits = Arc::new(AtomicU64::new(0));
     type Want = fn(RegionRefusal) -> bool;
-    let cases: [(u64, Want); 3] = [
+    let entered = addr(mp_r_entered as *const ());
+    let cases: [(u64, Want); 4] = [
         (addr(mp_r_loop as *const ()), |r| {
             matches!(r, RegionRefusal::BranchInto { .. })
+        }),
+        // The branch is another function's: promoted, its jump would take it into the
+        // middle of the jump (before, this crashed at the call of `mp_r_enters` below).
+        (entered, |r| {
+            let enters = addr(mp_r_enters as *const ());
+            matches!(r, RegionRefusal::BranchInto { from, to }
+                if (enters..enters + 16).contains(&from) && to == addr(mp_r_entered as *const ()) + 3)
         }),
         (addr(mp_r_table as *const ()), |r| {
             matches!(r, RegionRefusal::IndirectJump { .. })
@@ -116,8 +124,10 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
         assert_eq!(mp_r_table(2), 10);
         assert_eq!(mp_r_table(3), 20);
         assert_eq!(mp_r_call(0, seven), 8);
+        assert_eq!(mp_r_entered(5), 6);
+        assert_eq!(mp_r_enters(5), 16);
     }
-    assert_eq!(hits.load(Relaxed), 4, "trap sites still count every hit");
+    assert_eq!(hits.load(Relaxed), 5, "trap sites still count every hit");
     // A site kept as int3 on request.
     let backend = SigtrapBackend::with_promotion(true);
     let a = addr(mp_r_plain as *const ());

@@ -7,7 +7,9 @@
 //! Without arguments it reads `libc.so.6`, `libstdc++.so.6` (where present) and the
 //! workspace's release binaries (every x86-64 ELF executable directly in
 //! `target/release`, this report's own binary included). For every function symbol
-//! (ELF `.symtab` and `.dynsym`, deduplicated by address, in executable sections) it
+//! (ELF `.symtab` and `.dynsym`, deduplicated by address, in executable sections), and
+//! every function known only by its unwind entry (FDE: a stripped file's local
+//! functions), it
 //! analyzes the function entry with the function bounds (the boundary check decodes
 //! from the start), and every instruction boundary found by decoding each function
 //! from its start. A plan counts as probeable only if its slots build too, at an
@@ -21,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use iced_x86::{Decoder, DecoderOptions};
-use multiprobe_symbols::{ElfSymbols, LandingPads};
+use multiprobe_symbols::{BranchIndex, ElfSymbols, LandingPads};
 use multiprobe_x86::AnalyzeError;
 use multiprobe_x86::{
     analyze, analyze_region, build_trampoline, Class, Code, Plan, RegionRefusal, SlotError,
@@ -138,14 +140,16 @@ fn refusal_kind(r: &RegionRefusal) -> String {
     }
 }
 
-/// Whether the entry at `start` can be promoted: the region checks, then a trampoline
-/// built where a backend would map it (just past the object).
+/// Whether the entry at `start` can be promoted: the region checks, no branch of the
+/// file's other code into the region (`branches`), then a trampoline built where a
+/// backend would map it (just past the object).
 fn promotion(
     plan: bool,
     start: u64,
     code: Code<'_>,
     func: std::ops::Range<u64>,
     pads: &LandingPads,
+    branches: &BranchIndex,
     tramp_addr: u64,
 ) -> String {
     if !plan {
@@ -160,6 +164,9 @@ fn promotion(
         Ok(r) => r,
         Err(e) => return refusal_kind(&e),
     };
+    if region.count() > 1 && branches.targeting(start + 1..region.end()).is_some() {
+        return "BranchInto (from another function)".into();
+    }
     let spec = TrampolineSpec {
         region: &region,
         ctx: 0,
@@ -205,6 +212,21 @@ pub fn analyze_file(path: &Path) -> Result<Tally, String> {
             e.0 = e.0.max(sym.size());
         }
     }
+    // Functions without a symbol (a stripped file's local ones: libc's string function
+    // implementations behind their IFUNCs) by their unwind entry, as the backends know
+    // them.
+    for &(start, end) in syms.unwind_ranges() {
+        if funcs.contains_key(&start) {
+            continue;
+        }
+        let sec = sections
+            .iter()
+            .find(|(_, (a, d))| *a <= start && end <= *a + d.len() as u64);
+        if let Some((&idx, _)) = sec {
+            funcs.insert(start, (end - start, idx));
+        }
+    }
+    let branches = syms.branch_index(|| Some(data.clone())).unwrap_or_default();
     let mut t = Tally::default();
     for (&start, &(size, idx)) in &funcs {
         let (sec_addr, sec) = sections[&idx];
@@ -221,7 +243,15 @@ pub fn analyze_file(path: &Path) -> Result<Tally, String> {
         let entry = outcome(analyze(start, code, Some(start..end)), slot_addr);
         let ok = matches!(entry, Outcome::Ok(_));
         let pads = syms.landing_pads(start);
-        let p = promotion(ok, start, code, start..end, &pads, slot_addr + 0x1000);
+        let p = promotion(
+            ok,
+            start,
+            code,
+            start..end,
+            &pads,
+            &branches,
+            slot_addr + 0x1000,
+        );
         *t.promotion.entry(p).or_default() += 1;
         *t.entries.entry(entry).or_default() += 1;
         let body = &bytes[..bytes.len().min(size as usize)];

@@ -139,7 +139,7 @@ pub use frame::{
     EXIT_RESUME_STACK, EXIT_TRAP, FRAME_TO_RSP, RED_ZONE,
 };
 pub use plan::{Class, EmulatedKind, Plan, RelocatedKind, MAX_INSN_LEN};
-pub use prepare::{prepare, CodeSource, Function, Mapping, Prepared, USER_END};
+pub use prepare::{prepare, CodeSource, Function, Mapping, OutsideBranch, Prepared, USER_END};
 pub use region::{
     analyze_region, Mnem, Region, RegionRefusal, Unwind, JMP_LEN, MAX_REGION_INSNS, MAX_REGION_LEN,
 };

@@ -15,7 +15,9 @@
 //!    instruction;
 //! 4. [`crate::analyze_region`], with the function's landing pads asked only when the
 //!    region needs more than one instruction, and refused when another probe of the
-//!    backend lies in its interior.
+//!    backend lies in its interior, or when a branch of any other code of the file
+//!    targets its interior ([`CodeSource::branch_into`]; asked only for a region of
+//!    more than one instruction) or the file's code cannot be read to tell.
 //!
 //! An unpromotable region is not an error: the site works as an `int3` site.
 
@@ -70,6 +72,27 @@ pub trait CodeSource {
         let _ = range;
         None
     }
+    /// A direct branch anywhere in the code of the file holding `range` whose target
+    /// lies in `range` (another function's, which the region analysis does not decode:
+    /// a `foo.cold` part, glibc's `mempcpy` jumping into `memcpy`).
+    fn branch_into(&self, range: Range<u64>) -> OutsideBranch;
+}
+
+/// What [`CodeSource::branch_into`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutsideBranch {
+    /// None of the file's branches targets the range.
+    None,
+    /// The branch at `from` targets `to`, inside the range.
+    At {
+        /// The branch.
+        from: u64,
+        /// Its target.
+        to: u64,
+    },
+    /// The file's code could not be read (or the range is not in a file): any branch
+    /// may target it.
+    Unknown,
 }
 
 /// What [`prepare`] found.
@@ -129,9 +152,18 @@ pub fn prepare(addr: u64, src: &dyn CodeSource) -> Result<Prepared, Error> {
         None => Unwind::Unknown,
     };
     let region = analyze_region(addr, code, bounds, unwind).and_then(|r| {
-        match src.probe_in(r.addr() + 1..r.end()) {
-            Some(at) => Err(RegionRefusal::ProbeInside { at }),
-            None => Ok(r),
+        let interior = r.addr() + 1..r.end();
+        if let Some(at) = src.probe_in(interior.clone()) {
+            return Err(RegionRefusal::ProbeInside { at });
+        }
+        if r.count() == 1 {
+            // One instruction: nothing can branch into its middle.
+            return Ok(r);
+        }
+        match src.branch_into(interior) {
+            OutsideBranch::None => Ok(r),
+            OutsideBranch::At { from, to } => Err(RegionRefusal::BranchInto { from, to }),
+            OutsideBranch::Unknown => Err(RegionRefusal::OutsideUnknown),
         }
     });
     Ok(Prepared {

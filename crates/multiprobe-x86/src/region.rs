@@ -25,13 +25,17 @@
 //! backend checks per thread, moving it to the same point of the relocated copy
 //! ([`Region::boundary_index`]).
 //!
-//! Known limit: only the function's own code is decoded. A branch from *another* symbol
-//! into the interior (a compiler-split `foo.cold` fragment jumping back into `foo`
-//! right after its first instruction) is not seen; such a cold fragment targets the
-//! middle of its function, hardly ever the instruction after the entry. A `jmp [rip+x]`
+//! Only the function's own code is decoded here. Branches from *other* code of the
+//! file into the interior — a compiler-split `foo.cold` part jumping back into `foo`,
+//! glibc's `__mempcpy_*` stubs jumping to the second instruction of `__memcpy_*` — are
+//! looked up afterwards in an index of every direct branch of the file
+//! ([`crate::CodeSource::branch_into`], done by [`crate::prepare`]). A `jmp [rip+x]`
 //! (a tail call through a pointer slot, no index) is allowed: its target is a function
 //! entry, and a backend refuses regions holding another symbol's entry
 //! ([`RegionRefusal::OtherEntry`]).
+//!
+//! A function without a symbol (a stripped file's local functions) is known by its
+//! unwind entry's range when the backend's symbols have one.
 
 use std::ops::Range;
 
@@ -81,7 +85,8 @@ pub enum RegionRefusal {
         /// Lower-case mnemonic (`call`, `jne`, `ret`, `syscall`, ...).
         mnemonic: Mnem,
     },
-    /// A direct branch of the function targets the region's interior.
+    /// A direct branch targets the region's interior: of the function, or of any other
+    /// code of its file (a backend's [`crate::CodeSource::branch_into`]).
     #[error("the branch at {from:#x} targets {to:#x}, inside the 5 bytes a jump needs")]
     BranchInto {
         /// The branch.
@@ -109,6 +114,10 @@ pub enum RegionRefusal {
         /// The landing pad.
         at: u64,
     },
+    /// The code of the file around the region could not be read, so a branch from
+    /// another function into its interior cannot be ruled out.
+    #[error("the file's code could not be read, so branches from other functions into the 5 bytes a jump needs cannot be ruled out")]
+    OutsideUnknown,
     /// The function's unwind information could not be read.
     #[error("the function's exception tables could not be read, so a landing pad might lie in the region")]
     UnwindUnknown,

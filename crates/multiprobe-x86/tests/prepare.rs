@@ -7,7 +7,7 @@ use std::ops::Range;
 use multiprobe_core::{Error, Memory, MemoryError, Regs};
 use multiprobe_x86::{
     analyze, build_trampoline, continue_hit, prepare, Code, CodeSource, Continue, Emulate,
-    Function, Mapping, RegionRefusal, SlotKind, TrampolineSpec, Via, Ways,
+    Function, Mapping, OutsideBranch, RegionRefusal, SlotKind, TrampolineSpec, Via, Ways,
 };
 
 const BASE: u64 = 0x40_0000;
@@ -19,6 +19,9 @@ struct Fake {
     pads: Option<Vec<u64>>,
     pads_asked: Cell<u32>,
     probes: Vec<u64>,
+    /// Branches of other code of the file: `(from, to)`; `None`: it cannot be read.
+    outside: Option<Vec<(u64, u64)>>,
+    outside_asked: Cell<u32>,
 }
 
 impl Fake {
@@ -30,6 +33,8 @@ impl Fake {
             pads: Some(Vec::new()),
             pads_asked: Cell::new(0),
             probes: Vec::new(),
+            outside: Some(Vec::new()),
+            outside_asked: Cell::new(0),
         }
     }
 }
@@ -63,6 +68,16 @@ impl CodeSource for Fake {
     }
     fn probe_in(&self, range: Range<u64>) -> Option<u64> {
         self.probes.iter().copied().find(|a| range.contains(a))
+    }
+    fn branch_into(&self, range: Range<u64>) -> OutsideBranch {
+        self.outside_asked.set(self.outside_asked.get() + 1);
+        match &self.outside {
+            None => OutsideBranch::Unknown,
+            Some(v) => match v.iter().find(|(_, to)| range.contains(to)) {
+                Some(&(from, to)) => OutsideBranch::At { from, to },
+                None => OutsideBranch::None,
+            },
+        }
     }
 }
 
@@ -120,10 +135,34 @@ fn prepare_validates_then_analyzes_the_instruction_and_the_region() {
     assert!(!p.plan.boundary_checked());
     assert_eq!(p.region, Err(RegionRefusal::NoFunction));
 
-    // A long first instruction needs no landing pads.
-    let long = Fake::new(&[0xb8, 1, 0, 0, 0, 0xc3]);
+    // A branch of another function into the interior (glibc's mempcpy jumping to the
+    // instruction after memcpy's first) refuses the region; a branch to its first
+    // byte or past its end does not; code that cannot be read cannot be ruled out.
+    let mut into = Fake::new(&PROLOGUE);
+    into.outside = Some(vec![(0x40_0800, BASE), (0x40_0900, BASE + 1)]);
+    assert_eq!(
+        prepare(BASE, &into).unwrap().region,
+        Err(RegionRefusal::BranchInto {
+            from: 0x40_0900,
+            to: BASE + 1
+        })
+    );
+    let mut around = Fake::new(&PROLOGUE);
+    around.outside = Some(vec![(0x40_0800, BASE), (0x40_0900, BASE + 8)]);
+    assert_eq!(prepare(BASE, &around).unwrap().region.unwrap().len(), 8);
+    let mut unread = Fake::new(&PROLOGUE);
+    unread.outside = None;
+    assert_eq!(
+        prepare(BASE, &unread).unwrap().region,
+        Err(RegionRefusal::OutsideUnknown)
+    );
+
+    // A long first instruction needs no landing pads, and no other code is looked at.
+    let mut long = Fake::new(&[0xb8, 1, 0, 0, 0, 0xc3]);
+    long.outside = None;
     assert!(prepare(BASE, &long).unwrap().region.is_ok());
     assert_eq!(long.pads_asked.get(), 0);
+    assert_eq!(long.outside_asked.get(), 0);
 }
 
 struct NoMem;

@@ -46,11 +46,13 @@ use std::sync::Arc;
 
 use multiprobe_core::backend::RFLAGS_TF;
 use multiprobe_core::{HandlerId, Result};
-use multiprobe_symbols::{LandingPads, MappedAt, Maps, ProcessSymbols};
+use multiprobe_symbols::{BranchInto, LandingPads, MappedAt, Maps, ProcessSymbols};
 use multiprobe_x86::collect::{
     build_collect_trampoline, CollectMap, CollectSpec, Collector, ThreadId, COLLECT_LEN,
 };
-use multiprobe_x86::{CodeSource, Function, Location, Mapping, Region, MAX_REGION_LEN};
+use multiprobe_x86::{
+    CodeSource, Function, Location, Mapping, OutsideBranch, Region, MAX_REGION_LEN,
+};
 
 use super::handler::lock;
 use super::{AreaState, Collect, Heat, SitePath, Wanted};
@@ -261,7 +263,7 @@ impl CodeSource for Remote<'_> {
     }
 
     fn function(&self, addr: u64) -> Option<Function> {
-        self.syms.locate(addr).map(|s| Function {
+        self.syms.function_bounds(addr).map(|s| Function {
             name: s.name,
             start: s.start,
             end: s.start + s.size,
@@ -288,6 +290,14 @@ impl CodeSource for Remote<'_> {
             .copied()
             .filter(|&a| a != self.site && range.contains(&a))
             .min()
+    }
+
+    fn branch_into(&self, range: std::ops::Range<u64>) -> OutsideBranch {
+        match self.syms.branch_into(range) {
+            BranchInto::None => OutsideBranch::None,
+            BranchInto::At { from, to } => OutsideBranch::At { from, to },
+            BranchInto::Unknown => OutsideBranch::Unknown,
+        }
     }
 }
 
@@ -437,6 +447,23 @@ impl Tracer {
         let settle = self.shared.quiet.behind(target);
         if work.is_empty() && !settle {
             return None;
+        }
+        // The region checks of new jumps look up the branches of each site's file: a
+        // file's first decoding (~10 ms for libc) is done here, with the program
+        // running, not in the pause that holds it.
+        let fresh: Vec<u64> = work
+            .iter()
+            .filter(|w| w.want.is_some())
+            .map(|w| w.addr)
+            .filter(|a| !self.shared.lock().collect.jumped.contains_key(a))
+            .collect();
+        if !fresh.is_empty() {
+            if let Ok(maps) = crate::error::maps(self.pid()) {
+                let syms = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols));
+                for a in fresh {
+                    syms.index_branches(a);
+                }
+            }
         }
         Some(Rework {
             work,

@@ -62,6 +62,21 @@ core::arch::global_asm!(
         "pop rbx",
         "ret"
     ),
+    // Refused: another function, `mp_r_enters`, jumps to its second instruction (as
+    // glibc's mempcpy jumps into memcpy); only the file's branches show it.
+    func!(
+        "mp_r_entered",
+        "mov rax, rdi",
+        ".Lmp_r_entered_second:",
+        "add rax, 1",
+        "ret"
+    ),
+    func!(
+        "mp_r_enters",
+        "lea rdi, [rdi + 10]",
+        "mov rax, rdi",
+        "jmp .Lmp_r_entered_second"
+    ),
     // The second instruction loads through rdi: with a bad pointer it faults there.
     func!(
         "mp_r_load",
@@ -183,6 +198,10 @@ extern "C" {
     pub fn mp_r_table(x: u64) -> u64;
     /// Returns `f() + 1`, with a call inside the first 5 bytes.
     pub fn mp_r_call(x: u64, f: extern "C" fn() -> u64) -> u64;
+    /// `x + 1`.
+    pub fn mp_r_entered(x: u64) -> u64;
+    /// `x + 11`, through the second instruction of `mp_r_entered`.
+    pub fn mp_r_enters(x: u64) -> u64;
     /// Returns `*p + 1`; the load is the second instruction.
     pub fn mp_r_load(p: *const u64) -> u64;
     /// Vector state in from `input`, out to `output` (2144 bytes each).
