@@ -307,3 +307,27 @@ fn counts_survive_an_exec_and_the_new_image_collects_again() {
     assert_eq!(row(&err, ":mp_col_target", "args:2")[3], "80", "{err}");
     assert_eq!(err.matches(":mp_col_target(").count(), 80, "{err}");
 }
+
+/// A function of a stripped library that has no symbol — libc's `strlen`
+/// implementation, behind its IFUNC — is bounded by its unwind entry and promoted (it
+/// took the stop path before: "the enclosing function is unknown"), and counts what
+/// the stop path counts. The program makes a few calls of its own (stdio): the count
+/// with none made by the loop is the baseline.
+#[test]
+fn a_stripped_libc_function_without_a_symbol_is_promoted_and_counts_exactly() {
+    let hits = |args: &[&str], n: &str| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-p", "libc:strlen"]);
+        let (out, err) = collect_run(&all, &["strlen", n]);
+        assert_eq!(field(&out, "calls"), n.parse::<u64>().unwrap(), "{out}");
+        let r = row(&err, "libc.so.6:strlen", "count");
+        let path = r[col(&err, "PATH")].to_string();
+        (r[3].parse::<u64>().unwrap(), path, err)
+    };
+    let (base, path, err) = hits(&[], "0");
+    assert_eq!(path, "tracee", "{err}");
+    let (n, path, err) = hits(&[], "20000");
+    assert_eq!((n - base, path.as_str()), (20000, "tracee"), "{err}");
+    let (n, path, err) = hits(&["--stop"], "2000");
+    assert_eq!((n - base, path.as_str()), (2000, "stop"), "{err}");
+}

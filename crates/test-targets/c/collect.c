@@ -21,6 +21,9 @@
  *   busy T        T threads call mp_col_target forever (sleeping 100 us every 1000
  *                 calls) until stdin is closed; prints "calls=..". T = 0: the main
  *                 thread does, alone (a single-threaded process).
+ *   strlen N      calls libc's strlen (through a pointer: no builtin) N times on a
+ *                 10-byte string; prints "calls=.. len=..". (A stripped libc's strlen
+ *                 implementation has no symbol: only its unwind entry bounds it.)
  *   wait ...      as the mode after it, but first waits for a line on stdin.
  * Every mode prints through stdio and flushes before it exits. */
 #define _GNU_SOURCE
@@ -214,6 +217,14 @@ int mp_collect_main(int argc, char **argv) {
         atomic_store(&stop, 1);
         pthread_join(th, NULL);
         printf("vforks=%ld calls=%llu\n", ok, (unsigned long long)calls);
+    } else if (strcmp(mode, "strlen") == 0) {
+        long n = a + 1 < argc ? atol(argv[a + 1]) : 1000;
+        size_t (*volatile len)(const char *) = strlen;
+        static char word[16] = "multiprobe";
+        size_t total = 0;
+        for (long i = 0; i < n; i++)
+            total += len(word);
+        printf("calls=%ld len=%zu\n", n, total);
     } else if (strcmp(mode, "busy") == 0) {
         int t = a + 1 < argc ? atoi(argv[a + 1]) : 4;
         if (t == 0) {
