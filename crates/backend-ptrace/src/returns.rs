@@ -181,12 +181,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// [`multiprobe_core::backend::Backend::check_return`] for a traced process: `addr`
-/// must be the first instruction of a function the symbols know of, when they know of
-/// one around it.
+/// must be the first instruction of a function the symbols (or, for one without a
+/// symbol, the unwind tables) know of, when they know of one around it.
 pub(crate) fn check_entry(shared: &Shared, addr: u64) -> Result<()> {
     let maps = error::maps(shared.pid.as_raw_pid())?;
     let syms = ProcessSymbols::from_maps(maps, Arc::clone(&shared.symbols));
-    if let Some(f) = syms.locate(addr) {
+    if let Some(f) = syms.function_bounds(addr) {
         if f.start != addr {
             return Err(Error::NotFunctionEntry {
                 addr,

@@ -295,6 +295,47 @@ fn unregister_with_two_threads_in_flight_runs_no_more_return_hooks() {
     assert_eq!(common::read_all(&mut child), "ret=600\n".repeat(6));
 }
 
+/// Inside a function a stripped libc has no symbol for (the `strlen` implementation its
+/// IFUNC chose), the unwind tables say where the function starts: a return probe there
+/// is refused as off the entry, as with a symbol (before, nothing bounded it).
+#[test]
+fn a_return_probe_inside_a_function_without_a_symbol_is_refused() {
+    let (t, _child) = common::spawn_at_entry("mp-c-rets", &["add", "1"]);
+    let slot = match t.resolve("libc:strlen") {
+        Err(multiprobe_backend_ptrace::ResolveError::Symbol(
+            multiprobe_symbols::ResolveError::IndirectFunction { slot: Some(s), .. },
+        )) => s,
+        other => panic!("libc's strlen is an IFUNC with a GOT slot: {other:?}"),
+    };
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(format!("/proc/{}/mem", t.pid()))
+        .unwrap()
+        .read_exact_at(&mut b, slot)
+        .unwrap();
+    let imp = u64::from_le_bytes(b);
+    let inside = (1..16)
+        .map(|k| imp + k)
+        .find(|&a| {
+            t.registry()
+                .register(a, |_| {})
+                .map(|r| drop(r.unregister()))
+                .is_ok()
+        })
+        .expect("an instruction boundary inside strlen");
+    let h = FnHandler::new().ret(|_, _| {});
+    match t.registry().register_handler(inside, h) {
+        Err(Error::NotFunctionEntry { addr, context }) => {
+            assert_eq!(addr, inside);
+            assert!(context.contains("+0x"), "{context}");
+        }
+        other => panic!("expected NotFunctionEntry, got {other:?}"),
+    }
+    // At the entry itself, accepted.
+    let h = FnHandler::new().ret(|_, _| {});
+    assert!(t.registry().register_handler(imp, h).is_ok());
+}
+
 #[test]
 fn a_return_probe_off_a_function_entry_is_refused() {
     let (t, _child) = common::spawn_at_entry("mp-c-rets", &["add", "1"]);
