@@ -75,6 +75,7 @@ impl CodeSource for Local<'_> {
         match symbols::branch_into(range, self.maps) {
             BranchInto::None => OutsideBranch::None,
             BranchInto::At { from, to } => OutsideBranch::At { from, to },
+            BranchInto::Entry { at } => OutsideBranch::Entry { at },
             BranchInto::Unknown => OutsideBranch::Unknown,
         }
     }

@@ -355,7 +355,12 @@ impl ElfSymbols {
                     .iter()
                     .map(|f| (f.addr, f.addr + f.size))
                     .chain(self.fdes.iter().copied());
-                Some(Arc::new(BranchIndex::build(ranges, code)))
+                let function_of = |v: u64| {
+                    self.containing(v)
+                        .map(|f| f.addr)
+                        .or_else(|| self.unwind_range(v).map(|r| r.0))
+                };
+                Some(Arc::new(BranchIndex::build(ranges, code, function_of)))
             })
             .clone()
     }

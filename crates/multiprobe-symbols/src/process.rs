@@ -63,6 +63,12 @@ pub enum BranchInto {
         /// Its target.
         to: u64,
     },
+    /// A function (a symbol's or an FDE's) starts at `at`, in the range: any call may
+    /// enter there (the lowest such start).
+    Entry {
+        /// The function's start.
+        at: u64,
+    },
     /// The range is not in a mapped file, or the file could not be read.
     Unknown,
 }
@@ -255,8 +261,9 @@ impl ProcessSymbols {
         })
     }
 
-    /// Whether any code of the file mapped at `targets.start` has a direct branch into
-    /// `targets` (process addresses; see [`crate::branches`]). The file's branches are
+    /// Whether other code of the file mapped at `targets.start` can enter `targets`
+    /// (process addresses; see [`crate::branches`]): a function starts there, or a
+    /// direct branch of another function targets it. The file's branches are
     /// decoded the first time it is asked about (or [`ProcessSymbols::index_branches`]),
     /// from the mapped file itself, and kept in the cache.
     pub fn branch_into(&self, targets: std::ops::Range<u64>) -> BranchInto {
@@ -264,6 +271,11 @@ impl ProcessSymbols {
             return BranchInto::Unknown;
         };
         let file = targets.start.wrapping_sub(bias)..targets.end.wrapping_sub(bias);
+        if let Some(at) = index.entry_in(file.clone()) {
+            return BranchInto::Entry {
+                at: at.wrapping_add(bias),
+            };
+        }
         match index.targeting(file) {
             Some((from, to)) => BranchInto::At {
                 from: from.wrapping_add(bias),

@@ -164,8 +164,13 @@ fn promotion(
         Ok(r) => r,
         Err(e) => return refusal_kind(&e),
     };
-    if region.count() > 1 && branches.targeting(start + 1..region.end()).is_some() {
-        return "BranchInto (from another function)".into();
+    if region.count() > 1 {
+        if branches.entry_in(start + 1..region.end()).is_some() {
+            return "OtherEntry".into();
+        }
+        if branches.targeting(start + 1..region.end()).is_some() {
+            return "BranchInto (from another function)".into();
+        }
     }
     let spec = TrampolineSpec {
         region: &region,

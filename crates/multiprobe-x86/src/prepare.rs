@@ -72,9 +72,10 @@ pub trait CodeSource {
         let _ = range;
         None
     }
-    /// A direct branch anywhere in the code of the file holding `range` whose target
-    /// lies in `range` (another function's, which the region analysis does not decode:
-    /// a `foo.cold` part, glibc's `mempcpy` jumping into `memcpy`).
+    /// Whether other code of the file holding `range` can enter it: another function
+    /// starts there, or a direct branch of another function (which the region analysis
+    /// does not decode: a `foo.cold` part, glibc's `mempcpy` jumping into `memcpy`)
+    /// targets it.
     fn branch_into(&self, range: Range<u64>) -> OutsideBranch;
 }
 
@@ -89,6 +90,11 @@ pub enum OutsideBranch {
         from: u64,
         /// Its target.
         to: u64,
+    },
+    /// Another function starts at `at`, inside the range.
+    Entry {
+        /// Its start.
+        at: u64,
     },
     /// The file's code could not be read (or the range is not in a file): any branch
     /// may target it.
@@ -163,6 +169,7 @@ pub fn prepare(addr: u64, src: &dyn CodeSource) -> Result<Prepared, Error> {
         match src.branch_into(interior) {
             OutsideBranch::None => Ok(r),
             OutsideBranch::At { from, to } => Err(RegionRefusal::BranchInto { from, to }),
+            OutsideBranch::Entry { at } => Err(RegionRefusal::OtherEntry { at }),
             OutsideBranch::Unknown => Err(RegionRefusal::OutsideUnknown),
         }
     });

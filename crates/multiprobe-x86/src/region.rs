@@ -31,8 +31,8 @@
 //! looked up afterwards in an index of every direct branch of the file
 //! ([`crate::CodeSource::branch_into`], done by [`crate::prepare`]). A `jmp [rip+x]`
 //! (a tail call through a pointer slot, no index) is allowed: its target is a function
-//! entry, and a backend refuses regions holding another symbol's entry
-//! ([`RegionRefusal::OtherEntry`]).
+//! entry, and a region holding another function's start is refused
+//! ([`RegionRefusal::OtherEntry`], from the same index).
 //!
 //! A function without a symbol (a stripped file's local functions) is known by its
 //! unwind entry's range when the backend's symbols have one.
@@ -129,7 +129,7 @@ pub enum RegionRefusal {
         /// Why.
         reason: Refusal,
     },
-    /// Another function's symbol starts inside the region.
+    /// Another function (a symbol's or an unwind entry's) starts inside the region.
     #[error("another function starts at {at:#x}, inside the 5 bytes a jump needs")]
     OtherEntry {
         /// That function's start.

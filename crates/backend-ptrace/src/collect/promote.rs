@@ -296,6 +296,7 @@ impl CodeSource for Remote<'_> {
         match self.syms.branch_into(range) {
             BranchInto::None => OutsideBranch::None,
             BranchInto::At { from, to } => OutsideBranch::At { from, to },
+            BranchInto::Entry { at } => OutsideBranch::Entry { at },
             BranchInto::Unknown => OutsideBranch::Unknown,
         }
     }
