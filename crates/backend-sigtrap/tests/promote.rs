@@ -85,7 +85,7 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
     let hits = Arc::new(AtomicU64::new(0));
     type Want = fn(RegionRefusal) -> bool;
     let entered = addr(mp_r_entered as *const ());
-    let cases: [(u64, Want); 4] = [
+    let cases: [(u64, Want); 5] = [
         (addr(mp_r_loop as *const ()), |r| {
             matches!(r, RegionRefusal::BranchInto { .. })
         }),
@@ -95,6 +95,11 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
             let enters = addr(mp_r_enters as *const ());
             matches!(r, RegionRefusal::BranchInto { from, to }
                 if (enters..enters + 16).contains(&from) && to == addr(mp_r_entered as *const ()) + 3)
+        }),
+        (addr(mp_r_outer as *const ()), |r| {
+            r == RegionRefusal::OtherEntry {
+                at: addr(mp_r_inner as *const ()),
+            }
         }),
         (addr(mp_r_table as *const ()), |r| {
             matches!(r, RegionRefusal::IndirectJump { .. })
@@ -126,8 +131,10 @@ fn functions_the_checks_refuse_stay_int3_sites_with_the_reason() {
         assert_eq!(mp_r_call(0, seven), 8);
         assert_eq!(mp_r_entered(5), 6);
         assert_eq!(mp_r_enters(5), 16);
+        assert_eq!(mp_r_outer(5), 6);
+        mp_r_inner();
     }
-    assert_eq!(hits.load(Relaxed), 5, "trap sites still count every hit");
+    assert_eq!(hits.load(Relaxed), 6, "trap sites still count every hit");
     // A site kept as int3 on request.
     let backend = SigtrapBackend::with_promotion(true);
     let a = addr(mp_r_plain as *const ());

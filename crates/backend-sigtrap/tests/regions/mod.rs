@@ -77,6 +77,20 @@ core::arch::global_asm!(
         "mov rax, rdi",
         "jmp .Lmp_r_entered_second"
     ),
+    // Refused: another function, `mp_r_inner`, starts at its second instruction (nested
+    // symbols, as hand-written assembly has them): a call of it would land in the jump.
+    ".globl mp_r_outer",
+    ".type mp_r_outer,@function",
+    ".p2align 4",
+    "mp_r_outer:",
+    "mov rax, rdi",
+    ".globl mp_r_inner",
+    ".type mp_r_inner,@function",
+    "mp_r_inner:",
+    "add rax, 1",
+    "ret",
+    ".size mp_r_inner, . - mp_r_inner",
+    ".size mp_r_outer, . - mp_r_outer",
     // The second instruction loads through rdi: with a bad pointer it faults there.
     func!(
         "mp_r_load",
@@ -202,6 +216,10 @@ extern "C" {
     pub fn mp_r_entered(x: u64) -> u64;
     /// `x + 11`, through the second instruction of `mp_r_entered`.
     pub fn mp_r_enters(x: u64) -> u64;
+    /// `x + 1`.
+    pub fn mp_r_outer(x: u64) -> u64;
+    /// `rax + 1` (called from Rust: garbage in, garbage out; only that it returns).
+    pub fn mp_r_inner() -> u64;
     /// Returns `*p + 1`; the load is the second instruction.
     pub fn mp_r_load(p: *const u64) -> u64;
     /// Vector state in from `input`, out to `output` (2144 bytes each).
