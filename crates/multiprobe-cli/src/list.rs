@@ -6,7 +6,9 @@
 //!   startup libraries (before any of its own code runs), listed, and killed.
 //! * `-p PID`: what the running process maps, read from `/proc` (nothing is attached).
 //! * `PROGRAM` (a path, or a name found on `PATH`): that file alone; addresses are its
-//!   own (virtual addresses, as `nm` prints them), file offsets beside them.
+//!   own (virtual addresses, as `nm` prints them), file offsets beside them. A pattern
+//!   that names a library (`libc:str*`) lists that library's file instead, found as a
+//!   probe finds it, and says so.
 //!
 //! A function can be probed when its first instruction can (the analysis every probe
 //! goes through); an indirect function (`strlen`) shows the implementation the loader
@@ -315,6 +317,28 @@ fn in_file(program: &Path, sel: &Select) -> Result<Vec<Item>, Error> {
             .next()
             .or_else(|| crate::libs::find(&program.to_string_lossy(), None).ok())
             .ok_or_else(|| Error::Usage(format!("no program or library {}", program.display())))?
+    };
+    // `list 'libc:str*' /usr/bin/python3`: the pattern names a library, not the file
+    // given; its functions are in that library's file, which is listed instead.
+    let path = match &sel.file {
+        Some(lib) if !library_matches(lib, &path.to_string_lossy()) => {
+            let lib_path = crate::libs::find(lib, None).map_err(|_| {
+                Error::Usage(format!(
+                    "{lib:?} names no library of the loader's search path (and is not {}): \
+                     to see what {} maps, `multiprobe list PATTERN -- {}`",
+                    path.display(),
+                    path.display(),
+                    path.display()
+                ))
+            })?;
+            crate::say(&format!(
+                "multiprobe: {lib:?} is not {}: listing {} (addresses are the library's own)",
+                path.display(),
+                lib_path.display()
+            ));
+            lib_path
+        }
+        _ => path,
     };
     let data =
         std::fs::read(&path).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;

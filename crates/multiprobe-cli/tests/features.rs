@@ -725,6 +725,28 @@ fn list_shows_what_a_spec_could_name() {
         stdout.starts_with("FILE") && stdout.contains("OFFSET"),
         "{stdout}"
     );
+    // A library named with a program file: the library's own functions, said so
+    // (before: "0 found", the program file has no `malloc` of its own).
+    let out = run(&["list", "libc:malloc", single.to_str().unwrap()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("libc.so.6") && l.contains(" malloc ")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("\"libc\" is not") && stderr.contains("listing"),
+        "{stderr}"
+    );
+    let out = run(&["list", "libnosuchlib:f", single.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("names no library"),
+        "{}",
+        text(&out.stderr)
+    );
     let (mut target, pid, _out) = waiting_target("1");
     let out = run(&["list", "mp_add", "-p", &pid.to_string()]);
     assert!(
