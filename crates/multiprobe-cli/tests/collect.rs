@@ -331,3 +331,18 @@ fn a_stripped_libc_function_without_a_symbol_is_promoted_and_counts_exactly() {
     let (n, path, err) = hits(&["--stop"], "2000");
     assert_eq!((n - base, path.as_str()), (2000, "stop"), "{err}");
 }
+
+/// An indirect function whose library keeps no GOT slot of its own for it (glibc's
+/// `strstr`: nothing in libc calls it through one) is probed at the implementation
+/// multiprobe's own loader chose for the same libc on this CPU, and counts every call
+/// (before: "the library does not say which implementation it chose: probe it by
+/// address", and the session did not start).
+#[test]
+fn an_indirect_function_without_a_slot_is_probed_where_the_program_calls_it() {
+    let (out, err) = collect_run(&["-p", "libc:strstr"], &["strstr", "20000"]);
+    assert_eq!(field(&out, "calls"), 20000, "{out}");
+    assert_eq!(field(&out, "found"), 20000, "{out}");
+    let r = row(&err, "libc.so.6:strstr", "count");
+    assert_eq!(r[3], "20000", "{err}");
+    assert_eq!(r[col(&err, "PATH")], "tracee", "{err}");
+}

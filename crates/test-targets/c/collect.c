@@ -24,6 +24,8 @@
  *   strlen N      calls libc's strlen (through a pointer: no builtin) N times on a
  *                 10-byte string; prints "calls=.. len=..". (A stripped libc's strlen
  *                 implementation has no symbol: only its unwind entry bounds it.)
+ *   strstr N      the same with strstr (an IFUNC whose library keeps no GOT slot of
+ *                 its own for it); prints "calls=.. found=..".
  *   wait ...      as the mode after it, but first waits for a line on stdin.
  * Every mode prints through stdio and flushes before it exits. */
 #define _GNU_SOURCE
@@ -225,6 +227,14 @@ int mp_collect_main(int argc, char **argv) {
         for (long i = 0; i < n; i++)
             total += len(word);
         printf("calls=%ld len=%zu\n", n, total);
+    } else if (strcmp(mode, "strstr") == 0) {
+        long n = a + 1 < argc ? atol(argv[a + 1]) : 1000;
+        char *(*volatile find)(const char *, const char *) = strstr;
+        static char hay[32] = "multiprobe probes";
+        long found = 0;
+        for (long i = 0; i < n; i++)
+            found += find(hay, "probes") != NULL;
+        printf("calls=%ld found=%ld\n", n, found);
     } else if (strcmp(mode, "busy") == 0) {
         int t = a + 1 < argc ? atoi(argv[a + 1]) : 4;
         if (t == 0) {

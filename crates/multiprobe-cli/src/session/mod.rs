@@ -45,6 +45,7 @@
 //! mapped when it was placed; a row's carried statistics are those of its registrations
 //! that ended, and its [`crate::actions::RowState`] is shared by all of them.
 
+pub(crate) mod ifunc;
 mod loader;
 mod place;
 pub mod programs;

@@ -296,24 +296,42 @@ impl Resolver<'_> {
     }
 
     /// Where the indirect function of `indirect` ([`ResolveError::IndirectFunction`])
-    /// is implemented in the process, read from the GOT slot the loader filled: `None`
-    /// without a slot, or unless the slot holds code of the same file (not relocated
-    /// yet, or something else).
+    /// is implemented in the process: read from the GOT slot the loader filled, or,
+    /// without one, the choice multiprobe's own loader made for the same file
+    /// (`super::ifunc`). `None` when neither tells (the slot does not hold code of the
+    /// same file yet, and the file or the tunables are not multiprobe's).
     fn chosen_implementation(&self, indirect: &ResolveError) -> Option<Located> {
-        let ResolveError::IndirectFunction {
-            name,
-            file,
-            slot: Some(slot),
-        } = indirect
-        else {
+        let ResolveError::IndirectFunction { name, file, slot } = indirect else {
             return None;
         };
-        let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).ok()?;
-        let mut buf = [0u8; 8];
-        mem.read_exact_at(&mut buf, *slot).ok()?;
-        let start = u64::from_le_bytes(buf);
-        let region = self.syms.maps().find(start)?;
-        (region.exec && region.path == *file).then(|| Located {
+        let from_slot = || {
+            let mem = std::fs::File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+            let mut buf = [0u8; 8];
+            mem.read_exact_at(&mut buf, (*slot)?).ok()?;
+            Some(u64::from_le_bytes(buf))
+        };
+        let from_ours = || {
+            let id = self
+                .syms
+                .maps()
+                .regions
+                .iter()
+                .find(|r| r.path == *file)?
+                .file_id()?;
+            let (_, bias) = self.syms.file_symbols(file)?;
+            let vaddr = super::ifunc::own_choice(id, name)?;
+            super::ifunc::same_tunables(self.pid).then(|| vaddr.wrapping_add(bias))
+        };
+        let in_file = |start: u64| {
+            self.syms
+                .maps()
+                .find(start)
+                .is_some_and(|r| r.exec && r.path == *file)
+        };
+        let start = from_slot()
+            .filter(|&a| in_file(a))
+            .or_else(|| from_ours().filter(|&a| in_file(a)))?;
+        Some(Located {
             name: name.clone(),
             start,
             size: 0,
@@ -418,7 +436,12 @@ pub(super) fn check_on_disk(
         }
     } else if elf.is_ifunc(name) {
         // As `ProcessSymbols::resolve`: the indirect function wins over a plain one.
-        if elf.ifunc_slot(name).is_none() {
+        let ours = || {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&path).ok()?;
+            super::ifunc::own_choice((m.dev(), m.ino()), name)
+        };
+        if elf.ifunc_slot(name).is_none() && ours().is_none() {
             return Err(ProbeError::IndirectUnknown {
                 name: name.clone(),
                 path,
