@@ -346,3 +346,34 @@ fn an_indirect_function_without_a_slot_is_probed_where_the_program_calls_it() {
     assert_eq!(r[3], "20000", "{err}");
     assert_eq!(r[col(&err, "PATH")], "tracee", "{err}");
 }
+
+/// Where multiprobe's own choice of an indirect function's implementation cannot be
+/// the program's (it runs with other `GLIBC_TUNABLES`), the probe is not placed: the
+/// reason is said once, the row says `failed` (not "no such function": the function
+/// exists), and the program runs on unprobed.
+#[test]
+fn an_indirect_function_under_other_tunables_is_not_guessed() {
+    let prog = bin("mp-c-collect");
+    let (out, err) = run_ok(&[
+        "run",
+        "-p",
+        "libc:strstr",
+        "--",
+        "env",
+        "GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=4096",
+        prog.to_str().unwrap(),
+        "strstr",
+        "10",
+    ]);
+    assert_eq!(field(&out, "calls"), 10, "{out}");
+    assert!(
+        err.contains("probe \"libc:strstr\"") && err.contains("does not say which implementation"),
+        "{err}"
+    );
+    let r = err
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[1] == "libc.so.6:strstr")
+        .unwrap_or_else(|| panic!("no strstr row in {err}"));
+    assert_eq!((r[3], *r.last().unwrap()), ("0", "failed"), "{err}");
+}

@@ -183,7 +183,7 @@ impl Session {
             }
             Err(e @ ProbeError::Resolve(ResolveError::UnknownSymbol { .. }))
             | Err(e @ ProbeError::Stripped { .. }) => self.not_here(pl, i, e),
-            Err(e) => self.give_up(pl, i, e, Failure::NoSuchFunction),
+            Err(e) => self.give_up(pl, i, e, Failure::Unresolved),
         }
     }
 

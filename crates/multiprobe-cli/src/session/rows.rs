@@ -39,6 +39,10 @@ pub(super) struct Placed {
 pub(super) enum Failure {
     /// Its function does not resolve (in the program an `exec` brought).
     NoSuchFunction,
+    /// Its function is there but where it is cannot be told (an indirect function whose
+    /// implementation is unknown, ...): said once, with the reason; tried again, as
+    /// `NoSuchFunction`, in the program the next `exec` brings.
+    Unresolved,
     /// The site cannot be probed.
     CannotProbe,
 }
@@ -230,7 +234,9 @@ impl Rows {
                     }
                     row.status = Status::Pending;
                 }
-                Status::Failed(Failure::NoSuchFunction) => row.status = Status::Pending,
+                Status::Failed(Failure::NoSuchFunction | Failure::Unresolved) => {
+                    row.status = Status::Pending
+                }
                 _ => {}
             }
         }
@@ -317,7 +323,9 @@ impl Rows {
                     (Status::Armed(_), Some(i), _) if !i.enabled => State::Disabled,
                     (Status::Armed(_), ..) => State::Armed,
                     (Status::Pending, ..) => State::Pending,
-                    (Status::Failed(Failure::CannotProbe), ..) => State::Failed,
+                    (Status::Failed(Failure::CannotProbe | Failure::Unresolved), ..) => {
+                        State::Failed
+                    }
                     (Status::Failed(Failure::NoSuchFunction), ..) => State::NoSuchFunction,
                 };
                 report::Row {
