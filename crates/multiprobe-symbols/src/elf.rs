@@ -70,8 +70,9 @@ pub struct ElfSymbols {
     /// `[start, end)` of every unwind entry (FDE), sorted: the extent of functions a
     /// stripped file has no symbol for (glibc's string functions behind their IFUNCs).
     fdes: Vec<(u64, u64)>,
-    /// The file's direct branches, decoded the first time a probe needs them
-    /// ([`ElfSymbols::branch_index`]); `None` inside if the file could not be read.
+    /// Where other code of the file can enter a function (its branch index), decoded
+    /// the first time a probe needs it ([`ElfSymbols::branch_index`]); `None` inside if
+    /// the file could not be read.
     branches: OnceLock<Option<Arc<BranchIndex>>>,
     /// Addresses of functions exported only under a hidden (non-default) version, by
     /// address: `pthread_cond_timedwait@GLIBC_2.2.5` beside `@@GLIBC_2.3.2`. A name
@@ -334,8 +335,9 @@ impl ElfSymbols {
         &self.fdes
     }
 
-    /// The direct branches of the file's code (see [`crate::branches`]), decoded from
-    /// `data` — the file's bytes, asked for only the first time — and kept. `None` if
+    /// The file's branch index — its functions' starts and its branches from one
+    /// function into the middle of another (see [`crate::branches`]) — decoded from
+    /// `data`, the file's bytes, asked for only the first time, and kept. `None` if
     /// `data` could not give them.
     pub fn branch_index(&self, data: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<BranchIndex>> {
         self.branches

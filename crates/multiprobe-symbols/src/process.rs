@@ -54,7 +54,7 @@ impl SymbolCache {
 /// What [`ProcessSymbols::branch_into`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BranchInto {
-    /// No branch of the file targets the range.
+    /// No other function of the file starts in the range or branches into it.
     None,
     /// The branch at `from` targets `to`, in the range (the lowest such target).
     At {
