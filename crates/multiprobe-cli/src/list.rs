@@ -259,7 +259,7 @@ fn in_process(pid: i32, sel: &Select) -> Result<Vec<Item>, Error> {
                         Err(_) => (0, "no: its implementation cannot be read".into()),
                     }
                 }
-                _ => match own_choice(&syms, path, name, pid) {
+                _ => match crate::session::ifunc::in_process(&syms, pid, path, name) {
                     Some(imp) => (
                         imp,
                         "yes (the one multiprobe's loader chose for the same file)".into(),
@@ -311,21 +311,6 @@ fn usdt_items(
             }
         })
         .collect()
-}
-
-/// Where indirect function `name` of `path` is implemented in process `pid`, by the
-/// choice of multiprobe's own loader (`crate::session::ifunc`).
-fn own_choice(syms: &ProcessSymbols, path: &str, name: &str, pid: i32) -> Option<u64> {
-    use crate::session::ifunc;
-    let id = syms
-        .maps()
-        .regions
-        .iter()
-        .find(|r| r.path == path)?
-        .file_id()?;
-    let (_, bias) = syms.file_symbols(path)?;
-    let vaddr = ifunc::own_choice(id, name)?;
-    ifunc::same_tunables(pid).then(|| vaddr.wrapping_add(bias))
 }
 
 /// `PROGRAM`: one file on disk.

@@ -310,18 +310,7 @@ impl Resolver<'_> {
             mem.read_exact_at(&mut buf, (*slot)?).ok()?;
             Some(u64::from_le_bytes(buf))
         };
-        let from_ours = || {
-            let id = self
-                .syms
-                .maps()
-                .regions
-                .iter()
-                .find(|r| r.path == *file)?
-                .file_id()?;
-            let (_, bias) = self.syms.file_symbols(file)?;
-            let vaddr = super::ifunc::own_choice(id, name)?;
-            super::ifunc::same_tunables(self.pid).then(|| vaddr.wrapping_add(bias))
-        };
+        let from_ours = || super::ifunc::in_process(self.syms, self.pid, file, name);
         let in_file = |start: u64| {
             self.syms
                 .maps()
