@@ -82,7 +82,7 @@ pub trait CodeSource {
 /// What [`CodeSource::branch_into`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutsideBranch {
-    /// None of the file's branches targets the range.
+    /// No other function of the file starts in the range or branches into it.
     None,
     /// The branch at `from` targets `to`, inside the range.
     At {

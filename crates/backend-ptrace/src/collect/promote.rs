@@ -452,12 +452,13 @@ impl Tracer {
         // The region checks of new jumps look up the branches of each site's file: a
         // file's first decoding (~10 ms for libc) is done here, with the program
         // running, not in the pause that holds it.
-        let fresh: Vec<u64> = work
-            .iter()
-            .filter(|w| w.want.is_some())
-            .map(|w| w.addr)
-            .filter(|a| !self.shared.lock().collect.jumped.contains_key(a))
-            .collect();
+        let fresh: Vec<u64> = {
+            let st = self.shared.lock();
+            work.iter()
+                .filter(|w| w.want.is_some() && !st.collect.jumped.contains_key(&w.addr))
+                .map(|w| w.addr)
+                .collect()
+        };
         if !fresh.is_empty() {
             if let Ok(maps) = crate::error::maps(self.pid()) {
                 let syms = ProcessSymbols::from_maps(maps, Arc::clone(&self.shared.symbols));
