@@ -190,6 +190,10 @@ pub struct Model {
     to_collect: Vec<HandlerId>,
     /// Each CPU's return stack (`returns.rs`).
     stacks: Vec<Vec<returns::MFrame>>,
+    /// Each CPU's stack pointer and the word there before its last micro-step
+    /// ([`Model::before_step`]): what an entry's return slot held before the core armed
+    /// it.
+    slot_before: Vec<Option<(u64, u64)>>,
     /// Return hooks called, and returns lost, so far (for coverage).
     pub returns_seen: u32,
     /// See `returns_seen`.
@@ -230,6 +234,7 @@ impl Model {
             removed: BTreeSet::new(),
             to_collect: Vec::new(),
             stacks: vec![Vec::new(); cpus],
+            slot_before: vec![None; cpus],
             returns_seen: 0,
             lost_seen: 0,
             program_changed: false,

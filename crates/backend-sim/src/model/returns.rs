@@ -64,17 +64,23 @@ impl Model {
             .sum()
     }
 
+    /// CPU `cpu` is about to make a micro-step with its stack pointer at `sp`, where
+    /// memory holds `word` (the driver says so before each one).
+    pub fn before_step(&mut self, cpu: usize, sp: u64, word: Option<u64>) {
+        self.slot_before[cpu] = word.map(|w| (sp, w));
+    }
+
     /// Before the walk of a dispatch with `rets` return handlers enabled, the thread at
     /// `sp`: drop the dead frames (from the top, while their slot is not above `sp`:
-    /// the slot is `sp` itself, or no longer holds the trampoline; one below `sp` that
-    /// still does is a suspect), and say whether a frame of `rets` records fits.
+    /// the slot no longer holds the trampoline; one below `sp` that still does is a
+    /// suspect), and say whether a frame of `rets` records fits.
     ///
-    /// The model sees memory after the core armed this call, so a frame at `sp` reads
-    /// the new trampoline address: it is taken as dead, which is the core's rule for a
-    /// `call` (it overwrote the slot). The core keeps such a frame when the slot held
-    /// the trampoline before the entry (a tail call, a `jmp` into the probed function
-    /// from inside that frame's call); the simulated programs make no tail calls, so
-    /// that rule is tested on real code (the backends' `tail_call` tests).
+    /// The model sees memory after the core armed this call, so for a frame at `sp` it
+    /// asks what the slot held before the dispatch ([`Model::before_step`]): something
+    /// else, a `call` overwrote it and the frame is dead; the trampoline, this entry
+    /// came by a tail call from inside that frame's call (in the simulated programs, a
+    /// handler's redirect to another probed address with the same stack) and the frame
+    /// is live, as in the core.
     pub(super) fn begin_arming(
         &mut self,
         cpu: usize,
@@ -82,6 +88,7 @@ impl Model {
         rets: usize,
         mem: &SimMemory,
     ) -> bool {
+        let slot_held_tramp = self.slot_before[cpu] == Some((sp, RET_TRAMPOLINE));
         let mut i = self.stacks[cpu].len();
         while i > 0 {
             i -= 1;
@@ -90,16 +97,24 @@ impl Model {
                 break;
             }
             let mem: &dyn Memory = mem;
-            if f.sp == sp || mem.read_u64(f.sp) != Ok(RET_TRAMPOLINE) {
+            let held_tramp = if f.sp == sp {
+                slot_held_tramp
+            } else {
+                mem.read_u64(f.sp) == Ok(RET_TRAMPOLINE)
+            };
+            if !held_tramp {
                 let f = self.stacks[cpu].remove(i);
                 self.lose(&f);
-            } else {
+            } else if f.sp < sp {
                 self.suspect(cpu, i);
             }
         }
         // A suspect at `sp` under a frame above it: the call that brought this entry
-        // wrote its slot (the simulated programs make no tail calls), so it is dead.
-        self.stacks[cpu].retain(|f| !(f.suspect && f.sp == sp));
+        // wrote its slot (unless it still held the trampoline: a tail call), so it is
+        // dead.
+        if !slot_held_tramp {
+            self.stacks[cpu].retain(|f| !(f.suspect && f.sp == sp));
+        }
         self.used_words(cpu) + return_frame_words(rets) <= RETURN_WORDS
     }
 

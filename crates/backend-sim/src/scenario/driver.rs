@@ -199,6 +199,7 @@ impl Driver {
             }
             Op::Run(n) => {
                 for _ in 0..*n {
+                    self.note_slots();
                     let Some((i, e)) = self.sim.tick() else { break };
                     self.observe(i, &e)?;
                 }
@@ -254,10 +255,21 @@ impl Driver {
             return Ok(());
         }
         let i = runnable[n % runnable.len()];
+        self.note_slots();
         if let Some(e) = self.sim.step(i) {
             self.observe(i, &e)?;
         }
         Ok(())
+    }
+
+    /// Tell the model what each CPU's stack slot holds before the next micro-step: an
+    /// entry's dispatch then knows what the core read there before arming it.
+    fn note_slots(&mut self) {
+        let mem: &dyn multiprobe_core::Memory = &**self.sim.memory();
+        for (i, c) in self.sim.cpus().iter().enumerate() {
+            let sp = c.regs().rsp;
+            self.model.before_step(i, sp, mem.read_u64(sp).ok());
+        }
     }
 
     fn observe(&mut self, cpu: usize, e: &Event) -> Result<(), String> {
